@@ -1,0 +1,371 @@
+"""Diffusion Transformer (DiT) with adaLN-Zero conditioning, as in Peebles & Xie (2023).
+
+Parameter names follow the reference implementation so that its released checkpoints load
+with strict key matching.
+"""
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+def modulate(x, shift, scale):
+    """Apply an adaLN shift and scale, given per image, to every token."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)  # (N, T, D)
+
+
+#################################################################################
+#               Embedding layers for patches, timesteps and class labels        #
+#################################################################################
+
+class PatchEmbed(nn.Module):
+    """Split an image into p×p patches and project each to the model width."""
+
+    def __init__(self, input_size, patch_size, in_channels, hidden_size):
+        super().__init__()
+        self.patch_size = patch_size
+        self.grid_size = input_size // patch_size
+        self.num_patches = self.grid_size ** 2
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
+
+    def forward(self, x):
+        # A stride-p convolution is a matmul over flattened patches; doing it as one is faster on
+        # CPU and gives the same result, while the parameter keeps the reference's conv layout.
+        n, c, h, w = x.shape
+        p = self.patch_size
+        x = x.reshape(n, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)  # (N, h, w, C, p, p)
+        x = x.reshape(n, (h // p) * (w // p), c * p * p)  # (N, T, C*p*p)
+        return F.linear(x, self.proj.weight.reshape(self.proj.out_channels, -1), self.proj.bias)  # (N, T, D)
+
+
+class TimestepEmbedder(nn.Module):
+    """Embed scalar diffusion timesteps: 256-d sinusoids, then Linear-SiLU-Linear."""
+
+    def __init__(self, hidden_size, frequency_embedding_size=256):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+        self.frequency_embedding_size = frequency_embedding_size
+
+    @staticmethod
+    def timestep_embedding(t, dim, max_period=10000):
+        """Sinusoidal embedding of (possibly fractional) timesteps, cosines first."""
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t[:, None].float() * freqs[None]  # (N, half)
+        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if dim % 2:
+            embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+        return embedding  # (N, dim)
+
+    def forward(self, t):
+        t_freq = self.timestep_embedding(t, self.frequency_embedding_size)
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))  # (N, D)
+
+
+class LabelEmbedder(nn.Module):
+    """Embed class labels, with one extra "null" class dropped in for classifier-free guidance."""
+
+    def __init__(self, num_classes, hidden_size, dropout_prob):
+        super().__init__()
+        use_cfg_embedding = dropout_prob > 0
+        self.embedding_table = nn.Embedding(num_classes + use_cfg_embedding, hidden_size)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def token_drop(self, labels, force_drop_ids=None):
+        """Replace labels by the null class, at random or where force_drop_ids == 1."""
+        if force_drop_ids is None:
+            drop_ids = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+        else:
+            drop_ids = force_drop_ids == 1
+        return torch.where(drop_ids, self.num_classes, labels)
+
+    def forward(self, labels, train, force_drop_ids=None):
+        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
+            labels = self.token_drop(labels, force_drop_ids)
+        return self.embedding_table(labels)  # (N, D)
+
+
+#################################################################################
+#                                 DiT blocks                                    #
+#################################################################################
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection (the reference's timm layout)."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        n, t, d = x.shape
+        qkv = self.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (N, H, T, d/H)
+        x = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, d/H)
+        return self.proj(x.transpose(1, 2).reshape(n, t, d))  # (N, T, D)
+
+
+class Mlp(nn.Module):
+    """Two-layer MLP with tanh-approximated GELU."""
+
+    def __init__(self, dim, hidden_dim):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class DiTBlock(nn.Module):
+    """A transformer block whose norms are modulated by adaLN-Zero (shift, scale, gate)."""
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads=num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+
+    def forward(self, x, c):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x  # (N, T, D)
+
+
+class FinalLayer(nn.Module):
+    """The adaLN-modulated norm and the linear decoder of each token into a patch."""
+
+    def __init__(self, hidden_size, patch_size, out_channels):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # (N, T, p*p*C_out)
+
+
+#################################################################################
+#                                   The model                                   #
+#################################################################################
+
+class DiT(nn.Module):
+    """Diffusion model with a Transformer backbone."""
+
+    def __init__(
+        self,
+        input_size=32,
+        patch_size=2,
+        in_channels=4,
+        hidden_size=1152,
+        depth=28,
+        num_heads=16,
+        mlp_ratio=4.0,
+        class_dropout_prob=0.1,
+        num_classes=1000,
+        learn_sigma=True,
+    ):
+        super().__init__()
+        check_shape(input_size, patch_size, hidden_size, num_heads, depth)
+        self.config = dict(
+            input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
+            depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, class_dropout_prob=class_dropout_prob,
+            num_classes=num_classes, learn_sigma=learn_sigma,
+        )
+        self.learn_sigma = learn_sigma
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.patch_size = patch_size
+        self.num_heads = num_heads
+        self.gradient_checkpointing = False  # trade compute for activation memory (set by core.train)
+
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        # Fixed sin-cos embedding; a parameter (not a buffer) so state dicts match the reference.
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """Xavier-uniform linears, sin-cos positions, and zeros for adaLN-Zero and the output."""
+        def _basic_init(module):
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.constant_(module.bias, 0)
+        self.apply(_basic_init)
+
+        pos_embed = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], self.x_embedder.grid_size)
+        self.pos_embed.data.copy_(torch.from_numpy(pos_embed).float().unsqueeze(0))
+
+        # Initialise the patch projection like a linear layer, not a convolution.
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+        nn.init.constant_(self.x_embedder.proj.bias, 0)
+
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+
+        # adaLN-Zero: every block starts as the identity.
+        for block in self.blocks:
+            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
+            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.linear.weight, 0)
+        nn.init.constant_(self.final_layer.linear.bias, 0)
+
+    def unpatchify(self, x):
+        """(N, T, p*p*C) tokens back to (N, C, H, W) images."""
+        c, p = self.out_channels, self.patch_size
+        h = w = int(x.shape[1] ** 0.5)
+        x = x.reshape(x.shape[0], h, w, p, p, c).permute(0, 5, 1, 3, 2, 4)  # (N, C, h, p, w, p)
+        return x.reshape(x.shape[0], c, h * p, w * p)
+
+    def forward(self, x, t, y):
+        """Predict noise (and the variance interpolation when learn_sigma) for x_t, t, labels y."""
+        x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
+        c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, c, use_reentrant=False)
+            else:
+                x = block(x, c)
+        x = self.final_layer(x, c)  # (N, T, p*p*C_out)
+        return self.unpatchify(x)  # (N, C_out, H, W)
+
+    def forward_with_cfg(self, x, t, y, cfg_scale, guided_channels=3):
+        """Classifier-free guidance on a batch whose second half carries the null label.
+
+        The reference guides only the first 3 channels (guided_channels=3), which reproduces the
+        paper; guided_channels=None guides all of the in_channels noise channels.
+        """
+        half = x[: len(x) // 2]
+        combined = torch.cat([half, half], dim=0)
+        model_out = self.forward(combined, t, y)
+        k = self.in_channels if guided_channels is None else guided_channels
+        eps, rest = model_out[:, :k], model_out[:, k:]
+        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
+        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+        eps = torch.cat([half_eps, half_eps], dim=0)
+        return torch.cat([eps, rest], dim=1)
+
+
+def check_shape(input_size, patch_size, hidden_size, num_heads, depth):
+    """Raise ValueError naming the field when a DiT shape cannot be built."""
+    for name, value in (("input_size", input_size), ("patch_size", patch_size), ("hidden_size", hidden_size),
+                        ("num_heads", num_heads), ("depth", depth)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if input_size % patch_size:
+        raise ValueError(f"patch_size {patch_size} does not divide input_size {input_size}")
+    if hidden_size % num_heads:
+        raise ValueError(f"num_heads {num_heads} does not divide hidden_size {hidden_size}")
+    if hidden_size % 4:
+        raise ValueError(f"hidden_size {hidden_size} must be a multiple of 4 (2-D sin-cos positions)")
+
+
+#################################################################################
+#                         Sine/cosine positional embedding                      #
+#################################################################################
+
+def get_2d_sincos_pos_embed(embed_dim, grid_size):
+    """(grid_size*grid_size, embed_dim) sin-cos embedding: half the channels for rows, half for columns."""
+    grid_h = np.arange(grid_size, dtype=np.float32)
+    grid_w = np.arange(grid_size, dtype=np.float32)
+    grid = np.stack(np.meshgrid(grid_w, grid_h), axis=0).reshape(2, -1)  # w varies fastest
+    emb_h = get_1d_sincos_pos_embed(embed_dim // 2, grid[0])
+    emb_w = get_1d_sincos_pos_embed(embed_dim // 2, grid[1])
+    return np.concatenate([emb_h, emb_w], axis=1)
+
+
+def get_1d_sincos_pos_embed(embed_dim, pos):
+    """(M, embed_dim) embedding of positions pos: sines then cosines."""
+    omega = np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0)
+    omega = 1.0 / 10000 ** omega  # (D/2,)
+    out = np.einsum("m,d->md", pos.reshape(-1), omega)  # (M, D/2)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+#################################################################################
+#                                DiT configs                                    #
+#################################################################################
+
+# (depth, hidden_size, num_heads) of each size. S/B/L/XL are the paper's (Table 1); the small ones
+# are this project's ladder for CPU studies on 8×8 digits.
+PAPER_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+SMALL_SIZES = {"P": (2, 64, 2), "N": (4, 96, 3), "T": (6, 160, 5), "M": (8, 256, 8)}
+# Paper models default to 256×256 ImageNet latents; small presets to the 8×8 one-channel digits.
+PAPER_DEFAULTS = dict(input_size=32, in_channels=4, num_classes=1000)
+SMALL_DEFAULTS = dict(input_size=8, in_channels=1, num_classes=10)
+
+
+def _make_constructor(depth, hidden_size, num_heads, patch_size, defaults):
+    def constructor(**kwargs):
+        return DiT(**{**defaults, "depth": depth, "hidden_size": hidden_size, "num_heads": num_heads,
+                      "patch_size": patch_size, **kwargs})
+    constructor.config = {**defaults, "depth": depth, "hidden_size": hidden_size, "num_heads": num_heads,
+                          "patch_size": patch_size}
+    return constructor
+
+
+DiT_models = {}
+for _size, (_depth, _width, _heads) in PAPER_SIZES.items():
+    for _patch in (2, 4, 8):
+        DiT_models[f"DiT-{_size}/{_patch}"] = _make_constructor(_depth, _width, _heads, _patch, PAPER_DEFAULTS)
+for _size, (_depth, _width, _heads) in SMALL_SIZES.items():
+    for _patch in (1, 2, 4):
+        DiT_models[f"DiT-{_size}/{_patch}"] = _make_constructor(_depth, _width, _heads, _patch, SMALL_DEFAULTS)
+
+
+_DEFAULT_KWARGS = dict(mlp_ratio=4.0, class_dropout_prob=0.1, learn_sigma=True)
+
+
+def model_config(name, **overrides):
+    """The full DiT keyword arguments of a registered name, with overrides applied."""
+    if name not in DiT_models:
+        raise KeyError(f"unknown model {name!r}; known: {', '.join(DiT_models)}")
+    return {**_DEFAULT_KWARGS, **DiT_models[name].config, **overrides}
+
+
+#################################################################################
+#                          Reference checkpoints                                #
+#################################################################################
+
+def load_reference_state_dict(path):
+    """Read a DiT state dict in the reference layout from .pt/.pth or .safetensors.
+
+    Accepts the released checkpoints (a bare state dict) and the reference trainer's
+    checkpoints ({"model", "ema", "opt", "args"}), whose EMA weights are the ones to sample from.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"DiT checkpoint not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or foreign files raise many different errors
+        raise ValueError(f"cannot read DiT checkpoint {path}: {e}") from e
+    if isinstance(state, dict) and "ema" in state:
+        state = state["ema"]
+    return {k: v for k, v in state.items() if not k.startswith("fixture.")}
