@@ -1,0 +1,135 @@
+"""core.models against the reference DiT: weights, forward, guidance, registry, shapes."""
+import pytest
+import torch
+
+from core.models import DiT, DiT_models, get_2d_sincos_pos_embed, load_reference_state_dict, model_config
+
+
+def test_reference_forward(reference, reference_model):
+    _, _, ref = reference
+    with torch.no_grad():
+        out = reference_model(ref["x"], ref["t"], ref["y"])
+    assert out.shape == ref["out"].shape
+    assert (out - ref["out"]).abs().max() < 1e-5
+
+
+def test_reference_guided_forward_first_three_channels(reference, reference_model):
+    meta, _, ref = reference
+    with torch.no_grad():
+        out = reference_model.forward_with_cfg(ref["cfg_x"], ref["cfg_t"], ref["cfg_y"], meta["cfg_scale"])
+    assert (out - ref["cfg_out"]).abs().max() < 1e-5
+
+
+def test_guiding_every_channel_differs_only_in_channel_three(reference, reference_model):
+    meta, _, ref = reference
+    with torch.no_grad():
+        paper = reference_model.forward_with_cfg(ref["cfg_x"], ref["cfg_t"], ref["cfg_y"], meta["cfg_scale"])
+        full = reference_model.forward_with_cfg(ref["cfg_x"], ref["cfg_t"], ref["cfg_y"], meta["cfg_scale"],
+                                                guided_channels=None)
+    assert torch.equal(full[:, :3], paper[:, :3])
+    assert torch.equal(full[:, 4:], paper[:, 4:])
+    assert not torch.allclose(full[:, 3], paper[:, 3])
+    # Both halves of a guided batch carry the same guided prediction.
+    assert torch.equal(full[:3, :4], full[3:, :4])
+
+
+def test_positional_embedding_matches_reference(reference):
+    meta, weights, _ = reference
+    d = meta["model"]["hidden_size"]
+    grid = meta["model"]["input_size"] // meta["model"]["patch_size"]
+    ours = torch.from_numpy(get_2d_sincos_pos_embed(d, grid)).float()
+    assert (ours - weights["pos_embed"][0]).abs().max() < 1e-6
+
+
+def test_fresh_model_is_adaln_zero(reference):
+    meta, _, ref = reference
+    model = DiT(**meta["model"]).eval()
+    names = set(model.state_dict())
+    assert names == set(reference[1]), "state dict names must be the reference's"
+    assert not model.pos_embed.requires_grad
+    # Zero-initialised modulation and output layer: the untrained model predicts exactly zero.
+    with torch.no_grad():
+        assert torch.count_nonzero(model(ref["x"], ref["t"], ref["y"])) == 0
+
+
+def test_label_dropout_only_in_training(reference):
+    meta, _, _ = reference
+    model = DiT(**meta["model"])
+    labels = torch.zeros(10_000, dtype=torch.long)
+    torch.manual_seed(0)
+    dropped = model.y_embedder.token_drop(labels)
+    assert abs((dropped == meta["model"]["num_classes"]).float().mean().item() - 0.1) < 0.01
+    e_eval = model.y_embedder(labels[:8], train=False)
+    assert torch.equal(e_eval, model.y_embedder.embedding_table.weight[labels[:8]])
+
+
+def test_paper_registry():
+    expected = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+    for size, (depth, width, heads) in expected.items():
+        for patch in (2, 4, 8):
+            cfg = model_config(f"DiT-{size}/{patch}")
+            assert (cfg["depth"], cfg["hidden_size"], cfg["num_heads"], cfg["patch_size"]) == (depth, width, heads, patch)
+            assert (cfg["input_size"], cfg["in_channels"], cfg["num_classes"]) == (32, 4, 1000)
+
+
+def test_small_presets_fit_the_issue_ladder():
+    small = [n for n in DiT_models if n.split("-")[1].split("/")[0] in "PNTM"]
+    assert len(small) >= 9
+    for name in small:
+        cfg = model_config(name)
+        assert 64 <= cfg["hidden_size"] <= 256 and 2 <= cfg["depth"] <= 8
+        assert cfg["input_size"] % cfg["patch_size"] == 0 and cfg["hidden_size"] % cfg["num_heads"] == 0
+
+
+def test_registry_overrides_and_output_shape():
+    with torch.device("meta"):
+        model = DiT_models["DiT-XL/2"](input_size=64)
+    assert model.x_embedder.num_patches == 32 * 32
+    small = DiT_models["DiT-P/2"](learn_sigma=False)
+    out = small(torch.randn(3, 1, 8, 8), torch.tensor([0, 5, 999]), torch.tensor([0, 1, 2]))
+    assert out.shape == (3, 1, 8, 8)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(input_size=32, patch_size=3), "patch_size 3 does not divide input_size 32"),
+    (dict(hidden_size=100, num_heads=16), "num_heads 16 does not divide hidden_size 100"),
+    (dict(depth=0), "depth must be a positive integer"),
+])
+def test_impossible_shapes_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DiT(**{**dict(hidden_size=64, num_heads=4, depth=1), **kwargs})
+
+
+def test_unknown_model_name():
+    with pytest.raises(KeyError, match="unknown model 'DiT-Q/2'"):
+        model_config("DiT-Q/2")
+
+
+def test_load_reference_checkpoint_formats(tmp_path, reference):
+    meta, weights, ref = reference
+    pt = tmp_path / "train.pt"
+    torch.save({"model": weights, "ema": weights, "opt": {}, "args": None}, pt)
+    model = DiT(**meta["model"])
+    model.load_state_dict(load_reference_state_dict(pt), strict=True)
+    with torch.no_grad():
+        assert (model.eval()(ref["x"], ref["t"], ref["y"]) - ref["out"]).abs().max() < 1e-5
+    truncated = tmp_path / "cut.pt"
+    truncated.write_bytes(pt.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="cut.pt"):
+        load_reference_state_dict(truncated)
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        load_reference_state_dict(tmp_path / "missing.pt")
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(reference):
+    meta, weights, ref = reference
+    grads = []
+    for ckpt in (False, True):
+        model = DiT(**meta["model"])
+        model.load_state_dict(weights)
+        model.gradient_checkpointing = ckpt
+        model.train()
+        torch.manual_seed(1)
+        model(ref["x"], ref["t"], ref["y"]).square().mean().backward()
+        grads.append(model.blocks[0].attn.qkv.weight.grad.clone())
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
