@@ -1,0 +1,38 @@
+"""A description of the machine a benchmark ran on, and its measured fp32 matmul peak."""
+import os
+import platform
+import time
+
+import torch
+
+
+def describe():
+    """One line: CPU model, cores, torch version, GPU if any."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads{gpu}"
+
+
+def matmul_peak_tflops(n=2048, dtype=torch.float32, device="cpu", seconds=2.0):
+    """Achieved TFLOP/s of a large square matmul: the practical peak the training step is held to."""
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    for _ in range(2):
+        a @ b
+    _sync(device)
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        runs += 1
+    _sync(device)
+    return 2 * n ** 3 * runs / (time.perf_counter() - start) / 1e12
+
+
+def _sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()

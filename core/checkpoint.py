@@ -1,0 +1,143 @@
+"""Trial checkpoints: DeepSpeed engine state, EMA, trainer state and RNG states, written atomically.
+
+Layout of one checkpoint (a directory named step-000000400):
+    deepspeed/state/...     the engine's files, one set per rank (ZeRO shards carry the rank in their name)
+    ema.safetensors         the fp32 EMA weights (rank 0)
+    trainer_state.json      step, data position, model config, metrics so far (rank 0)
+    rng-rank<R>.pt          each rank's torch RNG states
+Ranks write into .tmp-step-XXXXXXXXX and the directory is renamed when every rank is done, so a
+directory named step-* is always complete.
+"""
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+STATE_FILE = "trainer_state.json"
+EMA_FILE = "ema.safetensors"
+ENGINE_DIR = "deepspeed"
+ENGINE_TAG = "state"
+PREFIX = "step-"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from: missing, truncated or of another run."""
+
+
+def checkpoint_name(step):
+    return f"{PREFIX}{step:09d}"
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rng_state():
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def save_checkpoint(directory, engine, ema, trainer_state, rank):
+    """Write a checkpoint of every rank under directory; returns its path. Collective: all ranks call it."""
+    directory = Path(directory)
+    name = checkpoint_name(trainer_state["step"])
+    final, tmp = directory / name, directory / f".tmp-{name}"
+    directory.mkdir(parents=True, exist_ok=True)
+    # Each rank may have its own directory (Ray gives every worker a temporary one) or share one.
+    shutil.rmtree(tmp, ignore_errors=True)
+    _barrier()
+    tmp.mkdir(parents=True, exist_ok=True)
+    engine.save_checkpoint(str(tmp / ENGINE_DIR), tag=ENGINE_TAG, save_latest=False)
+    torch.save(_rng_state(), tmp / f"rng-rank{rank}.pt")
+    if rank == 0:
+        save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(tmp / EMA_FILE))
+        state_path = tmp / STATE_FILE
+        with open(state_path, "w") as f:
+            json.dump(trainer_state, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+    _barrier()
+    if tmp.exists():
+        try:
+            shutil.rmtree(final, ignore_errors=True)  # a stale checkpoint of the same step
+            os.replace(tmp, final)
+        except (FileNotFoundError, OSError):
+            if not final.exists():
+                raise
+    _barrier()
+    return final
+
+
+def list_checkpoints(directory):
+    """Complete checkpoints under directory, oldest first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.glob(f"{PREFIX}*") if p.is_dir() and (p / STATE_FILE).exists())
+
+
+def latest_checkpoint(directory):
+    """The newest complete checkpoint under directory, or None."""
+    found = list_checkpoints(directory)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(directory, keep):
+    """Delete all but the newest keep checkpoints (call on one rank per directory)."""
+    for old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_trainer_state(path):
+    """The trainer_state.json of a checkpoint directory, with errors that name the file."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    state_file = path / STATE_FILE
+    if not state_file.is_file():
+        raise CheckpointError(f"{state_file} is missing: {path} is not a complete checkpoint")
+    try:
+        return json.loads(state_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{state_file} is corrupt: {e}") from e
+
+
+def load_checkpoint(path, engine, ema, model_config, world_size, zero_stage, rank):
+    """Restore engine, EMA and this rank's RNG from a checkpoint; returns its trainer state."""
+    path = Path(path)
+    state = read_trainer_state(path)
+    if state.get("model_config") != model_config:
+        raise CheckpointError(
+            f"{path / STATE_FILE} belongs to another model: {state.get('model_config')} != {model_config}")
+    if zero_stage > 0 and state.get("world_size") != world_size:
+        # ZeRO partitions optimizer state by data-parallel rank; it cannot be re-sharded on load.
+        raise CheckpointError(f"{path} was written by {state.get('world_size')} processes with ZeRO-"
+                              f"{state.get('zero_stage')}; this run has {world_size}")
+    ema_file = path / EMA_FILE
+    try:
+        ema.load_state_dict(load_file(str(ema_file)))
+    except Exception as e:
+        raise CheckpointError(f"{ema_file} cannot be loaded: {e}") from e
+    try:
+        load_path, _ = engine.load_checkpoint(str(path / ENGINE_DIR), tag=ENGINE_TAG)
+    except Exception as e:
+        raise CheckpointError(f"{path / ENGINE_DIR} cannot be loaded: {e}") from e
+    if load_path is None:
+        raise CheckpointError(f"{path / ENGINE_DIR / ENGINE_TAG} holds no DeepSpeed checkpoint")
+    rng_file = path / f"rng-rank{rank}.pt"
+    if rng_file.is_file():
+        try:
+            rng = torch.load(rng_file, weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"{rng_file} cannot be loaded: {e}") from e
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    return state

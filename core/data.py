@@ -1,0 +1,200 @@
+"""Training data: the bundled digits, an image folder, pre-encoded latents, and the per-rank batch sampler."""
+from functools import partial
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import TensorDataset
+from torchvision import transforms
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+from core.digits import digits_arrays
+from core.latents import LatentShards, read_meta
+
+SPLITS = ("train", "heldout")
+
+
+#################################################################################
+#                                   Datasets                                    #
+#################################################################################
+
+def build_digits(split="train", path=None, image_size=None):
+    """scikit-learn's 8×8 digits in memory: a TensorDataset, so `.tensors` is (X (N, 1, 8, 8), Y (N,)).
+
+    No flips: digits are not mirror-symmetric.
+    """
+    _check_digits_size(image_size)
+    images, labels = digits_arrays(split)
+    return TensorDataset(torch.from_numpy(images), torch.from_numpy(labels))
+
+
+def _check_digits_size(image_size):
+    if image_size not in (None, 8):
+        raise ValueError(f"the digits dataset is 8×8; image_size {image_size} is not supported")
+
+
+def center_crop(pil_image, image_size):
+    """Resize so the short side is image_size, then crop the centre square, as the reference DiT does.
+
+    Halving with a box filter first, while the image is at least twice too large, keeps the final
+    bicubic resize from aliasing.
+    """
+    while min(pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(s // 2 for s in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(pil_image.size)
+    pil_image = pil_image.resize(tuple(round(s * scale) for s in pil_image.size), resample=Image.BICUBIC)
+    left = (pil_image.size[0] - image_size) // 2
+    top = (pil_image.size[1] - image_size) // 2
+    return pil_image.crop((left, top, left + image_size, top + image_size))
+
+
+def image_transform(image_size, flip):
+    """PIL image -> float32 (3, image_size, image_size) in [-1, 1], randomly mirrored when flip."""
+    steps = [transforms.Lambda(partial(center_crop, image_size=image_size))]  # picklable for DataLoader workers
+    if flip:
+        steps.append(transforms.RandomHorizontalFlip())
+    steps += [transforms.ToTensor(), transforms.Normalize([0.5, 0.5, 0.5], [0.5, 0.5, 0.5], inplace=True)]
+    return transforms.Compose(steps)
+
+
+def scan_image_folder(path):
+    """(classes, [(file, label), ...]) of an ImageNet-style tree, labels in sorted folder order."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"image folder {path} does not exist")
+    if not path.is_dir():
+        raise ValueError(f"image folder {path} is not a directory")
+    try:
+        classes, class_to_idx = find_classes(path)
+    except FileNotFoundError:
+        raise ValueError(f"image folder {path} is empty: it needs one sub-folder of images per class") from None
+    samples = make_dataset(path, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+    if not samples:
+        raise ValueError(f"image folder {path} has class folders {classes[:5]} but no images "
+                         f"({', '.join(IMG_EXTENSIONS)})")
+    return classes, samples
+
+
+def build_imagefolder(split="train", path=None, image_size=None):
+    """An ImageNet-style folder (one sub-folder per class), centre-cropped; flipped at random when training.
+
+    The held-out set of a folder dataset is another folder: `split` only turns the flips off.
+    """
+    _require("imagefolder", path, image_size)
+    scan_image_folder(path)  # our error messages instead of torchvision's
+    return ImageFolder(str(path), transform=image_transform(image_size, flip=split == "train"))
+
+
+def build_latents(split="train", path=None, image_size=None, in_memory=None):
+    """Latent shards written by `python -m core.encode_latents`; training items are every image and its mirror.
+
+    See core.latents.LatentShards: the train split has 2 items per image, the held-out split one.
+    """
+    _require("latents", path)
+    read_meta(path, image_size=image_size)
+    return LatentShards(path, flip=split == "train", in_memory=in_memory)
+
+
+def _require(name, path, image_size=0):
+    if path is None:
+        raise ValueError(f"the {name} dataset needs a path")
+    if image_size is None:
+        raise ValueError(f"the {name} dataset needs an image_size")
+
+
+DATASETS = {"digits": build_digits, "imagefolder": build_imagefolder, "latents": build_latents}
+
+
+def build_dataset(name, split="train", path=None, image_size=None, **opts):
+    """A Dataset of (x float32 (C, H, W), y int64) items; in-memory ones also expose `.tensors`."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return DATASETS[name](split=split, path=path, image_size=image_size, **opts)
+
+
+def dataset_info(name, path=None, image_size=None):
+    """What a model needs to know about a dataset, without loading it: sizes, classes, image count."""
+    if name == "digits":
+        _check_digits_size(image_size)
+        _, labels = digits_arrays("train")
+        return dict(input_size=8, in_channels=1, num_classes=10, num_images=len(labels), pixel_space=True)
+    if name == "imagefolder":
+        _require(name, path, image_size)
+        classes, samples = scan_image_folder(path)
+        return dict(input_size=image_size, in_channels=3, num_classes=len(classes), num_images=len(samples),
+                    pixel_space=True)
+    if name == "latents":
+        _require(name, path)
+        meta = read_meta(path, check_shards=True, image_size=image_size)
+        channels, height, _ = meta["latent_shape"]
+        return dict(input_size=height, in_channels=channels, num_classes=len(meta["classes"]),
+                    num_images=meta["num_images"], pixel_space=False)
+    raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
+
+
+#################################################################################
+#                                  Sampling                                     #
+#################################################################################
+
+class ShardedBatchSampler:
+    """Endless, resumable batches of indices: each global batch is split into disjoint, contiguous rank shards.
+
+    Epoch e is torch.randperm(num_items) seeded with seed + e; its global batch b is positions
+    [b*G, (b+1)*G) of that permutation and rank r takes the r-th 1/world_size of it. So the
+    ranks together see exactly what one process with the same global batch sees, and the
+    position (epoch, batch) is all it takes to resume, even with another world size.
+    """
+
+    def __init__(self, num_items, global_batch, rank=0, world_size=1, seed=0, drop_last=True):
+        if global_batch % world_size:
+            raise ValueError(f"global batch {global_batch} is not divisible by world size {world_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        if drop_last and global_batch > num_items:
+            raise ValueError(f"global batch {global_batch} is larger than the dataset ({num_items} items)")
+        self.num_items, self.global_batch = num_items, global_batch
+        self.rank, self.world_size, self.seed, self.drop_last = rank, world_size, seed, drop_last
+        self.epoch, self.batch = 0, 0
+        self._perm_epoch, self._perm = None, None
+
+    @property
+    def batches_per_epoch(self):
+        full, rest = divmod(self.num_items, self.global_batch)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    def permutation(self, epoch):
+        """The order of the items in an epoch, the same on every rank."""
+        if self._perm_epoch != epoch:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            self._perm, self._perm_epoch = torch.randperm(self.num_items, generator=generator), epoch
+        return self._perm
+
+    def indices(self, epoch, batch):
+        """This rank's item indices of global batch `batch` of `epoch`."""
+        global_batch = self.permutation(epoch)[batch * self.global_batch:(batch + 1) * self.global_batch]
+        # A short last batch (drop_last=False) is split as evenly as it goes; some ranks may get one less.
+        return torch.tensor_split(global_batch, self.world_size)[self.rank].tolist()
+
+    def __iter__(self):
+        """Yield index lists from the current position, forever, moving past each batch as it is handed out."""
+        while True:
+            epoch, batch = self.epoch, self.batch
+            self.epoch, self.batch = divmod(epoch * self.batches_per_epoch + batch + 1, self.batches_per_epoch)
+            yield self.indices(epoch, batch)
+
+    def seek(self, step):
+        """Move to the step-th batch since the start (every epoch has the same number of batches)."""
+        self.epoch, self.batch = divmod(step, self.batches_per_epoch)
+
+    def state_dict(self):
+        return dict(epoch=self.epoch, batch=self.batch, num_items=self.num_items,
+                    global_batch=self.global_batch, seed=self.seed, drop_last=self.drop_last)
+
+    def load_state_dict(self, state):
+        for key in ("num_items", "global_batch", "seed", "drop_last"):
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(f"sampler state has {key}={state[key]}, this sampler has {getattr(self, key)}")
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])

@@ -1,0 +1,407 @@
+"""One trial: a DiT trained with DeepSpeed ZeRO by N data-parallel processes, with exact resume.
+
+Runs alone (`python -m core.train ...` or under `torchrun --nproc_per_node N`) and from Ray Train,
+where the process group already exists and DeepSpeed reuses it. Evaluation and reporting are
+left to callbacks, so core knows nothing of the orchestrator.
+"""
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from core import checkpoint as ckpt
+from core.data import ShardedBatchSampler, build_dataset
+from core.diffusion import create_diffusion
+from core.ema import EMA
+from core.flops import gflops_from_config, train_flop_per_image
+from core.models import DiT, model_config
+from core.optim import build_optimizer, deepspeed_config, lr_lambda
+
+logger = logging.getLogger("core.train")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a trial's training; defaults reproduce the paper's DiT-XL/2 run."""
+
+    model: str = "DiT-XL/2"
+    model_overrides: dict = field(default_factory=dict)  # DiT kwargs, e.g. input_size, num_classes
+    dataset: str = "latents"
+    data_path: str = None
+    image_size: int = None
+    batch_size: int = 256  # global: micro-batch × grad_accum × world size
+    grad_accum: int = 1
+    max_steps: int = 400_000
+    lr: float = 1e-4
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    betas: tuple = (0.9, 0.999)
+    weight_decay: float = 0.0
+    grad_clip: float = None
+    ema_decay: float = 0.9999
+    precision: str = "fp32"
+    zero_stage: int = 2
+    seed: int = 0
+    diffusion_steps: int = 1000
+    log_every: int = 100
+    ckpt_every: int = 50_000
+    keep_checkpoints: int = 2
+    val_batch: int = 256  # held-out images in the fixed validation batch; 0 turns it off
+    compile: bool = False
+    grad_checkpointing: bool = False
+    fused_adamw: bool = None  # None: torch's default
+    peak_tflops: float = None  # hardware peak per process, for utilisation
+    num_workers: int = 4  # data-loading processes for image folders
+
+    def resolved_model_config(self):
+        return model_config(self.model, **self.model_overrides)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+    def __init__(self, step, loss):
+        super().__init__(f"training diverged at step {step}: loss {loss}")
+        self.step, self.loss = step, loss
+
+
+class Callbacks:
+    """Hooks the orchestrator fills in; every rank calls each of them at the same steps."""
+
+    def on_log(self, trial, metrics):
+        """Every log_every steps and at milestones."""
+
+    def on_milestone(self, trial, metrics):
+        """At each evaluation milestone, after the checkpoint is written; returns extra metrics."""
+        return {}
+
+    def on_checkpoint(self, trial, path, metrics):
+        """After every checkpoint (and after on_milestone at milestones)."""
+
+
+@dataclass
+class TrialState:
+    """What callbacks may read: the engine, the EMA model, the process layout, the step."""
+
+    config: TrainConfig
+    engine: object
+    ema: EMA
+    device: torch.device
+    rank: int
+    world_size: int
+    step: int = 0
+    model_config: dict = None
+    gflops: float = 0.0
+    autocast_dtype: torch.dtype = None
+
+
+def setup_distributed():
+    """(rank, world size, local rank, device), joining an existing process group or creating one."""
+    import deepspeed
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # a plain single process: a group of one on a free local port
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
+                              LOCAL_RANK="0")
+        deepspeed.init_distributed(dist_backend=backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return rank, world, local_rank, device
+
+
+def step_randomness(seed, step, batch, shape, num_classes_drop_p, num_timesteps, device):
+    """Timesteps, noise and label-drop mask of a whole global batch, a function of (seed, step) only.
+
+    Every rank draws the same global tensors and keeps its slice, so N processes see exactly what
+    one process with the same global batch sees, and a resumed run what an uninterrupted one does.
+    """
+    g = torch.Generator(device).manual_seed(seed * 1_000_003 + step)
+    t = torch.randint(0, num_timesteps, (batch,), generator=g, device=device)
+    noise = torch.randn((batch, *shape), generator=g, device=device)
+    drop = (torch.rand(batch, generator=g, device=device) < num_classes_drop_p).long()
+    return t, noise, drop
+
+
+class BatchSource:
+    """This rank's images and labels of each global batch, from memory or a DataLoader."""
+
+    def __init__(self, dataset, sampler, device, num_workers):
+        self.sampler, self.device = sampler, device
+        self.tensors = getattr(dataset, "tensors", None)
+        if self.tensors is not None:
+            self.tensors = tuple(t.to(device) for t in self.tensors)
+        else:
+            self.dataset, self.num_workers = dataset, num_workers
+
+    def __iter__(self):
+        if self.tensors is not None:
+            x_all, y_all = self.tensors
+            for idx in self.sampler:
+                idx = torch.as_tensor(idx, device=self.device)
+                yield x_all[idx], y_all[idx]
+        else:
+            loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=self.num_workers,
+                                                 pin_memory=self.device.type == "cuda", persistent_workers=False)
+            for x, y in loader:
+                yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+class ValidationBatch:
+    """A fixed held-out batch with fixed timesteps and noise: a loss comparable across models and steps."""
+
+    def __init__(self, cfg, rank, world, device, num_timesteps):
+        dataset = build_dataset(cfg.dataset, split="heldout", path=cfg.data_path, image_size=cfg.image_size)
+        n = min(cfg.val_batch, len(dataset))
+        items = [dataset[i] for i in range(n)]
+        x = torch.stack([torch.as_tensor(it[0]) for it in items])
+        y = torch.as_tensor([int(it[1]) for it in items])
+        g = torch.Generator().manual_seed(20_231_219)
+        # Timesteps evenly spread over the chain: every noise level weighs the same in every evaluation.
+        t = torch.linspace(0, num_timesteps - 1, n).round().long()
+        noise = torch.randn(x.shape, generator=g)
+        lo, hi = rank * n // world, (rank + 1) * n // world
+        self.n = n
+        self.x, self.y, self.t, self.noise = (v[lo:hi].to(device) for v in (x, y, t, noise))
+
+    @torch.no_grad()
+    def loss(self, model, diffusion, autocast_dtype):
+        """(mean loss, mean mse) over the whole batch, summed across ranks. Collective."""
+        sums = torch.zeros(2, device=self.x.device, dtype=torch.float64)
+        if len(self.x):
+            with torch.autocast(self.x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                terms = diffusion.training_losses(model, self.x, self.t, dict(y=self.y), noise=self.noise)
+            sums += torch.stack([terms["loss"].double().sum(), terms["mse"].double().sum()])
+        if dist.is_initialized():
+            dist.all_reduce(sums)
+        return (sums / self.n).tolist()
+
+
+def _global_mean(value, device):
+    """Mean of a scalar over ranks (a collective: also the divergence check's agreement)."""
+    t = torch.tensor([value], device=device, dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t.item()
+
+
+def train(cfg, out_dir, milestones=(), callbacks=None, resume_from=None, checkpoint_dir=None,
+          shared_checkpoint_dir=True):
+    """Train one trial to cfg.max_steps; returns the last metrics. Every rank calls it.
+
+    resume_from: a checkpoint directory, "auto" (the newest under checkpoint_dir, else a fresh
+    start) or None. A checkpoint that cannot be used raises CheckpointError, never a fresh start.
+    shared_checkpoint_dir: whether all ranks write into one checkpoint_dir (torchrun) or each into
+    its own (Ray workers, whose per-rank files Ray merges); decides who prunes old checkpoints.
+    """
+    import deepspeed
+
+    callbacks = callbacks or Callbacks()
+    out_dir = Path(out_dir)
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else out_dir / "checkpoints"
+    milestones = sorted({int(m) for m in milestones} | {cfg.max_steps})
+    if milestones[0] <= 0 or milestones[-1] > cfg.max_steps:
+        raise ValueError(f"milestones must lie in 1..max_steps ({cfg.max_steps}), got {milestones}")
+
+    rank, world, _, device = setup_distributed()
+    if cfg.batch_size % (cfg.grad_accum * world):
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by grad_accum {cfg.grad_accum} × "
+                         f"{world} processes")
+    micro = cfg.batch_size // (cfg.grad_accum * world)
+    mcfg = cfg.resolved_model_config()
+    g_per_image = gflops_from_config(**mcfg)
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = DiT(**mcfg)
+    model.gradient_checkpointing = cfg.grad_checkpointing
+    ema = EMA(model.to(device), cfg.ema_decay)
+    optimizer = build_optimizer(model, cfg.lr, cfg.betas, cfg.weight_decay, cfg.fused_adamw)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_schedule, cfg.warmup_steps,
+                                                                        cfg.max_steps))
+    ds_config = deepspeed_config(cfg.batch_size, micro, cfg.grad_accum, cfg.zero_stage, cfg.precision, cfg.grad_clip)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    if cfg.compile:
+        engine.compile()
+    autocast_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
+    trainable = [p for p in engine.module.parameters()]
+
+    diffusion = create_diffusion(learn_sigma=mcfg["learn_sigma"], diffusion_steps=cfg.diffusion_steps)
+    dataset = build_dataset(cfg.dataset, split="train", path=cfg.data_path, image_size=cfg.image_size)
+    sampler = ShardedBatchSampler(len(dataset), cfg.batch_size, rank, world, cfg.seed)
+    validation = ValidationBatch(cfg, rank, world, device, cfg.diffusion_steps) if cfg.val_batch else None
+    shape = (mcfg["in_channels"], mcfg["input_size"], mcfg["input_size"])
+
+    trial = TrialState(cfg, engine, ema, device, rank, world, 0, mcfg, g_per_image, autocast_dtype)
+    step, train_time, history = 0, 0.0, []
+    if resume_from == "auto":
+        resume_from = ckpt.latest_checkpoint(checkpoint_dir)
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(resume_from, engine, ema, mcfg, world, cfg.zero_stage, rank)
+        step, train_time, history = state["step"], state["train_time_s"], state.get("history", [])
+        sampler.load_state_dict(state["sampler"])
+        logger.info("resumed from %s at step %d", resume_from, step)
+    trial.step = step
+
+    lo = rank * (cfg.batch_size // world)
+    batches = iter(BatchSource(dataset, sampler, device, cfg.num_workers))
+    window_loss, window_steps, window_time = 0.0, 0, 0.0
+    metrics = {}
+    engine.train()
+    while step < cfg.max_steps:
+        t0 = time.perf_counter()
+        x, y = next(batches)  # this rank's share of the global batch
+        t_all, noise_all, drop_all = step_randomness(cfg.seed, step, cfg.batch_size, shape,
+                                                     mcfg["class_dropout_prob"], cfg.diffusion_steps, device)
+        step_loss = torch.zeros((), device=device)
+        for m in range(cfg.grad_accum):
+            mb = slice(m * micro, (m + 1) * micro)
+            gb = slice(lo + m * micro, lo + (m + 1) * micro)
+            kwargs = dict(y=y[mb], force_drop_ids=drop_all[gb])
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                loss = diffusion.training_losses(engine, x[mb], t_all[gb], kwargs, noise=noise_all[gb])["loss"].mean()
+            engine.backward(loss)
+            engine.step()
+            step_loss += loss.detach() / cfg.grad_accum
+        step += 1
+        trial.step = step
+        if cfg.zero_stage == 3:
+            with deepspeed.zero.GatheredParameters(trainable):
+                ema.update(trainable)
+        else:
+            ema.update(trainable)
+        loss_value = _global_mean(step_loss.item(), device)  # collective: every rank agrees on divergence
+        if not math.isfinite(loss_value):
+            raise TrainingDiverged(step, loss_value)
+        dt = time.perf_counter() - t0
+        train_time += dt
+        window_loss, window_steps, window_time = window_loss + loss_value, window_steps + 1, window_time + dt
+
+        at_milestone = step in milestones
+        if step % cfg.log_every == 0 or at_milestone:
+            images_per_s = window_steps * cfg.batch_size / window_time
+            flops = images_per_s * train_flop_per_image(g_per_image)
+            metrics = {
+                "step": step, "train_loss": window_loss / window_steps, "lr": scheduler.get_last_lr()[0],
+                "images_per_s": images_per_s, "achieved_tflops": flops / 1e12, "train_time_s": train_time,
+            }
+            if cfg.peak_tflops:
+                metrics["mfu"] = flops / 1e12 / (cfg.peak_tflops * world)
+            history.append({k: metrics[k] for k in ("step", "train_loss", "lr", "images_per_s")})
+            window_loss, window_steps, window_time = 0.0, 0, 0.0
+            callbacks.on_log(trial, metrics)
+        if at_milestone or step % cfg.ckpt_every == 0:
+            if at_milestone and validation is not None:
+                metrics["val_loss"], metrics["val_mse"] = validation.loss(engine.module, diffusion, autocast_dtype)
+                metrics["val_loss_ema"], _ = validation.loss(ema.model, diffusion, autocast_dtype)
+                engine.train()
+            state = {
+                "step": step, "train_time_s": train_time, "sampler": _sampler_position(sampler, step), "model_config": mcfg,
+                "world_size": world, "zero_stage": cfg.zero_stage, "config": _jsonable(cfg), "history": history,
+                "metrics": metrics,
+            }
+            path = ckpt.save_checkpoint(checkpoint_dir, engine, ema, state, rank)
+            if at_milestone:
+                metrics.update(callbacks.on_milestone(trial, dict(metrics)) or {})
+            callbacks.on_checkpoint(trial, path, dict(metrics))
+            if rank == 0 or not shared_checkpoint_dir:
+                ckpt.prune_checkpoints(checkpoint_dir, cfg.keep_checkpoints)
+    return metrics
+
+
+def _sampler_position(sampler, step):
+    """The sampler state after `step` consumed batches (a DataLoader's prefetching runs ahead of it)."""
+    epoch, batch = divmod(step, sampler.batches_per_epoch)
+    return {**sampler.state_dict(), "epoch": epoch, "batch": batch}
+
+
+def _jsonable(cfg):
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+#################################################################################
+#                          Standalone entry point                               #
+#################################################################################
+
+class PrintingCallbacks(Callbacks):
+    """Log lines like the reference train.py, on rank 0 only."""
+
+    def on_log(self, trial, metrics):
+        if trial.rank == 0:
+            logger.info("(step=%07d) train loss %.4f, %.1f images/s, %.2f TFLOP/s", metrics["step"],
+                        metrics["train_loss"], metrics["images_per_s"], metrics["achieved_tflops"])
+
+    def on_checkpoint(self, trial, path, metrics):
+        if trial.rank == 0:
+            extra = f", val loss {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""
+            logger.info("saved checkpoint %s%s", path, extra)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Train one DiT with DeepSpeed ZeRO (defaults: the paper's run).")
+    parser.add_argument("--model", default="DiT-XL/2")
+    parser.add_argument("--dataset", default="latents", help="digits | imagefolder | latents")
+    parser.add_argument("--data-path", default=None)
+    parser.add_argument("--image-size", type=int, default=None, help="image folders: pixels (256 or 512)")
+    parser.add_argument("--results-dir", default="results")
+    parser.add_argument("--global-batch-size", type=int, default=256)
+    parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--max-steps", type=int, default=400_000)
+    parser.add_argument("--milestones", default="", help="comma-separated evaluation steps")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr-schedule", default="constant")
+    parser.add_argument("--warmup-steps", type=int, default=0)
+    parser.add_argument("--grad-clip", type=float, default=None)
+    parser.add_argument("--ema-decay", type=float, default=0.9999)
+    parser.add_argument("--precision", default="bf16" if torch.cuda.is_available() else "fp32")
+    parser.add_argument("--zero-stage", type=int, default=2)
+    parser.add_argument("--global-seed", type=int, default=0)
+    parser.add_argument("--log-every", type=int, default=100)
+    parser.add_argument("--ckpt-every", type=int, default=50_000)
+    parser.add_argument("--keep-checkpoints", type=int, default=2)
+    parser.add_argument("--val-batch", type=int, default=256)
+    parser.add_argument("--num-workers", type=int, default=4)
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--grad-checkpointing", action="store_true")
+    parser.add_argument("--peak-tflops", type=float, default=None)
+    parser.add_argument("--resume", default="auto", help="'auto' (newest checkpoint, if any), a path, or 'none'")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
+
+    overrides = {}
+    if args.image_size and args.dataset != "digits":
+        overrides["input_size"] = args.image_size // 8 if args.dataset == "latents" else args.image_size
+    if args.dataset == "digits":
+        overrides.update(input_size=8, in_channels=1, num_classes=10)
+    cfg = TrainConfig(
+        model=args.model, model_overrides=overrides, dataset=args.dataset, data_path=args.data_path,
+        image_size=args.image_size, batch_size=args.global_batch_size, grad_accum=args.grad_accum,
+        max_steps=args.max_steps, lr=args.lr, lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps,
+        grad_clip=args.grad_clip, ema_decay=args.ema_decay, precision=args.precision, zero_stage=args.zero_stage,
+        seed=args.global_seed, log_every=args.log_every, ckpt_every=args.ckpt_every,
+        keep_checkpoints=args.keep_checkpoints, val_batch=args.val_batch, num_workers=args.num_workers,
+        compile=args.compile, grad_checkpointing=args.grad_checkpointing, peak_tflops=args.peak_tflops,
+    )
+    milestones = [int(s) for s in args.milestones.split(",") if s]
+    out = Path(args.results_dir) / cfg.model.replace("/", "-")
+    resume = None if args.resume == "none" else args.resume
+    train(cfg, out, milestones, PrintingCallbacks(), resume_from=resume)
+
+
+if __name__ == "__main__":
+    main()

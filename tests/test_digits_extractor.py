@@ -1,0 +1,89 @@
+"""The digits FID extractor: shipped classifier accuracy, deterministic training, FID through torch-fidelity."""
+import numpy as np
+import pytest
+import torch
+import torch_fidelity
+
+from core.digits import digits_arrays
+from core.digits_classifier import WEIGHTS_PATH, load_digits_classifier
+from core.fid_extractor import DIGITS_EXTRACTOR, LOGITS, PENULTIMATE, UInt8ImageDataset, metric_kwargs, register
+from core.train_digits_classifier import MIN_ACCURACY, accuracy, train
+
+
+def fidelity(images1, images2, **overrides):
+    """calculate_metrics of two image sets in [-1, 1] with the digits extractor, all four metrics."""
+    kwargs = {**metric_kwargs(min(len(images1), len(images2))), **overrides}
+    return torch_fidelity.calculate_metrics(
+        input1=UInt8ImageDataset(images1), input2=UInt8ImageDataset(images2),
+        fid=True, kid=True, prc=True, isc=True, **kwargs,
+    )
+
+
+@pytest.fixture(scope="module")
+def heldout():
+    return digits_arrays("heldout")[0]  # (297, 1, 8, 8)
+
+
+@pytest.fixture(scope="module")
+def train_subset(heldout):
+    images = digits_arrays("train")[0]
+    return images[np.random.default_rng(0).choice(len(images), len(heldout), replace=False)]  # (297, 1, 8, 8)
+
+
+def test_shipped_weights_reach_accuracy():
+    assert WEIGHTS_PATH.is_file() and WEIGHTS_PATH.stat().st_size < 1_000_000
+    assert accuracy(load_digits_classifier(), "heldout") >= MIN_ACCURACY
+
+
+def test_training_is_deterministic():
+    settings = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    a, b = train(epochs=1, seed=0).state_dict(), train(epochs=1, seed=0).state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == settings  # restored
+
+
+def test_register_is_idempotent():
+    register()
+    register()
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+    assert DIGITS_EXTRACTOR in FEATURE_EXTRACTORS_REGISTRY
+
+
+def test_fid_real_small_noise_large(heldout, train_subset):
+    real = fidelity(train_subset, heldout)
+    noise = torch.rand(len(heldout), 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    fake = fidelity(noise, heldout)
+    fid = torch_fidelity.KEY_METRIC_FID
+    assert 0 < real[fid] and fake[fid] > 10 * real[fid]
+    assert fake[torch_fidelity.KEY_METRIC_KID_MEAN] > real[torch_fidelity.KEY_METRIC_KID_MEAN]
+    assert real[torch_fidelity.KEY_METRIC_PRECISION] > 0.7 > fake[torch_fidelity.KEY_METRIC_PRECISION]
+    assert real[torch_fidelity.KEY_METRIC_RECALL] > 0.7 > fake[torch_fidelity.KEY_METRIC_RECALL]
+    assert real[torch_fidelity.KEY_METRIC_ISC_MEAN] > 6  # ten well-separated classes: close to 10
+
+
+def test_enlarged_images_give_the_same_fid(heldout, train_subset):
+    # Area downscaling of a nearest ×4 enlargement recovers the 8×8 digit exactly.
+    big = torch.from_numpy(train_subset).repeat_interleave(4, dim=2).repeat_interleave(4, dim=3)  # (N, 1, 32, 32)
+    fid = torch_fidelity.KEY_METRIC_FID
+    assert fidelity(big, heldout)[fid] == pytest.approx(fidelity(train_subset, heldout)[fid], rel=1e-5)
+
+
+def test_feature_layers(heldout):
+    register()
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+    extractor = FEATURE_EXTRACTORS_REGISTRY[DIGITS_EXTRACTOR](DIGITS_EXTRACTOR, [PENULTIMATE, LOGITS])
+    features, logits = extractor(UInt8ImageDataset(heldout[:5]).images)
+    assert features.shape == (5, 64) and logits.shape == (5, 10)
+
+
+def test_missing_weights_name_the_path(tmp_path, heldout):
+    missing = tmp_path / "absent.safetensors"
+    with pytest.raises(FileNotFoundError, match="absent.safetensors"):
+        load_digits_classifier(missing)
+    with pytest.raises(FileNotFoundError, match="absent.safetensors"):  # also through torch-fidelity
+        fidelity(heldout, heldout, feature_extractor_weights_path=str(missing))
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(WEIGHTS_PATH.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="corrupt.safetensors"):
+        load_digits_classifier(corrupt)
