@@ -1,0 +1,198 @@
+"""`--dry-run`: the grid as a table (parameters, Gflops, steps, training compute, estimated time); launches nothing."""
+import functools
+import json
+import time
+
+import torch
+
+from core.flops import training_compute
+
+PROBE_BATCHES = (128, 8)  # the micro-batch probed, halved from the first towards the second to fit the budget
+# Forward Gflop per probe step worth spending on an estimate: a bigger model is extrapolated instead.
+PROBE_BUDGET_GFLOP = {"cpu": 10.0, "cuda": 20_000.0}
+# A sampling step is one forward pass, a third of a training step's work (forward + backward).
+FORWARD_SHARE = 1 / 3
+
+
+#################################################################################
+#                             The throughput probe                              #
+#################################################################################
+
+def probe_images_per_s(model_config, batch, device="cpu", precision="fp32"):
+    """Training images/s of one device: 1 warm-up, then the faster of 2 forward+backward+AdamW steps on random data.
+
+    Cached per (model config, micro-batch, device, precision) for the life of the process.
+    """
+    return _probe(json.dumps(model_config, sort_keys=True), batch, str(device), precision)
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(config_json, batch, device, precision):
+    from core.models import DiT
+
+    cfg, device = json.loads(config_json), torch.device(device)
+    model = DiT(**cfg).to(device).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    size, channels = cfg["input_size"], cfg["in_channels"]
+    x = torch.randn(batch, channels, size, size, device=device)
+    t = torch.randint(0, 1000, (batch,), device=device)
+    y = torch.randint(0, cfg["num_classes"], (batch,), device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def step():
+        with autocast:
+            loss = model(x, t, y).float().square().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    step()  # allocations and kernel selection
+    seconds = []
+    for _ in range(2):
+        _sync(device)
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        seconds.append(time.perf_counter() - start)
+    return batch / min(seconds)  # the faster step: other processes on a shared machine only slow one down
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+#################################################################################
+#                                  Estimates                                    #
+#################################################################################
+
+def estimate_seconds(study):
+    """{trial_id: seconds or a reason string}: training plus FID sampling, from probes on this machine.
+
+    Models too big to probe here are extrapolated from the Gflop/s achieved by the largest probed one.
+    A trial with N GPU workers is assumed to run N times one GPU's rate; CPU workers share this machine.
+    """
+    res = study.raw["resources"]
+    wants_gpu = res["gpus_per_worker"] > 0
+    if wants_gpu and not torch.cuda.is_available():
+        return {t.trial_id: "n/a (needs GPU)" for t in study.trials}
+    device = torch.device("cuda" if wants_gpu else "cpu")
+    parallel = res["workers_per_trial"] if wants_gpu else 1
+
+    rates = {}  # trial_id -> images/s of one device
+    for trial in sorted(study.trials, key=lambda t: t.gflops):
+        micro = trial.train["batch_size"] // (trial.train["grad_accum"] * res["workers_per_trial"])
+        batch = min(micro, PROBE_BATCHES[0])
+        while batch > PROBE_BATCHES[1] and trial.gflops * batch > PROBE_BUDGET_GFLOP[device.type]:
+            batch //= 2
+        if trial.gflops * batch <= PROBE_BUDGET_GFLOP[device.type]:
+            try:
+                rates[trial.trial_id] = probe_images_per_s(trial.model_config, batch, device,
+                                                           trial.train["precision"])
+            except torch.OutOfMemoryError:
+                pass
+    by_id = {t.trial_id: t for t in study.trials}
+    if rates:
+        largest = max(rates, key=lambda i: by_id[i].gflops)
+        gflop_per_s = rates[largest] * by_id[largest].gflops
+    estimates = {}
+    for trial in study.trials:
+        if trial.trial_id not in rates and not rates:
+            estimates[trial.trial_id] = "n/a"
+            continue
+        rate = parallel * rates.get(trial.trial_id, gflop_per_s / trial.gflops)
+        estimates[trial.trial_id] = _trial_seconds(trial, rate)
+    return estimates
+
+
+def _trial_seconds(trial, images_per_s):
+    """Training to max_steps, then FID sampling at every milestone."""
+    seconds = trial.milestones[-1] * trial.train["batch_size"] / images_per_s
+    ev = trial.eval
+    if ev["fid"]:
+        passes = 1 if ev["cfg_scale"] == 1.0 else 2  # guidance runs the null label alongside
+        sample_images = len(trial.milestones) * ev["fid_samples"] * ev["sampling_steps"] * passes
+        seconds += sample_images * FORWARD_SHARE / images_per_s
+    return seconds
+
+
+#################################################################################
+#                                 Formatting                                    #
+#################################################################################
+
+def human_count(n):
+    """675129632 -> '675.1M'."""
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.1f}{suffix}"
+    return str(n)
+
+
+def human_steps(n):
+    """50000 -> '50K', 1500 -> '1.5K', 400 -> '400'."""
+    for scale, suffix in ((1_000_000, "M"), (1000, "K")):
+        if n >= scale:
+            return f"{n / scale:g}{suffix}"
+    return str(n)
+
+
+def format_gflops(g):
+    """Two decimals, as in the paper's Table 4; three significant digits for the tiny presets."""
+    return f"{g:.2f}" if g >= 0.1 else f"{g:.3g}"
+
+
+def format_milestones(milestones):
+    steps = [human_steps(s) for s in milestones]
+    return ",".join(steps if len(steps) <= 4 else steps[:2] + ["..."] + steps[-1:])
+
+
+def human_duration(seconds):
+    """3725 -> '1h02m'."""
+    if isinstance(seconds, str):
+        return seconds
+    if seconds < 60:
+        return f"{seconds:.0f}s" if seconds >= 1 else f"{seconds:.1f}s"
+    minutes = seconds / 60
+    if minutes < 60:
+        return f"{int(minutes)}m{int(seconds % 60):02d}s"
+    hours = minutes / 60
+    if hours < 48:
+        return f"{int(hours)}h{int(minutes % 60):02d}m"
+    return f"{hours / 24:.1f}d"
+
+
+def _table(rows):
+    """Left-aligned fixed-width columns separated by two spaces; the first row is the header."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
+def format_plan(study, estimate=True):
+    """The dry-run report: warnings, one row per trial, and the totals."""
+    swept = list(dict.fromkeys(key for trial in study.trials for key in trial.swept))
+    times = estimate_seconds(study) if estimate else {}
+    header = ["trial id", "model", "patch", "params", "Gflops", *swept, "steps", "train compute (Gflop)",
+              "est. time"]
+    rows = [header]
+    for trial in study.trials:
+        compute = training_compute(trial.gflops, trial.train["batch_size"], trial.milestones[-1])
+        rows.append([trial.trial_id, trial.model, str(trial.patch), human_count(trial.params),
+                     format_gflops(trial.gflops), *(f"{trial.swept.get(key, '')}" for key in swept),
+                     format_milestones(trial.milestones), f"{compute:.2e}",
+                     human_duration(times.get(trial.trial_id, "-"))])
+    total_compute = sum(training_compute(t.gflops, t.train["batch_size"], t.milestones[-1]) for t in study.trials)
+    known = [s for s in times.values() if not isinstance(s, str)]
+    if not estimate:
+        total_time = "not estimated"
+    elif len(known) < len(study.trials):
+        total_time = next(s for s in times.values() if isinstance(s, str))
+    else:
+        total_time = f"{human_duration(sum(known))} (one trial at a time; training + FID sampling)"
+    lines = [f"warning: {w}" for w in study.warnings]
+    lines += [f"study {study.name} ({study.path}): {len(study.trials)} trials -> {study.output}", ""]
+    lines += _table(rows)
+    lines += ["", f"total: {len(study.trials)} trials, training compute {total_compute:.2e} Gflop, "
+                  f"estimated time {total_time}"]
+    return "\n".join(lines)

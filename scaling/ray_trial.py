@@ -1,0 +1,134 @@
+"""One grid row as Ray jobs: a Tune function trainable that runs core.train in a Ray Train TorchTrainer.
+
+The Ray Train V2 pattern: Tune cannot take a TorchTrainer directly, so each Tune trial builds one
+and calls fit(); TuneReportCallback forwards every worker report to Tune, whose driver-side
+callback (scaling.recorder) writes Parquet and MLflow. The trainer is named after the trial, so a
+restarted worker group or a re-run of the study finds the trial's last reported checkpoint.
+"""
+import dataclasses
+import shutil
+import tempfile
+from pathlib import Path
+
+import ray.train
+import ray.tune
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
+
+KIND_LOG, KIND_CHECKPOINT, KIND_MILESTONE, KIND_END = "log", "checkpoint", "milestone", "end"
+
+
+def train_config(trial):
+    """core.train's TrainConfig of a trial dict (scaling.study.Trial.to_dict())."""
+    from core.train import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    train = {k: v for k, v in trial["train"].items() if k in fields}
+    data = trial["data"]
+    return TrainConfig(**{**train, "model": trial["model"], "model_overrides": dict(trial["model_config"]),
+                          "dataset": data["dataset"], "data_path": data.get("path"),
+                          "image_size": data.get("image_size"),
+                          "keep_checkpoints": 1})  # locally one; Ray keeps the trial's last K in storage
+
+
+def eval_config(trial, cache_dir):
+    """core.evaluate's EvalConfig of a trial dict."""
+    from core.evaluate import EvalConfig
+
+    e = trial["eval"]
+    return EvalConfig(
+        num_samples=e["fid_samples"], sampler=e["sampler"], num_steps=e["sampling_steps"], eta=e["eta"],
+        cfg_scale=e["cfg_scale"], guided_channels=e["guided_channels"], seed=trial["train"]["seed"],
+        feature_extractor=e["feature_extractor"], feature_extractor_weights=e.get("feature_extractor_weights"),
+        grid_images_per_class=e["grid_images_per_class"], reference=e.get("reference"), heldout=e.get("heldout"),
+        cache_dir=str(cache_dir),
+    )
+
+
+class RayReporting:
+    """core.train callbacks that evaluate at milestones and report every step of interest to Ray."""
+
+    def __init__(self, trial, run):
+        self.trial, self.run = trial, run
+        self.samples_dir = Path(run["output"]) / "trials" / trial["trial_id"] / "samples"
+
+    def on_log(self, state, metrics):
+        ray.train.report({**metrics, "kind": KIND_LOG})
+
+    def on_milestone(self, state, metrics):
+        if not self.trial["eval"].get("fid", True):
+            return {}
+        from core.evaluate import evaluate
+
+        grid = self.samples_dir / f"step-{state.step:09d}.png"
+        data = self.trial["data"]
+        return evaluate(
+            state.ema.model, eval_config(self.trial, self.run["fid_cache"]), dataset=data["dataset"],
+            data_path=data.get("path"), image_size=data.get("image_size"), vae=self.trial["eval"].get("vae"),
+            device=state.device, rank=state.rank, world_size=state.world_size,
+            autocast_dtype=state.autocast_dtype, grid_path=grid,
+        )
+
+    def on_checkpoint(self, state, path, metrics):
+        kind = KIND_MILESTONE if state.step in self.trial["milestones"] or state.step == self.trial["train"][
+            "max_steps"] else KIND_CHECKPOINT
+        # Every rank reports its own directory; Ray merges the per-rank files into one checkpoint.
+        ray.train.report({**metrics, "kind": kind}, checkpoint=Checkpoint.from_directory(str(path)))
+
+
+def worker_loop(config):
+    """Runs on every worker of a trial: resume from Ray's latest checkpoint, train, evaluate, report."""
+    from core.train import TrainingDiverged, train
+
+    trial, run = config["trial"], config["run"]
+    context = ray.train.get_context()
+    local = Path(tempfile.mkdtemp(prefix=f"dit-{trial['trial_id']}-rank{context.get_world_rank()}-"))
+    checkpoint = ray.train.get_checkpoint()
+    try:
+        if checkpoint is None:
+            _train(train, trial, run, local, None)
+        else:
+            with checkpoint.as_directory() as resume_dir:
+                _train(train, trial, run, local, resume_dir)
+    except TrainingDiverged as e:
+        # Every rank sees the divergence at the same step (the loss is all-reduced), so this
+        # report is reached by all of them. A retry would diverge again: end the trial here.
+        ray.train.report({"kind": KIND_END, "status": "diverged", "step": e.step, "error": str(e)})
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
+def _train(train, trial, run, local, resume_dir):
+    out = Path(run["output"]) / "trials" / trial["trial_id"]
+    train(train_config(trial), out, trial["milestones"], RayReporting(trial, run), resume_from=resume_dir,
+          checkpoint_dir=local, shared_checkpoint_dir=False)
+
+
+def trial_function(config):
+    """The Tune function trainable of one grid row."""
+    trial, run = config["trial"], config["run"]
+    res = run["resources"]
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(
+            num_workers=res["workers_per_trial"], use_gpu=res["gpus_per_worker"] > 0,
+            resources_per_worker={"CPU": res["cpus_per_worker"], "GPU": res["gpus_per_worker"]},
+        ),
+        run_config=RunConfig(
+            name=f"train-{trial['trial_id']}", storage_path=run["storage"],
+            failure_config=FailureConfig(max_failures=res["max_failures"]),
+            checkpoint_config=CheckpointConfig(num_to_keep=run["keep_checkpoints"]),
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    try:
+        trainer.fit()
+    except Exception as e:  # TrainingFailedError after the retries: record the trial as failed
+        ray.tune.report({"kind": KIND_END, "status": "failed", "error": _error_summary(e)})
+
+
+def _error_summary(error, limit=2000):
+    text = f"{type(error).__name__}: {error}"
+    return text if len(text) <= limit else text[: limit // 2] + " … " + text[-limit // 2:]

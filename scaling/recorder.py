@@ -1,0 +1,155 @@
+"""The driver's Tune callback: every report of every trial into Parquet, MLflow and the progress view.
+
+Parquet is rewritten atomically after every milestone (and every end of a trial), so a crash never
+loses a finished measurement. Reports that a restarted worker group repeats (the steps since its
+last checkpoint) replace the earlier ones instead of adding rows or MLflow points.
+"""
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+from ray.tune import Callback
+
+from core.flops import training_compute
+from scaling.ray_trial import KIND_END, KIND_LOG, KIND_MILESTONE
+from scaling.results import LOSS_CURVES_SCHEMA, RESULTS_SCHEMA, load_results, write_table
+
+LOG_METRICS = ("train_loss", "lr", "images_per_s", "achieved_tflops", "mfu")
+EVAL_METRICS = ("val_loss", "val_mse", "val_loss_ema", "fid", "fid_floor", "kid", "precision", "recall",
+                "inception_score", "eval_time_s", "sample_images_per_s")
+
+
+class Recorder(Callback):
+    """Collects trial reports on the driver and writes them where they belong."""
+
+    def __init__(self, study, tracker, progress):
+        self.study, self.tracker, self.progress = study, tracker, progress
+        self.results_path = study.output / "results.parquet"
+        self.curves_path = study.output / "loss_curves.parquet"
+        self.rows = _load_rows(self.results_path, ("trial_id", "step"))
+        self.curves = _load_rows(self.curves_path, ("trial_id", "step"))
+        self.trials = {t.trial_id: t for t in study.trials}
+        self.run_ids, self.mlflow_step = {}, {}
+        self.failed = set()  # trials that ended diverged or failed
+        self.end_status = {}
+
+    # Tune callback hooks ---------------------------------------------------------------
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        trial_id = trial.config["trial"]["trial_id"]
+        # A retried failure: its old "failed" row gives way to what this attempt measures.
+        self.rows = {k: r for k, r in self.rows.items() if not (k[0] == trial_id and r["status"] == "failed")}
+        self._run_id(trial_id)
+        self.progress.started(trial_id)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        t = self.trials[trial.config["trial"]["trial_id"]]
+        kind = result.get("kind")
+        if kind == KIND_END:
+            self._end(t, result)
+            return
+        step = int(result["step"])
+        self.progress.update(t.trial_id, step, result.get("train_loss"), result.get("images_per_s"))
+        run_id = self._run_id(t.trial_id)
+        if kind == KIND_LOG:
+            self.curves[(t.trial_id, step)] = {
+                "study": self.study.name, "trial_id": t.trial_id, "model": t.model, "step": step,
+                "train_loss": result.get("train_loss"), "lr": result.get("lr"),
+                "images_per_s": result.get("images_per_s")}
+            if step > self.mlflow_step.get(t.trial_id, -1):  # a restarted worker group repeats steps
+                self.tracker.log_metrics(run_id, {k: result.get(k) for k in LOG_METRICS}, step)
+                self.mlflow_step[t.trial_id] = step
+        elif kind == KIND_MILESTONE and step in t.milestones:
+            self.rows[(t.trial_id, step)] = self._row(t, result, "ok", None, run_id)
+            self.tracker.log_metrics(run_id, {k: result.get(k) for k in EVAL_METRICS}, step)
+            if result.get("grid_path") and Path(result["grid_path"]).exists():
+                self.tracker.log_artifact(run_id, result["grid_path"], "samples")
+            self.write()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        trial_id = trial.config["trial"]["trial_id"]
+        ok = trial_id not in self.failed
+        self.tracker.finish(self._run_id(trial_id), "FINISHED" if ok else "FAILED")
+        self.progress.finished(trial_id, ok)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        t = self.trials[trial.config["trial"]["trial_id"]]
+        self._end(t, {"status": "failed", "error": str(info.get("error") or trial.error_file or "trial error")})
+        self.tracker.finish(self._run_id(t.trial_id), "FAILED")
+        self.progress.finished(t.trial_id, False)
+
+    def on_step_end(self, iteration, trials, **info):
+        self.tracker.flush()
+        self.progress.maybe_print()
+
+    def failed_count(self):
+        """Trials that failed after their retries (a diverged trial is a result, not a failure)."""
+        return sum(s == "failed" for s in self.end_status.values())
+
+    # Writing -----------------------------------------------------------------------
+
+    def write(self):
+        """Rewrite results.parquet and loss_curves.parquet atomically."""
+        write_table(_sorted(self.rows), self.results_path, RESULTS_SCHEMA)
+        write_table(_sorted(self.curves), self.curves_path, LOSS_CURVES_SCHEMA)
+
+    def _end(self, t, result):
+        """A diverged or failed trial: one marked row at the step it reached."""
+        status = result["status"]
+        step = int(result.get("step") or max((s for (i, s) in self.rows if i == t.trial_id), default=0))
+        self.rows[(t.trial_id, step)] = self._row(t, result, status, result.get("error"), self._run_id(t.trial_id))
+        self.failed.add(t.trial_id)
+        self.end_status[t.trial_id] = status
+        self.tracker.set_tags(self._run_id(t.trial_id), {"dit_scaling.status": status})
+        self.write()
+
+    def _row(self, t, r, status, error, run_id):
+        step = int(r.get("step") or 0)
+        return {
+            "study": self.study.name, "trial_id": t.trial_id, "model": t.model, "size": t.size, "patch": t.patch,
+            "params": t.params, "gflops": t.gflops, "batch_size": t.train["batch_size"], "step": step,
+            "max_step": t.train["max_steps"], "train_compute": training_compute(t.gflops, t.train["batch_size"], step),
+            "train_loss": r.get("train_loss"), "val_loss": r.get("val_loss"), "fid": r.get("fid"),
+            "fid_floor": r.get("fid_floor"), "kid": r.get("kid"), "precision": r.get("precision"),
+            "recall": r.get("recall"), "inception_score": r.get("inception_score"),
+            "fid_samples": r.get("fid_samples"), "feature_extractor": r.get("feature_extractor"),
+            "sampler": t.eval["sampler"], "cfg_scale": t.eval["cfg_scale"], "lr": t.train["lr"],
+            "dataset": t.data["dataset"], "wall_time_s": r.get("train_time_s"), "eval_time_s": r.get("eval_time_s"),
+            "images_per_s": r.get("images_per_s"), "status": status, "error": error, "mlflow_run_id": run_id,
+            "timestamp": datetime.now(timezone.utc), "config_json": json.dumps(t.to_dict(), sort_keys=True),
+        }
+
+    def _run_id(self, trial_id):
+        if trial_id not in self.run_ids:
+            run_id = self.tracker.child_run(trial_id, self.trials[trial_id].to_dict())
+            self.run_ids[trial_id] = run_id
+            self.mlflow_step[trial_id] = self.tracker.last_logged_step(run_id)
+        return self.run_ids[trial_id]
+
+
+def _load_rows(path, key):
+    """Existing rows of a Parquet file keyed by key columns (empty when there is none yet)."""
+    if not Path(path).exists():
+        return {}
+    df = load_results(path) if Path(path).name == "results.parquet" else pd.read_parquet(path)
+    return {tuple(r[k] for k in key): r for r in df.to_dict("records")}
+
+
+def _sorted(rows):
+    return [rows[k] for k in sorted(rows)]
+
+
+def finished_trials(study):
+    """Trials with a row at every milestone (or a diverged row): a re-run skips them."""
+    path = study.output / "results.parquet"
+    if not path.exists():
+        return set()
+    df = load_results(path)
+    done = set()
+    for t in study.trials:
+        rows = df[df.trial_id == t.trial_id]
+        ok_steps = set(rows[rows.status == "ok"].step)
+        if set(t.milestones) <= ok_steps or (rows.status == "diverged").any():
+            done.add(t.trial_id)
+    return done

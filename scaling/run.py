@@ -1,0 +1,182 @@
+"""`python -m scaling.run STUDY.yaml`: train every point of a study's grid on Ray, track it, report it.
+
+Exit status: 0 when every trial finished (diverged trials are results too), 1 when trials failed,
+2 for a bad study file or bad arguments (nothing is launched or written then).
+"""
+import argparse
+import logging
+import os
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+
+from scaling.study import StudyError, check_cluster, load_study
+
+EXIT_OK, EXIT_TRIALS_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+MIN_FREE_BYTES = 200 * 2 ** 20  # MLflow, Parquet, logs and reports on top of the checkpoints
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m scaling.run", description=__doc__.splitlines()[0])
+    parser.add_argument("study", help="the study file (YAML)")
+    parser.add_argument("--dry-run", action="store_true", help="print the grid and the estimated cost; launch nothing")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a field of the study file, e.g. --set train.lr=3e-4 (repeatable)")
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster to run on (default: RAY_ADDRESS, else a local Ray instance)")
+    parser.add_argument("--no-report", action="store_true", help="do not build the report at the end")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    """Run a study; returns the exit status."""
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:  # argparse: --help is 0, a usage error 2
+        return int(e.code or 0)
+    try:
+        study = load_study(args.study, args.overrides, check_data=not args.dry_run)
+    except StudyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    for warning in study.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if args.dry_run:
+        from scaling.dry_run import format_plan
+
+        print(format_plan(study))
+        return EXIT_OK
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    try:
+        check_output(study)
+        check_reachable(address)
+    except StudyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return run_study(study, address, build_report=not args.no_report)
+
+
+def check_output(study):
+    """The output folder must be writable and have room for the trials' checkpoints, before launch."""
+    out = study.output
+    existing = next(p for p in [out, *out.parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise StudyError(f"{study.path}: output: {out} is not writable ({existing} does not allow writing)")
+    needed = MIN_FREE_BYTES + sum(checkpoint_bytes(t) * (study.raw["train"]["keep_checkpoints"] + 1)
+                                  for t in study.trials)
+    free = shutil.disk_usage(existing).free
+    if free < needed:
+        raise StudyError(f"{study.path}: output: {out} has {free / 2**30:.2f} GiB free; the study's checkpoints "
+                         f"need about {needed / 2**30:.2f} GiB")
+
+
+def checkpoint_bytes(trial):
+    """Rough size of one checkpoint: fp32 weights, AdamW's two moments, the EMA (bf16 adds a copy)."""
+    per_param = 16 + (2 if trial.train["precision"] == "bf16" else 0)
+    return trial.params * per_param
+
+
+def check_reachable(address):
+    """Fail fast on a cluster address nothing listens on (ray.init would wait for minutes)."""
+    if not address or address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    try:
+        with socket.create_connection((host or hostport, int(port or 6379)), timeout=5):
+            pass
+    except (OSError, ValueError) as e:
+        raise StudyError(f"--address {address}: cannot reach a Ray cluster there ({e})") from e
+
+
+def run_study(study, address, build_report=True):
+    """Launch the unfinished trials on Ray, record everything, build the report."""
+    import ray
+    from ray import tune
+
+    from scaling.progress import Progress
+    from scaling.ray_trial import trial_function
+    from scaling.recorder import Recorder, finished_trials
+    from scaling.tracking import StudyTracker, default_tracking_uri
+
+    logging.basicConfig(level=logging.WARNING)
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
+    try:
+        check_cluster(study, ray.cluster_resources())
+    except StudyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        ray.shutdown()
+        return EXIT_BAD_INPUT
+
+    out = study.output
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out / "study.yaml", study.resolved_yaml())
+    uri = study.raw["tracking"]["mlflow_uri"] or default_tracking_uri(out)
+    tracker = StudyTracker(uri, study.raw["tracking"]["experiment"] or study.name, study.name, out)
+    tracker.log_text(tracker.parent_run_id, study.resolved_yaml(), "study.yaml")
+
+    done = finished_trials(study)
+    todo = [t for t in study.trials if t.trial_id not in done]
+    progress = Progress(study.trials, skipped=done)
+    print(f"study {study.name}: {len(study.trials)} trials, {len(done)} already finished; output {out}")
+    print(f"MLflow: {uri}   (mlflow ui --backend-store-uri {uri})")
+    recorder = Recorder(study, tracker, progress)
+    started = time.time()
+    if todo:
+        res = study.raw["resources"]
+        run = {"output": str(out), "storage": str(out / "ray"), "fid_cache": str(out / "fid_cache"),
+               "resources": res, "keep_checkpoints": study.raw["train"]["keep_checkpoints"]}
+        tuner = tune.Tuner(
+            # The Tune trial only waits on its TorchTrainer: it needs no CPU of its own.
+            tune.with_resources(trial_function, {"CPU": 0}),
+            param_space={"trial": tune.grid_search([t.to_dict() for t in todo]), "run": run},
+            tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent_trials(study, ray.cluster_resources()),
+                                        trial_name_creator=lambda tr: tr.config["trial"]["trial_id"],
+                                        trial_dirname_creator=lambda tr: tr.config["trial"]["trial_id"]),
+            run_config=tune.RunConfig(name=f"sweep-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(out / "ray"),
+                                      callbacks=[recorder], verbose=0),
+        )
+        tuner.fit()
+    recorder.write()
+    tracker.flush()
+    failed = recorder.failed_count()
+    tracker.finish(tracker.parent_run_id, "FAILED" if failed else "FINISHED")
+    print(progress.render())
+    print(f"finished in {time.time() - started:.0f} s; results: {out / 'results.parquet'}")
+    if tracker.pending:
+        print(f"warning: MLflow did not answer; {len(tracker.pending)} calls not logged. Replay them from Parquet "
+              f"with: python -m scaling.replay_mlflow {out}", file=sys.stderr)
+    if build_report and (out / "results.parquet").exists():
+        from scaling.report import build_report as make_report
+
+        path = make_report(out / "results.parquet")
+        print(f"report: {path}")
+    ray.shutdown()
+    return EXIT_TRIALS_FAILED if failed else EXIT_OK
+
+
+def max_concurrent_trials(study, resources):
+    """As many trials as the cluster's resources hold at once: no GPU idles while trials wait."""
+    res = study.raw["resources"]
+    if res["max_concurrent_trials"]:
+        return res["max_concurrent_trials"]
+    workers = res["workers_per_trial"]
+    fits = [int(resources.get("CPU", 0) // (workers * res["cpus_per_worker"]))] if res["cpus_per_worker"] else []
+    if res["gpus_per_worker"]:
+        fits.append(int(resources.get("GPU", 0) // (workers * res["gpus_per_worker"])))
+    return max(1, min(fits or [1]))
+
+
+def _write_atomic(path, text):
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

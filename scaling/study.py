@@ -1,0 +1,749 @@
+"""The study file: its YAML schema, validation, grid expansion into trials, and trial ids.
+
+`load_study` reads a study, applies `--set key=value` overrides, fills the defaults below,
+validates every field, and expands the sweep into `Trial`s. Every problem is a `StudyError`
+whose message names the file, the line (or the `--set`) and the field; nothing is written.
+"""
+import copy
+import dataclasses
+import difflib
+import hashlib
+import itertools
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class StudyError(Exception):
+    """A bad study file or override; the message reads `file:line: field: what is wrong`."""
+
+
+class _Invalid(ValueError):
+    """A value's problem, before its location is attached."""
+
+
+#################################################################################
+#                      Field checks: each returns the normalised value          #
+#################################################################################
+
+def _kind(value):
+    """How a YAML user would call a value's type."""
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "a mapping", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _check_range(value, at_least=None, above=None, below=None, at_most=None):
+    for bound, ok, sign in ((at_least, lambda b: value >= b, ">="), (above, lambda b: value > b, ">"),
+                            (below, lambda b: value < b, "<"), (at_most, lambda b: value <= b, "<=")):
+        if bound is not None and not ok(bound):
+            raise _Invalid(f"must be {sign} {bound}, got {value!r}")
+
+
+def integer(**bounds):
+    """An int (not a bool) within bounds."""
+    def check(value):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Invalid(f"expected an integer, got {value!r}")
+        _check_range(value, **bounds)
+        return value
+    return check
+
+
+def number(**bounds):
+    """A float within bounds; ints are accepted and made floats so that 1 and 1.0 hash alike."""
+    def check(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _Invalid(f"expected a number, got {value!r}")
+        _check_range(value, **bounds)
+        return float(value)
+    return check
+
+
+def boolean(value):
+    if not isinstance(value, bool):
+        raise _Invalid(f"expected true or false, got {value!r}")
+    return value
+
+
+def text(value):
+    if not isinstance(value, str):
+        raise _Invalid(f"expected a string, got {value!r}")
+    return value
+
+
+def choice(*options):
+    """One of a few strings, with a did-you-mean for near misses."""
+    def check(value):
+        if value not in options:
+            raise _Invalid(f"expected one of {', '.join(map(repr, options))}, got {value!r}"
+                           + _did_you_mean(str(value), options))
+        return value
+    return check
+
+
+def optional(check):
+    """null, or what check accepts."""
+    return lambda value: None if value is None else check(value)
+
+
+def betas(value):
+    """AdamW's (beta1, beta2), each in [0, 1)."""
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise _Invalid(f"expected a pair of numbers [beta1, beta2], got {value!r}")
+    return [number(at_least=0, below=1)(b) for b in value]
+
+
+def study_name(value):
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", value) or set(value) == {"."}:
+        raise _Invalid(f"expected a name of letters, digits, '_', '.' and '-', got {value!r}")
+    return value
+
+
+def _did_you_mean(word, candidates):
+    close = difflib.get_close_matches(word, list(candidates), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+#################################################################################
+#                                  The schema                                   #
+#################################################################################
+
+REQUIRED = object()  # a field without a default
+
+DATASETS = ("digits", "imagefolder", "latents")
+# DiT shape fields a study may set over a size preset (null keeps the preset's), e.g. to sweep width.
+ARCHITECTURE_FIELDS = ("hidden_size", "depth", "num_heads", "mlp_ratio")
+
+# section -> field -> (default, check). Paths (data.path, eval.vae, ...) are relative to the study file.
+SCHEMA = {
+    "data": {
+        "dataset": ("digits", choice(*DATASETS)),
+        "path": (None, optional(text)),  # required for imagefolder and latents
+        "image_size": (None, optional(integer(at_least=1))),  # pixels; imagefolder needs it
+    },
+    "train": {
+        "batch_size": (256, integer(at_least=1)),  # global: micro-batch × grad_accum × workers
+        "grad_accum": (1, integer(at_least=1)),
+        "lr": (1e-4, number(above=0)),
+        "lr_schedule": ("constant", choice("constant", "cosine", "linear")),
+        "warmup_steps": (0, integer(at_least=0)),
+        "betas": ([0.9, 0.999], betas),
+        "weight_decay": (0.0, number(at_least=0)),
+        "grad_clip": (None, optional(number(above=0))),
+        "ema_decay": (0.9999, number(at_least=0, at_most=1)),
+        "precision": ("fp32", choice("fp32", "bf16")),
+        "zero_stage": (2, integer(at_least=0, at_most=3)),
+        "seed": (0, integer(at_least=0)),
+        "class_dropout_prob": (0.1, number(at_least=0, below=1)),
+        "learn_sigma": (True, boolean),
+        "diffusion_steps": (1000, integer(at_least=1)),
+        "log_every": (10, integer(at_least=1)),
+        "ckpt_every": (500, integer(at_least=1)),
+        "keep_checkpoints": (2, integer(at_least=1)),
+        "val_batch": (256, integer(at_least=0)),  # 0: no validation loss
+        "compile": (False, boolean),
+        "grad_checkpointing": (False, boolean),
+        "hidden_size": (None, optional(integer(at_least=1))),
+        "depth": (None, optional(integer(at_least=1))),
+        "num_heads": (None, optional(integer(at_least=1))),
+        "mlp_ratio": (None, optional(number(above=0))),
+    },
+    "eval": {
+        "fid": (True, boolean),
+        "fid_samples": (1000, integer(at_least=1)),
+        "feature_extractor": ("digits", choice("digits", "inception-v3-compat")),
+        "feature_extractor_weights": (None, optional(text)),
+        "sampler": ("ddim", choice("ddim", "ddpm")),
+        "sampling_steps": (50, integer(at_least=1)),
+        "eta": (0.0, number(at_least=0)),
+        "cfg_scale": (1.0, number(at_least=0)),  # 1.0: no guidance
+        "guided_channels": (3, optional(integer(at_least=1))),  # null: every noise channel
+        "vae": (None, optional(text)),  # a local diffusers AutoencoderKL, to decode latents
+        "grid_images_per_class": (4, integer(at_least=0)),
+    },
+    "resources": {
+        "workers_per_trial": (1, integer(at_least=1)),
+        "gpus_per_worker": (0.0, number(at_least=0)),
+        "cpus_per_worker": (1.0, number(at_least=0)),
+        "max_failures": (1, integer(at_least=0)),
+        "max_concurrent_trials": (None, optional(integer(at_least=1))),  # null: what the cluster fits
+    },
+    "tracking": {
+        "mlflow_uri": (None, optional(text)),  # null: MLFLOW_TRACKING_URI, else sqlite:///<output>/mlflow.db
+        "experiment": (None, optional(text)),  # null: the study name
+    },
+}
+TOP_LEVEL = {"name": (REQUIRED, study_name), "data": None, "sweep": None, "train": None, "eval": None,
+             "resources": None, "tracking": None, "output": (None, optional(text))}  # None: a section
+SWEEP_AXES = ("model", "patch", "steps", "compute")
+STUDY_RELATIVE_PATHS = (("data", "path"), ("eval", "vae"), ("eval", "feature_extractor_weights"))
+# Train fields that change how a run is logged and checkpointed, not what it computes (resume stays exact).
+BOOKKEEPING = ("log_every", "ckpt_every", "keep_checkpoints")
+
+
+#################################################################################
+#                        Reading YAML with line numbers                         #
+#################################################################################
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads 1e14 and 3e-4 as floats (YAML 1.1 wants 1.0e+14)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def parse_value(text):
+    """A `--set` value as YAML: 3e-4, [2, 4], null, true, or a plain string."""
+    return yaml.load(text, Loader=_Loader)  # _Loader is a SafeLoader: no arbitrary objects
+
+
+def _read_yaml(path):
+    """(tree, {key path: line}) of a study file."""
+    try:
+        source = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise StudyError(f"{path}: no such study file") from None
+    except UnicodeDecodeError:
+        raise StudyError(f"{path}: not a YAML file: it is not UTF-8 text") from None
+    except OSError as err:
+        raise StudyError(f"{path}: cannot read the study file: {err.strerror}") from None
+    loader = _Loader(source)
+    try:
+        node = loader.get_single_node()
+        tree = None if node is None else loader.construct_document(node)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        raise StudyError(f"{path}:{mark.line + 1}: not a YAML file: {err.problem or err.context}") from None
+    except yaml.YAMLError as err:
+        raise StudyError(f"{path}: not a YAML file: {err}") from None
+    finally:
+        loader.dispose()
+    if tree is None:
+        raise StudyError(f"{path}: the study file is empty")
+    if not isinstance(tree, dict):
+        raise StudyError(f"{path}:{node.start_mark.line + 1}: the study must be a mapping of sections "
+                         f"({', '.join(TOP_LEVEL)}), got {_kind(tree)}")
+    lines = {}
+    _record_lines(node, (), lines, path)
+    return tree, lines
+
+
+def _record_lines(node, key_path, lines, file):
+    """Note the line of every mapping key and list item under node; reject duplicate keys."""
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.value == "<<":
+                continue
+            sub = key_path + (key_node.value,)
+            line = key_node.start_mark.line + 1
+            if sub in lines:  # PyYAML would silently keep the last one
+                raise StudyError(f"{file}:{line}: {_dotted(sub)}: duplicate key (first on line {lines[sub]})")
+            lines[sub] = line
+            _record_lines(value_node, sub, lines, file)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            lines[key_path + (i,)] = item.start_mark.line + 1
+            _record_lines(item, key_path + (i,), lines, file)
+
+
+def _dotted(key_path):
+    """('sweep', 'train.lr', 0) -> 'sweep.train.lr' (list positions are left out)."""
+    return ".".join(str(k) for k in key_path if not isinstance(k, int))
+
+
+def _key_path(dotted):
+    """'train.lr' -> ('train', 'lr'); a sweep key keeps its dots: 'sweep.train.lr' -> ('sweep', 'train.lr')."""
+    head, _, rest = dotted.partition(".")
+    if not rest:
+        return (head,)
+    return (head, rest) if head == "sweep" else (head, *rest.split("."))
+
+
+class Locations:
+    """Where each field of a study came from: a file line, a `--set`, or nowhere (a default)."""
+
+    def __init__(self, file, lines):
+        self.file, self.lines, self.overrides = str(file), lines, {}
+
+    def override(self, key_path, item):
+        """Record that `--set item` replaced key_path (and everything the file had below it)."""
+        for known in [p for p in self.lines if p[:len(key_path)] == key_path]:
+            del self.lines[known]
+        for n in range(1, len(key_path) + 1):
+            if key_path[:n] not in self.lines:
+                self.overrides.setdefault(key_path[:n], item)
+        self.overrides[key_path] = item
+
+    def __call__(self, key_path):
+        """'file:line' or '--set key=value' of the field, else of its nearest written parent, else 'file'."""
+        for n in range(len(key_path), 0, -1):
+            if key_path[:n] in self.overrides:
+                return f"--set {self.overrides[key_path[:n]]}"
+            if key_path[:n] in self.lines:
+                return f"{self.file}:{self.lines[key_path[:n]]}"
+        return self.file
+
+    def error(self, key_path, message):
+        """A StudyError for the field at key_path."""
+        return StudyError(f"{self(key_path)}: {_dotted(key_path)}: {message}")
+
+
+def _apply_override(tree, item, where):
+    """Apply one `--set key=value` to the tree read from the file."""
+    key, sep, value_text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise StudyError(f"--set {item}: expected key=value, e.g. --set train.lr=3e-4")
+    try:
+        value = parse_value(value_text)
+    except yaml.YAMLError as err:
+        raise StudyError(f"--set {item}: {key}: the value is not YAML: {getattr(err, 'problem', err)}") from None
+    key_path = _key_path(key)
+    node = tree
+    for n, part in enumerate(key_path[:-1]):
+        if node.get(part) is None:
+            node[part] = {}
+        if not isinstance(node[part], dict):
+            raise StudyError(f"--set {item}: {_dotted(key_path[:n + 1])} is not a section")
+        node = node[part]
+    node[key_path[-1]] = value
+    where.override(key_path, item)
+
+
+#################################################################################
+#                              Sections and defaults                            #
+#################################################################################
+
+def _unknown_key(key_path, known, where):
+    """The error for a key the schema does not have, with the nearest known one."""
+    known_paths = {_dotted(key_path[:-1] + (k,)): k for k in known}
+    hint = _did_you_mean(_dotted(key_path), known_paths)
+    if not hint:
+        hint = f"; expected one of {', '.join(map(str, known))}"
+    return where.error(key_path, f"unknown key{hint}")
+
+
+def _check_field(key_path, value, check, where):
+    try:
+        return check(value)
+    except _Invalid as err:
+        raise where.error(key_path, str(err)) from None
+
+
+def _section(name, given, where):
+    """A section's fields, checked and normalised, with defaults filled in."""
+    fields = SCHEMA[name]
+    if given is None:
+        given = {}
+    if not isinstance(given, dict):
+        raise where.error((name,), f"expected a mapping of fields, got {given!r}")
+    for key in given:
+        if key not in fields:
+            raise _unknown_key((name, key), fields, where)
+    return {key: _check_field((name, key), given[key], check, where) if key in given else copy.deepcopy(default)
+            for key, (default, check) in fields.items()}
+
+
+def _sections(tree, where):
+    """The whole study with every section filled in (the sweep is checked separately)."""
+    for key in tree:
+        if key not in TOP_LEVEL:
+            raise _unknown_key((key,), TOP_LEVEL, where)
+    raw = {}
+    for key, spec in TOP_LEVEL.items():
+        if key == "sweep":
+            raw[key] = tree.get(key)
+        elif spec is None:
+            raw[key] = _section(key, tree.get(key), where)
+        elif key in tree:
+            raw[key] = _check_field((key,), tree[key], spec[1], where)
+        elif spec[0] is REQUIRED:
+            raise where.error((key,), "missing (required)")
+        else:
+            raw[key] = spec[0]
+    return raw
+
+
+def _resolve_paths(raw, study_dir):
+    """Make the study's own paths absolute: data and models relative to the study file, output to the cwd."""
+    for section, key in STUDY_RELATIVE_PATHS:
+        if raw[section][key] is not None:
+            raw[section][key] = str(study_dir / Path(raw[section][key]).expanduser())
+    raw["output"] = str(Path(raw["output"] or f"outputs/{raw['name']}").expanduser().absolute())
+    tracking = raw["tracking"]
+    tracking["mlflow_uri"] = (tracking["mlflow_uri"] or os.environ.get("MLFLOW_TRACKING_URI")
+                              or f"sqlite:///{raw['output']}/mlflow.db")
+    tracking["experiment"] = tracking["experiment"] or raw["name"]
+
+
+#################################################################################
+#                                   The sweep                                   #
+#################################################################################
+
+def _model_sizes():
+    """{'DiT-S': 'S', ...} of the registry, and its full names."""
+    from core.models import DiT_models
+
+    return {name.split("/")[0]: name.split("/")[0][len("DiT-"):] for name in DiT_models}, list(DiT_models)
+
+
+def _model_name(with_patch_axis):
+    """The check of one sweep.model entry: (size, patch or None)."""
+    sizes, full_names = _model_sizes()
+
+    def check(value):
+        if not isinstance(value, str):
+            raise _Invalid(f"expected a model name such as 'DiT-S', got {value!r}")
+        size_name, slash, patch = value.partition("/")
+        if with_patch_axis and slash:
+            raise _Invalid(f"{value!r} names a patch, but sweep.patch gives the patches: write {size_name!r}")
+        if size_name not in sizes:
+            raise _Invalid(f"unknown model {value!r}" + (_did_you_mean(value, full_names if slash else sizes)
+                                                          or f"; known sizes: {', '.join(sizes)}"))
+        if not slash:
+            if with_patch_axis:
+                return sizes[size_name], None
+            raise _Invalid(f"{value!r} needs a patch size: write e.g. '{value}/2', or add sweep.patch")
+        if not re.fullmatch(r"[1-9][0-9]*", patch):
+            raise _Invalid(f"the patch of {value!r} must be a positive integer")
+        return sizes[size_name], int(patch)
+    return check
+
+
+def _axis(key_path, values, check, where):
+    """A sweep axis as a list of checked, distinct values (a single value is a list of one)."""
+    if not isinstance(values, list):
+        values = [values]
+        where.lines.setdefault(key_path + (0,), where.lines.get(key_path))
+    if not values:
+        raise where.error(key_path, "expected a non-empty list")
+    checked, seen = [], {}
+    for i, value in enumerate(values):
+        value = _check_field(key_path + (i,), value, check, where)
+        canonical = _canonical_json(value)
+        if canonical in seen:
+            raise where.error(key_path + (i,), f"duplicate value {values[i]!r}")
+        seen[canonical] = i
+        checked.append(value)
+    return checked
+
+
+def _sweep(tree_sweep, raw_train_given, where):
+    """{axis: values} of a checked sweep: model, patch (or None), steps or compute, and swept train fields."""
+    if tree_sweep is None:
+        raise where.error(("sweep",), "missing (required): give at least sweep.model and sweep.steps")
+    if not isinstance(tree_sweep, dict):
+        raise where.error(("sweep",), f"expected a mapping of axes, got {tree_sweep!r}")
+    swept_train = {f"train.{k}": k for k in SCHEMA["train"]}
+    for key in tree_sweep:
+        if key not in SWEEP_AXES and key not in swept_train:
+            hint = (f"; did you mean 'train.{key}'?" if key in SCHEMA["train"]
+                    else _did_you_mean(str(key), SWEEP_AXES + tuple(swept_train)))
+            raise where.error(("sweep", key), "unknown axis" + (hint or f"; expected one of {', '.join(SWEEP_AXES)} "
+                                                                         "or a train field such as train.lr"))
+    given = {k: v for k, v in tree_sweep.items() if v is not None}  # null removes an axis (--set sweep.steps=null)
+    if "model" not in given:
+        raise where.error(("sweep", "model"), "missing (required)")
+    if "steps" in given and "compute" in given:
+        raise where.error(("sweep", "compute"), "give either sweep.steps or sweep.compute, not both")
+    if "steps" not in given and "compute" not in given:
+        raise where.error(("sweep", "steps"), "missing: give sweep.steps (or sweep.compute budgets in Gflops)")
+    axes = {
+        "model": _axis(("sweep", "model"), given["model"], _model_name("patch" in given), where),
+        "patch": _axis(("sweep", "patch"), given["patch"], integer(at_least=1), where) if "patch" in given else None,
+        "steps": _axis(("sweep", "steps"), given["steps"], integer(at_least=1), where) if "steps" in given else None,
+        "compute": (_axis(("sweep", "compute"), given["compute"], number(above=0), where)
+                    if "compute" in given else None),
+    }
+    for key, value in given.items():
+        if key in swept_train:
+            name = swept_train[key]
+            if name in raw_train_given:
+                raise where.error(("sweep", key), f"train.{name} is also set ({where(('train', name))}); "
+                                                  "give it in one place")
+            axes[key] = _axis(("sweep", key), value, SCHEMA["train"][name][1], where)
+    return axes
+
+
+#################################################################################
+#                                   The data                                    #
+#################################################################################
+
+def _dataset_info(raw, where, check_data, warnings):
+    """core.data's dataset_info, or (check_data=False) the registry's shapes and a warning when absent."""
+    from core.data import dataset_info
+    from core.models import PAPER_DEFAULTS
+
+    data = raw["data"]
+    name, path, image_size = data["dataset"], data["path"], data["image_size"]
+    if name == "digits" and path is not None:
+        raise where.error(("data", "path"), "the digits dataset is bundled with scikit-learn and takes no path")
+    if name != "digits" and path is None:
+        raise where.error(("data", "path"), f"the {name} dataset needs a path")
+    if name == "imagefolder" and image_size is None:
+        raise where.error(("data", "image_size"), "the imagefolder dataset needs an image_size (pixels)")
+    if name == "latents" and image_size is not None and image_size % 8:
+        raise where.error(("data", "image_size"), f"must be a multiple of 8 (the VAE downsamples by 8), "
+                                                  f"got {image_size}")
+    try:
+        return dataset_info(name, path=path, image_size=image_size)
+    except (ValueError, FileNotFoundError) as err:
+        key = "image_size" if image_size is not None and "image_size" in str(err) else "path" if path else "dataset"
+        if check_data or name == "digits":
+            raise where.error(("data", key), str(err)) from None
+        fallback = dict(PAPER_DEFAULTS, num_images=None, pixel_space=name == "imagefolder")
+        if name == "latents" and image_size is not None:
+            fallback["input_size"] = image_size // 8
+        if name == "imagefolder":
+            fallback.update(input_size=image_size, in_channels=3)
+        warnings.append(f"{where(('data', key))}: data.{key}: {err}; assuming {fallback['input_size']}×"
+                        f"{fallback['input_size']}×{fallback['in_channels']} inputs and "
+                        f"{fallback['num_classes']} classes")
+        return fallback
+
+
+def _check_eval(raw, info, where, check_data, warnings):
+    """Evaluation settings that depend on the data."""
+    ev, dataset = raw["eval"], raw["data"]["dataset"]
+    if ev["feature_extractor"] == "digits" and dataset != "digits" and ev["fid"]:
+        raise where.error(("eval", "feature_extractor"), "the digits extractor only reads 8×8 digits; "
+                                                         "use 'inception-v3-compat'")
+    if not info["pixel_space"] and ev["vae"] is None and (ev["fid"] or ev["grid_images_per_class"]):
+        raise where.error(("eval", "vae"), "a latent study needs a VAE to decode its samples for FID and grids")
+    for key in ("vae", "feature_extractor_weights"):
+        if ev[key] is not None and not Path(ev[key]).exists():
+            if check_data:
+                raise where.error(("eval", key), f"{ev[key]} does not exist")
+            warnings.append(f"{where(('eval', key))}: eval.{key}: {ev[key]} does not exist")
+    if ev["sampling_steps"] > raw["train"]["diffusion_steps"] and "train.diffusion_steps" not in raw["sweep"]:
+        raise where.error(("eval", "sampling_steps"), f"{ev['sampling_steps']} is more than train.diffusion_steps "
+                                                      f"({raw['train']['diffusion_steps']})")
+
+
+def _check_resources(raw, where):
+    res = raw["resources"]
+    if res["gpus_per_worker"] == 0 and res["cpus_per_worker"] == 0:
+        raise where.error(("resources", "cpus_per_worker"), "a worker without GPUs needs CPUs")
+
+
+#################################################################################
+#                                   Trials                                      #
+#################################################################################
+
+@dataclass(frozen=True)
+class Trial:
+    """One training run of the grid, evaluated at each of its milestones."""
+
+    trial_id: str  # <model>-<patch>-<10 hex digits of the result hash>, e.g. DiT-S-2-3f9c1a2b7e
+    model: str  # e.g. "DiT-S/2"
+    size: str  # e.g. "S"
+    patch: int
+    model_config: dict  # full DiT keyword arguments
+    train: dict  # the train section with swept values applied, plus max_steps
+    milestones: tuple  # sorted steps to evaluate at; the last is max_steps
+    eval: dict
+    data: dict
+    gflops: float  # forward Gflops per image (paper convention)
+    params: int
+    swept: dict  # values of the swept train fields, e.g. {"train.lr": 3e-4}
+    budgets: tuple = ()  # (training Gflops budget, steps) pairs this trial covers, for compute studies
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+def _canonical_json(value):
+    """JSON with sorted keys: floats print as their shortest repr, so 1e-4 and 0.0001 are one string."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def result_hash(model_config, data, train, milestones, eval_section):
+    """sha256 of everything that determines a trial's results (not resources, tracking, output or name)."""
+    train = {k: v for k, v in train.items() if k not in BOOKKEEPING}
+    payload = dict(model=model_config, data=data, train=train, milestones=list(milestones), eval=eval_section)
+    return hashlib.sha256(_canonical_json(payload).encode()).hexdigest()
+
+
+def _model_config(size, patch, train, info):
+    """Full DiT kwargs of a size at a patch, shaped for the data, with the study's architecture overrides."""
+    from core.models import DiT_models, model_config
+
+    preset = next(name for name in DiT_models if name.startswith(f"DiT-{size}/"))
+    overrides = dict(patch_size=patch, input_size=info["input_size"], in_channels=info["in_channels"],
+                     num_classes=info["num_classes"], class_dropout_prob=train["class_dropout_prob"],
+                     learn_sigma=train["learn_sigma"])
+    overrides.update({k: train[k] for k in ARCHITECTURE_FIELDS if train[k] is not None})
+    return model_config(preset, **overrides)
+
+
+def _params(config):
+    """Exact parameter count, from the model built on the meta device (no memory, no time)."""
+    import torch
+
+    from core.flops import params
+    from core.models import DiT
+
+    with torch.device("meta"):
+        return params(DiT(**config))
+
+
+def _check_point(train, workers, info, dataset, field_path):
+    """Batch checks of one grid point; field_path(name) says where a train field was written."""
+    divisor = train["grad_accum"] * workers
+    if train["batch_size"] % divisor:
+        raise field_path("batch_size", f"{train['batch_size']} is not divisible by grad_accum × workers_per_trial "
+                                       f"= {train['grad_accum']} × {workers}")
+    items = info["num_images"] and info["num_images"] * (2 if dataset == "latents" else 1)  # latents add mirrors
+    if items and train["batch_size"] > items:
+        raise field_path("batch_size", f"{train['batch_size']} is larger than the dataset ({items} items)")
+
+
+def _expand(raw, axes, info, where):
+    """The trials of the grid: model × patch × swept train values, sharing step prefixes when the lr is constant."""
+    from core.flops import gflops_from_config
+    from core.models import check_shape
+
+    swept = [key for key in axes if key.startswith("train.")]
+    model_items = list(enumerate(axes["model"]))
+    patch_items = list(enumerate(axes["patch"])) if axes["patch"] else [(None, None)]
+
+    def error_at(name, message):
+        key_path = ("sweep", f"train.{name}") if f"train.{name}" in axes else ("train", name)
+        return where.error(key_path, message)
+
+    trials = []
+    for (m, (size, own_patch)), (p, patch) in itertools.product(model_items, patch_items):
+        patch = own_patch if patch is None else patch
+        for values in itertools.product(*(axes[key] for key in swept)):
+            point = dict(zip(swept, values))
+            train = {**raw["train"], **{key[len("train."):]: value for key, value in point.items()}}
+            _check_point(train, raw["resources"]["workers_per_trial"], info, raw["data"]["dataset"], error_at)
+            config = _model_config(size, patch, train, info)
+            try:
+                check_shape(config["input_size"], config["patch_size"], config["hidden_size"],
+                            config["num_heads"], config["depth"])
+            except ValueError as err:
+                raise _shape_error(err, config, size, (m, p), axes, raw, where) from None
+            gflops = gflops_from_config(**config)
+            params = _params(config)
+            for milestones, budgets in _step_groups(axes, gflops, train):
+                trial_train = {**train, "max_steps": milestones[-1]}
+                digest = result_hash(config, raw["data"], trial_train, milestones, raw["eval"])
+                model = f"DiT-{size}/{patch}"
+                trials.append(Trial(
+                    trial_id=f"DiT-{size}-{patch}-{digest[:10]}", model=model, size=size, patch=patch,
+                    model_config=config, train=trial_train, milestones=milestones, eval=dict(raw["eval"]),
+                    data=dict(raw["data"]), gflops=gflops, params=params, swept=point, budgets=budgets))
+    return trials
+
+
+def _step_groups(axes, gflops, train):
+    """[(milestones, budgets)]: one group when the lr is constant (prefixes are shared), else one per step count.
+
+    With compute budgets, each budget's steps are round(C / (3 × Gflops × batch)), at least 1; budgets
+    that land on the same step count share it.
+    """
+    if axes["steps"] is not None:
+        pairs = [(None, s) for s in axes["steps"]]
+    else:
+        pairs = [(c, max(1, round(c / (3 * gflops * train["batch_size"])))) for c in axes["compute"]]
+    steps = sorted({s for _, s in pairs})
+
+    def budgets(of_steps):
+        return tuple((c, s) for c, s in pairs if c is not None and s in of_steps)
+    if train["lr_schedule"] == "constant":
+        return [(tuple(steps), budgets(steps))]
+    return [((s,), budgets({s})) for s in steps]
+
+
+def _shape_error(err, config, size, positions, axes, raw, where):
+    """Point a core.models.check_shape error at the study field that the user can change."""
+    message = str(err)
+    m, p = positions
+    culprit = ("sweep", "patch", p) if axes["patch"] else ("sweep", "model", m)
+    if not message.startswith("patch_size"):
+        for name in re.findall(r"\b(num_heads|hidden_size|depth)\b", message):
+            if f"train.{name}" in axes:
+                culprit = ("sweep", f"train.{name}")
+                break
+            if raw["train"][name] is not None:
+                culprit = ("train", name)
+                break
+    data = raw["data"]["dataset"]
+    s = config["input_size"]
+    return where.error(culprit, f"{message} (DiT-{size}/{config['patch_size']} on {data}, "
+                                f"{s}×{s}×{config['in_channels']})")
+
+
+#################################################################################
+#                                   The study                                   #
+#################################################################################
+
+@dataclass
+class Study:
+    """A validated study: its resolved settings and its trials."""
+
+    name: str
+    path: Path
+    raw: dict  # every field, defaults filled, paths absolute, overrides applied
+    output: Path
+    trials: list
+    dataset_info: dict
+    warnings: list = field(default_factory=list)  # e.g. a dataset absent when check_data=False
+    locations: Locations = field(default=None, repr=False, compare=False)
+
+    def resolved_yaml(self):
+        """The fully resolved study as YAML (an MLflow artifact)."""
+        return yaml.safe_dump(self.raw, sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+    def locate(self, dotted):
+        """Where a field was written: 'file:line', '--set key=value', or the file for a default."""
+        return self.locations(_key_path(dotted))
+
+
+def load_study(path, overrides=(), check_data=True):
+    """Read, override, validate and expand a study file. Raises StudyError; writes nothing.
+
+    With check_data=False (for --dry-run) a missing dataset or model file is a warning in
+    `study.warnings` and the registry's shapes stand in for the data's.
+    """
+    tree, lines = _read_yaml(path)
+    where = Locations(path, lines)
+    for item in overrides:
+        _apply_override(tree, item, where)
+    raw = _sections(tree, where)
+    train_given = tree.get("train") or {}
+    axes = _sweep(raw["sweep"], train_given, where)
+    raw["sweep"] = {key: _sweep_yaml(key, values) for key, values in axes.items() if values is not None}
+    _resolve_paths(raw, Path(path).absolute().parent)
+    _check_resources(raw, where)
+    warnings = []
+    info = _dataset_info(raw, where, check_data, warnings)
+    _check_eval(raw, info, where, check_data, warnings)
+    trials = _expand(raw, axes, info, where)
+    return Study(name=raw["name"], path=Path(path), raw=raw, output=Path(raw["output"]), trials=trials,
+                 dataset_info=info, warnings=warnings, locations=where)
+
+
+def _sweep_yaml(key, values):
+    """A sweep axis as it reads in the resolved study."""
+    if key != "model":
+        return values
+    return [f"DiT-{size}" if patch is None else f"DiT-{size}/{patch}" for size, patch in values]
+
+
+def check_cluster(study, cluster_resources):
+    """Raise StudyError when one trial needs more GPUs or CPUs than the cluster has (ray.cluster_resources())."""
+    res = study.raw["resources"]
+    workers = res["workers_per_trial"]
+    for key, resource in (("gpus_per_worker", "GPU"), ("cpus_per_worker", "CPU")):
+        need, have = workers * res[key], float(cluster_resources.get(resource, 0.0))
+        if need > have:
+            raise study.locations.error(("resources", key), f"a trial needs {workers} × {res[key]:g} = {need:g} "
+                                                             f"{resource}s, the cluster has {have:g}")

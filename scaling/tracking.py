@@ -1,0 +1,146 @@
+"""MLflow tracking of a study: one experiment, one parent run per study, one child run per trial.
+
+Only the driver talks to MLflow (workers report to Ray), so a SQLite store never sees concurrent
+writers, and an unreachable tracking server stalls nothing: calls that fail are queued and
+replayed in order once it answers again.
+"""
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.tracking import MlflowClient
+
+logger = logging.getLogger("scaling.tracking")
+
+ROLE_TAG, OUTPUT_TAG, TRIAL_TAG, PARENT_TAG = "dit_scaling.role", "dit_scaling.output", "dit_scaling.trial_id", \
+    "mlflow.parentRunId"
+MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
+
+
+def default_tracking_uri(output_dir):
+    """MLFLOW_TRACKING_URI, else a SQLite store in the output folder (absolute: Ray workers change directory)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
+
+
+def flatten(d, prefix=""):
+    """{"train": {"lr": 1e-4}} -> {"train.lr": 1e-4}."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+class StudyTracker:
+    """The MLflow runs of one study, created or found again by their tags, never duplicated."""
+
+    def __init__(self, uri, experiment, study_name, output_dir):
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        self.pending = []  # calls that failed while the server was away, replayed in order
+        output_dir = str(Path(output_dir).resolve())
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            # Artifacts beside the SQLite store, not in ./mlruns of whatever directory a process runs in.
+            artifacts = None if not uri.startswith("sqlite:") else (Path(output_dir) / "mlartifacts").as_uri()
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifacts)
+        else:
+            self.experiment_id = exp.experiment_id
+        runs = self.client.search_runs(
+            [self.experiment_id], f"tags.`{ROLE_TAG}` = 'study' and tags.`{OUTPUT_TAG}` = '{_quote(output_dir)}'")
+        if runs:
+            self.parent_run_id = runs[0].info.run_id
+            self.client.update_run(self.parent_run_id, status="RUNNING")
+        else:
+            self.parent_run_id = self.client.create_run(
+                self.experiment_id, run_name=study_name, tags={ROLE_TAG: "study", OUTPUT_TAG: output_dir}
+            ).info.run_id
+        self.children = {}
+
+    def child_run(self, trial_id, params):
+        """The child run of a trial: found by its trial-id tag, else created with its params."""
+        if trial_id in self.children:
+            return self.children[trial_id]
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            f"tags.`{TRIAL_TAG}` = '{_quote(trial_id)}' and tags.`{PARENT_TAG}` = '{self.parent_run_id}'")
+        if runs:
+            run_id = runs[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            run_id = self.client.create_run(self.experiment_id, run_name=trial_id,
+                                            tags={TRIAL_TAG: trial_id, PARENT_TAG: self.parent_run_id}).info.run_id
+            flat = [Param(k, _param_value(v)) for k, v in flatten(params).items()]
+            for i in range(0, len(flat), 100):  # MLflow takes at most 100 params per batch
+                self.client.log_batch(run_id, params=flat[i:i + 100])
+        self.children[trial_id] = run_id
+        return run_id
+
+    def last_logged_step(self, run_id, key="train_loss"):
+        """The largest step of a metric already in a run (to skip what a restarted worker re-reports)."""
+        try:
+            history = self.client.get_metric_history(run_id, key)
+        except Exception:  # a server that is away: assume nothing, duplicates are harmless
+            return -1
+        return max((m.step for m in history), default=-1)
+
+    def log_metrics(self, run_id, metrics, step):
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, int(step)) for k, v in metrics.items() if _is_number(v)]
+        if batch:
+            self._call(self.client.log_batch, run_id, metrics=batch)
+
+    def log_artifact(self, run_id, path, artifact_path=None):
+        self._call(self.client.log_artifact, run_id, str(path), artifact_path)
+
+    def log_text(self, run_id, text, artifact_file):
+        self._call(self.client.log_text, run_id, text, artifact_file)
+
+    def set_tags(self, run_id, tags):
+        for k, v in tags.items():
+            self._call(self.client.set_tag, run_id, k, str(v))
+
+    def finish(self, run_id, status="FINISHED"):
+        self._call(self.client.set_terminated, run_id, RunStatus.to_string(RunStatus.from_string(status)))
+
+    def _call(self, fn, *args, **kwargs):
+        """Run an MLflow call after any queued ones; queue it when the store does not answer."""
+        self.flush()
+        if self.pending:
+            self.pending.append((fn, args, kwargs))
+            return
+        try:
+            fn(*args, **kwargs)
+        except Exception as e:  # MLflow raises many kinds for an unreachable server
+            logger.warning("MLflow unreachable (%s); queueing, will retry", type(e).__name__)
+            self.pending.append((fn, args, kwargs))
+
+    def flush(self):
+        """Replay queued calls in order; stop at the first that still fails."""
+        while self.pending:
+            fn, args, kwargs = self.pending[0]
+            try:
+                fn(*args, **kwargs)
+            except Exception:
+                return False
+            self.pending.pop(0)
+        return True
+
+
+def _quote(value):
+    return str(value).replace("'", "\\'")
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v  # NaN is skipped
+
+
+def _param_value(v):
+    text = v if isinstance(v, str) else json.dumps(v)
+    return text[:MAX_PARAM_LENGTH]
