@@ -61,8 +61,10 @@ class Recorder(Callback):
                 self.tracker.log_metrics(run_id, {k: result.get(k) for k in LOG_METRICS}, step)
                 self.mlflow_step[t.trial_id] = step
         elif kind == KIND_MILESTONE and step in t.milestones:
-            self.rows[(t.trial_id, step)] = self._row(t, result, "ok", None, run_id)
-            self.tracker.log_metrics(run_id, {k: result.get(k) for k in EVAL_METRICS}, step)
+            row = self._row(t, result, "ok", None, run_id)
+            self.rows[(t.trial_id, step)] = row
+            self.tracker.log_metrics(run_id, {**{k: result.get(k) for k in EVAL_METRICS},
+                                              **{k: row[k] for k in ("gflops", "params", "train_compute")}}, step)
             if result.get("grid_path") and Path(result["grid_path"]).exists():
                 self.tracker.log_artifact(run_id, result["grid_path"], "samples")
             self.write()

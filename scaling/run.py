@@ -102,6 +102,8 @@ def run_study(study, address, build_report=True):
     from scaling.tracking import StudyTracker, default_tracking_uri
 
     logging.basicConfig(level=logging.WARNING)
+    # Parquet and MLflow are the records; Tune's own CSV/JSON/TensorBoard files would be a third copy.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
@@ -132,8 +134,9 @@ def run_study(study, address, build_report=True):
         run = {"output": str(out), "storage": str(out / "ray"), "fid_cache": str(out / "fid_cache"),
                "resources": res, "keep_checkpoints": study.raw["train"]["keep_checkpoints"]}
         tuner = tune.Tuner(
-            # The Tune trial only waits on its TorchTrainer: it needs no CPU of its own.
-            tune.with_resources(trial_function, {"CPU": 0}),
+            # The Tune trial only waits on its TorchTrainer: it needs no CPU of its own (Tune wants
+            # some non-empty request, so a token of memory stands in).
+            tune.with_resources(trial_function, {"CPU": 0, "memory": 2 ** 20}),
             param_space={"trial": tune.grid_search([t.to_dict() for t in todo]), "run": run},
             tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent_trials(study, ray.cluster_resources()),
                                         trial_name_creator=lambda tr: tr.config["trial"]["trial_id"],

@@ -1,0 +1,133 @@
+"""scaling.run end to end on a local Ray: MLflow runs, Parquet rows, resume after a killed driver, bad input."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from scaling.results import load_results
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_study(tmp_path, steps=(10, 20), fid=True, extra=""):
+    out = tmp_path / "out"
+    study = tmp_path / "tiny.yaml"
+    study.write_text(textwrap.dedent(f"""\
+        name: tiny
+        data: {{dataset: digits}}
+        sweep: {{model: [DiT-P], patch: [2, 4], steps: {list(steps)}}}
+        train: {{batch_size: 32, lr: 1.0e-3, ema_decay: 0.9, log_every: 5, ckpt_every: 10, val_batch: 64}}
+        eval: {{fid: {str(fid).lower()}, fid_samples: 100, sampling_steps: 5, grid_images_per_class: 1}}
+        resources: {{workers_per_trial: 1, cpus_per_worker: 1}}
+        output: {out}
+        """) + extra)
+    return study, out
+
+
+def run(args, timeout=600, **kwargs):
+    env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
+    return subprocess.run([sys.executable, "-m", "scaling.run", *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def mlflow_runs(out):
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, children
+
+
+def test_end_to_end_and_rerun_skips_finished(tmp_path):
+    study, out = write_study(tmp_path)
+    proc = run([study, "--no-report"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    df = load_results(out)
+    assert sorted(zip(df.patch, df.step)) == [(2, 10), (2, 20), (4, 10), (4, 20)]
+    assert (df.status == "ok").all() and df.val_loss.notna().all() and df.fid.notna().all()
+    assert (df.fid_samples == 100).all() and (df.feature_extractor == "digits-cnn").all()
+    assert df.train_compute.tolist() == pytest.approx((df.gflops * 32 * df.step * 3).tolist())
+
+    client, parents, children = mlflow_runs(out)
+    assert len(parents) == 1 and len(children) == 2
+    assert {c.data.tags["dit_scaling.trial_id"] for c in children} == set(df.trial_id)
+    assert set(df.mlflow_run_id) == {c.info.run_id for c in children}
+    for child in children:
+        assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert {"train_loss", "val_loss", "fid", "gflops", "params", "train_compute"} <= set(child.data.metrics)
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "train_loss")] == [5, 10, 15, 20]
+        assert client.list_artifacts(child.info.run_id, "samples")
+    curves = __import__("pandas").read_parquet(out / "loss_curves.parquet")
+    assert len(curves) == 8
+
+    stamps = df.set_index(["trial_id", "step"]).timestamp
+    again = run([study, "--no-report"])
+    assert again.returncode == 0 and "2 already finished" in again.stdout
+    df2 = load_results(out)
+    assert df2.set_index(["trial_id", "step"]).timestamp.equals(stamps)  # nothing retrained
+    assert len(mlflow_runs(out)[2]) == 2
+
+
+def test_killed_driver_resumes_without_duplicates(tmp_path):
+    study, out = write_study(tmp_path, steps=(20, 40, 60), fid=False,
+                             extra="resources: {workers_per_trial: 1, cpus_per_worker: 1, max_concurrent_trials: 1}\n")
+    study.write_text(study.read_text().replace("resources: {workers_per_trial: 1, cpus_per_worker: 1}\n", "", 1))
+    env = {**os.environ}
+    proc = subprocess.Popen([sys.executable, "-m", "scaling.run", str(study), "--no-report"], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill once the first milestone is on disk
+        if (out / "results.parquet").exists() and len(load_results(out)) >= 1:
+            break
+        time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("no milestone within 300 s")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)  # its orphaned local Ray
+    partial = load_results(out)
+    assert 1 <= len(partial) < 6
+
+    again = run([study, "--no-report"])
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    df = load_results(out)
+    assert sorted(zip(df.patch, df.step)) == [(p, s) for p in (2, 4) for s in (20, 40, 60)]
+    _, parents, children = mlflow_runs(out)
+    assert len(parents) == 1 and len(children) == 2
+    # Metrics continue across the restart without repeated steps.
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    for child in children:
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "train_loss")]
+        assert steps == sorted(set(steps)) and steps[-1] == 60
+
+
+def test_bad_study_exits_2_and_writes_nothing(tmp_path):
+    study, out = write_study(tmp_path)
+    study.write_text(study.read_text().replace("lr: 1.0e-3", "lr: fast"))
+    proc = run([study])
+    assert proc.returncode == 2
+    assert "train.lr" in proc.stderr and "tiny.yaml:4" in proc.stderr
+    assert not out.exists()
+
+
+def test_dry_run_launches_nothing(tmp_path):
+    study, out = write_study(tmp_path)
+    proc = run([study, "--dry-run"])
+    assert proc.returncode == 0, proc.stderr
+    assert "DiT-P/2" in proc.stdout and "DiT-P/4" in proc.stdout and "total: 2 trials" in proc.stdout
+    assert not out.exists()
+
+
+def test_unreachable_address_exits_2(tmp_path):
+    study, out = write_study(tmp_path)
+    proc = run([study, "--address", "127.0.0.1:1"], timeout=60)
+    assert proc.returncode == 2 and "--address 127.0.0.1:1: cannot reach a Ray cluster" in proc.stderr
+    assert not out.exists()
