@@ -31,7 +31,8 @@ def _probe(config_json, batch, device, precision):
     from core.models import DiT
 
     cfg, device = json.loads(config_json), torch.device(device)
-    model = DiT(**cfg).to(device).train()
+    with device:  # initialised where it runs: a paper-size model's init is slow on a CPU
+        model = DiT(**cfg).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     size, channels = cfg["input_size"], cfg["in_channels"]
     x = torch.randn(batch, channels, size, size, device=device)
@@ -58,6 +59,7 @@ def _probe(config_json, batch, device, precision):
 
 
 def _sync(device):
+    """Wait for the GPU, so that the clock measures its work rather than its queue."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -80,29 +82,28 @@ def estimate_seconds(study):
     parallel = res["workers_per_trial"] if wants_gpu else 1
 
     rates = {}  # trial_id -> images/s of one device
-    for trial in sorted(study.trials, key=lambda t: t.gflops):
-        micro = trial.train["batch_size"] // (trial.train["grad_accum"] * res["workers_per_trial"])
-        batch = min(micro, PROBE_BATCHES[0])
-        while batch > PROBE_BATCHES[1] and trial.gflops * batch > PROBE_BUDGET_GFLOP[device.type]:
-            batch //= 2
-        if trial.gflops * batch <= PROBE_BUDGET_GFLOP[device.type]:
+    for trial in study.trials:
+        batch = _probe_batch(trial, res["workers_per_trial"], device)
+        if batch:
             try:
                 rates[trial.trial_id] = probe_images_per_s(trial.model_config, batch, device,
                                                            trial.train["precision"])
             except torch.OutOfMemoryError:
                 pass
-    by_id = {t.trial_id: t for t in study.trials}
-    if rates:
-        largest = max(rates, key=lambda i: by_id[i].gflops)
-        gflop_per_s = rates[largest] * by_id[largest].gflops
-    estimates = {}
-    for trial in study.trials:
-        if trial.trial_id not in rates and not rates:
-            estimates[trial.trial_id] = "n/a"
-            continue
-        rate = parallel * rates.get(trial.trial_id, gflop_per_s / trial.gflops)
-        estimates[trial.trial_id] = _trial_seconds(trial, rate)
-    return estimates
+    if not rates:
+        return {t.trial_id: "n/a (too big to probe here)" for t in study.trials}
+    largest = max((t for t in study.trials if t.trial_id in rates), key=lambda t: t.gflops)
+    gflop_per_s = rates[largest.trial_id] * largest.gflops
+    return {t.trial_id: _trial_seconds(t, parallel * rates.get(t.trial_id, gflop_per_s / t.gflops))
+            for t in study.trials}
+
+
+def _probe_batch(trial, workers, device):
+    """The trial's micro-batch, halved until a probe step fits the budget; None when even the smallest does not."""
+    batch = min(trial.train["batch_size"] // (trial.train["grad_accum"] * workers), PROBE_BATCHES[0])
+    while batch > PROBE_BATCHES[1] and trial.gflops * batch > PROBE_BUDGET_GFLOP[device.type]:
+        batch //= 2
+    return batch if trial.gflops * batch <= PROBE_BUDGET_GFLOP[device.type] else None
 
 
 def _trial_seconds(trial, images_per_s):
@@ -129,10 +130,10 @@ def human_count(n):
 
 
 def human_steps(n):
-    """50000 -> '50K', 1500 -> '1.5K', 400 -> '400'."""
+    """50000 -> '50K', 20813 -> '20.8K', 1500 -> '1500' (exact below 10K unless round)."""
     for scale, suffix in ((1_000_000, "M"), (1000, "K")):
-        if n >= scale:
-            return f"{n / scale:g}{suffix}"
+        if n >= scale and (n % scale == 0 or n >= 10 * scale):
+            return f"{round(n / scale, 1):g}{suffix}"
     return str(n)
 
 
@@ -142,6 +143,7 @@ def format_gflops(g):
 
 
 def format_milestones(milestones):
+    """(50000, ..., 400000) -> '50K,100K,...,400K'."""
     steps = [human_steps(s) for s in milestones]
     return ",".join(steps if len(steps) <= 4 else steps[:2] + ["..."] + steps[-1:])
 
@@ -170,7 +172,7 @@ def _table(rows):
 
 
 def format_plan(study, estimate=True):
-    """The dry-run report: warnings, one row per trial, and the totals."""
+    """The dry-run report: one row per trial, then the totals (the caller prints study.warnings)."""
     swept = list(dict.fromkeys(key for trial in study.trials for key in trial.swept))
     times = estimate_seconds(study) if estimate else {}
     header = ["trial id", "model", "patch", "params", "Gflops", *swept, "steps", "train compute (Gflop)",
@@ -190,8 +192,7 @@ def format_plan(study, estimate=True):
         total_time = next(s for s in times.values() if isinstance(s, str))
     else:
         total_time = f"{human_duration(sum(known))} (one trial at a time; training + FID sampling)"
-    lines = [f"warning: {w}" for w in study.warnings]
-    lines += [f"study {study.name} ({study.path}): {len(study.trials)} trials -> {study.output}", ""]
+    lines = [f"study {study.name} ({study.path}): {len(study.trials)} trials -> {study.output}", ""]
     lines += _table(rows)
     lines += ["", f"total: {len(study.trials)} trials, training compute {total_compute:.2e} Gflop, "
                   f"estimated time {total_time}"]

@@ -7,6 +7,7 @@ whose message names the file, the line (or the `--set`) and the field; nothing i
 import copy
 import dataclasses
 import difflib
+import functools
 import hashlib
 import itertools
 import json
@@ -64,12 +65,14 @@ def number(**bounds):
 
 
 def boolean(value):
+    """true or false (YAML's yes/no are booleans too)."""
     if not isinstance(value, bool):
         raise _Invalid(f"expected true or false, got {value!r}")
     return value
 
 
 def text(value):
+    """A string."""
     if not isinstance(value, str):
         raise _Invalid(f"expected a string, got {value!r}")
     return value
@@ -98,12 +101,14 @@ def betas(value):
 
 
 def study_name(value):
+    """A name that is safe as a folder and an MLflow experiment."""
     if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", value) or set(value) == {"."}:
         raise _Invalid(f"expected a name of letters, digits, '_', '.' and '-', got {value!r}")
     return value
 
 
 def _did_you_mean(word, candidates):
+    """"; did you mean 'x'?" for the closest candidate, or "" when none is close."""
     close = difflib.get_close_matches(word, list(candidates), n=1)
     return f"; did you mean {close[0]!r}?" if close else ""
 
@@ -164,6 +169,10 @@ SCHEMA = {
         "guided_channels": (3, optional(integer(at_least=1))),  # null: every noise channel
         "vae": (None, optional(text)),  # a local diffusers AutoencoderKL, to decode latents
         "grid_images_per_class": (4, integer(at_least=0)),
+        # Real images for FID when training on latents (an image folder); default: the training data.
+        "reference": (None, optional(text)),
+        # Held-out real images for the FID noise floor (an image folder); digits: the held-out split.
+        "heldout": (None, optional(text)),
     },
     "resources": {
         "workers_per_trial": (1, integer(at_least=1)),
@@ -180,9 +189,15 @@ SCHEMA = {
 TOP_LEVEL = {"name": (REQUIRED, study_name), "data": None, "sweep": None, "train": None, "eval": None,
              "resources": None, "tracking": None, "output": (None, optional(text))}  # None: a section
 SWEEP_AXES = ("model", "patch", "steps", "compute")
-STUDY_RELATIVE_PATHS = (("data", "path"), ("eval", "vae"), ("eval", "feature_extractor_weights"))
-# Train fields that change how a run is logged and checkpointed, not what it computes (resume stays exact).
+STUDY_RELATIVE_PATHS = (("data", "path"), ("eval", "vae"), ("eval", "feature_extractor_weights"),
+                        ("eval", "reference"), ("eval", "heldout"))
+# Train fields that change how a run is logged and checkpointed, not what it computes (resume stays exact):
+# left out of trial ids, and not sweepable.
 BOOKKEEPING = ("log_every", "ckpt_every", "keep_checkpoints")
+# Where fields that people put elsewhere live, for did-you-mean.
+MOVED = {"model": "sweep.model", "patch": "sweep.patch", "steps": "sweep.steps", "compute": "sweep.compute",
+         "train.model": "sweep.model", "train.patch": "sweep.patch", "train.steps": "sweep.steps",
+         "train.max_steps": "sweep.steps"}
 
 
 #################################################################################
@@ -213,17 +228,19 @@ def _read_yaml(path):
         raise StudyError(f"{path}: not a YAML file: it is not UTF-8 text") from None
     except OSError as err:
         raise StudyError(f"{path}: cannot read the study file: {err.strerror}") from None
-    loader = _Loader(source)
     try:
-        node = loader.get_single_node()
-        tree = None if node is None else loader.construct_document(node)
+        loader = _Loader(source)
+        try:
+            node = loader.get_single_node()
+            tree = None if node is None else loader.construct_document(node)
+        finally:
+            loader.dispose()
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
-        raise StudyError(f"{path}:{mark.line + 1}: not a YAML file: {err.problem or err.context}") from None
-    except yaml.YAMLError as err:
-        raise StudyError(f"{path}: not a YAML file: {err}") from None
-    finally:
-        loader.dispose()
+        reason = ", ".join(filter(None, (err.context, err.problem)))
+        raise StudyError(f"{path}{f':{mark.line + 1}' if mark else ''}: not a YAML file: {reason}") from None
+    except yaml.YAMLError as err:  # e.g. a control character: the reader has no line to give
+        raise StudyError(f"{path}: not a YAML file: {str(err).splitlines()[0]}") from None
     if tree is None:
         raise StudyError(f"{path}: the study file is empty")
     if not isinstance(tree, dict):
@@ -289,9 +306,9 @@ class Locations:
                 return f"{self.file}:{self.lines[key_path[:n]]}"
         return self.file
 
-    def error(self, key_path, message):
-        """A StudyError for the field at key_path."""
-        return StudyError(f"{self(key_path)}: {_dotted(key_path)}: {message}")
+    def error(self, key_path, message, at=None):
+        """A StudyError for the field at key_path, located where it (or the field at `at`) was written."""
+        return StudyError(f"{self(at or key_path)}: {_dotted(key_path)}: {message}")
 
 
 def _apply_override(tree, item, where):
@@ -323,13 +340,15 @@ def _apply_override(tree, item, where):
 def _unknown_key(key_path, known, where):
     """The error for a key the schema does not have, with the nearest known one."""
     known_paths = {_dotted(key_path[:-1] + (k,)): k for k in known}
-    hint = _did_you_mean(_dotted(key_path), known_paths)
+    moved = MOVED.get(_dotted(key_path))
+    hint = f"; did you mean {moved!r}?" if moved else _did_you_mean(_dotted(key_path), known_paths)
     if not hint:
         hint = f"; expected one of {', '.join(map(str, known))}"
     return where.error(key_path, f"unknown key{hint}")
 
 
 def _check_field(key_path, value, check, where):
+    """check(value), its complaint turned into a located StudyError."""
     try:
         return check(value)
     except _Invalid as err:
@@ -345,7 +364,7 @@ def _section(name, given, where):
         raise where.error((name,), f"expected a mapping of fields, got {given!r}")
     for key in given:
         if key not in fields:
-            raise _unknown_key((name, key), fields, where)
+            raise _unknown_key((name, str(key)), fields, where)
     return {key: _check_field((name, key), given[key], check, where) if key in given else copy.deepcopy(default)
             for key, (default, check) in fields.items()}
 
@@ -354,7 +373,7 @@ def _sections(tree, where):
     """The whole study with every section filled in (the sweep is checked separately)."""
     for key in tree:
         if key not in TOP_LEVEL:
-            raise _unknown_key((key,), TOP_LEVEL, where)
+            raise _unknown_key((str(key),), TOP_LEVEL, where)
     raw = {}
     for key, spec in TOP_LEVEL.items():
         if key == "sweep":
@@ -420,7 +439,6 @@ def _axis(key_path, values, check, where):
     """A sweep axis as a list of checked, distinct values (a single value is a list of one)."""
     if not isinstance(values, list):
         values = [values]
-        where.lines.setdefault(key_path + (0,), where.lines.get(key_path))
     if not values:
         raise where.error(key_path, "expected a non-empty list")
     checked, seen = [], {}
@@ -440,9 +458,11 @@ def _sweep(tree_sweep, raw_train_given, where):
         raise where.error(("sweep",), "missing (required): give at least sweep.model and sweep.steps")
     if not isinstance(tree_sweep, dict):
         raise where.error(("sweep",), f"expected a mapping of axes, got {tree_sweep!r}")
-    swept_train = {f"train.{k}": k for k in SCHEMA["train"]}
+    swept_train = {f"train.{k}": k for k in SCHEMA["train"] if k not in BOOKKEEPING}
     for key in tree_sweep:
         if key not in SWEEP_AXES and key not in swept_train:
+            if key in (f"train.{k}" for k in BOOKKEEPING):
+                raise where.error(("sweep", key), "cannot be swept: it changes no result")
             hint = (f"; did you mean 'train.{key}'?" if key in SCHEMA["train"]
                     else _did_you_mean(str(key), SWEEP_AXES + tuple(swept_train)))
             raise where.error(("sweep", key), "unknown axis" + (hint or f"; expected one of {', '.join(SWEEP_AXES)} "
@@ -485,9 +505,10 @@ def _dataset_info(raw, where, check_data, warnings):
     if name == "digits" and path is not None:
         raise where.error(("data", "path"), "the digits dataset is bundled with scikit-learn and takes no path")
     if name != "digits" and path is None:
-        raise where.error(("data", "path"), f"the {name} dataset needs a path")
+        raise where.error(("data", "path"), f"the {name} dataset needs a path", at=("data", "dataset"))
     if name == "imagefolder" and image_size is None:
-        raise where.error(("data", "image_size"), "the imagefolder dataset needs an image_size (pixels)")
+        raise where.error(("data", "image_size"), "the imagefolder dataset needs an image_size (pixels)",
+                          at=("data", "dataset"))
     if name == "latents" and image_size is not None and image_size % 8:
         raise where.error(("data", "image_size"), f"must be a multiple of 8 (the VAE downsamples by 8), "
                                                   f"got {image_size}")
@@ -527,6 +548,7 @@ def _check_eval(raw, info, where, check_data, warnings):
 
 
 def _check_resources(raw, where):
+    """Resource settings that depend on one another."""
     res = raw["resources"]
     if res["gpus_per_worker"] == 0 and res["cpus_per_worker"] == 0:
         raise where.error(("resources", "cpus_per_worker"), "a worker without GPUs needs CPUs")
@@ -582,7 +604,8 @@ def _model_config(size, patch, train, info):
     return model_config(preset, **overrides)
 
 
-def _params(config):
+@functools.lru_cache(maxsize=None)
+def _params(config_json):
     """Exact parameter count, from the model built on the meta device (no memory, no time)."""
     import torch
 
@@ -590,18 +613,18 @@ def _params(config):
     from core.models import DiT
 
     with torch.device("meta"):
-        return params(DiT(**config))
+        return params(DiT(**json.loads(config_json)))
 
 
-def _check_point(train, workers, info, dataset, field_path):
-    """Batch checks of one grid point; field_path(name) says where a train field was written."""
+def _check_point(train, workers, info, dataset, error_at):
+    """Batch checks of one grid point; error_at(train field, message) makes the StudyError."""
     divisor = train["grad_accum"] * workers
     if train["batch_size"] % divisor:
-        raise field_path("batch_size", f"{train['batch_size']} is not divisible by grad_accum × workers_per_trial "
+        raise error_at("batch_size", f"{train['batch_size']} is not divisible by grad_accum × workers_per_trial "
                                        f"= {train['grad_accum']} × {workers}")
     items = info["num_images"] and info["num_images"] * (2 if dataset == "latents" else 1)  # latents add mirrors
     if items and train["batch_size"] > items:
-        raise field_path("batch_size", f"{train['batch_size']} is larger than the dataset ({items} items)")
+        raise error_at("batch_size", f"{train['batch_size']} is larger than the dataset ({items} items)")
 
 
 def _expand(raw, axes, info, where):
@@ -631,7 +654,7 @@ def _expand(raw, axes, info, where):
             except ValueError as err:
                 raise _shape_error(err, config, size, (m, p), axes, raw, where) from None
             gflops = gflops_from_config(**config)
-            params = _params(config)
+            params = _params(_canonical_json(config))
             for milestones, budgets in _step_groups(axes, gflops, train):
                 trial_train = {**train, "max_steps": milestones[-1]}
                 digest = result_hash(config, raw["data"], trial_train, milestones, raw["eval"])

@@ -1,0 +1,312 @@
+"""scaling.study and scaling.dry_run: the schema, grid expansion, trial ids, the --dry-run table, and bad input."""
+import re
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from core.models import DiT
+from scaling.dry_run import format_plan
+from scaling.study import StudyError, check_cluster, load_study
+
+STUDIES = Path(__file__).resolve().parent.parent / "studies"
+TABLE_4_GFLOPS = {
+    "DiT-S/8": 0.36, "DiT-S/4": 1.41, "DiT-S/2": 6.06, "DiT-B/8": 1.42, "DiT-B/4": 5.56, "DiT-B/2": 23.01,
+    "DiT-L/8": 5.01, "DiT-L/4": 19.70, "DiT-L/2": 80.71, "DiT-XL/8": 7.39, "DiT-XL/4": 29.05, "DiT-XL/2": 118.64,
+}
+
+# A small valid study; the line numbers of the bad-input cases below count from its first line.
+BASE = """\
+name: tiny
+data:
+  dataset: digits
+sweep:
+  model: [DiT-P, DiT-N]
+  patch: [2, 4]
+  steps: [10, 20, 40]
+train:
+  batch_size: 32
+  lr: 1.0e-3
+eval:
+  fid_samples: 100
+resources:
+  workers_per_trial: 1
+"""
+
+
+def write(tmp_path, text, name="study.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def load(tmp_path, text=BASE, overrides=(), **kwargs):
+    return load_study(write(tmp_path, text), overrides, **kwargs)
+
+
+def edit(old, new):
+    """BASE with one line replaced (keeps every other line number)."""
+    assert old in BASE
+    return BASE.replace(old, new)
+
+
+#################################################################################
+#                               The shipped studies                             #
+#################################################################################
+
+def test_default_study_loads():
+    study = load_study(STUDIES / "gflops_sweep.yaml")
+    assert study.name == "gflops_sweep" and study.output == Path.cwd() / "outputs" / "gflops_sweep"
+    assert {t.model for t in study.trials} == {f"DiT-{s}/{p}" for s in "PNT" for p in (2, 4)}
+    assert all(len(t.milestones) == 3 and t.train["max_steps"] == t.milestones[-1] for t in study.trials)
+    assert study.dataset_info["input_size"] == 8 and not study.warnings
+
+
+def test_paper_study_shows_table_4():
+    study = load_study(STUDIES / "dit_imagenet256.yaml", check_data=False)
+    assert any("data.path: latent folder /data/imagenet256-latents does not exist" in w for w in study.warnings)
+    assert len(study.trials) == 12
+    assert all(t.milestones == tuple(range(50_000, 400_001, 50_000)) for t in study.trials)
+    plan = format_plan(study, estimate=False)
+    shown = {}
+    for line in plan.splitlines():
+        cells = line.split()
+        if cells and cells[0].startswith("DiT-") and cells[1] in TABLE_4_GFLOPS:
+            shown[cells[1]] = float(cells[4])
+    assert shown.keys() == TABLE_4_GFLOPS.keys()
+    for name, gflops in TABLE_4_GFLOPS.items():
+        assert abs(shown[name] - gflops) <= max(0.005 * gflops, 0.005), name
+    assert "DiT-XL/2" in plan and "675.1M" in plan and "50K,100K,...,400K" in plan
+
+
+def test_paper_study_needs_its_data():
+    with pytest.raises(StudyError, match=r"dit_imagenet256.yaml:8: data.path: latent folder "
+                                         r"/data/imagenet256-latents does not exist$"):
+        load_study(STUDIES / "dit_imagenet256.yaml")
+
+
+#################################################################################
+#                               Grid expansion                                  #
+#################################################################################
+
+def test_constant_lr_shares_step_prefixes(tmp_path):
+    study = load(tmp_path)
+    assert [t.model for t in study.trials] == ["DiT-P/2", "DiT-P/4", "DiT-N/2", "DiT-N/4"]
+    assert all(t.milestones == (10, 20, 40) and t.train["max_steps"] == 40 for t in study.trials)
+
+
+def test_other_schedules_make_one_trial_per_step_count(tmp_path):
+    study = load(tmp_path, overrides=["train.lr_schedule=cosine"])
+    assert len(study.trials) == 12
+    assert [t.milestones for t in study.trials[:3]] == [(10,), (20,), (40,)]
+    assert len({t.trial_id for t in study.trials}) == 12
+
+
+def test_compute_budgets_derive_steps_per_model(tmp_path):
+    study = load(tmp_path, overrides=["sweep.steps=null", "sweep.compute=[1e3, 3e3, 1e4, 0.01]"])
+    for trial in study.trials:
+        per_step = 3 * trial.gflops * 32
+        expected = sorted({max(1, round(c / per_step)) for c in (1e3, 3e3, 1e4, 0.01)})
+        assert trial.milestones == tuple(expected)
+        assert trial.milestones[0] == 1  # a budget below one step still trains one step
+        assert dict(trial.budgets)[1e4] == round(1e4 / per_step)
+
+
+def test_swept_train_field_doubles_the_trials(tmp_path):
+    text = BASE.replace("  lr: 1.0e-3\n", "").replace("  steps:", "  train.lr: [1e-4, 3e-4]\n  steps:")
+    study = load(tmp_path, text)
+    assert len(study.trials) == 8
+    assert [t.swept for t in study.trials[:2]] == [{"train.lr": 1e-4}, {"train.lr": 3e-4}]
+    assert [t.train["lr"] for t in study.trials[:2]] == [1e-4, 3e-4]
+    assert "train.lr" in format_plan(study, estimate=False).splitlines()[2]
+
+
+def test_full_model_names_without_patch_axis(tmp_path):
+    study = load(tmp_path, edit("  model: [DiT-P, DiT-N]\n  patch: [2, 4]\n", "  model: [DiT-P/1, DiT-M/4]\n"))
+    assert [(t.model, t.size, t.patch) for t in study.trials] == [("DiT-P/1", "P", 1), ("DiT-M/4", "M", 4)]
+
+
+def test_parameters_are_exact(tmp_path):
+    study = load(tmp_path, overrides=["train.learn_sigma=false", "train.class_dropout_prob=0"])
+    for trial in study.trials:
+        assert trial.params == sum(p.numel() for p in DiT(**trial.model_config).parameters())
+        assert trial.model_config["learn_sigma"] is False and trial.model_config["num_classes"] == 10
+
+
+def test_overrides(tmp_path):
+    study = load(tmp_path, overrides=["sweep.patch=[1]", "train.lr=3e-4", "name=other", "eval.cfg_scale=1.5"])
+    assert [t.model for t in study.trials] == ["DiT-P/1", "DiT-N/1"]
+    swept = load(tmp_path, overrides=["sweep.train.seed=[1, 2]"])
+    assert [t.swept for t in swept.trials[:2]] == [{"train.seed": 1}, {"train.seed": 2}]
+    assert study.trials[0].train["lr"] == 3e-4 and study.trials[0].eval["cfg_scale"] == 1.5
+    assert study.name == "other" and study.output.name == "other"
+    assert study.locate("train.lr") == "--set train.lr=3e-4" and study.locate("train.batch_size").endswith(":9")
+
+
+def test_resolved_study_round_trips_and_paths_are_absolute(tmp_path):
+    study = load(tmp_path, overrides=["output=runs/x"])
+    assert yaml.safe_load(study.resolved_yaml()) == study.raw
+    assert study.output == Path.cwd() / "runs" / "x" and not study.output.exists()  # loading writes nothing
+    assert study.raw["tracking"]["experiment"] == "tiny"
+    assert study.trials[0].to_dict()["milestones"] == (10, 20, 40)
+
+
+#################################################################################
+#                                  Trial ids                                    #
+#################################################################################
+
+def test_trial_ids_are_stable_and_readable(tmp_path):
+    ids = [t.trial_id for t in load(tmp_path).trials]
+    assert ids == [t.trial_id for t in load(tmp_path).trials]
+    assert all(re.fullmatch(r"DiT-[PN]-[24]-[0-9a-f]{10}", i) for i in ids)
+    # The hash is canonical JSON, so it is the same in every process and on every machine.
+    assert ids[0] == "DiT-P-2-" + ids[0][-10:] and load(tmp_path).trials[0].trial_id == ids[0]
+
+
+@pytest.mark.parametrize("override", [
+    "train.lr=2e-3", "train.seed=1", "train.batch_size=64", "train.ema_decay=0.99", "eval.fid_samples=200",
+    "eval.sampler=ddpm", "sweep.steps=[10, 20, 80]", "train.diffusion_steps=500", "train.depth=3",
+])
+def test_trial_ids_change_with_what_determines_the_result(tmp_path, override):
+    base = [t.trial_id for t in load(tmp_path).trials]
+    changed = [t.trial_id for t in load(tmp_path, overrides=[override]).trials]
+    assert all(a != b for a, b in zip(base, changed))
+
+
+@pytest.mark.parametrize("override", [
+    "resources.workers_per_trial=2", "resources.max_failures=3", "tracking.experiment=x", "output=elsewhere",
+    "name=renamed", "train.log_every=1", "train.ckpt_every=5", "train.lr=0.001", "eval.cfg_scale=1",
+])
+def test_trial_ids_ignore_what_does_not(tmp_path, override):
+    same = load(tmp_path, overrides=[override])
+    assert [t.trial_id for t in load(tmp_path).trials] == [t.trial_id for t in same.trials]
+
+
+#################################################################################
+#                                 The dry run                                   #
+#################################################################################
+
+def test_dry_run_estimates_from_a_probe(tmp_path):
+    study = load(tmp_path, edit("  model: [DiT-P, DiT-N]\n", "  model: [DiT-P]\n"))
+    plan = format_plan(study)
+    rows = [line for line in plan.splitlines() if line.startswith("DiT-P-")]
+    assert len(rows) == 2 and all(re.search(r"\d+(\.\d)?[smhd]\S*$", row) for row in rows), plan
+    assert re.search(r"^total: 2 trials, training compute \S+ Gflop, estimated time \S+ \(one trial", plan, re.M)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_dry_run_without_the_gpus_a_study_asks_for(tmp_path):
+    plan = format_plan(load(tmp_path, overrides=["resources.gpus_per_worker=1"]))
+    assert plan.count("n/a (needs GPU)") == 5  # four trials and the total
+
+
+#################################################################################
+#                                   Bad input                                   #
+#################################################################################
+
+BAD = {
+    "unknown top-level key": (edit("train:", "trian:"), [], "{f}:8: trian: unknown key; did you mean 'train'?"),
+    "unknown nested key": (edit("  lr:", "  lrr:"), [], "{f}:10: train.lrr: unknown key; did you mean 'train.lr'?"),
+    "wrong type": (edit("lr: 1.0e-3", "lr: fast"), [], "{f}:10: train.lr: expected a number, got 'fast'"),
+    "a bool is not an int": (edit("batch_size: 32", "batch_size: true"), [],
+                             "{f}:9: train.batch_size: expected an integer, got True"),
+    "choice with a typo": (edit("1.0e-3", "1.0e-3\n  lr_schedule: cosin"), [], "{f}:11: train.lr_schedule: "
+                           "expected one of 'constant', 'cosine', 'linear', got 'cosin'; did you mean 'cosine'?"),
+    "a field in the wrong section": (edit("  lr:", "  max_steps: 10\n  lr:"), [],
+                                     "{f}:10: train.max_steps: unknown key; did you mean 'sweep.steps'?"),
+    "negative steps": (edit("[10, 20, 40]", "[10, -20, 40]"), [], "{f}:7: sweep.steps: must be >= 1, got -20"),
+    "zero steps": (edit("[10, 20, 40]", "[0]"), [], "{f}:7: sweep.steps: must be >= 1, got 0"),
+    "steps and compute": (edit("  steps:", "  compute: [1e12]\n  steps:"), [],
+                          "{f}:7: sweep.compute: give either sweep.steps or sweep.compute, not both"),
+    "patch does not divide the input": (edit("[2, 4]", "[2, 3]"), [], "{f}:6: sweep.patch: patch_size 3 does not "
+                                        "divide input_size 8 (DiT-P/3 on digits, 8×8×1)"),
+    "heads do not divide the width": (BASE.replace("  lr: 1.0e-3\n", "  num_heads: 3\n"), [],
+                                      "{f}:10: train.num_heads: num_heads 3 does not divide hidden_size 64 "
+                                      "(DiT-P/2 on digits, 8×8×1)"),
+    "unknown model": (edit("DiT-P, DiT-N", "DiT-P, DiT-XXL"), [],
+                      "{f}:5: sweep.model: unknown model 'DiT-XXL'; did you mean 'DiT-XL'?"),
+    "a patch in the name and a patch axis": (edit("DiT-P, DiT-N", "DiT-S/2"), [],
+                                             "{f}:5: sweep.model: 'DiT-S/2' names a patch, but sweep.patch gives "
+                                             "the patches: write 'DiT-S'"),
+    "unknown sweep axis": (edit("  patch:", "  lr: [1]\n  patch:"), [],
+                           "{f}:6: sweep.lr: unknown axis; did you mean 'train.lr'?"),
+    "swept and fixed": (edit("  patch:", "  train.lr: [1e-4]\n  patch:"), [],
+                        "{f}:6: sweep.train.lr: train.lr is also set ({f}:11); give it in one place"),
+    "sweeping bookkeeping": (BASE, ["sweep.train.log_every=[1, 2]"], "--set sweep.train.log_every=[1, 2]: "
+                             "sweep.train.log_every: cannot be swept: it changes no result"),
+    "duplicate grid values": (edit("[2, 4]", "[2, 2]"), [], "{f}:6: sweep.patch: duplicate value 2"),
+    "duplicate grid values, spelt differently": (edit("  patch:", "  train.seed: [1, 1]\n  patch:"), [],
+                                                 "{f}:6: sweep.train.seed: duplicate value 1"),
+    "duplicate key": (BASE + "train:\n  lr: 1\n", [], "{f}:15: train: duplicate key (first on line 8)"),
+    "zero workers": (edit("workers_per_trial: 1", "workers_per_trial: 0"), [],
+                     "{f}:14: resources.workers_per_trial: must be >= 1, got 0"),
+    "negative guidance": (edit("fid_samples: 100", "cfg_scale: -0.5"), [], "{f}:12: eval.cfg_scale: must be >= 0, "
+                          "got -0.5"),
+    "batch not divisible by the workers": (edit("workers_per_trial: 1", "workers_per_trial: 3"), [],
+                                           "{f}:9: train.batch_size: 32 is not divisible by grad_accum × "
+                                           "workers_per_trial = 1 × 3"),
+    "batch larger than the data": (edit("batch_size: 32", "batch_size: 4096"), [],
+                                   "{f}:9: train.batch_size: 4096 is larger than the dataset (1500 items)"),
+    "missing name": (BASE.replace("name: tiny\n", "\n"), [], "{f}: name: missing (required)"),
+    "bad name": (edit("name: tiny", "name: my study"), [], "{f}:1: name: expected a name of letters, digits, "
+                 "'_', '.' and '-', got 'my study'"),
+    "latents without a path": (edit("dataset: digits", "dataset: latents"), [],
+                               "{f}:3: data.path: the latents dataset needs a path"),
+    "a YAML list": ("- name: tiny\n- data: {}\n", [], "{f}:1: the study must be a mapping of sections (name, data, "
+                    "sweep, train, eval, resources, tracking, output), got a list"),
+    "not YAML": ("name: [tiny\ndata: {{\n", [], "{f}:2: not a YAML file: while parsing a flow sequence, expected ',' "
+                 "or ']', but got ':'"),
+    "empty file": ("# nothing\n", [], "{f}: the study file is empty"),
+    "--set without =": (BASE, ["foo"], "--set foo: expected key=value, e.g. --set train.lr=3e-4"),
+    "--set unknown key": (BASE, ["train.lrr=1"], "--set train.lrr=1: train.lrr: unknown key; did you mean 'train.lr'?"),
+    "--set unknown section": (BASE, ["trian.lr=1"], "--set trian.lr=1: trian: unknown key; did you mean 'train'?"),
+    "--set wrong type": (BASE, ["train.lr=fast"], "--set train.lr=fast: train.lr: expected a number, got 'fast'"),
+    "--set into a value": (BASE, ["name.x=1"], "--set name.x=1: name is not a section"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input(tmp_path, case):
+    text, overrides, message = BAD[case]
+    path = write(tmp_path, text)
+    with pytest.raises(StudyError) as err:
+        load_study(path, overrides)
+    assert str(err.value) == message.format(f=path)
+
+
+def test_missing_and_empty_datasets(tmp_path):
+    text = edit("dataset: digits", "dataset: imagefolder\n  path: images\n  image_size: 32")
+    path = write(tmp_path, text)
+    with pytest.raises(StudyError) as err:
+        load_study(path)
+    assert str(err.value) == f"{path}:4: data.path: image folder {tmp_path / 'images'} does not exist"
+    (tmp_path / "images").mkdir()
+    with pytest.raises(StudyError) as err:
+        load_study(path)
+    assert str(err.value) == (f"{path}:4: data.path: image folder {tmp_path / 'images'} is empty: it needs one "
+                              "sub-folder of images per class")
+
+
+def test_non_text_and_missing_files(tmp_path):
+    binary = tmp_path / "weights.bin"
+    binary.write_bytes(bytes(range(256)))
+    with pytest.raises(StudyError, match=re.escape(f"{binary}: not a YAML file: it is not UTF-8 text")):
+        load_study(binary)
+    with pytest.raises(StudyError, match=re.escape(f"{tmp_path / 'nope.yaml'}: no such study file")):
+        load_study(tmp_path / "nope.yaml")
+
+
+def test_cluster_too_small(tmp_path):
+    study = load(tmp_path, edit("workers_per_trial: 1", "workers_per_trial: 2\n  gpus_per_worker: 4"))
+    with pytest.raises(StudyError) as err:
+        check_cluster(study, {"CPU": 16.0, "GPU": 4.0})
+    assert str(err.value) == (f"{study.path}:15: resources.gpus_per_worker: a trial needs 2 × 4 = 8 GPUs, "
+                              "the cluster has 4")
+    check_cluster(study, {"CPU": 16.0, "GPU": 8.0})
+    study = load(tmp_path, overrides=["resources.cpus_per_worker=3"])
+    with pytest.raises(StudyError) as err:
+        check_cluster(study, {"CPU": 2.0})
+    assert str(err.value) == ("--set resources.cpus_per_worker=3: resources.cpus_per_worker: a trial needs 1 × 3 = 3 "
+                              "CPUs, the cluster has 2")
