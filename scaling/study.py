@@ -152,6 +152,9 @@ SCHEMA = {
         "val_batch": (256, integer(at_least=0)),  # 0: no validation loss
         "compile": (False, boolean),
         "grad_checkpointing": (False, boolean),
+        "fused_adamw": (None, optional(boolean)),  # null: torch's default AdamW implementation
+        "num_workers": (4, integer(at_least=0)),  # data-loading processes per worker (image folders)
+        "peak_tflops": (None, optional(number(above=0))),  # per-process hardware peak, for utilisation
         "hidden_size": (None, optional(integer(at_least=1))),
         "depth": (None, optional(integer(at_least=1))),
         "num_heads": (None, optional(integer(at_least=1))),
@@ -193,7 +196,7 @@ STUDY_RELATIVE_PATHS = (("data", "path"), ("eval", "vae"), ("eval", "feature_ext
                         ("eval", "reference"), ("eval", "heldout"))
 # Train fields that change how a run is logged and checkpointed, not what it computes (resume stays exact):
 # left out of trial ids, and not sweepable.
-BOOKKEEPING = ("log_every", "ckpt_every", "keep_checkpoints")
+BOOKKEEPING = ("log_every", "ckpt_every", "keep_checkpoints", "num_workers", "peak_tflops")
 # Where fields that people put elsewhere live, for did-you-mean.
 MOVED = {"model": "sweep.model", "patch": "sweep.patch", "steps": "sweep.steps", "compute": "sweep.compute",
          "train.model": "sweep.model", "train.patch": "sweep.patch", "train.steps": "sweep.steps",
