@@ -42,7 +42,7 @@ def eval_config(trial, cache_dir):
         cfg_scale=e["cfg_scale"], guided_channels=e["guided_channels"], seed=trial["train"]["seed"],
         feature_extractor=e["feature_extractor"], feature_extractor_weights=e.get("feature_extractor_weights"),
         grid_images_per_class=e["grid_images_per_class"], reference=e.get("reference"), heldout=e.get("heldout"),
-        cache_dir=str(cache_dir),
+        cache_dir=str(cache_dir), diffusion_steps=trial["train"]["diffusion_steps"],
     )
 
 
