@@ -1,0 +1,433 @@
+"""Scaling-law fits in log space with bootstrap intervals, correlations, IsoFLOP profiles, extrapolation.
+
+Three laws: y = a·x^b (a line in log-log), y = E + A·x^(−α) (a power law above a floor) and
+L(N, D) = E + A/N^α + B/D^β (Chinchilla's approach 3). Intervals come from refitting on trials
+drawn with replacement. A fit that the data cannot support raises FitError, whose message says why.
+"""
+import functools
+import itertools
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from scipy import optimize, special, stats
+from threadpoolctl import threadpool_limits
+
+CI_LEVEL = 0.95
+N_BOOT = 1000
+HUBER_DELTA = 1e-3  # Chinchilla's δ for the Huber loss on log loss
+MAX_EXPONENT = 3.0  # scaling exponents are O(0.1-1); the bound stops degenerate resamples from wandering off
+
+
+class FitError(ValueError):
+    """The data cannot support the fit asked for (too few points, no spread, no convergence)."""
+
+
+def _single_threaded(fn):
+    """Run fn with one BLAS thread: these problems are tiny, and on a busy machine the idle threads'
+    contention made the bootstrap ten times slower."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with threadpool_limits(1):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@dataclass(frozen=True)
+class Law:
+    """A functional form: its formula, coefficient names, prediction, and estimation from data."""
+
+    formula: str
+    names: tuple
+    predict: Callable  # predict(params, x) -> y
+    estimate: Callable  # estimate(x, y, start=None) -> params; raises FitError
+    min_points: int  # distinct x values needed
+
+
+@dataclass
+class Fit:
+    """A law fitted to data: the point estimate and the bootstrap replicates behind its intervals."""
+
+    law: Law
+    params: np.ndarray
+    boot: np.ndarray  # one row of coefficients per resample whose fit succeeded
+    n_points: int
+    n_groups: int  # trials the points came from
+    n_boot: int  # resamples drawn
+
+    def predict(self, x):
+        """The law's prediction at x with the point-estimate coefficients."""
+        return self.law.predict(self.params, x)
+
+    def band(self, x, level=CI_LEVEL):
+        """Pointwise percentile interval of the prediction at x over the bootstrap replicates."""
+        if len(self.boot) < 2:
+            nan = np.full(np.shape(self.predict(x)), np.nan)
+            return nan, nan.copy()
+        with np.errstate(over="ignore", invalid="ignore"):
+            preds = np.array([self.law.predict(p, x) for p in self.boot])
+        tail = 50 * (1 - level)
+        return np.nanpercentile(preds, tail, axis=0), np.nanpercentile(preds, 100 - tail, axis=0)
+
+    def intervals(self, level=CI_LEVEL):
+        """Percentile interval of every coefficient: {name: (low, high)}."""
+        if len(self.boot) < 2:
+            return {n: (np.nan, np.nan) for n in self.law.names}
+        tail = 50 * (1 - level)
+        lo, hi = np.percentile(self.boot, [tail, 100 - tail], axis=0)
+        return {n: (float(a), float(b)) for n, a, b in zip(self.law.names, lo, hi)}
+
+    def to_dict(self, level=CI_LEVEL):
+        """JSON-ready summary: formula, coefficients with intervals, and how much data stood behind them."""
+        ci = self.intervals(level)
+        return {
+            "formula": self.law.formula,
+            "coefficients": {n: {"value": float(v), "ci_low": _json_float(ci[n][0]), "ci_high": _json_float(ci[n][1])}
+                             for n, v in zip(self.law.names, self.params)},
+            "ci_level": level, "n_points": self.n_points, "n_trials": self.n_groups,
+            "n_boot": self.n_boot, "n_boot_converged": len(self.boot),
+        }
+
+
+def _json_float(v):
+    return float(v) if np.isfinite(v) else None
+
+
+# The laws ----------------------------------------------------------------------------------------
+
+def _power_law_predict(p, x):
+    return p[0] * np.asarray(x, float) ** p[1]
+
+
+def _power_law_estimate(x, y, start=None):
+    res = stats.linregress(np.log10(x), np.log10(y))
+    return np.array([10 ** res.intercept, res.slope])
+
+
+POWER_LAW = Law("y = a·x^b", ("a", "b"), _power_law_predict, _power_law_estimate, min_points=3)
+
+
+def _lse_terms(theta, u):
+    """Exponents whose logsumexp is log(E + Σ_k A_k·x_k^(−α_k)), in centred logs u: e and a_k − α_k·u_k."""
+    e, a, alpha = theta[0], theta[1::2], theta[2::2]
+    return np.column_stack([np.full(len(u), e), a - alpha * u])
+
+
+def _objective(theta, u, log_y, delta, scale):
+    """Summed Huber loss of the log residuals (squared loss when δ is infinite), and its gradient."""
+    z = _lse_terms(theta, u)
+    lse = np.logaddexp.reduce(z, axis=1)
+    r = lse - log_y
+    w = np.exp(z - lse[:, None])  # d logsumexp / d z: the softmax of z
+    dr = np.clip(r, -delta, delta)  # the Huber loss's derivative
+    grad = np.empty_like(theta)
+    grad[0] = dr @ w[:, 0]
+    grad[1::2] = dr @ w[:, 1:]
+    grad[2::2] = -(dr[:, None] * w[:, 1:] * u).sum(0)
+    return special.huber(delta, r).sum() / scale, grad / scale
+
+
+def _fit_lse(x, y, delta, start=None):
+    """Fit y = E + Σ_k A_k·x_k^(−α_k) in log space with L-BFGS-B, from start or from a grid of starts.
+
+    Logs of x are centred so that the same grid of starts suits any range of compute or size.
+    """
+    log_x = np.log(np.asarray(x, float).reshape(len(y), -1))
+    centre = log_x.mean(0)
+    u, log_y = log_x - centre, np.log(y)
+    k = u.shape[1]
+    # The constant model's loss: dividing by it makes the objective O(1), so the tolerances mean something.
+    scale = max(special.huber(delta, log_y - np.median(log_y)).sum(), 1e-12)
+    if start is None:
+        m = np.median(log_y)
+        grid = [[m + np.log(f) for f in (0.05, 0.5, 0.9)]] + [[m + np.log(f) for f in (0.2, 1.0)], [0.1, 0.4, 1.0]] * k
+        starts = [np.array(s) for s in itertools.product(*grid)]
+    else:
+        starts = [_to_internal(np.asarray(start, float), centre)]
+    # A term (or E) below e^-12 of the smallest loss is zero for all purposes: bounding it there stops the
+    # optimizer creeping along a flat valley towards -inf; no term exceeds the largest loss at the centre.
+    level = (log_y.min() - 12, log_y.max() + 1)
+    bounds = [level] + [level, (0.0, MAX_EXPONENT)] * k  # a negative exponent would mean worse with scale
+    best = None
+    for s in starts:
+        res = optimize.minimize(_objective, s, args=(u, log_y, delta, scale), jac=True, method="L-BFGS-B",
+                                bounds=bounds, options={"maxiter": 500, "ftol": 1e-9, "gtol": 1e-6})
+        if np.isfinite(res.fun) and (best is None or res.fun < best.fun):
+            best = res
+    if best is None:
+        raise FitError("the optimizer found no finite solution")
+    return _to_external(best.x, centre)
+
+
+def _to_external(theta, centre):
+    """(e, a_k, α_k) in centred logs -> (E, A_k, α_k) in the data's units."""
+    out = theta.copy()
+    out[0] = np.exp(theta[0])
+    out[1::2] = np.exp(theta[1::2] + theta[2::2] * centre)
+    return out
+
+
+def _to_internal(params, centre):
+    theta = params.copy()
+    theta[0] = np.log(params[0])
+    theta[1::2] = np.log(params[1::2]) - params[2::2] * centre
+    return theta
+
+
+def _saturating_predict(p, x):
+    return p[0] + p[1] * np.asarray(x, float) ** -p[2]
+
+
+def _saturating_estimate(x, y, start=None):
+    return _fit_lse(x, y, np.inf, start)
+
+
+SATURATING_POWER_LAW = Law("y = E + A·x^(−α)", ("E", "A", "alpha"), _saturating_predict, _saturating_estimate,
+                           min_points=4)
+
+
+def size_classes(params):
+    """Parameter counts rounded to 2% in log10: DiTs of one width and depth but different patch sizes
+    differ by a few embedding weights, and must count as one model size."""
+    return np.round(np.log10(np.asarray(params, float)), 2)
+
+
+def _chinchilla_predict(p, x):
+    n, d = np.asarray(x, float).T
+    return p[0] + p[1] / n ** p[2] + p[3] / d ** p[4]
+
+
+def _chinchilla_estimate(x, y, start=None):
+    x = np.asarray(x, float)
+    for name, column in (("model sizes N", size_classes(x[:, 0])), ("data sizes D", x[:, 1])):
+        if len(np.unique(column)) < 3:
+            raise FitError(f"L(N, D) needs at least 3 distinct {name}, got {len(np.unique(column))}")
+    return _fit_lse(x, y, HUBER_DELTA, start)
+
+
+CHINCHILLA = Law("L = E + A/N^α + B/D^β", ("E", "A", "alpha", "B", "beta"), _chinchilla_predict,
+                 _chinchilla_estimate, min_points=8)
+
+
+# Fitting with bootstrap ----------------------------------------------------------------------------
+
+def bootstrap(groups, estimate, n_boot=N_BOOT, seed=0):
+    """Estimates on resamples of whole groups (trials) drawn with replacement; failed fits are dropped.
+
+    A trial's points (its evaluation steps) are not independent, so trials are the unit resampled;
+    scipy.stats.bootstrap resamples observations and cannot skip a resample the fit cannot handle.
+    Returns an array with one row per resample that succeeded.
+    """
+    labels, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(len(labels))]
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n_boot):
+        idx = np.concatenate([members[g] for g in rng.integers(len(labels), size=len(labels))])
+        try:
+            out.append(np.ravel(estimate(idx)))
+        except FitError:
+            continue
+    return np.array(out, dtype=float).reshape(len(out), -1)
+
+
+@_single_threaded
+def fit_law(law, x, y, groups=None, select=None, n_boot=N_BOOT, seed=0):
+    """Fit law to the points (x, y) with bootstrap intervals over groups (one group per point if None).
+
+    Points with a non-positive or non-finite value are dropped (the fits work in log space).
+    select(x, y) -> mask picks the points to fit after each resample, e.g. the compute frontier.
+    """
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    groups = np.arange(len(y)) if groups is None else np.asarray(groups)
+    usable = np.isfinite(y) & (y > 0) & np.all(np.isfinite(x) & (x > 0), axis=tuple(range(1, x.ndim)))
+    x, y, groups = x[usable], y[usable], groups[usable]
+
+    def estimate(idx, start=None):
+        xi, yi = x[idx], y[idx]
+        if select is not None:
+            keep = select(xi, yi)
+            xi, yi = xi[keep], yi[keep]
+        distinct = len(np.unique(xi, axis=0))
+        if distinct < law.min_points:
+            raise FitError(f"{law.formula} needs at least {law.min_points} distinct points, got {distinct}")
+        return law.estimate(xi, yi, start)
+
+    params = estimate(np.arange(len(y)))
+    n_points = int(select(x, y).sum()) if select is not None else len(y)
+    boot = bootstrap(groups, lambda idx: estimate(idx, params), n_boot, seed) if n_boot else np.empty((0, len(params)))
+    return Fit(law, params, boot, n_points, len(np.unique(groups)), n_boot)
+
+
+def frontier(x, y):
+    """Mask of the compute-efficient frontier: points better (lower y) than every point of less x."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    order = np.argsort(x, kind="stable")
+    best_before = np.concatenate([[np.inf], np.minimum.accumulate(y[order])[:-1]])
+    mask = np.zeros(len(x), bool)
+    mask[order] = y[order] < best_before
+    return mask
+
+
+def correlations(x, y):
+    """Pearson and Spearman correlations of y with x, with two-sided p-values."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        raise FitError(f"a correlation needs at least 3 points with spread, got {len(x)}")
+    pearson, spearman = stats.pearsonr(x, y), stats.spearmanr(x, y)
+    return {"n": len(x), "pearson_r": float(pearson.statistic), "pearson_p": float(pearson.pvalue),
+            "spearman_rho": float(spearman.statistic), "spearman_p": float(spearman.pvalue)}
+
+
+def extrapolation_check(law, x, y, groups, held_out, x_target, observed, select=None, n_boot=N_BOOT, seed=0):
+    """Fit law without the held-out points (a boolean mask), predict at x_target, compare with observed.
+
+    The interval is the fit's: it covers the uncertainty of the law, not the scatter of one measurement.
+    """
+    groups = np.asarray(groups)
+    keep = ~np.asarray(held_out, bool)
+    fit = fit_law(law, np.asarray(x, float)[keep], np.asarray(y, float)[keep], groups[keep], select, n_boot, seed)
+    target = np.asarray([x_target], float)
+    predicted = float(fit.predict(target)[0])
+    low, high = (float(b[0]) for b in fit.band(target))
+    return {
+        "law": law.formula, "x": np.ravel(x_target).tolist(),
+        "predicted": predicted, "ci_low": _json_float(low), "ci_high": _json_float(high),
+        "observed": float(observed), "relative_error": (predicted - observed) / observed,
+        "inside_interval": bool(low <= observed <= high) if np.isfinite([low, high]).all() else None,
+        "n_points": fit.n_points, "n_trials": fit.n_groups, "n_boot_converged": len(fit.boot),
+    }
+
+
+# IsoFLOP profiles ------------------------------------------------------------------------------------
+
+@dataclass
+class IsoFlopProfile:
+    """Loss against model size at one training-compute budget, and its parabola in log10 N."""
+
+    budget: float
+    params: np.ndarray  # one value per model size: its best trial at this budget
+    steps: np.ndarray  # the steps that trial takes to spend the budget
+    loss: np.ndarray
+    parabola: np.ndarray  # loss = c0·log10(N)² + c1·log10(N) + c2 (NaN when it cannot be fitted)
+    n_opt: float  # the parabola's minimum; NaN when it is not inside the sizes measured
+    steps_opt: float  # the same for the parabola in log10 steps
+
+
+@dataclass
+class IsoFlop:
+    """IsoFLOP profiles and the compute-optimal model size N*(C) and steps D*(C) fitted over budgets."""
+
+    profiles: list
+    n_opt: Fit | None  # None when too few budgets have an interior optimum; notes say why
+    steps_opt: Fit | None
+    notes: list
+
+
+def _vertex(log_x, loss):
+    """Parabola coefficients and the log10 x of its minimum; NaN where there is no interior minimum."""
+    if len(np.unique(log_x)) < 3:
+        return np.full(3, np.nan), np.nan
+    c = np.polyfit(log_x, loss, 2)
+    if c[0] <= 0:
+        return c, np.nan
+    v = -c[1] / (2 * c[0])
+    return c, v if log_x.min() <= v <= log_x.max() else np.nan
+
+
+N_OPT_LAW = Law("N* = a·C^b", ("a", "b"), _power_law_predict, _power_law_estimate, 3)
+STEPS_OPT_LAW = Law("D* = a·C^b (steps)", ("a", "b"), _power_law_predict, _power_law_estimate, 3)
+
+
+@_single_threaded
+def isoflop(compute, params, steps, loss, groups, n_budgets=6, min_models=3, n_boot=N_BOOT, seed=0):
+    """IsoFLOP analysis (Chinchilla's approach 2) over trials measured at several steps.
+
+    Each trial's loss curve is interpolated in log-log at log-spaced compute budgets that trials of
+    min_models model sizes reach (never extrapolated). At each budget the best trial of each size
+    (patch size changes compute, not parameters) gives one point; a parabola in log10 N through them
+    gives the compute-optimal size, one in log10 steps the compute-optimal steps. Each optimum is
+    fitted as a power law of compute, with intervals from resampling trials, where 3 budgets have one.
+    Raises FitError only when there are no profiles to draw.
+    """
+    compute, params, steps, loss = (np.asarray(a, float) for a in (compute, params, steps, loss))
+    groups = np.asarray(groups)
+    ok = np.isfinite(loss) & (loss > 0) & (compute > 0) & np.isfinite(compute)
+    trials = [np.flatnonzero(ok & (groups == g)) for g in np.unique(groups[ok])]
+    trials = [t[np.argsort(compute[t])] for t in trials if len(np.unique(compute[t])) >= 2]
+    sizes = np.array([params[t[0]] for t in trials])
+    if len(np.unique(size_classes(sizes))) < min_models:
+        raise FitError(f"IsoFLOP profiles need trials of at least {min_models} model sizes evaluated at 2 or more "
+                       f"steps, got {len(np.unique(size_classes(sizes)))}")
+    spans = np.log10([[compute[t[0]], compute[t[-1]]] for t in trials])
+    budgets = _budgets(spans, size_classes(sizes), n_budgets, min_models)
+    if len(budgets) == 0:
+        raise FitError(f"IsoFLOP profiles need a compute budget that {min_models} model sizes all reach")
+    log_b = np.log10(budgets)
+    # One row per trial, one column per budget: loss there (NaN where the trial does not reach it).
+    loss_at = np.full((len(trials), len(budgets)), np.nan)
+    for i, t in enumerate(trials):
+        inside = (log_b >= spans[i, 0]) & (log_b <= spans[i, 1])
+        loss_at[i, inside] = 10 ** np.interp(log_b[inside], np.log10(compute[t]), np.log10(loss[t]))
+    steps_at = budgets * np.array([steps[t[-1]] / compute[t[-1]] for t in trials])[:, None]
+    size_class = size_classes(sizes)
+
+    def best_per_size(rows, b):
+        """Of the given trials, the one with the lowest loss at budget b in each model size."""
+        r = rows[np.isfinite(loss_at[rows, b])]
+        r = r[np.lexsort((loss_at[r, b], size_class[r]))]
+        return r[np.unique(size_class[r], return_index=True)[1]]
+
+    def optima(rows):
+        """Per budget, over the given trials: the best trial of each size, the parabola in log10 N, and the
+        compute-optimal parameters and steps (NaN where the minimum is not inside what was measured)."""
+        out = {"rows": [], "parabola": [], "params": [], "steps": []}
+        for b in range(len(budgets)):
+            r = best_per_size(rows, b)
+            parabola, log_n = _vertex(np.log10(sizes[r]), loss_at[r, b])
+            out["rows"].append(r)
+            out["parabola"].append(parabola)
+            out["params"].append(10 ** log_n)
+            out["steps"].append(10 ** _vertex(np.log10(steps_at[r, b]), loss_at[r, b])[1])
+        return out
+
+    def law_estimate(axis):
+        def estimate(rows):
+            opt = np.array(optima(rows)[axis])
+            valid = np.isfinite(opt)
+            if valid.sum() < 2:
+                raise FitError("fewer than 2 budgets with an interior optimum")
+            return _power_law_estimate(budgets[valid], opt[valid])
+        return estimate
+
+    everyone = np.arange(len(trials))
+    point = optima(everyone)
+    profiles = [IsoFlopProfile(budgets[b], sizes[r], steps_at[r, b], loss_at[r, b], point["parabola"][b],
+                               point["params"][b], point["steps"][b]) for b, r in enumerate(point["rows"])]
+    fits, notes = {}, []
+    for axis, law in (("params", N_OPT_LAW), ("steps", STEPS_OPT_LAW)):
+        valid = int(np.isfinite(point[axis]).sum())
+        if valid < 3:
+            notes.append(f"{law.formula}: not fitted: {valid} of {len(budgets)} budgets have a loss minimum "
+                         f"inside the {axis} measured; 3 are needed")
+            fits[axis] = None
+            continue
+        estimate = law_estimate(axis)
+        boot = bootstrap(everyone, estimate, n_boot, seed) if n_boot else np.empty((0, 2))
+        fits[axis] = Fit(law, estimate(everyone), boot, valid, len(trials), n_boot)
+    return IsoFlop(profiles, fits["params"], fits["steps"], notes)
+
+
+def _budgets(spans, sizes, n_budgets, min_models):
+    """Log-spaced budgets over the range that trials of min_models distinct sizes reach."""
+    grid = np.linspace(spans[:, 0].min(), spans[:, 1].max(), 200)
+    reach = (grid[:, None] >= spans[:, 0]) & (grid[:, None] <= spans[:, 1])
+    enough = np.array([len(np.unique(sizes[r])) >= min_models for r in reach])
+    if not enough.any():
+        return np.array([])
+    candidates = np.linspace(grid[enough][0], grid[enough][-1], n_budgets)
+    reach = (candidates[:, None] >= spans[:, 0]) & (candidates[:, None] <= spans[:, 1])
+    keep = [len(np.unique(sizes[r])) >= min_models for r in reach]
+    return 10 ** candidates[keep]

@@ -1,0 +1,506 @@
+"""`python -m scaling.report RESULTS`: compute-vs-quality figures, fitted scaling laws and tables from Parquet.
+
+RESULTS is a results.parquet or a study output folder holding one; `--paper` uses the DiT paper's
+Table 4 instead. The report lands in reports/<study>/: index.html (self-contained), report.md, the
+figures as PNG and SVG, and fits.json. Only ok trials enter the fits; diverged and failed ones are
+listed, marked. A fit the data cannot support becomes a note, never an error.
+"""
+import argparse
+import base64
+import html
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from scaling import figures
+from scaling.fits import (CHINCHILLA, CI_LEVEL, N_BOOT, POWER_LAW, SATURATING_POWER_LAW, FitError, correlations,
+                          extrapolation_check, fit_law, frontier, isoflop)
+from scaling.results import RESULTS_SCHEMA, load_results, paper_results, to_table
+
+STATUS_RANK = {"ok": 0, "diverged": 1, "failed": 2}
+FIT_TITLES = {  # fits.json keys -> how the tables name them
+    "fid_vs_gflops": "FID(Gflops), Figure 1", "fid_vs_compute": "FID(C) on the frontier, Figure 2",
+    "loss_vs_compute": "L(C) on the frontier, Figure 3", "loss_vs_params_and_images": "L(N, D), Chinchilla approach 3",
+    "compute_optimal_params": "N*(C), Figure 5", "compute_optimal_steps": "D*(C), Figure 5",
+}
+ERROR_CHARS = 160  # a traceback belongs in the trial's logs, not in a table cell
+
+
+@dataclass
+class Analysis:
+    """Everything the report shows: the rows, the per-trial summary, and the fits (None where not possible)."""
+
+    study: str
+    rows: pd.DataFrame  # every row, failed and diverged trials included
+    trials: pd.DataFrame  # one row per trial: its last measurements and its status
+    ok: pd.DataFrame  # rows of the trials that finished ok: the only ones fitted
+    loss: str | None  # the loss column fitted: val_loss, else train_loss, else None
+    final_fid: pd.DataFrame  # one point per model: FID at its last evaluated step
+    correlation: dict | None = None
+    fits: dict = field(default_factory=dict)  # name -> Fit
+    isoflop: object = None
+    extrapolation: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+
+
+# Analysis --------------------------------------------------------------------------------------------
+
+def analyze(df, n_boot=N_BOOT, seed=0):
+    """Summarise a results table and fit every law the data supports."""
+    df = df.copy()
+    # A writer that left training compute out still gave everything it is made of.
+    df["train_compute"] = df.train_compute.fillna(df.gflops * df.batch_size * df.step * 3)
+    df["images"] = df.batch_size * df.step  # D in L(N, D): training images seen
+    # Size and patch are in the model's name ("DiT-XL/2") when a writer left them out.
+    named = df.model.str.extract(r"^DiT-([^/]+)/(\d+)$")
+    df["size"] = df["size"].fillna(named[0]).fillna(df.model)
+    df["patch"] = df.patch.fillna(pd.to_numeric(named[1]))
+    trials = trial_summary(df)
+    ok = df[df.trial_id.isin(trials.index[trials.status == "ok"])]
+    loss = next((c for c in ("val_loss", "train_loss") if np.isfinite(ok[c]).any()), None)
+    a = Analysis(study_name(df), df, trials, ok, loss, final_points(ok))
+    bad = trials[trials.status != "ok"]
+    if len(bad):
+        a.notes.append(f"{len(bad)} trial(s) did not finish ok ({', '.join(sorted(set(bad.status)))}): "
+                       "listed in the trials table and left out of every fit and figure.")
+    if loss == "train_loss":
+        a.notes.append("No validation loss in these results: the loss figures and fits use the training loss.")
+    elif loss is None:
+        a.notes.append("No loss in these results: Figures 3 and 5 and the loss fits are left out.")
+
+    def attempt(what, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except FitError as e:
+            a.notes.append(f"{what}: not fitted: {e}.")
+            return None
+
+    fit = dict(n_boot=n_boot, seed=seed)
+    points = a.final_fid
+    a.correlation = attempt("Correlation of FID with log10 Gflops", correlations, np.log10(points.gflops), points.fid)
+    a.fits["fid_vs_gflops"] = attempt("FID against Gflops (Figure 1)", fit_law, POWER_LAW, points.gflops,
+                                      points.fid, points.trial_id, **fit)
+    fid_rows = _finite(ok, "fid")
+    a.fits["fid_vs_compute"] = attempt("FID against training compute (Figure 2)", fit_law, POWER_LAW,
+                                       fid_rows.train_compute, fid_rows.fid, fid_rows.trial_id, frontier, **fit)
+    if loss:
+        loss_rows = _finite(ok, loss)
+        a.fits["loss_vs_compute"] = attempt("L(C) (Figure 3)", fit_law, SATURATING_POWER_LAW,
+                                            loss_rows.train_compute, loss_rows[loss], loss_rows.trial_id,
+                                            frontier, **fit)
+        a.fits["loss_vs_params_and_images"] = attempt(
+            "L(N, D), Chinchilla's approach 3", fit_law, CHINCHILLA, loss_rows[["params", "images"]].to_numpy(float),
+            loss_rows[loss], loss_rows.trial_id, **fit)
+        a.isoflop = attempt("IsoFLOP profiles (Figure 5)", isoflop, loss_rows.train_compute, loss_rows.params,
+                            loss_rows.step, loss_rows[loss], loss_rows.trial_id, **fit)
+        if a.isoflop:
+            a.fits["compute_optimal_params"] = a.isoflop.n_opt
+            a.fits["compute_optimal_steps"] = a.isoflop.steps_opt
+            a.notes += [f"IsoFLOP (Figure 5): {n}." for n in a.isoflop.notes]
+    a.fits = {k: v for k, v in a.fits.items() if v is not None}
+    a.extrapolation = extrapolations(a, attempt, fit)
+    return a
+
+
+def trial_summary(df):
+    """One row per trial: its identity, last step, last finite measurements, and worst status."""
+    rows = df.sort_values("step")
+    g = rows.groupby("trial_id", sort=False)
+    out = g[["model", "size", "patch", "params", "gflops", "batch_size", "max_step"]].last()
+    out["step"] = g.step.max()
+    out["train_compute"] = g.train_compute.max()
+    for col in ("train_loss", "val_loss", "fid"):
+        last = _finite(rows, col).groupby("trial_id").tail(1).set_index("trial_id")
+        out[col] = last[col]
+        if col == "fid":
+            out["fid_step"] = last.step
+    out["status"] = g.status.agg(lambda s: max(s.fillna("ok"), key=STATUS_RANK.__getitem__))
+    out["error"] = g.error.agg(lambda s: next((e for e in s if isinstance(e, str) and e), ""))
+    rank = {m: i for i, m in enumerate(figures.model_order(out))}
+    return out.iloc[np.lexsort((out.step, out.model.map(rank)))]
+
+
+def final_points(ok):
+    """FID of each model at its last evaluated step (the best trial where a model has several)."""
+    rows = _positive(ok, "fid", "gflops")
+    last = rows[rows.step == rows.groupby("trial_id").step.transform("max")]
+    return last.sort_values("fid").drop_duplicates("model").sort_values("gflops")
+
+
+def extrapolations(a, attempt, fit):
+    """Fit without the largest-compute model, predict its final loss and FID, compare with what it measured."""
+    ok = a.ok
+    if ok.model.nunique() < 2:
+        a.notes.append("Extrapolation check: needs at least 2 models.")
+        return []
+    finals = ok.sort_values("step").groupby("trial_id").tail(1).dropna(subset=["train_compute"])
+    if finals.empty:
+        a.notes.append("Extrapolation check: no training compute in these results.")
+        return []
+    held_model = finals.loc[finals.train_compute.idxmax(), "model"]
+    checks = []
+    cases = [("FID", "fid", POWER_LAW, ["train_compute"], frontier)]
+    if a.loss:
+        cases = [(figures.loss_label(a.loss), a.loss, SATURATING_POWER_LAW, ["train_compute"], frontier),
+                 (figures.loss_label(a.loss), a.loss, CHINCHILLA, ["params", "images"], None)] + cases
+    for what, col, law, x_cols, select in cases:
+        rows = _finite(ok, col)
+        held = (rows.model == held_model).to_numpy()
+        if not held.any():
+            continue
+        target = rows[held].sort_values("step").iloc[-1]
+        x = rows[x_cols].to_numpy(float)
+        x = x[:, 0] if len(x_cols) == 1 else x
+        check = attempt(f"Extrapolation of {what} to {held_model} with {law.formula}", extrapolation_check, law, x,
+                        rows[col], rows.trial_id, held, target[x_cols].to_numpy(float).squeeze(), target[col],
+                        select, **fit)
+        if check:
+            checks.append({"quantity": what, "model": held_model, "step": int(target.step), **check})
+    return checks
+
+
+def _finite(df, col):
+    return df[np.isfinite(df[col].astype(float))]
+
+
+def _positive(df, *cols):
+    """Rows where every column is finite and positive: what a log axis can show."""
+    keep = np.ones(len(df), bool)
+    for col in cols:
+        v = df[col].astype(float).to_numpy()
+        keep &= np.isfinite(v) & (v > 0)
+    return df[keep]
+
+
+def study_name(df):
+    names = sorted(set(df.study.dropna()))
+    return "+".join(names) if names else "study"
+
+
+# Tables: one structure, rendered to Markdown and HTML ---------------------------------------------
+
+@dataclass
+class Table:
+    """A titled table of display strings, rendered alike to Markdown and HTML."""
+
+    title: str
+    headers: list
+    rows: list  # lists of cell strings
+    marks: list = None  # per row: a CSS class ("diverged", "failed") or None
+
+
+def _num(v, digits=4):
+    """A number for a table cell: whole numbers with separators, others to 4 significant digits, – if none."""
+    if v is None or (isinstance(v, float) and not math.isfinite(v)) or pd.isna(v):
+        return "–"
+    if isinstance(v, (int, np.integer)) or float(v).is_integer() and abs(v) < 1e7:
+        return f"{int(v):,}"
+    return f"{float(v):.{digits}g}"
+
+
+def tables(a):
+    """The report's tables, in the order they appear."""
+    out = [trials_table(a)]
+    if a.correlation:
+        c, f = a.correlation, a.fits.get("fid_vs_gflops")
+        slope = f"{f.params[1]:.4f} [{f.intervals()['b'][0]:.4f}, {f.intervals()['b'][1]:.4f}]" if f else "–"
+        out.append(Table("Correlation of final FID with log10 Gflops", ["n", "Pearson r", "p", "Spearman ρ", "p",
+                                                                          f"log-log slope ({CI_LEVEL:.0%} CI)"],
+                         [[str(c["n"]), f"{c['pearson_r']:.4f}", f"{c['pearson_p']:.3g}", f"{c['spearman_rho']:.4f}",
+                           f"{c['spearman_p']:.3g}", slope]]))
+    if a.fits:
+        rows = []
+        for name, f in a.fits.items():
+            ci = f.intervals()
+            for coef, v in zip(f.law.names, f.params):
+                rows.append([FIT_TITLES.get(name, name), f.law.formula, coef, _num(v), f"[{_num(ci[coef][0])}, {_num(ci[coef][1])}]",
+                             str(f.n_points), str(f.n_groups), f"{len(f.boot)}/{f.n_boot}"])
+        out.append(Table(f"Fitted laws ({CI_LEVEL:.0%} bootstrap intervals, resampling trials)",
+                         ["fit", "law", "coefficient", "value", "interval", "points", "trials", "resamples"], rows))
+    if a.isoflop:
+        out.append(Table("IsoFLOP profiles", ["budget C (Gflops)", "models", "N* (parameters)", "D* (steps)"],
+                         [[_num(p.budget), str(len(p.params)), _num(p.n_opt), _num(p.steps_opt)]
+                          for p in a.isoflop.profiles]))
+    if a.extrapolation:
+        out.append(Table("Extrapolation check: fitted without the largest-compute model (the interval is the "
+                         "fit's uncertainty, not the scatter of a single run)",
+                         ["quantity", "law", "held-out model", "at", "predicted", "interval", "observed",
+                          "error", "inside", "resamples"],
+                         [[e["quantity"], e["law"], e["model"], _at(e), _num(e["predicted"]),
+                           f"[{_num(e['ci_low'])}, {_num(e['ci_high'])}]", _num(e["observed"]),
+                           f"{e['relative_error']:+.1%}", {True: "yes", False: "no", None: "–"}[e["inside_interval"]],
+                           str(e["n_boot_converged"])]
+                          for e in a.extrapolation]))
+    return out
+
+
+def _at(e):
+    """Where an extrapolation was made: the compute, or the size and data of L(N, D)."""
+    if len(e["x"]) == 1:
+        return f"C = {e['x'][0]:.3g} Gflops (step {e['step']:,})"
+    return f"N = {e['x'][0]:.3g}, D = {e['x'][1]:.3g} images"
+
+
+def trials_table(a):
+    """Every trial, failed and diverged ones marked with their error."""
+    t = a.trials
+    marks = [None if s == "ok" else s for s in t.status]
+    rows = [[r.model, str(tid)[:12], _num(r.params / 1e6, 4) + "M" if pd.notna(r.params) else "–", _num(r.gflops),
+             _num(r.batch_size), f"{_num(r.step)} / {_num(r.max_step)}", _num(r.train_compute), _num(r.train_loss),
+             _num(r.val_loss), _num(r.fid) + (f" @ {int(r.fid_step):,}" if pd.notna(r.fid_step) else ""),
+             ("✓ ok" if r.status == "ok" else f"✗ {r.status}" + (f": {r.error[:ERROR_CHARS]}" if r.error else ""))]
+            for tid, r in t.iterrows()]
+    return Table("Trials (last measurement of each)",
+                 ["model", "trial", "params", "Gflops", "batch", "steps", "compute (Gflops)", "train loss",
+                  "val loss", "FID @ step", "status"], rows, marks)
+
+
+def _md_cell(s):
+    return str(s).replace("|", "\\|").replace("\n", " ")
+
+
+def table_markdown(t):
+    """A GitHub-flavoured Markdown table (marks are in the status column already)."""
+    lines = [f"### {t.title}", "", "| " + " | ".join(t.headers) + " |", "|" + "---|" * len(t.headers)]
+    lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in t.rows]
+    return "\n".join(lines) + "\n"
+
+
+def table_html(t):
+    """An HTML table whose marked rows carry their mark as a CSS class."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in t.headers)
+    body = []
+    for i, row in enumerate(t.rows):
+        mark = t.marks[i] if t.marks else None
+        cls = f' class="{mark}"' if mark else ""
+        body.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>")
+    return (f"<h3>{html.escape(t.title)}</h3>\n<table><thead><tr>{head}</tr></thead>"
+            f"<tbody>{''.join(body)}</tbody></table>")
+
+
+# Figures ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Figure:
+    """A figure written as <stem>.png and <stem>.svg, and what it shows."""
+
+    stem: str
+    caption: str
+
+
+def draw_figures(a, folder):
+    """Every figure the data allows, into folder; a figure without data becomes a note."""
+    out = []
+    fid_label = _fid_label(a.ok)
+    no_fit = "too few points for a fit"
+    if len(a.final_fid):
+        fit = a.fits.get("fid_vs_gflops")
+        out.append(Figure(figures.fid_vs_gflops(a.final_fid, fit, a.correlation, folder, fid_label,
+                                                None if fit else no_fit),
+                          "Figure 1. FID against forward Gflops at the final step, one point per model (the paper's "
+                          "Figure 8), with the power-law fit, its 95% band and the correlations."))
+    else:
+        a.notes.append("No FID with Gflops in the ok trials: no Figure 1.")
+    rows = _positive(a.ok, "fid", "train_compute")
+    if len(rows):
+        fit = a.fits.get("fid_vs_compute")
+        out.append(Figure(figures.fid_vs_compute(rows, frontier(rows.train_compute, rows.fid), fit, folder, fid_label,
+                                                 None if fit else no_fit),
+                          "Figure 2. FID against training compute, one curve per model (the paper's Figure 9), with "
+                          "the compute-efficient frontier and a power law fitted to it."))
+    else:
+        a.notes.append("No FID with training compute in the ok trials: no Figure 2.")
+    rows = _positive(a.ok, a.loss, "train_compute") if a.loss else a.ok.iloc[:0]
+    if len(rows):
+        fit = a.fits.get("loss_vs_compute")
+        out.append(Figure(figures.loss_vs_compute(rows, a.loss, frontier(rows.train_compute, rows[a.loss]), fit,
+                                                  folder, None if fit else no_fit),
+                          f"Figure 3. {figures.loss_label(a.loss).capitalize()} against training compute, the "
+                          "frontier, and L(C) = E + A·C^(−α) fitted to it with its 95% bootstrap band."))
+    for col, name in (("fid", "fig4_fid_vs_steps"), (a.loss, "fig4_loss_vs_steps")):
+        rows = _finite(a.ok, col) if col else a.ok.iloc[:0]
+        if (rows.groupby("trial_id").step.nunique() > 1).any():
+            label = fid_label if col == "fid" else figures.loss_label(col)
+            out.append(Figure(figures.metric_vs_steps(rows, col, label, folder, name),
+                              f"Figure 4. {label} against training steps: top, one panel per patch size (curves by "
+                              "model size); bottom, one panel per model size (curves by patch)."))
+        elif len(rows):
+            a.notes.append(f"{col}: one evaluation step per trial, so no curve against steps (Figure 4).")
+    if a.isoflop:
+        out.append(Figure(figures.isoflop_profiles(a.isoflop, a.loss, folder),
+                          "Figure 5. IsoFLOP profiles: loss against parameters at fixed training compute (the best "
+                          "patch size of each model size), a parabola in log parameters per budget; the "
+                          "compute-optimal size N*(C) and steps D*(C) as power laws with 95% bootstrap bands."))
+    return out
+
+
+def _fid_label(rows):
+    """FID with what it was measured with, when one setting covers all rows (FID depends on both)."""
+    samples, extractor = rows.fid_samples.dropna().unique(), rows.feature_extractor.dropna().unique()
+    parts = []
+    if len(samples) == 1:
+        parts.append(f"{int(samples[0]):,} samples")
+    if len(extractor) == 1:
+        parts.append(str(extractor[0]))
+    return f"FID ({', '.join(parts)})" if parts else "FID"
+
+
+# Writing -----------------------------------------------------------------------------------------------
+
+def summary_lines(a):
+    """The report's opening facts: how much was measured, on what, and how."""
+    counts = a.trials.status.value_counts()
+    status = ", ".join(f"{counts[s]} {s}" for s in STATUS_RANK if s in counts)
+    lines = [f"{len(a.rows)} rows from {len(a.trials)} trials ({status})."]
+    for col, what in (("dataset", "dataset"), ("feature_extractor", "FID features"), ("sampler", "sampler"),
+                      ("cfg_scale", "guidance scale")):
+        values = sorted(map(str, a.rows[col].dropna().unique()))
+        if values:
+            lines.append(f"{what}: {', '.join(values)}")
+    return lines
+
+
+def markdown(a, figs, tabs):
+    """report.md: the same content as the page, the figures as PNG links."""
+    parts = [f"# Scaling report: {a.study}", "", *[f"- {s}" for s in summary_lines(a)], ""]
+    for f in figs:
+        parts += [f"![{f.caption}]({f.stem}.png)", "", f"*{f.caption}* ([SVG]({f.stem}.svg))", ""]
+    parts += [table_markdown(t) for t in tabs]
+    if a.notes:
+        parts += ["## Notes", "", *[f"- {n}" for n in a.notes], ""]
+    return "\n".join(parts)
+
+
+CSS = """
+body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+figure{margin:2em 0}figure img{max-width:100%;height:auto}figcaption{font-size:.9em;color:#444}
+table{border-collapse:collapse;font-size:.85em;margin-bottom:1.5em}td,th{border:1px solid #ccc;padding:3px 8px;
+text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
+tr.diverged td{background:#fff3cd}tr.failed td{background:#f8d7da}.notes li{margin:.3em 0}
+"""
+
+
+def page(a, figs, tabs, folder):
+    """index.html: the SVGs inlined as data URIs, so the page needs nothing beside it to display."""
+    body = [f"<h1>Scaling report: {html.escape(a.study)}</h1>",
+            "<ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in summary_lines(a)) + "</ul>"]
+    for f in figs:
+        svg = base64.b64encode((folder / f"{f.stem}.svg").read_bytes()).decode()
+        body.append(f'<figure><img alt="{html.escape(f.caption)}" src="data:image/svg+xml;base64,{svg}">'
+                    f"<figcaption>{html.escape(f.caption)} <a href=\"{f.stem}.png\">PNG</a> · "
+                    f"<a href=\"{f.stem}.svg\">SVG</a></figcaption></figure>")
+    body += [table_html(t) for t in tabs]
+    if a.notes:
+        body.append('<h2>Notes</h2><ul class="notes">' + "".join(f"<li>{html.escape(n)}</li>" for n in a.notes)
+                    + "</ul>")
+    body.append('<p>Coefficients and intervals in machine-readable form: <a href="fits.json">fits.json</a>; '
+                'this page as Markdown: <a href="report.md">report.md</a>.</p>')
+    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>Scaling report: "
+            f"{html.escape(a.study)}</title><style>{CSS}</style></head><body>\n" + "\n".join(body)
+            + "\n</body></html>\n")
+
+
+def fits_json(a):
+    """fits.json: every coefficient with its interval, the correlations, IsoFLOP optima, checks and notes."""
+    iso = None
+    if a.isoflop:
+        iso = [{"budget": p.budget, "params": p.params.tolist(), "steps": p.steps.tolist(), "loss": p.loss.tolist(),
+                "parabola_log10_params": p.parabola.tolist(), "params_opt": p.n_opt, "steps_opt": p.steps_opt}
+               for p in a.isoflop.profiles]
+    doc = {"study": a.study, "rows": len(a.rows), "trials": a.trials.status.value_counts().to_dict(),
+           "loss_column": a.loss, "correlation_fid_log10_gflops": a.correlation,
+           "fits": {k: f.to_dict() for k, f in a.fits.items()}, "isoflop_profiles": iso,
+           "extrapolation": a.extrapolation, "notes": a.notes}
+    return json.dumps(_jsonable(doc), indent=2, ensure_ascii=False) + "\n"
+
+
+def _jsonable(v):
+    """JSON has no NaN: non-finite numbers become null, numpy scalars plain numbers."""
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, (np.integer, int)) and not isinstance(v, bool):
+        return int(v)
+    if isinstance(v, (np.floating, float)):
+        return float(v) if math.isfinite(v) else None
+    return v
+
+
+def build_report(results, out=None, n_boot=N_BOOT, seed=0):
+    """Write the report of results (a path or a DataFrame) to out (default reports/<study>); returns out."""
+    if isinstance(results, pd.DataFrame):
+        df = to_table(results, RESULTS_SCHEMA).to_pandas()  # the columns and types a loaded file has
+    else:
+        df = load_results(results)
+    if df.empty:
+        raise ValueError(f"{results}: no rows" if not isinstance(results, pd.DataFrame) else "no rows")
+    a = analyze(df, n_boot, seed)
+    out = Path(out) if out else Path("reports") / _safe_name(a.study)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        figs = draw_figures(a, tmp)
+        tabs = tables(a)
+        (tmp / "report.md").write_text(markdown(a, figs, tabs), encoding="utf-8")
+        (tmp / "fits.json").write_text(fits_json(a), encoding="utf-8")
+        (tmp / "index.html").write_text(page(a, figs, tabs, tmp), encoding="utf-8")
+        _swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _safe_name(name):
+    """A study name as a folder name."""
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", name).strip("._") or "study"
+
+
+def _swap_in(tmp, out):
+    """Replace out with the finished folder: readers never see a half-written report."""
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a report is meant to be read
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def main(argv=None):
+    """The command line: 0 when the report is written, 2 (one line on stderr) when the input is bad."""
+    parser = argparse.ArgumentParser(
+        prog="python -m scaling.report",
+        description="Compute-vs-quality figures, fitted scaling laws and tables from a results.parquet.")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("results", nargs="?", help="a results.parquet or a study output folder holding one")
+    source.add_argument("--paper", action="store_true", help="build the report on the DiT paper's Table 4")
+    parser.add_argument("--out", help="report folder (default: reports/<study> under the current directory)")
+    parser.add_argument("--n-boot", type=int, default=N_BOOT, help=f"bootstrap resamples per fit (default {N_BOOT})")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    args = parser.parse_args(argv)
+    try:
+        df = paper_results() if args.paper else load_results(args.results)
+        if df.empty:
+            raise ValueError(f"{args.results}: no rows")
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = build_report(df, args.out, args.n_boot, args.seed)
+    print(out / "index.html")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

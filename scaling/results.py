@@ -1,0 +1,186 @@
+"""The results tables: their Parquet schemas, atomic writing, and validated loading.
+
+One row of results.parquet is one trial at one evaluation step. The orchestrator writes it; the
+report and notebooks read it back with `load_results` and need nothing else.
+"""
+import os
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+RESULTS_FILE = "results.parquet"
+STATUSES = ("ok", "diverged", "failed")
+
+RESULTS_SCHEMA = pa.schema([
+    pa.field("study", pa.string()),  # study name from the YAML; names the report folder
+    pa.field("trial_id", pa.string()),  # hash of everything that determines the trial's result
+    pa.field("model", pa.string()),  # model name, e.g. "DiT-S/2"
+    pa.field("size", pa.string()),  # model size, e.g. "S", "B", "L", "XL"
+    pa.field("patch", pa.int32()),  # patch size p (tokens = (input / p)^2)
+    pa.field("params", pa.int64()),  # parameter count, the frozen positional embedding included
+    pa.field("gflops", pa.float64()),  # forward Gflops per image, paper convention (multiply-add = 1 flop)
+    pa.field("batch_size", pa.int32()),  # global batch size (images per optimizer step)
+    pa.field("step", pa.int64()),  # training step of this measurement
+    pa.field("max_step", pa.int64()),  # the trial's final step
+    pa.field("train_compute", pa.float64()),  # training compute so far in Gflops: gflops * batch_size * step * 3
+    pa.field("train_loss", pa.float64()),  # training loss (diffusion objective), averaged over the last log window
+    pa.field("val_loss", pa.float64()),  # loss on held-out images at fixed timesteps and noise
+    pa.field("fid", pa.float64()),  # FID of generated samples against real images
+    pa.field("fid_floor", pa.float64()),  # FID of held-out vs training real images at the same count: the noise floor
+    pa.field("kid", pa.float64()),  # kernel inception distance
+    pa.field("precision", pa.float64()),  # improved precision (fidelity) of the samples
+    pa.field("recall", pa.float64()),  # improved recall (coverage) of the samples
+    pa.field("inception_score", pa.float64()),  # Inception Score of the samples
+    pa.field("fid_samples", pa.int32()),  # number of generated images behind fid (FID is biased by the count)
+    pa.field("feature_extractor", pa.string()),  # network FID's features come from, e.g. "inception-v3-compat"
+    pa.field("sampler", pa.string()),  # sampler and its step count, e.g. "ddpm-250"
+    pa.field("cfg_scale", pa.float64()),  # classifier-free guidance scale (1.0 = no guidance)
+    pa.field("lr", pa.float64()),  # learning rate at this step
+    pa.field("dataset", pa.string()),  # training dataset name
+    pa.field("wall_time_s", pa.float64()),  # training wall time up to this step, evaluation excluded
+    pa.field("eval_time_s", pa.float64()),  # wall time of this evaluation (sampling + FID)
+    pa.field("images_per_s", pa.float64()),  # training throughput, images per second over all workers
+    pa.field("status", pa.string()),  # "ok", "diverged" (loss went non-finite) or "failed" (crashed)
+    pa.field("error", pa.string()),  # what went wrong when status is not "ok"
+    pa.field("mlflow_run_id", pa.string()),  # the trial's MLflow child run
+    pa.field("timestamp", pa.timestamp("us", tz="UTC")),  # when the row was recorded
+    pa.field("config_json", pa.string()),  # the trial's full resolved configuration, JSON
+])
+
+LOSS_CURVES_SCHEMA = pa.schema([
+    pa.field("study", pa.string()),  # study name
+    pa.field("trial_id", pa.string()),  # trial id, as in results.parquet
+    pa.field("model", pa.string()),  # model name, e.g. "DiT-S/2"
+    pa.field("step", pa.int64()),  # training step
+    pa.field("train_loss", pa.float64()),  # training loss over the log window ending at step
+    pa.field("lr", pa.float64()),  # learning rate at step
+    pa.field("images_per_s", pa.float64()),  # training throughput over the log window
+])
+
+# The columns the design document promises; a file without one of them is not a results table.
+REQUIRED_COLUMNS = (
+    "study", "trial_id", "model", "patch", "params", "gflops", "batch_size", "step", "train_compute",
+    "train_loss", "val_loss", "fid", "fid_samples", "feature_extractor", "wall_time_s", "images_per_s",
+    "status", "mlflow_run_id",
+)
+
+
+def to_table(rows_or_df, schema):
+    """A pyarrow Table with exactly schema's columns; absent columns are null, unknown ones an error.
+
+    rows_or_df: a list of dicts, a pandas DataFrame or a pyarrow Table.
+    """
+    table = rows_or_df
+    if not isinstance(table, (pd.DataFrame, pa.Table)):
+        table = pd.DataFrame(list(table))
+    if isinstance(table, pd.DataFrame):
+        table = pa.table({c: _arrow_column(table[c]) for c in table.columns})
+    unknown = sorted(set(table.column_names) - set(schema.names), key=str)
+    if unknown:
+        raise ValueError(f"columns not in the schema: {', '.join(map(str, unknown))}")
+    arrays = []
+    for field in schema:
+        if field.name not in table.column_names:
+            arrays.append(pa.nulls(len(table), field.type))
+            continue
+        # Inferred, then cast safely: a float that is not a whole number must not become an int silently.
+        array = table[field.name]
+        try:
+            arrays.append(array.cast(field.type, safe=True))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+            raise ValueError(f"column {field.name!r} does not fit {field.type}: {e}") from None
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _arrow_column(series):
+    """A pandas column as Arrow with NaN and None as null; tz-aware times go through naive UTC because
+    pyarrow's own conversion of them relies on a pandas API deprecated in pandas 3."""
+    if isinstance(series.dtype, pd.DatetimeTZDtype):
+        series = series.dt.tz_convert("UTC").dt.tz_localize(None)
+    return pa.array(series.to_numpy() if series.dtype.kind == "M" else series, from_pandas=True)
+
+
+def write_table(rows_or_df, path, schema):
+    """Write rows (dicts or a DataFrame) to Parquet atomically: a reader sees the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = to_table(rows_or_df, schema)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            pq.write_table(table, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder):
+    """Make the rename itself durable (POSIX only; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def results_path(path):
+    """The results.parquet a path names: the file itself or the study output folder holding it."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / RESULTS_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    return path
+
+
+def load_results(path):
+    """The results table at path (a results.parquet or a folder holding one) as a pandas DataFrame.
+
+    Schema columns the file lacks beyond the required ones come back as nulls, so older files load.
+    """
+    path = results_path(path)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        reason = " ".join(str(e).split())  # one line: the CLI prints it as its only error line
+        raise ValueError(f"{path}: not a readable Parquet file ({reason})") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+    if missing:
+        raise ValueError(f"{path}: missing required columns: {', '.join(missing)}")
+    known = [c for c in table.column_names if c in RESULTS_SCHEMA.names]
+    try:
+        table = to_table(table.select(known), RESULTS_SCHEMA)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    df = table.to_pandas()
+    bad = sorted(set(df.status.dropna()) - set(STATUSES))
+    if bad:
+        raise ValueError(f"{path}: unknown status values {bad}; expected one of {list(STATUSES)}")
+    return df
+
+
+def paper_results():
+    """The DiT paper's Table 4 (12 models at 400K steps) as a results table of the study "dit_paper_table4"."""
+    csv = resources.files("scaling") / "data" / "paper_table4.csv"
+    with resources.as_file(csv) as f:
+        paper = pd.read_csv(f, comment="#")
+    df = paper.drop(columns=["depth", "hidden_size"]).assign(
+        study="dit_paper_table4", trial_id=paper.model, max_step=paper.step,
+        train_compute=paper.gflops * paper.batch_size * paper.step * 3,
+        fid_samples=50_000, feature_extractor="inception-v3", sampler="ddpm-250", cfg_scale=1.0,
+        dataset="ImageNet 256×256 (Peebles & Xie 2023, Table 4)", status="ok",
+    )
+    return to_table(df, RESULTS_SCHEMA).to_pandas()

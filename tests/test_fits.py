@@ -1,0 +1,150 @@
+"""Scaling-law fits recover the laws synthetic data were drawn from, inside their bootstrap intervals."""
+import json
+
+import numpy as np
+import pytest
+
+from scaling.fits import (CHINCHILLA, POWER_LAW, SATURATING_POWER_LAW, FitError, bootstrap, correlations,
+                          extrapolation_check, fit_law, frontier, isoflop)
+from scaling.results import paper_results
+
+N_BOOT = 200  # enough for stable 95% intervals at this noise; the report's default is 1000
+
+
+def assert_recovers(fit, truth, rtol):
+    """Every true coefficient inside its interval, and the point estimate close to it."""
+    intervals = fit.intervals()
+    for (name, value), estimate in zip(truth.items(), fit.params):
+        low, high = intervals[name]
+        assert low <= value <= high, f"{name}: {value} not in [{low}, {high}]"
+        assert estimate == pytest.approx(value, rel=rtol), name
+
+
+def test_paper_correlation_of_fid_with_log_gflops():
+    paper = paper_results()
+    c = correlations(np.log10(paper.gflops), paper.fid)
+    assert c["n"] == 12
+    assert c["pearson_r"] == pytest.approx(-0.93, abs=0.005)
+    assert c["spearman_rho"] == pytest.approx(-0.916, abs=0.001)
+    assert c["pearson_p"] < 1e-4
+
+
+def test_power_law_slope_is_the_least_squares_slope_in_log_log():
+    paper = paper_results()
+    fit = fit_law(POWER_LAW, paper.gflops, paper.fid, n_boot=N_BOOT)
+    slope, intercept = np.polyfit(np.log10(paper.gflops), np.log10(paper.fid), 1)
+    assert fit.params[1] == pytest.approx(slope, rel=1e-10)
+    assert fit.params[0] == pytest.approx(10 ** intercept, rel=1e-10)
+    low, high = fit.intervals()["b"]
+    assert low < slope < high < 0
+
+
+def test_power_law_recovers_known_coefficients():
+    rng = np.random.default_rng(0)
+    x = np.logspace(0, 3, 30)
+    y = 80 * x ** -0.4 * np.exp(rng.normal(0, 0.05, x.size))
+    assert_recovers(fit_law(POWER_LAW, x, y, n_boot=N_BOOT), {"a": 80, "b": -0.4}, rtol=0.05)
+
+
+def test_saturating_power_law_recovers_known_coefficients():
+    rng = np.random.default_rng(1)
+    c = np.logspace(8, 12, 30)
+    loss = (0.3 + 40 * c ** -0.2) * np.exp(rng.normal(0, 0.01, c.size))
+    fit = fit_law(SATURATING_POWER_LAW, c, loss, n_boot=N_BOOT)
+    assert_recovers(fit, {"E": 0.3, "A": 40, "alpha": 0.2}, rtol=0.1)
+    low, high = fit.band(c)
+    assert np.all(low <= fit.predict(c) + 1e-12) and np.all(fit.predict(c) <= high + 1e-12)
+
+
+def test_chinchilla_approach_3_recovers_known_coefficients():
+    rng = np.random.default_rng(2)
+    n, d = np.meshgrid(np.logspace(7, 9, 6), np.logspace(8, 11, 6))
+    n, d = n.ravel(), d.ravel()
+    truth = {"E": 1.7, "A": 400.0, "alpha": 0.34, "B": 410.0, "beta": 0.28}
+    loss = (truth["E"] + truth["A"] / n ** truth["alpha"] + truth["B"] / d ** truth["beta"])
+    loss *= np.exp(rng.normal(0, 0.003, n.size))
+    fit = fit_law(CHINCHILLA, np.column_stack([n, d]), loss, n_boot=N_BOOT)
+    assert_recovers(fit, truth, rtol=0.15)
+    assert fit.law.formula == "L = E + A/N^α + B/D^β"
+
+
+def test_too_few_points_raise_fit_error_with_the_reason():
+    with pytest.raises(FitError, match="needs at least 4 distinct points, got 3"):
+        fit_law(SATURATING_POWER_LAW, [1, 2, 3], [3.0, 2.0, 1.5])
+    with pytest.raises(FitError, match="needs at least 3 distinct points, got 2"):
+        fit_law(POWER_LAW, [1, 2, 2, np.nan], [3.0, 2.0, 2.1, 5.0])  # NaN dropped, repeats are one x
+    with pytest.raises(FitError, match="3 distinct model sizes N, got 2"):
+        fit_law(CHINCHILLA, np.column_stack([[1e6, 1e7] * 5, np.logspace(8, 9, 10)]), np.linspace(3, 2, 10))
+    with pytest.raises(FitError, match="at least 3 points"):
+        correlations([1.0, 2.0], [3.0, 1.0])
+
+
+def test_bootstrap_resamples_whole_groups_and_drops_failed_fits():
+    groups = np.array(["a", "a", "b", "c", "c", "c"])
+    seen = []
+
+    def estimate(idx):
+        seen.append(idx)
+        if len(set(groups[idx])) == 1:
+            raise FitError("one trial only")
+        return [len(idx)]
+
+    boot = bootstrap(groups, estimate, n_boot=300, seed=0)
+    for idx in seen:  # every resample is a union of complete trials, duplicates included
+        for g in set(groups[idx]):
+            assert (idx[groups[idx] == g].size % (groups == g).sum()) == 0
+    single = sum(len(set(groups[idx])) == 1 for idx in seen)
+    assert single > 0 and boot.shape == (300 - single, 1)
+    np.testing.assert_array_equal(bootstrap(groups, estimate, n_boot=300, seed=0), boot)  # seeded
+
+
+def test_frontier_keeps_points_better_than_everything_cheaper():
+    compute = np.array([1, 2, 3, 4, 5, 6])
+    loss = np.array([5.0, 6.0, 4.0, 4.0, 4.5, 3.0])
+    assert frontier(compute, loss).tolist() == [True, False, True, False, False, True]
+
+
+def test_isoflop_recovers_the_compute_optimal_exponents():
+    """With C = 6ND, L = E + A/N^α + B/D^β has N* ∝ C^(β/(α+β)) and D* ∝ C^(α/(α+β))."""
+    rng = np.random.default_rng(3)
+    e, a, alpha, b, beta = 1.7, 400.0, 0.34, 410.0, 0.28
+    sizes, steps = np.logspace(7, 9, 9), np.logspace(8, 11, 16)
+    n, d = (v.ravel() for v in np.meshgrid(sizes, steps, indexing="ij"))
+    trial = np.repeat(np.arange(sizes.size), steps.size)
+    loss = (e + a / n ** alpha + b / d ** beta) * np.exp(rng.normal(0, 0.002, n.size))
+    iso = isoflop(6 * n * d, n, d, loss, trial, n_budgets=6, n_boot=N_BOOT)
+    assert len(iso.profiles) == 6 and iso.notes == []
+    n_exp, d_exp = iso.n_opt.params[1], iso.steps_opt.params[1]
+    assert n_exp == pytest.approx(beta / (alpha + beta), abs=0.03)
+    assert d_exp == pytest.approx(alpha / (alpha + beta), abs=0.03)
+    assert n_exp + d_exp == pytest.approx(1.0, abs=1e-6)  # N*·D* = C/6 at every budget
+    for fit, exponent in ((iso.n_opt, beta / (alpha + beta)), (iso.steps_opt, alpha / (alpha + beta))):
+        low, high = fit.intervals()["b"]
+        assert low <= exponent <= high
+
+
+def test_isoflop_needs_several_sizes_measured_at_several_steps():
+    with pytest.raises(FitError, match="at least 3 model sizes"):
+        isoflop([1e3, 1e4, 2e3, 2e4], [1e6, 1e6, 1e7, 1e7], [1, 10, 1, 10], [3.0, 2.0, 2.5, 1.8], [0, 0, 1, 1])
+
+
+def test_extrapolation_check_predicts_the_held_out_point():
+    rng = np.random.default_rng(4)
+    c = np.logspace(8, 12, 25)
+    loss = (0.3 + 40 * c ** -0.2) * np.exp(rng.normal(0, 0.005, c.size))
+    held = c == c.max()
+    check = extrapolation_check(SATURATING_POWER_LAW, c, loss, np.arange(c.size), held, c.max(), loss[held][0],
+                                n_boot=N_BOOT)
+    assert check["n_points"] == 24  # the held-out point is not in the fit
+    assert check["ci_low"] < check["predicted"] < check["ci_high"]
+    assert abs(check["relative_error"]) < 0.02
+    assert check["predicted"] == pytest.approx(0.3 + 40 * c.max() ** -0.2, rel=0.02)
+    json.dumps(check)
+
+
+def test_fit_summary_is_json():
+    paper = paper_results()
+    doc = fit_law(POWER_LAW, paper.gflops, paper.fid, n_boot=50).to_dict()
+    assert doc["n_points"] == 12 and doc["n_boot_converged"] == 50
+    assert set(doc["coefficients"]) == {"a", "b"}
+    json.dumps(doc)

@@ -1,0 +1,188 @@
+"""The report: built from Parquet alone, on the paper's table and on synthetic studies, big and tiny."""
+import json
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from scaling.report import build_report, main
+from scaling.results import RESULTS_SCHEMA, paper_results, write_table
+
+TRUE_LAW = {"E": 0.15, "A": 30.0, "alpha": 0.35, "B": 20.0, "beta": 0.3}  # L(N, D), D in images
+STEPS = (12_500, 25_000, 50_000, 100_000, 200_000, 400_000)
+FIGURES = ["fig1_fid_vs_gflops", "fig2_fid_vs_compute", "fig3_loss_vs_compute", "fig4_fid_vs_steps",
+           "fig4_loss_vs_steps", "fig5_isoflop"]
+
+
+# Makes `import torch` (ray, mlflow) fail, as on a machine that has only the analysis dependencies.
+BLOCK_IMPORTS = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "ray", "mlflow"):
+            raise ImportError(f"{name} is not installed here")
+sys.meta_path.insert(0, Block())
+"""
+
+
+def synthetic_rows(seed=0, noise=0.003, fid_from=50_000):
+    """The paper's 12 models at STEPS, loss from TRUE_LAW, FID only from fid_from on; plus a diverged
+    and a failed trial."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for m in paper_results().itertuples():
+        for step in STEPS:
+            images, compute = m.batch_size * step, m.gflops * m.batch_size * step * 3
+            e, a, alpha, b, beta = TRUE_LAW.values()
+            loss = (e + a / m.params ** alpha + b / images ** beta) * np.exp(rng.normal(0, noise))
+            fid = (5 + 3000 * compute ** -0.2) * np.exp(rng.normal(0, 0.02)) if step >= fid_from else None
+            rows.append(dict(study="synthetic", trial_id=f"t-{m.model}", model=m.model, size=m.size, patch=m.patch,
+                             params=m.params, gflops=m.gflops, batch_size=m.batch_size, step=step,
+                             max_step=STEPS[-1], train_compute=compute, val_loss=loss, train_loss=1.02 * loss,
+                             fid=fid, fid_samples=10_000, feature_extractor="inception-v3-compat", status="ok"))
+    xl2 = rows[-1]
+    for trial, status, step, error in (("t-diverged", "diverged", 25_000, "loss became nan at step 24,810"),
+                                       ("t-failed", "failed", 0, "worker died: out of memory")):
+        rows.append({**xl2, "trial_id": trial, "status": status, "step": step, "error": error, "fid": None,
+                     "val_loss": None, "train_loss": None, "train_compute": xl2["gflops"] * 256 * step * 3})
+    return rows
+
+
+def references(index_html):
+    """Every src and href of a page."""
+    class Refs(HTMLParser):
+        found = []
+
+        def handle_starttag(self, tag, attrs):
+            self.found += [v for k, v in attrs if k in ("src", "href")]
+
+    parser = Refs()
+    parser.found = []
+    parser.feed(index_html.read_text())
+    return parser.found
+
+
+def assert_self_contained(folder):
+    """The page embeds its figures and links only to files inside the report folder."""
+    refs = references(folder / "index.html")
+    assert refs, "the page shows nothing"
+    for ref in refs:
+        if ref.startswith("data:image/"):
+            continue
+        assert "/" not in ref and (folder / ref).is_file(), ref
+
+
+def test_paper_report(tmp_path):
+    out = tmp_path / "paper"
+    assert main(["--paper", "--out", str(out), "--n-boot", "100"]) == 0
+    assert_self_contained(out)
+    for stem in FIGURES[:2]:
+        assert (out / f"{stem}.png").stat().st_size > 10_000 and (out / f"{stem}.svg").is_file()
+    fits = json.loads((out / "fits.json").read_text())
+    assert fits["study"] == "dit_paper_table4" and fits["trials"] == {"ok": 12}
+    assert fits["correlation_fid_log10_gflops"]["pearson_r"] == pytest.approx(-0.93, abs=0.005)
+    paper = paper_results()
+    slope = np.polyfit(np.log10(paper.gflops), np.log10(paper.fid), 1)[0]
+    b = fits["fits"]["fid_vs_gflops"]["coefficients"]["b"]
+    assert b["value"] == pytest.approx(slope, rel=1e-9) and b["ci_low"] < slope < b["ci_high"]
+    assert fits["extrapolation"][0]["model"] == "DiT-XL/2"
+    assert fits["extrapolation"][0]["observed"] == 19.47
+    assert any("No loss" in n for n in fits["notes"])
+    md = (out / "report.md").read_text()
+    assert "![" in md and "fig1_fid_vs_gflops.png" in md and "-0.9298" in md
+
+
+def test_synthetic_study_from_parquet_alone(tmp_path):
+    """`python -m scaling.report FOLDER` with torch, Ray and MLflow unimportable, into reports/<study>."""
+    write_table(synthetic_rows(), tmp_path / "study" / "results.parquet", RESULTS_SCHEMA)
+    code = BLOCK_IMPORTS + ("import runpy; sys.argv = ['scaling.report', 'study', '--n-boot', '50']; "
+                            "runpy.run_module('scaling.report', run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "reports" / "synthetic"
+    assert done.stdout.strip() == str(Path("reports/synthetic/index.html"))
+    assert_self_contained(out)
+    for stem in FIGURES:
+        assert (out / f"{stem}.png").is_file() and (out / f"{stem}.svg").is_file(), stem
+    fits = json.loads((out / "fits.json").read_text())
+    assert fits["trials"] == {"ok": 12, "diverged": 1, "failed": 1}
+    chinchilla = fits["fits"]["loss_vs_params_and_images"]
+    assert chinchilla["n_trials"] == 12 and chinchilla["n_points"] == 72  # diverged and failed left out
+    for name, value in TRUE_LAW.items():
+        c = chinchilla["coefficients"][name]
+        assert c["ci_low"] <= value <= c["ci_high"], name
+    fid_fit = fits["fits"]["fid_vs_compute"]
+    assert fid_fit["coefficients"]["b"]["value"] == pytest.approx(-0.2, abs=0.04)
+    held_out = [e for e in fits["extrapolation"] if e["model"] == "DiT-XL/2"]
+    assert len(held_out) == 3 and all(e["n_trials"] == 11 for e in held_out)
+    loss_check = next(e for e in held_out if e["law"] == "y = E + A·x^(−α)")
+    assert abs(loss_check["relative_error"]) < 0.1
+    page = (out / "index.html").read_text()
+    assert '<tr class="diverged">' in page and '<tr class="failed">' in page
+    assert "worker died: out of memory" in page
+
+
+@pytest.mark.parametrize("case", ["one row", "two trials", "no FID", "all failed", "single step"])
+def test_tiny_studies_give_notes_not_crashes(tmp_path, case):
+    rows = pd.DataFrame(synthetic_rows())
+    rows = rows[rows.status == "ok"]
+    if case == "one row":
+        rows = rows.iloc[[5]]
+    elif case == "two trials":
+        rows = rows[rows.model.isin(["DiT-S/2", "DiT-B/2"])]
+    elif case == "no FID":
+        rows = rows.assign(fid=np.nan)
+    elif case == "all failed":
+        rows = rows.assign(status="failed", error="boom")
+    elif case == "single step":
+        rows = rows[rows.step == 100_000].assign(val_loss=np.nan)  # FID and training loss only
+    write_table(rows, tmp_path / "results.parquet", RESULTS_SCHEMA)
+    out = build_report(tmp_path / "results.parquet", tmp_path / "report", n_boot=20)
+    assert out == tmp_path / "report"
+    assert_self_contained(out)
+    fits = json.loads((out / "fits.json").read_text())
+    assert fits["notes"], "a report that fits less than everything says why"
+    if case in ("one row", "all failed"):
+        assert fits["fits"] == {} and fits["correlation_fid_log10_gflops"] is None
+    if case == "two trials":  # two sizes: no correlation, L(N, D) or IsoFLOP; the frontier laws still fit
+        assert fits["correlation_fid_log10_gflops"] is None
+        assert set(fits["fits"]) == {"fid_vs_compute", "loss_vs_compute"}
+        assert any("3 distinct model sizes N, got 2" in n for n in fits["notes"])
+    if case == "no FID":
+        assert fits["correlation_fid_log10_gflops"] is None and "fid_vs_gflops" not in fits["fits"]
+        assert (out / "fig3_loss_vs_compute.png").is_file() and not (out / "fig1_fid_vs_gflops.png").exists()
+    if case == "all failed":
+        assert fits["trials"] == {"failed": 12}
+    if case == "single step":
+        assert fits["loss_column"] == "train_loss"
+        assert fits["correlation_fid_log10_gflops"]["n"] == 12
+
+
+def test_bad_input_exits_2_naming_the_file(tmp_path, capsys):
+    assert main([str(tmp_path / "missing.parquet")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "missing.parquet" in err and "\n" not in err
+    broken = tmp_path / "results.parquet"
+    broken.write_bytes(b"PAR1 not really")
+    assert main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(broken) in err and "not a readable Parquet file" in err and "\n" not in err
+    write_table([], broken, RESULTS_SCHEMA)
+    assert main([str(broken)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {broken}: no rows"
+    assert not (tmp_path / "reports").exists()
+
+
+def test_rebuild_replaces_the_whole_report(tmp_path):
+    out = tmp_path / "report"
+    write_table(pd.DataFrame(synthetic_rows()).iloc[[5]], tmp_path / "results.parquet", RESULTS_SCHEMA)
+    build_report(tmp_path / "results.parquet", out, n_boot=10)
+    assert (out / "fig3_loss_vs_compute.png").exists()
+    build_report(paper_results(), out, n_boot=10)  # the paper has no loss: no Figure 3
+    assert not (out / "fig3_loss_vs_compute.png").exists()  # nothing stale survives
+    assert json.loads((out / "fits.json").read_text())["study"] == "dit_paper_table4"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report", "results.parquet"]  # no temporary folders

@@ -1,0 +1,139 @@
+"""The results tables: schema, atomic writes, validated loads, and the bundled paper table."""
+import math
+import subprocess
+import sys
+from datetime import datetime, timezone
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from scaling.results import (LOSS_CURVES_SCHEMA, REQUIRED_COLUMNS, RESULTS_SCHEMA, load_results, paper_results,
+                             write_table)
+
+PAPER_GFLOPS = {"S/8": 0.36, "S/4": 1.41, "S/2": 6.06, "B/8": 1.42, "B/4": 5.56, "B/2": 23.01, "L/8": 5.01,
+                "L/4": 19.70, "L/2": 80.71, "XL/8": 7.39, "XL/4": 29.05, "XL/2": 118.64}
+PAPER_FID = {"S/8": 153.60, "S/4": 100.41, "S/2": 68.40, "B/8": 122.74, "B/4": 68.38, "B/2": 43.47, "L/8": 118.87,
+             "L/4": 45.64, "L/2": 23.33, "XL/8": 106.41, "XL/4": 43.01, "XL/2": 19.47}
+PATCH2_PARAMS = {"S": 32_963_360, "B": 130_512_416, "L": 458_102_816, "XL": 675_129_632}
+WIDTH = {"S": 384, "B": 768, "L": 1024, "XL": 1152}
+
+
+def row(**overrides):
+    """One ok measurement of a small trial."""
+    base = dict(study="s", trial_id="abc", model="DiT-S/2", size="S", patch=2, params=32_963_360, gflops=6.06,
+                batch_size=256, step=1000, max_step=2000, train_compute=6.06 * 256 * 1000 * 3, train_loss=0.2,
+                val_loss=0.21, fid=50.0, fid_samples=1000, feature_extractor="digits", wall_time_s=12.5,
+                images_per_s=300.0, status="ok", mlflow_run_id="r1",
+                timestamp=datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc))
+    return {**base, **overrides}
+
+
+def test_schema_types_and_required_columns():
+    types = {f.name: f.type for f in RESULTS_SCHEMA}
+    assert types["patch"] == pa.int32() and types["params"] == pa.int64() and types["step"] == pa.int64()
+    assert types["train_compute"] == pa.float64() and types["fid_samples"] == pa.int32()
+    assert types["timestamp"] == pa.timestamp("us", tz="UTC")
+    assert set(REQUIRED_COLUMNS) <= set(RESULTS_SCHEMA.names)
+    assert LOSS_CURVES_SCHEMA.names == ["study", "trial_id", "model", "step", "train_loss", "lr", "images_per_s"]
+
+
+def test_round_trip_of_rows_with_missing_values(tmp_path):
+    rows = [row(), row(step=2000, fid=None, val_loss=float("nan"), fid_samples=None, error=None)]
+    write_table(rows, tmp_path / "results.parquet", RESULTS_SCHEMA)
+    df = load_results(tmp_path)  # the folder names the file
+    assert list(df.columns) == RESULTS_SCHEMA.names
+    assert df.step.tolist() == [1000, 2000]
+    assert df.fid.iloc[0] == 50.0 and math.isnan(df.fid.iloc[1]) and math.isnan(df.val_loss.iloc[1])
+    assert df.timestamp.iloc[0] == pd.Timestamp("2025-01-02 03:04:05", tz="UTC")
+    assert df.kid.isna().all()  # columns the writer left out come back null
+    # What load_results returns writes back unchanged (the orchestrator rewrites loaded rows).
+    write_table(df.to_dict("records"), tmp_path / "again.parquet", RESULTS_SCHEMA)
+    pd.testing.assert_frame_equal(load_results(tmp_path / "again.parquet"), df)
+
+
+def test_write_is_atomic_and_leaves_no_temporary_files(tmp_path):
+    path = tmp_path / "results.parquet"
+    write_table([row()], path, RESULTS_SCHEMA)
+    with pytest.raises(ValueError, match="patch"):
+        write_table([row(patch=2.5)], path, RESULTS_SCHEMA)  # a fraction cannot become an int silently
+    assert load_results(path).patch.tolist() == [2]  # the old file survives a failed write
+    assert [p.name for p in tmp_path.iterdir()] == ["results.parquet"]
+
+
+def test_unknown_columns_are_rejected(tmp_path):
+    with pytest.raises(ValueError, match="not in the schema: fidd"):
+        write_table([row(fidd=3.0)], tmp_path / "results.parquet", RESULTS_SCHEMA)
+
+
+def test_loss_curves_table(tmp_path):
+    curves = pd.DataFrame({"study": "s", "trial_id": "abc", "model": "DiT-S/2", "step": [10, 20],
+                           "train_loss": [0.5, 0.4], "lr": 1e-4, "images_per_s": [100.0, None]})
+    write_table(curves, tmp_path / "loss_curves.parquet", LOSS_CURVES_SCHEMA)
+    back = pd.read_parquet(tmp_path / "loss_curves.parquet")
+    assert back.train_loss.tolist() == [0.5, 0.4] and back.step.dtype == np.int64
+    write_table([], tmp_path / "loss_curves.parquet", LOSS_CURVES_SCHEMA)  # a study before its first log
+    assert pd.read_parquet(tmp_path / "loss_curves.parquet").columns.tolist() == LOSS_CURVES_SCHEMA.names
+
+
+def test_missing_file_and_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.parquet"):
+        load_results(tmp_path / "nope.parquet")
+    with pytest.raises(FileNotFoundError, match="results.parquet"):
+        load_results(tmp_path)
+
+
+def test_truncated_and_non_parquet_files(tmp_path):
+    good = tmp_path / "good.parquet"
+    write_table([row()], good, RESULTS_SCHEMA)
+    truncated = tmp_path / "truncated.parquet"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(ValueError, match="truncated.parquet: not a readable Parquet file"):
+        load_results(truncated)
+    text = tmp_path / "results.parquet"
+    text.write_text("trial_id,fid\nabc,3\n")
+    with pytest.raises(ValueError, match="results.parquet: not a readable Parquet file"):
+        load_results(tmp_path)
+
+
+def test_missing_required_columns_are_named(tmp_path):
+    path = tmp_path / "old.parquet"
+    pd.DataFrame([row()]).drop(columns=["gflops", "status"]).to_parquet(path)
+    with pytest.raises(ValueError, match="old.parquet: missing required columns: gflops, status"):
+        load_results(path)
+
+
+def test_unknown_status_is_rejected(tmp_path):
+    path = tmp_path / "results.parquet"
+    write_table([row(status="exploded")], path, RESULTS_SCHEMA)
+    with pytest.raises(ValueError, match="unknown status values \\['exploded'\\]"):
+        load_results(path)
+
+
+def test_paper_table_matches_table_4():
+    df = paper_results()
+    assert len(df) == 12 and set(df.status) == {"ok"}
+    short = df.model.str.removeprefix("DiT-")
+    assert dict(zip(short, df.gflops)) == PAPER_GFLOPS
+    assert dict(zip(short, df.fid)) == PAPER_FID
+    assert (df.step == 400_000).all() and (df.batch_size == 256).all()
+    np.testing.assert_allclose(df.train_compute, df.gflops * 256 * 400_000 * 3)
+
+
+def test_paper_params_follow_from_the_patch_2_counts():
+    """Only the patch embedding, the positional embedding and the final layer depend on the patch."""
+    def patch_part(d, p):
+        return p * p * 4 * d + d + (32 // p) ** 2 * d + d * p * p * 8 + p * p * 8
+
+    df = paper_results()
+    for r in df.itertuples():
+        d = WIDTH[r.size]
+        assert r.params == PATCH2_PARAMS[r.size] - patch_part(d, 2) + patch_part(d, r.patch), r.model
+
+
+def test_package_import_is_light():
+    code = ("import sys, scaling; scaling.load_results; import scaling.report; "
+            "print(sorted(m for m in ('torch', 'ray', 'mlflow') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
