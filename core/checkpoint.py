@@ -44,14 +44,19 @@ def _rng_state():
     return state
 
 
-def save_checkpoint(directory, engine, ema, trainer_state, rank):
-    """Write a checkpoint of every rank under directory; returns its path. Collective: all ranks call it."""
+def save_checkpoint(directory, engine, ema, trainer_state, rank, shared=True):
+    """Write a checkpoint of every rank under directory; returns its path. Collective: all ranks call it.
+
+    shared: whether all ranks write into one directory (then rank 0 alone renames it) or each rank
+    into its own (then each renames its own).
+    """
     directory = Path(directory)
     name = checkpoint_name(trainer_state["step"])
     final, tmp = directory / name, directory / f".tmp-{name}"
     directory.mkdir(parents=True, exist_ok=True)
-    # Each rank may have its own directory (Ray gives every worker a temporary one) or share one.
-    shutil.rmtree(tmp, ignore_errors=True)
+    owner = rank == 0 or not shared
+    if owner:
+        shutil.rmtree(tmp, ignore_errors=True)
     _barrier()
     tmp.mkdir(parents=True, exist_ok=True)
     engine.save_checkpoint(str(tmp / ENGINE_DIR), tag=ENGINE_TAG, save_latest=False)
@@ -64,13 +69,9 @@ def save_checkpoint(directory, engine, ema, trainer_state, rank):
             f.flush()
             os.fsync(f.fileno())
     _barrier()
-    if tmp.exists():
-        try:
-            shutil.rmtree(final, ignore_errors=True)  # a stale checkpoint of the same step
-            os.replace(tmp, final)
-        except (FileNotFoundError, OSError):
-            if not final.exists():
-                raise
+    if owner:  # one renamer per directory: two would race, one deleting what the other just renamed
+        shutil.rmtree(final, ignore_errors=True)  # a stale checkpoint of the same step
+        os.replace(tmp, final)
     _barrier()
     return final
 

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -315,7 +316,7 @@ def train(cfg, out_dir, milestones=(), callbacks=None, resume_from=None, checkpo
                 "world_size": world, "zero_stage": cfg.zero_stage, "config": _jsonable(cfg), "history": history,
                 "metrics": metrics,
             }
-            path = ckpt.save_checkpoint(checkpoint_dir, engine, ema, state, rank)
+            path = ckpt.save_checkpoint(checkpoint_dir, engine, ema, state, rank, shared_checkpoint_dir)
             if at_milestone:
                 metrics.update(callbacks.on_milestone(trial, dict(metrics)) or {})
             callbacks.on_checkpoint(trial, path, dict(metrics))
@@ -400,8 +401,13 @@ def main(argv=None):
     milestones = [int(s) for s in args.milestones.split(",") if s]
     out = Path(args.results_dir) / cfg.model.replace("/", "-")
     resume = None if args.resume == "none" else args.resume
-    train(cfg, out, milestones, PrintingCallbacks(), resume_from=resume)
+    try:
+        train(cfg, out, milestones, PrintingCallbacks(), resume_from=resume)
+    except ckpt.CheckpointError as e:  # a bad --resume path: the message names the file, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

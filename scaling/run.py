@@ -27,6 +27,7 @@ def parse_args(argv):
     parser.add_argument("--address", default=None,
                         help="Ray cluster to run on (default: RAY_ADDRESS, else a local Ray instance)")
     parser.add_argument("--no-report", action="store_true", help="do not build the report at the end")
+    parser.add_argument("--report-dir", default=None, help="where the report goes (default: reports/<study>)")
     return parser.parse_args(argv)
 
 
@@ -55,7 +56,7 @@ def main(argv=None):
     except StudyError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    return run_study(study, address, build_report=not args.no_report)
+    return run_study(study, address, build_report=not args.no_report, report_dir=args.report_dir)
 
 
 def check_output(study):
@@ -91,7 +92,7 @@ def check_reachable(address):
         raise StudyError(f"--address {address}: cannot reach a Ray cluster there ({e})") from e
 
 
-def run_study(study, address, build_report=True):
+def run_study(study, address, build_report=True, report_dir=None):
     """Launch the unfinished trials on Ray, record everything, build the report."""
     import ray
     from ray import tune
@@ -162,7 +163,7 @@ def run_study(study, address, build_report=True):
     if build_report and (out / "results.parquet").exists():
         from scaling.report import build_report as make_report
 
-        path = make_report(out / "results.parquet")
+        path = make_report(out / "results.parquet", report_dir)
         print(f"report: {path}")
     ray.shutdown()
     return EXIT_TRIALS_FAILED if failed else EXIT_OK

@@ -47,8 +47,10 @@ def mlflow_runs(out):
 
 def test_end_to_end_and_rerun_skips_finished(tmp_path):
     study, out = write_study(tmp_path)
-    proc = run([study, "--no-report"])
+    proc = run([study, "--report-dir", tmp_path / "report"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"report: {tmp_path / 'report'}" in proc.stdout
+    assert {"index.html", "report.md", "fits.json"} <= {p.name for p in (tmp_path / "report").iterdir()}
     df = load_results(out)
     assert sorted(zip(df.patch, df.step)) == [(2, 10), (2, 20), (4, 10), (4, 20)]
     assert (df.status == "ok").all() and df.val_loss.notna().all() and df.fid.notna().all()

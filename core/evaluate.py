@@ -1,0 +1,257 @@
+"""Evaluation at a milestone: N samples from a trial's EMA weights, FID and friends through torch-fidelity, a grid.
+
+evaluate() is collective: every rank calls it. Item i of an evaluation (the N images, then the
+grid's) has a label drawn once for all N and the seed image_seed(cfg.seed, i), and core.sampling
+makes image i depend on its seed alone, so the images do not depend on the world size or the batch.
+Rank r samples the r-th contiguous slice of the items; the slices are gathered on rank 0 as uint8,
+rank 0 runs torch-fidelity and writes the grid, and the result is broadcast to every rank.
+
+What FID is measured against (core.real_images, core.fid):
+- reference: eval.reference (a folder of real images) if given, else the training data (digits:
+  all 1500 training images; an image folder: its images, at most reference_samples of them, a
+  fixed random subset). Its features are computed once and cached under cache_dir.
+  Latents need eval.reference: the real images, not the VAE's reconstructions.
+- fid: the N generated images against the reference.
+- fid_floor: held-out real images (eval.heldout, or digits' 297 held-out images; min(N, available)
+  of them, fid_floor_samples) against the same reference: the FID of real images the model never
+  saw, below which differences are noise. FID is biased upwards at small counts, so a floor with
+  fewer images than N (digits at N > 297) overstates the floor a little: it is conservative.
+"""
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.distributed as dist
+
+from core.fid import FID_NOTES, fidelity, resolve_extractor
+from core.real_images import UInt8Images, heldout_images, reference_images, to_uint8
+from core.sample_grid import save_grid
+from core.sampling import sample
+
+DECODE_BATCH = 32  # VAE decoder activations at 256×256 are large: decode in small batches
+GRID_STREAM = 1  # grid images draw their seeds from a stream of their own
+
+
+@dataclass
+class EvalConfig:
+    """How a milestone is evaluated; defaults are the digits study's (FID-1000, DDIM-50, no guidance)."""
+
+    num_samples: int = 1000  # N generated images (FID-N)
+    sampler: str = "ddim"
+    num_steps: int = 50
+    eta: float = 0.0
+    cfg_scale: float = 1.0  # 1.0: no guidance, as in the paper's scaling plots
+    guided_channels: int | None = 3  # None: guide every noise channel
+    seed: int = 0
+    batch_size: int = 256  # per rank, sampling
+    feature_extractor: str = "digits"  # "digits" | "inception-v3-compat"
+    feature_extractor_weights: str | None = None  # a local weights file; default: shipped / torch-fidelity's cache
+    grid_images_per_class: int = 4
+    grid_classes: int = 10  # the grid shows the first grid_classes classes
+    reference: str | None = None  # a folder of real images for FID; default: the training data (required for latents)
+    heldout: str | None = None  # a folder of held-out real images for the noise floor; digits: the held-out split
+    cache_dir: str = "~/.cache/dit-scaling/fid"  # real features and statistics
+    reference_samples: int = 50_000  # at most this many reference images (a fixed random subset)
+    diffusion_steps: int = 1000
+
+
+#################################################################################
+#                          Which images, on which rank                          #
+#################################################################################
+
+def image_seed(seed, i, stream=0):
+    """The sampling seed of item i (< 2**31): a function of (seed, stream, i) only, below 2**32.
+
+    CPU generators (mt19937) read only the low 32 bits of a seed, so the evaluation seed is mixed
+    into them by a golden-ratio Weyl step: nearby seeds offset the items' seeds by billions, and
+    draw unrelated noise.
+    """
+    return (i + (stream << 31) + seed * 0x9E3779B9) % (1 << 32)
+
+
+def sample_plan(cfg, num_classes, grid_classes=0):
+    """(labels (N + G,), seeds [N + G]): N uniform labels, then grid_classes × grid_images_per_class grid items."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+    labels = torch.randint(num_classes, (cfg.num_samples,), generator=generator)  # (N,)
+    per_class = cfg.grid_images_per_class if grid_classes else 0
+    grid = torch.arange(grid_classes).repeat_interleave(per_class)  # (G,): class c, per_class times
+    seeds = [image_seed(cfg.seed, i) for i in range(cfg.num_samples)]
+    seeds += [image_seed(cfg.seed, j, GRID_STREAM) for j in range(len(grid))]
+    return torch.cat([labels, grid]), seeds
+
+
+def rank_counts(total, world_size):
+    """Items per rank: contiguous slices as even as they go."""
+    return [len(s) for s in torch.arange(total).tensor_split(world_size)]
+
+
+def rank_slice(total, rank, world_size):
+    """This rank's item indices."""
+    counts = rank_counts(total, world_size)
+    start = sum(counts[:rank])
+    return slice(start, start + counts[rank])
+
+
+#################################################################################
+#                                   Sampling                                    #
+#################################################################################
+
+@lru_cache(maxsize=1)
+def _load_vae(path, device):
+    from core.latents import load_vae
+
+    return load_vae(path, device)
+
+
+def latent_decoder(meta, vae, device):
+    """A function from scaled latents (B, C, h, w) to images (B, 3, H, W) in about [-1, 1], through the VAE.
+
+    meta: the latent folder's meta.json; vae: a diffusers AutoencoderKL, a local folder of one, or
+    None for the one the meta names.
+    """
+    if vae is None or isinstance(vae, (str, bytes)) or hasattr(vae, "__fspath__"):
+        vae = _load_vae(str(vae or meta["vae"]), str(device))
+    scale = meta.get("scale_factor", vae.config.scaling_factor)
+
+    @torch.no_grad()
+    def decode(z):
+        images = [vae.decode((part / scale).to(vae.device, vae.dtype)).sample for part in z.split(DECODE_BATCH)]
+        return torch.cat(images).float()  # (B, 3, H, W)
+    return decode
+
+
+def generate(model, cfg, labels, seeds, *, device, decode=None, autocast_dtype=None):
+    """uint8 images (n, C, H, W) on the CPU, one per (label, seed), sampled in batches of cfg.batch_size."""
+    out = []
+    for start in range(0, len(labels), cfg.batch_size):
+        y = labels[start:start + cfg.batch_size].to(device)
+        x = sample(model, y, seeds[start:start + cfg.batch_size], sampler=cfg.sampler, num_steps=cfg.num_steps,
+                   cfg_scale=cfg.cfg_scale, eta=cfg.eta, guided_channels=cfg.guided_channels,
+                   diffusion_steps=cfg.diffusion_steps, autocast_dtype=autocast_dtype)  # (B, C, h, w)
+        if decode is not None:
+            x = decode(x)  # (B, 3, H, W)
+        out.append(to_uint8(x).cpu())
+    return torch.cat(out) if out else None
+
+
+def gather(images, counts, shape, rank, world_size, device, chunk=256):
+    """Every rank's uint8 images concatenated on rank 0 in rank order (None elsewhere), chunk by chunk.
+
+    Chunks bound the memory a gather takes (FID-50K at 256×256 is 10 GB); each is padded to the
+    same size on every rank, and lives on the GPU under NCCL, which only moves CUDA tensors.
+    """
+    if world_size == 1:
+        return images
+    comm_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    offsets = [sum(counts[:r]) for r in range(world_size)]
+    out = torch.empty(sum(counts), *shape, dtype=torch.uint8) if rank == 0 else None
+    for start in range(0, max(counts), chunk):
+        piece = torch.zeros(chunk, *shape, dtype=torch.uint8, device=comm_device)  # (chunk, C, H, W)
+        mine = images[start:start + chunk] if images is not None else piece[:0]
+        piece[:len(mine)] = mine.to(comm_device)
+        bucket = [torch.empty_like(piece) for _ in range(world_size)] if rank == 0 else None
+        dist.gather(piece, bucket, dst=0)
+        if rank == 0:
+            for r, received in enumerate(bucket):
+                n = max(0, min(chunk, counts[r] - start))
+                out[offsets[r] + start:offsets[r] + start + n] = received[:n].cpu()
+    return out
+
+
+#################################################################################
+#                                  Evaluation                                   #
+#################################################################################
+
+def check(cfg, dataset):
+    """(torch-fidelity extractor, weights file); raises what would otherwise fail after sampling (call it early)."""
+    if cfg.num_samples < 2:
+        raise ValueError(f"num_samples must be at least 2 for FID, got {cfg.num_samples}")
+    if dataset == "latents" and cfg.reference is None:
+        raise ValueError("FID on latents needs eval.reference: a folder of the real training images "
+                         "(e.g. the ImageNet train folder the latents were encoded from)")
+    return resolve_extractor(cfg.feature_extractor, cfg.feature_extractor_weights)
+
+
+def evaluate(model, cfg, *, dataset, data_path=None, image_size=None, vae=None, device, rank=0, world_size=1,
+             autocast_dtype=None, grid_path=None):
+    """FID-N and friends of a model, a grid PNG on rank 0; collective, the same dict on every rank."""
+    t0 = time.perf_counter()
+    device = torch.device(device)
+    if world_size > 1 and not dist.is_initialized():
+        raise RuntimeError(f"evaluate with world_size {world_size} needs an initialised torch.distributed")
+    extractor, weights = _checked(cfg, dataset, rank, world_size, device)
+    decode, size = None, image_size if image_size is not None else model.config["input_size"]
+    if dataset == "latents":
+        from core.latents import read_meta
+
+        meta = read_meta(data_path)
+        decode, size = latent_decoder(meta, vae, device), meta["image_size"]
+    shape = (3 if decode is not None else model.in_channels, size, size)  # of a generated image
+
+    # Grid items are sampled whether or not this rank writes the grid: every rank must agree on the plan.
+    grid_classes = min(cfg.grid_classes, model.config["num_classes"]) if cfg.grid_images_per_class else 0
+    labels, seeds = sample_plan(cfg, model.config["num_classes"], grid_classes)
+    mine = rank_slice(len(labels), rank, world_size)
+    images = generate(model, cfg, labels[mine], seeds[mine], device=device, decode=decode,
+                      autocast_dtype=autocast_dtype)
+    images = gather(images, rank_counts(len(labels), world_size), shape, rank, world_size, device)
+    sample_s = time.perf_counter() - t0
+
+    result = None
+    if rank == 0:
+        try:
+            result = _score(images, cfg, extractor, weights, dataset, data_path, size, device, grid_path,
+                            grid_classes)
+        except Exception as err:
+            if world_size > 1:  # the other ranks are waiting for a result: hand them the failure
+                _broadcast(RuntimeError(f"evaluation failed on rank 0: {err!r}"), device)
+            raise
+        result.update(feature_extractor=extractor, fid_note=FID_NOTES.get(extractor), fid_samples=cfg.num_samples,
+                      sample_images_per_s=len(labels) / sample_s, eval_time_s=time.perf_counter() - t0)
+    if world_size > 1:
+        result = _broadcast(result, device)
+        if isinstance(result, Exception):
+            raise result
+    return result
+
+
+def _score(images, cfg, extractor, weights, dataset, data_path, size, device, grid_path, grid_classes):
+    """Rank 0: the grid, the metrics of the first N images, and the noise floor."""
+    out = {"grid_path": None}
+    n = cfg.num_samples
+    if grid_classes and grid_path is not None:
+        out["grid_path"] = str(save_grid(images[n:], cfg.grid_images_per_class, grid_path))
+    cuda = device.type == "cuda"
+    common = dict(extractor=extractor, weights=weights, cache_root=cfg.cache_dir, cuda=cuda)
+    t0 = time.perf_counter()
+    reference = reference_images(dataset, data_path, size, cfg.reference, cfg.reference_samples)
+    out.update(fidelity(UInt8Images(images[:n]), reference, **common))
+    heldout = heldout_images(dataset, size, cfg.heldout, max_images=n)
+    floor = fidelity(heldout, reference, metrics=("fid",), **common)["fid"] if heldout is not None else None
+    out.update(fid_floor=floor, fid_floor_samples=len(heldout) if heldout is not None else 0,
+               fid_reference_samples=len(reference), fid_reference=reference.description,
+               fid_time_s=time.perf_counter() - t0)
+    return out
+
+
+def _checked(cfg, dataset, rank, world_size, device):
+    """check() on rank 0 (which alone needs the extractor's weights), its failure raised on every rank."""
+    resolved, failure = (None, None), None
+    if rank == 0:
+        try:
+            resolved = check(cfg, dataset)
+        except (OSError, ValueError) as err:
+            failure = err
+    if world_size > 1:
+        failure = _broadcast(failure, device)
+    if failure is not None:
+        raise failure
+    return resolved
+
+
+def _broadcast(obj, device):
+    """rank 0's object on every rank."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
+    return box[0]

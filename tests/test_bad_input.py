@@ -1,0 +1,72 @@
+"""The bad-input catalogue at the command line: each case exits non-zero, names the field or file, writes nothing."""
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from scaling import report as scaling_report
+from scaling import run as scaling_run
+from test_study import BAD, BASE, write
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def snapshot(root):
+    """Every path under root with its size: 'writes nothing' means this does not change."""
+    return {str(p.relative_to(root)): p.stat().st_size for p in Path(root).rglob("*")}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_study_catalogue_at_the_command_line(tmp_path, monkeypatch, capsys, case):
+    text, overrides, message = BAD[case]
+    path = write(tmp_path, text)
+    monkeypatch.chdir(tmp_path)  # the default output (outputs/<name>) would land here
+    before = snapshot(tmp_path)
+    argv = [str(path)] + [arg for o in overrides for arg in ("--set", o)]
+    assert scaling_run.main(argv) == scaling_run.EXIT_BAD_INPUT
+    assert capsys.readouterr().err == f"error: {message.format(f=path)}\n"
+    assert snapshot(tmp_path) == before
+
+
+def test_output_that_is_not_writable(tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file where the output folder should go")
+    path = write(tmp_path, BASE + f"output: {blocker}/study\n")
+    before = snapshot(tmp_path)
+    assert scaling_run.main([str(path)]) == 2
+    assert capsys.readouterr().err == (f"error: {path}: output: {blocker}/study is not writable "
+                                       f"({blocker} does not allow writing)\n")
+    assert snapshot(tmp_path) == before
+
+
+def test_truncated_parquet_given_to_the_report(tmp_path, monkeypatch, capsys):
+    good = tmp_path / "results.parquet"
+    pd.DataFrame({"a": range(100)}).to_parquet(good)
+    cut = tmp_path / "cut.parquet"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(tmp_path)
+    assert scaling_report.main([str(cut)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {cut}: not a readable Parquet file")
+    assert scaling_report.main([str(tmp_path / "missing")]) == 2
+    assert str(tmp_path / "missing") in capsys.readouterr().err
+    assert snapshot(tmp_path) == before  # no reports/ folder
+
+
+def test_corrupt_checkpoint_given_to_core_train(tmp_path):
+    ckpt = tmp_path / "step-000000010"
+    ckpt.mkdir()
+    (ckpt / "trainer_state.json").write_text('{"step": 10, "mod')
+    cmd = [sys.executable, "-m", "core.train", "--model", "DiT-P/4", "--dataset", "digits", "--max-steps", "20",
+           "--results-dir", str(tmp_path / "results"), "--resume", str(ckpt), "--num-workers", "0"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"error: {ckpt / 'trainer_state.json'} is corrupt" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not any(p.is_file() for p in (tmp_path / "results").rglob("*"))  # no checkpoint, no fresh start
+    shutil.rmtree(ckpt)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and f"error: checkpoint not found: {ckpt}" in proc.stderr

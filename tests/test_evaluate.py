@@ -1,0 +1,261 @@
+"""core.evaluate: FID through torch-fidelity on digits, its cache, the noise floor, sampling across ranks, errors."""
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from core import fid as fid_module
+from core.evaluate import EvalConfig, evaluate, generate, rank_slice, sample_plan
+from core.fid_extractor import FeatureExtractorDigits
+from core.latents import FORMAT
+from core.real_images import RealImages, UInt8Images, digits_images, folder_images, heldout_images, \
+    reference_images, to_uint8
+from core.sample_grid import grid_size
+from core.train import Callbacks, TrainConfig, train
+from evaluate_worker import CONFIG as WORKER_CONFIG, jittered_model  # tests/, on pytest's path
+
+REPO = Path(__file__).resolve().parents[1]
+
+N = 297  # as many as the digits' held-out images: the floor is at the same count as the FID
+FAST = dict(num_samples=N, num_steps=10, guided_channels=None)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("fid_cache")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The EMA of DiT-P/2 after 200 steps on digits (a few seconds)."""
+    kept = {}
+
+    class Keep(Callbacks):
+        def on_milestone(self, trial, metrics):
+            kept["ema"] = copy.deepcopy(trial.ema.model)
+            return {}
+
+    cfg = TrainConfig(model="DiT-P/2", dataset="digits", batch_size=32, max_steps=200, lr=1e-3, ema_decay=0.99,
+                      zero_stage=0, log_every=1000, ckpt_every=10_000, val_batch=0, num_workers=0)
+    train(cfg, tmp_path_factory.mktemp("train"), callbacks=Keep())
+    return kept["ema"]
+
+
+def count_extracted(monkeypatch):
+    """A list that collects the batch sizes the digits extractor sees."""
+    seen = []
+    forward = FeatureExtractorDigits.forward
+
+    def counting(self, x):
+        seen.append(len(x))
+        return forward(self, x)
+    monkeypatch.setattr(FeatureExtractorDigits, "forward", counting)
+    return seen
+
+
+def real_set(images, name):
+    return RealImages(UInt8Images(images), dict(source="test", name=name, count=len(images)), name)
+
+
+def test_real_vs_real_is_near_the_floor_and_noise_is_far(cache_dir):
+    extractor, weights = fid_module.resolve_extractor("digits")
+    common = dict(extractor=extractor, weights=weights, cache_root=cache_dir)
+    reference = reference_images("digits")  # the 1500 training images
+    floor = fid_module.fidelity(heldout_images("digits"), reference, metrics=("fid",), **common)["fid"]
+
+    # Two disjoint real sets: a random third of the training images against the rest.
+    train_images = digits_images("train").dataset.images  # (1500, 1, 8, 8) uint8
+    order = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(1))
+    real = fid_module.fidelity(UInt8Images(train_images[order[:N]]), real_set(train_images[order[N:]], "rest"),
+                               **common)
+    noise = torch.randint(0, 256, (N, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    fake = fid_module.fidelity(UInt8Images(noise), reference, **common)
+
+    assert 0 < floor < 20 and 0 < real["fid"] < 2 * floor
+    assert fake["fid"] > 20 * floor
+    assert real["precision"] > 0.7 > fake["precision"]
+    assert fake["kid"] > real["kid"] and real["inception_score"] > fake["inception_score"]
+
+
+def test_trained_model_beats_untrained_and_writes_a_grid(trained, cache_dir, tmp_path):
+    torch.manual_seed(0)
+    untrained = type(trained)(**trained.config).eval()
+    cfg = EvalConfig(**FAST, cache_dir=str(cache_dir))
+    before = evaluate(untrained, cfg, dataset="digits", device="cpu")
+    grid = tmp_path / "grids" / "step.png"
+    after = evaluate(trained, cfg, dataset="digits", device=next(trained.parameters()).device, grid_path=grid)
+
+    for r in (before, after):
+        assert r["fid_samples"] == N and r["fid_floor_samples"] == N and r["fid_reference_samples"] == 1500
+        assert r["feature_extractor"] == "digits-cnn" and "not comparable" in r["fid_note"]
+        assert r["eval_time_s"] > 0 and r["sample_images_per_s"] > 0
+        assert all(isinstance(r[k], float) for k in ("fid", "fid_floor", "kid", "precision", "recall",
+                                                     "inception_score"))
+    assert before["fid_floor"] == after["fid_floor"] < 20
+    # An untrained DiT predicts zero noise: its samples are the clipped starting noise.
+    assert after["fid"] < before["fid"] - 50 and after["precision"] > before["precision"]
+    assert before["grid_path"] is None and after["grid_path"] == str(grid)
+    assert Image.open(grid).size == grid_size(10, 4, 8)
+    assert not [p for p in grid.parent.iterdir() if p != grid]  # no temporary left behind
+
+
+def test_same_seed_same_result_for_any_world_size_or_batch(cache_dir):
+    model = jittered_model()
+    cfg = EvalConfig(num_samples=60, num_steps=5, guided_channels=None, batch_size=16, cache_dir=str(cache_dir))
+    labels, seeds = sample_plan(cfg, 10, grid_classes=10)
+    assert len(labels) == 60 + 40 and labels[60:].tolist() == [c for c in range(10) for _ in range(4)]
+    one = generate(model, cfg, labels, seeds, device="cpu")  # (100, 1, 8, 8)
+    small_batches = EvalConfig(**{**cfg.__dict__, "batch_size": 7})
+    three = torch.cat([generate(model, small_batches, labels[s], seeds[s], device="cpu")
+                       for s in (rank_slice(len(labels), r, 3) for r in range(3))])
+    assert one.dtype == torch.uint8 and one.shape == (100, 1, 8, 8) and torch.equal(one, three)
+
+    other_seed = EvalConfig(**{**cfg.__dict__, "seed": 1})
+    labels_1, seeds_1 = sample_plan(other_seed, 10, grid_classes=10)
+    assert not set(seeds) & set(seeds_1)
+    # The grid's labels are fixed: its images differ only through the seeds.
+    assert (generate(model, cfg, labels[60:], seeds_1[60:], device="cpu") != one[60:]).flatten(1).any(1).all()
+
+    a = evaluate(model, cfg, dataset="digits", device="cpu")
+    b = evaluate(model, cfg, dataset="digits", device="cpu")
+    c = evaluate(model, other_seed, dataset="digits", device="cpu")
+    timing = ("eval_time_s", "sample_images_per_s", "fid_time_s")
+    assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
+    assert c["fid"] != a["fid"] and c["fid_floor"] == a["fid_floor"]
+
+
+def write_folder(root, images, labels):
+    """uint8 (N, 1, 8, 8) digits as an image folder of RGB PNGs, one sub-folder per class."""
+    for i, (x, y) in enumerate(zip(images, labels)):
+        (root / f"class{y}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(x[0].numpy()).convert("RGB").save(root / f"class{y}" / f"{i:04d}.png")
+
+
+def test_reference_cache_is_reused_and_a_changed_folder_gets_a_new_entry(tmp_path, monkeypatch):
+    from core.digits import digits_arrays
+
+    images, labels = digits_arrays("train")
+    images = to_uint8(torch.from_numpy(images[:40]))
+    write_folder(tmp_path / "real", images[:30], labels[:30])
+    extractor, weights = fid_module.resolve_extractor("digits")
+    common = dict(extractor=extractor, weights=weights, cache_root=tmp_path / "cache")
+    generated = UInt8Images(images[30:])  # 10 images
+    seen = count_extracted(monkeypatch)
+
+    first = fid_module.fidelity(generated, folder_images(tmp_path / "real", 8), **common)
+    assert sum(seen) == 10 + 30  # generated and reference
+    entries = sorted(p.name for p in (tmp_path / "cache").glob("*.json"))
+    assert len(entries) == 1
+    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()}
+
+    seen.clear()
+    again = fid_module.fidelity(generated, folder_images(tmp_path / "real", 8), **common)
+    assert sum(seen) == 10 and again == first  # the reference came from the cache
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()} == mtimes
+
+    seen.clear()
+    write_folder(tmp_path / "real", images[30:31], labels[30:31])  # one more real image
+    changed = fid_module.fidelity(generated, folder_images(tmp_path / "real", 8), **common)
+    assert sum(seen) == 10 + 31 and changed["fid"] != first["fid"]
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 2
+
+
+def test_evaluate_computes_the_digits_reference_once(tmp_path, monkeypatch):
+    model = jittered_model()
+    cfg = EvalConfig(num_samples=20, num_steps=2, guided_channels=None, cache_dir=str(tmp_path))
+    seen = count_extracted(monkeypatch)
+    evaluate(model, cfg, dataset="digits", device="cpu")
+    assert sum(seen) == 20 + 1500 + 20  # samples, reference, held-out (min(N, 297))
+    seen.clear()
+    evaluate(model, cfg, dataset="digits", device="cpu")
+    assert sum(seen) == 20
+
+
+def test_missing_inception_weights_name_the_file_and_download_nothing(tmp_path, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("attempted a download")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    monkeypatch.setattr("urllib.request.urlopen", no_network)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    model = jittered_model()
+    url = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+
+    cfg = EvalConfig(num_samples=10, feature_extractor="inception-v3-compat", cache_dir=str(tmp_path / "cache"))
+    expected = tmp_path / "hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"
+    with pytest.raises(FileNotFoundError) as err:
+        evaluate(model, cfg, dataset="digits", device="cpu")
+    assert str(expected) in str(err.value) and url in str(err.value)
+
+    cfg.feature_extractor_weights = str(tmp_path / "nowhere.pth")
+    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+        evaluate(model, cfg, dataset="digits", device="cpu")
+
+    # A weights file present in torch-fidelity's cache is what torch-fidelity is told to load.
+    expected.parent.mkdir(parents=True)
+    expected.write_bytes(b"weights")
+    assert fid_module.resolve_extractor("inception-v3-compat") == ("inception-v3-compat", expected)
+
+
+def test_latents_are_decoded_through_the_vae_and_need_a_reference(tmp_path):
+    from diffusers import AutoencoderKL
+
+    from core.digits import digits_arrays
+    from core.models import DiT
+
+    # A tiny VAE (4×4×4 latents <-> 8×8 RGB), saved where meta.json points, as encode_latents does.
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                        layers_per_block=1)
+    vae.save_pretrained(tmp_path / "vae")
+    latents = tmp_path / "latents"
+    latents.mkdir()
+    meta = dict(format=FORMAT, num_images=0, classes=["a", "b"], latent_shape=[4, 4, 4], image_size=8,
+                scale_factor=0.18215, vae=str(tmp_path / "vae"), shards=[])
+    (latents / "meta.json").write_text(json.dumps(meta))
+    images, labels = digits_arrays("train")
+    write_folder(tmp_path / "real", to_uint8(torch.from_numpy(images[:30])), labels[:30] % 2)
+    model = DiT(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=2)
+
+    cfg = EvalConfig(num_samples=12, num_steps=2, grid_classes=2, grid_images_per_class=3,
+                     cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match="eval.reference"):
+        evaluate(model, cfg, dataset="latents", data_path=latents, device="cpu")
+    cfg.reference = str(tmp_path / "real")
+    result = evaluate(model, cfg, dataset="latents", data_path=latents, device="cpu", grid_path=tmp_path / "g.png")
+    assert result["fid"] > 0 and result["fid_reference_samples"] == 30
+    assert result["fid_floor"] is None and result["fid_floor_samples"] == 0  # no eval.heldout
+    assert Image.open(tmp_path / "g.png").size == grid_size(2, 3, 8)
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_processes_match_one(tmp_path):
+    cache = tmp_path / "cache"
+    cfg = EvalConfig(**{**WORKER_CONFIG.__dict__, "cache_dir": str(cache)})
+    alone = evaluate(jittered_model(), cfg, dataset="digits", device="cpu", grid_path=tmp_path / "alone.png")
+
+    out = tmp_path / "two.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", str(REPO / "tests" / "evaluate_worker.py"), str(out), str(cache)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads(out.read_text())
+    assert two["world_size"] == 2 and two["results"][0] == two["results"][1]  # every rank returns the same
+    timing = ("eval_time_s", "sample_images_per_s", "fid_time_s", "grid_path")
+    assert ({k: v for k, v in two["results"][0].items() if k not in timing}
+            == {k: v for k, v in alone.items() if k not in timing})
+    assert (tmp_path / "two.json.png").read_bytes() == (tmp_path / "alone.png").read_bytes()

@@ -1,0 +1,86 @@
+"""Faults in a study: a diverging trial, a trial that keeps failing, an output that cannot hold the study."""
+import json
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from scaling.results import load_results
+from test_run import run
+
+
+def study_file(tmp_path, body):
+    path = tmp_path / "faults.yaml"
+    path.write_text(textwrap.dedent(body).replace("OUT", str(tmp_path / "out")))
+    return path, tmp_path / "out"
+
+
+def test_diverged_trial_is_marked_and_the_others_go_on(tmp_path):
+    study, out = study_file(tmp_path, """\
+        name: faults
+        data: {dataset: digits}
+        sweep: {model: [DiT-P], patch: [4], steps: [10, 20], train.lr: [1.0e-3, 1.0e+30]}
+        train: {batch_size: 32, ema_decay: 0.9, log_every: 5, ckpt_every: 10, val_batch: 32}
+        eval: {fid: false}
+        output: OUT
+        """)
+    proc = run([study, "--report-dir", tmp_path / "report"])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    df = load_results(out)
+    healthy, bad = df[df.lr == 1e-3], df[df.lr == 1e30]
+    assert sorted(healthy.step) == [10, 20] and (healthy.status == "ok").all()
+    assert len(bad) == 1 and bad.status.iloc[0] == "diverged" and bad.step.iloc[0] == 2
+    assert "diverged at step 2" in bad.error.iloc[0]
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    run_info = client.get_run(bad.mlflow_run_id.iloc[0])
+    assert run_info.info.status == "FAILED" and run_info.data.tags["dit_scaling.status"] == "diverged"
+    report = Path(proc.stdout.strip().splitlines()[-1].removeprefix("report: "))
+    assert report == tmp_path / "report"
+    table = (report / "report.md").read_text()
+    assert "diverged" in table and "diverged" in (report / "index.html").read_text()
+
+
+def test_trial_failing_after_its_retries_is_failed_and_the_study_finishes(tmp_path):
+    data = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (data / label).mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(data / label / f"{i}.png")
+    (data / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    study, out = study_file(tmp_path, f"""\
+        name: faults
+        data: {{dataset: imagefolder, path: {data}, image_size: 8}}
+        sweep: {{model: [DiT-P], patch: [4], steps: [20]}}
+        train: {{batch_size: 8, ema_decay: 0.9, log_every: 5, ckpt_every: 10, val_batch: 0, num_workers: 0}}
+        eval: {{fid: false}}
+        resources: {{max_failures: 1}}
+        output: OUT
+        """)
+    proc = run([study, "--report-dir", tmp_path / "report"])
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    df = load_results(out)
+    assert (df.status == "failed").sum() == 1
+    assert "broken.png" in df[df.status == "failed"].error.iloc[0]
+    assert (tmp_path / "report" / "report.md").exists()  # the study still finishes and reports
+
+
+def test_output_without_room_is_rejected_before_launch(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from scaling import run as scaling_run
+
+    study, out = study_file(tmp_path, """\
+        name: faults
+        data: {dataset: digits}
+        sweep: {model: [DiT-P], patch: [4], steps: [10]}
+        output: OUT
+        """)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 ** 9, 10 ** 9, 10 ** 6))
+    assert scaling_run.main([str(study)]) == 2
+    assert not out.exists()
