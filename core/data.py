@@ -5,9 +5,6 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch.utils.data import TensorDataset
-from torchvision import transforms
-from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from core.digits import digits_arrays
 from core.latents import LatentShards, read_meta
@@ -51,6 +48,10 @@ def center_crop(pil_image, image_size):
 
 def image_transform(image_size, flip):
     """PIL image -> float32 (3, image_size, image_size) in [-1, 1], randomly mirrored when flip."""
+    # torchvision is imported where image folders need it: it pulls in torch._dynamo, seconds of
+    # every trial's start-up that digits and latents do not need.
+    from torchvision import transforms
+
     steps = [transforms.Lambda(partial(center_crop, image_size=image_size))]  # picklable for DataLoader workers
     if flip:
         steps.append(transforms.RandomHorizontalFlip())
@@ -60,6 +61,8 @@ def image_transform(image_size, flip):
 
 def scan_image_folder(path):
     """(classes, [(file, label), ...]) of an ImageNet-style tree, labels in sorted folder order."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"image folder {path} does not exist")
@@ -82,6 +85,8 @@ def build_imagefolder(split="train", path=None, image_size=None):
     The held-out set of a folder dataset is another folder: `split` only turns the flips off.
     """
     _require("imagefolder", path, image_size)
+    from torchvision.datasets import ImageFolder
+
     scan_image_folder(path)  # our error messages instead of torchvision's
     return ImageFolder(str(path), transform=image_transform(image_size, flip=split == "train"))
 

@@ -103,6 +103,7 @@ class TrialState:
     model_config: dict = None
     gflops: float = 0.0
     autocast_dtype: torch.dtype = None
+    first_step_at: float = None  # wall-clock time this process began its first training step (start-up cost)
 
 
 def setup_distributed():
@@ -266,6 +267,8 @@ def train(cfg, out_dir, milestones=(), callbacks=None, resume_from=None, checkpo
     engine.train()
     while step < cfg.max_steps:
         t0 = time.perf_counter()
+        if trial.first_step_at is None:
+            trial.first_step_at = time.time()
         x, y = next(batches)  # this rank's share of the global batch
         t_all, noise_all, drop_all = step_randomness(cfg.seed, step, cfg.batch_size, shape,
                                                      mcfg["class_dropout_prob"], cfg.diffusion_steps, device)

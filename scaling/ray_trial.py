@@ -7,7 +7,9 @@ restarted worker group or a re-run of the study finds the trial's last reported 
 """
 import dataclasses
 import shutil
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import ray.train
@@ -54,7 +56,9 @@ class RayReporting:
         self.samples_dir = Path(run["output"]) / "trials" / trial["trial_id"] / "samples"
 
     def on_log(self, state, metrics):
-        ray.train.report({**metrics, "kind": KIND_LOG})
+        # Wall-clock stamps let the driver measure a trial's start-up and report latency.
+        ray.train.report({**metrics, "kind": KIND_LOG, "first_step_at": state.first_step_at,
+                          "reported_at": time.time()})
 
     def on_milestone(self, state, metrics):
         if not self.trial["eval"].get("fid", True):
@@ -74,12 +78,28 @@ class RayReporting:
         kind = KIND_MILESTONE if state.step in self.trial["milestones"] or state.step == self.trial["train"][
             "max_steps"] else KIND_CHECKPOINT
         # Every rank reports its own directory; Ray merges the per-rank files into one checkpoint.
-        ray.train.report({**metrics, "kind": kind}, checkpoint=Checkpoint.from_directory(str(path)))
+        ray.train.report({**metrics, "kind": kind, "reported_at": time.time()},
+                         checkpoint=Checkpoint.from_directory(str(path)))
+
+
+def _import_core_train():
+    """core.train, imported without MLflow: DeepSpeed's autotuner imports MLflow when it can, which
+    costs seconds of every trial's start-up, and workers never log to MLflow (the driver does)."""
+    hidden = "mlflow" not in sys.modules
+    if hidden:
+        sys.modules["mlflow"] = None  # makes `import mlflow` raise ImportError
+    try:
+        import core.train
+    finally:
+        if hidden:
+            del sys.modules["mlflow"]
+    return core.train
 
 
 def worker_loop(config):
     """Runs on every worker of a trial: resume from Ray's latest checkpoint, train, evaluate, report."""
-    from core.train import TrainingDiverged, train
+    core_train = _import_core_train()
+    TrainingDiverged, train = core_train.TrainingDiverged, core_train.train
 
     trial, run = config["trial"], config["run"]
     context = ray.train.get_context()

@@ -5,6 +5,7 @@ loses a finished measurement. Reports that a restarted worker group repeats (the
 last checkpoint) replace the earlier ones instead of adding rows or MLflow points.
 """
 import json
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -33,6 +34,9 @@ class Recorder(Callback):
         self.run_ids, self.mlflow_step = {}, {}
         self.failed = set()  # trials that ended diverged or failed
         self.end_status = {}
+        # Orchestration overhead per trial (driver clock): start-up until the first training step,
+        # last report until the trial's slot is free again, report latency of milestones.
+        self.started_at, self.last_result_at, self.overhead = {}, {}, {}
 
     # Tune callback hooks ---------------------------------------------------------------
 
@@ -42,6 +46,8 @@ class Recorder(Callback):
         self.rows = {k: r for k, r in self.rows.items() if not (k[0] == trial_id and r["status"] == "failed")}
         self._run_id(trial_id)
         self.progress.started(trial_id)
+        self.started_at[trial_id] = time.time()
+        self.overhead.pop(trial_id, None)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         t = self.trials[trial.config["trial"]["trial_id"]]
@@ -50,6 +56,7 @@ class Recorder(Callback):
             self._end(t, result)
             return
         step = int(result["step"])
+        self._time(t.trial_id, result)
         self.progress.update(t.trial_id, step, result.get("train_loss"), result.get("images_per_s"))
         run_id = self._run_id(t.trial_id)
         if kind == KIND_LOG:
@@ -72,6 +79,11 @@ class Recorder(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         trial_id = trial.config["trial"]["trial_id"]
         ok = trial_id not in self.failed
+        if trial_id in self.last_result_at:
+            teardown = time.time() - self.last_result_at[trial_id]
+            self.overhead.setdefault(trial_id, {})["teardown_s"] = teardown
+            self.tracker.log_metrics(self._run_id(trial_id), {"teardown_s": teardown},
+                                     max(self.mlflow_step.get(trial_id, 0), 0))
         self.tracker.finish(self._run_id(trial_id), "FINISHED" if ok else "FAILED")
         self.progress.finished(trial_id, ok)
 
@@ -84,6 +96,37 @@ class Recorder(Callback):
     def on_step_end(self, iteration, trials, **info):
         self.tracker.flush()
         self.progress.maybe_print()
+
+    def _time(self, trial_id, result):
+        now = time.time()
+        self.last_result_at[trial_id] = now
+        timing = self.overhead.setdefault(trial_id, {})
+        if result.get("first_step_at") and "startup_s" not in timing and trial_id in self.started_at:
+            timing["startup_s"] = result["first_step_at"] - self.started_at[trial_id]
+            self.tracker.log_metrics(self._run_id(trial_id), {"startup_s": timing["startup_s"]}, int(result["step"]))
+        if result.get("reported_at") and result.get("kind") == KIND_MILESTONE:
+            timing.setdefault("report_latency_s", []).append(now - result["reported_at"])
+
+    def overhead_summary(self):
+        """One line: the median start-up and teardown of this run's trials, or None before any."""
+        def median(key):
+            values = sorted(v[key] for v in self.overhead.values() if key in v)
+            return values[len(values) // 2] if values else None
+
+        startup, teardown = median("startup_s"), median("teardown_s")
+        if startup is None:
+            return None
+        return (f"overhead per trial (median of {len(self.overhead)}): {startup:.1f} s from scheduled to first step"
+                + (f", {teardown:.1f} s from last report to a free slot" if teardown is not None else ""))
+
+    def busy_seconds(self, trial_ids):
+        """Training plus evaluation time of trials, from their rows: the useful part of a study's wall time."""
+        busy = 0.0
+        for trial_id in trial_ids:
+            rows = [r for (i, _), r in self.rows.items() if i == trial_id]
+            busy += max((r["wall_time_s"] or 0.0 for r in rows), default=0.0)  # cumulative training time
+            busy += sum(r["eval_time_s"] or 0.0 for r in rows)
+        return busy
 
     def failed_count(self):
         """Trials that failed after their retries (a diverged trial is a result, not a failure)."""

@@ -107,7 +107,9 @@ def run_study(study, address, build_report=True, report_dir=None):
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     # Ray Train V2 hands each report over through a one-slot queue that its controller drains on
     # every health check (2 s by default): a report would cost up to 2 s of training. Poll faster.
-    runtime_env = {"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}}
+    # The preemption watcher is one more actor process per trial (seconds of start-up on a small
+    # machine) that only observes preemption notices; a lost node is handled by FailureConfig.
+    runtime_env = {"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}}
     if address:
         ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
     else:
@@ -137,6 +139,7 @@ def run_study(study, address, build_report=True, report_dir=None):
     started = time.time()
     if todo:
         res = study.raw["resources"]
+        tuner_concurrency = max_concurrent_trials(study, ray.cluster_resources())
         run = {"output": str(out), "storage": str(out / "ray"), "fid_cache": str(out / "fid_cache"),
                "resources": res, "keep_checkpoints": study.raw["train"]["keep_checkpoints"]}
         tuner = tune.Tuner(
@@ -144,19 +147,32 @@ def run_study(study, address, build_report=True, report_dir=None):
             # some non-empty request, so a token of memory stands in).
             tune.with_resources(trial_function, {"CPU": 0, "memory": 2 ** 20}),
             param_space={"trial": tune.grid_search([t.to_dict() for t in todo]), "run": run},
-            tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent_trials(study, ray.cluster_resources()),
+            tune_config=tune.TuneConfig(max_concurrent_trials=tuner_concurrency,
                                         trial_name_creator=lambda tr: tr.config["trial"]["trial_id"],
                                         trial_dirname_creator=lambda tr: tr.config["trial"]["trial_id"]),
             run_config=tune.RunConfig(name=f"sweep-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(out / "ray"),
+                                      # A lost node can take the trial's own actor and its Train controller
+                                      # with it (Train cannot restart those): Tune then reruns the trial,
+                                      # whose trainer resumes from its last checkpoint in storage.
+                                      failure_config=tune.FailureConfig(max_failures=res["max_failures"]),
                                       callbacks=[recorder], verbose=0),
         )
         tuner.fit()
+        slots = min(len(todo), tuner_concurrency)
     recorder.write()
-    tracker.flush()
+    wall = time.time() - started
+    print(progress.render())
+    if recorder.overhead_summary():
+        print(recorder.overhead_summary())
+    if todo:
+        # Share of the trial slots' time spent training and evaluating (the rest: start-up, teardown, waiting).
+        efficiency = recorder.busy_seconds(t.trial_id for t in todo) / (slots * wall)
+        print(f"study efficiency: {efficiency:.0%} of {slots} trial slot(s) × {wall:.0f} s spent training or evaluating")
+        tracker.log_metrics(tracker.parent_run_id, {"wall_time_s": wall, "efficiency": efficiency}, 0)
+    tracker.flush(force=True)  # the server may be back: try now, whatever the retry interval
     failed = recorder.failed_count()
     tracker.finish(tracker.parent_run_id, "FAILED" if failed else "FINISHED")
-    print(progress.render())
-    print(f"finished in {time.time() - started:.0f} s; results: {out / 'results.parquet'}")
+    print(f"finished in {wall:.0f} s; results: {out / 'results.parquet'}")
     if tracker.pending:
         print(f"warning: MLflow did not answer; {len(tracker.pending)} calls not logged. Replay them from Parquet "
               f"with: python -m scaling.replay_mlflow {out}", file=sys.stderr)

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from core.data import ShardedBatchSampler, build_dataset, center_crop, dataset_info
-from core.digits import digits_arrays
+from core.digits import bundled_digits, digits_arrays
 
 
 def make_folder(root, sizes=((40, 24), (24, 40), (33, 33)), classes=("zebra", "ant", "moth")):
@@ -42,6 +42,8 @@ def test_digits_in_memory_with_fixed_split():
     whole = load_digits()
     everything = rows((whole.images.astype(np.float32) / 16.0) * 2.0 - 1.0, whole.target)
     assert rows(*digits_arrays("train")) + rows(*digits_arrays("heldout")) == everything
+    pixels, labels = bundled_digits()  # read without importing sklearn.datasets: the same arrays
+    assert np.array_equal(pixels, whole.images) and np.array_equal(labels, whole.target)
     assert torch.equal(build_dataset("digits").tensors[0], x)  # fixed across calls
     assert dataset_info("digits") == dict(input_size=8, in_channels=1, num_classes=10, num_images=1500,
                                           pixel_space=True)

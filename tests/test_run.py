@@ -60,6 +60,10 @@ def test_end_to_end_and_rerun_skips_finished(tmp_path):
     client, parents, children = mlflow_runs(out)
     assert len(parents) == 1 and len(children) == 2
     assert {c.data.tags["dit_scaling.trial_id"] for c in children} == set(df.trial_id)
+    # The orchestration overhead and the study's efficiency are measured and logged.
+    assert 0 < parents[0].data.metrics["efficiency"] < 1 and parents[0].data.metrics["wall_time_s"] > 0
+    assert all(0 < c.data.metrics["startup_s"] < 300 and c.data.metrics["teardown_s"] >= 0 for c in children)
+    assert "overhead per trial (median of 2)" in proc.stdout and "study efficiency" in proc.stdout
     assert set(df.mlflow_run_id) == {c.info.run_id for c in children}
     for child in children:
         assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
