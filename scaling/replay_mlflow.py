@@ -22,7 +22,9 @@ def replay(output, uri=None):
     output = Path(output).resolve()
     study = yaml.safe_load((output / "study.yaml").read_text())
     uri = uri or study["tracking"]["mlflow_uri"] or default_tracking_uri(output)
-    tracker = StudyTracker(uri, study["tracking"]["experiment"] or study["name"], study["name"], output)
+    # Runs keep their status: a replay only adds what is missing.
+    tracker = StudyTracker(uri, study["tracking"]["experiment"] or study["name"], study["name"], output,
+                           reopen=False)
     results = load_results(output)
     curves_file = output / "loss_curves.parquet"
     curves = pd.read_parquet(curves_file) if curves_file.exists() else pd.DataFrame(columns=["trial_id", "step"])
@@ -40,7 +42,7 @@ def replay(output, uri=None):
                 tracker.log_metrics(run_id, {k: r.get(k) for k in (*EVAL_METRICS, "gflops", "params", "train_compute")},
                                     r["step"])
                 logged += 1
-    if not tracker.flush():
+    if not tracker.flush(force=True):
         raise ConnectionError(f"MLflow at {uri} still does not answer; nothing was lost, run this again later")
     return logged
 

@@ -2,7 +2,9 @@
 
 Only the driver talks to MLflow (workers report to Ray), so a SQLite store never sees concurrent
 writers, and an unreachable tracking server stalls nothing: calls that fail are queued and
-replayed in order once it answers again.
+replayed in order once it answers again. A tracking server gets short HTTP retries (MLflow's own
+default keeps one call retrying for about four minutes), and a queue that fails to replay is tried
+again only every RETRY_INTERVAL_S, so a dead server costs the driver moments, not minutes.
 """
 import json
 import logging
@@ -18,6 +20,11 @@ logger = logging.getLogger("scaling.tracking")
 ROLE_TAG, OUTPUT_TAG, TRIAL_TAG, PARENT_TAG = "dit_scaling.role", "dit_scaling.output", "dit_scaling.trial_id", \
     "mlflow.parentRunId"
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
+RETRY_INTERVAL_S = 5.0  # between attempts to replay the queue while the server is away
+# MLflow reads these per request; the driver is the only MLflow user in its process. Set in the
+# environment, they win.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
 def default_tracking_uri(output_dir):
@@ -40,10 +47,15 @@ def flatten(d, prefix=""):
 class StudyTracker:
     """The MLflow runs of one study, created or found again by their tags, never duplicated."""
 
-    def __init__(self, uri, experiment, study_name, output_dir):
-        self.uri = uri
+    def __init__(self, uri, experiment, study_name, output_dir, reopen=True):
+        """reopen: mark the runs found again RUNNING (a study going on), not so for a mere replay."""
+        self.uri, self.reopen = uri, reopen
+        if uri.startswith(("http://", "https://")):
+            for key, value in HTTP_DEFAULTS.items():
+                os.environ.setdefault(key, value)
         self.client = MlflowClient(tracking_uri=uri)
         self.pending = []  # calls that failed while the server was away, replayed in order
+        self.retry_at = 0.0  # time.monotonic() before which the queue is not replayed
         output_dir = str(Path(output_dir).resolve())
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
@@ -56,7 +68,8 @@ class StudyTracker:
             [self.experiment_id], f"tags.`{ROLE_TAG}` = 'study' and tags.`{OUTPUT_TAG}` = '{_quote(output_dir)}'")
         if runs:
             self.parent_run_id = runs[0].info.run_id
-            self.client.update_run(self.parent_run_id, status="RUNNING")
+            if reopen:
+                self.client.update_run(self.parent_run_id, status="RUNNING")
         else:
             self.parent_run_id = self.client.create_run(
                 self.experiment_id, run_name=study_name, tags={ROLE_TAG: "study", OUTPUT_TAG: output_dir}
@@ -72,7 +85,8 @@ class StudyTracker:
             f"tags.`{TRIAL_TAG}` = '{_quote(trial_id)}' and tags.`{PARENT_TAG}` = '{self.parent_run_id}'")
         if runs:
             run_id = runs[0].info.run_id
-            self.client.update_run(run_id, status="RUNNING")
+            if self.reopen:
+                self.client.update_run(run_id, status="RUNNING")
         else:
             run_id = self.client.create_run(self.experiment_id, run_name=trial_id,
                                             tags={TRIAL_TAG: trial_id, PARENT_TAG: self.parent_run_id}).info.run_id
@@ -120,14 +134,22 @@ class StudyTracker:
         except Exception as e:  # MLflow raises many kinds for an unreachable server
             logger.warning("MLflow unreachable (%s); queueing, will retry", type(e).__name__)
             self.pending.append((fn, args, kwargs))
+            self.retry_at = time.monotonic() + RETRY_INTERVAL_S
 
-    def flush(self):
-        """Replay queued calls in order; stop at the first that still fails."""
+    def flush(self, force=False):
+        """Replay queued calls in order; stop at the first that still fails.
+
+        Unless forced, a queue is replayed at most every RETRY_INTERVAL_S: each attempt at a server
+        that does not answer can cost a connection timeout, and the driver calls this often.
+        """
+        if self.pending and not force and time.monotonic() < self.retry_at:
+            return False
         while self.pending:
             fn, args, kwargs = self.pending[0]
             try:
                 fn(*args, **kwargs)
             except Exception:
+                self.retry_at = time.monotonic() + RETRY_INTERVAL_S
                 return False
             self.pending.pop(0)
         return True
