@@ -59,10 +59,13 @@ def main():
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--compile", action="store_true",
+                        help="also time core's DiT under torch.compile (the study's train.compile option)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"machine: {describe()}")
-    print(f"{'model':10} {'batch':>5} {'core img/s':>11} {'diffusers img/s':>16} {'ratio':>6}")
+    print(f"{'model':10} {'batch':>5} {'core img/s':>11} {'diffusers img/s':>16} {'ratio':>6}"
+          + (f" {'compiled img/s':>14} {'ratio':>6}" if args.compile else ""))
     for name in args.model:
         cfg = model_config(name)
         torch.manual_seed(0)
@@ -73,6 +76,9 @@ def main():
             "diffusers": make_step(theirs, lambda m, x, t, y: m(x, t, y, return_dict=False)[0], args.batch, cfg,
                                    device),
         }
+        if args.compile:
+            compiled = torch.compile(DiT(**cfg).to(device).train())
+            steps["core compiled"] = make_step(compiled, lambda m, x, t, y: m(x, t, y), args.batch, cfg, device)
         for s in steps.values():
             s()  # warm-up
         best = {k: float("inf") for k in steps}
@@ -80,7 +86,11 @@ def main():
             for k, s in steps.items():
                 best[k] = min(best[k], time_steps(s, args.steps, device))
         core_ips, their_ips = args.batch / best["core"], args.batch / best["diffusers"]
-        print(f"{name:10} {args.batch:5d} {core_ips:11.1f} {their_ips:16.1f} {core_ips / their_ips:6.2f}")
+        line = f"{name:10} {args.batch:5d} {core_ips:11.1f} {their_ips:16.1f} {core_ips / their_ips:6.2f}"
+        if args.compile:
+            compiled_ips = args.batch / best["core compiled"]
+            line += f" {compiled_ips:14.1f} {compiled_ips / their_ips:6.2f}"
+        print(line)
 
 
 if __name__ == "__main__":

@@ -142,8 +142,13 @@ class Recorder(Callback):
     def _end(self, t, result):
         """A diverged or failed trial: one marked row at the step it reached."""
         status = result["status"]
-        step = int(result.get("step") or max((s for (i, s) in self.rows if i == t.trial_id), default=0))
-        self.rows[(t.trial_id, step)] = self._row(t, result, status, result.get("error"), self._run_id(t.trial_id))
+        step = int(result.get("step") or max([self.progress.step.get(t.trial_id, 0),
+                                              *(s for (i, s) in self.rows if i == t.trial_id)]))
+        if self.rows.get((t.trial_id, step), {}).get("status") == "ok":
+            # It failed after measuring this step, on the way to the next: keep the measurement.
+            step += 1
+        self.rows[(t.trial_id, step)] = self._row(t, {**result, "step": step}, status, result.get("error"),
+                                                  self._run_id(t.trial_id))
         self.failed.add(t.trial_id)
         self.end_status[t.trial_id] = status
         self.tracker.set_tags(self._run_id(t.trial_id), {"dit_scaling.status": status})

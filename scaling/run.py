@@ -105,6 +105,8 @@ def run_study(study, address, build_report=True, report_dir=None):
     logging.basicConfig(level=logging.WARNING)
     # Parquet and MLflow are the records; Tune's own CSV/JSON/TensorBoard files would be a third copy.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    # Without those files Tune's end-of-run analysis warns, per trial, that it found none: noise.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     # Ray Train V2 hands each report over through a one-slot queue that its controller drains on
     # every health check (2 s by default): a report would cost up to 2 s of training. Poll faster.
     # The preemption watcher is one more actor process per trial (seconds of start-up on a small
