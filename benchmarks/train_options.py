@@ -94,13 +94,13 @@ def run_latents(args):
         encode_s = (time.perf_counter() - start) / args.vae_batch
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "latents.pt"
-        torch.save(latents.repeat(64, 1, 1, 1).clone(), path)
+        torch.save(latents.repeat(64, *([1] * (latents.dim() - 1))).clone(), path)  # (64·N, ...)
         start = time.perf_counter()
         for _ in range(5):
             loaded = torch.load(path, weights_only=True)
         read_s = (time.perf_counter() - start) / (5 * len(loaded))
-    print(f"VAE encode, 256×256 → 32×32×4, batch {args.vae_batch}: {encode_s * 1e3:8.1f} ms per image")
-    print(f"read a pre-encoded latent (from a file of {len(loaded)}):       {read_s * 1e6:8.1f} µs per image")
+    print(f"VAE encode, 256×256 → 32×32×4, batch {args.vae_batch}: {encode_s * 1e3:8.1f} ms per image (and its mirror)")
+    print(f"read a pre-encoded latent (from a file of {len(loaded)}):       {read_s * 1e6:8.1f} µs per image (and its mirror)")
     print(f"on-the-fly encoding costs {encode_s / read_s:,.0f}× reading the latent, paid again every epoch")
 
 
