@@ -106,6 +106,10 @@ def test_killed_driver_resumes_without_duplicates(tmp_path):
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     df = load_results(out)
     assert sorted(zip(df.patch, df.step)) == [(p, s) for p in (2, 4) for s in (20, 40, 60)]
+    # What was measured before the kill is kept, not measured again: same timestamps, same MLflow runs.
+    before = partial.set_index(["trial_id", "step"])
+    after = df.set_index(["trial_id", "step"]).loc[before.index]
+    assert after.timestamp.equals(before.timestamp) and after.mlflow_run_id.equals(before.mlflow_run_id)
     _, parents, children = mlflow_runs(out)
     assert len(parents) == 1 and len(children) == 2
     # Metrics continue across the restart without repeated steps.
