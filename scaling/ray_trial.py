@@ -9,7 +9,6 @@ import dataclasses
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import ray.train
@@ -56,9 +55,8 @@ class RayReporting:
         self.samples_dir = Path(run["output"]) / "trials" / trial["trial_id"] / "samples"
 
     def on_log(self, state, metrics):
-        # Wall-clock stamps let the driver measure a trial's start-up and report latency.
-        ray.train.report({**metrics, "kind": KIND_LOG, "first_step_at": state.first_step_at,
-                          "reported_at": time.time()})
+        # The wall-clock start of training lets the driver measure the trial's start-up.
+        ray.train.report({**metrics, "kind": KIND_LOG, "first_step_at": state.first_step_at})
 
     def on_milestone(self, state, metrics):
         if not self.trial["eval"].get("fid", True):
@@ -78,8 +76,7 @@ class RayReporting:
         kind = KIND_MILESTONE if state.step in self.trial["milestones"] or state.step == self.trial["train"][
             "max_steps"] else KIND_CHECKPOINT
         # Every rank reports its own directory; Ray merges the per-rank files into one checkpoint.
-        ray.train.report({**metrics, "kind": kind, "reported_at": time.time()},
-                         checkpoint=Checkpoint.from_directory(str(path)))
+        ray.train.report({**metrics, "kind": kind}, checkpoint=Checkpoint.from_directory(str(path)))
 
 
 def _import_core_train():

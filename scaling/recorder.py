@@ -5,6 +5,7 @@ loses a finished measurement. Reports that a restarted worker group repeats (the
 last checkpoint) replace the earlier ones instead of adding rows or MLflow points.
 """
 import json
+import statistics
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,7 +36,7 @@ class Recorder(Callback):
         self.failed = set()  # trials that ended diverged or failed
         self.end_status = {}
         # Orchestration overhead per trial (driver clock): start-up until the first training step,
-        # last report until the trial's slot is free again, report latency of milestones.
+        # last report until the trial's slot is free again.
         self.started_at, self.last_result_at, self.overhead = {}, {}, {}
 
     # Tune callback hooks ---------------------------------------------------------------
@@ -98,20 +99,17 @@ class Recorder(Callback):
         self.progress.maybe_print()
 
     def _time(self, trial_id, result):
-        now = time.time()
-        self.last_result_at[trial_id] = now
+        self.last_result_at[trial_id] = time.time()
         timing = self.overhead.setdefault(trial_id, {})
         if result.get("first_step_at") and "startup_s" not in timing and trial_id in self.started_at:
             timing["startup_s"] = result["first_step_at"] - self.started_at[trial_id]
             self.tracker.log_metrics(self._run_id(trial_id), {"startup_s": timing["startup_s"]}, int(result["step"]))
-        if result.get("reported_at") and result.get("kind") == KIND_MILESTONE:
-            timing.setdefault("report_latency_s", []).append(now - result["reported_at"])
 
     def overhead_summary(self):
         """One line: the median start-up and teardown of this run's trials, or None before any."""
         def median(key):
-            values = sorted(v[key] for v in self.overhead.values() if key in v)
-            return values[len(values) // 2] if values else None
+            values = [v[key] for v in self.overhead.values() if key in v]
+            return statistics.median(values) if values else None
 
         startup, teardown = median("startup_s"), median("teardown_s")
         if startup is None:

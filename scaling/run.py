@@ -164,8 +164,9 @@ def run_study(study, address, build_report=True, report_dir=None):
     recorder.write()
     wall = time.time() - started
     print(progress.render())
-    if recorder.overhead_summary():
-        print(recorder.overhead_summary())
+    overhead = recorder.overhead_summary()
+    if overhead:
+        print(overhead)
     if todo:
         # Share of the trial slots' time spent training and evaluating (the rest: start-up, teardown, waiting).
         efficiency = recorder.busy_seconds(t.trial_id for t in todo) / (slots * wall)
