@@ -2,8 +2,9 @@
 
     python benchmarks/train_step.py --model DiT-M/2 --batch 128
 
-Both models have the same width, depth, heads and patch; the runs are interleaved in one process
-so that the machine's state affects both alike.
+Both models have the same width, depth, heads and patch and the same optimizer (core.optim's, what
+a trial trains with); the runs are interleaved in one process so that the machine's state affects
+both alike.
 """
 import argparse
 import time
@@ -13,6 +14,7 @@ from diffusers import DiTTransformer2DModel
 
 from benchmarks.machine import describe
 from core.models import DiT, model_config
+from core.optim import build_optimizer
 
 
 def diffusers_twin(cfg):
@@ -27,7 +29,7 @@ def diffusers_twin(cfg):
 
 def make_step(model, forward, batch, cfg, device):
     """A closure running one forward/backward/AdamW step on fixed random inputs."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = build_optimizer(model, lr=1e-4)
     c, s = cfg["in_channels"], cfg["input_size"]
     x = torch.randn(batch, c, s, s, device=device)
     t = torch.randint(0, 1000, (batch,), device=device)

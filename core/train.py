@@ -59,7 +59,7 @@ class TrainConfig:
     val_batch: int = 256  # held-out images in the fixed validation batch; 0 turns it off
     compile: bool = False
     grad_checkpointing: bool = False
-    fused_adamw: bool = None  # None: torch's default
+    fused_adamw: bool = None  # None: fused AdamW; False: torch's default implementation
     peak_tflops: float = None  # hardware peak per process, for utilisation
     num_workers: int = 4  # data-loading processes for image folders
 
@@ -238,6 +238,11 @@ def train(cfg, out_dir, milestones=(), callbacks=None, resume_from=None, checkpo
                                                                         cfg.max_steps))
     ds_config = deepspeed_config(cfg.batch_size, micro, cfg.grad_accum, cfg.zero_stage, cfg.precision, cfg.grad_clip)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    if world == 1 and cfg.zero_stage == 0:
+        # One process: the gradient all-reduce would average each gradient with itself (DeepSpeed
+        # skips it the same way when it has no communication backend). Stages 1-3 reduce into
+        # their partitions there, so they keep it.
+        engine.enable_backward_allreduce = False
     if cfg.compile:
         engine.compile()
     autocast_dtype = torch.bfloat16 if cfg.precision == "bf16" else None

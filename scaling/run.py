@@ -111,7 +111,7 @@ def run_study(study, address, build_report=True, report_dir=None):
     # every health check (2 s by default): a report would cost up to 2 s of training. Poll faster.
     # The preemption watcher is one more actor process per trial (seconds of start-up on a small
     # machine) that only observes preemption notices; a lost node is handled by FailureConfig.
-    runtime_env = {"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}}
+    runtime_env = {"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1.0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0"}}
     if address:
         ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
     else:

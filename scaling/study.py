@@ -152,7 +152,7 @@ SCHEMA = {
         "val_batch": (256, integer(at_least=0)),  # 0: no validation loss
         "compile": (False, boolean),
         "grad_checkpointing": (False, boolean),
-        "fused_adamw": (None, optional(boolean)),  # null: torch's default AdamW implementation
+        "fused_adamw": (None, optional(boolean)),  # null: fused AdamW; false: torch's default implementation
         "num_workers": (4, integer(at_least=0)),  # data-loading processes per worker (image folders)
         "peak_tflops": (None, optional(number(above=0))),  # per-process hardware peak, for utilisation
         "hidden_size": (None, optional(integer(at_least=1))),
