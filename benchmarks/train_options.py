@@ -117,7 +117,7 @@ def main():
     if args.latents:
         run_latents(args)
     else:
-        print(f"model {args.model}, global batch {args.batch}, {args.steps} steps, DeepSpeed ZeRO-2, one process")
+        print(f"model {args.model}, global batch {args.batch}, {args.steps} steps, DeepSpeed, one process")
         run_options(args)
 
 

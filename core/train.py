@@ -88,6 +88,9 @@ class Callbacks:
     def on_checkpoint(self, trial, path, metrics):
         """After every checkpoint (and after on_milestone at milestones)."""
 
+    def on_resume(self, trial, metrics):
+        """After a checkpoint is restored, before training goes on; metrics are those it was saved with."""
+
 
 @dataclass
 class TrialState:
@@ -264,6 +267,8 @@ def train(cfg, out_dir, milestones=(), callbacks=None, resume_from=None, checkpo
         sampler.load_state_dict(state["sampler"])
         logger.info("resumed from %s at step %d", resume_from, step)
     trial.step = step
+    if resume_from is not None:
+        callbacks.on_resume(trial, dict(state.get("metrics", {})))
 
     lo = rank * (cfg.batch_size // world)
     batches = iter(BatchSource(dataset, sampler, device, cfg.num_workers))

@@ -72,6 +72,14 @@ class RayReporting:
             autocast_dtype=state.autocast_dtype, grid_path=grid,
         )
 
+    def on_resume(self, state, metrics):
+        # A milestone checkpoint reaches Ray's storage before its report reaches the driver: if the
+        # driver died in between, the restored checkpoint is a milestone with no row. Its EMA weights
+        # are the ones evaluated there, so evaluate them again and report the milestone.
+        if state.step in self.trial["milestones"] and state.step not in self.trial.get("recorded_steps", ()):
+            metrics.update(self.on_milestone(state, dict(metrics)) or {})
+            ray.train.report({**metrics, "step": state.step, "kind": KIND_MILESTONE})
+
     def on_checkpoint(self, state, path, metrics):
         kind = KIND_MILESTONE if state.step in self.trial["milestones"] or state.step == self.trial["train"][
             "max_steps"] else KIND_CHECKPOINT

@@ -69,6 +69,9 @@ class Recorder(Callback):
                 self.tracker.log_metrics(run_id, {k: result.get(k) for k in LOG_METRICS}, step)
                 self.mlflow_step[t.trial_id] = step
         elif kind == KIND_MILESTONE and step in t.milestones:
+            kept = self.rows.get((t.trial_id, step))
+            if kept is not None and kept["status"] == "ok":
+                return  # a restarted trial measured this milestone again: keep the first measurement
             row = self._row(t, result, "ok", None, run_id)
             self.rows[(t.trial_id, step)] = row
             self.tracker.log_metrics(run_id, {**{k: result.get(k) for k in EVAL_METRICS},

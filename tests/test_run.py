@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from scaling.results import load_results
+from scaling.results import RESULTS_SCHEMA, load_results, write_table
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,11 +73,22 @@ def test_end_to_end_and_rerun_skips_finished(tmp_path):
     curves = __import__("pandas").read_parquet(out / "loss_curves.parquet")
     assert len(curves) == 8
 
-    stamps = df.set_index(["trial_id", "step"]).timestamp
+    # The driver dies after one trial's final checkpoint reached Ray's storage but before its row was
+    # written: the re-run restores that checkpoint, evaluates it again and writes the row; the other
+    # trial is finished and skipped, and every row already there is kept as it was.
+    lost = df[(df.patch == 4) & (df.step == 20)]
+    write_table(df.drop(index=lost.index), out / "results.parquet", RESULTS_SCHEMA)
+    kept = df.drop(index=lost.index).set_index(["trial_id", "step"])
     again = run([study, "--no-report"])
-    assert again.returncode == 0 and "2 already finished" in again.stdout
-    df2 = load_results(out)
-    assert df2.set_index(["trial_id", "step"]).timestamp.equals(stamps)  # nothing retrained
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "1 already finished" in again.stdout
+    df2 = load_results(out).set_index(["trial_id", "step"])
+    assert df2.loc[kept.index].timestamp.equals(kept.timestamp)  # nothing measured twice
+    back = df2.loc[(lost.trial_id.iloc[0], 20)]
+    assert back.status == "ok" and back.mlflow_run_id == lost.mlflow_run_id.iloc[0]
+    # The same weights (the checkpoint's EMA) and the same sampling seed: the same measurement.
+    assert back.val_loss == pytest.approx(lost.val_loss.iloc[0], rel=1e-6)
+    assert back.fid == pytest.approx(lost.fid.iloc[0], rel=1e-3)
     assert len(mlflow_runs(out)[2]) == 2
 
 
