@@ -4,8 +4,14 @@ Three laws: y = a·x^b (a line in log-log), y = E + A·x^(−α) (a power law ab
 L(N, D) = E + A/N^α + B/D^β (Chinchilla's approach 3). Intervals come from refitting on trials
 drawn with replacement. A fit that the data cannot support raises FitError, whose message says why.
 """
+import concurrent.futures
+import contextlib
 import functools
 import itertools
+import multiprocessing
+import os
+import pickle
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -21,6 +27,10 @@ MAX_EXPONENT = 3.0  # scaling exponents are O(0.1-1); the bound stops degenerate
 
 class FitError(ValueError):
     """The data cannot support the fit asked for (too few points, no spread, no convergence)."""
+
+
+PROBE_ITEMS = 10  # fits done in this process first, to time what the rest would cost
+PARALLEL_ABOVE_S = 1.0  # fits whose rest would take longer go to parallel_fits()'s worker processes
 
 
 def _single_threaded(fn):
@@ -148,15 +158,19 @@ def _fit_lse(x, y, delta, start=None):
     # optimizer creeping along a flat valley towards -inf; no term exceeds the largest loss at the centre.
     level = (log_y.min() - 12, log_y.max() + 1)
     bounds = [level] + [level, (0.0, MAX_EXPONENT)] * k  # a negative exponent would mean worse with scale
-    best = None
-    for s in starts:
-        res = optimize.minimize(_objective, s, args=(u, log_y, delta, scale), jac=True, method="L-BFGS-B",
-                                bounds=bounds, options={"maxiter": 500, "ftol": 1e-9, "gtol": 1e-6})
-        if np.isfinite(res.fun) and (best is None or res.fun < best.fun):
-            best = res
-    if best is None:
+    solutions = _map(functools.partial(_minimize_from, u=u, log_y=log_y, delta=delta, scale=scale, bounds=bounds),
+                     starts)
+    finite = [(fun, x) for fun, x in solutions if np.isfinite(fun)]
+    if not finite:
         raise FitError("the optimizer found no finite solution")
-    return _to_external(best.x, centre)
+    return _to_external(min(finite, key=lambda r: r[0])[1], centre)
+
+
+def _minimize_from(start, u, log_y, delta, scale, bounds):
+    """(objective, θ) at the L-BFGS-B minimum reached from start."""
+    res = optimize.minimize(_objective, start, args=(u, log_y, delta, scale), jac=True, method="L-BFGS-B",
+                            bounds=bounds, options={"maxiter": 500, "ftol": 1e-9, "gtol": 1e-6})
+    return res.fun, res.x
 
 
 def _to_external(theta, centre):
@@ -216,19 +230,88 @@ def bootstrap(groups, estimate, n_boot=N_BOOT, seed=0):
 
     A trial's points (its evaluation steps) are not independent, so trials are the unit resampled;
     scipy.stats.bootstrap resamples observations and cannot skip a resample the fit cannot handle.
+    Inside parallel_fits(), a long bootstrap of a picklable estimate is spread over worker
+    processes; the resamples are all drawn here first, so the result does not depend on that.
     Returns an array with one row per resample that succeeded.
     """
     labels, inverse = np.unique(np.asarray(groups), return_inverse=True)
     members = [np.flatnonzero(inverse == g) for g in range(len(labels))]
     rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n_boot):
-        idx = np.concatenate([members[g] for g in rng.integers(len(labels), size=len(labels))])
-        try:
-            out.append(np.ravel(estimate(idx)))
-        except FitError:
-            continue
+    draws = [np.concatenate([members[g] for g in rng.integers(len(labels), size=len(labels))]) for _ in range(n_boot)]
+    out = [np.ravel(r) for r in _map(_Attempt(estimate), draws) if r is not None]
     return np.array(out, dtype=float).reshape(len(out), -1)
+
+
+class _Attempt:
+    """estimate(idx), or None where the data of that resample cannot support the fit (picklable)."""
+
+    def __init__(self, estimate):
+        self.estimate = estimate
+
+    def __call__(self, idx):
+        try:
+            return self.estimate(idx)
+        except FitError:
+            return None
+
+
+def _map(fn, items):
+    """[fn(item) for item in items]; inside parallel_fits(), the items after the first few go to
+    its worker processes when those few say the rest would take more than PARALLEL_ABOVE_S."""
+    started = time.perf_counter()
+    out = [fn(item) for item in items[:PROBE_ITEMS]]
+    rest = items[PROBE_ITEMS:]
+    per_item = (time.perf_counter() - started) / max(1, len(out))
+    parallel = rest and per_item * len(rest) > PARALLEL_ABOVE_S and _picklable(fn) and _executor()
+    if parallel:
+        pool, processes = parallel
+        try:
+            return out + list(pool.map(fn, rest, chunksize=-(-len(rest) // (4 * processes))))
+        except concurrent.futures.process.BrokenProcessPool:  # a worker was killed: do the rest here
+            pass
+    return out + [fn(item) for item in rest]
+
+
+def _picklable(obj):
+    try:
+        pickle.dumps(obj)
+        return True
+    except (pickle.PicklingError, AttributeError, TypeError):  # closures, lambdas
+        return False
+
+
+_parallel = None  # [processes, executor or None] of the innermost parallel_fits() block
+
+
+@contextlib.contextmanager
+def parallel_fits(processes=None):
+    """Within this block, the many small fits of a bootstrap or of a grid of starts run in `processes`
+    worker processes (None: one per CPU; 1: none), started when first needed.
+
+    Each is an L-BFGS fit of a few points: Python-bound, so threads would not help. Workers
+    are spawned, not forked, since the caller (the study's driver) runs Ray's threads; spawning
+    imports the main module again, so a script using this must guard its entry point.
+    """
+    global _parallel
+    if processes is None:
+        processes = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    outer, _parallel = _parallel, [processes, None]
+    try:
+        yield
+    finally:
+        state, _parallel = _parallel, outer
+        if state[1] is not None:
+            state[1].shutdown()
+
+
+def _executor():
+    """(executor, processes) of the current parallel_fits() block, or None outside one."""
+    if _parallel is None or _parallel[0] <= 1:
+        return None
+    if _parallel[1] is None:
+        _parallel[1] = concurrent.futures.ProcessPoolExecutor(
+            _parallel[0], mp_context=multiprocessing.get_context("spawn"), initializer=threadpool_limits, initargs=(1,))
+    return _parallel[1], _parallel[0]
 
 
 @_single_threaded
@@ -243,20 +326,29 @@ def fit_law(law, x, y, groups=None, select=None, n_boot=N_BOOT, seed=0):
     usable = np.isfinite(y) & (y > 0) & np.all(np.isfinite(x) & (x > 0), axis=tuple(range(1, x.ndim)))
     x, y, groups = x[usable], y[usable], groups[usable]
 
-    def estimate(idx, start=None):
-        xi, yi = x[idx], y[idx]
-        if select is not None:
-            keep = select(xi, yi)
-            xi, yi = xi[keep], yi[keep]
-        distinct = len(np.unique(xi, axis=0))
-        if distinct < law.min_points:
-            raise FitError(f"{law.formula} needs at least {law.min_points} distinct points, got {distinct}")
-        return law.estimate(xi, yi, start)
-
+    estimate = _LawEstimate(law, x, y, select)
     params = estimate(np.arange(len(y)))
     n_points = int(select(x, y).sum()) if select is not None else len(y)
-    boot = bootstrap(groups, lambda idx: estimate(idx, params), n_boot, seed) if n_boot else np.empty((0, len(params)))
+    boot = (bootstrap(groups, _LawEstimate(law, x, y, select, params), n_boot, seed) if n_boot
+            else np.empty((0, len(params))))
     return Fit(law, params, boot, n_points, len(np.unique(groups)), n_boot)
+
+
+class _LawEstimate:
+    """The law fitted to the points idx (after select), from start: a picklable bootstrap estimate."""
+
+    def __init__(self, law, x, y, select=None, start=None):
+        self.law, self.x, self.y, self.select, self.start = law, x, y, select, start
+
+    def __call__(self, idx):
+        xi, yi = self.x[idx], self.y[idx]
+        if self.select is not None:
+            keep = self.select(xi, yi)
+            xi, yi = xi[keep], yi[keep]
+        distinct = len(np.unique(xi, axis=0))
+        if distinct < self.law.min_points:
+            raise FitError(f"{self.law.formula} needs at least {self.law.min_points} distinct points, got {distinct}")
+        return self.law.estimate(xi, yi, self.start)
 
 
 def frontier(x, y):

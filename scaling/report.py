@@ -23,7 +23,7 @@ import pandas as pd
 
 from scaling import figures
 from scaling.fits import (CHINCHILLA, CI_LEVEL, N_BOOT, POWER_LAW, SATURATING_POWER_LAW, FitError, correlations,
-                          extrapolation_check, fit_law, frontier, isoflop)
+                          extrapolation_check, fit_law, frontier, isoflop, parallel_fits)
 from scaling.results import RESULTS_SCHEMA, load_results, paper_results, to_table
 
 STATUS_RANK = {"ok": 0, "diverged": 1, "failed": 2}
@@ -436,15 +436,21 @@ def _jsonable(v):
     return v
 
 
-def build_report(results, out=None, n_boot=N_BOOT, seed=0):
-    """Write the report of results (a path or a DataFrame) to out (default reports/<study>); returns out."""
+def build_report(results, out=None, n_boot=N_BOOT, seed=0, processes=1):
+    """Write the report of results (a path or a DataFrame) to out (default reports/<study>); returns out.
+
+    processes: worker processes for the bootstraps (None: one per CPU). They are spawned, which
+    imports the caller's main module again: a script must guard its entry point (`if __name__ ==
+    "__main__":`) to use them. The command-line entry points do.
+    """
     if isinstance(results, pd.DataFrame):
         df = to_table(results, RESULTS_SCHEMA).to_pandas()  # the columns and types a loaded file has
     else:
         df = load_results(results)
     if df.empty:
         raise ValueError(f"{results}: no rows" if not isinstance(results, pd.DataFrame) else "no rows")
-    a = analyze(df, n_boot, seed)
+    with parallel_fits(processes):  # the L-BFGS fits: most of a report's time
+        a = analyze(df, n_boot, seed)
     out = Path(out) if out else Path("reports") / _safe_name(a.study)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
@@ -497,7 +503,7 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = build_report(df, args.out, args.n_boot, args.seed)
+    out = build_report(df, args.out, args.n_boot, args.seed, processes=None)
     print(out / "index.html")
     return 0
 

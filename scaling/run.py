@@ -194,7 +194,7 @@ def run_study(study, address, build_report=True, report_dir=None):
     if build_report and (out / "results.parquet").exists():
         from scaling.report import build_report as make_report
 
-        path = make_report(out / "results.parquet", report_dir)
+        path = make_report(out / "results.parquet", report_dir, processes=None)
         print(f"report: {path}")
     ray.shutdown()
     return EXIT_TRIALS_FAILED if failed else EXIT_OK

@@ -241,7 +241,7 @@ def test_mlflow_outage_is_queued_and_replayed(tmp_path, ray_tmpdir, monkeypatch,
     """The tracking server goes away mid-study and comes back: training never waits, MLflow gets every point."""
     for key, value in HTTP_DEFAULTS.items():  # what the driver uses; set here so the test's own env is restored
         monkeypatch.setenv(key, value)
-    milestones = (10, 150, 1000)  # 150 falls inside the outage; training to 1000 usually outlasts it
+    milestones = (10, 150, 1000)  # 150 is reached during the outage; training to 1000 usually outlasts it
     port, = free_ports(1)
     uri = f"http://127.0.0.1:{port}"
     store = tmp_path / "mlflow-server"
@@ -258,7 +258,9 @@ def test_mlflow_outage_is_queued_and_replayed(tmp_path, ray_tmpdir, monkeypatch,
                 stop_mlflow(servers[0])
                 down_at = time.time()
                 assert not mlflow_answers(port)
-                # The outage lasts as long as a restart takes (10-40 s here); the trial trains on meanwhile.
+                # The server stays away until the next milestone is in Parquet: a driver that waited on
+                # MLflow would never get there. Then a restart (10-40 s here); the trial trains on meanwhile.
+                wait_for_rows(out, 2, proc, timeout=400)
                 servers.append(start_mlflow(port, store, server_log))
                 up_at = time.time()
             except BaseException:

@@ -4,8 +4,9 @@ import json
 import numpy as np
 import pytest
 
+from scaling import fits
 from scaling.fits import (CHINCHILLA, POWER_LAW, SATURATING_POWER_LAW, FitError, bootstrap, correlations,
-                          extrapolation_check, fit_law, frontier, isoflop)
+                          extrapolation_check, fit_law, frontier, isoflop, parallel_fits)
 from scaling.results import paper_results
 
 N_BOOT = 200  # enough for stable 95% intervals at this noise; the report's default is 1000
@@ -66,6 +67,22 @@ def test_chinchilla_approach_3_recovers_known_coefficients():
     fit = fit_law(CHINCHILLA, np.column_stack([n, d]), loss, n_boot=N_BOOT)
     assert_recovers(fit, truth, rtol=0.15)
     assert fit.law.formula == "L = E + A/N^α + B/D^β"
+
+
+def test_fits_in_worker_processes_equal_the_fits_in_one(monkeypatch):
+    """The grid of starts and the bootstrap of L(N, D), spread over 2 spawned processes: the same numbers."""
+    rng = np.random.default_rng(5)
+    n, d = (v.ravel() for v in np.meshgrid(np.logspace(7, 9, 4), np.logspace(8, 11, 4)))
+    loss = (1.7 + 400 / n ** 0.34 + 410 / d ** 0.28) * np.exp(rng.normal(0, 0.01, n.size))
+    trials = np.repeat(np.arange(4), 4)
+    monkeypatch.setattr(fits, "PARALLEL_ABOVE_S", 0.0)  # however fast this machine fits
+    serial = fit_law(CHINCHILLA, np.column_stack([n, d]), loss, trials, n_boot=60)
+    with parallel_fits(2):
+        parallel = fit_law(CHINCHILLA, np.column_stack([n, d]), loss, trials, n_boot=60)
+        assert fits._parallel[1] is not None  # the workers were used
+    np.testing.assert_array_equal(parallel.params, serial.params)
+    np.testing.assert_array_equal(parallel.boot, serial.boot)
+    assert len(serial.boot) > 20  # resamples with fewer than 3 sizes cannot be fitted
 
 
 def test_too_few_points_raise_fit_error_with_the_reason():
