@@ -310,8 +310,17 @@ def _executor():
         return None
     if _parallel[1] is None:
         _parallel[1] = concurrent.futures.ProcessPoolExecutor(
-            _parallel[0], mp_context=multiprocessing.get_context("spawn"), initializer=threadpool_limits, initargs=(1,))
+            _parallel[0], mp_context=multiprocessing.get_context("spawn"), initializer=_one_blas_thread)
     return _parallel[1], _parallel[0]
+
+
+def _one_blas_thread():
+    """A worker's BLAS on one thread. threadpoolctl limits the libraries loaded when it is called, and
+    a spawned worker may not have loaded numpy's yet (under `python -m scaling.run` it had not: each
+    fit then ran 3× slower, its BLAS threads contending with the other worker's)."""
+    import scipy.optimize  # noqa: F401  (loads numpy's and scipy's BLAS)
+
+    threadpool_limits(1)
 
 
 @_single_threaded

@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+from threadpoolctl import threadpool_info
 
 from scaling import fits
 from scaling.fits import (CHINCHILLA, POWER_LAW, SATURATING_POWER_LAW, FitError, bootstrap, correlations,
@@ -80,6 +81,8 @@ def test_fits_in_worker_processes_equal_the_fits_in_one(monkeypatch):
     with parallel_fits(2):
         parallel = fit_law(CHINCHILLA, np.column_stack([n, d]), loss, trials, n_boot=60)
         assert fits._parallel[1] is not None  # the workers were used
+        pool, _ = fits._executor()  # and their BLAS runs one thread each, as in this process
+        assert {lib["num_threads"] for lib in pool.submit(threadpool_info).result()} == {1}
     np.testing.assert_array_equal(parallel.params, serial.params)
     np.testing.assert_array_equal(parallel.boot, serial.boot)
     assert len(serial.boot) > 20  # resamples with fewer than 3 sizes cannot be fitted

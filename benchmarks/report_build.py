@@ -1,0 +1,48 @@
+"""Time to build a study's report, its fits in one process against one worker process per CPU.
+
+    python -m benchmarks.report_build [RESULTS] [--n-boot 1000] [--rounds 1]
+
+RESULTS is a results.parquet or a study output folder (default: the default study's,
+outputs/gflops_sweep). Each build writes a report into a temporary folder; the fitted laws of the
+two builds must be identical (the resamples are drawn before they are spread over the workers).
+"""
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.machine import describe
+from scaling.fits import N_BOOT
+from scaling.report import build_report
+from scaling.results import load_results
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", nargs="?", default="outputs/gflops_sweep")
+    parser.add_argument("--n-boot", type=int, default=N_BOOT)
+    parser.add_argument("--rounds", type=int, default=1, help="builds per setting; the fastest is shown")
+    args = parser.parse_args(argv)
+    df = load_results(args.results)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    print(f"machine: {describe()}")
+    print(f"{args.results}: {len(df)} rows, {df.trial_id.nunique()} trials; {args.n_boot} resamples per fit")
+    fits, seconds = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for processes in (1, cpus):
+            for r in range(args.rounds):
+                out = Path(tmp) / f"report-{processes}-{r}"
+                started = time.perf_counter()
+                build_report(df, out, args.n_boot, processes=processes)
+                seconds[processes] = min(seconds.get(processes, float("inf")), time.perf_counter() - started)
+                fits[processes] = json.loads((out / "fits.json").read_text())
+            print(f"  {processes} process(es): {seconds[processes]:.1f} s")
+    same = fits[1] == fits[cpus]
+    print(f"speed-up {seconds[1] / seconds[cpus]:.2f}× on {cpus} CPUs; fitted laws identical: {same}")
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
