@@ -317,7 +317,7 @@ def _executor():
 def _one_blas_thread():
     """A worker's BLAS on one thread. threadpoolctl limits the libraries loaded when it is called, and
     a spawned worker may not have loaded numpy's yet (under `python -m scaling.run` it had not: each
-    fit then ran 3× slower, its BLAS threads contending with the other worker's)."""
+    fit then ran about 4× slower, its BLAS threads contending with the other worker's)."""
     import scipy.optimize  # noqa: F401  (loads numpy's and scipy's BLAS)
 
     threadpool_limits(1)

@@ -439,7 +439,7 @@ def _jsonable(v):
 def build_report(results, out=None, n_boot=N_BOOT, seed=0, processes=1):
     """Write the report of results (a path or a DataFrame) to out (default reports/<study>); returns out.
 
-    processes: worker processes for the bootstraps (None: one per CPU). They are spawned, which
+    processes: worker processes for the fits (None: one per CPU). They are spawned, which
     imports the caller's main module again: a script must guard its entry point (`if __name__ ==
     "__main__":`) to use them. The command-line entry points do.
     """
