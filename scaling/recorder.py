@@ -39,13 +39,18 @@ class Recorder(Callback):
         # last report until the trial's slot is free again.
         self.started_at, self.last_result_at, self.overhead = {}, {}, {}
 
+    def open_runs(self, trial_ids):
+        """Find or create the trials' MLflow child runs, SCHEDULED until their trials start."""
+        for trial_id in trial_ids:
+            self._run_id(trial_id, status="SCHEDULED")
+
     # Tune callback hooks ---------------------------------------------------------------
 
     def on_trial_start(self, iteration, trials, trial, **info):
         trial_id = trial.config["trial"]["trial_id"]
         # A retried failure: its old "failed" row gives way to what this attempt measures.
         self.rows = {k: r for k, r in self.rows.items() if not (k[0] == trial_id and r["status"] == "failed")}
-        self._run_id(trial_id)
+        self.tracker.set_status(self._run_id(trial_id), "RUNNING")
         self.progress.started(trial_id)
         self.started_at[trial_id] = time.time()
         self.overhead.pop(trial_id, None)
@@ -171,9 +176,9 @@ class Recorder(Callback):
             "timestamp": datetime.now(timezone.utc), "config_json": json.dumps(t.to_dict(), sort_keys=True),
         }
 
-    def _run_id(self, trial_id):
+    def _run_id(self, trial_id, status="RUNNING"):
         if trial_id not in self.run_ids:
-            run_id = self.tracker.child_run(trial_id, self.trials[trial_id].to_dict())
+            run_id = self.tracker.child_run(trial_id, self.trials[trial_id].to_dict(), status)
             self.run_ids[trial_id] = run_id
             self.mlflow_step[trial_id] = self.tracker.last_logged_step(run_id)
         return self.run_ids[trial_id]

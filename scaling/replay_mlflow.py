@@ -2,7 +2,8 @@
 
 For a study whose tracking server was away when the driver ended: Parquet always has every
 measurement; this logs the missing steps into the same parent and child runs (found by their tags),
-so nothing is duplicated when it is run twice.
+so nothing is duplicated when it is run twice, and closes the runs the driver could not: a finished
+trial's run (and, once every trial is finished, the study's) gets the status the driver gives it.
 """
 import argparse
 import json
@@ -14,6 +15,7 @@ import yaml
 
 from scaling.recorder import EVAL_METRICS, LOG_METRICS
 from scaling.results import load_results
+from scaling.study import StudyError, load_study
 from scaling.tracking import StudyTracker, default_tracking_uri
 
 
@@ -22,7 +24,7 @@ def replay(output, uri=None):
     output = Path(output).resolve()
     study = yaml.safe_load((output / "study.yaml").read_text())
     uri = uri or study["tracking"]["mlflow_uri"] or default_tracking_uri(output)
-    # Runs keep their status: a replay only adds what is missing.
+    # Runs are not reopened: a replay adds what is missing and closes only what is finished.
     tracker = StudyTracker(uri, study["tracking"]["experiment"] or study["name"], study["name"], output,
                            reopen=False)
     results = load_results(output)
@@ -42,9 +44,37 @@ def replay(output, uri=None):
                 tracker.log_metrics(run_id, {k: r.get(k) for k in (*EVAL_METRICS, "gflops", "params", "train_compute")},
                                     r["step"])
                 logged += 1
+    close_finished_runs(tracker, output, results)
     if not tracker.flush(force=True):
         raise ConnectionError(f"MLflow at {uri} still does not answer; nothing was lost, run this again later")
     return logged
+
+
+def close_finished_runs(tracker, output, results):
+    """Runs still open (RUNNING, SCHEDULED) whose trials are finished get the driver's end status:
+    FAILED for a failed or diverged trial, else FINISHED; the study's run once all its trials are."""
+    ended = {}  # trial id -> "FINISHED" or "FAILED", for finished trials
+    for trial_id, rows in results.groupby("trial_id"):
+        milestones = set(json.loads(rows.config_json.iloc[0])["milestones"])
+        if rows.status.isin(["failed", "diverged"]).any():
+            ended[trial_id] = "FAILED"
+        elif milestones <= set(rows[rows.status == "ok"].step):
+            ended[trial_id] = "FINISHED"
+    for trial_id, status in ended.items():
+        _close(tracker, tracker.child_run(trial_id, {}), status)
+    try:
+        trial_ids = {t.trial_id for t in load_study(output / "study.yaml", check_data=False).trials}
+    except StudyError:
+        return  # the study file no longer reads (a newer version of the project): leave the study's run open
+    if trial_ids <= set(ended):
+        # As the driver does: a diverged trial is a result, only a failed one fails the study.
+        failed = set(results[results.status == "failed"].trial_id)
+        _close(tracker, tracker.parent_run_id, "FAILED" if failed else "FINISHED")
+
+
+def _close(tracker, run_id, status):
+    if tracker.client.get_run(run_id).info.status in ("RUNNING", "SCHEDULED"):
+        tracker.finish(run_id, status)
 
 
 def main(argv=None):

@@ -10,6 +10,8 @@ import shutil
 import socket
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from scaling.study import StudyError, check_cluster, load_study
@@ -53,6 +55,7 @@ def main(argv=None):
     try:
         check_output(study)
         check_reachable(address)
+        check_tracking_server(study)
     except StudyError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -90,6 +93,24 @@ def check_reachable(address):
             pass
     except (OSError, ValueError) as e:
         raise StudyError(f"--address {address}: cannot reach a Ray cluster there ({e})") from e
+
+
+def check_tracking_server(study):
+    """An MLflow server named by the study or MLFLOW_TRACKING_URI must answer before launch: the
+    study's runs are created up front, and a server that goes away later only delays logging."""
+    uri = study.raw["tracking"]["mlflow_uri"]  # the study's, else MLFLOW_TRACKING_URI's, else SQLite
+    if not uri.startswith(("http://", "https://")):
+        return  # a SQLite or file store is created by the driver itself
+    given = study.given("tracking.mlflow_uri")
+    where = f"{study.locate('tracking.mlflow_uri')}: tracking.mlflow_uri" if given else "MLFLOW_TRACKING_URI"
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10):
+            pass
+    except urllib.error.HTTPError:
+        return  # it answers (a proxy in front of it may want credentials even for /health)
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        raise StudyError(f"{where}: no MLflow tracking server answers at {uri} ({reason})") from e
 
 
 def run_study(study, address, build_report=True, report_dir=None):
@@ -144,6 +165,7 @@ def run_study(study, address, build_report=True, report_dir=None):
     print(f"study {study.name}: {len(study.trials)} trials, {len(done)} already finished; output {out}")
     print(f"MLflow: {uri}   (mlflow ui --backend-store-uri {uri})")
     recorder = Recorder(study, tracker, progress)
+    recorder.open_runs(t.trial_id for t in todo)  # now, while MLflow answers (checked before launch)
     started = time.time()
     if todo:
         res = study.raw["resources"]

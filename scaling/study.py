@@ -732,6 +732,11 @@ class Study:
         """Where a field was written: 'file:line', '--set key=value', or the file for a default."""
         return self.locations(_key_path(dotted))
 
+    def given(self, dotted):
+        """Whether the study file or a `--set` gives the field (else it has its default)."""
+        key_path = _key_path(dotted)
+        return key_path in self.locations.lines or key_path in self.locations.overrides
+
 
 def load_study(path, overrides=(), check_data=True):
     """Read, override, validate and expand a study file. Raises StudyError; writes nothing.

@@ -76,8 +76,11 @@ class StudyTracker:
             ).info.run_id
         self.children = {}
 
-    def child_run(self, trial_id, params):
-        """The child run of a trial: found by its trial-id tag, else created with its params."""
+    def child_run(self, trial_id, params, status="RUNNING"):
+        """The child run of a trial: found by its trial-id tag, else created with its params.
+
+        status: what a run found again becomes (when reopening) and a new run starts as.
+        """
         if trial_id in self.children:
             return self.children[trial_id]
         runs = self.client.search_runs(
@@ -86,13 +89,15 @@ class StudyTracker:
         if runs:
             run_id = runs[0].info.run_id
             if self.reopen:
-                self.client.update_run(run_id, status="RUNNING")
+                self.client.update_run(run_id, status=status)
         else:
             run_id = self.client.create_run(self.experiment_id, run_name=trial_id,
                                             tags={TRIAL_TAG: trial_id, PARENT_TAG: self.parent_run_id}).info.run_id
             flat = [Param(k, _param_value(v)) for k, v in flatten(params).items()]
             for i in range(0, len(flat), 100):  # MLflow takes at most 100 params per batch
                 self.client.log_batch(run_id, params=flat[i:i + 100])
+            if status != "RUNNING":  # create_run starts a run RUNNING
+                self.client.update_run(run_id, status=status)
         self.children[trial_id] = run_id
         return run_id
 
@@ -119,6 +124,10 @@ class StudyTracker:
     def set_tags(self, run_id, tags):
         for k, v in tags.items():
             self._call(self.client.set_tag, run_id, k, str(v))
+
+    def set_status(self, run_id, status):
+        """RUNNING, SCHEDULED, ...; queued like every call while the server is away."""
+        self._call(self.client.update_run, run_id, status=status)
 
     def finish(self, run_id, status="FINISHED"):
         self._call(self.client.set_terminated, run_id, RunStatus.to_string(RunStatus.from_string(status)))

@@ -1,6 +1,8 @@
-"""Shared test fixtures: the reference DiT's weights and outputs."""
+"""Shared test fixtures: the reference DiT's weights and outputs; each test's own Ray temp dir."""
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -41,3 +43,18 @@ def reference_model(reference):
 def _deterministic_threads():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _private_ray(monkeypatch):
+    """Every test that starts Ray gets its own temp dir, not /tmp/ray: its Ray neither finds nor is
+    found by another one on the machine, such as a study the developer runs meanwhile (short path:
+    Ray's socket paths must fit in 107 bytes). A developer's RAY_ADDRESS or MLflow server stays out."""
+    path = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    monkeypatch.setenv("RAY_TMPDIR", path)
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")  # no network here
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+

@@ -42,6 +42,29 @@ def test_output_that_is_not_writable(tmp_path, monkeypatch, capsys):
     assert snapshot(tmp_path) == before
 
 
+def test_tracking_server_that_does_not_answer(tmp_path, monkeypatch, capsys):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    path = write(tmp_path, BASE + f"output: {tmp_path / 'out'}\ntracking:\n  mlflow_uri: {uri}\n")
+    line = BASE.count("\n") + 3
+    before = snapshot(tmp_path)
+    assert scaling_run.main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}:{line}: tracking.mlflow_uri: no MLflow tracking server answers at {uri} (")
+    assert snapshot(tmp_path) == before
+    # The same server named by the environment instead of the study file.
+    path = write(tmp_path, BASE + f"output: {tmp_path / 'out'}\n", name="env.yaml")
+    before = snapshot(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert scaling_run.main([str(path)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: MLFLOW_TRACKING_URI: no MLflow tracking server answers at {uri} (")
+    assert snapshot(tmp_path) == before
+
+
 def test_truncated_parquet_given_to_the_report(tmp_path, monkeypatch, capsys):
     good = tmp_path / "results.parquet"
     pd.DataFrame({"a": range(100)}).to_parquet(good)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from scaling.replay_mlflow import main as replay_main
 from scaling.results import RESULTS_SCHEMA, load_results, write_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,6 +35,30 @@ def run(args, timeout=600, **kwargs):
     env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
     return subprocess.run([sys.executable, "-m", "scaling.run", *map(str, args)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def wait_until_group_gone(pgid, timeout):
+    """Wait for the live processes of a process group to exit; SIGKILL what is left at the timeout."""
+    deadline = time.time() + timeout
+    while group_alive(pgid) and time.time() < deadline:
+        time.sleep(0.2)
+    if group_alive(pgid):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:  # gone meanwhile
+            pass
+
+
+def group_alive(pgid):
+    """Whether a process (not a zombie) of process group pgid runs, from /proc."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, pgrp, ...
+        except OSError:
+            continue  # exited meanwhile
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
 
 
 def mlflow_runs(out):
@@ -89,7 +114,16 @@ def test_end_to_end_and_rerun_skips_finished(tmp_path):
     # The same weights (the checkpoint's EMA) and the same sampling seed: the same measurement.
     assert back.val_loss == pytest.approx(lost.val_loss.iloc[0], rel=1e-6)
     assert back.fid == pytest.approx(lost.fid.iloc[0], rel=1e-3)
-    assert len(mlflow_runs(out)[2]) == 2
+    client, parents, children = mlflow_runs(out)
+    assert len(children) == 2
+
+    # A driver that ended while its tracking server was away leaves its runs open: the replay
+    # closes the finished ones, with the status the driver gives them.
+    for r in parents + children:
+        assert r.info.status == "FINISHED"
+        client.update_run(r.info.run_id, "RUNNING")
+    assert replay_main([str(out)]) == 0
+    assert {client.get_run(r.info.run_id).info.status for r in parents + children} == {"FINISHED"}
 
 
 def test_killed_driver_resumes_without_duplicates(tmp_path):
@@ -107,11 +141,18 @@ def test_killed_driver_resumes_without_duplicates(tmp_path):
     else:
         proc.kill()
         pytest.fail("no milestone within 300 s")
-    os.killpg(proc.pid, signal.SIGKILL)
+    proc.kill()  # the driver alone: Ray's reaper in its process group then stops the Ray it started
     proc.wait()
-    subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)  # its orphaned local Ray
+    # The trial's processes are gone within seconds; Ray's dashboard and runtime-env agents take a
+    # minute to notice, and are killed after 10 s (they write nothing the re-run reads).
+    wait_until_group_gone(proc.pid, timeout=10)
     partial = load_results(out)
     assert 1 <= len(partial) < 6
+    # Every trial's run exists from the start; one whose trial has not started is SCHEDULED.
+    client, _, children = mlflow_runs(out)
+    assert len(children) == 2
+    if len(partial) < 3:  # the first trial (one at a time) was still running
+        assert sorted(c.info.status for c in children) == ["RUNNING", "SCHEDULED"]
 
     again = run([study, "--no-report"])
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
