@@ -6,6 +6,8 @@ callback (scaling.recorder) writes Parquet and MLflow. The trainer is named afte
 restarted worker group or a re-run of the study finds the trial's last reported checkpoint.
 """
 import dataclasses
+import os
+import re
 import shutil
 import sys
 import tempfile
@@ -108,7 +110,7 @@ def worker_loop(config):
 
     trial, run = config["trial"], config["run"]
     context = ray.train.get_context()
-    local = Path(tempfile.mkdtemp(prefix=f"dit-{trial['trial_id']}-rank{context.get_world_rank()}-"))
+    local = scratch_dir(trial["trial_id"], context.get_world_rank())
     checkpoint = ray.train.get_checkpoint()
     try:
         if checkpoint is None:
@@ -122,6 +124,28 @@ def worker_loop(config):
         ray.train.report({"kind": KIND_END, "status": "diverged", "step": e.step, "error": str(e)})
     finally:
         shutil.rmtree(local, ignore_errors=True)
+
+
+def scratch_dir(trial_id, rank):
+    """A fresh local folder for this worker's checkpoints before Ray persists them. The folders of
+    workers that died on this node go first: a killed worker cannot remove its own, and a large
+    model's checkpoint is gigabytes."""
+    base = Path(tempfile.gettempdir())
+    for old in base.glob("dit-*-pid*-*"):
+        found = re.fullmatch(r"dit-.+-pid(\d+)-[^-]+", old.name)
+        if found and not _process_alive(int(found.group(1))):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"dit-{trial_id}-rank{rank}-pid{os.getpid()}-", dir=base))
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _train(train, trial, run, local, resume_dir):

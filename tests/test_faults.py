@@ -1,5 +1,6 @@
 """Faults in a study: a diverging trial, a trial that keeps failing, an output that cannot hold the study."""
 import json
+import os
 import textwrap
 from pathlib import Path
 
@@ -84,3 +85,21 @@ def test_output_without_room_is_rejected_before_launch(tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 ** 9, 10 ** 9, 10 ** 6))
     assert scaling_run.main([str(study)]) == 2
     assert not out.exists()
+
+
+def test_scratch_of_dead_workers_is_removed_when_a_worker_starts(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from scaling.ray_trial import scratch_dir
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    killed = tmp_path / f"dit-DiT-T-2-0088a8191b-rank1-pid{int(dead.stdout)}-k1ll3d_x"  # a killed worker's
+    alive = tmp_path / "dit-DiT-T-4-237f775f6a-rank0-pid1-w0rk1ng_"  # a running worker's (pid 1 always runs)
+    other = tmp_path / "dit-notes"  # not a scratch folder
+    for folder in (killed, alive, other):
+        (folder / "step-000000800").mkdir(parents=True)
+    new = scratch_dir("DiT-N-2-3594a07413", 0)
+    assert new.parent == tmp_path and new.name.startswith(f"dit-DiT-N-2-3594a07413-rank0-pid{os.getpid()}-")
+    assert not killed.exists() and alive.exists() and other.exists()
