@@ -8,13 +8,17 @@ Train controller and worker group, imports, process group, DeepSpeed engine, dat
 free slot. With --study it runs that study (e.g. the default) in a fresh output folder and reports
 its efficiency: training + evaluation time as a share of the trial slots' wall time. The numbers
 come from what scaling.run itself logs to MLflow (startup_s, teardown_s, efficiency).
+With --cpu (Linux) it also prints the CPU seconds of every process the study started, by kind
+(Ray's actors by class): where the trials' start-up and idle costs go on a small machine.
 """
 import argparse
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -40,14 +44,66 @@ def tiny_study(folder, trials, steps):
     return path
 
 
-def run_study(study, output):
-    """Run scaling.run on a study with its output redirected; returns (wall seconds, stdout)."""
+def run_study(study, output, cpu=None):
+    """Run scaling.run on a study with its output redirected; returns (wall seconds, stdout).
+
+    cpu: a dict that receives {process kind: CPU seconds} of the driver and everything it started.
+    """
     start = time.time()
-    proc = subprocess.run([sys.executable, "-m", "scaling.run", str(study), "--no-report", "--set", f"output={output}"],
-                          cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "scaling.run", str(study), "--no-report", "--set",
+                             f"output={output}"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watcher = None
+    if cpu is not None:
+        watcher = threading.Thread(target=_watch_cpu, args=(proc, cpu), daemon=True)
+        watcher.start()
+    stdout, stderr = proc.communicate()
+    if watcher:
+        watcher.join()
     if proc.returncode != 0:
-        sys.exit(f"scaling.run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return time.time() - start, proc.stdout
+        sys.exit(f"scaling.run failed ({proc.returncode}):\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    return time.time() - start, stdout
+
+
+def _watch_cpu(proc, totals, every=0.25):
+    """Poll /proc until the driver exits: the last CPU time seen of each of its descendants, by kind."""
+    tick = os.sysconf("SC_CLK_TCK")
+    last = {}  # pid -> (kind, CPU seconds); processes that exit keep their last reading
+    while proc.poll() is None:
+        parents, seen = {}, {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                text = stat.read_text()
+                cmdline = (stat.parent / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            pid = int(stat.parent.name)
+            fields = text.rsplit(")", 1)[1].split()  # state, ppid, ..., utime (12th), stime (13th)
+            parents[pid] = int(fields[1])
+            seen[pid] = (_kind(text[text.index("(") + 1:text.rindex(")")], cmdline),
+                         (int(fields[11]) + int(fields[12])) / tick)
+        for pid, reading in seen.items():
+            ancestor = pid
+            while ancestor not in (0, 1, proc.pid) and ancestor in parents:
+                ancestor = parents[ancestor]
+            if ancestor == proc.pid:
+                last[pid] = reading
+        time.sleep(every)
+    for kind, seconds in last.values():
+        totals[kind] = totals.get(kind, 0.0) + seconds
+
+
+def _kind(comm, cmdline):
+    """A process's kind: Ray's actor class, a Ray daemon's name, or the script it runs."""
+    head = cmdline[0].decode(errors="replace")
+    if head.startswith("ray::"):
+        return head.split(".")[0].split()[0]  # ray::ImplicitFunc.train -> ray::ImplicitFunc
+    if "scaling.run" in b" ".join(cmdline).decode(errors="replace"):
+        return "driver (python -m scaling.run)"
+    for arg in cmdline[1:3]:
+        name = Path(arg.decode(errors="replace")).name
+        if name.endswith(".py"):
+            return name
+    return comm
 
 
 def mlflow_numbers(output, experiment):
@@ -67,13 +123,15 @@ def main():
     parser.add_argument("--trials", type=int, default=4)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--study", default=None, help="measure this study instead of the tiny one")
+    parser.add_argument("--cpu", action="store_true", help="also print the CPU seconds of each kind of process")
     args = parser.parse_args()
     print(f"machine: {describe()}")
     with tempfile.TemporaryDirectory(prefix="overhead-") as tmp:
         tmp = Path(tmp)
         study = Path(args.study).resolve() if args.study else tiny_study(tmp, args.trials, args.steps)
         name = "overhead" if not args.study else __import__("yaml").safe_load(study.read_text())["name"]
-        total, stdout = run_study(study, tmp / "out")
+        cpu = {} if args.cpu else None
+        total, stdout = run_study(study, tmp / "out", cpu)
         startup, teardown, efficiency, wall = mlflow_numbers(tmp / "out", name)
     print(f"study: {study.name}, {len(startup)} trials, command wall time {total:.1f} s (Ray start-up included), "
           f"study wall time {wall:.1f} s")
@@ -82,6 +140,11 @@ def main():
             print(f"{key:>26}: median {statistics.median(values):5.1f} s  (min {min(values):.1f}, "
                   f"max {max(values):.1f})")
     print(f"{'study efficiency':>26}: {efficiency:.1%}  (training + evaluation / trial slots × wall time)")
+    if cpu:
+        print(f"CPU seconds of the driver and every process it started ({sum(cpu.values()):.1f} in all):")
+        for kind, seconds in sorted(cpu.items(), key=lambda item: -item[1]):
+            if seconds >= 0.1:
+                print(f"  {seconds:7.1f}  {kind}")
 
 
 if __name__ == "__main__":
