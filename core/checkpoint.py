@@ -110,13 +110,20 @@ def read_trainer_state(path):
         raise CheckpointError(f"{state_file} is corrupt: {e}") from e
 
 
-def load_checkpoint(path, engine, ema, model_config, world_size, zero_stage, rank):
-    """Restore engine, EMA and this rank's RNG from a checkpoint; returns its trainer state."""
+def check_checkpoint(path, model_config):
+    """The trainer state of a checkpoint of this model; cheap, so a bad one fails before any set-up."""
     path = Path(path)
     state = read_trainer_state(path)
     if state.get("model_config") != model_config:
         raise CheckpointError(
             f"{path / STATE_FILE} belongs to another model: {state.get('model_config')} != {model_config}")
+    return state
+
+
+def load_checkpoint(path, engine, ema, model_config, world_size, zero_stage, rank):
+    """Restore engine, EMA and this rank's RNG from a checkpoint; returns its trainer state."""
+    path = Path(path)
+    state = check_checkpoint(path, model_config)
     if zero_stage > 0 and state.get("world_size") != world_size:
         # ZeRO partitions optimizer state by data-parallel rank; it cannot be re-sharded on load.
         raise CheckpointError(f"{path} was written by {state.get('world_size')} processes with ZeRO-"

@@ -215,21 +215,25 @@ def train(cfg, out_dir, milestones=(), callbacks=None, resume_from=None, checkpo
     shared_checkpoint_dir: whether all ranks write into one checkpoint_dir (torchrun) or each into
     its own (Ray workers, whose per-rank files Ray merges); decides who prunes old checkpoints.
     """
-    import deepspeed
-
     callbacks = callbacks or Callbacks()
     out_dir = Path(out_dir)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else out_dir / "checkpoints"
     milestones = sorted({int(m) for m in milestones} | {cfg.max_steps})
     if milestones[0] <= 0 or milestones[-1] > cfg.max_steps:
         raise ValueError(f"milestones must lie in 1..max_steps ({cfg.max_steps}), got {milestones}")
+    mcfg = cfg.resolved_model_config()
+    if resume_from == "auto":
+        resume_from = ckpt.latest_checkpoint(checkpoint_dir)
+    if resume_from is not None:  # a missing, corrupt or foreign checkpoint fails now, not after the set-up
+        ckpt.check_checkpoint(resume_from, mcfg)
+
+    import deepspeed
 
     rank, world, _, device = setup_distributed()
     if cfg.batch_size % (cfg.grad_accum * world):
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by grad_accum {cfg.grad_accum} × "
                          f"{world} processes")
     micro = cfg.batch_size // (cfg.grad_accum * world)
-    mcfg = cfg.resolved_model_config()
     g_per_image = gflops_from_config(**mcfg)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -259,8 +263,6 @@ def train(cfg, out_dir, milestones=(), callbacks=None, resume_from=None, checkpo
 
     trial = TrialState(cfg, engine, ema, device, rank, world, 0, mcfg, g_per_image, autocast_dtype)
     step, train_time, history = 0, 0.0, []
-    if resume_from == "auto":
-        resume_from = ckpt.latest_checkpoint(checkpoint_dir)
     if resume_from is not None:
         state = ckpt.load_checkpoint(resume_from, engine, ema, mcfg, world, cfg.zero_stage, rank)
         step, train_time, history = state["step"], state["train_time_s"], state.get("history", [])

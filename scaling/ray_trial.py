@@ -90,13 +90,14 @@ class RayReporting:
 
 
 def _import_core_train():
-    """core.train, imported without MLflow: DeepSpeed's autotuner imports MLflow when it can, which
-    costs seconds of every trial's start-up, and workers never log to MLflow (the driver does)."""
+    """core.train and DeepSpeed, imported without MLflow: DeepSpeed's autotuner imports MLflow when it
+    can, which costs seconds of every trial's start-up, and workers never log to MLflow (the driver does)."""
     hidden = "mlflow" not in sys.modules
     if hidden:
         sys.modules["mlflow"] = None  # makes `import mlflow` raise ImportError
     try:
         import core.train
+        import deepspeed  # noqa: F401  core.train imports it only when training starts, after this block
     finally:
         if hidden:
             del sys.modules["mlflow"]

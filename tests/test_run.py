@@ -171,6 +171,14 @@ def test_killed_driver_resumes_without_duplicates(tmp_path):
         assert steps == sorted(set(steps)) and steps[-1] == 60
 
 
+def test_workers_import_the_trainer_without_mlflow():
+    # DeepSpeed imports MLflow when it can (seconds of every trial's start-up); workers never log to it.
+    code = ("import sys; from scaling.ray_trial import _import_core_train; _import_core_train(); "
+            "print(sorted(m for m in ('deepspeed', 'mlflow') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "['deepspeed']"
+
+
 def test_bad_study_exits_2_and_writes_nothing(tmp_path):
     study, out = write_study(tmp_path)
     study.write_text(study.read_text().replace("lr: 1.0e-3", "lr: fast"))
