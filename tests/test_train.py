@@ -120,13 +120,13 @@ def free_port():
         return s.getsockname()[1]
 
 
-def torchrun(out, zero_stage, nproc=2, max_steps=12, resume="none"):
+def torchrun(out, zero_stage, nproc=2, resume="none"):
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            "--master_addr=127.0.0.1", f"--master_port={free_port()}",
            "-m", "core.train", "--model", "DiT-P/2", "--dataset", "digits", "--results-dir", str(out),
-           "--global-batch-size", "32", "--max-steps", str(max_steps), "--log-every", "2", "--lr", "1e-3",
+           "--global-batch-size", "32", "--max-steps", "12", "--log-every", "2", "--lr", "1e-3",
            "--ema-decay", "0.9", "--val-batch", "32", "--zero-stage", str(zero_stage), "--num-workers", "0",
-           "--resume", resume]
+           "--ckpt-every", "6", "--resume", resume]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -146,10 +146,10 @@ def test_two_gloo_processes_match_one(tmp_path, zero_stage):
     assert losses_2 == pytest.approx(losses_1, rel=1e-4, abs=1e-5)
     assert state_2["metrics"]["val_loss"] == pytest.approx(state_1["metrics"]["val_loss"], rel=1e-3)
     if zero_stage == 2:
-        # Stopped at step 6 and resumed by two processes: the same losses as the run that never
-        # stopped, within the same tolerance (reduction order is the only difference).
-        torchrun(tmp_path / "resumed", zero_stage, max_steps=6)
-        losses_r, state_r = torchrun(tmp_path / "resumed", zero_stage, resume="auto")
+        # Resumed by two processes from that run's step-6 checkpoint: the same losses as the run that
+        # never stopped, within the same tolerance (reduction order is the only difference).
+        step_6 = tmp_path / "two" / "DiT-P-2" / "checkpoints" / ckpt.checkpoint_name(6)
+        losses_r, state_r = torchrun(tmp_path / "resumed", zero_stage, resume=str(step_6))
         assert state_r["step"] == 12 and len(losses_r) == len(losses_2)
         assert losses_r == pytest.approx(losses_2, rel=1e-4, abs=1e-5)
         assert state_r["metrics"]["val_loss"] == pytest.approx(state_2["metrics"]["val_loss"], rel=1e-3)
