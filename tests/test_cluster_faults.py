@@ -114,15 +114,16 @@ def cluster():
     c.shutdown()
 
 
-def start_head(cluster, **node_args):
-    """The head node with 1 CPU, its dashboard on 127.0.0.1 and every listening port a free one."""
+def start_head(cluster):
+    """A head node that holds no part of a trial (no CPU, too little memory for a trial actor), its
+    dashboard on 127.0.0.1 and every listening port a free one."""
     gcs, dashboard, agent, metrics, runtime_env, client = free_ports(6)
     # The dashboard stays on: Ray Train's placement-group cleaner asks its state API whether a dead
     # trial controller is gone, and without it a lost controller's CPUs are never given back.
-    return cluster.add_node(num_cpus=1, gcs_server_port=gcs, include_dashboard=True, dashboard_host="127.0.0.1",
-                            dashboard_port=dashboard, dashboard_agent_listen_port=agent,
+    return cluster.add_node(num_cpus=0, memory=NO_MEMORY, gcs_server_port=gcs, include_dashboard=True,
+                            dashboard_host="127.0.0.1", dashboard_port=dashboard, dashboard_agent_listen_port=agent,
                             metrics_export_port=metrics, runtime_env_agent_port=runtime_env,
-                            ray_client_server_port=client, **node_args)
+                            ray_client_server_port=client)
 
 
 def actors_of(cluster, class_name):
@@ -131,41 +132,56 @@ def actors_of(cluster, class_name):
             if a["ActorClassName"] == class_name]
 
 
-# The lost node holds one of the trial's two Ray Train workers and, in the second case, also the
-# trial's Tune actor with its Train controller. Node memory pins that placement: a node offering
-# less memory than the trial actor's token cannot hold it, while Train workers only ask for a CPU.
-@pytest.mark.parametrize("lost", ["train-worker", "trial-actor"])
-def test_node_loss_restarts_the_trial_from_its_checkpoint(tmp_path, cluster, lost):
-    """A node dies after the first milestone: the study still measures every milestone once."""
-    milestones = (20, 60, 200)
-    head = start_head(cluster, **({"memory": NO_MEMORY} if lost == "trial-actor" else {}))
-    node = cluster.add_node(num_cpus=1, **({"memory": NO_MEMORY} if lost == "train-worker" else {}))
+def remove_when(cluster, node, out, n, proc, milestones):
+    """Remove node once results.parquet holds n rows, while the trial still has milestones to go."""
+    wait_for_rows(out, n, proc, timeout=400)
+    cluster.remove_node(node)
+    assert len(rows(out)) < len(milestones)  # the trial was still running when its node went
+
+
+def alive(cluster, class_name):
+    """The sorted node ids of class_name's live actors."""
+    return sorted(n for n, s in actors_of(cluster, class_name) if s == "ALIVE")
+
+
+# One study loses two nodes: first one that holds only one of the trial's two Ray Train workers
+# (Train restarts its worker group), then the one that holds the other worker together with the
+# trial's Tune actor and its Train controller (Tune reruns the trial). Node memory pins the
+# placement: a node offering less memory than the trial actor's token cannot hold it, while Train
+# workers only ask for a CPU; the head node offers neither.
+def test_node_losses_restart_the_trial_from_its_checkpoint(tmp_path, cluster):
+    """Nodes die after the first and the second milestone: the study still measures every milestone once."""
+    milestones = (20, 60, 300)
+    start_head(cluster)
+    trial_node = cluster.add_node(num_cpus=1)
+    worker_node = cluster.add_node(num_cpus=1, memory=NO_MEMORY)
     study, out = fault_study(tmp_path, milestones,
                              "{workers_per_trial: 2, cpus_per_worker: 1, max_failures: 2}")
     with open(tmp_path / "study.log", "w") as log:
         proc = start_study([study, "--address", cluster.address, "--no-report"], log)
         try:
             wait_for_rows(out, 1, proc, timeout=400)
-            # Two 1-CPU workers on two 1-CPU nodes: one of them is on the node about to go.
-            assert sorted(n for n, s in actors_of(cluster, "RayTrainWorker") if s == "ALIVE") == sorted(
-                [head.node_id, node.node_id])
-            trial_node = {"train-worker": head, "trial-actor": node}[lost].node_id
-            assert [n for n, s in actors_of(cluster, "TrainController") if s == "ALIVE"] == [trial_node]
-            cluster.remove_node(node)
-            assert len(rows(out)) < len(milestones)  # the trial was still running when its node went
-            # A fresh node in its place: the restarted trial needs its two CPUs again.
-            fresh = cluster.add_node(num_cpus=1, **({"memory": NO_MEMORY} if lost == "train-worker" else {}))
+            # Two 1-CPU workers on the two 1-CPU nodes; the trial's actor and controller on the one with memory.
+            assert alive(cluster, "RayTrainWorker") == sorted([trial_node.node_id, worker_node.node_id])
+            assert alive(cluster, "ImplicitFunc") == alive(cluster, "TrainController") == [trial_node.node_id]
+            remove_when(cluster, worker_node, out, 1, proc, milestones)
+            # A fresh node in its place each time: the restarted trial needs its two CPUs again.
+            fresh_worker_node = cluster.add_node(num_cpus=1, memory=NO_MEMORY)
+            remove_when(cluster, trial_node, out, 2, proc, milestones)
+            fresh_trial_node = cluster.add_node(num_cpus=1)
         except BaseException:
             stop(proc)
             raise
         rc, output = finish(proc, log, timeout=400)
     assert rc == 0, output[-4000:]
     assert_complete(out, *mlflow_runs(out), milestones)
-    # The workers restarted once, on the nodes left; a lost trial actor was replaced once, on the fresh node.
-    workers = actors_of(cluster, "RayTrainWorker")
-    assert {n for n, _ in workers} == {head.node_id, node.node_id, fresh.node_id} and len(workers) == 4
+    # The worker group started three times: on the first two nodes, on the two left after the first
+    # loss, on the two left after the second. The trial actor was replaced once, on the fresh node.
+    workers = sorted(n for n, _ in actors_of(cluster, "RayTrainWorker"))
+    assert workers == sorted([trial_node.node_id, worker_node.node_id, trial_node.node_id,
+                              fresh_worker_node.node_id, fresh_worker_node.node_id, fresh_trial_node.node_id])
     trial_actors = sorted(n for n, _ in actors_of(cluster, "ImplicitFunc"))
-    assert trial_actors == sorted([head.node_id] if lost == "train-worker" else [node.node_id, fresh.node_id])
+    assert trial_actors == sorted([trial_node.node_id, fresh_trial_node.node_id])
 
 
 def start_mlflow(port, store, log):
