@@ -1,7 +1,7 @@
 """One grid row as Ray jobs: a Tune function trainable that runs core.train in a Ray Train TorchTrainer.
 
 The Ray Train V2 pattern: Tune cannot take a TorchTrainer directly, so each Tune trial builds one
-and calls fit(); TuneReportCallback forwards every worker report to Tune, whose driver-side
+and calls fit(); scaling.tune_relay forwards every worker report to Tune, whose driver-side
 callback (scaling.recorder) writes Parquet and MLflow. The trainer is named after the trial, so a
 restarted worker group or a re-run of the study finds the trial's last reported checkpoint.
 """
@@ -17,7 +17,8 @@ import ray.train
 import ray.tune
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
-from ray.tune.integration.ray_train import TuneReportCallback
+
+from scaling.tune_relay import TuneRelay
 
 KIND_LOG, KIND_CHECKPOINT, KIND_MILESTONE, KIND_END = "log", "checkpoint", "milestone", "end"
 
@@ -159,6 +160,7 @@ def trial_function(config):
     """The Tune function trainable of one grid row."""
     trial, run = config["trial"], config["run"]
     res = run["resources"]
+    relay = TuneRelay()
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config=config,
@@ -170,11 +172,11 @@ def trial_function(config):
             name=f"train-{trial['trial_id']}", storage_path=run["storage"],
             failure_config=FailureConfig(max_failures=res["max_failures"]),
             checkpoint_config=CheckpointConfig(num_to_keep=run["keep_checkpoints"]),
-            callbacks=[TuneReportCallback()],
+            callbacks=[relay],
         ),
     )
     try:
-        trainer.fit()
+        relay.fit(trainer)
     except Exception as e:  # TrainingFailedError after the retries: record the trial as failed
         ray.tune.report({"kind": KIND_END, "status": "failed", "error": _error_summary(e)})
 
