@@ -1,42 +1,69 @@
-"""Ray Train reports relayed to Ray Tune by the Tune trial function's own thread.
+"""Ray Train reports relayed to Ray Tune one at a time, by the Tune trial function's own thread.
 
-Deliberately not `ray.tune.integration.ray_train.TuneReportCallback` (Ray 2.60): it hands each
-report to the Tune actor's main thread, which puts it on the session's one-slot result queue. When
-the trial function returns before the main thread has taken the last report, Tune's end-of-function
-report fills that slot from the function's thread, and the main thread then blocks forever on a
-queue only it empties: the trial's last report (its final milestone) never reaches the driver and
-the trial never ends. That happens whenever the driver is slower than a trial's tear-down (a busy
-machine, a slow tracking server); tests/test_tune_relay.py shows it. Here the function's thread makes
-every report itself, as a Tune function trainable does, so reports and the end cannot cross.
+Deliberately not `ray.tune.integration.ray_train.TuneReportCallback` (Ray 2.60), for two reasons.
+It hands each report to the Tune actor's main thread, which puts it on the session's one-slot
+result queue; when the trial function returns before the main thread has taken the last report,
+Tune's end-of-function report fills that slot from the function's thread, and the main thread then
+blocks forever on a queue only it empties: the trial's last report (its final milestone) never
+reaches the driver and the trial never ends. That happens whenever the driver is slower than a
+trial's tear-down (a busy machine, a slow tracking server). And its queue lets the Train controller
+run reports ahead of the driver, registering checkpoints past milestones whose rows are not written
+yet: a driver killed then leaves a milestone that a re-run, resuming from the later checkpoint, can
+no longer evaluate. tests/test_tune_relay.py shows both.
+
+Here the function's thread makes every report itself, as a Tune function trainable does, and the
+controller's report returns only once the driver has processed it (a Tune function's report returns
+when the driver asks for the next result): the controller registers a checkpoint only after the
+driver has recorded every report before it.
 """
+import asyncio
 import threading
 
 import ray
 import ray.tune
 from ray.train import UserCallback
-from ray.util.queue import Queue
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 CHECKPOINT_PATH_KEY = "checkpoint_path"  # the key Tune's own callback uses
 
 
-class TuneRelay(UserCallback):
-    """A Train callback that queues every report for the Tune trial function that runs `fit`."""
+@ray.remote(num_cpus=0)
+class _Mailbox:
+    """Holds one report at a time between the Train controller and the Tune trial function."""
 
     def __init__(self):
-        # On the trial's node: the queue lives and dies with the trial that reads it. One slot, as
-        # Ray's own: the Train controller, and with it the checkpoints it registers, stays within a
-        # report or two of the driver's rows, so a driver killed mid-study rarely leaves a milestone
-        # without a row behind the checkpoint a re-run resumes from (that milestone's weights are gone).
+        self._reports, self._reported = asyncio.Queue(1), asyncio.Queue(1)
+
+    async def send(self, report):
+        """From the controller; returns once the trial function has reported it to Tune."""
+        await self._reports.put(report)
+        await self._reported.get()
+
+    async def receive(self):
+        return await self._reports.get()
+
+    async def mark_reported(self):
+        await self._reported.put(True)
+
+    async def close(self):
+        """No more reports: fit() has returned."""
+        await self._reports.put(None)
+
+
+class TuneRelay(UserCallback):
+    """A Train callback whose reports reach Tune through `fit`, which the trial function calls."""
+
+    def __init__(self):
+        # On the trial's node: the mailbox lives and dies with the trial that reads it.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        self._queue = Queue(maxsize=1, actor_options={"num_cpus": 0, "scheduling_strategy": here})
+        self._mailbox = _Mailbox.options(scheduling_strategy=here).remote()
 
     def after_report(self, run_context, metrics, checkpoint):
         """On the Train controller, once every worker has reported: rank 0's metrics, as Tune's callback."""
         report = dict(metrics[0])
         if checkpoint is not None:
             report[CHECKPOINT_PATH_KEY] = checkpoint.path
-        self._queue.put(report)
+        ray.get(self._mailbox.send.remote(report))
 
     def fit(self, trainer):
         """trainer.fit(), with each of its reports made to Tune from this thread; returns after the last."""
@@ -48,15 +75,15 @@ class TuneRelay(UserCallback):
             except BaseException as e:  # re-raised below, in the trial function's thread
                 outcome["error"] = e
             finally:
-                # The controller has made its last put by the time fit() returns: this comes after it.
-                self._queue.put(None)
+                ray.get(self._mailbox.close.remote())
 
         fitting = threading.Thread(target=run, name="train-fit", daemon=True)
         fitting.start()
-        while (report := self._queue.get()) is not None:
+        while (report := ray.get(self._mailbox.receive.remote())) is not None:
             ray.tune.report(report)
+            ray.get(self._mailbox.mark_reported.remote())
         fitting.join()
-        self._queue.shutdown()
+        ray.kill(self._mailbox)
         if "error" in outcome:
             raise outcome["error"]
         return outcome["result"]

@@ -1,10 +1,12 @@
-"""Run by tests/test_tune_relay.py: one Tune trial whose TorchTrainer reports three times, under a
-driver that takes SLOW seconds over each result; prints the results the driver got, as JSON lines.
+"""Run by tests/test_tune_relay.py: one Tune trial whose TorchTrainer reports four times, each with a
+checkpoint, under a driver that takes SLOW seconds over each result. The driver prints, as JSON lines,
+each result it gets and the latest checkpoint the Train controller had registered by then.
 
     python tests/tune_relay_worker.py STORAGE SLOW [ours|ray]
 
 `ray` relays with Ray's own TuneReportCallback instead, to show what scaling.tune_relay is for: the
-trial hangs after the driver has seen two of the three reports.
+controller registers checkpoints ahead of the driver, and the trial hangs before the driver has seen
+the last report.
 """
 import json
 import sys
@@ -19,25 +21,26 @@ from ray.train.torch import TorchTrainer
 
 from scaling.tune_relay import TuneRelay
 
+REPORTS = 4
+
 
 def train_loop(config):
-    for i in range(3):
-        checkpoint = None
-        if i == 2:  # the last report carries a checkpoint, as a trial's final milestone does
-            folder = Path(config["storage"]) / "final"
-            folder.mkdir(exist_ok=True)
-            (folder / "weights.txt").write_text("w")
-            checkpoint = Checkpoint.from_directory(str(folder))
-        ray.train.report({"i": i}, checkpoint=checkpoint)
+    for i in range(REPORTS):
+        folder = Path(config["storage"]) / f"weights-{i}"
+        folder.mkdir()
+        (folder / "weights.txt").write_text(str(i))
+        ray.train.report({"i": i}, checkpoint=Checkpoint.from_directory(str(folder)))
 
 
 def trial(config):
-    relay = TuneRelay() if config["relay"] == "ours" else None
-    if relay is None:
+    if config["relay"] == "ours":
+        relay = TuneRelay()
+        callbacks = [relay]
+    else:
         from ray.tune.integration.ray_train import TuneReportCallback
+        relay, callbacks = None, [TuneReportCallback()]
     trainer = TorchTrainer(train_loop, train_loop_config=config, scaling_config=ScalingConfig(num_workers=1),
-                           run_config=RunConfig(name="relay", storage_path=config["storage"],
-                                                callbacks=[relay or TuneReportCallback()]))
+                           run_config=RunConfig(name="relay", storage_path=config["storage"], callbacks=callbacks))
     if relay is None:
         trainer.fit()
     else:
@@ -47,19 +50,23 @@ def trial(config):
 class SlowDriver(tune.Callback):
     """A driver busy with each result for a while, as one is on a loaded machine or with a slow tracking server."""
 
-    def __init__(self, seconds):
+    def __init__(self, storage, seconds):
+        self.snapshot = Path(storage) / "relay" / "checkpoint_manager_snapshot.json"
         self.seconds = seconds
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        print(json.dumps({"i": result["i"], "checkpoint_path": result.get("checkpoint_path")}), flush=True)
-        time.sleep(self.seconds)
+        time.sleep(self.seconds)  # the controller meanwhile goes on, as far as the relay lets it
+        registered = json.loads(self.snapshot.read_text())["latest_checkpoint_result"]["metrics"]["i"]
+        print(json.dumps({"i": result["i"], "checkpoint_path": result.get("checkpoint_path"),
+                          "registered": registered}), flush=True)
 
 
 def main(storage, slow, relay="ours"):
     ray.init(num_cpus=2)
     tune.Tuner(tune.with_resources(trial, {"CPU": 0, "memory": 2 ** 20}),
                param_space={"storage": storage, "relay": relay},
-               run_config=tune.RunConfig(storage_path=storage, callbacks=[SlowDriver(float(slow))], verbose=0)).fit()
+               run_config=tune.RunConfig(storage_path=storage, callbacks=[SlowDriver(storage, float(slow))],
+                                         verbose=0)).fit()
     print(json.dumps({"finished": True}), flush=True)
 
 
