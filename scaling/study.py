@@ -725,8 +725,12 @@ class Study:
     locations: Locations = field(default=None, repr=False, compare=False)
 
     def resolved_yaml(self):
-        """The fully resolved study as YAML (an MLflow artifact)."""
-        return yaml.safe_dump(self.raw, sort_keys=False, default_flow_style=False, allow_unicode=True)
+        """The fully resolved study as YAML (an MLflow artifact, and <output>/study.yaml): it loads as this study."""
+        raw = copy.deepcopy(self.raw)
+        for key in raw["sweep"]:
+            if key.startswith("train."):  # a swept field's default in train would clash with its axis
+                raw["train"].pop(key.removeprefix("train."), None)
+        return yaml.safe_dump(raw, sort_keys=False, default_flow_style=False, allow_unicode=True)
 
     def locate(self, dotted):
         """Where a field was written: 'file:line', '--set key=value', or the file for a default."""

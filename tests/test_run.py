@@ -16,14 +16,16 @@ from scaling.results import RESULTS_SCHEMA, load_results, write_table
 REPO = Path(__file__).resolve().parents[1]
 
 
-def write_study(tmp_path, steps=(10, 20), fid=True, extra=""):
+def write_study(tmp_path, steps=(10, 20), fid=True, extra="", lrs=None):
+    """A tiny study of DiT-P/2 and /4 (and each lr in lrs, swept, if given)."""
     out = tmp_path / "out"
     study = tmp_path / "tiny.yaml"
+    sweep_lr, lr = (f", train.lr: [{', '.join(map(repr, lrs))}]", "") if lrs else ("", "lr: 1.0e-3, ")
     study.write_text(textwrap.dedent(f"""\
         name: tiny
         data: {{dataset: digits}}
-        sweep: {{model: [DiT-P], patch: [2, 4], steps: {list(steps)}}}
-        train: {{batch_size: 32, lr: 1.0e-3, ema_decay: 0.9, log_every: 5, ckpt_every: 10, val_batch: 64}}
+        sweep: {{model: [DiT-P], patch: [2, 4], steps: {list(steps)}{sweep_lr}}}
+        train: {{batch_size: 32, {lr}ema_decay: 0.9, log_every: 5, ckpt_every: 10, val_batch: 64}}
         eval: {{fid: {str(fid).lower()}, fid_samples: 100, sampling_steps: 5, grid_images_per_class: 1}}
         resources: {{workers_per_trial: 1, cpus_per_worker: 1}}
         output: {out}
@@ -71,27 +73,38 @@ def mlflow_runs(out):
 
 
 def test_end_to_end_and_rerun_skips_finished(tmp_path):
-    study, out = write_study(tmp_path)
+    # Two healthy trials, and two whose lr makes the loss blow up at once: those end as diverged
+    # while the others go on.
+    study, out = write_study(tmp_path, lrs=(1e-3, 1e30))
     proc = run([study, "--report-dir", tmp_path / "report"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"report: {tmp_path / 'report'}" in proc.stdout
     assert {"index.html", "report.md", "fits.json"} <= {p.name for p in (tmp_path / "report").iterdir()}
     df = load_results(out)
-    assert sorted(zip(df.patch, df.step)) == [(2, 10), (2, 20), (4, 10), (4, 20)]
-    assert (df.status == "ok").all() and df.val_loss.notna().all() and df.fid.notna().all()
-    assert (df.fid_samples == 100).all() and (df.feature_extractor == "digits-cnn").all()
-    assert df.train_compute.tolist() == pytest.approx((df.gflops * 32 * df.step * 3).tolist())
+    healthy, bad = df[df.lr == 1e-3], df[df.lr == 1e30]
+    assert sorted(zip(healthy.patch, healthy.step)) == [(2, 10), (2, 20), (4, 10), (4, 20)]
+    assert (healthy.status == "ok").all() and healthy.val_loss.notna().all() and healthy.fid.notna().all()
+    assert (healthy.fid_samples == 100).all() and (healthy.feature_extractor == "digits-cnn").all()
+    assert healthy.train_compute.tolist() == pytest.approx((healthy.gflops * 32 * healthy.step * 3).tolist())
+    assert sorted(bad.patch) == [2, 4] and (bad.status == "diverged").all() and (bad.step == 2).all()
+    assert bad.error.str.contains("diverged at step 2").all()
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "diverged" in report and "diverged" in (tmp_path / "report" / "index.html").read_text()
 
     client, parents, children = mlflow_runs(out)
-    assert len(parents) == 1 and len(children) == 2
+    assert len(parents) == 1 and len(children) == 4
     assert {c.data.tags["dit_scaling.trial_id"] for c in children} == set(df.trial_id)
-    # The orchestration overhead and the study's efficiency are measured and logged.
-    assert 0 < parents[0].data.metrics["efficiency"] < 1 and parents[0].data.metrics["wall_time_s"] > 0
-    assert all(0 < c.data.metrics["startup_s"] < 300 and c.data.metrics["teardown_s"] >= 0 for c in children)
-    assert "overhead per trial (median of 2)" in proc.stdout and "study efficiency" in proc.stdout
     assert set(df.mlflow_run_id) == {c.info.run_id for c in children}
+    ok_runs = [c for c in children if c.info.run_id in set(healthy.mlflow_run_id)]
     for child in children:
         assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        if child not in ok_runs:
+            assert child.info.status == "FAILED" and child.data.tags["dit_scaling.status"] == "diverged"
+    # The orchestration overhead and the study's efficiency are measured and logged.
+    assert 0 < parents[0].data.metrics["efficiency"] < 1 and parents[0].data.metrics["wall_time_s"] > 0
+    assert all(0 < c.data.metrics["startup_s"] < 300 and c.data.metrics["teardown_s"] >= 0 for c in ok_runs)
+    assert "overhead per trial (median of 2)" in proc.stdout and "study efficiency" in proc.stdout
+    for child in ok_runs:
         assert {"train_loss", "val_loss", "fid", "gflops", "params", "train_compute"} <= set(child.data.metrics)
         assert [m.step for m in client.get_metric_history(child.info.run_id, "train_loss")] == [5, 10, 15, 20]
         assert client.list_artifacts(child.info.run_id, "samples")
@@ -100,13 +113,13 @@ def test_end_to_end_and_rerun_skips_finished(tmp_path):
 
     # The driver dies after one trial's final checkpoint reached Ray's storage but before its row was
     # written: the re-run restores that checkpoint, evaluates it again and writes the row; the other
-    # trial is finished and skipped, and every row already there is kept as it was.
-    lost = df[(df.patch == 4) & (df.step == 20)]
+    # trials are finished (the diverged ones too) and skipped, and every row already there is kept as it was.
+    lost = healthy[(healthy.patch == 4) & (healthy.step == 20)]
     write_table(df.drop(index=lost.index), out / "results.parquet", RESULTS_SCHEMA)
     kept = df.drop(index=lost.index).set_index(["trial_id", "step"])
     again = run([study, "--no-report"])
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "1 already finished" in again.stdout
+    assert "3 already finished" in again.stdout
     df2 = load_results(out).set_index(["trial_id", "step"])
     assert df2.loc[kept.index].timestamp.equals(kept.timestamp)  # nothing measured twice
     back = df2.loc[(lost.trial_id.iloc[0], 20)]
@@ -115,15 +128,16 @@ def test_end_to_end_and_rerun_skips_finished(tmp_path):
     assert back.val_loss == pytest.approx(lost.val_loss.iloc[0], rel=1e-6)
     assert back.fid == pytest.approx(lost.fid.iloc[0], rel=1e-3)
     client, parents, children = mlflow_runs(out)
-    assert len(children) == 2
+    assert len(children) == 4
 
     # A driver that ended while its tracking server was away leaves its runs open: the replay
     # closes the finished ones, with the status the driver gives them.
-    for r in parents + children:
-        assert r.info.status == "FINISHED"
-        client.update_run(r.info.run_id, "RUNNING")
+    ended = {r.info.run_id: r.info.status for r in parents + children}
+    assert sorted(ended.values()) == ["FAILED", "FAILED", "FINISHED", "FINISHED", "FINISHED"]
+    for run_id in ended:
+        client.update_run(run_id, "RUNNING")
     assert replay_main([str(out)]) == 0
-    assert {client.get_run(r.info.run_id).info.status for r in parents + children} == {"FINISHED"}
+    assert {run_id: client.get_run(run_id).info.status for run_id in ended} == ended
 
 
 def test_killed_driver_resumes_without_duplicates(tmp_path):

@@ -153,6 +153,16 @@ def test_resolved_study_round_trips_and_paths_are_absolute(tmp_path):
     assert study.trials[0].to_dict()["milestones"] == (10, 20, 40)
 
 
+@pytest.mark.parametrize("overrides", [[], ["sweep.train.lr=[1e-4, 3e-4]"], ["sweep.train.seed=[1, 2]"],
+                                       ["sweep.steps=null", "sweep.compute=[1e3, 1e4]"]])
+def test_the_resolved_study_file_loads_as_the_same_study(tmp_path, overrides):
+    # <output>/study.yaml: what the replay reads, and what a person re-runs or shares.
+    study = load(tmp_path, BASE.replace("  lr: 1.0e-3\n", ""), overrides)
+    again = load_study(write(tmp_path, study.resolved_yaml(), "resolved.yaml"))
+    assert [t.trial_id for t in again.trials] == [t.trial_id for t in study.trials]
+    assert [t.train for t in again.trials] == [t.train for t in study.trials]
+
+
 #################################################################################
 #                                  Trial ids                                    #
 #################################################################################
