@@ -22,9 +22,8 @@ import threading
 import ray
 import ray.tune
 from ray.train import UserCallback
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY  # the key Tune's own callback uses
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-CHECKPOINT_PATH_KEY = "checkpoint_path"  # the key Tune's own callback uses
 
 
 @ray.remote(num_cpus=0)
