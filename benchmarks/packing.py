@@ -41,11 +41,12 @@ def study_file(folder, trials):
 
 
 def trial_spans(output):
-    """[(start, end)] in seconds of every trial's MLflow child run, from the study's first start."""
+    """[(start, end)] in seconds of every trial, from the study's first start: when its Tune trial
+    started (its MLflow run's started_at tag; the run itself is created at launch) to its run's end."""
     client = MlflowClient(f"sqlite:///{output / 'mlflow.db'}")
     exp = client.get_experiment_by_name("packing")
     runs = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" in r.data.tags]
-    spans = sorted((r.info.start_time / 1e3, r.info.end_time / 1e3) for r in runs)
+    spans = sorted((float(r.data.tags["dit_scaling.started_at"]), r.info.end_time / 1e3) for r in runs)
     t0 = spans[0][0]
     return [(s - t0, e - t0) for s, e in spans]
 

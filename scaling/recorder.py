@@ -50,9 +50,12 @@ class Recorder(Callback):
         trial_id = trial.config["trial"]["trial_id"]
         # A retried failure: its old "failed" row gives way to what this attempt measures.
         self.rows = {k: r for k, r in self.rows.items() if not (k[0] == trial_id and r["status"] == "failed")}
-        self.tracker.set_status(self._run_id(trial_id), "RUNNING")
-        self.progress.started(trial_id)
         self.started_at[trial_id] = time.time()
+        run_id = self._run_id(trial_id)
+        self.tracker.set_status(run_id, "RUNNING")
+        # The run itself was created when the study launched: this is when the trial got its slot.
+        self.tracker.set_tags(run_id, {"dit_scaling.started_at": f"{self.started_at[trial_id]:.3f}"})
+        self.progress.started(trial_id)
         self.overhead.pop(trial_id, None)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):

@@ -183,7 +183,10 @@ def run_study(study, address, build_report=True, report_dir=None):
             tune.with_resources(trial_function, {"CPU": 0, "memory": 2 ** 20}),
             param_space={"trial": tune.grid_search([{**t.to_dict(), "recorded_steps": recorded.get(t.trial_id, [])}
                                                     for t in todo]), "run": run},
-            tune_config=tune.TuneConfig(max_concurrent_trials=tuner_concurrency,
+            # Reused Tune actors: a freed slot takes the next trial at once instead of after a fresh
+            # process's start (12 s vs 0.2 s in benchmarks.packing); each trial still gets its own
+            # Train controller and workers, so nothing of a trial's training outlives it.
+            tune_config=tune.TuneConfig(max_concurrent_trials=tuner_concurrency, reuse_actors=True,
                                         trial_name_creator=lambda tr: tr.config["trial"]["trial_id"],
                                         trial_dirname_creator=lambda tr: tr.config["trial"]["trial_id"]),
             run_config=tune.RunConfig(name=f"sweep-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(out / "ray"),

@@ -98,6 +98,9 @@ def test_end_to_end_and_rerun_skips_finished(tmp_path):
     ok_runs = [c for c in children if c.info.run_id in set(healthy.mlflow_run_id)]
     for child in children:
         assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        # Created at launch, started when the trial got its slot, ended after it.
+        started = float(child.data.tags["dit_scaling.started_at"]) * 1e3
+        assert child.info.start_time <= started <= child.info.end_time
         if child not in ok_runs:
             assert child.info.status == "FAILED" and child.data.tags["dit_scaling.status"] == "diverged"
     # The orchestration overhead and the study's efficiency are measured and logged.
