@@ -112,7 +112,12 @@ class TrialState:
 def setup_distributed():
     """(rank, world size, local rank, device), joining an existing process group or creating one."""
     import deepspeed
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
 
+    # DeepSpeed's communication backend compiles its shared-memory all-reduce op with the machine's C++
+    # compiler when it starts on CPU (about a minute, again for every new environment; a node without a
+    # compiler fails there). Only its inference all-reduce uses the op, never training: mark it unavailable.
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # a plain single process: a group of one on a free local port
