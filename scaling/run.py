@@ -12,7 +12,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 from scaling.study import StudyError, check_cluster, load_study
 
