@@ -10,12 +10,11 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import pandas as pd
 from ray.tune import Callback
 
 from core.flops import training_compute
 from scaling.ray_trial import KIND_END, KIND_LOG, KIND_MILESTONE
-from scaling.results import LOSS_CURVES_SCHEMA, RESULTS_SCHEMA, load_results, write_table
+from scaling.results import LOSS_CURVES_SCHEMA, RESULTS_SCHEMA, load_results, read_parquet, write_table
 
 LOG_METRICS = ("train_loss", "lr", "images_per_s", "achieved_tflops", "mfu")
 EVAL_METRICS = ("val_loss", "val_mse", "val_loss_ema", "fid", "fid_floor", "kid", "precision", "recall",
@@ -191,7 +190,7 @@ def _load_rows(path, key):
     """Existing rows of a Parquet file keyed by key columns (empty when there is none yet)."""
     if not Path(path).exists():
         return {}
-    df = load_results(path) if Path(path).name == "results.parquet" else pd.read_parquet(path)
+    df = load_results(path) if Path(path).name == "results.parquet" else read_parquet(path).to_pandas()
     return {tuple(r[k] for k in key): r for r in df.to_dict("records")}
 
 

@@ -14,7 +14,7 @@ import pandas as pd
 import yaml
 
 from scaling.recorder import EVAL_METRICS, LOG_METRICS
-from scaling.results import load_results
+from scaling.results import load_results, read_parquet
 from scaling.study import StudyError, load_study
 from scaling.tracking import StudyTracker, default_tracking_uri
 
@@ -29,7 +29,8 @@ def replay(output, uri=None):
                            reopen=False)
     results = load_results(output)
     curves_file = output / "loss_curves.parquet"
-    curves = pd.read_parquet(curves_file) if curves_file.exists() else pd.DataFrame(columns=["trial_id", "step"])
+    curves = (read_parquet(curves_file).to_pandas() if curves_file.exists()
+              else pd.DataFrame(columns=["trial_id", "step"]))
     logged = 0
     for trial_id, rows in results.groupby("trial_id"):
         run_id = tracker.child_run(trial_id, json.loads(rows.config_json.iloc[0]))

@@ -146,6 +146,17 @@ def results_path(path):
     return path
 
 
+def read_parquet(path):
+    """A Parquet file as an Arrow table, read through one open handle.
+
+    Given a path, pyarrow opens the file once for the footer and again for the pages; a writer's
+    atomic replace in between would pair one version's footer with the next one's pages. An open
+    handle keeps reading the version it opened.
+    """
+    with open(path, "rb") as f:
+        return pq.read_table(f)
+
+
 def load_results(path):
     """The results table at path (a results.parquet or a folder holding one) as a pandas DataFrame.
 
@@ -153,7 +164,7 @@ def load_results(path):
     """
     path = results_path(path)
     try:
-        table = pq.read_table(path)
+        table = read_parquet(path)
     except (pa.ArrowException, OSError) as e:
         reason = " ".join(str(e).split())  # one line: the CLI prints it as its only error line
         raise ValueError(f"{path}: not a readable Parquet file ({reason})") from None

@@ -1,7 +1,9 @@
 """The results tables: schema, atomic writes, validated loads, and the bundled paper table."""
+import itertools
 import math
 import subprocess
 import sys
+import threading
 from datetime import datetime, timezone
 
 import numpy as np
@@ -60,6 +62,34 @@ def test_write_is_atomic_and_leaves_no_temporary_files(tmp_path):
         write_table([row(patch=2.5)], path, RESULTS_SCHEMA)  # a fraction cannot become an int silently
     assert load_results(path).patch.tolist() == [2]  # the old file survives a failed write
     assert [p.name for p in tmp_path.iterdir()] == ["results.parquet"]
+
+
+def test_reads_never_mix_two_versions_of_a_file_being_replaced(tmp_path):
+    """A reader polls results.parquet while the driver keeps replacing it: every read is one whole version.
+
+    pyarrow given a path opens the file once for the footer and again for the pages; a replace in
+    between used to pair one version's footer with the next one's pages ("Page was smaller than expected").
+    """
+    path = tmp_path / "results.parquet"
+    versions = [[row(step=s, trial_id=str(s) * (s % 7 + 1)) for s in range(1, n + 1)] for n in range(1, 40)]
+    write_table(versions[0], path, RESULTS_SCHEMA)
+    done = threading.Event()
+
+    def keep_replacing():
+        for i in itertools.cycle(range(len(versions))):
+            if done.is_set():
+                return
+            write_table(versions[i], path, RESULTS_SCHEMA)
+
+    writer = threading.Thread(target=keep_replacing)
+    writer.start()
+    try:
+        for _ in range(300):
+            df = load_results(path)
+            assert df.step.tolist() == list(range(1, len(df) + 1))  # one whole version
+    finally:
+        done.set()
+        writer.join()
 
 
 def test_unknown_columns_are_rejected(tmp_path):
