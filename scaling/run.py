@@ -118,6 +118,7 @@ def run_study(study, address, build_report=True, report_dir=None):
     from ray import tune
 
     from scaling.progress import Progress
+    from scaling.ray_env import study_runtime_env
     from scaling.ray_trial import trial_function
     from scaling.recorder import Recorder, finished_trials
     from scaling.tracking import StudyTracker, default_tracking_uri
@@ -127,17 +128,7 @@ def run_study(study, address, build_report=True, report_dir=None):
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     # Without those files Tune's end-of-run analysis warns, per trial, that it found none: noise.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
-    # Ray Train V2 hands each report over through a one-slot queue that its controller drains on
-    # every health check (2 s by default), so a report can wait up to that long: check every 1 s
-    # (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S in the environment overrides it).
-    # Faster checks cost the trials CPU (at 0.1 s with Train's metrics on, DiT-T/2 (ZeRO-2) trained at 194
-    # images/s; at 1 s with them off, 241 on the 2-core box). Train's metrics are Prometheus
-    # gauges for the dashboard; MLflow has every number we log. The preemption watcher is one
-    # more actor process per trial (seconds of start-up on a small machine) that only observes
-    # preemption notices; a lost node is handled by FailureConfig.
-    interval = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "1.0")
-    runtime_env = {"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": interval, "RAY_TRAIN_METRICS_ENABLED": "0",
-                                "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}}
+    runtime_env = study_runtime_env()
     if address:
         ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
     else:

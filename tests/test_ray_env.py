@@ -1,0 +1,46 @@
+"""The study's Ray job environment: its workers address their own cluster, even beside another local Ray."""
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import ray
+
+from scaling.ray_env import study_runtime_env
+
+
+@ray.remote(num_cpus=0)
+class StateProbe:
+    """Asks Ray's state API, without an address as Ray Train's placement-group cleaner does, about itself."""
+
+    def own_state(self):
+        from ray.util.state import get_actor
+
+        return get_actor(ray.get_runtime_context().get_actor_id(), timeout=30).state
+
+
+def start_other_ray(temp_dir):
+    """Another local Ray on the machine: a driver that holds one until its stdin closes, and says "up"."""
+    return subprocess.Popen(
+        [sys.executable, "-c", "import sys, ray; ray.init(include_dashboard=False); print('up', flush=True); "
+                               "sys.stdin.read()"],
+        env={**os.environ, "RAY_TMPDIR": temp_dir}, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def test_state_api_in_workers_finds_their_own_ray_beside_another():
+    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    other = start_other_ray(temp_dir)
+    try:
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
+                 runtime_env=study_runtime_env())
+        try:
+            assert other.stdout.readline().strip() == "up", "the other Ray did not start"
+            # Without the job's setup hook: "Found multiple active Ray instances", a ConnectionError.
+            assert ray.get(StateProbe.remote().own_state.remote()) == "ALIVE"
+        finally:
+            ray.shutdown()
+    finally:
+        other.stdin.close()
+        other.wait(timeout=60)
+        shutil.rmtree(temp_dir, ignore_errors=True)
