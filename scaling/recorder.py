@@ -33,6 +33,7 @@ class Recorder(Callback):
         self.trials = {t.trial_id: t for t in study.trials}
         self.run_ids, self.mlflow_step = {}, {}
         self.failed = set()  # trials that ended diverged or failed
+        self.ended = set()  # trials Tune saw end (finished, diverged or failed) in this run
         self.end_status = {}
         # Orchestration overhead per trial (driver clock): start-up until the first training step,
         # last report until the trial's slot is free again.
@@ -96,13 +97,22 @@ class Recorder(Callback):
             self.tracker.log_metrics(self._run_id(trial_id), {"teardown_s": teardown},
                                      max(self.mlflow_step.get(trial_id, 0), 0))
         self.tracker.finish(self._run_id(trial_id), "FINISHED" if ok else "FAILED")
+        self.ended.add(trial_id)
         self.progress.finished(trial_id, ok)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         t = self.trials[trial.config["trial"]["trial_id"]]
         self._end(t, {"status": "failed", "error": str(info.get("error") or trial.error_file or "trial error")})
         self.tracker.finish(self._run_id(t.trial_id), "FAILED")
+        self.ended.add(t.trial_id)
         self.progress.finished(t.trial_id, False)
+
+    def interrupted(self, trial_ids):
+        """The study was stopped: runs of trials that had started are KILLED (MLflow's status for an
+        interrupted run); those of trials that never started stay SCHEDULED. A re-run reopens both."""
+        for trial_id in trial_ids:
+            if trial_id in self.started_at:
+                self.tracker.finish(self._run_id(trial_id), "KILLED")
 
     def on_step_end(self, iteration, trials, **info):
         self.tracker.flush()

@@ -1,14 +1,18 @@
 """`python -m scaling.run STUDY.yaml`: train every point of a study's grid on Ray, track it, report it.
 
 Exit status: 0 when every trial finished (diverged trials are results too), 1 when trials failed,
-2 for a bad study file or bad arguments (nothing is launched or written then).
+2 for a bad study file or bad arguments (nothing is launched or written then), 130 when stopped by
+Ctrl-C and 143 by SIGTERM (the same command resumes the study).
 """
 import argparse
+import contextlib
 import logging
 import os
 import shutil
+import signal
 import socket
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -16,6 +20,7 @@ import urllib.request
 from scaling.study import StudyError, check_cluster, load_study
 
 EXIT_OK, EXIT_TRIALS_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal, as a shell reports it
 MIN_FREE_BYTES = 200 * 2 ** 20  # MLflow, Parquet, logs and reports on top of the checkpoints
 
 
@@ -58,7 +63,11 @@ def main(argv=None):
     except StudyError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    return run_study(study, address, build_report=not args.no_report, report_dir=args.report_dir)
+    try:
+        return run_study(study, address, build_report=not args.no_report, report_dir=args.report_dir)
+    except KeyboardInterrupt:  # outside the training loop (Ray's start, the report): nothing to record
+        print("interrupted; run the same command again to resume the study", file=sys.stderr)
+        return EXIT_INTERRUPTED[signal.SIGINT]
 
 
 def check_output(study):
@@ -186,11 +195,25 @@ def run_study(study, address, build_report=True, report_dir=None):
                                       failure_config=tune.FailureConfig(max_failures=res["max_failures"]),
                                       callbacks=[recorder], verbose=0),
         )
-        tuner.fit()
+        with sigterm_stops_the_study() as stopped_by:
+            tuner.fit()
         slots = min(len(todo), tuner_concurrency)
     recorder.write()
     wall = time.time() - started
     print(progress.render())
+    unfinished = [t.trial_id for t in todo if t.trial_id not in recorder.ended]
+    if unfinished:
+        # Tune returns early only when stopped (Ctrl-C, SIGTERM): what was measured is in Parquet, the
+        # trials' checkpoints are in Ray's storage, and the same command resumes them. No report:
+        # it would show a study that is not finished.
+        recorder.interrupted(unfinished)
+        tracker.finish(tracker.parent_run_id, "KILLED")
+        tracker.flush(force=True)
+        print(f"interrupted after {wall:.0f} s: {len(unfinished)} of {len(study.trials)} trials unfinished; what "
+              f"they measured is in {out / 'results.parquet'}. Run the same command again to resume them.",
+              file=sys.stderr)
+        ray.shutdown()
+        return EXIT_INTERRUPTED[stopped_by[0] if stopped_by else signal.SIGINT]
     overhead = recorder.overhead_summary()
     if overhead:
         print(overhead)
@@ -213,6 +236,29 @@ def run_study(study, address, build_report=True, report_dir=None):
         print(f"report: {path}")
     ray.shutdown()
     return EXIT_TRIALS_FAILED if failed else EXIT_OK
+
+
+@contextlib.contextmanager
+def sigterm_stops_the_study():
+    """SIGTERM (a batch scheduler's, `ray job stop`'s) stops the study as Ctrl-C does: Tune handles
+    SIGINT by ending its trials and returning; it leaves SIGTERM to kill the driver at once.
+
+    Yields the list of forwarded signals (empty when none came).
+    """
+    received = []
+    if threading.current_thread() is not threading.main_thread():  # signals reach only the main thread
+        yield received
+        return
+
+    def forward(signum, frame):
+        received.append(signum)
+        os.kill(os.getpid(), signal.SIGINT)  # handled by Tune's handler, installed while it runs
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def max_concurrent_trials(study, resources):

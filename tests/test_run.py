@@ -143,49 +143,81 @@ def test_end_to_end_and_rerun_skips_finished(tmp_path):
     assert {run_id: client.get_run(run_id).info.status for run_id in ended} == ended
 
 
-def test_killed_driver_resumes_without_duplicates(tmp_path):
-    study, out = write_study(tmp_path, steps=(20, 40, 60), fid=False,
+def test_stopped_or_killed_driver_resumes_without_duplicates(tmp_path):
+    # One trial at a time, five milestones each: the driver is stopped by Ctrl-C, then by SIGTERM, then
+    # killed, each time a little further on; the fourth run finishes the study.
+    steps = (20, 40, 60, 80, 100)
+    study, out = write_study(tmp_path, steps=steps, fid=False,
                              extra="resources: {workers_per_trial: 1, cpus_per_worker: 1, max_concurrent_trials: 1}\n")
     study.write_text(study.read_text().replace("resources: {workers_per_trial: 1, cpus_per_worker: 1}\n", "", 1))
-    env = {**os.environ}
-    proc = subprocess.Popen([sys.executable, "-m", "scaling.run", str(study), "--no-report"], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline:  # kill once the first milestone is on disk
-        if (out / "results.parquet").exists() and len(load_results(out)) >= 1:
-            break
-        time.sleep(0.5)
-    else:
+    report = tmp_path / "report"
+
+    def start_until_more_rows(than, log):
+        """A driver in its own process group (as a terminal runs it), once a new milestone is on disk."""
+        proc = subprocess.Popen([sys.executable, "-m", "scaling.run", str(study), "--report-dir", str(report)],
+                                cwd=REPO, stdout=log, stderr=log, start_new_session=True)
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if (out / "results.parquet").exists() and len(load_results(out)) > than:
+                return proc
+            time.sleep(0.5)
         proc.kill()
-        pytest.fail("no milestone within 300 s")
+        pytest.fail(f"no new milestone within 300 s:\n{log.name}")
+
+    def statuses():
+        _, parents, children = mlflow_runs(out)
+        return parents[0].info.status, sorted(c.info.status for c in children)
+
+    # Ctrl-C reaches the driver's whole process group: Tune ends the trial, the driver records what
+    # was measured, closes the runs as KILLED and exits 130, with no report of an unfinished study.
+    seen, killed = 0, []
+    for stop, code in ((lambda p: os.killpg(p.pid, signal.SIGINT), 130), (lambda p: p.terminate(), 143)):
+        log_path = tmp_path / f"driver-{code}.log"
+        with open(log_path, "w") as log:
+            proc = start_until_more_rows(seen, log)
+            stop(proc)
+            assert proc.wait(timeout=120) == code, log_path.read_text()[-3000:]
+        wait_until_group_gone(proc.pid, timeout=10)
+        text = log_path.read_text()
+        assert "Run the same command again to resume them" in text and "Traceback" not in text, text[-3000:]
+        parent, children = statuses()
+        assert parent == "KILLED" and set(children) <= {"KILLED", "FINISHED", "SCHEDULED"}
+        killed.append("KILLED" in children)  # a trial was running (not between two trials) when stopped
+        assert not report.exists()
+        rows = load_results(out)
+        assert len(rows) > seen and (rows.status == "ok").all()
+        seen = len(rows)
+    assert any(killed) and seen < 2 * len(steps) - 1
+
+    # SIGKILL: nothing runs after it; its runs stay as they were.
+    with open(tmp_path / "driver-killed.log", "w") as log:
+        proc = start_until_more_rows(seen, log)
     proc.kill()  # the driver alone: Ray's reaper in its process group then stops the Ray it started
     proc.wait()
     # The trial's processes are gone within seconds; Ray's dashboard and runtime-env agents take a
     # minute to notice, and are killed after 10 s (they write nothing the re-run reads).
     wait_until_group_gone(proc.pid, timeout=10)
     partial = load_results(out)
-    assert 1 <= len(partial) < 6
-    # Every trial's run exists from the start; one whose trial has not started is SCHEDULED.
-    client, _, children = mlflow_runs(out)
-    assert len(children) == 2
-    if len(partial) < 3:  # the first trial (one at a time) was still running
-        assert sorted(c.info.status for c in children) == ["RUNNING", "SCHEDULED"]
+    assert seen < len(partial) < 2 * len(steps)
+    # Every trial's run exists from the start.
+    assert statuses()[0] == "RUNNING" and len(statuses()[1]) == 2
 
     again = run([study, "--no-report"])
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     df = load_results(out)
-    assert sorted(zip(df.patch, df.step)) == [(p, s) for p in (2, 4) for s in (20, 40, 60)]
-    # What was measured before the kill is kept, not measured again: same timestamps, same MLflow runs.
+    assert sorted(zip(df.patch, df.step)) == [(p, s) for p in (2, 4) for s in steps]
+    # What was measured before each stop is kept, not measured again: same timestamps, same MLflow runs.
     before = partial.set_index(["trial_id", "step"])
     after = df.set_index(["trial_id", "step"]).loc[before.index]
     assert after.timestamp.equals(before.timestamp) and after.mlflow_run_id.equals(before.mlflow_run_id)
     _, parents, children = mlflow_runs(out)
     assert len(parents) == 1 and len(children) == 2
-    # Metrics continue across the restart without repeated steps.
+    assert statuses() == ("FINISHED", ["FINISHED", "FINISHED"])
+    # Metrics continue across the restarts without repeated steps.
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     for child in children:
-        steps = [m.step for m in client.get_metric_history(child.info.run_id, "train_loss")]
-        assert steps == sorted(set(steps)) and steps[-1] == 60
+        history = [m.step for m in client.get_metric_history(child.info.run_id, "train_loss")]
+        assert history == sorted(set(history)) and history[-1] == steps[-1]
 
 
 def test_workers_import_the_trainer_without_mlflow():
