@@ -20,12 +20,12 @@ import torch
 import torch.distributed as dist
 
 from core import checkpoint as ckpt
-from core.data import ShardedBatchSampler, build_dataset
+from core.data import DATASETS, ShardedBatchSampler, build_dataset, dataset_info
 from core.diffusion import create_diffusion
 from core.ema import EMA
 from core.flops import gflops_from_config, train_flop_per_image
-from core.models import DiT, model_config
-from core.optim import build_optimizer, deepspeed_config, lr_lambda
+from core.models import DiT, DiT_models, check_shape, model_config
+from core.optim import LR_SCHEDULES, build_optimizer, deepspeed_config, lr_lambda
 
 logger = logging.getLogger("core.train")
 
@@ -373,10 +373,39 @@ class PrintingCallbacks(Callbacks):
             logger.info("saved checkpoint %s%s", path, extra)
 
 
+def parse_milestones(text, max_steps):
+    """"400,800" -> [400, 800]; ValueError naming --milestones otherwise."""
+    try:
+        steps = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--milestones {text}: not comma-separated step numbers") from None
+    if any(not 0 < s <= max_steps for s in steps):
+        raise ValueError(f"--milestones {text}: steps must lie in 1..--max-steps ({max_steps})")
+    return steps
+
+
+def check_arguments(cfg):
+    """Raise ValueError or FileNotFoundError naming the argument when cfg's model or data cannot work."""
+    if cfg.dataset != "digits":
+        if not cfg.data_path or not Path(cfg.data_path).is_dir():
+            raise FileNotFoundError(f"--data-path {cfg.data_path}: not a folder (the {cfg.dataset} dataset reads one)")
+        if cfg.dataset == "imagefolder" and not cfg.image_size:
+            raise ValueError("--image-size: the imagefolder dataset needs one (256 or 512)")
+        if cfg.dataset == "latents":
+            dataset_info(cfg.dataset, cfg.data_path, cfg.image_size)  # its metadata and every shard it lists
+    mcfg = cfg.resolved_model_config()
+    try:
+        check_shape(*(mcfg[k] for k in ("input_size", "patch_size", "hidden_size", "num_heads", "depth")))
+    except ValueError as e:
+        raise ValueError(f"--model {cfg.model} with --image-size {cfg.image_size}: {e}") from e
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Train one DiT with DeepSpeed ZeRO (defaults: the paper's run).")
-    parser.add_argument("--model", default="DiT-XL/2")
-    parser.add_argument("--dataset", default="latents", help="digits | imagefolder | latents")
+    parser = argparse.ArgumentParser(prog="python -m core.train",
+                                     description="Train one DiT with DeepSpeed ZeRO (defaults: the paper's run).")
+    parser.add_argument("--model", default="DiT-XL/2", choices=list(DiT_models), metavar="MODEL",
+                        help="a registered config, e.g. DiT-XL/2 or DiT-P/4")
+    parser.add_argument("--dataset", default="latents", choices=list(DATASETS))
     parser.add_argument("--data-path", default=None)
     parser.add_argument("--image-size", type=int, default=None, help="image folders: pixels (256 or 512)")
     parser.add_argument("--results-dir", default="results")
@@ -385,12 +414,13 @@ def main(argv=None):
     parser.add_argument("--max-steps", type=int, default=400_000)
     parser.add_argument("--milestones", default="", help="comma-separated evaluation steps")
     parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--lr-schedule", default="constant")
+    parser.add_argument("--lr-schedule", default="constant", choices=LR_SCHEDULES)
     parser.add_argument("--warmup-steps", type=int, default=0)
     parser.add_argument("--grad-clip", type=float, default=None)
     parser.add_argument("--ema-decay", type=float, default=0.9999)
-    parser.add_argument("--precision", default="bf16" if torch.cuda.is_available() else "fp32")
-    parser.add_argument("--zero-stage", type=int, default=2)
+    parser.add_argument("--precision", default="bf16" if torch.cuda.is_available() else "fp32",
+                        choices=["fp32", "bf16"])
+    parser.add_argument("--zero-stage", type=int, default=2, choices=[0, 1, 2, 3])
     parser.add_argument("--global-seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=100)
     parser.add_argument("--ckpt-every", type=int, default=50_000)
@@ -401,7 +431,10 @@ def main(argv=None):
     parser.add_argument("--grad-checkpointing", action="store_true")
     parser.add_argument("--peak-tflops", type=float, default=None)
     parser.add_argument("--resume", default="auto", help="'auto' (newest checkpoint, if any), a path, or 'none'")
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help is 0, a bad argument 2 (argparse has printed why)
+        return int(e.code or 0)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
 
     overrides = {}
@@ -418,7 +451,12 @@ def main(argv=None):
         keep_checkpoints=args.keep_checkpoints, val_batch=args.val_batch, num_workers=args.num_workers,
         compile=args.compile, grad_checkpointing=args.grad_checkpointing, peak_tflops=args.peak_tflops,
     )
-    milestones = [int(s) for s in args.milestones.split(",") if s]
+    try:  # what argparse cannot check, before any process group or DeepSpeed: a message, no traceback
+        check_arguments(cfg)
+        milestones = parse_milestones(args.milestones, args.max_steps)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     out = Path(args.results_dir) / cfg.model.replace("/", "-")
     resume = None if args.resume == "none" else args.resume
     try:

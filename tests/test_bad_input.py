@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from core import train as core_train
 from scaling import report as scaling_report
 from scaling import run as scaling_run
 from test_study import BAD, BASE, write
@@ -93,3 +94,26 @@ def test_corrupt_checkpoint_given_to_core_train(tmp_path):
     shutil.rmtree(ckpt)
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and f"error: checkpoint not found: {ckpt}" in proc.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "DiT-Q/2"], "argument --model: invalid choice: 'DiT-Q/2'"),
+    (["--dataset", "folder"], "argument --dataset: invalid choice: 'folder'"),
+    (["--lr-schedule", "cos"], "argument --lr-schedule: invalid choice: 'cos'"),
+    (["--zero-stage", "4"], "argument --zero-stage: invalid choice: 4"),
+    (["--dataset", "imagefolder", "--data-path", "{tmp}/missing", "--image-size", "256"],
+     "error: --data-path {tmp}/missing: not a folder"),
+    (["--dataset", "imagefolder", "--data-path", "{tmp}"], "error: --image-size: the imagefolder dataset needs one"),
+    (["--dataset", "latents", "--data-path", "{tmp}"], "error: latent folder {tmp} has no meta.json"),
+    (["--model", "DiT-XL/8", "--dataset", "imagefolder", "--data-path", "{tmp}", "--image-size", "100"],
+     "error: --model DiT-XL/8 with --image-size 100: patch_size 8 does not divide input_size 100"),
+    (["--milestones", "10,x"], "error: --milestones 10,x: not comma-separated step numbers"),
+    (["--milestones", "10,30"], "error: --milestones 10,30: steps must lie in 1..--max-steps (20)"),
+])
+def test_bad_arguments_of_core_train(tmp_path, capsys, args, message):
+    args = [a.replace("{tmp}", str(tmp_path / "data")) for a in args]
+    (tmp_path / "data").mkdir()
+    base = ["--model", "DiT-P/4", "--dataset", "digits", "--max-steps", "20", "--results-dir", str(tmp_path / "res")]
+    assert core_train.main(base + args) == 2
+    assert message.replace("{tmp}", str(tmp_path / "data")) in capsys.readouterr().err
+    assert not (tmp_path / "res").exists()  # checked before anything is written
