@@ -208,6 +208,14 @@ def _sorted(rows):
     return [rows[k] for k in sorted(rows)]
 
 
+def foreign_trials(study):
+    """Trial ids in the study's results.parquet that the study file no longer defines (it was edited)."""
+    path = study.output / "results.parquet"
+    if not path.exists():
+        return set()
+    return set(load_results(path).trial_id) - {t.trial_id for t in study.trials}
+
+
 def finished_trials(study):
     """Trials with a row at every milestone (or a diverged row): a re-run skips them."""
     path = study.output / "results.parquet"

@@ -129,7 +129,7 @@ def run_study(study, address, build_report=True, report_dir=None):
     from scaling.progress import Progress
     from scaling.ray_env import study_runtime_env
     from scaling.ray_trial import trial_function
-    from scaling.recorder import Recorder, finished_trials
+    from scaling.recorder import Recorder, finished_trials, foreign_trials
     from scaling.tracking import StudyTracker, default_tracking_uri
 
     logging.basicConfig(level=logging.WARNING)
@@ -157,6 +157,13 @@ def run_study(study, address, build_report=True, report_dir=None):
     tracker.log_text(tracker.parent_run_id, study.resolved_yaml(), "study.yaml")
 
     done = finished_trials(study)
+    foreign = foreign_trials(study)
+    if foreign:
+        # A trial's id hashes everything that determines its result: an edited study file makes new
+        # trials. The old ones' measurements are kept (never deleted), and the report shows them too.
+        print(f"warning: {out / 'results.parquet'} also holds {len(foreign)} trial(s) that {study.path} no longer "
+              f"defines (it was edited since they ran); they stay there and in the report. Give the study another "
+              f"`output` to keep the two apart.", file=sys.stderr)
     # Largest first: the longest trials start at once and the short ones fill in around them.
     todo = sorted((t for t in study.trials if t.trial_id not in done),
                   key=lambda t: -t.gflops * t.train["batch_size"] * t.train["max_steps"])

@@ -7,6 +7,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -111,18 +112,23 @@ def test_end_to_end_and_rerun_skips_finished(tmp_path):
         assert {"train_loss", "val_loss", "fid", "gflops", "params", "train_compute"} <= set(child.data.metrics)
         assert [m.step for m in client.get_metric_history(child.info.run_id, "train_loss")] == [5, 10, 15, 20]
         assert client.list_artifacts(child.info.run_id, "samples")
-    curves = __import__("pandas").read_parquet(out / "loss_curves.parquet")
+    curves = pd.read_parquet(out / "loss_curves.parquet")
     assert len(curves) == 8
 
     # The driver dies after one trial's final checkpoint reached Ray's storage but before its row was
     # written: the re-run restores that checkpoint, evaluates it again and writes the row; the other
     # trials are finished (the diverged ones too) and skipped, and every row already there is kept as it was.
+    # And a row of a trial that an earlier version of the study file defined: kept, and warned about.
     lost = healthy[(healthy.patch == 4) & (healthy.step == 20)]
-    write_table(df.drop(index=lost.index), out / "results.parquet", RESULTS_SCHEMA)
+    earlier = df.iloc[[0]].assign(trial_id="DiT-P-2-0123456789")
+    write_table(pd.concat([df.drop(index=lost.index), earlier]), out / "results.parquet",
+                RESULTS_SCHEMA)
     kept = df.drop(index=lost.index).set_index(["trial_id", "step"])
     again = run([study, "--no-report"])
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "3 already finished" in again.stdout
+    assert "also holds 1 trial(s) that" in again.stderr and "no longer defines" in again.stderr
+    assert (load_results(out).trial_id == "DiT-P-2-0123456789").sum() == 1
     df2 = load_results(out).set_index(["trial_id", "step"])
     assert df2.loc[kept.index].timestamp.equals(kept.timestamp)  # nothing measured twice
     back = df2.loc[(lost.trial_id.iloc[0], 20)]
