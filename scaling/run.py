@@ -6,6 +6,7 @@ Ctrl-C and 143 by SIGTERM (the same command resumes the study).
 """
 import argparse
 import contextlib
+import fcntl
 import logging
 import os
 import shutil
@@ -124,13 +125,8 @@ def check_tracking_server(study):
 def run_study(study, address, build_report=True, report_dir=None):
     """Launch the unfinished trials on Ray, record everything, build the report."""
     import ray
-    from ray import tune
 
-    from scaling.progress import Progress
     from scaling.ray_env import study_runtime_env
-    from scaling.ray_trial import trial_function
-    from scaling.recorder import Recorder, finished_trials, foreign_trials
-    from scaling.tracking import StudyTracker, default_tracking_uri
 
     logging.basicConfig(level=logging.WARNING)
     # Parquet and MLflow are the records; Tune's own CSV/JSON/TensorBoard files would be a third copy.
@@ -151,6 +147,48 @@ def run_study(study, address, build_report=True, report_dir=None):
 
     out = study.output
     out.mkdir(parents=True, exist_ok=True)
+    lock = lock_output(out)
+    if lock is None:
+        print(f"error: {study.path}: output: {out} is in use by another scaling.run of this study (its driver "
+              f"still runs); wait for it to end or stop it first", file=sys.stderr)
+        ray.shutdown()
+        return EXIT_BAD_INPUT
+    try:
+        return _run_trials(study, build_report, report_dir)
+    finally:
+        os.close(lock)  # the lock goes with the descriptor (and with the process, however it ends)
+
+
+def lock_output(out):
+    """An exclusive lock on the output folder, or None when another driver holds it.
+
+    Two drivers on one output would train the same trials twice and overwrite each other's
+    Parquet rows. flock on the folder itself writes nothing, and dies with its process (no stale
+    lock after a kill).
+    """
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except OSError as e:  # storage that cannot lock a folder (some NFS mounts): run unguarded
+        print(f"warning: cannot lock {out} ({e.strerror}); do not start a second run of this study beside this one",
+              file=sys.stderr)
+    return fd
+
+
+def _run_trials(study, build_report, report_dir):
+    """run_study's part under the output lock: MLflow runs, the Tune sweep, Parquet, the report."""
+    import ray
+    from ray import tune
+
+    from scaling.progress import Progress
+    from scaling.ray_trial import trial_function
+    from scaling.recorder import Recorder, finished_trials, foreign_trials
+    from scaling.tracking import StudyTracker, default_tracking_uri
+
+    out = study.output
     _write_atomic(out / "study.yaml", study.resolved_yaml())
     uri = study.raw["tracking"]["mlflow_uri"] or default_tracking_uri(out)
     tracker = StudyTracker(uri, study.raw["tracking"]["experiment"] or study.name, study.name, out)

@@ -1,4 +1,5 @@
 """The bad-input catalogue at the command line: each case exits non-zero, names the field or file, writes nothing."""
+import os
 import shutil
 import subprocess
 import sys
@@ -117,3 +118,23 @@ def test_bad_arguments_of_core_train(tmp_path, capsys, args, message):
     assert core_train.main(base + args) == 2
     assert message.replace("{tmp}", str(tmp_path / "data")) in capsys.readouterr().err
     assert not (tmp_path / "res").exists()  # checked before anything is written
+
+
+def test_output_in_use_by_another_driver(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    path = write(tmp_path, BASE + f"output: {out}\n")
+    held = scaling_run.lock_output(out)  # as a driver running this study holds it
+    try:
+        before = snapshot(tmp_path)
+        proc = subprocess.run([sys.executable, "-m", "scaling.run", str(path)], cwd=REPO, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert f"error: {path}: output: {out} is in use by another scaling.run of this study" in proc.stderr
+        assert snapshot(tmp_path) == before
+    finally:
+        os.close(held)
+    # The lock goes with its holder: then the folder is free again.
+    again = scaling_run.lock_output(out)
+    assert again is not None
+    os.close(again)
