@@ -72,6 +72,11 @@ def analyze(df, n_boot=N_BOOT, seed=0):
     if len(bad):
         a.notes.append(f"{len(bad)} trial(s) did not finish ok ({', '.join(sorted(set(bad.status)))}): "
                        "listed in the trials table and left out of every fit and figure.")
+    unfinished = trials[(trials.status == "ok") & (trials.step < trials.max_step)]  # NaN max_step: not counted
+    if len(unfinished):
+        a.notes.append(f"{len(unfinished)} trial(s) not yet at their last step (the study is still running or was "
+                       "stopped; running it again resumes them): their last measurement stands in for the final "
+                       "one in the figures and fits.")
     if loss == "train_loss":
         a.notes.append("No validation loss in these results: the loss figures and fits use the training loss.")
     elif loss is None:

@@ -126,7 +126,7 @@ def test_synthetic_study_from_parquet_alone(tmp_path):
     assert "worker died: out of memory" in page
 
 
-@pytest.mark.parametrize("case", ["one row", "two trials", "no FID", "all failed", "single step"])
+@pytest.mark.parametrize("case", ["one row", "two trials", "no FID", "all failed", "single step", "unfinished"])
 def test_tiny_studies_give_notes_not_crashes(tmp_path, case):
     rows = pd.DataFrame(synthetic_rows())
     rows = rows[rows.status == "ok"]
@@ -140,6 +140,8 @@ def test_tiny_studies_give_notes_not_crashes(tmp_path, case):
         rows = rows.assign(status="failed", error="boom")
     elif case == "single step":
         rows = rows[rows.step == 100_000].assign(val_loss=np.nan)  # FID and training loss only
+    elif case == "unfinished":  # a study stopped while its two largest models trained
+        rows = rows[~(rows.model.isin(["DiT-XL/2", "DiT-L/2"]) & (rows.step > 100_000))]
     write_table(rows, tmp_path / "results.parquet", RESULTS_SCHEMA)
     out = build_report(tmp_path / "results.parquet", tmp_path / "report", n_boot=20)
     assert out == tmp_path / "report"
@@ -157,6 +159,8 @@ def test_tiny_studies_give_notes_not_crashes(tmp_path, case):
         assert (out / "fig3_loss_vs_compute.png").is_file() and not (out / "fig1_fid_vs_gflops.png").exists()
     if case == "all failed":
         assert fits["trials"] == {"failed": 12}
+    unfinished = [n.split(" trial(s)")[0] for n in fits["notes"] if "not yet at their last step" in n]
+    assert unfinished == {"unfinished": ["2"], "single step": ["12"]}.get(case, [])
     if case == "single step":
         assert fits["loss_column"] == "train_loss"
         assert fits["correlation_fid_log10_gflops"]["n"] == 12
