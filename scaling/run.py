@@ -133,6 +133,9 @@ def run_study(study, address, build_report=True, report_dir=None):
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     # Without those files Tune's end-of-run analysis warns, per trial, that it found none: noise.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    # A stopped study resumes by running the same command (the driver says so), not by Tuner.restore.
+    logging.getLogger("ray.tune.tune").addFilter(
+        lambda record: "Tuner.restore(" not in record.getMessage())
     runtime_env = study_runtime_env()
     if address:
         ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from scaling import run as scaling_run
 from scaling.replay_mlflow import main as replay_main
 from scaling.results import RESULTS_SCHEMA, load_results, write_table
 
@@ -150,9 +151,9 @@ def test_end_to_end_and_rerun_skips_finished(tmp_path):
 
 
 def test_stopped_or_killed_driver_resumes_without_duplicates(tmp_path):
-    # One trial at a time, five milestones each: the driver is stopped by Ctrl-C, then by SIGTERM, then
-    # killed, each time a little further on; the fourth run finishes the study.
-    steps = (20, 40, 60, 80, 100)
+    # One trial at a time, five milestones each: the driver is stopped by Ctrl-C, then killed a little
+    # further on; the third run finishes the study. (SIGTERM takes Ctrl-C's path: test_sigterm_...)
+    steps = (40, 80, 120, 160, 200)
     study, out = write_study(tmp_path, steps=steps, fid=False,
                              extra="resources: {workers_per_trial: 1, cpus_per_worker: 1, max_concurrent_trials: 1}\n")
     study.write_text(study.read_text().replace("resources: {workers_per_trial: 1, cpus_per_worker: 1}\n", "", 1))
@@ -176,24 +177,24 @@ def test_stopped_or_killed_driver_resumes_without_duplicates(tmp_path):
 
     # Ctrl-C reaches the driver's whole process group: Tune ends the trial, the driver records what
     # was measured, closes the runs as KILLED and exits 130, with no report of an unfinished study.
-    seen, killed = 0, []
-    for stop, code in ((lambda p: os.killpg(p.pid, signal.SIGINT), 130), (lambda p: p.terminate(), 143)):
-        log_path = tmp_path / f"driver-{code}.log"
-        with open(log_path, "w") as log:
-            proc = start_until_more_rows(seen, log)
-            stop(proc)
-            assert proc.wait(timeout=120) == code, log_path.read_text()[-3000:]
-        wait_until_group_gone(proc.pid, timeout=10)
-        text = log_path.read_text()
-        assert "Run the same command again to resume them" in text and "Traceback" not in text, text[-3000:]
-        parent, children = statuses()
-        assert parent == "KILLED" and set(children) <= {"KILLED", "FINISHED", "SCHEDULED"}
-        killed.append("KILLED" in children)  # a trial was running (not between two trials) when stopped
-        assert not report.exists()
-        rows = load_results(out)
-        assert len(rows) > seen and (rows.status == "ok").all()
-        seen = len(rows)
-    assert any(killed) and seen < 2 * len(steps) - 1
+    log_path = tmp_path / "driver-stopped.log"
+    with open(log_path, "w") as log:
+        proc = start_until_more_rows(0, log)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=120) == 130, log_path.read_text()[-3000:]
+    wait_until_group_gone(proc.pid, timeout=10)
+    text = log_path.read_text()
+    assert "Run the same command again to resume them" in text and "Traceback" not in text, text[-3000:]
+    assert "Tuner.restore" not in text  # Tune's own advice does not apply to a study
+    assert not report.exists()
+    rows = load_results(out)
+    assert (rows.status == "ok").all()
+    seen = len(rows)
+    assert 1 <= seen < 2 * len(steps) - 1
+    parent, children = statuses()
+    assert parent == "KILLED" and "RUNNING" not in children
+    if seen < len(steps):  # one trial at a time: the first was running, the second never started
+        assert children == ["KILLED", "SCHEDULED"]
 
     # SIGKILL: nothing runs after it; its runs stay as they were.
     with open(tmp_path / "driver-killed.log", "w") as log:
@@ -224,6 +225,23 @@ def test_stopped_or_killed_driver_resumes_without_duplicates(tmp_path):
     for child in children:
         history = [m.step for m in client.get_metric_history(child.info.run_id, "train_loss")]
         assert history == sorted(set(history)) and history[-1] == steps[-1]
+
+
+def test_sigterm_stops_the_study_as_ctrl_c_does():
+    # While Tune runs, its SIGINT handler ends the trials cleanly; SIGTERM must reach that handler.
+    tune_handler = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: tune_handler.append(signum))
+    try:
+        with scaling_run.sigterm_stops_the_study() as stopped_by:
+            os.kill(os.getpid(), signal.SIGTERM)
+            deadline = time.time() + 5
+            while not tune_handler and time.time() < deadline:
+                time.sleep(0.01)  # Python runs signal handlers between bytecodes of the main thread
+        assert stopped_by == [signal.SIGTERM] and tune_handler == [signal.SIGINT]
+        assert scaling_run.EXIT_INTERRUPTED[stopped_by[0]] == 143
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # outside Tune, SIGTERM ends the driver
 
 
 def test_workers_import_the_trainer_without_mlflow():
