@@ -6,6 +6,7 @@ import time
 import torch
 
 from core.flops import training_compute
+from scaling.results import RESULTS_FILE, finished_trials, foreign_trials
 
 PROBE_BATCHES = (128, 8)  # the micro-batch probed, halved from the first towards the second to fit the budget
 # Forward Gflop per probe step worth spending on an estimate: a bigger model is extrapolated instead.
@@ -172,9 +173,15 @@ def _table(rows):
 
 
 def format_plan(study, estimate=True):
-    """The dry-run report: one row per trial, then the totals (the caller prints study.warnings)."""
+    """The dry-run report: one row per trial, then the totals (the caller prints study.warnings).
+
+    For a study whose output already holds results (a run to resume), finished trials are marked
+    and the estimate covers the others, which a run launches.
+    """
+    done, foreign = finished_trials(study), foreign_trials(study)
+    todo = [t for t in study.trials if t.trial_id not in done]
     swept = list(dict.fromkeys(key for trial in study.trials for key in trial.swept))
-    times = estimate_seconds(study) if estimate else {}
+    times = estimate_seconds(study) if estimate and todo else {}
     header = ["trial id", "model", "patch", "params", "Gflops", *swept, "steps", "train compute (Gflop)",
               "est. time"]
     rows = [header]
@@ -183,17 +190,27 @@ def format_plan(study, estimate=True):
         rows.append([trial.trial_id, trial.model, str(trial.patch), human_count(trial.params),
                      format_gflops(trial.gflops), *(f"{trial.swept.get(key, '')}" for key in swept),
                      format_milestones(trial.milestones), f"{compute:.2e}",
-                     human_duration(times.get(trial.trial_id, "-"))])
+                     "done" if trial.trial_id in done else human_duration(times.get(trial.trial_id, "-"))])
     total_compute = sum(training_compute(t.gflops, t.train["batch_size"], t.milestones[-1]) for t in study.trials)
-    known = [s for s in times.values() if not isinstance(s, str)]
-    if not estimate:
+    if not todo:
+        total_time = "none left"
+    elif not estimate:
         total_time = "not estimated"
-    elif len(known) < len(study.trials):
-        total_time = next(s for s in times.values() if isinstance(s, str))
     else:
-        total_time = f"{human_duration(sum(known))} (one trial at a time; training + FID sampling)"
+        reasons = [times[t.trial_id] for t in todo if isinstance(times[t.trial_id], str)]  # e.g. "n/a (needs GPU)"
+        total_time = reasons[0] if reasons else (f"{human_duration(sum(times[t.trial_id] for t in todo))} "
+                                                 "(one trial at a time; training + FID sampling)")
     lines = [f"study {study.name} ({study.path}): {len(study.trials)} trials -> {study.output}", ""]
     lines += _table(rows)
     lines += ["", f"total: {len(study.trials)} trials, training compute {total_compute:.2e} Gflop, "
                   f"estimated time {total_time}"]
+    if done and todo:
+        lines.append(f"{len(done)} of {len(study.trials)} trials already finished in {study.output}: a run skips "
+                     f"them and resumes the others from their last checkpoints; the estimate is for the "
+                     f"{len(todo)} left, from their start.")
+    elif done:
+        lines.append(f"All {len(done)} trials already finished in {study.output}: a run only builds the report.")
+    if foreign:
+        lines.append(f"{study.output / RESULTS_FILE} also holds {len(foreign)} trial(s) that this study file no "
+                     f"longer defines; they stay there and in the report.")
     return "\n".join(lines)

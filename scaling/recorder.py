@@ -206,26 +206,3 @@ def _load_rows(path, key):
 
 def _sorted(rows):
     return [rows[k] for k in sorted(rows)]
-
-
-def foreign_trials(study):
-    """Trial ids in the study's results.parquet that the study file no longer defines (it was edited)."""
-    path = study.output / "results.parquet"
-    if not path.exists():
-        return set()
-    return set(load_results(path).trial_id) - {t.trial_id for t in study.trials}
-
-
-def finished_trials(study):
-    """Trials with a row at every milestone (or a diverged row): a re-run skips them."""
-    path = study.output / "results.parquet"
-    if not path.exists():
-        return set()
-    df = load_results(path)
-    done = set()
-    for t in study.trials:
-        rows = df[df.trial_id == t.trial_id]
-        ok_steps = set(rows[rows.status == "ok"].step)
-        if set(t.milestones) <= ok_steps or (rows.status == "diverged").any():
-            done.add(t.trial_id)
-    return done

@@ -51,6 +51,11 @@ def main(argv=None):
         return EXIT_BAD_INPUT
     for warning in study.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    try:
+        check_results(study)
+    except StudyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     if args.dry_run:
         from scaling.dry_run import format_plan
 
@@ -69,6 +74,18 @@ def main(argv=None):
     except KeyboardInterrupt:  # outside the training loop (Ray's start, the report): nothing to record
         print("interrupted; run the same command again to resume the study", file=sys.stderr)
         return EXIT_INTERRUPTED[signal.SIGINT]
+
+
+def check_results(study):
+    """A results.parquet already in the output (a study to resume) must read, before anything starts."""
+    from scaling.results import RESULTS_FILE, load_results
+
+    path = study.output / RESULTS_FILE
+    if path.exists():
+        try:
+            load_results(path)
+        except ValueError as e:
+            raise StudyError(f"{study.path}: output: {e}; move it away to start the study afresh") from None
 
 
 def check_output(study):
@@ -188,7 +205,8 @@ def _run_trials(study, build_report, report_dir):
 
     from scaling.progress import Progress
     from scaling.ray_trial import trial_function
-    from scaling.recorder import Recorder, finished_trials, foreign_trials
+    from scaling.recorder import Recorder
+    from scaling.results import finished_trials, foreign_trials
     from scaling.tracking import StudyTracker, default_tracking_uri
 
     out = study.output

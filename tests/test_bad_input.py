@@ -138,3 +138,17 @@ def test_output_in_use_by_another_driver(tmp_path):
     again = scaling_run.lock_output(out)
     assert again is not None
     os.close(again)
+
+
+def test_unreadable_results_in_the_output_of_a_study_to_resume(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.parquet").write_bytes(b"PAR1 cut short")
+    path = write(tmp_path, BASE + f"output: {out}\n")
+    before = snapshot(tmp_path)
+    for extra in ([], ["--dry-run"]):
+        assert scaling_run.main([str(path), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {path}: output: {out / 'results.parquet'}: not a readable Parquet file (")
+        assert err.rstrip().endswith("move it away to start the study afresh")
+    assert snapshot(tmp_path) == before

@@ -9,6 +9,7 @@ import yaml
 
 from core.models import DiT
 from scaling.dry_run import format_plan
+from scaling.results import RESULTS_SCHEMA, write_table
 from scaling.study import StudyError, check_cluster, load_study
 
 STUDIES = Path(__file__).resolve().parent.parent / "studies"
@@ -320,3 +321,23 @@ def test_cluster_too_small(tmp_path):
         check_cluster(study, {"CPU": 2.0})
     assert str(err.value) == ("--set resources.cpus_per_worker=3: resources.cpus_per_worker: a trial needs 1 × 3 = 3 "
                               "CPUs, the cluster has 2")
+
+
+def test_dry_run_of_a_study_to_resume(tmp_path):
+    out = tmp_path / "out"
+    study = load(tmp_path, BASE + f"output: {out}\n")
+    finished, started = study.trials[:2]
+
+    def row(trial, step, trial_id=None):
+        return dict(study="tiny", trial_id=trial_id or trial.trial_id, model=trial.model, patch=trial.patch,
+                    params=trial.params, gflops=trial.gflops, batch_size=32, step=step, status="ok")
+
+    rows = [row(finished, s) for s in finished.milestones] + [row(started, started.milestones[0])]
+    rows.append(row(started, 10, trial_id="DiT-P-2-0123456789"))  # a trial of an earlier version of the file
+    write_table(rows, out / "results.parquet", RESULTS_SCHEMA)
+    plan = format_plan(study, estimate=False)
+    last_cell = {line.split()[0]: line.split()[-1] for line in plan.splitlines() if line.startswith("DiT-")}
+    assert last_cell[finished.trial_id] == "done"
+    assert [cell for cell in last_cell.values() if cell == "done"] == ["done"]  # a partly measured trial is not
+    assert f"1 of {len(study.trials)} trials already finished in {out}: a run skips them" in plan
+    assert f"{out / 'results.parquet'} also holds 1 trial(s) that this study file no longer defines" in plan
