@@ -6,7 +6,7 @@ import time
 import torch
 
 from core.flops import training_compute
-from scaling.results import RESULTS_FILE, finished_trials, foreign_trials
+from scaling.results import RESULTS_FILE, recorded_trials
 
 PROBE_BATCHES = (128, 8)  # the micro-batch probed, halved from the first towards the second to fit the budget
 # Forward Gflop per probe step worth spending on an estimate: a bigger model is extrapolated instead.
@@ -178,7 +178,7 @@ def format_plan(study, estimate=True):
     For a study whose output already holds results (a run to resume), finished trials are marked
     and the estimate covers the others, which a run launches.
     """
-    done, foreign = finished_trials(study), foreign_trials(study)
+    done, foreign = recorded_trials(study)
     todo = [t for t in study.trials if t.trial_id not in done]
     swept = list(dict.fromkeys(key for trial in study.trials for key in trial.swept))
     times = estimate_seconds(study) if estimate and todo else {}

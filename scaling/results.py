@@ -1,8 +1,8 @@
 """The results tables: their Parquet schemas, atomic writing, and validated loading.
 
 One row of results.parquet is one trial at one evaluation step. The orchestrator writes it; the
-report and notebooks read it back with `load_results` and need nothing else. `finished_trials` and
-`foreign_trials` say what a study's output already holds.
+report and notebooks read it back with `load_results` and need nothing else. `recorded_trials`
+says what a study's output already holds.
 """
 import os
 import tempfile
@@ -184,27 +184,21 @@ def load_results(path):
     return df
 
 
-def foreign_trials(study):
-    """Trial ids in the study's results.parquet that the study file no longer defines (it was edited)."""
+def recorded_trials(study):
+    """(finished, foreign): trial ids of the study whose results.parquet has a row at every milestone
+    (or a diverged row), which a re-run skips, and trial ids it holds that the study file no longer
+    defines (it was edited since they ran)."""
     path = study.output / RESULTS_FILE
     if not path.exists():
-        return set()
-    return set(load_results(path).trial_id) - {t.trial_id for t in study.trials}
-
-
-def finished_trials(study):
-    """Trials with a row at every milestone (or a diverged row): a re-run skips them."""
-    path = study.output / RESULTS_FILE
-    if not path.exists():
-        return set()
+        return set(), set()
     df = load_results(path)
-    done = set()
+    finished = set()
     for t in study.trials:
         rows = df[df.trial_id == t.trial_id]
         ok_steps = set(rows[rows.status == "ok"].step)
         if set(t.milestones) <= ok_steps or (rows.status == "diverged").any():
-            done.add(t.trial_id)
-    return done
+            finished.add(t.trial_id)
+    return finished, set(df.trial_id) - {t.trial_id for t in study.trials}
 
 
 def paper_results():

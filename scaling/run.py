@@ -206,7 +206,7 @@ def _run_trials(study, build_report, report_dir):
     from scaling.progress import Progress
     from scaling.ray_trial import trial_function
     from scaling.recorder import Recorder
-    from scaling.results import finished_trials, foreign_trials
+    from scaling.results import recorded_trials
     from scaling.tracking import StudyTracker, default_tracking_uri
 
     out = study.output
@@ -215,8 +215,7 @@ def _run_trials(study, build_report, report_dir):
     tracker = StudyTracker(uri, study.raw["tracking"]["experiment"] or study.name, study.name, out)
     tracker.log_text(tracker.parent_run_id, study.resolved_yaml(), "study.yaml")
 
-    done = finished_trials(study)
-    foreign = foreign_trials(study)
+    done, foreign = recorded_trials(study)
     if foreign:
         # A trial's id hashes everything that determines its result: an edited study file makes new
         # trials. The old ones' measurements are kept (never deleted), and the report shows them too.
