@@ -230,6 +230,7 @@ def test_stopped_or_killed_driver_resumes_without_duplicates(tmp_path):
 def test_sigterm_stops_the_study_as_ctrl_c_does():
     # While Tune runs, its SIGINT handler ends the trials cleanly; SIGTERM must reach that handler.
     tune_handler = []
+    outside = signal.getsignal(signal.SIGTERM)  # Python's default, or ray.init's if this process called it
     previous = signal.signal(signal.SIGINT, lambda signum, frame: tune_handler.append(signum))
     try:
         with scaling_run.sigterm_stops_the_study() as stopped_by:
@@ -241,7 +242,7 @@ def test_sigterm_stops_the_study_as_ctrl_c_does():
         assert scaling_run.EXIT_INTERRUPTED[stopped_by[0]] == 143
     finally:
         signal.signal(signal.SIGINT, previous)
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # outside Tune, SIGTERM ends the driver
+    assert signal.getsignal(signal.SIGTERM) == outside  # outside Tune, SIGTERM ends the driver as before
 
 
 def test_workers_import_the_trainer_without_mlflow():
