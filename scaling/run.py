@@ -71,9 +71,9 @@ def main(argv=None):
         return EXIT_BAD_INPUT
     try:
         return run_study(study, address, build_report=not args.no_report, report_dir=args.report_dir)
-    except KeyboardInterrupt:  # outside the training loop (Ray's start, the report): nothing to record
+    except KeyboardInterrupt as e:  # outside the training loop (Ray's start, the report): nothing to record
         print("interrupted; run the same command again to resume the study", file=sys.stderr)
-        return EXIT_INTERRUPTED[signal.SIGINT]
+        return EXIT_INTERRUPTED[signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT]
 
 
 def check_results(study):
@@ -158,25 +158,26 @@ def run_study(study, address, build_report=True, report_dir=None):
         ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
     else:
         ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False, runtime_env=runtime_env)
-    try:
-        check_cluster(study, ray.cluster_resources())
-    except StudyError as e:
-        print(f"error: {e}", file=sys.stderr)
-        ray.shutdown()
-        return EXIT_BAD_INPUT
+    with sigterm_interrupts():
+        try:
+            check_cluster(study, ray.cluster_resources())
+        except StudyError as e:
+            print(f"error: {e}", file=sys.stderr)
+            ray.shutdown()
+            return EXIT_BAD_INPUT
 
-    out = study.output
-    out.mkdir(parents=True, exist_ok=True)
-    lock = lock_output(out)
-    if lock is None:
-        print(f"error: {study.path}: output: {out} is in use by another scaling.run of this study (its driver "
-              f"still runs); wait for it to end or stop it first", file=sys.stderr)
-        ray.shutdown()
-        return EXIT_BAD_INPUT
-    try:
-        return _run_trials(study, build_report, report_dir)
-    finally:
-        os.close(lock)  # the lock goes with the descriptor (and with the process, however it ends)
+        out = study.output
+        out.mkdir(parents=True, exist_ok=True)
+        lock = lock_output(out)
+        if lock is None:
+            print(f"error: {study.path}: output: {out} is in use by another scaling.run of this study (its driver "
+                  f"still runs); wait for it to end or stop it first", file=sys.stderr)
+            ray.shutdown()
+            return EXIT_BAD_INPUT
+        try:
+            return _run_trials(study, build_report, report_dir)
+        finally:
+            os.close(lock)  # the lock goes with the descriptor (and with the process, however it ends)
 
 
 def lock_output(out):
@@ -301,6 +302,33 @@ def _run_trials(study, build_report, report_dir):
         print(f"report: {path}")
     ray.shutdown()
     return EXIT_TRIALS_FAILED if failed else EXIT_OK
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside Tune's loop (the MLflow set-up, the report): unwinds the driver as Ctrl-C does."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """SIGTERM raises Terminated: the driver then exits 143 with the same advice as after Ctrl-C.
+
+    ray.init answers SIGTERM with sys.exit(15) in the process that called it: exit status 15,
+    which a shell or a batch scheduler does not read as "terminated". Within this block SIGTERM
+    unwinds as Ctrl-C does (finally blocks run; Ray is shut down at exit), except inside Tune's
+    loop, where sigterm_stops_the_study() forwards it to Tune instead.
+    """
+    if threading.current_thread() is not threading.main_thread():  # signals reach only the main thread
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
