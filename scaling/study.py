@@ -162,7 +162,7 @@ SCHEMA = {
     },
     "eval": {
         "fid": (True, boolean),
-        "fid_samples": (1000, integer(at_least=1)),
+        "fid_samples": (1000, integer(at_least=2)),  # FID needs a covariance: 2 images at least
         "feature_extractor": ("digits", choice("digits", "inception-v3-compat")),
         "feature_extractor_weights": (None, optional(text)),
         "sampler": ("ddim", choice("ddim", "ddpm")),
@@ -545,9 +545,23 @@ def _check_eval(raw, info, where, check_data, warnings):
             if check_data:
                 raise where.error(("eval", key), f"{ev[key]} does not exist")
             warnings.append(f"{where(('eval', key))}: eval.{key}: {ev[key]} does not exist")
+    dim = feature_dim(ev["feature_extractor"])
+    if ev["fid"] and ev["fid_samples"] <= dim:
+        warnings.append(f"{where(('eval', 'fid_samples'))}: eval.fid_samples: FID from {ev['fid_samples']} images "
+                        f"of {dim}-d features: their covariance is rank-deficient, so FID is biased upwards and "
+                        f"noisy; use several times {dim} images")
     if ev["sampling_steps"] > raw["train"]["diffusion_steps"] and "train.diffusion_steps" not in raw["sweep"]:
         raise where.error(("eval", "sampling_steps"), f"{ev['sampling_steps']} is more than train.diffusion_steps "
                                                       f"({raw['train']['diffusion_steps']})")
+
+
+def feature_dim(extractor):
+    """Width of the features an extractor gives FID: its covariance needs more images than that."""
+    if extractor == "digits":
+        from core.digits_classifier import FEATURE_DIM
+
+        return FEATURE_DIM
+    return 2048  # Inception-v3's pool features (torch-fidelity's "2048" layer); not imported: torch-fidelity is slow to load
 
 
 def _check_resources(raw, where):

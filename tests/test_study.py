@@ -255,6 +255,8 @@ BAD = {
                      "{f}:14: resources.workers_per_trial: must be >= 1, got 0"),
     "negative guidance": (edit("fid_samples: 100", "cfg_scale: -0.5"), [], "{f}:12: eval.cfg_scale: must be >= 0, "
                           "got -0.5"),
+    "one image for FID": (edit("fid_samples: 100", "fid_samples: 1"), [], "{f}:12: eval.fid_samples: must be >= 2, "
+                          "got 1"),
     "batch not divisible by the workers": (edit("workers_per_trial: 1", "workers_per_trial: 3"), [],
                                            "{f}:9: train.batch_size: 32 is not divisible by grad_accum × "
                                            "workers_per_trial = 1 × 3"),
@@ -276,6 +278,18 @@ BAD = {
     "--set wrong type": (BASE, ["train.lr=fast"], "--set train.lr=fast: train.lr: expected a number, got 'fast'"),
     "--set into a value": (BASE, ["name.x=1"], "--set name.x=1: name is not a section"),
 }
+
+
+def test_fewer_fid_images_than_feature_dimensions_warns(tmp_path):
+    # FID's covariance of D-d features is singular from D images or fewer: allowed (a smoke test), but said.
+    study = load(tmp_path, edit("fid_samples: 100", "fid_samples: 64"))
+    path = tmp_path / "study.yaml"
+    assert study.warnings == [f"{path}:12: eval.fid_samples: FID from 64 images of 64-d features: their covariance "
+                              "is rank-deficient, so FID is biased upwards and noisy; use several times 64 images"]
+    assert not load(tmp_path, edit("fid_samples: 100", "fid_samples: 65")).warnings
+    assert not load(tmp_path, edit("fid_samples: 100", "fid_samples: 64\n  fid: false")).warnings
+    inception = load(tmp_path, overrides=["eval.feature_extractor=inception-v3-compat", "eval.fid_samples=2048"])
+    assert "FID from 2048 images of 2048-d features" in inception.warnings[0]
 
 
 @pytest.mark.parametrize("case", BAD)
