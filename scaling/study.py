@@ -561,7 +561,7 @@ def feature_dim(extractor):
         from core.digits_classifier import FEATURE_DIM
 
         return FEATURE_DIM
-    return 2048  # Inception-v3's pool features (torch-fidelity's "2048" layer); not imported: torch-fidelity is slow to load
+    return 2048  # Inception-v3's pool features (torch-fidelity's "2048" layer), not imported: it loads slowly
 
 
 def _check_resources(raw, where):
