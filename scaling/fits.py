@@ -12,7 +12,7 @@ import multiprocessing
 import os
 import pickle
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -52,6 +52,7 @@ class Law:
     predict: Callable  # predict(params, x) -> y
     estimate: Callable  # estimate(x, y, start=None) -> params; raises FitError
     min_points: int  # distinct x values needed
+    limits: Callable = None  # limits(y) -> {name: (low, high)}: where estimate confines a coefficient (None: free)
 
 
 @dataclass
@@ -64,6 +65,7 @@ class Fit:
     n_points: int
     n_groups: int  # trials the points came from
     n_boot: int  # resamples drawn
+    limits: dict = field(default_factory=dict)  # the law's limits(y) for these points
 
     def predict(self, x):
         """The law's prediction at x with the point-estimate coefficients."""
@@ -87,6 +89,28 @@ class Fit:
         lo, hi = np.percentile(self.boot, [tail, 100 - tail], axis=0)
         return {n: (float(a), float(b)) for n, a, b in zip(self.law.names, lo, hi)}
 
+    def unsettled(self, level=CI_LEVEL):
+        """What the data leave open: coefficients that sit at a limit of the estimation, or whose interval
+        reaches one (a sentence each; empty when every coefficient is inside its limits)."""
+        ci = self.intervals(level)
+        out = []
+        for name, (low, high) in self.limits.items():
+            value = self.params[self.law.names.index(name)]
+            at = [b for b in (low, high) if b is not None and np.isclose(value, b, rtol=1e-6, atol=0)]
+            reached = [b for b, end in ((low, ci[name][0]), (high, ci[name][1]))
+                       if b is not None and np.isclose(end, b, rtol=1e-6, atol=0)]
+            if name == "E" and at:
+                out.append(f"E = {value:.3g} is at its floor: these points show no irreducible part above 0")
+            elif name == "E" and reached:
+                out.append(f"E's {level:.0%} interval [{ci[name][0]:.3g}, {ci[name][1]:.3g}] reaches its floor: these "
+                           f"points cannot tell an irreducible part from 0")
+            elif at:
+                out.append(f"{name} = {value:.3g} is at its limit {at[0]:g}")
+            elif reached:
+                out.append(f"{name}'s {level:.0%} interval [{ci[name][0]:.3g}, {ci[name][1]:.3g}] reaches its limit "
+                           f"{reached[0]:g}")
+        return out
+
     def to_dict(self, level=CI_LEVEL):
         """JSON-ready summary: formula, coefficients with intervals, and how much data stood behind them."""
         ci = self.intervals(level)
@@ -95,7 +119,7 @@ class Fit:
             "coefficients": {n: {"value": float(v), "ci_low": _json_float(ci[n][0]), "ci_high": _json_float(ci[n][1])}
                              for n, v in zip(self.law.names, self.params)},
             "ci_level": level, "n_points": self.n_points, "n_trials": self.n_groups,
-            "n_boot": self.n_boot, "n_boot_converged": len(self.boot),
+            "n_boot": self.n_boot, "n_boot_converged": len(self.boot), "unsettled": self.unsettled(level),
         }
 
 
@@ -188,6 +212,14 @@ def _to_internal(params, centre):
     return theta
 
 
+def _lse_limits(names):
+    """limits(y) of a law fitted by _fit_lse: E no lower than its floor there, exponents in [0, MAX_EXPONENT]."""
+    def limits(y):
+        floor = float(np.min(y)) * np.exp(-12)  # _fit_lse's lower bound on log E: log min(y) − 12
+        return {n: (floor, None) if n == "E" else (0.0, MAX_EXPONENT) for n in names if n in ("E", "alpha", "beta")}
+    return limits
+
+
 def _saturating_predict(p, x):
     return p[0] + p[1] * np.asarray(x, float) ** -p[2]
 
@@ -197,7 +229,7 @@ def _saturating_estimate(x, y, start=None):
 
 
 SATURATING_POWER_LAW = Law("y = E + A·x^(−α)", ("E", "A", "alpha"), _saturating_predict, _saturating_estimate,
-                           min_points=4)
+                           min_points=4, limits=_lse_limits(("E", "A", "alpha")))
 
 
 def size_classes(params):
@@ -220,7 +252,7 @@ def _chinchilla_estimate(x, y, start=None):
 
 
 CHINCHILLA = Law("L = E + A/N^α + B/D^β", ("E", "A", "alpha", "B", "beta"), _chinchilla_predict,
-                 _chinchilla_estimate, min_points=8)
+                 _chinchilla_estimate, min_points=8, limits=_lse_limits(("E", "A", "alpha", "B", "beta")))
 
 
 # Fitting with bootstrap ----------------------------------------------------------------------------
@@ -340,7 +372,8 @@ def fit_law(law, x, y, groups=None, select=None, n_boot=N_BOOT, seed=0):
     n_points = int(select(x, y).sum()) if select is not None else len(y)
     boot = (bootstrap(groups, _LawEstimate(law, x, y, select, params), n_boot, seed) if n_boot
             else np.empty((0, len(params))))
-    return Fit(law, params, boot, n_points, len(np.unique(groups)), n_boot)
+    limits = law.limits(y) if law.limits else {}
+    return Fit(law, params, boot, n_points, len(np.unique(groups)), n_boot, limits)
 
 
 class _LawEstimate:

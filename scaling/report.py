@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from scaling import figures
-from scaling.fits import (CHINCHILLA, CI_LEVEL, N_BOOT, POWER_LAW, SATURATING_POWER_LAW, FitError, correlations,
+from scaling.fits import (CHINCHILLA, CI_LEVEL, N_BOOT, POWER_LAW, SATURATING_POWER_LAW, Fit, FitError, correlations,
                           extrapolation_check, fit_law, frontier, isoflop, parallel_fits)
 from scaling.results import RESULTS_SCHEMA, load_results, paper_results, to_table
 
@@ -84,10 +84,15 @@ def analyze(df, n_boot=N_BOOT, seed=0):
 
     def attempt(what, fn, *args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
         except FitError as e:
             a.notes.append(f"{what}: not fitted: {e}.")
             return None
+        unsettled = result.unsettled() if isinstance(result, Fit) else []
+        if unsettled:
+            a.notes.append(f"{what}: {'; '.join(unsettled)}. These points do not pin the law down: read it as a "
+                           f"description of them, not as a law to extrapolate.")
+        return result
 
     fit = dict(n_boot=n_boot, seed=seed)
     points = a.final_fid

@@ -168,3 +168,23 @@ def test_fit_summary_is_json():
     assert doc["n_points"] == 12 and doc["n_boot_converged"] == 50
     assert set(doc["coefficients"]) == {"a", "b"}
     json.dumps(doc)
+
+
+def test_a_law_the_points_do_not_pin_down_says_so():
+    # Points of a bare power law have no floor: the fit puts E at its lower limit and says so (the
+    # report then warns against extrapolating); points drawn with a floor leave every coefficient free.
+    rng = np.random.default_rng(3)
+    c = np.logspace(8, 12, 20)
+    no_floor = fit_law(SATURATING_POWER_LAW, c, 40 * c ** -0.2 * np.exp(rng.normal(0, 0.01, c.size)), n_boot=50)
+    unsettled = no_floor.unsettled()
+    assert unsettled[0].startswith("E's 95% interval [") and "reaches its floor" in unsettled[0]
+    assert no_floor.intervals()["E"][0] == pytest.approx(no_floor.limits["E"][0], rel=1e-6)
+    assert no_floor.to_dict()["unsettled"] == unsettled
+    at_limits = fits.Fit(SATURATING_POWER_LAW, np.array([1e-6, 40.0, 3.0]), no_floor.boot, 20, 20, 50,
+                         {"E": (1e-6, None), "alpha": (0.0, 3.0)})
+    assert at_limits.unsettled() == ["E = 1e-06 is at its floor: these points show no irreducible part above 0",
+                                     "alpha = 3 is at its limit 3"]
+    floor = fit_law(SATURATING_POWER_LAW, c, (0.3 + 40 * c ** -0.2) * np.exp(rng.normal(0, 0.01, c.size)),
+                    n_boot=50)
+    assert floor.unsettled() == []
+    assert fit_law(POWER_LAW, c, 40 * c ** -0.2, n_boot=10).unsettled() == []  # a line in log-log has no limits

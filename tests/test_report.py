@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scaling.report import build_report, main
+from scaling.report import analyze, build_report, main
 from scaling.results import RESULTS_SCHEMA, paper_results, write_table
 
 TRUE_LAW = {"E": 0.15, "A": 30.0, "alpha": 0.35, "B": 20.0, "beta": 0.3}  # L(N, D), D in images
@@ -115,6 +115,7 @@ def test_synthetic_study_from_parquet_alone(tmp_path):
     for name, value in TRUE_LAW.items():
         c = chinchilla["coefficients"][name]
         assert c["ci_low"] <= value <= c["ci_high"], name
+    assert chinchilla["unsettled"] == [] and not any("do not pin the law down" in n for n in fits["notes"])
     fid_fit = fits["fits"]["fid_vs_compute"]
     assert fid_fit["coefficients"]["b"]["value"] == pytest.approx(-0.2, abs=0.04)
     held_out = [e for e in fits["extrapolation"] if e["model"] == "DiT-XL/2"]
@@ -124,6 +125,16 @@ def test_synthetic_study_from_parquet_alone(tmp_path):
     page = (out / "index.html").read_text()
     assert '<tr class="diverged">' in page and '<tr class="failed">' in page
     assert "worker died: out of memory" in page
+
+
+def test_a_law_at_the_limits_of_its_fit_is_flagged():
+    # The same study with its loss floor taken away: L(N, D) and L(C) put E at (or let it reach) its floor,
+    # and the report says the points do not pin those laws down (the default digits study's L(N, D) does this).
+    df = pd.DataFrame(synthetic_rows())
+    df["val_loss"] -= 0.999 * TRUE_LAW["E"]
+    notes = analyze(df, n_boot=50).notes
+    flagged = [n for n in notes if "These points do not pin the law down" in n]
+    assert any(n.startswith("L(N, D), Chinchilla's approach 3: E") and "floor" in n for n in flagged), notes
 
 
 @pytest.mark.parametrize("case", ["one row", "two trials", "no FID", "all failed", "single step", "unfinished"])
