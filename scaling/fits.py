@@ -99,16 +99,15 @@ class Fit:
             at = [b for b in (low, high) if b is not None and np.isclose(value, b, rtol=1e-6, atol=0)]
             reached = [b for b, end in ((low, ci[name][0]), (high, ci[name][1]))
                        if b is not None and np.isclose(end, b, rtol=1e-6, atol=0)]
+            interval = f"{name}'s {level:.0%} interval [{ci[name][0]:.3g}, {ci[name][1]:.3g}]"
             if name == "E" and at:
                 out.append(f"E = {value:.3g} is at its floor: these points show no irreducible part above 0")
             elif name == "E" and reached:
-                out.append(f"E's {level:.0%} interval [{ci[name][0]:.3g}, {ci[name][1]:.3g}] reaches its floor: these "
-                           f"points cannot tell an irreducible part from 0")
+                out.append(f"{interval} reaches its floor: these points cannot tell an irreducible part from 0")
             elif at:
                 out.append(f"{name} = {value:.3g} is at its limit {at[0]:g}")
             elif reached:
-                out.append(f"{name}'s {level:.0%} interval [{ci[name][0]:.3g}, {ci[name][1]:.3g}] reaches its limit "
-                           f"{reached[0]:g}")
+                out.append(f"{interval} reaches its limit {reached[0]:g}")
         return out
 
     def to_dict(self, level=CI_LEVEL):
