@@ -23,6 +23,7 @@ CI_LEVEL = 0.95
 N_BOOT = 1000
 HUBER_DELTA = 1e-3  # Chinchilla's δ for the Huber loss on log loss
 MAX_EXPONENT = 3.0  # scaling exponents are O(0.1-1); the bound stops degenerate resamples from wandering off
+FLOOR_LOG = 12.0  # a term (or E) below e^-12 of the smallest value is zero for all purposes: its lower bound
 
 
 class FitError(ValueError):
@@ -179,7 +180,7 @@ def _fit_lse(x, y, delta, start=None):
         starts = [_to_internal(np.asarray(start, float), centre)]
     # A term (or E) below e^-12 of the smallest loss is zero for all purposes: bounding it there stops the
     # optimizer creeping along a flat valley towards -inf; no term exceeds the largest loss at the centre.
-    level = (log_y.min() - 12, log_y.max() + 1)
+    level = (log_y.min() - FLOOR_LOG, log_y.max() + 1)
     bounds = [level] + [level, (0.0, MAX_EXPONENT)] * k  # a negative exponent would mean worse with scale
     solutions = _map(functools.partial(_minimize_from, u=u, log_y=log_y, delta=delta, scale=scale, bounds=bounds),
                      starts)
@@ -214,7 +215,7 @@ def _to_internal(params, centre):
 def _lse_limits(names):
     """limits(y) of a law fitted by _fit_lse: E no lower than its floor there, exponents in [0, MAX_EXPONENT]."""
     def limits(y):
-        floor = float(np.min(y)) * np.exp(-12)  # _fit_lse's lower bound on log E: log min(y) − 12
+        floor = float(np.min(y)) * np.exp(-FLOOR_LOG)  # _fit_lse's lower bound on E
         return {n: (floor, None) if n == "E" else (0.0, MAX_EXPONENT) for n in names if n in ("E", "alpha", "beta")}
     return limits
 
