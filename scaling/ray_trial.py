@@ -162,7 +162,7 @@ class DatasetlessTorchTrainer(TorchTrainer):
 
     def _create_default_callbacks(self):
         # Ray Train starts a DatasetManager actor for every run, datasets or not: a fresh process
-        # (it imports Ray Data and pandas) beside every trial's start, about 1.8 CPU-seconds of a
+        # (it imports Ray Data and pandas) beside every trial's start, 1-2 CPU-seconds of a
         # trial's first seconds (a lone trial started in 10.0-10.8 s with it, 8.6-9.8 without, on
         # the 2-core box), and an idle actor for the trial's whole run. core.train loads its own
         # data, so the callback that starts it goes. Ray Train's own hook for trimming its default
