@@ -1,0 +1,113 @@
+"""core.linear: oneDNN's products give F.linear's values and gradients, are counted, and compile."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import core.linear
+from core.linear import Linear, _OneDNNLinear, linear
+from core.models import DiT, model_config
+
+
+def _forward_backward(fn, x, weight, bias, grad):
+    """Output and the gradients of x, weight and bias of fn(x, weight, bias) under an upstream gradient."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, weight, bias) if t is not None]
+    if bias is None:
+        leaves.append(None)
+    out = fn(*leaves)
+    out.backward(grad)
+    return [out.detach()] + [t.grad for t in leaves if t is not None]
+
+
+@pytest.mark.parametrize("shape, out_features, bias", [
+    ((2048, 96), 288, True),  # DiT-N/2's qkv at batch 128: N > K
+    ((128, 16, 384), 96, True),  # its fc2 on (N, T, D) tokens: N < K
+    ((128, 256), 1536, True),  # DiT-M/2's adaLN
+    ((3, 5, 7), 2, False),  # odd sizes, no bias
+])
+def test_onednn_linear_gives_f_linears_values_and_gradients(shape, out_features, bias):
+    torch.manual_seed(0)
+    x = torch.randn(*shape)
+    weight = torch.randn(out_features, shape[-1]) / shape[-1] ** 0.5
+    b = torch.randn(out_features) if bias else None
+    grad = torch.randn(*shape[:-1], out_features)
+    ours = _forward_backward(_OneDNNLinear.apply, x, weight, b, grad)
+    ref = _forward_backward(F.linear, x.double(), weight.double(), None if b is None else b.double(), grad.double())
+    assert len(ours) == len(ref) == (4 if bias else 3)
+    for got, want in zip(ours, ref):
+        assert got.shape == want.shape
+        scale = want.abs().max().item()
+        assert (got.double() - want).abs().max().item() < 1e-5 * scale  # fp32 rounding only
+
+
+def test_onednn_linear_takes_non_contiguous_inputs_and_gradients():
+    torch.manual_seed(1)
+    x = torch.randn(16, 8, 64).transpose(0, 1)  # (8, 16, 64), not contiguous
+    weight = torch.randn(32, 64)
+    grad = torch.randn(32, 16, 8).permute(2, 1, 0)  # (8, 16, 32), not contiguous
+    ours = _forward_backward(_OneDNNLinear.apply, x, weight, None, grad)
+    ref = _forward_backward(F.linear, x, weight, None, grad)
+    for got, want in zip(ours, ref):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_linear_leaves_autocast_and_other_dtypes_to_torch():
+    layer = Linear(16, 8)
+    x = torch.randn(4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16  # autocast's bf16 product, not an fp32 oneDNN one
+    assert linear(x.double(), layer.weight.double(), layer.bias.double()).dtype == torch.float64
+
+
+def test_flop_counter_counts_onednns_products_like_torchs():
+    x = torch.randn(64, 96, requires_grad=True)
+    weight = torch.randn(288, 96, requires_grad=True)
+    counts = []
+    for fn in (_OneDNNLinear.apply, F.linear):
+        with FlopCounterMode(display=False) as counter:
+            fn(x, weight, None).sum().backward()
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] == 3 * 2 * 64 * 96 * 288  # forward, input and weight gradients
+
+
+def test_dit_trains_alike_through_onednn_and_torch(monkeypatch):
+    """A DiT's loss and gradients are the same, to fp32 rounding, whichever library multiplies."""
+    torch.manual_seed(0)
+    model = DiT(**model_config("DiT-N/2"))
+    torch.nn.init.normal_(model.final_layer.linear.weight, std=0.02)  # adaLN-Zero would zero most gradients
+    for block in model.blocks:
+        torch.nn.init.normal_(block.adaLN_modulation[-1].weight, std=0.02)
+    x, t, y = torch.randn(32, 1, 8, 8), torch.randint(0, 1000, (32,)), torch.randint(0, 10, (32,))
+    results = []
+    for onednn in (True, False):
+        monkeypatch.setattr(core.linear, "ONEDNN_PREFERRED", onednn)
+        model.zero_grad()
+        torch.manual_seed(1)  # the same labels dropped for guidance
+        loss = model(x, t, y).square().mean()
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    assert len(grads_a) == len(grads_b) > 50
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_compiled_onednn_linear_matches_eager():
+    """Under torch.compile the products stay oneDNN's (inductor lowers mkldnn's op only for frozen weights)."""
+    torch.manual_seed(2)
+    layer1, layer2 = Linear(32, 64), Linear(64, 16)
+
+    def mlp(x):
+        h = _OneDNNLinear.apply(x, layer1.weight, layer1.bias)
+        return _OneDNNLinear.apply(F.gelu(h, approximate="tanh"), layer2.weight, layer2.bias)
+
+    x = torch.randn(8, 32)
+    eager = mlp(x)
+    eager.square().sum().backward()
+    eager_grad = layer1.weight.grad.clone()
+    layer1.weight.grad = None
+    compiled = torch.compile(mlp, fullgraph=True)(x)
+    compiled.square().sum().backward()
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer1.weight.grad, eager_grad, rtol=1e-5, atol=1e-6)
