@@ -15,12 +15,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
-_onednn_matmul = torch.ops.mkldnn._linear_pointwise  # (X, W, B, "none", [], "") -> X @ W^T + B
+# (X, W, B, "none", [], "") -> X @ W^T + B; absent from torch builds without oneDNN, which keep F.linear.
+_onednn_matmul = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
 
 
 def cpu_prefers_onednn():
     """Whether this CPU has AVX-512 that MKL will not use: not an Intel CPU (MKL's kernels dispatch on the vendor)."""
-    if not torch.backends.mkldnn.is_available() or torch.backends.cpu.get_cpu_capability() != "AVX512":
+    if _onednn_matmul is None or torch.backends.cpu.get_cpu_capability() != "AVX512":
         return False
     try:
         with open("/proc/cpuinfo") as f:
@@ -94,8 +95,11 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
-@register_flop_formula(_onednn_matmul)
 def _onednn_matmul_flop(x_shape, w_shape, *args, out_shape=None, **kwargs):
     """FlopCounterMode's count of oneDNN's product, like its count of aten.mm (a multiply-add is 2 flops)."""
     m, k = x_shape
     return 2 * m * k * w_shape[0]
+
+
+if _onednn_matmul is not None:
+    register_flop_formula(_onednn_matmul)(_onednn_matmul_flop)
