@@ -72,7 +72,7 @@ class _OneDNNLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = _matmul(g, weight.t()).view(ctx.input_shape)  # (M, K)
         if ctx.needs_input_grad[1]:
-            # g^T x, (N, K). oneDNN copies its first operand to row-major, so transpose the narrower of g and x.
+            # g^T x, (N, K). oneDNN copies its first operand to row-major, so that operand is the narrower of g and x.
             n, k = g.shape[1], x2.shape[1]
             grad_w = _matmul(x2.t(), g.t()).t() if n > k else _matmul(g.t(), x2.t())
         if ctx.has_bias and ctx.needs_input_grad[2]:
