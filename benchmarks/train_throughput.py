@@ -1,9 +1,10 @@
 """Training throughput of the default study's presets through core.train (DeepSpeed, 1 process, fp32).
 
-    python -m benchmarks.train_throughput [--models DiT-P/2 DiT-T/2 ...] [--batch 128] [--steps 30]
+    python -m benchmarks.train_throughput [--models DiT-P/2 DiT-T/2 ...] [--batch 128] [--steps 30] [--compile]
 
 Prints images/s and achieved FLOP/s (6 flops per forward multiply-add: forward + backward, a multiply-add counted as 2)
-against this machine's fp32 matmul peak, measured in the same run.
+against this machine's fp32 matmul peak, measured in the same run. --compile trains each model a second time with
+`train.compile` (torch.compile), right after the eager run.
 """
 import argparse
 import logging
@@ -29,22 +30,26 @@ def main():
                                                         "DiT-T/4", "DiT-M/2"])
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--compile", action="store_true", help="also train each model compiled")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     peak = matmul_peak_tflops()
     print(f"machine: {describe()}")
     print(f"fp32 matmul peak (2048² matmul, this run): {peak * 1e3:.1f} GFLOP/s")
-    print(f"{'model':9} {'batch':>5} {'images/s':>9} {'GFLOP/s':>8} {'% of peak':>9}")
+    print(f"{'model':9} {'mode':8} {'batch':>5} {'images/s':>9} {'GFLOP/s':>8} {'% of peak':>9}")
     for name in args.models:
-        last = Last()
-        cfg = TrainConfig(model=name, dataset="digits", batch_size=args.batch, max_steps=args.steps, lr=1e-3,
-                          ema_decay=0.999, zero_stage=0, log_every=args.steps // 2, ckpt_every=10 ** 9,
-                          val_batch=0, num_workers=0)
-        with tempfile.TemporaryDirectory() as out:
-            train(cfg, out, callbacks=last)
-        m = last.metrics
-        gflops = m["achieved_tflops"] * 1e3
-        print(f"{name:9} {args.batch:5d} {m['images_per_s']:9.1f} {gflops:8.1f} {100 * gflops / (peak * 1e3):8.1f}%")
+        for compiled in (False, True) if args.compile else (False,):
+            last = Last()
+            cfg = TrainConfig(model=name, dataset="digits", batch_size=args.batch, max_steps=args.steps, lr=1e-3,
+                              ema_decay=0.999, zero_stage=0, log_every=args.steps // 2, ckpt_every=10 ** 9,
+                              val_batch=0, num_workers=0, compile=compiled)
+            with tempfile.TemporaryDirectory() as out:
+                train(cfg, out, callbacks=last)
+            m = last.metrics
+            gflops = m["achieved_tflops"] * 1e3
+            mode = "compiled" if compiled else "eager"
+            print(f"{name:9} {mode:8} {args.batch:5d} {m['images_per_s']:9.1f} {gflops:8.1f} "
+                  f"{100 * gflops / (peak * 1e3):8.1f}%")
 
 
 if __name__ == "__main__":
