@@ -113,6 +113,8 @@ def mlflow_numbers(output, experiment):
     runs = client.search_runs([exp.experiment_id])
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    # In the order the trials were scheduled: the first ones start beside Ray's own start-up.
+    children.sort(key=lambda r: float(r.data.tags.get("dit_scaling.started_at", "inf")))
     startup = [r.data.metrics["startup_s"] for r in children if "startup_s" in r.data.metrics]
     teardown = [r.data.metrics["teardown_s"] for r in children if "teardown_s" in r.data.metrics]
     return startup, teardown, parent.data.metrics.get("efficiency"), parent.data.metrics.get("wall_time_s")
@@ -139,6 +141,7 @@ def main():
         if values:
             print(f"{key:>26}: median {statistics.median(values):5.1f} s  (min {min(values):.1f}, "
                   f"max {max(values):.1f})")
+    print(f"{'start-up, in start order':>26}: {', '.join(f'{s:.1f}' for s in startup)} s")
     print(f"{'study efficiency':>26}: {efficiency:.1%}  (training + evaluation / trial slots × wall time)")
     if cpu:
         print(f"CPU seconds of the driver and every process it started ({sum(cpu.values()):.1f} in all):")
