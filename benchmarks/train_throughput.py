@@ -37,6 +37,8 @@ def main():
     parser.add_argument("--steps", type=int, default=40, help="a multiple of the 10-step window")
     parser.add_argument("--compile", action="store_true", help="also train each model compiled")
     args = parser.parse_args()
+    if args.steps < 2 * WINDOW:
+        parser.error(f"--steps must be at least {2 * WINDOW}: the first {WINDOW}-step window is warm-up")
     logging.disable(logging.WARNING)
     first_peak = matmul_peak_tflops()
     rows = []
@@ -59,6 +61,7 @@ def main():
         gflops = m["achieved_tflops"] * 1e3
         print(f"{name:9} {mode:8} {args.batch:5d} {m['images_per_s']:9.1f} {gflops:8.1f} "
               f"{100 * gflops / (peak * 1e3):8.1f}%")
+
 
 if __name__ == "__main__":
     main()
