@@ -6,7 +6,8 @@ for a 2048² product on the 2-core EPYC of benchmarks/README.md). oneDNN, which 
 the instruction set alone. So on such CPUs core's linears call oneDNN's fp32 matmul for the forward product and
 both backward products; everywhere else (GPUs, Intel and AVX2 CPUs, autocast, other dtypes) they are F.linear.
 The arithmetic is the same fp32 (oneDNN's default math mode never down-converts); only the summation order
-differs, as it does between any two BLAS libraries.
+differs, as it does between any two BLAS libraries. torch's own switch, `torch.backends.mkldnn.flags(enabled=False)`,
+turns it off: F.linear everywhere, e.g. for results bit-identical between an AMD and an Intel node.
 """
 from typing import Optional
 
@@ -83,7 +84,7 @@ class _OneDNNLinear(torch.autograd.Function):
 def linear(x, weight, bias=None):
     """F.linear, through oneDNN for fp32 CPU tensors on CPUs that prefer it (see the module docstring)."""
     if (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu") and ONEDNN_PREFERRED):
+            and not torch.is_autocast_enabled("cpu") and ONEDNN_PREFERRED and torch.backends.mkldnn.enabled):
         return _OneDNNLinear.apply(x, weight, bias)
     return F.linear(x, weight, bias)
 

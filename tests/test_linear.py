@@ -2,6 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import core.linear
@@ -57,6 +58,30 @@ def test_linear_leaves_autocast_and_other_dtypes_to_torch():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert layer(x).dtype == torch.bfloat16  # autocast's bf16 product, not an fp32 oneDNN one
     assert linear(x.double(), layer.weight.double(), layer.bias.double()).dtype == torch.float64
+
+
+class _OpNames(TorchDispatchMode):
+    """Records the name of every aten or mkldnn op that runs inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # torch's flags() sets TF32 too
+def test_torchs_mkldnn_switch_turns_onednn_off(monkeypatch):
+    monkeypatch.setattr(core.linear, "ONEDNN_PREFERRED", True)  # as on an AVX-512 CPU that is not Intel's
+    x, weight, bias = torch.randn(64, 96), torch.randn(288, 96), torch.randn(288)
+    with _OpNames() as on:
+        linear(x, weight, bias)
+    with torch.backends.mkldnn.flags(enabled=False), _OpNames() as off:
+        linear(x, weight, bias)
+    assert "mkldnn::_linear_pointwise" in on.names
+    assert "mkldnn::_linear_pointwise" not in off.names and "aten::addmm" in off.names
 
 
 def test_flop_counter_counts_onednns_products_like_torchs():
