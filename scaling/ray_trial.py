@@ -1,9 +1,10 @@
-"""One grid row as Ray jobs: a Tune function trainable that runs core.train in a Ray Train TorchTrainer.
+"""One grid row as Ray jobs: a Tune function trainable that runs core.train in a Ray Train data-parallel trainer.
 
 The Ray Train V2 pattern: Tune cannot take a TorchTrainer directly, so each Tune trial builds one
-and calls fit(); scaling.tune_relay forwards every worker report to Tune, whose driver-side
-callback (scaling.recorder) writes Parquet and MLflow. The trainer is named after the trial, so a
-restarted worker group or a re-run of the study finds the trial's last reported checkpoint.
+(here `TrialTrainer`: a TorchTrainer with lighter processes) and calls fit(); scaling.tune_relay
+forwards every worker report to Tune, whose driver-side callback (scaling.recorder) writes Parquet
+and MLflow. The trainer is named after the trial, so a restarted worker group or a re-run of the
+study finds the trial's last reported checkpoint.
 """
 import dataclasses
 import os
@@ -16,9 +17,10 @@ from pathlib import Path
 import ray.train
 import ray.tune
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.callbacks import DatasetsCallback
+from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
+from scaling.torch_backend import ProcessGroupConfig
 from scaling.tune_relay import TuneRelay
 
 KIND_LOG, KIND_CHECKPOINT, KIND_MILESTONE, KIND_END = "log", "checkpoint", "milestone", "end"
@@ -157,8 +159,14 @@ def _train(train, trial, run, local, resume_dir):
           checkpoint_dir=local, shared_checkpoint_dir=False)
 
 
-class DatasetlessTorchTrainer(TorchTrainer):
-    """A TorchTrainer that starts no Ray Data actor when it is given no Ray datasets."""
+class TrialTrainer(DataParallelTrainer):
+    """Ray's TorchTrainer for a trial: the same process group, without torch in the Tune actor or the Train
+    controller (scaling.torch_backend) and without a Ray Data actor when it is given no Ray datasets."""
+
+    def __init__(self, train_loop_per_worker, *, scaling_config, **kwargs):
+        backend = "nccl" if scaling_config.use_gpu else "gloo"  # as TorchTrainer chooses
+        super().__init__(train_loop_per_worker, backend_config=ProcessGroupConfig(backend=backend),
+                         scaling_config=scaling_config, **kwargs)
 
     def _create_default_callbacks(self):
         # Ray Train starts a DatasetManager actor for every run, datasets or not: a fresh process
@@ -179,7 +187,7 @@ def trial_function(config):
     trial, run = config["trial"], config["run"]
     res = run["resources"]
     relay = TuneRelay()
-    trainer = DatasetlessTorchTrainer(
+    trainer = TrialTrainer(
         worker_loop,
         train_loop_config=config,
         scaling_config=ScalingConfig(

@@ -1,6 +1,10 @@
-"""A trial's TorchTrainer starts no Ray Data actor: one process fewer in every trial's start."""
+"""A trial's trainer sets up torch's process group as Ray's TorchTrainer does, with fewer and lighter processes:
+no Ray Data actor, and no torch in the Train controller."""
+import json
+import os
 from pathlib import Path
 
+import pytest
 import ray
 import torch.distributed
 from ray.train import RunConfig, ScalingConfig
@@ -8,33 +12,67 @@ from ray.train.torch import TorchTrainer
 from ray.util.state import list_actors
 
 from scaling.ray_env import study_runtime_env
-from scaling.ray_trial import DatasetlessTorchTrainer
+from scaling.ray_trial import TrialTrainer
+
+ENV_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR",
+            "ACCELERATE_TORCH_DEVICE")
 
 
 def dataset_managers(address):
     return len(list_actors(address=address, filters=[("class_name", "=", "DatasetManager")], limit=1000))
 
 
-def test_a_trial_trains_without_ray_datas_actor(tmp_path):
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads other processes' memory maps (Linux)")
+def test_a_trial_trains_in_torchs_process_group_with_lighter_processes(tmp_path):
     ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False, runtime_env=study_runtime_env())
     try:
         address = ray.get_runtime_context().gcs_address
 
-        def write_world_size(config):  # nested: pickled by value, as the workers cannot import this module
-            Path(config["out"]).write_text(str(torch.distributed.get_world_size()))
+        def record(config):  # nested, names included: pickled by value, as the workers cannot import this module
+            def controllers_with_torch():
+                """For every live Train controller on this node: whether its process has loaded torch's library."""
+                found = []
+                for pid in filter(str.isdigit, os.listdir("/proc")):
+                    try:
+                        title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+                        if title.startswith("ray::TrainController"):
+                            found.append("libtorch_cpu" in Path(f"/proc/{pid}/maps").read_text())
+                    except OSError:  # a process that ended while being read
+                        continue
+                return found
+
+            import json
+
+            rank = torch.distributed.get_rank()
+            total = torch.ones(1)
+            torch.distributed.all_reduce(total)  # the group works, not only exists
+            state = {"backend": torch.distributed.get_backend(), "world_size": torch.distributed.get_world_size(),
+                     "sum": total.item(), "env": {k: os.environ.get(k) for k in config["env_vars"]},
+                     "controllers_with_torch": controllers_with_torch()}
+            Path(config["out"], f"rank{rank}.txt").write_text(json.dumps(state))
 
         def fit(trainer_class, name):
-            out = tmp_path / f"{name}.txt"
-            trainer = trainer_class(write_world_size, train_loop_config={"out": str(out)},
-                                    scaling_config=ScalingConfig(num_workers=1),
+            out = tmp_path / name
+            out.mkdir()
+            trainer = trainer_class(record, train_loop_config={"out": str(out), "env_vars": ENV_VARS},
+                                    scaling_config=ScalingConfig(num_workers=2),
                                     run_config=RunConfig(name=name, storage_path=str(tmp_path)))
             trainer.fit()
-            return int(out.read_text())
+            return [json.loads(out.joinpath(f"rank{r}.txt").read_text()) for r in range(2)]
 
-        assert fit(DatasetlessTorchTrainer, "ours") == 1  # trained, in torch's process group
+        ours = fit(TrialTrainer, "ours")
         assert dataset_managers(address) == 0
+        ray_s = fit(TorchTrainer, "ray")
         # Ray's own trainer starts one, so the count above would see it: the override took effect.
-        assert fit(TorchTrainer, "ray") == 1
         assert dataset_managers(address) == 1
+        for rank in range(2):
+            assert ours[rank]["backend"] == ray_s[rank]["backend"] == "gloo"
+            assert ours[rank]["world_size"] == ray_s[rank]["world_size"] == 2
+            assert ours[rank]["sum"] == ray_s[rank]["sum"] == 2.0
+            assert ours[rank]["env"] == ray_s[rank]["env"]
+            assert ours[rank]["env"]["RANK"] == str(rank)
+        # One controller alive during each fit; Ray's imports torch, so the check can see it.
+        assert ours[0]["controllers_with_torch"] == [False]
+        assert ray_s[0]["controllers_with_torch"] == [True]
     finally:
         ray.shutdown()
