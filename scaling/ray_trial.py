@@ -20,6 +20,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.v2._internal.callbacks import DatasetsCallback
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
+from scaling.placement_group_watch import replace_ray_cleaner
 from scaling.torch_backend import ProcessGroupConfig
 from scaling.tune_relay import TuneRelay
 
@@ -161,9 +162,11 @@ def _train(train, trial, run, local, resume_dir):
 
 class TrialTrainer(DataParallelTrainer):
     """Ray's TorchTrainer for a trial: the same process group, without torch in the Tune actor or the Train
-    controller (scaling.torch_backend) and without a Ray Data actor when it is given no Ray datasets."""
+    controller (scaling.torch_backend), without a Ray Data actor when it is given no Ray datasets, and, given
+    the name of the study's placement-group watch, without a placement-group cleaner of its own."""
 
-    def __init__(self, train_loop_per_worker, *, scaling_config, **kwargs):
+    def __init__(self, train_loop_per_worker, *, scaling_config, placement_group_watch=None, **kwargs):
+        self._placement_group_watch = placement_group_watch  # before super().__init__, which builds the callbacks
         backend = "nccl" if scaling_config.use_gpu else "gloo"  # as TorchTrainer chooses
         super().__init__(train_loop_per_worker, backend_config=ProcessGroupConfig(backend=backend),
                          scaling_config=scaling_config, **kwargs)
@@ -177,19 +180,22 @@ class TrialTrainer(DataParallelTrainer):
         # callbacks is private (Ray is pinned in pyproject.toml); tests/test_ray_trial.py checks
         # that it still takes effect.
         callbacks = super()._create_default_callbacks()
-        if self.datasets:
-            return callbacks
-        return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+        if not self.datasets:
+            callbacks = [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+        if self._placement_group_watch is not None:
+            callbacks = replace_ray_cleaner(callbacks, self._placement_group_watch)
+        return callbacks
 
 
 def trial_function(config):
     """The Tune function trainable of one grid row."""
     trial, run = config["trial"], config["run"]
     res = run["resources"]
-    relay = TuneRelay()
+    relay = TuneRelay(run["relay_mailboxes"])
     trainer = TrialTrainer(
         worker_loop,
         train_loop_config=config,
+        placement_group_watch=run["placement_group_watch"],
         scaling_config=ScalingConfig(
             num_workers=res["workers_per_trial"], use_gpu=res["gpus_per_worker"] > 0,
             resources_per_worker={"CPU": res["cpus_per_worker"], "GPU": res["gpus_per_worker"]},

@@ -17,6 +17,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 
 from scaling.study import StudyError, check_cluster, load_study
 
@@ -204,11 +205,13 @@ def _run_trials(study, build_report, report_dir):
     import ray
     from ray import tune
 
+    from scaling.placement_group_watch import start_placement_group_watch
     from scaling.progress import Progress
     from scaling.ray_trial import trial_function
     from scaling.recorder import Recorder
     from scaling.results import recorded_trials
     from scaling.tracking import StudyTracker, default_tracking_uri
+    from scaling.tune_relay import start_relay_mailboxes
 
     out = study.output
     _write_atomic(out / "study.yaml", study.resolved_yaml())
@@ -240,8 +243,15 @@ def _run_trials(study, build_report, report_dir):
         for (trial_id, step), row in sorted(recorder.rows.items()):
             if row["status"] == "ok":
                 recorded.setdefault(trial_id, []).append(int(step))
+        # One relay mailbox actor and one placement-group watch for the whole study, where a fresh process
+        # of each would start with every trial; named, so that the trials find them.
+        services = f"{study.name}-{uuid.uuid4().hex[:8]}"
         run = {"output": str(out), "storage": str(out / "ray"), "fid_cache": str(out / "fid_cache"),
-               "resources": res, "keep_checkpoints": study.raw["train"]["keep_checkpoints"]}
+               "resources": res, "keep_checkpoints": study.raw["train"]["keep_checkpoints"],
+               "relay_mailboxes": f"relay-{services}", "placement_group_watch": f"pg-watch-{services}"}
+        # Held until the sweep ends: an actor goes once no handle to it is left.
+        study_actors = [start_relay_mailboxes(run["relay_mailboxes"]),
+                        start_placement_group_watch(run["placement_group_watch"])]
         tuner = tune.Tuner(
             # The Tune trial only waits on its TorchTrainer: it needs no CPU of its own (Tune wants
             # some non-empty request, so a token of memory stands in).
@@ -263,6 +273,8 @@ def _run_trials(study, build_report, report_dir):
         )
         with sigterm_stops_the_study() as stopped_by:
             tuner.fit()
+        for actor in study_actors:
+            ray.kill(actor)
         slots = min(len(todo), tuner_concurrency)
     recorder.write()
     wall = time.time() - started

@@ -18,6 +18,7 @@ driver has recorded every report before it.
 """
 import asyncio
 import threading
+import uuid
 
 import ray
 import ray.tune
@@ -26,43 +27,64 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY  # the key Tune's
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 
-@ray.remote(num_cpus=0)
-class _Mailbox:
-    """Holds one report at a time between the Train controller and the Tune trial function."""
+@ray.remote(num_cpus=0, max_concurrency=10_000)  # two waiting calls per running trial
+class RelayMailboxes:
+    """The study's mailboxes, one per running trial, each holding one report at a time between a trial's
+    Train controller and its Tune trial function. One actor for the study rather than one per trial: a
+    fresh process at every trial's start costs about a CPU-second (on the 2-core box of benchmarks/README.md)."""
 
     def __init__(self):
-        self._reports, self._reported = asyncio.Queue(1), asyncio.Queue(1)
+        self._boxes = {}  # relay key -> (reports, reported), one-slot queues
 
-    async def send(self, report):
+    def _box(self, key):
+        if key not in self._boxes:
+            self._boxes[key] = asyncio.Queue(1), asyncio.Queue(1)
+        return self._boxes[key]
+
+    async def send(self, key, report):
         """From the controller; returns once the trial function has reported it to Tune."""
-        await self._reports.put(report)
-        await self._reported.get()
+        reports, reported = self._box(key)
+        await reports.put(report)
+        await reported.get()
 
-    async def receive(self):
-        return await self._reports.get()
+    async def receive(self, key):
+        return await self._box(key)[0].get()
 
-    async def mark_reported(self):
-        await self._reported.put(True)
+    async def mark_reported(self, key):
+        await self._box(key)[1].put(True)
 
-    async def close(self):
+    async def close(self, key):
         """No more reports: fit() has returned."""
-        await self._reports.put(None)
+        await self._box(key)[0].put(None)
+
+    async def discard(self, key):
+        self._boxes.pop(key, None)
+
+    async def open_boxes(self):
+        return len(self._boxes)
+
+
+def start_relay_mailboxes(name):
+    """The study's mailboxes, a named actor on the driver's node (which the study cannot outlive)."""
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    mailboxes = RelayMailboxes.options(name=name, scheduling_strategy=here).remote()
+    ray.get(mailboxes.open_boxes.remote())  # started, so that trials find it
+    return mailboxes
 
 
 class TuneRelay(UserCallback):
     """A Train callback whose reports reach Tune through `fit`, which the trial function calls."""
 
-    def __init__(self):
-        # On the trial's node: the mailbox lives and dies with the trial that reads it.
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        self._mailbox = _Mailbox.options(scheduling_strategy=here).remote()
+    def __init__(self, mailboxes_name):
+        self._mailboxes = ray.get_actor(mailboxes_name)
+        self._key = uuid.uuid4().hex  # this fit's mailbox: a rerun of the trial gets a fresh one
 
     def after_report(self, run_context, metrics, checkpoint):
         """On the Train controller, once every worker has reported: rank 0's metrics, as Tune's callback."""
         report = dict(metrics[0])
         if checkpoint is not None:
             report[CHECKPOINT_PATH_KEY] = checkpoint.path
-        ray.get(self._mailbox.send.remote(report))
+        ray.get(self._mailboxes.send.remote(self._key, report))
 
     def fit(self, trainer):
         """trainer.fit(), with each of its reports made to Tune from this thread; returns after the last."""
@@ -74,15 +96,15 @@ class TuneRelay(UserCallback):
             except BaseException as e:  # re-raised below, in the trial function's thread
                 outcome["error"] = e
             finally:
-                ray.get(self._mailbox.close.remote())
+                ray.get(self._mailboxes.close.remote(self._key))
 
         fitting = threading.Thread(target=run, name="train-fit", daemon=True)
         fitting.start()
-        while (report := ray.get(self._mailbox.receive.remote())) is not None:
+        while (report := ray.get(self._mailboxes.receive.remote(self._key))) is not None:
             ray.tune.report(report)
-            ray.get(self._mailbox.mark_reported.remote())
+            ray.get(self._mailboxes.mark_reported.remote(self._key))
         fitting.join()
-        ray.kill(self._mailbox)
+        ray.get(self._mailboxes.discard.remote(self._key))
         if "error" in outcome:
             raise outcome["error"]
         return outcome["result"]

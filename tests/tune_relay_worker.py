@@ -19,7 +19,7 @@ from ray import tune
 from ray.train import Checkpoint, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from scaling.tune_relay import TuneRelay
+from scaling.tune_relay import TuneRelay, start_relay_mailboxes
 
 REPORTS = 4
 
@@ -34,7 +34,7 @@ def train_loop(config):
 
 def trial(config):
     if config["relay"] == "ours":
-        relay = TuneRelay()
+        relay = TuneRelay("relay-mailboxes")
         callbacks = [relay]
     else:
         from ray.tune.integration.ray_train import TuneReportCallback
@@ -63,10 +63,12 @@ class SlowDriver(tune.Callback):
 
 def main(storage, slow, relay="ours"):
     ray.init(num_cpus=2)
+    mailboxes = start_relay_mailboxes("relay-mailboxes")
     tune.Tuner(tune.with_resources(trial, {"CPU": 0, "memory": 2 ** 20}),
                param_space={"storage": storage, "relay": relay},
                run_config=tune.RunConfig(storage_path=storage, callbacks=[SlowDriver(storage, float(slow))],
                                          verbose=0)).fit()
+    assert relay != "ours" or ray.get(mailboxes.open_boxes.remote()) == 0  # the trial's mailbox went with it
     print(json.dumps({"finished": True}), flush=True)
 
 

@@ -1,0 +1,127 @@
+"""One watcher per study that gives back the placement groups of Train controllers that died, where Ray Train starts one per trial.
+
+A Train controller removes its worker group's placement group when it stops; one that dies instead (Tune
+stopped its trial, or the trial's node went) would leave the group's CPUs and GPUs taken until the study
+ends. Ray Train 2.60 guards against that with a `PlacementGroupCleaner` actor per run: one more fresh
+process at every trial's start (it imports Ray Train, about 1.5 CPU-seconds on the 2-core box of
+benchmarks/README.md) and a poller for the trial's whole run. `PlacementGroupWatch` does the same job for
+every trial of a study from one actor the driver starts; `WatchedPlacementGroups` is the Train callback
+that registers a trial's controller and placement group with it, in place of Ray's.
+"""
+import logging
+import threading
+import time
+
+import ray
+from ray.exceptions import RayActorError
+from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+from ray.train.v2._internal.constants import GET_ACTOR_TIMEOUT_S
+from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
+from ray.train.v2._internal.state.util import is_actor_alive
+from ray.util.placement_group import placement_group_table, remove_placement_group
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from ray.util.state.exception import RayStateApiException
+
+logger = logging.getLogger(__name__)
+
+CHECK_INTERVAL_S = 1.0  # as Ray's cleaner: a dead controller's resources are free again within about a second
+
+
+@ray.remote(num_cpus=0)
+class PlacementGroupWatch:
+    """Removes the placement group of every registered Train controller that dies without removing it."""
+
+    def __init__(self, check_interval_s=CHECK_INTERVAL_S, get_actor_timeout_s=GET_ACTOR_TIMEOUT_S):
+        self._groups = {}  # controller actor id -> its worker group's placement group (None before it has one)
+        self._lock = threading.Lock()
+        self._check_interval_s, self._get_actor_timeout_s = check_interval_s, get_actor_timeout_s
+        threading.Thread(target=self._watch, name="PlacementGroupWatch", daemon=True).start()
+
+    def register(self, controller_id, placement_group=None):
+        """Watch a controller; with a placement group, the one to remove if it dies (a restarted worker group replaces it)."""
+        with self._lock:
+            self._groups[controller_id] = placement_group
+
+    def unregister(self, controller_id):
+        """The controller is stopping and removes its placement group itself."""
+        with self._lock:
+            self._groups.pop(controller_id, None)
+
+    def watched(self):
+        """The ids of the controllers being watched."""
+        with self._lock:
+            return sorted(self._groups)
+
+    def _watch(self):
+        while True:
+            time.sleep(self._check_interval_s)
+            with self._lock:
+                controllers = list(self._groups)
+            for controller_id in controllers:
+                try:
+                    alive = is_actor_alive(controller_id, timeout=self._get_actor_timeout_s)
+                except RayStateApiException:  # the state API is busy or restarting: ask again next round
+                    logger.warning("could not ask Ray's state API whether Train controller %s is alive", controller_id)
+                    continue
+                if not alive:
+                    with self._lock:
+                        placement_group = self._groups.pop(controller_id, None)
+                    self._remove(controller_id, placement_group)
+
+    @staticmethod
+    def _remove(controller_id, placement_group):
+        if placement_group is None:
+            return
+        try:
+            if placement_group_table(placement_group).get("state", "REMOVED") == "REMOVED":
+                return
+            logger.warning("Train controller %s died; removing its placement group %s", controller_id,
+                           placement_group.id.hex())
+            remove_placement_group(placement_group)
+        except Exception as e:  # the GCS is briefly unreachable, say: the study's end removes it anyway
+            logger.warning("could not remove placement group %s of dead Train controller %s: %s",
+                           placement_group.id.hex(), controller_id, e)
+
+
+def start_placement_group_watch(name):
+    """The study's watcher, a named actor on the driver's node (which the study cannot outlive)."""
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    watch = PlacementGroupWatch.options(name=name, scheduling_strategy=here).remote()
+    ray.get(watch.watched.remote())  # started, so that trials find it
+    return watch
+
+
+class WatchedPlacementGroups(ControllerCallback, WorkerGroupCallback):
+    """Registers a Train controller and each of its worker groups' placement groups with the study's watcher."""
+
+    def __init__(self, watch_name):
+        self._watch_name = watch_name
+        self._watch = self._controller_id = None
+
+    def after_controller_start(self, train_run_context):
+        self._controller_id = ray.get_runtime_context().get_actor_id()
+        self._watch = ray.get_actor(self._watch_name)
+
+    def after_worker_group_start(self, worker_group):
+        placement_group = worker_group.get_worker_group_state().placement_group_handle.placement_group
+        ray.get(self._watch.register.remote(self._controller_id, placement_group))
+
+    async def before_controller_shutdown(self):
+        self._unregister()
+
+    def before_controller_abort(self):
+        self._unregister()
+
+    def _unregister(self):
+        if self._watch is None:  # stopped before it started
+            return
+        try:
+            ray.get(self._watch.unregister.remote(self._controller_id))
+        except RayActorError:  # the study is ending
+            pass
+
+
+def replace_ray_cleaner(callbacks, watch_name):
+    """A Train run's default callbacks with Ray's per-run placement-group cleaner replaced by the study's watcher."""
+    return [WatchedPlacementGroups(watch_name) if isinstance(c, PlacementGroupCleanerCallback) else c
+            for c in callbacks]
