@@ -30,16 +30,11 @@ def test_a_trial_trains_in_torchs_process_group_with_lighter_processes(tmp_path)
 
         def record(config):  # nested, names included: pickled by value, as the workers cannot import this module
             def controllers_with_torch():
-                """For every live Train controller on this node: whether its process has loaded torch's library."""
-                found = []
-                for pid in filter(str.isdigit, os.listdir("/proc")):
-                    try:
-                        title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
-                        if title.startswith("ray::TrainController"):
-                            found.append("libtorch_cpu" in Path(f"/proc/{pid}/maps").read_text())
-                    except OSError:  # a process that ended while being read
-                        continue
-                return found
+                """For every live Train controller of this Ray (not another test's): whether its process has
+                loaded torch's library."""
+                alive = list_actors(address=config["address"], filters=[("class_name", "=", "TrainController"),
+                                                                        ("state", "=", "ALIVE")])
+                return [("libtorch_cpu" in Path(f"/proc/{a.pid}/maps").read_text()) for a in alive]
 
             import json
 
@@ -54,7 +49,7 @@ def test_a_trial_trains_in_torchs_process_group_with_lighter_processes(tmp_path)
         def fit(trainer_class, name):
             out = tmp_path / name
             out.mkdir()
-            trainer = trainer_class(record, train_loop_config={"out": str(out), "env_vars": ENV_VARS},
+            trainer = trainer_class(record, train_loop_config={"out": str(out), "env_vars": ENV_VARS, "address": address},
                                     scaling_config=ScalingConfig(num_workers=2),
                                     run_config=RunConfig(name=name, storage_path=str(tmp_path)))
             trainer.fit()
