@@ -20,7 +20,6 @@ from ray.train.v2._internal.execution.callback import ControllerCallback, Worker
 from ray.train.v2._internal.state.util import is_actor_alive
 from ray.util.placement_group import placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-from ray.util.state.exception import RayStateApiException
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +59,9 @@ class PlacementGroupWatch:
             for controller_id in controllers:
                 try:
                     alive = is_actor_alive(controller_id, timeout=self._get_actor_timeout_s)
-                except RayStateApiException:  # the state API is busy or restarting: ask again next round
-                    logger.warning("could not ask Ray's state API whether Train controller %s is alive", controller_id)
+                except Exception as e:  # the state API busy or restarting: ask again next round (never end the thread)
+                    logger.warning("could not ask Ray's state API whether Train controller %s is alive: %s",
+                                   controller_id, e)
                     continue
                 if not alive:
                     with self._lock:
