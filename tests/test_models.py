@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core.models import DiT, DiT_models, approx_gelu, get_2d_sincos_pos_embed, load_reference_state_dict, model_config
+from core.models import (SHORT_SEQUENCE, DiT, DiT_models, approx_gelu, attention, get_2d_sincos_pos_embed,
+                         load_reference_state_dict, model_config)
 
 
 def test_reference_forward(reference, reference_model):
@@ -161,3 +162,19 @@ def test_gradient_checkpointing_gives_the_same_gradients(reference):
         model(ref["x"], ref["t"], ref["y"]).square().mean().backward()
         grads.append(model.blocks[0].attn.qkv.weight.grad.clone())
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("tokens", [4, 16, 64])
+def test_attention_matches_torchs_fused_kernel(tokens):
+    # Up to SHORT_SEQUENCE tokens on CPU the products are written out; beyond, torch's kernel itself.
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 2, tokens, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    ours = attention(q, k, v)
+    grads = torch.autograd.grad(ours.square().sum(), (q, k, v))
+    fused = F.scaled_dot_product_attention(q, k, v)
+    fused_grads = torch.autograd.grad(fused.square().sum(), (q, k, v))
+    if tokens > SHORT_SEQUENCE:
+        assert torch.equal(ours, fused)
+    torch.testing.assert_close(ours, fused, rtol=1e-12, atol=1e-12)
+    for g, f in zip(grads, fused_grads):
+        torch.testing.assert_close(g, f, rtol=1e-10, atol=1e-12)
