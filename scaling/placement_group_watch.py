@@ -19,7 +19,6 @@ from ray.train.v2._internal.constants import GET_ACTOR_TIMEOUT_S
 from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
 from ray.train.v2._internal.state.util import is_actor_alive
 from ray.util.placement_group import placement_group_table, remove_placement_group
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 logger = logging.getLogger(__name__)
 
@@ -81,14 +80,6 @@ class PlacementGroupWatch:
         except Exception as e:  # the GCS is briefly unreachable, say: the study's end removes it anyway
             logger.warning("could not remove placement group %s of dead Train controller %s: %s",
                            placement_group.id.hex(), controller_id, e)
-
-
-def start_placement_group_watch(name):
-    """The study's watcher, a named actor on the driver's node (which the study cannot outlive)."""
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    watch = PlacementGroupWatch.options(name=name, scheduling_strategy=here).remote()
-    ray.get(watch.watched.remote())  # started, so that trials find it
-    return watch
 
 
 class WatchedPlacementGroups(ControllerCallback, WorkerGroupCallback):

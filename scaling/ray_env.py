@@ -18,14 +18,27 @@ def study_runtime_env():
     return {"env_vars": env_vars, "worker_process_setup_hook": f"{__name__}.address_own_cluster"}
 
 
+def start_study_actor(actor_class, name):
+    """A named actor of the study on the driver's node (which the study cannot outlive), running when returned so
+    that trials find it by name."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    actor = actor_class.options(name=name, scheduling_strategy=here).remote()
+    ray.get(actor.__ray_ready__.remote())
+    return actor
+
+
 def address_own_cluster():
     """Point a worker's Ray state API at the worker's own cluster (RAY_ADDRESS).
 
     Without an address the state API looks for a local cluster among the machine's processes, and
     with two local Rays on one machine (a study beside another study or a test run) it refuses to
-    choose. Ray Train's placement-group cleaner and state actor ask it whether a trial's controller
-    is alive, with no address: the cleaner's monitor thread died at its first check, and a controller
-    lost later (a trial stopped by Tune) would have kept its placement group's CPUs.
+    choose. The study's placement-group watch (as Ray Train's own cleaner) and Train's state actor ask it
+    whether a trial's controller is alive, with no address: Ray's cleaner's monitor thread died at its
+    first check, and a controller lost later (a trial stopped by Tune) would have kept its placement
+    group's CPUs.
     """
     import ray
 

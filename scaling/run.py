@@ -205,13 +205,14 @@ def _run_trials(study, build_report, report_dir):
     import ray
     from ray import tune
 
-    from scaling.placement_group_watch import start_placement_group_watch
+    from scaling.placement_group_watch import PlacementGroupWatch
     from scaling.progress import Progress
+    from scaling.ray_env import start_study_actor
     from scaling.ray_trial import trial_function
     from scaling.recorder import Recorder
     from scaling.results import recorded_trials
     from scaling.tracking import StudyTracker, default_tracking_uri
-    from scaling.tune_relay import start_relay_mailboxes
+    from scaling.tune_relay import RelayMailboxes
 
     out = study.output
     _write_atomic(out / "study.yaml", study.resolved_yaml())
@@ -250,8 +251,8 @@ def _run_trials(study, build_report, report_dir):
                "resources": res, "keep_checkpoints": study.raw["train"]["keep_checkpoints"],
                "relay_mailboxes": f"relay-{services}", "placement_group_watch": f"pg-watch-{services}"}
         # Held until the sweep ends: an actor goes once no handle to it is left.
-        study_actors = [start_relay_mailboxes(run["relay_mailboxes"]),
-                        start_placement_group_watch(run["placement_group_watch"])]
+        study_actors = [start_study_actor(RelayMailboxes, run["relay_mailboxes"]),
+                        start_study_actor(PlacementGroupWatch, run["placement_group_watch"])]
         tuner = tune.Tuner(
             # The Tune trial only waits on its TorchTrainer: it needs no CPU of its own (Tune wants
             # some non-empty request, so a token of memory stands in).

@@ -24,7 +24,6 @@ import ray
 import ray.tune
 from ray.train import UserCallback
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY  # the key Tune's own callback uses
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 
 @ray.remote(num_cpus=0, max_concurrency=10_000)  # two waiting calls per running trial
@@ -62,14 +61,6 @@ class RelayMailboxes:
 
     async def open_boxes(self):
         return len(self._boxes)
-
-
-def start_relay_mailboxes(name):
-    """The study's mailboxes, a named actor on the driver's node (which the study cannot outlive)."""
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    mailboxes = RelayMailboxes.options(name=name, scheduling_strategy=here).remote()
-    ray.get(mailboxes.open_boxes.remote())  # started, so that trials find it
-    return mailboxes
 
 
 class TuneRelay(UserCallback):

@@ -19,7 +19,8 @@ from ray import tune
 from ray.train import Checkpoint, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from scaling.tune_relay import TuneRelay, start_relay_mailboxes
+from scaling.ray_env import start_study_actor
+from scaling.tune_relay import RelayMailboxes, TuneRelay
 
 REPORTS = 4
 
@@ -63,7 +64,7 @@ class SlowDriver(tune.Callback):
 
 def main(storage, slow, relay="ours"):
     ray.init(num_cpus=2)
-    mailboxes = start_relay_mailboxes("relay-mailboxes")
+    mailboxes = start_study_actor(RelayMailboxes, "relay-mailboxes")
     tune.Tuner(tune.with_resources(trial, {"CPU": 0, "memory": 2 ** 20}),
                param_space={"storage": storage, "relay": relay},
                run_config=tune.RunConfig(storage_path=storage, callbacks=[SlowDriver(storage, float(slow))],
