@@ -30,6 +30,20 @@ def start_study_actor(actor_class, name):
     return actor
 
 
+def start_train_autoscaling_coordinator():
+    """Start Ray Train's cluster-wide autoscaling coordinator now, without waiting for it.
+
+    Each Train controller registers its trial's resources with this actor (Ray Data's, one per cluster) and
+    waits for the answer; the first controller of a cluster would otherwise create it and wait out its start
+    (a fresh process importing Ray Data): 1.2-2.2 s of the first trials' start on the 2-core box
+    (benchmarks/README.md). Ray's own function, so the actor is the one Train looks up by name.
+    """
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+        get_or_create_autoscaling_coordinator)
+
+    return get_or_create_autoscaling_coordinator()
+
+
 def address_own_cluster():
     """Point a worker's Ray state API at the worker's own cluster (RAY_ADDRESS).
 

@@ -207,7 +207,7 @@ def _run_trials(study, build_report, report_dir):
 
     from scaling.placement_group_watch import PlacementGroupWatch
     from scaling.progress import Progress
-    from scaling.ray_env import start_study_actor
+    from scaling.ray_env import start_study_actor, start_train_autoscaling_coordinator
     from scaling.ray_trial import trial_function
     from scaling.recorder import Recorder
     from scaling.results import recorded_trials
@@ -250,6 +250,7 @@ def _run_trials(study, build_report, report_dir):
         run = {"output": str(out), "storage": str(out / "ray"), "fid_cache": str(out / "fid_cache"),
                "resources": res, "keep_checkpoints": study.raw["train"]["keep_checkpoints"],
                "relay_mailboxes": f"relay-{services}", "placement_group_watch": f"pg-watch-{services}"}
+        start_train_autoscaling_coordinator()  # while the study's own actors start
         # Held until the sweep ends: an actor goes once no handle to it is left.
         study_actors = [start_study_actor(RelayMailboxes, run["relay_mailboxes"]),
                         start_study_actor(PlacementGroupWatch, run["placement_group_watch"])]

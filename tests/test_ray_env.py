@@ -7,7 +7,7 @@ import tempfile
 
 import ray
 
-from scaling.ray_env import study_runtime_env
+from scaling.ray_env import start_train_autoscaling_coordinator, study_runtime_env
 
 
 @ray.remote(num_cpus=0)
@@ -44,3 +44,17 @@ def test_state_api_in_workers_finds_their_own_ray_beside_another():
         other.stdin.close()
         other.wait(timeout=60)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_train_controllers_find_the_autoscaling_coordinator_the_driver_started():
+    from ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client import (
+        TrainAutoscalingCoordinatorClient)
+
+    ray.init(include_dashboard=False, log_to_driver=False)
+    try:
+        started = start_train_autoscaling_coordinator()
+        # What a Train controller looks up when it registers its trial's resources (Ray Train V2's client).
+        found = TrainAutoscalingCoordinatorClient("train-test")._autoscaling_coordinator
+        assert found._actor_id == started._actor_id  # not a second one, nor one Train would create and wait for
+    finally:
+        ray.shutdown()
