@@ -73,9 +73,14 @@ class _OneDNNLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = _matmul(g, weight.t()).view(ctx.input_shape)  # (M, K)
         if ctx.needs_input_grad[1]:
-            # g^T x, (N, K). oneDNN copies its first operand to row-major, so that operand is the narrower of g and x.
+            # g^T x, (N, K). oneDNN's first operand must be row-major: a transposed copy of the narrower of g and x.
+            # Made here rather than inside the op, so that torch.compile writes it as a vectorised tiled transpose
+            # where aten's copy is scalar (compiled DiT-M/2 step, batch 128: 367 against 408 ms median).
             n, k = g.shape[1], x2.shape[1]
-            grad_w = _matmul(x2.t(), g.t()).t() if n > k else _matmul(g.t(), x2.t())
+            if n > k:
+                grad_w = _matmul(x2.t().contiguous(), g.t()).t()
+            else:
+                grad_w = _matmul(g.t().contiguous(), x2.t())
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g.sum(0)  # (N,)
         return grad_x, grad_w, grad_b

@@ -130,9 +130,11 @@ def test_compiled_onednn_linear_matches_eager():
     x = torch.randn(8, 32)
     eager = mlp(x)
     eager.square().sum().backward()
-    eager_grad = layer1.weight.grad.clone()
-    layer1.weight.grad = None
+    # Both weight-gradient forms: layer1's transposes its input (wider output), layer2's its output gradient.
+    eager_grads = [layer.weight.grad.clone() for layer in (layer1, layer2)]
+    layer1.weight.grad = layer2.weight.grad = None
     compiled = torch.compile(mlp, fullgraph=True)(x)
     compiled.square().sum().backward()
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(layer1.weight.grad, eager_grad, rtol=1e-5, atol=1e-6)
+    for layer, eager_grad in zip((layer1, layer2), eager_grads):
+        torch.testing.assert_close(layer.weight.grad, eager_grad, rtol=1e-5, atol=1e-6)
