@@ -50,7 +50,7 @@ class SideBySideWindows(Callbacks):
 
     def __init__(self, barrier_dir, copy, copies):
         self.barrier_dir, self.copy, self.copies = Path(barrier_dir), copy, copies
-        self.windows = []  # (images, TFLOP, seconds of training) of each window after the first
+        self.windows = []  # (images/s, TFLOP/s) of each window after the first
         self.first = True
 
     def on_log(self, trial, metrics):
@@ -60,9 +60,7 @@ class SideBySideWindows(Callbacks):
             while len(list(self.barrier_dir.glob("ready-*"))) < self.copies:
                 time.sleep(0.01)
             return
-        images = WINDOW * trial.config.batch_size
-        seconds = images / metrics["images_per_s"]
-        self.windows.append((images, metrics["achieved_tflops"] * seconds, seconds))
+        self.windows.append((metrics["images_per_s"], metrics["achieved_tflops"]))
 
 
 def train_config(name, batch, steps, compiled):
@@ -98,8 +96,8 @@ def train_side_by_side(name, batch, steps, compiled, processes):
             raise SystemExit(f"a copy of {name} failed (exit statuses {[c.returncode for c in copies]})")
         runs = [json.loads((Path(barrier) / f"windows-{i}.json").read_text()) for i in range(processes)]
     # Window k of every copy: the same steps after the barrier, so (nearly) the same seconds of wall time.
-    side_by_side = [[sum(run[k][i] / run[k][2] for run in runs) for i in (0, 1)] for k in range(min(map(len, runs)))]
-    return tuple(max(side_by_side))  # the best window, as train_alone reports
+    side_by_side = [tuple(map(sum, zip(*windows))) for windows in zip(*runs)]  # (images/s, TFLOP/s) summed
+    return max(side_by_side)  # the best window, as train_alone reports
 
 
 def run_copy(barrier_dir, copy, copies, name, batch, steps, compiled):
