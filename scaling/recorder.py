@@ -38,6 +38,7 @@ class Recorder(Callback):
         # Orchestration overhead per trial (driver clock): start-up until the first training step,
         # last report until the trial's slot is free again.
         self.started_at, self.last_result_at, self.overhead = {}, {}, {}
+        self.recorded_here = set()  # (trial id, step) of the rows this driver measured, which its timings describe
 
     def open_runs(self, trial_ids):
         """Find or create the trials' MLflow child runs, SCHEDULED until their trials start."""
@@ -82,6 +83,7 @@ class Recorder(Callback):
                 return  # a restarted trial measured this milestone again: keep the first measurement
             row = self._row(t, result, "ok", None, run_id)
             self.rows[(t.trial_id, step)] = row
+            self.recorded_here.add((t.trial_id, step))
             self.tracker.log_metrics(run_id, {**{k: result.get(k) for k in EVAL_METRICS},
                                               **{k: row[k] for k in ("gflops", "params", "train_compute")}}, step)
             if result.get("grid_path") and Path(result["grid_path"]).exists():
@@ -96,6 +98,11 @@ class Recorder(Callback):
             self.overhead.setdefault(trial_id, {})["teardown_s"] = teardown
             self.tracker.log_metrics(self._run_id(trial_id), {"teardown_s": teardown},
                                      max(self.mlflow_step.get(trial_id, 0), 0))
+            measured = [k for k in self.recorded_here if k[0] == trial_id and k in self.rows]
+            for key in measured:
+                self.rows[key]["teardown_s"] = teardown
+            if measured:
+                self.write()
         self.tracker.finish(self._run_id(trial_id), "FINISHED" if ok else "FAILED")
         self.ended.add(trial_id)
         self.progress.finished(trial_id, ok)
@@ -167,6 +174,7 @@ class Recorder(Callback):
             step += 1
         self.rows[(t.trial_id, step)] = self._row(t, {**result, "step": step}, status, result.get("error"),
                                                   self._run_id(t.trial_id))
+        self.recorded_here.add((t.trial_id, step))
         self.failed.add(t.trial_id)
         self.end_status[t.trial_id] = status
         self.tracker.set_tags(self._run_id(t.trial_id), {"dit_scaling.status": status})
@@ -184,7 +192,8 @@ class Recorder(Callback):
             "fid_samples": r.get("fid_samples"), "feature_extractor": r.get("feature_extractor"),
             "sampler": t.eval["sampler"], "cfg_scale": t.eval["cfg_scale"], "lr": t.train["lr"],
             "dataset": t.data["dataset"], "wall_time_s": r.get("train_time_s"), "eval_time_s": r.get("eval_time_s"),
-            "images_per_s": r.get("images_per_s"), "status": status, "error": error, "mlflow_run_id": run_id,
+            "images_per_s": r.get("images_per_s"), "startup_s": self.overhead.get(t.trial_id, {}).get("startup_s"),
+            "teardown_s": None, "status": status, "error": error, "mlflow_run_id": run_id,
             "timestamp": datetime.now(timezone.utc), "config_json": json.dumps(t.to_dict(), sort_keys=True),
         }
 

@@ -45,9 +45,21 @@ def replay(output, uri=None):
                 tracker.log_metrics(run_id, {k: r.get(k) for k in (*EVAL_METRICS, "gflops", "params", "train_compute")},
                                     r["step"])
                 logged += 1
+        logged += _replay_overhead(tracker, run_id, rows)
     close_finished_runs(tracker, output, results)
     if not tracker.flush(force=True):
         raise ConnectionError(f"MLflow at {uri} still does not answer; nothing was lost, run this again later")
+    return logged
+
+
+def _replay_overhead(tracker, run_id, rows):
+    """The trial's start-up and teardown, as the driver logs them, when its run lacks them; the points logged."""
+    logged = 0
+    for key, step_of in (("startup_s", min), ("teardown_s", max)):
+        measured = rows[rows[key].notna()]
+        if len(measured) and tracker.last_logged_step(run_id, key) < 0:
+            tracker.log_metrics(run_id, {key: measured[key].iloc[0]}, step_of(measured.step))
+            logged += 1
     return logged
 
 

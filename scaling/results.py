@@ -45,6 +45,10 @@ RESULTS_SCHEMA = pa.schema([
     pa.field("wall_time_s", pa.float64()),  # training wall time up to this step, evaluation excluded
     pa.field("eval_time_s", pa.float64()),  # wall time of this evaluation (sampling + FID)
     pa.field("images_per_s", pa.float64()),  # training throughput, images per second over all workers
+    pa.field("startup_s", pa.float64()),  # orchestration: the trial got its slot -> its first training step, in the
+                                          # driver's run that measured this row (null when it trained no step)
+    pa.field("teardown_s", pa.float64()),  # orchestration: the trial's last report -> its slot free again (null until
+                                           # the trial ended in the driver's run that measured this row)
     pa.field("status", pa.string()),  # "ok", "diverged" (loss went non-finite) or "failed" (crashed)
     pa.field("error", pa.string()),  # what went wrong when status is not "ok"
     pa.field("mlflow_run_id", pa.string()),  # the trial's MLflow child run

@@ -288,6 +288,11 @@ def test_mlflow_outage_is_queued_and_replayed(tmp_path, monkeypatch, capsys):
         assert (logged > 0) if ended_first else (logged == 0)
         client, parents, children = mlflow_http_runs(uri)
         assert_complete(out, client, parents, children, milestones)
+        # The trial's overhead too, which the driver logs last (its teardown, once the slot is free).
+        df = load_results(out)
+        for key in ("startup_s", "teardown_s"):
+            assert df[key].notna().all() and df[key].nunique() == 1
+            assert children[0].data.metrics[key] == pytest.approx(df[key].iloc[0], rel=1e-9)
         # Closed by the driver, or else by the replay, which closes what the driver could not.
         assert mlflow_statuses(uri) == ["FINISHED", "FINISHED"]
     finally:

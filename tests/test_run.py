@@ -109,6 +109,11 @@ def test_end_to_end_and_rerun_skips_finished(tmp_path):
     assert 0 < parents[0].data.metrics["efficiency"] < 1 and parents[0].data.metrics["wall_time_s"] > 0
     assert all(0 < c.data.metrics["startup_s"] < 300 and c.data.metrics["teardown_s"] >= 0 for c in ok_runs)
     assert "overhead per trial (median of 2)" in proc.stdout and "study efficiency" in proc.stdout
+    # Parquet keeps them too: every row a run measured, with the values MLflow got.
+    for child in ok_runs:
+        rows = df[df.mlflow_run_id == child.info.run_id]
+        assert rows.startup_s.tolist() == pytest.approx([child.data.metrics["startup_s"]] * 2, rel=1e-9)
+        assert rows.teardown_s.tolist() == pytest.approx([child.data.metrics["teardown_s"]] * 2, rel=1e-9)
     for child in ok_runs:
         assert {"train_loss", "val_loss", "fid", "gflops", "params", "train_compute"} <= set(child.data.metrics)
         assert [m.step for m in client.get_metric_history(child.info.run_id, "train_loss")] == [5, 10, 15, 20]
@@ -134,6 +139,10 @@ def test_end_to_end_and_rerun_skips_finished(tmp_path):
     assert df2.loc[kept.index].timestamp.equals(kept.timestamp)  # nothing measured twice
     back = df2.loc[(lost.trial_id.iloc[0], 20)]
     assert back.status == "ok" and back.mlflow_run_id == lost.mlflow_run_id.iloc[0]
+    # Its timings are the re-run's: it restored its last checkpoint and trained no step (no start-up to a
+    # first step), and its slot was freed after it.
+    assert pd.isna(back.startup_s) and back.teardown_s >= 0 and back.teardown_s != lost.teardown_s.iloc[0]
+    assert df2.loc[kept.index].startup_s.equals(kept.startup_s)
     # The same weights (the checkpoint's EMA) and the same sampling seed: the same measurement.
     assert back.val_loss == pytest.approx(lost.val_loss.iloc[0], rel=1e-6)
     assert back.fid == pytest.approx(lost.fid.iloc[0], rel=1e-3)
