@@ -34,6 +34,7 @@ class RelayMailboxes:
 
     def __init__(self):
         self._boxes = {}  # relay key -> (reports, reported), one-slot queues
+        self._discarded = set()  # keys whose trial function has stopped receiving (a few bytes per trial)
 
     def _box(self, key):
         if key not in self._boxes:
@@ -41,7 +42,11 @@ class RelayMailboxes:
         return self._boxes[key]
 
     async def send(self, key, report):
-        """From the controller; returns once the trial function has reported it to Tune."""
+        """From the controller; returns once the trial function has reported it to Tune, or at once when the
+        function no longer receives (it failed, or was stopped): nobody would take the report, and a new box
+        for it would outlive the trial."""
+        if key in self._discarded:
+            return
         reports, reported = self._box(key)
         await reports.put(report)
         await reported.get()
@@ -57,7 +62,11 @@ class RelayMailboxes:
         await self._box(key)[0].put(None)
 
     async def discard(self, key):
-        self._boxes.pop(key, None)
+        """The trial function stops receiving: a report waiting in the box, or sent later, is dropped."""
+        self._discarded.add(key)
+        _, reported = self._boxes.pop(key, (None, None))
+        if reported is not None and reported.empty():
+            reported.put_nowait(True)  # releases a controller's send waiting there, if any
 
     async def open_boxes(self):
         return len(self._boxes)
@@ -91,11 +100,13 @@ class TuneRelay(UserCallback):
 
         fitting = threading.Thread(target=run, name="train-fit", daemon=True)
         fitting.start()
-        while (report := ray.get(self._mailboxes.receive.remote(self._key))) is not None:
-            ray.tune.report(report)
-            ray.get(self._mailboxes.mark_reported.remote(self._key))
-        fitting.join()
-        ray.get(self._mailboxes.discard.remote(self._key))
+        try:
+            while (report := ray.get(self._mailboxes.receive.remote(self._key))) is not None:
+                ray.tune.report(report)
+                ray.get(self._mailboxes.mark_reported.remote(self._key))
+            fitting.join()
+        finally:
+            ray.get(self._mailboxes.discard.remote(self._key))
         if "error" in outcome:
             raise outcome["error"]
         return outcome["result"]

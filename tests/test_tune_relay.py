@@ -20,3 +20,24 @@ def test_a_slow_driver_gets_every_report_and_no_checkpoint_runs_ahead_of_it(tmp_
     assert [r["registered"] for r in results] == [0, 1, 2, 3]
     for r in results:  # persisted by Train, its path relayed
         assert Path(r["checkpoint_path"], "weights.txt").read_text() == str(r["i"])
+
+
+def test_a_discarded_mailbox_releases_its_sender_and_takes_no_more_reports():
+    # A trial function that stops receiving (it failed, or Tune stopped it) discards its mailbox: the
+    # controller's send waiting on it returns, and a later send neither blocks nor re-creates the box.
+    import ray
+
+    from scaling.tune_relay import RelayMailboxes
+
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        boxes = RelayMailboxes.remote()
+        pending = boxes.send.remote("k", {"i": 0})
+        assert ray.get(boxes.receive.remote("k"), timeout=30) == {"i": 0}
+        assert ray.wait([pending], timeout=1)[1] == [pending]  # waits for the report to reach Tune
+        ray.get(boxes.discard.remote("k"))
+        assert ray.get(pending, timeout=30) is None
+        assert ray.get(boxes.send.remote("k", {"i": 1}), timeout=30) is None
+        assert ray.get(boxes.open_boxes.remote()) == 0
+    finally:
+        ray.shutdown()
