@@ -1,0 +1,71 @@
+"""Packs what a lent GPU machine lacks to run the orchestrator into one archive: `.whl/site.tar.xz`.
+
+    python -m benchmarks.gpu_site [--python 3.12] [--have benchmarks/lent_gpu_packages.txt]
+
+The project's lent H100/H200 machines (benchmarks/README.md) run Python 3.12 with torch, pandas, pyarrow and
+scikit-learn but without Ray, DeepSpeed, MLflow, diffusers or torch-fidelity, and reach no package index; what a
+call carries is limited to 64 MiB. This downloads the project's dependencies as wheels for that Python, keeps those
+the machine does not have (--have, by default benchmarks/lent_gpu_packages.txt), installs them into one
+folder and drops what the orchestrator never loads (Ray's Java jar and RLlib / Serve / LLM libraries, MLflow's web
+UI, source maps): 58 MB as xz. There: `mkdir -p /tmp/site && tar -xJf .whl/site.tar.xz -C /tmp/site` and
+`PYTHONPATH=/tmp/site:.`. DeepSpeed is published as source only; its wheel is built here (pure Python, no ops).
+"""
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# Pinned as the project's .venv resolved them (pyproject.toml's ranges), so the machine runs what CI tests.
+PACKAGES = ["ray[default,tune,train,data]==2.60.0", "mlflow==3.17.2", "diffusers==0.42.1", "torch_fidelity==0.4.0",
+            "hjson==3.1.0", "pydantic==2.14.4"]
+DEEPSPEED = "deepspeed==0.19.8"
+PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
+             "manylinux1_x86_64"]
+# Never loaded by scaling.run or core.train; together most of the archive's size.
+PRUNE = ["ray/jars", "ray/rllib", "ray/serve", "ray/llm", "mlflow/server/js", "bin"]
+
+
+def normalized(name):
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--python", default="3.12", help="the machine's Python version")
+    parser.add_argument("--have", default=str(REPO / "benchmarks" / "lent_gpu_packages.txt"),
+                        help="the package names the machine already has (one per line or comma-separated, # comments)")
+    parser.add_argument("--out", default=str(REPO / ".whl" / "site.tar.xz"))
+    args = parser.parse_args()
+    lines = [line for line in Path(args.have).read_text().splitlines() if not line.startswith("#")]
+    have = {normalized(n) for n in re.split(r"[\s,]+", " ".join(lines)) if n}
+    with tempfile.TemporaryDirectory() as tmp:
+        wheels, site = Path(tmp) / "wheels", Path(tmp) / "site"
+        platforms = [f"--platform={p}" for p in PLATFORMS]
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "--implementation=cp",
+                        f"--python-version={args.python}", *platforms, "-d", str(wheels), *PACKAGES], check=True)
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), DEEPSPEED],
+                       check=True)
+        missing = sorted(w for w in wheels.glob("*.whl")
+                         if normalized(w.name.split("-")[0]) not in have
+                         and not normalized(w.name).startswith(("nvidia-", "cuda-")))
+        # Installed for the machine's Python, whichever runs this: pip allows that into a --target folder.
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                        "--only-binary=:all:", "--implementation=cp", f"--python-version={args.python}", *platforms,
+                        "--target", str(site), *map(str, missing)], check=True)
+        for rel in PRUNE:
+            shutil.rmtree(site / rel, ignore_errors=True)
+        for source_map in site.rglob("*.map"):
+            source_map.unlink()
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["tar", "-cJf", str(out), "-C", str(site), "."], check=True)
+    print(f"{out}: {out.stat().st_size / 2 ** 20:.1f} MiB, {len(missing)} packages: "
+          + ", ".join(w.name.split("-")[0] for w in missing))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""A study through the orchestrator on one GPU: Ray Train (NCCL), DeepSpeed bf16 ZeRO-2, MLflow and Parquet.
+
+    python -m benchmarks.gpu_study --models DiT-XL/2 DiT-B/2 --steps 60 --micro-batch 128 [--compile]
+
+`scaling.run` trains the paper's study file (studies/dit_imagenet256.yaml), narrowed with --set to the given
+models, one GPU worker per trial and synthetic ImageNet-shaped latents (32×32×4), without FID (the VAE and the
+Inception weights are not on a lent machine). Before it, in the same run, core.train trains each model directly
+with the same configuration (benchmarks.gpu_train's). Prints each model's images/s and MFU both ways (the best log
+window after the first; the study's as MLflow holds them), and the trial's start-up and teardown (results.parquet).
+--cpu checks the same plumbing on a machine without a GPU (fp32, gloo, small models).
+"""
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.gpu_train import CONFIGS, synthetic_latents
+from benchmarks.machine import describe, matmul_peak_tflops
+from core.models import DiT_models
+from core.train import Callbacks, TrainConfig, train
+
+REPO = Path(__file__).resolve().parents[1]
+STUDY = REPO / "studies" / "dit_imagenet256.yaml"
+WINDOW = 10  # steps per log window
+
+
+class Windows(Callbacks):
+    """Every log window's metrics."""
+
+    def __init__(self):
+        self.windows = []
+
+    def on_log(self, trial, metrics):
+        self.windows.append(dict(metrics))
+
+
+def best_after_first(windows):
+    """The fastest window but the first (which holds the warm-up and any compilation)."""
+    return max(windows[1:] or windows, key=lambda m: m["images_per_s"])
+
+
+def train_directly(model, config, data, batch, micro, steps, peak, cpu):
+    """core.train in this process: the figure the orchestrator is measured against."""
+    opts = dict(CONFIGS[config])
+    torch.backends.cuda.matmul.allow_tf32 = opts.pop("tf32")
+    if cpu:
+        opts.update(precision="fp32", zero_stage=0)  # DeepSpeed's bf16 wants a GPU
+    cfg = TrainConfig(model=model, dataset="latents", data_path=str(data), batch_size=batch,
+                      grad_accum=batch // micro, max_steps=steps, ema_decay=0.9999, log_every=WINDOW,
+                      ckpt_every=10 ** 9, val_batch=0, num_workers=0, peak_tflops=peak, **opts)
+    windows = Windows()
+    with tempfile.TemporaryDirectory() as out:
+        train(cfg, out, callbacks=windows)
+    if not cpu:
+        torch.cuda.empty_cache()  # the study's worker is another process on the same GPU
+    return best_after_first(windows.windows)
+
+
+def study_overrides(args, data, output, peak):
+    """--set items that narrow the paper's study to this check."""
+    sizes = sorted({m.split("/")[0] for m in args.models})
+    sets = {
+        "data.path": str(data), "sweep.model": json.dumps(sizes), "sweep.patch": f"[{args.models[0].split('/')[1]}]",
+        "sweep.steps": f"[{args.steps}]", "train.batch_size": args.batch,
+        "train.grad_accum": args.batch // args.micro_batch, "train.log_every": WINDOW,
+        "train.ckpt_every": args.steps, "train.compile": str(args.compile).lower(), "train.peak_tflops": peak,
+        "eval.fid": "false", "eval.vae": "null", "resources.workers_per_trial": 1,
+        "resources.gpus_per_worker": 0 if args.cpu else 1, "resources.cpus_per_worker": args.cpus_per_worker,
+        "tracking.mlflow_uri": "null", "output": str(output),
+    }
+    if args.cpu:
+        sets.update({"train.precision": "fp32", "train.zero_stage": 0, "train.val_batch": 16})
+    return [f"{k}={v}" for k, v in sets.items()]
+
+
+def study_windows(output):
+    """{model: (best window after the first, start-up s, teardown s)} from the study's MLflow store and Parquet."""
+    from mlflow.tracking import MlflowClient
+
+    from scaling.results import load_results
+
+    results = load_results(output)
+    client = MlflowClient(f"sqlite:///{Path(output).resolve() / 'mlflow.db'}")
+    found = {}
+    for row in results.itertuples():
+        history = {key: {m.step: m.value for m in client.get_metric_history(row.mlflow_run_id, key)}
+                   for key in ("images_per_s", "achieved_tflops", "mfu")}
+        windows = [{key: history[key].get(step, 0.0) for key in history} for step in sorted(history["images_per_s"])]
+        found[row.model] = (best_after_first(windows), row.startup_s, row.teardown_s, row.status)
+    return found
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["DiT-XL/2", "DiT-B/2"])
+    parser.add_argument("--batch", type=int, default=256, help="global batch (images per optimizer step)")
+    parser.add_argument("--micro-batch", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--compile", action="store_true", help="train.compile (torch.compile) both ways")
+    parser.add_argument("--cpus-per-worker", type=int, default=8)
+    parser.add_argument("--images", type=int, default=4096, help="synthetic latents to train on")
+    parser.add_argument("--cpu", action="store_true", help="check the plumbing without a GPU (fp32, gloo)")
+    args = parser.parse_args()
+    if args.batch % args.micro_batch:
+        parser.error(f"--micro-batch {args.micro_batch} must divide --batch {args.batch}")
+    unknown = [m for m in args.models if m not in DiT_models]
+    if unknown:
+        parser.error(f"unknown models {unknown}; e.g. DiT-XL/2")
+    if len({m.split("/")[1] for m in args.models}) > 1:
+        parser.error("--models must share one patch size: the study trains the grid of their sizes × patches")
+    if not args.cpu and not torch.cuda.is_available():
+        parser.error("no GPU here: run with --cpu to check the plumbing")
+    logging.disable(logging.WARNING)
+    config = "bf16+compile" if args.compile else "bf16"
+    if args.cpu:
+        peak = matmul_peak_tflops()
+        print(f"machine: {describe()}\nfp32 matmul peak (this run): {peak * 1e3:.0f} GFLOP/s")
+    else:
+        peak = matmul_peak_tflops(8192, torch.bfloat16, "cuda")
+        print(f"machine: {describe()}\nbf16 dense peak (8192³ matmul, this run): {peak:.0f} TFLOP/s")
+    print(f"configuration: {'fp32, ZeRO-0 (--cpu)' if args.cpu else config + ', ZeRO-2'}, global batch {args.batch}, "
+          f"micro-batch {args.micro_batch}, {args.steps} steps, one worker")
+    with tempfile.TemporaryDirectory() as tmp:
+        data, output = Path(tmp) / "latents", Path(tmp) / "study"
+        data.mkdir()
+        synthetic_latents(data, num_images=args.images)
+        direct = {m: train_directly(m, config, data, args.batch, args.micro_batch, args.steps, peak, args.cpu)
+                  for m in args.models}
+        sets = [item for s in study_overrides(args, data, output, peak) for item in ("--set", s)]
+        started = time.time()
+        proc = subprocess.run([sys.executable, "-m", "scaling.run", str(STUDY), "--no-report", *sets], cwd=REPO,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True)
+        wall = time.time() - started
+        if proc.returncode != 0:
+            print(proc.stdout[-4000:], proc.stderr[-6000:], sep="\n")
+            sys.exit(f"the study failed (exit {proc.returncode})")
+        through_ray = study_windows(output)
+    print(f"study wall time {wall:.0f} s ({len(args.models)} trial(s); Ray start-up, "
+          "MLflow and Parquet included)")
+    print(f"{'model':9} {'path':12} {'img/s':>8} {'TFLOP/s':>8} {'MFU':>6} {'start-up s':>10} {'teardown s':>10}")
+    for m in args.models:
+        d = direct[m]
+        print(f"{m:9} {'core.train':12} {d['images_per_s']:8.1f} {d['achieved_tflops']:8.2f} {100 * d['mfu']:5.1f}%")
+        r, startup, teardown, status = through_ray[m]
+        print(f"{m:9} {'scaling.run':12} {r['images_per_s']:8.1f} {r['achieved_tflops']:8.2f} {100 * r['mfu']:5.1f}% "
+              f"{startup:10.1f} {teardown:10.1f}   status {status}, ×{r['images_per_s'] / d['images_per_s']:.2f} "
+              "of core.train")
+
+
+if __name__ == "__main__":
+    main()
