@@ -48,7 +48,8 @@ RESULTS_SCHEMA = pa.schema([
     pa.field("startup_s", pa.float64()),  # orchestration: the trial got its slot -> its first training step, in the
                                           # driver's run that measured this row (null when it trained no step)
     pa.field("teardown_s", pa.float64()),  # orchestration: the trial's last report -> its slot free again (null until
-                                           # the trial ended in the driver's run that measured this row)
+                                           # the trial ended in the driver's run that measured this row; null when it
+                                           # failed)
     pa.field("status", pa.string()),  # "ok", "diverged" (loss went non-finite) or "failed" (crashed)
     pa.field("error", pa.string()),  # what went wrong when status is not "ok"
     pa.field("mlflow_run_id", pa.string()),  # the trial's MLflow child run

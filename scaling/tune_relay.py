@@ -59,7 +59,8 @@ class RelayMailboxes:
 
     async def close(self, key):
         """No more reports: fit() has returned."""
-        await self._box(key)[0].put(None)
+        if key not in self._discarded:  # else the trial function is gone, and a new box would outlive it
+            await self._box(key)[0].put(None)
 
     async def discard(self, key):
         """The trial function stops receiving: a report waiting in the box, or sent later, is dropped."""

@@ -38,6 +38,7 @@ def test_a_discarded_mailbox_releases_its_sender_and_takes_no_more_reports():
         ray.get(boxes.discard.remote("k"))
         assert ray.get(pending, timeout=30) is None
         assert ray.get(boxes.send.remote("k", {"i": 1}), timeout=30) is None
+        ray.get(boxes.close.remote("k"), timeout=30)  # fit() returns after its function stopped receiving
         assert ray.get(boxes.open_boxes.remote()) == 0
     finally:
         ray.shutdown()
