@@ -16,17 +16,22 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from importlib.metadata import version
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# Pinned as the project's .venv resolved them (pyproject.toml's ranges), so the machine runs what CI tests.
-PACKAGES = ["ray[default,tune,train,data]==2.60.0", "mlflow==3.17.2", "diffusers==0.42.1", "torch_fidelity==0.4.0",
-            "hjson==3.1.0", "pydantic==2.14.4"]
-DEEPSPEED = "deepspeed==0.19.8"
+# The project's dependencies the machine lacks, each at the version installed in the environment running this script
+# (the project's .venv), so that the machine runs what CI tests; their own dependencies as pip resolves them.
+PACKAGES = ["ray[default,tune,train,data]", "mlflow", "diffusers", "torch_fidelity", "hjson", "pydantic"]
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
              "manylinux1_x86_64"]
 # Never loaded by scaling.run or core.train; together most of the archive's size.
 PRUNE = ["ray/jars", "ray/rllib", "ray/serve", "ray/llm", "mlflow/server/js", "bin"]
+
+
+def pinned(requirement):
+    """A requirement at the version installed here, e.g. "ray[default]" -> "ray[default]==2.60.0"."""
+    return f"{requirement}=={version(requirement.split('[')[0])}"
 
 
 def normalized(name):
@@ -46,8 +51,9 @@ def main():
         wheels, site = Path(tmp) / "wheels", Path(tmp) / "site"
         platforms = [f"--platform={p}" for p in PLATFORMS]
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "--implementation=cp",
-                        f"--python-version={args.python}", *platforms, "-d", str(wheels), *PACKAGES], check=True)
-        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), DEEPSPEED],
+                        f"--python-version={args.python}", *platforms, "-d", str(wheels), *map(pinned, PACKAGES)],
+                       check=True)
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), pinned("deepspeed")],
                        check=True)
         missing = sorted(w for w in wheels.glob("*.whl")
                          if normalized(w.name.split("-")[0]) not in have
