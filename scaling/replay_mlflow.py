@@ -55,10 +55,11 @@ def replay(output, uri=None):
 def _replay_overhead(tracker, run_id, rows):
     """The trial's start-up and teardown, as the driver logs them, when its run lacks them; the points logged."""
     logged = 0
-    for key, step_of in (("startup_s", min), ("teardown_s", max)):
-        measured = rows[rows[key].notna()]
+    for key, latest in (("startup_s", False), ("teardown_s", True)):  # the first start-up, the last teardown
+        measured = rows[rows[key].notna()].sort_values("step")
         if len(measured) and tracker.last_logged_step(run_id, key) < 0:
-            tracker.log_metrics(run_id, {key: measured[key].iloc[0]}, step_of(measured.step))
+            row = measured.iloc[-1 if latest else 0]
+            tracker.log_metrics(run_id, {key: row[key]}, row["step"])
             logged += 1
     return logged
 

@@ -158,6 +158,22 @@ def test_end_to_end_and_rerun_skips_finished(tmp_path):
     assert replay_main([str(out)]) == 0
     assert {run_id: client.get_run(run_id).info.status for run_id in ended} == ended
 
+    # A store that lost everything (a new, empty tracking server): the replay rebuilds the runs from Parquet, the
+    # trials' overhead too (the first start-up and the last teardown Parquet holds).
+    (out / "mlflow.db").rename(tmp_path / "lost-mlflow.db")
+    assert replay_main([str(out)]) == 0
+    final = load_results(out).sort_values("step")
+    client, parents, children = mlflow_runs(out)
+    assert len(children) == 5  # the four trials and the earlier study file's one
+    for child in children:
+        rows = final[final.trial_id == child.data.tags["dit_scaling.trial_id"]]
+        for key, pick in (("startup_s", 0), ("teardown_s", -1)):
+            measured = rows[key].dropna()
+            assert (child.data.metrics.get(key) == pytest.approx(measured.iloc[pick])) if len(measured) \
+                else key not in child.data.metrics
+    restored = [c for c in children if c.data.tags["dit_scaling.trial_id"] == lost.trial_id.iloc[0]][0]
+    assert restored.data.metrics["teardown_s"] == pytest.approx(back.teardown_s)  # the re-run's, not the first run's
+
 
 def test_stopped_or_killed_driver_resumes_without_duplicates(tmp_path):
     # One trial at a time, five milestones each: the driver is stopped by Ctrl-C, then killed a little
