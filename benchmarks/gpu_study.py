@@ -23,27 +23,17 @@ import torch
 
 from benchmarks.gpu_train import CONFIGS, synthetic_latents
 from benchmarks.machine import describe, matmul_peak_tflops
+from benchmarks.train_throughput import WINDOW, BestWindow
 from core.models import DiT_models
-from core.train import Callbacks, TrainConfig, train
+from core.train import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY = REPO / "studies" / "dit_imagenet256.yaml"
-WINDOW = 10  # steps per log window
-
-
-class Windows(Callbacks):
-    """Every log window's metrics."""
-
-    def __init__(self):
-        self.windows = []
-
-    def on_log(self, trial, metrics):
-        self.windows.append(dict(metrics))
 
 
 def best_after_first(windows):
-    """The fastest window but the first (which holds the warm-up and any compilation)."""
-    return max(windows[1:] or windows, key=lambda m: m["images_per_s"])
+    """The fastest window but the first (which holds the warm-up and any compilation), as BestWindow keeps it."""
+    return max(windows[1:], key=lambda m: m["images_per_s"])
 
 
 def train_directly(model, config, data, batch, micro, steps, peak, cpu):
@@ -55,12 +45,12 @@ def train_directly(model, config, data, batch, micro, steps, peak, cpu):
     cfg = TrainConfig(model=model, dataset="latents", data_path=str(data), batch_size=batch,
                       grad_accum=batch // micro, max_steps=steps, ema_decay=0.9999, log_every=WINDOW,
                       ckpt_every=10 ** 9, val_batch=0, num_workers=0, peak_tflops=peak, **opts)
-    windows = Windows()
+    best = BestWindow()
     with tempfile.TemporaryDirectory() as out:
-        train(cfg, out, callbacks=windows)
+        train(cfg, out, callbacks=best)
     if not cpu:
         torch.cuda.empty_cache()  # the study's worker is another process on the same GPU
-    return best_after_first(windows.windows)
+    return best.metrics
 
 
 def study_overrides(args, data, output, peak):
@@ -85,9 +75,10 @@ def study_windows(output):
     from mlflow.tracking import MlflowClient
 
     from scaling.results import load_results
+    from scaling.tracking import default_tracking_uri
 
     results = load_results(output)
-    client = MlflowClient(f"sqlite:///{Path(output).resolve() / 'mlflow.db'}")
+    client = MlflowClient(default_tracking_uri(output))  # the store scaling.run wrote to (tracking.mlflow_uri: null)
     found = {}
     for row in results.itertuples():
         history = {key: {m.step: m.value for m in client.get_metric_history(row.mlflow_run_id, key)}
@@ -108,6 +99,8 @@ def main():
     parser.add_argument("--images", type=int, default=4096, help="synthetic latents to train on")
     parser.add_argument("--cpu", action="store_true", help="check the plumbing without a GPU (fp32, gloo)")
     args = parser.parse_args()
+    if args.steps < 2 * WINDOW:
+        parser.error(f"--steps must be at least {2 * WINDOW}: the first {WINDOW}-step window is warm-up")
     if args.batch % args.micro_batch:
         parser.error(f"--micro-batch {args.micro_batch} must divide --batch {args.batch}")
     unknown = [m for m in args.models if m not in DiT_models]
