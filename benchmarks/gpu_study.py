@@ -71,7 +71,7 @@ def study_overrides(args, data, output, peak):
 
 
 def study_windows(output):
-    """{model: (best window after the first, start-up s, teardown s, status)} from the study's MLflow store and Parquet."""
+    """{model: (best window after the first, start-up s, teardown s, status)} from the study's MLflow and Parquet."""
     from mlflow.tracking import MlflowClient
 
     from scaling.results import load_results
