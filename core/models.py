@@ -12,23 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from core.gelu import approx_gelu
 from core.linear import Linear, linear
-
-
-_GELU_TANH_SCALE = 2 * math.sqrt(2 / math.pi)
-
-
-def approx_gelu(x):
-    """The reference's GELU, tanh-approximated; under torch.compile on CPU written as x·σ(2u), the same function.
-
-    0.5·x·(1 + tanh(u)) = x·σ(2u), u = √(2/π)·(x + 0.044715·x³). Eager mode keeps aten's one kernel. Inductor
-    fuses either form into one kernel, but its vectorised CPU tanh is several times slower than its sigmoid
-    (DiT-T/2's GELU on the 2-core EPYC of benchmarks/README.md: 1.30 against 0.84 ms forward, 0.97 against 0.49
-    backward, per block). GPUs keep the tanh form (not measured there).
-    """
-    if torch.compiler.is_compiling() and x.device.type == "cpu":
-        return x * torch.sigmoid(_GELU_TANH_SCALE * (x + 0.044715 * x * x * x))
-    return F.gelu(x, approximate="tanh")
 
 
 SHORT_SEQUENCE = 16  # tokens; up to this many, CPU attention is written out (see `attention`)
