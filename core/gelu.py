@@ -1,12 +1,13 @@
 """The reference DiT's GELU (tanh-approximated), computed on CPU as x·σ(2u), the same function.
 
-0.5·x·(1 + tanh(u)) = x·σ(2u), u = √(2/π)·(x + 0.044715·x³). torch's vectorised CPU `tanh` is several times slower
-than its `sigmoid` (1024×640 floats, one thread, on the AVX2 EPYC of benchmarks/README.md: aten's tanh GELU 2.75
-ms forward and 2.69 ms backward, `tanh` alone 2.52, `sigmoid` 0.83), and inductor's is too. So on CPU:
+0.5·x·(1 + tanh(u)) = x·σ(2u), u = √(2/π)·(x + 0.044715·x³). torch's vectorised CPU `tanh` is several times
+slower than its `sigmoid` (1024×640 floats, one thread, on the AVX2 EPYC of benchmarks/README.md: `tanh` 2.52 ms,
+`sigmoid` 0.83), in aten's GELU kernels and in inductor's alike. So on CPU:
 - compiled, the sigmoid form, which inductor fuses into one kernel (DiT-T/2, per block: 0.84 against 1.30 ms
   forward, 0.49 against 0.97 backward);
-- eager fp32, `SigmoidFormGELU`, which keeps σ(2u) for a backward of in-place passes (1.19 and 1.40 ms above;
-  eager ops under plain autograd would save every intermediate and take longer than aten's kernels).
+- eager fp32, `SigmoidFormGELU`, which keeps σ(2u) for a backward of in-place passes (DiT-T/2's GELU at batch 64,
+  `python -m benchmarks.gelu`: 2.05 against aten's 2.82 ms forward, 2.02 against 3.58 backward; eager ops under
+  plain autograd would save every intermediate and take longer than aten's kernels).
 GPUs, and other dtypes (autocast), keep aten's tanh kernel.
 """
 import torch
