@@ -14,10 +14,11 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -e ".[dev]"
 	touch $(STAMP)
 
-# Two test processes even on two cores: a whole-study test spends about half its time waiting on Ray
-# (process starts, health checks, polling), which the other process fills (12 min against 18 in one).
+# Three test processes even on two cores: a whole-study test spends about half its time waiting on Ray
+# (process starts, health checks, polling), which the others fill (on the AVX2 2-core box, 2026-12-03:
+# 14:19 against 16:30 with two processes; 18 min in one, earlier).
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -n 2
+	$(VENV)/bin/python -m pytest -q -n 3
 
 run: $(STAMP)
 	$(VENV)/bin/python -m scaling.run $(STUDY)
