@@ -41,8 +41,8 @@ def matmul_peak_tflops(n=2048, dtype=torch.float32, device="cpu", seconds=2.0, c
     On CPU the best of torch's BLAS (MKL) and oneDNN: on AVX-512 CPUs that are not Intel's MKL runs its
     AVX2 kernels and reaches half of what the machine does (see core/linear.py). The figure is the best of
     short windows, as the training figures are, not a mean that a busy moment would lower. With COPIES > 1 it
-    is the higher of one product on all threads and COPIES one-thread products run at once (summed): the
-    peak of the layout where each of COPIES trainings has one core.
+    is the higher of one product on all threads and COPIES one-thread products run at once (summed): MKL's
+    product on two threads can fall short of two one-thread products, the layout of one trial per core.
     """
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
