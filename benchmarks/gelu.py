@@ -42,21 +42,23 @@ def step_times(name, batch, rounds):
     """Best and median ms of a training step with each form, interleaved in one model."""
     form = {"name": "core"}
     core.models.approx_gelu = lambda x: FORMS[form["name"]](x)  # the MLPs look the GELU up at each call
-    cfg = model_config(name)
-    torch.manual_seed(0)
-    step = make_step(DiT(**cfg), lambda m, x, t, y: m(x, t, y), batch, cfg, torch.device("cpu"))
-    times = {k: [] for k in FORMS}
-    for k in FORMS:
-        form["name"] = k
-        step()
-    for r in range(rounds):
-        for k in (FORMS if r % 2 else reversed(list(FORMS))):
+    try:
+        cfg = model_config(name)
+        torch.manual_seed(0)
+        step = make_step(DiT(**cfg), lambda m, x, t, y: m(x, t, y), batch, cfg, torch.device("cpu"))
+        times = {k: [] for k in FORMS}
+        for k in FORMS:
             form["name"] = k
-            start = time.perf_counter()
             step()
-            step()
-            times[k].append((time.perf_counter() - start) / 2)
-    core.models.approx_gelu = approx_gelu
+        for r in range(rounds):
+            for k in (FORMS if r % 2 else reversed(list(FORMS))):
+                form["name"] = k
+                start = time.perf_counter()
+                step()
+                step()
+                times[k].append((time.perf_counter() - start) / 2)
+    finally:
+        core.models.approx_gelu = approx_gelu
     return {k: (min(t) * 1e3, statistics.median(t) * 1e3) for k, t in times.items()}
 
 

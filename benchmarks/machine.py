@@ -68,7 +68,7 @@ def _product_tflops(product, n, device, seconds, window=0.25):
         while runs == 0 or time.perf_counter() - start < window:
             product()
             runs += 1
-            _sync(device)
+        _sync(device)  # a GPU runs behind the loop that queues its products: the window ends when they are done
         best = max(best, 2 * n ** 3 * runs / (time.perf_counter() - start) / 1e12)
     return best
 

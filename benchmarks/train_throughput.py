@@ -5,8 +5,8 @@
 
 Prints images/s and achieved FLOP/s (6 flops per forward multiply-add: forward + backward, a multiply-add counted as 2)
 against this machine's fp32 matmul peak (the higher of one product on all its threads and one-thread products on
-every thread at once, summed: MKL's two-thread product can fall short of two one-thread ones), the best window of each of two measurements in the same run, before and after the
-models (the higher of the two counts). A model's figure is its best window of 10 steps after the first (which
+every thread at once, summed: MKL's two-thread product can fall short of two one-thread ones), the best window of
+each of two measurements in the same run, before and after the models (the higher of the two counts). A model's figure is its best window of 10 steps after the first (which
 holds the warm-up and, compiled, the compilation). --compile trains each model a second time with `train.compile`
 (torch.compile), right after the eager run.
 
@@ -131,7 +131,8 @@ def main():
     if args.copy_of:
         barrier_dir, copy, copies = args.copy_of
         return run_copy(barrier_dir, int(copy), int(copies), args.models[0], args.batch, args.steps, args.compile)
-    first_peak = matmul_peak_tflops(copies=torch.get_num_threads())
+    threads = torch.get_num_threads()
+    first_peak = matmul_peak_tflops(copies=threads)
     rows = []
     for name in args.models:
         for compiled in (False, True) if args.compile else (False,):
@@ -140,14 +141,13 @@ def main():
             else:
                 images_per_s, tflops = train_side_by_side(name, args.batch, args.steps, compiled, args.processes)
             rows.append((name, "compiled" if compiled else "eager", images_per_s, tflops))
-    last_peak = matmul_peak_tflops(copies=torch.get_num_threads())
+    last_peak = matmul_peak_tflops(copies=threads)
     peak = max(first_peak, last_peak)  # the stricter of the two: the machine's speed drifts during a run
     print(f"machine: {describe()}")
-    threads = torch.get_num_threads()
     products = f"{threads} threads, or {threads} one-thread products at once" if threads > 1 else "1 thread"
     print(f"fp32 matmul peak (2048² matmul, {products}, best window, this run, before / after the models): "
           f"{first_peak * 1e3:.1f} / {last_peak * 1e3:.1f} GFLOP/s")
-    layout = (f"{args.processes} copies side by side, {max(1, torch.get_num_threads() // args.processes)} thread(s) "
+    layout = (f"{args.processes} copies side by side, {max(1, threads // args.processes)} thread(s) "
               f"and batch {args.batch // args.processes} each" if args.processes > 1 else "one process")
     print(f"training: {layout}")
     print(f"{'model':9} {'mode':8} {'batch':>5} {'images/s':>9} {'GFLOP/s':>8} {'% of peak':>9}")

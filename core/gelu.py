@@ -40,10 +40,9 @@ class SigmoidFormGELU(torch.autograd.Function):
 
 def approx_gelu(x):
     """The reference's GELU, tanh-approximated: on CPU as x·σ(2u) (see the module's docstring)."""
-    if x.device.type != "cpu":
-        return F.gelu(x, approximate="tanh")
-    if torch.compiler.is_compiling():
-        return x * torch.sigmoid(_SCALE * (x + _A * x * x * x))
-    if x.dtype == torch.float32:
-        return SigmoidFormGELU.apply(x)
+    if x.device.type == "cpu":
+        if torch.compiler.is_compiling():
+            return x * torch.sigmoid(_SCALE * (x + _A * x * x * x))
+        if x.dtype == torch.float32:
+            return SigmoidFormGELU.apply(x)
     return F.gelu(x, approximate="tanh")
