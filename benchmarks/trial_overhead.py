@@ -1,6 +1,7 @@
 """Orchestration overhead of scaling.run: per-trial start-up and teardown, and the study's efficiency.
 
-    python -m benchmarks.trial_overhead [--trials 4] [--steps 20] [--study studies/gflops_sweep.yaml]
+    python -m benchmarks.trial_overhead [--trials 4] [--steps 20] [--study studies/gflops_sweep.yaml] [--cpu]
+    python -m benchmarks.trial_overhead --trials 1 --timeline
 
 Without --study it runs a study of `--trials` tiny trials (DiT-P/4 on digits, FID off), so that
 nearly all of a trial's time is overhead: scheduled → first training step (Tune trial actor, Ray
@@ -10,6 +11,8 @@ its efficiency: training + evaluation time as a share of the trial slots' wall t
 come from what scaling.run itself logs to MLflow (startup_s, teardown_s, efficiency).
 With --cpu (Linux) it also prints the CPU seconds of every process the study started, by kind
 (Ray's actors by class): where the trials' start-up and idle costs go on a small machine.
+With --timeline (one tiny trial) the study runs on a Ray instance this script starts, so that Ray's task events
+outlive the driver: the lone trial's start-up, phase by phase, from the moment Tune scheduled it.
 """
 import argparse
 import os
@@ -44,14 +47,17 @@ def tiny_study(folder, trials, steps):
     return path
 
 
-def run_study(study, output, cpu=None):
+def run_study(study, output, cpu=None, address=None):
     """Run scaling.run on a study with its output redirected; returns (wall seconds, stdout).
 
     cpu: a dict that receives {process kind: CPU seconds} of the driver and everything it started.
+    address: a running Ray instance to run on (default: the driver starts its own).
     """
     start = time.time()
-    proc = subprocess.Popen([sys.executable, "-m", "scaling.run", str(study), "--no-report", "--set",
-                             f"output={output}"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command = [sys.executable, "-m", "scaling.run", str(study), "--no-report", "--set", f"output={output}"]
+    if address:
+        command += ["--address", address]
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     watcher = None
     if cpu is not None:
         watcher = threading.Thread(target=_watch_cpu, args=(proc, cpu), daemon=True)
@@ -106,6 +112,45 @@ def _kind(comm, cmdline):
     return comm
 
 
+# A trial's start as Ray records it, in order: (task name, state it starts from, state it ends at, what it is).
+START_PHASES = [
+    ("ImplicitFunc.__init__", "PENDING_NODE_ASSIGNMENT", "RUNNING", "Tune trial actor: a worker process starts"),
+    ("ImplicitFunc.__init__", "RUNNING", "FINISHED", "Tune trial actor: imports (Ray Tune, Train)"),
+    ("trial_function.train", "RUNNING", None, "Tune trial function runs"),
+    ("TrainController.__init__", "PENDING_NODE_ASSIGNMENT", "RUNNING", "Train controller: a worker process starts"),
+    ("TrainController.__init__", "RUNNING", "FINISHED", "Train controller: imports (Ray Train)"),
+    ("SynchronizationActor.__init__", "PENDING_NODE_ASSIGNMENT", "FINISHED", "Train's synchronization actor, started"),
+    ("RayTrainWorker.__init__", "PENDING_NODE_ASSIGNMENT", "RUNNING", "Train worker: a worker process starts"),
+    ("RayTrainWorker.__init__", "RUNNING", "FINISHED", "Train worker: imports (Ray Train)"),
+    ("execute._set_distributed_env_vars", "RUNNING", "FINISHED", "Train worker: imports torch (process-group set-up)"),
+    ("execute._init_process_group", "RUNNING", "FINISHED", "Train worker: torch process group"),
+    ("RayTrainWorker.run_train_fn", "RUNNING", None, "Train worker: the training function starts"),
+]
+
+
+def start_timeline(exclude_job, scheduled_at, first_step_at):
+    """[(from s, to s, what)] of a lone trial's start, from Ray's task events, in seconds after Tune scheduled it."""
+    from ray.util.state import list_tasks
+
+    time.sleep(3)  # workers report task events every second; let the last ones land
+    states = {}  # task name -> {state: first time seen}
+    for task in list_tasks(detail=True, limit=10_000, raise_on_missing_output=False):
+        if task.job_id == exclude_job:
+            continue
+        seen = states.setdefault(task.name, {})
+        for event in task.events or []:
+            at = event["created_ms"] / 1000
+            seen[event["state"]] = min(at, seen.get(event["state"], at))
+    rows = []
+    for name, begin, end, what in START_PHASES:
+        if begin in states.get(name, {}):
+            start = states[name][begin] - scheduled_at
+            stop = states[name][end] - scheduled_at if end in states[name] else None
+            rows.append((start, stop, what))
+    rows.append((first_step_at - scheduled_at, None, "first training step"))
+    return sorted(rows, key=lambda row: row[0])
+
+
 def mlflow_numbers(output, experiment):
     """(per-trial startup_s, teardown_s lists, the study's efficiency) from the study's MLflow store."""
     client = MlflowClient(f"sqlite:///{Path(output).resolve() / 'mlflow.db'}")
@@ -120,21 +165,43 @@ def mlflow_numbers(output, experiment):
     return startup, teardown, parent.data.metrics.get("efficiency"), parent.data.metrics.get("wall_time_s")
 
 
+def first_trial_start(output, experiment):
+    """(when Tune scheduled the first trial, when its first step began), in seconds since the epoch."""
+    client = MlflowClient(f"sqlite:///{Path(output).resolve() / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(experiment)
+    child = next(r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" in r.data.tags)
+    scheduled = float(child.data.tags["dit_scaling.started_at"])
+    return scheduled, scheduled + child.data.metrics["startup_s"]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=4)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--study", default=None, help="measure this study instead of the tiny one")
     parser.add_argument("--cpu", action="store_true", help="also print the CPU seconds of each kind of process")
+    parser.add_argument("--timeline", action="store_true",
+                        help="one tiny trial on a Ray instance of this script's: its start-up, phase by phase")
     args = parser.parse_args()
+    if args.timeline and (args.trials != 1 or args.study or args.cpu):
+        parser.error("--timeline measures one tiny trial: give it --trials 1, without --study or --cpu")
     print(f"machine: {describe()}")
     with tempfile.TemporaryDirectory(prefix="overhead-") as tmp:
         tmp = Path(tmp)
         study = Path(args.study).resolve() if args.study else tiny_study(tmp, args.trials, args.steps)
         name = "overhead" if not args.study else __import__("yaml").safe_load(study.read_text())["name"]
         cpu = {} if args.cpu else None
-        total, stdout = run_study(study, tmp / "out", cpu)
+        address = None
+        if args.timeline:
+            import ray
+
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
+            address = ray.get_runtime_context().gcs_address
+        total, stdout = run_study(study, tmp / "out", cpu, address)
         startup, teardown, efficiency, wall = mlflow_numbers(tmp / "out", name)
+        if args.timeline:
+            timeline = start_timeline(ray.get_runtime_context().get_job_id(), *first_trial_start(tmp / "out", name))
+            ray.shutdown()
     print(f"study: {study.name}, {len(startup)} trials, command wall time {total:.1f} s (Ray start-up included), "
           f"study wall time {wall:.1f} s")
     for key, values in (("scheduled → first step", startup), ("last report → free slot", teardown)):
@@ -143,6 +210,12 @@ def main():
                   f"max {max(values):.1f})")
     print(f"{'start-up, in start order':>26}: {', '.join(f'{s:.1f}' for s in startup)} s")
     print(f"{'study efficiency':>26}: {efficiency:.1%}  (training + evaluation / trial slots × wall time)")
+    if args.timeline:
+        print("the trial's start-up on a Ray instance already running, from Ray's task events (s after Tune "
+              "scheduled it):")
+        for start, stop, what in timeline:
+            span = f"{start:6.2f} → {stop:6.2f}  ({stop - start:5.2f})" if stop is not None else f"{start:6.2f}"
+            print(f"  {span:30} {what}")
     if cpu:
         print(f"CPU seconds of the driver and every process it started ({sum(cpu.values()):.1f} in all):")
         for kind, seconds in sorted(cpu.items(), key=lambda item: -item[1]):
