@@ -195,7 +195,9 @@ def main():
         if args.timeline:
             import ray
 
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
+            from scaling.ray_env import local_ray_options
+
+            ray.init(**local_ray_options())  # as scaling.run starts its own
             address = ray.get_runtime_context().gcs_address
         total, stdout = run_study(study, tmp / "out", cpu, address)
         startup, teardown, efficiency, wall = mlflow_numbers(tmp / "out", name)

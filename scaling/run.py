@@ -144,7 +144,7 @@ def run_study(study, address, build_report=True, report_dir=None):
     """Launch the unfinished trials on Ray, record everything, build the report."""
     import ray
 
-    from scaling.ray_env import study_runtime_env
+    from scaling.ray_env import local_ray_options, study_runtime_env
 
     logging.basicConfig(level=logging.WARNING)
     # Parquet and MLflow are the records; Tune's own CSV/JSON/TensorBoard files would be a third copy.
@@ -158,7 +158,7 @@ def run_study(study, address, build_report=True, report_dir=None):
     if address:
         ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
     else:
-        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False, runtime_env=runtime_env)
+        ray.init(runtime_env=runtime_env, **local_ray_options())
     with sigterm_interrupts():
         try:
             check_cluster(study, ray.cluster_resources())

@@ -7,7 +7,7 @@ from ray.train import RunConfig, ScalingConfig
 from ray.util.state import list_actors
 
 from scaling.placement_group_watch import PlacementGroupWatch
-from scaling.ray_env import start_study_actor, study_runtime_env
+from scaling.ray_env import local_ray_options, start_study_actor, study_runtime_env
 from scaling.ray_trial import TrialTrainer
 
 
@@ -33,8 +33,7 @@ def wait_until(condition, timeout, what):
 
 
 def test_a_killed_trials_placement_group_is_removed_by_the_study_watch(tmp_path):
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
-             runtime_env=study_runtime_env())
+    ray.init(num_cpus=2, runtime_env=study_runtime_env(), **local_ray_options())
     try:
         watch = start_study_actor(PlacementGroupWatch, "pg-watch")
         free_cpus = lambda: ray.available_resources().get("CPU", 0)  # noqa: E731

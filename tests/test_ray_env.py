@@ -4,10 +4,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 import ray
 
-from scaling.ray_env import start_train_autoscaling_coordinator, study_runtime_env
+from scaling.ray_env import local_ray_options, start_train_autoscaling_coordinator, study_runtime_env
 
 
 @ray.remote(num_cpus=0)
@@ -32,8 +33,7 @@ def test_state_api_in_workers_finds_their_own_ray_beside_another():
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     other = start_other_ray(temp_dir)
     try:
-        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
-                 runtime_env=study_runtime_env())
+        ray.init(runtime_env=study_runtime_env(), **local_ray_options())
         try:
             assert other.stdout.readline().strip() == "up", "the other Ray did not start"
             # Without the job's setup hook: "Found multiple active Ray instances", a ConnectionError.
@@ -56,5 +56,24 @@ def test_train_controllers_find_the_autoscaling_coordinator_the_driver_started()
         # What a Train controller looks up when it registers its trial's resources (Ray Train V2's client).
         found = TrainAutoscalingCoordinatorClient("train-test")._autoscaling_coordinator
         assert found._actor_id == started._actor_id  # not a second one, nor one Train would create and wait for
+    finally:
+        ray.shutdown()
+
+
+def test_a_studys_local_ray_prestarts_no_idle_workers():
+    from ray.util.state import list_workers
+
+    ray.init(runtime_env=study_runtime_env(), **local_ray_options())
+    try:
+        address = ray.get_runtime_context().gcs_address
+        # Ray's prestarted workers (one per CPU, with its default options) register within a second or two of
+        # the driver; none of a study's processes could use them.
+        deadline = time.time() + 6
+        while time.time() < deadline:
+            workers = list_workers(address=address, detail=True, raise_on_missing_output=False)
+            assert [w.worker_type for w in workers if w.is_alive] == ["DRIVER"]
+            time.sleep(0.5)
+        # The option leaves the study's own processes alone: an actor of the job still starts.
+        assert ray.get(StateProbe.remote().own_state.remote()) == "ALIVE"
     finally:
         ray.shutdown()

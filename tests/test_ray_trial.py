@@ -11,7 +11,7 @@ from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.util.state import list_actors
 
-from scaling.ray_env import study_runtime_env
+from scaling.ray_env import local_ray_options, study_runtime_env
 from scaling.ray_trial import TrialTrainer
 
 ENV_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR",
@@ -24,7 +24,7 @@ def dataset_managers(address):
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads other processes' memory maps (Linux)")
 def test_a_trial_trains_in_torchs_process_group_with_lighter_processes(tmp_path):
-    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False, runtime_env=study_runtime_env())
+    ray.init(runtime_env=study_runtime_env(), **local_ray_options())
     try:
         address = ray.get_runtime_context().gcs_address
 
