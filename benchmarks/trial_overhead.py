@@ -151,8 +151,8 @@ def start_timeline(exclude_job, scheduled_at, first_step_at):
     return sorted(rows, key=lambda row: row[0])
 
 
-def mlflow_numbers(output, experiment):
-    """(per-trial startup_s, teardown_s lists, the study's efficiency) from the study's MLflow store."""
+def study_runs(output, experiment):
+    """(the study's MLflow run, its trials' runs in the order the trials were scheduled) from its store."""
     client = MlflowClient(f"sqlite:///{Path(output).resolve() / 'mlflow.db'}")
     exp = client.get_experiment_by_name(experiment)
     runs = client.search_runs([exp.experiment_id])
@@ -160,18 +160,20 @@ def mlflow_numbers(output, experiment):
     parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
     # In the order the trials were scheduled: the first ones start beside Ray's own start-up.
     children.sort(key=lambda r: float(r.data.tags.get("dit_scaling.started_at", "inf")))
+    return parent, children
+
+
+def mlflow_numbers(parent, children):
+    """(per-trial startup_s, teardown_s lists, the study's efficiency, its wall time) from its runs."""
     startup = [r.data.metrics["startup_s"] for r in children if "startup_s" in r.data.metrics]
     teardown = [r.data.metrics["teardown_s"] for r in children if "teardown_s" in r.data.metrics]
     return startup, teardown, parent.data.metrics.get("efficiency"), parent.data.metrics.get("wall_time_s")
 
 
-def first_trial_start(output, experiment):
+def first_trial_start(children):
     """(when Tune scheduled the first trial, when its first step began), in seconds since the epoch."""
-    client = MlflowClient(f"sqlite:///{Path(output).resolve() / 'mlflow.db'}")
-    exp = client.get_experiment_by_name(experiment)
-    child = next(r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" in r.data.tags)
-    scheduled = float(child.data.tags["dit_scaling.started_at"])
-    return scheduled, scheduled + child.data.metrics["startup_s"]
+    scheduled = float(children[0].data.tags["dit_scaling.started_at"])
+    return scheduled, scheduled + children[0].data.metrics["startup_s"]
 
 
 def main():
@@ -200,9 +202,10 @@ def main():
             ray.init(**local_ray_options())  # as scaling.run starts its own
             address = ray.get_runtime_context().gcs_address
         total, stdout = run_study(study, tmp / "out", cpu, address)
-        startup, teardown, efficiency, wall = mlflow_numbers(tmp / "out", name)
+        parent, children = study_runs(tmp / "out", name)
+        startup, teardown, efficiency, wall = mlflow_numbers(parent, children)
         if args.timeline:
-            timeline = start_timeline(ray.get_runtime_context().get_job_id(), *first_trial_start(tmp / "out", name))
+            timeline = start_timeline(ray.get_runtime_context().get_job_id(), *first_trial_start(children))
             ray.shutdown()
     print(f"study: {study.name}, {len(startup)} trials, command wall time {total:.1f} s (Ray start-up included), "
           f"study wall time {wall:.1f} s")
