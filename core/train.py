@@ -6,6 +6,7 @@ left to callbacks, so core knows nothing of the orchestrator.
 """
 import argparse
 import dataclasses
+import importlib
 import json
 import logging
 import math
@@ -118,6 +119,7 @@ def setup_distributed():
     # compiler when it starts on CPU (about a minute, again for every new environment; a node without a
     # compiler fails there). Only its inference all-reduce uses the op, never training: mark it unavailable.
     deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+    _import_deepspeed_muon_uncompiled()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # a plain single process: a group of one on a free local port
@@ -133,6 +135,31 @@ def setup_distributed():
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return rank, world, local_rank, device
+
+
+def _import_deepspeed_muon_uncompiled():
+    """Import DeepSpeed's Muon optimizer module with TorchDynamo off, so its torch.compile decorators are no-ops.
+
+    ZeRO imports the module in every engine (its optimizer check, its gradient reduction), and the module
+    decorates its kernels with torch.compile at import, which imports Inductor's compiler right away whether
+    or not anything is ever compiled: 1.4-1.8 s of every trial's start on the 2-core box (benchmarks/README.md).
+    This project never builds a Muon optimizer. A model compiled later (TrainConfig.compile) is unaffected:
+    TORCHDYNAMO_DISABLE is read only when a function is decorated (torch's own op tests switch it the same way).
+    """
+    name = "deepspeed.runtime.zero.muon.muon_optimizer"
+    if name in sys.modules:
+        return
+    before = os.environ.get("TORCHDYNAMO_DISABLE")
+    os.environ["TORCHDYNAMO_DISABLE"] = "1"
+    try:
+        importlib.import_module(name)
+    except ImportError:  # a DeepSpeed without Muon: nothing to avoid
+        pass
+    finally:
+        if before is None:
+            del os.environ["TORCHDYNAMO_DISABLE"]
+        else:
+            os.environ["TORCHDYNAMO_DISABLE"] = before
 
 
 def step_randomness(seed, step, batch, shape, num_classes_drop_p, num_timesteps, device):

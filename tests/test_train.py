@@ -113,6 +113,36 @@ def test_checkpoint_errors_name_the_file(tmp_path):
         train(tiny_config(max_steps=4), tmp_path / "x", resume_from=cut)
 
 
+EAGER_START = """
+import os, sys, torch
+from core.train import TrainConfig, train
+train(TrainConfig(model="DiT-P/2", dataset="digits", batch_size=32, max_steps=2, zero_stage=2,
+                  val_batch=32, num_workers=0), sys.argv[1])
+print("inductor compiler imported:", "torch._inductor.compile_fx" in sys.modules)
+print("TORCHDYNAMO_DISABLE:", os.environ.get("TORCHDYNAMO_DISABLE"))
+graphs = []
+def count_graphs(gm, example_inputs):
+    graphs.append(gm)
+    return gm.forward
+assert torch.compile(lambda x: x * 2 + 1, backend=count_graphs)(torch.ones(3)).tolist() == [3.0, 3.0, 3.0]
+print("graphs compiled afterwards:", len(graphs))
+"""
+
+
+def test_an_eager_trial_does_not_import_the_compiler(tmp_path):
+    # DeepSpeed's ZeRO imports its Muon module, whose torch.compile decorators import Inductor's compiler
+    # (seconds of every trial's start); core imports that module with TorchDynamo off. Afterwards compiling
+    # works as before and the environment is as it was. A fresh process: the test session may have compiled
+    # (and its own one-process group left MASTER_PORT and RANK in the environment).
+    own = {"TORCHDYNAMO_DISABLE", "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"}
+    env = {k: v for k, v in os.environ.items() if k not in own}
+    proc = subprocess.run([sys.executable, "-c", EAGER_START, str(tmp_path)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[-3:] == ["inductor compiler imported: False", "TORCHDYNAMO_DISABLE: None",
+                                             "graphs compiled afterwards: 1"]
+
+
 def free_port():
     import socket
     with socket.socket() as s:
