@@ -6,6 +6,7 @@ forwards every worker report to Tune, whose driver-side callback (scaling.record
 and MLflow. The trainer is named after the trial, so a restarted worker group or a re-run of the
 study finds the trial's last reported checkpoint.
 """
+import asyncio
 import dataclasses
 import os
 import re
@@ -18,6 +19,7 @@ import ray.train
 import ray.tune
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.v2._internal.callbacks import DatasetsCallback
+from ray.train.v2._internal.execution.controller import TrainController
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 from scaling.placement_group_watch import replace_ray_cleaner
@@ -161,9 +163,10 @@ def _train(train, trial, run, local, resume_dir):
 
 
 class TrialTrainer(DataParallelTrainer):
-    """Ray's TorchTrainer for a trial: the same process group, without torch in the Tune actor or the Train
-    controller (scaling.torch_backend), without a Ray Data actor when it is given no Ray datasets, and, given
-    the name of the study's placement-group watch, without a placement-group cleaner of its own."""
+    """Ray's TorchTrainer for a trial: the same process group, without torch in the Tune actor (scaling.torch_backend),
+    with its Train controller in the process that calls fit() rather than in a process of its own, without a Ray
+    Data actor when it is given no Ray datasets, and, given the name of the study's placement-group watch, without
+    a placement-group cleaner of its own."""
 
     def __init__(self, train_loop_per_worker, *, scaling_config, placement_group_watch=None, **kwargs):
         self._placement_group_watch = placement_group_watch  # before super().__init__, which builds the callbacks
@@ -185,6 +188,19 @@ class TrialTrainer(DataParallelTrainer):
         if self._placement_group_watch is not None:
             callbacks = replace_ray_cleaner(callbacks, self._placement_group_watch)
         return callbacks
+
+    def _initialize_and_run_controller(self, **controller_init_kwargs):
+        # Ray Train runs each run's controller as an actor of its own, pinned to the node of the process that calls
+        # fit() and owned by it: one more fresh process per trial that imports Ray Train before it asks for the
+        # trial's workers (2.1-2.6 s of every trial's start on the 2-core box, benchmarks/README.md). Here the
+        # controller runs in the calling process itself, the Tune trial's actor, which has Ray Train imported and
+        # whose fate the controller shared anyway. The controller is the same object running the same loop, so the
+        # worker-group restarts of FailureConfig, checkpoints and reports are Ray Train's own; the study's placement-
+        # group watch, given the Tune actor's id, frees the trial's resources when that actor dies. Ray Train's hook
+        # is private (Ray is pinned in pyproject.toml); tests/test_ray_trial.py checks it still takes effect.
+        controller = TrainController(**controller_init_kwargs)
+        asyncio.run(controller.run())
+        return controller.get_result()
 
 
 def trial_function(config):

@@ -1,7 +1,8 @@
 """A trial's trainer sets up torch's process group as Ray's TorchTrainer does, with fewer and lighter processes:
-no Ray Data actor, and no torch in the Train controller."""
+no Ray Data actor, no Train controller process (the controller runs in the Tune trial's actor), and no torch there."""
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,20 @@ from scaling.ray_trial import TrialTrainer
 
 ENV_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR",
             "ACCELERATE_TORCH_DEVICE")
+
+
+@ray.remote(num_cpus=0)
+class TuneTrial:
+    """Stands in for a Tune trial actor: a process of its own that calls fit(); whether it has imported torch."""
+
+    def fit(self, trainer_class, pickled_loop, config, name, storage):
+        def loop(config):  # unpickles the test's function on the workers only: it refers to torch
+            import ray.cloudpickle
+            ray.cloudpickle.loads(pickled_loop)(config)
+
+        trainer_class(loop, train_loop_config=config, scaling_config=ScalingConfig(num_workers=2),
+                      run_config=RunConfig(name=name, storage_path=storage)).fit()
+        return "torch" in sys.modules
 
 
 def dataset_managers(address):
@@ -49,15 +64,16 @@ def test_a_trial_trains_in_torchs_process_group_with_lighter_processes(tmp_path)
         def fit(trainer_class, name):
             out = tmp_path / name
             out.mkdir()
-            trainer = trainer_class(record, train_loop_config={"out": str(out), "env_vars": ENV_VARS, "address": address},
-                                    scaling_config=ScalingConfig(num_workers=2),
-                                    run_config=RunConfig(name=name, storage_path=str(tmp_path)))
-            trainer.fit()
-            return [json.loads(out.joinpath(f"rank{r}.txt").read_text()) for r in range(2)]
+            config = {"out": str(out), "env_vars": ENV_VARS, "address": address}
+            caller = TuneTrial.remote()
+            caller_has_torch = ray.get(caller.fit.remote(trainer_class, ray.cloudpickle.dumps(record), config, name,
+                                                         str(tmp_path)))
+            ranks = [json.loads(out.joinpath(f"rank{r}.txt").read_text()) for r in range(2)]
+            return ranks, caller_has_torch
 
-        ours = fit(TrialTrainer, "ours")
+        ours, ours_caller_has_torch = fit(TrialTrainer, "ours")
         assert dataset_managers(address) == 0
-        ray_s = fit(TorchTrainer, "ray")
+        ray_s, _ = fit(TorchTrainer, "ray")
         # Ray's own trainer starts one, so the count above would see it: the override took effect.
         assert dataset_managers(address) == 1
         for rank in range(2):
@@ -66,8 +82,10 @@ def test_a_trial_trains_in_torchs_process_group_with_lighter_processes(tmp_path)
             assert ours[rank]["sum"] == ray_s[rank]["sum"] == 2.0
             assert ours[rank]["env"] == ray_s[rank]["env"]
             assert ours[rank]["env"]["RANK"] == str(rank)
-        # One controller alive during each fit; Ray's imports torch, so the check can see it.
-        assert ours[0]["controllers_with_torch"] == [False]
+        # Ray's trainer runs one controller actor during its fit, and that process imports torch; ours runs its
+        # controller in the calling actor (no controller actor at all), which stays without torch.
+        assert ours[0]["controllers_with_torch"] == [] and not ours_caller_has_torch
         assert ray_s[0]["controllers_with_torch"] == [True]
+        assert len(list_actors(address=address, filters=[("class_name", "=", "TrainController")])) == 1
     finally:
         ray.shutdown()
