@@ -197,7 +197,9 @@ class TrialTrainer(DataParallelTrainer):
         # whose fate the controller shared anyway. The controller is the same object running the same loop, so the
         # worker-group restarts of FailureConfig, checkpoints and reports are Ray Train's own; the study's placement-
         # group watch, given the Tune actor's id, frees the trial's resources when that actor dies. Ray Train's hook
-        # is private (Ray is pinned in pyproject.toml); tests/test_ray_trial.py checks it still takes effect.
+        # is private (Ray is pinned in pyproject.toml); tests/test_ray_trial.py checks it still takes effect. What
+        # this gives up: `ray.train.get_all_reported_checkpoints()` on a worker, which asks the controller's actor
+        # (here the Tune actor, which has no such method); core.train resumes from `ray.train.get_checkpoint()`.
         controller = TrainController(**controller_init_kwargs)
         asyncio.run(controller.run())
         return controller.get_result()
