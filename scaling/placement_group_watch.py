@@ -30,7 +30,9 @@ class PlacementGroupWatch:
     """Removes the placement group of every registered Train controller that dies without removing it."""
 
     def __init__(self, check_interval_s=CHECK_INTERVAL_S, get_actor_timeout_s=GET_ACTOR_TIMEOUT_S):
-        self._groups = {}  # controller actor id -> its worker group's placement group (None before it has one)
+        # The id of the actor a controller runs in (a trial's Tune actor: scaling.ray_trial.TrialTrainer) -> its
+        # worker group's placement group (None before it has one).
+        self._groups = {}
         self._lock = threading.Lock()
         self._check_interval_s, self._get_actor_timeout_s = check_interval_s, get_actor_timeout_s
         threading.Thread(target=self._watch, name="PlacementGroupWatch", daemon=True).start()

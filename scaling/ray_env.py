@@ -22,7 +22,7 @@ def local_ray_options():
     """`ray.init`'s options for the local Ray instance a study starts when it is given no cluster."""
     # Ray prestarts one idle worker process per CPU for a new instance's first driver, so that its first
     # tasks start at once. Those processes have no runtime_env and every process of a study does (the job's,
-    # or Ray Train's own for its controllers and workers), so none of them is ever used; on the 2-core box
+    # or Ray Train's own for its workers), so none of them is ever used; on the 2-core box
     # they took 1.6 CPU-s just as the first trials start (a lone trial 11.9, 11.2, 10.6 s from scheduled to
     # first step without them, 13.0, 12.3, 11.7 s with them, interleaved; benchmarks/README.md).
     return {"include_dashboard": True, "dashboard_host": "127.0.0.1", "log_to_driver": False,
