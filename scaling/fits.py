@@ -360,33 +360,37 @@ def fit_law(law, x, y, groups=None, select=None, n_boot=N_BOOT, seed=0):
     """Fit law to the points (x, y) with bootstrap intervals over groups (one group per point if None).
 
     Points with a non-positive or non-finite value are dropped (the fits work in log space).
-    select(x, y) -> mask picks the points to fit after each resample, e.g. the compute frontier.
+    select(x, y) -> mask picks the points to fit, e.g. the compute frontier; only their trials are resampled.
     """
     x, y = np.asarray(x, float), np.asarray(y, float)
     groups = np.arange(len(y)) if groups is None else np.asarray(groups)
     usable = np.isfinite(y) & (y > 0) & np.all(np.isfinite(x) & (x > 0), axis=tuple(range(1, x.ndim)))
     x, y, groups = x[usable], y[usable], groups[usable]
+    if select is not None:
+        # Selected once, not in every resample: the frontier of a resample can only lose points (one better than
+        # everything cheaper stays so in any subset holding it), and where it loses one it rises, so refitting
+        # each resample's frontier puts the replicates on one side of the fit, its estimate at their interval's
+        # edge (the default study's L(C): no replicate's A below the estimate's). The intervals are the law's
+        # given the frontier: its points, resampled by trial.
+        keep = select(x, y)
+        x, y, groups = x[keep], y[keep], groups[keep]
 
-    estimate = _LawEstimate(law, x, y, select)
+    estimate = _LawEstimate(law, x, y)
     params = estimate(np.arange(len(y)))
-    n_points = int(select(x, y).sum()) if select is not None else len(y)
-    boot = (bootstrap(groups, _LawEstimate(law, x, y, select, params), n_boot, seed) if n_boot
+    boot = (bootstrap(groups, _LawEstimate(law, x, y, params), n_boot, seed) if n_boot
             else np.empty((0, len(params))))
     limits = law.limits(y) if law.limits else {}
-    return Fit(law, params, boot, n_points, len(np.unique(groups)), n_boot, limits)
+    return Fit(law, params, boot, len(y), len(np.unique(groups)), n_boot, limits)
 
 
 class _LawEstimate:
-    """The law fitted to the points idx (after select), from start: a picklable bootstrap estimate."""
+    """The law fitted to the points idx, from start: a picklable bootstrap estimate."""
 
-    def __init__(self, law, x, y, select=None, start=None):
-        self.law, self.x, self.y, self.select, self.start = law, x, y, select, start
+    def __init__(self, law, x, y, start=None):
+        self.law, self.x, self.y, self.start = law, x, y, start
 
     def __call__(self, idx):
         xi, yi = self.x[idx], self.y[idx]
-        if self.select is not None:
-            keep = self.select(xi, yi)
-            xi, yi = xi[keep], yi[keep]
         distinct = len(np.unique(xi, axis=0))
         if distinct < self.law.min_points:
             raise FitError(f"{self.law.formula} needs at least {self.law.min_points} distinct points, got {distinct}")

@@ -234,7 +234,8 @@ def tables(a):
             for coef, v in zip(f.law.names, f.params):
                 rows.append([FIT_TITLES.get(name, name), f.law.formula, coef, _num(v), f"[{_num(ci[coef][0])}, {_num(ci[coef][1])}]",
                              str(f.n_points), str(f.n_groups), f"{len(f.boot)}/{f.n_boot}"])
-        out.append(Table(f"Fitted laws ({CI_LEVEL:.0%} bootstrap intervals, resampling trials)",
+        out.append(Table(f"Fitted laws ({CI_LEVEL:.0%} bootstrap intervals, resampling the trials behind each fit: "
+                         f"for a frontier fit, the trials on the frontier)",
                          ["fit", "law", "coefficient", "value", "interval", "points", "trials", "resamples"], rows))
     if a.isoflop:
         out.append(Table("IsoFLOP profiles", ["budget C (Gflops)", "models", "N* (parameters)", "D* (steps)"],

@@ -124,6 +124,36 @@ def test_frontier_keeps_points_better_than_everything_cheaper():
     assert frontier(compute, loss).tolist() == [True, False, True, False, False, True]
 
 
+# A run of the default study (make run, 2026-12-03): (model, step, training compute in Gflop, val loss, FID).
+DEFAULT_STUDY = [
+    ("DiT-N/2", 400, 581.09, 0.13093, 243.51), ("DiT-N/2", 800, 1162.19, 0.11501, 131.60),
+    ("DiT-N/2", 1600, 2324.38, 0.09525, 28.62), ("DiT-N/4", 400, 159.25, 0.12800, 176.74),
+    ("DiT-N/4", 800, 318.50, 0.11877, 61.07), ("DiT-N/4", 1600, 637.01, 0.10540, 33.20),
+    ("DiT-P/2", 400, 132.75, 0.14076, 240.20), ("DiT-P/2", 800, 265.50, 0.12365, 210.21),
+    ("DiT-P/2", 1600, 531.00, 0.10676, 77.51), ("DiT-P/4", 400, 37.43, 0.13601, 195.45),
+    ("DiT-P/4", 800, 74.87, 0.12386, 115.64), ("DiT-P/4", 1600, 149.74, 0.10950, 53.86),
+    ("DiT-T/2", 400, 2384.86, 0.13154, 248.06), ("DiT-T/2", 800, 4769.71, 0.11002, 92.90),
+    ("DiT-T/2", 1600, 9539.42, 0.09281, 21.41), ("DiT-T/4", 400, 650.77, 0.12169, 129.14),
+    ("DiT-T/4", 800, 1301.54, 0.11596, 49.59), ("DiT-T/4", 1600, 2603.09, 0.10483, 28.36),
+]
+
+
+@pytest.mark.parametrize("law, column", [(SATURATING_POWER_LAW, 3), (POWER_LAW, 4)], ids=["L(C)", "FID(C)"])
+def test_frontier_fit_estimate_lies_within_its_replicates(law, column):
+    # Refitting each resample's own frontier put every replicate of this study's L(C) on one side of the fit
+    # (no A below the estimate's): the frontier of a resample only loses points, and rises where it does.
+    trial, compute, value = (np.array([row[i] for row in DEFAULT_STUDY]) for i in (0, 2, column))
+    fit = fit_law(law, compute, value, trial, frontier, n_boot=N_BOOT)
+    on_frontier = frontier(compute, value)
+    assert fit.n_points == on_frontier.sum() and fit.n_groups == len(set(trial[on_frontier]))
+    assert len(fit.boot) > N_BOOT // 2
+    intervals = fit.intervals()
+    for i, name in enumerate(law.names):
+        below = np.mean(fit.boot[:, i] < fit.params[i])
+        assert 0.1 < below < 0.9, f"{name}: {below:.0%} of the replicates below the estimate"
+        assert intervals[name][0] < fit.params[i] < intervals[name][1]
+
+
 def test_isoflop_recovers_the_compute_optimal_exponents():
     """With C = 6ND, L = E + A/N^α + B/D^β has N* ∝ C^(β/(α+β)) and D* ∝ C^(α/(α+β))."""
     rng = np.random.default_rng(3)
