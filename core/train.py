@@ -221,8 +221,15 @@ class ValidationBatch:
         """(mean loss, mean mse) over the whole batch, summed across ranks. Collective."""
         sums = torch.zeros(2, device=self.x.device, dtype=torch.float64)
         if len(self.x):
-            with torch.autocast(self.x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                terms = diffusion.training_losses(model, self.x, self.t, dict(y=self.y), noise=self.noise)
+            # In eval mode: a training-mode DiT swaps labels for the null class at random, from the global
+            # generator, which would make the loss depend on what drew from it before (and on the rank).
+            was_training = model.training
+            model.eval()
+            try:
+                with torch.autocast(self.x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    terms = diffusion.training_losses(model, self.x, self.t, dict(y=self.y), noise=self.noise)
+            finally:
+                model.train(was_training)
             sums += torch.stack([terms["loss"].double().sum(), terms["mse"].double().sum()])
         if dist.is_initialized():
             dist.all_reduce(sums)
@@ -357,7 +364,6 @@ def train(cfg, out_dir, milestones=(), callbacks=None, resume_from=None, checkpo
             if at_milestone and validation is not None:
                 metrics["val_loss"], metrics["val_mse"] = validation.loss(engine.module, diffusion, autocast_dtype)
                 metrics["val_loss_ema"], _ = validation.loss(ema.model, diffusion, autocast_dtype)
-                engine.train()
             state = {
                 "step": step, "train_time_s": train_time, "sampler": _sampler_position(sampler, step), "model_config": mcfg,
                 "world_size": world, "zero_stage": cfg.zero_stage, "config": _jsonable(cfg), "history": history,
