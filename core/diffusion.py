@@ -40,7 +40,10 @@ def space_timesteps(num_timesteps, section_counts):
         if size < count:
             raise ValueError(f"cannot take {count} steps from a section of {size} steps")
         stride = 1 if count <= 1 else (size - 1) / (count - 1)
-        steps += [start + round(stride * j) for j in range(count)]
+        position = 0.0
+        for _ in range(count):  # the stride summed, not multiplied: the reference's rounding at ties (.5)
+            steps.append(start + round(position))
+            position += stride
         start += size
     return set(steps)
 
@@ -196,7 +199,7 @@ def create_diffusion(timestep_respacing="", learn_sigma=True, diffusion_steps=10
     """The diffusion DiT trains with (respacing "") or samples with (e.g. "250", "ddim50")."""
     betas = linear_beta_schedule(diffusion_steps)
     if variance_type is None:
-        variance_type = "learned_range" if learn_sigma else "fixed_small"
+        variance_type = "learned_range" if learn_sigma else "fixed_large"  # the reference's default (not sigma_small)
     if not timestep_respacing:
         return GaussianDiffusion(betas, variance_type)
     use_timesteps = space_timesteps(diffusion_steps, timestep_respacing)

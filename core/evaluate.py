@@ -128,7 +128,8 @@ def generate(model, cfg, labels, seeds, *, device, decode=None, autocast_dtype=N
         y = labels[start:start + cfg.batch_size].to(device)
         x = sample(model, y, seeds[start:start + cfg.batch_size], sampler=cfg.sampler, num_steps=cfg.num_steps,
                    cfg_scale=cfg.cfg_scale, eta=cfg.eta, guided_channels=cfg.guided_channels,
-                   diffusion_steps=cfg.diffusion_steps, autocast_dtype=autocast_dtype)  # (B, C, h, w)
+                   diffusion_steps=cfg.diffusion_steps, autocast_dtype=autocast_dtype,
+                   clip_denoised=decode is None)  # (B, C, h, w); latents, which decode takes, are not in [-1, 1]
         if decode is not None:
             x = decode(x)  # (B, 3, H, W)
         out.append(to_uint8(x).cpu())

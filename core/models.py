@@ -286,7 +286,8 @@ class DiT(nn.Module):
         half = x[: len(x) // 2]
         combined = torch.cat([half, half], dim=0)
         model_out = self.forward(combined, t, y)
-        k = self.in_channels if guided_channels is None else guided_channels
+        # Never more than the noise channels: the rest are the learned variance, which guidance leaves alone.
+        k = self.in_channels if guided_channels is None else min(guided_channels, self.in_channels)
         eps, rest = model_out[:, :k], model_out[:, k:]
         cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
         half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)

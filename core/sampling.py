@@ -7,21 +7,30 @@ from core.diffusion import linear_beta_schedule, space_timesteps
 SAMPLERS = ("ddpm", "ddim")
 
 
-def make_scheduler(sampler="ddpm", num_steps=250, learn_sigma=True, diffusion_steps=1000):
-    """A diffusers scheduler on the betas DiT trains with, respaced to num_steps."""
+def make_scheduler(sampler="ddpm", num_steps=250, learn_sigma=True, diffusion_steps=1000, clip_denoised=True):
+    """A diffusers scheduler on the betas DiT trains with, respaced to num_steps.
+
+    clip_denoised clips each x_0 prediction to [-1, 1]: right for pixels, wrong for latents, which the
+    reference samples unclipped (its sample.py's clip_denoised=False).
+    """
     betas = linear_beta_schedule(diffusion_steps)
     if sampler == "ddpm":
         scheduler = DDPMScheduler(
-            num_train_timesteps=diffusion_steps, trained_betas=betas, prediction_type="epsilon", clip_sample=True,
-            variance_type="learned_range" if learn_sigma else "fixed_small",
+            num_train_timesteps=diffusion_steps, trained_betas=betas, prediction_type="epsilon",
+            clip_sample=clip_denoised, variance_type="learned_range" if learn_sigma else "fixed_large",
         )
         # The reference's respacing ("250" = round(i * 999 / 249)), given as explicit timesteps.
         scheduler.set_timesteps(timesteps=sorted(space_timesteps(diffusion_steps, str(num_steps)), reverse=True))
     elif sampler == "ddim":
-        # "leading" spacing is the reference's "ddimN" whenever N divides the training steps.
+        # "leading" spacing is the reference's "ddimN" when N divides the training steps. Otherwise the
+        # reference takes another stride (ddim30 of 1000: every 34th step from 986, where "leading" takes every
+        # 33rd from 957) or none, and diffusers' DDIM takes no explicit timesteps: such N are refused.
+        if diffusion_steps % num_steps:
+            raise ValueError(f"DDIM with {num_steps} steps: the number of steps must divide the training's "
+                             f"{diffusion_steps} diffusion steps")
         scheduler = DDIMScheduler(
-            num_train_timesteps=diffusion_steps, trained_betas=betas, prediction_type="epsilon", clip_sample=True,
-            set_alpha_to_one=True, timestep_spacing="leading",
+            num_train_timesteps=diffusion_steps, trained_betas=betas, prediction_type="epsilon",
+            clip_sample=clip_denoised, set_alpha_to_one=True, timestep_spacing="leading",
         )
         scheduler.set_timesteps(num_steps)
     else:
@@ -31,11 +40,12 @@ def make_scheduler(sampler="ddpm", num_steps=250, learn_sigma=True, diffusion_st
 
 @torch.no_grad()
 def sample(model, labels, seeds, *, sampler="ddpm", num_steps=250, cfg_scale=1.0, eta=0.0, guided_channels=3,
-           diffusion_steps=1000, autocast_dtype=None):
+           diffusion_steps=1000, autocast_dtype=None, clip_denoised=True):
     """Generate one image per label; image i depends only on seeds[i], not on the batch it is in.
 
     cfg_scale 1.0 samples the conditional model alone (the paper's scaling plots); above 1.0 the
-    batch is doubled with null labels and guided through model.forward_with_cfg.
+    batch is doubled with null labels and guided through model.forward_with_cfg. clip_denoised: pixels
+    (True) or latents (False), see make_scheduler.
     """
     if len(labels) != len(seeds):
         raise ValueError(f"got {len(labels)} labels but {len(seeds)} seeds")
@@ -43,7 +53,7 @@ def sample(model, labels, seeds, *, sampler="ddpm", num_steps=250, cfg_scale=1.0
         raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale}")
     device = labels.device
     c, size = model.in_channels, model.config["input_size"]
-    scheduler = make_scheduler(sampler, num_steps, model.learn_sigma, diffusion_steps)
+    scheduler = make_scheduler(sampler, num_steps, model.learn_sigma, diffusion_steps, clip_denoised)
     generators = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
     x = torch.cat([torch.randn(1, c, size, size, generator=g, device=device) for g in generators])  # (N, C, H, W)
     guided = cfg_scale != 1.0

@@ -553,6 +553,11 @@ def _check_eval(raw, info, where, check_data, warnings):
     if ev["sampling_steps"] > raw["train"]["diffusion_steps"] and "train.diffusion_steps" not in raw["sweep"]:
         raise where.error(("eval", "sampling_steps"), f"{ev['sampling_steps']} is more than train.diffusion_steps "
                                                       f"({raw['train']['diffusion_steps']})")
+    chains = raw["sweep"].get("train.diffusion_steps") or [raw["train"]["diffusion_steps"]]
+    for chain in chains:
+        if ev["sampler"] == "ddim" and chain % ev["sampling_steps"]:  # core.sampling's DDIM refuses them
+            raise where.error(("eval", "sampling_steps"), f"DDIM takes every k-th of train.diffusion_steps "
+                                                          f"({chain}) steps: {ev['sampling_steps']} does not divide it")
 
 
 def feature_dim(extractor):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from core.diffusion import create_diffusion, linear_beta_schedule, space_timesteps
+from core.evaluate import EvalConfig, generate
 from core.sampling import make_scheduler, sample
 
 
@@ -69,6 +70,9 @@ def test_p_mean_variance(reference, reference_model):
 def test_space_timesteps_like_the_reference():
     steps = sorted(space_timesteps(1000, "250"))
     assert len(steps) == 250 and steps[0] == 0 and steps[-1] == 999 and steps[1] == 4
+    # The reference accumulates the fractional stride: its 11th of 21 steps is 10 × 49.95 summed, 499.49999...,
+    # which rounds to 499 (a product, 499.5, would round to 500).
+    assert 499 in space_timesteps(1000, "21") and 500 not in space_timesteps(1000, "21")
     assert sorted(space_timesteps(1000, "ddim50")) == list(range(0, 1000, 20))
     assert len(space_timesteps(100, "10,15,20")) == 45
     with pytest.raises(ValueError):
@@ -133,3 +137,47 @@ def test_guidance_scale_one_is_the_conditional_model(reference_model):
     with pytest.raises(ValueError, match="cfg_scale"):
         sample(reference_model, labels, [1, 2], sampler="ddim", num_steps=5, cfg_scale=-1.0)
     assert plain.shape == (2, 4, 8, 8)
+
+
+def test_fixed_variance_samples_with_the_references_large_variance(reference, reference_model):
+    """learn_sigma=False: the reference's FIXED_LARGE (β_t), in core's diffusion and in the DDPM sampler."""
+    _, _, ref = reference
+    assert create_diffusion(learn_sigma=False).variance_type == "fixed_large"
+    spaced, scheduler = create_diffusion("250", learn_sigma=False), make_scheduler("ddpm", 250, learn_sigma=False)
+    index = 120
+    t_orig = int(spaced.timestep_map[index])
+    x, y, n = ref["x_t"], ref["y"], len(ref["y"])
+    with torch.no_grad():
+        eps = reference_model(x, torch.full((n,), t_orig), y)[:, :4]  # (N, 4, H, W): a fixed-variance model's output
+    ours = spaced.p_mean_variance(None, x, torch.full((n,), index), model_output=eps)
+    theirs = scheduler.step(eps, t_orig, x, generator=[torch.Generator().manual_seed(i) for i in range(n)])
+    noise = torch.cat([torch.randn(1, *x.shape[1:], generator=torch.Generator().manual_seed(i)) for i in range(n)])
+    torch.testing.assert_close(theirs.prev_sample, ours["mean"] + torch.exp(0.5 * ours["log_variance"]) * noise,
+                               atol=1e-4, rtol=1e-4)
+
+
+class DataAtTwo(torch.nn.Module):
+    """The exact ε-predictor of data that is 2.0 everywhere: latent-like values, outside pixels' [-1, 1]."""
+
+    in_channels, learn_sigma, config = 1, False, dict(input_size=4, num_classes=10)
+
+    def forward(self, x, t, y):
+        alpha_bar = torch.as_tensor(np.cumprod(1 - linear_beta_schedule(1000)), dtype=torch.float32)[t]
+        alpha_bar = alpha_bar.view(-1, 1, 1, 1)
+        return (x - alpha_bar.sqrt() * 2.0) / (1 - alpha_bar).sqrt()
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_latents_are_sampled_unclipped_and_pixels_clipped(sampler):
+    # The reference samples latents with clip_denoised=False (they are not confined to [-1, 1]) and clips
+    # only pixels' x_0 predictions.
+    model, labels, seeds = DataAtTwo(), torch.zeros(3, dtype=torch.long), [0, 1, 2]
+    unclipped = sample(model, labels, seeds, sampler=sampler, num_steps=50, clip_denoised=False)
+    clipped = sample(model, labels, seeds, sampler=sampler, num_steps=50)
+    torch.testing.assert_close(unclipped, torch.full_like(unclipped, 2.0), atol=1e-3, rtol=0)
+    assert clipped.max() <= 1.0 + 1e-6
+    # evaluate's generate samples latents (what it decodes) unclipped: through a stand-in decoder z / 4, the
+    # data's 2.0 becomes 0.5, uint8 191 (a clipped 1.0 would give 0.25, uint8 159).
+    cfg = EvalConfig(sampler=sampler, num_steps=50, batch_size=8)
+    decoded = generate(model, cfg, labels, seeds, device=torch.device("cpu"), decode=lambda z: z / 4)
+    assert (decoded == 191).all()

@@ -43,6 +43,25 @@ def test_guiding_every_channel_differs_only_in_channel_three(reference, referenc
     assert torch.equal(full[:3, :4], full[3:, :4])
 
 
+def test_guidance_never_reaches_the_variance_channels_of_a_model_with_fewer_noise_channels():
+    # The default guided_channels=3 is the paper's, for 4 latent channels; a 1-channel model (the digits)
+    # has its variance in channel 1, which guidance must leave as the model predicted it.
+    from core.models import DiT, model_config
+
+    torch.manual_seed(0)
+    model = DiT(**model_config("DiT-P/2")).eval()
+    for p in model.parameters():  # adaLN-Zero starts every output at 0: give the outputs something to guide
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.randn(2, 1, 8, 8).repeat(2, 1, 1, 1)
+    t, y = torch.tensor([500] * 4), torch.tensor([3, 7, 10, 10])
+    with torch.no_grad():
+        plain = model(x, t, y)
+        guided = model.forward_with_cfg(x, t, y, 4.0)
+    assert torch.equal(guided[:, 1], plain[:, 1])  # the variance channel of each half, unguided
+    expected = plain[2:, 0] + 4.0 * (plain[:2, 0] - plain[2:, 0])
+    torch.testing.assert_close(guided[:2, 0], expected)
+
+
 def test_positional_embedding_matches_reference(reference):
     meta, weights, _ = reference
     d = meta["model"]["hidden_size"]

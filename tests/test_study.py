@@ -255,6 +255,13 @@ BAD = {
                      "{f}:14: resources.workers_per_trial: must be >= 1, got 0"),
     "negative guidance": (edit("fid_samples: 100", "cfg_scale: -0.5"), [], "{f}:12: eval.cfg_scale: must be >= 0, "
                           "got -0.5"),
+    "DDIM steps that do not divide the chain": (edit("fid_samples: 100", "sampling_steps: 30"), [],
+                                                "{f}:12: eval.sampling_steps: DDIM takes every k-th of "
+                                                "train.diffusion_steps (1000) steps: 30 does not divide it"),
+    "DDIM steps that do not divide a swept chain": (
+        edit("fid_samples: 100", "sampling_steps: 40"), ["sweep.train.diffusion_steps=[1000, 400, 300]"],
+        "{f}:12: eval.sampling_steps: DDIM takes every k-th of train.diffusion_steps (300) steps: 40 does not "
+        "divide it"),
     "one image for FID": (edit("fid_samples: 100", "fid_samples: 1"), [], "{f}:12: eval.fid_samples: must be >= 2, "
                           "got 1"),
     "batch not divisible by the workers": (edit("workers_per_trial: 1", "workers_per_trial: 3"), [],
