@@ -175,23 +175,48 @@ def step_randomness(seed, step, batch, shape, num_classes_drop_p, num_timesteps,
     return t, noise, drop
 
 
-class BatchSource:
-    """This rank's images and labels of each global batch, from memory or a DataLoader."""
+def fits_on_device(nbytes, device, free_bytes=None):
+    """Whether a dataset of nbytes may live on the training device: always on a CPU; on a GPU when it takes at
+    most a sixteenth of the memory still free (free_bytes, default: the device's), the rest being activations'."""
+    if device.type != "cuda":
+        return True
+    if free_bytes is None:
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+    return nbytes <= free_bytes // 16
 
-    def __init__(self, dataset, sampler, device, num_workers):
+
+class BatchSource:
+    """This rank's images and labels of each global batch, from memory or a DataLoader.
+
+    An in-memory dataset (`.tensors`) is moved to the device once when it fits there (the digits), else it
+    stays in host memory and each batch is copied over (in-memory ImageNet latents are tens of GB: they fit a
+    node's RAM, which is what LatentShards checks, not a GPU's memory).
+    """
+
+    def __init__(self, dataset, sampler, device, num_workers, resident=None):
         self.sampler, self.device = sampler, device
         self.tensors = getattr(dataset, "tensors", None)
         if self.tensors is not None:
-            self.tensors = tuple(t.to(device) for t in self.tensors)
+            nbytes = sum(t.nbytes for t in self.tensors)
+            self.resident = fits_on_device(nbytes, device) if resident is None else resident
+            if self.resident:
+                self.tensors = tuple(t.to(device) for t in self.tensors)
         else:
             self.dataset, self.num_workers = dataset, num_workers
 
     def __iter__(self):
         if self.tensors is not None:
             x_all, y_all = self.tensors
+            pin = self.device.type == "cuda"
             for idx in self.sampler:
-                idx = torch.as_tensor(idx, device=self.device)
-                yield x_all[idx], y_all[idx]
+                if self.resident:
+                    idx = torch.as_tensor(idx, device=self.device)
+                    yield x_all[idx], y_all[idx]
+                else:
+                    x, y = x_all[torch.as_tensor(idx)], y_all[torch.as_tensor(idx)]
+                    if pin:  # a page-locked batch copies asynchronously
+                        x, y = x.pin_memory(), y.pin_memory()
+                    yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         else:
             loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=self.num_workers,
                                                  pin_memory=self.device.type == "cuda", persistent_workers=False)

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from core import checkpoint as ckpt
-from core.train import Callbacks, TrainConfig, TrainingDiverged, train
+from core.data import ShardedBatchSampler, build_dataset
+from core.train import BatchSource, Callbacks, TrainConfig, TrainingDiverged, fits_on_device, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,6 +67,20 @@ def test_validation_loss_is_a_function_of_the_weights_alone(tmp_path):
     losses_2, state_2 = history(tmp_path / "twice")
     assert losses_1 == losses_2 and state_1["metrics"]["val_loss_ema"] == state_2["metrics"]["val_loss_ema"]
     assert state_1["metrics"]["val_loss"] == state_2["metrics"]["val_loss"]
+
+
+def test_an_in_memory_dataset_too_large_for_the_gpu_stays_in_host_memory():
+    gib = 2 ** 30
+    assert fits_on_device(7 * 2 ** 20, torch.device("cuda"), free_bytes=70 * gib)  # the digits
+    assert not fits_on_device(42 * 10 ** 9, torch.device("cuda"), free_bytes=70 * gib)  # ImageNet latents, 2 views
+    assert fits_on_device(42 * 10 ** 9, torch.device("cpu"))
+    # Copied batch by batch or indexed in place, the batches are the same.
+    dataset = build_dataset("digits")
+    sources = [iter(BatchSource(dataset, ShardedBatchSampler(len(dataset), 32, seed=1), torch.device("cpu"), 0,
+                                resident=resident)) for resident in (True, False)]
+    for _ in range(3):
+        (x_a, y_a), (x_b, y_b) = (next(s) for s in sources)
+        assert torch.equal(x_a, x_b) and torch.equal(y_a, y_b) and x_a.shape == (32, 1, 8, 8)
 
 
 def test_milestones_checkpoints_and_pruning(tmp_path):
