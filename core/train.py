@@ -224,16 +224,36 @@ class BatchSource:
                 yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
+VALIDATION_SEED = 20_231_219
+
+
+def validation_indices(dataset_name, num_items, n):
+    """The items of a dataset's held-out split that the validation loss is measured on.
+
+    Digits' held-out split is images that training never sees: its first n. An image folder's or a latent set's
+    is their training images, unflipped (no held-out data comes with them): n of them drawn at a fixed seed, so
+    that they spread over the classes (the first n of a folder sorted by class would be one class).
+    """
+    n = min(n, num_items)
+    if dataset_name == "digits":
+        return list(range(n))
+    drawn = torch.randperm(num_items, generator=torch.Generator().manual_seed(VALIDATION_SEED))[:n]
+    return sorted(drawn.tolist())  # in file order: memory-mapped shards are read front to back
+
+
 class ValidationBatch:
-    """A fixed held-out batch with fixed timesteps and noise: a loss comparable across models and steps."""
+    """A fixed batch of images (see validation_indices) with fixed timesteps and noise: a loss comparable
+    across models and steps."""
 
     def __init__(self, cfg, rank, world, device, num_timesteps):
-        dataset = build_dataset(cfg.dataset, split="heldout", path=cfg.data_path, image_size=cfg.image_size)
-        n = min(cfg.val_batch, len(dataset))
-        items = [dataset[i] for i in range(n)]
+        # A latent set is read item by item from its memory-mapped shards here, not loaded whole a second time.
+        opts = {"in_memory": False} if cfg.dataset == "latents" else {}
+        dataset = build_dataset(cfg.dataset, split="heldout", path=cfg.data_path, image_size=cfg.image_size, **opts)
+        items = [dataset[i] for i in validation_indices(cfg.dataset, len(dataset), cfg.val_batch)]
+        n = len(items)
         x = torch.stack([torch.as_tensor(it[0]) for it in items])
         y = torch.as_tensor([int(it[1]) for it in items])
-        g = torch.Generator().manual_seed(20_231_219)
+        g = torch.Generator().manual_seed(VALIDATION_SEED)
         # Timesteps evenly spread over the chain: every noise level weighs the same in every evaluation.
         t = torch.linspace(0, num_timesteps - 1, n).round().long()
         noise = torch.randn(x.shape, generator=g)

@@ -29,7 +29,7 @@ RESULTS_SCHEMA = pa.schema([
     pa.field("max_step", pa.int64()),  # the trial's final step
     pa.field("train_compute", pa.float64()),  # training compute so far in Gflops: gflops * batch_size * step * 3
     pa.field("train_loss", pa.float64()),  # training loss (diffusion objective), averaged over the last log window
-    pa.field("val_loss", pa.float64()),  # loss on held-out images at fixed timesteps and noise
+    pa.field("val_loss", pa.float64()),  # loss on fixed images at fixed timesteps and noise (digits: held out)
     pa.field("fid", pa.float64()),  # FID of generated samples against real images
     pa.field("fid_floor", pa.float64()),  # FID of held-out vs training real images at the same count: the noise floor
     pa.field("kid", pa.float64()),  # kernel inception distance

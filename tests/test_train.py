@@ -5,13 +5,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from core import checkpoint as ckpt
 from core.data import ShardedBatchSampler, build_dataset
-from core.train import BatchSource, Callbacks, TrainConfig, TrainingDiverged, fits_on_device, train
+from core.train import BatchSource, Callbacks, TrainConfig, TrainingDiverged, ValidationBatch, fits_on_device, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,6 +68,28 @@ def test_validation_loss_is_a_function_of_the_weights_alone(tmp_path):
     losses_2, state_2 = history(tmp_path / "twice")
     assert losses_1 == losses_2 and state_1["metrics"]["val_loss_ema"] == state_2["metrics"]["val_loss_ema"]
     assert state_1["metrics"]["val_loss"] == state_2["metrics"]["val_loss"]
+
+
+def test_validation_images_spread_over_the_classes_of_a_folder_sorted_by_class(tmp_path):
+    # An image folder has no held-out split: validation draws from its (unflipped) images at a fixed seed
+    # rather than taking the first val_batch, which are all of the first class.
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in ("ant", "bee", "cat"):
+        (tmp_path / c).mkdir()
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / c / f"{i}.png")
+    cfg = TrainConfig(model="DiT-P/2", dataset="imagefolder", data_path=str(tmp_path), image_size=8, val_batch=6)
+    val = ValidationBatch(cfg, 0, 1, torch.device("cpu"), 1000)
+    assert len(val.y) == 6 and len(set(val.y.tolist())) > 1
+    folder = build_dataset("imagefolder", split="heldout", path=tmp_path, image_size=8)
+    first = val.y.tolist().index(val.y.min().item())
+    assert any(torch.equal(val.x[first], folder[i][0]) for i in range(len(folder)))
+    assert torch.equal(ValidationBatch(cfg, 0, 1, torch.device("cpu"), 1000).x, val.x)  # the same every time
+    # Digits keep their held-out split's first images, which training never sees.
+    digits = ValidationBatch(tiny_config(val_batch=5), 0, 1, torch.device("cpu"), 1000)
+    assert torch.equal(digits.x, build_dataset("digits", split="heldout").tensors[0][:5])
 
 
 def test_an_in_memory_dataset_too_large_for_the_gpu_stays_in_host_memory():
