@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 from core.digits import digits_arrays
 from core.latents import LatentShards, read_meta
@@ -46,17 +46,33 @@ def center_crop(pil_image, image_size):
     return pil_image.crop((left, top, left + image_size, top + image_size))
 
 
-def image_transform(image_size, flip):
-    """PIL image -> float32 (3, image_size, image_size) in [-1, 1], randomly mirrored when flip."""
+def image_transform(image_size):
+    """PIL image -> float32 (3, image_size, image_size) in [-1, 1], centre-cropped (the mirror is MirroredImages')."""
     # torchvision is imported where image folders need it: it pulls in torch._dynamo, seconds of
     # every trial's start-up that digits and latents do not need.
     from torchvision import transforms
 
-    steps = [transforms.Lambda(partial(center_crop, image_size=image_size))]  # picklable for DataLoader workers
-    if flip:
-        steps.append(transforms.RandomHorizontalFlip())
-    steps += [transforms.ToTensor(), transforms.Normalize([0.5, 0.5, 0.5], [0.5, 0.5, 0.5], inplace=True)]
-    return transforms.Compose(steps)
+    return transforms.Compose([
+        transforms.Lambda(partial(center_crop, image_size=image_size)),  # picklable for DataLoader workers
+        transforms.ToTensor(), transforms.Normalize([0.5, 0.5, 0.5], [0.5, 0.5, 0.5], inplace=True),
+    ])
+
+
+class MirroredImages(Dataset):
+    """Item j is image j // 2 of an image folder, mirrored when j is odd: the reference's random horizontal flip
+    (after the crop), drawn without replacement and a pure function of the sampler's position, so that a resumed
+    run and any world size see the same views (core.latents.LatentShards does the same for latents).
+    """
+
+    def __init__(self, folder):
+        self.folder, self.classes, self.samples = folder, folder.classes, folder.samples
+
+    def __len__(self):
+        return 2 * len(self.folder)
+
+    def __getitem__(self, j):
+        x, y = self.folder[j // 2]  # (3, H, W)
+        return (x.flip(-1) if j % 2 else x), y
 
 
 def scan_image_folder(path):
@@ -80,15 +96,16 @@ def scan_image_folder(path):
 
 
 def build_imagefolder(split="train", path=None, image_size=None):
-    """An ImageNet-style folder (one sub-folder per class), centre-cropped; flipped at random when training.
+    """An ImageNet-style folder (one sub-folder per class), centre-cropped; every image also mirrored when training.
 
-    The held-out set of a folder dataset is another folder: `split` only turns the flips off.
+    The held-out set of a folder dataset is another folder: `split` only leaves out the mirrors.
     """
     _require("imagefolder", path, image_size)
     from torchvision.datasets import ImageFolder
 
     scan_image_folder(path)  # our error messages instead of torchvision's
-    return ImageFolder(str(path), transform=image_transform(image_size, flip=split == "train"))
+    folder = ImageFolder(str(path), transform=image_transform(image_size))
+    return MirroredImages(folder) if split == "train" else folder
 
 
 def build_latents(split="train", path=None, image_size=None, in_memory=None):

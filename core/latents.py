@@ -174,7 +174,7 @@ def _load_images(batch, image_size):
 
     from core.data import image_transform
 
-    transform = image_transform(image_size, flip=False)  # the training transform, without the random flip
+    transform = image_transform(image_size)  # the training transform; the mirror is encoded as view 1
     images = [transform(default_loader(p)).numpy() for p in batch["path"]]
     return {"image": np.stack(images), "label": batch["label"], "index": batch["index"]}
 

@@ -644,7 +644,7 @@ def _check_point(train, workers, info, dataset, error_at):
     if train["batch_size"] % divisor:
         raise error_at("batch_size", f"{train['batch_size']} is not divisible by grad_accum × workers_per_trial "
                                        f"= {train['grad_accum']} × {workers}")
-    items = info["num_images"] and info["num_images"] * (2 if dataset == "latents" else 1)  # latents add mirrors
+    items = info["num_images"] and info["num_images"] * (1 if dataset == "digits" else 2)  # folders add mirrors
     if items and train["batch_size"] > items:
         raise error_at("batch_size", f"{train['batch_size']} is larger than the dataset ({items} items)")
 
