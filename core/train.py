@@ -417,7 +417,8 @@ def train(cfg, out_dir, milestones=(), callbacks=None, resume_from=None, checkpo
             path = ckpt.save_checkpoint(checkpoint_dir, engine, ema, state, rank, shared_checkpoint_dir)
             if at_milestone:
                 metrics.update(callbacks.on_milestone(trial, dict(metrics)) or {})
-            callbacks.on_checkpoint(trial, path, dict(metrics))
+            # Under this step: the metrics may be those of an earlier log step, or none yet.
+            callbacks.on_checkpoint(trial, path, {**metrics, "step": step})
             if rank == 0 or not shared_checkpoint_dir:
                 ckpt.prune_checkpoints(checkpoint_dir, cfg.keep_checkpoints)
     return metrics

@@ -398,9 +398,10 @@ class _LawEstimate:
 
 
 def frontier(x, y):
-    """Mask of the compute-efficient frontier: points better (lower y) than every point of less x."""
+    """Mask of the compute-efficient frontier: points better (lower y) than every point of less x and than every
+    other point of the same x (of exact repeats, the first)."""
     x, y = np.asarray(x, float), np.asarray(y, float)
-    order = np.argsort(x, kind="stable")
+    order = np.lexsort((y, x))  # by x, and at equal x best first, so each point is compared with those too
     best_before = np.concatenate([[np.inf], np.minimum.accumulate(y[order])[:-1]])
     mask = np.zeros(len(x), bool)
     mask[order] = y[order] < best_before

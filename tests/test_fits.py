@@ -122,6 +122,13 @@ def test_frontier_keeps_points_better_than_everything_cheaper():
     compute = np.array([1, 2, 3, 4, 5, 6])
     loss = np.array([5.0, 6.0, 4.0, 4.0, 4.5, 3.0])
     assert frontier(compute, loss).tolist() == [True, False, True, False, False, True]
+    # Trials of one model in an lr sweep share their compute at every step: of points with the same compute only
+    # the best can be on the frontier, whatever their order.
+    compute = np.array([1e3, 1e3, 2e3, 2e3, 4e3, 4e3])
+    loss = np.array([10.0, 8.0, 9.0, 7.0, 8.5, 6.0])
+    assert frontier(compute, loss).tolist() == [False, True, False, True, False, True]
+    assert frontier(compute[::-1], loss[::-1]).tolist() == [True, False, True, False, True, False]
+    assert frontier([1, 1, 2], [3.0, 3.0, 2.0]).tolist() == [True, False, True]  # an exact repeat counts once
 
 
 # A run of the default study (make run, 2026-12-03): (model, step, training compute in Gflop, val loss, FID).

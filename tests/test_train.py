@@ -123,6 +123,19 @@ def test_milestones_checkpoints_and_pruning(tmp_path):
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
 
 
+def test_every_checkpoint_report_names_its_own_step(tmp_path):
+    # Checkpoints before the first log, or between two logs, carried the last log's metrics: no step, or an
+    # earlier one, under which the driver would file the checkpoint.
+    reported = []
+
+    class Record(Callbacks):
+        def on_checkpoint(self, trial, path, metrics):
+            reported.append((trial.step, metrics.get("step")))
+
+    train(tiny_config(max_steps=6, log_every=4, ckpt_every=1, val_batch=0), tmp_path, callbacks=Record())
+    assert reported == [(s, s) for s in range(1, 7)]
+
+
 def test_loss_falls_and_ema_differs_from_weights(tmp_path):
     losses, _ = [], None
     train(tiny_config(max_steps=30, log_every=5), tmp_path)
