@@ -11,6 +11,7 @@ import functools
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -55,12 +56,20 @@ def integer(**bounds):
 
 
 def number(**bounds):
-    """A float within bounds; ints are accepted and made floats so that 1 and 1.0 hash alike."""
+    """A finite float within bounds; ints are accepted and made floats so that 1 and 1.0 hash alike."""
     def check(value):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _Invalid(f"expected a number, got {value!r}")
-        _check_range(value, **bounds)
-        return float(value)
+        try:
+            as_float = float(value)
+        except OverflowError:  # an int past 1.8e308; not shown, as it may have hundreds of digits
+            raise _Invalid("expected a number, got an integer too large for a float") from None
+        # Trial ids hash JSON, which has no inf or nan; checked before the bounds, as NaN fails them all
+        # with a misleading "must be > 0".
+        if not math.isfinite(as_float):
+            raise _Invalid(f"must be a finite number, got {value!r}")
+        _check_range(as_float, **bounds)
+        return as_float
     return check
 
 
@@ -550,11 +559,12 @@ def _check_eval(raw, info, where, check_data, warnings):
         warnings.append(f"{where(('eval', 'fid_samples'))}: eval.fid_samples: FID from {ev['fid_samples']} images "
                         f"of {dim}-d features: their covariance is rank-deficient, so FID is biased upwards and "
                         f"noisy; use several times {dim} images")
-    if ev["sampling_steps"] > raw["train"]["diffusion_steps"] and "train.diffusion_steps" not in raw["sweep"]:
-        raise where.error(("eval", "sampling_steps"), f"{ev['sampling_steps']} is more than train.diffusion_steps "
-                                                      f"({raw['train']['diffusion_steps']})")
+    # Every swept chain, as each trial samples with its own and would fail only after training.
     chains = raw["sweep"].get("train.diffusion_steps") or [raw["train"]["diffusion_steps"]]
     for chain in chains:
+        if ev["sampling_steps"] > chain:  # first: DDIM's divisibility message would hide the reason
+            raise where.error(("eval", "sampling_steps"), f"{ev['sampling_steps']} is more than "
+                                                          f"train.diffusion_steps ({chain})")
         if ev["sampler"] == "ddim" and chain % ev["sampling_steps"]:  # core.sampling's DDIM refuses them
             raise where.error(("eval", "sampling_steps"), f"DDIM takes every k-th of train.diffusion_steps "
                                                           f"({chain}) steps: {ev['sampling_steps']} does not divide it")

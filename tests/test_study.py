@@ -262,8 +262,29 @@ BAD = {
         edit("fid_samples: 100", "sampling_steps: 40"), ["sweep.train.diffusion_steps=[1000, 400, 300]"],
         "{f}:12: eval.sampling_steps: DDIM takes every k-th of train.diffusion_steps (300) steps: 40 does not "
         "divide it"),
+    "sampling steps beyond the chain": (edit("fid_samples: 100", "sampling_steps: 25\n  sampler: ddpm"),
+                                        ["train.diffusion_steps=10"],
+                                        "{f}:12: eval.sampling_steps: 25 is more than train.diffusion_steps (10)"),
+    "DDPM steps beyond a swept chain": (
+        edit("fid_samples: 100", "sampling_steps: 25\n  sampler: ddpm"), ["sweep.train.diffusion_steps=[1000, 10]"],
+        "{f}:12: eval.sampling_steps: 25 is more than train.diffusion_steps (10)"),
+    "DDIM steps beyond a swept chain": (  # said as such, not as a chain that 25 does not divide
+        edit("fid_samples: 100", "sampling_steps: 25"), ["sweep.train.diffusion_steps=[1000, 10]"],
+        "{f}:12: eval.sampling_steps: 25 is more than train.diffusion_steps (10)"),
     "one image for FID": (edit("fid_samples: 100", "fid_samples: 1"), [], "{f}:12: eval.fid_samples: must be >= 2, "
                           "got 1"),
+    # inf and nan would reach the trial ids' JSON, which has no such numbers.
+    "an infinite number": (edit("lr: 1.0e-3", "lr: .inf"), [], "{f}:10: train.lr: must be a finite number, got inf"),
+    "not a number": (edit("fid_samples: 100", "eta: .nan"), [], "{f}:12: eval.eta: must be a finite number, got nan"),
+    "--set an infinite number": (BASE, ["train.weight_decay=.inf"], "--set train.weight_decay=.inf: "
+                                 "train.weight_decay: must be a finite number, got inf"),
+    "an infinite compute budget": (edit("steps: [10, 20, 40]", "compute: [1e6, .inf]"), [],
+                                   "{f}:7: sweep.compute: must be a finite number, got inf"),
+    "an infinite swept value": (BASE.replace("  lr: 1.0e-3\n", ""), ["sweep.train.lr=[1e-4, -.inf]"],
+                                "--set sweep.train.lr=[1e-4, -.inf]: sweep.train.lr: must be a finite number, "
+                                "got -inf"),
+    "an integer beyond floats": (edit("lr: 1.0e-3", "lr: 1" + "0" * 400), [],
+                                 "{f}:10: train.lr: expected a number, got an integer too large for a float"),
     "batch not divisible by the workers": (edit("workers_per_trial: 1", "workers_per_trial: 3"), [],
                                            "{f}:9: train.batch_size: 32 is not divisible by grad_accum × "
                                            "workers_per_trial = 1 × 3"),
