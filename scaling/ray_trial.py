@@ -36,7 +36,9 @@ def train_config(trial):
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     train = {k: v for k, v in trial["train"].items() if k in fields}
     data = trial["data"]
-    return TrainConfig(**{**train, "model": trial["model"], "model_overrides": dict(trial["model_config"]),
+    # The preset's registry name: a trial's own name also carries its swept architecture fields.
+    preset = f"DiT-{trial['size']}/{trial['patch']}"
+    return TrainConfig(**{**train, "model": preset, "model_overrides": dict(trial["model_config"]),
                           "dataset": data["dataset"], "data_path": data.get("path"),
                           "image_size": data.get("image_size"),
                           "keep_checkpoints": 1})  # locally one; Ray keeps the trial's last K in storage

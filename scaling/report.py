@@ -60,8 +60,8 @@ def analyze(df, n_boot=N_BOOT, seed=0):
     # A writer that left training compute out still gave everything it is made of.
     df["train_compute"] = df.train_compute.fillna(df.gflops * df.batch_size * df.step * 3)
     df["images"] = df.batch_size * df.step  # D in L(N, D): training images seen
-    # Size and patch are in the model's name ("DiT-XL/2") when a writer left them out.
-    named = df.model.str.extract(r"^DiT-([^/]+)/(\d+)$")
+    # Size and patch are in the model's name ("DiT-XL/2", "DiT-XL/2 depth=14") when a writer left them out.
+    named = df.model.str.extract(r"^DiT-([^/ ]+)/(\d+)(?: |$)")
     df["size"] = df["size"].fillna(named[0]).fillna(df.model)
     df["patch"] = df.patch.fillna(pd.to_numeric(named[1]))
     trials = trial_summary(df)

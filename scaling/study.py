@@ -595,7 +595,7 @@ class Trial:
     """One training run of the grid, evaluated at each of its milestones."""
 
     trial_id: str  # <model>-<patch>-<10 hex digits of the result hash>, e.g. DiT-S-2-3f9c1a2b7e
-    model: str  # e.g. "DiT-S/2"
+    model: str  # e.g. "DiT-S/2", with its swept architecture fields if any: "DiT-S/2 depth=6"
     size: str  # e.g. "S"
     patch: int
     model_config: dict  # full DiT keyword arguments
@@ -690,7 +690,9 @@ def _expand(raw, axes, info, where):
             for milestones, budgets in _step_groups(axes, gflops, train):
                 trial_train = {**train, "max_steps": milestones[-1]}
                 digest = result_hash(config, raw["data"], trial_train, milestones, raw["eval"])
-                model = f"DiT-{size}/{patch}"
+                # Swept architecture fields name distinct models: the report groups measurements by name.
+                model = f"DiT-{size}/{patch}" + "".join(f" {k}={point[f'train.{k}']}" for k in ARCHITECTURE_FIELDS
+                                                        if f"train.{k}" in point)
                 trials.append(Trial(
                     trial_id=f"DiT-{size}-{patch}-{digest[:10]}", model=model, size=size, patch=patch,
                     model_config=config, train=trial_train, milestones=milestones, eval=dict(raw["eval"]),

@@ -320,6 +320,19 @@ def test_fewer_fid_images_than_feature_dimensions_warns(tmp_path):
     assert "FID from 2048 images of 2048-d features" in inception.warnings[0]
 
 
+def test_a_swept_architecture_field_names_distinct_models(tmp_path):
+    # The report groups measurements by model name: widths of one preset must not share one.
+    study = load(tmp_path, overrides=["sweep.train.hidden_size=[64, 128]", "sweep.model=[DiT-P]", "sweep.patch=[2]"])
+    assert [(t.model, t.model_config["hidden_size"]) for t in study.trials] == [
+        ("DiT-P/2 hidden_size=64", 64), ("DiT-P/2 hidden_size=128", 128)]
+    from scaling.ray_trial import train_config
+
+    config = train_config(study.trials[1].to_dict())  # what the trial's workers train: the preset, overridden
+    assert config.model == "DiT-P/2" and config.resolved_model_config() == study.trials[1].model_config
+    assert {t.model for t in load(tmp_path, overrides=["train.hidden_size=96"]).trials} == {
+        "DiT-P/2", "DiT-P/4", "DiT-N/2", "DiT-N/4"}  # one width for all: the presets' names
+
+
 @pytest.mark.parametrize("case", BAD)
 def test_bad_input(tmp_path, case):
     text, overrides, message = BAD[case]
