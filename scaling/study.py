@@ -559,6 +559,10 @@ def _check_eval(raw, info, where, check_data, warnings):
         warnings.append(f"{where(('eval', 'fid_samples'))}: eval.fid_samples: FID from {ev['fid_samples']} images "
                         f"of {dim}-d features: their covariance is rank-deficient, so FID is biased upwards and "
                         f"noisy; use several times {dim} images")
+    dropouts = raw["sweep"].get("train.class_dropout_prob") or [raw["train"]["class_dropout_prob"]]
+    if ev["cfg_scale"] != 1.0 and 0 in dropouts:  # a model that never drops labels has no null class to guide by
+        raise where.error(("eval", "cfg_scale"), f"guidance ({ev['cfg_scale']}) needs the null class, which "
+                                                 f"train.class_dropout_prob 0 never trains; use cfg_scale 1")
     # Every swept chain, as each trial samples with its own and would fail only after training.
     chains = raw["sweep"].get("train.diffusion_steps") or [raw["train"]["diffusion_steps"]]
     for chain in chains:

@@ -271,6 +271,9 @@ BAD = {
     "DDIM steps beyond a swept chain": (  # said as such, not as a chain that 25 does not divide
         edit("fid_samples: 100", "sampling_steps: 25"), ["sweep.train.diffusion_steps=[1000, 10]"],
         "{f}:12: eval.sampling_steps: 25 is more than train.diffusion_steps (10)"),
+    "guidance without a null class": (edit("fid_samples: 100", "cfg_scale: 4"), ["train.class_dropout_prob=0"],
+                                      "{f}:12: eval.cfg_scale: guidance (4.0) needs the null class, which "
+                                      "train.class_dropout_prob 0 never trains; use cfg_scale 1"),
     "one image for FID": (edit("fid_samples: 100", "fid_samples: 1"), [], "{f}:12: eval.fid_samples: must be >= 2, "
                           "got 1"),
     # inf and nan would reach the trial ids' JSON, which has no such numbers.
