@@ -5,7 +5,9 @@ loses a finished measurement. Reports that a restarted worker group repeats (the
 last checkpoint) replace the earlier ones instead of adding rows or MLflow points.
 """
 import json
+import math
 import statistics
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,6 +21,7 @@ from scaling.results import LOSS_CURVES_SCHEMA, RESULTS_SCHEMA, load_results, re
 LOG_METRICS = ("train_loss", "lr", "images_per_s", "achieved_tflops", "mfu")
 EVAL_METRICS = ("val_loss", "val_mse", "val_loss_ema", "fid", "fid_floor", "kid", "precision", "recall",
                 "inception_score", "eval_time_s", "sample_images_per_s")
+MAX_TAG_LENGTH = 5000  # what MLflow stores of a tag value at most
 
 
 class Recorder(Callback):
@@ -65,8 +68,10 @@ class Recorder(Callback):
         if kind == KIND_END:
             self._end(t, result)
             return
-        step = int(result["step"])
-        self._time(t.trial_id, result)
+        step = None if result.get("step") is None else int(result["step"])
+        self._time(t.trial_id, step, result)
+        if step is None:
+            return  # e.g. a checkpoint reported before the run's first log: no step to place it at
         self.progress.update(t.trial_id, step, result.get("train_loss"), result.get("images_per_s"))
         run_id = self._run_id(t.trial_id)
         if kind == KIND_LOG:
@@ -109,10 +114,24 @@ class Recorder(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         t = self.trials[trial.config["trial"]["trial_id"]]
-        self._end(t, {"status": "failed", "error": str(info.get("error") or trial.error_file or "trial error")})
-        self.tracker.finish(self._run_id(t.trial_id), "FAILED")
+        error = str(info.get("error") or trial.error_file or "trial error")
+        ok = self._measured_every_milestone(t)
+        if ok:
+            # It failed after its last measurement (in teardown, say): no result changes, so the trial
+            # stays finished and ok, as results.recorded_trials counts it. The error goes to MLflow only.
+            print(f"warning: trial {t.trial_id} failed after its last milestone; its results stand: {error}",
+                  file=sys.stderr)
+            self.tracker.set_tags(self._run_id(t.trial_id),
+                                  {"dit_scaling.error_after_last_milestone": error[:MAX_TAG_LENGTH]})
+        else:
+            self._end(t, {"status": "failed", "error": error})
+        self.tracker.finish(self._run_id(t.trial_id), "FINISHED" if ok else "FAILED")
         self.ended.add(t.trial_id)
-        self.progress.finished(t.trial_id, False)
+        self.progress.finished(t.trial_id, ok)
+
+    def _measured_every_milestone(self, t):
+        """Whether every milestone of trial t has an ok row."""
+        return all(self.rows.get((t.trial_id, s), {}).get("status") == "ok" for s in t.milestones)
 
     def interrupted(self, trial_ids):
         """The study was stopped: runs of trials that had started are KILLED (MLflow's status for an
@@ -125,12 +144,13 @@ class Recorder(Callback):
         self.tracker.flush()
         self.progress.maybe_print()
 
-    def _time(self, trial_id, result):
-        self.last_result_at[trial_id] = time.time()
+    def _time(self, trial_id, step, result):
+        self.last_result_at[trial_id] = time.time()  # any report, placed or not, is one the trial got through
         timing = self.overhead.setdefault(trial_id, {})
-        if result.get("first_step_at") and "startup_s" not in timing and trial_id in self.started_at:
+        if (step is not None and result.get("first_step_at") and "startup_s" not in timing
+                and trial_id in self.started_at):
             timing["startup_s"] = result["first_step_at"] - self.started_at[trial_id]
-            self.tracker.log_metrics(self._run_id(trial_id), {"startup_s": timing["startup_s"]}, int(result["step"]))
+            self.tracker.log_metrics(self._run_id(trial_id), {"startup_s": timing["startup_s"]}, step)
 
     def overhead_summary(self):
         """One line: the median start-up and teardown of this run's trials, or None before any."""
@@ -145,12 +165,16 @@ class Recorder(Callback):
                 + (f", {teardown:.1f} s from last report to a free slot" if teardown is not None else ""))
 
     def busy_seconds(self, trial_ids):
-        """Training plus evaluation time of trials, from their rows: the useful part of a study's wall time."""
+        """Training plus evaluation time of trials in this driver run, from their rows: the useful part of its time."""
         busy = 0.0
         for trial_id in trial_ids:
-            rows = [r for (i, _), r in self.rows.items() if i == trial_id]
-            busy += max((r["wall_time_s"] or 0.0 for r in rows), default=0.0)  # cumulative training time
-            busy += sum(r["eval_time_s"] or 0.0 for r in rows)
+            here = [r for k, r in self.rows.items() if k[0] == trial_id and k in self.recorded_here]
+            earlier = [r for k, r in self.rows.items() if k[0] == trial_id and k not in self.recorded_here]
+            # wall_time_s is the trial's training time over all its runs: count from where earlier driver
+            # runs measured it last (the trial resumed from that checkpoint or a later one).
+            resumed_at = max((_seconds(r["wall_time_s"]) for r in earlier), default=0.0)
+            trained_to = max((_seconds(r["wall_time_s"]) for r in here), default=resumed_at)
+            busy += max(trained_to - resumed_at, 0.0) + sum(_seconds(r["eval_time_s"]) for r in here)
         return busy
 
     def failed_count(self):
@@ -190,7 +214,9 @@ class Recorder(Callback):
             "fid_floor": r.get("fid_floor"), "kid": r.get("kid"), "precision": r.get("precision"),
             "recall": r.get("recall"), "inception_score": r.get("inception_score"),
             "fid_samples": r.get("fid_samples"), "feature_extractor": r.get("feature_extractor"),
-            "sampler": t.eval["sampler"], "cfg_scale": t.eval["cfg_scale"], "lr": t.train["lr"],
+            "sampler": f"{t.eval['sampler']}-{t.eval['sampling_steps']}", "cfg_scale": t.eval["cfg_scale"],
+            # The scheduled lr the step reported; a row without a report of it (a failure) has the base lr.
+            "lr": r["lr"] if r.get("lr") is not None else t.train["lr"],
             "dataset": t.data["dataset"], "wall_time_s": r.get("train_time_s"), "eval_time_s": r.get("eval_time_s"),
             "images_per_s": r.get("images_per_s"), "startup_s": self.overhead.get(t.trial_id, {}).get("startup_s"),
             "teardown_s": None, "status": status, "error": error, "mlflow_run_id": run_id,
@@ -211,6 +237,11 @@ def _load_rows(path, key):
         return {}
     df = load_results(path) if Path(path).name == "results.parquet" else read_parquet(path).to_pandas()
     return {tuple(r[k] for k in key): r for r in df.to_dict("records")}
+
+
+def _seconds(value):
+    """A duration from a row: None, and NaN (a null read back from Parquet), count as no time."""
+    return 0.0 if value is None or math.isnan(value) else float(value)
 
 
 def _sorted(rows):

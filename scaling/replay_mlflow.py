@@ -39,7 +39,9 @@ def replay(output, uri=None):
             if r["step"] > have_log:
                 tracker.log_metrics(run_id, {k: r.get(k) for k in LOG_METRICS}, r["step"])
                 logged += 1
-        have_eval = tracker.last_logged_step(run_id, "val_loss")
+        # The driver logs train_compute with every milestone row; val_loss only where there is one
+        # (train.val_batch 0 has none), but drivers before train_compute logged it.
+        have_eval = max(tracker.last_logged_step(run_id, k) for k in ("train_compute", "val_loss"))
         for r in rows.sort_values("step").to_dict("records"):
             if r["status"] == "ok" and r["step"] > have_eval:
                 tracker.log_metrics(run_id, {k: r.get(k) for k in (*EVAL_METRICS, "gflops", "params", "train_compute")},
@@ -66,14 +68,18 @@ def _replay_overhead(tracker, run_id, rows):
 
 def close_finished_runs(tracker, output, results):
     """Runs still open (RUNNING, SCHEDULED) whose trials are finished get the driver's end status:
-    FAILED for a failed or diverged trial, else FINISHED; the study's run once all its trials are."""
-    ended = {}  # trial id -> "FINISHED" or "FAILED", for finished trials
+    FINISHED for a trial with every milestone ok, else FAILED for a failed or diverged one; the
+    study's run once all its trials are."""
+    ended, failed = {}, set()  # trial id -> "FINISHED" or "FAILED", for finished trials; the failed ones
     for trial_id, rows in results.groupby("trial_id"):
         milestones = set(json.loads(rows.config_json.iloc[0])["milestones"])
-        if rows.status.isin(["failed", "diverged"]).any():
-            ended[trial_id] = "FAILED"
-        elif milestones <= set(rows[rows.status == "ok"].step):
+        if milestones <= set(rows[rows.status == "ok"].step):
+            # As the driver: a failure after the last milestone (a row older drivers wrote) changes no result.
             ended[trial_id] = "FINISHED"
+        elif rows.status.isin(["failed", "diverged"]).any():
+            ended[trial_id] = "FAILED"
+            if (rows.status == "failed").any():
+                failed.add(trial_id)
     for trial_id, status in ended.items():
         _close(tracker, tracker.child_run(trial_id, {}), status)
     try:
@@ -82,7 +88,6 @@ def close_finished_runs(tracker, output, results):
         return  # the study file no longer reads (a newer version of the project): leave the study's run open
     if trial_ids <= set(ended):
         # As the driver does: a diverged trial is a result, only a failed one fails the study.
-        failed = set(results[results.status == "failed"].trial_id)
         _close(tracker, tracker.parent_run_id, "FAILED" if failed else "FINISHED")
 
 

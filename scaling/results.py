@@ -121,11 +121,20 @@ def write_table(rows_or_df, path, schema):
             pq.write_table(table, f)
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp makes the file private (0600) and the rename keeps that: give it a new file's mode.
+        os.chmod(tmp, _new_file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _new_file_mode():
+    """The mode open() gives a file it creates: 0o666 less the process's umask, which is left as it was."""
+    umask = os.umask(0o077)  # reading it means setting it: the most private one for that instant
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _fsync_dir(folder):
@@ -190,9 +199,9 @@ def load_results(path):
 
 
 def recorded_trials(study):
-    """(finished, foreign): trial ids of the study whose results.parquet has a row at every milestone
-    (or a diverged row), which a re-run skips, and trial ids it holds that the study file no longer
-    defines (it was edited since they ran)."""
+    """(finished, foreign): trial ids of the study whose results.parquet has an ok row at every milestone
+    (whatever follows them: a failure after the last changes no result) or a diverged row, which a re-run
+    skips, and trial ids it holds that the study file no longer defines (it was edited since they ran)."""
     path = study.output / RESULTS_FILE
     if not path.exists():
         return set(), set()

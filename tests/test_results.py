@@ -1,6 +1,7 @@
 """The results tables: schema, atomic writes, validated loads, and the bundled paper table."""
 import itertools
 import math
+import os
 import subprocess
 import sys
 import threading
@@ -62,6 +63,18 @@ def test_write_is_atomic_and_leaves_no_temporary_files(tmp_path):
         write_table([row(patch=2.5)], path, RESULTS_SCHEMA)  # a fraction cannot become an int silently
     assert load_results(path).patch.tolist() == [2]  # the old file survives a failed write
     assert [p.name for p in tmp_path.iterdir()] == ["results.parquet"]
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_written_files_get_the_mode_of_a_normally_created_file(tmp_path, umask, mode):
+    # The temporary file behind the atomic write is private (0600); the table must not stay so.
+    old = os.umask(umask)
+    try:
+        write_table([row()], tmp_path / "results.parquet", RESULTS_SCHEMA)
+        assert os.umask(umask) == umask  # the write left the umask as it found it
+    finally:
+        os.umask(old)
+    assert (tmp_path / "results.parquet").stat().st_mode & 0o777 == mode
 
 
 def test_reads_never_mix_two_versions_of_a_file_being_replaced(tmp_path):

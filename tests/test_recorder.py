@@ -1,0 +1,181 @@
+"""The driver's Recorder fed trial reports directly (no Ray started), and the MLflow replay of what it wrote."""
+import io
+import json
+import math
+import textwrap
+from types import SimpleNamespace
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from scaling.progress import Progress
+from scaling.ray_trial import KIND_CHECKPOINT, KIND_LOG, KIND_MILESTONE
+from scaling.recorder import Recorder
+from scaling.replay_mlflow import replay
+from scaling.results import RESULTS_SCHEMA, load_results, recorded_trials, write_table
+from scaling.study import load_study
+
+
+class FakeTracker:
+    """Records what the recorder sends to MLflow."""
+
+    parent_run_id = "parent"
+
+    def __init__(self):
+        self.metrics, self.tags, self.finished = [], {}, {}
+
+    def child_run(self, trial_id, params, status="RUNNING"):
+        return f"run-{trial_id}"
+
+    def last_logged_step(self, run_id, key="train_loss"):
+        return -1
+
+    def log_metrics(self, run_id, metrics, step):
+        self.metrics.append((run_id, dict(metrics), step))
+
+    def log_artifact(self, run_id, path, artifact_path=None):
+        pass
+
+    def set_tags(self, run_id, tags):
+        self.tags.setdefault(run_id, {}).update(tags)
+
+    def set_status(self, run_id, status):
+        pass
+
+    def finish(self, run_id, status="FINISHED"):
+        self.finished[run_id] = status
+
+    def flush(self, force=False):
+        return True
+
+
+@pytest.fixture
+def study(tmp_path):
+    """One DiT-P/2 trial with milestones 10 and 20, lr 1e-3, DDIM with 5 sampling steps, no val_loss."""
+    path = tmp_path / "tiny.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        name: tiny
+        data: {{dataset: digits}}
+        sweep: {{model: [DiT-P], patch: [2], steps: [10, 20]}}
+        train: {{batch_size: 32, lr: 1.0e-3, ema_decay: 0.9, log_every: 5, ckpt_every: 10, val_batch: 0}}
+        eval: {{fid: true, fid_samples: 100, sampler: ddim, sampling_steps: 5, grid_images_per_class: 1}}
+        resources: {{workers_per_trial: 1, cpus_per_worker: 1}}
+        output: {tmp_path / "out"}
+        """))
+    study = load_study(path, check_data=False)
+    assert [t.milestones for t in study.trials] == [(10, 20)]
+    return study
+
+
+def recorder(study):
+    return Recorder(study, FakeTracker(), Progress(study.trials, stream=io.StringIO()))
+
+
+def tune_trial(t):
+    return SimpleNamespace(config={"trial": {"trial_id": t.trial_id}}, error_file=None)
+
+
+def milestone(step, **metrics):
+    return {"kind": KIND_MILESTONE, "step": step, "train_loss": 0.3, "lr": 1e-3, "train_time_s": 10.0 * step,
+            "eval_time_s": 2.0, "fid": 100.0 - step, **metrics}
+
+
+def test_a_row_holds_the_reported_lr_and_the_sampler_with_its_step_count(study):
+    rec, t = recorder(study), study.trials[0]
+    rec.on_trial_start(0, [], tune_trial(t))
+    rec.on_trial_result(0, [], tune_trial(t), milestone(10, lr=2.5e-4))  # the schedule's lr, not the base 1e-3
+    df = load_results(study.output)
+    assert df.lr.tolist() == [2.5e-4]
+    assert df.sampler.tolist() == ["ddim-5"]
+
+
+def test_reports_without_a_step_are_skipped(study):
+    rec, t = recorder(study), study.trials[0]
+    rec.on_trial_start(0, [], tune_trial(t))
+    # A checkpoint (or any report) before the first log of a run may carry no step: nothing to place it at.
+    rec.on_trial_result(0, [], tune_trial(t), {"kind": KIND_CHECKPOINT})
+    rec.on_trial_result(0, [], tune_trial(t), {"kind": KIND_MILESTONE, "fid": 3.0})
+    rec.on_trial_result(0, [], tune_trial(t), {"kind": KIND_LOG, "train_loss": 0.5})
+    assert rec.rows == {} and rec.curves == {} and rec.progress.step[t.trial_id] == 0
+    rec.on_trial_result(0, [], tune_trial(t), milestone(10))  # later reports are recorded as before
+    assert list(rec.rows) == [(t.trial_id, 10)]
+
+
+def test_busy_seconds_count_only_this_runs_work(study):
+    t = study.trials[0]
+    # An earlier driver run measured milestone 10 after 100 s of training; its eval time did not reach Parquet.
+    earlier = recorder(study)
+    earlier.on_trial_result(0, [], tune_trial(t), milestone(10, train_time_s=100.0, eval_time_s=None))
+    assert math.isnan(load_results(study.output).eval_time_s.iloc[0])
+    rec = recorder(study)
+    assert rec.busy_seconds([t.trial_id]) == 0.0  # nothing done here yet, and NaN counts as nothing
+    # Resumed here: 30 s more of training up to milestone 20, then 7 s of evaluation.
+    rec.on_trial_start(0, [], tune_trial(t))
+    rec.on_trial_result(0, [], tune_trial(t), milestone(20, train_time_s=130.0, eval_time_s=7.0))
+    assert rec.busy_seconds([t.trial_id]) == pytest.approx(37.0)
+
+
+def test_a_failure_after_the_last_milestone_leaves_the_trial_finished_and_ok(study):
+    rec, t = recorder(study), study.trials[0]
+    rec.on_trial_start(0, [], tune_trial(t))
+    for step in t.milestones:
+        rec.on_trial_result(0, [], tune_trial(t), milestone(step))
+    rec.on_trial_error(0, [], tune_trial(t), error=RuntimeError("teardown broke"))
+    df = load_results(study.output)
+    assert df.step.tolist() == [10, 20] and df.status.tolist() == ["ok", "ok"]
+    assert recorded_trials(study) == ({t.trial_id}, set())
+    assert rec.failed_count() == 0 and rec.ended == {t.trial_id}
+    assert rec.tracker.finished == {f"run-{t.trial_id}": "FINISHED"}
+    assert "teardown broke" in rec.tracker.tags[f"run-{t.trial_id}"]["dit_scaling.error_after_last_milestone"]
+
+
+def test_a_failure_between_milestones_is_a_failed_row_after_the_last_measurement(study):
+    rec, t = recorder(study), study.trials[0]
+    rec.on_trial_start(0, [], tune_trial(t))
+    rec.on_trial_result(0, [], tune_trial(t), milestone(10))
+    rec.on_trial_error(0, [], tune_trial(t), error=RuntimeError("node lost"))
+    df = load_results(study.output)
+    assert df.step.tolist() == [10, 11] and df.status.tolist() == ["ok", "failed"]
+    assert df.error.iloc[1] == "node lost" and df.lr.iloc[1] == 1e-3  # no lr reported: the base lr
+    assert recorded_trials(study) == (set(), set())
+    assert rec.failed_count() == 1 and rec.tracker.finished == {f"run-{t.trial_id}": "FAILED"}
+
+
+@pytest.mark.parametrize("val_loss", [None, 0.25])
+def test_replaying_twice_logs_nothing_the_second_time(study, val_loss):
+    t, out = study.trials[0], study.output
+    out.mkdir()
+    (out / "study.yaml").write_text(study.resolved_yaml())
+    rows = [dict(study="tiny", trial_id=t.trial_id, model=t.model, patch=t.patch, params=t.params, gflops=t.gflops,
+                 batch_size=32, step=step, max_step=20, train_compute=t.gflops * 32 * step * 3, train_loss=0.3,
+                 val_loss=val_loss, fid=100.0 - step, fid_samples=100, feature_extractor="digits",
+                 wall_time_s=1.0 * step, images_per_s=300.0, status="ok", mlflow_run_id=None,
+                 config_json=json.dumps(t.to_dict()))
+            for step in t.milestones]
+    write_table(rows, out / "results.parquet", RESULTS_SCHEMA)
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    assert replay(out, uri) == 2
+    assert replay(out, uri) == 0
+    client = MlflowClient(uri)
+    child = client.search_runs([client.get_experiment_by_name("tiny").experiment_id],
+                               f"tags.`dit_scaling.trial_id` = '{t.trial_id}'")[0]
+    assert [m.step for m in client.get_metric_history(child.info.run_id, "fid")] == [10, 20]
+
+
+def test_replay_closes_a_trial_whose_failure_came_after_its_last_milestone_as_finished(study):
+    # Written before the recorder stopped recording such failures: a failed row after every milestone was ok.
+    t, out = study.trials[0], study.output
+    out.mkdir()
+    (out / "study.yaml").write_text(study.resolved_yaml())
+    base = dict(study="tiny", trial_id=t.trial_id, model=t.model, patch=t.patch, params=t.params, gflops=t.gflops,
+                batch_size=32, max_step=20, train_loss=0.3, fid=80.0, fid_samples=100, feature_extractor="digits",
+                images_per_s=300.0, config_json=json.dumps(t.to_dict()))
+    rows = [{**base, "step": 10, "train_compute": t.gflops * 32 * 30, "status": "ok"},
+            {**base, "step": 20, "train_compute": t.gflops * 32 * 60, "status": "ok"},
+            {**base, "step": 21, "train_compute": t.gflops * 32 * 63, "status": "failed", "error": "teardown"}]
+    write_table(rows, out / "results.parquet", RESULTS_SCHEMA)
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    replay(out, uri)
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]  # the trial's run and the study's
