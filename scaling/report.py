@@ -65,7 +65,7 @@ def analyze(df, n_boot=N_BOOT, seed=0):
     df["size"] = df["size"].fillna(named[0]).fillna(df.model)
     df["patch"] = df.patch.fillna(pd.to_numeric(named[1]))
     trials = trial_summary(df)
-    ok = df[df.trial_id.isin(trials.index[trials.status == "ok"])]
+    ok = df[df.trial_id.isin(trials.index[trials.status == "ok"]) & (df.status.fillna("ok") == "ok")]
     loss = next((c for c in ("val_loss", "train_loss") if np.isfinite(ok[c]).any()), None)
     a = Analysis(study_name(df), df, trials, ok, loss, final_points(ok))
     bad = trials[trials.status != "ok"]
@@ -123,7 +123,10 @@ def analyze(df, n_boot=N_BOOT, seed=0):
 
 def trial_summary(df):
     """One row per trial: its identity, last step, last finite measurements, and worst status."""
-    rows = df.sort_values("step")
+    # A failure after a trial's last milestone changes none of its results (drivers before the recorder
+    # skipped such rows wrote one past max_step): the trial stays ok.
+    done = set(df.trial_id[(df.status.fillna("ok") == "ok") & (df.step == df.max_step)])
+    rows = df[~((df.status == "failed") & (df.step > df.max_step) & df.trial_id.isin(done))].sort_values("step")
     g = rows.groupby("trial_id", sort=False)
     out = g[["model", "size", "patch", "params", "gflops", "batch_size", "max_step"]].last()
     out["step"] = g.step.max()

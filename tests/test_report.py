@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from scaling.fits import CHINCHILLA
-from scaling.report import analyze, build_report, main
+from scaling.report import analyze, build_report, main, trial_summary
 from scaling.results import RESULTS_SCHEMA, paper_results, write_table
 
 TRUE_LAW = {"E": 0.15, "A": 30.0, "alpha": 0.35, "B": 20.0, "beta": 0.3}  # L(N, D), D in images
@@ -139,6 +139,20 @@ def test_a_law_at_the_limits_of_its_fit_is_flagged():
     notes = analyze(df, n_boot=50).notes
     flagged = [n for n in notes if "These points do not pin the law down" in n]
     assert any(n.startswith("L(N, D), Chinchilla's approach 3: E") and "floor" in n for n in flagged), notes
+
+
+def test_a_failure_after_the_last_milestone_leaves_the_trial_ok():
+    # Drivers before the recorder's fix wrote a failed row past max_step when a finished trial then failed
+    # (in teardown, say): its measurements stand, and it stays in the fits.
+    rows = pd.DataFrame([r for r in synthetic_rows() if r["status"] == "ok"])
+    xl2 = rows[rows.model == "DiT-XL/2"].iloc[-1]
+    late = {**xl2.to_dict(), "step": xl2.max_step + 1, "status": "failed", "error": "teardown", "fid": None}
+    early = {**late, "trial_id": "t-early", "step": 30_000}  # a trial that failed before its last milestone
+    df = pd.concat([rows, pd.DataFrame([late, early])], ignore_index=True)
+    summary = trial_summary(df)
+    assert summary.loc["t-DiT-XL/2", "status"] == "ok" and summary.loc["t-DiT-XL/2", "step"] == xl2.max_step
+    assert summary.loc["t-early", "status"] == "failed"
+    assert (analyze(df, n_boot=10).ok.status == "ok").all()  # the late row is in no fit
 
 
 @pytest.mark.parametrize("case", ["one row", "two trials", "no FID", "all failed", "single step", "unfinished"])
