@@ -233,9 +233,17 @@ SATURATING_POWER_LAW = Law("y = E + A·x^(−α)", ("E", "A", "alpha"), _saturat
 
 
 def size_classes(params):
-    """Parameter counts rounded to 2% in log10: DiTs of one width and depth but different patch sizes
-    differ by a few embedding weights, and must count as one model size."""
-    return np.round(np.log10(np.asarray(params, float)), 2)
+    """A model-size label per parameter count: counts within 2% (0.01 in log10) of the next smaller one are one
+    size, as DiTs of one width and depth but different patch sizes differ by a few embedding weights. (Rounding
+    log10 to 0.01 instead would split two near-identical counts on either side of a rounding boundary.)"""
+    logs = np.log10(np.asarray(params, float))
+    labels = np.empty_like(logs)
+    label = previous = None
+    for i in np.argsort(logs, kind="stable"):
+        if label is None or logs[i] - previous > 0.01:
+            label = logs[i]  # a gap: the next model size, labelled by its smallest count
+        labels[i], previous = label, logs[i]
+    return labels
 
 
 def _chinchilla_predict(p, x):

@@ -7,7 +7,7 @@ from threadpoolctl import threadpool_info
 
 from scaling import fits
 from scaling.fits import (CHINCHILLA, POWER_LAW, SATURATING_POWER_LAW, FitError, bootstrap, correlations,
-                          extrapolation_check, fit_law, frontier, isoflop, parallel_fits)
+                          extrapolation_check, fit_law, frontier, isoflop, parallel_fits, size_classes)
 from scaling.results import paper_results
 
 N_BOOT = 200  # enough for stable 95% intervals at this noise; the report's default is 1000
@@ -159,6 +159,15 @@ def test_frontier_fit_estimate_lies_within_its_replicates(law, column):
         below = np.mean(fit.boot[:, i] < fit.params[i])
         assert 0.1 < below < 0.9, f"{name}: {below:.0%} of the replicates below the estimate"
         assert intervals[name][0] < fit.params[i] < intervals[name][1]
+
+
+def test_size_classes_join_patch_variants_and_split_sizes():
+    paper = paper_results()
+    labels = size_classes(paper.params)
+    assert len(np.unique(labels)) == 4  # S, B, L, XL: each at patch 2, 4 and 8
+    assert all(len(np.unique(labels[(paper["size"] == s).to_numpy()])) == 1 for s in ("S", "B", "L", "XL"))
+    # 0.014% apart but on either side of a 0.01 boundary of log10 (8.115): still one size.
+    assert len(np.unique(size_classes([130_300_424, 130_318_880]))) == 1
 
 
 def test_isoflop_recovers_the_compute_optimal_exponents():
