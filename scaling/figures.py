@@ -115,13 +115,20 @@ def _legend_by_size_and_patch(ax, df, **kwargs):
     ax.legend(handles=handles, **kwargs)
 
 
+def _trial_curves(rows, model):
+    """(label, rows sorted by step) per trial of a model: a model swept over, say, lr has one curve per trial,
+    labelled once (one curve through all of them would zigzag between the trials)."""
+    trials = rows[rows.model == model].groupby("trial_id", sort=False)
+    return [(model if i == 0 else None, r.sort_values("step")) for i, (_, r) in enumerate(trials)]
+
+
 def _curves_with_frontier(ax, rows, x, y, on_frontier):
-    """One curve per model, and the compute-efficient frontier drawn over them."""
+    """One curve per trial, coloured by model, and the compute-efficient frontier drawn over them."""
     styles = model_styles(rows)
     for model in model_order(rows):
-        r = rows[rows.model == model].sort_values(x)
         colour, marker, line = styles[model]
-        ax.plot(r[x], r[y], line, marker=marker, color=colour, ms=4, lw=1.2, label=model)
+        for label, r in _trial_curves(rows, model):
+            ax.plot(r[x], r[y], line, marker=marker, color=colour, ms=4, lw=1.2, label=label)
     f = rows[on_frontier].sort_values(x)
     ax.plot(f[x], f[y], "-", color="black", lw=2, alpha=0.45, zorder=4, label="compute-efficient frontier")
 
@@ -216,9 +223,10 @@ def metric_vs_steps(rows, metric, label, folder, name):
 
 def _steps_panel(ax, rows, metric, styles, title):
     for model in model_order(rows):
-        r = rows[rows.model == model].sort_values("step")
         colour, marker, line = styles[model]
-        ax.plot(r.step, r[metric], line, marker=marker, color=colour, ms=4, label=model.removeprefix("DiT-"))
+        for label, r in _trial_curves(rows, model):
+            ax.plot(r.step, r[metric], line, marker=marker, color=colour, ms=4,
+                    label=label and label.removeprefix("DiT-"))
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("training steps")
     ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: _count(v)))

@@ -141,6 +141,25 @@ def test_a_law_at_the_limits_of_its_fit_is_flagged():
     assert any(n.startswith("L(N, D), Chinchilla's approach 3: E") and "floor" in n for n in flagged), notes
 
 
+def test_trials_of_one_model_are_drawn_as_curves_of_their_own():
+    # An lr sweep gives a model several trials: one curve through all their points zigzagged between them.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from scaling import figures
+
+    rows = pd.DataFrame([r for r in synthetic_rows() if r["status"] == "ok" and r["model"] == "DiT-S/2"])
+    swept = pd.concat([rows, rows.assign(trial_id="t-S2-lr2", val_loss=rows.val_loss * 1.1)], ignore_index=True)
+    fig, ax = plt.subplots()
+    figures._curves_with_frontier(ax, swept, "train_compute", "val_loss", np.zeros(len(swept), bool))
+    curves = ax.lines[:-1]  # the last is the frontier
+    assert len(curves) == 2 and [c.get_label() for c in curves][0] == "DiT-S/2"
+    assert all(np.all(np.diff(c.get_xdata()) > 0) for c in curves)
+    plt.close(fig)
+
+
 def test_a_failure_after_the_last_milestone_leaves_the_trial_ok():
     # Drivers before the recorder's fix wrote a failed row past max_step when a finished trial then failed
     # (in teardown, say): its measurements stand, and it stays in the fits.
