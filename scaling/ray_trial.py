@@ -22,6 +22,7 @@ from ray.train.v2._internal.callbacks import DatasetsCallback
 from ray.train.v2._internal.execution.controller import TrainController
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
+from scaling.kept_sync_actor import kept_synchronization_actor
 from scaling.placement_group_watch import replace_ray_cleaner
 from scaling.torch_backend import ProcessGroupConfig
 from scaling.tune_relay import TuneRelay
@@ -166,7 +167,8 @@ def _train(train, trial, run, local, resume_dir):
 
 class TrialTrainer(DataParallelTrainer):
     """Ray's TorchTrainer for a trial: the same process group, without torch in the Tune actor (scaling.torch_backend),
-    with its Train controller in the process that calls fit() rather than in a process of its own, without a Ray
+    with its Train controller in the process that calls fit() rather than in a process of its own, which keeps the
+    run's synchronization actor for its next run (scaling.kept_sync_actor), without a Ray
     Data actor when it is given no Ray datasets, and, given the name of the study's placement-group watch, without
     a placement-group cleaner of its own."""
 
@@ -202,8 +204,10 @@ class TrialTrainer(DataParallelTrainer):
         # is private (Ray is pinned in pyproject.toml); tests/test_ray_trial.py checks it still takes effect. What
         # this gives up: `ray.train.get_all_reported_checkpoints()` on a worker, which asks the controller's actor
         # (here the Tune actor, which has no such method); core.train resumes from `ray.train.get_checkpoint()`.
+        # The actor also keeps the run's synchronization actor for its next trial (scaling.kept_sync_actor).
         controller = TrainController(**controller_init_kwargs)
-        asyncio.run(controller.run())
+        with kept_synchronization_actor():
+            asyncio.run(controller.run())
         return controller.get_result()
 
 

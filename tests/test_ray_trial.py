@@ -89,3 +89,46 @@ def test_a_trial_trains_in_torchs_process_group_with_lighter_processes(tmp_path)
         assert len(list_actors(address=address, filters=[("class_name", "=", "TrainController")])) == 1
     finally:
         ray.shutdown()
+
+
+def sync_actors(address):
+    """Ray Train's synchronization actors this Ray has started: their states, by actor id."""
+    found = list_actors(address=address, filters=[("class_name", "=", "SynchronizationActor")], limit=1000)
+    return {a.actor_id: a.state for a in found}
+
+
+def test_a_tune_actor_keeps_its_idle_synchronization_actor_for_its_next_run(tmp_path):
+    ray.init(runtime_env=study_runtime_env(), **local_ray_options())
+    try:
+        address = ray.get_runtime_context().gcs_address
+
+        def reports(config):
+            import time
+
+            rank = ray.train.get_context().get_world_rank()
+            if config["fail"] and rank == 1:  # rank 0 waits in the barrier when the run fails
+                time.sleep(2)
+                raise RuntimeError("rank 1 fails before its report")
+            for step in range(3):  # every report passes the barrier
+                ray.train.report({"step": step, "rank": rank})
+
+        caller = TuneTrial.remote()  # one actor for all runs, as Tune reuses a trial's actor
+
+        def fit(name, fail=False):
+            ray.get(caller.fit.remote(TrialTrainer, ray.cloudpickle.dumps(reports), {"fail": fail}, name,
+                                      str(tmp_path)))
+
+        fit("first")
+        first = sync_actors(address)
+        assert list(first.values()) == ["ALIVE"]  # kept, though its run is over
+        fit("second")
+        assert sync_actors(address) == first  # the same actor served the second run
+        with pytest.raises(ray.exceptions.RayTaskError, match="rank 1 fails"):
+            fit("failed", fail=True)
+        # Rank 0 was left waiting in the barrier: that actor is killed, not kept.
+        assert sync_actors(address) == {next(iter(first)): "DEAD"}
+        fit("after")
+        after = sync_actors(address)
+        assert len(after) == 2 and sorted(after.values()) == ["ALIVE", "DEAD"]
+    finally:
+        ray.shutdown()
