@@ -25,7 +25,10 @@ def local_ray_options():
     # or Ray Train's own for its workers), so none of them is ever used; on the 2-core box
     # they took 1.6 CPU-s just as the first trials start (a lone trial 11.9, 11.2, 10.6 s from scheduled to
     # first step without them, 13.0, 12.3, 11.7 s with them, interleaved; benchmarks/README.md).
-    return {"include_dashboard": True, "dashboard_host": "127.0.0.1", "log_to_driver": False,
+    # "local": a Ray of its own, as `scaling.run` promises without --address; a plain ray.init() would join a
+    # cluster that `ray start` recorded on this machine (and refuse the _system_config below). On such a cluster's
+    # head node, a study is pointed at it with `--address auto`.
+    return {"address": "local", "include_dashboard": True, "dashboard_host": "127.0.0.1", "log_to_driver": False,
             "_system_config": {"prestart_worker_first_driver": False}}
 
 

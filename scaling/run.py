@@ -33,7 +33,8 @@ def parse_args(argv):
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a field of the study file, e.g. --set train.lr=3e-4 (repeatable)")
     parser.add_argument("--address", default=None,
-                        help="Ray cluster to run on (default: RAY_ADDRESS, else a local Ray instance)")
+                        help="Ray cluster to run on (default: RAY_ADDRESS, else a local Ray of the study's own, even "
+                             "where `ray start` runs one; 'auto': the one `ray start` runs here)")
     parser.add_argument("--no-report", action="store_true", help="do not build the report at the end")
     parser.add_argument("--report-dir", default=None, help="where the report goes (default: reports/<study>)")
     return parser.parse_args(argv)

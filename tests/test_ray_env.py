@@ -77,3 +77,18 @@ def test_a_studys_local_ray_prestarts_no_idle_workers():
         assert ray.get(StateProbe.remote().own_state.remote()) == "ALIVE"
     finally:
         ray.shutdown()
+
+
+def test_a_studys_local_ray_is_its_own_where_ray_start_recorded_a_cluster():
+    # `ray start` records its cluster here, and a plain ray.init() joins it (it refused the study's local options:
+    # "_system_config must not be provided"). A study given no address starts its own, as scaling.run says.
+    recorded = os.path.join(os.environ["RAY_TMPDIR"], "ray", "ray_current_cluster")
+    os.makedirs(os.path.dirname(recorded), exist_ok=True)
+    with open(recorded, "w") as f:
+        f.write("127.0.0.1:9")  # the discard port: no Ray there
+    ray.init(runtime_env=study_runtime_env(), **local_ray_options())
+    try:
+        assert not ray.get_runtime_context().gcs_address.endswith(":9")
+        assert ray.get(StateProbe.remote().own_state.remote()) == "ALIVE"
+    finally:
+        ray.shutdown()
