@@ -31,7 +31,7 @@ RESULTS_SCHEMA = pa.schema([
     pa.field("train_loss", pa.float64()),  # training loss (diffusion objective), averaged over the last log window
     pa.field("val_loss", pa.float64()),  # loss on fixed images at fixed timesteps and noise (digits: held out)
     pa.field("fid", pa.float64()),  # FID of generated samples against real images
-    pa.field("fid_floor", pa.float64()),  # FID of held-out vs training real images at the same count: the noise floor
+    pa.field("fid_floor", pa.float64()),  # FID of held-out real images vs the reference (up to fid_samples of them)
     pa.field("kid", pa.float64()),  # kernel inception distance
     pa.field("precision", pa.float64()),  # improved precision (fidelity) of the samples
     pa.field("recall", pa.float64()),  # improved recall (coverage) of the samples

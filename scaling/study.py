@@ -181,7 +181,7 @@ SCHEMA = {
         "guided_channels": (3, optional(integer(at_least=1))),  # null: every noise channel
         "vae": (None, optional(text)),  # a local diffusers AutoencoderKL, to decode latents
         "grid_images_per_class": (4, integer(at_least=0)),
-        # Real images for FID when training on latents (an image folder); default: the training data.
+        # Real images for FID (an image folder); default: the training data, which latents cannot be: they need one.
         "reference": (None, optional(text)),
         # Held-out real images for the FID noise floor (an image folder); digits: the held-out split.
         "heldout": (None, optional(text)),
@@ -549,11 +549,22 @@ def _check_eval(raw, info, where, check_data, warnings):
                                                          "use 'inception-v3-compat'")
     if not info["pixel_space"] and ev["vae"] is None and (ev["fid"] or ev["grid_images_per_class"]):
         raise where.error(("eval", "vae"), "a latent study needs a VAE to decode its samples for FID and grids")
-    for key in ("vae", "feature_extractor_weights"):
-        if ev[key] is not None and not Path(ev[key]).exists():
-            if check_data:
-                raise where.error(("eval", key), f"{ev[key]} does not exist")
-            warnings.append(f"{where(('eval', key))}: eval.{key}: {ev[key]} does not exist")
+    if dataset == "latents" and ev["fid"] and ev["reference"] is None:  # core.evaluate.check's rule, before training
+        raise where.error(("eval", "reference"), "FID on latents needs a folder of the real training images (e.g. "
+                                                 "the ImageNet train folder the latents were encoded from)")
+    missing = {key: f"{ev[key]} does not exist" for key in ("vae", "feature_extractor_weights", "reference", "heldout")
+               if ev[key] is not None and not Path(ev[key]).exists()}
+    if ev["fid"] and ev["feature_extractor"] != "digits" and ev["feature_extractor_weights"] is None:
+        from core.fid import inception_weights
+
+        try:
+            inception_weights()  # torch-fidelity's cache: never downloaded during a study
+        except FileNotFoundError as err:
+            missing["feature_extractor_weights"] = str(err)
+    for key, message in missing.items():
+        if check_data:
+            raise where.error(("eval", key), message)
+        warnings.append(f"{where(('eval', key))}: eval.{key}: {message}")
     dim = feature_dim(ev["feature_extractor"])
     if ev["fid"] and ev["fid_samples"] <= dim:
         warnings.append(f"{where(('eval', 'fid_samples'))}: eval.fid_samples: FID from {ev['fid_samples']} images "

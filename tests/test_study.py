@@ -319,8 +319,39 @@ def test_fewer_fid_images_than_feature_dimensions_warns(tmp_path):
                               "is rank-deficient, so FID is biased upwards and noisy; use several times 64 images"]
     assert not load(tmp_path, edit("fid_samples: 100", "fid_samples: 65")).warnings
     assert not load(tmp_path, edit("fid_samples: 100", "fid_samples: 64\n  fid: false")).warnings
-    inception = load(tmp_path, overrides=["eval.feature_extractor=inception-v3-compat", "eval.fid_samples=2048"])
-    assert "FID from 2048 images of 2048-d features" in inception.warnings[0]
+    inception = load(tmp_path, overrides=["eval.feature_extractor=inception-v3-compat", "eval.fid_samples=2048"],
+                     check_data=False)  # warns of the Inception weights it finds in no cache here, too
+    assert any("FID from 2048 images of 2048-d features" in w for w in inception.warnings)
+
+
+def test_fid_inputs_are_checked_before_any_training(tmp_path, monkeypatch):
+    # Each of these failed only at a trial's first evaluation, after training to its first milestone.
+    from core.fid import inception_weights_file
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # torch-fidelity's cache, here empty
+    inception = ["eval.feature_extractor=inception-v3-compat", "eval.fid_samples=4096"]
+    path = tmp_path / "study.yaml"
+    with pytest.raises(StudyError) as err:
+        load(tmp_path, overrides=inception)
+    assert str(err.value).startswith(f"{path}:11: eval.feature_extractor_weights: Inception-v3 weights for FID "
+                                     f"not found: put ")
+    assert str(inception_weights_file()) in str(err.value)
+    assert "Inception-v3 weights for FID not found" in load(tmp_path, overrides=inception, check_data=False).warnings[0]
+    assert not load(tmp_path, overrides=[*inception, "eval.fid=false"]).warnings
+    inception_weights_file().parent.mkdir(parents=True)
+    inception_weights_file().write_bytes(b"weights")
+    assert not load(tmp_path, overrides=inception).warnings
+    for key in ("reference", "heldout"):
+        with pytest.raises(StudyError) as err:
+            load(tmp_path, overrides=[f"eval.{key}={tmp_path / 'nowhere'}"])
+        assert str(err.value) == f"--set eval.{key}={tmp_path / 'nowhere'}: eval.{key}: {tmp_path / 'nowhere'} " \
+                                 f"does not exist"
+    # Latents have no real images of their own to compare samples with.
+    with pytest.raises(StudyError) as err:
+        load_study(STUDIES / "dit_imagenet256.yaml", ["eval.reference=null"], check_data=False)
+    assert str(err.value) == ("--set eval.reference=null: eval.reference: FID on latents needs a folder of the real "
+                              "training images (e.g. the ImageNet train folder the latents were encoded from)")
+    assert load_study(STUDIES / "dit_imagenet256.yaml", ["eval.reference=null", "eval.fid=false"], check_data=False)
 
 
 def test_a_swept_architecture_field_names_distinct_models(tmp_path):
