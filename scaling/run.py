@@ -18,6 +18,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from pathlib import Path
 
 from scaling.study import StudyError, check_cluster, load_study
 
@@ -314,7 +315,7 @@ def _run_trials(study, build_report, report_dir):
         from scaling.report import build_report as make_report
 
         path = make_report(out / "results.parquet", report_dir, processes=None)
-        print(f"report: {path}")
+        print(f"report: {Path(path) / 'index.html'}")
     ray.shutdown()
     return EXIT_TRIALS_FAILED if failed else EXIT_OK
 

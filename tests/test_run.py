@@ -80,7 +80,7 @@ def test_end_to_end_and_rerun_skips_finished(tmp_path):
     study, out = write_study(tmp_path, lrs=(1e-3, 1e30))
     proc = run([study, "--report-dir", tmp_path / "report"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert f"report: {tmp_path / 'report'}" in proc.stdout
+    assert f"report: {tmp_path / 'report' / 'index.html'}" in proc.stdout
     assert {"index.html", "report.md", "fits.json"} <= {p.name for p in (tmp_path / "report").iterdir()}
     df = load_results(out)
     healthy, bad = df[df.lr == 1e-3], df[df.lr == 1e30]
