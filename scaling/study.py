@@ -81,9 +81,11 @@ def boolean(value):
 
 
 def text(value):
-    """A string."""
+    """A non-empty string."""
     if not isinstance(value, str):
         raise _Invalid(f"expected a string, got {value!r}")
+    if not value.strip():  # an empty path would quietly mean the current directory, or the default
+        raise _Invalid("must not be empty")
     return value
 
 
@@ -148,13 +150,15 @@ SCHEMA = {
         "betas": ([0.9, 0.999], betas),
         "weight_decay": (0.0, number(at_least=0)),
         "grad_clip": (None, optional(number(above=0))),
-        "ema_decay": (0.9999, number(at_least=0, at_most=1)),
+        "ema_decay": (0.9999, number(at_least=0, below=1)),  # 1 would never move the EMA from its start
         "precision": ("fp32", choice("fp32", "bf16")),
         "zero_stage": (2, integer(at_least=0, at_most=3)),
         "seed": (0, integer(at_least=0)),
         "class_dropout_prob": (0.1, number(at_least=0, below=1)),
         "learn_sigma": (True, boolean),
-        "diffusion_steps": (1000, integer(at_least=1)),
+        # The linear schedule's last beta is 20 / diffusion_steps: from 20 steps down it reaches 1, the
+        # signal is gone before the last step and its x_0 prediction divides by zero.
+        "diffusion_steps": (1000, integer(at_least=21)),
         "log_every": (10, integer(at_least=1)),
         "ckpt_every": (500, integer(at_least=1)),
         "keep_checkpoints": (2, integer(at_least=1)),
@@ -242,8 +246,12 @@ def _read_yaml(path):
         raise StudyError(f"{path}: cannot read the study file: {err.strerror}") from None
     try:
         loader = _Loader(source)
+        lines = {}
         try:
             node = loader.get_single_node()
+            if node is not None:  # before construction, which splices merge keys' (<<) entries into their mapping
+                _record_lines(node, (), lines, path, set())
+                _check_expansion(node, path)
             tree = None if node is None else loader.construct_document(node)
         finally:
             loader.dispose()
@@ -258,13 +266,17 @@ def _read_yaml(path):
     if not isinstance(tree, dict):
         raise StudyError(f"{path}:{node.start_mark.line + 1}: the study must be a mapping of sections "
                          f"({', '.join(TOP_LEVEL)}), got {_kind(tree)}")
-    lines = {}
-    _record_lines(node, (), lines, path)
     return tree, lines
 
 
-def _record_lines(node, key_path, lines, file):
+def _record_lines(node, key_path, lines, file, seen):
     """Note the line of every mapping key and list item under node; reject duplicate keys."""
+    # An alias (*name) is the anchored node itself: walked once, so that a node that contains its own alias
+    # ends and nested aliases (a "billion laughs" file) cost no more than the text; a field under the second
+    # use is located at the key that uses it.
+    if id(node) in seen:
+        return
+    seen.add(id(node))
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             if not isinstance(key_node, yaml.ScalarNode) or key_node.value == "<<":
@@ -274,11 +286,39 @@ def _record_lines(node, key_path, lines, file):
             if sub in lines:  # PyYAML would silently keep the last one
                 raise StudyError(f"{file}:{line}: {_dotted(sub)}: duplicate key (first on line {lines[sub]})")
             lines[sub] = line
-            _record_lines(value_node, sub, lines, file)
+            _record_lines(value_node, sub, lines, file, seen)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             lines[key_path + (i,)] = item.start_mark.line + 1
-            _record_lines(item, key_path + (i,), lines, file)
+            _record_lines(item, key_path + (i,), lines, file, seen)
+
+
+MAX_STEPS = 10**12  # training steps: Parquet's int64 step columns and float compute stay exact far below this
+MAX_EXPANDED_VALUES = 100_000  # a study file spelled out, aliases expanded: hundreds of values, not millions
+
+
+def _check_expansion(root, file):
+    """Refuse a file whose aliases (*name) nest into itself or expand past MAX_EXPANDED_VALUES values, which every
+    later walk of the tree (and any message that shows a value) would pay for."""
+    sizes, open_nodes = {}, set()
+
+    def size(node):
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in open_nodes:
+            raise StudyError(f"{file}:{node.start_mark.line + 1}: an alias refers to the value that contains it")
+        open_nodes.add(id(node))
+        children = ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode)
+                    else node.value if isinstance(node, yaml.SequenceNode) else [])
+        total = 1 + sum(size(child) for child in children)
+        if total > MAX_EXPANDED_VALUES:
+            raise StudyError(f"{file}:{node.start_mark.line + 1}: through its aliases this value expands to more "
+                             f"than {MAX_EXPANDED_VALUES:,} values")
+        open_nodes.discard(id(node))
+        sizes[id(node)] = total
+        return total
+
+    size(root)
 
 
 def _dotted(key_path):
@@ -489,7 +529,8 @@ def _sweep(tree_sweep, raw_train_given, where):
     axes = {
         "model": _axis(("sweep", "model"), given["model"], _model_name("patch" in given), where),
         "patch": _axis(("sweep", "patch"), given["patch"], integer(at_least=1), where) if "patch" in given else None,
-        "steps": _axis(("sweep", "steps"), given["steps"], integer(at_least=1), where) if "steps" in given else None,
+        "steps": (_axis(("sweep", "steps"), given["steps"], integer(at_least=1, at_most=MAX_STEPS), where)
+                  if "steps" in given else None),
         "compute": (_axis(("sweep", "compute"), given["compute"], number(above=0), where)
                     if "compute" in given else None),
     }
@@ -702,7 +743,11 @@ def _expand(raw, axes, info, where):
                 raise _shape_error(err, config, size, (m, p), axes, raw, where) from None
             gflops = gflops_from_config(**config)
             params = _params(_canonical_json(config))
-            for milestones, budgets in _step_groups(axes, gflops, train):
+            groups = _step_groups(axes, gflops, train)
+            if groups[-1][0][-1] > MAX_STEPS:  # a compute budget far past any training run
+                raise where.error(("sweep", "compute"), f"{max(axes['compute']):g} Gflops is {groups[-1][0][-1]:.3g} "
+                                                        f"steps of DiT-{size}/{patch}, more than {MAX_STEPS:.0e}")
+            for milestones, budgets in groups:
                 trial_train = {**train, "max_steps": milestones[-1]}
                 digest = result_hash(config, raw["data"], trial_train, milestones, raw["eval"])
                 # Swept architecture fields name distinct models: the report groups measurements by name.

@@ -263,14 +263,14 @@ BAD = {
         "{f}:12: eval.sampling_steps: DDIM takes every k-th of train.diffusion_steps (300) steps: 40 does not "
         "divide it"),
     "sampling steps beyond the chain": (edit("fid_samples: 100", "sampling_steps: 25\n  sampler: ddpm"),
-                                        ["train.diffusion_steps=10"],
-                                        "{f}:12: eval.sampling_steps: 25 is more than train.diffusion_steps (10)"),
+                                        ["train.diffusion_steps=24"],
+                                        "{f}:12: eval.sampling_steps: 25 is more than train.diffusion_steps (24)"),
     "DDPM steps beyond a swept chain": (
-        edit("fid_samples: 100", "sampling_steps: 25\n  sampler: ddpm"), ["sweep.train.diffusion_steps=[1000, 10]"],
-        "{f}:12: eval.sampling_steps: 25 is more than train.diffusion_steps (10)"),
+        edit("fid_samples: 100", "sampling_steps: 25\n  sampler: ddpm"), ["sweep.train.diffusion_steps=[1000, 24]"],
+        "{f}:12: eval.sampling_steps: 25 is more than train.diffusion_steps (24)"),
     "DDIM steps beyond a swept chain": (  # said as such, not as a chain that 25 does not divide
-        edit("fid_samples: 100", "sampling_steps: 25"), ["sweep.train.diffusion_steps=[1000, 10]"],
-        "{f}:12: eval.sampling_steps: 25 is more than train.diffusion_steps (10)"),
+        edit("fid_samples: 100", "sampling_steps: 25"), ["sweep.train.diffusion_steps=[1000, 24]"],
+        "{f}:12: eval.sampling_steps: 25 is more than train.diffusion_steps (24)"),
     "guidance without a null class": (edit("fid_samples: 100", "cfg_scale: 4"), ["train.class_dropout_prob=0"],
                                       "{f}:12: eval.cfg_scale: guidance (4.0) needs the null class, which "
                                       "train.class_dropout_prob 0 never trains; use cfg_scale 1"),
@@ -308,7 +308,36 @@ BAD = {
     "--set unknown section": (BASE, ["trian.lr=1"], "--set trian.lr=1: trian: unknown key; did you mean 'train'?"),
     "--set wrong type": (BASE, ["train.lr=fast"], "--set train.lr=fast: train.lr: expected a number, got 'fast'"),
     "--set into a value": (BASE, ["name.x=1"], "--set name.x=1: name is not a section"),
+    # Values that used to pass, every trial then failing at its start or its first evaluation:
+    "EMA that never moves": (BASE, ["train.ema_decay=1"], "--set train.ema_decay=1: train.ema_decay: must be < 1, "
+                                                           "got 1.0"),
+    "betas reaching 1": (BASE, ["train.diffusion_steps=20"], "--set train.diffusion_steps=20: train.diffusion_steps: "
+                                                             "must be >= 21, got 20"),
+    "steps past int64's reach": (BASE, ["sweep.steps=[100000000000000000000]"],
+                                 "--set sweep.steps=[100000000000000000000]: sweep.steps: must be <= 1000000000000, "
+                                 "got 100000000000000000000"),
+    "compute past any run": (BASE, ["sweep.steps=null", "sweep.compute=[1e30]"],
+                             "--set sweep.compute=[1e30]: sweep.compute: 1e+30 Gflops is 6.03e+30 steps of DiT-P/2, "
+                             "more than 1e+12"),
+    "empty output": (BASE + 'output: ""\n', [], "{f}:15: output: must not be empty"),
+    "alias inside itself": (BASE.replace("model: [DiT-P, DiT-N]", "model: &m [DiT-P, *m]"), [],
+                            "{f}:5: an alias refers to the value that contains it"),
+    "alias bomb": (BASE + "a: &a [x, x, x, x, x, x, x, x, x, x]\n"
+                   + "".join(f"{c}: &{c} [{', '.join([f'*{p}'] * 10)}]\n" for p, c in zip("abcdef", "bcdefg")),
+                   [], "{f}:19: through its aliases this value expands to more than 100,000 values"),
 }
+
+
+def test_merge_keys_and_aliases_load_as_yaml_says(tmp_path):
+    # A merge key's entries may be overridden by the mapping's own (not a duplicate key), and an alias is its
+    # anchor's value.
+    text = BASE.replace("train:\n  batch_size: 32\n  lr: 1.0e-3\n", "train: {<<: {batch_size: 32, lr: 1.0e-3}, "
+                                                                      "lr: 2.0e-3}\n")
+    study = load(tmp_path, text)
+    assert {(t.train["batch_size"], t.train["lr"]) for t in study.trials} == {(32, 2.0e-3)}
+    text = BASE.replace("  patch: [2, 4]", "  patch: &p [2, 4]").replace("resources:", "eval2: *p\nresources:")
+    with pytest.raises(StudyError, match=r"study.yaml:13: eval2: unknown key"):
+        load(tmp_path, text)
 
 
 def test_fewer_fid_images_than_feature_dimensions_warns(tmp_path):
