@@ -593,8 +593,8 @@ def _check_eval(raw, info, where, check_data, warnings):
     if dataset == "latents" and ev["fid"] and ev["reference"] is None:  # core.evaluate.check's rule, before training
         raise where.error(("eval", "reference"), "FID on latents needs a folder of the real training images (e.g. "
                                                  "the ImageNet train folder the latents were encoded from)")
-    missing = {key: f"{ev[key]} does not exist" for key in ("vae", "feature_extractor_weights", "reference", "heldout")
-               if ev[key] is not None and not Path(ev[key]).exists()}
+    missing = {key: problem for key in ("vae", "feature_extractor_weights", "reference", "heldout")
+               if ev[key] is not None and (problem := _eval_path_problem(key, Path(ev[key])))}
     if ev["fid"] and ev["feature_extractor"] != "digits" and ev["feature_extractor_weights"] is None:
         from core.fid import inception_weights
 
@@ -624,6 +624,40 @@ def _check_eval(raw, info, where, check_data, warnings):
         if ev["sampler"] == "ddim" and chain % ev["sampling_steps"]:  # core.sampling's DDIM refuses them
             raise where.error(("eval", "sampling_steps"), f"DDIM takes every k-th of train.diffusion_steps "
                                                           f"({chain}) steps: {ev['sampling_steps']} does not divide it")
+
+
+def _eval_path_problem(key, path):
+    """What is wrong with an eval file or folder (None if nothing), found now rather than at the first evaluation."""
+    if not path.exists():
+        return f"{path} does not exist"
+    if key == "vae":  # diffusers' AutoencoderKL.from_pretrained folder: its config and one weights file
+        try:
+            json.loads((path / "config.json").read_text())
+        except (OSError, ValueError) as err:
+            return f"{path} is not a diffusers model folder: config.json: {_reason(err)}"
+        if not any(path.glob("diffusion_pytorch_model.*")):  # .safetensors, .bin, or a sharded one's index
+            return f"{path} is not a diffusers model folder: no diffusion_pytorch_model.safetensors (or .bin)"
+    elif key == "feature_extractor_weights":
+        # torch.save's files: a zip archive, or (before torch 1.6, as torch-fidelity's Inception) a pickle stream.
+        try:
+            with open(path, "rb") as f:
+                head = f.read(4)
+        except OSError as err:
+            return f"{path}: {_reason(err)}"
+        if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+            return f"{path} is not a PyTorch weights file"
+    else:  # an image folder, as core.real_images reads it
+        from core.data import scan_image_folder
+
+        try:
+            scan_image_folder(path)
+        except (ValueError, OSError) as err:
+            return str(err)
+    return None
+
+
+def _reason(err):
+    return err.strerror if isinstance(err, OSError) and err.strerror else f"not JSON ({err})"
 
 
 def feature_dim(extractor):

@@ -375,6 +375,29 @@ def test_fid_inputs_are_checked_before_any_training(tmp_path, monkeypatch):
             load(tmp_path, overrides=[f"eval.{key}={tmp_path / 'nowhere'}"])
         assert str(err.value) == f"--set eval.{key}={tmp_path / 'nowhere'}: eval.{key}: {tmp_path / 'nowhere'} " \
                                  f"does not exist"
+    # What exists but is not what it should be.
+    (tmp_path / "images" / "a").mkdir(parents=True)
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text("{")
+    (tmp_path / "hostname").write_text("box\n")
+    cases = {"eval.heldout": (tmp_path / "images", f"image folder {tmp_path / 'images'} has class folders ['a'] "
+                                                   f"but no images ("),
+             "eval.vae": (tmp_path / "vae", f"{tmp_path / 'vae'} is not a diffusers model folder: config.json: "
+                                            f"not JSON (Expecting property name"),
+             "eval.feature_extractor_weights": (tmp_path / "hostname", f"{tmp_path / 'hostname'} is not a PyTorch "
+                                                                       f"weights file")}
+    for key, (value, message) in cases.items():
+        with pytest.raises(StudyError) as err:
+            load(tmp_path, overrides=[f"{key}={value}"])
+        assert str(err.value).startswith(f"--set {key}={value}: {key}: {message}")
+    (tmp_path / "vae" / "config.json").write_text("{}")
+    with pytest.raises(StudyError, match="no diffusion_pytorch_model.safetensors"):
+        load(tmp_path, overrides=[f"eval.vae={tmp_path / 'vae'}"])
+    (tmp_path / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    (tmp_path / "images" / "a" / "0.png").write_bytes(b"")
+    torch.save({}, tmp_path / "weights.pth")
+    assert not load(tmp_path, overrides=[f"eval.vae={tmp_path / 'vae'}", f"eval.heldout={tmp_path / 'images'}",
+                                         f"eval.feature_extractor_weights={tmp_path / 'weights.pth'}"]).warnings
     # Latents have no real images of their own to compare samples with.
     with pytest.raises(StudyError) as err:
         load_study(STUDIES / "dit_imagenet256.yaml", ["eval.reference=null"], check_data=False)
