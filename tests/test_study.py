@@ -176,10 +176,43 @@ def test_trial_ids_are_stable_and_readable(tmp_path):
     assert ids[0] == "DiT-P-2-" + ids[0][-10:] and load(tmp_path).trials[0].trial_id == ids[0]
 
 
-@pytest.mark.parametrize("override", [
-    "train.lr=2e-3", "train.seed=1", "train.batch_size=64", "train.ema_decay=0.99", "eval.fid_samples=200",
-    "eval.sampler=ddpm", "sweep.steps=[10, 20, 80]", "train.diffusion_steps=500", "train.depth=3",
-])
+# A changed value of every train field that is not bookkeeping, and of the evaluation's: each changes a result.
+RESULT_FIELDS = {
+    "train.batch_size": "64", "train.grad_accum": "2", "train.lr": "2e-3", "train.lr_schedule": "cosine",
+    "train.warmup_steps": "5", "train.betas": "[0.9, 0.95]", "train.weight_decay": "0.01", "train.grad_clip": "1.0",
+    "train.ema_decay": "0.99", "train.precision": "bf16", "train.zero_stage": "1", "train.seed": "1",
+    "train.class_dropout_prob": "0.2", "train.learn_sigma": "false", "train.diffusion_steps": "500",
+    "train.val_batch": "128", "train.compile": "true", "train.grad_checkpointing": "true",
+    "train.fused_adamw": "false", "train.hidden_size": "96", "train.depth": "3", "train.num_heads": "2",
+    "train.mlp_ratio": "2", "eval.fid_samples": "200", "eval.sampler": "ddpm", "eval.sampling_steps": "25",
+    "eval.eta": "0.5", "eval.cfg_scale": "2", "eval.guided_channels": "null", "eval.fid": "false",
+    "eval.grid_images_per_class": "2", "sweep.steps": "[10, 20, 80]",
+}
+
+
+def test_every_result_field_is_covered_below():
+    # A field added to the schema without a case here could be left out of the trial id unnoticed.
+    from scaling.study import BOOKKEEPING, SCHEMA
+
+    train = {f"train.{k}" for k in SCHEMA["train"] if k not in BOOKKEEPING}
+    assert train <= set(RESULT_FIELDS)
+
+
+def test_trial_ids_change_with_the_data(tmp_path):
+    from PIL import Image
+
+    for name in ("a", "b"):
+        for label in ("cat", "dog"):
+            (tmp_path / name / label).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / name / label / "0.png")
+    text = edit("dataset: digits", "dataset: imagefolder\n  path: a\n  image_size: 8").replace(
+        "fid_samples: 100", "fid: false").replace("batch_size: 32", "batch_size: 4")
+    ids = {overrides: [t.trial_id for t in load(tmp_path, text, overrides=list(overrides)).trials]
+           for overrides in [(), ("data.path=b",), ("data.image_size=16",)]}
+    assert len({i for trial_ids in ids.values() for i in trial_ids}) == 3 * 4
+
+
+@pytest.mark.parametrize("override", [f"{k}={v}" for k, v in RESULT_FIELDS.items()])
 def test_trial_ids_change_with_what_determines_the_result(tmp_path, override):
     base = [t.trial_id for t in load(tmp_path).trials]
     changed = [t.trial_id for t in load(tmp_path, overrides=[override]).trials]
