@@ -16,7 +16,8 @@ from ray.tune import Callback
 
 from core.flops import training_compute
 from scaling.ray_trial import KIND_END, KIND_LOG, KIND_MILESTONE
-from scaling.results import LOSS_CURVES_SCHEMA, RESULTS_SCHEMA, load_results, read_parquet, write_table
+from scaling.results import (CURVES_FILE, LOSS_CURVES_SCHEMA, RESULTS_FILE, RESULTS_SCHEMA, load_results, read_parquet,
+                             write_table)
 
 LOG_METRICS = ("train_loss", "lr", "images_per_s", "achieved_tflops", "mfu")
 EVAL_METRICS = ("val_loss", "val_mse", "val_loss_ema", "fid", "fid_floor", "kid", "precision", "recall",
@@ -29,8 +30,8 @@ class Recorder(Callback):
 
     def __init__(self, study, tracker, progress):
         self.study, self.tracker, self.progress = study, tracker, progress
-        self.results_path = study.output / "results.parquet"
-        self.curves_path = study.output / "loss_curves.parquet"
+        self.results_path = study.output / RESULTS_FILE
+        self.curves_path = study.output / CURVES_FILE
         self.rows = _load_rows(self.results_path, ("trial_id", "step"))
         self.curves = _load_rows(self.curves_path, ("trial_id", "step"))
         self.trials = {t.trial_id: t for t in study.trials}
@@ -235,7 +236,7 @@ def _load_rows(path, key):
     """Existing rows of a Parquet file keyed by key columns (empty when there is none yet)."""
     if not Path(path).exists():
         return {}
-    df = load_results(path) if Path(path).name == "results.parquet" else read_parquet(path).to_pandas()
+    df = load_results(path) if Path(path).name == RESULTS_FILE else read_parquet(path).to_pandas()
     return {tuple(r[k] for k in key): r for r in df.to_dict("records")}
 
 

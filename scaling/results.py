@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 RESULTS_FILE = "results.parquet"
+CURVES_FILE = "loss_curves.parquet"
 STATUSES = ("ok", "diverged", "failed")
 
 RESULTS_SCHEMA = pa.schema([

@@ -9,6 +9,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -80,15 +81,42 @@ def main(argv=None):
 
 
 def check_results(study):
-    """A results.parquet already in the output (a study to resume) must read, before anything starts."""
-    from scaling.results import RESULTS_FILE, load_results
+    """The records already in the output (a study to resume) must read, before anything starts: results.parquet,
+    loss_curves.parquet and the SQLite MLflow store, which the driver would otherwise fail on after Ray's start."""
+    import pyarrow as pa
 
-    path = study.output / RESULTS_FILE
-    if path.exists():
+    from scaling.results import CURVES_FILE, RESULTS_FILE, load_results, read_parquet
+
+    def unreadable(reason):
+        return StudyError(f"{study.path}: output: {reason}; move it away to start the study afresh")
+
+    results, curves = study.output / RESULTS_FILE, study.output / CURVES_FILE
+    if results.exists():
+        if not results.is_file():
+            raise unreadable(f"{results} is not a file")
         try:
-            load_results(path)
-        except ValueError as e:
-            raise StudyError(f"{study.path}: output: {e}; move it away to start the study afresh") from None
+            load_results(results)
+        except (ValueError, OSError) as e:
+            raise unreadable(e) from None
+    if curves.exists():
+        try:
+            read_parquet(curves)
+        except (pa.ArrowException, OSError) as e:
+            raise unreadable(f"{curves}: not a readable Parquet file ({' '.join(str(e).split())})") from None
+    store = sqlite_store(study.raw["tracking"]["mlflow_uri"])
+    if store is not None and store.exists():
+        import sqlite3
+
+        try:
+            with contextlib.closing(sqlite3.connect(f"{store.as_uri()}?mode=ro", uri=True)) as db:
+                db.execute("PRAGMA schema_version").fetchone()  # reads the header: fails on anything else
+        except sqlite3.Error as e:
+            raise unreadable(f"{store}: not an SQLite database ({e})") from None
+
+
+def sqlite_store(uri):
+    """The file of an MLflow `sqlite:///` URI, else None."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
 
 
 def check_output(study):
@@ -124,14 +152,24 @@ def check_reachable(address):
         raise StudyError(f"--address {address}: cannot reach a Ray cluster there ({e})") from e
 
 
+# MLflow's tracking stores by URI scheme (its store registry, mlflow.tracking._tracking_service.utils, is private):
+# a plain path is a file store; a database's scheme may name its driver ("postgresql+psycopg2").
+DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+TRACKING_SCHEMES = ("", "file", "http", "https", "databricks", *DATABASE_SCHEMES)
+
+
 def check_tracking_server(study):
     """An MLflow server named by the study or MLFLOW_TRACKING_URI must answer before launch: the
     study's runs are created up front, and a server that goes away later only delays logging."""
     uri = study.raw["tracking"]["mlflow_uri"]  # the study's, else MLFLOW_TRACKING_URI's, else SQLite
-    if not uri.startswith(("http://", "https://")):
-        return  # a SQLite or file store is created by the driver itself
     given = study.given("tracking.mlflow_uri")
     where = f"{study.locate('tracking.mlflow_uri')}: tracking.mlflow_uri" if given else "MLFLOW_TRACKING_URI"
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower() if re.match(r"[A-Za-z][\w+.-]*:", uri) else ""
+    if scheme not in TRACKING_SCHEMES:
+        raise StudyError(f"{where}: MLflow has no tracking store for {uri!r}; use http(s)://host:port, "
+                         f"sqlite:///path, file:///path or a database URI ({', '.join(DATABASE_SCHEMES)})")
+    if not uri.startswith(("http://", "https://")):
+        return  # a SQLite or file store is created by the driver itself
     try:
         with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10):
             pass
