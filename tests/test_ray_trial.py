@@ -3,6 +3,7 @@ no Ray Data actor, no Train controller process (the controller runs in the Tune 
 import json
 import os
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,34 @@ def test_a_tune_actor_keeps_its_idle_synchronization_actor_for_its_next_run(tmp_
         assert len(after) == 2 and sorted(after.values()) == ["ALIVE", "DEAD"]
     finally:
         ray.shutdown()
+
+
+def test_a_trials_evaluation_takes_every_eval_field_of_its_study(tmp_path):
+    # Every field a value other than both the study's and EvalConfig's default: one dropped or hard-coded shows.
+    from core.evaluate import EvalConfig
+    from scaling.ray_trial import eval_config
+    from scaling.study import load_study
+
+    path = tmp_path / "study.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        name: evalfields
+        data: {{dataset: digits}}
+        sweep: {{model: [DiT-P], patch: [2], steps: [10]}}
+        train: {{batch_size: 32, seed: 7, diffusion_steps: 500}}
+        eval: {{fid_samples: 300, sampler: ddpm, sampling_steps: 25, eta: 0.5, cfg_scale: 1.5, guided_channels: 2,
+                feature_extractor: inception-v3-compat, feature_extractor_weights: weights/inception.pth,
+                grid_images_per_class: 2, reference: real, heldout: held}}
+        output: {tmp_path / "out"}
+        """))
+    study = load_study(path, check_data=False)  # the weights and folders do not exist: warnings, not errors
+    (trial,) = study.trials
+    cfg = eval_config(trial.to_dict(), tmp_path / "fid-cache")
+    assert cfg == EvalConfig(
+        num_samples=300, sampler="ddpm", num_steps=25, eta=0.5, cfg_scale=1.5, guided_channels=2, seed=7,
+        feature_extractor="inception-v3-compat", feature_extractor_weights=str(tmp_path / "weights" / "inception.pth"),
+        grid_images_per_class=2, reference=str(tmp_path / "real"), heldout=str(tmp_path / "held"),
+        cache_dir=str(tmp_path / "fid-cache"), diffusion_steps=500)
+    # A null guided_channels (guide every noise channel) stays null.
+    path.write_text(path.read_text().replace("guided_channels: 2", "guided_channels: null"))
+    (trial,) = load_study(path, check_data=False).trials
+    assert eval_config(trial.to_dict(), tmp_path).guided_channels is None

@@ -179,3 +179,35 @@ def test_replay_closes_a_trial_whose_failure_came_after_its_last_milestone_as_fi
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
     assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]  # the trial's run and the study's
+
+
+def test_every_reported_metric_lands_in_its_own_column(study):
+    rec, t = recorder(study), study.trials[0]
+    rec.on_trial_start(0, [], tune_trial(t))
+    # Distinct values for every key a milestone report carries: a value written into another key's column shows.
+    report = {"kind": KIND_MILESTONE, "step": 10, "train_loss": 0.31, "val_loss": 0.27, "val_mse": 0.19,
+              "val_loss_ema": 0.23, "fid": 41.5, "fid_floor": 3.25, "kid": 0.0125, "precision": 0.61,
+              "recall": 0.47, "inception_score": 7.75, "fid_samples": 100, "feature_extractor": "digits-cnn",
+              "lr": 2.5e-4, "train_time_s": 12.5, "eval_time_s": 4.5, "images_per_s": 345.0,
+              "sample_images_per_s": 55.0, "achieved_tflops": 0.002}
+    rec.on_trial_result(0, [], tune_trial(t), report)
+    row = load_results(study.output).iloc[0].to_dict()
+    expected = {"train_loss": 0.31, "val_loss": 0.27, "fid": 41.5, "fid_floor": 3.25, "kid": 0.0125,
+                "precision": 0.61, "recall": 0.47, "inception_score": 7.75, "fid_samples": 100,
+                "feature_extractor": "digits-cnn", "lr": 2.5e-4, "wall_time_s": 12.5, "eval_time_s": 4.5,
+                "images_per_s": 345.0}
+    assert {k: row[k] for k in expected} == expected
+    # The trial's own fields, and the training compute so far: Gflops × batch × step × 3.
+    assert (row["study"], row["trial_id"], row["model"], row["size"], row["patch"]) == (
+        "tiny", t.trial_id, "DiT-P/2", "P", 2)
+    assert (row["params"], row["gflops"], row["batch_size"], row["step"], row["max_step"]) == (
+        t.params, t.gflops, 32, 10, 20)
+    assert row["train_compute"] == pytest.approx(t.gflops * 32 * 10 * 3, rel=1e-12)
+    assert (row["sampler"], row["cfg_scale"], row["dataset"], row["status"]) == ("ddim-5", 1.0, "digits", "ok")
+    # MLflow gets every evaluation metric under its own name, at the milestone's step.
+    run_id, logged, step = rec.tracker.metrics[-1]
+    assert run_id == f"run-{t.trial_id}" and step == 10
+    assert {k: logged[k] for k in ("val_loss", "val_mse", "val_loss_ema", "fid", "fid_floor", "kid", "precision",
+                                   "recall", "inception_score", "eval_time_s", "sample_images_per_s")} == {
+        "val_loss": 0.27, "val_mse": 0.19, "val_loss_ema": 0.23, "fid": 41.5, "fid_floor": 3.25, "kid": 0.0125,
+        "precision": 0.61, "recall": 0.47, "inception_score": 7.75, "eval_time_s": 4.5, "sample_images_per_s": 55.0}
