@@ -131,12 +131,28 @@ def test_sampling_is_deterministic_and_batch_independent(reference_model, sample
     assert not torch.allclose(a, d)
 
 
-def test_guidance_scale_one_is_the_conditional_model(reference_model):
-    labels = torch.tensor([0, 1])
-    plain = sample(reference_model, labels, [1, 2], sampler="ddim", num_steps=5, cfg_scale=1.0)
+def ddim_by_hand(model, labels, seeds, num_steps):
+    """DDIM (eta 0) with the model's ε at the given labels, step by step with diffusers' scheduler."""
+    scheduler = make_scheduler("ddim", num_steps)
+    x = torch.cat([torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    for t in scheduler.timesteps:
+        with torch.no_grad():
+            eps = model(x, torch.full((len(x),), int(t)), labels)[:, :4]  # (N, 4, 8, 8)
+        x = scheduler.step(eps, t, x, eta=0.0, use_clipped_model_output=True).prev_sample
+    return x
+
+
+def test_guidance_scale_one_is_the_conditional_model(reference, reference_model):
+    labels, seeds = torch.tensor([0, 1, 2]), [1, 2, 3]
+    plain = sample(reference_model, labels, seeds, sampler="ddim", num_steps=5, cfg_scale=1.0)
     with pytest.raises(ValueError, match="cfg_scale"):
-        sample(reference_model, labels, [1, 2], sampler="ddim", num_steps=5, cfg_scale=-1.0)
-    assert plain.shape == (2, 4, 8, 8)
+        sample(reference_model, labels, seeds, sampler="ddim", num_steps=5, cfg_scale=-1.0)
+    assert plain.shape == (3, 4, 8, 8)
+    # The conditional model at the true labels, not the null class, and no guidance mixed in.
+    conditional = ddim_by_hand(reference_model, labels, seeds, 5)
+    null = ddim_by_hand(reference_model, torch.full_like(labels, reference[0]["model"]["num_classes"]), seeds, 5)
+    torch.testing.assert_close(plain, conditional, atol=1e-5, rtol=1e-5)
+    assert (plain - null).abs().amax(dim=(1, 2, 3)).min() > 1e-2  # every image depends on its label
 
 
 def test_fixed_variance_samples_with_the_references_large_variance(reference, reference_model):

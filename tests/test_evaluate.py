@@ -235,6 +235,41 @@ def test_latents_are_decoded_through_the_vae_and_need_a_reference(tmp_path):
     assert Image.open(tmp_path / "g.png").size == grid_size(2, 3, 8)
 
 
+def tiny_vae():
+    """A randomly initialised diffusers AutoencoderKL: 8×8 RGB <-> 4×4×4 latents, scaling_factor 0.18215."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                         layers_per_block=1).eval()
+
+
+def test_latent_decoder_undoes_the_scale_factor_the_encoder_applied():
+    from core.evaluate import DECODE_BATCH, latent_decoder
+
+    vae = tiny_vae()
+    # More latents than one decoding batch: they are decoded in pieces and put back in order.
+    z = torch.randn(DECODE_BATCH + 3, 4, 4, 4, generator=torch.Generator().manual_seed(1))  # scaled latents
+    decode = latent_decoder({"scale_factor": 0.5}, vae, "cpu")  # meta.json's factor, not the VAE's default
+    with torch.no_grad():
+        expected = vae.decode(z / 0.5).sample  # (N, 3, 8, 8)
+        wrong = vae.decode(z * 0.5).sample
+    decoded = decode(z)
+    assert decoded.shape == (DECODE_BATCH + 3, 3, 8, 8) and decoded.dtype == torch.float32
+    torch.testing.assert_close(decoded, expected, atol=1e-5, rtol=1e-5)
+    assert (decoded - wrong).abs().max() > 1e-2  # the scale makes a difference this test sees
+
+    # Round trip with core.latents' encoder, which multiplies by the VAE's scaling_factor (a meta.json without
+    # one falls back to it): the decoder must see the encoder's unscaled latent again.
+    images = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    with torch.no_grad():
+        unscaled = vae.encode(images).latent_dist.mode()  # (4, 4, 4, 4)
+        expected = vae.decode(unscaled).sample
+    scaled = unscaled * vae.config.scaling_factor  # as core.latents.encode_images stores them
+    torch.testing.assert_close(latent_decoder({}, vae, "cpu")(scaled), expected, atol=1e-5, rtol=1e-5)
+
+
 def free_port():
     import socket
     with socket.socket() as s:
