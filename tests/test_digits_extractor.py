@@ -11,12 +11,11 @@ from core.train_digits_classifier import MIN_ACCURACY, accuracy, train
 
 
 def fidelity(images1, images2, **overrides):
-    """calculate_metrics of two image sets in [-1, 1] with the digits extractor, all four metrics."""
-    kwargs = {**metric_kwargs(min(len(images1), len(images2))), **overrides}
-    return torch_fidelity.calculate_metrics(
-        input1=UInt8ImageDataset(images1), input2=UInt8ImageDataset(images2),
-        fid=True, kid=True, prc=True, isc=True, **kwargs,
-    )
+    """calculate_metrics of two image sets in [-1, 1] with the digits extractor, all four metrics unless overridden."""
+    kwargs = {"fid": True, "kid": True, "prc": True, "isc": True, **metric_kwargs(min(len(images1), len(images2))),
+              **overrides}
+    return torch_fidelity.calculate_metrics(input1=UInt8ImageDataset(images1), input2=UInt8ImageDataset(images2),
+                                            **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +59,39 @@ def test_fid_real_small_noise_large(heldout, train_subset):
     assert real[torch_fidelity.KEY_METRIC_PRECISION] > 0.7 > fake[torch_fidelity.KEY_METRIC_PRECISION]
     assert real[torch_fidelity.KEY_METRIC_RECALL] > 0.7 > fake[torch_fidelity.KEY_METRIC_RECALL]
     assert real[torch_fidelity.KEY_METRIC_ISC_MEAN] > 6  # ten well-separated classes: close to 10
+
+
+def frechet_distance(a, b):
+    """The Fréchet distance of two Gaussians fitted to feature rows a and b, in float64.
+
+    tr √(Σa Σb) as the sum of the square roots of the eigenvalues of the symmetric √Σa Σb √Σa, which is stable where
+    features that are always 0 (a ReLU's) make the covariances singular.
+    """
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    w, v = np.linalg.eigh(cov_a)
+    root_a = (v * np.sqrt(w.clip(min=0))) @ v.T
+    tr_root = np.sqrt(np.linalg.eigvalsh(root_a @ cov_b @ root_a).clip(min=0)).sum()
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * tr_root)
+
+
+def penultimate_features(images):
+    """The classifier's 64-d features of images in [-1, 1], quantised to uint8 as torch-fidelity's inputs are."""
+    x = torch.from_numpy(np.asarray(images)).float()
+    x = ((x.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1  # (N, 1, 8, 8): the uint8 image, back in [-1, 1]
+    with torch.no_grad():
+        features, logits = load_digits_classifier().forward_features(x)
+    assert features.shape == (len(x), 64) and logits.shape == (len(x), 10)
+    return features.numpy()
+
+
+def test_fid_is_the_frechet_distance_of_the_penultimate_features(heldout, train_subset):
+    fid = torch_fidelity.KEY_METRIC_FID
+    noise = torch.rand(len(heldout), 1, 8, 8, generator=torch.Generator().manual_seed(0)).numpy() * 2 - 1
+    for images in (train_subset, noise):
+        expected = frechet_distance(penultimate_features(images), penultimate_features(heldout))
+        assert fidelity(images, heldout, kid=False, prc=False, isc=False)[fid] == pytest.approx(expected, rel=1e-5)
 
 
 def test_enlarged_images_give_the_same_fid(heldout, train_subset):
