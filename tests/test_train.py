@@ -251,3 +251,132 @@ def test_two_gloo_processes_match_one(tmp_path, zero_stage):
         assert state_r["step"] == 12 and len(losses_r) == len(losses_2)
         assert losses_r == pytest.approx(losses_2, rel=1e-4, abs=1e-5)
         assert state_r["metrics"]["val_loss"] == pytest.approx(state_2["metrics"]["val_loss"], rel=1e-4)
+
+
+#################################################################################
+#        What one step optimises and reports, checked outside the trainer       #
+#################################################################################
+
+CPU = torch.device("cpu")
+
+
+def first_batch(cfg):
+    """The first global batch of digits as ShardedBatchSampler documents it: epoch 0's permutation (seed + 0)."""
+    images, labels = build_dataset("digits", split="train").tensors
+    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.batch_size]
+    return images[perm], labels[perm]
+
+
+def test_the_reported_loss_of_the_first_step_is_mse_plus_vb_of_its_batch(tmp_path):
+    # One step of a learn_sigma model from the initial weights: the loss it reports is the diffusion loss of the
+    # paper (ε-MSE + the VB of the learned variance) of the batch, noise, timesteps and label drops it drew.
+    from core.diffusion import create_diffusion
+    from core.models import DiT
+    from core.train import step_randomness
+
+    cfg = tiny_config(max_steps=1, log_every=1, val_batch=0)
+    seen = {}
+
+    class Keep(Callbacks):
+        def on_log(self, trial, metrics):
+            seen["loss"] = metrics["train_loss"]
+            seen["out_weight"] = trial.engine.module.final_layer.linear.weight.detach().clone()
+
+    train(cfg, tmp_path, callbacks=Keep())
+
+    mcfg = cfg.resolved_model_config()
+    assert mcfg["learn_sigma"] and mcfg["in_channels"] == 1
+    torch.manual_seed(cfg.seed)
+    model = DiT(**mcfg).train()  # the trainer's initial weights
+    x, y = first_batch(cfg)
+    t, noise, drop = step_randomness(cfg.seed, 0, cfg.batch_size, (1, 8, 8), mcfg["class_dropout_prob"],
+                                     cfg.diffusion_steps, CPU)
+    terms = create_diffusion(learn_sigma=True, diffusion_steps=cfg.diffusion_steps).training_losses(
+        model, x, t, dict(y=y, force_drop_ids=drop), noise=noise)
+    mse, vb = terms["mse"].mean().item(), terms["vb"].mean().item()
+    assert vb > 1e-3 * mse  # the VB term is far above the tolerance: a loss without it shows
+    assert seen["loss"] == pytest.approx(mse + vb, rel=1e-6)
+    # The VB alone reaches the variance outputs (the zero-initialised output layer's rows for channel 1 of each
+    # patch position): the first step moved them off zero.
+    rows = seen["out_weight"].reshape(2, 2, 2, -1)  # (p, p, 2C, D)
+    assert torch.count_nonzero(rows[:, :, 1]) == rows[:, :, 1].numel()
+
+
+def test_labels_are_dropped_to_the_null_class_where_step_randomness_says(tmp_path, monkeypatch):
+    # With class_dropout_prob p, step s replaces label i by the null class exactly where step_randomness(seed, s)
+    # drew it: what the model embeds is recorded at its label embedding.
+    from core.models import DiT
+    from core.train import step_randomness
+
+    embedded = []
+
+    def recording_dit(**kwargs):
+        model = DiT(**kwargs)
+        model.y_embedder.embedding_table.register_forward_pre_hook(lambda m, args: embedded.append(args[0].clone()))
+        return model
+
+    monkeypatch.setattr("core.train.DiT", recording_dit)
+    p = 0.3
+    cfg = tiny_config(max_steps=2, log_every=1, val_batch=0, seed=3, model_overrides={"class_dropout_prob": p})
+    train(cfg, tmp_path)
+
+    assert len(embedded) == 2
+    images, labels = build_dataset("digits", split="train").tensors
+    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg.seed))
+    drops = 0
+    for step in range(2):
+        y = labels[perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]]
+        _, _, drop = step_randomness(cfg.seed, step, cfg.batch_size, (1, 8, 8), p, cfg.diffusion_steps, CPU)
+        assert torch.equal(embedded[step], torch.where(drop == 1, 10, y)), step  # 10: the null class
+        drops += int(drop.sum())
+    assert 0 < drops < 2 * cfg.batch_size
+
+
+def test_lr_schedules():
+    from core.optim import lr_lambda
+
+    warm, total = 4, 12
+    # Linear warmup from 1/warm at step 0 to 1 at step warm - 1, the same for every schedule.
+    for schedule in ("constant", "cosine", "linear"):
+        f = lr_lambda(schedule, warm, total)
+        assert [f(s) for s in range(warm)] == [0.25, 0.5, 0.75, 1.0], schedule
+    constant, cosine, linear = (lr_lambda(s, warm, total) for s in ("constant", "cosine", "linear"))
+    assert [constant(s) for s in (4, 8, 12, 20)] == [1.0] * 4
+    # After warmup, progress (step - warm) / (total - warm): cosine 0.5 (1 + cos(π progress)), linear 1 - progress,
+    # both 0 from total on.
+    assert [cosine(s) for s in (4, 8, 12, 13)] == pytest.approx([1.0, 0.5, 0.0, 0.0], abs=1e-15)
+    assert cosine(6) == pytest.approx(0.5 * (1 + np.cos(np.pi / 4)), rel=1e-15)
+    assert [linear(s) for s in (4, 6, 8, 10, 12, 13)] == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0, 0.0], abs=1e-15)
+    assert lr_lambda("cosine", 0, 10)(0) == 1.0 and lr_lambda("linear", 0, 10)(5) == 0.5
+    with pytest.raises(ValueError, match="lr_schedule"):
+        lr_lambda("step", 0, 10)
+
+
+def test_resume_is_bitwise_with_a_warmup_and_cosine_schedule(tmp_path):
+    # The schedule's position is part of the checkpoint: a resumed run goes on with the lr of the step it stopped
+    # at, not the warmup's first one.
+    cfg = tiny_config(lr_schedule="cosine", warmup_steps=4)
+    train(cfg, tmp_path / "straight", milestones=[6])
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "resumed", milestones=[6], callbacks=CrashAt(6))
+    train(cfg, tmp_path / "resumed", milestones=[6], resume_from="auto")
+
+    losses_a, state_a = history(tmp_path / "straight")
+    losses_b, state_b = history(tmp_path / "resumed")
+    assert len(losses_a) == 6 and losses_a == losses_b
+    lrs_a, lrs_b = ([h["lr"] for h in s["history"]] for s in (state_a, state_b))
+    assert lrs_a == lrs_b and len(set(lrs_a)) == 6  # every logged lr is a different point of the schedule
+    assert state_a["metrics"]["val_loss"] == state_b["metrics"]["val_loss"]
+
+
+def test_two_accumulated_micro_batches_match_one_batch(tmp_path):
+    # The same global batch in two micro-batches of 16: the gradients accumulate to those of one batch of 32,
+    # so losses agree up to summation order (seen: 1.4e-7 relative), and the reported loss is the batch's mean.
+    train(tiny_config(max_steps=6, log_every=1), tmp_path / "one")
+    train(tiny_config(max_steps=6, log_every=1, grad_accum=2), tmp_path / "two")
+    losses_1, state_1 = history(tmp_path / "one")
+    losses_2, state_2 = history(tmp_path / "two")
+    assert len(losses_1) == 6 and losses_1[0] == pytest.approx(losses_2[0], rel=1e-6)
+    assert losses_2 == pytest.approx(losses_1, rel=1e-5)
+    assert state_2["metrics"]["val_loss"] == pytest.approx(state_1["metrics"]["val_loss"], rel=1e-5)
+    assert state_2["config"]["grad_accum"] == 2
