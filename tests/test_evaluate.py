@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from core import fid as fid_module
 from core.evaluate import EvalConfig, evaluate, generate, rank_slice, sample_plan
@@ -217,8 +218,12 @@ def test_latents_are_decoded_through_the_vae_and_need_a_reference(tmp_path):
     vae.save_pretrained(tmp_path / "vae")
     latents = tmp_path / "latents"
     latents.mkdir()
-    meta = dict(format=FORMAT, num_images=0, classes=["a", "b"], latent_shape=[4, 4, 4], image_size=8,
-                scale_factor=0.18215, vae=str(tmp_path / "vae"), shards=[])
+    # A folder as encode_latents writes it: one shard of two images (evaluation reads only the meta).
+    save_file({"latents": torch.zeros(2, 2, 4, 4, 4), "labels": torch.tensor([0, 1]), "indices": torch.tensor([0, 1])},
+              str(latents / "shard-00000.safetensors"))
+    meta = dict(format=FORMAT, num_images=2, classes=["a", "b"], latent_shape=[4, 4, 4], image_size=8,
+                scale_factor=0.18215, vae=str(tmp_path / "vae"),
+                shards=[{"file": "shard-00000.safetensors", "num_images": 2}])
     (latents / "meta.json").write_text(json.dumps(meta))
     images, labels = digits_arrays("train")
     write_folder(tmp_path / "real", to_uint8(torch.from_numpy(images[:30])), labels[:30] % 2)
