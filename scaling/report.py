@@ -24,7 +24,7 @@ import pandas as pd
 from scaling import figures
 from scaling.fits import (CHINCHILLA, CI_LEVEL, N_BOOT, POWER_LAW, SATURATING_POWER_LAW, Fit, FitError, correlations,
                           extrapolation_check, fit_law, frontier, isoflop, parallel_fits)
-from scaling.results import RESULTS_SCHEMA, load_results, paper_results, to_table
+from scaling.results import RESULTS_SCHEMA, STATUSES, load_results, paper_results, results_path, to_table
 
 STATUS_RANK = {"ok": 0, "diverged": 1, "failed": 2}
 FIT_TITLES = {  # fits.json keys -> how the tables name them
@@ -50,6 +50,68 @@ class Analysis:
     isoflop: object = None
     extrapolation: list = field(default_factory=list)
     notes: list = field(default_factory=list)
+    n_boot: int = N_BOOT  # bootstrap resamples per fit; 0: point estimates, no intervals or bands
+
+
+# The rows ------------------------------------------------------------------------------------------
+
+class BadResults(ValueError):
+    """Results the report cannot use; the message names the file (or "results") and what is wrong."""
+
+
+# What every row must hold: the report groups measurements by trial, orders them by step, labels them by model.
+IDENTITY_COLUMNS = {"trial_id": "trial id", "model": "model name", "step": "step"}
+# Counts and sizes, where given: finite, and above zero (> 0) or not below it (>= 0).
+POSITIVE_COLUMNS = {"patch": "> 0", "params": "> 0", "gflops": "> 0", "batch_size": "> 0", "step": ">= 0",
+                    "max_step": ">= 0", "train_compute": ">= 0"}
+
+
+def report_rows(results):
+    """The rows of results (a results.parquet, a folder holding one, or a DataFrame), checked; BadResults if not."""
+    try:
+        if isinstance(results, pd.DataFrame):
+            source, df = "results", to_table(results, RESULTS_SCHEMA).to_pandas()  # the columns a file has
+        else:
+            source, df = results_path(results), load_results(results)
+    except ValueError as e:  # load_results' and to_table's messages name the file and column already
+        raise BadResults(str(e)) from None
+    if df.empty:
+        raise BadResults(f"{source}: no rows")
+    check_rows(df, source)
+    return df
+
+
+def check_rows(df, source):
+    """Refuse rows the report cannot place: no trial id, model or step, an unknown status, an impossible count."""
+    for col, what in IDENTITY_COLUMNS.items():
+        missing = df[col].isna().to_numpy()
+        if missing.any():
+            raise BadResults(f"{source}: column {col!r} is empty (null) in {missing.sum()} of {len(df)} rows "
+                             f"({_where(df, missing)}); every row needs its {what}")
+    unknown = ~df.status.isna() & ~df.status.isin(STATUSES)
+    if unknown.any():
+        raise BadResults(f"{source}: column 'status' has unknown values {sorted(set(df.status[unknown]))} "
+                         f"({_where(df, unknown.to_numpy())}); expected one of {list(STATUSES)}")
+    for col, rule in POSITIVE_COLUMNS.items():
+        v = df[col].astype(float).to_numpy()
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isnan(v) & ~(np.isfinite(v) & ((v > 0) if rule == "> 0" else (v >= 0)))
+        if bad.any():
+            shown = ", ".join(f"{x:g}" for x in sorted(set(v[bad]))[:3])
+            raise BadResults(f"{source}: column {col!r} must be finite and {rule} where given, but holds {shown} in "
+                             f"{bad.sum()} of {len(df)} rows ({_where(df, bad)})")
+
+
+def _where(df, mask):
+    """The first offending row, as a reader finds it: its position and, where known, trial and step."""
+    i = int(np.flatnonzero(mask)[0])
+    row = df.iloc[i]
+    where = f"{'the first: ' if mask.sum() > 1 else ''}row {i}"
+    if pd.notna(row.trial_id):
+        where += f", trial {row.trial_id}"
+    if pd.notna(row.step):
+        where += f", step {int(row.step)}"
+    return where
 
 
 # Analysis --------------------------------------------------------------------------------------------
@@ -67,7 +129,11 @@ def analyze(df, n_boot=N_BOOT, seed=0):
     trials = trial_summary(df)
     ok = df[df.trial_id.isin(trials.index[trials.status == "ok"]) & (df.status.fillna("ok") == "ok")]
     loss = next((c for c in ("val_loss", "train_loss") if np.isfinite(ok[c]).any()), None)
-    a = Analysis(study_name(df), df, trials, ok, loss, final_points(ok))
+    a = Analysis(study_name(df), df, trials, ok, loss, final_points(ok), n_boot=n_boot)
+    if not n_boot:
+        a.notes.append("No bootstrap resamples (--n-boot 0): the fits are point estimates without intervals, the "
+                       "figures have no bands, and the extrapolation check cannot say whether an observation falls "
+                       "inside its interval.")
     bad = trials[trials.status != "ok"]
     if len(bad):
         a.notes.append(f"{len(bad)} trial(s) did not finish ok ({', '.join(sorted(set(bad.status)))}): "
@@ -220,41 +286,75 @@ def _num(v, digits=4):
     return f"{float(v):.{digits}g}"
 
 
+NO_INTERVAL_COLUMNS = ("interval", "inside", "resamples")  # empty in a report without bootstrap resamples
+
+
 def tables(a):
-    """The report's tables, in the order they appear."""
+    """The report's tables, in the order they appear (without interval columns when there are no resamples)."""
     out = [trials_table(a)]
     if a.correlation:
-        c, f = a.correlation, a.fits.get("fid_vs_gflops")
-        slope = f"{f.params[1]:.4f} [{f.intervals()['b'][0]:.4f}, {f.intervals()['b'][1]:.4f}]" if f else "–"
-        out.append(Table("Correlation of final FID with log10 Gflops", ["n", "Pearson r", "p", "Spearman ρ", "p",
-                                                                          f"log-log slope ({CI_LEVEL:.0%} CI)"],
-                         [[str(c["n"]), f"{c['pearson_r']:.4f}", f"{c['pearson_p']:.3g}", f"{c['spearman_rho']:.4f}",
-                           f"{c['spearman_p']:.3g}", slope]]))
+        out.append(correlation_table(a))
     if a.fits:
-        rows = []
-        for name, f in a.fits.items():
-            ci = f.intervals()
-            for coef, v in zip(f.law.names, f.params):
-                rows.append([FIT_TITLES.get(name, name), f.law.formula, coef, _num(v), f"[{_num(ci[coef][0])}, {_num(ci[coef][1])}]",
-                             str(f.n_points), str(f.n_groups), f"{len(f.boot)}/{f.n_boot}"])
-        out.append(Table(f"Fitted laws ({CI_LEVEL:.0%} bootstrap intervals, resampling the trials behind each fit: "
-                         f"for a frontier fit, the trials on the frontier)",
-                         ["fit", "law", "coefficient", "value", "interval", "points", "trials", "resamples"], rows))
+        out.append(fits_table(a))
     if a.isoflop:
         out.append(Table("IsoFLOP profiles", ["budget C (Gflops)", "models", "N* (parameters)", "D* (steps)"],
                          [[_num(p.budget), str(len(p.params)), _num(p.n_opt), _num(p.steps_opt)]
                           for p in a.isoflop.profiles]))
     if a.extrapolation:
-        out.append(Table("Extrapolation check: fitted without the largest-compute model (the interval is the "
-                         "fit's uncertainty, not the scatter of a single run)",
-                         ["quantity", "law", "held-out model", "at", "predicted", "interval", "observed",
-                          "error", "inside", "resamples"],
-                         [[e["quantity"], e["law"], e["model"], _at(e), _num(e["predicted"]),
-                           f"[{_num(e['ci_low'])}, {_num(e['ci_high'])}]", _num(e["observed"]),
-                           f"{e['relative_error']:+.1%}", {True: "yes", False: "no", None: "–"}[e["inside_interval"]],
-                           str(e["n_boot_converged"])]
-                          for e in a.extrapolation]))
-    return out
+        out.append(extrapolation_table(a))
+    return out if a.n_boot else [_drop_columns(t, NO_INTERVAL_COLUMNS) for t in out]
+
+
+def correlation_table(a):
+    """Pearson and Spearman correlations of final FID with log10 Gflops, and the log-log slope."""
+    c, f = a.correlation, a.fits.get("fid_vs_gflops")
+    slope = f"{f.params[1]:.4f}" if f else "–"
+    if f and a.n_boot:
+        low, high = f.intervals()["b"]
+        slope += f" [{low:.4f}, {high:.4f}]"
+    return Table("Correlation of final FID with log10 Gflops",
+                 ["n", "Pearson r", "p", "Spearman ρ", "p", "log-log slope" + _ci_label(a, " ({} CI)")],
+                 [[str(c["n"]), f"{c['pearson_r']:.4f}", f"{c['pearson_p']:.3g}", f"{c['spearman_rho']:.4f}",
+                   f"{c['spearman_p']:.3g}", slope]])
+
+
+def fits_table(a):
+    """Every fitted coefficient with its bootstrap interval and the data behind it."""
+    rows = []
+    for name, f in a.fits.items():
+        ci = f.intervals()
+        for coef, v in zip(f.law.names, f.params):
+            rows.append([FIT_TITLES.get(name, name), f.law.formula, coef, _num(v),
+                         f"[{_num(ci[coef][0])}, {_num(ci[coef][1])}]", str(f.n_points), str(f.n_groups),
+                         f"{len(f.boot)}/{f.n_boot}"])
+    title = (f"Fitted laws ({CI_LEVEL:.0%} bootstrap intervals, resampling the trials behind each fit: for a "
+             f"frontier fit, the trials on the frontier)" if a.n_boot
+             else "Fitted laws (point estimates: no bootstrap resamples, so no intervals)")
+    return Table(title, ["fit", "law", "coefficient", "value", "interval", "points", "trials", "resamples"], rows)
+
+
+def extrapolation_table(a):
+    """Each law fitted without the largest-compute model, its prediction for it, and what it measured."""
+    title = "Extrapolation check: fitted without the largest-compute model"
+    if a.n_boot:
+        title += " (the interval is the fit's uncertainty, not the scatter of a single run)"
+    return Table(title, ["quantity", "law", "held-out model", "at", "predicted", "interval", "observed", "error",
+                         "inside", "resamples"],
+                 [[e["quantity"], e["law"], e["model"], _at(e), _num(e["predicted"]),
+                   f"[{_num(e['ci_low'])}, {_num(e['ci_high'])}]", _num(e["observed"]), f"{e['relative_error']:+.1%}",
+                   {True: "yes", False: "no", None: "–"}[e["inside_interval"]], str(e["n_boot_converged"])]
+                  for e in a.extrapolation])
+
+
+def _drop_columns(t, names):
+    """The table without the named columns."""
+    keep = [i for i, h in enumerate(t.headers) if h not in names]
+    return Table(t.title, [t.headers[i] for i in keep], [[row[i] for i in keep] for row in t.rows], t.marks)
+
+
+def _ci_label(a, template):
+    """template filled with the interval's level ("95%"), or nothing when there are no resamples."""
+    return template.format(f"{CI_LEVEL:.0%}") if a.n_boot else ""
 
 
 def _at(e):
@@ -321,7 +421,8 @@ def draw_figures(a, folder):
         out.append(Figure(figures.fid_vs_gflops(a.final_fid, fit, a.correlation, folder, fid_label,
                                                 None if fit else no_fit),
                           "Figure 1. FID against forward Gflops at the final step, one point per model (the paper's "
-                          "Figure 8), with the power-law fit, its 95% band and the correlations."))
+                          f"Figure 8), with the power-law fit{_ci_label(a, ', its {} band')} and the "
+                          "correlations."))
     else:
         a.notes.append("No FID with Gflops in the ok trials: no Figure 1.")
     rows = _positive(a.ok, "fid", "train_compute")
@@ -339,7 +440,8 @@ def draw_figures(a, folder):
         out.append(Figure(figures.loss_vs_compute(rows, a.loss, frontier(rows.train_compute, rows[a.loss]), fit,
                                                   folder, None if fit else no_fit),
                           f"Figure 3. {figures.loss_label(a.loss).capitalize()} against training compute, the "
-                          "frontier, and L(C) = E + A·C^(−α) fitted to it with its 95% bootstrap band."))
+                          "frontier, and L(C) = E + A·C^(−α) fitted to it"
+                          f"{_ci_label(a, ' with its {} bootstrap band')}."))
     for col, name in (("fid", "fig4_fid_vs_steps"), (a.loss, "fig4_loss_vs_steps")):
         rows = _finite(a.ok, col) if col else a.ok.iloc[:0]
         if (rows.groupby("trial_id").step.nunique() > 1).any():
@@ -353,7 +455,8 @@ def draw_figures(a, folder):
         out.append(Figure(figures.isoflop_profiles(a.isoflop, a.loss, folder),
                           "Figure 5. IsoFLOP profiles: loss against parameters at fixed training compute (the best "
                           "patch size of each model size), a parabola in log parameters per budget; the "
-                          "compute-optimal size N*(C) and steps D*(C) as power laws with 95% bootstrap bands."))
+                          "compute-optimal size N*(C) and steps D*(C) as power laws"
+                          f"{_ci_label(a, ' with {} bootstrap bands')}."))
     return out
 
 
@@ -453,21 +556,18 @@ def _jsonable(v):
 def build_report(results, out=None, n_boot=N_BOOT, seed=0, processes=1):
     """Write the report of results (a path or a DataFrame) to out (default reports/<study>); returns out.
 
-    processes: worker processes for the fits (None: one per CPU). They are spawned, which
-    imports the caller's main module again: a script must guard its entry point (`if __name__ ==
+    out must be new, empty, or an earlier report (check_report_destination): anything else is refused with a
+    ValueError before any work. processes: worker processes for the fits (None: one per CPU). They are
+    spawned, which imports the caller's main module again: a script must guard its entry point (`if __name__ ==
     "__main__":`) to use them. The command-line entry points do.
     """
-    if isinstance(results, pd.DataFrame):
-        df = to_table(results, RESULTS_SCHEMA).to_pandas()  # the columns and types a loaded file has
-    else:
-        df = load_results(results)
-    if df.empty:
-        raise ValueError(f"{results}: no rows" if not isinstance(results, pd.DataFrame) else "no rows")
+    df = report_rows(results)
+    out = Path(out) if out else default_report_dir(study_name(df))
+    target = check_report_destination(out)
     with parallel_fits(processes):  # the L-BFGS fits: most of a report's time
         a = analyze(df, n_boot, seed)
-    out = Path(out) if out else Path("reports") / _safe_name(a.study)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
         figs = draw_figures(a, tmp)
         tabs = tables(a)
@@ -481,21 +581,121 @@ def build_report(results, out=None, n_boot=N_BOOT, seed=0, processes=1):
     return out
 
 
+def default_report_dir(study):
+    """Where a study's report goes when no folder is given: reports/<study name as a folder name>."""
+    return Path("reports") / _safe_name(study)
+
+
 def _safe_name(name):
     """A study name as a folder name."""
     return re.sub(r"[^A-Za-z0-9._+-]+", "_", name).strip("._") or "study"
 
 
+# Where a report may go -----------------------------------------------------------------------------------
+
+REPORT_FILE = re.compile(r"(index\.html|report\.md|fits\.json|fig\d+_\w+\.(png|svg))")  # all a report writes
+
+
+class ReportDestinationError(ValueError):
+    """A report folder that would replace something other than an earlier report."""
+
+
+def check_report_destination(path):
+    """The folder a report may be written to at path, resolved; else ReportDestinationError naming path.
+
+    A report replaces its folder whole, so the folder must be new, empty, or an earlier report: a folder
+    holding only a report's files (index.html, report.md, fits.json, figN_*.png/svg), with its index.html and
+    a fits.json that reads as a report's. Writes nothing.
+    """
+    try:
+        return _destination(path)
+    except OSError as e:  # e.g. a parent that may not be looked into
+        raise ReportDestinationError(f"{path}: cannot look at the folder ({e.strerror or e})") from None
+
+
+def _destination(path):
+    """check_report_destination's checks, in order: a name, not a file, a report or nothing, writable."""
+    target = Path(os.path.abspath(Path(path).expanduser()))  # "." and ".." have no name of their own
+    if target.is_symlink():
+        target = target.resolve()  # the folder the link names is replaced; the link stays
+    if not target.name:
+        raise ReportDestinationError(f"{path}: not a folder a report can replace; give a folder to create")
+    if target.is_dir():
+        _check_earlier_report(path, target)
+        if not os.access(target, os.W_OK | os.X_OK):  # its files are deleted once the new report is in
+            raise ReportDestinationError(f"{path}: cannot be replaced: no permission to delete its files")
+    elif target.exists():
+        raise ReportDestinationError(f"{path}: is a file, not a folder; give a new folder for the report")
+    _check_writable(path, _nearest_existing(path, target.parent))
+    return target
+
+
+def _check_earlier_report(path, folder):
+    """Refuse a folder that is neither empty nor an earlier report: replacing it would delete its contents."""
+    try:
+        entries = sorted(os.listdir(folder))
+    except OSError as e:
+        raise ReportDestinationError(f"{path}: cannot read the folder ({e.strerror})") from None
+    if not entries:
+        return
+    foreign = [e for e in entries if not (REPORT_FILE.fullmatch(e) and (folder / e).is_file()
+                                          and not (folder / e).is_symlink())]
+    if foreign:
+        shown = ", ".join(foreign[:6]) + (f" and {len(foreign) - 6} more" if len(foreign) > 6 else "")
+        raise ReportDestinationError(
+            f"{path}: holds files that are not a report's ({shown}); a report replaces its whole folder, so it goes "
+            f"only to a new or empty folder or over an earlier report: give another folder")
+    if not {"index.html", "fits.json"} <= set(entries):
+        raise ReportDestinationError(f"{path}: holds a report's files but not its index.html and fits.json, so not "
+                                     f"a report that this command wrote; give another folder or empty this one")
+    try:
+        fits = json.loads((folder / "fits.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        fits = None
+    if not (isinstance(fits, dict) and {"study", "fits"} <= set(fits)):
+        raise ReportDestinationError(f"{path}: its fits.json is not a report's, so the folder is not a report this "
+                                     f"command wrote; give another folder or empty this one")
+
+
+def _nearest_existing(path, folder):
+    """The folder itself or its nearest existing parent, which must be a folder (the others get created)."""
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ReportDestinationError(f"{path}: {folder} is a file, not a folder")
+    return folder
+
+
+def _check_writable(path, folder):
+    """Do what writing the report starts with, creating a folder in folder, and undo it."""
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=folder, prefix=".report-check-"))
+    except OSError as e:
+        raise ReportDestinationError(f"{path}: cannot create a folder in {folder} ({e.strerror})") from None
+
+
 def _swap_in(tmp, out):
-    """Replace out with the finished folder: readers never see a half-written report."""
+    """Replace out (checked again: still new or a report) with the finished folder, never half-written."""
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; a report is meant to be read
+    target = check_report_destination(out)  # a study runs for hours: the folder may have changed since
     old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(tmp, target)
     if old:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def n_boot_count(text):
+    """--n-boot: 0 (no intervals) or at least 2 resamples (a percentile interval needs two)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = None
+    if n is None or n < 0 or n == 1:
+        raise argparse.ArgumentTypeError(f"{text}: give 0 (no intervals) or a count of at least 2")
+    return n
 
 
 def main(argv=None):
@@ -506,18 +706,23 @@ def main(argv=None):
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("results", nargs="?", help="a results.parquet or a study output folder holding one")
     source.add_argument("--paper", action="store_true", help="build the report on the DiT paper's Table 4")
-    parser.add_argument("--out", help="report folder (default: reports/<study> under the current directory)")
-    parser.add_argument("--n-boot", type=int, default=N_BOOT, help=f"bootstrap resamples per fit (default {N_BOOT})")
+    parser.add_argument("--out", help="report folder: new, empty, or an earlier report, which is replaced "
+                                      "(default: reports/<study> under the current directory)")
+    parser.add_argument("--n-boot", type=n_boot_count, default=N_BOOT,
+                        help=f"bootstrap resamples per fit (default {N_BOOT}; 0: no intervals, a quicker report)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     args = parser.parse_args(argv)
     try:
-        df = paper_results() if args.paper else load_results(args.results)
-        if df.empty:
-            raise ValueError(f"{args.results}: no rows")
-    except (FileNotFoundError, ValueError) as e:
+        if args.out:  # before reading anything: a bad destination costs nothing
+            check_report_destination(args.out)
+        df = paper_results() if args.paper else report_rows(args.results)
+        out = build_report(df, args.out, args.n_boot, args.seed, processes=None)
+    except ReportDestinationError as e:
+        print(f"error: {'--out' if args.out else 'report folder'} {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, BadResults) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = build_report(df, args.out, args.n_boot, args.seed, processes=None)
     print(out / "index.html")
     return 0
 

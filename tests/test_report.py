@@ -1,5 +1,6 @@
 """The report: built from Parquet alone, on the paper's table and on synthetic studies, big and tiny."""
 import json
+import re
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -10,7 +11,7 @@ import pandas as pd
 import pytest
 
 from scaling.fits import CHINCHILLA
-from scaling.report import analyze, build_report, main, trial_summary
+from scaling.report import analyze, build_report, check_report_destination, default_report_dir, main, trial_summary
 from scaling.results import RESULTS_SCHEMA, paper_results, write_table
 
 TRUE_LAW = {"E": 0.15, "A": 30.0, "alpha": 0.35, "B": 20.0, "beta": 0.3}  # L(N, D), D in images
@@ -238,3 +239,157 @@ def test_rebuild_replaces_the_whole_report(tmp_path):
     assert not (out / "fig3_loss_vs_compute.png").exists()  # nothing stale survives
     assert json.loads((out / "fits.json").read_text())["study"] == "dit_paper_table4"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report", "results.parquet"]  # no temporary folders
+
+
+# Where the report goes: only a new folder, an empty one, or an earlier report is replaced ------------
+
+def snapshot(folder):
+    """Every path under folder with its bytes (None for a folder): what a refused command must leave as it was."""
+    return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes() for p in sorted(folder.rglob("*"))}
+
+
+def study_output(folder):
+    """A study's output folder as scaling.run leaves it: results, loss curves, the MLflow store, checkpoints."""
+    write_table(pd.DataFrame(synthetic_rows()).iloc[:6], folder / "results.parquet", RESULTS_SCHEMA)
+    (folder / "loss_curves.parquet").write_bytes(b"curves")
+    (folder / "mlflow.db").write_bytes(b"runs")
+    (folder / "study.yaml").write_text("name: synthetic\n")
+    (folder / "ray").mkdir()
+    (folder / "ray" / "checkpoint").write_bytes(b"weights")
+    return folder
+
+
+@pytest.mark.parametrize("case", ["the study's output", "a file", "a report and a stranger", "the current folder",
+                                  "an unwritable parent", "a file as parent"])
+def test_a_destination_that_is_not_a_report_is_refused_and_left_as_it_was(tmp_path, monkeypatch, capsys, case):
+    out = study_output(tmp_path / "out")
+    results = out / "results.parquet"
+    dest = {"the study's output": out, "a file": tmp_path / "notes.txt", "a report and a stranger": tmp_path / "r",
+            "the current folder": ".", "an unwritable parent": "/proc/badreport",
+            "a file as parent": tmp_path / "notes.txt" / "report"}[case]
+    (tmp_path / "notes.txt").write_text("mine")
+    if case == "a report and a stranger":
+        build_report(results, dest, n_boot=0)
+        (dest / "draft.docx").write_bytes(b"mine too")
+    monkeypatch.chdir(out)
+    before = snapshot(tmp_path)
+    assert main([str(results), "--out", str(dest), "--n-boot", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out {dest}: ") and err.count("\n") == 1, err
+    reason = {"the study's output": "holds files that are not a report's (loss_curves.parquet, mlflow.db, ray, "
+                                    "results.parquet, study.yaml)",
+              "a file": "is a file, not a folder",
+              "a report and a stranger": "holds files that are not a report's (draft.docx)",
+              "the current folder": "holds files that are not a report's (loss_curves.parquet, mlflow.db, ray, "
+                                    "results.parquet, study.yaml)",
+              "an unwritable parent": "cannot create a folder in /proc",
+              "a file as parent": f"{tmp_path / 'notes.txt'} is a file, not a folder"}[case]
+    assert reason in err
+    assert snapshot(tmp_path) == before  # nothing deleted, renamed, or left behind
+    assert not Path("/proc/badreport").exists()
+
+
+def test_check_report_destination_allows_a_new_or_empty_folder_or_an_earlier_report(tmp_path):
+    new = tmp_path / "reports" / "deep" / "study"
+    check_report_destination(new)  # its parents are created when the report is written
+    assert not (tmp_path / "reports").exists() and list(tmp_path.iterdir()) == []  # the check writes nothing
+    (tmp_path / "empty").mkdir()
+    check_report_destination(tmp_path / "empty")
+    report = build_report(paper_results(), tmp_path / "report", n_boot=0)
+    check_report_destination(report)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "report"]
+    (report / "fits.json").write_text("[]")  # index.html and fits.json by name, but not a report's fits.json
+    with pytest.raises(ValueError, match=r"report: its fits.json is not a report's"):
+        check_report_destination(report)
+    with pytest.raises(ValueError, match=r"^/: not a folder a report can replace"):
+        check_report_destination("/")
+
+
+def test_build_report_refuses_a_destination_before_any_work(tmp_path, monkeypatch):
+    # scaling.run --report-dir calls build_report: a study's own output given as the report folder is refused,
+    # before the fits (minutes) rather than after them, and the default folder reports/<study> is checked too.
+    out = study_output(tmp_path / "out")
+    before = snapshot(tmp_path)
+    monkeypatch.setattr("scaling.report.analyze", lambda *a, **k: pytest.fail("analysed a refused report"))
+    with pytest.raises(ValueError, match=f"^{out}: holds files that are not a report's"):
+        build_report(out / "results.parquet", out)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "reports" / "synthetic").mkdir(parents=True)
+    (tmp_path / "reports" / "synthetic" / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"^reports/synthetic: holds files that are not a report's \(keep.txt\)"):
+        build_report(out / "results.parquet")
+    assert default_report_dir("synthetic") == Path("reports/synthetic")
+    assert default_report_dir("a b/c") == Path("reports/a_b_c")
+    assert {k: v for k, v in snapshot(tmp_path).items() if not k.startswith("reports")} == before
+
+
+def test_a_report_through_a_link_replaces_the_folder_the_link_names(tmp_path):
+    target = build_report(paper_results(), tmp_path / "target", n_boot=0)
+    (tmp_path / "link").symlink_to(target)
+    build_report(paper_results(), tmp_path / "link", n_boot=0)
+    assert (tmp_path / "link").is_symlink() and (target / "index.html").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "target"]
+
+
+# --n-boot ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value", ["-5", "1", "many"])
+def test_n_boot_must_be_0_or_at_least_2(tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as exit:
+        main(["--paper", "--out", str(tmp_path / "r"), "--n-boot", value])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --n-boot: {value}: give 0 (no intervals) or a count of at least 2" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_report_without_resamples_says_it_has_no_intervals(tmp_path):
+    out = tmp_path / "r"
+    assert main(["--paper", "--out", str(out), "--n-boot", "0"]) == 0
+    md, page = (out / "report.md").read_text(), (out / "index.html").read_text()
+    page = re.sub(r"data:image/svg\+xml;base64,[^\"]*", "", page)  # the figures' base64 may spell anything
+    for text in (md, page):
+        assert "0/0" not in text and "nan" not in text and "95%" not in text and "[–, –]" not in text
+        assert "No bootstrap resamples (--n-boot 0): the fits are point estimates without intervals" in text
+    assert "| log-log slope |" in md and "| fit | law | coefficient | value | points | trials |" in md
+    assert "| quantity | law | held-out model | at | predicted | observed | error |" in md
+    fits = json.loads((out / "fits.json").read_text())
+    assert fits["fits"]["fid_vs_gflops"]["n_boot"] == 0
+    assert fits["fits"]["fid_vs_gflops"]["coefficients"]["b"]["ci_low"] is None
+
+
+# Rows the report cannot place ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("column, value, message", [
+    ("model", None, "column 'model' is empty (null) in 1 of 74 rows (row 3, trial t-DiT-S/8, step 100000); "
+                    "every row needs its model name"),
+    ("trial_id", None, "column 'trial_id' is empty (null) in 1 of 74 rows (row 3, step 100000); every row needs "
+                       "its trial id"),
+    ("step", None, "column 'step' is empty (null) in 1 of 74 rows (row 3, trial t-DiT-S/8); every row needs its step"),
+    ("params", -5, "column 'params' must be finite and > 0 where given, but holds -5 in 1 of 74 rows (row 3, "
+                   "trial t-DiT-S/8, step 100000)"),
+    ("gflops", np.inf, "column 'gflops' must be finite and > 0 where given, but holds inf in 1 of 74 rows"),
+    ("step", -1, "column 'step' must be finite and >= 0 where given, but holds -1 in 1 of 74 rows"),
+])
+def test_rows_the_report_cannot_place_exit_2_naming_the_file_and_column(tmp_path, capsys, monkeypatch, column, value,
+                                                                         message):
+    rows = pd.DataFrame(synthetic_rows()).astype({column: object})
+    rows.loc[3, column] = value
+    write_table(rows, tmp_path / "results.parquet", RESULTS_SCHEMA)
+    monkeypatch.chdir(tmp_path)
+    assert main(["results.parquet", "--n-boot", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: results.parquet: {message}") and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.parquet"]  # no report, no reports/ folder
+
+
+def test_every_row_of_a_model_without_a_name_is_refused_too(tmp_path):
+    # All nulls in model made figures.py fail on None.removeprefix once the fits were done.
+    rows = pd.DataFrame(synthetic_rows()).assign(model=None)
+    with pytest.raises(ValueError, match=r"^results: column 'model' is empty \(null\) in 74 of 74 rows \(the first: "
+                                         r"row 0, trial t-DiT-S/8, step 12500\)"):
+        build_report(rows, tmp_path / "report", n_boot=0)
+    rows = pd.DataFrame(synthetic_rows()).assign(status="finished")  # a DataFrame skips load_results' check
+    with pytest.raises(ValueError, match=r"^results: column 'status' has unknown values \['finished'\]"):
+        build_report(rows, tmp_path / "report", n_boot=0)
+    assert list(tmp_path.iterdir()) == []
