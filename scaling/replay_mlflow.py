@@ -4,33 +4,153 @@ For a study whose tracking server was away when the driver ended: Parquet always
 measurement; this logs the missing steps into the same parent and child runs (found by their tags),
 so nothing is duplicated when it is run twice, and closes the runs the driver could not: a finished
 trial's run (and, once every trial is finished, the study's) gets the status the driver gives it.
+
+Exit status: 0 done; 1 the MLflow server still does not answer (run it again later: what was logged
+stays, the rest follows); 2 a study file, results or tracking store it cannot use, named on stderr
+(then nothing is written: the study file and the results are read before MLflow is touched).
 """
 import argparse
 import json
+import os
+import re
 import sys
 from pathlib import Path
 
 import pandas as pd
-import yaml
+import pyarrow as pa
+import requests
+from mlflow.exceptions import MlflowException
+from sqlalchemy.exc import SQLAlchemyError
 
 from scaling.recorder import EVAL_METRICS, LOG_METRICS
-from scaling.results import load_results, read_parquet
+from scaling.results import CURVES_FILE, load_results, read_parquet, results_path
+from scaling.run import DATABASE_SCHEMES, TRACKING_SCHEMES
 from scaling.study import StudyError, load_study
 from scaling.tracking import StudyTracker, default_tracking_uri
 
+EXIT_OK, EXIT_AWAY, EXIT_BAD_INPUT = 0, 1, 2
+# What MLflow raises when its store fails: its own errors (an HTTP server's wrapped), SQLAlchemy's, the network's.
+STORE_ERRORS = (MlflowException, SQLAlchemyError, requests.RequestException, OSError)
+
+
+class ReplayError(Exception):
+    """What stops a replay: the message names the file, column or URI; status is the exit status."""
+
+    def __init__(self, message, status=EXIT_BAD_INPUT):
+        super().__init__(message)
+        self.status = status
+
 
 def replay(output, uri=None):
-    """Log every Parquet measurement MLflow does not have yet; returns the number of points logged."""
+    """Log every Parquet measurement MLflow does not have yet; returns the points logged, or raises ReplayError."""
     output = Path(output).resolve()
-    study = yaml.safe_load((output / "study.yaml").read_text())
-    uri = uri or study["tracking"]["mlflow_uri"] or default_tracking_uri(output)
-    # Runs are not reopened: a replay adds what is missing and closes only what is finished.
-    tracker = StudyTracker(uri, study["tracking"]["experiment"] or study["name"], study["name"], output,
-                           reopen=False)
-    results = load_results(output)
-    curves_file = output / "loss_curves.parquet"
-    curves = (read_parquet(curves_file).to_pandas() if curves_file.exists()
-              else pd.DataFrame(columns=["trial_id", "step"]))
+    study = read_study(output)
+    results, curves = read_results(output)
+    uri, where = tracking_uri(study, output, uri)
+    try:
+        # Runs are not reopened: a replay adds what is missing and closes only what is finished.
+        tracker = StudyTracker(uri, study.raw["tracking"]["experiment"] or study.name, study.name, output,
+                               reopen=False)
+        logged = _log_missing(tracker, results, curves)
+        close_finished_runs(tracker, study, results)
+        answered = tracker.flush(force=True)
+    except STORE_ERRORS as e:
+        raise _store_error(e, uri, where) from None
+    if not answered:
+        raise ReplayError(f"MLflow at {uri} still does not answer; nothing was lost: run this again later", EXIT_AWAY)
+    return logged
+
+
+def read_study(output):
+    """The study file the driver left in output, validated (ReplayError with its file:line: field: reason)."""
+    try:
+        return load_study(output / "study.yaml", check_data=False)
+    except StudyError as e:
+        raise ReplayError(str(e)) from None
+
+
+def read_results(output):
+    """(results, loss curves) of output, checked for what a replay reads; ReplayError naming the file if not."""
+    try:
+        path = results_path(output)
+        results = load_results(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise ReplayError(str(e)) from None
+    for col in ("trial_id", "step"):
+        missing = results[col].isna()
+        if missing.any():
+            raise ReplayError(f"{path}: column {col!r} is empty (null) in {missing.sum()} of {len(results)} rows; "
+                              f"every measurement needs its {col.replace('_', ' ')}")
+    for r in results.sort_values(["trial_id", "step"]).itertuples():
+        problem = _config_problem(r.config_json)
+        if problem:
+            raise ReplayError(f"{path}: column 'config_json': trial {r.trial_id} at step {int(r.step)}: not a trial's "
+                              f"configuration ({problem})")
+    return results, read_curves(output / CURVES_FILE)
+
+
+def _config_problem(text):
+    """Why a config_json cell is not a trial's configuration with the milestones its run is closed by; None if it is."""
+    if not isinstance(text, str):
+        return "null"
+    try:
+        config = json.loads(text)
+    except ValueError:
+        return "not JSON"
+    if not isinstance(config, dict) or not isinstance(config.get("milestones"), list):
+        return "it has no milestones"
+    return None
+
+
+def read_curves(path):
+    """The loss curves at path (none when the file is absent); ReplayError naming the file when unreadable."""
+    if not path.exists():
+        return pd.DataFrame(columns=["trial_id", "step"])
+    try:
+        curves = read_parquet(path).to_pandas()
+    except (pa.ArrowException, OSError) as e:
+        reason = " ".join(str(e).split())
+        raise ReplayError(f"{path}: not a readable Parquet file ({reason})") from None
+    missing = [c for c in ("trial_id", "step") if c not in curves.columns]
+    if missing:
+        raise ReplayError(f"{path}: missing required columns: {', '.join(missing)}")
+    return curves[curves.trial_id.notna() & curves.step.notna()]
+
+
+def tracking_uri(study, output, uri=None):
+    """(the store to replay into, where it was named): --tracking-uri, the study's own, MLFLOW_TRACKING_URI, or the
+    SQLite store in output (not the study file's output, which a moved folder no longer is)."""
+    if uri:
+        where = "--tracking-uri"
+    elif study.given("tracking.mlflow_uri"):
+        uri, where = study.raw["tracking"]["mlflow_uri"], f"{study.locate('tracking.mlflow_uri')}: tracking.mlflow_uri"
+    else:
+        where = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else str(output / "mlflow.db")
+        uri = default_tracking_uri(output)
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower() if re.match(r"[A-Za-z][\w+.-]*:", uri) else ""
+    if scheme not in TRACKING_SCHEMES:
+        raise ReplayError(f"{where}: MLflow has no tracking store for {uri!r}; use http(s)://host:port, "
+                          f"sqlite:///path, file:///path or a database URI ({', '.join(DATABASE_SCHEMES)})")
+    return uri, where
+
+
+def _store_error(e, uri, where):
+    """The ReplayError for an MLflow store that failed: away (run again later) or unusable (named)."""
+    chain, cause = [], e
+    while cause is not None and len(chain) < 20:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if uri.startswith(("http://", "https://")) and any(
+            isinstance(c, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)) for c in chain):
+        reason = next((c.strerror for c in reversed(chain) if isinstance(c, OSError) and c.strerror), reason)
+        return ReplayError(f"MLflow at {uri} still does not answer ({reason}); nothing was lost: run this again "
+                           f"later", EXIT_AWAY)
+    return ReplayError(f"{where}: MLflow cannot use the store {uri} ({reason})")
+
+
+def _log_missing(tracker, results, curves):
+    """Log each trial's loss curve and milestone rows beyond what its run has; returns the points logged."""
     logged = 0
     for trial_id, rows in results.groupby("trial_id"):
         run_id = tracker.child_run(trial_id, json.loads(rows.config_json.iloc[0]))
@@ -48,9 +168,6 @@ def replay(output, uri=None):
                                     r["step"])
                 logged += 1
         logged += _replay_overhead(tracker, run_id, rows)
-    close_finished_runs(tracker, output, results)
-    if not tracker.flush(force=True):
-        raise ConnectionError(f"MLflow at {uri} still does not answer; nothing was lost, run this again later")
     return logged
 
 
@@ -66,7 +183,7 @@ def _replay_overhead(tracker, run_id, rows):
     return logged
 
 
-def close_finished_runs(tracker, output, results):
+def close_finished_runs(tracker, study, results):
     """Runs still open (RUNNING, SCHEDULED) whose trials are finished get the driver's end status:
     FINISHED for a trial with every milestone ok, else FAILED for a failed or diverged one; the
     study's run once all its trials are."""
@@ -82,11 +199,7 @@ def close_finished_runs(tracker, output, results):
                 failed.add(trial_id)
     for trial_id, status in ended.items():
         _close(tracker, tracker.child_run(trial_id, {}), status)
-    try:
-        trial_ids = {t.trial_id for t in load_study(output / "study.yaml", check_data=False).trials}
-    except StudyError:
-        return  # the study file no longer reads (a newer version of the project): leave the study's run open
-    if trial_ids <= set(ended):
+    if {t.trial_id for t in study.trials} <= set(ended):
         # As the driver does: a diverged trial is a result, only a failed one fails the study.
         _close(tracker, tracker.parent_run_id, "FAILED" if failed else "FINISHED")
 
@@ -97,17 +210,19 @@ def _close(tracker, run_id, status):
 
 
 def main(argv=None):
+    """The command line: 0 when replayed, 1 when MLflow still does not answer, 2 (one line) for bad input."""
     parser = argparse.ArgumentParser(prog="python -m scaling.replay_mlflow", description=__doc__.splitlines()[0])
     parser.add_argument("output", help="the study's output folder (holds results.parquet and study.yaml)")
-    parser.add_argument("--tracking-uri", default=None, help="default: the study's, MLFLOW_TRACKING_URI, or SQLite")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="default: the study's, MLFLOW_TRACKING_URI, or the SQLite store in OUTPUT")
     args = parser.parse_args(argv)
     try:
         n = replay(args.output, args.tracking_uri)
-    except (FileNotFoundError, ValueError, ConnectionError) as e:
+    except ReplayError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.status
     print(f"logged {n} missing measurements to MLflow")
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -1,0 +1,141 @@
+"""`python -m scaling.replay_mlflow OUTPUT` on what it cannot use: one error line, an exit status, nothing made."""
+import json
+import socket
+import textwrap
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from scaling.replay_mlflow import main
+from scaling.results import RESULTS_SCHEMA, load_results, write_table
+from scaling.study import load_study
+
+
+@pytest.fixture
+def out(tmp_path, monkeypatch):
+    """A finished one-trial study's output folder as the driver leaves it, less its MLflow store."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.delenv(key, raising=False)  # the tracker sets them for a server: undone after each test
+    path = tmp_path / "tiny.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        name: tiny
+        data: {{dataset: digits}}
+        sweep: {{model: [DiT-P], patch: [2], steps: [10, 20]}}
+        train: {{batch_size: 32, val_batch: 0, log_every: 5, ckpt_every: 10}}
+        eval: {{fid: true, fid_samples: 100, sampler: ddim, sampling_steps: 5}}
+        resources: {{workers_per_trial: 1, cpus_per_worker: 1}}
+        output: {tmp_path / "out"}
+        """))
+    study = load_study(path, check_data=False)
+    t, out = study.trials[0], study.output
+    out.mkdir()
+    (out / "study.yaml").write_text(study.resolved_yaml())
+    rows = [dict(study="tiny", trial_id=t.trial_id, model=t.model, patch=t.patch, params=t.params, gflops=t.gflops,
+                 batch_size=32, step=step, max_step=20, train_compute=t.gflops * 32 * step * 3, train_loss=0.3,
+                 fid=100.0 - step, fid_samples=100, feature_extractor="digits", wall_time_s=1.0 * step,
+                 images_per_s=300.0, status="ok", config_json=json.dumps(t.to_dict()))
+            for step in t.milestones]
+    write_table(rows, out / "results.parquet", RESULTS_SCHEMA)
+    return out
+
+
+def snapshot(folder):
+    """Every file under folder with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def refused(out, capsys, argv, status=2):
+    """Run the replay expecting it to stop: its one error line, the folder checked unchanged."""
+    before = snapshot(out.parent)
+    assert main([str(out), *argv]) == status
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert snapshot(out.parent) == before
+    return err.removeprefix("error: ").strip()
+
+
+def test_a_replay_logs_into_the_studys_store(out, capsys):
+    assert main([str(out)]) == 0
+    assert "logged 2 missing measurements to MLflow" in capsys.readouterr().out
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("name: [\n", ":2: not a YAML file: while parsing a flow node, expected the node content, but found "
+                   "'<stream end>'"),
+    ("- a\n", ":1: the study must be a mapping of sections"),
+    ("name: tiny\n", ": sweep: missing (required)"),
+    (None, ": no such study file"),
+])
+def test_a_study_file_that_does_not_read_stops_the_replay_before_mlflow(out, capsys, text, message):
+    study = out / "study.yaml"
+    if text is None:
+        study.unlink()
+    else:
+        study.write_text(text)
+    assert refused(out, capsys, []).startswith(f"{study}{message}")
+    assert not (out / "mlflow.db").exists()
+
+
+def test_a_study_file_without_tracking_replays_into_the_outputs_own_store(out, monkeypatch, tmp_path):
+    # The store is the study's own (tracking.mlflow_uri, MLFLOW_TRACKING_URI), else the SQLite one in OUTPUT, wherever
+    # the study file says its output was and whatever the current folder.
+    study = out / "study.yaml"
+    lines = study.read_text().split("\ntracking:")[0]
+    study.write_text(lines + "\n")
+    monkeypatch.chdir(tmp_path)
+    assert main([str(out)]) == 0
+    assert (out / "mlflow.db").is_file() and not (tmp_path / "outputs").exists()
+
+
+def test_no_results_make_no_mlflow_store(out, capsys):
+    (out / "results.parquet").unlink()
+    assert refused(out, capsys, []) == f"{out / 'results.parquet'}: no such file"
+    assert not (out / "mlflow.db").exists()
+
+
+def test_results_without_a_trials_configuration_are_refused_before_mlflow(out, capsys):
+    df = load_results(out)
+    df.loc[1, "config_json"] = None
+    write_table(df, out / "results.parquet", RESULTS_SCHEMA)
+    message = refused(out, capsys, [])
+    assert message == (f"{out / 'results.parquet'}: column 'config_json': trial {df.trial_id[0]} at step 20: not a "
+                       f"trial's configuration (null)"), message
+    df["config_json"] = json.dumps({"model": "DiT-P/2"})
+    write_table(df, out / "results.parquet", RESULTS_SCHEMA)
+    assert refused(out, capsys, []).endswith("at step 10: not a trial's configuration (it has no milestones)")
+    assert not (out / "mlflow.db").exists()
+
+
+def test_unreadable_loss_curves_are_refused_before_mlflow(out, capsys):
+    (out / "loss_curves.parquet").write_bytes(b"PAR1 cut short")
+    message = refused(out, capsys, [])
+    assert message.startswith(f"{out / 'loss_curves.parquet'}: not a readable Parquet file"), message
+    assert not (out / "mlflow.db").exists()
+
+
+def test_a_store_that_is_not_mlflows_is_named_and_left_alone(out, capsys):
+    (out / "mlflow.db").write_bytes(b"garbage!")
+    message = refused(out, capsys, [])
+    assert message.startswith(f"{out / 'study.yaml'}:"), message
+    assert (f"tracking.mlflow_uri: MLflow cannot use the store sqlite:///{out / 'mlflow.db'} "
+            f"((sqlite3.DatabaseError) file is not a database)") in message
+
+
+def test_a_tracking_uri_mlflow_has_no_store_for_is_refused(out, capsys):
+    assert refused(out, capsys, ["--tracking-uri", "ftp://example/x"]) == (
+        "--tracking-uri: MLflow has no tracking store for 'ftp://example/x'; use http(s)://host:port, sqlite:///path, "
+        "file:///path or a database URI (sqlite, postgresql, mysql, mssql)")
+
+
+def test_a_server_still_away_says_to_run_again_later(out, capsys):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    message = refused(out, capsys, ["--tracking-uri", uri], status=1)
+    assert message == (f"MLflow at {uri} still does not answer (Connection refused); nothing was lost: "
+                       f"run this again later")
