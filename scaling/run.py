@@ -68,13 +68,14 @@ def main(argv=None):
     address = args.address or os.environ.get("RAY_ADDRESS")
     try:
         check_output(study)
+        report_dir = None if args.no_report else check_report_dir(study, args.report_dir)
         check_reachable(address)
         check_tracking_server(study)
     except StudyError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
-        return run_study(study, address, build_report=not args.no_report, report_dir=args.report_dir)
+        return run_study(study, address, build_report=not args.no_report, report_dir=report_dir)
     except KeyboardInterrupt as e:  # outside the training loop (Ray's start, the report): nothing to record
         print("interrupted; run the same command again to resume the study", file=sys.stderr)
         return EXIT_INTERRUPTED[signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT]
@@ -117,6 +118,19 @@ def check_results(study):
 def sqlite_store(uri):
     """The file of an MLflow `sqlite:///` URI, else None."""
     return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def check_report_dir(study, given):
+    """The folder the report will replace: new, empty or an earlier report (never the study's own output, say),
+    checked before launch rather than after the study's hours of training; returns it."""
+    from scaling.report import check_report_destination, default_report_dir
+
+    path = Path(given) if given else default_report_dir(study.name)
+    try:
+        check_report_destination(path)
+    except ValueError as e:
+        raise StudyError(f"{'--report-dir' if given else 'the report folder'} {e}") from None
+    return path
 
 
 def check_output(study):
@@ -352,8 +366,12 @@ def _run_trials(study, build_report, report_dir):
     if build_report and (out / "results.parquet").exists():
         from scaling.report import build_report as make_report
 
-        path = make_report(out / "results.parquet", report_dir, processes=None)
-        print(f"report: {Path(path) / 'index.html'}")
+        try:
+            path = make_report(out / "results.parquet", report_dir, processes=None)
+            print(f"report: {Path(path) / 'index.html'}")
+        except ValueError as e:  # the folder changed during the study, or rows the report cannot place
+            print(f"error: no report: {e}; the results are in {out / 'results.parquet'}: build it with "
+                  f"python -m scaling.report {out} --out DIR", file=sys.stderr)
     ray.shutdown()
     return EXIT_TRIALS_FAILED if failed else EXIT_OK
 

@@ -1,5 +1,6 @@
-"""A study's records and tracking store are checked before launch: a resumed study's Parquet files and SQLite
-store must read, and the MLflow URI must name a store MLflow has; else exit 2 with nothing written."""
+"""What a study writes to is checked before launch: a resumed study's Parquet files and SQLite store must read, the
+MLflow URI must name a store MLflow has, and the report folder must be one a report may replace; else exit 2 with
+nothing written."""
 import shutil
 import sqlite3
 
@@ -62,3 +63,16 @@ def test_tracking_uri_that_mlflow_has_no_store_for(tmp_path, capsys, monkeypatch
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     assert scaling_run.main([str(path)]) == 2
     assert capsys.readouterr().err.startswith(f"error: MLFLOW_TRACKING_URI: MLflow has no tracking store for {uri!r}")
+
+
+def test_report_folder_that_is_not_a_report_is_refused_before_launch(tmp_path, capsys):
+    # The report replaces its folder whole: pointed at the study's own output it deleted every record, after training.
+    path, out = study_with_output(tmp_path)
+    pq.write_table(pa.table({"trial_id": ["x"], "step": [1]}), out / "loss_curves.parquet")  # a study's records
+    shutil.copy(path, out / "study.yaml")
+    before = snapshot(tmp_path)
+    assert scaling_run.main([str(path), "--report-dir", str(out), "--address", "127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --report-dir {out}: holds files that are not a report's (loss_curves.parquet, "
+                          f"study.yaml); a report replaces its whole folder"), err
+    assert snapshot(tmp_path) == before
