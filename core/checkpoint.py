@@ -105,9 +105,60 @@ def read_trainer_state(path):
     if not state_file.is_file():
         raise CheckpointError(f"{state_file} is missing: {path} is not a complete checkpoint")
     try:
-        return json.loads(state_file.read_text())
+        state = json.loads(state_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{state_file} is corrupt: {e}") from e
+    problem = trainer_state_problem(state)
+    if problem:
+        raise CheckpointError(f"{state_file} is corrupt: {problem}")
+    return state
+
+
+def _whole(value):
+    """An int >= 0 that is not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _number(value):
+    """An int or float that is not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# What training reads back from a trainer state: key -> (test, what the value must be, required).
+STATE_FIELDS = {
+    "step": (_whole, "a whole number >= 0", True),
+    "train_time_s": (_number, "a number", True),
+    "sampler": (lambda v: isinstance(v, dict), "an object", True),
+    "model_config": (lambda v: isinstance(v, dict), "an object", True),
+    "history": (lambda v: isinstance(v, list), "a list", False),
+    "metrics": (lambda v: isinstance(v, dict), "an object", False),
+}
+JSON_TYPES = {dict: "object", list: "list", str: "string", int: "number", float: "number", bool: "boolean",
+              type(None): "null"}
+
+
+def _short(value, limit=60):
+    """repr(value), cut short: a message names a value, it does not print a whole history."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def trainer_state_problem(state):
+    """What makes a parsed trainer_state.json unusable for a resume, or None."""
+    if not isinstance(state, dict):
+        return f"it holds a JSON {JSON_TYPES.get(type(state), type(state).__name__)}, not an object"
+    for key, (ok, kind, required) in STATE_FIELDS.items():
+        if key not in state:
+            if required:
+                return f'it has no "{key}"'
+        elif not ok(state[key]):
+            return f'"{key}" is {_short(state[key])}, not {kind}'
+    for key in ("epoch", "batch"):  # the data position the sampler resumes from
+        if key not in state["sampler"]:
+            return f'"sampler" has no "{key}"'
+        if not _whole(state["sampler"][key]):
+            return f'"sampler" has "{key}": {_short(state["sampler"][key])}, not a whole number >= 0'
+    return None
 
 
 def check_checkpoint(path, model_config):

@@ -3,7 +3,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, TensorDataset
 
 from core.digits import digits_arrays
@@ -58,6 +58,33 @@ def image_transform(image_size):
     ])
 
 
+class UnreadableImage(ValueError):
+    """An image file that cannot be decoded; the message names the file."""
+
+    def __str__(self):
+        # A DataLoader worker's error reaches the main process as this class built from "Caught UnreadableImage in
+        # DataLoader worker process N.\nOriginal Traceback ...": its last line holds the message the worker raised.
+        text = super().__str__()
+        marker = f"{type(self).__name__}: "
+        if text.startswith(f"Caught {type(self).__name__} ") and marker in text:
+            return text.rsplit(marker, 1)[1].strip()
+        return text
+
+
+def load_image(path):
+    """An image file as an RGB PIL image, read where it is needed (no scan up front); UnreadableImage names it."""
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    # PIL reports a bad file by format and stage: OSError (truncated), SyntaxError (a broken PNG), ValueError,
+    # struct.error, DecompressionBombError, ... any of them means this file, named, is not a usable image.
+    except UnidentifiedImageError:
+        raise UnreadableImage(f"image {path} cannot be read: not an image file PIL can identify") from None
+    except Exception as err:  # noqa: BLE001 - see above
+        reason = " ".join(f"{type(err).__name__}: {err}".split())  # one line: the worker's message is its last
+        raise UnreadableImage(f"image {path} cannot be read: {reason}") from None
+
+
 class MirroredImages(Dataset):
     """Item j is image j // 2 of an image folder, mirrored when j is odd: the reference's random horizontal flip
     (after the crop), drawn without replacement and a pure function of the sampler's position, so that a resumed
@@ -104,7 +131,7 @@ def build_imagefolder(split="train", path=None, image_size=None):
     from torchvision.datasets import ImageFolder
 
     scan_image_folder(path)  # our error messages instead of torchvision's
-    folder = ImageFolder(str(path), transform=image_transform(image_size))
+    folder = ImageFolder(str(path), transform=image_transform(image_size), loader=load_image)
     return MirroredImages(folder) if split == "train" else folder
 
 
@@ -135,6 +162,11 @@ def build_dataset(name, split="train", path=None, image_size=None, **opts):
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     return DATASETS[name](split=split, path=path, image_size=image_size, **opts)
+
+
+def training_items(name, num_images):
+    """Items in an epoch of a dataset's train split: its images and, but for the digits, their mirrors."""
+    return num_images if name == "digits" else 2 * num_images
 
 
 def dataset_info(name, path=None, image_size=None):

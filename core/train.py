@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from core import checkpoint as ckpt
-from core.data import DATASETS, ShardedBatchSampler, build_dataset, dataset_info
+from core.data import DATASETS, ShardedBatchSampler, UnreadableImage, build_dataset, dataset_info, training_items
 from core.diffusion import create_diffusion
 from core.ema import EMA
 from core.flops import gflops_from_config, train_flop_per_image
@@ -29,6 +29,93 @@ from core.models import DiT, DiT_models, check_shape, model_config
 from core.optim import LR_SCHEDULES, build_optimizer, deepspeed_config, lr_lambda
 
 logger = logging.getLogger("core.train")
+
+# step_randomness seeds the generator of step s with seed * SEED_STRIDE + s, and torch takes seeds up to
+# 2**64 - 1: MAX_SEED is the largest seed whose every step up to MAX_STEPS draws (study files share both bounds).
+SEED_STRIDE = 1_000_003
+TORCH_MAX_SEED = 2**64 - 1
+MAX_STEPS = 10**12  # training steps: int64 step counts and float compute stay exact far below this
+MAX_SEED = (TORCH_MAX_SEED - (MAX_STEPS - 1)) // SEED_STRIDE
+
+
+class ConfigError(ValueError):
+    """A TrainConfig field outside its range; names the field, so that a command can name its flag instead."""
+
+    def __init__(self, field, value, problem):
+        super().__init__(f"{field} {value!r}: {problem}")
+        self.field, self.value, self.problem = field, value, problem
+
+
+def _is_int(value):
+    """An int that is not a bool (True would pass for 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite(value):
+    """A finite int or float, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(low, high=None, optional=False):
+    """A rule: an int (not a bool) in low..high (or None when optional)."""
+    def ok(v):
+        return (optional and v is None) or (_is_int(v) and v >= low and (high is None or v <= high))
+    return ok, f"must be an integer >= {low}" if high is None else f"must be an integer in {low}..{high}"
+
+
+def _positive(optional=False):
+    """A rule: a finite number > 0 (or None when optional)."""
+    return lambda v: (optional and v is None) or (_is_finite(v) and v > 0), "must be a finite number > 0"
+
+
+def _fraction(v):
+    """A finite number in [0, 1)."""
+    return _is_finite(v) and 0 <= v < 1
+
+
+def _one_of(*choices):
+    """A rule: one of a few values."""
+    return lambda v: v in choices, f"must be one of {', '.join(map(repr, choices))}"
+
+
+# What a config must hold whatever starts the trial; a trial outside these fails in DeepSpeed, the optimizer or a
+# division by zero, after its set-up.
+CONFIG_RULES = {
+    "model": (lambda v: v in DiT_models, "must be a name in core.models.DiT_models, e.g. 'DiT-XL/2'"),
+    "dataset": _one_of(*DATASETS),
+    "image_size": _integer(1, optional=True),
+    "batch_size": _integer(1),
+    "grad_accum": _integer(1),
+    "max_steps": _integer(1, MAX_STEPS),
+    "lr": _positive(),
+    "lr_schedule": _one_of(*LR_SCHEDULES),
+    "warmup_steps": _integer(0),
+    "betas": (lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and all(map(_fraction, v)),
+              "must be two numbers in [0, 1)"),
+    "weight_decay": (lambda v: _is_finite(v) and v >= 0, "must be a finite number >= 0"),
+    "grad_clip": _positive(optional=True),
+    "ema_decay": (_fraction, "must be a finite number in [0, 1)"),  # 1 would never move the EMA
+    "precision": _one_of("fp32", "bf16"),
+    "zero_stage": _one_of(0, 1, 2, 3),
+    "seed": _integer(0, MAX_SEED),
+    # The linear schedule's last beta is 20 / diffusion_steps: at 20 steps or fewer the signal is gone before the
+    # last step and its x_0 prediction divides by zero.
+    "diffusion_steps": _integer(21),
+    "log_every": _integer(1),
+    "ckpt_every": _integer(1),
+    "keep_checkpoints": _integer(1),
+    "val_batch": _integer(0),
+    "peak_tflops": _positive(optional=True),
+    "num_workers": _integer(0),
+}
+
+
+def check_config(cfg):
+    """Raise ConfigError for the first field of cfg outside its range."""
+    for name, (ok, problem) in CONFIG_RULES.items():
+        value = getattr(cfg, name)
+        if not ok(value):
+            raise ConfigError(name, value, problem)
 
 
 @dataclass
@@ -63,6 +150,9 @@ class TrainConfig:
     fused_adamw: bool = None  # None: fused AdamW; False: torch's default implementation
     peak_tflops: float = None  # hardware peak per process, for utilisation
     num_workers: int = 4  # data-loading processes for image folders
+
+    def __post_init__(self):
+        check_config(self)
 
     def resolved_model_config(self):
         return model_config(self.model, **self.model_overrides)
@@ -168,7 +258,7 @@ def step_randomness(seed, step, batch, shape, num_classes_drop_p, num_timesteps,
     Every rank draws the same global tensors and keeps its slice, so N processes see exactly what
     one process with the same global batch sees, and a resumed run what an uninterrupted one does.
     """
-    g = torch.Generator(device).manual_seed(seed * 1_000_003 + step)
+    g = torch.Generator(device).manual_seed(seed * SEED_STRIDE + step)
     t = torch.randint(0, num_timesteps, (batch,), generator=g, device=device)
     noise = torch.randn((batch, *shape), generator=g, device=device)
     drop = (torch.rand(batch, generator=g, device=device) < num_classes_drop_p).long()
@@ -350,7 +440,7 @@ def train(cfg, out_dir, milestones=(), callbacks=None, resume_from=None, checkpo
     if resume_from is not None:
         state = ckpt.load_checkpoint(resume_from, engine, ema, mcfg, world, cfg.zero_stage, rank)
         step, train_time, history = state["step"], state["train_time_s"], state.get("history", [])
-        sampler.load_state_dict(state["sampler"])
+        _restore_sampler(sampler, state["sampler"], resume_from)
         logger.info("resumed from %s at step %d", resume_from, step)
     trial.step = step
     if resume_from is not None:
@@ -424,6 +514,14 @@ def train(cfg, out_dir, milestones=(), callbacks=None, resume_from=None, checkpo
     return metrics
 
 
+def _restore_sampler(sampler, state, checkpoint):
+    """Move the sampler to a checkpoint's data position; CheckpointError when it ordered other data."""
+    try:
+        sampler.load_state_dict(state)
+    except ValueError as e:  # another batch size, seed or dataset size: its position means nothing here
+        raise ckpt.CheckpointError(f"{Path(checkpoint) / ckpt.STATE_FILE} does not match this run's data: {e}") from None
+
+
 def _sampler_position(sampler, step):
     """The sampler state after `step` consumed batches (a DataLoader's prefetching runs ahead of it)."""
     epoch, batch = divmod(step, sampler.batches_per_epoch)
@@ -463,20 +561,68 @@ def parse_milestones(text, max_steps):
     return steps
 
 
-def check_arguments(cfg):
+# The flags that set TrainConfig fields, where the two names differ: errors name what the user typed.
+FLAGS = {"batch_size": "--global-batch-size", "seed": "--global-seed"}
+
+
+def flag(field):
+    """The `python -m core.train` flag that sets a TrainConfig field."""
+    return FLAGS.get(field, "--" + field.replace("_", "-"))
+
+
+def config_from_arguments(args):
+    """The TrainConfig of parsed arguments; ValueError naming the flag of a value outside its range."""
+    overrides = {}
+    if args.image_size and args.dataset != "digits":
+        overrides["input_size"] = args.image_size // 8 if args.dataset == "latents" else args.image_size
+    if args.dataset == "digits":
+        overrides.update(input_size=8, in_channels=1, num_classes=10)
+    try:
+        return TrainConfig(
+            model=args.model, model_overrides=overrides, dataset=args.dataset, data_path=args.data_path,
+            image_size=args.image_size, batch_size=args.global_batch_size, grad_accum=args.grad_accum,
+            max_steps=args.max_steps, lr=args.lr, lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps,
+            grad_clip=args.grad_clip, ema_decay=args.ema_decay, precision=args.precision, zero_stage=args.zero_stage,
+            seed=args.global_seed, log_every=args.log_every, ckpt_every=args.ckpt_every,
+            keep_checkpoints=args.keep_checkpoints, val_batch=args.val_batch, num_workers=args.num_workers,
+            compile=args.compile, grad_checkpointing=args.grad_checkpointing, peak_tflops=args.peak_tflops,
+        )
+    except ConfigError as e:
+        raise ValueError(f"{flag(e.field)} {e.value}: {e.problem}") from None
+
+
+def check_arguments(cfg, world_size=1):
     """Raise ValueError or FileNotFoundError naming the argument when cfg's model or data cannot work."""
     if cfg.dataset != "digits":
         if not cfg.data_path or not Path(cfg.data_path).is_dir():
             raise FileNotFoundError(f"--data-path {cfg.data_path}: not a folder (the {cfg.dataset} dataset reads one)")
         if cfg.dataset == "imagefolder" and not cfg.image_size:
             raise ValueError("--image-size: the imagefolder dataset needs one (256 or 512)")
-        if cfg.dataset == "latents":
-            dataset_info(cfg.dataset, cfg.data_path, cfg.image_size)  # its metadata and every shard it lists
     mcfg = cfg.resolved_model_config()
     try:
         check_shape(*(mcfg[k] for k in ("input_size", "patch_size", "hidden_size", "num_heads", "depth")))
     except ValueError as e:
         raise ValueError(f"--model {cfg.model} with --image-size {cfg.image_size}: {e}") from e
+    if cfg.batch_size % (cfg.grad_accum * world_size):
+        raise ValueError(f"--global-batch-size {cfg.batch_size}: not divisible by --grad-accum {cfg.grad_accum} × "
+                         f"{world_size} processes")
+    # Its images are found (an image folder's are listed, not read) and a latent set's metadata and shards checked.
+    info = dataset_info(cfg.dataset, cfg.data_path, cfg.image_size)
+    items = training_items(cfg.dataset, info["num_images"])
+    if cfg.batch_size > items:
+        raise ValueError(f"--global-batch-size {cfg.batch_size}: larger than the {cfg.dataset} dataset's {items} "
+                         "training items")
+
+
+def check_results_dir(results_dir, checkpoint_dir):
+    """Raise ValueError naming --results-dir when checkpoint_dir could not be created or written there."""
+    for folder in (checkpoint_dir, *checkpoint_dir.parents):
+        if folder.exists():  # the nearest existing one: it must be a folder, and ours to write in
+            if not folder.is_dir():
+                raise ValueError(f"--results-dir {results_dir}: {folder} is not a folder")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise ValueError(f"--results-dir {results_dir}: {folder} is not writable")
+            return
 
 
 def main(argv=None):
@@ -516,31 +662,19 @@ def main(argv=None):
         return int(e.code or 0)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
 
-    overrides = {}
-    if args.image_size and args.dataset != "digits":
-        overrides["input_size"] = args.image_size // 8 if args.dataset == "latents" else args.image_size
-    if args.dataset == "digits":
-        overrides.update(input_size=8, in_channels=1, num_classes=10)
-    cfg = TrainConfig(
-        model=args.model, model_overrides=overrides, dataset=args.dataset, data_path=args.data_path,
-        image_size=args.image_size, batch_size=args.global_batch_size, grad_accum=args.grad_accum,
-        max_steps=args.max_steps, lr=args.lr, lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps,
-        grad_clip=args.grad_clip, ema_decay=args.ema_decay, precision=args.precision, zero_stage=args.zero_stage,
-        seed=args.global_seed, log_every=args.log_every, ckpt_every=args.ckpt_every,
-        keep_checkpoints=args.keep_checkpoints, val_batch=args.val_batch, num_workers=args.num_workers,
-        compile=args.compile, grad_checkpointing=args.grad_checkpointing, peak_tflops=args.peak_tflops,
-    )
     try:  # what argparse cannot check, before any process group or DeepSpeed: a message, no traceback
-        check_arguments(cfg)
+        cfg = config_from_arguments(args)
+        check_arguments(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # torchrun's processes
         milestones = parse_milestones(args.milestones, args.max_steps)
+        out = Path(args.results_dir) / cfg.model.replace("/", "-")
+        check_results_dir(args.results_dir, out / "checkpoints")
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = Path(args.results_dir) / cfg.model.replace("/", "-")
     resume = None if args.resume == "none" else args.resume
     try:
         train(cfg, out, milestones, PrintingCallbacks(), resume_from=resume)
-    except ckpt.CheckpointError as e:  # a bad --resume path: the message names the file, no traceback
+    except (ckpt.CheckpointError, UnreadableImage) as e:  # a bad --resume path or image: the message names the file
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

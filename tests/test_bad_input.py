@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from core import checkpoint as ckpt
 from core import train as core_train
 from scaling import report as scaling_report
 from scaling import run as scaling_run
@@ -110,6 +111,32 @@ def test_corrupt_checkpoint_given_to_core_train(tmp_path):
      "error: --model DiT-XL/8 with --image-size 100: patch_size 8 does not divide input_size 100"),
     (["--milestones", "10,x"], "error: --milestones 10,x: not comma-separated step numbers"),
     (["--milestones", "10,30"], "error: --milestones 10,30: steps must lie in 1..--max-steps (20)"),
+    # Ranges: refused before any process group or DeepSpeed (were assertions, divisions by zero, tracebacks).
+    (["--global-batch-size", "0"], "error: --global-batch-size 0: must be an integer >= 1"),
+    (["--grad-accum", "0"], "error: --grad-accum 0: must be an integer >= 1"),
+    (["--max-steps", "0"], "error: --max-steps 0: must be an integer in 1..1000000000000"),
+    (["--lr", "-1"], "error: --lr -1.0: must be a finite number > 0"),
+    (["--lr", "nan"], "error: --lr nan: must be a finite number > 0"),
+    (["--log-every", "0"], "error: --log-every 0: must be an integer >= 1"),
+    (["--ckpt-every", "0"], "error: --ckpt-every 0: must be an integer >= 1"),
+    (["--keep-checkpoints", "0"], "error: --keep-checkpoints 0: must be an integer >= 1"),
+    (["--ema-decay", "5"], "error: --ema-decay 5.0: must be a finite number in [0, 1)"),
+    (["--val-batch", "-1"], "error: --val-batch -1: must be an integer >= 0"),
+    (["--num-workers", "-1"], "error: --num-workers -1: must be an integer >= 0"),
+    (["--warmup-steps", "-1"], "error: --warmup-steps -1: must be an integer >= 0"),
+    (["--grad-clip", "0"], "error: --grad-clip 0.0: must be a finite number > 0"),
+    (["--peak-tflops", "inf"], "error: --peak-tflops inf: must be a finite number > 0"),
+    (["--global-seed", "-1"], "error: --global-seed -1: must be an integer in 0..18446687733646"),
+    (["--global-seed", "100000000000000000000"],
+     "error: --global-seed 100000000000000000000: must be an integer in 0..18446687733646"),
+    (["--dataset", "imagefolder", "--data-path", "{tmp}", "--image-size", "0"],
+     "error: --image-size 0: must be an integer >= 1"),
+    (["--global-batch-size", "5000"],
+     "error: --global-batch-size 5000: larger than the digits dataset's 1500 training items"),
+    (["--global-batch-size", "10", "--grad-accum", "4"],
+     "error: --global-batch-size 10: not divisible by --grad-accum 4 × 1 processes"),
+    (["--dataset", "imagefolder", "--data-path", "{tmp}", "--image-size", "8"],
+     "error: image folder {tmp} is empty: it needs one sub-folder of images per class"),
 ])
 def test_bad_arguments_of_core_train(tmp_path, capsys, args, message):
     args = [a.replace("{tmp}", str(tmp_path / "data")) for a in args]
@@ -118,6 +145,156 @@ def test_bad_arguments_of_core_train(tmp_path, capsys, args, message):
     assert core_train.main(base + args) == 2
     assert message.replace("{tmp}", str(tmp_path / "data")) in capsys.readouterr().err
     assert not (tmp_path / "res").exists()  # checked before anything is written
+
+
+CORE_TRAIN = ["--model", "DiT-P/4", "--dataset", "digits", "--zero-stage", "0", "--precision", "fp32",
+              "--ckpt-every", "1000", "--log-every", "1", "--val-batch", "0", "--num-workers", "0", "--max-steps", "2",
+              "--global-batch-size", "8"]
+
+
+def test_core_train_refuses_a_results_dir_that_cannot_be_a_folder(tmp_path, capsys):
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file where the results folder should go")
+    (tmp_path / "res").mkdir()
+    (tmp_path / "res" / "DiT-P-4").write_text("where the model's folder goes")
+    before = snapshot(tmp_path)
+    assert core_train.main(CORE_TRAIN + ["--results-dir", str(blocker)]) == 2
+    assert capsys.readouterr().err == f"error: --results-dir {blocker}: {blocker} is not a folder\n"
+    assert core_train.main(CORE_TRAIN + ["--results-dir", str(blocker / "below")]) == 2
+    assert capsys.readouterr().err == f"error: --results-dir {blocker / 'below'}: {blocker} is not a folder\n"
+    assert core_train.main(CORE_TRAIN + ["--results-dir", str(tmp_path / "res")]) == 2
+    assert capsys.readouterr().err == (f"error: --results-dir {tmp_path / 'res'}: {tmp_path / 'res' / 'DiT-P-4'} "
+                                       "is not a folder\n")
+    assert snapshot(tmp_path) == before
+
+
+def test_core_train_refuses_an_image_folder_without_images(tmp_path, capsys):
+    (tmp_path / "data" / "cats").mkdir(parents=True)
+    (tmp_path / "data" / "cats" / "notes.txt").write_text("no images here")
+    args = ["--dataset", "imagefolder", "--data-path", str(tmp_path / "data"), "--image-size", "8"]
+    assert core_train.main(CORE_TRAIN + args + ["--results-dir", str(tmp_path / "res")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: image folder {tmp_path / 'data'} has class folders ['cats'] "
+                                              "but no images (")
+    assert not (tmp_path / "res").exists()
+
+
+def make_images(root, n=4, size=8):
+    """Two classes of n random PNGs each."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in ("ant", "bee"):
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("num_workers", ["0", "1"])
+def test_a_corrupt_image_met_in_training_is_named(tmp_path, capsys, num_workers):
+    # Read where training meets it (no scan of every image up front), in this process or a DataLoader worker.
+    data = make_images(tmp_path / "data")
+    bad = data / "bee" / "2.png"
+    bad.write_bytes(b"not a png")
+    args = ["--dataset", "imagefolder", "--data-path", str(data), "--image-size", "8", "--model", "DiT-P/2",
+            "--num-workers", num_workers, "--max-steps", "3", "--results-dir", str(tmp_path / "res")]
+    assert core_train.main(CORE_TRAIN + args) == 2
+    err = capsys.readouterr().err
+    assert err.endswith(f"error: image {bad} cannot be read: not an image file PIL can identify\n")
+    assert "Traceback" not in err
+
+
+def test_an_image_that_does_not_read_names_its_file(tmp_path):
+    from core.data import UnreadableImage, load_image
+
+    good = make_images(tmp_path / "data") / "ant" / "0.png"
+    assert load_image(good).size == (8, 8)
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(good.read_bytes()[:60])  # a truncated PNG: PIL identifies it, then fails to decode it
+    with pytest.raises(UnreadableImage, match=f"^image {cut} cannot be read: "):
+        load_image(cut)
+    # As a DataLoader worker's error reaches the main process: the class rebuilt from the worker's traceback.
+    wrapped = UnreadableImage(f"Caught UnreadableImage in DataLoader worker process 0.\nOriginal Traceback (most "
+                              f"recent call last):\n  File \"x.py\", line 1\ncore.data.UnreadableImage: image {cut} "
+                              f"cannot be read: broken data stream\n")
+    assert str(wrapped) == f"image {cut} cannot be read: broken data stream"
+
+
+def checkpoint_of_two_steps(tmp_path):
+    """A real checkpoint of the CORE_TRAIN run."""
+    assert core_train.main(CORE_TRAIN + ["--results-dir", str(tmp_path / "run"), "--resume", "none"]) == 0
+    return tmp_path / "run" / "DiT-P-4" / "checkpoints" / "step-000000002"
+
+
+def test_malformed_trainer_state_given_to_core_train(tmp_path, capsys):
+    import json
+
+    good = checkpoint_of_two_steps(tmp_path)
+    state_file = good / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    cases = {
+        "[]": "is corrupt: it holds a JSON list, not an object",
+        json.dumps({k: v for k, v in state.items() if k != "step"}): 'is corrupt: it has no "step"',
+        json.dumps({**state, "step": "2"}): "is corrupt: \"step\" is '2', not a whole number >= 0",
+        json.dumps({**state, "sampler": {"epoch": 0}}): 'is corrupt: "sampler" has no "batch"',
+        json.dumps({**state, "history": {}}): 'is corrupt: "history" is {}, not a list',
+    }
+    for text, problem in cases.items():
+        state_file.write_text(text)
+        capsys.readouterr()
+        before = snapshot(tmp_path)
+        assert core_train.main(CORE_TRAIN + ["--results-dir", str(tmp_path / "x"), "--resume", str(good)]) == 2
+        assert capsys.readouterr().err.endswith(f"error: {state_file} {problem}\n"), text
+        assert snapshot(tmp_path) == before
+    with pytest.raises(ckpt.CheckpointError, match="it holds a JSON number"):
+        state_file.write_text("3")
+        ckpt.read_trainer_state(good)
+
+
+def test_a_checkpoint_of_another_batch_size_is_named(tmp_path, capsys):
+    good = checkpoint_of_two_steps(tmp_path)
+    capsys.readouterr()
+    argv = CORE_TRAIN + ["--global-batch-size", "16", "--results-dir", str(tmp_path / "x"), "--resume", str(good)]
+    assert core_train.main(argv) == 2
+    assert capsys.readouterr().err.endswith(f"error: {good / 'trainer_state.json'} does not match this run's data: "
+                                            "sampler state has global_batch=8, this sampler has 16\n")
+
+
+def test_train_config_refuses_values_outside_their_range():
+    from core.train import TrainConfig
+
+    with pytest.raises(ValueError, match="^batch_size 0: must be an integer >= 1$"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match=r"^ema_decay 1.0: must be a finite number in \[0, 1\)$"):
+        TrainConfig(ema_decay=1.0)
+    with pytest.raises(ValueError, match="^diffusion_steps 20: must be an integer >= 21"):
+        TrainConfig(diffusion_steps=20)
+    with pytest.raises(ValueError, match=r"^betas \(0.9, 1.5\): must be two numbers in \[0, 1\)$"):
+        TrainConfig(betas=(0.9, 1.5))
+    with pytest.raises(ValueError, match="^precision 'fp16': must be one of 'fp32', 'bf16'$"):
+        TrainConfig(precision="fp16")
+    with pytest.raises(ValueError, match="^batch_size True: must be an integer >= 1$"):
+        TrainConfig(batch_size=True)
+    assert TrainConfig(seed=core_train.MAX_SEED, max_steps=core_train.MAX_STEPS).seed == core_train.MAX_SEED
+    with pytest.raises(ValueError, match=f"^seed {core_train.MAX_SEED + 1}: must be an integer in 0..{core_train.MAX_SEED}$"):
+        TrainConfig(seed=core_train.MAX_SEED + 1)
+
+
+def test_max_seed_is_the_largest_seed_whose_every_step_draws():
+    # step_randomness seeds step s with seed * 1_000_003 + s; torch takes seeds up to 2**64 - 1.
+    import torch
+
+    from core.train import MAX_SEED, MAX_STEPS, step_randomness
+
+    def draw(seed, step):
+        return step_randomness(seed, step, 2, (1, 2, 2), 0.1, 1000, torch.device("cpu"))
+
+    assert MAX_SEED == 18_446_687_733_646 and MAX_STEPS == 10**12
+    draw(MAX_SEED, MAX_STEPS - 1)
+    draw(0, 0)
+    with pytest.raises((ValueError, RuntimeError), match="[Oo]verflow"):
+        draw(MAX_SEED + 1, MAX_STEPS - 1)
 
 
 def test_output_in_use_by_another_driver(tmp_path):
