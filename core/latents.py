@@ -3,11 +3,17 @@
 An encoded folder holds shard-00000.safetensors, ... each with `latents` float32 (n, 2, C, h, w)
 (the latent of each image and of its mirror image, times the VAE's scale factor), `labels`
 int64 (n,) and `indices` int64 (n,) (the image's position in the folder's sorted order), plus a
-meta.json written last, so a folder without one is an unfinished encode.
+meta.json written last. An encode writes into a new folder beside its target and renames it into place
+once complete, so the target is never a half-written encode.
 """
+import contextlib
 import json
 import os
+import shutil
+import uuid
+import warnings
 from bisect import bisect_right
+from fnmatch import fnmatch
 from pathlib import Path
 
 import numpy as np
@@ -30,31 +36,99 @@ def shard_name(k):
 #################################################################################
 
 def read_meta(path, check_shards=False, image_size=None):
-    """The meta.json of an encoded folder; with check_shards, also each shard's header against it."""
+    """The meta.json of an encoded folder; with check_shards, also each shard's header against it.
+
+    FileNotFoundError when the folder or its meta.json is missing, ValueError naming the path when either is
+    something else or the meta cannot be used.
+    """
     path = Path(path)
-    if not path.is_dir():
+    if not path.exists():
         raise FileNotFoundError(f"latent folder {path} does not exist")
+    if not path.is_dir():
+        raise ValueError(f"latent folder {path} is not a folder")
     meta_file = path / META
     if not meta_file.exists():
         raise FileNotFoundError(f"latent folder {path} has no {META}: "
                                 "it is not an encoded folder, or its encode never finished")
+    if not meta_file.is_file():
+        raise ValueError(f"{meta_file} is not a file")
     try:
         meta = json.loads(meta_file.read_text())
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"format is {meta.get('format')!r}, expected {FORMAT!r}")
-        missing = {"num_images", "classes", "latent_shape", "image_size", "shards"} - meta.keys()
-        if missing:
-            raise ValueError(f"missing {sorted(missing)}")
-        if sum(s["num_images"] for s in meta["shards"]) != meta["num_images"]:
-            raise ValueError("shard sizes do not add up to num_images")
-    except (ValueError, KeyError, TypeError) as err:
+    except ValueError as err:  # not JSON, or not UTF-8
         raise ValueError(f"{meta_file} is corrupt: {err}") from None
+    except OSError as err:
+        raise ValueError(f"{meta_file} cannot be read: {err}") from None
+    problem = meta_problem(meta)
+    if problem:
+        raise ValueError(f"{meta_file} is corrupt: {problem}")
     if image_size is not None and image_size != meta["image_size"]:
         raise ValueError(f"latents in {path} were encoded at image_size {meta['image_size']}, not {image_size}")
     if check_shards:
         for shard in meta["shards"]:
             check_shard(path / shard["file"], shard["num_images"], meta["latent_shape"])
     return meta
+
+
+def _whole(value, low=0):
+    """An int >= low that is not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _short(value, limit=60):
+    """repr(value), cut short: a message names a value, it does not print a whole list of classes."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def meta_problem(meta):
+    """What makes a parsed meta.json unusable, or None: its layout, then a set with no images or classes."""
+    if not isinstance(meta, dict):
+        kind = {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}.get(type(meta), "null")
+        return f"it holds a JSON {kind}, not an object"
+    if meta.get("format") != FORMAT:
+        return f"format is {meta.get('format')!r}, expected {FORMAT!r}"
+    missing = {"num_images", "classes", "latent_shape", "image_size", "shards"} - meta.keys()
+    if missing:
+        return f"missing {sorted(missing)}"
+    fields = {
+        "num_images": (_whole, "a whole number >= 0"),
+        "classes": (lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v), "a list of class names"),
+        "latent_shape": (lambda v: isinstance(v, list) and len(v) == 3 and all(_whole(d, 1) for d in v),
+                         "3 whole numbers >= 1"),
+        "image_size": (lambda v: _whole(v, 1), "a whole number >= 1"),
+        "shards": (lambda v: isinstance(v, list), "a list"),
+    }
+    for key, (ok, kind) in fields.items():
+        if not ok(meta[key]):
+            return f'"{key}" is {_short(meta[key])}, not {kind}'
+    for k, shard in enumerate(meta["shards"]):
+        problem = shard_entry_problem(k, shard)
+        if problem:
+            return problem
+    total = sum(shard["num_images"] for shard in meta["shards"])
+    if total != meta["num_images"]:
+        return f"shard sizes add up to {total}, not num_images {meta['num_images']}"
+    if not meta["num_images"]:  # an image folder's encode always has images: this one would train on nothing
+        return "it holds no images"
+    if not meta["classes"]:
+        return "it lists no classes"
+    return None
+
+
+def shard_entry_problem(k, shard):
+    """What is wrong with entry k of a meta's shard list, or None."""
+    if not isinstance(shard, dict):
+        return f"shard {k} is {_short(shard)}, not an object"
+    for key in ("file", "num_images"):
+        if key not in shard:
+            return f'shard {k} has no "{key}"'
+    name = shard["file"]
+    # A plain name: the folder's own files, never a path that reaches outside it.
+    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+        return f"shard {k}'s file {_short(name)} is not a file name in the folder"
+    if not _whole(shard["num_images"]):
+        return f"shard {k}'s num_images is {_short(shard['num_images'])}, not a whole number >= 0"
+    return None
 
 
 def check_shard(file, num_images, latent_shape):
@@ -141,9 +215,21 @@ class LatentShards(Dataset):
 #                               Encoding a folder                               #
 #################################################################################
 
+# image_seed keeps 32 bits of the seed: seeds past this one would repeat smaller ones' samples.
+MAX_ENCODE_SEED = 2**32 - 1
+# What an encode writes into its folder (the .tmp names: of encodes that renamed files in place): a folder holding
+# only these may be replaced by a new encode.
+LATENT_FILES = (META, META + ".tmp", "shard-*.safetensors", "shard-*.safetensors.tmp")
+
+
 def image_seed(seed, index, view):
-    """The seed of the latent sample of one view of one image: re-runs write identical shards."""
-    return (seed * 2**32 + index) * len(VIEWS) + view
+    """The seed (< 2**32) of the latent sample of one view of one image: re-runs write identical shards.
+
+    CPU generators (mt19937) read only the low 32 bits of a seed, which seed * 2**32 left untouched (every seed
+    gave seed 0's samples): the seed is mixed into them by a golden-ratio Weyl step, as core.evaluate's sampling
+    seeds are. Seed 0 gives the samples it always gave.
+    """
+    return (index * len(VIEWS) + view + seed * 0x9E3779B9) % 2**32
 
 
 @torch.no_grad()
@@ -157,26 +243,53 @@ def encode_images(vae, images, indices, seed=0):
     return z.float().cpu().unflatten(0, (-1, len(VIEWS)))  # (N, 2, C, h, w)
 
 
+class VAEError(ValueError):
+    """A VAE folder that cannot be loaded; the message names the folder."""
+
+
+def _one_line(err, limit=300):
+    """An exception's message on one line, cut short (a state dict's mismatches run to pages)."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def load_vae(vae_path, device="cpu"):
-    """A diffusers AutoencoderKL from a local folder (never downloads)."""
+    """A diffusers AutoencoderKL from a local folder (never downloads); VAEError names a folder that does not load."""
     from diffusers import AutoencoderKL
 
-    if not (Path(vae_path) / "config.json").exists():
-        raise FileNotFoundError(f"VAE folder {vae_path} has no config.json "
-                                "(a diffusers AutoencoderKL saved with save_pretrained)")
-    vae = AutoencoderKL.from_pretrained(str(vae_path), local_files_only=True, low_cpu_mem_usage=False)
+    path = Path(vae_path)
+    if not path.exists():
+        raise VAEError(f"VAE folder {path} does not exist")
+    if not path.is_dir():
+        raise VAEError(f"VAE folder {path} is not a folder")
+    if not (path / "config.json").is_file():
+        raise VAEError(f"VAE folder {path} has no config.json (a diffusers AutoencoderKL saved with save_pretrained)")
+    try:
+        vae = AutoencoderKL.from_pretrained(str(path), local_files_only=True, low_cpu_mem_usage=False)
+    # diffusers: OSError for a config that is not JSON or weights that are missing or unreadable, RuntimeError for
+    # weights of another shape, ValueError or TypeError for a config of another model.
+    except (OSError, RuntimeError, ValueError, TypeError) as err:
+        raise VAEError(f"VAE folder {path} cannot be loaded: {_one_line(err)}") from None
     return vae.to(device).eval()
 
 
 def _load_images(batch, image_size):
-    """Ray Data batch function: file paths -> centre-cropped float32 (B, 3, S, S) in [-1, 1]."""
-    from torchvision.datasets.folder import default_loader
-
-    from core.data import image_transform
+    """Ray Data batch function: file paths -> centre-cropped float32 (B, 3, S, S) in [-1, 1], and for each image
+    why it could not be read ("" when it could)."""
+    from core.data import UnreadableImage, image_transform, load_image
 
     transform = image_transform(image_size)  # the training transform; the mirror is encoded as view 1
-    images = [transform(default_loader(p)).numpy() for p in batch["path"]]
-    return {"image": np.stack(images), "label": batch["label"], "index": batch["index"]}
+    images, errors = [], []
+    for path in batch["path"]:
+        try:
+            images.append(transform(load_image(path)).numpy())
+            errors.append("")
+        except UnreadableImage as err:
+            # Handed on as data: raised here, it would reach the driver as Ray's own error, its file named only
+            # inside a worker's traceback. The placeholder is encoded and never written.
+            images.append(np.zeros((3, image_size, image_size), np.float32))
+            errors.append(str(err))
+    return {"image": np.stack(images), "label": batch["label"], "index": batch["index"], "error": np.array(errors)}
 
 
 class _Encode:
@@ -188,18 +301,92 @@ class _Encode:
 
     def __call__(self, batch):
         latents = encode_images(self.vae, torch.from_numpy(batch["image"]), batch["index"], self.seed)
-        return {"latents": latents.numpy(), "label": batch["label"], "index": batch["index"]}
+        return {"latents": latents.numpy(), "label": batch["label"], "index": batch["index"], "error": batch["error"]}
+
+
+def encode_option_problem(image_size, batch_size, shard_size, num_workers, seed):
+    """(option, value, what it must be) of the first encode_folder option that cannot work, or None."""
+    for name, value, low in (("image_size", image_size, 1), ("batch_size", batch_size, 1),
+                             ("shard_size", shard_size, 1), ("num_workers", num_workers, 0)):
+        if not (name == "num_workers" and value is None) and not _whole(value, low):
+            return name, value, f"must be an integer >= {low}"
+    if not (_whole(seed) and seed <= MAX_ENCODE_SEED):
+        return "seed", seed, f"must be an integer in 0..{MAX_ENCODE_SEED}"
+    return None
+
+
+def _some(names, shown=3):
+    """A few of a folder's names, for a message."""
+    return ", ".join(names[:shown]) + (f", ... ({len(names)} in all)" if len(names) > shown else "")
+
+
+def out_problem(out):
+    """Why an encode may not be written to out, or None: out is absent, an empty folder or a latent folder
+    (which the encode replaces), and where it is absent its nearest existing parent is a folder."""
+    out = Path(out)
+    if not out.exists():
+        parent = next(p for p in out.absolute().parents if p.exists())
+        return None if parent.is_dir() else f"{parent} is not a folder"
+    if not out.is_dir():
+        return f"{out} is not a folder"
+    names = sorted(p.name for p in out.iterdir())
+    if names and META not in names:
+        return (f"{out} is a folder of other files ({_some(names)}) and no {META}: an encode replaces only an empty "
+                "folder or a latent folder")
+    if names:
+        try:
+            is_ours = json.loads((out / META).read_text()).get("format") == FORMAT
+        except (ValueError, OSError, AttributeError):  # not JSON, a folder, not an object
+            is_ours = False
+        if not is_ours:
+            return f"{out / META} is not the meta.json of a latent folder ({FORMAT}): it is not replaced"
+    others = [n for n in names if not any(fnmatch(n, pattern) for pattern in LATENT_FILES)]
+    if others:
+        return f"{out} holds files that are not latents ({_some(others)})"
+    return None
+
+
+def _sibling(out, purpose):
+    """A new name beside out, hidden, for a folder being written or one being replaced."""
+    return out.parent / f".{out.name}.{purpose}-{uuid.uuid4().hex[:8]}"
+
+
+def _make_parents(folder):
+    """Create folder's missing parents; returns those created, innermost last."""
+    missing = [p for p in reversed(folder.absolute().parents) if not p.exists()]
+    for p in missing:
+        p.mkdir()
+    return missing
+
+
+def _swap_in(new, out):
+    """Put the finished folder new at out, replacing a latent folder there; out is missing only between two renames."""
+    problem = out_problem(out)  # again: files may have been put there while the encode ran
+    if problem:
+        raise ValueError(f"{out} changed while the encode ran: {problem}; the finished encode is left in {new}")
+    if out.is_dir() and any(out.iterdir()):
+        old = _sibling(out, "replaced")
+        os.rename(out, old)
+        os.rename(new, out)
+        try:
+            shutil.rmtree(old)
+        except OSError as err:  # the new encode is in place: what is left is the old one's space
+            warnings.warn(f"the replaced encode {old} could not be removed: {err}")
+    else:
+        os.replace(new, out)  # onto nothing, or onto an empty folder, at once
 
 
 def encode_folder(data_path, vae_path, out_dir, image_size, batch_size=64, num_workers=None, shard_size=4096, seed=0):
     """Encode an image folder into latent shards with Ray Data; one VAE per GPU, or per CPU process without GPUs.
 
-    Uses the running Ray instance (or starts a local one). Returns the meta it wrote.
+    Uses the running Ray instance (or starts a local one). Returns the meta it wrote. The shards are written into
+    a new folder beside out_dir, which replaces out_dir once complete: a failed encode leaves out_dir as it was.
     """
-    import ray
-
     from core.data import scan_image_folder
 
+    problem = encode_option_problem(image_size, batch_size, shard_size, num_workers, seed)
+    if problem:
+        raise ValueError("{} {}: {}".format(*problem))
     classes, samples = scan_image_folder(data_path)
     vae = load_vae(vae_path)  # fail here, not in a Ray worker, on a bad VAE folder
     scale_factor, downsample = vae.config.scaling_factor, 2 ** (len(vae.config.block_out_channels) - 1)
@@ -207,10 +394,35 @@ def encode_folder(data_path, vae_path, out_dir, image_size, batch_size=64, num_w
     if image_size % downsample:
         raise ValueError(f"image_size {image_size} is not a multiple of the VAE's downsampling factor {downsample}")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / META).unlink(missing_ok=True)  # from here on the folder is an unfinished encode
-    for old in out_dir.glob("shard-*.safetensors"):
-        old.unlink()
+    problem = out_problem(out_dir)
+    if problem:
+        raise ValueError(f"{out_dir}: {problem}")
+    out_dir = out_dir.resolve()  # a link to a latent folder: the folder itself is replaced, beside itself
+    created = _make_parents(out_dir)
+    new = _sibling(out_dir, "encoding")
+    try:
+        new.mkdir()
+        shards, latent_shape = _encode_shards(samples, new, image_size, vae_path, batch_size, num_workers,
+                                              shard_size, seed)
+        meta = dict(format=FORMAT, num_images=len(samples), classes=classes, latent_shape=latent_shape,
+                    views=list(VIEWS), scale_factor=scale_factor, vae=str(Path(vae_path).resolve()),
+                    image_size=image_size, seed=seed, shards=shards)
+        (new / META).write_text(json.dumps(meta, indent=1))  # last: a folder with a meta.json is complete
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        for parent in reversed(created):
+            with contextlib.suppress(OSError):  # something else wrote there meanwhile: it stays
+                parent.rmdir()
+        raise
+    _swap_in(new, out_dir)
+    return meta
+
+
+def _encode_shards(samples, folder, image_size, vae_path, batch_size, num_workers, shard_size, seed):
+    """Write the latents of samples [(file, label), ...] as shards into folder; returns (shard list, latent shape)."""
+    import ray
+
+    from core.data import UnreadableImage
 
     if not ray.is_initialized():
         ray.init()
@@ -228,21 +440,15 @@ def encode_folder(data_path, vae_path, out_dir, image_size, batch_size=64, num_w
 
     shards, latent_shape = [], None
     for k, batch in enumerate(ds.iter_batches(batch_size=shard_size, batch_format="numpy")):
+        unreadable = [str(e) for e in batch["error"] if e]
+        if unreadable:
+            raise UnreadableImage(unreadable[0])
         start = k * shard_size
         if not np.array_equal(batch["index"], np.arange(start, start + len(batch["index"]))):
             raise RuntimeError(f"Ray Data returned images out of order in shard {k}")
         latents = torch.from_numpy(batch["latents"].copy())  # (n, 2, C, h, w); Ray's arrays are read-only
         latent_shape = list(latents.shape[2:])
-        tmp = out_dir / (shard_name(k) + ".tmp")
         save_file({"latents": latents.contiguous(), "labels": torch.tensor(batch["label"], dtype=torch.int64),
-                   "indices": torch.tensor(batch["index"], dtype=torch.int64)}, str(tmp))
-        os.replace(tmp, out_dir / shard_name(k))
+                   "indices": torch.tensor(batch["index"], dtype=torch.int64)}, str(folder / shard_name(k)))
         shards.append({"file": shard_name(k), "num_images": len(latents)})
-
-    meta = dict(format=FORMAT, num_images=len(samples), classes=classes, latent_shape=latent_shape, views=list(VIEWS),
-                scale_factor=scale_factor, vae=str(Path(vae_path).resolve()),
-                image_size=image_size, seed=seed, shards=shards)
-    tmp = out_dir / (META + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, out_dir / META)  # atomic: the folder is finished only once this file exists
-    return meta
+    return shards, latent_shape

@@ -213,6 +213,20 @@ def test_encoder_round_trips_shapes_labels_and_scale(encoded):
             torch.testing.assert_close(latents[4, view], z * 0.18215, atol=1e-5, rtol=1e-4)
 
 
+def test_the_encode_seed_changes_every_sample():
+    # CPU generators keep a seed's low 32 bits: a seed above them (seed * 2**32 + ...) changed nothing.
+    from core.latents import MAX_ENCODE_SEED, image_seed
+
+    def first_draw(seed, index, view):
+        return torch.randn(4, generator=torch.Generator().manual_seed(image_seed(seed, index, view)))
+
+    assert [image_seed(0, i, v) for i in range(3) for v in range(2)] == list(range(6))  # seed 0's samples as ever
+    seeds = (0, 1, 2, 12345, MAX_ENCODE_SEED)
+    draws = [first_draw(s, i, v) for s in seeds for i in (0, 1, 1000) for v in (0, 1)]
+    assert len({tuple(d.tolist()) for d in draws}) == len(draws)
+    assert all(0 <= image_seed(s, 2**32 - 1, 1) < 2**32 for s in seeds)
+
+
 def test_latent_dataset_holds_every_image_and_its_mirror(encoded):
     root, _ = encoded
     out = root / "latents"
@@ -248,3 +262,207 @@ def test_corrupt_shard_is_named(encoded, tmp_path):
     (broken / "meta.json").write_text("{not json")
     with pytest.raises(ValueError, match="meta.json is corrupt"):
         dataset_info("latents", path=broken)
+
+
+#################################################################################
+#                          Malformed latent folders                             #
+#################################################################################
+
+def write_meta(folder, **changes):
+    """A latent folder whose meta.json is a valid one's with changes (a None value removes the key)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = dict(format="dit-scaling-latents/1", num_images=2, classes=["ant"], latent_shape=[4, 8, 8],
+                image_size=16, shards=[{"file": "shard-00000.safetensors", "num_images": 2}])
+    meta.update(changes)
+    (folder / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if v is not None}))
+    return folder / "meta.json"
+
+
+@pytest.mark.parametrize("changes, problem", [
+    (dict(shards=[{"num_images": 2}]), 'shard 0 has no "file"'),
+    (dict(shards=[{"file": "shard-00000.safetensors"}]), 'shard 0 has no "num_images"'),
+    (dict(shards=[{"file": "../elsewhere.safetensors", "num_images": 2}]),
+     "shard 0's file '../elsewhere.safetensors' is not a file name in the folder"),
+    (dict(shards=[{"file": "/etc/passwd", "num_images": 2}]),
+     "shard 0's file '/etc/passwd' is not a file name in the folder"),
+    (dict(shards=["shard-00000.safetensors"]), "shard 0 is 'shard-00000.safetensors', not an object"),
+    (dict(shards={"file": "x"}), "\"shards\" is {'file': 'x'}, not a list"),
+    (dict(shards=[{"file": "shard-00000.safetensors", "num_images": -1}]),
+     "shard 0's num_images is -1, not a whole number >= 0"),
+    (dict(num_images=3), "shard sizes add up to 2, not num_images 3"),
+    (dict(num_images=0, shards=[]), "it holds no images"),
+    (dict(classes=[]), "it lists no classes"),
+    (dict(classes="ant"), "\"classes\" is 'ant', not a list of class names"),
+    (dict(latent_shape=None), "missing ['latent_shape']"),
+    (dict(latent_shape=[4, 8]), '"latent_shape" is [4, 8], not 3 whole numbers >= 1'),
+    (dict(image_size="16"), "\"image_size\" is '16', not a whole number >= 1"),
+    (dict(format="other/1"), "format is 'other/1', expected 'dit-scaling-latents/1'"),
+])
+def test_malformed_meta_is_named(tmp_path, changes, problem):
+    meta_file = write_meta(tmp_path / "latents", **changes)
+    with pytest.raises(ValueError) as err:
+        dataset_info("latents", path=tmp_path / "latents")
+    assert str(err.value) == f"{meta_file} is corrupt: {problem}"
+
+
+def test_meta_that_is_not_a_json_object_or_not_a_file(tmp_path):
+    folder = tmp_path / "latents"
+    folder.mkdir()
+    (folder / "meta.json").write_text("[]")
+    with pytest.raises(ValueError, match=f"^{folder / 'meta.json'} is corrupt: it holds a JSON list, not an object$"):
+        dataset_info("latents", path=folder)
+    (folder / "meta.json").write_bytes(b"\xff\xfe")
+    with pytest.raises(ValueError, match=f"^{folder / 'meta.json'} is corrupt: "):
+        dataset_info("latents", path=folder)
+    (folder / "meta.json").unlink()
+    (folder / "meta.json").mkdir()
+    with pytest.raises(ValueError, match=f"^{folder / 'meta.json'} is not a file$"):
+        dataset_info("latents", path=folder)
+    plain = tmp_path / "plain"
+    plain.write_text("not a folder")
+    with pytest.raises(ValueError, match=f"^latent folder {plain} is not a folder$"):
+        dataset_info("latents", path=plain)
+    with pytest.raises(ValueError, match=f"^latent folder {plain} is not a folder$"):
+        build_dataset("latents", path=plain)
+
+
+#################################################################################
+#                          The encoder's bad input                              #
+#################################################################################
+
+def encoder_main(*args):
+    """The exit code of `python -m core.encode_latents ARGS`, run in this process."""
+    from core.encode_latents import main
+
+    try:
+        main(list(map(str, args)))
+    except SystemExit as exit_:
+        return exit_.code
+    return 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", "0"], "error: --batch-size 0: must be an integer >= 1\n"),
+    (["--shard-size", "0"], "error: --shard-size 0: must be an integer >= 1\n"),
+    (["--image-size", "0"], "error: --image-size 0: must be an integer >= 1\n"),
+    (["--image-size", "-16"], "error: --image-size -16: must be an integer >= 1\n"),
+    (["--num-workers", "-1"], "error: --num-workers -1: must be an integer >= 0\n"),
+    (["--seed", "-1"], "error: --seed -1: must be an integer in 0..4294967295\n"),
+    (["--seed", str(2**32)], "error: --seed 4294967296: must be an integer in 0..4294967295\n"),
+])
+def test_encoder_refuses_bad_numbers_before_anything_starts(tmp_path, capsys, args, message):
+    import ray
+
+    missing = tmp_path / "nowhere"  # not looked at: the numbers are checked first
+    code = encoder_main("--data-path", missing, "--vae", missing, "--out", tmp_path / "out", *args)
+    assert code == 2 and capsys.readouterr().err == message
+    assert not (tmp_path / "out").exists() and not ray.is_initialized()
+
+
+@pytest.fixture
+def tiny_vae(tmp_path):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    vae.save_pretrained(tmp_path / "vae")
+    return tmp_path / "vae"
+
+
+def test_encoder_names_a_vae_folder_it_cannot_load(tmp_path, capsys, tiny_vae):
+    import ray
+
+    images = make_folder(tmp_path / "images")
+    bad = tmp_path / "bad-vae"
+    bad.mkdir()
+    (bad / "config.json").write_text("{not json")
+    cases = {bad: "is not a valid JSON file"}
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text((tiny_vae / "config.json").read_text())
+    cases[no_weights] = "no file named diffusion_pytorch_model"
+    cases[tmp_path / "nowhere"] = "does not exist"
+    cases[bad / "config.json"] = "is not a folder"
+    cases[tmp_path / "images"] = "has no config.json"
+    for vae, problem in cases.items():
+        code = encoder_main("--data-path", images, "--vae", vae, "--out", tmp_path / "out", "--image-size", 16)
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith(f"error: --vae {vae}: VAE folder {vae} "), err
+        assert problem in err and "Traceback" not in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists() and not ray.is_initialized()
+
+
+def test_encoder_refuses_an_out_that_is_not_a_latent_folder(tmp_path, capsys, tiny_vae):
+    import ray
+
+    images = make_folder(tmp_path / "images")
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("someone's notes")
+    plain = tmp_path / "plain"
+    plain.write_text("a file")
+    mixed = tmp_path / "mixed"
+    write_meta(mixed)
+    (mixed / "notes.txt").write_text("someone's notes beside latents")
+    cases = {taken: f"{taken} is a folder of other files (notes.txt) and no meta.json",
+             plain: f"{plain} is not a folder",
+             mixed: f"{mixed} holds files that are not latents (notes.txt)"}
+    for out, problem in cases.items():
+        before = {p: p.read_bytes() for p in out.parent.rglob("*") if p.is_file()}
+        code = encoder_main("--data-path", images, "--vae", tiny_vae, "--out", out, "--image-size", 16)
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith(f"error: --out {out}: {problem}"), err
+        assert {p: p.read_bytes() for p in out.parent.rglob("*") if p.is_file()} == before
+    assert not ray.is_initialized()
+
+
+def test_reencoding_replaces_a_latent_folder_only_once_complete(encoded, tmp_path, capsys):
+    import shutil
+
+    import ray
+
+    root, _ = encoded
+    out = tmp_path / "latents"
+    shutil.copytree(root / "latents", out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    images = tmp_path / "images"
+    shutil.copytree(root / "images", images)
+    bad = images / "moth" / "1.png"
+    bad.write_bytes(b"not a png")
+    args = ["--vae", root / "vae", "--out", out, "--image-size", 16, "--batch-size", 2, "--num-workers", 1,
+            "--shard-size", 4]
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        code = encoder_main("--data-path", images, *args)
+        err = capsys.readouterr().err
+        assert code == 2 and err.endswith(f"error: image {bad} cannot be read: not an image file PIL can identify\n")
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old encode, whole
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "latents"]  # no half-written sibling
+
+        shutil.copy(root / "images" / "moth" / "1.png", bad)
+        assert encoder_main("--data-path", images, *args, "--seed", 1) == 0
+    finally:
+        ray.shutdown()
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["seed"] == 1 and meta["num_images"] == 9
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json"] + [f"shard-0000{k}.safetensors" for k in range(3)]
+    assert (out / "shard-00000.safetensors").read_bytes() != before["shard-00000.safetensors"]  # another seed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "latents"]
+
+
+def test_a_finished_encode_never_replaces_files_put_beside_latents_meanwhile(tmp_path):
+    from core.latents import _swap_in
+
+    out = tmp_path / "latents"
+    write_meta(out)
+    new = tmp_path / ".latents.encoding-1"
+    write_meta(new, num_images=5, shards=[{"file": "shard-00000.safetensors", "num_images": 5}])
+    (out / "notes.txt").write_text("written while the encode ran")
+    with pytest.raises(ValueError, match=f"^{out} changed while the encode ran: {out} holds files that are not latents "
+                                         f"\\(notes.txt\\); the finished encode is left in {new}$"):
+        _swap_in(new, out)
+    assert (out / "notes.txt").exists() and json.loads((new / "meta.json").read_text())["num_images"] == 5
+    (out / "notes.txt").unlink()
+    _swap_in(new, out)
+    assert json.loads((out / "meta.json").read_text())["num_images"] == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latents"]
