@@ -89,6 +89,13 @@ def text(value):
     return value
 
 
+def seed(value):
+    """A training seed: one whose every step's draws fit torch's generator (core.train.MAX_SEED)."""
+    from core.train import MAX_SEED  # here, not at import: the schema is built before torch is wanted
+
+    return integer(at_least=0, at_most=MAX_SEED)(value)
+
+
 def choice(*options):
     """One of a few strings, with a did-you-mean for near misses."""
     def check(value):
@@ -153,7 +160,7 @@ SCHEMA = {
         "ema_decay": (0.9999, number(at_least=0, below=1)),  # 1 would never move the EMA from its start
         "precision": ("fp32", choice("fp32", "bf16")),
         "zero_stage": (2, integer(at_least=0, at_most=3)),
-        "seed": (0, integer(at_least=0)),
+        "seed": (0, seed),
         "class_dropout_prob": (0.1, number(at_least=0, below=1)),
         "learn_sigma": (True, boolean),
         # The linear schedule's last beta is 20 / diffusion_steps: from 20 steps down it reaches 1, the
@@ -293,7 +300,6 @@ def _record_lines(node, key_path, lines, file, seen):
             _record_lines(item, key_path + (i,), lines, file, seen)
 
 
-MAX_STEPS = 10**12  # training steps: Parquet's int64 step columns and float compute stay exact far below this
 MAX_EXPANDED_VALUES = 100_000  # a study file spelled out, aliases expanded: hundreds of values, not millions
 
 
@@ -526,6 +532,8 @@ def _sweep(tree_sweep, raw_train_given, where):
         raise where.error(("sweep", "compute"), "give either sweep.steps or sweep.compute, not both")
     if "steps" not in given and "compute" not in given:
         raise where.error(("sweep", "steps"), "missing: give sweep.steps (or sweep.compute budgets in Gflops)")
+    from core.train import MAX_STEPS  # core.train's own bound: Parquet's int64 steps and float compute stay exact
+
     axes = {
         "model": _axis(("sweep", "model"), given["model"], _model_name("patch" in given), where),
         "patch": _axis(("sweep", "patch"), given["patch"], integer(at_least=1), where) if "patch" in given else None,
@@ -761,6 +769,8 @@ def _expand(raw, axes, info, where):
     def error_at(name, message):
         key_path = ("sweep", f"train.{name}") if f"train.{name}" in axes else ("train", name)
         return where.error(key_path, message)
+
+    from core.train import MAX_STEPS
 
     trials = []
     for (m, (size, own_patch)), (p, patch) in itertools.product(model_items, patch_items):

@@ -352,6 +352,9 @@ BAD = {
     "compute past any run": (BASE, ["sweep.steps=null", "sweep.compute=[1e30]"],
                              "--set sweep.compute=[1e30]: sweep.compute: 1e+30 Gflops is 6.03e+30 steps of DiT-P/2, "
                              "more than 1e+12"),
+    "a seed past torch's generator": (BASE, ["train.seed=100000000000000000000"],
+                                      "--set train.seed=100000000000000000000: train.seed: must be <= 18446687733646, "
+                                      "got 100000000000000000000"),
     "empty output": (BASE + 'output: ""\n', [], "{f}:15: output: must not be empty"),
     "alias inside itself": (BASE.replace("model: [DiT-P, DiT-N]", "model: &m [DiT-P, *m]"), [],
                             "{f}:5: an alias refers to the value that contains it"),
