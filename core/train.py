@@ -458,6 +458,7 @@ def train(cfg, out_dir, milestones=(), callbacks=None, resume_from=None, checkpo
         x, y = next(batches)  # this rank's share of the global batch
         t_all, noise_all, drop_all = step_randomness(cfg.seed, step, cfg.batch_size, shape,
                                                      mcfg["class_dropout_prob"], cfg.diffusion_steps, device)
+        step_lr = scheduler.get_last_lr()[0]  # this step's: the scheduler moves on with the update
         step_loss = torch.zeros((), device=device)
         for m in range(cfg.grad_accum):
             mb = slice(m * micro, (m + 1) * micro)
@@ -487,7 +488,7 @@ def train(cfg, out_dir, milestones=(), callbacks=None, resume_from=None, checkpo
             images_per_s = window_steps * cfg.batch_size / window_time
             flops = images_per_s * train_flop_per_image(g_per_image)
             metrics = {
-                "step": step, "train_loss": window_loss / window_steps, "lr": scheduler.get_last_lr()[0],
+                "step": step, "train_loss": window_loss / window_steps, "lr": step_lr,
                 "images_per_s": images_per_s, "achieved_tflops": flops / 1e12, "train_time_s": train_time,
             }
             if cfg.peak_tflops:

@@ -352,6 +352,20 @@ def test_lr_schedules():
         lr_lambda("step", 0, 10)
 
 
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_the_reported_lr_is_the_one_its_step_trained_with(tmp_path, grad_accum):
+    # LambdaLR starts at factor(0) and moves on after each update: step k (1-based) trains with factor(k - 1).
+    # Read after the update, the lr would be the next step's (a cosine run's last row said 0).
+    from core.optim import lr_lambda
+
+    cfg = tiny_config(lr_schedule="cosine", warmup_steps=3, max_steps=8, log_every=1, grad_accum=grad_accum)
+    train(cfg, tmp_path / "run")
+    seen = [h["lr"] for h in history(tmp_path / "run")[1]["history"]]
+    factor = lr_lambda("cosine", 3, 8)
+    assert seen == pytest.approx([cfg.lr * factor(k - 1) for k in range(1, 9)], rel=1e-12)
+    assert seen[-1] > 0
+
+
 def test_resume_is_bitwise_with_a_warmup_and_cosine_schedule(tmp_path):
     # The schedule's position is part of the checkpoint: a resumed run goes on with the lr of the step it stopped
     # at, not the warmup's first one.
