@@ -12,7 +12,6 @@ stays, the rest follows); 2 a study file, results or tracking store it cannot us
 import argparse
 import json
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -24,9 +23,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from scaling.recorder import EVAL_METRICS, LOG_METRICS
 from scaling.results import CURVES_FILE, load_results, read_parquet, results_path
-from scaling.run import DATABASE_SCHEMES, TRACKING_SCHEMES
 from scaling.study import StudyError, load_study
-from scaling.tracking import StudyTracker, default_tracking_uri
+from scaling.tracking import StudyTracker, default_tracking_uri, unsupported_store
 
 EXIT_OK, EXIT_AWAY, EXIT_BAD_INPUT = 0, 1, 2
 # What MLflow raises when its store fails: its own errors (an HTTP server's wrapped), SQLAlchemy's, the network's.
@@ -127,10 +125,9 @@ def tracking_uri(study, output, uri=None):
     else:
         where = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else str(output / "mlflow.db")
         uri = default_tracking_uri(output)
-    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower() if re.match(r"[A-Za-z][\w+.-]*:", uri) else ""
-    if scheme not in TRACKING_SCHEMES:
-        raise ReplayError(f"{where}: MLflow has no tracking store for {uri!r}; use http(s)://host:port, "
-                          f"sqlite:///path, file:///path or a database URI ({', '.join(DATABASE_SCHEMES)})")
+    problem = unsupported_store(uri)
+    if problem:
+        raise ReplayError(f"{where}: {problem}")
     return uri, where
 
 

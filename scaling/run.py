@@ -9,7 +9,6 @@ import contextlib
 import fcntl
 import logging
 import os
-import re
 import shutil
 import signal
 import socket
@@ -166,22 +165,17 @@ def check_reachable(address):
         raise StudyError(f"--address {address}: cannot reach a Ray cluster there ({e})") from e
 
 
-# MLflow's tracking stores by URI scheme (its store registry, mlflow.tracking._tracking_service.utils, is private):
-# a plain path is a file store; a database's scheme may name its driver ("postgresql+psycopg2").
-DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
-TRACKING_SCHEMES = ("", "file", "http", "https", "databricks", *DATABASE_SCHEMES)
-
-
 def check_tracking_server(study):
     """An MLflow server named by the study or MLFLOW_TRACKING_URI must answer before launch: the
     study's runs are created up front, and a server that goes away later only delays logging."""
     uri = study.raw["tracking"]["mlflow_uri"]  # the study's, else MLFLOW_TRACKING_URI's, else SQLite
     given = study.given("tracking.mlflow_uri")
     where = f"{study.locate('tracking.mlflow_uri')}: tracking.mlflow_uri" if given else "MLFLOW_TRACKING_URI"
-    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower() if re.match(r"[A-Za-z][\w+.-]*:", uri) else ""
-    if scheme not in TRACKING_SCHEMES:
-        raise StudyError(f"{where}: MLflow has no tracking store for {uri!r}; use http(s)://host:port, "
-                         f"sqlite:///path, file:///path or a database URI ({', '.join(DATABASE_SCHEMES)})")
+    from scaling.tracking import unsupported_store
+
+    problem = unsupported_store(uri)
+    if problem:
+        raise StudyError(f"{where}: {problem}")
     if not uri.startswith(("http://", "https://")):
         return  # a SQLite or file store is created by the driver itself
     try:

@@ -9,6 +9,7 @@ again only every RETRY_INTERVAL_S, so a dead server costs the driver moments, no
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 
@@ -175,3 +176,18 @@ def _is_number(v):
 def _param_value(v):
     text = v if isinstance(v, str) else json.dumps(v)
     return text[:MAX_PARAM_LENGTH]
+
+
+# MLflow's tracking stores by URI scheme (its store registry, mlflow.tracking._tracking_service.utils, is private):
+# a plain path is a file store; a database's scheme may name its driver ("postgresql+psycopg2").
+DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+TRACKING_SCHEMES = ("", "file", "http", "https", "databricks", *DATABASE_SCHEMES)
+
+
+def unsupported_store(uri):
+    """Why MLflow has no tracking store for uri, or None when it has one."""
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower() if re.match(r"[A-Za-z][\w+.-]*:", uri) else ""
+    if scheme in TRACKING_SCHEMES:
+        return None
+    return (f"MLflow has no tracking store for {uri!r}; use http(s)://host:port, sqlite:///path, file:///path or a "
+            f"database URI ({', '.join(DATABASE_SCHEMES)})")
