@@ -164,15 +164,13 @@ def test_encoder_command_reports_a_missing_folder(tmp_path, capsys):
 #                                 Latent encoder                                #
 #################################################################################
 
-@pytest.fixture(scope="module")
-def encoded(tmp_path_factory):
-    """A 9-image folder encoded by a tiny random AutoencoderKL (downsampling ×2) through Ray Data."""
+def encode_tiny_folder(root):
+    """Encode a 9-image folder with a tiny random AutoencoderKL (downsampling ×2) through Ray Data, in root."""
     import ray
     from diffusers import AutoencoderKL
 
     from core.encode_latents import main
 
-    root = tmp_path_factory.mktemp("encode")
     images = make_folder(root / "images")
     vae = AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=8,
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
@@ -183,7 +181,29 @@ def encoded(tmp_path_factory):
               "--image-size", "16", "--batch-size", "2", "--num-workers", "1", "--shard-size", "4"])
     finally:
         ray.shutdown()
-    return root, vae.eval()
+
+
+@pytest.fixture(scope="module")
+def encoded(tmp_path_factory):
+    """(folder holding images/, vae/ and latents/, the VAE in eval mode): one encode per test run.
+
+    xdist spreads this module's tests over its workers; they share one encode (each its own would start
+    a Ray and a Ray Data pipeline again, 30 s and more): the first worker here makes it, the others wait.
+    """
+    import fcntl
+    import os
+    import shutil
+
+    from diffusers import AutoencoderKL
+
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if "PYTEST_XDIST_WORKER" in os.environ else base) / "encoded"  # parent: this run's
+    with open(f"{root}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "latents" / "meta.json").is_file():  # written last, by the swap of a complete encode
+            shutil.rmtree(root, ignore_errors=True)  # a worker's attempt that failed
+            encode_tiny_folder(root)
+    return root, AutoencoderKL.from_pretrained(root / "vae").eval()
 
 
 def test_encoder_round_trips_shapes_labels_and_scale(encoded):
