@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
-from torchvision.datasets.folder import default_loader
 from torchvision.transforms.functional import pil_to_tensor
 
 SUBSET_SEED = 0  # a fixed subset, shared by every trial and evaluation of a study
@@ -67,9 +66,10 @@ class FolderImages(Dataset):
         return len(self.files)
 
     def _load(self, file):
-        from core.data import center_crop
+        from core.data import center_crop, load_image
 
-        return pil_to_tensor(center_crop(default_loader(file), self.image_size))  # (3, S, S) uint8
+        # load_image, as training reads: a corrupt file is an UnreadableImage naming it, not PIL's traceback.
+        return pil_to_tensor(center_crop(load_image(file), self.image_size))  # (3, S, S) uint8
 
     def __getitem__(self, i):
         if self._start is None or not self._start <= i < self._start + len(self._chunk):

@@ -167,6 +167,19 @@ def test_reference_cache_is_reused_and_a_changed_folder_gets_a_new_entry(tmp_pat
     assert len(list((tmp_path / "cache").glob("*.json"))) == 2
 
 
+def test_a_corrupt_reference_image_is_named(tmp_path):
+    from core.data import UnreadableImage
+    from core.digits import digits_arrays
+
+    images, labels = digits_arrays("train")
+    write_folder(tmp_path / "real", to_uint8(torch.from_numpy(images[:3])), labels[:3])
+    bad = sorted((tmp_path / "real").rglob("*.png"))[1]
+    bad.write_bytes(b"PNG? no")
+    real = folder_images(tmp_path / "real", 8)
+    with pytest.raises(UnreadableImage, match=f"^image {bad} cannot be read: not an image file PIL can identify$"):
+        real.dataset[0]  # the whole chunk is decoded at once: its bad file shows at the first image
+
+
 def test_evaluate_computes_the_digits_reference_once(tmp_path, monkeypatch):
     model = jittered_model()
     cfg = EvalConfig(num_samples=20, num_steps=2, guided_channels=None, cache_dir=str(tmp_path))
