@@ -8,6 +8,7 @@ once complete, so the target is never a half-written encode.
 """
 import contextlib
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -21,6 +22,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
+
+from core.folder_lock import lock_folder
+
+logger = logging.getLogger("core.latents")
 
 FORMAT = "dit-scaling-latents/1"
 META = "meta.json"
@@ -351,6 +356,29 @@ def _sibling(out, purpose):
     return out.parent / f".{out.name}.{purpose}-{uuid.uuid4().hex[:8]}"
 
 
+def _clear_abandoned_encodes(out):
+    """Remove the folders that encodes into out, killed before their end, left beside it (an ImageNet encode is
+    tens of GB); refuse while another encode writes one. A live encode holds a lock on its folder until it ends."""
+    prefix = f".{out.name}.encoding-"
+    for folder in sorted(p for p in out.parent.iterdir() if p.name.startswith(prefix)):
+        if folder.is_symlink() or not folder.is_dir() or (folder / META).exists():
+            continue  # with a meta.json: a finished encode that could not be swapped in, kept for its owner
+        try:
+            lock = lock_folder(folder)
+        except OSError as err:  # storage that cannot lock a folder: whether its encode still runs is unknown
+            logger.warning("cannot tell whether %s is an abandoned encode (%s); it is left in place",
+                           folder, err.strerror)
+            continue
+        if lock is None:
+            raise ValueError(f"{out}: another encode is writing into it now (in {folder}); wait for it to end or "
+                             "stop it first")
+        try:
+            shutil.rmtree(folder)
+        finally:
+            os.close(lock)
+        logger.warning("removed %s, left by an encode into %s that ended before its last shard", folder, out)
+
+
 def _make_parents(folder):
     """Create folder's missing parents; returns those created, innermost last."""
     missing = [p for p in reversed(folder.absolute().parents) if not p.exists()]
@@ -399,9 +427,13 @@ def encode_folder(data_path, vae_path, out_dir, image_size, batch_size=64, num_w
         raise ValueError(f"{out_dir}: {problem}")
     out_dir = out_dir.resolve()  # a link to a latent folder: the folder itself is replaced, beside itself
     created = _make_parents(out_dir)
+    _clear_abandoned_encodes(out_dir)
     new = _sibling(out_dir, "encoding")
+    lock = None
     try:
         new.mkdir()
+        with contextlib.suppress(OSError):  # unlockable storage: this encode is then left to be removed by hand
+            lock = lock_folder(new)  # held until this encode ends: a later one knows it is not abandoned
         shards, latent_shape = _encode_shards(samples, new, image_size, vae_path, batch_size, num_workers,
                                               shard_size, seed)
         meta = dict(format=FORMAT, num_images=len(samples), classes=classes, latent_shape=latent_shape,
@@ -413,8 +445,14 @@ def encode_folder(data_path, vae_path, out_dir, image_size, batch_size=64, num_w
         for parent in reversed(created):
             with contextlib.suppress(OSError):  # something else wrote there meanwhile: it stays
                 parent.rmdir()
+        if lock is not None:
+            os.close(lock)
         raise
-    _swap_in(new, out_dir)
+    try:
+        _swap_in(new, out_dir)
+    finally:
+        if lock is not None:
+            os.close(lock)  # after the swap: until then another encode must not take new for abandoned
     return meta
 
 

@@ -6,7 +6,6 @@ Ctrl-C and 143 by SIGTERM (the same command resumes the study).
 """
 import argparse
 import contextlib
-import fcntl
 import logging
 import os
 import shutil
@@ -20,6 +19,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+from core.folder_lock import lock_folder
 from scaling.study import StudyError, check_cluster, load_study
 
 EXIT_OK, EXIT_TRIALS_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -230,22 +230,16 @@ def run_study(study, address, build_report=True, report_dir=None):
 
 
 def lock_output(out):
-    """An exclusive lock on the output folder, or None when another driver holds it.
+    """An exclusive lock on the output folder (a descriptor to close), or None when another driver holds it.
 
-    Two drivers on one output would train the same trials twice and overwrite each other's
-    Parquet rows. flock on the folder itself writes nothing, and dies with its process (no stale
-    lock after a kill).
+    Two drivers on one output would train the same trials twice and overwrite each other's Parquet rows.
     """
-    fd = os.open(out, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
+        return lock_folder(out)
     except OSError as e:  # storage that cannot lock a folder (some NFS mounts): run unguarded
         print(f"warning: cannot lock {out} ({e.strerror}); do not start a second run of this study beside this one",
               file=sys.stderr)
-    return fd
+        return os.open(out, os.O_RDONLY)  # closed as a lock would be
 
 
 def _run_trials(study, build_report, report_dir):

@@ -1,5 +1,6 @@
 """Datasets, the per-rank batch sampler and the latent encoder."""
 import json
+import os
 from collections import Counter
 
 import numpy as np
@@ -466,6 +467,9 @@ def test_reencoding_replaces_a_latent_folder_only_once_complete(encoded, tmp_pat
         assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "latents"]  # no half-written sibling
 
         shutil.copy(root / "images" / "moth" / "1.png", bad)
+        abandoned = tmp_path / ".latents.encoding-0badf00d"  # as a killed encode leaves its folder
+        abandoned.mkdir()
+        (abandoned / "shard-00000.safetensors").write_bytes(b"half of a shard")
         assert encoder_main("--data-path", images, *args, "--seed", 1) == 0
     finally:
         ray.shutdown()
@@ -473,7 +477,7 @@ def test_reencoding_replaces_a_latent_folder_only_once_complete(encoded, tmp_pat
     assert meta["seed"] == 1 and meta["num_images"] == 9
     assert sorted(p.name for p in out.iterdir()) == ["meta.json"] + [f"shard-0000{k}.safetensors" for k in range(3)]
     assert (out / "shard-00000.safetensors").read_bytes() != before["shard-00000.safetensors"]  # another seed
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "latents"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "latents"]  # the abandoned encode removed
 
 
 def test_a_finished_encode_never_replaces_files_put_beside_latents_meanwhile(tmp_path):
@@ -492,3 +496,32 @@ def test_a_finished_encode_never_replaces_files_put_beside_latents_meanwhile(tmp
     _swap_in(new, out)
     assert json.loads((out / "meta.json").read_text())["num_images"] == 5
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latents"]
+
+
+def test_abandoned_encodes_are_removed_and_a_running_one_is_respected(tmp_path, caplog):
+    from core.folder_lock import lock_folder
+    from core.latents import _clear_abandoned_encodes
+
+    out = tmp_path / "latents"
+    write_meta(out)
+    abandoned = tmp_path / ".latents.encoding-11111111"
+    abandoned.mkdir()
+    (abandoned / "shard-00000.safetensors").write_bytes(b"half of a shard")
+    finished = write_meta(tmp_path / ".latents.encoding-22222222").parent  # complete, not swapped in: its owner's
+    other = tmp_path / ".latents-b.encoding-33333333"  # another target's
+    other.mkdir()
+    running = tmp_path / ".latents.encoding-44444444"
+    running.mkdir()
+    held = lock_folder(running)  # as the encode writing into it holds it
+    try:
+        with pytest.raises(ValueError, match=f"^{out}: another encode is writing into it now \\(in {running}\\); "):
+            _clear_abandoned_encodes(out)
+    finally:
+        os.close(held)
+    assert running.exists()  # not taken for abandoned while it ran
+    with caplog.at_level("WARNING", logger="core.latents"):
+        _clear_abandoned_encodes(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".latents-b.encoding-33333333",
+                                                          ".latents.encoding-22222222", "latents"]
+    assert f"removed {abandoned}, left by an encode into {out}" in caplog.text
+    assert f"removed {running}," in caplog.text  # its encode has ended since
