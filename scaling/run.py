@@ -122,7 +122,7 @@ def sqlite_store(uri):
 def check_report_dir(study, given):
     """The folder the report will replace: new, empty or an earlier report (never the study's own output, say),
     checked before launch rather than after the study's hours of training; returns it."""
-    from scaling.report import check_report_destination, default_report_dir
+    from scaling.report_folder import check_report_destination, default_report_dir
 
     path = Path(given) if given else default_report_dir(study.name)
     try:
