@@ -180,3 +180,12 @@ def test_package_import_is_light():
             "print(sorted(m for m in ('torch', 'ray', 'mlflow') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_checking_a_report_folder_leaves_plotting_and_fitting_unimported(tmp_path):
+    # scaling.run checks the report folder before a study's launch: matplotlib and the fits come with the report.
+    code = ("import sys; from scaling.report_folder import check_report_destination; "
+            f"check_report_destination({str(tmp_path / 'report')!r}); "
+            "print(sorted(m for m in ('matplotlib', 'scaling.fits', 'scaling.report', 'pandas') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
