@@ -429,30 +429,24 @@ def encode_folder(data_path, vae_path, out_dir, image_size, batch_size=64, num_w
     created = _make_parents(out_dir)
     _clear_abandoned_encodes(out_dir)
     new = _sibling(out_dir, "encoding")
-    lock = None
-    try:
-        new.mkdir()
-        with contextlib.suppress(OSError):  # unlockable storage: this encode is then left to be removed by hand
-            lock = lock_folder(new)  # held until this encode ends: a later one knows it is not abandoned
-        shards, latent_shape = _encode_shards(samples, new, image_size, vae_path, batch_size, num_workers,
-                                              shard_size, seed)
-        meta = dict(format=FORMAT, num_images=len(samples), classes=classes, latent_shape=latent_shape,
-                    views=list(VIEWS), scale_factor=scale_factor, vae=str(Path(vae_path).resolve()),
-                    image_size=image_size, seed=seed, shards=shards)
-        (new / META).write_text(json.dumps(meta, indent=1))  # last: a folder with a meta.json is complete
-    except BaseException:
-        shutil.rmtree(new, ignore_errors=True)
-        for parent in reversed(created):
-            with contextlib.suppress(OSError):  # something else wrote there meanwhile: it stays
-                parent.rmdir()
-        if lock is not None:
-            os.close(lock)
-        raise
-    try:
+    with contextlib.ExitStack() as held:  # this encode's lock on new, until it is swapped in or removed
+        try:
+            new.mkdir()
+            with contextlib.suppress(OSError):  # unlockable storage: this encode is then left to be removed by hand
+                held.callback(os.close, lock_folder(new))  # a later encode knows new is not abandoned
+            shards, latent_shape = _encode_shards(samples, new, image_size, vae_path, batch_size, num_workers,
+                                                  shard_size, seed)
+            meta = dict(format=FORMAT, num_images=len(samples), classes=classes, latent_shape=latent_shape,
+                        views=list(VIEWS), scale_factor=scale_factor, vae=str(Path(vae_path).resolve()),
+                        image_size=image_size, seed=seed, shards=shards)
+            (new / META).write_text(json.dumps(meta, indent=1))  # last: a folder with a meta.json is complete
+        except BaseException:
+            shutil.rmtree(new, ignore_errors=True)
+            for parent in reversed(created):
+                with contextlib.suppress(OSError):  # something else wrote there meanwhile: it stays
+                    parent.rmdir()
+            raise
         _swap_in(new, out_dir)
-    finally:
-        if lock is not None:
-            os.close(lock)  # after the swap: until then another encode must not take new for abandoned
     return meta
 
 

@@ -165,17 +165,23 @@ def test_encoder_command_reports_a_missing_folder(tmp_path, capsys):
 #                                 Latent encoder                                #
 #################################################################################
 
+def save_tiny_vae(folder):
+    """A tiny random AutoencoderKL (downsampling ×2, 4 latent channels) saved as a diffusers folder."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    vae.save_pretrained(folder)
+
+
 def encode_tiny_folder(root):
     """Encode a 9-image folder with a tiny random AutoencoderKL (downsampling ×2) through Ray Data, in root."""
     import ray
-    from diffusers import AutoencoderKL
 
     from core.encode_latents import main
 
     images = make_folder(root / "images")
-    vae = AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=8,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
-    vae.save_pretrained(root / "vae")
+    save_tiny_vae(root / "vae")
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         main(["--data-path", str(images), "--vae", str(root / "vae"), "--out", str(root / "latents"),
@@ -192,7 +198,6 @@ def encoded(tmp_path_factory):
     a Ray and a Ray Data pipeline again, 30 s and more): the first worker here makes it, the others wait.
     """
     import fcntl
-    import os
     import shutil
 
     from diffusers import AutoencoderKL
@@ -204,7 +209,7 @@ def encoded(tmp_path_factory):
         if not (root / "latents" / "meta.json").is_file():  # written last, by the swap of a complete encode
             shutil.rmtree(root, ignore_errors=True)  # a worker's attempt that failed
             encode_tiny_folder(root)
-    return root, AutoencoderKL.from_pretrained(root / "vae").eval()
+    return root, AutoencoderKL.from_pretrained(root / "vae", local_files_only=True).eval()
 
 
 def test_encoder_round_trips_shapes_labels_and_scale(encoded):
@@ -382,11 +387,7 @@ def test_encoder_refuses_bad_numbers_before_anything_starts(tmp_path, capsys, ar
 
 @pytest.fixture
 def tiny_vae(tmp_path):
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=8,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
-    vae.save_pretrained(tmp_path / "vae")
+    save_tiny_vae(tmp_path / "vae")
     return tmp_path / "vae"
 
 
