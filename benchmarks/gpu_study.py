@@ -4,7 +4,7 @@
 
 `scaling.run` trains the paper's study file (studies/dit_imagenet256.yaml), narrowed with --set to the given
 models, one GPU worker per trial and synthetic ImageNet-shaped latents (32×32×4), without FID (the VAE and the
-Inception weights are not on a lent machine). Before it, in the same run, core.train trains each model directly
+Inception weights are not on a lent machine). After it, in the same run, core.train trains each model directly
 with the same configuration (benchmarks.gpu_train's). Prints each model's images/s and MFU both ways (the best log
 window after the first; the study's as MLflow holds them), and the trial's start-up and teardown (results.parquet).
 --cpu checks the same plumbing on a machine without a GPU (fp32, gloo, small models).
@@ -49,7 +49,7 @@ def train_directly(model, config, data, batch, micro, steps, peak, cpu):
     with tempfile.TemporaryDirectory() as out:
         train(cfg, out, callbacks=best)
     if not cpu:
-        torch.cuda.empty_cache()  # the study's worker is another process on the same GPU
+        torch.cuda.empty_cache()  # the next model's run starts on a free GPU
     return best.metrics
 
 
@@ -61,7 +61,7 @@ def study_overrides(args, data, output, peak):
         "sweep.steps": f"[{args.steps}]", "train.batch_size": args.batch,
         "train.grad_accum": args.batch // args.micro_batch, "train.log_every": WINDOW,
         "train.ckpt_every": args.steps, "train.compile": str(args.compile).lower(), "train.peak_tflops": peak,
-        "eval.fid": "false", "eval.vae": "null", "resources.workers_per_trial": 1,
+        "eval.fid": "false", "eval.vae": "null", "eval.reference": "null", "resources.workers_per_trial": 1,
         "resources.gpus_per_worker": 0 if args.cpu else 1, "resources.cpus_per_worker": args.cpus_per_worker,
         "tracking.mlflow_uri": "null", "output": str(output),
     }
@@ -98,6 +98,7 @@ def main():
     parser.add_argument("--cpus-per-worker", type=int, default=8)
     parser.add_argument("--images", type=int, default=4096, help="synthetic latents to train on")
     parser.add_argument("--cpu", action="store_true", help="check the plumbing without a GPU (fp32, gloo)")
+    parser.add_argument("--study-log", help="where scaling.run's output goes (default: a temporary file)")
     args = parser.parse_args()
     if args.steps < 2 * WINDOW:
         parser.error(f"--steps must be at least {2 * WINDOW}: the first {WINDOW}-step window is warm-up")
@@ -124,17 +125,22 @@ def main():
         data, output = Path(tmp) / "latents", Path(tmp) / "study"
         data.mkdir()
         synthetic_latents(data, num_images=args.images)
-        direct = {m: train_directly(m, config, data, args.batch, args.micro_batch, args.steps, peak, args.cpu)
-                  for m in args.models}
+        # The study first: it is the part a lent machine checks for the first time, so a failure costs least there.
         sets = [item for s in study_overrides(args, data, output, peak) for item in ("--set", s)]
         started = time.time()
-        proc = subprocess.run([sys.executable, "-m", "scaling.run", str(STUDY), "--no-report", *sets], cwd=REPO,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True)
+        # Written as it goes (not held in a pipe), so a study that hangs on a lent machine leaves its log behind.
+        study_log = Path(args.study_log or Path(tmp) / "study.log")
+        with open(study_log, "w") as log:
+            proc = subprocess.run([sys.executable, "-m", "scaling.run", str(STUDY), "--no-report", *sets], cwd=REPO,
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=log, stderr=subprocess.STDOUT)
         wall = time.time() - started
         if proc.returncode != 0:
-            print(proc.stdout[-4000:], proc.stderr[-6000:], sep="\n")
+            print(study_log.read_text()[-9000:])
             sys.exit(f"the study failed (exit {proc.returncode})")
         through_ray = study_windows(output)
+        print(f"study done in {wall:.0f} s; now core.train in this process", flush=True)
+        direct = {m: train_directly(m, config, data, args.batch, args.micro_batch, args.steps, peak, args.cpu)
+                  for m in args.models}
     print(f"study wall time {wall:.0f} s ({len(args.models)} trial(s); Ray start-up, "
           "MLflow and Parquet included)")
     print(f"{'model':9} {'path':12} {'img/s':>8} {'TFLOP/s':>8} {'MFU':>6} {'start-up s':>10} {'teardown s':>10}")
