@@ -610,10 +610,15 @@ def _check_eval(raw, info, where, check_data, warnings):
             inception_weights()  # torch-fidelity's cache: never downloaded during a study
         except FileNotFoundError as err:
             missing["feature_extractor_weights"] = str(err)
+    # A path this study never reads (FID off, no grids) is a warning: a study file written for a cluster, run
+    # elsewhere with FID turned off, still starts.
+    used = dict(vae=bool(ev["fid"] or ev["grid_images_per_class"]), feature_extractor_weights=ev["fid"],
+                reference=ev["fid"], heldout=ev["fid"])
     for key, message in missing.items():
-        if check_data:
+        if check_data and used[key]:
             raise where.error(("eval", key), message)
-        warnings.append(f"{where(('eval', key))}: eval.{key}: {message}")
+        unused = "" if used[key] else " (not read: eval.fid is false" + ("" if key != "vae" else " and no grids") + ")"
+        warnings.append(f"{where(('eval', key))}: eval.{key}: {message}{unused}")
     dim = feature_dim(ev["feature_extractor"])
     if ev["fid"] and ev["fid_samples"] <= dim:
         warnings.append(f"{where(('eval', 'fid_samples'))}: eval.fid_samples: FID from {ev['fid_samples']} images "

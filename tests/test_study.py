@@ -411,6 +411,9 @@ def test_fid_inputs_are_checked_before_any_training(tmp_path, monkeypatch):
             load(tmp_path, overrides=[f"eval.{key}={tmp_path / 'nowhere'}"])
         assert str(err.value) == f"--set eval.{key}={tmp_path / 'nowhere'}: eval.{key}: {tmp_path / 'nowhere'} " \
                                  f"does not exist"
+        study = load(tmp_path, overrides=[f"eval.{key}={tmp_path / 'nowhere'}", "eval.fid=false"])
+        assert study.warnings == [f"--set eval.{key}={tmp_path / 'nowhere'}: eval.{key}: {tmp_path / 'nowhere'} "
+                                  f"does not exist (not read: eval.fid is false)"]
     # What exists but is not what it should be.
     (tmp_path / "images" / "a").mkdir(parents=True)
     (tmp_path / "vae").mkdir()
