@@ -617,8 +617,8 @@ def _check_eval(raw, info, where, check_data, warnings):
     for key, message in missing.items():
         if check_data and used[key]:
             raise where.error(("eval", key), message)
-        unused = "" if used[key] else " (not read: eval.fid is false" + ("" if key != "vae" else " and no grids") + ")"
-        warnings.append(f"{where(('eval', key))}: eval.{key}: {message}{unused}")
+        unread = "" if used[key] else f" (not read: eval.fid is false{' and no grids' if key == 'vae' else ''})"
+        warnings.append(f"{where(('eval', key))}: eval.{key}: {message}{unread}")
     dim = feature_dim(ev["feature_extractor"])
     if ev["fid"] and ev["fid_samples"] <= dim:
         warnings.append(f"{where(('eval', 'fid_samples'))}: eval.fid_samples: FID from {ev['fid_samples']} images "
