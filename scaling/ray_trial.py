@@ -22,6 +22,7 @@ from ray.train.v2._internal.callbacks import DatasetsCallback
 from ray.train.v2._internal.execution.controller import TrainController
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
+from scaling.held_logs import HELD_LOGS_KEY, HeldLogs, report_gap_s
 from scaling.kept_sync_actor import kept_synchronization_actor
 from scaling.placement_group_watch import replace_ray_cleaner
 from scaling.torch_backend import ProcessGroupConfig
@@ -60,15 +61,29 @@ def eval_config(trial, cache_dir):
 
 
 class RayReporting:
-    """core.train callbacks that evaluate at milestones and report every step of interest to Ray."""
+    """core.train callbacks that evaluate at milestones and report every step of interest to Ray (log reports
+    about once a second, held between: scaling.held_logs)."""
 
     def __init__(self, trial, run):
         self.trial, self.run = trial, run
         self.samples_dir = Path(run["output"]) / "trials" / trial["trial_id"] / "samples"
+        self.held = HeldLogs(report_gap_s())
+
+    def report(self, metrics, checkpoint=None):
+        """ray.train.report, carrying the log reports held since the last one (scaling.held_logs)."""
+        ray.train.report({**metrics, HELD_LOGS_KEY: self.held.take()}, checkpoint=checkpoint)
 
     def on_log(self, state, metrics):
         # The wall-clock start of training lets the driver measure the trial's start-up.
-        ray.train.report({**metrics, "kind": KIND_LOG, "first_step_at": state.first_step_at})
+        if _on_every_rank(self.held.add({**metrics, "first_step_at": state.first_step_at}), state):
+            self.flush()
+
+    def flush(self):
+        """Report the held logs as one log report, the latest carrying the earlier ones; also at the end of a run
+        whose last step is neither a milestone nor a checkpoint's, which would leave them held."""
+        if self.held.logs:
+            *earlier, latest = self.held.take()
+            ray.train.report({**latest, "kind": KIND_LOG, HELD_LOGS_KEY: earlier})
 
     def on_milestone(self, state, metrics):
         if not self.trial["eval"].get("fid", True):
@@ -90,13 +105,25 @@ class RayReporting:
         # are the ones evaluated there, so evaluate them again and report the milestone.
         if state.step in self.trial["milestones"] and state.step not in self.trial.get("recorded_steps", ()):
             metrics.update(self.on_milestone(state, dict(metrics)) or {})
-            ray.train.report({**metrics, "step": state.step, "kind": KIND_MILESTONE})
+            self.report({**metrics, "step": state.step, "kind": KIND_MILESTONE})
 
     def on_checkpoint(self, state, path, metrics):
         kind = KIND_MILESTONE if state.step in self.trial["milestones"] or state.step == self.trial["train"][
             "max_steps"] else KIND_CHECKPOINT
         # Every rank reports its own directory; Ray merges the per-rank files into one checkpoint.
-        ray.train.report({**metrics, "kind": kind}, checkpoint=Checkpoint.from_directory(str(path)))
+        self.report({**metrics, "kind": kind}, checkpoint=Checkpoint.from_directory(str(path)))
+
+
+def _on_every_rank(due, state):
+    """Rank 0's answer to whether a report is due, on every rank: Ray Train needs each rank's same reports."""
+    if state.world_size == 1:
+        return due
+    import torch
+    import torch.distributed as dist
+
+    flag = torch.tensor([int(due)], device=state.device)
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
 
 
 def _import_core_train():
@@ -123,16 +150,18 @@ def worker_loop(config):
     context = ray.train.get_context()
     local = scratch_dir(trial["trial_id"], context.get_world_rank())
     checkpoint = ray.train.get_checkpoint()
+    reporting = RayReporting(trial, run)
     try:
         if checkpoint is None:
-            _train(train, trial, run, local, None)
+            _train(train, trial, run, reporting, local, None)
         else:
             with checkpoint.as_directory() as resume_dir:
-                _train(train, trial, run, local, resume_dir)
+                _train(train, trial, run, reporting, local, resume_dir)
+        reporting.flush()
     except TrainingDiverged as e:
         # Every rank sees the divergence at the same step (the loss is all-reduced), so this
         # report is reached by all of them. A retry would diverge again: end the trial here.
-        ray.train.report({"kind": KIND_END, "status": "diverged", "step": e.step, "error": str(e)})
+        reporting.report({"kind": KIND_END, "status": "diverged", "step": e.step, "error": str(e)})
     finally:
         shutil.rmtree(local, ignore_errors=True)
 
@@ -159,9 +188,9 @@ def _process_alive(pid):
     return True
 
 
-def _train(train, trial, run, local, resume_dir):
+def _train(train, trial, run, reporting, local, resume_dir):
     out = Path(run["output"]) / "trials" / trial["trial_id"]
-    train(train_config(trial), out, trial["milestones"], RayReporting(trial, run), resume_from=resume_dir,
+    train(train_config(trial), out, trial["milestones"], reporting, resume_from=resume_dir,
           checkpoint_dir=local, shared_checkpoint_dir=False)
 
 

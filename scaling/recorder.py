@@ -15,6 +15,7 @@ from pathlib import Path
 from ray.tune import Callback
 
 from core.flops import training_compute
+from scaling.held_logs import HELD_LOGS_KEY
 from scaling.ray_trial import KIND_END, KIND_LOG, KIND_MILESTONE
 from scaling.results import (CURVES_FILE, LOSS_CURVES_SCHEMA, RESULTS_FILE, RESULTS_SCHEMA, load_results, read_parquet,
                              write_table)
@@ -65,6 +66,12 @@ class Recorder(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         t = self.trials[trial.config["trial"]["trial_id"]]
+        for log in result.get(HELD_LOGS_KEY, ()):  # the log reports the trial held since its last report
+            self._record(t, {**log, "kind": KIND_LOG})
+        self._record(t, result)
+
+    def _record(self, t, result):
+        """One report of trial t."""
         kind = result.get("kind")
         if kind == KIND_END:
             self._end(t, result)

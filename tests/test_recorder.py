@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 from mlflow.tracking import MlflowClient
 
+from scaling.held_logs import HELD_LOGS_KEY
 from scaling.progress import Progress
 from scaling.ray_trial import KIND_CHECKPOINT, KIND_LOG, KIND_MILESTONE
 from scaling.recorder import Recorder
@@ -99,6 +100,27 @@ def test_reports_without_a_step_are_skipped(study):
     assert rec.rows == {} and rec.curves == {} and rec.progress.step[t.trial_id] == 0
     rec.on_trial_result(0, [], tune_trial(t), milestone(10))  # later reports are recorded as before
     assert list(rec.rows) == [(t.trial_id, 10)]
+
+
+def test_held_logs_are_recorded_in_order_before_the_report_that_carries_them(study):
+    rec, t = recorder(study), study.trials[0]
+    rec.on_trial_start(0, [], tune_trial(t))
+
+    def log(step):
+        return {"step": step, "train_loss": 1.0 / step, "lr": 1e-3, "images_per_s": 50.0, "first_step_at": 1.0}
+
+    rec.on_trial_result(0, [], tune_trial(t), {**log(1), "kind": KIND_LOG, HELD_LOGS_KEY: []})
+    # A log report carrying the three before it, then a milestone carrying one.
+    rec.on_trial_result(0, [], tune_trial(t), {**log(5), "kind": KIND_LOG, HELD_LOGS_KEY: [log(2), log(3), log(4)]})
+    rec.on_trial_result(0, [], tune_trial(t), {**milestone(10), HELD_LOGS_KEY: [log(6)]})
+    assert sorted(s for _, s in rec.curves) == [1, 2, 3, 4, 5, 6]
+    assert rec.curves[(t.trial_id, 3)]["train_loss"] == pytest.approx(1 / 3)
+    run = f"run-{t.trial_id}"
+    logged = [(step, m) for r, m, step in rec.tracker.metrics if r == run and ("train_loss" in m or "fid" in m)]
+    assert [s for s, _ in logged] == [1, 2, 3, 4, 5, 6, 10]  # every log step, in order, then the milestone's
+    assert logged[3][1]["train_loss"] == pytest.approx(1 / 4) and logged[-1][1]["fid"] == 90.0
+    assert load_results(study.output).step.tolist() == [10]
+    assert HELD_LOGS_KEY not in load_results(study.output).columns
 
 
 def test_busy_seconds_count_only_this_runs_work(study):
