@@ -62,7 +62,7 @@ def eval_config(trial, cache_dir):
 
 class RayReporting:
     """core.train callbacks that evaluate at milestones and report every step of interest to Ray (log reports
-    about once a second, held between: scaling.held_logs)."""
+    held between two of its health checks: scaling.held_logs)."""
 
     def __init__(self, trial, run):
         self.trial, self.run = trial, run
