@@ -4,7 +4,7 @@ Every `ray.train.report` waits for the reports before it: Ray Train takes one re
 controller's health checks (a one-slot queue; RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 1 s in a study), and
 scaling.tune_relay passes it on only once the driver has recorded it. A trial logging every few steps of a small
 model reported faster than that and waited out each hand-over: DiT-P/4 on digits logging every 10 steps trained
-1000 steps in 127 s of study time, against 40 s with its logs held (benchmarks/README.md). Held logs ride on the
+1000 steps in 122 s of study time, against 39 s with its logs held (benchmarks/README.md). Held logs ride on the
 trial's next report (a checkpoint's, a milestone's, the end's, or the next log's once a report is due), so the
 driver still gets every logged step, in order and before any checkpoint after it; scaling.recorder unpacks them.
 """
