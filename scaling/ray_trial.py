@@ -86,8 +86,7 @@ class RayReporting:
         """Report the held logs as one log report, the latest carrying the earlier ones; also at the end of a run
         whose last step is neither a milestone nor a checkpoint's, which would leave them held."""
         if self.held.logs:
-            *earlier, latest = self.held.take()
-            ray.train.report({**latest, "kind": KIND_LOG, HELD_LOGS_KEY: earlier})
+            self.report({**self.held.logs.pop(), "kind": KIND_LOG})
 
     def on_milestone(self, state, metrics):
         if not self.trial["eval"].get("fid", True):
