@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
 from core.folder_lock import lock_folder
+from core.folder_swap import swap_in_folder
 
 logger = logging.getLogger("core.latents")
 
@@ -388,20 +389,17 @@ def _make_parents(folder):
 
 
 def _swap_in(new, out):
-    """Put the finished folder new at out, replacing a latent folder there; out is missing only between two renames."""
+    """Put the finished folder new at out, replacing a latent folder there (in one step on Linux)."""
     problem = out_problem(out)  # again: files may have been put there while the encode ran
     if problem:
         raise ValueError(f"{out} changed while the encode ran: {problem}; the finished encode is left in {new}")
-    if out.is_dir() and any(out.iterdir()):
-        old = _sibling(out, "replaced")
-        os.rename(out, old)
-        os.rename(new, out)
+    old = _sibling(out, "replaced")
+    swap_in_folder(new, out, old)
+    if os.path.lexists(old):
         try:
             shutil.rmtree(old)
         except OSError as err:  # the new encode is in place: what is left is the old one's space
             warnings.warn(f"the replaced encode {old} could not be removed: {err}")
-    else:
-        os.replace(new, out)  # onto nothing, or onto an empty folder, at once
 
 
 def encode_folder(data_path, vae_path, out_dir, image_size, batch_size=64, num_workers=None, shard_size=4096, seed=0):

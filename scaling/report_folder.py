@@ -10,6 +10,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from core.folder_swap import swap_in_folder
+
 
 def default_report_dir(study):
     """Where a study's report goes when no folder is given: reports/<study name as a folder name>."""
@@ -106,10 +108,6 @@ def swap_in_report(tmp, out):
     """Replace out (checked again: still new or a report) with the finished folder, never half-written."""
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; a report is meant to be read
     target = check_report_destination(out)  # a study runs for hours: the folder may have changed since
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    swap_in_folder(tmp, target, old)  # in one step on Linux: never a moment without a report there
+    shutil.rmtree(old, ignore_errors=True)

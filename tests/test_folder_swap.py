@@ -1,0 +1,88 @@
+"""core.folder_swap: a finished folder takes an earlier one's place without a moment where there is none."""
+import sys
+import threading
+
+import pytest
+
+from core import folder_swap
+from core.folder_swap import exchange, swap_in_folder
+
+
+def folder(path, **files):
+    path.mkdir()
+    for name, text in files.items():
+        (path / name).write_text(text)
+    return path
+
+
+def contents(path):
+    return {p.name: p.read_text() for p in path.iterdir()}
+
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2 is Linux's")
+
+
+@linux_only
+def test_exchange_swaps_two_folders_names_in_one_step(tmp_path):
+    a, b = folder(tmp_path / "a", x="from a"), folder(tmp_path / "b", y="from b")
+    assert exchange(a, b) is True
+    assert contents(a) == {"y": "from b"} and contents(b) == {"x": "from a"}
+
+
+@linux_only
+def test_exchange_with_a_missing_path_raises_naming_it_and_changes_nothing(tmp_path):
+    a = folder(tmp_path / "a", x="from a")
+    with pytest.raises(FileNotFoundError, match="No such file or directory: '.*/a' -> '.*/gone'"):
+        exchange(a, tmp_path / "gone")
+    assert contents(a) == {"x": "from a"} and sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+@pytest.mark.parametrize("one_step", [True, False], ids=["renameat2", "two-renames"])
+def test_swap_in_folder_onto_nothing_an_empty_folder_or_an_earlier_one(tmp_path, monkeypatch, one_step):
+    if not one_step:  # as on a system without renameat2
+        monkeypatch.setattr(folder_swap, "_renameat2", None)
+    elif not sys.platform.startswith("linux"):
+        pytest.skip("renameat2 is Linux's")
+    out, old = tmp_path / "out", tmp_path / ".out.old"
+
+    swap_in_folder(folder(tmp_path / ".new1", meta="1"), out, old)  # nothing there
+    assert contents(out) == {"meta": "1"} and not old.exists()
+
+    (out / "meta").unlink()
+    swap_in_folder(folder(tmp_path / ".new2", meta="2"), out, old)  # an empty folder there
+    assert contents(out) == {"meta": "2"} and contents(old) == {}
+    old.rmdir()
+
+    swap_in_folder(folder(tmp_path / ".new3", meta="3", more="3"), out, old)  # an earlier folder there
+    assert contents(out) == {"meta": "3", "more": "3"} and contents(old) == {"meta": "2"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.old", "out"]
+
+
+@linux_only
+@pytest.mark.parametrize("one_step", [True, False], ids=["renameat2", "two-renames"])
+def test_a_reader_never_finds_the_destination_missing_while_folders_are_swapped_in(tmp_path, monkeypatch, one_step):
+    if not one_step:  # the same reader does see the gap between two renames: it would see a gap in one step
+        monkeypatch.setattr(folder_swap, "_renameat2", None)
+    out = folder(tmp_path / "out", meta="0")
+    stop, misses, looks = threading.Event(), [], [0]
+
+    def reader():
+        while not stop.is_set():
+            looks[0] += 1
+            if not (out / "meta").exists():
+                misses.append(looks[0])
+
+    watcher = threading.Thread(target=reader)
+    watcher.start()
+    try:
+        for k in range(1, 301):
+            old = tmp_path / f".out.old-{k}"
+            swap_in_folder(folder(tmp_path / f".new-{k}", meta=str(k)), out, old)
+            (old / "meta").unlink()
+            old.rmdir()
+    finally:
+        stop.set()
+        watcher.join()
+    assert contents(out) == {"meta": "300"} and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    # Two renames leave out missing for a moment in each swap: 1,486 and 2,362 of ~30,000 looks in two runs here.
+    assert (misses == []) if one_step else (len(misses) > 0)
