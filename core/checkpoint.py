@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from core.folder_swap import swap_in_folder
+
 STATE_FILE = "trainer_state.json"
 EMA_FILE = "ema.safetensors"
 ENGINE_DIR = "deepspeed"
@@ -70,8 +72,10 @@ def save_checkpoint(directory, engine, ema, trainer_state, rank, shared=True):
             os.fsync(f.fileno())
     _barrier()
     if owner:  # one renamer per directory: two would race, one deleting what the other just renamed
-        shutil.rmtree(final, ignore_errors=True)  # a stale checkpoint of the same step
-        os.replace(tmp, final)
+        stale = directory / f".stale-{name}"  # a checkpoint of the same step from before a resume, replaced
+        shutil.rmtree(stale, ignore_errors=True)  # left by a save killed before its end
+        swap_in_folder(tmp, final, stale)
+        shutil.rmtree(stale, ignore_errors=True)
     _barrier()
     return final
 

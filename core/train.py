@@ -437,9 +437,14 @@ def train(cfg, out_dir, milestones=(), callbacks=None, resume_from=None, checkpo
 
     trial = TrialState(cfg, engine, ema, device, rank, world, 0, mcfg, g_per_image, autocast_dtype)
     step, train_time, history = 0, 0.0, []
+    window_loss, window_steps, window_time = 0.0, 0, 0.0  # the steps since the last log, which it averages
     if resume_from is not None:
         state = ckpt.load_checkpoint(resume_from, engine, ema, mcfg, world, cfg.zero_stage, rank)
         step, train_time, history = state["step"], state["train_time_s"], state.get("history", [])
+        # A checkpoint between two logs holds the steps since the last one: the next log after a resume averages
+        # the same steps as it would have without one (train_loss bitwise the same).
+        window = state.get("log_window", {})  # none in checkpoints written before it was kept
+        window_loss, window_steps, window_time = (window.get(k, 0) for k in ("loss", "steps", "time_s"))
         _restore_sampler(sampler, state["sampler"], resume_from)
         logger.info("resumed from %s at step %d", resume_from, step)
     trial.step = step
@@ -448,7 +453,6 @@ def train(cfg, out_dir, milestones=(), callbacks=None, resume_from=None, checkpo
 
     lo = rank * (cfg.batch_size // world)
     batches = iter(BatchSource(dataset, sampler, device, cfg.num_workers))
-    window_loss, window_steps, window_time = 0.0, 0, 0.0
     metrics = {}
     engine.train()
     while step < cfg.max_steps:
@@ -503,7 +507,7 @@ def train(cfg, out_dir, milestones=(), callbacks=None, resume_from=None, checkpo
             state = {
                 "step": step, "train_time_s": train_time, "sampler": _sampler_position(sampler, step), "model_config": mcfg,
                 "world_size": world, "zero_stage": cfg.zero_stage, "config": _jsonable(cfg), "history": history,
-                "metrics": metrics,
+                "metrics": metrics, "log_window": {"loss": window_loss, "steps": window_steps, "time_s": window_time},
             }
             path = ckpt.save_checkpoint(checkpoint_dir, engine, ema, state, rank, shared_checkpoint_dir)
             if at_milestone:

@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 from core.folder_swap import swap_in_folder
@@ -108,6 +109,6 @@ def swap_in_report(tmp, out):
     """Replace out (checked again: still new or a report) with the finished folder, never half-written."""
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; a report is meant to be read
     target = check_report_destination(out)  # a study runs for hours: the folder may have changed since
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")  # a new name: no leftover is in the way
     swap_in_folder(tmp, target, old)  # in one step on Linux: never a moment without a report there
     shutil.rmtree(old, ignore_errors=True)

@@ -123,6 +123,19 @@ def test_milestones_checkpoints_and_pruning(tmp_path):
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
 
 
+def test_a_resume_from_an_earlier_checkpoint_replaces_the_later_one_of_the_same_step(tmp_path):
+    cfg = tiny_config(max_steps=6, ckpt_every=3)
+    train(cfg, tmp_path)
+    checkpoints = tmp_path / "checkpoints"
+    first = (checkpoints / "step-000000006").stat().st_ino
+    losses_first, _ = history(tmp_path)
+    train(cfg, tmp_path, resume_from=checkpoints / "step-000000003")  # steps 4..6 again, step 6 saved again
+    # The log of step 4 (log_every 2) averages steps 3 and 4 again: step 3's loss is kept in its checkpoint.
+    assert [p.name for p in ckpt.list_checkpoints(checkpoints)] == ["step-000000003", "step-000000006"]
+    assert (checkpoints / "step-000000006").stat().st_ino != first and history(tmp_path)[0] == losses_first
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000000003", "step-000000006"]  # nothing stale
+
+
 def test_every_checkpoint_report_names_its_own_step(tmp_path):
     # Checkpoints before the first log, or between two logs, carried the last log's metrics: no step, or an
     # earlier one, under which the driver would file the checkpoint.
