@@ -199,6 +199,11 @@ class TrialState:
     gflops: float = 0.0
     autocast_dtype: torch.dtype = None
     first_step_at: float = None  # wall-clock time this process began its first training step (start-up cost)
+    milestones: tuple = ()  # the evaluation steps, max_steps the last
+
+    def checkpoints_this_step(self):
+        """Whether train() writes a checkpoint after this step: at a milestone, and every ckpt_every steps."""
+        return self.step in self.milestones or self.step % self.config.ckpt_every == 0
 
 
 def setup_distributed():
@@ -436,7 +441,8 @@ def train(cfg, out_dir, milestones=(), callbacks=None, resume_from=None, checkpo
     validation = ValidationBatch(cfg, rank, world, device, cfg.diffusion_steps) if cfg.val_batch else None
     shape = (mcfg["in_channels"], mcfg["input_size"], mcfg["input_size"])
 
-    trial = TrialState(cfg, engine, ema, device, rank, world, 0, mcfg, g_per_image, autocast_dtype)
+    trial = TrialState(cfg, engine, ema, device, rank, world, 0, mcfg, g_per_image, autocast_dtype,
+                       milestones=tuple(milestones))
     step, train_time, history = 0, 0.0, []
     window_loss, window_steps, window_time = 0.0, 0, 0.0  # the steps since the last log, which it averages
     if resume_from is not None:
@@ -501,7 +507,7 @@ def train(cfg, out_dir, milestones=(), callbacks=None, resume_from=None, checkpo
             history.append({k: metrics[k] for k in ("step", "train_loss", "lr", "images_per_s")})
             window_loss, window_steps, window_time = 0.0, 0, 0.0
             callbacks.on_log(trial, metrics)
-        if at_milestone or step % cfg.ckpt_every == 0:
+        if trial.checkpoints_this_step():
             if at_milestone and validation is not None:
                 metrics["val_loss"], metrics["val_mse"] = validation.loss(engine.module, diffusion, autocast_dtype)
                 metrics["val_loss_ema"], _ = validation.loss(ema.model, diffusion, autocast_dtype)

@@ -76,9 +76,8 @@ class RayReporting:
     def on_log(self, state, metrics):
         # The wall-clock start of training lets the driver measure the trial's start-up.
         due = self.held.add({**metrics, "first_step_at": state.first_step_at})
-        train = self.trial["train"]
-        if state.step in self.trial["milestones"] or state.step % train["ckpt_every"] == 0:
-            return  # core.train checkpoints this step next, and the checkpoint's report carries the held logs
+        if state.checkpoints_this_step():
+            return  # the checkpoint's report, next, carries the held logs
         if _on_every_rank(due, state):
             self.flush()
 

@@ -107,15 +107,23 @@ def test_an_in_memory_dataset_too_large_for_the_gpu_stays_in_host_memory():
 
 
 def test_milestones_checkpoints_and_pruning(tmp_path):
-    seen = []
+    seen, logs, saved = [], [], []
 
     class Record(Callbacks):
+        def on_log(self, trial, metrics):
+            logs.append((trial.step, trial.checkpoints_this_step()))
+
         def on_milestone(self, trial, metrics):
             seen.append((trial.step, round(metrics["val_loss"], 6)))
             return {"fid": 1.0}
 
+        def on_checkpoint(self, trial, path, metrics):
+            saved.append(trial.step)
+
     metrics = train(tiny_config(keep_checkpoints=2, ckpt_every=5), tmp_path, milestones=[4, 8], callbacks=Record())
     assert [s for s, _ in seen] == [4, 8, 12]
+    # A log knows whether a checkpoint follows it (scaling's held logs ride on that checkpoint's report).
+    assert saved == [4, 5, 8, 10, 12] and logs == [(2, False), (4, True), (6, False), (8, True), (10, True), (12, True)]
     assert metrics["fid"] == 1.0 and metrics["step"] == 12
     assert metrics["images_per_s"] > 0 and metrics["achieved_tflops"] > 0
     # Checkpoints at 4, 5, 8, 10, 12; the newest two kept.
