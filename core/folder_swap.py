@@ -36,8 +36,8 @@ def exchange(a, b):
 
 def swap_in_folder(new, out, old):
     """Move the folder new to out; the folder at out, if any, moves to old (a name beside it that nothing has, for
-    the caller to remove). Where Linux exchanges two names in one step, out is never missing; elsewhere it is missing between two
-    renames."""
+    the caller to remove). Where Linux exchanges the two names in one step, out is never missing; elsewhere it is
+    missing between two renames."""
     if not os.path.lexists(out):
         os.rename(new, out)
     elif exchange(new, out):
