@@ -5,7 +5,8 @@ import os
 
 _AT_FDCWD = -100  # <fcntl.h>: paths relative to the working directory
 _RENAME_EXCHANGE = 2  # <linux/fs.h>
-_UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}  # an old kernel, or a filesystem without it
+# An old kernel, or a filesystem without it (NFS, older ZFS; overlayfs answers EXDEV for some folders): two renames.
+_UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV}
 
 
 def _load_renameat2():
