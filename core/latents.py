@@ -359,7 +359,8 @@ def _sibling(out, purpose):
 
 def _clear_abandoned_encodes(out):
     """Remove the folders that encodes into out, killed before their end, left beside it (an ImageNet encode is
-    tens of GB); refuse while another encode writes one. A live encode holds a lock on its folder until it ends."""
+    tens of GB), and earlier encodes they had replaced; refuse while another encode writes one. A live encode holds
+    a lock on its folder until it ends."""
     prefix = f".{out.name}.encoding-"
     for folder in sorted(p for p in out.parent.iterdir() if p.name.startswith(prefix)):
         if folder.is_symlink() or not folder.is_dir() or (folder / META).exists():
@@ -378,6 +379,11 @@ def _clear_abandoned_encodes(out):
         finally:
             os.close(lock)
         logger.warning("removed %s, left by an encode into %s that ended before its last shard", folder, out)
+    # An encode killed after swapping its folder in, before removing the one it replaced: nothing writes there.
+    for folder in sorted(p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.replaced-")):
+        if folder.is_dir() and not folder.is_symlink():
+            shutil.rmtree(folder)
+            logger.warning("removed %s, an earlier encode into %s that a later one replaced", folder, out)
 
 
 def _make_parents(folder):

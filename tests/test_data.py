@@ -513,6 +513,7 @@ def test_abandoned_encodes_are_removed_and_a_running_one_is_respected(tmp_path, 
     other.mkdir()
     running = tmp_path / ".latents.encoding-44444444"
     running.mkdir()
+    replaced = write_meta(tmp_path / ".latents.replaced-55555555").parent  # swapped out by an encode killed then
     held = lock_folder(running)  # as the encode writing into it holds it
     try:
         with pytest.raises(ValueError, match=f"^{out}: another encode is writing into it now \\(in {running}\\); "):
@@ -526,3 +527,4 @@ def test_abandoned_encodes_are_removed_and_a_running_one_is_respected(tmp_path, 
                                                           ".latents.encoding-22222222", "latents"]
     assert f"removed {abandoned}, left by an encode into {out}" in caplog.text
     assert f"removed {running}," in caplog.text  # its encode has ended since
+    assert f"removed {replaced}, an earlier encode into {out} that a later one replaced" in caplog.text
