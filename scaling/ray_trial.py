@@ -82,8 +82,8 @@ class RayReporting:
             self.flush()
 
     def flush(self):
-        """Report the held logs as one log report, the latest carrying the earlier ones; also at the end of a run
-        whose last step is neither a milestone nor a checkpoint's, which would leave them held."""
+        """Report the held logs as one log report, the latest carrying the earlier ones. No run ends with logs held:
+        core.train checkpoints its last step, and that report carries them."""
         if self.held.logs:
             self.report({**self.held.logs.pop(), "kind": KIND_LOG})
 
@@ -110,8 +110,7 @@ class RayReporting:
             self.report({**metrics, "step": state.step, "kind": KIND_MILESTONE})
 
     def on_checkpoint(self, state, path, metrics):
-        kind = KIND_MILESTONE if state.step in self.trial["milestones"] or state.step == self.trial["train"][
-            "max_steps"] else KIND_CHECKPOINT
+        kind = KIND_MILESTONE if state.step in state.milestones else KIND_CHECKPOINT  # core's: max_steps the last
         # Every rank reports its own directory; Ray merges the per-rank files into one checkpoint.
         self.report({**metrics, "kind": kind}, checkpoint=Checkpoint.from_directory(str(path)))
 
@@ -159,7 +158,6 @@ def worker_loop(config):
         else:
             with checkpoint.as_directory() as resume_dir:
                 _train(train, trial, run, reporting, local, resume_dir)
-        reporting.flush()
     except TrainingDiverged as e:
         # Every rank sees the divergence at the same step (the loss is all-reduced), so this
         # report is reached by all of them. A retry would diverge again: end the trial here.
