@@ -85,7 +85,9 @@ def list_checkpoints(directory):
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    return sorted(p for p in directory.glob(f"{PREFIX}*") if p.is_dir() and (p / STATE_FILE).exists())
+    found = [p for p in directory.glob(f"{PREFIX}*")
+             if p.name[len(PREFIX):].isdigit() and p.is_dir() and (p / STATE_FILE).exists()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))  # by number: step 10**9 has ten digits
 
 
 def latest_checkpoint(directory):

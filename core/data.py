@@ -102,8 +102,11 @@ class MirroredImages(Dataset):
         return (x.flip(-1) if j % 2 else x), y
 
 
-def scan_image_folder(path):
-    """(classes, [(file, label), ...]) of an ImageNet-style tree, labels in sorted folder order."""
+def scan_image_folder(path, every_class=True):
+    """(classes, [(file, label), ...]) of an ImageNet-style tree, labels in sorted folder order.
+
+    every_class: refuse a class folder without images (a label the model would learn nothing of, yet sample).
+    """
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
     path = Path(path)
@@ -119,6 +122,10 @@ def scan_image_folder(path):
     if not samples:
         raise ValueError(f"image folder {path} has class folders {classes[:5]} but no images "
                          f"({', '.join(IMG_EXTENSIONS)})")
+    empty = sorted(set(classes) - {classes[label] for _, label in samples})
+    if every_class and empty:
+        raise ValueError(f"image folder {path}: class folders without images: {empty[:5]}"
+                         f"{f' and {len(empty) - 5} more' if len(empty) > 5 else ''}")
     return classes, samples
 
 

@@ -37,6 +37,8 @@ def main(argv=None):
         parser.exit(2, f"error: --vae {args.vae}: {err}\n")
     except (FileNotFoundError, ValueError) as err:  # an unreadable image among them: its message names the file
         parser.exit(2, f"error: {err}\n")
+    except OSError as err:  # writing the shards (a full disk, storage that refuses the write): nothing is left
+        parser.exit(1, f"error: {err}\n")
     print(f"encoded {meta['num_images']} images of {len(meta['classes'])} classes into {len(meta['shards'])} shards "
           f"of latents {tuple(meta['latent_shape'])} in {args.out}")
 

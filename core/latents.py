@@ -141,14 +141,15 @@ def check_shard(file, num_images, latent_shape):
     """Raise unless the shard's header (read without loading the tensors) matches the meta."""
     if not file.exists():
         raise FileNotFoundError(f"latent shard {file} is missing")
-    expected = {"latents": [num_images, len(VIEWS), *latent_shape], "labels": [num_images], "indices": [num_images]}
+    expected = {"latents": ("F32", [num_images, len(VIEWS), *latent_shape]), "labels": ("I64", [num_images]),
+                "indices": ("I64", [num_images])}
     try:
         with safe_open(file, framework="pt") as f:
-            shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}
+            found = {key: (f.get_slice(key).get_dtype(), f.get_slice(key).get_shape()) for key in f.keys()}
     except (SafetensorError, OSError) as err:
         raise ValueError(f"latent shard {file} is corrupt: {err}") from None
-    if shapes != expected:
-        raise ValueError(f"latent shard {file} is corrupt: tensors {shapes}, expected {expected}")
+    if found != expected:  # a float16 shard, say, would fail only at the first step, in the model
+        raise ValueError(f"latent shard {file} is corrupt: tensors (dtype, shape) {found}, expected {expected}")
 
 
 def available_memory():
@@ -181,6 +182,13 @@ class LatentShards(Dataset):
         free = available_memory()
         self.in_memory = in_memory if in_memory is not None else free is None or num_bytes <= free // 8
         self.labels = torch.cat([self._read(f, "labels") for f in self.files])  # (N,)
+        num_classes = len(self.meta["classes"])
+        bad = ((self.labels < 0) | (self.labels >= num_classes)).nonzero().flatten()
+        if len(bad):  # the model's label embedding would fail on it mid-training
+            i = bad[0].item()
+            k = bisect_right(self.starts, i) - 1
+            raise ValueError(f"latent shard {self.files[k]} is corrupt: label {self.labels[i].item()} of image "
+                             f"{i - self.starts[k]} is not one of the {num_classes} classes of {META}")
         self.latents = None
         if self.in_memory:
             self.latents = torch.cat([self._read(f, "latents") for f in self.files])  # (N, 2, C, h, w)
@@ -332,7 +340,14 @@ def out_problem(out):
     out = Path(out)
     if not out.exists():
         parent = next(p for p in out.absolute().parents if p.exists())
-        return None if parent.is_dir() else f"{parent} is not a folder"
+        if not parent.is_dir():
+            return f"{parent} is not a folder"
+    else:
+        parent = out.absolute().parent
+    if not os.access(parent, os.W_OK | os.X_OK):  # the encode is written beside out, then swapped in
+        return f"{parent} does not allow writing"
+    if not out.exists():
+        return None
     if not out.is_dir():
         return f"{out} is not a folder"
     names = sorted(p.name for p in out.iterdir())

@@ -44,6 +44,22 @@ def modulate(x, shift, scale):
 #               Embedding layers for patches, timesteps and class labels        #
 #################################################################################
 
+class PatchProjection(nn.Conv2d):
+    """The reference's stride-p, p×p patch convolution, computed as one matmul over flattened patches; returns tokens.
+
+    On CPU the matmul is faster and gives the same result, while the parameters keep the conv layout (and state
+    dict). It is a module of its own, called, rather than its weights used by PatchEmbed: ZeRO-3 gathers a module's
+    parameters in hooks around its call, and a resumed run fails its first backward otherwise.
+    """
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        p = self.kernel_size[0]
+        x = x.reshape(n, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)  # (N, h, w, C, p, p)
+        x = x.reshape(n, (h // p) * (w // p), c * p * p)  # (N, T, C*p*p)
+        return linear(x, self.weight.reshape(self.out_channels, -1), self.bias)  # (N, T, D)
+
+
 class PatchEmbed(nn.Module):
     """Split an image into p×p patches and project each to the model width."""
 
@@ -52,16 +68,10 @@ class PatchEmbed(nn.Module):
         self.patch_size = patch_size
         self.grid_size = input_size // patch_size
         self.num_patches = self.grid_size ** 2
-        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
+        self.proj = PatchProjection(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
 
     def forward(self, x):
-        # A stride-p convolution is a matmul over flattened patches; doing it as one is faster on
-        # CPU and gives the same result, while the parameter keeps the reference's conv layout.
-        n, c, h, w = x.shape
-        p = self.patch_size
-        x = x.reshape(n, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)  # (N, h, w, C, p, p)
-        x = x.reshape(n, (h // p) * (w // p), c * p * p)  # (N, T, C*p*p)
-        return linear(x, self.proj.weight.reshape(self.proj.out_channels, -1), self.proj.bias)  # (N, T, D)
+        return self.proj(x)  # (N, T, D)
 
 
 class TimestepEmbedder(nn.Module):

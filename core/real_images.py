@@ -115,7 +115,7 @@ def folder_images(path, image_size, max_images=None):
     if image_size is None:
         raise ValueError(f"the real images in {path} need an image_size to be cropped to")
     root = Path(path).expanduser().resolve()
-    _, samples = scan_image_folder(root)
+    _, samples = scan_image_folder(root, every_class=False)  # FID's real images: labels unused
     files = [samples[i][0] for i in _subset(len(samples), max_images).tolist()]
     identity = dict(source="folder", path=str(root), count=len(files), of=len(samples), subset_seed=SUBSET_SEED,
                     image_size=image_size, files=folder_fingerprint(root, files))

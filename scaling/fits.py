@@ -212,12 +212,14 @@ def _to_internal(params, centre):
     return theta
 
 
-def _lse_limits(names):
-    """limits(y) of a law fitted by _fit_lse: E no lower than its floor there, exponents in [0, MAX_EXPONENT]."""
-    def limits(y):
-        floor = float(np.min(y)) * np.exp(-FLOOR_LOG)  # _fit_lse's lower bound on E
-        return {n: (floor, None) if n == "E" else (0.0, MAX_EXPONENT) for n in names if n in ("E", "alpha", "beta")}
-    return limits
+def _lse_limits(names, y):
+    """Limits of a law fitted by _fit_lse to y: E no lower than its floor there, exponents in [0, MAX_EXPONENT].
+
+    A module function, bound with functools.partial: a Law holding a closure could not be pickled, and its
+    bootstrap would then never reach parallel_fits()'s worker processes.
+    """
+    floor = float(np.min(y)) * np.exp(-FLOOR_LOG)  # _fit_lse's lower bound on E
+    return {n: (floor, None) if n == "E" else (0.0, MAX_EXPONENT) for n in names if n in ("E", "alpha", "beta")}
 
 
 def _saturating_predict(p, x):
@@ -229,7 +231,7 @@ def _saturating_estimate(x, y, start=None):
 
 
 SATURATING_POWER_LAW = Law("y = E + A·x^(−α)", ("E", "A", "alpha"), _saturating_predict, _saturating_estimate,
-                           min_points=4, limits=_lse_limits(("E", "A", "alpha")))
+                           min_points=4, limits=functools.partial(_lse_limits, ("E", "A", "alpha")))
 
 
 def size_classes(params):
@@ -260,26 +262,27 @@ def _chinchilla_estimate(x, y, start=None):
 
 
 CHINCHILLA = Law("L = E + A/N^α + B/D^β", ("E", "A", "alpha", "B", "beta"), _chinchilla_predict,
-                 _chinchilla_estimate, min_points=8, limits=_lse_limits(("E", "A", "alpha", "B", "beta")))
+                 _chinchilla_estimate, min_points=8,
+                 limits=functools.partial(_lse_limits, ("E", "A", "alpha", "B", "beta")))
 
 
 # Fitting with bootstrap ----------------------------------------------------------------------------
 
-def bootstrap(groups, estimate, n_boot=N_BOOT, seed=0):
+def bootstrap(groups, estimate, width, n_boot=N_BOOT, seed=0):
     """Estimates on resamples of whole groups (trials) drawn with replacement; failed fits are dropped.
 
     A trial's points (its evaluation steps) are not independent, so trials are the unit resampled;
     scipy.stats.bootstrap resamples observations and cannot skip a resample the fit cannot handle.
     Inside parallel_fits(), a long bootstrap of a picklable estimate is spread over worker
     processes; the resamples are all drawn here first, so the result does not depend on that.
-    Returns an array with one row per resample that succeeded.
+    Returns an array of width columns, one row per resample that succeeded (none: no intervals, not an error).
     """
     labels, inverse = np.unique(np.asarray(groups), return_inverse=True)
     members = [np.flatnonzero(inverse == g) for g in range(len(labels))]
     rng = np.random.default_rng(seed)
     draws = [np.concatenate([members[g] for g in rng.integers(len(labels), size=len(labels))]) for _ in range(n_boot)]
     out = [np.ravel(r) for r in _map(_Attempt(estimate), draws) if r is not None]
-    return np.array(out, dtype=float).reshape(len(out), -1)
+    return np.array(out, dtype=float).reshape(len(out), width)
 
 
 class _Attempt:
@@ -385,8 +388,7 @@ def fit_law(law, x, y, groups=None, select=None, n_boot=N_BOOT, seed=0):
 
     estimate = _LawEstimate(law, x, y)
     params = estimate(np.arange(len(y)))
-    boot = (bootstrap(groups, _LawEstimate(law, x, y, params), n_boot, seed) if n_boot
-            else np.empty((0, len(params))))
+    boot = bootstrap(groups, _LawEstimate(law, x, y, params), len(params), n_boot, seed)
     limits = law.limits(y) if law.limits else {}
     return Fit(law, params, boot, len(y), len(np.unique(groups)), n_boot, limits)
 
@@ -562,8 +564,9 @@ def isoflop(compute, params, steps, loss, groups, n_budgets=6, min_models=3, n_b
             fits[axis] = None
             continue
         estimate = law_estimate(axis)
-        boot = bootstrap(everyone, estimate, n_boot, seed) if n_boot else np.empty((0, 2))
-        fits[axis] = Fit(law, estimate(everyone), boot, valid, len(trials), n_boot)
+        params = estimate(everyone)
+        fits[axis] = Fit(law, params, bootstrap(everyone, estimate, len(params), n_boot, seed), valid, len(trials),
+                         n_boot)
     return IsoFlop(profiles, fits["params"], fits["steps"], notes)
 
 

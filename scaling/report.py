@@ -75,6 +75,8 @@ def report_rows(results):
             source, df = results_path(results), load_results(results)
     except ValueError as e:  # load_results' and to_table's messages name the file and column already
         raise BadResults(str(e)) from None
+    except OSError as e:  # missing, or in a folder that cannot be entered
+        raise BadResults(str(e) if isinstance(e, FileNotFoundError) else f"{results}: {e.strerror}") from None
     if df.empty:
         raise BadResults(f"{source}: no rows")
     check_rows(df, source)
@@ -592,6 +594,17 @@ def n_boot_count(text):
     return n
 
 
+def seed_number(text):
+    """--seed: numpy's generators take whole numbers >= 0."""
+    try:
+        seed = int(text)
+    except ValueError:
+        seed = -1
+    if seed < 0:
+        raise argparse.ArgumentTypeError(f"{text}: give a whole number >= 0")
+    return seed
+
+
 def main(argv=None):
     """The command line: 0 when the report is written, 2 (one line on stderr) when the input is bad."""
     parser = argparse.ArgumentParser(
@@ -604,7 +617,7 @@ def main(argv=None):
                                       "(default: reports/<study> under the current directory)")
     parser.add_argument("--n-boot", type=n_boot_count, default=N_BOOT,
                         help=f"bootstrap resamples per fit (default {N_BOOT}; 0: no intervals, a quicker report)")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument("--seed", type=seed_number, default=0, help="bootstrap seed (an integer >= 0)")
     args = parser.parse_args(argv)
     try:
         if args.out:  # before reading anything: a bad destination costs nothing

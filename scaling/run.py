@@ -91,6 +91,10 @@ def check_results(study):
         return StudyError(f"{study.path}: output: {reason}; move it away to start the study afresh")
 
     results, curves = study.output / RESULTS_FILE, study.output / CURVES_FILE
+    try:
+        results.exists()  # a folder on the way that cannot be entered raises here (Python 3.11), not at launch
+    except OSError as e:
+        raise unreadable(f"{study.output}: {e.strerror}") from None
     if results.exists():
         if not results.is_file():
             raise unreadable(f"{results} is not a file")
@@ -135,7 +139,10 @@ def check_report_dir(study, given):
 def check_output(study):
     """The output folder must be writable and have room for the trials' checkpoints, before launch."""
     out = study.output
-    existing = next(p for p in [out, *out.parents] if p.exists())
+    try:
+        existing = next(p for p in [out, *out.parents] if p.exists())
+    except OSError as e:  # a folder on the way that cannot be entered
+        raise StudyError(f"{study.path}: output: {out} is not writable ({e.strerror}: {e.filename})") from None
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise StudyError(f"{study.path}: output: {out} is not writable ({existing} does not allow writing)")
     needed = MIN_FREE_BYTES + sum(checkpoint_bytes(t) * (study.raw["train"]["keep_checkpoints"] + 1)

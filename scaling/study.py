@@ -575,7 +575,7 @@ def _dataset_info(raw, where, check_data, warnings):
                                                   f"got {image_size}")
     try:
         return dataset_info(name, path=path, image_size=image_size)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # OSError: a missing path, or one in a folder that cannot be entered
         key = "image_size" if image_size is not None and "image_size" in str(err) else "path" if path else "dataset"
         if check_data or name == "digits":
             raise where.error(("data", key), str(err)) from None
@@ -641,8 +641,11 @@ def _check_eval(raw, info, where, check_data, warnings):
 
 def _eval_path_problem(key, path):
     """What is wrong with an eval file or folder (None if nothing), found now rather than at the first evaluation."""
-    if not path.exists():
-        return f"{path} does not exist"
+    try:
+        if not path.exists():
+            return f"{path} does not exist"
+    except OSError as err:  # in a folder that cannot be entered
+        return f"{path}: {_reason(err)}"
     if key == "vae":  # diffusers' AutoencoderKL.from_pretrained folder: its config and one weights file
         try:
             json.loads((path / "config.json").read_text())

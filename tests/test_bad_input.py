@@ -45,6 +45,43 @@ def test_output_that_is_not_writable(tmp_path, monkeypatch, capsys):
     assert snapshot(tmp_path) == before
 
 
+def unenterable():
+    """A path in a folder this process may not enter even as root (/proc/1/root in a container), else None."""
+    path = Path("/proc/1/root/study")
+    try:
+        path.exists()
+    except PermissionError:
+        return path
+    return None
+
+
+@pytest.mark.skipif(unenterable() is None, reason="no folder that even this user cannot enter")
+def test_paths_in_a_folder_that_cannot_be_entered(tmp_path, monkeypatch, capsys):
+    # On a shared cluster: a data, reference or output path under someone else's private folder. Python 3.11's
+    # Path.exists() raises there rather than answering False; each is named, exit 2, no traceback.
+    far = unenterable()
+    monkeypatch.chdir(tmp_path)
+    cases = {
+        "data": (BASE.replace("dataset: digits", f"dataset: latents\n  path: {far}"), [],
+                 f"data.path: [Errno 13] Permission denied: '{far}'"),
+        "reference": (BASE + f"output: {tmp_path / 'out'}\n", [f"--set=eval.reference={far}"],
+                      f"eval.reference: {far}: Permission denied"),
+        "output": (BASE + f"output: {far}\n", [], f"output: {far}"),
+    }
+    for name, (text, args, message) in cases.items():
+        path = write(tmp_path, text)
+        before = snapshot(tmp_path)
+        assert scaling_run.main([str(path), *args]) == 2, name
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and "Permission denied" in err, err
+        assert snapshot(tmp_path) == before
+    assert scaling_report.main([str(far), "--out", str(tmp_path / "report")]) == 2
+    assert capsys.readouterr().err == f"error: {far}: Permission denied\n"
+    with pytest.raises(SystemExit) as exit_:  # argparse's usage error, before any fit
+        scaling_report.main([str(tmp_path), "--seed", "-1"])
+    assert exit_.value.code == 2 and "argument --seed: -1: give a whole number >= 0" in capsys.readouterr().err
+
+
 def test_tracking_server_that_does_not_answer(tmp_path, monkeypatch, capsys):
     import socket
 

@@ -1,6 +1,8 @@
 """Datasets, the per-rank batch sampler and the latent encoder."""
 import json
 import os
+import re
+import subprocess
 from collections import Counter
 
 import numpy as np
@@ -149,6 +151,17 @@ def test_bad_paths_are_named_in_the_error(tmp_path):
         dataset_info("imagefolder", path=empty, image_size=16)
     with pytest.raises(FileNotFoundError, match=f"{empty} has no meta.json"):
         dataset_info("latents", path=empty)
+    # A class folder without images beside ones with them: a label trained on nothing, yet sampled for FID.
+    gappy = make_folder(tmp_path / "gappy", classes=("ant", "moth"))
+    (gappy / "bee").mkdir()
+    (gappy / "cat").mkdir()
+    for check in (lambda: dataset_info("imagefolder", path=gappy, image_size=16),
+                  lambda: build_dataset("imagefolder", path=gappy, image_size=16)):
+        with pytest.raises(ValueError, match=re.escape(f"{gappy}: class folders without images: ['bee', 'cat']")):
+            check()
+    from core.real_images import folder_images
+
+    assert len(folder_images(gappy, 16)) == 6  # FID's real images: their labels are not used
     with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
         build_dataset("mnist")
 
@@ -290,6 +303,27 @@ def test_corrupt_shard_is_named(encoded, tmp_path):
         dataset_info("latents", path=broken)
 
 
+def test_a_shard_of_the_wrong_dtype_or_labels_is_named(encoded, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    root, _ = encoded
+    shard_name = "shard-00001.safetensors"
+    tensors = load_file(str(root / "latents" / shard_name))
+    classes = len(json.loads((root / "latents" / "meta.json").read_text())["classes"])
+    for name, change, problem in [
+            ("half", dict(latents=tensors["latents"].half()), "expected"),
+            ("label", dict(labels=torch.full_like(tensors["labels"], classes)),
+             f"label {classes} of image 0 is not one of the {classes} classes")]:
+        broken = tmp_path / name
+        shutil.copytree(root / "latents", broken)
+        save_file({**tensors, **change}, str(broken / shard_name))
+        with pytest.raises(ValueError, match=re.escape(f"latent shard {broken / shard_name} is corrupt")) as err:
+            build_dataset("latents", path=broken)
+        assert problem in str(err.value)
+
+
 #################################################################################
 #                          Malformed latent folders                             #
 #################################################################################
@@ -383,6 +417,26 @@ def test_encoder_refuses_bad_numbers_before_anything_starts(tmp_path, capsys, ar
     code = encoder_main("--data-path", missing, "--vae", missing, "--out", tmp_path / "out", *args)
     assert code == 2 and capsys.readouterr().err == message
     assert not (tmp_path / "out").exists() and not ray.is_initialized()
+
+
+def test_encoder_refuses_an_out_it_cannot_write_before_anything_starts(tmp_path, capsys):
+    import ray
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    # Unwritable even for root (CI runs as root, for whom permission bits do not count): the immutable flag.
+    if subprocess.run(["chattr", "+i", str(locked)], capture_output=True).returncode != 0:
+        locked.chmod(0o555)
+        if os.access(locked, os.W_OK):
+            pytest.skip("no way to make a folder unwritable here (root without chattr)")
+    try:
+        for out in (locked / "out", locked / "deeper" / "out"):
+            code = encoder_main("--data-path", tmp_path, "--vae", tmp_path, "--out", out, "--image-size", 16)
+            assert code == 2 and capsys.readouterr().err == f"error: --out {out}: {locked} does not allow writing\n"
+    finally:
+        subprocess.run(["chattr", "-i", str(locked)], capture_output=True)
+        locked.chmod(0o755)
+    assert list(locked.iterdir()) == [] and not ray.is_initialized()
 
 
 @pytest.fixture

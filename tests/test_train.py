@@ -39,8 +39,9 @@ def history(out):
     return [h["train_loss"] for h in state["history"]], state
 
 
-# fp32 as the CPU studies train; bf16 with ZeRO-2 as the GPU studies do (bf16 weights, fp32 master copies).
-@pytest.mark.parametrize("precision, zero_stage", [("fp32", 0), ("bf16", 2)])
+# fp32 as the CPU studies train; bf16 with ZeRO-2 as the GPU studies do (bf16 weights, fp32 master copies);
+# ZeRO-3, whose parameter hooks follow the order modules are called in (a resumed run replays it from step 1).
+@pytest.mark.parametrize("precision, zero_stage", [("fp32", 0), ("bf16", 2), ("fp32", 3)])
 def test_resume_is_bitwise_for_one_process(tmp_path, precision, zero_stage):
     cfg = tiny_config(precision=precision, zero_stage=zero_stage)
     train(cfg, tmp_path / "straight", milestones=[6])
@@ -170,6 +171,17 @@ def test_divergence_stops_at_once(tmp_path):
         train(tiny_config(lr=1e30, max_steps=5, log_every=1), tmp_path)
 
 
+def test_checkpoints_are_ordered_by_step_past_nine_digits(tmp_path):
+    for step in (999_999_999, 10**9, 10**9 + 1):
+        (tmp_path / ckpt.checkpoint_name(step)).mkdir()
+        (tmp_path / ckpt.checkpoint_name(step) / ckpt.STATE_FILE).write_text("{}")
+    (tmp_path / "step-latest").mkdir()  # not a step: ignored, never pruned
+    (tmp_path / "step-latest" / ckpt.STATE_FILE).write_text("{}")
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-1000000001"
+    ckpt.prune_checkpoints(tmp_path, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-1000000000", "step-1000000001", "step-latest"]
+
+
 def test_checkpoint_errors_name_the_file(tmp_path):
     cfg = tiny_config(max_steps=2)
     train(cfg, tmp_path / "run")
@@ -264,14 +276,13 @@ def test_two_gloo_processes_match_one(tmp_path, zero_stage):
     # loss after 12 steps (seen: 7e-8 and 1e-8).
     assert losses_2 == pytest.approx(losses_1, rel=1e-4, abs=1e-5)
     assert state_2["metrics"]["val_loss"] == pytest.approx(state_1["metrics"]["val_loss"], rel=1e-4)
-    if zero_stage == 2:
-        # Resumed by two processes from that run's step-6 checkpoint: the same losses as the run that
-        # never stopped, within the same tolerance (reduction order is the only difference).
-        step_6 = tmp_path / "two" / "DiT-P-2" / "checkpoints" / ckpt.checkpoint_name(6)
-        losses_r, state_r = torchrun(tmp_path / "resumed", zero_stage, resume=str(step_6))
-        assert state_r["step"] == 12 and len(losses_r) == len(losses_2)
-        assert losses_r == pytest.approx(losses_2, rel=1e-4, abs=1e-5)
-        assert state_r["metrics"]["val_loss"] == pytest.approx(state_2["metrics"]["val_loss"], rel=1e-4)
+    # Resumed by two processes from that run's step-6 checkpoint: the same losses as the run that
+    # never stopped, within the same tolerance (reduction order is the only difference).
+    step_6 = tmp_path / "two" / "DiT-P-2" / "checkpoints" / ckpt.checkpoint_name(6)
+    losses_r, state_r = torchrun(tmp_path / "resumed", zero_stage, resume=str(step_6))
+    assert state_r["step"] == 12 and len(losses_r) == len(losses_2)
+    assert losses_r == pytest.approx(losses_2, rel=1e-4, abs=1e-5)
+    assert state_r["metrics"]["val_loss"] == pytest.approx(state_2["metrics"]["val_loss"], rel=1e-4)
 
 
 #################################################################################
