@@ -37,6 +37,8 @@ SEED_STRIDE = 1_000_003
 TORCH_MAX_SEED = 2**64 - 1
 MAX_STEPS = 10**12  # training steps: int64 step counts and float compute stay exact far below this
 MAX_SEED = (TORCH_MAX_SEED - (MAX_STEPS - 1)) // SEED_STRIDE
+# What a checkpoint keeps of every log (its "history"): a resumed trial can hand them on again.
+HISTORY_METRICS = ("step", "train_loss", "lr", "images_per_s", "achieved_tflops", "mfu")
 
 
 class ConfigError(ValueError):
@@ -180,8 +182,9 @@ class Callbacks:
     def on_checkpoint(self, trial, path, metrics):
         """After every checkpoint (and after on_milestone at milestones)."""
 
-    def on_resume(self, trial, metrics):
-        """After a checkpoint is restored, before training goes on; metrics are those it was saved with."""
+    def on_resume(self, trial, metrics, history):
+        """After a checkpoint is restored, before training goes on; metrics are those it was saved with, history
+        its logs so far (step, train_loss, lr, images_per_s, achieved_tflops and mfu where measured), oldest first."""
 
 
 @dataclass
@@ -456,7 +459,7 @@ def train(cfg, out_dir, milestones=(), callbacks=None, resume_from=None, checkpo
         logger.info("resumed from %s at step %d", resume_from, step)
     trial.step = step
     if resume_from is not None:
-        callbacks.on_resume(trial, dict(state.get("metrics", {})))
+        callbacks.on_resume(trial, dict(state.get("metrics", {})), [dict(h) for h in history])
 
     lo = rank * (cfg.batch_size // world)
     batches = iter(BatchSource(dataset, sampler, device, cfg.num_workers))
@@ -504,7 +507,7 @@ def train(cfg, out_dir, milestones=(), callbacks=None, resume_from=None, checkpo
             }
             if cfg.peak_tflops:
                 metrics["mfu"] = flops / 1e12 / (cfg.peak_tflops * world)
-            history.append({k: metrics[k] for k in ("step", "train_loss", "lr", "images_per_s")})
+            history.append({k: metrics[k] for k in HISTORY_METRICS if k in metrics})
             window_loss, window_steps, window_time = 0.0, 0, 0.0
             callbacks.on_log(trial, metrics)
         if trial.checkpoints_this_step():

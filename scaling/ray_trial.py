@@ -101,7 +101,13 @@ class RayReporting:
             autocast_dtype=state.autocast_dtype, grid_path=grid,
         )
 
-    def on_resume(self, state, metrics):
+    def on_resume(self, state, metrics, history):
+        # Logs the driver may never have written: those in the report of this checkpoint, which Ray registers before
+        # the driver gets it (a driver killed in between), and those since its last Parquet write (at a milestone;
+        # a driver killed later resumes from a later checkpoint). They ride on the next report again; the driver
+        # replaces the curve points it has, and MLflow gets only steps past its last.
+        for log in history:
+            self.held.add(log)
         # A milestone checkpoint reaches Ray's storage before its report reaches the driver: if the
         # driver died in between, the restored checkpoint is a milestone with no row. Its EMA weights
         # are the ones evaluated there, so evaluate them again and report the milestone.

@@ -24,6 +24,7 @@ LOG_METRICS = ("train_loss", "lr", "images_per_s", "achieved_tflops", "mfu")
 EVAL_METRICS = ("val_loss", "val_mse", "val_loss_ema", "fid", "fid_floor", "kid", "precision", "recall",
                 "inception_score", "eval_time_s", "sample_images_per_s")
 MAX_TAG_LENGTH = 5000  # what MLflow stores of a tag value at most
+STATUS_TAG = "dit_scaling.status"  # running, then how the trial ended: ok, diverged or failed
 
 
 class Recorder(Callback):
@@ -59,8 +60,10 @@ class Recorder(Callback):
         self.started_at[trial_id] = time.time()
         run_id = self._run_id(trial_id)
         self.tracker.set_status(run_id, "RUNNING")
-        # The run itself was created when the study launched: this is when the trial got its slot.
-        self.tracker.set_tags(run_id, {"dit_scaling.started_at": f"{self.started_at[trial_id]:.3f}"})
+        # The run itself was created when the study launched: this is when the trial got its slot. A retry's
+        # status tag no longer says how an earlier attempt ended.
+        self.tracker.set_tags(run_id, {"dit_scaling.started_at": f"{self.started_at[trial_id]:.3f}",
+                                       STATUS_TAG: "running"})
         self.progress.started(trial_id)
         self.overhead.pop(trial_id, None)
 
@@ -111,11 +114,14 @@ class Recorder(Callback):
             self.overhead.setdefault(trial_id, {})["teardown_s"] = teardown
             self.tracker.log_metrics(self._run_id(trial_id), {"teardown_s": teardown},
                                      max(self.mlflow_step.get(trial_id, 0), 0))
-            measured = [k for k in self.recorded_here if k[0] == trial_id and k in self.rows]
+            measured = [k for k in self.recorded_here
+                        if k[0] == trial_id and k in self.rows and self.rows[k]["status"] == "ok"]
             for key in measured:
                 self.rows[key]["teardown_s"] = teardown
             if measured:
                 self.write()
+        if ok:
+            self.tracker.set_tags(self._run_id(trial_id), {STATUS_TAG: "ok"})
         self.tracker.finish(self._run_id(trial_id), "FINISHED" if ok else "FAILED")
         self.ended.add(trial_id)
         self.progress.finished(trial_id, ok)
@@ -124,15 +130,7 @@ class Recorder(Callback):
         t = self.trials[trial.config["trial"]["trial_id"]]
         error = str(info.get("error") or trial.error_file or "trial error")
         ok = self._measured_every_milestone(t)
-        if ok:
-            # It failed after its last measurement (in teardown, say): no result changes, so the trial
-            # stays finished and ok, as results.recorded_trials counts it. The error goes to MLflow only.
-            print(f"warning: trial {t.trial_id} failed after its last milestone; its results stand: {error}",
-                  file=sys.stderr)
-            self.tracker.set_tags(self._run_id(t.trial_id),
-                                  {"dit_scaling.error_after_last_milestone": error[:MAX_TAG_LENGTH]})
-        else:
-            self._end(t, {"status": "failed", "error": error})
+        self._end(t, {"status": "failed", "error": error})
         self.tracker.finish(self._run_id(t.trial_id), "FINISHED" if ok else "FAILED")
         self.ended.add(t.trial_id)
         self.progress.finished(t.trial_id, ok)
@@ -140,6 +138,14 @@ class Recorder(Callback):
     def _measured_every_milestone(self, t):
         """Whether every milestone of trial t has an ok row."""
         return all(self.rows.get((t.trial_id, s), {}).get("status") == "ok" for s in t.milestones)
+
+    def _failed_after_last_milestone(self, t, error):
+        """A failure after the trial's last measurement (in teardown, say): no result changes, so the trial stays
+        finished and ok, as results.recorded_trials counts it. The error goes to MLflow only."""
+        print(f"warning: trial {t.trial_id} failed after its last milestone; its results stand: {error}",
+              file=sys.stderr)
+        self.tracker.set_tags(self._run_id(t.trial_id), {"dit_scaling.error_after_last_milestone":
+                                                         str(error)[:MAX_TAG_LENGTH], STATUS_TAG: "ok"})
 
     def interrupted(self, trial_ids):
         """The study was stopped: runs of trials that had started are KILLED (MLflow's status for an
@@ -197,8 +203,12 @@ class Recorder(Callback):
         write_table(_sorted(self.curves), self.curves_path, LOSS_CURVES_SCHEMA)
 
     def _end(self, t, result):
-        """A diverged or failed trial: one marked row at the step it reached."""
+        """A diverged or failed trial: one marked row at the step it reached (a failure after the last milestone
+        changes no result: the trial's Tune actor dying then, or its Train workers, which come here)."""
         status = result["status"]
+        if status == "failed" and self._measured_every_milestone(t):
+            self._failed_after_last_milestone(t, result.get("error"))
+            return
         step = int(result.get("step") or max([self.progress.step.get(t.trial_id, 0),
                                               *(s for (i, s) in self.rows if i == t.trial_id)]))
         if self.rows.get((t.trial_id, step), {}).get("status") == "ok":
@@ -209,7 +219,7 @@ class Recorder(Callback):
         self.recorded_here.add((t.trial_id, step))
         self.failed.add(t.trial_id)
         self.end_status[t.trial_id] = status
-        self.tracker.set_tags(self._run_id(t.trial_id), {"dit_scaling.status": status})
+        self.tracker.set_tags(self._run_id(t.trial_id), {STATUS_TAG: status})
         self.write()
 
     def _row(self, t, r, status, error, run_id):

@@ -403,15 +403,20 @@ def sigterm_stops_the_study():
     """SIGTERM (a batch scheduler's, `ray job stop`'s) stops the study as Ctrl-C does: Tune handles
     SIGINT by ending its trials and returning; it leaves SIGTERM to kill the driver at once.
 
-    Yields the list of forwarded signals (empty when none came).
+    Yields the list of forwarded signals (empty when none came). Tune's SIGINT handler stays installed after a
+    fit() that no signal ended; the block puts back the one before it, so that Ctrl-C during the report still
+    interrupts the driver (exit 130) rather than reaching a Tune that no longer runs.
     """
     received = []
     if threading.current_thread() is not threading.main_thread():  # signals reach only the main thread
         yield received
         return
+    previous_int = signal.getsignal(signal.SIGINT)
 
     def forward(signum, frame):
         received.append(signum)
+        if signal.getsignal(signal.SIGINT) is previous_int:  # outside Tune's loop (its set-up, or after it)
+            raise Terminated()
         os.kill(os.getpid(), signal.SIGINT)  # handled by Tune's handler, installed while it runs
 
     previous = signal.signal(signal.SIGTERM, forward)
@@ -419,6 +424,7 @@ def sigterm_stops_the_study():
         yield received
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 def max_concurrent_trials(study, resources):

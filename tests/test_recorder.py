@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from scaling.held_logs import HELD_LOGS_KEY
 from scaling.progress import Progress
-from scaling.ray_trial import KIND_CHECKPOINT, KIND_LOG, KIND_MILESTONE
+from scaling.ray_trial import KIND_CHECKPOINT, KIND_END, KIND_LOG, KIND_MILESTONE
 from scaling.recorder import Recorder
 from scaling.replay_mlflow import replay
 from scaling.results import RESULTS_SCHEMA, load_results, recorded_trials, write_table
@@ -137,12 +137,21 @@ def test_busy_seconds_count_only_this_runs_work(study):
     assert rec.busy_seconds([t.trial_id]) == pytest.approx(37.0)
 
 
-def test_a_failure_after_the_last_milestone_leaves_the_trial_finished_and_ok(study):
+@pytest.mark.parametrize("how", ["trial actor died", "end report"])
+def test_a_failure_after_the_last_milestone_leaves_the_trial_finished_and_ok(study, how):
+    # The Tune actor dying reaches on_trial_error; Train workers failing (the usual case) reach the trial's
+    # end report, which ray_trial sends for Ray Train's TrainingFailedError, then on_trial_complete.
     rec, t = recorder(study), study.trials[0]
     rec.on_trial_start(0, [], tune_trial(t))
     for step in t.milestones:
         rec.on_trial_result(0, [], tune_trial(t), milestone(step))
-    rec.on_trial_error(0, [], tune_trial(t), error=RuntimeError("teardown broke"))
+    if how == "end report":
+        rec.on_trial_result(0, [], tune_trial(t), {"kind": KIND_END, "status": "failed",
+                                                   "error": "TrainingFailedError: teardown broke"})
+        rec.on_trial_complete(0, [], tune_trial(t))
+    else:
+        rec.on_trial_error(0, [], tune_trial(t), error=RuntimeError("teardown broke"))
+    assert rec.tracker.tags[f"run-{t.trial_id}"]["dit_scaling.status"] == "ok"
     df = load_results(study.output)
     assert df.step.tolist() == [10, 20] and df.status.tolist() == ["ok", "ok"]
     assert recorded_trials(study) == ({t.trial_id}, set())
@@ -161,6 +170,27 @@ def test_a_failure_between_milestones_is_a_failed_row_after_the_last_measurement
     assert df.error.iloc[1] == "node lost" and df.lr.iloc[1] == 1e-3  # no lr reported: the base lr
     assert recorded_trials(study) == (set(), set())
     assert rec.failed_count() == 1 and rec.tracker.finished == {f"run-{t.trial_id}": "FAILED"}
+    assert rec.tracker.tags[f"run-{t.trial_id}"]["dit_scaling.status"] == "failed"
+
+
+def test_a_retry_that_succeeds_is_ok_everywhere_and_only_its_ok_rows_get_a_teardown(study):
+    rec, t = recorder(study), study.trials[0]
+    rec.on_trial_start(0, [], tune_trial(t))
+    rec.on_trial_result(0, [], tune_trial(t), {"kind": KIND_LOG, "step": 4, "train_loss": 0.5, "lr": 1e-3})
+    rec.on_trial_result(0, [], tune_trial(t), {"kind": KIND_END, "status": "failed", "error": "node lost", "step": 4})
+    rec.on_trial_complete(0, [], tune_trial(t))
+    assert load_results(study.output).teardown_s.isna().all()  # a failed row has no teardown
+    assert rec.tracker.tags[f"run-{t.trial_id}"]["dit_scaling.status"] == "failed"
+    rec = Recorder(study, rec.tracker, Progress(study.trials, stream=io.StringIO()))  # the study run again
+    rec.on_trial_start(0, [], tune_trial(t))
+    assert rec.tracker.tags[f"run-{t.trial_id}"]["dit_scaling.status"] == "running"
+    for step in t.milestones:
+        rec.on_trial_result(0, [], tune_trial(t), milestone(step))
+    rec.on_trial_complete(0, [], tune_trial(t))
+    df = load_results(study.output)
+    assert df.status.tolist() == ["ok", "ok"] and df.teardown_s.notna().all()
+    assert rec.tracker.tags[f"run-{t.trial_id}"]["dit_scaling.status"] == "ok"
+    assert rec.tracker.finished == {f"run-{t.trial_id}": "FINISHED"}
 
 
 @pytest.mark.parametrize("val_loss", [None, 0.25])

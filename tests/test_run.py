@@ -257,29 +257,40 @@ def test_stopped_or_killed_driver_resumes_without_duplicates(tmp_path):
     _, parents, children = mlflow_runs(out)
     assert len(parents) == 1 and len(children) == 2
     assert statuses() == ("FINISHED", ["FINISHED", "FINISHED"])
-    # Metrics continue across the restarts without repeated steps.
+    # Metrics continue across the restarts, every logged step once, in MLflow and in Parquet alike: a trial
+    # resumed from a checkpoint past its last milestone (ckpt_every 10 < 40) hands on again the logs that the
+    # killed driver had received but not yet written.
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    curves = pd.read_parquet(out / "loss_curves.parquet")
+    every_log = list(range(5, steps[-1] + 1, 5))
     for child in children:
-        history = [m.step for m in client.get_metric_history(child.info.run_id, "train_loss")]
-        assert history == sorted(set(history)) and history[-1] == steps[-1]
+        history = client.get_metric_history(child.info.run_id, "train_loss")
+        assert [m.step for m in history] == every_log
+        trial_curve = curves[curves.trial_id == child.data.tags["dit_scaling.trial_id"]].sort_values("step")
+        assert list(trial_curve.step) == every_log and list(trial_curve.train_loss) == [m.value for m in history]
 
 
 def test_sigterm_stops_the_study_as_ctrl_c_does():
-    # While Tune runs, its SIGINT handler ends the trials cleanly; SIGTERM must reach that handler.
+    # While Tune runs, its SIGINT handler ends the trials cleanly; SIGTERM must reach that handler. Tune installs
+    # it inside fit() and leaves it installed when no signal came: the block puts back the one before.
     tune_handler = []
     outside = signal.getsignal(signal.SIGTERM)  # Python's default, or ray.init's if this process called it
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: tune_handler.append(signum))
-    try:
-        with scaling_run.sigterm_stops_the_study() as stopped_by:
-            os.kill(os.getpid(), signal.SIGTERM)
-            deadline = time.time() + 5
-            while not tune_handler and time.time() < deadline:
-                time.sleep(0.01)  # Python runs signal handlers between bytecodes of the main thread
-        assert stopped_by == [signal.SIGTERM] and tune_handler == [signal.SIGINT]
-        assert scaling_run.EXIT_INTERRUPTED[stopped_by[0]] == 143
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    before = signal.getsignal(signal.SIGINT)
+    with scaling_run.sigterm_stops_the_study() as stopped_by:
+        signal.signal(signal.SIGINT, lambda signum, frame: tune_handler.append(signum))  # as Tune's fit() does
+        os.kill(os.getpid(), signal.SIGTERM)
+        deadline = time.time() + 5
+        while not tune_handler and time.time() < deadline:
+            time.sleep(0.01)  # Python runs signal handlers between bytecodes of the main thread
+    assert stopped_by == [signal.SIGTERM] and tune_handler == [signal.SIGINT]
+    assert scaling_run.EXIT_INTERRUPTED[stopped_by[0]] == 143
     assert signal.getsignal(signal.SIGTERM) == outside  # outside Tune, SIGTERM ends the driver as before
+    assert signal.getsignal(signal.SIGINT) == before  # and Ctrl-C during the report interrupts the driver
+    # SIGTERM in the block before Tune's handler is in place (its set-up): the driver unwinds, exit 143.
+    with pytest.raises(scaling_run.Terminated), scaling_run.sigterm_stops_the_study():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+    assert signal.getsignal(signal.SIGINT) == before
 
 
 def test_sigterm_outside_tune_unwinds_as_ctrl_c_does():
@@ -292,17 +303,16 @@ def test_sigterm_outside_tune_unwinds_as_ctrl_c_does():
 
     outside = signal.getsignal(signal.SIGTERM)
     tune_handler = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: tune_handler.append(signum))
-    try:
-        with pytest.raises(scaling_run.Terminated), scaling_run.sigterm_interrupts():
-            with scaling_run.sigterm_stops_the_study() as stopped_by:
-                os.kill(os.getpid(), signal.SIGTERM)
-                wait_for_signal(lambda: tune_handler)
-            assert stopped_by == [signal.SIGTERM] and tune_handler == [signal.SIGINT]
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(scaling_run.Terminated), scaling_run.sigterm_interrupts():
+        with scaling_run.sigterm_stops_the_study() as stopped_by:
+            signal.signal(signal.SIGINT, lambda signum, frame: tune_handler.append(signum))  # as Tune's fit()
             os.kill(os.getpid(), signal.SIGTERM)
-            wait_for_signal()
-    finally:
-        signal.signal(signal.SIGINT, previous)
+            wait_for_signal(lambda: tune_handler)
+        assert stopped_by == [signal.SIGTERM] and tune_handler == [signal.SIGINT]
+        os.kill(os.getpid(), signal.SIGTERM)
+        wait_for_signal()
+    assert signal.getsignal(signal.SIGINT) == before
     assert issubclass(scaling_run.Terminated, KeyboardInterrupt)
     assert signal.getsignal(signal.SIGTERM) == outside
 
