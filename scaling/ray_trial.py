@@ -110,10 +110,20 @@ class RayReporting:
             self.held.add(log)
         # A milestone checkpoint reaches Ray's storage before its report reaches the driver: if the
         # driver died in between, the restored checkpoint is a milestone with no row. Its EMA weights
-        # are the ones evaluated there, so evaluate them again and report the milestone.
-        if state.step in self.trial["milestones"] and state.step not in self.trial.get("recorded_steps", ()):
+        # are the ones evaluated there, so evaluate them again and report the milestone. Not when its row is
+        # in Parquet from an earlier driver run, or recorded in this one (a worker group restarted from it).
+        if (state.step in self.trial["milestones"] and state.step not in self.trial.get("recorded_steps", ())
+                and not _on_every_rank(state.rank == 0 and self._recorded_in_this_run(state.step), state)):
             metrics.update(self.on_milestone(state, dict(metrics)) or {})
             self.report({**metrics, "step": state.step, "kind": KIND_MILESTONE})
+
+    def _recorded_in_this_run(self, step):
+        """Whether the driver has recorded the report of this trial's checkpoint at step (scaling.tune_relay)."""
+        try:
+            mailboxes = ray.get_actor(self.run["relay_mailboxes"])
+        except (KeyError, ValueError):  # no study's relay (core's trainer run by hand): evaluate
+            return False
+        return ray.get(mailboxes.recorded.remote(self.trial["trial_id"], step))
 
     def on_checkpoint(self, state, path, metrics):
         kind = KIND_MILESTONE if state.step in state.milestones else KIND_CHECKPOINT  # core's: max_steps the last
@@ -122,7 +132,7 @@ class RayReporting:
 
 
 def _on_every_rank(due, state):
-    """Rank 0's answer to whether a report is due, on every rank: Ray Train needs each rank's same reports."""
+    """Rank 0's answer, on every rank: Ray Train needs each rank's same reports, and an evaluation takes them all."""
     if state.world_size == 1:
         return due
     import torch
@@ -250,7 +260,7 @@ def trial_function(config):
     """The Tune function trainable of one grid row."""
     trial, run = config["trial"], config["run"]
     res = run["resources"]
-    relay = TuneRelay(run["relay_mailboxes"])
+    relay = TuneRelay(run["relay_mailboxes"], trial["trial_id"])
     trainer = TrialTrainer(
         worker_loop,
         train_loop_config=config,
