@@ -113,17 +113,17 @@ class RayReporting:
         # are the ones evaluated there, so evaluate them again and report the milestone. Not when its row is
         # in Parquet from an earlier driver run, or recorded in this one (a worker group restarted from it).
         if (state.step in self.trial["milestones"] and state.step not in self.trial.get("recorded_steps", ())
-                and not _on_every_rank(state.rank == 0 and self._recorded_in_this_run(state.step), state)):
+                and not _on_every_rank(state.rank == 0 and self._row_written_in_this_run(state.step), state)):
             metrics.update(self.on_milestone(state, dict(metrics)) or {})
             self.report({**metrics, "step": state.step, "kind": KIND_MILESTONE})
 
-    def _recorded_in_this_run(self, step):
-        """Whether the driver has recorded the report of this trial's checkpoint at step (scaling.tune_relay)."""
+    def _row_written_in_this_run(self, step):
+        """Whether the driver has written this trial's milestone row at step since it started (scaling.tune_relay)."""
         try:
             mailboxes = ray.get_actor(self.run["relay_mailboxes"])
         except (KeyError, ValueError):  # no study's relay (core's trainer run by hand): evaluate
             return False
-        return ray.get(mailboxes.recorded.remote(self.trial["trial_id"], step))
+        return ray.get(mailboxes.has_milestone_row.remote(self.trial["trial_id"], step))
 
     def on_checkpoint(self, state, path, metrics):
         kind = KIND_MILESTONE if state.step in state.milestones else KIND_CHECKPOINT  # core's: max_steps the last
@@ -260,7 +260,7 @@ def trial_function(config):
     """The Tune function trainable of one grid row."""
     trial, run = config["trial"], config["run"]
     res = run["resources"]
-    relay = TuneRelay(run["relay_mailboxes"], trial["trial_id"])
+    relay = TuneRelay(run["relay_mailboxes"])
     trainer = TrialTrainer(
         worker_loop,
         train_loop_config=config,

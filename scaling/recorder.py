@@ -12,6 +12,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import ray
 from ray.tune import Callback
 
 from core.flops import training_compute
@@ -24,7 +25,7 @@ LOG_METRICS = ("train_loss", "lr", "images_per_s", "achieved_tflops", "mfu")
 EVAL_METRICS = ("val_loss", "val_mse", "val_loss_ema", "fid", "fid_floor", "kid", "precision", "recall",
                 "inception_score", "eval_time_s", "sample_images_per_s")
 MAX_TAG_LENGTH = 5000  # what MLflow stores of a tag value at most
-STATUS_TAG = "dit_scaling.status"  # running, then how the trial ended: ok, diverged or failed
+STATUS_TAG = "dit_scaling.status"  # running, then how the trial ended: ok, diverged, failed or killed
 
 
 class Recorder(Callback):
@@ -45,6 +46,7 @@ class Recorder(Callback):
         # last report until the trial's slot is free again.
         self.started_at, self.last_result_at, self.overhead = {}, {}, {}
         self.recorded_here = set()  # (trial id, step) of the rows this driver measured, which its timings describe
+        self.relay = None  # the study's RelayMailboxes actor, told of every milestone row (scaling.tune_relay)
 
     def open_runs(self, trial_ids):
         """Find or create the trials' MLflow child runs, SCHEDULED until their trials start."""
@@ -105,6 +107,11 @@ class Recorder(Callback):
             if result.get("grid_path") and Path(result["grid_path"]).exists():
                 self.tracker.log_artifact(run_id, result["grid_path"], "samples")
             self.write()
+            if self.relay is not None:  # waited for: a worker asking next must find it there
+                try:
+                    ray.get(self.relay.add_milestone_row.remote(t.trial_id, step))
+                except ray.exceptions.RayError:  # only spares an evaluation: a resumed trial then evaluates again
+                    pass
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         trial_id = trial.config["trial"]["trial_id"]
@@ -152,6 +159,7 @@ class Recorder(Callback):
         interrupted run); those of trials that never started stay SCHEDULED. A re-run reopens both."""
         for trial_id in trial_ids:
             if trial_id in self.started_at:
+                self.tracker.set_tags(self._run_id(trial_id), {STATUS_TAG: "killed"})
                 self.tracker.finish(self._run_id(trial_id), "KILLED")
 
     def on_step_end(self, iteration, trials, **info):

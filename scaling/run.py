@@ -303,6 +303,7 @@ def _run_trials(study, build_report, report_dir):
         # Held until the sweep ends: an actor goes once no handle to it is left.
         study_actors = [start_study_actor(RelayMailboxes, run["relay_mailboxes"]),
                         start_study_actor(PlacementGroupWatch, run["placement_group_watch"])]
+        recorder.relay = study_actors[0]
         tuner = tune.Tuner(
             # The Tune trial only waits on its TorchTrainer: it needs no CPU of its own (Tune wants
             # some non-empty request, so a token of memory stands in).

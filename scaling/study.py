@@ -666,7 +666,7 @@ def _eval_path_problem(key, path):
         from core.data import scan_image_folder
 
         try:
-            scan_image_folder(path)
+            scan_image_folder(path, every_class=False)  # as core.real_images reads FID's real images: no labels
         except (ValueError, OSError) as err:
             return str(err)
     return None

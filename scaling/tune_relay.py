@@ -35,30 +35,22 @@ class RelayMailboxes:
     def __init__(self):
         self._boxes = {}  # relay key -> (reports, reported), one-slot queues
         self._discarded = set()  # keys whose trial function has stopped receiving (a few bytes per trial)
-        self._recorded = set()  # (trial id, step) of checkpoint reports the driver has recorded in this study run
+        self._milestone_rows = set()  # (trial id, step) of the milestone rows the driver wrote in this study run
 
     def _box(self, key):
         if key not in self._boxes:
             self._boxes[key] = asyncio.Queue(1), asyncio.Queue(1)
         return self._boxes[key]
 
-    async def send(self, key, report, checkpoint_of=None):
+    async def send(self, key, report):
         """From the controller; returns once the trial function has reported it to Tune, or at once when the
         function no longer receives (it failed, or was stopped): nobody would take the report, and a new box
-        for it would outlive the trial. Whether it was reported; if so, checkpoint_of ((trial id, step) of the
-        report's checkpoint) is remembered for `recorded`."""
+        for it would outlive the trial."""
         if key in self._discarded:
-            return False
+            return
         reports, reported = self._box(key)
         await reports.put(report)
-        delivered = await reported.get()
-        if delivered and checkpoint_of is not None:
-            self._recorded.add(tuple(checkpoint_of))
-        return delivered
-
-    async def recorded(self, trial_id, step):
-        """Whether the driver has recorded the report of trial_id's checkpoint at step in this study run."""
-        return (trial_id, step) in self._recorded
+        await reported.get()
 
     async def receive(self, key):
         return await self._box(key)[0].get()
@@ -76,29 +68,34 @@ class RelayMailboxes:
         self._discarded.add(key)
         _, reported = self._boxes.pop(key, (None, None))
         if reported is not None and reported.empty():
-            reported.put_nowait(False)  # releases a controller's send waiting there, if any: not reported
+            reported.put_nowait(True)  # releases a controller's send waiting there, if any
 
     async def open_boxes(self):
         return len(self._boxes)
+
+    async def add_milestone_row(self, trial_id, step):
+        """From the driver (scaling.recorder), once it has written the row of trial_id's milestone at step."""
+        self._milestone_rows.add((trial_id, step))
+
+    async def has_milestone_row(self, trial_id, step):
+        """Whether the driver has written that row in this study run: a trial resumed from the milestone's
+        checkpoint (its worker group restarted, or its Tune actor's node lost) need not evaluate it again."""
+        return (trial_id, step) in self._milestone_rows
 
 
 class TuneRelay(UserCallback):
     """A Train callback whose reports reach Tune through `fit`, which the trial function calls."""
 
-    def __init__(self, mailboxes_name, trial_id=None):
+    def __init__(self, mailboxes_name):
         self._mailboxes = ray.get_actor(mailboxes_name)
         self._key = uuid.uuid4().hex  # this fit's mailbox: a rerun of the trial gets a fresh one
-        self._trial_id = trial_id
 
     def after_report(self, run_context, metrics, checkpoint):
         """On the Train controller, once every worker has reported: rank 0's metrics, as Tune's callback."""
         report = dict(metrics[0])
-        checkpoint_of = None
         if checkpoint is not None:
             report[CHECKPOINT_PATH_KEY] = checkpoint.path
-            if self._trial_id is not None and report.get("step") is not None:
-                checkpoint_of = (self._trial_id, int(report["step"]))
-        ray.get(self._mailboxes.send.remote(self._key, report, checkpoint_of))
+        ray.get(self._mailboxes.send.remote(self._key, report))
 
     def fit(self, trainer):
         """trainer.fit(), with each of its reports made to Tune from this thread; returns after the last."""

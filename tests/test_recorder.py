@@ -50,19 +50,23 @@ class FakeTracker:
         return True
 
 
+# One DiT-P/2 trial with milestones 10 and 20, lr 1e-3, DDIM with 5 sampling steps, no val_loss.
+STUDY = textwrap.dedent("""\
+    name: tiny
+    data: {{dataset: digits}}
+    sweep: {{model: [DiT-P], patch: [2], steps: [10, 20]}}
+    train: {{batch_size: 32, lr: 1.0e-3, ema_decay: 0.9, log_every: 5, ckpt_every: 10, val_batch: 0}}
+    eval: {{fid: true, fid_samples: 100, sampler: ddim, sampling_steps: 5, grid_images_per_class: 1}}
+    resources: {{workers_per_trial: 1, cpus_per_worker: 1}}
+    output: {out}
+    """)
+
+
 @pytest.fixture
 def study(tmp_path):
-    """One DiT-P/2 trial with milestones 10 and 20, lr 1e-3, DDIM with 5 sampling steps, no val_loss."""
+    """The STUDY, loaded."""
     path = tmp_path / "tiny.yaml"
-    path.write_text(textwrap.dedent(f"""\
-        name: tiny
-        data: {{dataset: digits}}
-        sweep: {{model: [DiT-P], patch: [2], steps: [10, 20]}}
-        train: {{batch_size: 32, lr: 1.0e-3, ema_decay: 0.9, log_every: 5, ckpt_every: 10, val_batch: 0}}
-        eval: {{fid: true, fid_samples: 100, sampler: ddim, sampling_steps: 5, grid_images_per_class: 1}}
-        resources: {{workers_per_trial: 1, cpus_per_worker: 1}}
-        output: {tmp_path / "out"}
-        """))
+    path.write_text(STUDY.format(out=tmp_path / "out"))
     study = load_study(path, check_data=False)
     assert [t.milestones for t in study.trials] == [(10, 20)]
     return study
@@ -263,3 +267,12 @@ def test_every_reported_metric_lands_in_its_own_column(study):
                                    "recall", "inception_score", "eval_time_s", "sample_images_per_s")} == {
         "val_loss": 0.27, "val_mse": 0.19, "val_loss_ema": 0.23, "fid": 41.5, "fid_floor": 3.25, "kid": 0.0125,
         "precision": 0.61, "recall": 0.47, "inception_score": 7.75, "eval_time_s": 4.5, "sample_images_per_s": 55.0}
+
+
+def test_a_stopped_study_marks_the_runs_of_started_trials_killed(study):
+    rec, t = recorder(study), study.trials[0]
+    rec.on_trial_start(0, [], tune_trial(t))
+    rec.on_trial_result(0, [], tune_trial(t), milestone(10))
+    rec.interrupted([t.trial_id, "never-started"])
+    assert rec.tracker.finished == {f"run-{t.trial_id}": "KILLED"}
+    assert rec.tracker.tags[f"run-{t.trial_id}"]["dit_scaling.status"] == "killed"

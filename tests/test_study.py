@@ -434,6 +434,7 @@ def test_fid_inputs_are_checked_before_any_training(tmp_path, monkeypatch):
         load(tmp_path, overrides=[f"eval.vae={tmp_path / 'vae'}"])
     (tmp_path / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
     (tmp_path / "images" / "a" / "0.png").write_bytes(b"")
+    (tmp_path / "images" / "b").mkdir()  # a class folder of no images: FID's real images have no labels to miss
     torch.save({}, tmp_path / "weights.pth")
     assert not load(tmp_path, overrides=[f"eval.vae={tmp_path / 'vae'}", f"eval.heldout={tmp_path / 'images'}",
                                          f"eval.feature_extractor_weights={tmp_path / 'weights.pth'}"]).warnings

@@ -36,25 +36,30 @@ def test_a_discarded_mailbox_releases_its_sender_and_takes_no_more_reports():
         assert ray.get(boxes.receive.remote("k"), timeout=30) == {"i": 0}
         assert ray.wait([pending], timeout=1)[1] == [pending]  # waits for the report to reach Tune
         ray.get(boxes.discard.remote("k"))
-        assert ray.get(pending, timeout=30) is False  # not reported
-        assert ray.get(boxes.send.remote("k", {"i": 1}), timeout=30) is False
+        assert ray.get(pending, timeout=30) is None
+        assert ray.get(boxes.send.remote("k", {"i": 1}), timeout=30) is None
         ray.get(boxes.close.remote("k"), timeout=30)  # fit() returns after its function stopped receiving
         assert ray.get(boxes.open_boxes.remote()) == 0
     finally:
         ray.shutdown()
 
 
-def test_a_worker_group_restarted_from_a_recorded_milestone_does_not_evaluate_it_again():
+def test_a_trial_resumed_from_a_milestone_the_driver_wrote_does_not_evaluate_it_again(tmp_path):
     # Ray Train registers a checkpoint before its report goes to the driver. A trial resumed from a milestone
-    # checkpoint whose report never reached the driver evaluates that milestone again; one whose report the driver
-    # recorded in this study run (the controller, alive, restarted its worker group from it) does not: for a paper
-    # study that is an FID-50K, an hour of a GPU, for a row the driver would throw away.
+    # checkpoint whose row the driver never wrote evaluates that milestone again; one whose row the driver wrote in
+    # this study run (its worker group restarted from it, or its Tune actor's node lost) does not: for a paper study
+    # that is an FID-50K, an hour of a GPU, for a row the recorder would throw away.
+    import io
     from types import SimpleNamespace
 
     import ray
 
+    from scaling.progress import Progress
     from scaling.ray_trial import KIND_MILESTONE, RayReporting
+    from scaling.recorder import Recorder
+    from scaling.study import load_study
     from scaling.tune_relay import RelayMailboxes
+    from test_recorder import STUDY, FakeTracker, milestone
 
     class Reporting(RayReporting):  # what it would evaluate and report, outside a Train session
         def __init__(self, *args):
@@ -68,32 +73,30 @@ def test_a_worker_group_restarted_from_a_recorded_milestone_does_not_evaluate_it
         def report(self, metrics, checkpoint=None):
             self.reported.append({**metrics, "held": self.held.take()})
 
+    (tmp_path / "tiny.yaml").write_text(STUDY.format(out=tmp_path / "out"))
+    study = load_study(tmp_path / "tiny.yaml", check_data=False)
+    t = study.trials[0]
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
-        boxes = RelayMailboxes.options(name="relay-test").remote()
-        delivered = boxes.send.remote("k", {"step": 10}, ("trial-a", 10))
-        assert ray.get(boxes.receive.remote("k"), timeout=30) == {"step": 10}
-        ray.get(boxes.mark_reported.remote("k"))
-        assert ray.get(delivered, timeout=30) is True
-        undelivered = boxes.send.remote("k2", {"step": 20}, ("trial-a", 20))
-        ray.get(boxes.receive.remote("k2"), timeout=30)
-        ray.get(boxes.discard.remote("k2"))  # its trial function stopped: the driver never got it
-        assert ray.get(undelivered, timeout=30) is False
-        assert ray.get([boxes.recorded.remote("trial-a", s) for s in (10, 20)]) == [True, False]
+        recorder = Recorder(study, FakeTracker(), Progress(study.trials, stream=io.StringIO()))
+        recorder.relay = RelayMailboxes.options(name="relay-test").remote()
+        recorder.on_trial_start(0, [], SimpleNamespace(config={"trial": {"trial_id": t.trial_id}}))
+        recorder.on_trial_result(0, [], SimpleNamespace(config={"trial": {"trial_id": t.trial_id}}), milestone(10))
+        assert ray.get([recorder.relay.has_milestone_row.remote(t.trial_id, s) for s in (10, 20)]) == [True, False]
 
-        run = {"output": "/nonexistent", "relay_mailboxes": "relay-test"}
-        trial = {"trial_id": "trial-a", "milestones": (10, 20, 30), "recorded_steps": [], "eval": {"fid": True}}
-        for step, evaluated in ((10, []), (20, [20]), (30, [30])):
+        run = {"output": str(tmp_path / "out"), "relay_mailboxes": "relay-test"}
+        trial = {**t.to_dict(), "recorded_steps": []}
+        for step, evaluated in ((10, []), (20, [20])):
             reporting = Reporting(trial, run)
-            state = SimpleNamespace(step=step, rank=0, world_size=1)
-            reporting.on_resume(state, {"train_loss": 0.5}, [{"step": 5, "train_loss": 0.7}])
+            reporting.on_resume(SimpleNamespace(step=step, rank=0, world_size=1), {"train_loss": 0.5},
+                                [{"step": 5, "train_loss": 0.7}])
             assert reporting.evaluated == evaluated
             assert [r["kind"] for r in reporting.reported] == [KIND_MILESTONE] * len(evaluated)
             # The checkpoint's logs are handed on again: with the milestone's report, or with the next one.
             history = [{"step": 5, "train_loss": 0.7}]
             assert [r["held"] for r in reporting.reported] + [reporting.held.logs] == (
                 [history, []] if evaluated else [history])
-        # In Parquet from an earlier driver run: not evaluated either.
+        # A row in Parquet from an earlier driver run: not evaluated either.
         reporting = Reporting({**trial, "recorded_steps": [20]}, run)
         reporting.on_resume(SimpleNamespace(step=20, rank=0, world_size=1), {}, [])
         assert reporting.evaluated == [] and reporting.reported == []
