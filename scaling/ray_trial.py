@@ -110,15 +110,15 @@ class RayReporting:
             self.held.add(log)
         # A milestone checkpoint reaches Ray's storage before its report reaches the driver: if the
         # driver died in between, the restored checkpoint is a milestone with no row. Its EMA weights
-        # are the ones evaluated there, so evaluate them again and report the milestone. Not when its row is
-        # in Parquet from an earlier driver run, or recorded in this one (a worker group restarted from it).
-        if (state.step in self.trial["milestones"] and state.step not in self.trial.get("recorded_steps", ())
-                and not _on_every_rank(state.rank == 0 and self._row_written_in_this_run(state.step), state)):
+        # are the ones evaluated there, so evaluate them again and report the milestone; not when the driver
+        # has its row (from an earlier run of the study, or written since a worker group restarted from it).
+        if (state.step in self.trial["milestones"]
+                and not _on_every_rank(state.rank == 0 and self._driver_has_row(state.step), state)):
             metrics.update(self.on_milestone(state, dict(metrics)) or {})
             self.report({**metrics, "step": state.step, "kind": KIND_MILESTONE})
 
-    def _row_written_in_this_run(self, step):
-        """Whether the driver has written this trial's milestone row at step since it started (scaling.tune_relay)."""
+    def _driver_has_row(self, step):
+        """Whether the driver has this trial's milestone row at step (scaling.recorder tells the study's relay)."""
         try:
             mailboxes = ray.get_actor(self.run["relay_mailboxes"])
         except (KeyError, ValueError):  # no study's relay (core's trainer run by hand): evaluate

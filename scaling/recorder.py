@@ -46,7 +46,21 @@ class Recorder(Callback):
         # last report until the trial's slot is free again.
         self.started_at, self.last_result_at, self.overhead = {}, {}, {}
         self.recorded_here = set()  # (trial id, step) of the rows this driver measured, which its timings describe
-        self.relay = None  # the study's RelayMailboxes actor, told of every milestone row (scaling.tune_relay)
+        self.relay = None  # the study's RelayMailboxes actor, told of every milestone row (tell_relay)
+
+    def tell_relay(self, relay):
+        """Give the study's RelayMailboxes actor every ok row now, and each milestone row once written: a trial
+        resumed from a milestone checkpoint whose row exists does not evaluate it again (scaling.ray_trial)."""
+        self.relay = relay
+        self._share_rows([k for k, r in self.rows.items() if r["status"] == "ok"])
+
+    def _share_rows(self, keys):
+        if self.relay is None:
+            return
+        try:  # waited for: a worker asking next must find them there
+            ray.get(self.relay.add_milestone_rows.remote(keys))
+        except ray.exceptions.RayError:  # only spares an evaluation: a resumed trial then evaluates again
+            pass
 
     def open_runs(self, trial_ids):
         """Find or create the trials' MLflow child runs, SCHEDULED until their trials start."""
@@ -107,11 +121,7 @@ class Recorder(Callback):
             if result.get("grid_path") and Path(result["grid_path"]).exists():
                 self.tracker.log_artifact(run_id, result["grid_path"], "samples")
             self.write()
-            if self.relay is not None:  # waited for: a worker asking next must find it there
-                try:
-                    ray.get(self.relay.add_milestone_row.remote(t.trial_id, step))
-                except ray.exceptions.RayError:  # only spares an evaluation: a resumed trial then evaluates again
-                    pass
+            self._share_rows([(t.trial_id, step)])
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         trial_id = trial.config["trial"]["trial_id"]

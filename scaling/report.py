@@ -583,24 +583,27 @@ def build_report(results, out=None, n_boot=N_BOOT, seed=0, processes=1):
     return out
 
 
-def n_boot_count(text):
-    """--n-boot: 0 (no intervals) or at least 2 resamples (a percentile interval needs two)."""
+def _whole_number(text):
+    """text as an integer >= 0, else None."""
     try:
         n = int(text)
     except ValueError:
-        n = None
-    if n is None or n < 0 or n == 1:
+        return None
+    return n if n >= 0 else None
+
+
+def n_boot_count(text):
+    """--n-boot: 0 (no intervals) or at least 2 resamples (a percentile interval needs two)."""
+    n = _whole_number(text)
+    if n is None or n == 1:
         raise argparse.ArgumentTypeError(f"{text}: give 0 (no intervals) or a count of at least 2")
     return n
 
 
 def seed_number(text):
     """--seed: numpy's generators take whole numbers >= 0."""
-    try:
-        seed = int(text)
-    except ValueError:
-        seed = -1
-    if seed < 0:
+    seed = _whole_number(text)
+    if seed is None:
         raise argparse.ArgumentTypeError(f"{text}: give a whole number >= 0")
     return seed
 

@@ -92,10 +92,10 @@ def check_results(study):
 
     results, curves = study.output / RESULTS_FILE, study.output / CURVES_FILE
     try:
-        results.exists()  # a folder on the way that cannot be entered raises here (Python 3.11), not at launch
+        present = results.exists()  # a folder on the way that cannot be entered raises (Python 3.11)
     except OSError as e:
         raise unreadable(f"{study.output}: {e.strerror}") from None
-    if results.exists():
+    if present:
         if not results.is_file():
             raise unreadable(f"{results} is not a file")
         try:
@@ -288,11 +288,6 @@ def _run_trials(study, build_report, report_dir):
     if todo:
         res = study.raw["resources"]
         tuner_concurrency = max_concurrent_trials(study, ray.cluster_resources())
-        # Milestones already in Parquet: a trial resumed from one of them does not evaluate it again.
-        recorded = {}
-        for (trial_id, step), row in sorted(recorder.rows.items()):
-            if row["status"] == "ok":
-                recorded.setdefault(trial_id, []).append(int(step))
         # One relay mailbox actor and one placement-group watch for the whole study, where a fresh process
         # of each would start with every trial; named, so that the trials find them.
         services = f"{study.name}-{uuid.uuid4().hex[:8]}"
@@ -303,13 +298,12 @@ def _run_trials(study, build_report, report_dir):
         # Held until the sweep ends: an actor goes once no handle to it is left.
         study_actors = [start_study_actor(RelayMailboxes, run["relay_mailboxes"]),
                         start_study_actor(PlacementGroupWatch, run["placement_group_watch"])]
-        recorder.relay = study_actors[0]
+        recorder.tell_relay(study_actors[0])  # rows in Parquet and those to come: none is evaluated again
         tuner = tune.Tuner(
             # The Tune trial only waits on its TorchTrainer: it needs no CPU of its own (Tune wants
             # some non-empty request, so a token of memory stands in).
             tune.with_resources(trial_function, {"CPU": 0, "memory": 2 ** 20}),
-            param_space={"trial": tune.grid_search([{**t.to_dict(), "recorded_steps": recorded.get(t.trial_id, [])}
-                                                    for t in todo]), "run": run},
+            param_space={"trial": tune.grid_search([t.to_dict() for t in todo]), "run": run},
             # Reused Tune actors: a freed slot takes the next trial at once instead of after a fresh
             # process's start (12 s vs 0.2 s in benchmarks.packing); each trial still gets its own
             # Train controller and workers, so nothing of a trial's training outlives it.

@@ -35,7 +35,7 @@ class RelayMailboxes:
     def __init__(self):
         self._boxes = {}  # relay key -> (reports, reported), one-slot queues
         self._discarded = set()  # keys whose trial function has stopped receiving (a few bytes per trial)
-        self._milestone_rows = set()  # (trial id, step) of the milestone rows the driver wrote in this study run
+        self._milestone_rows = set()  # (trial id, step) of the milestone rows the driver has
 
     def _box(self, key):
         if key not in self._boxes:
@@ -73,13 +73,14 @@ class RelayMailboxes:
     async def open_boxes(self):
         return len(self._boxes)
 
-    async def add_milestone_row(self, trial_id, step):
-        """From the driver (scaling.recorder), once it has written the row of trial_id's milestone at step."""
-        self._milestone_rows.add((trial_id, step))
+    async def add_milestone_rows(self, rows):
+        """From the driver (scaling.recorder): (trial id, step) of milestone rows it has (its results.parquet's at
+        launch, then each one as it is written)."""
+        self._milestone_rows.update((trial_id, int(step)) for trial_id, step in rows)
 
     async def has_milestone_row(self, trial_id, step):
-        """Whether the driver has written that row in this study run: a trial resumed from the milestone's
-        checkpoint (its worker group restarted, or its Tune actor's node lost) need not evaluate it again."""
+        """Whether the driver has that row: a trial resumed from the milestone's checkpoint (a re-run of the study,
+        its worker group restarted, or its Tune actor's node lost) need not evaluate it again."""
         return (trial_id, step) in self._milestone_rows
 
 

@@ -44,11 +44,11 @@ def test_a_discarded_mailbox_releases_its_sender_and_takes_no_more_reports():
         ray.shutdown()
 
 
-def test_a_trial_resumed_from_a_milestone_the_driver_wrote_does_not_evaluate_it_again(tmp_path):
+def test_a_trial_resumed_from_a_milestone_the_driver_has_does_not_evaluate_it_again(tmp_path):
     # Ray Train registers a checkpoint before its report goes to the driver. A trial resumed from a milestone
-    # checkpoint whose row the driver never wrote evaluates that milestone again; one whose row the driver wrote in
-    # this study run (its worker group restarted from it, or its Tune actor's node lost) does not: for a paper study
-    # that is an FID-50K, an hour of a GPU, for a row the recorder would throw away.
+    # checkpoint whose row the driver does not have evaluates that milestone again; one whose row it has (from an
+    # earlier run of the study, or written in this one: its worker group restarted from it, or its Tune actor's node
+    # lost) does not: for a paper study that is an FID-50K, an hour of a GPU, for a row the recorder would not keep.
     import io
     from types import SimpleNamespace
 
@@ -76,17 +76,26 @@ def test_a_trial_resumed_from_a_milestone_the_driver_wrote_does_not_evaluate_it_
     (tmp_path / "tiny.yaml").write_text(STUDY.format(out=tmp_path / "out"))
     study = load_study(tmp_path / "tiny.yaml", check_data=False)
     t = study.trials[0]
+    tune_trial = SimpleNamespace(config={"trial": {"trial_id": t.trial_id}})
+
+    def recorder():
+        return Recorder(study, FakeTracker(), Progress(study.trials, stream=io.StringIO()))
+
+    earlier = recorder()  # an earlier run of the study wrote the row of milestone 10
+    earlier.on_trial_start(0, [], tune_trial)
+    earlier.on_trial_result(0, [], tune_trial, milestone(10))
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
-        recorder = Recorder(study, FakeTracker(), Progress(study.trials, stream=io.StringIO()))
-        recorder.relay = RelayMailboxes.options(name="relay-test").remote()
-        recorder.on_trial_start(0, [], SimpleNamespace(config={"trial": {"trial_id": t.trial_id}}))
-        recorder.on_trial_result(0, [], SimpleNamespace(config={"trial": {"trial_id": t.trial_id}}), milestone(10))
-        assert ray.get([recorder.relay.has_milestone_row.remote(t.trial_id, s) for s in (10, 20)]) == [True, False]
+        driver = recorder()
+        driver.tell_relay(RelayMailboxes.options(name="relay-test").remote())
+        driver.on_trial_start(0, [], tune_trial)
+        driver.on_trial_result(0, [], tune_trial, milestone(20))  # this run writes milestone 20's
+        assert ray.get([driver.relay.has_milestone_row.remote(t.trial_id, s) for s in (10, 20, 30)]) == [
+            True, True, False]
 
         run = {"output": str(tmp_path / "out"), "relay_mailboxes": "relay-test"}
-        trial = {**t.to_dict(), "recorded_steps": []}
-        for step, evaluated in ((10, []), (20, [20])):
+        trial = {**t.to_dict(), "milestones": [10, 20, 30]}
+        for step, evaluated in ((10, []), (20, []), (30, [30])):
             reporting = Reporting(trial, run)
             reporting.on_resume(SimpleNamespace(step=step, rank=0, world_size=1), {"train_loss": 0.5},
                                 [{"step": 5, "train_loss": 0.7}])
@@ -96,9 +105,5 @@ def test_a_trial_resumed_from_a_milestone_the_driver_wrote_does_not_evaluate_it_
             history = [{"step": 5, "train_loss": 0.7}]
             assert [r["held"] for r in reporting.reported] + [reporting.held.logs] == (
                 [history, []] if evaluated else [history])
-        # A row in Parquet from an earlier driver run: not evaluated either.
-        reporting = Reporting({**trial, "recorded_steps": [20]}, run)
-        reporting.on_resume(SimpleNamespace(step=20, rank=0, world_size=1), {}, [])
-        assert reporting.evaluated == [] and reporting.reported == []
     finally:
         ray.shutdown()
