@@ -378,8 +378,12 @@ def _clear_abandoned_encodes(out):
     a lock on its folder until it ends."""
     prefix = f".{out.name}.encoding-"
     for folder in sorted(p for p in out.parent.iterdir() if p.name.startswith(prefix)):
-        if folder.is_symlink() or not folder.is_dir() or (folder / META).exists():
-            continue  # with a meta.json: a finished encode that could not be swapped in, kept for its owner
+        if folder.is_symlink() or not folder.is_dir():
+            continue
+        if (folder / META).exists():
+            if _written_elsewhere(folder):  # an earlier encode, exchanged out by one killed before renaming it
+                _remove_replaced(folder, out)
+            continue  # else a finished encode that could not be swapped in, kept for its owner
         try:
             lock = lock_folder(folder)
         except OSError as err:  # storage that cannot lock a folder: whether its encode still runs is unknown
@@ -397,8 +401,22 @@ def _clear_abandoned_encodes(out):
     # An encode killed after swapping its folder in, before removing the one it replaced: nothing writes there.
     for folder in sorted(p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.replaced-")):
         if folder.is_dir() and not folder.is_symlink():
-            shutil.rmtree(folder)
-            logger.warning("removed %s, an earlier encode into %s that a later one replaced", folder, out)
+            _remove_replaced(folder, out)
+
+
+def _written_elsewhere(folder):
+    """Whether the latent folder's meta.json names another folder as the one it was encoded in."""
+    try:
+        written_in = json.loads((folder / META).read_text()).get("encoded_in")
+    except (ValueError, OSError, AttributeError):  # not ours to judge: kept
+        return False
+    return isinstance(written_in, str) and written_in != folder.name  # older encodes name none: kept
+
+
+def _remove_replaced(folder, out):
+    """Remove an earlier encode into out that a later one replaced."""
+    shutil.rmtree(folder)
+    logger.warning("removed %s, an earlier encode into %s that a later one replaced", folder, out)
 
 
 def _make_parents(folder):
@@ -457,7 +475,8 @@ def encode_folder(data_path, vae_path, out_dir, image_size, batch_size=64, num_w
                                                   shard_size, seed)
             meta = dict(format=FORMAT, num_images=len(samples), classes=classes, latent_shape=latent_shape,
                         views=list(VIEWS), scale_factor=scale_factor, vae=str(Path(vae_path).resolve()),
-                        image_size=image_size, seed=seed, shards=shards)
+                        image_size=image_size, seed=seed, shards=shards,
+                        encoded_in=new.name)  # once swapped out under this name, it says it is the earlier one
             (new / META).write_text(json.dumps(meta, indent=1))  # last: a folder with a meta.json is complete
         except BaseException:
             shutil.rmtree(new, ignore_errors=True)

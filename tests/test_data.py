@@ -530,6 +530,7 @@ def test_reencoding_replaces_a_latent_folder_only_once_complete(encoded, tmp_pat
         ray.shutdown()
     meta = json.loads((out / "meta.json").read_text())
     assert meta["seed"] == 1 and meta["num_images"] == 9
+    assert re.fullmatch(r"\.latents\.encoding-[0-9a-f]{8}", meta["encoded_in"])  # the name it was written under
     assert sorted(p.name for p in out.iterdir()) == ["meta.json"] + [f"shard-0000{k}.safetensors" for k in range(3)]
     assert (out / "shard-00000.safetensors").read_bytes() != before["shard-00000.safetensors"]  # another seed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "latents"]  # the abandoned encode removed
@@ -562,7 +563,11 @@ def test_abandoned_encodes_are_removed_and_a_running_one_is_respected(tmp_path, 
     abandoned = tmp_path / ".latents.encoding-11111111"
     abandoned.mkdir()
     (abandoned / "shard-00000.safetensors").write_bytes(b"half of a shard")
-    finished = write_meta(tmp_path / ".latents.encoding-22222222").parent  # complete, not swapped in: its owner's
+    finished = write_meta(tmp_path / ".latents.encoding-22222222",  # complete, not swapped in: its owner's
+                          encoded_in=".latents.encoding-22222222").parent
+    older = write_meta(tmp_path / ".latents.encoding-20000000").parent  # the same, from before encodes named theirs
+    # The encode that was at out, exchanged out by a later one killed before renaming it to .replaced-*.
+    exchanged = write_meta(tmp_path / ".latents.encoding-66666666", encoded_in=".latents.encoding-77777777").parent
     other = tmp_path / ".latents-b.encoding-33333333"  # another target's
     other.mkdir()
     running = tmp_path / ".latents.encoding-44444444"
@@ -577,8 +582,9 @@ def test_abandoned_encodes_are_removed_and_a_running_one_is_respected(tmp_path, 
     assert running.exists()  # not taken for abandoned while it ran
     with caplog.at_level("WARNING", logger="core.latents"):
         _clear_abandoned_encodes(out)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".latents-b.encoding-33333333",
-                                                          ".latents.encoding-22222222", "latents"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".latents-b.encoding-33333333", older.name, finished.name,
+                                                          "latents"]
     assert f"removed {abandoned}, left by an encode into {out}" in caplog.text
     assert f"removed {running}," in caplog.text  # its encode has ended since
     assert f"removed {replaced}, an earlier encode into {out} that a later one replaced" in caplog.text
+    assert f"removed {exchanged}, an earlier encode into {out} that a later one replaced" in caplog.text
