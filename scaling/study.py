@@ -355,6 +355,14 @@ class Locations:
                 self.overrides.setdefault(key_path[:n], item)
         self.overrides[key_path] = item
 
+    def set_by_override(self, key_path):
+        """Whether a `--set` gave the field itself."""
+        return key_path in self.overrides
+
+    def forget(self, key_path):
+        """The field is no longer in the study (a `--set` elsewhere displaced it): its line points nowhere."""
+        self.lines.pop(key_path, None)
+
     def __call__(self, key_path):
         """'file:line' or '--set key=value' of the field, else of its nearest written parent, else 'file'."""
         for n in range(len(key_path), 0, -1):
@@ -389,6 +397,23 @@ def _apply_override(tree, item, where):
         node = node[part]
     node[key_path[-1]] = value
     where.override(key_path, item)
+    _displace(tree, key_path, where)
+
+
+def _displace(tree, key_path, where):
+    """A train field given in one place by `--set` (fixed, train.X, or swept, sweep.train.X) takes it from the
+    file's other place: `--set sweep.train.lr=[...]` sweeps a study file's fixed lr. Two `--set`s of one field
+    both stand, and the study says to give it in one place."""
+    if key_path[:1] == ("train",) and len(key_path) == 2:
+        other = ("sweep", f"train.{key_path[1]}")
+    elif key_path[:1] == ("sweep",) and len(key_path) == 2 and key_path[1].startswith("train."):
+        other = ("train", key_path[1][len("train."):])
+    else:
+        return
+    section = tree.get(other[0])
+    if isinstance(section, dict) and other[1] in section and not where.set_by_override(other):
+        del section[other[1]]
+        where.forget(other)
 
 
 #################################################################################

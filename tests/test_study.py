@@ -146,6 +146,22 @@ def test_overrides(tmp_path):
     assert study.locate("train.lr") == "--set train.lr=3e-4" and study.locate("train.batch_size").endswith(":9")
 
 
+def test_a_set_field_moves_between_fixed_and_swept(tmp_path):
+    # BASE fixes train.lr: `--set sweep.train.lr` sweeps it instead, and `--set train.lr` fixes a swept one.
+    swept = load(tmp_path, overrides=["sweep.train.lr=[1e-4, 3e-4]"])
+    assert [t.train["lr"] for t in swept.trials[:2]] == [1e-4, 3e-4] and len(swept.trials) == 8
+    assert swept.locate("sweep.train.lr") == "--set sweep.train.lr=[1e-4, 3e-4]"
+    unswept = load(tmp_path, BASE.replace("  lr: 1.0e-3\n", "").replace("  patch:", "  train.lr: [1e-4, 2e-4]\n  patch:"),
+                   overrides=["train.lr=3e-4"])
+    assert [t.train["lr"] for t in unswept.trials] == [3e-4] * 4 and "train.lr" not in unswept.raw["sweep"]
+    # The same ids as a file that said so itself.
+    written = load(tmp_path, BASE.replace("  lr: 1.0e-3\n", "").replace("  patch:", "  train.lr: [1e-4, 3e-4]\n  patch:"))
+    assert [t.trial_id for t in written.trials] == [t.trial_id for t in swept.trials]
+    with pytest.raises(StudyError, match=re.escape("--set sweep.train.lr=[1e-4]: sweep.train.lr: train.lr is also set "
+                                                   "(--set train.lr=2e-4); give it in one place")):
+        load(tmp_path, overrides=["train.lr=2e-4", "sweep.train.lr=[1e-4]"])
+
+
 def test_resolved_study_round_trips_and_paths_are_absolute(tmp_path):
     study = load(tmp_path, overrides=["output=runs/x"])
     assert yaml.safe_load(study.resolved_yaml()) == study.raw
