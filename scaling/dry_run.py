@@ -1,16 +1,22 @@
 """`--dry-run`: the grid as a table (parameters, Gflops, steps, training compute, estimated time); launches nothing."""
 import functools
+import heapq
 import json
+import os
 import time
 
 import torch
 
 from core.flops import training_compute
 from scaling.results import RESULTS_FILE, recorded_trials
+from scaling.study import max_concurrent_trials
 
 PROBE_BATCHES = (128, 8)  # the micro-batch probed, halved from the first towards the second to fit the budget
 # Forward Gflop per probe step worth spending on an estimate: a bigger model is extrapolated instead.
 PROBE_BUDGET_GFLOP = {"cpu": 10.0, "cuda": 20_000.0}
+# Timed probe steps: at least this many and this long in all. The fastest counts, so a process that shares the
+# machine must slow every one of them to skew it (two steps of a small model took 30 ms: one busy moment).
+PROBE_MIN_STEPS, PROBE_MIN_SECONDS = 3, 0.5
 # A sampling step is one forward pass, a third of a training step's work (forward + backward).
 FORWARD_SHARE = 1 / 3
 
@@ -19,16 +25,23 @@ FORWARD_SHARE = 1 / 3
 #                             The throughput probe                              #
 #################################################################################
 
-def probe_images_per_s(model_config, batch, device="cpu", precision="fp32"):
-    """Training images/s of one device: 1 warm-up, then the faster of 2 forward+backward+AdamW steps on random data.
+def probe_images_per_s(model_config, batch, device="cpu", precision="fp32", threads=None):
+    """Training images/s of one device: 1 warm-up, then the fastest of the forward+backward+AdamW steps on random
+    data that fill PROBE_MIN_SECONDS (PROBE_MIN_STEPS at least); on `threads` CPU threads (None: torch's).
 
-    Cached per (model config, micro-batch, device, precision) for the life of the process.
+    Cached per (model config, micro-batch, device, precision, threads) for the life of the process.
     """
-    return _probe(json.dumps(model_config, sort_keys=True), batch, str(device), precision)
+    threads = threads or torch.get_num_threads()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _probe(json.dumps(model_config, sort_keys=True), batch, str(device), precision, threads)
+    finally:
+        torch.set_num_threads(before)
 
 
 @functools.lru_cache(maxsize=None)
-def _probe(config_json, batch, device, precision):
+def _probe(config_json, batch, device, precision, threads):
     from core.models import DiT
 
     cfg, device = json.loads(config_json), torch.device(device)
@@ -50,13 +63,13 @@ def _probe(config_json, batch, device, precision):
 
     step()  # allocations and kernel selection
     seconds = []
-    for _ in range(2):
+    while len(seconds) < PROBE_MIN_STEPS or sum(seconds) < PROBE_MIN_SECONDS:
         _sync(device)
         start = time.perf_counter()
         step()
         _sync(device)
         seconds.append(time.perf_counter() - start)
-    return batch / min(seconds)  # the faster step: other processes on a shared machine only slow one down
+    return batch / min(seconds)  # other processes on a shared machine only slow steps down
 
 
 def _sync(device):
@@ -73,7 +86,9 @@ def estimate_seconds(study):
     """{trial_id: seconds or a reason string}: training plus FID sampling, from probes on this machine.
 
     Models too big to probe here are extrapolated from the Gflop/s achieved by the largest probed one.
-    A trial with N GPU workers is assumed to run N times one GPU's rate; CPU workers share this machine.
+    A trial with N GPU workers is assumed to run N times one GPU's rate; CPU workers share this machine, each on
+    as many threads as it has CPUs (Ray sets a worker's OMP_NUM_THREADS to its CPUs), so trials side by side
+    are probed as they run.
     """
     res = study.raw["resources"]
     wants_gpu = res["gpus_per_worker"] > 0
@@ -81,6 +96,7 @@ def estimate_seconds(study):
         return {t.trial_id: "n/a (needs GPU)" for t in study.trials}
     device = torch.device("cuda" if wants_gpu else "cpu")
     parallel = res["workers_per_trial"] if wants_gpu else 1
+    threads = None if wants_gpu else max(1, int(res["cpus_per_worker"]))
 
     rates = {}  # trial_id -> images/s of one device
     for trial in study.trials:
@@ -88,7 +104,7 @@ def estimate_seconds(study):
         if batch:
             try:
                 rates[trial.trial_id] = probe_images_per_s(trial.model_config, batch, device,
-                                                           trial.train["precision"])
+                                                           trial.train["precision"], threads)
             except torch.OutOfMemoryError:
                 pass
     if not rates:
@@ -105,6 +121,21 @@ def _probe_batch(trial, workers, device):
     while batch > PROBE_BATCHES[1] and trial.gflops * batch > PROBE_BUDGET_GFLOP[device.type]:
         batch //= 2
     return batch if trial.gflops * batch <= PROBE_BUDGET_GFLOP[device.type] else None
+
+
+def local_slots(study):
+    """Trials at a time on this machine, as `scaling.run` without a cluster would run them."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return max_concurrent_trials(study, {"CPU": cpus, "GPU": gpus})
+
+
+def wall_seconds(seconds, slots):
+    """The wall time of trials of these durations, in order, each taking the first free of `slots` slots."""
+    free_at = [0.0] * slots
+    for s in seconds:
+        heapq.heappush(free_at, heapq.heappop(free_at) + s)
+    return max(free_at)
 
 
 def _trial_seconds(trial, images_per_s):
@@ -198,8 +229,11 @@ def format_plan(study, estimate=True):
         total_time = "not estimated"
     else:
         reasons = [times[t.trial_id] for t in todo if isinstance(times[t.trial_id], str)]  # e.g. "n/a (needs GPU)"
-        total_time = reasons[0] if reasons else (f"{human_duration(sum(times[t.trial_id] for t in todo))} "
-                                                 "(one trial at a time; training + FID sampling)")
+        slots = min(local_slots(study), len(todo))
+        at_once = "one trial at a time" if slots == 1 else f"{slots} trials at a time"
+        total_time = reasons[0] if reasons else (
+            f"{human_duration(wall_seconds([times[t.trial_id] for t in todo], slots))} ({at_once} on this "
+            "machine; training + FID sampling, without Ray's start-up)")
     lines = [f"study {study.name} ({study.path}): {len(study.trials)} trials -> {study.output}", ""]
     lines += _table(rows)
     lines += ["", f"total: {len(study.trials)} trials, training compute {total_compute:.2e} Gflop, "

@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 
 from core.folder_lock import lock_folder
-from scaling.study import StudyError, check_cluster, load_study
+from scaling.study import StudyError, check_cluster, load_study, max_concurrent_trials
 
 EXIT_OK, EXIT_TRIALS_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal, as a shell reports it
@@ -420,18 +420,6 @@ def sigterm_stops_the_study():
     finally:
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, previous_int)
-
-
-def max_concurrent_trials(study, resources):
-    """As many trials as the cluster's resources hold at once: no GPU idles while trials wait."""
-    res = study.raw["resources"]
-    if res["max_concurrent_trials"]:
-        return res["max_concurrent_trials"]
-    workers = res["workers_per_trial"]
-    fits = [int(resources.get("CPU", 0) // (workers * res["cpus_per_worker"]))] if res["cpus_per_worker"] else []
-    if res["gpus_per_worker"]:
-        fits.append(int(resources.get("GPU", 0) // (workers * res["gpus_per_worker"])))
-    return max(1, min(fits or [1]))
 
 
 def _write_atomic(path, text):

@@ -941,6 +941,18 @@ def _sweep_yaml(key, values):
     return [f"DiT-{size}" if patch is None else f"DiT-{size}/{patch}" for size, patch in values]
 
 
+def max_concurrent_trials(study, resources):
+    """As many trials as the cluster's resources hold at once: no GPU idles while trials wait."""
+    res = study.raw["resources"]
+    if res["max_concurrent_trials"]:
+        return res["max_concurrent_trials"]
+    workers = res["workers_per_trial"]
+    fits = [int(resources.get("CPU", 0) // (workers * res["cpus_per_worker"]))] if res["cpus_per_worker"] else []
+    if res["gpus_per_worker"]:
+        fits.append(int(resources.get("GPU", 0) // (workers * res["gpus_per_worker"])))
+    return max(1, min(fits or [1]))
+
+
 def check_cluster(study, cluster_resources):
     """Raise StudyError when one trial needs more GPUs or CPUs than the cluster has (ray.cluster_resources())."""
     res = study.raw["resources"]

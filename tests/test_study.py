@@ -1,4 +1,5 @@
 """scaling.study and scaling.dry_run: the schema, grid expansion, trial ids, the --dry-run table, and bad input."""
+import os
 import re
 import textwrap
 from pathlib import Path
@@ -8,7 +9,7 @@ import torch
 import yaml
 
 from core.models import DiT
-from scaling.dry_run import format_plan
+from scaling.dry_run import format_plan, local_slots, wall_seconds
 from scaling.results import RESULTS_SCHEMA, write_table
 from scaling.study import StudyError, check_cluster, load_study
 
@@ -253,7 +254,19 @@ def test_dry_run_estimates_from_a_probe(tmp_path):
     plan = format_plan(study)
     rows = [line for line in plan.splitlines() if line.startswith("DiT-P-")]
     assert len(rows) == 2 and all(re.search(r"\d+(\.\d)?[smhd]\S*$", row) for row in rows), plan
-    assert re.search(r"^total: 2 trials, training compute \S+ Gflop, estimated time \S+ \(one trial", plan, re.M)
+    assert re.search(r"^total: 2 trials, training compute \S+ Gflop, estimated time \S+ \((one trial|2 trials) at a "
+                     r"time on this machine; training \+ FID sampling", plan, re.M), plan
+
+
+def test_the_dry_runs_total_time_schedules_trials_on_the_free_slots(tmp_path):
+    assert wall_seconds([3, 1, 1, 2], 2) == 4  # 3 | 1, 1, 2: each trial takes the first slot free, in grid order
+    assert wall_seconds([3, 1, 1, 2], 1) == 7 and wall_seconds([5], 4) == 5
+    one = load(tmp_path, overrides=["resources.max_concurrent_trials=1"])
+    assert local_slots(one) == 1 and "(one trial at a time on this machine" in format_plan(one, estimate=True)
+    assert local_slots(load(tmp_path, overrides=["resources.max_concurrent_trials=3"])) == 3
+    cpus = len(os.sched_getaffinity(0))
+    assert local_slots(load(tmp_path)) == cpus  # one CPU per trial's worker, as BASE asks
+    assert local_slots(load(tmp_path, overrides=["resources.cpus_per_worker=2"])) == max(1, cpus // 2)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
