@@ -9,7 +9,7 @@ import torch
 
 from core.flops import training_compute
 from scaling.results import RESULTS_FILE, recorded_trials
-from scaling.study import max_concurrent_trials
+from scaling.study import launch_order, max_concurrent_trials
 
 PROBE_BATCHES = (128, 8)  # the micro-batch probed, halved from the first towards the second to fit the budget
 # Forward Gflop per probe step worth spending on an estimate: a bigger model is extrapolated instead.
@@ -131,7 +131,7 @@ def local_slots(study):
 
 
 def wall_seconds(seconds, slots):
-    """The wall time of trials of these durations, in order, each taking the first free of `slots` slots."""
+    """The wall time of trials of these durations, in launch order, each taking the first free of `slots` slots."""
     free_at = [0.0] * slots
     for s in seconds:
         heapq.heappush(free_at, heapq.heappop(free_at) + s)
@@ -232,7 +232,7 @@ def format_plan(study, estimate=True):
         slots = min(local_slots(study), len(todo))
         at_once = "one trial at a time" if slots == 1 else f"{slots} trials at a time"
         total_time = reasons[0] if reasons else (
-            f"{human_duration(wall_seconds([times[t.trial_id] for t in todo], slots))} ({at_once} on this "
+            f"{human_duration(wall_seconds([times[t.trial_id] for t in launch_order(todo)], slots))} ({at_once} on this "
             "machine; training + FID sampling, without Ray's start-up)")
     lines = [f"study {study.name} ({study.path}): {len(study.trials)} trials -> {study.output}", ""]
     lines += _table(rows)

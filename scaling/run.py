@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import logging
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -20,7 +21,7 @@ import uuid
 from pathlib import Path
 
 from core.folder_lock import lock_folder
-from scaling.study import StudyError, check_cluster, load_study, max_concurrent_trials
+from scaling.study import StudyError, check_cluster, launch_order, load_study, max_concurrent_trials
 
 EXIT_OK, EXIT_TRIALS_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal, as a shell reports it
@@ -116,6 +117,17 @@ def check_results(study):
                 db.execute("PRAGMA schema_version").fetchone()  # reads the header: fails on anything else
         except sqlite3.Error as e:
             raise unreadable(f"{store}: not an SQLite database ({e})") from None
+
+
+def mlflow_ui_command(uri):
+    """The command that shows a SQLite store in the MLflow UI, naming the mlflow beside this Python (.venv/bin)."""
+    beside = Path(sys.executable).parent / "mlflow"
+    if beside.exists():
+        try:
+            beside = beside.relative_to(Path.cwd())  # .venv/bin/mlflow, as the README has it
+        except ValueError:
+            pass
+    return f"{shlex.quote(str(beside)) if beside.exists() else 'mlflow'} ui --backend-store-uri {shlex.quote(uri)}"
 
 
 def sqlite_store(uri):
@@ -276,12 +288,10 @@ def _run_trials(study, build_report, report_dir):
         print(f"warning: {out / 'results.parquet'} also holds {len(foreign)} trial(s) that {study.path} no longer "
               f"defines (it was edited since they ran); they stay there and in the report. Give the study another "
               f"`output` to keep the two apart.", file=sys.stderr)
-    # Largest first: the longest trials start at once and the short ones fill in around them.
-    todo = sorted((t for t in study.trials if t.trial_id not in done),
-                  key=lambda t: -t.gflops * t.train["batch_size"] * t.train["max_steps"])
+    todo = launch_order(t for t in study.trials if t.trial_id not in done)
     progress = Progress(study.trials, skipped=done)
     print(f"study {study.name}: {len(study.trials)} trials, {len(done)} already finished; output {out}")
-    print(f"MLflow: {uri}   (mlflow ui --backend-store-uri {uri})")
+    print(f"MLflow: {uri}" + (f"   ({mlflow_ui_command(uri)})" if sqlite_store(uri) else ""))
     recorder = Recorder(study, tracker, progress)
     recorder.open_runs(t.trial_id for t in todo)  # now, while MLflow answers (checked before launch)
     started = time.time()

@@ -941,6 +941,12 @@ def _sweep_yaml(key, values):
     return [f"DiT-{size}" if patch is None else f"DiT-{size}/{patch}" for size, patch in values]
 
 
+def launch_order(trials):
+    """The order trials are launched in: largest training compute first, so the longest start at once and the
+    short ones fill in around them."""
+    return sorted(trials, key=lambda t: -t.gflops * t.train["batch_size"] * t.train["max_steps"])
+
+
 def max_concurrent_trials(study, resources):
     """As many trials as the cluster's resources hold at once: no GPU idles while trials wait."""
     res = study.raw["resources"]

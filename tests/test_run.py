@@ -347,3 +347,15 @@ def test_unreachable_address_exits_2(tmp_path):
     proc = run([study, "--address", "127.0.0.1:1"], timeout=60)
     assert proc.returncode == 2 and "--address 127.0.0.1:1: cannot reach a Ray cluster" in proc.stderr
     assert not out.exists()
+
+
+def test_the_printed_mlflow_ui_command_runs(tmp_path, monkeypatch):
+    import shlex
+
+    uri = f"sqlite:///{tmp_path}/a study/mlflow.db"
+    monkeypatch.chdir(REPO)
+    argv = shlex.split(scaling_run.mlflow_ui_command(uri))
+    assert argv[1:] == ["ui", "--backend-store-uri", uri]
+    # The venv's own mlflow, named so that it runs without activating the venv (`make run` does not).
+    assert (REPO / argv[0]).resolve() == (Path(sys.executable).parent / "mlflow").resolve()
+    assert subprocess.run([REPO / argv[0], "--version"], capture_output=True, timeout=120).returncode == 0

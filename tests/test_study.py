@@ -259,7 +259,7 @@ def test_dry_run_estimates_from_a_probe(tmp_path):
 
 
 def test_the_dry_runs_total_time_schedules_trials_on_the_free_slots(tmp_path):
-    assert wall_seconds([3, 1, 1, 2], 2) == 4  # 3 | 1, 1, 2: each trial takes the first slot free, in grid order
+    assert wall_seconds([3, 1, 1, 2], 2) == 4  # 3 | 1, 1, 2: each trial takes the first slot free, in order
     assert wall_seconds([3, 1, 1, 2], 1) == 7 and wall_seconds([5], 4) == 5
     one = load(tmp_path, overrides=["resources.max_concurrent_trials=1"])
     assert local_slots(one) == 1 and "(one trial at a time on this machine" in format_plan(one, estimate=True)
