@@ -143,7 +143,7 @@ def build_imagefolder(split="train", path=None, image_size=None):
 
 
 def build_latents(split="train", path=None, image_size=None, in_memory=None):
-    """Latent shards written by `python -m core.encode_latents`; training items are every image and its mirror.
+    """Latent shards written by `python -m scaling.encode_latents`; training items are every image and its mirror.
 
     See core.latents.LatentShards: the train split has 2 items per image, the held-out split one.
     """

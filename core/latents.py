@@ -1,4 +1,5 @@
-"""Images encoded once by the VAE into latent shards: the encoder (on Ray Data) and the dataset that reads them.
+"""Images encoded once by the VAE into latent shards: their format, how a folder of them is written, and the
+dataset that reads them (scaling.encode_latents encodes an image folder into one with Ray Data).
 
 An encoded folder holds shard-00000.safetensors, ... each with `latents` float32 (n, 2, C, h, w)
 (the latent of each image and of its mirror image, times the VAE's scale factor), `labels`
@@ -287,37 +288,6 @@ def load_vae(vae_path, device="cpu"):
     return vae.to(device).eval()
 
 
-def _load_images(batch, image_size):
-    """Ray Data batch function: file paths -> centre-cropped float32 (B, 3, S, S) in [-1, 1], and for each image
-    why it could not be read ("" when it could)."""
-    from core.data import UnreadableImage, image_transform, load_image
-
-    transform = image_transform(image_size)  # the training transform; the mirror is encoded as view 1
-    images, errors = [], []
-    for path in batch["path"]:
-        try:
-            images.append(transform(load_image(path)).numpy())
-            errors.append("")
-        except UnreadableImage as err:
-            # Handed on as data: raised here, it would reach the driver as Ray's own error, its file named only
-            # inside a worker's traceback. The placeholder is encoded and never written.
-            images.append(np.zeros((3, image_size, image_size), np.float32))
-            errors.append(str(err))
-    return {"image": np.stack(images), "label": batch["label"], "index": batch["index"], "error": np.array(errors)}
-
-
-class _Encode:
-    """Ray Data actor holding the VAE: images -> latents of each image and its mirror."""
-
-    def __init__(self, vae_path, seed):
-        self.vae = load_vae(vae_path, "cuda" if torch.cuda.is_available() else "cpu")
-        self.seed = seed
-
-    def __call__(self, batch):
-        latents = encode_images(self.vae, torch.from_numpy(batch["image"]), batch["index"], self.seed)
-        return {"latents": latents.numpy(), "label": batch["label"], "index": batch["index"], "error": batch["error"]}
-
-
 def encode_option_problem(image_size, batch_size, shard_size, num_workers, seed):
     """(option, value, what it must be) of the first encode_folder option that cannot work, or None."""
     for name, value, low in (("image_size", image_size, 1), ("batch_size", batch_size, 1),
@@ -441,23 +411,18 @@ def _swap_in(new, out):
             warnings.warn(f"the replaced encode {old} could not be removed: {err}")
 
 
-def encode_folder(data_path, vae_path, out_dir, image_size, batch_size=64, num_workers=None, shard_size=4096, seed=0):
-    """Encode an image folder into latent shards with Ray Data; one VAE per GPU, or per CPU process without GPUs.
+def write_shard(folder, k, latents, labels, indices):
+    """Save shard k of an encode into folder: latents (n, 2, C, h, w), labels (n,), indices (n,); its meta entry."""
+    save_file({"latents": latents.float().contiguous(), "labels": torch.as_tensor(labels, dtype=torch.int64),
+               "indices": torch.as_tensor(indices, dtype=torch.int64)}, str(folder / shard_name(k)))
+    return {"file": shard_name(k), "num_images": len(latents)}
 
-    Uses the running Ray instance (or starts a local one). Returns the meta it wrote. The shards are written into
-    a new folder beside out_dir, which replaces out_dir once complete: a failed encode leaves out_dir as it was.
+
+def write_latent_folder(out_dir, write_shards, meta):
+    """Write an encode at out_dir: write_shards(folder) writes its shards (write_shard) into a new folder beside
+    out_dir and returns (their meta entries, the latent shape); meta.json (meta and those) is written last, and the
+    folder then replaces out_dir. A failed encode leaves out_dir as it was. Returns the meta written.
     """
-    from core.data import scan_image_folder
-
-    problem = encode_option_problem(image_size, batch_size, shard_size, num_workers, seed)
-    if problem:
-        raise ValueError("{} {}: {}".format(*problem))
-    classes, samples = scan_image_folder(data_path)
-    vae = load_vae(vae_path)  # fail here, not in a Ray worker, on a bad VAE folder
-    scale_factor, downsample = vae.config.scaling_factor, 2 ** (len(vae.config.block_out_channels) - 1)
-    del vae
-    if image_size % downsample:
-        raise ValueError(f"image_size {image_size} is not a multiple of the VAE's downsampling factor {downsample}")
     out_dir = Path(out_dir)
     problem = out_problem(out_dir)
     if problem:
@@ -471,11 +436,8 @@ def encode_folder(data_path, vae_path, out_dir, image_size, batch_size=64, num_w
             new.mkdir()
             with contextlib.suppress(OSError):  # unlockable storage: this encode is then left to be removed by hand
                 held.callback(os.close, lock_folder(new))  # a later encode knows new is not abandoned
-            shards, latent_shape = _encode_shards(samples, new, image_size, vae_path, batch_size, num_workers,
-                                                  shard_size, seed)
-            meta = dict(format=FORMAT, num_images=len(samples), classes=classes, latent_shape=latent_shape,
-                        views=list(VIEWS), scale_factor=scale_factor, vae=str(Path(vae_path).resolve()),
-                        image_size=image_size, seed=seed, shards=shards,
+            shards, latent_shape = write_shards(new)
+            meta = dict(format=FORMAT, **meta, latent_shape=latent_shape, views=list(VIEWS), shards=shards,
                         encoded_in=new.name)  # once swapped out under this name, it says it is the earlier one
             (new / META).write_text(json.dumps(meta, indent=1))  # last: a folder with a meta.json is complete
         except BaseException:
@@ -486,39 +448,3 @@ def encode_folder(data_path, vae_path, out_dir, image_size, batch_size=64, num_w
             raise
         _swap_in(new, out_dir)
     return meta
-
-
-def _encode_shards(samples, folder, image_size, vae_path, batch_size, num_workers, shard_size, seed):
-    """Write the latents of samples [(file, label), ...] as shards into folder; returns (shard list, latent shape)."""
-    import ray
-
-    from core.data import UnreadableImage
-
-    if not ray.is_initialized():
-        ray.init()
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    # Without GPUs, leave a CPU for the tasks that load images.
-    workers = num_workers or gpus or max(1, int(resources.get("CPU", 1)) - 1)
-    resources_per_worker = dict(num_gpus=1) if gpus else dict(num_cpus=1)
-    ray.data.DataContext.get_current().execution_options.preserve_order = True  # shards in folder order
-    rows = [{"path": p, "label": y, "index": i} for i, (p, y) in enumerate(samples)]
-    ds = ray.data.from_items(rows)
-    ds = ds.map_batches(_load_images, fn_kwargs=dict(image_size=image_size), batch_size=batch_size)
-    ds = ds.map_batches(_Encode, fn_constructor_kwargs=dict(vae_path=str(vae_path), seed=seed), batch_size=batch_size,
-                        compute=ray.data.ActorPoolStrategy(size=workers), **resources_per_worker)
-
-    shards, latent_shape = [], None
-    for k, batch in enumerate(ds.iter_batches(batch_size=shard_size, batch_format="numpy")):
-        unreadable = [str(e) for e in batch["error"] if e]
-        if unreadable:
-            raise UnreadableImage(unreadable[0])
-        start = k * shard_size
-        if not np.array_equal(batch["index"], np.arange(start, start + len(batch["index"]))):
-            raise RuntimeError(f"Ray Data returned images out of order in shard {k}")
-        latents = torch.from_numpy(batch["latents"].copy())  # (n, 2, C, h, w); Ray's arrays are read-only
-        latent_shape = list(latents.shape[2:])
-        save_file({"latents": latents.contiguous(), "labels": torch.tensor(batch["label"], dtype=torch.int64),
-                   "indices": torch.tensor(batch["index"], dtype=torch.int64)}, str(folder / shard_name(k)))
-        shards.append({"file": shard_name(k), "num_images": len(latents)})
-    return shards, latent_shape

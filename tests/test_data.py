@@ -167,7 +167,7 @@ def test_bad_paths_are_named_in_the_error(tmp_path):
 
 
 def test_encoder_command_reports_a_missing_folder(tmp_path, capsys):
-    from core.encode_latents import main
+    from scaling.encode_latents import main
 
     with pytest.raises(SystemExit) as exit_:
         main(["--data-path", str(tmp_path / "nowhere"), "--vae", str(tmp_path), "--out", str(tmp_path / "out")])
@@ -191,7 +191,7 @@ def encode_tiny_folder(root):
     """Encode a 9-image folder with a tiny random AutoencoderKL (downsampling ×2) through Ray Data, in root."""
     import ray
 
-    from core.encode_latents import main
+    from scaling.encode_latents import main
 
     images = make_folder(root / "images")
     save_tiny_vae(root / "vae")
@@ -391,8 +391,8 @@ def test_meta_that_is_not_a_json_object_or_not_a_file(tmp_path):
 #################################################################################
 
 def encoder_main(*args):
-    """The exit code of `python -m core.encode_latents ARGS`, run in this process."""
-    from core.encode_latents import main
+    """The exit code of `python -m scaling.encode_latents ARGS`, run in this process."""
+    from scaling.encode_latents import main
 
     try:
         main(list(map(str, args)))

@@ -1,0 +1,145 @@
+"""`python -m scaling.encode_latents`: encode an image folder once into VAE latent shards, in parallel with Ray Data.
+
+core.latents holds the shard format and writes the folder; this module spreads the VAE over Ray: one copy per
+GPU, or per CPU process without GPUs.
+"""
+import argparse
+import functools
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core.latents import (VAEError, encode_images, encode_option_problem, load_vae, out_problem, write_latent_folder,
+                          write_shard)
+
+
+def encode_folder(data_path, vae_path, out_dir, image_size, batch_size=64, num_workers=None, shard_size=4096, seed=0):
+    """Encode an image folder into latent shards at out_dir (core.latents.write_latent_folder); returns its meta.
+
+    Uses the running Ray instance (or starts a local one). A failed encode leaves out_dir as it was.
+    """
+    from core.data import scan_image_folder
+
+    problem = encode_option_problem(image_size, batch_size, shard_size, num_workers, seed)
+    if problem:
+        raise ValueError("{} {}: {}".format(*problem))
+    classes, samples = scan_image_folder(data_path)
+    vae = load_vae(vae_path)  # fail here, not in a Ray worker, on a bad VAE folder
+    scale_factor, downsample = vae.config.scaling_factor, 2 ** (len(vae.config.block_out_channels) - 1)
+    del vae
+    if image_size % downsample:
+        raise ValueError(f"image_size {image_size} is not a multiple of the VAE's downsampling factor {downsample}")
+    write_shards = functools.partial(_encode_shards, samples, image_size=image_size, vae_path=vae_path,
+                                     batch_size=batch_size, num_workers=num_workers, shard_size=shard_size, seed=seed)
+    meta = dict(num_images=len(samples), classes=classes, scale_factor=scale_factor, vae=str(Path(vae_path).resolve()),
+                image_size=image_size, seed=seed)
+    return write_latent_folder(out_dir, write_shards, meta)
+
+
+def _encode_shards(samples, folder, image_size, vae_path, batch_size, num_workers, shard_size, seed):
+    """Write the latents of samples [(file, label), ...] as shards into folder; returns (shard list, latent shape)."""
+    import ray
+
+    from core.data import UnreadableImage
+
+    if not ray.is_initialized():
+        ray.init()
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    # Without GPUs, leave a CPU for the tasks that load images.
+    workers = num_workers or gpus or max(1, int(resources.get("CPU", 1)) - 1)
+    resources_per_worker = dict(num_gpus=1) if gpus else dict(num_cpus=1)
+    ray.data.DataContext.get_current().execution_options.preserve_order = True  # shards in folder order
+    rows = [{"path": p, "label": y, "index": i} for i, (p, y) in enumerate(samples)]
+    ds = ray.data.from_items(rows)
+    ds = ds.map_batches(_load_images, fn_kwargs=dict(image_size=image_size), batch_size=batch_size)
+    ds = ds.map_batches(_Encode, fn_constructor_kwargs=dict(vae_path=str(vae_path), seed=seed), batch_size=batch_size,
+                        compute=ray.data.ActorPoolStrategy(size=workers), **resources_per_worker)
+
+    shards, latent_shape = [], None
+    for k, batch in enumerate(ds.iter_batches(batch_size=shard_size, batch_format="numpy")):
+        unreadable = [str(e) for e in batch["error"] if e]
+        if unreadable:
+            raise UnreadableImage(unreadable[0])
+        start = k * shard_size
+        if not np.array_equal(batch["index"], np.arange(start, start + len(batch["index"]))):
+            raise RuntimeError(f"Ray Data returned images out of order in shard {k}")
+        latents = torch.from_numpy(batch["latents"].copy())  # (n, 2, C, h, w); Ray's arrays are read-only
+        latent_shape = list(latents.shape[2:])
+        shards.append(write_shard(folder, k, latents, batch["label"], batch["index"]))
+    return shards, latent_shape
+
+
+def _load_images(batch, image_size):
+    """Ray Data batch function: file paths -> centre-cropped float32 (B, 3, S, S) in [-1, 1], and for each image
+    why it could not be read ("" when it could)."""
+    from core.data import UnreadableImage, image_transform, load_image
+
+    transform = image_transform(image_size)  # the training transform; the mirror is encoded as view 1
+    images, errors = [], []
+    for path in batch["path"]:
+        try:
+            images.append(transform(load_image(path)).numpy())
+            errors.append("")
+        except UnreadableImage as err:
+            # Handed on as data: raised here, it would reach the driver as Ray's own error, its file named only
+            # inside a worker's traceback. The placeholder is encoded and never written.
+            images.append(np.zeros((3, image_size, image_size), np.float32))
+            errors.append(str(err))
+    return {"image": np.stack(images), "label": batch["label"], "index": batch["index"], "error": np.array(errors)}
+
+
+class _Encode:
+    """Ray Data actor holding the VAE: images -> latents of each image and its mirror."""
+
+    def __init__(self, vae_path, seed):
+        self.vae = load_vae(vae_path, "cuda" if torch.cuda.is_available() else "cpu")
+        self.seed = seed
+
+    def __call__(self, batch):
+        latents = encode_images(self.vae, torch.from_numpy(batch["image"]), batch["index"], self.seed)
+        return {"latents": latents.numpy(), "label": batch["label"], "index": batch["index"], "error": batch["error"]}
+
+
+def check_arguments(args):
+    """Raise ValueError naming the flag whose value cannot work, before Ray starts or --out is touched."""
+    problem = encode_option_problem(args.image_size, args.batch_size, args.shard_size, args.num_workers, args.seed)
+    if problem:
+        name, value, what = problem
+        raise ValueError(f"--{name.replace('_', '-')} {value}: {what}")
+    problem = out_problem(args.out)
+    if problem:
+        raise ValueError(f"--out {args.out}: {problem}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data-path", required=True, help="ImageNet-style folder: one sub-folder of images per class")
+    parser.add_argument("--vae", required=True, help="local folder of a diffusers AutoencoderKL (e.g. sd-vae-ft-ema)")
+    parser.add_argument("--out", required=True,
+                        help="output folder for the shards and meta.json: new, empty, or an earlier encode, which is "
+                             "replaced once the new one is complete")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=64, help="images per VAE forward pass")
+    parser.add_argument("--num-workers", type=int, default=None,
+                        help="VAE copies; default (or 0): one per GPU, or the CPUs less one without GPUs")
+    parser.add_argument("--shard-size", type=int, default=4096, help="images per shard file")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the latent samples (per image)")
+    args = parser.parse_args(argv)
+    try:
+        check_arguments(args)
+        meta = encode_folder(args.data_path, args.vae, args.out, args.image_size, batch_size=args.batch_size,
+                             num_workers=args.num_workers, shard_size=args.shard_size, seed=args.seed)
+    except VAEError as err:
+        parser.exit(2, f"error: --vae {args.vae}: {err}\n")
+    except (FileNotFoundError, ValueError) as err:  # an unreadable image among them: its message names the file
+        parser.exit(2, f"error: {err}\n")
+    except OSError as err:  # writing the shards (a full disk, storage that refuses the write): nothing is left
+        parser.exit(1, f"error: {err}\n")
+    print(f"encoded {meta['num_images']} images of {len(meta['classes'])} classes into {len(meta['shards'])} shards "
+          f"of latents {tuple(meta['latent_shape'])} in {args.out}")
+
+
+if __name__ == "__main__":
+    main()
