@@ -23,5 +23,6 @@ test: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/python -m scaling.run $(STUDY)
 
+# The venv only: outputs/ and reports/ hold studies' results, which no make target deletes.
 clean:
-	rm -rf $(VENV) outputs
+	rm -rf $(VENV)

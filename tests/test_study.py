@@ -181,6 +181,21 @@ def test_the_resolved_study_file_loads_as_the_same_study(tmp_path, overrides):
     assert [t.train for t in again.trials] == [t.train for t in study.trials]
 
 
+def test_the_readme_documents_every_study_key_with_its_default():
+    from scaling.study import BOOKKEEPING, REQUIRED, SCHEMA, SWEEP_AXES, TOP_LEVEL
+
+    readme = (STUDIES.parent / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `([a-z_.A-Z]+)` \| (?:`([^`]*)`|\(required\)) \|", readme, re.M))
+    fields = {f"{section}.{key}": default for section, keys in SCHEMA.items() for key, (default, _) in keys.items()}
+    fields.update({key: spec[0] for key, spec in TOP_LEVEL.items() if spec is not None})
+    assert set(rows) == set(fields)
+    for key, default in fields.items():
+        assert (rows[key] == "" if default is REQUIRED else yaml.safe_load(rows[key]) == default), key
+    axes = set(re.findall(r"^\| `sweep\.([a-z_.A-Z]+)` \| ", readme, re.M))
+    assert axes == {*SWEEP_AXES, "train.FIELD"}
+    assert all(f"`{key}`" in readme.split("`sweep.train.FIELD`")[1].split("\n")[0] for key in BOOKKEEPING)
+
+
 #################################################################################
 #                                  Trial ids                                    #
 #################################################################################
