@@ -161,6 +161,27 @@ class TrainConfig:
         return model_config(self.model, **self.model_overrides)
 
 
+# What a resumed run must share with its checkpoint's run: what the remaining steps compute. The world size,
+# accumulation, ZeRO stage (within ZeRO's own limits), compile, data path (data moves) and bookkeeping may change
+# (resume stays exact); max_steps too, under a constant lr, whose steps do not depend on it.
+RESUME_SETTINGS = ("dataset", "image_size", "batch_size", "lr", "lr_schedule", "warmup_steps", "betas",
+                   "weight_decay", "grad_clip", "ema_decay", "precision", "seed", "diffusion_steps")  # + the model
+
+
+def _check_resume_settings(path, saved, cfg):
+    """Raise CheckpointError when the checkpoint at path was written by a run with other settings than cfg."""
+    if saved is None:  # a checkpoint from before the config was kept in it
+        return
+    now = _jsonable(cfg)
+    constant = cfg.lr_schedule == saved.get("lr_schedule") == "constant"
+    names = RESUME_SETTINGS + (() if constant else ("max_steps",))
+    changed = [f"{name} {saved[name]!r} (now {now[name]!r})" for name in names
+               if name in saved and saved[name] != now[name]]
+    if changed:
+        raise ckpt.CheckpointError(f"{path} was written by a run with other settings: {'; '.join(changed)}; resume "
+                                   "with its settings, or train this one in another folder")
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
@@ -408,7 +429,7 @@ def train(cfg, out_dir, milestones=(), callbacks=None, resume_from=None, checkpo
     if resume_from == "auto":
         resume_from = ckpt.latest_checkpoint(checkpoint_dir)
     if resume_from is not None:  # a missing, corrupt or foreign checkpoint fails now, not after the set-up
-        ckpt.check_checkpoint(resume_from, mcfg)
+        _check_resume_settings(resume_from, ckpt.check_checkpoint(resume_from, mcfg).get("config"), cfg)
 
     import deepspeed
 

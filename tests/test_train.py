@@ -1,5 +1,6 @@
 """core.train: DeepSpeed ZeRO training on CPU (gloo), exact resume, checkpoint errors."""
 import json
+import re
 import os
 import subprocess
 import sys
@@ -193,6 +194,16 @@ def test_checkpoint_errors_name_the_file(tmp_path):
     other = tiny_config(max_steps=4, model="DiT-N/2")
     with pytest.raises(ckpt.CheckpointError, match="trainer_state.json belongs to another model"):
         train(other, tmp_path / "x", resume_from=good)
+
+    # Another lr: not the run the checkpoint is of (max_steps may grow under a constant lr, as above and below).
+    with pytest.raises(ckpt.CheckpointError, match=f"^{re.escape(str(good))} was written by a run with other "
+                                                   r"settings: lr 0\.001 \(now 0\.002\); seed 0 \(now 1\); resume "):
+        train(tiny_config(max_steps=4, lr=2e-3, seed=1), tmp_path / "x", resume_from=good)
+    train(tiny_config(max_steps=2, lr_schedule="cosine"), tmp_path / "cosine")
+    with pytest.raises(ckpt.CheckpointError, match=r"settings: max_steps 2 \(now 4\); resume"):
+        train(tiny_config(max_steps=4, lr_schedule="cosine"), tmp_path / "x", resume_from="auto",
+              checkpoint_dir=tmp_path / "cosine" / "checkpoints")
+    assert not (tmp_path / "x").exists()  # refused before anything is written
 
     cut = tmp_path / "cut"
     import shutil
