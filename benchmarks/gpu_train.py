@@ -73,6 +73,14 @@ def main():
     parser.add_argument("--micro-batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("no GPU here: this benchmark measures GPU training (benchmarks.train_step measures a CPU)")
+    if args.steps < 2:
+        parser.error("--steps must be at least 2: the throughput is that of the second half")
+    unknown = [c for c in args.configs if c not in CONFIGS]
+    if unknown or args.micro_batch < 1 or args.batch % args.micro_batch:
+        parser.error(f"unknown configs {unknown} (known: {', '.join(CONFIGS)})" if unknown else
+                     f"--micro-batch {args.micro_batch} must divide --batch {args.batch}")
     logging.disable(logging.WARNING)
     peak = matmul_peak_tflops(8192, torch.bfloat16, "cuda")
     print(f"machine: {describe()}")

@@ -1,6 +1,6 @@
 """Images/s of one DiT training step (forward, backward, AdamW): core's DiT vs diffusers' DiTTransformer2DModel.
 
-    python benchmarks/train_step.py --model DiT-M/2 --batch 128
+    python -m benchmarks.train_step --model DiT-M/2 --batch 128
 
 Both models have the same width, depth, heads and patch and the same optimizer (core.optim's, what
 a trial trains with); the runs are interleaved in one process so that the machine's state affects

@@ -86,13 +86,14 @@ def _watch_cpu(proc, totals, every=0.25):
             fields = text.rsplit(")", 1)[1].split()  # state, ppid, ..., utime (12th), stime (13th)
             parents[pid] = int(fields[1])
             seen[pid] = (_kind(text[text.index("(") + 1:text.rindex(")")], cmdline),
-                         (int(fields[11]) + int(fields[12])) / tick)
-        for pid, reading in seen.items():
+                         (int(fields[11]) + int(fields[12])) / tick, cmdline != [b""])
+        for pid, (kind, seconds, named) in seen.items():
             ancestor = pid
             while ancestor not in (0, 1, proc.pid) and ancestor in parents:
                 ancestor = parents[ancestor]
             if ancestor == proc.pid:
-                last[pid] = reading
+                # An exiting process has no cmdline left, only its name cut to 15 characters: it keeps its kind.
+                last[pid] = (kind if named or pid not in last else last[pid][0], seconds)
         time.sleep(every)
     for kind, seconds in last.values():
         totals[kind] = totals.get(kind, 0.0) + seconds
