@@ -104,3 +104,8 @@ def _side_by_side_tflops(product, n, seconds, copies):
 def _sync(device):
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
+
+
+if __name__ == "__main__":  # python -m benchmarks.machine: what each benchmark prints first
+    print(f"machine: {describe()}")
+    print(f"fp32 matmul peak (2048², best window): {matmul_peak_tflops(copies=torch.get_num_threads()) * 1e3:.1f} GFLOP/s")
