@@ -1,4 +1,5 @@
 """The bad-input catalogue at the command line: each case exits non-zero, names the field or file, writes nothing."""
+import json
 import os
 import shutil
 import subprocess
@@ -293,6 +294,13 @@ def test_a_checkpoint_of_another_batch_size_is_named(tmp_path, capsys):
     good = checkpoint_of_two_steps(tmp_path)
     capsys.readouterr()
     argv = CORE_TRAIN + ["--global-batch-size", "16", "--results-dir", str(tmp_path / "x"), "--resume", str(good)]
+    assert core_train.main(argv) == 2
+    assert capsys.readouterr().err.endswith(f"error: {good} was written by a run with other settings: batch_size 8 "
+                                            "(now 16); resume with its settings, or train this one in another folder\n")
+    # A checkpoint from before the run's settings were kept in it: its sampler still names the batch size.
+    state = json.loads((good / "trainer_state.json").read_text())
+    del state["config"]
+    (good / "trainer_state.json").write_text(json.dumps(state))
     assert core_train.main(argv) == 2
     assert capsys.readouterr().err.endswith(f"error: {good / 'trainer_state.json'} does not match this run's data: "
                                             "sampler state has global_batch=8, this sampler has 16\n")
