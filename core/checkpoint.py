@@ -138,6 +138,7 @@ STATE_FIELDS = {
     "model_config": (lambda v: isinstance(v, dict), "an object", True),
     "history": (lambda v: isinstance(v, list), "a list", False),
     "metrics": (lambda v: isinstance(v, dict), "an object", False),
+    "config": (lambda v: isinstance(v, dict), "an object", False),  # the run's settings, for the resume check
 }
 JSON_TYPES = {dict: "object", list: "list", str: "string", int: "number", float: "number", bool: "boolean",
               type(None): "null"}

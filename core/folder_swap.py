@@ -1,4 +1,5 @@
 """Putting a finished folder where an earlier one is, so that the destination is never missing."""
+import contextlib
 import ctypes
 import errno
 import os
@@ -42,7 +43,8 @@ def swap_in_folder(new, out, old):
     if not os.path.lexists(out):
         os.rename(new, out)
     elif exchange(new, out):
-        os.rename(new, old)  # now the earlier folder, under a name that says so
+        with contextlib.suppress(FileNotFoundError):  # an encode starting meanwhile may have removed it already
+            os.rename(new, old)  # now the earlier folder, under a name that says so
     else:
         os.rename(out, old)
         os.rename(new, out)

@@ -289,7 +289,7 @@ def load_vae(vae_path, device="cpu"):
 
 
 def encode_option_problem(image_size, batch_size, shard_size, num_workers, seed):
-    """(option, value, what it must be) of the first encode_folder option that cannot work, or None."""
+    """(option, value, what it must be) of the first encode option that cannot work, or None."""
     for name, value, low in (("image_size", image_size, 1), ("batch_size", batch_size, 1),
                              ("shard_size", shard_size, 1), ("num_workers", num_workers, 0)):
         if not (name == "num_workers" and value is None) and not _whole(value, low):
@@ -385,7 +385,10 @@ def _written_elsewhere(folder):
 
 def _remove_replaced(folder, out):
     """Remove an earlier encode into out that a later one replaced."""
-    shutil.rmtree(folder)
+    try:
+        shutil.rmtree(folder)
+    except FileNotFoundError:  # the encode that replaced it, between its exchange and rename, removes it too
+        return
     logger.warning("removed %s, an earlier encode into %s that a later one replaced", folder, out)
 
 
@@ -437,8 +440,8 @@ def write_latent_folder(out_dir, write_shards, meta):
             with contextlib.suppress(OSError):  # unlockable storage: this encode is then left to be removed by hand
                 held.callback(os.close, lock_folder(new))  # a later encode knows new is not abandoned
             shards, latent_shape = write_shards(new)
-            meta = dict(format=FORMAT, **meta, latent_shape=latent_shape, views=list(VIEWS), shards=shards,
-                        encoded_in=new.name)  # once swapped out under this name, it says it is the earlier one
+            meta = {**meta, "format": FORMAT, "latent_shape": latent_shape, "views": list(VIEWS), "shards": shards,
+                    "encoded_in": new.name}  # once swapped out under this name, it says it is the earlier one
             (new / META).write_text(json.dumps(meta, indent=1))  # last: a folder with a meta.json is complete
         except BaseException:
             shutil.rmtree(new, ignore_errors=True)

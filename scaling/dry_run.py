@@ -86,17 +86,17 @@ def estimate_seconds(study):
     """{trial_id: seconds or a reason string}: training plus FID sampling, from probes on this machine.
 
     Models too big to probe here are extrapolated from the Gflop/s achieved by the largest probed one.
-    A trial with N GPU workers is assumed to run N times one GPU's rate; CPU workers share this machine, each on
-    as many threads as it has CPUs (Ray sets a worker's OMP_NUM_THREADS to its CPUs), so trials side by side
-    are probed as they run.
+    A trial with N workers is assumed to run N times one worker's rate: one GPU, or on a CPU as many threads as
+    the worker has CPUs (Ray sets a worker's OMP_NUM_THREADS to its CPUs; at most this machine's), so trials side
+    by side are probed as they run.
     """
     res = study.raw["resources"]
     wants_gpu = res["gpus_per_worker"] > 0
     if wants_gpu and not torch.cuda.is_available():
         return {t.trial_id: "n/a (needs GPU)" for t in study.trials}
     device = torch.device("cuda" if wants_gpu else "cpu")
-    parallel = res["workers_per_trial"] if wants_gpu else 1
-    threads = None if wants_gpu else max(1, int(res["cpus_per_worker"]))
+    parallel = res["workers_per_trial"]
+    threads = None if wants_gpu else min(max(1, int(res["cpus_per_worker"])), _cpus())
 
     rates = {}  # trial_id -> images/s of one device
     for trial in study.trials:
@@ -123,11 +123,15 @@ def _probe_batch(trial, workers, device):
     return batch if trial.gflops * batch <= PROBE_BUDGET_GFLOP[device.type] else None
 
 
+def _cpus():
+    """The CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def local_slots(study):
     """Trials at a time on this machine, as `scaling.run` without a cluster would run them."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return max_concurrent_trials(study, {"CPU": cpus, "GPU": gpus})
+    return max_concurrent_trials(study, {"CPU": _cpus(), "GPU": gpus})
 
 
 def wall_seconds(seconds, slots):

@@ -345,6 +345,7 @@ class Locations:
 
     def __init__(self, file, lines):
         self.file, self.lines, self.overrides = str(file), lines, {}
+        self.given = set()  # the key paths `--set`s named
 
     def override(self, key_path, item):
         """Record that `--set item` replaced key_path (and everything the file had below it)."""
@@ -354,10 +355,11 @@ class Locations:
             if key_path[:n] not in self.lines:
                 self.overrides.setdefault(key_path[:n], item)
         self.overrides[key_path] = item
+        self.given.add(key_path)
 
     def set_by_override(self, key_path):
-        """Whether a `--set` gave the field itself."""
-        return key_path in self.overrides
+        """Whether a `--set` gave the field, itself or with a section above it."""
+        return any(key_path[:n] in self.given for n in range(1, len(key_path) + 1))
 
     def forget(self, key_path):
         """The field is no longer in the study (a `--set` elsewhere displaced it): its line points nowhere."""
@@ -397,7 +399,8 @@ def _apply_override(tree, item, where):
         node = node[part]
     node[key_path[-1]] = value
     where.override(key_path, item)
-    _displace(tree, key_path, where)
+    if value is not None:  # null removes the field or axis set, and leaves the other place as the file has it
+        _displace(tree, key_path, where)
 
 
 def _displace(tree, key_path, where):

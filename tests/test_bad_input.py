@@ -277,6 +277,7 @@ def test_malformed_trainer_state_given_to_core_train(tmp_path, capsys):
         json.dumps({**state, "step": "2"}): "is corrupt: \"step\" is '2', not a whole number >= 0",
         json.dumps({**state, "sampler": {"epoch": 0}}): 'is corrupt: "sampler" has no "batch"',
         json.dumps({**state, "history": {}}): 'is corrupt: "history" is {}, not a list',
+        json.dumps({**state, "config": "x"}): "is corrupt: \"config\" is 'x', not an object",
     }
     for text, problem in cases.items():
         state_file.write_text(text)

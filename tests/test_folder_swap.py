@@ -59,6 +59,22 @@ def test_swap_in_folder_onto_nothing_an_empty_folder_or_an_earlier_one(tmp_path,
 
 
 @linux_only
+def test_an_earlier_folder_removed_by_another_process_between_the_exchange_and_its_rename(tmp_path, monkeypatch):
+    import shutil
+
+    out, old = folder(tmp_path / "out", meta="1"), tmp_path / ".out.old"
+    new = folder(tmp_path / ".new", meta="2")
+
+    def exchange_then_lose_it(a, b):  # as a second encode's clean-up meets the earlier folder under new's name
+        done = exchange(a, b)
+        shutil.rmtree(a)
+        return done
+    monkeypatch.setattr(folder_swap, "exchange", exchange_then_lose_it)
+    swap_in_folder(new, out, old)
+    assert contents(out) == {"meta": "2"} and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@linux_only
 @pytest.mark.parametrize("one_step", [True, False], ids=["renameat2", "two-renames"])
 def test_a_reader_never_finds_the_destination_missing_while_folders_are_swapped_in(tmp_path, monkeypatch, one_step):
     if not one_step:  # the same reader does see the gap between two renames: it would see a gap in one step

@@ -161,6 +161,12 @@ def test_a_set_field_moves_between_fixed_and_swept(tmp_path):
     with pytest.raises(StudyError, match=re.escape("--set sweep.train.lr=[1e-4]: sweep.train.lr: train.lr is also set "
                                                    "(--set train.lr=2e-4); give it in one place")):
         load(tmp_path, overrides=["train.lr=2e-4", "sweep.train.lr=[1e-4]"])
+    # A field a --set gave with its whole section conflicts too.
+    with pytest.raises(StudyError, match=re.escape("sweep.train.lr: train.lr is also set (--set train={batch_size: 32, "
+                                                   "lr: 5e-4}); give it in one place")):
+        load(tmp_path, overrides=["train={batch_size: 32, lr: 5e-4}", "sweep.train.lr=[1e-4]"])
+    # Removing an axis the file does not have leaves the file's fixed value.
+    assert {t.train["lr"] for t in load(tmp_path, overrides=["sweep.train.lr=null"]).trials} == {1e-3}
 
 
 def test_resolved_study_round_trips_and_paths_are_absolute(tmp_path):
@@ -271,6 +277,20 @@ def test_dry_run_estimates_from_a_probe(tmp_path):
     assert len(rows) == 2 and all(re.search(r"\d+(\.\d)?[smhd]\S*$", row) for row in rows), plan
     assert re.search(r"^total: 2 trials, training compute \S+ Gflop, estimated time \S+ \((one trial|2 trials) at a "
                      r"time on this machine; training \+ FID sampling", plan, re.M), plan
+
+
+def test_the_dry_run_counts_every_worker_of_a_trial_and_probes_on_its_threads(tmp_path, monkeypatch):
+    import scaling.dry_run as dry_run
+
+    probed = []
+    monkeypatch.setattr(dry_run, "probe_images_per_s",
+                        lambda config, batch, device, precision, threads: probed.append((batch, threads)) or 1000.0)
+    one = dry_run.estimate_seconds(load(tmp_path, overrides=["eval.fid=false"]))
+    two = dry_run.estimate_seconds(load(tmp_path, overrides=["eval.fid=false", "resources.workers_per_trial=2",
+                                                             "resources.cpus_per_worker=64"]))
+    assert [two[k] * 2 for k in two] == list(one.values())  # 40 steps × 32 images at 2 × 1000 images/s
+    cpus = len(os.sched_getaffinity(0))
+    assert probed == [(32, 1)] * 4 + [(16, min(64, cpus))] * 4  # each worker's micro-batch, at most this machine's
 
 
 def test_the_dry_runs_total_time_schedules_trials_on_the_free_slots(tmp_path):

@@ -1,7 +1,7 @@
 """core.train: DeepSpeed ZeRO training on CPU (gloo), exact resume, checkpoint errors."""
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -204,6 +204,7 @@ def test_checkpoint_errors_name_the_file(tmp_path):
         train(tiny_config(max_steps=4, lr_schedule="cosine"), tmp_path / "x", resume_from="auto",
               checkpoint_dir=tmp_path / "cosine" / "checkpoints")
     assert not (tmp_path / "x").exists()  # refused before anything is written
+    assert train(tiny_config(max_steps=3, image_size=8), tmp_path / "y", resume_from=good)  # digits take no size
 
     cut = tmp_path / "cut"
     import shutil
