@@ -121,13 +121,12 @@ def check_results(study):
 
 def mlflow_ui_command(uri):
     """The command that shows a SQLite store in the MLflow UI, naming the mlflow beside this Python (.venv/bin)."""
-    beside = Path(sys.executable).parent / "mlflow"
-    if beside.exists():
-        try:
-            beside = beside.relative_to(Path.cwd())  # .venv/bin/mlflow, as the README has it
-        except ValueError:
-            pass
-    return f"{shlex.quote(str(beside)) if beside.exists() else 'mlflow'} ui --backend-store-uri {shlex.quote(uri)}"
+    mlflow = Path(sys.executable).parent / "mlflow"
+    if not mlflow.exists():
+        mlflow = Path("mlflow")  # whichever the shell finds
+    elif mlflow.is_relative_to(Path.cwd()):
+        mlflow = mlflow.relative_to(Path.cwd())  # .venv/bin/mlflow, as the README has it
+    return f"{shlex.quote(str(mlflow))} ui --backend-store-uri {shlex.quote(uri)}"
 
 
 def sqlite_store(uri):
