@@ -8,12 +8,12 @@ two builds must be identical (the resamples are drawn before they are spread ove
 """
 import argparse
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
 
 from benchmarks.machine import describe
+from core.cpus import usable_cpus
 from scaling.fits import N_BOOT
 from scaling.report import build_report
 from scaling.results import load_results
@@ -26,7 +26,7 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=1, help="builds per setting; the fastest is shown")
     args = parser.parse_args(argv)
     df = load_results(args.results)
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpus = usable_cpus()
     print(f"machine: {describe()}")
     print(f"{args.results}: {len(df)} rows, {df.trial_id.nunique()} trials; {args.n_boot} resamples per fit")
     fits, seconds = {}, {}

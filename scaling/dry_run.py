@@ -2,11 +2,11 @@
 import functools
 import heapq
 import json
-import os
 import time
 
 import torch
 
+from core.cpus import usable_cpus
 from core.flops import training_compute
 from scaling.results import RESULTS_FILE, recorded_trials
 from scaling.study import launch_order, max_concurrent_trials
@@ -96,7 +96,7 @@ def estimate_seconds(study):
         return {t.trial_id: "n/a (needs GPU)" for t in study.trials}
     device = torch.device("cuda" if wants_gpu else "cpu")
     parallel = res["workers_per_trial"]
-    threads = None if wants_gpu else min(max(1, int(res["cpus_per_worker"])), _cpus())
+    threads = None if wants_gpu else min(max(1, int(res["cpus_per_worker"])), usable_cpus())
 
     rates = {}  # trial_id -> images/s of one device
     for trial in study.trials:
@@ -123,15 +123,10 @@ def _probe_batch(trial, workers, device):
     return batch if trial.gflops * batch <= PROBE_BUDGET_GFLOP[device.type] else None
 
 
-def _cpus():
-    """The CPUs this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
 def local_slots(study):
     """Trials at a time on this machine, as `scaling.run` without a cluster would run them."""
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return max_concurrent_trials(study, {"CPU": _cpus(), "GPU": gpus})
+    return max_concurrent_trials(study, {"CPU": usable_cpus(), "GPU": gpus})
 
 
 def wall_seconds(seconds, slots):

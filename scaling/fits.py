@@ -9,7 +9,6 @@ import contextlib
 import functools
 import itertools
 import multiprocessing
-import os
 import pickle
 import time
 from dataclasses import dataclass, field
@@ -18,6 +17,8 @@ from typing import Callable
 import numpy as np
 from scipy import optimize, special, stats
 from threadpoolctl import threadpool_limits
+
+from core.cpus import usable_cpus
 
 CI_LEVEL = 0.95
 N_BOOT = 1000
@@ -337,7 +338,7 @@ def parallel_fits(processes=None):
     """
     global _parallel
     if processes is None:
-        processes = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        processes = usable_cpus()
     outer, _parallel = _parallel, [processes, None]
     try:
         yield
