@@ -220,31 +220,35 @@ def run_study(study, address, build_report=True, report_dir=None):
     # A stopped study resumes by running the same command (the driver says so), not by Tuner.restore.
     logging.getLogger("ray.tune.tune").addFilter(
         lambda record: "Tuner.restore(" not in record.getMessage())
-    runtime_env = study_runtime_env()
-    if address:
-        ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
-    else:
-        ray.init(runtime_env=runtime_env, **local_ray_options())
-    with sigterm_interrupts():
-        try:
-            check_cluster(study, ray.cluster_resources())
-        except StudyError as e:
-            print(f"error: {e}", file=sys.stderr)
-            ray.shutdown()
-            return EXIT_BAD_INPUT
-
-        out = study.output
-        out.mkdir(parents=True, exist_ok=True)
-        lock = lock_output(out)
-        if lock is None:
-            print(f"error: {study.path}: output: {out} is in use by another scaling.run of this study (its driver "
-                  f"still runs); wait for it to end or stop it first", file=sys.stderr)
-            ray.shutdown()
-            return EXIT_BAD_INPUT
-        try:
+    # The lock is taken before Ray starts: a second run of a running study exits at once, without a local Ray of its
+    # own. Its descriptor is not inherited (Python opens descriptors close-on-exec), so Ray's processes never hold it.
+    out = study.output
+    made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    lock = lock_output(out)
+    if lock is None:
+        print(f"error: {study.path}: output: {out} is in use by another scaling.run of this study (its driver "
+              f"still runs); wait for it to end or stop it first", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        runtime_env = study_runtime_env()
+        if address:
+            ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
+        else:
+            ray.init(runtime_env=runtime_env, **local_ray_options())
+        with sigterm_interrupts():
+            try:
+                check_cluster(study, ray.cluster_resources())
+            except StudyError as e:
+                print(f"error: {e}", file=sys.stderr)
+                ray.shutdown()
+                if made:
+                    with contextlib.suppress(OSError):  # empty unless another process wrote there meanwhile
+                        out.rmdir()
+                return EXIT_BAD_INPUT
             return _run_trials(study, build_report, report_dir)
-        finally:
-            os.close(lock)  # the lock goes with the descriptor (and with the process, however it ends)
+    finally:
+        os.close(lock)  # the lock goes with the descriptor (and with the process, however it ends)
 
 
 def lock_output(out):

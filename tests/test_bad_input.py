@@ -343,11 +343,17 @@ def test_max_seed_is_the_largest_seed_whose_every_step_draws():
         draw(MAX_SEED + 1, MAX_STEPS - 1)
 
 
-def test_output_in_use_by_another_driver(tmp_path, capsys):
+def test_output_in_use_by_another_driver(tmp_path, capsys, monkeypatch):
+    import ray
+
     out = tmp_path / "out"
     out.mkdir()
     path = write(tmp_path, BASE + f"output: {out}\n")
     held = scaling_run.lock_output(out)  # as a driver running this study holds it
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("a second driver of a running study started Ray before finding the output locked")
+    monkeypatch.setattr(ray, "init", no_ray)
     try:
         before = snapshot(tmp_path)
         # In this process too: flock locks belong to an open file, not to a process, so this driver's own
@@ -362,6 +368,17 @@ def test_output_in_use_by_another_driver(tmp_path, capsys):
     again = scaling_run.lock_output(out)
     assert again is not None
     os.close(again)
+
+
+def test_a_trial_larger_than_the_cluster_exits_2_and_leaves_no_output(tmp_path, capsys):
+    out = tmp_path / "out"
+    path = write(tmp_path, BASE + f"output: {out}\n")
+    before = snapshot(tmp_path)
+    # The local Ray holds this machine's CPUs; no node could place a trial of 4096.
+    assert scaling_run.main([str(path), "--set", "resources.cpus_per_worker=4096"]) == 2
+    err = capsys.readouterr().err
+    assert f"resources.cpus_per_worker: a trial needs 1 × 4096 = 4096 CPUs, the cluster has" in err, err[-2000:]
+    assert not out.exists() and snapshot(tmp_path) == before
 
 
 def test_unreadable_results_in_the_output_of_a_study_to_resume(tmp_path, capsys):
