@@ -178,10 +178,20 @@ def check_checkpoint(path, model_config):
     return state
 
 
+# DeepSpeed saves ZeRO-1 and ZeRO-2 optimizer state alike (a resume across them is exact); ZeRO-0 keeps it whole and
+# ZeRO-3 partitions the weights too, so neither loads the others' checkpoints.
+INTERCHANGEABLE_ZERO_STAGES = {1, 2}
+
+
 def load_checkpoint(path, engine, ema, model_config, world_size, zero_stage, rank):
     """Restore engine, EMA and this rank's RNG from a checkpoint; returns its trainer state."""
     path = Path(path)
     state = check_checkpoint(path, model_config)
+    saved_stage = state.get("zero_stage", zero_stage)
+    if saved_stage != zero_stage and not {saved_stage, zero_stage} <= INTERCHANGEABLE_ZERO_STAGES:
+        raise CheckpointError(f"{path} was written with ZeRO-{saved_stage}; this run has ZeRO-{zero_stage} (a resume "
+                              f"may switch between ZeRO-1 and ZeRO-2 only: the other stages keep their optimizer "
+                              f"state in files of their own)")
     if zero_stage > 0 and state.get("world_size") != world_size:
         # ZeRO partitions optimizer state by data-parallel rank; it cannot be re-sharded on load.
         raise CheckpointError(f"{path} was written by {state.get('world_size')} processes with ZeRO-"

@@ -161,9 +161,10 @@ class TrainConfig:
         return model_config(self.model, **self.model_overrides)
 
 
-# What a resumed run must share with its checkpoint's run: what the remaining steps compute. The world size,
-# accumulation, ZeRO stage (within ZeRO's own limits), compile, data path (data moves) and bookkeeping may change
-# (resume stays exact); max_steps too, under a constant lr, whose steps do not depend on it.
+# What a resumed run must share with its checkpoint's run: what the remaining steps compute. Accumulation, compile,
+# data path (data moves) and bookkeeping may change (resume stays exact); so may the world size under ZeRO-0, and the
+# ZeRO stage between 1 and 2 (core.checkpoint.load_checkpoint refuses the rest, as DeepSpeed cannot load them);
+# max_steps too, under a constant lr, whose steps do not depend on it.
 RESUME_SETTINGS = ("dataset", "image_size", "batch_size", "lr", "lr_schedule", "warmup_steps", "betas",
                    "weight_decay", "grad_clip", "ema_decay", "precision", "seed", "diffusion_steps")  # + the model
 

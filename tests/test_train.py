@@ -60,6 +60,21 @@ def test_resume_is_bitwise_for_one_process(tmp_path, precision, zero_stage):
     assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
 
 
+def test_a_resume_may_switch_between_zero_1_and_2_and_is_refused_other_stages(tmp_path):
+    train(tiny_config(zero_stage=1), tmp_path / "straight", milestones=[6])
+    for first, then in ((1, 2), (2, 1), (0, 2), (3, 2)):
+        out = tmp_path / f"zero{first}-{then}"
+        with pytest.raises(KeyboardInterrupt):
+            train(tiny_config(zero_stage=first), out, milestones=[6], callbacks=CrashAt(6))
+        if {first, then} == {1, 2}:  # DeepSpeed keeps their optimizer state alike: the resume is exact
+            train(tiny_config(zero_stage=then), out, milestones=[6], resume_from="auto")
+            assert history(out)[0] == history(tmp_path / "straight")[0]
+        else:  # DeepSpeed's own error (a missing file, a None) would not name the setting
+            with pytest.raises(ckpt.CheckpointError, match=rf"step-000000006 was written with ZeRO-{first}; this run "
+                               rf"has ZeRO-{then} \(a resume may switch between ZeRO-1 and ZeRO-2 only"):
+                train(tiny_config(zero_stage=then), out, milestones=[6], resume_from="auto")
+
+
 def test_validation_loss_is_a_function_of_the_weights_alone(tmp_path):
     # The same 12 steps, validated at step 12, after a validation at step 6 or without one: the same weights
     # (train losses, EMA) must give the same validation loss. A model validated in training mode drops labels
