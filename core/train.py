@@ -382,22 +382,27 @@ class ValidationBatch:
         noise = torch.randn(x.shape, generator=g)
         lo, hi = rank * n // world, (rank + 1) * n // world
         self.n = n
+        # A rank with no image of a batch smaller than the world still runs the model, on the batch's first image,
+        # and counts nothing: under ZeRO-3 every forward gathers weights collectively, and a rank skipping it would
+        # leave the others waiting forever.
+        self.counted = hi > lo
+        lo, hi = (lo, hi) if self.counted else (0, 1)
         self.x, self.y, self.t, self.noise = (v[lo:hi].to(device) for v in (x, y, t, noise))
 
     @torch.no_grad()
     def loss(self, model, diffusion, autocast_dtype):
         """(mean loss, mean mse) over the whole batch, summed across ranks. Collective."""
         sums = torch.zeros(2, device=self.x.device, dtype=torch.float64)
-        if len(self.x):
-            # In eval mode: a training-mode DiT swaps labels for the null class at random, from the global
-            # generator, which would make the loss depend on what drew from it before (and on the rank).
-            was_training = model.training
-            model.eval()
-            try:
-                with torch.autocast(self.x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    terms = diffusion.training_losses(model, self.x, self.t, dict(y=self.y), noise=self.noise)
-            finally:
-                model.train(was_training)
+        # In eval mode: a training-mode DiT swaps labels for the null class at random, from the global
+        # generator, which would make the loss depend on what drew from it before (and on the rank).
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.autocast(self.x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                terms = diffusion.training_losses(model, self.x, self.t, dict(y=self.y), noise=self.noise)
+        finally:
+            model.train(was_training)
+        if self.counted:
             sums += torch.stack([terms["loss"].double().sum(), terms["mse"].double().sum()])
         if dist.is_initialized():
             dist.all_reduce(sums)

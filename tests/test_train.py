@@ -275,12 +275,12 @@ def free_port():
         return s.getsockname()[1]
 
 
-def torchrun(out, zero_stage, nproc=2, resume="none"):
+def torchrun(out, zero_stage, nproc=2, resume="none", val_batch=32, max_steps=12):
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            "--master_addr=127.0.0.1", f"--master_port={free_port()}",
            "-m", "core.train", "--model", "DiT-P/2", "--dataset", "digits", "--results-dir", str(out),
-           "--global-batch-size", "32", "--max-steps", "12", "--log-every", "2", "--lr", "1e-3",
-           "--ema-decay", "0.9", "--val-batch", "32", "--zero-stage", str(zero_stage), "--num-workers", "0",
+           "--global-batch-size", "32", "--max-steps", str(max_steps), "--log-every", "2", "--lr", "1e-3",
+           "--ema-decay", "0.9", "--val-batch", str(val_batch), "--zero-stage", str(zero_stage), "--num-workers", "0",
            "--ckpt-every", "6", "--resume", resume]
     # Its own extensions folder: whatever DeepSpeed compiles at run time shows up there.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": str(Path(out).parent / "torch_extensions")}
@@ -457,3 +457,13 @@ def test_two_accumulated_micro_batches_match_one_batch(tmp_path):
     assert losses_2 == pytest.approx(losses_1, rel=1e-5)
     assert state_2["metrics"]["val_loss"] == pytest.approx(state_1["metrics"]["val_loss"], rel=1e-5)
     assert state_2["config"]["grad_accum"] == 2
+
+
+def test_a_validation_batch_smaller_than_the_world_validates_under_zero_3(tmp_path):
+    # One image for two processes: the rank without one still runs the model (ZeRO-3 gathers the weights in every
+    # forward, collectively; a rank that skipped it hung the other), and counts nothing.
+    train(tiny_config(zero_stage=3, val_batch=1, max_steps=2), tmp_path / "one")
+    _, state_1 = history(tmp_path / "one")
+    _, state_2 = torchrun(tmp_path / "two", 3, val_batch=1, max_steps=2)
+    assert state_2["metrics"]["val_loss"] == pytest.approx(state_1["metrics"]["val_loss"], rel=1e-4)
+    assert state_2["metrics"]["val_loss_ema"] == pytest.approx(state_1["metrics"]["val_loss_ema"], rel=1e-4)
