@@ -1,4 +1,5 @@
 """Training data: the bundled digits, an image folder, pre-encoded latents, and the per-rank batch sampler."""
+import hashlib
 from functools import partial
 from pathlib import Path
 
@@ -200,10 +201,20 @@ def dataset_info(name, path=None, image_size=None):
 #                                  Sampling                                     #
 #################################################################################
 
+def epoch_seed(seed, epoch):
+    """The generator seed of an epoch's order: a hash of (seed, epoch), 64 bits.
+
+    seed + epoch made seed s + 1 see seed s's orders one epoch later (runs of a seed sweep shared their data
+    order), and seed * k + epoch would reuse the seeds of the training noise (core.train.step_randomness).
+    """
+    digest = hashlib.blake2b(f"{seed}:{epoch}".encode(), digest_size=8, person=b"dit-data-order").digest()
+    return int.from_bytes(digest, "little")
+
+
 class ShardedBatchSampler:
     """Endless, resumable batches of indices: each global batch is split into disjoint, contiguous rank shards.
 
-    Epoch e is torch.randperm(num_items) seeded with seed + e; its global batch b is positions
+    Epoch e is torch.randperm(num_items) seeded by (seed, e) (see epoch_seed); its global batch b is positions
     [b*G, (b+1)*G) of that permutation and rank r takes the r-th 1/world_size of it. So the
     ranks together see exactly what one process with the same global batch sees, and the
     position (epoch, batch) is all it takes to resume, even with another world size.
@@ -229,7 +240,7 @@ class ShardedBatchSampler:
     def permutation(self, epoch):
         """The order of the items in an epoch, the same on every rank."""
         if self._perm_epoch != epoch:
-            generator = torch.Generator().manual_seed(self.seed + epoch)
+            generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
             self._perm, self._perm_epoch = torch.randperm(self.num_items, generator=generator), epoch
         return self._perm
 

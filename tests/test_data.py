@@ -95,6 +95,15 @@ def test_sampler_resumes_mid_epoch_even_on_another_world_size():
         ShardedBatchSampler(50, 8, seed=2).load_state_dict(state)
 
 
+def test_seeds_have_their_own_data_orders():
+    # Each (seed, epoch) its own order: with seed + epoch, seed 1's epochs were seed 0's from its second on,
+    # so the runs of a seed sweep trained on the same sequence of batches, one epoch apart.
+    orders = {(seed, epoch): tuple(ShardedBatchSampler(50, 10, seed=seed).permutation(epoch).tolist())
+              for seed in range(4) for epoch in range(4)}
+    assert len(set(orders.values())) == len(orders)
+    assert orders[(1, 0)] == tuple(ShardedBatchSampler(50, 10, seed=1).permutation(0).tolist())  # and repeatable
+
+
 def test_sampler_rejects_an_indivisible_batch():
     with pytest.raises(ValueError, match="10.*4"):
         ShardedBatchSampler(100, 10, rank=0, world_size=4)

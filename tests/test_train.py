@@ -320,9 +320,9 @@ CPU = torch.device("cpu")
 
 
 def first_batch(cfg):
-    """The first global batch of digits as ShardedBatchSampler documents it: epoch 0's permutation (seed + 0)."""
+    """The first global batch of digits as ShardedBatchSampler documents it: epoch 0's permutation."""
     images, labels = build_dataset("digits", split="train").tensors
-    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.batch_size]
+    perm = ShardedBatchSampler(len(images), cfg.batch_size, seed=cfg.seed).permutation(0)[:cfg.batch_size]
     return images[perm], labels[perm]
 
 
@@ -385,7 +385,7 @@ def test_labels_are_dropped_to_the_null_class_where_step_randomness_says(tmp_pat
 
     assert len(embedded) == 2
     images, labels = build_dataset("digits", split="train").tensors
-    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg.seed))
+    perm = ShardedBatchSampler(len(images), cfg.batch_size, seed=cfg.seed).permutation(0)
     drops = 0
     for step in range(2):
         y = labels[perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]]
