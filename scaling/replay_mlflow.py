@@ -23,6 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from scaling.recorder import EVAL_METRICS, LOG_METRICS
 from scaling.results import CURVES_FILE, load_results, read_parquet, results_path
+from scaling.run import sqlite_store
 from scaling.study import StudyError, load_study
 from scaling.tracking import StudyTracker, default_tracking_uri, unsupported_store
 
@@ -46,8 +47,9 @@ def replay(output, uri=None):
     results, curves = read_results(output)
     uri, where = tracking_uri(study, output, uri)
     try:
-        # Runs are not reopened: a replay adds what is missing and closes only what is finished.
-        tracker = StudyTracker(uri, study.raw["tracking"]["experiment"] or study.name, study.name, output,
+        # Runs are not reopened: a replay adds what is missing and closes only what is finished. They are the
+        # study's runs of the folder it ran in (study.yaml's output), also when that folder was moved since.
+        tracker = StudyTracker(uri, study.raw["tracking"]["experiment"] or study.name, study.name, study.output,
                                reopen=False)
         logged = _log_missing(tracker, results, curves)
         close_finished_runs(tracker, study, results)
@@ -122,6 +124,9 @@ def tracking_uri(study, output, uri=None):
         where = "--tracking-uri"
     elif study.given("tracking.mlflow_uri"):
         uri, where = study.raw["tracking"]["mlflow_uri"], f"{study.locate('tracking.mlflow_uri')}: tracking.mlflow_uri"
+        moved = moved_store(uri, study.output, output)
+        if moved is not None:
+            uri, where = f"sqlite:///{moved}", str(moved)
     else:
         where = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else str(output / "mlflow.db")
         uri = default_tracking_uri(output)
@@ -129,6 +134,17 @@ def tracking_uri(study, output, uri=None):
     if problem:
         raise ReplayError(f"{where}: {problem}")
     return uri, where
+
+
+def moved_store(uri, ran_in, output):
+    """The file in output of a SQLite store the study kept in the folder it ran in (ran_in), when output is that
+    folder moved or copied elsewhere; else None. The driver's study.yaml names the store by the folder it ran in,
+    whose store a replay of a copy would otherwise fill (and a replay of a moved folder make anew)."""
+    store = sqlite_store(uri)
+    ran_in = Path(ran_in).resolve()
+    if store is None or ran_in == output or not store.resolve().is_relative_to(ran_in):
+        return None
+    return output / store.resolve().relative_to(ran_in)
 
 
 def _store_error(e, uri, where):

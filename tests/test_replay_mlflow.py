@@ -1,5 +1,6 @@
 """`python -m scaling.replay_mlflow OUTPUT` on what it cannot use: one error line, an exit status, nothing made."""
 import json
+import shutil
 import socket
 import textwrap
 
@@ -139,3 +140,29 @@ def test_a_server_still_away_says_to_run_again_later(out, capsys):
     message = refused(out, capsys, ["--tracking-uri", uri], status=1)
     assert message == (f"MLflow at {uri} still does not answer (Connection refused); nothing was lost: "
                        f"run this again later")
+
+
+def study_runs(store):
+    """(run name, status) of every run in a SQLite store's 'tiny' experiment."""
+    client = MlflowClient(f"sqlite:///{store}")
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    return sorted((r.info.run_name, r.info.status) for r in runs)
+
+
+def test_a_copied_or_moved_output_replays_into_its_own_store(out, capsys):
+    # The driver's study.yaml names the store by the folder the study ran in; a replay of a copy filled that
+    # folder's store instead (and, not finding the study's runs under the copy's path, made a second set there),
+    # and a replay of a moved folder made a new store where the folder had been.
+    assert main([str(out)]) == 0
+    runs = study_runs(out / "mlflow.db")
+    assert len(runs) == 2
+    copy = out.parent / "copy"
+    shutil.copytree(out, copy)
+    capsys.readouterr()
+    assert main([str(copy)]) == 0
+    assert "logged 0 missing measurements" in capsys.readouterr().out
+    assert study_runs(out / "mlflow.db") == study_runs(copy / "mlflow.db") == runs
+    moved = out.parent / "moved"
+    out.rename(moved)
+    assert main([str(moved)]) == 0
+    assert not out.exists() and study_runs(moved / "mlflow.db") == runs
