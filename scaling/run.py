@@ -176,8 +176,11 @@ def check_reachable(address):
         return
     hostport = address.split("://", 1)[-1]
     host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():  # as ray.init, which takes no default port
+        raise StudyError(f"--address {address}: expected HOST:PORT (the head node's, 6379 unless its `ray start "
+                         f"--head --port` says otherwise) or auto")
     try:
-        with socket.create_connection((host or hostport, int(port or 6379)), timeout=5):
+        with socket.create_connection((host, int(port)), timeout=5):
             pass
     except (OSError, ValueError) as e:
         raise StudyError(f"--address {address}: cannot reach a Ray cluster there ({e})") from e

@@ -127,7 +127,9 @@ def study_name(value):
 
 def _did_you_mean(word, candidates):
     """"; did you mean 'x'?" for the closest candidate, or "" when none is close."""
-    close = difflib.get_close_matches(word, list(candidates), n=1)
+    candidates = list(candidates)
+    # Another case of a candidate is that one ('DiT-p': 'DiT-P'), whatever difflib finds closer by its letters.
+    close = [c for c in candidates if c.lower() == word.lower()] or difflib.get_close_matches(word, candidates, n=1)
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
@@ -385,6 +387,8 @@ def _apply_override(tree, item, where):
     key = key.strip()
     if not sep or not key:
         raise StudyError(f"--set {item}: expected key=value, e.g. --set train.lr=3e-4")
+    if not value_text.strip():  # YAML reads nothing as null: `--set output=$OUT` with OUT unset took the default
+        raise StudyError(f"--set {item}: {key}: no value (an unset shell variable?); {key}=null gives the default")
     try:
         value = parse_value(value_text)
     except yaml.YAMLError as err:
@@ -549,6 +553,10 @@ def _sweep(tree_sweep, raw_train_given, where):
         if key not in SWEEP_AXES and key not in swept_train:
             if key in (f"train.{k}" for k in BOOKKEEPING):
                 raise where.error(("sweep", key), "cannot be swept: it changes no result")
+            if key == "train" and isinstance(tree_sweep[key], dict) and tree_sweep[key]:  # sweep: {train: {lr: ..}}
+                fields = ", ".join(f"'train.{k}: [...]'" for k in tree_sweep[key])
+                raise where.error(("sweep", key), f"a swept train field is an axis of its own, its key dotted: write "
+                                                  f"{fields} under sweep")
             hint = (f"; did you mean 'train.{key}'?" if key in SCHEMA["train"]
                     else _did_you_mean(str(key), SWEEP_AXES + tuple(swept_train)))
             raise where.error(("sweep", key), "unknown axis" + (hint or f"; expected one of {', '.join(SWEEP_AXES)} "

@@ -1,5 +1,6 @@
 """scaling.run end to end on a local Ray: MLflow runs, Parquet rows, resume after a killed driver, bad input."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from mlflow.tracking import MlflowClient
 from scaling import run as scaling_run
 from scaling.replay_mlflow import main as replay_main
 from scaling.results import RESULTS_SCHEMA, load_results, write_table
+from scaling.study import StudyError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -347,6 +349,14 @@ def test_unreachable_address_exits_2(tmp_path):
     proc = run([study, "--address", "127.0.0.1:1"], timeout=60)
     assert proc.returncode == 2 and "--address 127.0.0.1:1: cannot reach a Ray cluster" in proc.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("address", ["ray-head", "ray-head:", "bogus:port", "ray://ray-head"])
+def test_an_address_without_a_port_is_named(address):
+    # Read as a port, the host name gave Python's "invalid literal for int() with base 10: 'ray-head'".
+    with pytest.raises(StudyError, match=rf"^--address {re.escape(address)}: expected HOST:PORT \(the head node's, "
+                                         r"6379 unless its `ray start --head --port` says otherwise\) or auto$"):
+        scaling_run.check_reachable(address)
 
 
 def test_the_printed_mlflow_ui_command_runs(tmp_path, monkeypatch):

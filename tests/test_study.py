@@ -401,6 +401,14 @@ BAD = {
                  "or ']', but got ':'"),
     "empty file": ("# nothing\n", [], "{f}: the study file is empty"),
     "--set without =": (BASE, ["foo"], "--set foo: expected key=value, e.g. --set train.lr=3e-4"),
+    "--set without a value": (BASE, ["output="], "--set output=: output: no value (an unset shell variable?); "
+                                                 "output=null gives the default"),
+    "a model in another case": (BASE.replace("[DiT-P, DiT-N]", "[DiT-P, DiT-n]"), [],
+                                "{f}:5: sweep.model: unknown model 'DiT-n'; did you mean 'DiT-N'?"),
+    "swept train fields nested": (BASE.replace("  steps: [10, 20, 40]\n", "  steps: [10, 20, 40]\n  train:\n"
+                                                                          "    seed: [0, 1]\n    lr: [1, 2]\n"), [],
+                                  "{f}:8: sweep.train: a swept train field is an axis of its own, its key dotted: "
+                                  "write 'train.seed: [...]', 'train.lr: [...]' under sweep"),
     "--set unknown key": (BASE, ["train.lrr=1"], "--set train.lrr=1: train.lrr: unknown key; did you mean 'train.lr'?"),
     "--set unknown section": (BASE, ["trian.lr=1"], "--set trian.lr=1: trian: unknown key; did you mean 'train'?"),
     "--set wrong type": (BASE, ["train.lr=fast"], "--set train.lr=fast: train.lr: expected a number, got 'fast'"),
