@@ -37,8 +37,9 @@ def parse_args(argv):
     parser.add_argument("--address", default=None,
                         help="Ray cluster to run on (default: RAY_ADDRESS, else a local Ray of the study's own, even "
                              "where `ray start` runs one; 'auto': the one `ray start` runs here)")
-    parser.add_argument("--no-report", action="store_true", help="do not build the report at the end")
-    parser.add_argument("--report-dir", default=None, help="where the report goes (default: reports/<study>)")
+    report = parser.add_mutually_exclusive_group()
+    report.add_argument("--no-report", action="store_true", help="do not build the report at the end")
+    report.add_argument("--report-dir", default=None, help="where the report goes (default: reports/<study>)")
     return parser.parse_args(argv)
 
 
@@ -63,6 +64,12 @@ def main(argv=None):
     if args.dry_run:
         from scaling.dry_run import format_plan
 
+        # What the run would refuse here, said without refusing: the plan may be for another machine.
+        for check in (check_output, lambda s: args.no_report or check_report_dir(s, args.report_dir)):
+            try:
+                check(study)
+            except StudyError as e:
+                print(f"warning: {e}", file=sys.stderr)
         print(format_plan(study))
         return EXIT_OK
     address = args.address or os.environ.get("RAY_ADDRESS")
@@ -154,7 +161,9 @@ def check_output(study):
         existing = next(p for p in [out, *out.parents] if p.exists())
     except OSError as e:  # a folder on the way that cannot be entered
         raise StudyError(f"{study.path}: output: {out} is not writable ({e.strerror}: {e.filename})") from None
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    if not existing.is_dir():
+        raise StudyError(f"{study.path}: output: {out} is not a folder ({existing} is a file)")
+    if not os.access(existing, os.W_OK | os.X_OK):
         raise StudyError(f"{study.path}: output: {out} is not writable ({existing} does not allow writing)")
     needed = MIN_FREE_BYTES + sum(checkpoint_bytes(t) * (study.raw["train"]["keep_checkpoints"] + 1)
                                   for t in study.trials)
