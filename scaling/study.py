@@ -835,6 +835,11 @@ def _expand(raw, axes, info, where):
             if groups[-1][0][-1] > MAX_STEPS:  # a compute budget far past any training run
                 raise where.error(("sweep", "compute"), f"{max(axes['compute']):g} Gflops is {groups[-1][0][-1]:.3g} "
                                                         f"steps of DiT-{size}/{patch}, more than {MAX_STEPS:.0e}")
+            shortest = groups[0][0][0]
+            if train["warmup_steps"] > shortest:  # a scaling point measured before its lr ever reached train.lr
+                raise error_at("warmup_steps", f"{train['warmup_steps']} is longer than the shortest run, "
+                                               f"DiT-{size}/{patch}'s {shortest} steps: its lr would never reach "
+                                               f"train.lr; shorten the warm-up or drop the short step counts")
             for milestones, budgets in groups:
                 trial_train = {**train, "max_steps": milestones[-1]}
                 digest = result_hash(config, raw["data"], trial_train, milestones, raw["eval"])

@@ -401,6 +401,9 @@ BAD = {
                  "or ']', but got ':'"),
     "empty file": ("# nothing\n", [], "{f}: the study file is empty"),
     "--set without =": (BASE, ["foo"], "--set foo: expected key=value, e.g. --set train.lr=3e-4"),
+    "warm-up longer than a run": (BASE, ["train.warmup_steps=11"], "--set train.warmup_steps=11: "
+                                  "train.warmup_steps: 11 is longer than the shortest run, DiT-P/2's 10 steps: its lr "
+                                  "would never reach train.lr; shorten the warm-up or drop the short step counts"),
     "--set without a value": (BASE, ["output="], "--set output=: output: no value (an unset shell variable?); "
                                                  "output=null gives the default"),
     "a model in another case": (BASE.replace("[DiT-P, DiT-N]", "[DiT-P, DiT-n]"), [],
