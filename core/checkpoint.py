@@ -10,6 +10,7 @@ directory named step-* is always complete.
 """
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -80,20 +81,34 @@ def save_checkpoint(directory, engine, ema, trainer_state, rank, shared=True):
     return final
 
 
-def list_checkpoints(directory):
-    """Complete checkpoints under directory, oldest first."""
+def _step_folders(directory):
+    """The step-* folders under directory, complete or not, oldest first."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    found = [p for p in directory.glob(f"{PREFIX}*")
-             if p.name[len(PREFIX):].isdigit() and p.is_dir() and (p / STATE_FILE).exists()]
+    found = [p for p in directory.glob(f"{PREFIX}*") if p.name[len(PREFIX):].isdigit() and p.is_dir()]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))  # by number: step 10**9 has ten digits
 
 
+def list_checkpoints(directory):
+    """Complete checkpoints under directory, oldest first."""
+    return [p for p in _step_folders(directory) if (p / STATE_FILE).exists()]
+
+
 def latest_checkpoint(directory):
-    """The newest complete checkpoint under directory, or None."""
-    found = list_checkpoints(directory)
-    return found[-1] if found else None
+    """The newest checkpoint under directory, or None; CheckpointError when it has lost its trainer state.
+
+    A step-* folder is renamed into place with its trainer_state.json, so the newest one without it was damaged
+    after its save: resuming from the one before would silently go back, and later overwrite it. An older one
+    without it is passed over: a prune killed while it deleted that folder leaves it so.
+    """
+    found = _step_folders(directory)
+    if not found:
+        return None
+    if not (found[-1] / STATE_FILE).exists():
+        raise CheckpointError(f"{found[-1] / STATE_FILE} is missing: {found[-1]} is not a complete checkpoint; "
+                              "move it away to resume from the one before")
+    return found[-1]
 
 
 def prune_checkpoints(directory, keep):
@@ -168,14 +183,40 @@ def trainer_state_problem(state):
     return None
 
 
+ABSENT = object()  # a model field one config has and the other lacks (a checkpoint of an older version, say)
+
+
+def _setting(config, name):
+    """A model config's value of name as a message shows it."""
+    return repr(config[name]) if name in config else "absent"
+
+
 def check_checkpoint(path, model_config):
     """The trainer state of a checkpoint of this model; cheap, so a bad one fails before any set-up."""
     path = Path(path)
     state = read_trainer_state(path)
-    if state.get("model_config") != model_config:
-        raise CheckpointError(
-            f"{path / STATE_FILE} belongs to another model: {state.get('model_config')} != {model_config}")
+    saved = state["model_config"]
+    if saved != model_config:  # name the fields that differ: two whole configs hide them
+        names = dict.fromkeys([*saved, *model_config])  # each field of either, once, in order
+        changed = [f"{name} {_setting(saved, name)} (now {_setting(model_config, name)})" for name in names
+                   if saved.get(name, ABSENT) != model_config.get(name, ABSENT)]
+        raise CheckpointError(f"{path / STATE_FILE} belongs to another model: {'; '.join(changed)}")
     return state
+
+
+def _unreadable(error, writer, what="it"):
+    """Why a file could not be read, in words: not one writer wrote whole, and the reader's reason if it says one."""
+    if isinstance(error, OSError):  # missing, unreadable: the system's words say it
+        return str(error)
+    # torch's unpickler meets a junk file with a bare byte, number or memo index, an empty one with no text at all.
+    said = not isinstance(error, (KeyError, EOFError, pickle.UnpicklingError))
+    reason = str(error).split(". ")[0].strip() if said else ""  # torch adds paragraphs of advice after the first
+    return f"{what} is not a complete file {writer} wrote" + (f" ({reason})" if reason else "")
+
+
+def _damaged_torch_file(error):
+    """Whether an error from torch.load (DeepSpeed's, which unpickles in full) is that of a junk or cut file."""
+    return isinstance(error, (EOFError, pickle.UnpicklingError)) or str(error).startswith("PytorchStreamReader")
 
 
 # DeepSpeed saves ZeRO-1 and ZeRO-2 optimizer state alike (a resume across them is exact); ZeRO-0 keeps it whole and
@@ -198,13 +239,18 @@ def load_checkpoint(path, engine, ema, model_config, world_size, zero_stage, ran
                               f"{state.get('zero_stage')}; this run has {world_size}")
     ema_file = path / EMA_FILE
     try:
-        ema.load_state_dict(load_file(str(ema_file)))
+        weights = load_file(str(ema_file))
+    except Exception as e:
+        raise CheckpointError(f"{ema_file} cannot be loaded: {_unreadable(e, 'safetensors')}") from e
+    try:
+        ema.load_state_dict(weights)
     except Exception as e:
         raise CheckpointError(f"{ema_file} cannot be loaded: {e}") from e
     try:
         load_path, _ = engine.load_checkpoint(str(path / ENGINE_DIR), tag=ENGINE_TAG)
     except Exception as e:
-        raise CheckpointError(f"{path / ENGINE_DIR} cannot be loaded: {e}") from e
+        why = _unreadable(e, "torch.save", "a file in it") if _damaged_torch_file(e) else e
+        raise CheckpointError(f"{path / ENGINE_DIR} cannot be loaded: {why}") from e
     if load_path is None:
         raise CheckpointError(f"{path / ENGINE_DIR / ENGINE_TAG} holds no DeepSpeed checkpoint")
     rng_file = path / f"rng-rank{rank}.pt"
@@ -212,7 +258,9 @@ def load_checkpoint(path, engine, ema, model_config, world_size, zero_stage, ran
         try:
             rng = torch.load(rng_file, weights_only=True)
         except Exception as e:
-            raise CheckpointError(f"{rng_file} cannot be loaded: {e}") from e
+            raise CheckpointError(f"{rng_file} cannot be loaded: {_unreadable(e, 'torch.save')}") from e
+        if not isinstance(rng, dict) or not isinstance(rng.get("torch"), torch.Tensor):
+            raise CheckpointError(f"{rng_file} cannot be loaded: it holds no torch RNG state")
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])

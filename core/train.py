@@ -616,14 +616,9 @@ def flag(field):
 
 def config_from_arguments(args):
     """The TrainConfig of parsed arguments; ValueError naming the flag of a value outside its range."""
-    overrides = {}
-    if args.image_size and args.dataset != "digits":
-        overrides["input_size"] = args.image_size // 8 if args.dataset == "latents" else args.image_size
-    if args.dataset == "digits":
-        overrides.update(input_size=8, in_channels=1, num_classes=10)
     try:
         return TrainConfig(
-            model=args.model, model_overrides=overrides, dataset=args.dataset, data_path=args.data_path,
+            model=args.model, dataset=args.dataset, data_path=args.data_path,
             image_size=args.image_size, batch_size=args.global_batch_size, grad_accum=args.grad_accum,
             max_steps=args.max_steps, lr=args.lr, lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps,
             grad_clip=args.grad_clip, ema_decay=args.ema_decay, precision=args.precision, zero_stage=args.zero_stage,
@@ -636,26 +631,41 @@ def config_from_arguments(args):
 
 
 def check_arguments(cfg, world_size=1):
-    """Raise ValueError or FileNotFoundError naming the argument when cfg's model or data cannot work."""
+    """cfg with its model shaped for its data (size, channels, classes), as a study shapes it; ValueError or
+    FileNotFoundError naming the argument when the model or data cannot work."""
     if cfg.dataset != "digits":
+        if cfg.data_path is None:
+            raise ValueError(f"--data-path: required with --dataset {cfg.dataset} (a folder it reads)")
         if not cfg.data_path or not Path(cfg.data_path).is_dir():
             raise FileNotFoundError(f"--data-path {cfg.data_path}: not a folder (the {cfg.dataset} dataset reads one)")
         if cfg.dataset == "imagefolder" and not cfg.image_size:
             raise ValueError("--image-size: the imagefolder dataset needs one (256 or 512)")
-    mcfg = cfg.resolved_model_config()
-    try:
-        check_shape(*(mcfg[k] for k in ("input_size", "patch_size", "hidden_size", "num_heads", "depth")))
-    except ValueError as e:
-        raise ValueError(f"--model {cfg.model} with --image-size {cfg.image_size}: {e}") from e
+    if cfg.dataset == "imagefolder":  # its size is known before its folder is scanned, which takes a while
+        _check_model_shape(cfg, {"input_size": cfg.image_size})
+    # Its images are found (an image folder's are listed, not read) and a latent set's metadata and shards checked.
+    info = dataset_info(cfg.dataset, cfg.data_path, cfg.image_size)
+    # The preset's shape is its usual data's (DiT-XL/2: 32×32×4 latents, 1000 classes; DiT-P/2: 8×8 digits): an image
+    # folder's RGB pixels or another latent set would not fit it.
+    shape = {key: info[key] for key in ("input_size", "in_channels", "num_classes")}
+    cfg = dataclasses.replace(cfg, model_overrides={**cfg.model_overrides, **shape})
+    _check_model_shape(cfg, {})
     if cfg.batch_size % (cfg.grad_accum * world_size):
         raise ValueError(f"--global-batch-size {cfg.batch_size}: not divisible by --grad-accum {cfg.grad_accum} × "
                          f"{world_size} processes")
-    # Its images are found (an image folder's are listed, not read) and a latent set's metadata and shards checked.
-    info = dataset_info(cfg.dataset, cfg.data_path, cfg.image_size)
     items = training_items(cfg.dataset, info["num_images"])
     if cfg.batch_size > items:
         raise ValueError(f"--global-batch-size {cfg.batch_size}: larger than the {cfg.dataset} dataset's {items} "
                          "training items")
+    return cfg
+
+
+def _check_model_shape(cfg, overrides):
+    """Raise ValueError naming --model and --image-size when cfg's model (with overrides) cannot be built."""
+    mcfg = {**cfg.resolved_model_config(), **overrides}
+    try:
+        check_shape(*(mcfg[k] for k in ("input_size", "patch_size", "hidden_size", "num_heads", "depth")))
+    except ValueError as e:
+        raise ValueError(f"--model {cfg.model} with --image-size {cfg.image_size}: {e}") from e
 
 
 def check_results_dir(results_dir, checkpoint_dir):
@@ -708,7 +718,7 @@ def main(argv=None):
 
     try:  # what argparse cannot check, before any process group or DeepSpeed: a message, no traceback
         cfg = config_from_arguments(args)
-        check_arguments(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # torchrun's processes
+        cfg = check_arguments(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # torchrun's processes
         milestones = parse_milestones(args.milestones, args.max_steps)
         out = Path(args.results_dir) / cfg.model.replace("/", "-")
         check_results_dir(args.results_dir, out / "checkpoints")

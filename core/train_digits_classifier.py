@@ -24,6 +24,7 @@ BATCH_SIZE = 50  # 30 steps per epoch over the 1500 training images
 LR = 2e-3
 WEIGHT_DECAY = 1e-4
 MIN_ACCURACY = 0.97
+MAX_SEED = 2**64 - 1  # torch.manual_seed's largest; it takes negatives as seed + 2**64, so -1 would repeat this one
 
 
 @contextlib.contextmanager
@@ -93,12 +94,44 @@ def save_weights(model, path, metadata):
         tmp.unlink(missing_ok=True)
 
 
+def out_problem(path):
+    """Why the weights could not be written to path (a file, its folder created if missing), or None."""
+    path = Path(path)
+    if path.is_dir():
+        return "is a folder; give the file to write"
+    for folder in path.parents:
+        if folder.exists():  # the nearest existing one: it must be a folder, and ours to write in
+            if not folder.is_dir():
+                return f"{folder} is not a folder"
+            if not os.access(folder, os.W_OK | os.X_OK):
+                return f"{folder} is not writable"
+            return None
+    return None
+
+
+def check_arguments(args):
+    """Raise ValueError naming the flag whose value cannot work: before training, not after its 15 s."""
+    if args.epochs < 1:
+        raise ValueError(f"--epochs {args.epochs}: must be an integer >= 1")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise ValueError(f"--seed {args.seed}: must be an integer in 0..{MAX_SEED}")
+    problem = out_problem(args.out)
+    if problem:
+        raise ValueError(f"--out {args.out}: {problem}")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m core.train_digits_classifier",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(WEIGHTS_PATH), help="safetensors file to write")
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--seed", type=int, default=SEED)
     args = parser.parse_args(argv)
+    try:
+        check_arguments(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     model = train(args.epochs, args.seed)
     train_acc, heldout_acc = accuracy(model, "train"), accuracy(model, "heldout")

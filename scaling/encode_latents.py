@@ -114,7 +114,7 @@ def check_arguments(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m scaling.encode_latents", description=__doc__)
     parser.add_argument("--data-path", required=True, help="ImageNet-style folder: one sub-folder of images per class")
     parser.add_argument("--vae", required=True, help="local folder of a diffusers AutoencoderKL (e.g. sd-vae-ft-ema)")
     parser.add_argument("--out", required=True,

@@ -35,15 +35,31 @@ def test_study_catalogue_at_the_command_line(tmp_path, monkeypatch, capsys, case
     assert snapshot(tmp_path) == before
 
 
-def test_output_that_is_not_writable(tmp_path, monkeypatch, capsys):
+def test_output_in_or_at_a_file(tmp_path, monkeypatch, capsys):
+    # Refused by the run, said by the dry run (whose plan may be for another machine) without refusing.
     blocker = tmp_path / "taken"
     blocker.write_text("a file where the output folder should go")
-    path = write(tmp_path, BASE + f"output: {blocker}/study\n")
-    before = snapshot(tmp_path)
-    assert scaling_run.main([str(path)]) == 2
-    assert capsys.readouterr().err == (f"error: {path}: output: {blocker}/study is not writable "
-                                       f"({blocker} does not allow writing)\n")
-    assert snapshot(tmp_path) == before
+    for output in (blocker / "study", blocker):
+        path = write(tmp_path, BASE + f"output: {output}\n")
+        before = snapshot(tmp_path)
+        problem = f"{path}: output: {output} is not a folder ({blocker} is a file)\n"
+        assert scaling_run.main([str(path)]) == 2
+        assert capsys.readouterr().err == f"error: {problem}"
+        assert scaling_run.main([str(path), "--dry-run"]) == 0
+        assert capsys.readouterr().err == f"warning: {problem}"
+        assert snapshot(tmp_path) == before
+
+
+def test_report_folder_problems_in_a_dry_run_and_report_flags_that_contradict(tmp_path, capsys):
+    report = tmp_path / "notes"
+    report.mkdir()
+    (report / "keep.txt").write_text("not a report's")
+    path = write(tmp_path, BASE + f"output: {tmp_path / 'out'}\n")
+    assert scaling_run.main([str(path), "--dry-run", "--report-dir", str(report)]) == 0
+    assert capsys.readouterr().err.startswith(f"warning: --report-dir {report}")
+    assert scaling_run.main([str(path), "--no-report", "--report-dir", str(report)]) == 2
+    assert "argument --report-dir: not allowed with argument --no-report" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def unenterable():
@@ -229,6 +245,18 @@ def make_images(root, n=4, size=8):
     return root
 
 
+def test_core_train_shapes_its_model_for_an_image_folder(tmp_path):
+    # A preset's shape is its usual data's (DiT-P/2: 8×8 one-channel digits, 10 classes); on an image folder of RGB
+    # pixels and 2 classes it failed at its first step ("mat1 and mat2 shapes cannot be multiplied").
+    args = ["--dataset", "imagefolder", "--data-path", str(make_images(tmp_path / "data")), "--image-size", "8",
+            "--model", "DiT-P/2", "--results-dir", str(tmp_path / "res")]
+    assert core_train.main(CORE_TRAIN + args) == 0
+    state = json.loads((tmp_path / "res" / "DiT-P-2" / "checkpoints" / ckpt.checkpoint_name(2) / ckpt.STATE_FILE)
+                       .read_text())
+    assert {k: state["model_config"][k] for k in ("input_size", "in_channels", "num_classes")} == \
+        {"input_size": 8, "in_channels": 3, "num_classes": 2}
+
+
 @pytest.mark.parametrize("num_workers", ["0", "1"])
 def test_a_corrupt_image_met_in_training_is_named(tmp_path, capsys, num_workers):
     # Read where training meets it (no scan of every image up front), in this process or a DataLoader worker.
@@ -393,3 +421,144 @@ def test_unreadable_results_in_the_output_of_a_study_to_resume(tmp_path, capsys)
         assert err.startswith(f"error: {path}: output: {out / 'results.parquet'}: not a readable Parquet file (")
         assert err.rstrip().endswith("move it away to start the study afresh")
     assert snapshot(tmp_path) == before
+
+
+def test_digits_classifier_refuses_bad_arguments_before_training(tmp_path, capsys, monkeypatch):
+    from core import train_digits_classifier as tdc
+
+    monkeypatch.setattr(tdc, "train", lambda *a: pytest.fail("trained before refusing its arguments"))
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file where the weights' folder should go")
+    cases = {
+        ("--out", str(tmp_path)): f"--out {tmp_path}: is a folder; give the file to write",
+        ("--out", str(blocker / "w.safetensors")): f"--out {blocker / 'w.safetensors'}: {blocker} is not a folder",
+        ("--epochs", "0"): "--epochs 0: must be an integer >= 1",
+        ("--epochs", "-1"): "--epochs -1: must be an integer >= 1",
+        ("--seed", "-1"): f"--seed -1: must be an integer in 0..{2**64 - 1}",
+        ("--seed", str(2**64)): f"--seed {2**64}: must be an integer in 0..{2**64 - 1}",
+    }
+    before = snapshot(tmp_path)
+    for args, message in cases.items():
+        assert tdc.main([*args]) == 2, args
+        assert capsys.readouterr().err == f"error: {message}\n"
+    assert snapshot(tmp_path) == before
+    # A missing folder is made when the weights are written; the largest seed is torch's largest.
+    assert tdc.out_problem(tmp_path / "new" / "w.safetensors") is None
+    import torch
+
+    assert torch.Generator().manual_seed(2**64 - 1).initial_seed() == 2**64 - 1
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write in any folder")
+def test_digits_classifier_refuses_an_out_folder_it_cannot_write(tmp_path, capsys, monkeypatch):
+    from core import train_digits_classifier as tdc
+
+    monkeypatch.setattr(tdc, "train", lambda *a: pytest.fail("trained before refusing its arguments"))
+    (tmp_path / "ro").mkdir(mode=0o500)
+    out = tmp_path / "ro" / "w.safetensors"
+    assert tdc.main(["--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"error: --out {out}: {tmp_path / 'ro'} is not writable\n"
+
+
+def test_usage_lines_name_the_module_to_run(tmp_path, capsys):
+    from core import train_digits_classifier as tdc
+    from scaling import encode_latents
+
+    with pytest.raises(SystemExit) as exit_:
+        tdc.main(["--epochs", "x"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.startswith("usage: python -m core.train_digits_classifier [-h]")
+    with pytest.raises(SystemExit) as exit_:
+        encode_latents.main([])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.startswith("usage: python -m scaling.encode_latents [-h]")
+    # At the command line: the folder --out names is refused with a message, no traceback, before any training.
+    proc = subprocess.run([sys.executable, "-m", "core.train_digits_classifier", "--out", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stderr) == (2, f"error: --out {tmp_path}: is a folder; give the file to write\n")
+
+
+@pytest.mark.parametrize("dataset", ["imagefolder", "latents"])
+def test_core_train_names_a_missing_data_path(tmp_path, capsys, dataset):
+    argv = ["--model", "DiT-P/4", "--dataset", dataset, "--image-size", "256", "--results-dir", str(tmp_path / "res")]
+    assert core_train.main(argv) == 2
+    assert capsys.readouterr().err == f"error: --data-path: required with --dataset {dataset} (a folder it reads)\n"
+    assert not (tmp_path / "res").exists()
+
+
+def hand_made_checkpoint(folder, step, **model_changes):
+    """A checkpoint folder with a valid trainer_state.json of the CORE_TRAIN model (changed as given), nothing else."""
+    from core.models import model_config
+
+    mcfg = {**model_config("DiT-P/4", input_size=8, in_channels=1, num_classes=10), **model_changes}
+    path = Path(folder) / ckpt.checkpoint_name(step)
+    path.mkdir(parents=True)
+    state = {"step": step, "train_time_s": 1.0, "sampler": {"epoch": 0, "batch": step}, "model_config": mcfg}
+    (path / ckpt.STATE_FILE).write_text(json.dumps(state))
+    return path
+
+
+def test_a_checkpoint_of_another_model_names_the_fields_that_differ(tmp_path, capsys):
+    other = hand_made_checkpoint(tmp_path / "other", 2, hidden_size=96, depth=4)
+    before = snapshot(tmp_path)
+    assert core_train.main(CORE_TRAIN + ["--results-dir", str(tmp_path / "x"), "--resume", str(other)]) == 2
+    assert capsys.readouterr().err == (f"error: {other / ckpt.STATE_FILE} belongs to another model: depth 4 (now 2); "
+                                       "hidden_size 96 (now 64)\n")
+    assert snapshot(tmp_path) == before
+    state = json.loads((other / ckpt.STATE_FILE).read_text())
+    state["model_config"] = {**state["model_config"], "qk_norm": True}  # a field this version does not have
+    del state["model_config"]["depth"]
+    (other / ckpt.STATE_FILE).write_text(json.dumps(state))
+    this = json.loads((hand_made_checkpoint(tmp_path / "this", 2) / ckpt.STATE_FILE).read_text())["model_config"]
+    with pytest.raises(ckpt.CheckpointError, match=r"another model: hidden_size 96 \(now 64\); qk_norm True \(now "
+                                                   r"absent\); depth absent \(now 2\)$"):
+        ckpt.check_checkpoint(other, this)
+
+
+def test_resume_auto_refuses_a_newest_checkpoint_without_its_trainer_state(tmp_path, capsys):
+    # Checkpoints are renamed into place with their trainer_state.json: the newest without it was damaged, and
+    # resuming from the one before would go back silently, then overwrite it.
+    checkpoints = tmp_path / "res" / "DiT-P-4" / "checkpoints"
+    hand_made_checkpoint(checkpoints, 2)
+    newest = hand_made_checkpoint(checkpoints, 4)
+    (newest / ckpt.STATE_FILE).unlink()
+    before = snapshot(tmp_path)
+    assert core_train.main(CORE_TRAIN + ["--max-steps", "6", "--results-dir", str(tmp_path / "res")]) == 2
+    assert capsys.readouterr().err == (f"error: {newest / ckpt.STATE_FILE} is missing: {newest} is not a complete "
+                                       "checkpoint; move it away to resume from the one before\n")
+    assert snapshot(tmp_path) == before
+    # An older one without it is what a prune killed mid-way leaves: passed over, never pruned as complete.
+    (newest / ckpt.STATE_FILE).write_text("{}")
+    (checkpoints / ckpt.checkpoint_name(2) / ckpt.STATE_FILE).unlink()
+    assert ckpt.latest_checkpoint(checkpoints) == newest
+    assert ckpt.list_checkpoints(checkpoints) == [newest]
+
+
+def test_damaged_checkpoint_files_are_named_in_words(tmp_path, capsys):
+    import torch
+
+    good = checkpoint_of_two_steps(tmp_path)
+    engine_file = next((good / ckpt.ENGINE_DIR).rglob("*.pt")).relative_to(good)
+    rng_text = (good / "rng-rank0.pt").read_bytes()
+    torch.save([1, 2], tmp_path / "list.pt")
+    engine = str(engine_file)
+    cases = [  # (the file, its bytes, what the error says after "cannot be loaded: ")
+        ("rng-rank0.pt", b"junk" * 50, "it is not a complete file torch.save wrote\n"),  # was: a bare number
+        ("rng-rank0.pt", rng_text[:300], "it is not a complete file torch.save wrote (PytorchStreamReader"),
+        ("rng-rank0.pt", (tmp_path / "list.pt").read_bytes(), "it holds no torch RNG state\n"),
+        (ckpt.EMA_FILE, b"junk" * 50, "it is not a complete file safetensors wrote ("),
+        (engine, b"junk" * 50, "a file in it is not a complete file torch.save wrote\n"),
+    ]
+    for name, data, problem in cases:
+        damaged = tmp_path / "damaged"
+        shutil.rmtree(damaged, ignore_errors=True)
+        shutil.copytree(good, damaged)
+        (damaged / name).write_bytes(data)
+        capsys.readouterr()
+        before = snapshot(tmp_path)
+        assert core_train.main(CORE_TRAIN + ["--results-dir", str(tmp_path / "x"), "--resume", str(damaged)]) == 2
+        named = damaged / (ckpt.ENGINE_DIR if name == engine else name)  # DeepSpeed's errors name no file
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {named} cannot be loaded: {problem}"), err
+        assert "Traceback" not in err
+        assert snapshot(tmp_path) == before, name
