@@ -64,6 +64,10 @@ IDENTITY_COLUMNS = {"trial_id": "trial id", "model": "model name", "step": "step
 # Counts and sizes, where given: finite, and above zero (> 0) or not below it (>= 0).
 POSITIVE_COLUMNS = {"patch": "> 0", "params": "> 0", "gflops": "> 0", "batch_size": "> 0", "step": ">= 0",
                     "max_step": ">= 0", "train_compute": ">= 0"}
+# The measurements the report fits and plots, where measured (null or NaN: not measured): a loss or a distance,
+# finite and not below zero. Checked here, not in load_results: a study resuming must never stop over a value it
+# measured itself, and the fits are where an impossible one does harm.
+METRIC_COLUMNS = {"train_loss": ">= 0", "val_loss": ">= 0", "fid": ">= 0"}
 
 
 def report_rows(results):
@@ -94,7 +98,7 @@ def check_rows(df, source):
     if unknown.any():
         raise BadResults(f"{source}: column 'status' has unknown values {sorted(set(df.status[unknown]))} "
                          f"({_where(df, unknown.to_numpy())}); expected one of {list(STATUSES)}")
-    for col, rule in POSITIVE_COLUMNS.items():
+    for col, rule in {**POSITIVE_COLUMNS, **METRIC_COLUMNS}.items():
         v = df[col].astype(float).to_numpy()
         with np.errstate(invalid="ignore"):
             bad = ~np.isnan(v) & ~(np.isfinite(v) & ((v > 0) if rule == "> 0" else (v >= 0)))
@@ -102,6 +106,27 @@ def check_rows(df, source):
             shown = ", ".join(f"{x:g}" for x in sorted(set(v[bad]))[:3])
             raise BadResults(f"{source}: column {col!r} must be finite and {rule} where given, but holds {shown} in "
                              f"{bad.sum()} of {len(df)} rows ({_where(df, bad)})")
+    check_one_row_per_step(df, source)
+
+
+def check_one_row_per_step(df, source):
+    """Refuse two different rows of one trial at one step: which of them stands, the report cannot tell."""
+    # The recorder keeps one row per (trial, step), replacing, never adding, so a file with two was put together
+    # from several by hand. Exact copies say nothing new: analyze counts them once, with a note.
+    distinct = df.drop_duplicates()
+    clash = distinct.duplicated(["trial_id", "step"], keep=False).to_numpy()
+    if not clash.any():
+        return
+    first = distinct[clash].iloc[0]
+    same = ((df.trial_id == first.trial_id) & (df.step == first.step)).to_numpy()
+    rows = df[same]
+    differ = ", ".join(repr(c) for c in df.columns if rows[c].nunique(dropna=False) > 1)
+    positions = np.flatnonzero(same)
+    pairs = distinct[clash][["trial_id", "step"]].drop_duplicates()
+    more = f"; {len(pairs) - 1} more trial and step pair(s) have such rows" if len(pairs) > 1 else ""
+    raise BadResults(f"{source}: trial {first.trial_id} has {len(rows)} different rows at step {int(first.step)} "
+                     f"(rows {', '.join(map(str, positions[:-1]))} and {positions[-1]}; they differ in {differ}){more}; "
+                     "a study writes one row per trial and step: keep the one that stands")
 
 
 def _where(df, mask):
@@ -120,7 +145,9 @@ def _where(df, mask):
 
 def analyze(df, n_boot=N_BOOT, seed=0):
     """Summarise a results table and fit every law the data supports."""
-    df = df.copy()
+    # Exact copies of a row (results concatenated twice, say) would weigh their measurement twice in the fits.
+    copies = int(df.duplicated().sum())
+    df = df.drop_duplicates().reset_index(drop=True)
     # A writer that left training compute out still gave everything it is made of.
     df["train_compute"] = df.train_compute.fillna(df.gflops * df.batch_size * df.step * 3)
     df["images"] = df.batch_size * df.step  # D in L(N, D): training images seen
@@ -136,6 +163,9 @@ def analyze(df, n_boot=N_BOOT, seed=0):
         a.notes.append("No bootstrap resamples (--n-boot 0): the fits are point estimates without intervals, the "
                        "figures have no bands, and the extrapolation check cannot say whether an observation falls "
                        "inside its interval.")
+    if copies:
+        a.notes.append(f"{copies} row(s) were exact copies of another row (the same trial and step, every column "
+                       "equal): each measurement is counted once.")
     bad = trials[trials.status != "ok"]
     if len(bad):
         a.notes.append(f"{len(bad)} trial(s) did not finish ok ({', '.join(sorted(set(bad.status)))}): "
@@ -613,7 +643,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m scaling.report",
         description="Compute-vs-quality figures, fitted scaling laws and tables from a results.parquet.")
-    source = parser.add_mutually_exclusive_group(required=True)
+    # Not required=True: argparse checks a required group before it names unknown arguments, so `--bogus` alone
+    # was reported as a missing RESULTS. Checked after parsing instead, with argparse's own wording.
+    source = parser.add_mutually_exclusive_group()
     source.add_argument("results", nargs="?", help="a results.parquet or a study output folder holding one")
     source.add_argument("--paper", action="store_true", help="build the report on the DiT paper's Table 4")
     parser.add_argument("--out", help="report folder: new, empty, or an earlier report, which is replaced "
@@ -622,6 +654,8 @@ def main(argv=None):
                         help=f"bootstrap resamples per fit (default {N_BOOT}; 0: no intervals, a quicker report)")
     parser.add_argument("--seed", type=seed_number, default=0, help="bootstrap seed (an integer >= 0)")
     args = parser.parse_args(argv)
+    if args.results is None and not args.paper:
+        parser.error("one of the arguments results --paper is required")
     try:
         if args.out:  # before reading anything: a bad destination costs nothing
             check_report_destination(args.out)

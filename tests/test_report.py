@@ -393,3 +393,65 @@ def test_every_row_of_a_model_without_a_name_is_refused_too(tmp_path):
     with pytest.raises(ValueError, match=r"^results: column 'status' has unknown values \['finished'\]"):
         build_report(rows, tmp_path / "report", n_boot=0)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("column, value, message", [
+    ("fid", -5, "column 'fid' must be finite and >= 0 where given, but holds -5 in 1 of 74 rows (row 3, "
+                "trial t-DiT-S/8, step 100000)"),
+    ("fid", np.inf, "column 'fid' must be finite and >= 0 where given, but holds inf in 1 of 74 rows (row 3, "
+                    "trial t-DiT-S/8, step 100000)"),
+    ("val_loss", -np.inf, "column 'val_loss' must be finite and >= 0 where given, but holds -inf in 1 of 74 rows"),
+    ("train_loss", -0.5, "column 'train_loss' must be finite and >= 0 where given, but holds -0.5 in 1 of 74 rows"),
+])
+def test_an_impossible_measurement_exits_2_naming_the_column_and_trial(tmp_path, capsys, monkeypatch, column, value,
+                                                                       message):
+    # A negative or infinite FID was shown as ok in the trials table and silently left out of the fits.
+    rows = pd.DataFrame(synthetic_rows())
+    rows.loc[3, column] = value
+    write_table(rows, tmp_path / "results.parquet", RESULTS_SCHEMA)
+    monkeypatch.chdir(tmp_path)
+    assert main(["results.parquet", "--n-boot", "0", "--out", "report"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: results.parquet: {message}") and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.parquet"]  # nothing written
+
+
+def test_two_different_rows_of_one_trial_and_step_exit_2_naming_them(tmp_path, capsys, monkeypatch):
+    # The recorder keeps one row per (trial, step): two that differ come from files put together by hand.
+    rows = pd.DataFrame(synthetic_rows())
+    again = rows.iloc[[3]].assign(fid=rows.fid[3] + 1)
+    write_table(pd.concat([rows, again]), tmp_path / "results.parquet", RESULTS_SCHEMA)
+    monkeypatch.chdir(tmp_path)
+    assert main(["results.parquet", "--n-boot", "0", "--out", "report"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("error: results.parquet: trial t-DiT-S/8 has 2 different rows at step 100000 (rows 3 and 74; they "
+                   "differ in 'fid'); a study writes one row per trial and step: keep the one that stands\n"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.parquet"]
+
+
+def test_exact_copies_of_rows_count_once_with_a_note(tmp_path):
+    rows = pd.DataFrame(synthetic_rows())
+    write_table(pd.concat([rows, rows]), tmp_path / "results.parquet", RESULTS_SCHEMA)
+    out = build_report(tmp_path / "results.parquet", tmp_path / "report", n_boot=0)
+    fits = json.loads((out / "fits.json").read_text())
+    assert fits["rows"] == 74 and fits["trials"] == {"ok": 12, "diverged": 1, "failed": 1}
+    assert "74 row(s) were exact copies of another row (the same trial and step, every column equal): each " \
+           "measurement is counted once." in fits["notes"]
+    assert fits["fits"]["loss_vs_params_and_images"]["n_points"] == 72
+    assert "74 rows from 14 trials" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--paper", "--bogus"], "unrecognized arguments: --bogus"),
+    ([], "one of the arguments results --paper is required"),
+])
+def test_an_unknown_flag_is_named_as_unknown(tmp_path, capsys, monkeypatch, argv, message):
+    # argparse checked the required RESULTS or --paper first: `--bogus` alone was reported as a missing RESULTS.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert err.endswith(f"error: {message}\n"), err
+    assert list(tmp_path.iterdir()) == []
