@@ -111,9 +111,19 @@ def latest_checkpoint(directory):
     return found[-1]
 
 
-def prune_checkpoints(directory, keep):
-    """Delete all but the newest keep checkpoints (call on one rank per directory)."""
-    for old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
+def prune_checkpoints(directory, keep, marked=True):
+    """Delete all but the newest keep checkpoints (call on one rank per directory), and step folders older than them.
+
+    A prune killed mid-way leaves an old folder without its trainer state; it goes with the next prune. marked=False:
+    a folder of a rank other than 0 of its own (Ray's workers), where only rank 0's checkpoints carry a trainer
+    state: every step folder there is a checkpoint (counted as complete, those piled up, one per checkpoint).
+    """
+    folders = _step_folders(directory)
+    checkpoints = list_checkpoints(directory) if marked else folders
+    if keep <= 0 or len(checkpoints) <= keep:
+        return
+    oldest_kept = checkpoints[-keep]
+    for old in folders[:folders.index(oldest_kept)]:
         shutil.rmtree(old, ignore_errors=True)
 
 

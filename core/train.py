@@ -553,8 +553,8 @@ def train(cfg, out_dir, milestones=(), callbacks=None, resume_from=None, checkpo
                 metrics.update(callbacks.on_milestone(trial, dict(metrics)) or {})
             # Under this step: the metrics may be those of an earlier log step, or none yet.
             callbacks.on_checkpoint(trial, path, {**metrics, "step": step})
-            if rank == 0 or not shared_checkpoint_dir:
-                ckpt.prune_checkpoints(checkpoint_dir, cfg.keep_checkpoints)
+            if rank == 0 or not shared_checkpoint_dir:  # only rank 0 writes the trainer state that marks a checkpoint
+                ckpt.prune_checkpoints(checkpoint_dir, cfg.keep_checkpoints, marked=rank == 0)
     return metrics
 
 

@@ -467,3 +467,30 @@ def test_a_validation_batch_smaller_than_the_world_validates_under_zero_3(tmp_pa
     _, state_2 = torchrun(tmp_path / "two", 3, val_batch=1, max_steps=2)
     assert state_2["metrics"]["val_loss"] == pytest.approx(state_1["metrics"]["val_loss"], rel=1e-4)
     assert state_2["metrics"]["val_loss_ema"] == pytest.approx(state_1["metrics"]["val_loss_ema"], rel=1e-4)
+
+
+def test_pruning_keeps_the_newest_checkpoints_in_every_ranks_folder(tmp_path):
+    def folders(steps, state):
+        root = tmp_path / f"{state}-{len(list(tmp_path.iterdir()))}"
+        for step in steps:
+            (root / ckpt.checkpoint_name(step)).mkdir(parents=True)
+            if state:
+                (root / ckpt.checkpoint_name(step) / ckpt.STATE_FILE).write_text("{}")
+        return root
+
+    def left(root):
+        return sorted(int(p.name.split("-")[1]) for p in root.iterdir())
+
+    # Rank 0's (or a shared) folder: the newest two marked ones stay; an older one a killed prune left half-deleted
+    # (no trainer state) goes too.
+    shared = folders([4, 6, 8], state=True)
+    (shared / ckpt.checkpoint_name(2)).mkdir()
+    ckpt.prune_checkpoints(shared, 2)
+    assert left(shared) == [6, 8]
+    # Another rank's own folder (Ray's workers): only rank 0 writes trainer states, so there every step folder is a
+    # checkpoint. Counted as rank 0's, none was ever complete and all of them piled up (a GB each for DiT-XL/2).
+    rank_1 = folders([2, 4, 6, 8], state=False)
+    ckpt.prune_checkpoints(rank_1, 2, marked=False)
+    assert left(rank_1) == [6, 8]
+    ckpt.prune_checkpoints(rank_1, 5, marked=False)
+    assert left(rank_1) == [6, 8]
