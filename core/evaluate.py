@@ -61,7 +61,7 @@ class EvalConfig:
 #################################################################################
 
 def image_seed(seed, i, stream=0):
-    """The sampling seed of item i (< 2**31): a function of (seed, stream, i) only, below 2**32.
+    """The sampling seed of item i (i < 2**31): a function of (seed, stream, i) only, below 2**32.
 
     CPU generators (mt19937) read only the low 32 bits of a seed, so the evaluation seed is mixed
     into them by a golden-ratio Weyl step: nearby seeds offset the items' seeds by billions, and
