@@ -230,6 +230,7 @@ class ShardedBatchSampler:
         self.num_items, self.global_batch = num_items, global_batch
         self.rank, self.world_size, self.seed, self.drop_last = rank, world_size, seed, drop_last
         self.epoch, self.batch = 0, 0
+        self.order = "hashed"  # how epochs are seeded (see permutation); a resumed run keeps its checkpoint's
         self._perm_epoch, self._perm = None, None
 
     @property
@@ -240,7 +241,9 @@ class ShardedBatchSampler:
     def permutation(self, epoch):
         """The order of the items in an epoch, the same on every rank."""
         if self._perm_epoch != epoch:
-            generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
+            # "seed+epoch": the seeding of checkpoints written before epoch_seed, so that their runs resume exactly.
+            seed = epoch_seed(self.seed, epoch) if self.order == "hashed" else self.seed + epoch
+            generator = torch.Generator().manual_seed(seed)
             self._perm, self._perm_epoch = torch.randperm(self.num_items, generator=generator), epoch
         return self._perm
 
@@ -263,10 +266,14 @@ class ShardedBatchSampler:
 
     def state_dict(self):
         return dict(epoch=self.epoch, batch=self.batch, num_items=self.num_items,
-                    global_batch=self.global_batch, seed=self.seed, drop_last=self.drop_last)
+                    global_batch=self.global_batch, seed=self.seed, drop_last=self.drop_last, order=self.order)
 
     def load_state_dict(self, state):
         for key in ("num_items", "global_batch", "seed", "drop_last"):
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(f"sampler state has {key}={state[key]}, this sampler has {getattr(self, key)}")
+        order = state.get("order", "seed+epoch")  # a state without it was written before epochs were hashed
+        if order not in ("hashed", "seed+epoch"):
+            raise ValueError(f"sampler state has order={order!r}, not 'hashed' or 'seed+epoch'")
+        self.order, self._perm_epoch = order, None
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])

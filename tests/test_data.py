@@ -102,6 +102,15 @@ def test_seeds_have_their_own_data_orders():
               for seed in range(4) for epoch in range(4)}
     assert len(set(orders.values())) == len(orders)
     assert orders[(1, 0)] == tuple(ShardedBatchSampler(50, 10, seed=1).permutation(0).tolist())  # and repeatable
+    # A run resumed from a checkpoint written before (its sampler state has no "order") keeps its own orders.
+    state = ShardedBatchSampler(50, 10, seed=1).state_dict()
+    assert state["order"] == "hashed"
+    earlier = ShardedBatchSampler(50, 10, seed=1)
+    earlier.load_state_dict({k: v for k, v in state.items() if k != "order"})
+    assert earlier.permutation(2).tolist() == torch.randperm(50, generator=torch.Generator().manual_seed(3)).tolist()
+    assert earlier.state_dict()["order"] == "seed+epoch"
+    with pytest.raises(ValueError, match="order='shuffled'"):
+        earlier.load_state_dict({**state, "order": "shuffled"})
 
 
 def test_sampler_rejects_an_indivisible_batch():
