@@ -261,7 +261,7 @@ def isoflop_profiles(iso, loss, folder):
         ok = np.isfinite(opt)
         ax.set_title(f"{symbol}(C): compute-optimal {what}")
         if not ok.any():
-            ax.text(0.5, 0.5, f"no budget has a loss minimum\ninside the {what} measured",
+            ax.text(0.5, 0.5, "no budget has a loss minimum\ninside the sizes measured",
                     transform=ax.transAxes, ha="center", va="center", color="0.35")
             ax.set_xticks([])
             ax.set_yticks([])

@@ -25,6 +25,7 @@ N_BOOT = 1000
 HUBER_DELTA = 1e-3  # Chinchilla's δ for the Huber loss on log loss
 MAX_EXPONENT = 3.0  # scaling exponents are O(0.1-1); the bound stops degenerate resamples from wandering off
 FLOOR_LOG = 12.0  # a term (or E) below e^-12 of the smallest value is zero for all purposes: its lower bound
+FLAT_TERM = 0.1  # a term A·x^(−α) whose α·ln(x_max/x_min) is below this changes by under 10% over the points
 
 
 class FitError(ValueError):
@@ -55,6 +56,7 @@ class Law:
     estimate: Callable  # estimate(x, y, start=None) -> params; raises FitError
     min_points: int  # distinct x values needed
     limits: Callable = None  # limits(y) -> {name: (low, high)}: where estimate confines a coefficient (None: free)
+    exponents: dict = None  # {exponent name: the column of x it applies to}, for the laws with a floor E
 
 
 @dataclass
@@ -68,6 +70,7 @@ class Fit:
     n_groups: int  # trials the points came from
     n_boot: int  # resamples drawn
     limits: dict = field(default_factory=dict)  # the law's limits(y) for these points
+    spans: dict = field(default_factory=dict)  # {exponent name: ln(max/min) of its x over these points}
 
     def predict(self, x):
         """The law's prediction at x with the point-estimate coefficients."""
@@ -93,7 +96,8 @@ class Fit:
 
     def unsettled(self, level=CI_LEVEL):
         """What the data leave open: coefficients that sit at a limit of the estimation, or whose interval
-        reaches one (a sentence each; empty when every coefficient is inside its limits)."""
+        reaches one, and exponents too near 0 for their term to change over the points (a sentence each; empty
+        when every coefficient is inside its limits and every term changes)."""
         ci = self.intervals(level)
         out = []
         for name, (low, high) in self.limits.items():
@@ -110,6 +114,20 @@ class Fit:
                 out.append(f"{name} = {value:.3g} is at its limit {at[0]:g}")
             elif reached:
                 out.append(f"{interval} reaches its limit {reached[0]:g}")
+        said = {s.split(" ")[0] for s in out}  # an exponent at its limit 0 is reported already
+        return out + [s for name, s in self._flat_terms() if name not in said]
+
+    def _flat_terms(self):
+        """(name, sentence) of each exponent so near 0 that its term is almost constant over the points."""
+        # E and that term's coefficient then trade off along a flat valley, unidentified; the bootstrap's refits,
+        # started at the estimate, stay where they start, so their intervals can even have zero width.
+        out = []
+        for name, span in self.spans.items():
+            value = self.params[self.law.names.index(name)]
+            if value * span < FLAT_TERM:
+                out.append((name, f"{name} = {value:.3g} leaves its term within {np.expm1(value * span):.1%} of "
+                                  "constant over the points: E and that term's coefficient cannot be told apart, "
+                                  "whatever their intervals say"))
         return out
 
     def to_dict(self, level=CI_LEVEL):
@@ -232,7 +250,8 @@ def _saturating_estimate(x, y, start=None):
 
 
 SATURATING_POWER_LAW = Law("y = E + A·x^(−α)", ("E", "A", "alpha"), _saturating_predict, _saturating_estimate,
-                           min_points=4, limits=functools.partial(_lse_limits, ("E", "A", "alpha")))
+                           min_points=4, limits=functools.partial(_lse_limits, ("E", "A", "alpha")),
+                           exponents={"alpha": 0})
 
 
 def size_classes(params):
@@ -264,7 +283,8 @@ def _chinchilla_estimate(x, y, start=None):
 
 CHINCHILLA = Law("L = E + A/N^α + B/D^β", ("E", "A", "alpha", "B", "beta"), _chinchilla_predict,
                  _chinchilla_estimate, min_points=8,
-                 limits=functools.partial(_lse_limits, ("E", "A", "alpha", "B", "beta")))
+                 limits=functools.partial(_lse_limits, ("E", "A", "alpha", "B", "beta")),
+                 exponents={"alpha": 0, "beta": 1})
 
 
 # Fitting with bootstrap ----------------------------------------------------------------------------
@@ -391,7 +411,9 @@ def fit_law(law, x, y, groups=None, select=None, n_boot=N_BOOT, seed=0):
     params = estimate(np.arange(len(y)))
     boot = bootstrap(groups, _LawEstimate(law, x, y, params), len(params), n_boot, seed)
     limits = law.limits(y) if law.limits else {}
-    return Fit(law, params, boot, len(y), len(np.unique(groups)), n_boot, limits)
+    columns = np.log(x.reshape(len(y), -1))
+    spans = {name: float(np.ptp(columns[:, k])) for name, k in (law.exponents or {}).items()}
+    return Fit(law, params, boot, len(y), len(np.unique(groups)), n_boot, limits, spans)
 
 
 class _LawEstimate:
@@ -463,7 +485,7 @@ class IsoFlopProfile:
     loss: np.ndarray
     parabola: np.ndarray  # loss = c0·log10(N)² + c1·log10(N) + c2 (NaN when it cannot be fitted)
     n_opt: float  # the parabola's minimum; NaN when it is not inside the sizes measured
-    steps_opt: float  # the same for the parabola in log10 steps
+    steps_opt: float  # the steps the budget buys a model of n_opt parameters (see _steps_at); NaN with n_opt
 
 
 @dataclass
@@ -498,8 +520,9 @@ def isoflop(compute, params, steps, loss, groups, n_budgets=6, min_models=3, n_b
     Each trial's loss curve is interpolated in log-log at log-spaced compute budgets that trials of
     min_models model sizes reach (never extrapolated). At each budget the best trial of each size
     (patch size changes compute, not parameters) gives one point; a parabola in log10 N through them
-    gives the compute-optimal size, one in log10 steps the compute-optimal steps. Each optimum is
-    fitted as a power law of compute, with intervals from resampling trials, where 3 budgets have one.
+    gives the compute-optimal size N*, and the steps the budget buys that size the compute-optimal steps.
+    Each optimum is fitted as a power law of compute, with intervals from resampling trials, where 3
+    budgets have one.
     Raises FitError only when there are no profiles to draw.
     """
     compute, params, steps, loss = (np.asarray(a, float) for a in (compute, params, steps, loss))
@@ -540,15 +563,15 @@ def isoflop(compute, params, steps, loss, groups, n_budgets=6, min_models=3, n_b
             out["rows"].append(r)
             out["parabola"].append(parabola)
             out["params"].append(10 ** log_n)
-            out["steps"].append(10 ** _vertex(np.log10(steps_at[r, b]), loss_at[r, b])[1])
+            out["steps"].append(_steps_at(10 ** log_n, sizes[r], steps_at[r, b]))
         return out
 
     def law_estimate(axis):
         def estimate(rows):
             opt = np.array(optima(rows)[axis])
             valid = np.isfinite(opt)
-            if valid.sum() < 2:
-                raise FitError("fewer than 2 budgets with an interior optimum")
+            if valid.sum() < 3:  # as the point estimate below: a replicate through 2 points is no fit of it
+                raise FitError("fewer than 3 budgets with an interior optimum")
             return _power_law_estimate(budgets[valid], opt[valid])
         return estimate
 
@@ -561,7 +584,7 @@ def isoflop(compute, params, steps, loss, groups, n_budgets=6, min_models=3, n_b
         valid = int(np.isfinite(point[axis]).sum())
         if valid < 3:
             notes.append(f"{law.formula}: not fitted: {valid} of {len(budgets)} budgets have a loss minimum "
-                         f"inside the {axis} measured; 3 are needed")
+                         "inside the model sizes measured; 3 are needed")
             fits[axis] = None
             continue
         estimate = law_estimate(axis)
@@ -569,6 +592,21 @@ def isoflop(compute, params, steps, loss, groups, n_budgets=6, min_models=3, n_b
         fits[axis] = Fit(law, params, bootstrap(everyone, estimate, len(params), n_boot, seed), valid, len(trials),
                          n_boot)
     return IsoFlop(profiles, fits["params"], fits["steps"], notes)
+
+
+def _steps_at(n_opt, params, steps):
+    """The steps a budget buys a model of n_opt parameters, from the profile's points (params, steps) at it.
+
+    Not a parabola in log10 steps through the points: where patch sizes are swept, each point's steps depend
+    on the patch of its size's best trial, so they are not even monotone in size, and that parabola's minimum
+    means nothing. N* is the optimum; its steps come from the point of the nearest size (its patch: the one
+    chosen there), scaled by params/n_opt, since at a fixed patch the compute per step grows in proportion to
+    the parameters (C = 6ND). With one patch this is C/(6·N*) exactly, so N*·D* spends the budget.
+    """
+    if not np.isfinite(n_opt):
+        return np.nan
+    near = np.argmin(np.abs(np.log10(params) - np.log10(n_opt)))
+    return steps[near] * params[near] / n_opt
 
 
 def _budgets(spans, sizes, n_budgets, min_models):

@@ -21,7 +21,7 @@ import pandas as pd
 
 from scaling import figures
 from scaling.fits import (CHINCHILLA, CI_LEVEL, N_BOOT, POWER_LAW, SATURATING_POWER_LAW, Fit, FitError, correlations,
-                          extrapolation_check, fit_law, frontier, isoflop, parallel_fits)
+                          extrapolation_check, fit_law, frontier, isoflop, parallel_fits, size_classes)
 from scaling.report_folder import ReportDestinationError, check_report_destination, default_report_dir, \
     swap_in_report
 from scaling.results import RESULTS_SCHEMA, STATUSES, load_results, paper_results, results_path, to_table
@@ -248,7 +248,8 @@ def final_points(ok):
 
 
 def extrapolations(a, attempt, fit):
-    """Fit without the largest-compute model, predict its final loss and FID, compare with what it measured."""
+    """Fit without the largest-compute model (for L(N, D), without every model of its size), predict its final loss
+    and FID, compare with what it measured."""
     ok = a.ok
     if ok.model.nunique() < 2:
         a.notes.append("Extrapolation check: needs at least 2 models.")
@@ -268,14 +269,21 @@ def extrapolations(a, attempt, fit):
         held = (rows.model == held_model).to_numpy()
         if not held.any():
             continue
-        target = rows[held].sort_values("step").iloc[-1]
+        target = rows[held].sort_values("step").iloc[-1]  # the held-out model's own last measurement
+        if law is CHINCHILLA:
+            # The other patch sizes of the held-out size share its N (within 2%) and, at their last step, its D:
+            # left in, they would make the check an interpolation. Held out with it, the fit must reach its N.
+            classes = size_classes(rows.params.to_numpy(float))
+            held = classes == classes[held][0]
         x = rows[x_cols].to_numpy(float)
         x = x[:, 0] if len(x_cols) == 1 else x
         check = attempt(f"Extrapolation of {what} to {held_model} with {law.formula}", extrapolation_check, law, x,
                         rows[col], rows.trial_id, held, target[x_cols].to_numpy(float).squeeze(), target[col],
                         select, **fit)
         if check:
-            checks.append({"quantity": what, "model": held_model, "step": int(target.step), **check})
+            checks.append({"quantity": what, "model": held_model, "step": int(target.step),
+                           "held_out": figures.model_order(rows[held]),
+                           **check})
     return checks
 
 
@@ -367,12 +375,13 @@ def fits_table(a):
 
 def extrapolation_table(a):
     """Each law fitted without the largest-compute model, its prediction for it, and what it measured."""
-    title = "Extrapolation check: fitted without the largest-compute model"
+    title = ("Extrapolation check: fitted without the largest-compute model (L(N, D) also without the other patch "
+             "sizes of its model size, which share its N)")
     if a.n_boot:
         title += " (the interval is the fit's uncertainty, not the scatter of a single run)"
     return Table(title, ["quantity", "law", "held-out model", "at", "predicted", "interval", "observed", "error",
                          "inside", "resamples"],
-                 [[e["quantity"], e["law"], e["model"], _at(e), _num(e["predicted"]),
+                 [[e["quantity"], e["law"], _held_out(e), _at(e), _num(e["predicted"]),
                    f"[{_num(e['ci_low'])}, {_num(e['ci_high'])}]", _num(e["observed"]), f"{e['relative_error']:+.1%}",
                    {True: "yes", False: "no", None: "–"}[e["inside_interval"]], str(e["n_boot_converged"])]
                   for e in a.extrapolation])
@@ -387,6 +396,12 @@ def _drop_columns(t, names):
 def _ci_label(a, template):
     """template filled with the interval's level ("95%"), or nothing when there are no resamples."""
     return template.format(f"{CI_LEVEL:.0%}") if a.n_boot else ""
+
+
+def _held_out(e):
+    """The model predicted, and the others held out with it (L(N, D): the other patch sizes of its size)."""
+    others = [m for m in e["held_out"] if m != e["model"]]
+    return e["model"] + (f" (and {', '.join(others)})" if others else "")
 
 
 def _at(e):

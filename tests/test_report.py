@@ -124,7 +124,7 @@ def test_synthetic_study_from_parquet_alone(tmp_path):
     assert len(held_out) == 3
     for e in held_out:  # the frontier fits rest on the trials of the frontier only
         frontier_fit = e["law"] != CHINCHILLA.formula
-        assert e["n_trials"] < 11 if frontier_fit else e["n_trials"] == 11, e["law"]
+        assert e["n_trials"] < 11 if frontier_fit else e["n_trials"] == 9, e["law"]  # L(N, D): all of XL out
     loss_check = next(e for e in held_out if e["law"] == "y = E + A·x^(−α)")
     assert abs(loss_check["relative_error"]) < 0.1
     page = (out / "index.html").read_text()
@@ -455,3 +455,32 @@ def test_an_unknown_flag_is_named_as_unknown(tmp_path, capsys, monkeypatch, argv
     err = capsys.readouterr().err
     assert err.endswith(f"error: {message}\n"), err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_extrapolation_of_l_n_d_holds_out_every_patch_of_the_largest_size():
+    # Holding out DiT-XL/2 alone left XL/4 and XL/8 in the fit of L(N, D), at its N (within 0.1%) and D: the
+    # "extrapolation" was an interpolation (predictions at XL/2, /4, /8 agreed to 1e-5).
+    from scaling.report import report_rows
+
+    ok = report_rows(pd.DataFrame([r for r in synthetic_rows() if r["status"] == "ok"]))
+    a = analyze(ok, n_boot=20)
+    checks = {e["law"]: e for e in a.extrapolation}
+    chinchilla = checks[CHINCHILLA.formula]
+    assert chinchilla["n_trials"] == 9 and chinchilla["n_points"] == 9 * len(STEPS)
+    assert chinchilla["model"] == "DiT-XL/2" and chinchilla["held_out"] == ["DiT-XL/8", "DiT-XL/4", "DiT-XL/2"]
+    last = ok[ok.model == "DiT-XL/2"].sort_values("step").iloc[-1]  # compared with XL/2's own loss, not XL/8's
+    assert chinchilla["observed"] == last.val_loss and chinchilla["step"] == last.step
+    # The laws of compute alone hold out the model only: every point left in has less compute than its target.
+    for law in ("y = E + A·x^(−α)", "y = a·x^b"):
+        e = checks[law]
+        assert e["held_out"] == ["DiT-XL/2"] and e["x"][0] > ok.train_compute[ok.model != "DiT-XL/2"].max()
+    md = markdown_of(a)
+    assert "L(N, D) also without the other patch sizes of its model size" in md
+    assert "| DiT-XL/2 (and DiT-XL/8, DiT-XL/4) |" in md
+
+
+def markdown_of(a):
+    """The report's Markdown without its figures."""
+    from scaling.report import markdown, tables
+
+    return markdown(a, [], tables(a))
