@@ -202,7 +202,7 @@ def dataset_info(name, path=None, image_size=None):
 #################################################################################
 
 def epoch_seed(seed, epoch):
-    """The generator seed of an epoch's order: a hash of (seed, epoch), 64 bits.
+    """The generator seed of an epoch's order: a hash of (seed, epoch), 64 bits (torch's CPU generator reads 32).
 
     seed + epoch made seed s + 1 see seed s's orders one epoch later (runs of a seed sweep shared their data
     order), and seed * k + epoch would reuse the seeds of the training noise (core.train.step_randomness).

@@ -97,15 +97,18 @@ def save_weights(model, path, metadata):
 def out_problem(path):
     """Why the weights could not be written to path (a file, its folder created if missing), or None."""
     path = Path(path)
-    if path.is_dir():
-        return "is a folder; give the file to write"
-    for folder in path.parents:
-        if folder.exists():  # the nearest existing one: it must be a folder, and ours to write in
-            if not folder.is_dir():
-                return f"{folder} is not a folder"
-            if not os.access(folder, os.W_OK | os.X_OK):
-                return f"{folder} is not writable"
-            return None
+    try:  # Python 3.11's is_dir and exists raise in a folder this user cannot enter
+        if path.is_dir():
+            return "is a folder; give the file to write"
+        for folder in path.parents:
+            if folder.exists():  # the nearest existing one: it must be a folder, and ours to write in
+                if not folder.is_dir():
+                    return f"{folder} is not a folder"
+                if not os.access(folder, os.W_OK | os.X_OK):
+                    return f"{folder} is not writable"
+                return None
+    except OSError as e:
+        return f"cannot be reached ({e.strerror}: {e.filename})"
     return None
 
 

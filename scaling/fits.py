@@ -601,7 +601,8 @@ def _steps_at(n_opt, params, steps):
     on the patch of its size's best trial, so they are not even monotone in size, and that parabola's minimum
     means nothing. N* is the optimum; its steps come from the point of the nearest size (its patch: the one
     chosen there), scaled by params/n_opt, since at a fixed patch the compute per step grows in proportion to
-    the parameters (C = 6ND). With one patch this is C/(6·N*) exactly, so N*·D* spends the budget.
+    the parameters (C = 6ND; for DiT's Gflops nearly so). Where that holds, with one patch this is C/(6·N*), so
+    N*·D* spends the budget.
     """
     if not np.isfinite(n_opt):
         return np.nan

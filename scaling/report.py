@@ -119,7 +119,7 @@ def check_one_row_per_step(df, source):
         return
     first = distinct[clash].iloc[0]
     same = ((df.trial_id == first.trial_id) & (df.step == first.step)).to_numpy()
-    rows = df[same]
+    rows = distinct[((distinct.trial_id == first.trial_id) & (distinct.step == first.step)).to_numpy()]
     differ = ", ".join(repr(c) for c in df.columns if rows[c].nunique(dropna=False) > 1)
     positions = np.flatnonzero(same)
     pairs = distinct[clash][["trial_id", "step"]].drop_duplicates()

@@ -235,7 +235,7 @@ def run_study(study, address, build_report=True, report_dir=None):
     # The lock is taken before Ray starts: a second run of a running study exits at once, without a local Ray of its
     # own. Its descriptor is not inherited (Python opens descriptors close-on-exec), so Ray's processes never hold it.
     out = study.output
-    made = not out.exists()
+    made = [p for p in (out, *out.parents) if not p.exists()]  # the folders this run makes, deepest first
     out.mkdir(parents=True, exist_ok=True)
     lock = lock_output(out)
     if lock is None:
@@ -243,21 +243,24 @@ def run_study(study, address, build_report=True, report_dir=None):
               f"still runs); wait for it to end or stop it first", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
-        runtime_env = study_runtime_env()
-        if address:
-            ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
-        else:
-            ray.init(runtime_env=runtime_env, **local_ray_options())
-        with sigterm_interrupts():
-            try:
+        try:
+            runtime_env = study_runtime_env()
+            if address:
+                ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
+            else:
+                ray.init(runtime_env=runtime_env, **local_ray_options())
+            with sigterm_interrupts():
                 check_cluster(study, ray.cluster_resources())
-            except StudyError as e:
-                print(f"error: {e}", file=sys.stderr)
-                ray.shutdown()
-                if made:
-                    with contextlib.suppress(OSError):  # empty unless another process wrote there meanwhile
-                        out.rmdir()
-                return EXIT_BAD_INPUT
+        except BaseException as e:  # nothing was written yet: the folders made for it go (a Ctrl-C, Ray's failure)
+            for folder in made:
+                with contextlib.suppress(OSError):  # empty unless another process wrote there meanwhile
+                    folder.rmdir()
+            if not isinstance(e, StudyError):
+                raise
+            print(f"error: {e}", file=sys.stderr)
+            ray.shutdown()
+            return EXIT_BAD_INPUT
+        with sigterm_interrupts():
             return _run_trials(study, build_report, report_dir)
     finally:
         os.close(lock)  # the lock goes with the descriptor (and with the process, however it ends)

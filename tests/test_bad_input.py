@@ -399,14 +399,14 @@ def test_output_in_use_by_another_driver(tmp_path, capsys, monkeypatch):
 
 
 def test_a_trial_larger_than_the_cluster_exits_2_and_leaves_no_output(tmp_path, capsys):
-    out = tmp_path / "out"
+    out = tmp_path / "new" / "out"  # its parent made for it too
     path = write(tmp_path, BASE + f"output: {out}\n")
     before = snapshot(tmp_path)
     # The local Ray holds this machine's CPUs; no node could place a trial of 4096.
     assert scaling_run.main([str(path), "--set", "resources.cpus_per_worker=4096"]) == 2
     err = capsys.readouterr().err
     assert f"resources.cpus_per_worker: a trial needs 1 × 4096 = 4096 CPUs, the cluster has" in err, err[-2000:]
-    assert not out.exists() and snapshot(tmp_path) == before
+    assert not out.parent.exists() and snapshot(tmp_path) == before
 
 
 def test_unreadable_results_in_the_output_of_a_study_to_resume(tmp_path, capsys):
@@ -562,3 +562,14 @@ def test_damaged_checkpoint_files_are_named_in_words(tmp_path, capsys):
         assert err.startswith(f"error: {named} cannot be loaded: {problem}"), err
         assert "Traceback" not in err
         assert snapshot(tmp_path) == before, name
+
+
+@pytest.mark.skipif(unenterable() is None, reason="no folder that even this user cannot enter")
+def test_digits_classifier_names_an_out_it_cannot_reach(capsys, monkeypatch):
+    # Python 3.11's Path.is_dir() raises in a folder this user cannot enter: a traceback, not a message.
+    from core import train_digits_classifier as tdc
+
+    monkeypatch.setattr(tdc, "train", lambda *a: pytest.fail("trained before refusing its arguments"))
+    out = unenterable() / "w.safetensors"
+    assert tdc.main(["--out", str(out)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --out {out}: cannot be reached (Permission denied: ")
