@@ -119,7 +119,7 @@ def prune_checkpoints(directory, keep, marked=True):
     state: every step folder there is a checkpoint (counted as complete, those piled up, one per checkpoint).
     """
     folders = _step_folders(directory)
-    checkpoints = list_checkpoints(directory) if marked else folders
+    checkpoints = [p for p in folders if (p / STATE_FILE).exists()] if marked else folders
     if keep <= 0 or len(checkpoints) <= keep:
         return
     oldest_kept = checkpoints[-keep]

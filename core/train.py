@@ -28,6 +28,7 @@ from core.ema import EMA
 from core.flops import gflops_from_config, train_flop_per_image
 from core.models import DiT, DiT_models, check_shape, model_config
 from core.optim import LR_SCHEDULES, build_optimizer, deepspeed_config, lr_lambda
+from core.writable import write_problem
 
 logger = logging.getLogger("core.train")
 
@@ -670,13 +671,9 @@ def _check_model_shape(cfg, overrides):
 
 def check_results_dir(results_dir, checkpoint_dir):
     """Raise ValueError naming --results-dir when checkpoint_dir could not be created or written there."""
-    for folder in (checkpoint_dir, *checkpoint_dir.parents):
-        if folder.exists():  # the nearest existing one: it must be a folder, and ours to write in
-            if not folder.is_dir():
-                raise ValueError(f"--results-dir {results_dir}: {folder} is not a folder")
-            if not os.access(folder, os.W_OK | os.X_OK):
-                raise ValueError(f"--results-dir {results_dir}: {folder} is not writable")
-            return
+    problem = write_problem(checkpoint_dir)
+    if problem:
+        raise ValueError(f"--results-dir {results_dir}: {problem}")
 
 
 def main(argv=None):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from core.digits import digits_arrays
 from core.digits_classifier import WEIGHTS_PATH, DigitsClassifier
+from core.writable import write_problem
 
 SEED = 0
 EPOCHS = 40
@@ -97,19 +98,12 @@ def save_weights(model, path, metadata):
 def out_problem(path):
     """Why the weights could not be written to path (a file, its folder created if missing), or None."""
     path = Path(path)
-    try:  # Python 3.11's is_dir and exists raise in a folder this user cannot enter
+    try:  # Python 3.11's is_dir raises in a folder this user cannot enter
         if path.is_dir():
             return "is a folder; give the file to write"
-        for folder in path.parents:
-            if folder.exists():  # the nearest existing one: it must be a folder, and ours to write in
-                if not folder.is_dir():
-                    return f"{folder} is not a folder"
-                if not os.access(folder, os.W_OK | os.X_OK):
-                    return f"{folder} is not writable"
-                return None
     except OSError as e:
         return f"cannot be reached ({e.strerror}: {e.filename})"
-    return None
+    return write_problem(path.parent)
 
 
 def check_arguments(args):

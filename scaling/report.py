@@ -118,10 +118,12 @@ def check_one_row_per_step(df, source):
     if not clash.any():
         return
     first = distinct[clash].iloc[0]
-    same = ((df.trial_id == first.trial_id) & (df.step == first.step)).to_numpy()
-    rows = distinct[((distinct.trial_id == first.trial_id) & (distinct.step == first.step)).to_numpy()]
+
+    def at_first(d):
+        return ((d.trial_id == first.trial_id) & (d.step == first.step)).to_numpy()
+    rows = distinct[at_first(distinct)]
     differ = ", ".join(repr(c) for c in df.columns if rows[c].nunique(dropna=False) > 1)
-    positions = np.flatnonzero(same)
+    positions = np.flatnonzero(at_first(df))
     pairs = distinct[clash][["trial_id", "step"]].drop_duplicates()
     more = f"; {len(pairs) - 1} more trial and step pair(s) have such rows" if len(pairs) > 1 else ""
     raise BadResults(f"{source}: trial {first.trial_id} has {len(rows)} different rows at step {int(first.step)} "
