@@ -377,8 +377,9 @@ def fits_table(a):
 
 def extrapolation_table(a):
     """Each law fitted without the largest-compute model, its prediction for it, and what it measured."""
-    title = ("Extrapolation check: fitted without the largest-compute model (L(N, D) also without the other patch "
-             "sizes of its model size, which share its N)")
+    title = "Extrapolation check: fitted without the largest-compute model"
+    if any(len(e["x"]) > 1 for e in a.extrapolation):  # an L(N, D) row
+        title += " (L(N, D) also without the other patch sizes of its model size, which share its N)"
     if a.n_boot:
         title += " (the interval is the fit's uncertainty, not the scatter of a single run)"
     return Table(title, ["quantity", "law", "held-out model", "at", "predicted", "interval", "observed", "error",

@@ -484,3 +484,14 @@ def markdown_of(a):
     from scaling.report import markdown, tables
 
     return markdown(a, [], tables(a))
+
+
+def test_the_extrapolation_title_mentions_l_n_d_only_when_it_was_checked():
+    from scaling.report import report_rows
+
+    rows = pd.DataFrame([r for r in synthetic_rows() if r["status"] == "ok"]).assign(val_loss=np.nan,
+                                                                                      train_loss=np.nan)
+    a = analyze(report_rows(rows), n_boot=0)
+    assert a.loss is None and [e["quantity"] for e in a.extrapolation] == ["FID"]
+    md = markdown_of(a)
+    assert "Extrapolation check: fitted without the largest-compute model" in md and "L(N, D)" not in md
