@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from core.gelu import approx_gelu
 from core.linear import Linear, linear
+from core.token_addcmul import token_addcmul
 
 
 SHORT_SEQUENCE = 16  # tokens; up to this many, CPU attention is written out (see `attention`)
@@ -37,7 +38,7 @@ def attention(q, k, v):
 
 def modulate(x, shift, scale):
     """Apply an adaLN shift and scale, given per image, to every token."""
-    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))  # (N, T, D), one fused kernel
+    return token_addcmul(shift, 1 + scale, x)  # (N, T, D), one fused kernel
 
 
 #################################################################################
@@ -172,8 +173,8 @@ class DiTBlock(nn.Module):
 
     def forward(self, x, c):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = torch.addcmul(x, gate_msa.unsqueeze(1), self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))
-        x = torch.addcmul(x, gate_mlp.unsqueeze(1), self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
+        x = token_addcmul(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))
+        x = token_addcmul(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
         return x  # (N, T, D)
 
 
