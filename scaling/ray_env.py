@@ -13,9 +13,11 @@ def study_runtime_env():
     # gauges for the dashboard; MLflow has every number we log. The preemption watcher is one
     # more actor process per trial (seconds of start-up on a small machine) that only observes
     # preemption notices; a lost node is handled by FailureConfig.
+    # A process given no GPU sees none: Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone for it unless told to empty it, and a
+    # CPU trial (`gpus_per_worker: 0`) on a GPU node then trained on GPU 0, unreserved, beside every other such trial.
     interval = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "1.0")
     env_vars = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": interval, "RAY_TRAIN_METRICS_ENABLED": "0",
-                "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+                "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1"}
     return {"env_vars": env_vars, "worker_process_setup_hook": f"{__name__}.address_own_cluster"}
 
 

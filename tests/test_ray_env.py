@@ -92,3 +92,28 @@ def test_a_studys_local_ray_is_its_own_where_ray_start_recorded_a_cluster():
         assert ray.get(StateProbe.remote().own_state.remote()) == "ALIVE"
     finally:
         ray.shutdown()
+
+
+@ray.remote(num_cpus=0)
+def visible_gpus():
+    return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+@ray.remote(num_cpus=0)
+class GPUProbe:
+    """An actor, as Ray Train's workers are."""
+
+    def visible_gpus(self):
+        return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def test_a_process_given_no_gpu_sees_none_on_a_node_that_has_one():
+    # This machine has no GPU; Ray takes the count it is told. Without the study's environment, a process given no GPU
+    # kept the node's CUDA_VISIBLE_DEVICES (all of them): a CPU trial trained on GPU 0, unreserved.
+    ray.init(runtime_env=study_runtime_env(), num_gpus=1, **local_ray_options())
+    try:
+        assert ray.get(visible_gpus.options(num_gpus=0).remote()) == ""
+        assert ray.get(GPUProbe.options(num_gpus=0).remote().visible_gpus.remote()) == ""
+        assert ray.get(visible_gpus.options(num_gpus=1).remote()) == "0"
+    finally:
+        ray.shutdown()
