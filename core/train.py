@@ -615,20 +615,37 @@ def flag(field):
     return FLAGS.get(field, "--" + field.replace("_", "-"))
 
 
+# DiT constructor arguments a run may set instead of its preset's (a study's train fields of the same names).
+MODEL_FLAGS = {
+    "class_dropout_prob": (_fraction, "must be a finite number in [0, 1)"),
+    "learn_sigma": (lambda v: isinstance(v, bool), "must be true or false"),
+    "hidden_size": _integer(1), "depth": _integer(1), "num_heads": _integer(1),
+    "mlp_ratio": _positive(),
+}
+
+
 def config_from_arguments(args):
     """The TrainConfig of parsed arguments; ValueError naming the flag of a value outside its range."""
+    overrides = {name: getattr(args, name) for name in MODEL_FLAGS if getattr(args, name) is not None}
+    for name, value in overrides.items():
+        ok, problem = MODEL_FLAGS[name]
+        if not ok(value):
+            raise ValueError(f"{flag(name)} {value}: {problem}")
     try:
         return TrainConfig(
-            model=args.model, dataset=args.dataset, data_path=args.data_path,
+            model=args.model, model_overrides=overrides, dataset=args.dataset, data_path=args.data_path,
             image_size=args.image_size, batch_size=args.global_batch_size, grad_accum=args.grad_accum,
             max_steps=args.max_steps, lr=args.lr, lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps,
-            grad_clip=args.grad_clip, ema_decay=args.ema_decay, precision=args.precision, zero_stage=args.zero_stage,
-            seed=args.global_seed, log_every=args.log_every, ckpt_every=args.ckpt_every,
+            betas=tuple(args.betas), weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+            ema_decay=args.ema_decay, precision=args.precision, zero_stage=args.zero_stage, seed=args.global_seed,
+            diffusion_steps=args.diffusion_steps, log_every=args.log_every, ckpt_every=args.ckpt_every,
             keep_checkpoints=args.keep_checkpoints, val_batch=args.val_batch, num_workers=args.num_workers,
-            compile=args.compile, grad_checkpointing=args.grad_checkpointing, peak_tflops=args.peak_tflops,
+            compile=args.compile, grad_checkpointing=args.grad_checkpointing, fused_adamw=args.fused_adamw,
+            peak_tflops=args.peak_tflops,
         )
     except ConfigError as e:
-        raise ValueError(f"{flag(e.field)} {e.value}: {e.problem}") from None
+        value = " ".join(map(str, e.value)) if isinstance(e.value, tuple) else e.value
+        raise ValueError(f"{flag(e.field)} {value}: {e.problem}") from None
 
 
 def check_arguments(cfg, world_size=1):
@@ -661,12 +678,15 @@ def check_arguments(cfg, world_size=1):
 
 
 def _check_model_shape(cfg, overrides):
-    """Raise ValueError naming --model and --image-size when cfg's model (with overrides) cannot be built."""
+    """Raise ValueError naming --model, its shape flags and --image-size when cfg's model (with overrides) cannot be
+    built."""
     mcfg = {**cfg.resolved_model_config(), **overrides}
     try:
         check_shape(*(mcfg[k] for k in ("input_size", "patch_size", "hidden_size", "num_heads", "depth")))
     except ValueError as e:
-        raise ValueError(f"--model {cfg.model} with --image-size {cfg.image_size}: {e}") from e
+        shape_flags = "".join(f" {flag(k)} {v}" for k, v in cfg.model_overrides.items()
+                              if k in ("hidden_size", "depth", "num_heads"))
+        raise ValueError(f"--model {cfg.model}{shape_flags} with --image-size {cfg.image_size}: {e}") from e
 
 
 def check_results_dir(results_dir, checkpoint_dir):
@@ -692,10 +712,22 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--lr-schedule", default="constant", choices=LR_SCHEDULES)
     parser.add_argument("--warmup-steps", type=int, default=0)
+    parser.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999), metavar=("BETA1", "BETA2"),
+                        help="AdamW's")
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--fused-adamw", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch's fused AdamW (the default); --no-fused-adamw: its per-parameter loop")
     parser.add_argument("--grad-clip", type=float, default=None)
     parser.add_argument("--ema-decay", type=float, default=0.9999)
     parser.add_argument("--precision", default="bf16" if torch.cuda.is_available() else "fp32",
-                        choices=["fp32", "bf16"])
+                        choices=["fp32", "bf16"], help="default: bf16 on a GPU, fp32 on CPU (a study's: fp32)")
+    parser.add_argument("--diffusion-steps", type=int, default=1000)
+    parser.add_argument("--class-dropout-prob", type=float, default=None, help="labels dropped (the model's: 0.1)")
+    parser.add_argument("--learn-sigma", action=argparse.BooleanOptionalAction, default=None,
+                        help="the model also predicts the variance (the default)")
+    for name in ("hidden_size", "depth", "num_heads"):
+        parser.add_argument(flag(name), type=int, default=None, help="instead of the preset's")
+    parser.add_argument("--mlp-ratio", type=float, default=None, help="instead of the preset's (4)")
     parser.add_argument("--zero-stage", type=int, default=2, choices=[0, 1, 2, 3])
     parser.add_argument("--global-seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=100)

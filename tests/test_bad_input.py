@@ -191,6 +191,14 @@ def test_corrupt_checkpoint_given_to_core_train(tmp_path):
      "error: --global-batch-size 10: not divisible by --grad-accum 4 × 1 processes"),
     (["--dataset", "imagefolder", "--data-path", "{tmp}", "--image-size", "8"],
      "error: image folder {tmp} is empty: it needs one sub-folder of images per class"),
+    (["--betas", "0.9", "1.5"], "error: --betas 0.9 1.5: must be two numbers in [0, 1)"),
+    (["--weight-decay", "-1"], "error: --weight-decay -1.0: must be a finite number >= 0"),
+    (["--diffusion-steps", "20"], "error: --diffusion-steps 20: must be an integer >= 21"),
+    (["--class-dropout-prob", "1"], "error: --class-dropout-prob 1.0: must be a finite number in [0, 1)"),
+    (["--mlp-ratio", "0"], "error: --mlp-ratio 0.0: must be a finite number > 0"),
+    (["--depth", "0"], "error: --depth 0: must be an integer >= 1"),
+    (["--num-heads", "3"], "error: --model DiT-P/4 --num-heads 3 with --image-size None: num_heads 3 does not divide "
+                           "hidden_size 64"),
 ])
 def test_bad_arguments_of_core_train(tmp_path, capsys, args, message):
     args = [a.replace("{tmp}", str(tmp_path / "data")) for a in args]
@@ -220,6 +228,23 @@ def test_core_train_refuses_a_results_dir_that_cannot_be_a_folder(tmp_path, caps
     assert capsys.readouterr().err == (f"error: --results-dir {tmp_path / 'res'}: {tmp_path / 'res' / 'DiT-P-4'} "
                                        "is not a folder\n")
     assert snapshot(tmp_path) == before
+
+
+def test_core_train_sets_every_field_a_study_trial_can(tmp_path):
+    # The optimizer, diffusion and architecture fields of a study's trials, which `python -m core.train` had no flags
+    # for: a trial with any of them set could not be run by hand.
+    args = ["--betas", "0.8", "0.99", "--weight-decay", "0.01", "--no-fused-adamw", "--diffusion-steps", "100",
+            "--class-dropout-prob", "0.2", "--no-learn-sigma", "--hidden-size", "32", "--depth", "1", "--num-heads", "4",
+            "--mlp-ratio", "2", "--results-dir", str(tmp_path / "res")]
+    assert core_train.main(CORE_TRAIN + args) == 0
+    state = json.loads((tmp_path / "res" / "DiT-P-4" / "checkpoints" / ckpt.checkpoint_name(2) / ckpt.STATE_FILE)
+                       .read_text())
+    assert {k: state["config"][k] for k in ("betas", "weight_decay", "fused_adamw", "diffusion_steps")} == \
+        {"betas": [0.8, 0.99], "weight_decay": 0.01, "fused_adamw": False, "diffusion_steps": 100}
+    assert {k: state["model_config"][k] for k in ("class_dropout_prob", "learn_sigma", "hidden_size", "depth",
+                                                   "num_heads", "mlp_ratio")} == \
+        {"class_dropout_prob": 0.2, "learn_sigma": False, "hidden_size": 32, "depth": 1, "num_heads": 4,
+         "mlp_ratio": 2.0}
 
 
 def test_core_train_refuses_an_image_folder_without_images(tmp_path, capsys):
