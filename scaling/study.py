@@ -219,6 +219,20 @@ STUDY_RELATIVE_PATHS = (("data", "path"), ("eval", "vae"), ("eval", "feature_ext
 # Train fields that change how a run is logged and checkpointed, not what it computes (resume stays exact):
 # left out of trial ids, and not sweepable.
 BOOKKEEPING = ("log_every", "ckpt_every", "keep_checkpoints", "num_workers", "peak_tflops")
+# Settings that cannot change a trial's results (its losses, FID and the rest): its id hashes a fixed value in their
+# place, so that an edit of one keeps the finished trials (and their checkpoints, in a folder named by the id).
+# (section, field) -> when it changes no result, given the resolved study.
+NO_RESULT = {
+    ("train", "grad_checkpointing"): lambda raw: True,  # recomputes activations: the same loss and gradients
+    ("eval", "grid_images_per_class"): lambda raw: True,  # the grid has its own seeds; FID reads only its own images
+    ("eval", "eta"): lambda raw: raw["eval"]["sampler"] == "ddpm",  # DDIM's alone
+    ("eval", "guided_channels"): lambda raw: raw["eval"]["cfg_scale"] == 1.0,  # 1.0 runs no guidance
+}
+# The value hashed in place of such a setting: the default study's (studies/gflops_sweep.yaml writes guided_channels
+# null), else the schema default, so that its trials keep the ids they had before these settings were set aside.
+NO_RESULT_AS = {("eval", "guided_channels"): None}
+# Train fields that are not sweep axes: an axis of them would give trials that differ in nothing they measure.
+UNSWEPT = BOOKKEEPING + tuple(name for section, name in NO_RESULT if section == "train")
 # Where fields that people put elsewhere live, for did-you-mean.
 MOVED = {"model": "sweep.model", "patch": "sweep.patch", "steps": "sweep.steps", "compute": "sweep.compute",
          "train.model": "sweep.model", "train.patch": "sweep.patch", "train.steps": "sweep.steps",
@@ -548,10 +562,10 @@ def _sweep(tree_sweep, raw_train_given, where):
         raise where.error(("sweep",), "missing (required): give at least sweep.model and sweep.steps")
     if not isinstance(tree_sweep, dict):
         raise where.error(("sweep",), f"expected a mapping of axes, got {tree_sweep!r}")
-    swept_train = {f"train.{k}": k for k in SCHEMA["train"] if k not in BOOKKEEPING}
+    swept_train = {f"train.{k}": k for k in SCHEMA["train"] if k not in UNSWEPT}
     for key in tree_sweep:
         if key not in SWEEP_AXES and key not in swept_train:
-            if key in (f"train.{k}" for k in BOOKKEEPING):
+            if key in (f"train.{k}" for k in UNSWEPT):
                 raise where.error(("sweep", key), "cannot be swept: it changes no result")
             if key == "train" and isinstance(tree_sweep[key], dict) and tree_sweep[key]:  # sweep: {train: {lr: ..}}
                 fields = ", ".join(f"'train.{k}: [...]'" for k in tree_sweep[key])
@@ -638,7 +652,7 @@ def _check_eval(raw, info, where, check_data, warnings):
         raise where.error(("eval", "reference"), "FID on latents needs a folder of the real training images (e.g. "
                                                  "the ImageNet train folder the latents were encoded from)")
     missing = {key: problem for key in ("vae", "feature_extractor_weights", "reference", "heldout")
-               if ev[key] is not None and (problem := _eval_path_problem(key, Path(ev[key])))}
+               if ev[key] is not None and (problem := _eval_path_problem(key, Path(ev[key]), ev["feature_extractor"]))}
     if ev["fid"] and ev["feature_extractor"] != "digits" and ev["feature_extractor_weights"] is None:
         from core.fid import inception_weights
 
@@ -675,7 +689,7 @@ def _check_eval(raw, info, where, check_data, warnings):
                                                           f"({chain}) steps: {ev['sampling_steps']} does not divide it")
 
 
-def _eval_path_problem(key, path):
+def _eval_path_problem(key, path, extractor):
     """What is wrong with an eval file or folder (None if nothing), found now rather than at the first evaluation."""
     try:
         if not path.exists():
@@ -689,6 +703,15 @@ def _eval_path_problem(key, path):
             return f"{path} is not a diffusers model folder: config.json: {_reason(err)}"
         if not any(path.glob("diffusion_pytorch_model.*")):  # .safetensors, .bin, or a sharded one's index
             return f"{path} is not a diffusers model folder: no diffusion_pytorch_model.safetensors (or .bin)"
+    elif key == "feature_extractor_weights" and extractor == "digits":
+        # core.fid_extractor reads them with the digits classifier's loader: a safetensors state dict of its network.
+        from core.digits_classifier import load_digits_classifier
+
+        try:
+            load_digits_classifier(path)
+        except (ValueError, OSError) as err:
+            return (f"{path} is not the digits classifier's weights (a safetensors file of its state dict, as "
+                    f"core/assets/digits_classifier.safetensors): {' '.join(str(err).split())}")
     elif key == "feature_extractor_weights":
         # torch.save's files: a zip archive, or (before torch 1.6, as torch-fidelity's Inception) a pickle stream.
         try:
@@ -737,7 +760,7 @@ class Trial:
     """One training run of the grid, evaluated at each of its milestones."""
 
     trial_id: str  # <model>-<patch>-<10 hex digits of the result hash>, e.g. DiT-S-2-3f9c1a2b7e
-    model: str  # e.g. "DiT-S/2", with its swept architecture fields if any: "DiT-S/2 depth=6"
+    model: str  # e.g. "DiT-S/2", with each architecture field that differs from its preset's: "DiT-S/2 depth=6"
     size: str  # e.g. "S"
     patch: int
     model_config: dict  # full DiT keyword arguments
@@ -760,10 +783,27 @@ def _canonical_json(value):
 
 
 def result_hash(model_config, data, train, milestones, eval_section):
-    """sha256 of everything that determines a trial's results (not resources, tracking, output or name)."""
+    """sha256 of everything that determines a trial's results (not resources, tracking, output or name).
+
+    train and eval_section as `hashed_settings` gives them: the settings that change no result in a fixed value.
+    """
     train = {k: v for k, v in train.items() if k not in BOOKKEEPING}
     payload = dict(model=model_config, data=data, train=train, milestones=list(milestones), eval=eval_section)
     return hashlib.sha256(_canonical_json(payload).encode()).hexdigest()
+
+
+def hashed_settings(raw, train, model_config, preset_config):
+    """(train, eval) as a trial id hashes them: a setting that changes no result (NO_RESULT) as NO_RESULT_AS (or its
+    schema default) whatever the study says, and an architecture field equal to the preset's as null (no override)."""
+    sections = {"train": dict(train), "eval": dict(raw["eval"])}
+    resolved = {**raw, "train": train}
+    for (section, name), unused in NO_RESULT.items():
+        if unused(resolved):
+            sections[section][name] = NO_RESULT_AS.get((section, name), SCHEMA[section][name][0])
+    for name in ARCHITECTURE_FIELDS:
+        if model_config[name] == preset_config[name]:
+            sections["train"][name] = None
+    return sections["train"], sections["eval"]
 
 
 def _model_config(size, patch, train, info):
@@ -776,6 +816,13 @@ def _model_config(size, patch, train, info):
                      learn_sigma=train["learn_sigma"])
     overrides.update({k: train[k] for k in ARCHITECTURE_FIELDS if train[k] is not None})
     return model_config(preset, **overrides)
+
+
+def model_name(size, patch, model_config, preset_config):
+    """A trial's model: 'DiT-S/2', with each architecture field that differs from the preset's, 'DiT-S/2 depth=6'
+    (the report groups measurements by this name: two widths of one preset must not share one)."""
+    return f"DiT-{size}/{patch}" + "".join(f" {k}={model_config[k]}" for k in ARCHITECTURE_FIELDS
+                                           if model_config[k] != preset_config[k])
 
 
 @functools.lru_cache(maxsize=None)
@@ -801,8 +848,12 @@ def _check_point(train, workers, info, dataset, error_at):
         raise error_at("batch_size", f"{train['batch_size']} is larger than the dataset ({items} items)")
 
 
-def _expand(raw, axes, info, where):
-    """The trials of the grid: model × patch × swept train values, sharing step prefixes when the lr is constant."""
+def _expand(raw, axes, info, where, warnings):
+    """The trials of the grid: model × patch × swept train values, sharing step prefixes when the lr is constant.
+
+    Grid points that resolve to one trial (an architecture field swept over null and its preset's value) are one
+    trial, the first, with a warning.
+    """
     from core.flops import gflops_from_config
     from core.models import check_shape
 
@@ -816,7 +867,7 @@ def _expand(raw, axes, info, where):
 
     from core.train import MAX_STEPS
 
-    trials = []
+    trials = {}  # trial id -> Trial
     for (m, (size, own_patch)), (p, patch) in itertools.product(model_items, patch_items):
         patch = own_patch if patch is None else patch
         for values in itertools.product(*(axes[key] for key in swept)):
@@ -824,6 +875,7 @@ def _expand(raw, axes, info, where):
             train = {**raw["train"], **{key[len("train."):]: value for key, value in point.items()}}
             _check_point(train, raw["resources"]["workers_per_trial"], info, raw["data"]["dataset"], error_at)
             config = _model_config(size, patch, train, info)
+            preset_config = _model_config(size, patch, {**train, **dict.fromkeys(ARCHITECTURE_FIELDS)}, info)
             try:
                 check_shape(config["input_size"], config["patch_size"], config["hidden_size"],
                             config["num_heads"], config["depth"])
@@ -840,17 +892,32 @@ def _expand(raw, axes, info, where):
                 raise error_at("warmup_steps", f"{train['warmup_steps']} is longer than the shortest run, "
                                                f"DiT-{size}/{patch}'s {shortest} steps: its lr would never reach "
                                                f"train.lr; shorten the warm-up or drop the short step counts")
+            model = model_name(size, patch, config, preset_config)
             for milestones, budgets in groups:
                 trial_train = {**train, "max_steps": milestones[-1]}
-                digest = result_hash(config, raw["data"], trial_train, milestones, raw["eval"])
-                # Swept architecture fields name distinct models: the report groups measurements by name.
-                model = f"DiT-{size}/{patch}" + "".join(f" {k}={point[f'train.{k}']}" for k in ARCHITECTURE_FIELDS
-                                                        if f"train.{k}" in point)
-                trials.append(Trial(
-                    trial_id=f"DiT-{size}-{patch}-{digest[:10]}", model=model, size=size, patch=patch,
+                hashed_train, hashed_eval = hashed_settings(raw, trial_train, config, preset_config)
+                digest = result_hash(config, raw["data"], hashed_train, milestones, hashed_eval)
+                trial_id = f"DiT-{size}-{patch}-{digest[:10]}"
+                if trial_id in trials:
+                    warnings.append(_same_trial_warning(trials[trial_id], point, where))
+                    continue
+                trials[trial_id] = Trial(
+                    trial_id=trial_id, model=model, size=size, patch=patch,
                     model_config=config, train=trial_train, milestones=milestones, eval=dict(raw["eval"]),
-                    data=dict(raw["data"]), gflops=gflops, params=params, swept=point, budgets=budgets))
-    return trials
+                    data=dict(raw["data"]), gflops=gflops, params=params, swept=point, budgets=budgets)
+    return list(trials.values())
+
+
+def _same_trial_warning(first, point, where):
+    """The warning for a grid point that is an earlier point's trial."""
+    differ = [key for key in point if _canonical_json(point[key]) != _canonical_json(first.swept[key])]
+    key = differ[0]
+
+    def shown(value):
+        return "null" if value is None else str(value)
+    return (f"{where(('sweep', key))}: sweep.{key}: {shown(first.swept[key])} and {shown(point[key])} make the same "
+            f"trial of {first.model} ({first.trial_id}: {key.removeprefix('train.')} "
+            f"{shown(first.model_config.get(key.removeprefix('train.')))} is its preset's), which runs once")
 
 
 def _step_groups(axes, gflops, train):
@@ -945,7 +1012,7 @@ def load_study(path, overrides=(), check_data=True):
     warnings = []
     info = _dataset_info(raw, where, check_data, warnings)
     _check_eval(raw, info, where, check_data, warnings)
-    trials = _expand(raw, axes, info, where)
+    trials = _expand(raw, axes, info, where, warnings)
     return Study(name=raw["name"], path=Path(path), raw=raw, output=Path(raw["output"]), trials=trials,
                  dataset_info=info, warnings=warnings, locations=where)
 

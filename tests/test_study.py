@@ -220,20 +220,22 @@ RESULT_FIELDS = {
     "train.warmup_steps": "5", "train.betas": "[0.9, 0.95]", "train.weight_decay": "0.01", "train.grad_clip": "1.0",
     "train.ema_decay": "0.99", "train.precision": "bf16", "train.zero_stage": "1", "train.seed": "1",
     "train.class_dropout_prob": "0.2", "train.learn_sigma": "false", "train.diffusion_steps": "500",
-    "train.val_batch": "128", "train.compile": "true", "train.grad_checkpointing": "true",
-    "train.fused_adamw": "false", "train.hidden_size": "96", "train.depth": "3", "train.num_heads": "2",
+    "train.val_batch": "128", "train.compile": "true",
+    "train.fused_adamw": "false", "train.hidden_size": "192", "train.depth": "3", "train.num_heads": "4",
     "train.mlp_ratio": "2", "eval.fid_samples": "200", "eval.sampler": "ddpm", "eval.sampling_steps": "25",
-    "eval.eta": "0.5", "eval.cfg_scale": "2", "eval.guided_channels": "null", "eval.fid": "false",
-    "eval.grid_images_per_class": "2", "sweep.steps": "[10, 20, 80]",
+    "eval.eta": "0.5", "eval.cfg_scale": "2", "eval.fid": "false", "sweep.steps": "[10, 20, 80]",
 }
 
 
 def test_every_result_field_is_covered_below():
     # A field added to the schema without a case here could be left out of the trial id unnoticed.
-    from scaling.study import BOOKKEEPING, SCHEMA
+    from scaling.study import BOOKKEEPING, NO_RESULT, SCHEMA
 
-    train = {f"train.{k}" for k in SCHEMA["train"] if k not in BOOKKEEPING}
+    train = {f"train.{k}" for k in SCHEMA["train"] if k not in BOOKKEEPING and ("train", k) not in NO_RESULT}
     assert train <= set(RESULT_FIELDS)
+    # Each setting that changes no result is covered by the two tests of it below.
+    assert {f"{section}.{name}" for section, name in NO_RESULT} == {
+        o.split("=")[0] for case in NO_RESULT_EDITS for o in case[1]}
 
 
 def test_trial_ids_change_with_the_data(tmp_path):
@@ -264,6 +266,72 @@ def test_trial_ids_change_with_what_determines_the_result(tmp_path, override):
 def test_trial_ids_ignore_what_does_not(tmp_path, override):
     same = load(tmp_path, overrides=[override])
     assert [t.trial_id for t in load(tmp_path).trials] == [t.trial_id for t in same.trials]
+
+
+# The trial ids of the shipped studies, as they were before the settings that change no result were set aside:
+# results and checkpoints on disk are keyed by them (the Ray storage folder is named by the id).
+SHIPPED_IDS = {
+    "gflops_sweep.yaml": ["DiT-P-2-cf77b12e7a", "DiT-P-4-08a19d648c", "DiT-N-2-3594a07413", "DiT-N-4-6b9d54807e",
+                          "DiT-T-2-0088a8191b", "DiT-T-4-237f775f6a"],
+    # Its ids moved once, with these changes and its decoder's (sd-vae-ft-mse), before any run of it was recorded.
+    "dit_imagenet256.yaml": ["DiT-S-8-efffb4c7f7", "DiT-S-4-70fc7b9326", "DiT-S-2-792322cc18", "DiT-B-8-fa3625716c",
+                             "DiT-B-4-071db2333f", "DiT-B-2-c243e85df4", "DiT-L-8-0caf410a6e", "DiT-L-4-e6285c8671",
+                             "DiT-L-2-9a9279ec6d", "DiT-XL-8-fb9e49977b", "DiT-XL-4-f28db07329",
+                             "DiT-XL-2-0da1fda865"],
+}
+
+
+@pytest.mark.parametrize("name", SHIPPED_IDS)
+def test_the_shipped_studies_keep_their_trial_ids(name):
+    study = load_study(STUDIES / name, check_data=False)
+    assert [t.trial_id for t in study.trials] == SHIPPED_IDS[name]
+
+
+# (study edits, settings that change no result under them): each setting's other values keep every trial id.
+NO_RESULT_EDITS = [
+    ([], ["train.grad_checkpointing=true"]),
+    ([], ["eval.grid_images_per_class=0", "eval.grid_images_per_class=9"]),
+    (["eval.sampler=ddpm"], ["eval.eta=0.5", "eval.eta=1"]),
+    ([], ["eval.guided_channels=null", "eval.guided_channels=1", "eval.guided_channels=7"]),
+    (["eval.cfg_scale=1"], ["eval.guided_channels=null"]),
+]
+
+
+@pytest.mark.parametrize("base, changes", NO_RESULT_EDITS)
+def test_trial_ids_ignore_settings_that_change_no_result(tmp_path, base, changes):
+    # Activation checkpointing gives the same loss and gradients; the grid draws seeds of its own, and FID reads
+    # only its own images; DDPM has no eta; without guidance (cfg_scale 1) no channel is guided.
+    ids = [t.trial_id for t in load(tmp_path, overrides=base).trials]
+    for change in changes:
+        assert [t.trial_id for t in load(tmp_path, overrides=[*base, change]).trials] == ids, change
+    # On the shipped studies too, which write some of them (gflops_sweep: guided_channels null; dit_imagenet256:
+    # no grid, DDPM).
+    for name, shipped in SHIPPED_IDS.items():
+        study = load_study(STUDIES / name, [*base, *changes[:1]], check_data=False)
+        if name == "dit_imagenet256.yaml" and base == ["eval.sampler=ddpm"]:
+            assert [t.trial_id for t in study.trials] == shipped  # DDPM already: eta is not read
+        elif not base:
+            assert [t.trial_id for t in study.trials] == shipped
+
+
+@pytest.mark.parametrize("overrides", [
+    ["eval.eta=0.5"],  # DDIM's eta
+    ["eval.cfg_scale=4", "eval.guided_channels=null"],  # guidance of one channel or all: the same on 1 channel, but
+    ["train.lr=2e-3"],                                  # guided_channels is hashed as written when guidance runs
+])
+def test_the_same_settings_change_ids_where_they_matter(tmp_path, overrides):
+    base = [t.trial_id for t in load(tmp_path, overrides=overrides[:-1]).trials]
+    changed = [t.trial_id for t in load(tmp_path, overrides=overrides).trials]
+    assert all(a != b for a, b in zip(base, changed))
+
+
+def test_guided_channels_count_under_guidance(tmp_path):
+    # On latents (4 channels) guiding 3 of them is not guiding all: with cfg_scale 4 the ids differ, with 1 not.
+    ids = {(cfg, channels): [t.trial_id for t in load_study(STUDIES / "dit_imagenet256.yaml", [
+        f"eval.cfg_scale={cfg}", f"eval.guided_channels={channels}"], check_data=False).trials]
+        for cfg in (1, 4) for channels in (3, "null")}
+    assert ids[1, 3] == ids[1, "null"] == SHIPPED_IDS["dit_imagenet256.yaml"]
+    assert all(a != b for a, b in zip(ids[4, 3], ids[4, "null"]))
 
 
 #################################################################################
@@ -344,6 +412,10 @@ BAD = {
                         "{f}:6: sweep.train.lr: train.lr is also set ({f}:11); give it in one place"),
     "sweeping bookkeeping": (BASE, ["sweep.train.log_every=[1, 2]"], "--set sweep.train.log_every=[1, 2]: "
                              "sweep.train.log_every: cannot be swept: it changes no result"),
+    # Its two trials would train the same model to the same losses, under one trial id.
+    "sweeping activation checkpointing": (edit("  patch:", "  train.grad_checkpointing: [false, true]\n  patch:"),
+                                          [], "{f}:6: sweep.train.grad_checkpointing: cannot be swept: it changes "
+                                              "no result"),
     "duplicate grid values": (edit("[2, 4]", "[2, 2]"), [], "{f}:6: sweep.patch: duplicate value 2"),
     "duplicate grid values, spelt differently": (edit("  patch:", "  train.seed: [1, 1]\n  patch:"), [],
                                                  "{f}:6: sweep.train.seed: duplicate value 1"),
@@ -498,12 +570,16 @@ def test_fid_inputs_are_checked_before_any_training(tmp_path, monkeypatch):
                                                    f"but no images ("),
              "eval.vae": (tmp_path / "vae", f"{tmp_path / 'vae'} is not a diffusers model folder: config.json: "
                                             f"not JSON (Expecting property name"),
-             "eval.feature_extractor_weights": (tmp_path / "hostname", f"{tmp_path / 'hostname'} is not a PyTorch "
-                                                                       f"weights file")}
+             "eval.feature_extractor_weights": (tmp_path / "hostname", f"{tmp_path / 'hostname'} is not the digits "
+                                                                       f"classifier's weights (a safetensors file")}
     for key, (value, message) in cases.items():
         with pytest.raises(StudyError) as err:
             load(tmp_path, overrides=[f"{key}={value}"])
         assert str(err.value).startswith(f"--set {key}={value}: {key}: {message}")
+    with pytest.raises(StudyError) as err:  # Inception's weights are torch.save's
+        load(tmp_path, overrides=[*inception, f"eval.feature_extractor_weights={tmp_path / 'hostname'}"])
+    assert str(err.value).endswith(f"eval.feature_extractor_weights: {tmp_path / 'hostname'} is not a PyTorch "
+                                   f"weights file")
     (tmp_path / "vae" / "config.json").write_text("{}")
     with pytest.raises(StudyError, match="no diffusion_pytorch_model.safetensors"):
         load(tmp_path, overrides=[f"eval.vae={tmp_path / 'vae'}"])
@@ -512,7 +588,8 @@ def test_fid_inputs_are_checked_before_any_training(tmp_path, monkeypatch):
     (tmp_path / "images" / "b").mkdir()  # a class folder of no images: FID's real images have no labels to miss
     torch.save({}, tmp_path / "weights.pth")
     assert not load(tmp_path, overrides=[f"eval.vae={tmp_path / 'vae'}", f"eval.heldout={tmp_path / 'images'}",
-                                         f"eval.feature_extractor_weights={tmp_path / 'weights.pth'}"]).warnings
+                                         *inception, f"eval.feature_extractor_weights={tmp_path / 'weights.pth'}"]
+                    ).warnings
     # Latents have no real images of their own to compare samples with.
     with pytest.raises(StudyError) as err:
         load_study(STUDIES / "dit_imagenet256.yaml", ["eval.reference=null"], check_data=False)
@@ -523,15 +600,44 @@ def test_fid_inputs_are_checked_before_any_training(tmp_path, monkeypatch):
 
 def test_a_swept_architecture_field_names_distinct_models(tmp_path):
     # The report groups measurements by model name: widths of one preset must not share one.
-    study = load(tmp_path, overrides=["sweep.train.hidden_size=[64, 128]", "sweep.model=[DiT-P]", "sweep.patch=[2]"])
+    study = load(tmp_path, overrides=["sweep.train.hidden_size=[96, 128]", "sweep.model=[DiT-P]", "sweep.patch=[2]"])
     assert [(t.model, t.model_config["hidden_size"]) for t in study.trials] == [
-        ("DiT-P/2 hidden_size=64", 64), ("DiT-P/2 hidden_size=128", 128)]
+        ("DiT-P/2 hidden_size=96", 96), ("DiT-P/2 hidden_size=128", 128)]
     from scaling.ray_trial import train_config
 
     config = train_config(study.trials[1].to_dict())  # what the trial's workers train: the preset, overridden
     assert config.model == "DiT-P/2" and config.resolved_model_config() == study.trials[1].model_config
-    assert {t.model for t in load(tmp_path, overrides=["train.hidden_size=96"]).trials} == {
-        "DiT-P/2", "DiT-P/4", "DiT-N/2", "DiT-N/4"}  # one width for all: the presets' names
+
+
+def test_a_fixed_architecture_field_names_the_models_it_changes(tmp_path):
+    # One width for all is DiT-P's override (64 wide) and DiT-N's own width: a 96-wide DiT-P is not DiT-P.
+    study = load(tmp_path, overrides=["train.hidden_size=96"])
+    assert [t.model for t in study.trials] == ["DiT-P/2 hidden_size=96", "DiT-P/4 hidden_size=96", "DiT-N/2",
+                                               "DiT-N/4"]
+    assert [t.model for t in load(tmp_path, overrides=["train.depth=3", "train.mlp_ratio=2"]).trials][:1] == [
+        "DiT-P/2 depth=3 mlp_ratio=2.0"]
+    # A swept field joins the fixed ones in the name; the names of trials without overrides stay the presets'.
+    study = load(tmp_path, overrides=["train.depth=3", "sweep.train.hidden_size=[64, 96]", "sweep.model=[DiT-P]",
+                                      "sweep.patch=[2]"])
+    assert [t.model for t in study.trials] == ["DiT-P/2 depth=3", "DiT-P/2 hidden_size=96 depth=3"]
+    assert [t.model for t in load(tmp_path).trials] == ["DiT-P/2", "DiT-P/4", "DiT-N/2", "DiT-N/4"]
+
+
+def test_an_architecture_field_at_its_presets_value_is_no_override(tmp_path):
+    # DiT-P's depth is 2: train.depth 2 is DiT-P/2 itself, with its name and its trial id.
+    plain = load(tmp_path, overrides=["sweep.model=[DiT-P]", "sweep.patch=[2]"]).trials
+    same = load(tmp_path, overrides=["sweep.model=[DiT-P]", "sweep.patch=[2]", "train.depth=2",
+                                     "train.mlp_ratio=4"]).trials
+    assert [(t.model, t.trial_id) for t in same] == [(t.model, t.trial_id) for t in plain]
+    assert plain[0].model == "DiT-P/2"
+    # Swept over null and 2, the two grid points are that one trial: it runs once, and the study says so.
+    study = load(tmp_path, overrides=["sweep.model=[DiT-P, DiT-N]", "sweep.patch=[2]", "sweep.train.depth=[null, 2]"])
+    assert [(t.model, t.trial_id) for t in study.trials] == [
+        ("DiT-P/2", plain[0].trial_id), ("DiT-N/2", study.trials[1].trial_id), ("DiT-N/2 depth=2",
+                                                                                  study.trials[2].trial_id)]
+    assert len({t.trial_id for t in study.trials}) == 3
+    assert study.warnings == ["--set sweep.train.depth=[null, 2]: sweep.train.depth: null and 2 make the same trial "
+                              f"of DiT-P/2 ({plain[0].trial_id}: depth 2 is its preset's), which runs once"]
 
 
 @pytest.mark.parametrize("case", BAD)
@@ -597,3 +703,28 @@ def test_dry_run_of_a_study_to_resume(tmp_path):
     assert [cell for cell in last_cell.values() if cell == "done"] == ["done"]  # a partly measured trial is not
     assert f"1 of {len(study.trials)} trials already finished in {out}: a run skips them" in plan
     assert f"{out / 'results.parquet'} also holds 1 trial(s) that this study file no longer defines" in plan
+
+
+def test_the_digits_extractor_takes_its_own_weights_file(tmp_path):
+    # core.fid_extractor reads the digits classifier's weights with its safetensors loader, not torch.load: a copy
+    # of the shipped file is the one valid value, and a torch.save file or another network's is named now.
+    from safetensors.torch import save_file
+
+    from core.digits_classifier import WEIGHTS_PATH
+
+    copy = tmp_path / "digits.safetensors"
+    copy.write_bytes(WEIGHTS_PATH.read_bytes())
+    study = load(tmp_path, overrides=[f"eval.feature_extractor_weights={copy}"])
+    assert not study.warnings and study.raw["eval"]["feature_extractor_weights"] == str(copy)
+    torch.save(DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2).state_dict(),
+               tmp_path / "model.pt")
+    save_file({"conv1.weight": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    for name, why in (("model.pt", "Error while deserializing header"), ("other.safetensors", "Missing key(s)")):
+        with pytest.raises(StudyError) as err:
+            load(tmp_path, overrides=[f"eval.feature_extractor_weights={tmp_path / name}"])
+        message = str(err.value)
+        assert message.startswith(f"--set eval.feature_extractor_weights={tmp_path / name}: "
+                                  f"eval.feature_extractor_weights: {tmp_path / name} is not the digits classifier's "
+                                  f"weights (a safetensors file of its state dict, as "
+                                  f"core/assets/digits_classifier.safetensors): ") and why in message, message
+        assert "\n" not in message
