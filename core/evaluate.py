@@ -6,6 +6,10 @@ makes image i depend on its seed alone, so the images do not depend on the world
 Rank r samples the r-th contiguous slice of the items; the slices are gathered on rank 0 as uint8,
 rank 0 runs torch-fidelity and writes the grid, and the result is broadcast to every rank.
 
+draw_grid() is the grid alone (a milestone without FID): also collective, and evaluate() draws its grid
+through it, in sampling batches of the grid's own, so a milestone's grid is the same PNG, bit for bit,
+whether FID is measured or not. It loads no real images and no feature extractor.
+
 What FID is measured against (core.real_images, core.fid):
 - reference: eval.reference (a folder of real images) if given, else the training data (digits:
   all 1500 training images; an image folder: its images, at most reference_samples of them, a
@@ -74,11 +78,22 @@ def sample_plan(cfg, num_classes, grid_classes=0):
     """(labels (N + G,), seeds [N + G]): N uniform labels, then grid_classes × grid_images_per_class grid items."""
     generator = torch.Generator().manual_seed(cfg.seed)
     labels = torch.randint(num_classes, (cfg.num_samples,), generator=generator)  # (N,)
-    per_class = cfg.grid_images_per_class if grid_classes else 0
-    grid = torch.arange(grid_classes).repeat_interleave(per_class)  # (G,): class c, per_class times
     seeds = [image_seed(cfg.seed, i) for i in range(cfg.num_samples)]
-    seeds += [image_seed(cfg.seed, j, GRID_STREAM) for j in range(len(grid))]
-    return torch.cat([labels, grid]), seeds
+    grid, grid_seeds = grid_plan(cfg, grid_classes)
+    return torch.cat([labels, grid]), seeds + grid_seeds
+
+
+def grid_plan(cfg, grid_classes):
+    """(labels (G,), seeds [G]) of the grid: class c grid_images_per_class times for c < grid_classes, row-major,
+    seeded from a stream of their own (the same grid for any cfg.num_samples)."""
+    per_class = cfg.grid_images_per_class if grid_classes else 0
+    labels = torch.arange(grid_classes).repeat_interleave(per_class)  # (G,): class c, per_class times
+    return labels, [image_seed(cfg.seed, j, GRID_STREAM) for j in range(len(labels))]
+
+
+def grid_classes_of(cfg, num_classes):
+    """Rows of a model's grid: the first cfg.grid_classes of its classes; 0 (no grid) without grid_images_per_class."""
+    return min(cfg.grid_classes, num_classes) if cfg.grid_images_per_class else 0
 
 
 def rank_counts(total, world_size):
@@ -176,23 +191,16 @@ def check(cfg, dataset):
 
 def evaluate(model, cfg, *, dataset, data_path=None, image_size=None, vae=None, device, rank=0, world_size=1,
              autocast_dtype=None, grid_path=None):
-    """FID-N and friends of a model, a grid PNG on rank 0; collective, the same dict on every rank."""
+    """FID-N and friends of a model, a grid PNG on rank 0 (draw_grid's); collective, the same dict on every rank."""
     t0 = time.perf_counter()
     device = torch.device(device)
-    if world_size > 1 and not dist.is_initialized():
-        raise RuntimeError(f"evaluate with world_size {world_size} needs an initialised torch.distributed")
+    _check_world(world_size, "evaluate")
     extractor, weights = _checked(cfg, dataset, rank, world_size, device)
-    decode, size = None, image_size if image_size is not None else model.config["input_size"]
-    if dataset == "latents":
-        from core.latents import read_meta
+    decode, size, shape = _output(model, dataset, data_path, image_size, vae, device)
+    grid = draw_grid(model, cfg, dataset=dataset, data_path=data_path, image_size=image_size, vae=vae, device=device,
+                     rank=rank, world_size=world_size, autocast_dtype=autocast_dtype, grid_path=grid_path)
 
-        meta = read_meta(data_path)
-        decode, size = latent_decoder(meta, vae, device), meta["image_size"]
-    shape = (3 if decode is not None else model.in_channels, size, size)  # of a generated image
-
-    # Grid items are sampled whether or not this rank writes the grid: every rank must agree on the plan.
-    grid_classes = min(cfg.grid_classes, model.config["num_classes"]) if cfg.grid_images_per_class else 0
-    labels, seeds = sample_plan(cfg, model.config["num_classes"], grid_classes)
+    labels, seeds = sample_plan(cfg, model.config["num_classes"])  # (N,): the grid is draw_grid's
     mine = rank_slice(len(labels), rank, world_size)
     images = generate(model, cfg, labels[mine], seeds[mine], device=device, decode=decode,
                       autocast_dtype=autocast_dtype)
@@ -202,14 +210,15 @@ def evaluate(model, cfg, *, dataset, data_path=None, image_size=None, vae=None, 
     result = None
     if rank == 0:
         try:
-            result = _score(images, cfg, extractor, weights, dataset, data_path, size, device, grid_path,
-                            grid_classes)
+            result = {"grid_path": grid["grid_path"],
+                      **_score(images, cfg, extractor, weights, dataset, data_path, size, device)}
         except Exception as err:
             if world_size > 1:  # the other ranks are waiting for a result: hand them the failure
                 _broadcast(RuntimeError(f"evaluation failed on rank 0: {err!r}"), device)
             raise
         result.update(feature_extractor=extractor, fid_note=FID_NOTES.get(extractor), fid_samples=cfg.num_samples,
-                      sample_images_per_s=len(labels) / sample_s, eval_time_s=time.perf_counter() - t0)
+                      sample_images_per_s=(len(labels) + grid["grid_images"]) / sample_s,
+                      eval_time_s=time.perf_counter() - t0)
     if world_size > 1:
         result = _broadcast(result, device)
         if isinstance(result, Exception):
@@ -217,17 +226,70 @@ def evaluate(model, cfg, *, dataset, data_path=None, image_size=None, vae=None, 
     return result
 
 
-def _score(images, cfg, extractor, weights, dataset, data_path, size, device, grid_path, grid_classes):
-    """Rank 0: the grid, the metrics of the first N images, and the noise floor."""
-    out = {"grid_path": None}
+def draw_grid(model, cfg, *, dataset, data_path=None, image_size=None, vae=None, device, rank=0, world_size=1,
+              autocast_dtype=None, grid_path=None):
+    """The milestone's sample grid alone, a PNG at grid_path written by rank 0; collective (grid_path the same on
+    every rank), the same dict on every rank: grid_path (None: no grid), grid_images (how many), eval_time_s and,
+    when drawn, sample_images_per_s.
+
+    grid_classes × grid_images_per_class images with grid_plan's labels and seeds, sampled with cfg's sampler
+    settings in batches of their own: evaluate() draws its grid here, so the grid is the same with FID or without.
+    Nothing of FID is touched (no real images, no feature extractor); nothing is sampled when grid_path is None or
+    cfg.grid_images_per_class is 0.
+    """
+    t0 = time.perf_counter()
+    device = torch.device(device)
+    _check_world(world_size, "draw_grid")
+    grid_classes = grid_classes_of(cfg, model.config["num_classes"])
+    if not grid_classes or grid_path is None:
+        return {"grid_path": None, "grid_images": 0, "eval_time_s": time.perf_counter() - t0}
+    decode, _, shape = _output(model, dataset, data_path, image_size, vae, device)
+    labels, seeds = grid_plan(cfg, grid_classes)  # (G,)
+    mine = rank_slice(len(labels), rank, world_size)
+    images = generate(model, cfg, labels[mine], seeds[mine], device=device, decode=decode,
+                      autocast_dtype=autocast_dtype)
+    images = gather(images, rank_counts(len(labels), world_size), shape, rank, world_size, device)
+    path = None
+    if rank == 0:
+        try:
+            path = str(save_grid(images, cfg.grid_images_per_class, grid_path))
+        except Exception as err:
+            if world_size > 1:  # the other ranks are waiting for the path: hand them the failure
+                _broadcast(RuntimeError(f"writing the sample grid failed on rank 0: {err!r}"), device)
+            raise
+    if world_size > 1:
+        path = _broadcast(path, device)
+        if isinstance(path, Exception):
+            raise path
+    seconds = time.perf_counter() - t0
+    return {"grid_path": path, "grid_images": len(labels), "sample_images_per_s": len(labels) / seconds,
+            "eval_time_s": seconds}
+
+
+def _check_world(world_size, caller):
+    if world_size > 1 and not dist.is_initialized():
+        raise RuntimeError(f"{caller} with world_size {world_size} needs an initialised torch.distributed")
+
+
+def _output(model, dataset, data_path, image_size, vae, device):
+    """(decode, image size, shape (C, H, W) of a generated image): latents are decoded through the VAE."""
+    decode, size = None, image_size if image_size is not None else model.config["input_size"]
+    if dataset == "latents":
+        from core.latents import read_meta
+
+        meta = read_meta(data_path)
+        decode, size = latent_decoder(meta, vae, device), meta["image_size"]
+    return decode, size, (3 if decode is not None else model.in_channels, size, size)
+
+
+def _score(images, cfg, extractor, weights, dataset, data_path, size, device):
+    """Rank 0: the metrics of the N images, and the noise floor."""
     n = cfg.num_samples
-    if grid_classes and grid_path is not None:
-        out["grid_path"] = str(save_grid(images[n:], cfg.grid_images_per_class, grid_path))
     cuda = device.type == "cuda"
     common = dict(extractor=extractor, weights=weights, cache_root=cfg.cache_dir, cuda=cuda)
     t0 = time.perf_counter()
     reference = reference_images(dataset, data_path, size, cfg.reference, cfg.reference_samples)
-    out.update(fidelity(UInt8Images(images[:n]), reference, **common))
+    out = fidelity(UInt8Images(images), reference, **common)  # (N, C, H, W)
     heldout = heldout_images(dataset, size, cfg.heldout, max_images=n)
     floor = fidelity(heldout, reference, metrics=("fid",), **common)["fid"] if heldout is not None else None
     out.update(fid_floor=floor, fid_floor_samples=len(heldout) if heldout is not None else 0,

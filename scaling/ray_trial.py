@@ -88,15 +88,19 @@ class RayReporting:
             self.report({**self.held.logs.pop(), "kind": KIND_LOG})
 
     def on_milestone(self, state, metrics):
-        if not self.trial["eval"].get("fid", True):
+        """FID and the sample grid of the EMA weights (core.evaluate.evaluate); without FID the grid alone
+        (core.evaluate.draw_grid, the very grid evaluate draws); neither: nothing. Collective: every rank calls it."""
+        ev = self.trial["eval"]
+        fid = ev.get("fid", True)
+        if not fid and not ev.get("grid_images_per_class"):
             return {}
-        from core.evaluate import evaluate
+        from core.evaluate import draw_grid, evaluate
 
         grid = self.samples_dir / f"step-{state.step:09d}.png"
         data = self.trial["data"]
-        return evaluate(
+        return (evaluate if fid else draw_grid)(
             state.ema.model, eval_config(self.trial, self.run["fid_cache"]), dataset=data["dataset"],
-            data_path=data.get("path"), image_size=data.get("image_size"), vae=self.trial["eval"].get("vae"),
+            data_path=data.get("path"), image_size=data.get("image_size"), vae=ev.get("vae"),
             device=state.device, rank=state.rank, world_size=state.world_size,
             autocast_dtype=state.autocast_dtype, grid_path=grid,
         )

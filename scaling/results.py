@@ -44,7 +44,7 @@ RESULTS_SCHEMA = pa.schema([
     pa.field("lr", pa.float64()),  # learning rate at this step
     pa.field("dataset", pa.string()),  # training dataset name
     pa.field("wall_time_s", pa.float64()),  # training wall time up to this step, evaluation excluded
-    pa.field("eval_time_s", pa.float64()),  # wall time of this evaluation (sampling + FID)
+    pa.field("eval_time_s", pa.float64()),  # wall time of this evaluation (sampling + FID; without FID, the grid's)
     pa.field("images_per_s", pa.float64()),  # training throughput, images per second over all workers
     pa.field("startup_s", pa.float64()),  # orchestration: the trial got its slot -> its first training step, in the
                                           # driver's run that measured this row (null when it trained no step)

@@ -12,12 +12,13 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from core import fid as fid_module
-from core.evaluate import EvalConfig, evaluate, generate, rank_slice, sample_plan
+from core import evaluate as evaluate_module
+from core.evaluate import EvalConfig, draw_grid, evaluate, generate, rank_slice, sample_plan
 from core.fid_extractor import FeatureExtractorDigits
 from core.latents import FORMAT
 from core.real_images import RealImages, UInt8Images, digits_images, folder_images, heldout_images, \
     reference_images, to_uint8
-from core.sample_grid import grid_size
+from core.sample_grid import grid_size, save_grid
 from core.train import Callbacks, TrainConfig, train
 from evaluate_worker import CONFIG as WORKER_CONFIG, jittered_model  # tests/, on pytest's path
 
@@ -129,6 +130,61 @@ def test_same_seed_same_result_for_any_world_size_or_batch(cache_dir):
     timing = ("eval_time_s", "sample_images_per_s", "fid_time_s")
     assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
     assert c["fid"] != a["fid"] and c["fid_floor"] == a["fid_floor"]
+
+
+def no_fid_work(monkeypatch):
+    """Makes every step of FID fail: real images, held-out images, the feature extractor, torch-fidelity."""
+    def refused(*args, **kwargs):
+        raise AssertionError("FID work without FID")
+    for name in ("reference_images", "heldout_images", "fidelity", "resolve_extractor", "check"):
+        monkeypatch.setattr(evaluate_module, name, refused)
+    monkeypatch.setattr(fid_module, "fidelity", refused)
+
+
+def count_sampled(monkeypatch):
+    """A list that collects the number of images each generate() call samples."""
+    seen = []
+
+    def counting(model, cfg, labels, seeds, **kwargs):
+        seen.append(len(labels))
+        return generate(model, cfg, labels, seeds, **kwargs)
+    monkeypatch.setattr(evaluate_module, "generate", counting)
+    return seen
+
+
+def test_the_grid_without_fid_is_the_grid_with_fid_and_costs_only_its_own_sampling(tmp_path, monkeypatch):
+    model = jittered_model()
+    cfg = EvalConfig(num_samples=20, num_steps=4, guided_channels=None, batch_size=16, grid_images_per_class=3,
+                     cache_dir=str(tmp_path / "cache"))
+    with_fid = evaluate(model, cfg, dataset="digits", device="cpu", grid_path=tmp_path / "fid" / "step.png")
+    assert with_fid["fid"] > 0 and with_fid["grid_path"] == str(tmp_path / "fid" / "step.png")
+
+    no_fid_work(monkeypatch)
+    seen = count_sampled(monkeypatch)
+    alone = draw_grid(model, cfg, dataset="digits", device="cpu", grid_path=tmp_path / "nofid" / "step.png")
+    assert alone["grid_path"] == str(tmp_path / "nofid" / "step.png") and alone["grid_images"] == 10 * 3
+    assert alone["eval_time_s"] > 0 and alone["sample_images_per_s"] > 0
+    assert sum(seen) == 10 * 3  # the grid's images, none of FID's
+    grid = (tmp_path / "nofid" / "step.png").read_bytes()
+    assert grid == (tmp_path / "fid" / "step.png").read_bytes()
+    assert Image.open(tmp_path / "nofid" / "step.png").size == grid_size(10, 3, 8)
+    assert not [p for p in (tmp_path / "nofid").iterdir() if p.name != "step.png"]  # no temporary left behind
+
+    # The very grid of the plan's grid items sampled among the FID images, as evaluate() sampled them before
+    # draw_grid: image i depends on its seed alone.
+    labels, seeds = sample_plan(cfg, 10, grid_classes=10)
+    save_grid(generate(model, cfg, labels, seeds, device="cpu")[20:], 3, tmp_path / "together.png")
+    assert (tmp_path / "together.png").read_bytes() == grid
+
+    # Other seeds, another grid; no grid asked for, nothing sampled.
+    other = draw_grid(model, EvalConfig(**{**cfg.__dict__, "seed": 1}), dataset="digits", device="cpu",
+                      grid_path=tmp_path / "seed1.png")
+    assert (tmp_path / "seed1.png").read_bytes() != grid and other["grid_images"] == 30
+    seen.clear()
+    none = EvalConfig(**{**cfg.__dict__, "grid_images_per_class": 0})
+    assert draw_grid(model, none, dataset="digits", device="cpu", grid_path=tmp_path / "none.png")["grid_path"] is None
+    assert draw_grid(model, cfg, dataset="digits", device="cpu")["grid_path"] is None
+    assert seen == [] and not (tmp_path / "none.png").exists()
 
 
 def write_folder(root, images, labels):
@@ -246,11 +302,15 @@ def test_latents_are_decoded_through_the_vae_and_need_a_reference(tmp_path):
                      cache_dir=str(tmp_path / "cache"))
     with pytest.raises(ValueError, match="eval.reference"):
         evaluate(model, cfg, dataset="latents", data_path=latents, device="cpu")
+    # The grid alone needs no reference: it is decoded through the VAE, and is the grid FID's evaluation draws.
+    alone = draw_grid(model, cfg, dataset="latents", data_path=latents, device="cpu", grid_path=tmp_path / "a.png")
+    assert alone["grid_path"] == str(tmp_path / "a.png") and Image.open(tmp_path / "a.png").size == grid_size(2, 3, 8)
     cfg.reference = str(tmp_path / "real")
     result = evaluate(model, cfg, dataset="latents", data_path=latents, device="cpu", grid_path=tmp_path / "g.png")
     assert result["fid"] > 0 and result["fid_reference_samples"] == 30
     assert result["fid_floor"] is None and result["fid_floor_samples"] == 0  # no eval.heldout
     assert Image.open(tmp_path / "g.png").size == grid_size(2, 3, 8)
+    assert (tmp_path / "g.png").read_bytes() == (tmp_path / "a.png").read_bytes()
 
 
 def tiny_vae():

@@ -163,3 +163,48 @@ def test_a_trials_evaluation_takes_every_eval_field_of_its_study(tmp_path):
     path.write_text(path.read_text().replace("guided_channels: 2", "guided_channels: null"))
     (trial,) = load_study(path, check_data=False).trials
     assert eval_config(trial.to_dict(), tmp_path).guided_channels is None
+
+
+def test_a_milestone_without_fid_draws_the_grid_it_draws_with_fid(tmp_path, monkeypatch):
+    # RayReporting.on_milestone called as core.train calls it at a milestone, without Ray: the grid is drawn and
+    # logged with FID off as with it on (the same PNG, path and name), and FID off does no FID work.
+    from types import SimpleNamespace
+
+    from core import evaluate as evaluate_module
+    from core import fid as fid_module
+    from evaluate_worker import jittered_model  # tests/, on pytest's path
+    from scaling.ray_trial import RayReporting
+    from scaling.study import load_study
+
+    def milestone(fid, grid_images_per_class=2):
+        path = tmp_path / f"fid-{fid}-{grid_images_per_class}.yaml"
+        path.write_text(textwrap.dedent(f"""\
+            name: grids
+            data: {{dataset: digits}}
+            sweep: {{model: [DiT-P], patch: [2], steps: [10]}}
+            train: {{batch_size: 32}}
+            eval: {{fid: {str(fid).lower()}, fid_samples: 20, sampling_steps: 4, guided_channels: null,
+                    grid_images_per_class: {grid_images_per_class}}}
+            output: {tmp_path / "out"}
+            """))
+        (trial,) = load_study(path, check_data=False).trials
+        trial = trial.to_dict()
+        run = {"output": str(tmp_path / "out"), "fid_cache": str(tmp_path / "fid_cache")}
+        state = SimpleNamespace(step=10, ema=SimpleNamespace(model=jittered_model()), device="cpu", rank=0,
+                                world_size=1, autocast_dtype=None)
+        expected = tmp_path / "out" / "trials" / trial["trial_id"] / "samples" / "step-000000010.png"
+        return RayReporting(trial, run).on_milestone(state, {"step": 10}), expected
+
+    with_fid, grid_with_fid = milestone(fid=True)
+    assert with_fid["fid"] > 0 and with_fid["grid_path"] == str(grid_with_fid)
+
+    def refused(*args, **kwargs):
+        raise AssertionError("FID work without FID")
+    for name in ("reference_images", "heldout_images", "fidelity", "resolve_extractor", "check", "evaluate"):
+        monkeypatch.setattr(evaluate_module, name, refused)
+    monkeypatch.setattr(fid_module, "fidelity", refused)
+    without, grid = milestone(fid=False)
+    assert without["grid_path"] == str(grid) and grid.parent.name == "samples" and "fid" not in without
+    assert without["eval_time_s"] > 0  # counted as evaluation in the study's efficiency
+    assert grid.read_bytes() == grid_with_fid.read_bytes()
+    assert milestone(fid=False, grid_images_per_class=0)[0] == {}  # no FID, no grid: nothing to do
