@@ -227,6 +227,9 @@ NO_RESULT = {
     ("eval", "grid_images_per_class"): lambda raw: True,  # the grid has its own seeds; FID reads only its own images
     ("eval", "eta"): lambda raw: raw["eval"]["sampler"] == "ddpm",  # DDIM's alone
     ("eval", "guided_channels"): lambda raw: raw["eval"]["cfg_scale"] == 1.0,  # 1.0 runs no guidance
+    # FID's own inputs, without FID (a milestone then draws only its grid, which reads none of them).
+    **{("eval", name): (lambda raw: not raw["eval"]["fid"])
+       for name in ("fid_samples", "feature_extractor", "feature_extractor_weights", "reference", "heldout")},
 }
 # The value hashed in place of such a setting: the default study's (studies/gflops_sweep.yaml writes guided_channels
 # null), else the schema default, so that its trials keep the ids they had before these settings were set aside.

@@ -294,6 +294,8 @@ NO_RESULT_EDITS = [
     (["eval.sampler=ddpm"], ["eval.eta=0.5", "eval.eta=1"]),
     ([], ["eval.guided_channels=null", "eval.guided_channels=1", "eval.guided_channels=7"]),
     (["eval.cfg_scale=1"], ["eval.guided_channels=null"]),
+    (["eval.fid=false"], ["eval.fid_samples=100", "eval.feature_extractor=inception-v3-compat",
+                          "eval.feature_extractor_weights=w.pth", "eval.reference=images", "eval.heldout=images"]),
 ]
 
 
