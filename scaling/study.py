@@ -223,7 +223,9 @@ BOOKKEEPING = ("log_every", "ckpt_every", "keep_checkpoints", "num_workers", "pe
 # place, so that an edit of one keeps the finished trials (and their checkpoints, in a folder named by the id).
 # (section, field) -> when it changes no result, given the resolved study.
 NO_RESULT = {
-    ("train", "grad_checkpointing"): lambda raw: True,  # recomputes activations: the same loss and gradients
+    # Recomputes activations: the same loss and gradients, bitwise, in eager mode (compiled, inductor may fuse the
+    # recomputation otherwise).
+    ("train", "grad_checkpointing"): lambda raw: not raw["train"]["compile"],
     ("eval", "grid_images_per_class"): lambda raw: True,  # the grid has its own seeds; FID reads only its own images
     ("eval", "eta"): lambda raw: raw["eval"]["sampler"] == "ddpm",  # DDIM's alone
     ("eval", "guided_channels"): lambda raw: raw["eval"]["cfg_scale"] == 1.0,  # 1.0 runs no guidance

@@ -290,6 +290,7 @@ def test_the_shipped_studies_keep_their_trial_ids(name):
 # (study edits, settings that change no result under them): each setting's other values keep every trial id.
 NO_RESULT_EDITS = [
     ([], ["train.grad_checkpointing=true"]),
+    (["train.compile=false"], ["train.grad_checkpointing=true"]),
     ([], ["eval.grid_images_per_class=0", "eval.grid_images_per_class=9"]),
     (["eval.sampler=ddpm"], ["eval.eta=0.5", "eval.eta=1"]),
     ([], ["eval.guided_channels=null", "eval.guided_channels=1", "eval.guided_channels=7"]),
@@ -317,6 +318,7 @@ def test_trial_ids_ignore_settings_that_change_no_result(tmp_path, base, changes
 
 
 @pytest.mark.parametrize("overrides", [
+    ["train.compile=true", "train.grad_checkpointing=true"],  # compiled, the recomputation may be fused otherwise
     ["eval.eta=0.5"],  # DDIM's eta
     ["eval.cfg_scale=4", "eval.guided_channels=null"],  # guidance of one channel or all: the same on 1 channel, but
     ["train.lr=2e-3"],                                  # guided_channels is hashed as written when guidance runs
