@@ -38,6 +38,13 @@ class Recorder(Callback):
         self.rows = _load_rows(self.results_path, ("trial_id", "step"))
         self.curves = _load_rows(self.curves_path, ("trial_id", "step"))
         self.trials = {t.trial_id: t for t in study.trials}
+        # A trial's id hashes what it computes, its name is derived from its settings: rows written under a name the
+        # study now derives otherwise (a fixed architecture override, named since 2026-12-05) take the trial's name,
+        # so that the report does not show one trial as two models.
+        for rows in (self.rows, self.curves):
+            for (trial_id, _), row in rows.items():
+                if trial_id in self.trials:
+                    row["model"] = self.trials[trial_id].model
         self.run_ids, self.mlflow_step = {}, {}
         self.failed = set()  # trials that ended diverged or failed
         self.ended = set()  # trials Tune saw end (finished, diverged or failed) in this run

@@ -276,3 +276,23 @@ def test_a_stopped_study_marks_the_runs_of_started_trials_killed(study):
     rec.interrupted([t.trial_id, "never-started"])
     assert rec.tracker.finished == {f"run-{t.trial_id}": "KILLED"}
     assert rec.tracker.tags[f"run-{t.trial_id}"]["dit_scaling.status"] == "killed"
+
+
+def test_rows_written_under_an_earlier_name_of_the_trial_take_its_name(study):
+    # The same trial id under another name: a fixed architecture override, which named no model before 2026-12-05.
+    # Left as it was, a resumed trial's rows would show in the report as two models.
+    import pandas as pd
+
+    rec, t = recorder(study), study.trials[0]
+    rec.on_trial_start(0, [], tune_trial(t))
+    log = {"step": 5, "train_loss": 0.4, "lr": 1e-3, "images_per_s": 50.0, "first_step_at": 1.0}
+    rec.on_trial_result(0, [], tune_trial(t), {**log, "kind": KIND_LOG, HELD_LOGS_KEY: []})
+    rec.on_trial_result(0, [], tune_trial(t), milestone(10))
+    rec.write()
+    for name in ("results.parquet", "loss_curves.parquet"):
+        table = pd.read_parquet(study.output / name)
+        assert set(table.model) == {t.model}
+        table.assign(model="DiT-P/2 as it was named").to_parquet(study.output / name)
+    recorder(study).write()  # the study run again
+    for name in ("results.parquet", "loss_curves.parquet"):
+        assert set(pd.read_parquet(study.output / name).model) == {t.model}
