@@ -74,13 +74,11 @@ def image_seed(seed, i, stream=0):
     return (i + (stream << 31) + seed * 0x9E3779B9) % (1 << 32)
 
 
-def sample_plan(cfg, num_classes, grid_classes=0):
-    """(labels (N + G,), seeds [N + G]): N uniform labels, then grid_classes × grid_images_per_class grid items."""
+def sample_plan(cfg, num_classes):
+    """(labels (N,), seeds [N]) of FID's images: uniform labels; the grid's are grid_plan's."""
     generator = torch.Generator().manual_seed(cfg.seed)
     labels = torch.randint(num_classes, (cfg.num_samples,), generator=generator)  # (N,)
-    seeds = [image_seed(cfg.seed, i) for i in range(cfg.num_samples)]
-    grid, grid_seeds = grid_plan(cfg, grid_classes)
-    return torch.cat([labels, grid]), seeds + grid_seeds
+    return labels, [image_seed(cfg.seed, i) for i in range(cfg.num_samples)]
 
 
 def grid_plan(cfg, grid_classes):
@@ -89,11 +87,6 @@ def grid_plan(cfg, grid_classes):
     per_class = cfg.grid_images_per_class if grid_classes else 0
     labels = torch.arange(grid_classes).repeat_interleave(per_class)  # (G,): class c, per_class times
     return labels, [image_seed(cfg.seed, j, GRID_STREAM) for j in range(len(labels))]
-
-
-def grid_classes_of(cfg, num_classes):
-    """Rows of a model's grid: the first cfg.grid_classes of its classes; 0 (no grid) without grid_images_per_class."""
-    return min(cfg.grid_classes, num_classes) if cfg.grid_images_per_class else 0
 
 
 def rank_counts(total, world_size):
@@ -200,7 +193,7 @@ def evaluate(model, cfg, *, dataset, data_path=None, image_size=None, vae=None, 
     grid = draw_grid(model, cfg, dataset=dataset, data_path=data_path, image_size=image_size, vae=vae, device=device,
                      rank=rank, world_size=world_size, autocast_dtype=autocast_dtype, grid_path=grid_path)
 
-    labels, seeds = sample_plan(cfg, model.config["num_classes"])  # (N,): the grid is draw_grid's
+    labels, seeds = sample_plan(cfg, model.config["num_classes"])  # (N,)
     mine = rank_slice(len(labels), rank, world_size)
     images = generate(model, cfg, labels[mine], seeds[mine], device=device, decode=decode,
                       autocast_dtype=autocast_dtype)
@@ -240,7 +233,8 @@ def draw_grid(model, cfg, *, dataset, data_path=None, image_size=None, vae=None,
     t0 = time.perf_counter()
     device = torch.device(device)
     _check_world(world_size, "draw_grid")
-    grid_classes = grid_classes_of(cfg, model.config["num_classes"])
+    # Rows: the first cfg.grid_classes of the model's classes.
+    grid_classes = min(cfg.grid_classes, model.config["num_classes"]) if cfg.grid_images_per_class else 0
     if not grid_classes or grid_path is None:
         return {"grid_path": None, "grid_images": 0, "eval_time_s": time.perf_counter() - t0}
     decode, _, shape = _output(model, dataset, data_path, image_size, vae, device)

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from core import fid as fid_module
 from core import evaluate as evaluate_module
-from core.evaluate import EvalConfig, draw_grid, evaluate, generate, rank_slice, sample_plan
+from core.evaluate import EvalConfig, draw_grid, evaluate, generate, grid_plan, rank_slice, sample_plan
 from core.fid_extractor import FeatureExtractorDigits
 from core.latents import FORMAT
 from core.real_images import RealImages, UInt8Images, digits_images, folder_images, heldout_images, \
@@ -107,10 +107,16 @@ def test_trained_model_beats_untrained_and_writes_a_grid(trained, cache_dir, tmp
     assert not [p for p in grid.parent.iterdir() if p != grid]  # no temporary left behind
 
 
+def plan_with_grid(cfg, num_classes):
+    """FID's labels and seeds followed by the grid's (of num_classes rows), as one plan."""
+    (labels, seeds), (grid, grid_seeds) = sample_plan(cfg, num_classes), grid_plan(cfg, num_classes)
+    return torch.cat([labels, grid]), seeds + grid_seeds
+
+
 def test_same_seed_same_result_for_any_world_size_or_batch(cache_dir):
     model = jittered_model()
     cfg = EvalConfig(num_samples=60, num_steps=5, guided_channels=None, batch_size=16, cache_dir=str(cache_dir))
-    labels, seeds = sample_plan(cfg, 10, grid_classes=10)
+    labels, seeds = plan_with_grid(cfg, 10)
     assert len(labels) == 60 + 40 and labels[60:].tolist() == [c for c in range(10) for _ in range(4)]
     one = generate(model, cfg, labels, seeds, device="cpu")  # (100, 1, 8, 8)
     small_batches = EvalConfig(**{**cfg.__dict__, "batch_size": 7})
@@ -119,7 +125,7 @@ def test_same_seed_same_result_for_any_world_size_or_batch(cache_dir):
     assert one.dtype == torch.uint8 and one.shape == (100, 1, 8, 8) and torch.equal(one, three)
 
     other_seed = EvalConfig(**{**cfg.__dict__, "seed": 1})
-    labels_1, seeds_1 = sample_plan(other_seed, 10, grid_classes=10)
+    labels_1, seeds_1 = plan_with_grid(other_seed, 10)
     assert not set(seeds) & set(seeds_1)
     # The grid's labels are fixed: its images differ only through the seeds.
     assert (generate(model, cfg, labels[60:], seeds_1[60:], device="cpu") != one[60:]).flatten(1).any(1).all()
@@ -172,7 +178,7 @@ def test_the_grid_without_fid_is_the_grid_with_fid_and_costs_only_its_own_sampli
 
     # The very grid of the plan's grid items sampled among the FID images, as evaluate() sampled them before
     # draw_grid: image i depends on its seed alone.
-    labels, seeds = sample_plan(cfg, 10, grid_classes=10)
+    labels, seeds = plan_with_grid(cfg, 10)
     save_grid(generate(model, cfg, labels, seeds, device="cpu")[20:], 3, tmp_path / "together.png")
     assert (tmp_path / "together.png").read_bytes() == grid
 
