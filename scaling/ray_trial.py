@@ -26,6 +26,7 @@ from scaling.held_logs import HELD_LOGS_KEY, HeldLogs, report_gap_s
 from scaling.kept_sync_actor import kept_synchronization_actor
 from scaling.placement_group_watch import replace_ray_cleaner
 from scaling.torch_backend import ProcessGroupConfig
+from scaling.trial_storage import train_run_name
 from scaling.tune_relay import TuneRelay
 
 KIND_LOG, KIND_CHECKPOINT, KIND_MILESTONE, KIND_END = "log", "checkpoint", "milestone", "end"
@@ -117,22 +118,44 @@ class RayReporting:
         # are the ones evaluated there, so evaluate them again and report the milestone; not when the driver
         # has its row (from an earlier run of the study, or written since a worker group restarted from it).
         if (state.step in self.trial["milestones"]
-                and not _on_every_rank(state.rank == 0 and self._driver_has_row(state.step), state)):
+                and not _on_every_rank(state.rank == 0 and self._driver_rows([state.step]) == [state.step], state)):
             metrics.update(self.on_milestone(state, dict(metrics)) or {})
             self.report({**metrics, "step": state.step, "kind": KIND_MILESTONE})
+        # A milestone before the checkpoint without a row cannot be measured any more (the weights of its step are
+        # gone), and the trial would never finish. Ray registers no checkpoint before the driver has every earlier
+        # row (scaling.tune_relay), and scaling.continuation gives no trial milestones its run is past: rows removed
+        # by hand, then. Say so once, rather than train on.
+        passed = [m for m in self.trial["milestones"] if m < state.step]
+        rows = self._driver_rows(passed) if passed and state.rank == 0 else None
+        missing = [m for m in passed if rows is not None and m not in rows]
+        if _on_every_rank(bool(missing), state):
+            raise MilestonePassed(self.trial["trial_id"], missing, state.step, self.run["storage"])
 
-    def _driver_has_row(self, step):
-        """Whether the driver has this trial's milestone row at step (scaling.recorder tells the study's relay)."""
+    def _driver_rows(self, steps):
+        """Those of steps at which the driver has this trial's milestone row (scaling.recorder tells the study's
+        relay); None without a study's relay (core's trainer run by hand)."""
         try:
             mailboxes = ray.get_actor(self.run["relay_mailboxes"])
-        except (KeyError, ValueError):  # no study's relay (core's trainer run by hand): evaluate
-            return False
-        return ray.get(mailboxes.has_milestone_row.remote(self.trial["trial_id"], step))
+        except (KeyError, ValueError):
+            return None
+        found = ray.get([mailboxes.has_milestone_row.remote(self.trial["trial_id"], s) for s in steps])
+        return [s for s, has in zip(steps, found) if has]
 
     def on_checkpoint(self, state, path, metrics):
         kind = KIND_MILESTONE if state.step in state.milestones else KIND_CHECKPOINT  # core's: max_steps the last
         # Every rank reports its own directory; Ray merges the per-rank files into one checkpoint.
         self.report({**metrics, "kind": kind}, checkpoint=Checkpoint.from_directory(str(path)))
+
+
+class MilestonePassed(RuntimeError):
+    """A trial resumed past a milestone that has no result."""
+
+    def __init__(self, trial_id, milestones, step, storage):
+        super().__init__(f"trial {trial_id} resumed from its checkpoint at step {step}, past milestone(s) "
+                         f"{', '.join(map(str, milestones))} without a result, which it can no longer measure: drop "
+                         f"those steps from sweep.steps, or delete {Path(storage) / train_run_name(trial_id)} to train "
+                         f"it again from step 0")
+        self.step = step
 
 
 def _on_every_rank(due, state):
@@ -182,6 +205,8 @@ def worker_loop(config):
         # Every rank sees the divergence at the same step (the loss is all-reduced), so this
         # report is reached by all of them. A retry would diverge again: end the trial here.
         reporting.report({"kind": KIND_END, "status": "diverged", "step": e.step, "error": str(e)})
+    except MilestonePassed as e:  # every rank, as above; a retry would resume from the same checkpoint
+        reporting.report({"kind": KIND_END, "status": "failed", "step": e.step, "error": str(e)})
     finally:
         shutil.rmtree(local, ignore_errors=True)
 
@@ -274,7 +299,7 @@ def trial_function(config):
             resources_per_worker={"CPU": res["cpus_per_worker"], "GPU": res["gpus_per_worker"]},
         ),
         run_config=RunConfig(
-            name=f"train-{trial['trial_id']}", storage_path=run["storage"],
+            name=train_run_name(trial["trial_id"]), storage_path=run["storage"],
             failure_config=FailureConfig(max_failures=res["max_failures"]),
             checkpoint_config=CheckpointConfig(num_to_keep=run["keep_checkpoints"]),
             callbacks=[relay],

@@ -40,11 +40,21 @@ class Recorder(Callback):
         self.trials = {t.trial_id: t for t in study.trials}
         # A trial's id hashes what it computes, its name is derived from its settings: rows written under a name the
         # study now derives otherwise (a fixed architecture override, named since 2026-12-05) take the trial's name,
-        # so that the report does not show one trial as two models.
+        # so that the report does not show one trial as two models. Rows of a trial that goes on from a recorded run
+        # with more steps (scaling.continuation) take its final step and configuration, so that the report does not
+        # show the run as finished at its old last step.
+        last_step = {}
+        for trial_id, step in self.rows:
+            last_step[trial_id] = max(step, last_step.get(trial_id, step))
         for rows in (self.rows, self.curves):
             for (trial_id, _), row in rows.items():
                 if trial_id in self.trials:
                     row["model"] = self.trials[trial_id].model
+        for (trial_id, _), row in self.rows.items():
+            t = self.trials.get(trial_id)
+            if t is not None and _row_steps(row) != (t.train["max_steps"], list(t.milestones)):
+                row["max_step"] = max(t.train["max_steps"], last_step[trial_id])  # fewer steps: the run went further
+                row["config_json"] = _config_json(t)
         self.run_ids, self.mlflow_step = {}, {}
         self.failed = set()  # trials that ended diverged or failed
         self.ended = set()  # trials Tune saw end (finished, diverged or failed) in this run
@@ -263,7 +273,7 @@ class Recorder(Callback):
             "dataset": t.data["dataset"], "wall_time_s": r.get("train_time_s"), "eval_time_s": r.get("eval_time_s"),
             "images_per_s": r.get("images_per_s"), "startup_s": self.overhead.get(t.trial_id, {}).get("startup_s"),
             "teardown_s": None, "status": status, "error": error, "mlflow_run_id": run_id,
-            "timestamp": datetime.now(timezone.utc), "config_json": json.dumps(t.to_dict(), sort_keys=True),
+            "timestamp": datetime.now(timezone.utc), "config_json": _config_json(t),
         }
 
     def _run_id(self, trial_id, status="RUNNING"):
@@ -272,6 +282,19 @@ class Recorder(Callback):
             self.run_ids[trial_id] = run_id
             self.mlflow_step[trial_id] = self.tracker.last_logged_step(run_id)
         return self.run_ids[trial_id]
+
+
+def _config_json(t):
+    return json.dumps(t.to_dict(), sort_keys=True)
+
+
+def _row_steps(row):
+    """(max_steps, milestones) of the configuration a row was written with; None for a row without one."""
+    try:
+        config = json.loads(row["config_json"])
+        return config["train"]["max_steps"], list(config["milestones"])
+    except (TypeError, ValueError, KeyError):
+        return None
 
 
 def _load_rows(path, key):

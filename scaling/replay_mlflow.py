@@ -24,6 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from scaling.recorder import EVAL_METRICS, LOG_METRICS
 from scaling.results import CURVES_FILE, load_results, read_parquet, results_path
 from scaling.run import sqlite_store
+from scaling.continuation import continue_recorded_runs
 from scaling.study import StudyError, load_study
 from scaling.tracking import StudyTracker, default_tracking_uri, unsupported_store
 
@@ -64,9 +65,11 @@ def replay(output, uri=None):
 def read_study(output):
     """The study file the driver left in output, validated (ReplayError with its file:line: field: reason)."""
     try:
-        return load_study(output / "study.yaml", check_data=False)
+        study = load_study(output / "study.yaml", check_data=False)
     except StudyError as e:
         raise ReplayError(str(e)) from None
+    continue_recorded_runs(study)  # the ids the driver ran them under: a trial given more steps keeps its first's
+    return study
 
 
 def read_results(output):

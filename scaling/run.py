@@ -21,7 +21,9 @@ import uuid
 from pathlib import Path
 
 from core.folder_lock import lock_folder
+from scaling.continuation import continue_recorded_runs
 from scaling.study import StudyError, check_cluster, launch_order, load_study, max_concurrent_trials
+from scaling.trial_storage import ray_storage
 
 EXIT_OK, EXIT_TRIALS_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal, as a shell reports it
@@ -61,6 +63,8 @@ def main(argv=None):
     except StudyError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    for line in continue_recorded_runs(study):  # steps added to a study: its trials go on from their records
+        print(line)
     if args.dry_run:
         from scaling.dry_run import format_plan
 
@@ -319,7 +323,7 @@ def _run_trials(study, build_report, report_dir):
         # One relay mailbox actor and one placement-group watch for the whole study, where a fresh process
         # of each would start with every trial; named, so that the trials find them.
         services = f"{study.name}-{uuid.uuid4().hex[:8]}"
-        run = {"output": str(out), "storage": str(out / "ray"), "fid_cache": str(out / "fid_cache"),
+        run = {"output": str(out), "storage": str(ray_storage(out)), "fid_cache": str(out / "fid_cache"),
                "resources": res, "keep_checkpoints": study.raw["train"]["keep_checkpoints"],
                "relay_mailboxes": f"relay-{services}", "placement_group_watch": f"pg-watch-{services}"}
         start_train_autoscaling_coordinator()  # while the study's own actors start
@@ -338,7 +342,8 @@ def _run_trials(study, build_report, report_dir):
             tune_config=tune.TuneConfig(max_concurrent_trials=tuner_concurrency, reuse_actors=True,
                                         trial_name_creator=lambda tr: tr.config["trial"]["trial_id"],
                                         trial_dirname_creator=lambda tr: tr.config["trial"]["trial_id"]),
-            run_config=tune.RunConfig(name=f"sweep-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(out / "ray"),
+            run_config=tune.RunConfig(name=f"sweep-{time.strftime('%Y%m%d-%H%M%S')}",
+                                      storage_path=str(ray_storage(out)),
                                       # A lost node can take the trial's own actor and its Train controller
                                       # with it (Train cannot restart those): Tune then reruns the trial,
                                       # whose trainer resumes from its last checkpoint in storage.

@@ -764,7 +764,8 @@ def _check_resources(raw, where):
 class Trial:
     """One training run of the grid, evaluated at each of its milestones."""
 
-    trial_id: str  # <model>-<patch>-<10 hex digits of the result hash>, e.g. DiT-S-2-3f9c1a2b7e
+    trial_id: str  # <model>-<patch>-<10 hex digits of the result hash>, e.g. DiT-S-2-3f9c1a2b7e; a recorded run's
+    # when the trial continues it with more steps (scaling.continuation)
     model: str  # e.g. "DiT-S/2", with each architecture field that differs from its preset's: "DiT-S/2 depth=6"
     size: str  # e.g. "S"
     patch: int
@@ -795,6 +796,25 @@ def result_hash(model_config, data, train, milestones, eval_section):
     train = {k: v for k, v in train.items() if k not in BOOKKEEPING}
     payload = dict(model=model_config, data=data, train=train, milestones=list(milestones), eval=eval_section)
     return hashlib.sha256(_canonical_json(payload).encode()).hexdigest()
+
+
+def training_lineage(trial):
+    """sha256 of a constant-lr trial's settings but its step counts (max_steps, milestones), else None.
+
+    Trials that share it train the same weights step for step: under a constant lr no step depends on how many follow,
+    and evaluations draw on their own seeds (tests/test_train.py). So a trial given more steps may go on from the
+    checkpoint of one recorded with fewer (scaling.continuation). trial: Trial.to_dict(), or results.parquet's
+    config_json read back; KeyError when it lacks a setting (a row older than the setting).
+    """
+    train = trial["train"]
+    if train["lr_schedule"] != "constant":
+        return None
+    config = trial["model_config"]
+    info = {k: config[k] for k in ("input_size", "in_channels", "num_classes")}
+    preset = _model_config(trial["size"], trial["patch"], {**train, **dict.fromkeys(ARCHITECTURE_FIELDS)}, info)
+    hashed_train, hashed_eval = hashed_settings({"train": train, "eval": trial["eval"]}, train, config, preset)
+    del hashed_train["max_steps"]
+    return result_hash(config, trial["data"], hashed_train, (), hashed_eval)
 
 
 def hashed_settings(raw, train, model_config, preset_config):

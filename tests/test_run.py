@@ -1,4 +1,5 @@
 """scaling.run end to end on a local Ray: MLflow runs, Parquet rows, resume after a killed driver, bad input."""
+import json
 import os
 import re
 import signal
@@ -15,12 +16,12 @@ from mlflow.tracking import MlflowClient
 from scaling import run as scaling_run
 from scaling.replay_mlflow import main as replay_main
 from scaling.results import RESULTS_SCHEMA, load_results, write_table
-from scaling.study import StudyError
+from scaling.study import StudyError, load_study
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def write_study(tmp_path, steps=(10, 20), fid=True, extra="", lrs=None):
+def write_study(tmp_path, steps=(10, 20), fid=True, extra="", lrs=None, patches=(2, 4)):
     """A tiny study of DiT-P/2 and /4 (and each lr in lrs, swept, if given)."""
     out = tmp_path / "out"
     study = tmp_path / "tiny.yaml"
@@ -28,7 +29,7 @@ def write_study(tmp_path, steps=(10, 20), fid=True, extra="", lrs=None):
     study.write_text(textwrap.dedent(f"""\
         name: tiny
         data: {{dataset: digits}}
-        sweep: {{model: [DiT-P], patch: [2, 4], steps: {list(steps)}{sweep_lr}}}
+        sweep: {{model: [DiT-P], patch: {list(patches)}, steps: {list(steps)}{sweep_lr}}}
         train: {{batch_size: 32, {lr}ema_decay: 0.9, log_every: 5, ckpt_every: 10, val_batch: 64}}
         eval: {{fid: {str(fid).lower()}, fid_samples: 100, sampling_steps: 5, grid_images_per_class: 1}}
         resources: {{workers_per_trial: 1, cpus_per_worker: 1}}
@@ -270,6 +271,60 @@ def test_stopped_or_killed_driver_resumes_without_duplicates(tmp_path):
         assert [m.step for m in history] == every_log
         trial_curve = curves[curves.trial_id == child.data.tags["dit_scaling.trial_id"]].sort_values("step")
         assert list(trial_curve.step) == every_log and list(trial_curve.train_loss) == [m.value for m in history]
+
+
+def test_steps_added_to_a_study_train_on_from_its_finished_trial(tmp_path):
+    # sweep.steps 10, 20 grown to 10, 20, 30 under the constant lr: the trial goes on from its checkpoint at 20
+    # under its id, with its rows and MLflow run, and measures at 30 what a straight run to 30 measures.
+    study, out = write_study(tmp_path, fid=False, patches=(2,))
+    first = run([study, "--no-report"])
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    before = load_results(out)
+    (trial_id,) = set(before.trial_id)
+    grids = out / "trials" / trial_id / "samples"
+    drawn = {p.name: p.stat().st_mtime_ns for p in grids.iterdir()}
+    assert sorted(drawn) == ["step-000000010.png", "step-000000020.png"]
+    study.write_text(study.read_text().replace("steps: [10, 20]", "steps: [10, 20, 30]"))
+    grown = run([study, "--report-dir", tmp_path / "report"])
+    assert grown.returncode == 0, grown.stdout[-3000:] + grown.stderr[-3000:]
+    assert f"DiT-P/2: continues recorded trial {trial_id} (steps 10, 20 measured, checkpoint at step 20)" \
+           in grown.stdout and "no longer defines" not in grown.stderr
+    df = load_results(out).set_index("step")
+    assert set(df.trial_id) == {trial_id} and list(df.index) == [10, 20, 30] and (df.status == "ok").all()
+    assert df.loc[[10, 20]].timestamp.equals(before.set_index("step").timestamp)  # kept, not measured again
+    # Resumed at 20, not retrained from 0 (which would draw the grids of 10 and 20 again).
+    assert {p.name: p.stat().st_mtime_ns for p in grids.iterdir() if p.name in drawn} == drawn
+    assert (grids / "step-000000030.png").exists()
+    assert (df.max_step == 30).all() and all(json.loads(c)["milestones"] == [10, 20, 30] for c in df.config_json)
+    assert "| 30 / 30 |" in (tmp_path / "report" / "report.md").read_text()
+    client, _, children = mlflow_runs(out)
+    assert len(children) == 1 and children[0].info.status == "FINISHED"
+    history = client.get_metric_history(children[0].info.run_id, "train_loss")
+    curves = pd.read_parquet(out / "loss_curves.parquet").sort_values("step")
+    assert [m.step for m in history] == list(curves.step) == [5, 10, 15, 20, 25, 30]
+
+    # The same trial trained straight to 30 in one process: the same losses at 30, bit for bit.
+    from core.train import train
+    from scaling.ray_trial import train_config
+
+    (trial,) = (t for t in load_study(study).trials if t.train["max_steps"] == 30)
+    metrics = train(train_config(trial.to_dict()), tmp_path / "straight", trial.milestones)
+    assert (metrics["val_loss"], metrics["train_loss"]) == (df.loc[30].val_loss, df.loc[30].train_loss)
+
+    # Run again: the continued trial is finished.
+    again = run([study, "--dry-run"])
+    assert "All 1 trials already finished" in again.stdout, again.stdout + again.stderr
+
+    # A milestone without a row before the checkpoint the trial resumes from (its row removed by hand) can no
+    # longer be measured: the trial fails once, saying so, rather than resuming past it at every run of the study.
+    study.write_text(study.read_text().replace("steps: [10, 20, 30]", "steps: [10, 20]"))
+    write_table(load_results(out).query("step != 10"), out / "results.parquet", RESULTS_SCHEMA)
+    lost = run([study, "--no-report"])
+    assert lost.returncode == 1, lost.stdout[-3000:] + lost.stderr[-3000:]
+    failed = load_results(out).query("status == 'failed'")
+    assert len(failed) == 1 and failed.error.iloc[0].startswith(
+        f"trial {trial_id} resumed from its checkpoint at step 30, past milestone(s) 10 without a result, which it "
+        f"can no longer measure: drop those steps from sweep.steps, or delete {out / 'ray' / ('train-' + trial_id)}")
 
 
 def test_sigterm_stops_the_study_as_ctrl_c_does():

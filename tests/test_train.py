@@ -60,6 +60,22 @@ def test_resume_is_bitwise_for_one_process(tmp_path, precision, zero_stage):
     assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
 
 
+def test_a_run_given_more_steps_under_a_constant_lr_trains_on_as_one_straight_run(tmp_path):
+    # What scaling.continuation builds on: a finished run of 6 steps, resumed with max_steps 12 and more milestones,
+    # reaches the weights, losses and validation of one run to 12 (the constant lr and every step's randomness do not
+    # depend on max_steps, and evaluations draw from their own seeds).
+    train(tiny_config(), tmp_path / "straight", milestones=[3, 6])
+    train(tiny_config(max_steps=6), tmp_path / "grown", milestones=[3])
+    train(tiny_config(), tmp_path / "grown", milestones=[3, 6], resume_from="auto")
+    losses_a, state_a = history(tmp_path / "straight")
+    losses_b, state_b = history(tmp_path / "grown")
+    assert losses_a == losses_b and len(losses_a) == 7 and state_b["step"] == 12  # logs at 2, 3, 4, 6, 8, 10, 12
+    assert state_a["metrics"]["val_loss_ema"] == state_b["metrics"]["val_loss_ema"]
+    ema_a, ema_b = (load_file(str(ckpt.latest_checkpoint(tmp_path / run / "checkpoints") / ckpt.EMA_FILE))
+                    for run in ("straight", "grown"))
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+
+
 def test_a_resume_may_switch_between_zero_1_and_2_and_is_refused_other_stages(tmp_path):
     train(tiny_config(zero_stage=1), tmp_path / "straight", milestones=[6])
     for first, then in ((1, 2), (2, 1), (0, 2), (3, 2)):

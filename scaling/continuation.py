@@ -1,0 +1,90 @@
+"""A trial that goes on from a recorded run of the same training: steps added to a study resume, not retrain.
+
+A trial's id hashes its step counts, so `sweep.steps: [..., 400000]` grown to `[..., 400000, 800000]` names new
+trials. Under a constant lr the longer trial trains the same weights as the recorded one up to its last step
+(scaling.study.training_lineage), so it takes the recorded trial's id instead: its rows, its MLflow run and its Ray
+Train run, whose latest checkpoint it resumes from, evaluating only the milestones that have no row. It may do so when
+every one of its milestones up to that checkpoint's step has an ok row there (a milestone added before it cannot be
+measured any more: the weights of that step are gone), and it trains anew under its own id otherwise.
+"""
+import dataclasses
+import json
+from dataclasses import dataclass
+
+from scaling.results import RESULTS_FILE, load_results
+from scaling.study import training_lineage
+from scaling.trial_storage import checkpoint_step, ray_storage, train_run_name
+
+
+@dataclass(frozen=True)
+class RecordedRun:
+    """A trial of results.parquet that the study no longer defines, as far as a continuation needs it."""
+
+    trial_id: str
+    ok_steps: frozenset  # steps with an ok row
+    reached: int  # the step its run resumes from, or at most: its latest checkpoint's; before a divergence, the last
+
+    def measured_up_to_reached(self, milestones):
+        """Whether every milestone up to the step this run reached has an ok row here (a diverged run goes no further:
+        a trial that continues it diverges at the same step)."""
+        return all(m in self.ok_steps for m in milestones if m <= self.reached)
+
+
+def continue_recorded_runs(study):
+    """Give each trial of the study that has no record of its own the id of a recorded run it continues (the one that
+    reached furthest); returns one line per trial for the user, on what was continued or why not."""
+    path = study.output / RESULTS_FILE
+    if not path.exists():
+        return []
+    df = load_results(path)
+    ours = {t.trial_id for t in study.trials}
+    recorded = {}  # lineage -> [RecordedRun]
+    for trial_id, rows in df.groupby("trial_id", sort=True):
+        if trial_id in ours:
+            continue
+        lineage = _recorded_lineage(rows)
+        if lineage is not None:
+            recorded.setdefault(lineage, []).append(_recorded_run(study.output, trial_id, rows))
+    lines, with_rows = [], set(df.trial_id)
+    for i, trial in enumerate(study.trials):
+        if trial.trial_id in with_rows or (ray_storage(study.output) / train_run_name(trial.trial_id)).exists():
+            continue  # a run of its own (checkpoints without rows: started, stopped before its first milestone)
+        runs = recorded.get(training_lineage(trial.to_dict()), [])
+        fits = [r for r in runs if r.measured_up_to_reached(trial.milestones)]
+        if fits:
+            run = max(fits, key=lambda r: (r.reached, len(r.ok_steps), r.trial_id))
+            runs.remove(run)  # one trial per run
+            study.trials[i] = dataclasses.replace(trial, trial_id=run.trial_id)
+            lines.append(f"{trial.model}: continues recorded trial {run.trial_id} (steps "
+                         f"{_steps(run.ok_steps)} measured, checkpoint at step {run.reached}) instead of training "
+                         f"{trial.trial_id} from step 0")
+        elif runs:
+            run = max(runs, key=lambda r: r.reached)
+            missing = [m for m in trial.milestones if m <= run.reached and m not in run.ok_steps]
+            lines.append(f"{trial.model}: trains from step 0 as {trial.trial_id}: recorded trial {run.trial_id} of the "
+                         f"same training is past step {_steps(missing)}, which it did not measure")
+    return lines
+
+
+def _recorded_lineage(rows):
+    """The training lineage of a recorded trial, from its latest row's configuration; None when it has none (a
+    non-constant lr) or the row predates a setting the lineage hashes."""
+    latest = rows.sort_values("timestamp").config_json.dropna()
+    if latest.empty:
+        return None
+    try:
+        return training_lineage(json.loads(latest.iloc[-1]))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _recorded_run(output, trial_id, rows):
+    ok = frozenset(int(s) for s in rows[rows.status == "ok"].step)
+    diverged = rows[rows.status == "diverged"]
+    if len(diverged):
+        return RecordedRun(trial_id, ok, int(diverged.step.min()) - 1)
+    return RecordedRun(trial_id, ok, checkpoint_step(output, trial_id))
+
+
+def _steps(steps):
+    return ", ".join(str(s) for s in sorted(steps)) or "none"

@@ -1,0 +1,27 @@
+"""Where a study keeps each trial's Ray Train run: its checkpoints, which a re-run of the study resumes from."""
+import json
+from pathlib import Path
+
+
+def ray_storage(output):
+    """The study's Ray storage folder (Tune's experiment and every trial's Train run)."""
+    return Path(output) / "ray"
+
+
+def train_run_name(trial_id):
+    """A trial's Ray Train run name: a re-run of the study that names it again restores its latest checkpoint."""
+    return f"train-{trial_id}"
+
+
+def checkpoint_step(output, trial_id):
+    """The highest step of the checkpoints a trial's Train run holds in storage, 0 if none: a re-run of the trial
+    resumes from it or, after a persist cut short that Ray never registered, from an earlier one, never a later."""
+    from core.checkpoint import STATE_FILE
+
+    steps = [0]
+    for state in (ray_storage(output) / train_run_name(trial_id)).glob(f"*/{STATE_FILE}"):
+        try:
+            steps.append(int(json.loads(state.read_text())["step"]))
+        except (OSError, ValueError, KeyError, TypeError):  # a folder cut short: Ray never registered it
+            continue
+    return max(steps)

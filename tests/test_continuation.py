@@ -1,0 +1,147 @@
+"""scaling.continuation: a trial given more steps goes on from its recorded run, when its measurements allow."""
+import json
+import textwrap
+from datetime import datetime, timezone
+
+import pytest
+
+from scaling.continuation import continue_recorded_runs
+from scaling.results import RESULTS_FILE, RESULTS_SCHEMA, write_table
+from scaling.study import load_study, training_lineage
+from scaling.trial_storage import ray_storage, train_run_name
+
+
+def study_at(tmp_path, steps, patches=(2, 4), **train):
+    """A digits study of DiT-P at the patches, trained to each step count (train: fields over the defaults below),
+    in tmp_path/out."""
+    train = {"batch_size": 32, "lr": 1e-3, **train}
+    path = tmp_path / f"study-{len(list(tmp_path.glob('study-*')))}.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        name: grow
+        data: {{dataset: digits}}
+        sweep: {{model: [DiT-P], patch: {list(patches)}, steps: {list(steps)}}}
+        train: {json.dumps(train)}
+        eval: {{fid: false}}
+        output: {tmp_path / 'out'}
+        """))
+    return load_study(path)
+
+
+def record(study, steps, status="ok"):
+    """Rows of the study's trials at steps in its results.parquet, as the recorder writes them (config included)."""
+    path = study.output / RESULTS_FILE
+    from scaling.results import load_results
+
+    old = load_results(path).to_dict("records") if path.exists() else []
+    rows = [dict(study=study.name, trial_id=t.trial_id, model=t.model, patch=t.patch, params=t.params,
+                 gflops=t.gflops, batch_size=32, step=s, max_step=t.train["max_steps"], train_compute=0.0,
+                 val_loss=1.0, status=status, timestamp=datetime.now(timezone.utc),
+                 config_json=json.dumps(t.to_dict(), sort_keys=True))
+            for t in study.trials for s in steps]
+    write_table(old + rows, path, RESULTS_SCHEMA)
+
+
+def checkpoint(study, trial_id, *steps):
+    """Checkpoint folders of a trial's Ray Train run, as Ray persists core's (its trainer state names the step)."""
+    for step in steps:
+        folder = ray_storage(study.output) / train_run_name(trial_id) / f"checkpoint_2026-12-05_13-00-{step:02d}"
+        folder.mkdir(parents=True)
+        (folder / "trainer_state.json").write_text(json.dumps({"step": step}))
+
+
+def test_the_lineage_is_the_id_without_the_step_counts(tmp_path):
+    short, long = study_at(tmp_path, (10, 20)), study_at(tmp_path, (10, 20, 40))
+    for a, b in zip(short.trials, long.trials):
+        assert a.trial_id != b.trial_id and training_lineage(a.to_dict()) == training_lineage(b.to_dict())
+        # As results.parquet keeps it (config_json), the same.
+        assert training_lineage(json.loads(json.dumps(b.to_dict(), sort_keys=True))) == training_lineage(b.to_dict())
+    assert len({training_lineage(t.to_dict()) for t in long.trials}) == 2  # two patches: two trainings
+    other_lr = study_at(tmp_path, (10, 20, 40), lr=2e-3)
+    assert {training_lineage(t.to_dict()) for t in other_lr.trials}.isdisjoint(
+        training_lineage(t.to_dict()) for t in long.trials)
+    # A setting that changes no result changes neither the id nor the lineage; a cosine lr has none (its steps
+    # depend on max_steps).
+    grid = study_at(tmp_path, (10, 20, 40), grad_checkpointing=True)
+    assert [t.trial_id for t in grid.trials] == [t.trial_id for t in long.trials]
+    assert all(training_lineage(t.to_dict()) is None
+               for t in study_at(tmp_path, (10, 20), lr_schedule="cosine").trials)
+
+
+def test_a_study_given_more_steps_continues_its_recorded_trials(tmp_path):
+    short = study_at(tmp_path, (10, 20))
+    record(short, (10, 20))
+    for t in short.trials:
+        checkpoint(short, t.trial_id, 10, 20)
+    long = study_at(tmp_path, (10, 20, 40))
+    lines = continue_recorded_runs(long)
+    assert [t.trial_id for t in long.trials] == [t.trial_id for t in short.trials]
+    assert [t.milestones for t in long.trials] == [(10, 20, 40)] * 2 and long.trials[0].train["max_steps"] == 40
+    assert lines[0].startswith(f"DiT-P/2: continues recorded trial {short.trials[0].trial_id} (steps 10, 20 "
+                               f"measured, checkpoint at step 20) instead of training DiT-P-2-")
+    # Fewer steps: the recorded trials hold every measurement already.
+    fewer = study_at(tmp_path, (10,))
+    continue_recorded_runs(fewer)
+    assert [t.trial_id for t in fewer.trials] == [t.trial_id for t in short.trials]
+
+
+def test_a_milestone_added_before_the_checkpoint_trains_anew(tmp_path):
+    short = study_at(tmp_path, (10, 20), patches=(2,))
+    record(short, (10, 20))
+    checkpoint(short, short.trials[0].trial_id, 20)
+    between = study_at(tmp_path, (10, 15, 20, 40), patches=(2,))
+    fresh_id = between.trials[0].trial_id
+    lines = continue_recorded_runs(between)
+    assert between.trials[0].trial_id == fresh_id
+    assert lines == [f"DiT-P/2: trains from step 0 as {fresh_id}: recorded trial {short.trials[0].trial_id} of the "
+                     f"same training is past step 15, which it did not measure"]
+
+
+def test_a_run_stopped_before_the_added_milestone_goes_on(tmp_path):
+    # Measured at 10, checkpointed at 12, stopped: 15 is still ahead of it.
+    short = study_at(tmp_path, (10, 20), patches=(2,))
+    record(short, (10,))
+    checkpoint(short, short.trials[0].trial_id, 10, 12)
+    between = study_at(tmp_path, (10, 15, 20, 40), patches=(2,))
+    assert continue_recorded_runs(between)[0].startswith(f"DiT-P/2: continues recorded trial "
+                                                         f"{short.trials[0].trial_id} (steps 10 measured, checkpoint "
+                                                         f"at step 12)")
+    assert between.trials[0].trial_id == short.trials[0].trial_id
+
+
+def test_the_run_that_reached_furthest_is_continued_and_only_once(tmp_path):
+    first, second = study_at(tmp_path, (10,), patches=(2,)), study_at(tmp_path, (10, 20), patches=(2,))
+    record(first, (10,))
+    record(second, (10, 20))
+    checkpoint(first, first.trials[0].trial_id, 10)
+    checkpoint(second, second.trials[0].trial_id, 20)
+    long = study_at(tmp_path, (10, 20, 40), patches=(2,))
+    continue_recorded_runs(long)
+    assert long.trials[0].trial_id == second.trials[0].trial_id
+
+
+def test_a_diverged_run_is_continued_only_as_far_as_it_measured(tmp_path):
+    short = study_at(tmp_path, (10, 20), patches=(2,))
+    record(short, (10,))
+    record(short, (14,), status="diverged")
+    long = study_at(tmp_path, (10, 20, 40), patches=(2,))
+    continue_recorded_runs(long)
+    assert long.trials[0].trial_id == short.trials[0].trial_id  # it diverges at step 14 again: the same result
+    between = study_at(tmp_path, (10, 12, 20, 40), patches=(2,))
+    continue_recorded_runs(between)
+    assert between.trials[0].trial_id != short.trials[0].trial_id  # 12, before the divergence, was not measured
+
+
+@pytest.mark.parametrize("case", ["cosine", "own rows", "own checkpoints", "other settings"])
+def test_what_is_not_continued(tmp_path, case):
+    schedule = {"lr_schedule": "cosine"} if case == "cosine" else {}
+    short = study_at(tmp_path, (10, 20), patches=(2,), **schedule)
+    record(short, (10, 20))
+    checkpoint(short, short.trials[0].trial_id, 20)
+    other = {"lr": 2e-3} if case == "other settings" else {}
+    long = study_at(tmp_path, (10, 20, 40), patches=(2,), **schedule, **other)
+    own = long.trials[0].trial_id
+    if case == "own rows":
+        record(long, (10,))
+    if case == "own checkpoints":  # started once, stopped before its first milestone: it resumes itself
+        checkpoint(long, own, 5)
+    assert continue_recorded_runs(long) == [] and long.trials[0].trial_id == own
