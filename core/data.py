@@ -8,7 +8,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, TensorDataset
 
 from core.digits import digits_arrays
-from core.latents import LatentShards, read_meta
+from core.latents import LatentShards, encode_id, read_meta
 
 SPLITS = ("train", "heldout")
 
@@ -178,22 +178,25 @@ def training_items(name, num_images):
 
 
 def dataset_info(name, path=None, image_size=None):
-    """What a model needs to know about a dataset, without loading it: sizes, classes, image count."""
+    """What a model needs to know about a dataset, without loading it: sizes, classes, image count; and for latents
+    which encode of the folder it is (core.latents.encode_id; None for the others: an image folder's identity would
+    take a stat of every image)."""
     if name == "digits":
         _check_digits_size(image_size)
         _, labels = digits_arrays("train")
-        return dict(input_size=8, in_channels=1, num_classes=10, num_images=len(labels), pixel_space=True)
+        return dict(input_size=8, in_channels=1, num_classes=10, num_images=len(labels), pixel_space=True,
+                    encode=None)
     if name == "imagefolder":
         _require(name, path, image_size)
         classes, samples = scan_image_folder(path)
         return dict(input_size=image_size, in_channels=3, num_classes=len(classes), num_images=len(samples),
-                    pixel_space=True)
+                    pixel_space=True, encode=None)
     if name == "latents":
         _require(name, path)
         meta = read_meta(path, check_shards=True, image_size=image_size)
         channels, height, _ = meta["latent_shape"]
         return dict(input_size=height, in_channels=channels, num_classes=len(meta["classes"]),
-                    num_images=meta["num_images"], pixel_space=False)
+                    num_images=meta["num_images"], pixel_space=False, encode=encode_id(meta))
     raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
 
 

@@ -8,6 +8,7 @@ meta.json written last. An encode writes into a new folder beside its target and
 once complete, so the target is never a half-written encode.
 """
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -41,6 +42,12 @@ def shard_name(k):
 #################################################################################
 #                            Reading encoded folders                            #
 #################################################################################
+
+def encode_id(meta):
+    """An encode's identity: 16 hex digits of sha256 over its meta.json. Each encode has its own (its shards, and
+    the folder it was written in, beside its target), and a copy of the folder keeps it."""
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
+
 
 def read_meta(path, check_shards=False, image_size=None):
     """The meta.json of an encoded folder; with check_shards, also each shard's header against it.

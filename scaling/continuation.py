@@ -23,11 +23,14 @@ class RecordedRun:
     trial_id: str
     ok_steps: frozenset  # steps with an ok row
     reached: int  # the step its run resumes from, or at most: its latest checkpoint's; before a divergence, the last
+    data_encode: str  # the encode of data.path's latents it trained on (Trial.data_encode), None if not recorded
 
-    def measured_up_to_reached(self, milestones):
-        """Whether every milestone up to the step this run reached has an ok row here (a diverged run goes no further:
-        a trial that continues it diverges at the same step)."""
-        return all(m in self.ok_steps for m in milestones if m <= self.reached)
+    def continued_by(self, trial):
+        """Whether the trial may go on from this run: on the same data, with every milestone up to the step this run
+        reached measured here (a diverged run goes no further: a trial that continues it diverges at the same step)."""
+        if None not in (self.data_encode, trial.data_encode) and self.data_encode != trial.data_encode:
+            return False
+        return all(m in self.ok_steps for m in trial.milestones if m <= self.reached)
 
 
 def continue_recorded_runs(study):
@@ -42,48 +45,57 @@ def continue_recorded_runs(study):
     for trial_id, rows in df.groupby("trial_id", sort=True):
         if trial_id in ours:
             continue
-        lineage = _recorded_lineage(rows)
+        config = _latest_config(rows)
+        lineage = _recorded_lineage(config)
         if lineage is not None:
-            recorded.setdefault(lineage, []).append(_recorded_run(study.output, trial_id, rows))
+            recorded.setdefault(lineage, []).append(_recorded_run(study.output, trial_id, rows, config))
     lines, with_rows = [], set(df.trial_id)
     for i, trial in enumerate(study.trials):
         if trial.trial_id in with_rows or (ray_storage(study.output) / train_run_name(trial.trial_id)).exists():
             continue  # a run of its own (checkpoints without rows: started, stopped before its first milestone)
         runs = recorded.get(training_lineage(trial.to_dict()), [])
-        fits = [r for r in runs if r.measured_up_to_reached(trial.milestones)]
+        fits = [r for r in runs if r.continued_by(trial)]
         if fits:
             run = max(fits, key=lambda r: (r.reached, len(r.ok_steps), r.trial_id))
             runs.remove(run)  # one trial per run
             study.trials[i] = dataclasses.replace(trial, trial_id=run.trial_id)
-            lines.append(f"{trial.model}: continues recorded trial {run.trial_id} (steps "
-                         f"{_steps(run.ok_steps)} measured, checkpoint at step {run.reached}) instead of training "
-                         f"{trial.trial_id} from step 0")
+            checkpoint = f"checkpoint at step {run.reached}" if run.reached else "no checkpoint left"
+            lines.append(f"{trial.model}: continues recorded trial {run.trial_id} (steps {_steps(run.ok_steps)} "
+                         f"measured, {checkpoint}) instead of training {trial.trial_id} from step 0")
         elif runs:
             run = max(runs, key=lambda r: r.reached)
             missing = [m for m in trial.milestones if m <= run.reached and m not in run.ok_steps]
+            why = (f"is past step {_steps(missing)}, which it did not measure" if missing else
+                   f"trained on another encode of {trial.data['path']} ({run.data_encode}, now {trial.data_encode})")
             lines.append(f"{trial.model}: trains from step 0 as {trial.trial_id}: recorded trial {run.trial_id} of the "
-                         f"same training is past step {_steps(missing)}, which it did not measure")
+                         f"same settings {why}")
     return lines
 
 
-def _recorded_lineage(rows):
-    """The training lineage of a recorded trial, from its latest row's configuration; None when it has none (a
-    non-constant lr) or the row predates a setting the lineage hashes."""
-    latest = rows.sort_values("timestamp").config_json.dropna()
-    if latest.empty:
-        return None
+def _latest_config(rows):
+    """A recorded trial's configuration, from its latest row (a dict; None when it has none that reads)."""
+    configs = rows.sort_values("timestamp").config_json.dropna()
     try:
-        return training_lineage(json.loads(latest.iloc[-1]))
-    except (ValueError, KeyError, TypeError, AttributeError):
+        config = json.loads(configs.iloc[-1]) if len(configs) else None
+    except ValueError:
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def _recorded_lineage(config):
+    """The training lineage of a recorded trial's configuration; None for none, a non-constant lr, or a row that
+    predates a setting the lineage hashes."""
+    try:
+        return None if config is None else training_lineage(config)
+    except (KeyError, TypeError, AttributeError, ValueError):
         return None
 
 
-def _recorded_run(output, trial_id, rows):
+def _recorded_run(output, trial_id, rows, config):
     ok = frozenset(int(s) for s in rows[rows.status == "ok"].step)
     diverged = rows[rows.status == "diverged"]
-    if len(diverged):
-        return RecordedRun(trial_id, ok, int(diverged.step.min()) - 1)
-    return RecordedRun(trial_id, ok, checkpoint_step(output, trial_id))
+    reached = int(diverged.step.min()) - 1 if len(diverged) else checkpoint_step(output, trial_id)
+    return RecordedRun(trial_id, ok, reached, config.get("data_encode"))
 
 
 def _steps(steps):

@@ -4,6 +4,7 @@ One row of results.parquet is one trial at one evaluation step. The orchestrator
 report and notebooks read it back with `load_results` and need nothing else. `recorded_trials`
 says what a study's output already holds.
 """
+import json
 import os
 import tempfile
 from importlib import resources
@@ -215,6 +216,26 @@ def recorded_trials(study):
         if set(t.milestones) <= ok_steps or (rows.status == "diverged").any():
             finished.add(t.trial_id)
     return finished, set(df.trial_id) - {t.trial_id for t in study.trials}
+
+
+def measured_on_other_data(study):
+    """{trial id: encode id} of the study's trials whose rows were measured on another encode of data.path's latents
+    than the one there now (the rows' configuration names it: core.latents.encode_id); those written before it did,
+    and data not read, are taken as the same."""
+    path = study.output / RESULTS_FILE
+    if not path.exists():
+        return {}
+    df = load_results(path)
+    other = {}
+    for t in study.trials:
+        for config in df[df.trial_id == t.trial_id].config_json.dropna():
+            try:
+                recorded = json.loads(config).get("data_encode")
+            except (ValueError, AttributeError):  # a row's configuration that is not a trial's: no encode to compare
+                continue
+            if None not in (recorded, t.data_encode) and recorded != t.data_encode:
+                other[t.trial_id] = recorded
+    return other
 
 
 def paper_results():

@@ -69,7 +69,8 @@ def main(argv=None):
         from scaling.dry_run import format_plan
 
         # What the run would refuse here, said without refusing: the plan may be for another machine.
-        for check in (check_output, lambda s: args.no_report or check_report_dir(s, args.report_dir)):
+        for check in (check_output, check_measured_data,
+                      lambda s: args.no_report or check_report_dir(s, args.report_dir)):
             try:
                 check(study)
             except StudyError as e:
@@ -79,6 +80,7 @@ def main(argv=None):
     address = args.address or os.environ.get("RAY_ADDRESS")
     try:
         check_output(study)
+        check_measured_data(study)
         report_dir = None if args.no_report else check_report_dir(study, args.report_dir)
         check_reachable(address)
         check_tracking_server(study)
@@ -128,6 +130,20 @@ def check_results(study):
                 db.execute("PRAGMA schema_version").fetchone()  # reads the header: fails on anything else
         except sqlite3.Error as e:
             raise unreadable(f"{store}: not an SQLite database ({e})") from None
+
+
+def check_measured_data(study):
+    """The rows of the study's trials must have been measured on the encode of the latents that data.path holds now:
+    a folder encoded again in place (another VAE, more images) keeps its path, which is what trial ids hash."""
+    from scaling.results import RESULTS_FILE, measured_on_other_data
+
+    other = measured_on_other_data(study)
+    if other:
+        t = next(t for t in study.trials if t.trial_id in other)
+        raise StudyError(f"{study.locate('data.path')}: data.path: {t.data['path']} was encoded again since trial(s) "
+                         f"{', '.join(sorted(other))} were measured on it (encode {other[t.trial_id]}, now "
+                         f"{t.data_encode}): their rows in {study.output / RESULTS_FILE} are not this encode's; give "
+                         f"the study another output to measure it afresh")
 
 
 def mlflow_ui_command(uri):

@@ -778,6 +778,10 @@ class Trial:
     params: int
     swept: dict  # values of the swept train fields, e.g. {"train.lr": 3e-4}
     budgets: tuple = ()  # (training Gflops budget, steps) pairs this trial covers, for compute studies
+    # The encode of data.path's latents it trains on (core.latents.encode_id): not in the id, which hashes the path
+    # (a study must name its trials without the data at hand, as a dry run or a replay does), but recorded, so that
+    # results measured on another encode of the folder are not taken for this one's. None for other data, or unread.
+    data_encode: str = None
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -929,7 +933,8 @@ def _expand(raw, axes, info, where, warnings):
                 trials[trial_id] = Trial(
                     trial_id=trial_id, model=model, size=size, patch=patch,
                     model_config=config, train=trial_train, milestones=milestones, eval=dict(raw["eval"]),
-                    data=dict(raw["data"]), gflops=gflops, params=params, swept=point, budgets=budgets)
+                    data=dict(raw["data"]), gflops=gflops, params=params, swept=point, budgets=budgets,
+                    data_encode=info.get("encode"))
     return list(trials.values())
 
 

@@ -4,27 +4,41 @@ import textwrap
 from datetime import datetime, timezone
 
 import pytest
+import torch
 
+from core.latents import write_latent_folder, write_shard
+from scaling import run as scaling_run
 from scaling.continuation import continue_recorded_runs
-from scaling.results import RESULTS_FILE, RESULTS_SCHEMA, write_table
+from scaling.results import RESULTS_FILE, RESULTS_SCHEMA, measured_on_other_data, write_table
 from scaling.study import load_study, training_lineage
 from scaling.trial_storage import ray_storage, train_run_name
 
 
-def study_at(tmp_path, steps, patches=(2, 4), **train):
-    """A digits study of DiT-P at the patches, trained to each step count (train: fields over the defaults below),
-    in tmp_path/out."""
+def study_at(tmp_path, steps, patches=(2, 4), latents=None, **train):
+    """A study of DiT-P at the patches, trained to each step count (train: fields over the defaults below) on digits
+    or the latents folder given, in tmp_path/out."""
     train = {"batch_size": 32, "lr": 1e-3, **train}
+    data = {"dataset": "latents", "path": str(latents)} if latents else {"dataset": "digits"}
     path = tmp_path / f"study-{len(list(tmp_path.glob('study-*')))}.yaml"
     path.write_text(textwrap.dedent(f"""\
         name: grow
-        data: {{dataset: digits}}
+        data: {json.dumps(data)}
         sweep: {{model: [DiT-P], patch: {list(patches)}, steps: {list(steps)}}}
         train: {json.dumps(train)}
-        eval: {{fid: false}}
+        eval: {{fid: false, grid_images_per_class: 0}}
         output: {tmp_path / 'out'}
         """))
     return load_study(path)
+
+
+def encode(folder, seed):
+    """A small latent folder (16 images of 4×4×4 latents, 2 classes) encoded into folder, replacing what is there."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def shards(new):
+        entry = write_shard(new, 0, torch.randn(16, 2, 4, 4, 4, generator=generator), [0, 1] * 8, range(16))
+        return [entry], [4, 4, 4]
+    write_latent_folder(folder, shards, {"num_images": 16, "classes": ["a", "b"], "image_size": 32})
 
 
 def record(study, steps, status="ok"):
@@ -93,7 +107,7 @@ def test_a_milestone_added_before_the_checkpoint_trains_anew(tmp_path):
     lines = continue_recorded_runs(between)
     assert between.trials[0].trial_id == fresh_id
     assert lines == [f"DiT-P/2: trains from step 0 as {fresh_id}: recorded trial {short.trials[0].trial_id} of the "
-                     f"same training is past step 15, which it did not measure"]
+                     f"same settings is past step 15, which it did not measure"]
 
 
 def test_a_run_stopped_before_the_added_milestone_goes_on(tmp_path):
@@ -145,3 +159,32 @@ def test_what_is_not_continued(tmp_path, case):
     if case == "own checkpoints":  # started once, stopped before its first milestone: it resumes itself
         checkpoint(long, own, 5)
     assert continue_recorded_runs(long) == [] and long.trials[0].trial_id == own
+
+
+def test_results_of_another_encode_of_the_latents_are_not_taken_for_this_ones(tmp_path, capsys):
+    # A latent folder encoded again in place keeps its path (which trial ids hash): the rows measured on the earlier
+    # encode are refused before launch, not skipped as finished, and no trial continues one of its runs.
+    latents = tmp_path / "latents"
+    encode(latents, seed=0)
+    short = study_at(tmp_path, (10, 20), patches=(2,), latents=latents)
+    record(short, (10, 20))
+    checkpoint(short, short.trials[0].trial_id, 20)
+    again = study_at(tmp_path, (10, 20), patches=(2,), latents=latents)
+    assert again.trials[0].data_encode == short.trials[0].data_encode is not None
+    assert measured_on_other_data(again) == {}
+    encode(latents, seed=1)
+    encoded_again = study_at(tmp_path, (10, 20), patches=(2,), latents=latents)
+    (trial,) = encoded_again.trials
+    assert trial.trial_id == short.trials[0].trial_id and trial.data_encode != short.trials[0].data_encode
+    assert scaling_run.main([str(encoded_again.path), "--no-report"]) == 2
+    error = capsys.readouterr().err
+    assert error == (f"error: {encoded_again.path}:2: data.path: {latents} was encoded again since trial(s) "
+                     f"{trial.trial_id} were measured on it (encode {short.trials[0].data_encode}, now "
+                     f"{trial.data_encode}): their rows in {tmp_path / 'out' / RESULTS_FILE} are not this encode's; "
+                     f"give the study another output to measure it afresh\n")
+    assert scaling_run.main([str(encoded_again.path), "--dry-run"]) == 0  # a plan says so, and goes on
+    assert "warning: " + error.removeprefix("error: ") in capsys.readouterr().err
+    longer = study_at(tmp_path, (10, 20, 40), patches=(2,), latents=latents)
+    assert continue_recorded_runs(longer) == [
+        f"DiT-P/2: trains from step 0 as {longer.trials[0].trial_id}: recorded trial {trial.trial_id} of the same "
+        f"settings trained on another encode of {latents} ({short.trials[0].data_encode}, now {trial.data_encode})"]

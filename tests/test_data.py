@@ -12,6 +12,7 @@ from PIL import Image
 
 from core.data import ShardedBatchSampler, build_dataset, center_crop, dataset_info
 from core.digits import bundled_digits, digits_arrays
+from core.latents import encode_id
 
 
 def make_folder(root, sizes=((40, 24), (24, 40), (33, 33)), classes=("zebra", "ant", "moth")):
@@ -49,7 +50,7 @@ def test_digits_in_memory_with_fixed_split():
     assert np.array_equal(pixels, whole.images) and np.array_equal(labels, whole.target)
     assert torch.equal(build_dataset("digits").tensors[0], x)  # fixed across calls
     assert dataset_info("digits") == dict(input_size=8, in_channels=1, num_classes=10, num_images=1500,
-                                          pixel_space=True)
+                                          pixel_space=True, encode=None)
 
 
 #################################################################################
@@ -151,7 +152,7 @@ def test_imagefolder_labels_shapes_and_flips(tmp_path):
         assert torch.equal(train[j][0], image.flip(-1) if j % 2 else image) and train[j][1] == label
     assert not torch.equal(train[6][0], train[7][0])
     assert dataset_info("imagefolder", path=root, image_size=16) == dict(
-        input_size=16, in_channels=3, num_classes=3, num_images=9, pixel_space=True)
+        input_size=16, in_channels=3, num_classes=3, num_images=9, pixel_space=True, encode=None)
 
 
 def test_bad_paths_are_named_in_the_error(tmp_path):
@@ -287,8 +288,10 @@ def test_the_encode_seed_changes_every_sample():
 def test_latent_dataset_holds_every_image_and_its_mirror(encoded):
     root, _ = encoded
     out = root / "latents"
-    assert dataset_info("latents", path=out) == dict(input_size=8, in_channels=4, num_classes=3, num_images=9,
-                                                     pixel_space=False)
+    info = dataset_info("latents", path=out)
+    assert info == dict(input_size=8, in_channels=4, num_classes=3, num_images=9, pixel_space=False,
+                        encode=encode_id(json.loads((out / "meta.json").read_text())))
+    assert re.fullmatch("[0-9a-f]{16}", info["encode"])
     train = build_dataset("latents", path=out)
     lazy = build_dataset("latents", path=out, in_memory=False)
     assert not hasattr(lazy, "tensors") and len(train) == len(lazy) == 18
