@@ -10,6 +10,7 @@ from core.cpus import usable_cpus
 from core.flops import training_compute
 from scaling.results import RESULTS_FILE, recorded_trials
 from scaling.study import launch_order, max_concurrent_trials
+from scaling.trial_storage import checkpoint_step
 
 PROBE_BATCHES = (128, 8)  # the micro-batch probed, halved from the first towards the second to fit the budget
 # Forward Gflop per probe step worth spending on an estimate: a bigger model is extrapolated instead.
@@ -111,7 +112,8 @@ def estimate_seconds(study):
         return {t.trial_id: "n/a (too big to probe here)" for t in study.trials}
     largest = max((t for t in study.trials if t.trial_id in rates), key=lambda t: t.gflops)
     gflop_per_s = rates[largest.trial_id] * largest.gflops
-    return {t.trial_id: _trial_seconds(t, parallel * rates.get(t.trial_id, gflop_per_s / t.gflops))
+    return {t.trial_id: _trial_seconds(t, parallel * rates.get(t.trial_id, gflop_per_s / t.gflops),
+                                       checkpoint_step(study.output, t.trial_id))
             for t in study.trials}
 
 
@@ -137,13 +139,15 @@ def wall_seconds(seconds, slots):
     return max(free_at)
 
 
-def _trial_seconds(trial, images_per_s):
-    """Training to max_steps, then FID sampling at every milestone."""
-    seconds = trial.milestones[-1] * trial.train["batch_size"] / images_per_s
+def _trial_seconds(trial, images_per_s, start=0):
+    """Training from step start (a checkpoint it resumes from) to max_steps, and FID sampling at every milestone
+    after it."""
+    seconds = (trial.milestones[-1] - min(start, trial.milestones[-1])) * trial.train["batch_size"] / images_per_s
     ev = trial.eval
     if ev["fid"]:
         passes = 1 if ev["cfg_scale"] == 1.0 else 2  # guidance runs the null label alongside
-        sample_images = len(trial.milestones) * ev["fid_samples"] * ev["sampling_steps"] * passes
+        ahead = sum(m > start for m in trial.milestones)
+        sample_images = ahead * ev["fid_samples"] * ev["sampling_steps"] * passes
         seconds += sample_images * FORWARD_SHARE / images_per_s
     return seconds
 
@@ -240,7 +244,7 @@ def format_plan(study, estimate=True):
     if done and todo:
         lines.append(f"{len(done)} of {len(study.trials)} trials already finished in {study.output}: a run skips "
                      f"them and resumes the others from their last checkpoints; the estimate is for the "
-                     f"{len(todo)} left, from their start.")
+                     f"{len(todo)} left, from their checkpoints.")
     elif done:
         lines.append(f"All {len(done)} trials already finished in {study.output}: a run only builds the report.")
     if foreign:

@@ -365,6 +365,26 @@ def test_the_dry_run_counts_every_worker_of_a_trial_and_probes_on_its_threads(tm
     assert probed == [(32, 1)] * 4 + [(16, min(64, cpus))] * 4  # each worker's micro-batch, at most this machine's
 
 
+def test_the_dry_run_estimates_a_trial_to_resume_from_its_checkpoint(tmp_path, monkeypatch):
+    import scaling.dry_run as dry_run
+    from scaling.trial_storage import ray_storage, train_run_name
+
+    monkeypatch.setattr(dry_run, "probe_images_per_s", lambda config, batch, device, precision, threads: 1000.0)
+    study = load(tmp_path, overrides=[f"output={tmp_path / 'out'}"])
+    fresh = dry_run.estimate_seconds(study)
+    resumed = study.trials[0]
+    folder = ray_storage(study.output) / train_run_name(resumed.trial_id) / "checkpoint_2026-12-05_13-00-00.000000"
+    folder.mkdir(parents=True)
+    (folder / "trainer_state.json").write_text('{"step": 20}')
+    later = dry_run.estimate_seconds(study)
+    # 20 of its 40 steps and the FID sampling of 10 and 20 left out (one milestone's: 100 images × 50 steps, each
+    # a third of a training step); the other trials' as they were.
+    sampling = 100 * 50 * dry_run.FORWARD_SHARE / 1000.0
+    assert later[resumed.trial_id] == pytest.approx(fresh[resumed.trial_id] - 20 * 32 / 1000.0 - 2 * sampling)
+    assert {k: v for k, v in later.items() if k != resumed.trial_id} == \
+           {k: v for k, v in fresh.items() if k != resumed.trial_id}
+
+
 def test_the_dry_runs_total_time_schedules_trials_on_the_free_slots(tmp_path):
     assert wall_seconds([3, 1, 1, 2], 2) == 4  # 3 | 1, 1, 2: each trial takes the first slot free, in order
     assert wall_seconds([3, 1, 1, 2], 1) == 7 and wall_seconds([5], 4) == 5
