@@ -9,34 +9,46 @@ measured any more: the weights of that step are gone), and it trains anew under 
 """
 import dataclasses
 import json
-from dataclasses import dataclass
+from pathlib import Path
 
 from scaling.results import RESULTS_FILE, load_results
 from scaling.study import training_lineage
 from scaling.trial_storage import checkpoint_step, ray_storage, train_run_name
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class RecordedRun:
     """A trial of results.parquet that the study no longer defines, as far as a continuation needs it."""
 
     trial_id: str
     ok_steps: frozenset  # steps with an ok row
-    reached: int  # the step its run resumes from, or at most: its latest checkpoint's; before a divergence, the last
+    # The step its run would resume from: its latest checkpoint's (Ray's registered one, or a later one cut short:
+    # at most this), 0 without one; for a diverged run, the step it diverged at.
+    reached: int
+    diverged: bool
+    steps: tuple  # (max_steps, milestones) it was last launched with
     data_encode: str  # the encode of data.path's latents it trained on (Trial.data_encode), None if not recorded
 
     def continued_by(self, trial):
-        """Whether the trial may go on from this run: on the same data, with every milestone up to the step this run
-        reached measured here (a diverged run goes no further: a trial that continues it diverges at the same step)."""
+        """Whether the trial may go on from this run: on the same data, and measured here at every milestone before
+        the step this run reached (one at that step is evaluated when the trial resumes from its checkpoint)."""
         if None not in (self.data_encode, trial.data_encode) and self.data_encode != trial.data_encode:
             return False
-        return all(m in self.ok_steps for m in trial.milestones if m <= self.reached)
+        if self.diverged and trial.milestones[-1] < self.reached:
+            return False  # a straight run of the trial ends before the divergence: ok, where this run diverged
+        if self.steps == (trial.train["max_steps"], list(trial.milestones)):
+            return True  # the trial itself, continued here before and stopped: it resumes as any unfinished trial
+        return all(m in self.ok_steps for m in trial.milestones if m < self.reached)
 
 
-def continue_recorded_runs(study):
+def continue_recorded_runs(study, output=None):
     """Give each trial of the study that has no record of its own the id of a recorded run it continues (the one that
-    reached furthest); returns one line per trial for the user, on what was continued or why not."""
-    path = study.output / RESULTS_FILE
+    reached furthest); returns one line per trial for the user, on what was continued or why not.
+
+    output: the study's folder where it is now (a replay's, moved since), else study.output.
+    """
+    output = Path(output or study.output)
+    path = output / RESULTS_FILE
     if not path.exists():
         return []
     df = load_results(path)
@@ -48,10 +60,10 @@ def continue_recorded_runs(study):
         config = _latest_config(rows)
         lineage = _recorded_lineage(config)
         if lineage is not None:
-            recorded.setdefault(lineage, []).append(_recorded_run(study.output, trial_id, rows, config))
+            recorded.setdefault(lineage, []).append(_recorded_run(output, trial_id, rows, config))
     lines, with_rows = [], set(df.trial_id)
     for i, trial in enumerate(study.trials):
-        if trial.trial_id in with_rows or (ray_storage(study.output) / train_run_name(trial.trial_id)).exists():
+        if trial.trial_id in with_rows or (ray_storage(output) / train_run_name(trial.trial_id)).exists():
             continue  # a run of its own (checkpoints without rows: started, stopped before its first milestone)
         runs = recorded.get(training_lineage(trial.to_dict()), [])
         fits = [r for r in runs if r.continued_by(trial)]
@@ -59,14 +71,19 @@ def continue_recorded_runs(study):
             run = max(fits, key=lambda r: (r.reached, len(r.ok_steps), r.trial_id))
             runs.remove(run)  # one trial per run
             study.trials[i] = dataclasses.replace(trial, trial_id=run.trial_id)
-            checkpoint = f"checkpoint at step {run.reached}" if run.reached else "no checkpoint left"
+            at = f"diverged at step {run.reached}" if run.diverged else (
+                f"checkpoint at step {run.reached}" if run.reached else "no checkpoint left")
             lines.append(f"{trial.model}: continues recorded trial {run.trial_id} (steps {_steps(run.ok_steps)} "
-                         f"measured, {checkpoint}) instead of training {trial.trial_id} from step 0")
+                         f"measured, {at}) instead of training {trial.trial_id} from step 0")
         elif runs:
             run = max(runs, key=lambda r: r.reached)
-            missing = [m for m in trial.milestones if m <= run.reached and m not in run.ok_steps]
-            why = (f"is past step {_steps(missing)}, which it did not measure" if missing else
-                   f"trained on another encode of {trial.data['path']} ({run.data_encode}, now {trial.data_encode})")
+            missing = [m for m in trial.milestones if m < run.reached and m not in run.ok_steps]
+            if run.data_encode != trial.data_encode and None not in (run.data_encode, trial.data_encode):
+                why = f"trained on another encode of {trial.data['path']} ({run.data_encode}, now {trial.data_encode})"
+            elif missing:
+                why = f"is past step {_steps(missing)}, which it did not measure"
+            else:
+                why = f"diverged at step {run.reached}, after this trial's last step"
             lines.append(f"{trial.model}: trains from step 0 as {trial.trial_id}: recorded trial {run.trial_id} of the "
                          f"same settings {why}")
     return lines
@@ -94,8 +111,9 @@ def _recorded_lineage(config):
 def _recorded_run(output, trial_id, rows, config):
     ok = frozenset(int(s) for s in rows[rows.status == "ok"].step)
     diverged = rows[rows.status == "diverged"]
-    reached = int(diverged.step.min()) - 1 if len(diverged) else checkpoint_step(output, trial_id)
-    return RecordedRun(trial_id, ok, reached, config.get("data_encode"))
+    reached = int(diverged.step.min()) if len(diverged) else checkpoint_step(output, trial_id)
+    steps = (config["train"].get("max_steps"), list(config.get("milestones", ())))
+    return RecordedRun(trial_id, ok, reached, bool(len(diverged)), steps, config.get("data_encode"))
 
 
 def _steps(steps):

@@ -113,6 +113,15 @@ class RayReporting:
         # replaces the curve points it has, and MLflow gets only steps past its last.
         for log in history:
             self.held.add(log)
+        # A milestone before the checkpoint without a row cannot be measured any more (the weights of its step are
+        # gone), and the trial would never finish. Ray registers no checkpoint before the driver has every earlier
+        # row (scaling.tune_relay), and scaling.continuation gives no trial milestones its run is past: rows removed
+        # by hand, then. Say so at once (before evaluating anything), rather than train on.
+        passed = [m for m in self.trial["milestones"] if m < state.step]
+        rows = self._driver_rows(passed) if passed and state.rank == 0 else None
+        missing = [m for m in passed if rows is not None and m not in rows]
+        if _on_every_rank(bool(missing), state):  # rank 0's list is the one reported: Ray Train takes its metrics
+            raise MilestonePassed(self.trial["trial_id"], missing, state.step, self.run["storage"])
         # A milestone checkpoint reaches Ray's storage before its report reaches the driver: if the
         # driver died in between, the restored checkpoint is a milestone with no row. Its EMA weights
         # are the ones evaluated there, so evaluate them again and report the milestone; not when the driver
@@ -121,15 +130,6 @@ class RayReporting:
                 and not _on_every_rank(state.rank == 0 and self._driver_rows([state.step]) == [state.step], state)):
             metrics.update(self.on_milestone(state, dict(metrics)) or {})
             self.report({**metrics, "step": state.step, "kind": KIND_MILESTONE})
-        # A milestone before the checkpoint without a row cannot be measured any more (the weights of its step are
-        # gone), and the trial would never finish. Ray registers no checkpoint before the driver has every earlier
-        # row (scaling.tune_relay), and scaling.continuation gives no trial milestones its run is past: rows removed
-        # by hand, then. Say so once, rather than train on.
-        passed = [m for m in self.trial["milestones"] if m < state.step]
-        rows = self._driver_rows(passed) if passed and state.rank == 0 else None
-        missing = [m for m in passed if rows is not None and m not in rows]
-        if _on_every_rank(bool(missing), state):
-            raise MilestonePassed(self.trial["trial_id"], missing, state.step, self.run["storage"])
 
     def _driver_rows(self, steps):
         """Those of steps at which the driver has this trial's milestone row (scaling.recorder tells the study's
@@ -153,8 +153,8 @@ class MilestonePassed(RuntimeError):
     def __init__(self, trial_id, milestones, step, storage):
         super().__init__(f"trial {trial_id} resumed from its checkpoint at step {step}, past milestone(s) "
                          f"{', '.join(map(str, milestones))} without a result, which it can no longer measure: drop "
-                         f"those steps from sweep.steps, or delete {Path(storage) / train_run_name(trial_id)} to train "
-                         f"it again from step 0")
+                         f"those steps from sweep.steps (their budgets from sweep.compute), or delete "
+                         f"{Path(storage) / train_run_name(trial_id)} to train it again from step 0")
         self.step = step
 
 

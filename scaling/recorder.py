@@ -26,6 +26,7 @@ EVAL_METRICS = ("val_loss", "val_mse", "val_loss_ema", "fid", "fid_floor", "kid"
                 "inception_score", "eval_time_s", "sample_images_per_s")
 MAX_TAG_LENGTH = 5000  # what MLflow stores of a tag value at most
 STATUS_TAG = "dit_scaling.status"  # running, then how the trial ended: ok, diverged, failed or killed
+MAX_STEPS_TAG = "dit_scaling.max_steps"  # the steps the trial trains to now (scaling.continuation may add some)
 
 
 class Recorder(Callback):
@@ -42,19 +43,26 @@ class Recorder(Callback):
         # study now derives otherwise (a fixed architecture override, named since 2026-12-05) take the trial's name,
         # so that the report does not show one trial as two models. Rows of a trial that goes on from a recorded run
         # with more steps (scaling.continuation) take its final step and configuration, so that the report does not
-        # show the run as finished at its old last step.
-        last_step = {}
-        for trial_id, step in self.rows:
-            last_step[trial_id] = max(step, last_step.get(trial_id, step))
+        # show the run as finished at its old last step; written at once, so that a study stopped before the trial's
+        # next row continues it again, and a replay knows which milestones it still lacks.
+        last_ok = {}
+        for (trial_id, step), row in self.rows.items():
+            if row["status"] == "ok":
+                last_ok[trial_id] = max(step, last_ok.get(trial_id, step))
         for rows in (self.rows, self.curves):
             for (trial_id, _), row in rows.items():
                 if trial_id in self.trials:
                     row["model"] = self.trials[trial_id].model
+        continued = False
         for (trial_id, _), row in self.rows.items():
             t = self.trials.get(trial_id)
             if t is not None and _row_steps(row) != (t.train["max_steps"], list(t.milestones)):
-                row["max_step"] = max(t.train["max_steps"], last_step[trial_id])  # fewer steps: the run went further
+                # Fewer steps than measured: the run went further, and its last measurement stays its last.
+                row["max_step"] = max(t.train["max_steps"], last_ok.get(trial_id, 0))
                 row["config_json"] = _config_json(t)
+                continued = True
+        if continued:
+            self.write()
         self.run_ids, self.mlflow_step = {}, {}
         self.failed = set()  # trials that ended diverged or failed
         self.ended = set()  # trials Tune saw end (finished, diverged or failed) in this run
@@ -67,16 +75,18 @@ class Recorder(Callback):
 
     def tell_relay(self, relay):
         """Give the study's RelayMailboxes actor every ok row now, and each milestone row once written: a trial
-        resumed from a milestone checkpoint whose row exists does not evaluate it again (scaling.ray_trial)."""
+        resumed from a milestone checkpoint whose row exists does not evaluate it again, and one resumed past a
+        milestone without a row fails (scaling.ray_trial). Now a relay that does not answer stops the study: it would
+        carry none of the trials' reports."""
         self.relay = relay
-        self._share_rows([k for k, r in self.rows.items() if r["status"] == "ok"])
+        ray.get(relay.add_milestone_rows.remote([k for k, r in self.rows.items() if r["status"] == "ok"]))
 
     def _share_rows(self, keys):
-        if self.relay is None:
+        if self.relay is None:  # no trial launched (tests feed the recorder alone)
             return
         try:  # waited for: a worker asking next must find them there
             ray.get(self.relay.add_milestone_rows.remote(keys))
-        except ray.exceptions.RayError:  # only spares an evaluation: a resumed trial then evaluates again
+        except ray.exceptions.RayError:  # the relay is gone, and with it every trial's reports: Tune ends them
             pass
 
     def open_runs(self, trial_ids):
@@ -94,9 +104,10 @@ class Recorder(Callback):
         run_id = self._run_id(trial_id)
         self.tracker.set_status(run_id, "RUNNING")
         # The run itself was created when the study launched: this is when the trial got its slot. A retry's
-        # status tag no longer says how an earlier attempt ended.
+        # status tag no longer says how an earlier attempt ended. The steps it trains to: its params keep those it was
+        # created with (MLflow's are fixed), and a trial given more steps goes on in the same run.
         self.tracker.set_tags(run_id, {"dit_scaling.started_at": f"{self.started_at[trial_id]:.3f}",
-                                       STATUS_TAG: "running"})
+                                       STATUS_TAG: "running", MAX_STEPS_TAG: self.trials[trial_id].train["max_steps"]})
         self.progress.started(trial_id)
         self.overhead.pop(trial_id, None)
 

@@ -21,10 +21,10 @@ import requests
 from mlflow.exceptions import MlflowException
 from sqlalchemy.exc import SQLAlchemyError
 
+from scaling.continuation import continue_recorded_runs
 from scaling.recorder import EVAL_METRICS, LOG_METRICS
 from scaling.results import CURVES_FILE, load_results, read_parquet, results_path
 from scaling.run import sqlite_store
-from scaling.continuation import continue_recorded_runs
 from scaling.study import StudyError, load_study
 from scaling.tracking import StudyTracker, default_tracking_uri, unsupported_store
 
@@ -46,6 +46,7 @@ def replay(output, uri=None):
     output = Path(output).resolve()
     study = read_study(output)
     results, curves = read_results(output)
+    continue_recorded_runs(study, output)  # the ids the driver ran trials under: one given more steps keeps its first's
     uri, where = tracking_uri(study, output, uri)
     try:
         # Runs are not reopened: a replay adds what is missing and closes only what is finished. They are the
@@ -65,11 +66,9 @@ def replay(output, uri=None):
 def read_study(output):
     """The study file the driver left in output, validated (ReplayError with its file:line: field: reason)."""
     try:
-        study = load_study(output / "study.yaml", check_data=False)
+        return load_study(output / "study.yaml", check_data=False)
     except StudyError as e:
         raise ReplayError(str(e)) from None
-    continue_recorded_runs(study)  # the ids the driver ran them under: a trial given more steps keeps its first's
-    return study
 
 
 def read_results(output):

@@ -9,7 +9,7 @@ import torch
 from core.latents import write_latent_folder, write_shard
 from scaling import run as scaling_run
 from scaling.continuation import continue_recorded_runs
-from scaling.results import RESULTS_FILE, RESULTS_SCHEMA, measured_on_other_data, write_table
+from scaling.results import RESULTS_FILE, RESULTS_SCHEMA, load_results, measured_on_other_data, write_table
 from scaling.study import load_study, training_lineage
 from scaling.trial_storage import ray_storage, train_run_name
 
@@ -44,8 +44,6 @@ def encode(folder, seed):
 def record(study, steps, status="ok"):
     """Rows of the study's trials at steps in its results.parquet, as the recorder writes them (config included)."""
     path = study.output / RESULTS_FILE
-    from scaling.results import load_results
-
     old = load_results(path).to_dict("records") if path.exists() else []
     rows = [dict(study=study.name, trial_id=t.trial_id, model=t.model, patch=t.patch, params=t.params,
                  gflops=t.gflops, batch_size=32, step=s, max_step=t.train["max_steps"], train_compute=0.0,
@@ -138,11 +136,42 @@ def test_a_diverged_run_is_continued_only_as_far_as_it_measured(tmp_path):
     record(short, (10,))
     record(short, (14,), status="diverged")
     long = study_at(tmp_path, (10, 20, 40), patches=(2,))
-    continue_recorded_runs(long)
+    fresh_id = long.trials[0].trial_id
+    assert continue_recorded_runs(long)[0].endswith(f"(steps 10 measured, diverged at step 14) instead of training "
+                                                    f"{fresh_id} from step 0")
     assert long.trials[0].trial_id == short.trials[0].trial_id  # it diverges at step 14 again: the same result
     between = study_at(tmp_path, (10, 12, 20, 40), patches=(2,))
     continue_recorded_runs(between)
     assert between.trials[0].trial_id != short.trials[0].trial_id  # 12, before the divergence, was not measured
+    # A trial that ends before the divergence ends ok, where the recorded run diverged: not that run's result.
+    fewer = study_at(tmp_path, (10,), patches=(2,))
+    assert continue_recorded_runs(fewer) == [
+        f"DiT-P/2: trains from step 0 as {fewer.trials[0].trial_id}: recorded trial {short.trials[0].trial_id} of the "
+        f"same settings diverged at step 14, after this trial's last step"]
+
+
+def test_a_milestone_at_the_checkpoint_is_measured_when_the_trial_resumes(tmp_path):
+    # The driver stopped after the checkpoint of milestone 20 reached storage, before its row: a trial resumed from
+    # that checkpoint evaluates it (scaling.ray_trial), so it may still go on from the run.
+    short = study_at(tmp_path, (10, 20), patches=(2,))
+    record(short, (10,))
+    checkpoint(short, short.trials[0].trial_id, 10, 20)
+    long = study_at(tmp_path, (10, 20, 40), patches=(2,))
+    continue_recorded_runs(long)
+    assert long.trials[0].trial_id == short.trials[0].trial_id
+
+
+def test_a_continued_trial_stopped_before_its_next_row_continues_again(tmp_path):
+    # The recorder gave the run's rows the longer trial's steps at its start (tests/test_recorder.py); stopped with a
+    # checkpoint past milestone 20 (at 30), whose row was never written, it goes on from there again.
+    short = study_at(tmp_path, (10, 20), patches=(2,))
+    long = study_at(tmp_path, (10, 20, 40), patches=(2,))
+    record(study_at(tmp_path, (10, 20, 40), patches=(2,)), (10,))
+    rows = load_results(short.output).assign(trial_id=short.trials[0].trial_id)
+    write_table(rows, short.output / RESULTS_FILE, RESULTS_SCHEMA)
+    checkpoint(short, short.trials[0].trial_id, 30)
+    continue_recorded_runs(long)
+    assert long.trials[0].trial_id == short.trials[0].trial_id
 
 
 @pytest.mark.parametrize("case", ["cosine", "own rows", "own checkpoints", "other settings"])

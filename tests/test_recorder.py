@@ -1,4 +1,5 @@
 """The driver's Recorder fed trial reports directly (no Ray started), and the MLflow replay of what it wrote."""
+import dataclasses
 import io
 import json
 import math
@@ -296,3 +297,28 @@ def test_rows_written_under_an_earlier_name_of_the_trial_take_its_name(study):
     recorder(study).write()  # the study run again
     for name in ("results.parquet", "loss_curves.parquet"):
         assert set(pd.read_parquet(study.output / name).model) == {t.model}
+
+
+def test_rows_of_a_trial_given_more_steps_take_its_steps_at_once(study, tmp_path):
+    # A trial that goes on from a recorded run (scaling.continuation): its rows take its final step and configuration
+    # when the study starts, before any new row, so that a study stopped then continues it again and a replay knows it
+    # unfinished; a failed row past its last measurement does not count as its end.
+    rec, t = recorder(study), study.trials[0]
+    rec.on_trial_start(0, [], tune_trial(t))
+    rec.on_trial_result(0, [], tune_trial(t), milestone(10))
+    rec.on_trial_result(0, [], tune_trial(t), {"kind": KIND_END, "status": "failed", "step": 15, "error": "boom"})
+    grown = tmp_path / "grown.yaml"
+    grown.write_text(STUDY.format(out=study.output).replace("steps: [10, 20]", "steps: [10, 20, 40]"))
+    longer = load_study(grown, check_data=False)
+    longer.trials[0] = dataclasses.replace(longer.trials[0], trial_id=t.trial_id)  # as scaling.continuation gives it
+    recorder(longer)
+    df = load_results(study.output)
+    assert sorted(zip(df.step, df.status, df.max_step)) == [(10, "ok", 40), (15, "failed", 40)]
+    assert all(json.loads(c)["milestones"] == [10, 20, 40] for c in df.config_json)
+    # Fewer steps than measured: the run's last measurement stays its end (the report then leaves the failure out).
+    shorter = tmp_path / "shorter.yaml"
+    shorter.write_text(STUDY.format(out=study.output).replace("steps: [10, 20]", "steps: [5]"))
+    short = load_study(shorter, check_data=False)
+    short.trials[0] = dataclasses.replace(short.trials[0], trial_id=t.trial_id)
+    recorder(short)
+    assert load_results(study.output).max_step.tolist() == [10, 10]

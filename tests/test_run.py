@@ -299,6 +299,7 @@ def test_steps_added_to_a_study_train_on_from_its_finished_trial(tmp_path):
     assert "| 30 / 30 |" in (tmp_path / "report" / "report.md").read_text()
     client, _, children = mlflow_runs(out)
     assert len(children) == 1 and children[0].info.status == "FINISHED"
+    assert children[0].data.params["train.max_steps"] == "20" and children[0].data.tags["dit_scaling.max_steps"] == "30"
     history = client.get_metric_history(children[0].info.run_id, "train_loss")
     curves = pd.read_parquet(out / "loss_curves.parquet").sort_values("step")
     assert [m.step for m in history] == list(curves.step) == [5, 10, 15, 20, 25, 30]
@@ -324,7 +325,8 @@ def test_steps_added_to_a_study_train_on_from_its_finished_trial(tmp_path):
     failed = load_results(out).query("status == 'failed'")
     assert len(failed) == 1 and failed.error.iloc[0].startswith(
         f"trial {trial_id} resumed from its checkpoint at step 30, past milestone(s) 10 without a result, which it "
-        f"can no longer measure: drop those steps from sweep.steps, or delete {out / 'ray' / ('train-' + trial_id)}")
+        f"can no longer measure: drop those steps from sweep.steps (their budgets from sweep.compute), or delete "
+        f"{out / 'ray' / ('train-' + trial_id)} to train it again from step 0")
 
 
 def test_sigterm_stops_the_study_as_ctrl_c_does():
