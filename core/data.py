@@ -178,9 +178,8 @@ def training_items(name, num_images):
 
 
 def dataset_info(name, path=None, image_size=None):
-    """What a model needs to know about a dataset, without loading it: sizes, classes, image count; and for latents
-    which encode of the folder it is (core.latents.encode_id; None for the others: an image folder's identity would
-    take a stat of every image)."""
+    """What a model needs to know about a dataset, without loading it: sizes, classes, image count, encode id."""
+    # The encode id (core.latents.encode_id) only for latents: an image folder's would take a stat of every image.
     if name == "digits":
         _check_digits_size(image_size)
         _, labels = digits_arrays("train")

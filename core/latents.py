@@ -44,8 +44,11 @@ def shard_name(k):
 #################################################################################
 
 def encode_id(meta):
-    """An encode's identity: 16 hex digits of sha256 over its meta.json. Each encode has its own (its shards, and
-    the folder it was written in, beside its target), and a copy of the folder keeps it."""
+    """An encode's identity: 16 hex digits of sha256 over its meta.json, which a copy of the folder keeps.
+
+    Each encode names the fresh folder it was written in ("encoded_in", since 2026-12-05), so two encodes of one
+    folder differ; older encodes are told apart only by their settings (VAE, classes, image count and size).
+    """
     return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -184,6 +187,7 @@ class LatentShards(Dataset):
     def __init__(self, path, flip=True, in_memory=None):
         self.path, self.views = Path(path), len(VIEWS) if flip else 1
         self.meta = read_meta(path, check_shards=True)
+        self.encode = encode_id(self.meta)
         self.files = [str(self.path / s["file"]) for s in self.meta["shards"]]
         self.starts = np.cumsum([0] + [s["num_images"] for s in self.meta["shards"]]).tolist()
         num_bytes = self.meta["num_images"] * len(VIEWS) * int(np.prod(self.meta["latent_shape"])) * 4

@@ -437,8 +437,10 @@ def train(cfg, out_dir, milestones=(), callbacks=None, resume_from=None, checkpo
     mcfg = cfg.resolved_model_config()
     if resume_from == "auto":
         resume_from = ckpt.latest_checkpoint(checkpoint_dir)
+    saved = None
     if resume_from is not None:  # a missing, corrupt or foreign checkpoint fails now, not after the set-up
-        _check_resume_settings(resume_from, ckpt.check_checkpoint(resume_from, mcfg).get("config"), cfg)
+        saved = ckpt.check_checkpoint(resume_from, mcfg)
+        _check_resume_settings(resume_from, saved.get("config"), cfg)
 
     import deepspeed
 
@@ -470,6 +472,13 @@ def train(cfg, out_dir, milestones=(), callbacks=None, resume_from=None, checkpo
 
     diffusion = create_diffusion(learn_sigma=mcfg["learn_sigma"], diffusion_steps=cfg.diffusion_steps)
     dataset = build_dataset(cfg.dataset, split="train", path=cfg.data_path, image_size=cfg.image_size)
+    data_encode = getattr(dataset, "encode", None)  # latents: which encode of the folder (core.latents.encode_id)
+    earlier = (saved or {}).get("data_encode")  # None: not latents, or a checkpoint older than the record
+    if None not in (earlier, data_encode) and earlier != data_encode:
+        # The same path encoded again (another VAE, more images): the data position and the weights are another data's.
+        raise ckpt.CheckpointError(f"{resume_from} was written training on another encode of the latents in "
+                                   f"{cfg.data_path} ({earlier}, now {data_encode}); resume on that encode, or train "
+                                   "this one in another folder")
     sampler = ShardedBatchSampler(len(dataset), cfg.batch_size, rank, world, cfg.seed)
     validation = ValidationBatch(cfg, rank, world, device, cfg.diffusion_steps) if cfg.val_batch else None
     shape = (mcfg["in_channels"], mcfg["input_size"], mcfg["input_size"])
@@ -547,6 +556,7 @@ def train(cfg, out_dir, milestones=(), callbacks=None, resume_from=None, checkpo
             state = {
                 "step": step, "train_time_s": train_time, "sampler": _sampler_position(sampler, step), "model_config": mcfg,
                 "world_size": world, "zero_stage": cfg.zero_stage, "config": _jsonable(cfg), "history": history,
+                "data_encode": data_encode,
                 "metrics": metrics, "log_window": {"loss": window_loss, "steps": window_steps, "time_s": window_time},
             }
             path = ckpt.save_checkpoint(checkpoint_dir, engine, ema, state, rank, shared_checkpoint_dir)

@@ -3,15 +3,18 @@
 A trial's id hashes its step counts, so `sweep.steps: [..., 400000]` grown to `[..., 400000, 800000]` names new
 trials. Under a constant lr the longer trial trains the same weights as the recorded one up to its last step
 (scaling.study.training_lineage), so it takes the recorded trial's id instead: its rows, its MLflow run and its Ray
-Train run, whose latest checkpoint it resumes from, evaluating only the milestones that have no row. It may do so when
-every one of its milestones up to that checkpoint's step has an ok row there (a milestone added before it cannot be
-measured any more: the weights of that step are gone), and it trains anew under its own id otherwise.
+Train run, whose latest checkpoint it resumes from, evaluating only the milestones that have no row. It may when the
+run trained on the same encode of the data, and every one of its milestones before that checkpoint's step has an ok
+row there (one at the step is evaluated on resume; one before cannot be any more: the weights of that step are gone);
+not when the run diverged after the trial's last step (a straight run of it ends ok). A run whose rows already name
+the trial's steps is the trial itself, continued before and stopped: it resumes as any unfinished trial does.
+Otherwise the trial trains anew under its own id.
 """
 import dataclasses
 import json
 from pathlib import Path
 
-from scaling.results import RESULTS_FILE, load_results
+from scaling.results import RESULTS_FILE, load_results, other_encode
 from scaling.study import training_lineage
 from scaling.trial_storage import checkpoint_step, ray_storage, train_run_name
 
@@ -26,19 +29,19 @@ class RecordedRun:
     # at most this), 0 without one; for a diverged run, the step it diverged at.
     reached: int
     diverged: bool
-    steps: tuple  # (max_steps, milestones) it was last launched with
+    steps: tuple  # (max_steps, (milestones, ...)) it was last launched with
     data_encode: str  # the encode of data.path's latents it trained on (Trial.data_encode), None if not recorded
 
-    def continued_by(self, trial):
-        """Whether the trial may go on from this run: on the same data, and measured here at every milestone before
-        the step this run reached (one at that step is evaluated when the trial resumes from its checkpoint)."""
-        if None not in (self.data_encode, trial.data_encode) and self.data_encode != trial.data_encode:
-            return False
+    def refusal(self, trial):
+        """Why the trial may not go on from this run, or None when it may."""
+        if other_encode(self.data_encode, trial.data_encode):
+            return f"trained on another encode of {trial.data['path']} ({self.data_encode}, now {trial.data_encode})"
         if self.diverged and trial.milestones[-1] < self.reached:
-            return False  # a straight run of the trial ends before the divergence: ok, where this run diverged
-        if self.steps == (trial.train["max_steps"], list(trial.milestones)):
-            return True  # the trial itself, continued here before and stopped: it resumes as any unfinished trial
-        return all(m in self.ok_steps for m in trial.milestones if m < self.reached)
+            return f"diverged at step {self.reached}, after this trial's last step"
+        if self.steps == (trial.train["max_steps"], tuple(trial.milestones)):
+            return None
+        missing = [m for m in trial.milestones if m < self.reached and m not in self.ok_steps]
+        return f"is past step {_steps(missing)}, which it did not measure" if missing else None
 
 
 def continue_recorded_runs(study, output=None):
@@ -66,7 +69,7 @@ def continue_recorded_runs(study, output=None):
         if trial.trial_id in with_rows or (ray_storage(output) / train_run_name(trial.trial_id)).exists():
             continue  # a run of its own (checkpoints without rows: started, stopped before its first milestone)
         runs = recorded.get(training_lineage(trial.to_dict()), [])
-        fits = [r for r in runs if r.continued_by(trial)]
+        fits = [r for r in runs if r.refusal(trial) is None]
         if fits:
             run = max(fits, key=lambda r: (r.reached, len(r.ok_steps), r.trial_id))
             runs.remove(run)  # one trial per run
@@ -77,15 +80,8 @@ def continue_recorded_runs(study, output=None):
                          f"measured, {at}) instead of training {trial.trial_id} from step 0")
         elif runs:
             run = max(runs, key=lambda r: r.reached)
-            missing = [m for m in trial.milestones if m < run.reached and m not in run.ok_steps]
-            if run.data_encode != trial.data_encode and None not in (run.data_encode, trial.data_encode):
-                why = f"trained on another encode of {trial.data['path']} ({run.data_encode}, now {trial.data_encode})"
-            elif missing:
-                why = f"is past step {_steps(missing)}, which it did not measure"
-            else:
-                why = f"diverged at step {run.reached}, after this trial's last step"
             lines.append(f"{trial.model}: trains from step 0 as {trial.trial_id}: recorded trial {run.trial_id} of the "
-                         f"same settings {why}")
+                         f"same settings {run.refusal(trial)}")
     return lines
 
 
@@ -112,7 +108,7 @@ def _recorded_run(output, trial_id, rows, config):
     ok = frozenset(int(s) for s in rows[rows.status == "ok"].step)
     diverged = rows[rows.status == "diverged"]
     reached = int(diverged.step.min()) if len(diverged) else checkpoint_step(output, trial_id)
-    steps = (config["train"].get("max_steps"), list(config.get("milestones", ())))
+    steps = (config["train"].get("max_steps"), tuple(config.get("milestones", ())))
     return RecordedRun(trial_id, ok, reached, bool(len(diverged)), steps, config.get("data_encode"))
 
 

@@ -121,7 +121,7 @@ class RayReporting:
         rows = self._driver_rows(passed) if passed and state.rank == 0 else None
         missing = [m for m in passed if rows is not None and m not in rows]
         if _on_every_rank(bool(missing), state):  # rank 0's list is the one reported: Ray Train takes its metrics
-            raise MilestonePassed(self.trial["trial_id"], missing, state.step, self.run["storage"])
+            raise MilestonePassed(self.trial, missing, state.step, self.run["storage"])
         # A milestone checkpoint reaches Ray's storage before its report reaches the driver: if the
         # driver died in between, the restored checkpoint is a milestone with no row. Its EMA weights
         # are the ones evaluated there, so evaluate them again and report the milestone; not when the driver
@@ -150,11 +150,12 @@ class RayReporting:
 class MilestonePassed(RuntimeError):
     """A trial resumed past a milestone that has no result."""
 
-    def __init__(self, trial_id, milestones, step, storage):
-        super().__init__(f"trial {trial_id} resumed from its checkpoint at step {step}, past milestone(s) "
+    def __init__(self, trial, milestones, step, storage):
+        axis = "their budgets from sweep.compute" if trial.get("budgets") else "those steps from sweep.steps"
+        super().__init__(f"trial {trial['trial_id']} resumed from its checkpoint at step {step}, past milestone(s) "
                          f"{', '.join(map(str, milestones))} without a result, which it can no longer measure: drop "
-                         f"those steps from sweep.steps (their budgets from sweep.compute), or delete "
-                         f"{Path(storage) / train_run_name(trial_id)} to train it again from step 0")
+                         f"{axis}, or delete {Path(storage) / train_run_name(trial['trial_id'])} to train it again "
+                         f"from step 0")
         self.step = step
 
 

@@ -59,7 +59,8 @@ class Recorder(Callback):
             if t is not None and _row_steps(row) != (t.train["max_steps"], list(t.milestones)):
                 # Fewer steps than measured: the run went further, and its last measurement stays its last.
                 row["max_step"] = max(t.train["max_steps"], last_ok.get(trial_id, 0))
-                row["config_json"] = _config_json(t)
+                # The encode each row was measured on stays its own (scaling.results.measured_on_other_data).
+                row["config_json"] = json.dumps({**t.to_dict(), "data_encode": _row_encode(row)}, sort_keys=True)
                 continued = True
         if continued:
             self.write()
@@ -76,9 +77,9 @@ class Recorder(Callback):
     def tell_relay(self, relay):
         """Give the study's RelayMailboxes actor every ok row now, and each milestone row once written: a trial
         resumed from a milestone checkpoint whose row exists does not evaluate it again, and one resumed past a
-        milestone without a row fails (scaling.ray_trial). Now a relay that does not answer stops the study: it would
-        carry none of the trials' reports."""
+        milestone without a row fails (scaling.ray_trial)."""
         self.relay = relay
+        # Not caught: a relay that cannot take the rows now (it died as it started) would carry no trial's reports.
         ray.get(relay.add_milestone_rows.remote([k for k, r in self.rows.items() if r["status"] == "ok"]))
 
     def _share_rows(self, keys):
@@ -297,6 +298,14 @@ class Recorder(Callback):
 
 def _config_json(t):
     return json.dumps(t.to_dict(), sort_keys=True)
+
+
+def _row_encode(row):
+    """The data encode a row's configuration names (None for none, or a row written before rows named one)."""
+    try:
+        return json.loads(row["config_json"]).get("data_encode")
+    except (TypeError, ValueError, AttributeError):
+        return None
 
 
 def _row_steps(row):

@@ -233,9 +233,14 @@ def measured_on_other_data(study):
                 recorded = json.loads(config).get("data_encode")
             except (ValueError, AttributeError):  # a row's configuration that is not a trial's: no encode to compare
                 continue
-            if None not in (recorded, t.data_encode) and recorded != t.data_encode:
+            if other_encode(recorded, t.data_encode):
                 other[t.trial_id] = recorded
     return other
+
+
+def other_encode(recorded, now):
+    """Whether two encode ids (core.latents.encode_id) name different encodes; None, unknown, is taken as the same."""
+    return None not in (recorded, now) and recorded != now
 
 
 def paper_results():

@@ -58,3 +58,19 @@ def _private_ray(monkeypatch):
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
+
+
+@pytest.fixture
+def encode_tiny_latents():
+    """encode(folder, seed): a latent folder of 16 images (4×4×4 latents, 2 classes) written as an encode is,
+    replacing what is there (each call a new encode of the folder, as scaling.encode_latents would make)."""
+    from core.latents import write_latent_folder, write_shard
+
+    def encode(folder, seed):
+        generator = torch.Generator().manual_seed(seed)
+
+        def shards(new):
+            entry = write_shard(new, 0, torch.randn(16, 2, 4, 4, 4, generator=generator), [0, 1] * 8, range(16))
+            return [entry], [4, 4, 4]
+        write_latent_folder(folder, shards, {"num_images": 16, "classes": ["a", "b"], "image_size": 32})
+    return encode

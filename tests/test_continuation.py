@@ -4,9 +4,7 @@ import textwrap
 from datetime import datetime, timezone
 
 import pytest
-import torch
 
-from core.latents import write_latent_folder, write_shard
 from scaling import run as scaling_run
 from scaling.continuation import continue_recorded_runs
 from scaling.results import RESULTS_FILE, RESULTS_SCHEMA, load_results, measured_on_other_data, write_table
@@ -29,16 +27,6 @@ def study_at(tmp_path, steps, patches=(2, 4), latents=None, **train):
         output: {tmp_path / 'out'}
         """))
     return load_study(path)
-
-
-def encode(folder, seed):
-    """A small latent folder (16 images of 4×4×4 latents, 2 classes) encoded into folder, replacing what is there."""
-    generator = torch.Generator().manual_seed(seed)
-
-    def shards(new):
-        entry = write_shard(new, 0, torch.randn(16, 2, 4, 4, 4, generator=generator), [0, 1] * 8, range(16))
-        return [entry], [4, 4, 4]
-    write_latent_folder(folder, shards, {"num_images": 16, "classes": ["a", "b"], "image_size": 32})
 
 
 def record(study, steps, status="ok"):
@@ -190,18 +178,18 @@ def test_what_is_not_continued(tmp_path, case):
     assert continue_recorded_runs(long) == [] and long.trials[0].trial_id == own
 
 
-def test_results_of_another_encode_of_the_latents_are_not_taken_for_this_ones(tmp_path, capsys):
+def test_results_of_another_encode_of_the_latents_are_not_taken_for_this_ones(tmp_path, capsys, encode_tiny_latents):
     # A latent folder encoded again in place keeps its path (which trial ids hash): the rows measured on the earlier
     # encode are refused before launch, not skipped as finished, and no trial continues one of its runs.
     latents = tmp_path / "latents"
-    encode(latents, seed=0)
+    encode_tiny_latents(latents, seed=0)
     short = study_at(tmp_path, (10, 20), patches=(2,), latents=latents)
     record(short, (10, 20))
     checkpoint(short, short.trials[0].trial_id, 20)
     again = study_at(tmp_path, (10, 20), patches=(2,), latents=latents)
     assert again.trials[0].data_encode == short.trials[0].data_encode is not None
     assert measured_on_other_data(again) == {}
-    encode(latents, seed=1)
+    encode_tiny_latents(latents, seed=1)
     encoded_again = study_at(tmp_path, (10, 20), patches=(2,), latents=latents)
     (trial,) = encoded_again.trials
     assert trial.trial_id == short.trials[0].trial_id and trial.data_encode != short.trials[0].data_encode

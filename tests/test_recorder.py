@@ -311,10 +311,15 @@ def test_rows_of_a_trial_given_more_steps_take_its_steps_at_once(study, tmp_path
     grown.write_text(STUDY.format(out=study.output).replace("steps: [10, 20]", "steps: [10, 20, 40]"))
     longer = load_study(grown, check_data=False)
     longer.trials[0] = dataclasses.replace(longer.trials[0], trial_id=t.trial_id)  # as scaling.continuation gives it
+    measured = load_results(study.output)  # on an encode of latents, which each row keeps naming
+    measured["config_json"] = [json.dumps({**json.loads(c), "data_encode": "0123456789abcdef"})
+                               for c in measured.config_json]
+    write_table(measured, study.output / "results.parquet", RESULTS_SCHEMA)
     recorder(longer)
     df = load_results(study.output)
     assert sorted(zip(df.step, df.status, df.max_step)) == [(10, "ok", 40), (15, "failed", 40)]
     assert all(json.loads(c)["milestones"] == [10, 20, 40] for c in df.config_json)
+    assert all(json.loads(c)["data_encode"] == "0123456789abcdef" for c in df.config_json)
     # Fewer steps than measured: the run's last measurement stays its end (the report then leaves the failure out).
     shorter = tmp_path / "shorter.yaml"
     shorter.write_text(STUDY.format(out=study.output).replace("steps: [10, 20]", "steps: [5]"))

@@ -325,8 +325,8 @@ def test_steps_added_to_a_study_train_on_from_its_finished_trial(tmp_path):
     failed = load_results(out).query("status == 'failed'")
     assert len(failed) == 1 and failed.error.iloc[0].startswith(
         f"trial {trial_id} resumed from its checkpoint at step 30, past milestone(s) 10 without a result, which it "
-        f"can no longer measure: drop those steps from sweep.steps (their budgets from sweep.compute), or delete "
-        f"{out / 'ray' / ('train-' + trial_id)} to train it again from step 0")
+        f"can no longer measure: drop those steps from sweep.steps, or delete {out / 'ray' / ('train-' + trial_id)} "
+        f"to train it again from step 0")
 
 
 def test_sigterm_stops_the_study_as_ctrl_c_does():

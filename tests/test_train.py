@@ -1,4 +1,5 @@
 """core.train: DeepSpeed ZeRO training on CPU (gloo), exact resume, checkpoint errors."""
+import dataclasses
 import json
 import os
 import re
@@ -74,6 +75,23 @@ def test_a_run_given_more_steps_under_a_constant_lr_trains_on_as_one_straight_ru
     ema_a, ema_b = (load_file(str(ckpt.latest_checkpoint(tmp_path / run / "checkpoints") / ckpt.EMA_FILE))
                     for run in ("straight", "grown"))
     assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+
+
+def test_a_resume_on_another_encode_of_the_latents_is_refused(tmp_path, encode_tiny_latents):
+    # The same folder encoded again (another VAE, more images): the checkpoint's weights and data position are another
+    # data's. The same encode resumes; a checkpoint names the encode it trained on.
+    latents = tmp_path / "latents"
+    encode_tiny_latents(latents, seed=0)
+    cfg = tiny_config(dataset="latents", data_path=str(latents), max_steps=2, val_batch=0,
+                      model_overrides=dict(input_size=4, in_channels=4, num_classes=2))
+    train(cfg, tmp_path / "run")
+    train(dataclasses.replace(cfg, max_steps=3), tmp_path / "run", resume_from="auto")
+    earlier = history(tmp_path / "run")[1]["data_encode"]
+    encode_tiny_latents(latents, seed=1)
+    with pytest.raises(ckpt.CheckpointError, match=rf"step-000000003 was written training on another encode of the "
+                                                   rf"latents in {latents} \({earlier}, now [0-9a-f]{{16}}\); resume "
+                                                   r"on that encode, or train this one in another folder"):
+        train(dataclasses.replace(cfg, max_steps=4), tmp_path / "run", resume_from="auto")
 
 
 def test_a_resume_may_switch_between_zero_1_and_2_and_is_refused_other_stages(tmp_path):
