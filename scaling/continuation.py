@@ -3,8 +3,8 @@
 A trial's id hashes its step counts, so `sweep.steps: [..., 400000]` grown to `[..., 400000, 800000]` names new
 trials. Under a constant lr the longer trial trains the same weights as the recorded one up to its last step
 (scaling.study.training_lineage), so it takes the recorded trial's id instead: its rows, its MLflow run and its Ray
-Train run, whose latest checkpoint it resumes from, evaluating only the milestones that have no row. It may when the
-run trained on the same encode of the data, and every one of its milestones before that checkpoint's step has an ok
+Train run, whose latest checkpoint it resumes from, evaluating only the milestones that have no row. It may do so when
+the run trained on the same encode of the data and every one of its milestones before that checkpoint's step has an ok
 row there (one at the step is evaluated on resume; one before cannot be any more: the weights of that step are gone);
 not when the run diverged after the trial's last step (a straight run of it ends ok). A run whose rows already name
 the trial's steps is the trial itself, continued before and stopped: it resumes as any unfinished trial does.
