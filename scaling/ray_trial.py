@@ -159,6 +159,29 @@ class MilestonePassed(RuntimeError):
         self.step = step
 
 
+class DataEncodeChanged(RuntimeError):
+    """The latents at data.path are another encode than the one the driver read at the study's start."""
+
+    step = None  # the trial stops before it trains: its row goes after its last measurement
+
+    def __init__(self, trial, now):
+        super().__init__(f"{trial['data']['path']} was encoded again since the study started (encode "
+                         f"{trial['data_encode']}, now {now}): trial {trial['trial_id']} would train on data its rows "
+                         f"do not name; run the study again (in another output: its rows are the earlier encode's)")
+
+
+def check_data_encode(trial):
+    """Raise DataEncodeChanged when data.path's latents are no longer the encode the trial's rows name (the driver
+    read it at launch, scaling.study.Trial.data_encode; each rank reads meta.json, a few kB)."""
+    if trial.get("data_encode") is None:
+        return
+    from core.latents import encode_id, read_meta
+
+    now = encode_id(read_meta(trial["data"]["path"]))
+    if now != trial["data_encode"]:
+        raise DataEncodeChanged(trial, now)
+
+
 def _on_every_rank(due, state):
     """Rank 0's answer, on every rank: Ray Train needs each rank's same reports, and an evaluation takes them all."""
     if state.world_size == 1:
@@ -197,6 +220,7 @@ def worker_loop(config):
     checkpoint = ray.train.get_checkpoint()
     reporting = RayReporting(trial, run)
     try:
+        check_data_encode(trial)
         if checkpoint is None:
             _train(train, trial, run, reporting, local, None)
         else:
@@ -206,7 +230,7 @@ def worker_loop(config):
         # Every rank sees the divergence at the same step (the loss is all-reduced), so this
         # report is reached by all of them. A retry would diverge again: end the trial here.
         reporting.report({"kind": KIND_END, "status": "diverged", "step": e.step, "error": str(e)})
-    except MilestonePassed as e:  # every rank, as above; a retry would resume from the same checkpoint
+    except (MilestonePassed, DataEncodeChanged) as e:  # every rank, as above; a retry would find the same
         reporting.report({"kind": KIND_END, "status": "failed", "step": e.step, "error": str(e)})
     finally:
         shutil.rmtree(local, ignore_errors=True)

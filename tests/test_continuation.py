@@ -7,6 +7,7 @@ import pytest
 
 from scaling import run as scaling_run
 from scaling.continuation import continue_recorded_runs
+from scaling.ray_trial import DataEncodeChanged, check_data_encode
 from scaling.results import RESULTS_FILE, RESULTS_SCHEMA, load_results, measured_on_other_data, write_table
 from scaling.study import load_study, training_lineage
 from scaling.trial_storage import ray_storage, train_run_name
@@ -201,6 +202,12 @@ def test_results_of_another_encode_of_the_latents_are_not_taken_for_this_ones(tm
                      f"give the study another output to measure it afresh\n")
     assert scaling_run.main([str(encoded_again.path), "--dry-run"]) == 0  # a plan says so, and goes on
     assert "warning: " + error.removeprefix("error: ") in capsys.readouterr().err
+    # Encoded again while a study runs: a trial that starts then stops before training (its rows would name the
+    # encode the driver read at launch).
+    check_data_encode(trial.to_dict())
+    with pytest.raises(DataEncodeChanged, match=rf"^{latents} was encoded again since the study started \(encode "
+                                                 rf"{short.trials[0].data_encode}, now {trial.data_encode}\): trial "):
+        check_data_encode(short.trials[0].to_dict())
     longer = study_at(tmp_path, (10, 20, 40), patches=(2,), latents=latents)
     assert continue_recorded_runs(longer) == [
         f"DiT-P/2: trains from step 0 as {longer.trials[0].trial_id}: recorded trial {trial.trial_id} of the same "
