@@ -85,6 +85,19 @@ def test_a_study_given_more_steps_continues_its_recorded_trials(tmp_path):
     assert [t.trial_id for t in fewer.trials] == [t.trial_id for t in short.trials]
 
 
+def test_a_moved_output_folder_is_continued_where_it_is_now(tmp_path):
+    # scaling.replay_mlflow reads a study's folder where it is now; its study.yaml names where it ran.
+    short = study_at(tmp_path, (10, 20), patches=(2,))
+    record(short, (10, 20))
+    checkpoint(short, short.trials[0].trial_id, 20)
+    long = study_at(tmp_path, (10, 20, 40), patches=(2,))
+    moved = tmp_path / "moved"
+    short.output.rename(moved)
+    assert continue_recorded_runs(long) == [] and long.trials[0].trial_id != short.trials[0].trial_id
+    continue_recorded_runs(long, moved)
+    assert long.trials[0].trial_id == short.trials[0].trial_id
+
+
 def test_a_milestone_added_before_the_checkpoint_trains_anew(tmp_path):
     short = study_at(tmp_path, (10, 20), patches=(2,))
     record(short, (10, 20))

@@ -303,6 +303,14 @@ def test_steps_added_to_a_study_train_on_from_its_finished_trial(tmp_path):
     history = client.get_metric_history(children[0].info.run_id, "train_loss")
     curves = pd.read_parquet(out / "loss_curves.parquet").sort_values("step")
     assert [m.step for m in history] == list(curves.step) == [5, 10, 15, 20, 25, 30]
+    # A replay knows the trial under the id it continued: it closes the runs the driver left open (a server away at
+    # the end) as the driver would, the study's too, and makes no second run.
+    _, parents, _ = mlflow_runs(out)
+    for run_id in (parents[0].info.run_id, children[0].info.run_id):
+        client.update_run(run_id, "RUNNING")
+    assert replay_main([str(out)]) == 0
+    _, parents, children = mlflow_runs(out)
+    assert [r.info.status for r in parents + children] == ["FINISHED", "FINISHED"]
 
     # The same trial trained straight to 30 in one process: the same losses at 30, bit for bit.
     from core.train import train
