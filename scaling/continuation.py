@@ -11,10 +11,9 @@ the trial's steps is the trial itself, continued before and stopped: it resumes 
 Otherwise the trial trains anew under its own id.
 """
 import dataclasses
-import json
 from pathlib import Path
 
-from scaling.results import RESULTS_FILE, load_results, other_encode
+from scaling.results import RESULTS_FILE, load_results, other_encode, row_config
 from scaling.study import training_lineage
 from scaling.trial_storage import checkpoint_step, ray_storage, train_run_name
 
@@ -44,17 +43,17 @@ class RecordedRun:
         return f"is past step {_steps(missing)}, which it did not measure" if missing else None
 
 
-def continue_recorded_runs(study, output=None):
+def continue_recorded_runs(study, output=None, results=None):
     """Give each trial of the study that has no record of its own the id of a recorded run it continues (the one that
     reached furthest); returns one line per trial for the user, on what was continued or why not.
 
-    output: the study's folder where it is now (a replay's, moved since), else study.output.
+    output: the study's folder where it is now (a replay's, moved since), else study.output. results: its
+    results.parquet, loaded (else read here).
     """
     output = Path(output or study.output)
-    path = output / RESULTS_FILE
-    if not path.exists():
+    if results is None and not (output / RESULTS_FILE).exists():
         return []
-    df = load_results(path)
+    df = load_results(output / RESULTS_FILE) if results is None else results
     ours = {t.trial_id for t in study.trials}
     recorded = {}  # lineage -> [RecordedRun]
     for trial_id, rows in df.groupby("trial_id", sort=True):
@@ -88,11 +87,7 @@ def continue_recorded_runs(study, output=None):
 def _latest_config(rows):
     """A recorded trial's configuration, from its latest row (a dict; None when it has none that reads)."""
     configs = rows.sort_values("timestamp").config_json.dropna()
-    try:
-        config = json.loads(configs.iloc[-1]) if len(configs) else None
-    except ValueError:
-        return None
-    return config if isinstance(config, dict) else None
+    return row_config(configs.iloc[-1]) if len(configs) else None
 
 
 def _recorded_lineage(config):

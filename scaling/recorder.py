@@ -19,7 +19,7 @@ from core.flops import training_compute
 from scaling.held_logs import HELD_LOGS_KEY
 from scaling.ray_trial import KIND_END, KIND_LOG, KIND_MILESTONE
 from scaling.results import (CURVES_FILE, LOSS_CURVES_SCHEMA, RESULTS_FILE, RESULTS_SCHEMA, load_results, read_parquet,
-                             write_table)
+                             row_config, write_table)
 
 LOG_METRICS = ("train_loss", "lr", "images_per_s", "achieved_tflops", "mfu")
 EVAL_METRICS = ("val_loss", "val_mse", "val_loss_ema", "fid", "fid_floor", "kid", "precision", "recall",
@@ -56,11 +56,14 @@ class Recorder(Callback):
         continued = False
         for (trial_id, _), row in self.rows.items():
             t = self.trials.get(trial_id)
-            if t is not None and _row_steps(row) != (t.train["max_steps"], list(t.milestones)):
+            config = row_config(row["config_json"]) or {}
+            steps = ((config.get("train") or {}).get("max_steps"), config.get("milestones"))
+            if t is not None and steps != (t.train["max_steps"], list(t.milestones)):
                 # Fewer steps than measured: the run went further, and its last measurement stays its last.
                 row["max_step"] = max(t.train["max_steps"], last_ok.get(trial_id, 0))
                 # The encode each row was measured on stays its own (scaling.results.measured_on_other_data).
-                row["config_json"] = json.dumps({**t.to_dict(), "data_encode": _row_encode(row)}, sort_keys=True)
+                row["config_json"] = json.dumps({**t.to_dict(), "data_encode": config.get("data_encode")},
+                                                sort_keys=True)
                 continued = True
         if continued:
             self.write()
@@ -298,23 +301,6 @@ class Recorder(Callback):
 
 def _config_json(t):
     return json.dumps(t.to_dict(), sort_keys=True)
-
-
-def _row_encode(row):
-    """The data encode a row's configuration names (None for none, or a row written before rows named one)."""
-    try:
-        return json.loads(row["config_json"]).get("data_encode")
-    except (TypeError, ValueError, AttributeError):
-        return None
-
-
-def _row_steps(row):
-    """(max_steps, milestones) of the configuration a row was written with; None for a row without one."""
-    try:
-        config = json.loads(row["config_json"])
-        return config["train"]["max_steps"], list(config["milestones"])
-    except (TypeError, ValueError, KeyError):
-        return None
 
 
 def _load_rows(path, key):

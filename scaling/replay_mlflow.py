@@ -46,7 +46,7 @@ def replay(output, uri=None):
     output = Path(output).resolve()
     study = read_study(output)
     results, curves = read_results(output)
-    continue_recorded_runs(study, output)  # the ids the driver ran trials under: one given more steps keeps its first's
+    continue_recorded_runs(study, output, results)  # the ids the driver ran them under (a continued trial: its first's)
     uri, where = tracking_uri(study, output, uri)
     try:
         # Runs are not reopened: a replay adds what is missing and closes only what is finished. They are the

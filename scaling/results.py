@@ -218,24 +218,31 @@ def recorded_trials(study):
     return finished, set(df.trial_id) - {t.trial_id for t in study.trials}
 
 
-def measured_on_other_data(study):
+def measured_on_other_data(study, results=None):
     """{trial id: encode id} of the study's trials whose rows were measured on another encode of data.path's latents
     than the one there now (the rows' configuration names it: core.latents.encode_id); those written before it did,
-    and data not read, are taken as the same."""
+    and data not read, are taken as the same. results: the study's results.parquet, loaded (else read here)."""
     path = study.output / RESULTS_FILE
-    if not path.exists():
+    if results is None and not path.exists():
         return {}
-    df = load_results(path)
+    df = load_results(path) if results is None else results
+    ours = {t.trial_id: t for t in study.trials}
     other = {}
-    for t in study.trials:
-        for config in df[df.trial_id == t.trial_id].config_json.dropna():
-            try:
-                recorded = json.loads(config).get("data_encode")
-            except (ValueError, AttributeError):  # a row's configuration that is not a trial's: no encode to compare
-                continue
-            if other_encode(recorded, t.data_encode):
-                other[t.trial_id] = recorded
+    for trial_id, config_json in zip(df.trial_id, df.config_json):
+        t = ours.get(trial_id)
+        recorded = (row_config(config_json) or {}).get("data_encode")
+        if t is not None and other_encode(recorded, t.data_encode):
+            other[trial_id] = recorded
     return other
+
+
+def row_config(config_json):
+    """A row's config_json as the trial's configuration (a dict); None for none, or for text that is not one."""
+    try:
+        config = json.loads(config_json)
+    except (TypeError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
 
 
 def other_encode(recorded, now):

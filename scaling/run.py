@@ -59,17 +59,17 @@ def main(argv=None):
     for warning in study.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     try:
-        check_results(study)
+        records = check_results(study)
     except StudyError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    for line in continue_recorded_runs(study):  # steps added to a study: its trials go on from their records
+    for line in continue_recorded_runs(study, results=records):  # steps added: trials go on from their records
         print(line)
     if args.dry_run:
         from scaling.dry_run import format_plan
 
         # What the run would refuse here, said without refusing: the plan may be for another machine.
-        for check in (check_output, check_measured_data,
+        for check in (check_output, lambda s: check_measured_data(s, records),
                       lambda s: args.no_report or check_report_dir(s, args.report_dir)):
             try:
                 check(study)
@@ -80,7 +80,7 @@ def main(argv=None):
     address = args.address or os.environ.get("RAY_ADDRESS")
     try:
         check_output(study)
-        check_measured_data(study)
+        check_measured_data(study, records)
         report_dir = None if args.no_report else check_report_dir(study, args.report_dir)
         check_reachable(address)
         check_tracking_server(study)
@@ -96,7 +96,8 @@ def main(argv=None):
 
 def check_results(study):
     """The records already in the output (a study to resume) must read, before anything starts: results.parquet,
-    loss_curves.parquet and the SQLite MLflow store, which the driver would otherwise fail on after Ray's start."""
+    loss_curves.parquet and the SQLite MLflow store, which the driver would otherwise fail on after Ray's start.
+    Returns results.parquet's rows (load_results), None when there is none."""
     import pyarrow as pa
 
     from scaling.results import CURVES_FILE, RESULTS_FILE, load_results, read_parquet
@@ -105,6 +106,7 @@ def check_results(study):
         return StudyError(f"{study.path}: output: {reason}; move it away to start the study afresh")
 
     results, curves = study.output / RESULTS_FILE, study.output / CURVES_FILE
+    records = None
     try:
         present = results.exists()  # a folder on the way that cannot be entered raises (Python 3.11)
     except OSError as e:
@@ -113,7 +115,7 @@ def check_results(study):
         if not results.is_file():
             raise unreadable(f"{results} is not a file")
         try:
-            load_results(results)
+            records = load_results(results)
         except (ValueError, OSError) as e:
             raise unreadable(e) from None
     if curves.exists():
@@ -130,14 +132,15 @@ def check_results(study):
                 db.execute("PRAGMA schema_version").fetchone()  # reads the header: fails on anything else
         except sqlite3.Error as e:
             raise unreadable(f"{store}: not an SQLite database ({e})") from None
+    return records
 
 
-def check_measured_data(study):
-    """The rows of the study's trials must have been measured on the encode of the latents that data.path holds now:
-    a folder encoded again in place (another VAE, more images) keeps its path, which is what trial ids hash."""
+def check_measured_data(study, results=None):
+    """The rows of the study's trials (results: its results.parquet, loaded) must have been measured on the encode of
+    the latents that data.path holds now: a folder encoded again in place keeps its path, which is what ids hash."""
     from scaling.results import RESULTS_FILE, measured_on_other_data
 
-    other = measured_on_other_data(study)
+    other = measured_on_other_data(study, results)
     if other:
         t = next(t for t in study.trials if t.trial_id in other)
         raise StudyError(f"{study.locate('data.path')}: data.path: {t.data['path']} was encoded again since trial(s) "
