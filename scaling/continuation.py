@@ -1,13 +1,17 @@
-"""A trial that goes on from a recorded run of the same training: steps added to a study resume, not retrain.
+"""A trial that goes on from a recorded run of the same training: steps added to a study resume, not retrain; data
+moved elsewhere does not retrain either.
 
-A trial's id hashes its step counts, so `sweep.steps: [..., 400000]` grown to `[..., 400000, 800000]` names new
-trials. Under a constant lr the longer trial trains the same weights as the recorded one up to its last step
-(scaling.study.training_lineage), so it takes the recorded trial's id instead: its rows, its MLflow run and its Ray
-Train run, whose latest checkpoint it resumes from, evaluating only the milestones that have no row. It may do so when
-the run trained on the same encode of the data and every one of its milestones before that checkpoint's step has an ok
-row there (one at the step is evaluated on resume; one before cannot be any more: the weights of that step are gone);
-not when the run diverged after the trial's last step (a straight run of it ends ok). A run whose rows already name
-the trial's steps is the trial itself, continued before and stopped: it resumes as any unfinished trial does.
+A trial's id hashes its step counts and its data's path, so `sweep.steps: [..., 400000]` grown to
+`[..., 400000, 800000]`, or `data.path` pointing at the same latents moved to another disk, names new trials. Under a
+constant lr the longer trial trains the same weights as the recorded one up to its last step, and a moved latent
+folder that records the same encode (core.latents.encode_id) holds the same data (scaling.study.training_lineage). So
+such a trial takes the recorded trial's id instead: its rows, its MLflow run and its Ray Train run, whose latest
+checkpoint it resumes from, evaluating only the milestones that have no row. It may do so when the run trained on
+the same encode of the data and every one of its milestones before that checkpoint's step has an ok row there (one
+at the step is evaluated on resume; one before cannot be any more: the weights of that step are gone); not when the
+run diverged after the trial's last step (a straight run of it ends ok), nor from data elsewhere that cannot be known
+to be the same (an image folder, a run that recorded no encode). A run whose rows already name the trial's steps is
+the trial itself, continued before and stopped, or moved: it resumes as any unfinished trial does, or is finished.
 Otherwise the trial trains anew under its own id.
 """
 import dataclasses
@@ -30,11 +34,22 @@ class RecordedRun:
     diverged: bool
     steps: tuple  # (max_steps, (milestones, ...)) it was last launched with
     data_encode: str  # the encode of data.path's latents it trained on (Trial.data_encode), None if not recorded
+    data_path: str  # where its data was when it last ran (data.path; None for digits)
 
     def refusal(self, trial):
         """Why the trial may not go on from this run, or None when it may."""
-        if other_encode(self.data_encode, trial.data_encode):
-            return f"trained on another encode of {trial.data['path']} ({self.data_encode}, now {trial.data_encode})"
+        path = trial.data["path"]
+        if self.data_path != path:
+            if trial.data["dataset"] != "latents":
+                return f"trained on {self.data_path}: an image folder moved cannot be told from other images"
+            if None in (self.data_encode, trial.data_encode):
+                read = "its rows name no encode" if self.data_encode is None else f"{path} could not be read"
+                return f"trained on the latents in {self.data_path}, which cannot be matched to {path}'s ({read})"
+            if self.data_encode != trial.data_encode:
+                return (f"trained on other latents, in {self.data_path} (encode {self.data_encode}; {path} holds "
+                        f"{trial.data_encode})")
+        elif other_encode(self.data_encode, trial.data_encode):
+            return f"trained on another encode of {path} ({self.data_encode}, now {trial.data_encode})"
         if self.diverged and trial.milestones[-1] < self.reached:
             return f"diverged at step {self.reached}, after this trial's last step"
         if self.steps == (trial.train["max_steps"], tuple(trial.milestones)):
@@ -75,8 +90,10 @@ def continue_recorded_runs(study, output=None, results=None):
             study.trials[i] = dataclasses.replace(trial, trial_id=run.trial_id)
             at = f"diverged at step {run.reached}" if run.diverged else (
                 f"checkpoint at step {run.reached}" if run.reached else "no checkpoint left")
-            lines.append(f"{trial.model}: continues recorded trial {run.trial_id} (steps {_steps(run.ok_steps)} "
-                         f"measured, {at}) instead of training {trial.trial_id} from step 0")
+            moved = f"its latents moved from {run.data_path}, the same encode; " if (
+                run.data_path != trial.data["path"]) else ""
+            lines.append(f"{trial.model}: continues recorded trial {run.trial_id} ({moved}steps "
+                         f"{_steps(run.ok_steps)} measured, {at}) instead of training {trial.trial_id} from step 0")
         elif runs:
             run = max(runs, key=lambda r: r.reached)
             lines.append(f"{trial.model}: trains from step 0 as {trial.trial_id}: recorded trial {run.trial_id} of the "
@@ -91,8 +108,8 @@ def _latest_config(rows):
 
 
 def _recorded_lineage(config):
-    """The training lineage of a recorded trial's configuration; None for none, a non-constant lr, or a row that
-    predates a setting the lineage hashes."""
+    """The training lineage of a recorded trial's configuration; None for none, or a row that predates a setting
+    the lineage hashes."""
     try:
         return None if config is None else training_lineage(config)
     except (KeyError, TypeError, AttributeError, ValueError):
@@ -104,7 +121,8 @@ def _recorded_run(output, trial_id, rows, config):
     diverged = rows[rows.status == "diverged"]
     reached = int(diverged.step.min()) if len(diverged) else checkpoint_step(output, trial_id)
     steps = (config["train"].get("max_steps"), tuple(config.get("milestones", ())))
-    return RecordedRun(trial_id, ok, reached, bool(len(diverged)), steps, config.get("data_encode"))
+    return RecordedRun(trial_id, ok, reached, bool(len(diverged)), steps, config.get("data_encode"),
+                       config["data"].get("path"))
 
 
 def _steps(steps):

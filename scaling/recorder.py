@@ -27,6 +27,7 @@ EVAL_METRICS = ("val_loss", "val_mse", "val_loss_ema", "fid", "fid_floor", "kid"
 MAX_TAG_LENGTH = 5000  # what MLflow stores of a tag value at most
 STATUS_TAG = "dit_scaling.status"  # running, then how the trial ended: ok, diverged, failed or killed
 MAX_STEPS_TAG = "dit_scaling.max_steps"  # the steps the trial trains to now (scaling.continuation may add some)
+DATA_PATH_TAG = "dit_scaling.data_path"  # where its data is now (scaling.continuation: the same latents, moved)
 
 
 class Recorder(Callback):
@@ -42,9 +43,10 @@ class Recorder(Callback):
         # A trial's id hashes what it computes, its name is derived from its settings: rows written under a name the
         # study now derives otherwise (a fixed architecture override, named since 2026-12-05) take the trial's name,
         # so that the report does not show one trial as two models. Rows of a trial that goes on from a recorded run
-        # with more steps (scaling.continuation) take its final step and configuration, so that the report does not
-        # show the run as finished at its old last step; written at once, so that a study stopped before the trial's
-        # next row continues it again, and a replay knows which milestones it still lacks.
+        # with more steps or its data moved (scaling.continuation) take its final step and configuration, so that the
+        # report does not show the run as finished at its old last step and the rows name where the data is; written
+        # at once, so that a study stopped before the trial's next row continues it again, and a replay knows which
+        # milestones it still lacks.
         last_ok = {}
         for (trial_id, step), row in self.rows.items():
             if row["status"] == "ok":
@@ -58,7 +60,8 @@ class Recorder(Callback):
             t = self.trials.get(trial_id)
             config = row_config(row["config_json"]) or {}
             steps = ((config.get("train") or {}).get("max_steps"), config.get("milestones"))
-            if t is not None and steps != (t.train["max_steps"], list(t.milestones)):
+            moved = (config.get("data") or {}).get("path", t.data["path"]) != t.data["path"] if t else False
+            if t is not None and (moved or steps != (t.train["max_steps"], list(t.milestones))):
                 # Fewer steps than measured: the run went further, and its last measurement stays its last.
                 row["max_step"] = max(t.train["max_steps"], last_ok.get(trial_id, 0))
                 # The encode each row was measured on stays its own (scaling.results.measured_on_other_data).
@@ -108,10 +111,13 @@ class Recorder(Callback):
         run_id = self._run_id(trial_id)
         self.tracker.set_status(run_id, "RUNNING")
         # The run itself was created when the study launched: this is when the trial got its slot. A retry's
-        # status tag no longer says how an earlier attempt ended. The steps it trains to: its params keep those it was
-        # created with (MLflow's are fixed), and a trial given more steps goes on in the same run.
+        # status tag no longer says how an earlier attempt ended. The steps it trains to and where its data is: its
+        # params keep those it was created with (MLflow's are fixed), and a trial given more steps, or whose latents
+        # moved, goes on in the same run.
+        t = self.trials[trial_id]
+        data_path = {} if t.data["path"] is None else {DATA_PATH_TAG: t.data["path"]}
         self.tracker.set_tags(run_id, {"dit_scaling.started_at": f"{self.started_at[trial_id]:.3f}",
-                                       STATUS_TAG: "running", MAX_STEPS_TAG: self.trials[trial_id].train["max_steps"]})
+                                       STATUS_TAG: "running", MAX_STEPS_TAG: t.train["max_steps"], **data_path})
         self.progress.started(trial_id)
         self.overhead.pop(trial_id, None)
 

@@ -803,22 +803,25 @@ def result_hash(model_config, data, train, milestones, eval_section):
 
 
 def training_lineage(trial):
-    """sha256 of a constant-lr trial's settings but its step counts (max_steps, milestones), else None.
+    """sha256 of a trial's settings but where its data lies (data.path) and, under a constant lr, its step counts.
 
-    Trials that share it train the same weights step for step: under a constant lr no step depends on how many follow,
-    and evaluations draw on their own seeds (tests/test_train.py). So a trial given more steps may go on from the
-    checkpoint of one recorded with fewer (scaling.continuation). trial: Trial.to_dict(), or results.parquet's
-    config_json read back; KeyError when it lacks a setting (a row older than the setting).
+    Trials that share it train the same weights step for step on the same data: under a constant lr no step depends
+    on how many follow, and evaluations draw on their own seeds (tests/test_train.py); a latent folder moved elsewhere
+    holds the same data where it records the same encode (which scaling.continuation compares, as the lineage cannot).
+    So a trial given more steps, or whose data moved, may go on from the checkpoint of a recorded run
+    (scaling.continuation). trial: Trial.to_dict(), or results.parquet's config_json read back; KeyError when it lacks
+    a setting (a row older than the setting).
     """
     train = trial["train"]
-    if train["lr_schedule"] != "constant":
-        return None
     config = trial["model_config"]
     info = {k: config[k] for k in ("input_size", "in_channels", "num_classes")}
     preset = _model_config(trial["size"], trial["patch"], {**train, **dict.fromkeys(ARCHITECTURE_FIELDS)}, info)
     hashed_train, hashed_eval = hashed_settings({"train": train, "eval": trial["eval"]}, train, config, preset)
-    del hashed_train["max_steps"]
-    return result_hash(config, trial["data"], hashed_train, (), hashed_eval)
+    milestones = trial["milestones"]
+    if train["lr_schedule"] == "constant":
+        del hashed_train["max_steps"]
+        milestones = ()
+    return result_hash(config, {**trial["data"], "path": None}, hashed_train, milestones, hashed_eval)
 
 
 def hashed_settings(raw, train, model_config, preset_config):

@@ -1,4 +1,5 @@
 """scaling.continuation: a trial given more steps goes on from its recorded run, when its measurements allow."""
+import dataclasses
 import json
 import textwrap
 from datetime import datetime, timezone
@@ -50,7 +51,7 @@ def checkpoint(study, trial_id, *steps):
         (folder / "trainer_state.json").write_text(json.dumps({"step": step}))
 
 
-def test_the_lineage_is_the_id_without_the_step_counts(tmp_path):
+def test_the_lineage_is_the_id_without_the_step_counts_and_the_data_path(tmp_path, encode_tiny_latents):
     short, long = study_at(tmp_path, (10, 20)), study_at(tmp_path, (10, 20, 40))
     for a, b in zip(short.trials, long.trials):
         assert a.trial_id != b.trial_id and training_lineage(a.to_dict()) == training_lineage(b.to_dict())
@@ -60,12 +61,21 @@ def test_the_lineage_is_the_id_without_the_step_counts(tmp_path):
     other_lr = study_at(tmp_path, (10, 20, 40), lr=2e-3)
     assert {training_lineage(t.to_dict()) for t in other_lr.trials}.isdisjoint(
         training_lineage(t.to_dict()) for t in long.trials)
-    # A setting that changes no result changes neither the id nor the lineage; a cosine lr has none (its steps
-    # depend on max_steps).
+    # A setting that changes no result changes neither the id nor the lineage.
     grid = study_at(tmp_path, (10, 20, 40), grad_checkpointing=True)
     assert [t.trial_id for t in grid.trials] == [t.trial_id for t in long.trials]
-    assert all(training_lineage(t.to_dict()) is None
-               for t in study_at(tmp_path, (10, 20), lr_schedule="cosine").trials)
+    # A cosine lr's steps depend on max_steps (a trial per step count): its lineage keeps them.
+    cosine = [study_at(tmp_path, (steps,), patches=(2,), lr_schedule="cosine").trials[0] for steps in (20, 40)]
+    assert training_lineage(cosine[0].to_dict()) != training_lineage(cosine[1].to_dict())
+    # Where the data lies is in the id, not in the lineage (scaling.continuation compares the latents' encodes).
+    for schedule in ("constant", "cosine"):
+        here, there = tmp_path / f"{schedule}-here", tmp_path / f"{schedule}-there"
+        encode_tiny_latents(here, seed=0)
+        a = study_at(tmp_path, (10, 20), latents=here, lr_schedule=schedule).trials[0]
+        here.rename(there)
+        b = study_at(tmp_path, (10, 20), latents=there, lr_schedule=schedule).trials[0]
+        assert a.trial_id != b.trial_id and a.data_encode == b.data_encode is not None
+        assert training_lineage(a.to_dict()) == training_lineage(b.to_dict())
 
 
 def test_a_study_given_more_steps_continues_its_recorded_trials(tmp_path):
@@ -225,3 +235,69 @@ def test_results_of_another_encode_of_the_latents_are_not_taken_for_this_ones(tm
     assert continue_recorded_runs(longer) == [
         f"DiT-P/2: trains from step 0 as {longer.trials[0].trial_id}: recorded trial {trial.trial_id} of the same "
         f"settings trained on another encode of {latents} ({short.trials[0].data_encode}, now {trial.data_encode})"]
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_latents_moved_elsewhere_go_on_from_their_recorded_trials(tmp_path, encode_tiny_latents, schedule):
+    # The same latents on another disk: data.path, which ids hash, changed; the encode (core.latents.encode_id) did not.
+    # A constant-lr trial measured at 10 and stopped at 15 goes on; a cosine one (a trial per step count), finished,
+    # stays finished.
+    steps, measured, at = ((10, 20), (10,), (10, 15)) if schedule == "constant" else ((20,), (20,), (20,))
+    here, there = tmp_path / "here", tmp_path / "there"
+    encode_tiny_latents(here, seed=0)
+    ran = study_at(tmp_path, steps, patches=(2,), latents=here, lr_schedule=schedule)
+    record(ran, measured)
+    (recorded_id,) = (t.trial_id for t in ran.trials)
+    checkpoint(ran, recorded_id, *at)
+    here.rename(there)
+    moved = study_at(tmp_path, steps, patches=(2,), latents=there, lr_schedule=schedule)
+    new_id = moved.trials[0].trial_id
+    assert new_id != recorded_id
+    assert continue_recorded_runs(moved) == [
+        f"DiT-P/2: continues recorded trial {recorded_id} (its latents moved from {here}, the same encode; steps "
+        f"{measured[0]} measured, checkpoint at step {at[-1]}) instead of training {new_id} from step 0"]
+    (trial,) = moved.trials
+    assert trial.trial_id == recorded_id and trial.data["path"] == str(there)  # its workers read the data there
+    longer = study_at(tmp_path, steps + (40,), patches=(2,), latents=there, lr_schedule=schedule)
+    continue_recorded_runs(longer)
+    if schedule == "constant":  # moved and given more steps
+        assert [t.trial_id for t in longer.trials] == [recorded_id]
+    else:  # a cosine run to 40 trains other weights, wherever its data lies: only the trial to 20 is the recorded one
+        assert [t.trial_id for t in longer.trials][0] == recorded_id and len(longer.trials) == 2
+        assert longer.trials[1].trial_id not in (recorded_id, new_id)
+
+
+@pytest.mark.parametrize("case", ["other latents", "no encode recorded", "image folder"])
+def test_data_elsewhere_that_cannot_be_told_the_same_trains_anew(tmp_path, encode_tiny_latents, case):
+    here, there = tmp_path / "here", tmp_path / "there"
+    encode_tiny_latents(here, seed=0)
+    ran = study_at(tmp_path, (10, 20), patches=(2,), latents=here)
+    record(ran, (10, 20))
+    (recorded_id,) = (t.trial_id for t in ran.trials)
+    checkpoint(ran, recorded_id, 20)
+    encode_tiny_latents(there, seed=1 if case == "other latents" else 0)  # copies of one encode name it alike
+    moved = study_at(tmp_path, (10, 20), patches=(2,), latents=there)
+    (trial,) = moved.trials
+    if case == "other latents":
+        reason = (f"trained on other latents, in {here} (encode {ran.trials[0].data_encode}; {there} holds "
+                  f"{trial.data_encode})")
+    if case == "no encode recorded":  # rows written before 2026-12-05
+        rows = load_results(ran.output)
+        rows["config_json"] = [json.dumps({k: v for k, v in json.loads(c).items() if k != "data_encode"})
+                               for c in rows.config_json]
+        write_table(rows, ran.output / RESULTS_FILE, RESULTS_SCHEMA)
+        reason = f"trained on the latents in {here}, which cannot be matched to {there}'s (its rows name no encode)"
+    if case == "image folder":  # an image folder has no encode: its move cannot be told from other images
+        rows = load_results(ran.output)
+        configs = [json.loads(c) for c in rows.config_json]
+        for c in configs:
+            c["data"] = {**c["data"], "dataset": "imagefolder", "path": str(here)}
+            c.pop("data_encode")
+        rows["config_json"] = [json.dumps(c) for c in configs]
+        write_table(rows, ran.output / RESULTS_FILE, RESULTS_SCHEMA)
+        trial = dataclasses.replace(trial, data={**trial.data, "dataset": "imagefolder"}, data_encode=None)
+        moved.trials[0] = trial
+        reason = f"trained on {here}: an image folder moved cannot be told from other images"
+    assert continue_recorded_runs(moved) == [
+        f"DiT-P/2: trains from step 0 as {trial.trial_id}: recorded trial {recorded_id} of the same settings {reason}"]
+    assert moved.trials[0].trial_id == trial.trial_id != recorded_id

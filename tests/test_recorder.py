@@ -327,3 +327,33 @@ def test_rows_of_a_trial_given_more_steps_take_its_steps_at_once(study, tmp_path
     short.trials[0] = dataclasses.replace(short.trials[0], trial_id=t.trial_id)
     recorder(short)
     assert load_results(study.output).max_step.tolist() == [10, 10]
+
+
+def test_rows_of_a_trial_whose_latents_moved_name_where_they_are_now(tmp_path):
+    # A trial that goes on from a recorded run on the same latents moved elsewhere (scaling.continuation): its rows
+    # take the path it trains from, keeping the encode they were measured on; its MLflow run (whose params are fixed)
+    # says where the data is in a tag.
+    def latents_study(folder):
+        path = tmp_path / f"{folder}.yaml"
+        text = STUDY.format(out=tmp_path / "out").replace("fid: true", "fid: false")  # no VAE to decode with
+        path.write_text(text.replace("{dataset: digits}", f"{{dataset: latents, path: {tmp_path / folder}}}").replace(
+            "grid_images_per_class: 1", "grid_images_per_class: 0"))
+        return load_study(path, check_data=False)  # no folder there: these tests feed the recorder directly
+
+    ran = latents_study("here")
+    t = ran.trials[0]
+    rec = recorder(ran)
+    rec.on_trial_start(0, [], tune_trial(t))
+    rec.on_trial_result(0, [], tune_trial(t), milestone(10))
+    measured = load_results(ran.output)
+    measured["config_json"] = [json.dumps({**json.loads(c), "data_encode": "0123456789abcdef"})
+                               for c in measured.config_json]
+    write_table(measured, ran.output / "results.parquet", RESULTS_SCHEMA)
+    moved = latents_study("there")
+    assert moved.trials[0].trial_id != t.trial_id
+    moved.trials[0] = dataclasses.replace(moved.trials[0], trial_id=t.trial_id)  # as scaling.continuation gives it
+    rec = recorder(moved)
+    (config,) = [json.loads(c) for c in load_results(ran.output).config_json]
+    assert config["data"]["path"] == str(tmp_path / "there") and config["data_encode"] == "0123456789abcdef"
+    rec.on_trial_start(0, [], tune_trial(moved.trials[0]))
+    assert rec.tracker.tags[f"run-{t.trial_id}"]["dit_scaling.data_path"] == str(tmp_path / "there")

@@ -94,6 +94,26 @@ def test_a_resume_on_another_encode_of_the_latents_is_refused(tmp_path, encode_t
         train(dataclasses.replace(cfg, max_steps=4), tmp_path / "run", resume_from="auto")
 
 
+def test_a_run_resumed_on_its_latents_moved_elsewhere_trains_on_as_one_straight_run(tmp_path, encode_tiny_latents):
+    # What scaling.continuation builds on for moved data: the same encode read from another path resumes, and the
+    # steps after the move are those of a run that never moved (data order and randomness follow the step, not the
+    # path).
+    here, there = tmp_path / "here", tmp_path / "there"
+    encode_tiny_latents(here, seed=0)
+    cfg = tiny_config(dataset="latents", data_path=str(here), max_steps=4, val_batch=0, batch_size=8,
+                      model_overrides=dict(input_size=4, in_channels=4, num_classes=2))
+    train(cfg, tmp_path / "straight")
+    train(dataclasses.replace(cfg, max_steps=2), tmp_path / "moved")
+    here.rename(there)
+    train(dataclasses.replace(cfg, data_path=str(there)), tmp_path / "moved", resume_from="auto")
+    (losses_a, state_a), (losses_b, state_b) = history(tmp_path / "straight"), history(tmp_path / "moved")
+    assert losses_a == losses_b and len(losses_a) == 2 and state_b["step"] == 4  # logs at 2 and 4
+    assert state_a["data_encode"] == state_b["data_encode"] is not None
+    ema_a, ema_b = (load_file(str(ckpt.latest_checkpoint(tmp_path / run / "checkpoints") / ckpt.EMA_FILE))
+                    for run in ("straight", "moved"))
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+
+
 def test_a_resume_may_switch_between_zero_1_and_2_and_is_refused_other_stages(tmp_path):
     train(tiny_config(zero_stage=1), tmp_path / "straight", milestones=[6])
     for first, then in ((1, 2), (2, 1), (0, 2), (3, 2)):
