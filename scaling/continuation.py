@@ -15,10 +15,11 @@ the trial itself, continued before and stopped, or moved: it resumes as any unfi
 Otherwise the trial trains anew under its own id.
 """
 import dataclasses
+import os
 from pathlib import Path
 
 from scaling.results import RESULTS_FILE, load_results, other_encode, row_config
-from scaling.study import training_lineage
+from scaling.study import EVAL_PATHS, training_lineage
 from scaling.trial_storage import checkpoint_step, ray_storage, train_run_name
 
 
@@ -35,11 +36,12 @@ class RecordedRun:
     steps: tuple  # (max_steps, (milestones, ...)) it was last launched with
     data_encode: str  # the encode of data.path's latents it trained on (Trial.data_encode), None if not recorded
     data_path: str  # where its data was when it last ran (data.path; None for digits)
+    eval_paths: dict  # where its eval section's files were (scaling.study.EVAL_PATHS)
 
     def refusal(self, trial):
         """Why the trial may not go on from this run, or None when it may."""
         path = trial.data["path"]
-        if self.data_path != path:
+        if not same_place(self.data_path, path):
             if trial.data["dataset"] != "latents":
                 return f"trained on {self.data_path}: an image folder moved cannot be told from other images"
             if None in (self.data_encode, trial.data_encode):
@@ -48,6 +50,9 @@ class RecordedRun:
             if self.data_encode != trial.data_encode:
                 return (f"trained on other latents, in {self.data_path} (encode {self.data_encode}; {path} holds "
                         f"{trial.data_encode})")
+            if not _encode_names_its_folder(path):
+                return (f"trained on the latents in {self.data_path}, whose encode (written before 2026-12-05) cannot "
+                        f"be told from another folder's of the same settings")
         elif other_encode(self.data_encode, trial.data_encode):
             return f"trained on another encode of {path} ({self.data_encode}, now {trial.data_encode})"
         if self.diverged and trial.milestones[-1] < self.reached:
@@ -70,19 +75,24 @@ def continue_recorded_runs(study, output=None, results=None):
         return []
     df = load_results(output / RESULTS_FILE) if results is None else results
     ours = {t.trial_id for t in study.trials}
-    recorded = {}  # lineage -> [RecordedRun]
+    recorded, eval_moved = {}, {}  # lineage -> [RecordedRun]; the same by lineage without the eval files
     for trial_id, rows in df.groupby("trial_id", sort=True):
         if trial_id in ours:
             continue
         config = _latest_config(rows)
-        lineage = _recorded_lineage(config)
-        if lineage is not None:
-            recorded.setdefault(lineage, []).append(_recorded_run(output, trial_id, rows, config))
+        lineages = _recorded_lineages(config)
+        if lineages is not None:
+            run = _recorded_run(output, trial_id, rows, config)
+            recorded.setdefault(lineages[0], []).append(run)
+            eval_moved.setdefault(lineages[1], []).append(run)
     lines, with_rows = [], set(df.trial_id)
     for i, trial in enumerate(study.trials):
         if trial.trial_id in with_rows or (ray_storage(output) / train_run_name(trial.trial_id)).exists():
             continue  # a run of its own (checkpoints without rows: started, stopped before its first milestone)
         runs = recorded.get(training_lineage(trial.to_dict()), [])
+        if not runs:  # a run of the same settings whose eval files were elsewhere: say why it is not continued
+            lines += _eval_files_moved(trial, eval_moved.get(training_lineage(trial.to_dict(), eval_paths=False), []))
+            continue
         fits = [r for r in runs if r.refusal(trial) is None]
         if fits:
             run = max(fits, key=lambda r: (r.reached, len(r.ok_steps), r.trial_id))
@@ -90,15 +100,43 @@ def continue_recorded_runs(study, output=None, results=None):
             study.trials[i] = dataclasses.replace(trial, trial_id=run.trial_id)
             at = f"diverged at step {run.reached}" if run.diverged else (
                 f"checkpoint at step {run.reached}" if run.reached else "no checkpoint left")
-            moved = f"its latents moved from {run.data_path}, the same encode; " if (
-                run.data_path != trial.data["path"]) else ""
+            moved = "" if same_place(run.data_path, trial.data["path"]) else (
+                f"its latents moved from {run.data_path}, the same encode; ")
             lines.append(f"{trial.model}: continues recorded trial {run.trial_id} ({moved}steps "
                          f"{_steps(run.ok_steps)} measured, {at}) instead of training {trial.trial_id} from step 0")
-        elif runs:
+        else:
             run = max(runs, key=lambda r: r.reached)
             lines.append(f"{trial.model}: trains from step 0 as {trial.trial_id}: recorded trial {run.trial_id} of the "
                          f"same settings {run.refusal(trial)}")
     return lines
+
+
+def same_place(a, b):
+    """Whether two paths name one place (spelt otherwise, or through a link); None is no path."""
+    return a == b or (None not in (a, b) and os.path.realpath(a) == os.path.realpath(b))
+
+
+def _encode_names_its_folder(path):
+    """Whether the latents at path name the folder their encode was written in, which makes their encode id one of a
+    kind (core.latents.encode_id); older encodes hash their settings alone."""
+    from core.latents import read_meta  # imports torch: only for a trial whose latents moved
+
+    try:
+        return isinstance(read_meta(path).get("encoded_in"), str)
+    except (OSError, ValueError):
+        return False
+
+
+def _eval_files_moved(trial, runs):
+    """The line for a trial whose recorded run differs in where the eval section's files are (none without one)."""
+    if not runs:
+        return []
+    run = max(runs, key=lambda r: r.reached)
+    moved = [f"eval.{k} at {run.eval_paths.get(k)}" for k in EVAL_PATHS
+             if not same_place(run.eval_paths.get(k), trial.eval.get(k))]
+    return [f"{trial.model}: trains from step 0 as {trial.trial_id}: recorded trial {run.trial_id} of the same "
+            f"settings had {', '.join(moved)}; of the study's files only data.path's latents can be told the same "
+            f"elsewhere (put the others back to go on from it)"] if moved else []
 
 
 def _latest_config(rows):
@@ -107,11 +145,11 @@ def _latest_config(rows):
     return row_config(configs.iloc[-1]) if len(configs) else None
 
 
-def _recorded_lineage(config):
-    """The training lineage of a recorded trial's configuration; None for none, or a row that predates a setting
-    the lineage hashes."""
+def _recorded_lineages(config):
+    """The training lineage of a recorded trial's configuration, with and without its eval files; None for none, or
+    a row that predates a setting the lineage hashes."""
     try:
-        return None if config is None else training_lineage(config)
+        return None if config is None else (training_lineage(config), training_lineage(config, eval_paths=False))
     except (KeyError, TypeError, AttributeError, ValueError):
         return None
 
@@ -122,7 +160,7 @@ def _recorded_run(output, trial_id, rows, config):
     reached = int(diverged.step.min()) if len(diverged) else checkpoint_step(output, trial_id)
     steps = (config["train"].get("max_steps"), tuple(config.get("milestones", ())))
     return RecordedRun(trial_id, ok, reached, bool(len(diverged)), steps, config.get("data_encode"),
-                       config["data"].get("path"))
+                       config["data"].get("path"), {k: config["eval"].get(k) for k in EVAL_PATHS})
 
 
 def _steps(steps):

@@ -216,6 +216,7 @@ TOP_LEVEL = {"name": (REQUIRED, study_name), "data": None, "sweep": None, "train
 SWEEP_AXES = ("model", "patch", "steps", "compute")
 STUDY_RELATIVE_PATHS = (("data", "path"), ("eval", "vae"), ("eval", "feature_extractor_weights"),
                         ("eval", "reference"), ("eval", "heldout"))
+EVAL_PATHS = tuple(name for section, name in STUDY_RELATIVE_PATHS if section == "eval")
 # Train fields that change how a run is logged and checkpointed, not what it computes (resume stays exact):
 # left out of trial ids, and not sweepable.
 BOOKKEEPING = ("log_every", "ckpt_every", "keep_checkpoints", "num_workers", "peak_tflops")
@@ -802,21 +803,24 @@ def result_hash(model_config, data, train, milestones, eval_section):
     return hashlib.sha256(_canonical_json(payload).encode()).hexdigest()
 
 
-def training_lineage(trial):
+def training_lineage(trial, eval_paths=True):
     """sha256 of a trial's settings but where its data lies (data.path) and, under a constant lr, its step counts.
 
     Trials that share it train the same weights step for step on the same data: under a constant lr no step depends
     on how many follow, and evaluations draw on their own seeds (tests/test_train.py); a latent folder moved elsewhere
     holds the same data where it records the same encode (which scaling.continuation compares, as the lineage cannot).
     So a trial given more steps, or whose data moved, may go on from the checkpoint of a recorded run
-    (scaling.continuation). trial: Trial.to_dict(), or results.parquet's config_json read back; KeyError when it lacks
-    a setting (a row older than the setting).
+    (scaling.continuation). The eval section's files (VAE, extractor weights, FID's real images) have no such
+    identity: eval_paths=False leaves them out too, only to tell a user that they moved. trial: Trial.to_dict(), or
+    results.parquet's config_json read back; KeyError when it lacks a setting (a row older than the setting).
     """
     train = trial["train"]
     config = trial["model_config"]
     info = {k: config[k] for k in ("input_size", "in_channels", "num_classes")}
     preset = _model_config(trial["size"], trial["patch"], {**train, **dict.fromkeys(ARCHITECTURE_FIELDS)}, info)
     hashed_train, hashed_eval = hashed_settings({"train": train, "eval": trial["eval"]}, train, config, preset)
+    if not eval_paths:
+        hashed_eval.update(dict.fromkeys(EVAL_PATHS))
     milestones = trial["milestones"]
     if train["lr_schedule"] == "constant":
         del hashed_train["max_steps"]

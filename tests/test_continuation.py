@@ -1,6 +1,8 @@
 """scaling.continuation: a trial given more steps goes on from its recorded run, when its measurements allow."""
 import dataclasses
 import json
+import os
+import shutil
 import textwrap
 from datetime import datetime, timezone
 
@@ -14,10 +16,11 @@ from scaling.study import load_study, training_lineage
 from scaling.trial_storage import ray_storage, train_run_name
 
 
-def study_at(tmp_path, steps, patches=(2, 4), latents=None, **train):
-    """A study of DiT-P at the patches, trained to each step count (train: fields over the defaults below) on digits
-    or the latents folder given, in tmp_path/out."""
+def study_at(tmp_path, steps, patches=(2, 4), latents=None, evals=None, **train):
+    """A study of DiT-P at the patches, trained to each step count (train: fields over the defaults below; evals:
+    eval fields) on digits or the latents folder given, in tmp_path/out."""
     train = {"batch_size": 32, "lr": 1e-3, **train}
+    evals = {"fid": False, "grid_images_per_class": 0, **(evals or {})}
     data = {"dataset": "latents", "path": str(latents)} if latents else {"dataset": "digits"}
     path = tmp_path / f"study-{len(list(tmp_path.glob('study-*')))}.yaml"
     path.write_text(textwrap.dedent(f"""\
@@ -25,7 +28,7 @@ def study_at(tmp_path, steps, patches=(2, 4), latents=None, **train):
         data: {json.dumps(data)}
         sweep: {{model: [DiT-P], patch: {list(patches)}, steps: {list(steps)}}}
         train: {json.dumps(train)}
-        eval: {{fid: false, grid_images_per_class: 0}}
+        eval: {json.dumps(evals)}
         output: {tmp_path / 'out'}
         """))
     return load_study(path)
@@ -267,15 +270,22 @@ def test_latents_moved_elsewhere_go_on_from_their_recorded_trials(tmp_path, enco
         assert longer.trials[1].trial_id not in (recorded_id, new_id)
 
 
-@pytest.mark.parametrize("case", ["other latents", "no encode recorded", "image folder"])
+@pytest.mark.parametrize("case", ["other latents", "no encode recorded", "image folder", "encode names no folder"])
 def test_data_elsewhere_that_cannot_be_told_the_same_trains_anew(tmp_path, encode_tiny_latents, case):
     here, there = tmp_path / "here", tmp_path / "there"
     encode_tiny_latents(here, seed=0)
+    if case == "encode names no folder":  # an encode from before 2026-12-05: its id hashes its settings alone
+        meta = json.loads((here / "meta.json").read_text())
+        del meta["encoded_in"]
+        (here / "meta.json").write_text(json.dumps(meta))
     ran = study_at(tmp_path, (10, 20), patches=(2,), latents=here)
     record(ran, (10, 20))
     (recorded_id,) = (t.trial_id for t in ran.trials)
     checkpoint(ran, recorded_id, 20)
-    encode_tiny_latents(there, seed=1 if case == "other latents" else 0)  # copies of one encode name it alike
+    if case == "other latents":
+        encode_tiny_latents(there, seed=1)
+    else:  # a copy: the same encode, refused for what else it cannot tell
+        shutil.copytree(here, there)
     moved = study_at(tmp_path, (10, 20), patches=(2,), latents=there)
     (trial,) = moved.trials
     if case == "other latents":
@@ -298,6 +308,42 @@ def test_data_elsewhere_that_cannot_be_told_the_same_trains_anew(tmp_path, encod
         trial = dataclasses.replace(trial, data={**trial.data, "dataset": "imagefolder"}, data_encode=None)
         moved.trials[0] = trial
         reason = f"trained on {here}: an image folder moved cannot be told from other images"
+    if case == "encode names no folder":
+        assert trial.data_encode == ran.trials[0].data_encode
+        reason = (f"trained on the latents in {here}, whose encode (written before 2026-12-05) cannot be told from "
+                  f"another folder's of the same settings")
     assert continue_recorded_runs(moved) == [
         f"DiT-P/2: trains from step 0 as {trial.trial_id}: recorded trial {recorded_id} of the same settings {reason}"]
     assert moved.trials[0].trial_id == trial.trial_id != recorded_id
+
+
+def test_the_same_folder_through_a_link_is_not_a_move(tmp_path, encode_tiny_latents):
+    here = tmp_path / "here"
+    encode_tiny_latents(here, seed=0)
+    ran = study_at(tmp_path, (10, 20), patches=(2,), latents=here)
+    record(ran, (10,))
+    checkpoint(ran, ran.trials[0].trial_id, 10)
+    os.symlink(here, tmp_path / "link")
+    linked = study_at(tmp_path, (10, 20), patches=(2,), latents=tmp_path / "link")
+    new_id = linked.trials[0].trial_id
+    assert new_id != ran.trials[0].trial_id  # the id hashes the path as written
+    assert continue_recorded_runs(linked) == [
+        f"DiT-P/2: continues recorded trial {ran.trials[0].trial_id} (steps 10 measured, checkpoint at step 10) "
+        f"instead of training {new_id} from step 0"]
+
+
+def test_eval_files_elsewhere_are_named_not_followed(tmp_path):
+    # A VAE, extractor weights or FID's real images have no encode to match: their trials train anew, and say why.
+    ran = study_at(tmp_path, (10, 20), patches=(2,), evals={"vae": str(tmp_path / "vae-a")})
+    record(ran, (10, 20))
+    checkpoint(ran, ran.trials[0].trial_id, 20)
+    moved = study_at(tmp_path, (10, 20, 40), patches=(2,), evals={"vae": str(tmp_path / "vae-b")})
+    new_id = moved.trials[0].trial_id
+    assert continue_recorded_runs(moved) == [
+        f"DiT-P/2: trains from step 0 as {new_id}: recorded trial {ran.trials[0].trial_id} of the same settings had "
+        f"eval.vae at {tmp_path / 'vae-a'}; of the study's files only data.path's latents can be told the same "
+        f"elsewhere (put the others back to go on from it)"]
+    assert moved.trials[0].trial_id == new_id
+    back = study_at(tmp_path, (10, 20, 40), patches=(2,), evals={"vae": str(tmp_path / "vae-a")})
+    continue_recorded_runs(back)
+    assert back.trials[0].trial_id == ran.trials[0].trial_id
