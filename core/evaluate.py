@@ -21,6 +21,8 @@ What FID is measured against (core.real_images, core.fid):
   saw, below which differences are noise. FID is biased upwards at small counts, so a floor with
   fewer images than N (digits at N > 297) overstates the floor a little: it is conservative.
 """
+import hashlib
+import json
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -28,7 +30,7 @@ from functools import lru_cache
 import torch
 import torch.distributed as dist
 
-from core.fid import FID_NOTES, fidelity, resolve_extractor
+from core.fid import FID_NOTES, fidelity, file_digest, resolve_extractor
 from core.real_images import UInt8Images, heldout_images, reference_images, to_uint8
 from core.sample_grid import save_grid
 from core.sampling import sample
@@ -278,18 +280,45 @@ def _output(model, dataset, data_path, image_size, vae, device):
 
 def _score(images, cfg, extractor, weights, dataset, data_path, size, device):
     """Rank 0: the metrics of the N images, and the noise floor."""
-    n = cfg.num_samples
     cuda = device.type == "cuda"
     common = dict(extractor=extractor, weights=weights, cache_root=cfg.cache_dir, cuda=cuda)
     t0 = time.perf_counter()
-    reference = reference_images(dataset, data_path, size, cfg.reference, cfg.reference_samples)
+    reference, heldout = real_sets(cfg, dataset, data_path, size)
     out = fidelity(UInt8Images(images), reference, **common)  # (N, C, H, W)
-    heldout = heldout_images(dataset, size, cfg.heldout, max_images=n)
     floor = fidelity(heldout, reference, metrics=("fid",), **common)["fid"] if heldout is not None else None
     out.update(fid_floor=floor, fid_floor_samples=len(heldout) if heldout is not None else 0,
                fid_reference_samples=len(reference), fid_reference=reference.description,
-               fid_time_s=time.perf_counter() - t0)
+               fid_basis=fid_basis(reference, heldout, extractor, weights), fid_time_s=time.perf_counter() - t0)
     return out
+
+
+def real_sets(cfg, dataset, data_path, size):
+    """(reference, held-out or None): the real images FID and its noise floor are measured against."""
+    reference = reference_images(dataset, data_path, size, cfg.reference, cfg.reference_samples)
+    return reference, heldout_images(dataset, size, cfg.heldout, max_images=cfg.num_samples)
+
+
+def fid_basis(reference, heldout, extractor, weights):
+    """What FID and its floor were measured against, as JSON (a results row's fid_basis): digests of the reference
+    and held-out sets' identities (their files' names, sizes and modification times, or pixels) and of the extractor's
+    weights file. FIDs of two bases are not comparable."""
+    def digest(real):
+        return None if real is None else hashlib.sha256(
+            json.dumps(real.identity, sort_keys=True).encode()).hexdigest()[:16]
+    return json.dumps(dict(reference=digest(reference), heldout=digest(heldout), extractor=extractor,
+                           weights=file_digest(weights)), sort_keys=True)
+
+
+def fid_basis_now(cfg, dataset, data_path=None, image_size=None, input_size=None):
+    """The fid_basis an evaluation with cfg would measure against now, without a model (input_size: the model's,
+    for data in pixels without an image_size). Reads what an evaluation reads: a reference folder's file list."""
+    extractor, weights = check(cfg, dataset)
+    size = image_size if image_size is not None else input_size
+    if dataset == "latents":
+        from core.latents import read_meta
+
+        size = read_meta(data_path)["image_size"]
+    return fid_basis(*real_sets(cfg, dataset, data_path, size), extractor, weights)
 
 
 def _checked(cfg, dataset, rank, world_size, device):

@@ -288,6 +288,7 @@ class Recorder(Callback):
             "fid_floor": r.get("fid_floor"), "kid": r.get("kid"), "precision": r.get("precision"),
             "recall": r.get("recall"), "inception_score": r.get("inception_score"),
             "fid_samples": r.get("fid_samples"), "feature_extractor": r.get("feature_extractor"),
+            "fid_basis": r.get("fid_basis"),
             "sampler": f"{t.eval['sampler']}-{t.eval['sampling_steps']}", "cfg_scale": t.eval["cfg_scale"],
             # The scheduled lr the step reported; a row without a report of it (a failure) has the base lr.
             "lr": r["lr"] if r.get("lr") is not None else t.train["lr"],

@@ -41,6 +41,8 @@ RESULTS_SCHEMA = pa.schema([
     pa.field("inception_score", pa.float64()),  # Inception Score of the samples
     pa.field("fid_samples", pa.int32()),  # number of generated images behind fid (FID is biased by the count)
     pa.field("feature_extractor", pa.string()),  # network FID's features come from, e.g. "inception-v3-compat"
+    pa.field("fid_basis", pa.string()),  # what fid and fid_floor were measured against, JSON (core.evaluate.fid_basis):
+    # digests of the reference and held-out images and of the extractor's weights; null in rows before 2026-12-05
     pa.field("sampler", pa.string()),  # sampler and its step count, e.g. "ddpm-250"
     pa.field("cfg_scale", pa.float64()),  # classifier-free guidance scale (1.0 = no guidance)
     pa.field("lr", pa.float64()),  # learning rate at this step

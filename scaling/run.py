@@ -69,7 +69,7 @@ def main(argv=None):
         from scaling.dry_run import format_plan
 
         # What the run would refuse here, said without refusing: the plan may be for another machine.
-        for check in (check_output, lambda s: check_measured_data(s, records),
+        for check in (check_output, lambda s: check_measured_data(s, records), lambda s: check_fid_basis(s, records),
                       lambda s: args.no_report or check_report_dir(s, args.report_dir)):
             try:
                 check(study)
@@ -81,6 +81,7 @@ def main(argv=None):
     try:
         check_output(study)
         check_measured_data(study, records)
+        check_fid_basis(study, records)
         report_dir = None if args.no_report else check_report_dir(study, args.report_dir)
         check_reachable(address)
         check_tracking_server(study)
@@ -147,6 +148,52 @@ def check_measured_data(study, results=None):
                          f"{', '.join(sorted(other))} were measured on it (encode {other[t.trial_id]}, now "
                          f"{t.data_encode}): their rows in {study.output / RESULTS_FILE} are not this encode's; give "
                          f"the study another output to measure it afresh")
+
+
+FID_BASIS_FILES = {"reference": "reference", "heldout": "heldout", "weights": "feature_extractor_weights"}
+
+
+def check_fid_basis(study, results=None):
+    """The FIDs in the rows of the study's trials (results: its results.parquet, loaded) must have been measured
+    against what FID measures against now: a reference or held-out folder, or the extractor's weights, rewritten in
+    place keeps its path, which is what ids hash. Rows before 2026-12-05 name no basis; what cannot be read now (a
+    dry run away from the data) is not compared."""
+    import json
+
+    if results is None or "fid_basis" not in results or not results.fid_basis.notna().any():
+        return
+    from core.evaluate import fid_basis_now  # torch, Ray: only for a study with measured FIDs
+    from scaling.ray_trial import eval_config
+
+    ours = {t.trial_id: t for t in study.trials if t.eval["fid"]}
+    now, changed = {}, {}  # eval settings -> the basis now (None: unreadable); trial id -> [what changed]
+    for trial_id, basis in zip(results.trial_id, results.fid_basis):
+        t = ours.get(trial_id)
+        if t is None or not isinstance(basis, str) or trial_id in changed:  # null: NaN or None, as pandas has it
+            continue
+        key = json.dumps([t.data, t.model_config["input_size"], t.eval], sort_keys=True)
+        if key not in now:
+            try:
+                now[key] = json.loads(fid_basis_now(eval_config(t.to_dict(), study.output / "fid_cache"),
+                                                    t.data["dataset"], t.data.get("path"), t.data.get("image_size"),
+                                                    t.model_config["input_size"]))
+            except (OSError, ValueError):
+                now[key] = None
+        try:
+            recorded = json.loads(basis)
+        except ValueError:  # not written by the recorder: nothing to compare
+            continue
+        if now[key] is not None and recorded != now[key]:
+            changed[trial_id] = [FID_BASIS_FILES[name] for name in FID_BASIS_FILES
+                                 if recorded.get(name) != now[key].get(name)] or ["feature_extractor"]
+    if changed:
+        trial_id = next(iter(changed))
+        t, first = ours[trial_id], f"eval.{changed[trial_id][0]}"
+        paths = ", ".join(f"eval.{k} at {t.eval[k]}" if t.eval.get(k) else f"eval.{k}" for k in changed[trial_id])
+        raise StudyError(f"{study.locate(first)}: {first}: the files FID is measured against changed since "
+                         f"trial(s) {', '.join(sorted(changed))} measured theirs ({paths}: other names, sizes or "
+                         f"modification times), so their FIDs and new ones would not be comparable; put the earlier "
+                         f"files back, or give the study another output to measure it afresh")
 
 
 def mlflow_ui_command(uri):

@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 
 from core import fid as fid_module
 from core import evaluate as evaluate_module
-from core.evaluate import EvalConfig, draw_grid, evaluate, generate, grid_plan, rank_slice, sample_plan
+from core.evaluate import EvalConfig, draw_grid, evaluate, fid_basis_now, generate, grid_plan, rank_slice, \
+    sample_plan
 from core.fid_extractor import FeatureExtractorDigits
 from core.latents import FORMAT
 from core.real_images import RealImages, UInt8Images, digits_images, folder_images, heldout_images, \
@@ -100,6 +101,8 @@ def test_trained_model_beats_untrained_and_writes_a_grid(trained, cache_dir, tmp
         assert all(isinstance(r[k], float) for k in ("fid", "fid_floor", "kid", "precision", "recall",
                                                      "inception_score"))
     assert before["fid_floor"] == after["fid_floor"] < 20
+    # What they were measured against, as a row records it and the driver computes it without a model.
+    assert before["fid_basis"] == after["fid_basis"] == fid_basis_now(cfg, "digits", input_size=8)
     # An untrained DiT predicts zero noise: its samples are the clipped starting noise.
     assert after["fid"] < before["fid"] - 50 and after["precision"] > before["precision"]
     assert before["grid_path"] is None and after["grid_path"] == str(grid)
@@ -227,6 +230,39 @@ def test_reference_cache_is_reused_and_a_changed_folder_gets_a_new_entry(tmp_pat
     changed = fid_module.fidelity(generated, folder_images(tmp_path / "real", 8), **common)
     assert sum(seen) == 10 + 31 and changed["fid"] != first["fid"]
     assert len(list((tmp_path / "cache").glob("*.json"))) == 2
+
+
+def test_the_fid_basis_changes_with_the_files_it_is_measured_against(tmp_path):
+    # A results row's fid_basis: the reference and held-out sets and the extractor's weights, each by its own digest,
+    # so the driver can name what was rewritten in place (scaling.run.check_fid_basis).
+    import shutil
+
+    from core.digits import digits_arrays
+
+    images, labels = digits_arrays("train")
+    images = to_uint8(torch.from_numpy(images[:40]))
+    write_folder(tmp_path / "real", images[:30], labels[:30])
+    write_folder(tmp_path / "held", images[30:39], labels[30:39])
+    shutil.copy(fid_module.resolve_extractor("digits")[1], tmp_path / "digits.safetensors")
+    cfg = EvalConfig(num_samples=20, reference=str(tmp_path / "real"), heldout=str(tmp_path / "held"),
+                     feature_extractor_weights=str(tmp_path / "digits.safetensors"), cache_dir=str(tmp_path / "c"))
+
+    def basis():
+        return json.loads(fid_basis_now(cfg, "imagefolder", tmp_path / "real", image_size=8))
+
+    first = basis()
+    assert set(first) == {"reference", "heldout", "extractor", "weights"} and first["extractor"] == "digits-cnn"
+    assert basis() == first  # nothing read changed
+    write_folder(tmp_path / "real", images[39:40], labels[39:40])  # one more real image
+    second = basis()
+    assert second["reference"] != first["reference"] and {**second, "reference": first["reference"]} == first
+    write_folder(tmp_path / "held", images[:1], labels[:1])
+    third = basis()
+    assert third["heldout"] != second["heldout"] and {**third, "heldout": second["heldout"]} == second
+    with open(tmp_path / "digits.safetensors", "ab") as f:  # the weights file replaced by another
+        f.write(b"\0")
+    fourth = basis()
+    assert fourth["weights"] != third["weights"] and {**fourth, "weights": third["weights"]} == third
 
 
 def test_a_corrupt_reference_image_is_named(tmp_path):

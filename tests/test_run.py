@@ -90,6 +90,13 @@ def test_end_to_end_and_rerun_skips_finished(tmp_path):
     assert sorted(zip(healthy.patch, healthy.step)) == [(2, 10), (2, 20), (4, 10), (4, 20)]
     assert (healthy.status == "ok").all() and healthy.val_loss.notna().all() and healthy.fid.notna().all()
     assert (healthy.fid_samples == 100).all() and (healthy.feature_extractor == "digits-cnn").all()
+    # What they were measured against: one basis, the one the driver computes before launch (check_fid_basis).
+    from core.evaluate import fid_basis_now
+    from scaling.ray_trial import eval_config
+
+    (trial,) = [t for t in load_study(study).trials if t.trial_id == healthy.trial_id.iloc[0]]
+    assert set(healthy.fid_basis) == {fid_basis_now(eval_config(trial.to_dict(), out / "fid_cache"), "digits",
+                                                    input_size=8)}
     assert healthy.train_compute.tolist() == pytest.approx((healthy.gflops * 32 * healthy.step * 3).tolist())
     assert sorted(bad.patch) == [2, 4] and (bad.status == "diverged").all() and (bad.step == 2).all()
     assert bad.error.str.contains("diverged at step 2").all()

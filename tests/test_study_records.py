@@ -76,3 +76,48 @@ def test_report_folder_that_is_not_a_report_is_refused_before_launch(tmp_path, c
     assert err.startswith(f"error: --report-dir {out}: holds files that are not a report's (loss_curves.parquet, "
                           f"study.yaml); a report replaces its whole folder"), err
     assert snapshot(tmp_path) == before
+
+
+def test_fids_measured_against_files_rewritten_since_stop_the_study(tmp_path, capsys):
+    # A reference folder regenerated in place keeps its path (which trial ids hash): rows measured against the earlier
+    # files are refused before launch (a dry run warns), naming the setting and the trials, not mixed with new FIDs.
+    import json
+    from datetime import datetime, timezone
+
+    import torch
+
+    from core.digits import digits_arrays
+    from core.evaluate import fid_basis_now
+    from core.real_images import to_uint8
+    from scaling.ray_trial import eval_config
+    from scaling.results import RESULTS_SCHEMA, load_results, write_table
+    from scaling.study import load_study
+    from test_evaluate import write_folder
+
+    images, labels = digits_arrays("train")
+    images = to_uint8(torch.from_numpy(images[:31]))
+    write_folder(tmp_path / "real", images[:30], labels[:30])
+    path, out = study_with_output(tmp_path, "")
+    path.write_text(path.read_text().replace("  fid_samples: 100\n", f"  fid_samples: 100\n  reference: "
+                                             f"{tmp_path / 'real'}\n").replace("model: [DiT-P, DiT-N]", "model: [DiT-P]"))
+    study = load_study(path)
+    rows = []
+    for t in study.trials:
+        basis = fid_basis_now(eval_config(t.to_dict(), out / "fid_cache"), "digits", input_size=8)
+        rows += [dict(study=study.name, trial_id=t.trial_id, model=t.model, step=s, max_step=t.train["max_steps"],
+                      status="ok", fid=30.0, fid_basis=basis, timestamp=datetime.now(timezone.utc),
+                      config_json=json.dumps(t.to_dict(), sort_keys=True)) for s in t.milestones]
+    write_table(rows, out / "results.parquet", RESULTS_SCHEMA)
+    scaling_run.check_fid_basis(study, load_results(out))  # measured against these very files
+    write_folder(tmp_path / "real", images[30:], labels[30:])  # the folder written again, one image more
+    before = snapshot(tmp_path)
+    assert scaling_run.main([str(path), "--no-report"]) == 2
+    error = capsys.readouterr().err
+    ids = ", ".join(sorted(t.trial_id for t in study.trials))
+    assert error == (f"error: {study.locate('eval.reference')}: eval.reference: the files FID is measured against "
+                     f"changed since trial(s) {ids} measured theirs (eval.reference at {tmp_path / 'real'}: other "
+                     f"names, sizes or modification times), so their FIDs and new ones would not be comparable; put "
+                     f"the earlier files back, or give the study another output to measure it afresh\n")
+    assert snapshot(tmp_path) == before
+    assert scaling_run.main([str(path), "--dry-run"]) == 0
+    assert "warning: " + error.removeprefix("error: ") in capsys.readouterr().err
