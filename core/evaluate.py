@@ -300,11 +300,14 @@ def real_sets(cfg, dataset, data_path, size):
 
 def fid_basis(reference, heldout, extractor, weights):
     """What FID and its floor were measured against, as JSON (a results row's fid_basis): digests of the reference
-    and held-out sets' identities (their files' names, sizes and modification times, or pixels) and of the extractor's
-    weights file. FIDs of two bases are not comparable."""
+    and held-out sets' identities (their files' names, sizes and modification times, or pixels; the subset and image
+    size) and of the extractor's weights file. FIDs of two bases are not comparable. Not the folders' paths, which
+    trial ids hash already: the same folder through a link, or as another node mounts it, is the same basis."""
     def digest(real):
-        return None if real is None else hashlib.sha256(
-            json.dumps(real.identity, sort_keys=True).encode()).hexdigest()[:16]
+        if real is None:
+            return None
+        identity = {k: v for k, v in real.identity.items() if k != "path"}
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     return json.dumps(dict(reference=digest(reference), heldout=digest(heldout), extractor=extractor,
                            weights=file_digest(weights)), sort_keys=True)
 

@@ -81,10 +81,11 @@ def main(argv=None):
     try:
         check_output(study)
         check_measured_data(study, records)
-        check_fid_basis(study, records)
         report_dir = None if args.no_report else check_report_dir(study, args.report_dir)
         check_reachable(address)
         check_tracking_server(study)
+        for warning in check_fid_basis(study, records):  # last: it may list a large reference folder
+            print(f"warning: {warning}", file=sys.stderr)
     except StudyError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -150,50 +151,77 @@ def check_measured_data(study, results=None):
                          f"the study another output to measure it afresh")
 
 
-FID_BASIS_FILES = {"reference": "reference", "heldout": "heldout", "weights": "feature_extractor_weights"}
-
-
 def check_fid_basis(study, results=None):
     """The FIDs in the rows of the study's trials (results: its results.parquet, loaded) must have been measured
-    against what FID measures against now: a reference or held-out folder, or the extractor's weights, rewritten in
-    place keeps its path, which is what ids hash. Rows before 2026-12-05 name no basis; what cannot be read now (a
-    dry run away from the data) is not compared."""
+    against what FID measures against now, while a trial of the study still measures new ones: a reference or held-out
+    folder, or the extractor's weights, rewritten in place keeps its path, which is what ids hash. Rows before
+    2026-12-05 name no basis. Returns warnings: what this machine cannot read now is not compared."""
     import json
 
+    from scaling.results import recorded_trials
+
     if results is None or "fid_basis" not in results or not results.fid_basis.notna().any():
-        return
+        return []
+    unfinished = {t.trial_id for t in study.trials} - recorded_trials(study)[0]
+    ours = {t.trial_id: t for t in study.trials if t.eval["fid"]}
+    if not unfinished & set(ours):  # a run that only builds the report measures no FID to mix with theirs
+        return []
     from core.evaluate import fid_basis_now  # torch, Ray: only for a study with measured FIDs
     from scaling.ray_trial import eval_config
 
-    ours = {t.trial_id: t for t in study.trials if t.eval["fid"]}
-    now, changed = {}, {}  # eval settings -> the basis now (None: unreadable); trial id -> [what changed]
+    now, changed, warnings = {}, {}, []  # what FID reads -> the basis now (None: unreadable); trial id -> [changed]
     for trial_id, basis in zip(results.trial_id, results.fid_basis):
         t = ours.get(trial_id)
         if t is None or not isinstance(basis, str) or trial_id in changed:  # null: NaN or None, as pandas has it
             continue
-        key = json.dumps([t.data, t.model_config["input_size"], t.eval], sort_keys=True)
+        try:
+            recorded = json.loads(basis)
+        except ValueError:
+            recorded = None
+        if not isinstance(recorded, dict):  # not written by the recorder: nothing to compare
+            continue
+        reads = {k: t.eval[k] for k in ("reference", "heldout", "fid_samples", "feature_extractor",
+                                        "feature_extractor_weights")}
+        key = json.dumps([t.data, t.model_config["input_size"], reads], sort_keys=True)
         if key not in now:
             try:
                 now[key] = json.loads(fid_basis_now(eval_config(t.to_dict(), study.output / "fid_cache"),
                                                     t.data["dataset"], t.data.get("path"), t.data.get("image_size"),
                                                     t.model_config["input_size"]))
-            except (OSError, ValueError):
+            except (OSError, ValueError) as e:
                 now[key] = None
-        try:
-            recorded = json.loads(basis)
-        except ValueError:  # not written by the recorder: nothing to compare
-            continue
+                warnings.append(f"{study.path}: eval: what FID is measured against cannot be read here ({e}); the "
+                                f"FIDs in {study.output / 'results.parquet'} were not checked against it")
         if now[key] is not None and recorded != now[key]:
-            changed[trial_id] = [FID_BASIS_FILES[name] for name in FID_BASIS_FILES
-                                 if recorded.get(name) != now[key].get(name)] or ["feature_extractor"]
+            changed[trial_id] = [k for k in ("reference", "heldout", "weights") if recorded.get(k) != now[key].get(k)]
     if changed:
         trial_id = next(iter(changed))
-        t, first = ours[trial_id], f"eval.{changed[trial_id][0]}"
-        paths = ", ".join(f"eval.{k} at {t.eval[k]}" if t.eval.get(k) else f"eval.{k}" for k in changed[trial_id])
-        raise StudyError(f"{study.locate(first)}: {first}: the files FID is measured against changed since "
-                         f"trial(s) {', '.join(sorted(changed))} measured theirs ({paths}: other names, sizes or "
-                         f"modification times), so their FIDs and new ones would not be comparable; put the earlier "
-                         f"files back, or give the study another output to measure it afresh")
+        t, what = ours[trial_id], changed[trial_id] or ["extractor"]
+        setting = {"reference": "reference", "heldout": "heldout", "weights": "feature_extractor_weights",
+                   "extractor": "feature_extractor"}[what[0]]
+        files = "; ".join(_fid_files(t, part) for part in what)
+        raise StudyError(f"{study.locate('eval.' + setting)}: eval.{setting}: what FID is measured against changed "
+                         f"since trial(s) {', '.join(sorted(changed))} measured theirs ({files}), so their FIDs and "
+                         f"those of the trials still to measure would not be comparable; put the earlier files back, "
+                         f"or give the study another output to measure it afresh")
+    return warnings
+
+
+def _fid_files(t, part):
+    """What a part of a fid_basis (core.evaluate.fid_basis) is, in a trial's words, and how it changed."""
+    ev, data = t.eval, t.data
+    if part == "reference":
+        where = (f"eval.reference at {ev['reference']}" if ev["reference"] else f"the training images in {data['path']}"
+                 if data["dataset"] == "imagefolder" else "the digits' training split")
+        return f"{where}: other images, names, sizes or modification times"
+    if part == "heldout":
+        where = f"eval.heldout at {ev['heldout']}" if ev["heldout"] else "the digits' held-out split"
+        return f"{where}: other images, names, sizes or modification times"
+    if part == "weights":
+        where = (f"eval.feature_extractor_weights at {ev['feature_extractor_weights']}"
+                 if ev["feature_extractor_weights"] else f"the default weights of {ev['feature_extractor']}")
+        return f"{where}: other contents"
+    return f"eval.feature_extractor {ev['feature_extractor']}: another extractor"
 
 
 def mlflow_ui_command(uri):

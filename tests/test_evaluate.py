@@ -17,6 +17,7 @@ from core.evaluate import EvalConfig, draw_grid, evaluate, fid_basis_now, genera
     sample_plan
 from core.fid_extractor import FeatureExtractorDigits
 from core.latents import FORMAT
+from core.models import DiT_models
 from core.real_images import RealImages, UInt8Images, digits_images, folder_images, heldout_images, \
     reference_images, to_uint8
 from core.sample_grid import grid_size, save_grid
@@ -244,14 +245,23 @@ def test_the_fid_basis_changes_with_the_files_it_is_measured_against(tmp_path):
     write_folder(tmp_path / "real", images[:30], labels[:30])
     write_folder(tmp_path / "held", images[30:39], labels[30:39])
     shutil.copy(fid_module.resolve_extractor("digits")[1], tmp_path / "digits.safetensors")
-    cfg = EvalConfig(num_samples=20, reference=str(tmp_path / "real"), heldout=str(tmp_path / "held"),
-                     feature_extractor_weights=str(tmp_path / "digits.safetensors"), cache_dir=str(tmp_path / "c"))
+    cfg = EvalConfig(num_samples=20, num_steps=2, guided_channels=None, reference=str(tmp_path / "real"),
+                     heldout=str(tmp_path / "held"), feature_extractor_weights=str(tmp_path / "digits.safetensors"),
+                     cache_dir=str(tmp_path / "c"))
 
     def basis():
-        return json.loads(fid_basis_now(cfg, "imagefolder", tmp_path / "real", image_size=8))
+        return json.loads(fid_basis_now(cfg, "digits", input_size=8))
 
     first = basis()
     assert set(first) == {"reference", "heldout", "extractor", "weights"} and first["extractor"] == "digits-cnn"
+    # The driver's basis is the one an evaluation records, folders and weights file included.
+    torch.manual_seed(0)
+    measured = evaluate(DiT_models["DiT-P/4"]().eval(), cfg, dataset="digits", device="cpu")
+    assert json.loads(measured["fid_basis"]) == first and measured["fid_floor_samples"] == 9
+    # The same files moved elsewhere, a link left in their place (or another node's mount): the same basis.
+    (tmp_path / "real").rename(tmp_path / "moved")
+    os.symlink(tmp_path / "moved", tmp_path / "real")
+    assert basis() == first
     assert basis() == first  # nothing read changed
     write_folder(tmp_path / "real", images[39:40], labels[39:40])  # one more real image
     second = basis()

@@ -1,6 +1,7 @@
 """What a study writes to is checked before launch: a resumed study's Parquet files and SQLite store must read, the
 MLflow URI must name a store MLflow has, and the report folder must be one a report may replace; else exit 2 with
 nothing written."""
+import dataclasses
 import shutil
 import sqlite3
 
@@ -78,46 +79,117 @@ def test_report_folder_that_is_not_a_report_is_refused_before_launch(tmp_path, c
     assert snapshot(tmp_path) == before
 
 
-def test_fids_measured_against_files_rewritten_since_stop_the_study(tmp_path, capsys):
-    # A reference folder regenerated in place keeps its path (which trial ids hash): rows measured against the earlier
-    # files are refused before launch (a dry run warns), naming the setting and the trials, not mixed with new FIDs.
+def study_with_fid_files(tmp_path, measured=1):
+    """A study of DiT-P on digits whose FID reads a reference folder, a held-out folder and a copy of the digits
+    extractor's weights, with rows at each trial's first `measured` milestones recording what they were measured
+    against now; returns (study file, study, output)."""
     import json
+    import shutil
     from datetime import datetime, timezone
 
     import torch
 
     from core.digits import digits_arrays
     from core.evaluate import fid_basis_now
+    from core.fid import resolve_extractor
     from core.real_images import to_uint8
     from scaling.ray_trial import eval_config
-    from scaling.results import RESULTS_SCHEMA, load_results, write_table
+    from scaling.results import RESULTS_SCHEMA, write_table
     from scaling.study import load_study
     from test_evaluate import write_folder
 
     images, labels = digits_arrays("train")
-    images = to_uint8(torch.from_numpy(images[:31]))
+    images = to_uint8(torch.from_numpy(images[:40]))
     write_folder(tmp_path / "real", images[:30], labels[:30])
-    path, out = study_with_output(tmp_path, "")
-    path.write_text(path.read_text().replace("  fid_samples: 100\n", f"  fid_samples: 100\n  reference: "
-                                             f"{tmp_path / 'real'}\n").replace("model: [DiT-P, DiT-N]", "model: [DiT-P]"))
+    write_folder(tmp_path / "held", images[30:39], labels[30:39])
+    shutil.copy(resolve_extractor("digits")[1], tmp_path / "digits.safetensors")
+    path, out = study_with_output(tmp_path)
+    files = "".join(f"  {k}: {tmp_path / v}\n" for k, v in (("reference", "real"), ("heldout", "held"),
+                                                            ("feature_extractor_weights", "digits.safetensors")))
+    path.write_text(path.read_text().replace("  fid_samples: 100\n", "  fid_samples: 100\n" + files).replace(
+        "model: [DiT-P, DiT-N]", "model: [DiT-P]"))
     study = load_study(path)
     rows = []
     for t in study.trials:
         basis = fid_basis_now(eval_config(t.to_dict(), out / "fid_cache"), "digits", input_size=8)
         rows += [dict(study=study.name, trial_id=t.trial_id, model=t.model, step=s, max_step=t.train["max_steps"],
                       status="ok", fid=30.0, fid_basis=basis, timestamp=datetime.now(timezone.utc),
-                      config_json=json.dumps(t.to_dict(), sort_keys=True)) for s in t.milestones]
+                      config_json=json.dumps(t.to_dict(), sort_keys=True)) for s in t.milestones[:measured]]
     write_table(rows, out / "results.parquet", RESULTS_SCHEMA)
-    scaling_run.check_fid_basis(study, load_results(out))  # measured against these very files
-    write_folder(tmp_path / "real", images[30:], labels[30:])  # the folder written again, one image more
+    return path, study, out
+
+
+def rewrite(tmp_path, part):
+    """The folder or file of a part of the FID basis, written again in place."""
+    import torch
+
+    from core.digits import digits_arrays
+    from core.real_images import to_uint8
+    from test_evaluate import write_folder
+
+    images, labels = digits_arrays("train")
+    images = to_uint8(torch.from_numpy(images[39:40]))
+    if part == "weights":  # other weights at the same path
+        from safetensors.torch import load_file, save_file
+
+        weights = load_file(tmp_path / "digits.safetensors")
+        first = next(iter(weights))
+        save_file({**weights, first: weights[first] * 1.01}, tmp_path / "digits.safetensors")
+    else:
+        write_folder(tmp_path / ("real" if part == "reference" else "held"), images, labels[39:40])
+
+
+@pytest.mark.parametrize("part", ["reference", "heldout", "weights"])
+def test_fids_measured_against_files_rewritten_since_stop_the_study(tmp_path, capsys, part):
+    # A reference folder regenerated in place keeps its path (which trial ids hash): rows measured against the earlier
+    # files are refused before launch (a dry run warns), naming the setting and the trials, not mixed with new FIDs.
+    from scaling.results import load_results
+
+    path, study, out = study_with_fid_files(tmp_path)
+    assert scaling_run.check_fid_basis(study, load_results(out)) == []  # measured against these very files
+    rewrite(tmp_path, part)
     before = snapshot(tmp_path)
     assert scaling_run.main([str(path), "--no-report"]) == 2
     error = capsys.readouterr().err
+    setting, files = {
+        "reference": ("reference", f"eval.reference at {tmp_path / 'real'}: other images, names, sizes or "
+                                   f"modification times"),
+        "heldout": ("heldout", f"eval.heldout at {tmp_path / 'held'}: other images, names, sizes or modification "
+                               f"times"),
+        "weights": ("feature_extractor_weights", f"eval.feature_extractor_weights at "
+                                                 f"{tmp_path / 'digits.safetensors'}: other contents")}[part]
     ids = ", ".join(sorted(t.trial_id for t in study.trials))
-    assert error == (f"error: {study.locate('eval.reference')}: eval.reference: the files FID is measured against "
-                     f"changed since trial(s) {ids} measured theirs (eval.reference at {tmp_path / 'real'}: other "
-                     f"names, sizes or modification times), so their FIDs and new ones would not be comparable; put "
-                     f"the earlier files back, or give the study another output to measure it afresh\n")
+    assert error == (f"error: {study.locate('eval.' + setting)}: eval.{setting}: what FID is measured against changed "
+                     f"since trial(s) {ids} measured theirs ({files}), so their FIDs and those of the trials still to "
+                     f"measure would not be comparable; put the earlier files back, or give the study another output "
+                     f"to measure it afresh\n")
     assert snapshot(tmp_path) == before
     assert scaling_run.main([str(path), "--dry-run"]) == 0
     assert "warning: " + error.removeprefix("error: ") in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["finished", "fid off", "no basis", "malformed basis", "unreadable"])
+def test_fids_that_are_not_compared(tmp_path, case):
+    import json
+
+    from scaling.results import RESULTS_SCHEMA, load_results, write_table
+    from scaling.study import load_study
+
+    path, study, out = study_with_fid_files(tmp_path, measured=3 if case == "finished" else 1)
+    rewrite(tmp_path, "reference")
+    rows = load_results(out)
+    if case == "fid off":  # the trials measure no FID any more: nothing to mix (their ids are new: kept here)
+        path.write_text(path.read_text().replace("  fid_samples: 100\n", "  fid_samples: 100\n  fid: false\n"))
+        study.trials[:] = [dataclasses.replace(t, trial_id=old.trial_id)
+                           for t, old in zip(load_study(path).trials, study.trials)]
+    if case in ("no basis", "malformed basis"):  # rows from before 2026-12-05; a hand-edited one
+        rows["fid_basis"] = None if case == "no basis" else json.dumps([1, 2])
+        write_table(rows, out / "results.parquet", RESULTS_SCHEMA)
+    if case == "unreadable":  # the driver does not see the folder (a dry run elsewhere, a head node without the mount)
+        shutil.rmtree(tmp_path / "real")
+    warnings = scaling_run.check_fid_basis(study, load_results(out))
+    if case == "unreadable":
+        assert len(warnings) == 1 and warnings[0].startswith(f"{path}: eval: what FID is measured against cannot be "
+                                                              f"read here (") and "were not checked" in warnings[0]
+    else:
+        assert warnings == []
