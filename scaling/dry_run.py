@@ -140,16 +140,18 @@ def wall_seconds(seconds, slots):
 
 
 def _trial_seconds(trial, images_per_s, start=0):
-    """Training from step start (a checkpoint it resumes from) to max_steps, and FID sampling at every milestone
-    after it."""
+    """Training from step start (a checkpoint it resumes from) to max_steps, and the sampling of FID's images and the
+    grid's at every milestone after it."""
+    from core.evaluate import EvalConfig
+
     seconds = (trial.milestones[-1] - min(start, trial.milestones[-1])) * trial.train["batch_size"] / images_per_s
     ev = trial.eval
-    if ev["fid"]:
-        passes = 1 if ev["cfg_scale"] == 1.0 else 2  # guidance runs the null label alongside
-        ahead = sum(m > start for m in trial.milestones)
-        sample_images = ahead * ev["fid_samples"] * ev["sampling_steps"] * passes
-        seconds += sample_images * FORWARD_SHARE / images_per_s
-    return seconds
+    grid = ev["grid_images_per_class"] * min(EvalConfig.grid_classes, trial.model_config["num_classes"])
+    per_milestone = (ev["fid_samples"] if ev["fid"] else 0) + grid  # the grid is sampled apart from FID's images
+    passes = 1 if ev["cfg_scale"] == 1.0 else 2  # guidance runs the null label alongside
+    ahead = sum(m > start for m in trial.milestones)
+    sample_images = ahead * per_milestone * ev["sampling_steps"] * passes
+    return seconds + sample_images * FORWARD_SHARE / images_per_s
 
 
 #################################################################################
@@ -236,7 +238,7 @@ def format_plan(study, estimate=True):
         at_once = "one trial at a time" if slots == 1 else f"{slots} trials at a time"
         total_time = reasons[0] if reasons else (
             f"{human_duration(wall_seconds([times[t.trial_id] for t in launch_order(todo)], slots))} ({at_once} on this "
-            "machine; training + FID sampling, without Ray's start-up)")
+            "machine; training, FID's and the grids' sampling, without Ray's start-up)")
     lines = [f"study {study.name} ({study.path}): {len(study.trials)} trials -> {study.output}", ""]
     lines += _table(rows)
     lines += ["", f"total: {len(study.trials)} trials, training compute {total_compute:.2e} Gflop, "

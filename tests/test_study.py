@@ -348,7 +348,7 @@ def test_dry_run_estimates_from_a_probe(tmp_path):
     rows = [line for line in plan.splitlines() if line.startswith("DiT-P-")]
     assert len(rows) == 2 and all(re.search(r"\d+(\.\d)?[smhd]\S*$", row) for row in rows), plan
     assert re.search(r"^total: 2 trials, training compute \S+ Gflop, estimated time \S+ \((one trial|2 trials) at a "
-                     r"time on this machine; training \+ FID sampling", plan, re.M), plan
+                     r"time on this machine; training, FID's and the grids' sampling", plan, re.M), plan
 
 
 def test_the_dry_run_counts_every_worker_of_a_trial_and_probes_on_its_threads(tmp_path, monkeypatch):
@@ -363,6 +363,10 @@ def test_the_dry_run_counts_every_worker_of_a_trial_and_probes_on_its_threads(tm
     assert [two[k] * 2 for k in two] == list(one.values())  # 40 steps × 32 images at 2 × 1000 images/s
     cpus = len(os.sched_getaffinity(0))
     assert probed == [(32, 1)] * 4 + [(16, min(64, cpus))] * 4  # each worker's micro-batch, at most this machine's
+    # Without FID the grid is still sampled at each of the 3 milestones: 4 images × 10 classes × 50 steps, each a
+    # third of a training step at 1000 images/s.
+    no_grid = dry_run.estimate_seconds(load(tmp_path, overrides=["eval.fid=false", "eval.grid_images_per_class=0"]))
+    assert [one[k] - no_grid[k] for k in one] == pytest.approx([3 * 40 * 50 / 3 / 1000.0] * len(one))
 
 
 def test_the_dry_run_estimates_a_trial_to_resume_from_its_checkpoint(tmp_path, monkeypatch):
@@ -377,9 +381,9 @@ def test_the_dry_run_estimates_a_trial_to_resume_from_its_checkpoint(tmp_path, m
     folder.mkdir(parents=True)
     (folder / "trainer_state.json").write_text('{"step": 20}')
     later = dry_run.estimate_seconds(study)
-    # 20 of its 40 steps and the FID sampling of 10 and 20 left out (one milestone's: 100 images × 50 steps, each
-    # a third of a training step); the other trials' as they were.
-    sampling = 100 * 50 * dry_run.FORWARD_SHARE / 1000.0
+    # 20 of its 40 steps and the sampling of 10 and 20 left out (one milestone's: FID's 100 images and the grid's
+    # 4 × 10 classes, × 50 steps, each a third of a training step); the other trials' as they were.
+    sampling = (100 + 4 * 10) * 50 * dry_run.FORWARD_SHARE / 1000.0
     assert later[resumed.trial_id] == pytest.approx(fresh[resumed.trial_id] - 20 * 32 / 1000.0 - 2 * sampling)
     assert {k: v for k, v in later.items() if k != resumed.trial_id} == \
            {k: v for k, v in fresh.items() if k != resumed.trial_id}
