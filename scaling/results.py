@@ -203,14 +203,15 @@ def load_results(path):
     return df
 
 
-def recorded_trials(study):
+def recorded_trials(study, results=None):
     """(finished, foreign): trial ids of the study whose results.parquet has an ok row at every milestone
     (whatever follows them: a failure after the last changes no result) or a diverged row, which a re-run
-    skips, and trial ids it holds that the study file no longer defines (it was edited since they ran)."""
+    skips, and trial ids it holds that the study file no longer defines (it was edited since they ran).
+    results: its rows, loaded (else read here)."""
     path = study.output / RESULTS_FILE
-    if not path.exists():
+    if results is None and not path.exists():
         return set(), set()
-    df = load_results(path)
+    df = load_results(path) if results is None else results
     finished = set()
     for t in study.trials:
         rows = df[df.trial_id == t.trial_id]

@@ -162,7 +162,7 @@ def check_fid_basis(study, results=None):
 
     if results is None or "fid_basis" not in results or not results.fid_basis.notna().any():
         return []
-    unfinished = {t.trial_id for t in study.trials} - recorded_trials(study)[0]
+    unfinished = {t.trial_id for t in study.trials} - recorded_trials(study, results)[0]
     ours = {t.trial_id: t for t in study.trials if t.eval["fid"]}
     if not unfinished & set(ours):  # a run that only builds the report measures no FID to mix with theirs
         return []
