@@ -85,18 +85,28 @@ def continue_recorded_runs(study, output=None, results=None):
             run = _recorded_run(output, trial_id, rows, config)
             recorded.setdefault(lineages[0], []).append(run)
             eval_moved.setdefault(lineages[1], []).append(run)
-    lines, with_rows = [], set(df.trial_id)
+    lines, with_rows, taken = [], set(df.trial_id), set()  # taken: runs a trial goes on from (one trial per run)
     for i, trial in enumerate(study.trials):
         if trial.trial_id in with_rows or (ray_storage(output) / train_run_name(trial.trial_id)).exists():
             continue  # a run of its own (checkpoints without rows: started, stopped before its first milestone)
-        runs = recorded.get(training_lineage(trial.to_dict()), [])
-        if not runs:  # a run of the same settings whose eval files were elsewhere: say why it is not continued
-            lines += _eval_files_moved(trial, eval_moved.get(training_lineage(trial.to_dict(), eval_paths=False), []))
-            continue
+        runs = [r for r in recorded.get(training_lineage(trial.to_dict()), []) if r.trial_id not in taken]
+        if not runs:  # a run of the same settings but its eval files' paths: the same files spelt otherwise go on
+            elsewhere = [r for r in eval_moved.get(training_lineage(trial.to_dict(), eval_paths=False), [])
+                         if r.trial_id not in taken]
+            runs = [r for r in elsewhere if _same_eval_files(trial, r)]
+            moved = [r for r in elsewhere if _eval_files_moved(trial, r)]
+            if not runs and moved:
+                run = max(moved, key=lambda r: r.reached)
+                lines.append(f"{trial.model}: trains from step 0 as {trial.trial_id}: recorded trial {run.trial_id} of "
+                             f"the same settings had {', '.join(_eval_files_moved(trial, run))}; of the study's files "
+                             f"only data.path's latents can be told the same elsewhere (put the others back to go on "
+                             f"from it)")
+            if not runs:
+                continue
         fits = [r for r in runs if r.refusal(trial) is None]
         if fits:
             run = max(fits, key=lambda r: (r.reached, len(r.ok_steps), r.trial_id))
-            runs.remove(run)  # one trial per run
+            taken.add(run.trial_id)
             study.trials[i] = dataclasses.replace(trial, trial_id=run.trial_id)
             at = f"diverged at step {run.reached}" if run.diverged else (
                 f"checkpoint at step {run.reached}" if run.reached else "no checkpoint left")
@@ -127,16 +137,18 @@ def _encode_names_its_folder(path):
         return False
 
 
-def _eval_files_moved(trial, runs):
-    """The line for a trial whose recorded run differs in where the eval section's files are (none without one)."""
-    if not runs:
-        return []
-    run = max(runs, key=lambda r: r.reached)
-    moved = [f"eval.{k} at {run.eval_paths.get(k)}" for k in EVAL_PATHS
-             if not same_place(run.eval_paths.get(k), trial.eval.get(k))]
-    return [f"{trial.model}: trains from step 0 as {trial.trial_id}: recorded trial {run.trial_id} of the same "
-            f"settings had {', '.join(moved)}; of the study's files only data.path's latents can be told the same "
-            f"elsewhere (put the others back to go on from it)"] if moved else []
+def _same_eval_files(trial, run):
+    """Whether a recorded run read the trial's eval files: each setting unset on both sides, or one place on both."""
+    pairs = [(run.eval_paths.get(k), trial.eval.get(k)) for k in EVAL_PATHS]
+    return all(a == b or (None not in (a, b) and same_place(a, b)) for a, b in pairs)
+
+
+def _eval_files_moved(trial, run):
+    """The eval files (scaling.study.EVAL_PATHS) a recorded run read elsewhere than the trial would, as
+    "eval.vae at /old"; none where both name one place. A setting given on one side only is an edit, not a move."""
+    return [f"eval.{k} at {run.eval_paths[k]}" for k in EVAL_PATHS
+            if None not in (run.eval_paths.get(k), trial.eval.get(k))
+            and not same_place(run.eval_paths[k], trial.eval[k])]
 
 
 def _latest_config(rows):

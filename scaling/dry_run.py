@@ -142,7 +142,7 @@ def wall_seconds(seconds, slots):
 def _trial_seconds(trial, images_per_s, start=0):
     """Training from step start (a checkpoint it resumes from) to max_steps, and the sampling of FID's images and the
     grid's at every milestone after it."""
-    from core.evaluate import EvalConfig
+    from core.evaluate import EvalConfig  # here, not at the top: it imports torch-fidelity (0.8 s), for a constant
 
     seconds = (trial.milestones[-1] - min(start, trial.milestones[-1])) * trial.train["batch_size"] / images_per_s
     ev = trial.eval

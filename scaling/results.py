@@ -21,7 +21,7 @@ STATUSES = ("ok", "diverged", "failed")
 RESULTS_SCHEMA = pa.schema([
     pa.field("study", pa.string()),  # study name from the YAML; names the report folder
     pa.field("trial_id", pa.string()),  # hash of everything that determines the trial's result (scaling.study);
-    # a trial given more steps keeps the id its first run had (scaling.continuation)
+    # a trial given more steps, or whose latents moved, keeps the id its first run had (scaling.continuation)
     pa.field("model", pa.string()),  # model name, e.g. "DiT-S/2"
     pa.field("size", pa.string()),  # model size, e.g. "S", "B", "L", "XL"
     pa.field("patch", pa.int32()),  # patch size p (tokens = (input / p)^2)

@@ -69,7 +69,8 @@ def main(argv=None):
         from scaling.dry_run import format_plan
 
         # What the run would refuse here, said without refusing: the plan may be for another machine.
-        for check in (check_output, lambda s: check_measured_data(s, records), lambda s: check_fid_basis(s, records),
+        for check in (check_output, lambda s: check_measured_data(s, records),
+                      lambda s: [print(f"warning: {w}", file=sys.stderr) for w in check_fid_basis(s, records)],
                       lambda s: args.no_report or check_report_dir(s, args.report_dir)):
             try:
                 check(study)

@@ -766,7 +766,7 @@ class Trial:
     """One training run of the grid, evaluated at each of its milestones."""
 
     trial_id: str  # <model>-<patch>-<10 hex digits of the result hash>, e.g. DiT-S-2-3f9c1a2b7e; a recorded run's
-    # when the trial continues it with more steps (scaling.continuation)
+    # when the trial continues it with more steps or its latents moved (scaling.continuation)
     model: str  # e.g. "DiT-S/2", with each architecture field that differs from its preset's: "DiT-S/2 depth=6"
     size: str  # e.g. "S"
     patch: int

@@ -347,3 +347,19 @@ def test_eval_files_elsewhere_are_named_not_followed(tmp_path):
     back = study_at(tmp_path, (10, 20, 40), patches=(2,), evals={"vae": str(tmp_path / "vae-a")})
     continue_recorded_runs(back)
     assert back.trials[0].trial_id == ran.trials[0].trial_id
+    # The same file through a link: its id hashes the path as written, but it is the recorded run's file.
+    (tmp_path / "vae-a").mkdir()
+    os.symlink(tmp_path / "vae-a", tmp_path / "vae-link")
+    linked = study_at(tmp_path, (10, 20, 40), patches=(2,), evals={"vae": str(tmp_path / "vae-link")})
+    assert linked.trials[0].trial_id != back.trials[0].trial_id
+    assert continue_recorded_runs(linked)[0].startswith(f"DiT-P/2: continues recorded trial {ran.trials[0].trial_id} "
+                                                        f"(steps 10, 20 measured, checkpoint at step 20)")
+    assert linked.trials[0].trial_id == ran.trials[0].trial_id
+    # A setting added (a VAE named where there was none) is an edit, not a move: new trials, and nothing to say.
+    plain = study_at(tmp_path, (10, 20), patches=(2,))
+    record(plain, (10, 20))
+    checkpoint(plain, plain.trials[0].trial_id, 20)
+    added = study_at(tmp_path, (10, 20, 40), patches=(2,), evals={"vae": str(tmp_path / "vae-c")})
+    own = added.trials[0].trial_id
+    lines = continue_recorded_runs(added)
+    assert added.trials[0].trial_id == own and not any(plain.trials[0].trial_id in line for line in lines)

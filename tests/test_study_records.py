@@ -169,7 +169,7 @@ def test_fids_measured_against_files_rewritten_since_stop_the_study(tmp_path, ca
 
 
 @pytest.mark.parametrize("case", ["finished", "fid off", "no basis", "malformed basis", "unreadable"])
-def test_fids_that_are_not_compared(tmp_path, case):
+def test_fids_that_are_not_compared(tmp_path, capsys, case):
     import json
 
     from scaling.results import RESULTS_SCHEMA, load_results, write_table
@@ -191,5 +191,8 @@ def test_fids_that_are_not_compared(tmp_path, case):
     if case == "unreadable":
         assert len(warnings) == 1 and warnings[0].startswith(f"{path}: eval: what FID is measured against cannot be "
                                                               f"read here (") and "were not checked" in warnings[0]
+        capsys.readouterr()
+        assert scaling_run.main([str(path), "--dry-run"]) == 0  # a plan for another machine says so too
+        assert f"warning: {warnings[0]}" in capsys.readouterr().err
     else:
         assert warnings == []
