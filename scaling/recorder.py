@@ -55,7 +55,7 @@ class Recorder(Callback):
             for (trial_id, _), row in rows.items():
                 if trial_id in self.trials:
                     row["model"] = self.trials[trial_id].model
-        continued = False
+        continued, moved_runs = False, {}  # MLflow run -> where its latents are now
         for (trial_id, _), row in self.rows.items():
             t = self.trials.get(trial_id)
             config = row_config(row["config_json"]) or {}
@@ -68,8 +68,12 @@ class Recorder(Callback):
                 row["config_json"] = json.dumps({**t.to_dict(), "data_encode": config.get("data_encode")},
                                                 sort_keys=True)
                 continued = True
+                if moved and row.get("mlflow_run_id"):
+                    moved_runs[row["mlflow_run_id"]] = t.data["path"]
         if continued:
             self.write()
+        for run_id, path in moved_runs.items():  # a finished trial does not start again to say so
+            self.tracker.set_tags(run_id, {DATA_PATH_TAG: path})
         self.run_ids, self.mlflow_step = {}, {}
         self.failed = set()  # trials that ended diverged or failed
         self.ended = set()  # trials Tune saw end (finished, diverged or failed) in this run

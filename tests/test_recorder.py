@@ -355,5 +355,7 @@ def test_rows_of_a_trial_whose_latents_moved_name_where_they_are_now(tmp_path):
     rec = recorder(moved)
     (config,) = [json.loads(c) for c in load_results(ran.output).config_json]
     assert config["data"]["path"] == str(tmp_path / "there") and config["data_encode"] == "0123456789abcdef"
+    # At the study's start, before the trial starts (a finished one never does), and again when it starts.
+    assert rec.tracker.tags[f"run-{t.trial_id}"] == {"dit_scaling.data_path": str(tmp_path / "there")}
     rec.on_trial_start(0, [], tune_trial(moved.trials[0]))
     assert rec.tracker.tags[f"run-{t.trial_id}"]["dit_scaling.data_path"] == str(tmp_path / "there")
