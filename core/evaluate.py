@@ -269,13 +269,24 @@ def _check_world(world_size, caller):
 
 def _output(model, dataset, data_path, image_size, vae, device):
     """(decode, image size, shape (C, H, W) of a generated image): latents are decoded through the VAE."""
-    decode, size = None, image_size if image_size is not None else model.config["input_size"]
-    if dataset == "latents":
-        from core.latents import read_meta
-
-        meta = read_meta(data_path)
-        decode, size = latent_decoder(meta, vae, device), meta["image_size"]
+    meta = _latent_meta(dataset, data_path)
+    decode = latent_decoder(meta, vae, device) if meta is not None else None
+    size = _image_size(image_size, model.config["input_size"], meta)
     return decode, size, (3 if decode is not None else model.in_channels, size, size)
+
+
+def _latent_meta(dataset, data_path):
+    """A latent folder's meta.json (core.latents), None for data in pixels."""
+    if dataset != "latents":
+        return None
+    from core.latents import read_meta
+
+    return read_meta(data_path)
+
+
+def _image_size(image_size, input_size, meta):
+    """The side of real and generated images: the encode's for latents, else the data's image_size or the model's."""
+    return meta["image_size"] if meta is not None else image_size if image_size is not None else input_size
 
 
 def _score(images, cfg, extractor, weights, dataset, data_path, size, device):
@@ -316,11 +327,7 @@ def fid_basis_now(cfg, dataset, data_path=None, image_size=None, input_size=None
     """The fid_basis an evaluation with cfg would measure against now, without a model (input_size: the model's,
     for data in pixels without an image_size). Reads what an evaluation reads: a reference folder's file list."""
     extractor, weights = check(cfg, dataset)
-    size = image_size if image_size is not None else input_size
-    if dataset == "latents":
-        from core.latents import read_meta
-
-        size = read_meta(data_path)["image_size"]
+    size = _image_size(image_size, input_size, _latent_meta(dataset, data_path))
     return fid_basis(*real_sets(cfg, dataset, data_path, size), extractor, weights)
 
 

@@ -94,9 +94,9 @@ def continue_recorded_runs(study, output=None, results=None):
             elsewhere = [r for r in eval_moved.get(training_lineage(trial.to_dict(), eval_paths=False), [])
                          if r.trial_id not in taken]
             runs = [r for r in elsewhere if _same_eval_files(trial, r)]
-            moved = [r for r in elsewhere if _eval_files_moved(trial, r)]
-            if not runs and moved:
-                run = max(moved, key=lambda r: r.reached)
+            read_elsewhere = [r for r in elsewhere if _eval_files_moved(trial, r)]
+            if not runs and read_elsewhere:
+                run = max(read_elsewhere, key=lambda r: r.reached)
                 lines.append(f"{trial.model}: trains from step 0 as {trial.trial_id}: recorded trial {run.trial_id} of "
                              f"the same settings had {', '.join(_eval_files_moved(trial, run))}; of the study's files "
                              f"only data.path's latents can be told the same elsewhere (put the others back to go on "

@@ -58,10 +58,12 @@ class Recorder(Callback):
         continued, moved_runs = False, {}  # MLflow run -> where its latents are now
         for (trial_id, _), row in self.rows.items():
             t = self.trials.get(trial_id)
+            if t is None:
+                continue
             config = row_config(row["config_json"]) or {}
             steps = ((config.get("train") or {}).get("max_steps"), config.get("milestones"))
-            moved = (config.get("data") or {}).get("path", t.data["path"]) != t.data["path"] if t else False
-            if t is not None and (moved or steps != (t.train["max_steps"], list(t.milestones))):
+            moved = (config.get("data") or {}).get("path", t.data["path"]) != t.data["path"]
+            if moved or steps != (t.train["max_steps"], list(t.milestones)):
                 # Fewer steps than measured: the run went further, and its last measurement stays its last.
                 row["max_step"] = max(t.train["max_steps"], last_ok.get(trial_id, 0))
                 # The encode each row was measured on stays its own (scaling.results.measured_on_other_data).

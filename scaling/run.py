@@ -69,13 +69,14 @@ def main(argv=None):
         from scaling.dry_run import format_plan
 
         # What the run would refuse here, said without refusing: the plan may be for another machine.
-        for check in (check_output, lambda s: check_measured_data(s, records),
-                      lambda s: [print(f"warning: {w}", file=sys.stderr) for w in check_fid_basis(s, records)],
+        for check in (check_output, lambda s: check_measured_data(s, records), lambda s: check_fid_basis(s, records),
                       lambda s: args.no_report or check_report_dir(s, args.report_dir)):
             try:
-                check(study)
+                said = check(study)
             except StudyError as e:
-                print(f"warning: {e}", file=sys.stderr)
+                said = [e]
+            for warning in said if isinstance(said, list) else ():  # check_fid_basis returns its warnings
+                print(f"warning: {warning}", file=sys.stderr)
         print(format_plan(study))
         return EXIT_OK
     address = args.address or os.environ.get("RAY_ADDRESS")

@@ -811,7 +811,8 @@ def training_lineage(trial, eval_paths=True):
     holds the same data where it records the same encode (which scaling.continuation compares, as the lineage cannot).
     So a trial given more steps, or whose data moved, may go on from the checkpoint of a recorded run
     (scaling.continuation). The eval section's files (VAE, extractor weights, FID's real images) have no such
-    identity: eval_paths=False leaves them out too, only to tell a user that they moved. trial: Trial.to_dict(), or
+    identity: eval_paths=False leaves them out too, to find a run that read them elsewhere (the same files through a
+    link go on; others are named to the user). trial: Trial.to_dict(), or
     results.parquet's config_json read back; KeyError when it lacks a setting (a row older than the setting).
     """
     train = trial["train"]
