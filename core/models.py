@@ -14,15 +14,16 @@ from torch.utils.checkpoint import checkpoint
 
 from core.gelu import approx_gelu
 from core.linear import Linear, linear
+from core.short_attention import short_attention
 from core.token_addcmul import token_addcmul
 
 
 SHORT_SEQUENCE = 16  # tokens; up to this many, CPU attention is written out (see `attention`)
 
 
-def attention(q, k, v):
-    """Softmax attention, (N, H, T, d) -> (N, H, T, d): torch's fused kernel, or on CPU for short sequences the
-    reference's (timm's) unfused products.
+def attention(qkv, num_heads):
+    """Softmax attention of fused qkv projections (N, T, 3·D), the timm layout, -> (N, T, D): torch's fused kernel,
+    or on CPU for short sequences the reference's (timm's) unfused products (core.short_attention).
 
     On CPU the fused kernel (flash attention) pays a set-up per image and head that outweighs the products of 16
     or fewer tokens: forward and backward of a block's attention with the reshapes around it, batch 128, on the
@@ -30,10 +31,11 @@ def attention(q, k, v):
     DiT-M/2's 4.19 against 3.22 and 5.58 against 3.19; at 64 tokens (the /1 presets) the fused kernel is the
     faster, 23.97 against 27.45 ms. GPUs always take the fused kernel.
     """
-    if q.device.type == "cpu" and q.shape[-2] <= SHORT_SEQUENCE:
-        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (N, H, T, T)
-        return scores.softmax(dim=-1) @ v
-    return F.scaled_dot_product_attention(q, k, v)
+    n, t, three_d = qkv.shape
+    if qkv.device.type == "cpu" and t <= SHORT_SEQUENCE:
+        return short_attention(qkv, num_heads)
+    q, k, v = qkv.reshape(n, t, 3, num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # each (N, H, T, d)
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, t, three_d // 3)  # (N, T, D)
 
 
 def modulate(x, shift, scale):
@@ -141,11 +143,7 @@ class Attention(nn.Module):
         self.proj = Linear(dim, dim)
 
     def forward(self, x):
-        n, t, d = x.shape
-        qkv = self.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (N, H, T, d/H)
-        x = attention(q, k, v)  # (N, H, T, d/H)
-        return self.proj(x.transpose(1, 2).reshape(n, t, d))  # (N, T, D)
+        return self.proj(attention(self.qkv(x), self.num_heads))  # (N, T, D)
 
 
 class Mlp(nn.Module):

@@ -23,7 +23,7 @@ def _forward_backward(fn, x, weight, bias, grad):
 @pytest.mark.parametrize("shape, out_features, bias", [
     ((2048, 96), 288, True),  # DiT-N/2's qkv at batch 128: N > K
     ((128, 16, 384), 96, True),  # its fc2 on (N, T, D) tokens: N < K
-    ((128, 256), 1536, True),  # DiT-M/2's adaLN
+    ((128, 256), 1536, True),  # DiT-M/2's adaLN: N > K, but g's copy (M·N) the smaller
     ((3, 5, 7), 2, False),  # odd sizes, no bias
 ])
 def test_onednn_linear_gives_f_linears_values_and_gradients(shape, out_features, bias):
@@ -70,6 +70,35 @@ class _OpNames(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.names.append(func.name())
         return func(*args, **(kwargs or {}))
+
+
+class _Copies(TorchDispatchMode):
+    """Records the shape of every copy (clone, copy_) made inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.name() in ("aten::clone", "aten::copy_"):
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+@pytest.mark.skipif(not core.linear.ONEDNN_PREFERRED, reason="core's linears are F.linear on this CPU")
+@pytest.mark.parametrize("rows, in_features, out_features, copies", [
+    (2048, 96, 288, [(96, 2048), (288, 96)]),  # a block's qkv: x^T, then autograd lays (x^T g)^T out as the weight
+    (2048, 384, 96, [(96, 2048)]),  # its fc2: g^T
+    (128, 256, 1536, [(1536, 128)]),  # the adaLN: g^T (197k floats) rather than x^T and the result (426k)
+])
+def test_the_weight_gradient_copies_the_fewer_floats(rows, in_features, out_features, copies):
+    layer = Linear(in_features, out_features)
+    out = layer(torch.randn(rows, in_features, requires_grad=True))
+    with _Copies() as recorded:
+        out.backward(torch.randn(rows, out_features))
+    assert sorted(recorded.shapes) == sorted(copies)
+    assert layer.weight.grad.is_contiguous()
 
 
 @pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # torch's flags() sets TF32 too
@@ -127,7 +156,7 @@ def test_compiled_onednn_linear_matches_eager():
         h = _OneDNNLinear.apply(x, layer1.weight, layer1.bias)
         return _OneDNNLinear.apply(F.gelu(h, approximate="tanh"), layer2.weight, layer2.bias)
 
-    x = torch.randn(8, 32)
+    x = torch.randn(128, 32)
     eager = mlp(x)
     eager.square().sum().backward()
     # Both weight-gradient forms: layer1's transposes its input (wider output), layer2's its output gradient.

@@ -166,15 +166,17 @@ def test_gradient_checkpointing_gives_the_same_gradients(reference):
 
 @pytest.mark.parametrize("tokens", [4, 16, 64])
 def test_attention_matches_torchs_fused_kernel(tokens):
-    # Up to SHORT_SEQUENCE tokens on CPU the products are written out; beyond, torch's kernel itself.
+    # Up to SHORT_SEQUENCE tokens on CPU the products are written out (core.short_attention); beyond, torch's kernel.
     torch.manual_seed(0)
-    q, k, v = (torch.randn(3, 2, tokens, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    ours = attention(q, k, v)
-    grads = torch.autograd.grad(ours.square().sum(), (q, k, v))
-    fused = F.scaled_dot_product_attention(q, k, v)
-    fused_grads = torch.autograd.grad(fused.square().sum(), (q, k, v))
+    heads, head_dim = 2, 8
+    qkv = torch.randn(3, tokens, 3 * heads * head_dim, dtype=torch.float64, requires_grad=True)  # (N, T, 3·D)
+    ours = attention(qkv, heads)
+    (grad,) = torch.autograd.grad(ours.square().sum(), qkv)
+    q, k, v = qkv.reshape(3, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # timm's split
+    fused = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(3, tokens, heads * head_dim)
+    (fused_grad,) = torch.autograd.grad(fused.square().sum(), qkv)
+    assert ours.shape == (3, tokens, heads * head_dim)
     if tokens > SHORT_SEQUENCE:
         assert torch.equal(ours, fused)
     torch.testing.assert_close(ours, fused, rtol=1e-12, atol=1e-12)
-    for g, f in zip(grads, fused_grads):
-        torch.testing.assert_close(g, f, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, fused_grad, rtol=1e-10, atol=1e-12)

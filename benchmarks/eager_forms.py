@@ -1,0 +1,85 @@
+"""core's eager CPU forms (GELU, short attention) against the torch ops they stand in for, in whole training steps.
+
+    python -m benchmarks.eager_forms [--models DiT-T/2 ...] [--batch 64] [--threads 1] [--rounds 40]
+
+One model per preset trains (forward, backward, fused AdamW on random digits-shaped inputs) with its MLPs and
+attention switched round by round between core's forms (core.gelu, core.short_attention) and the plain torch ops the
+reference computes (aten's tanh GELU, timm's unfused attention under autograd),
+interleaved in one process, three steps a round, the last two timed: across processes this box's spread is larger
+than the difference.
+Best and median of the rounds.
+"""
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import core.models
+from benchmarks.machine import describe
+from benchmarks.train_step import make_step
+from core.models import DiT, model_config
+
+
+def timm_attention(qkv, num_heads):
+    """The reference's attention as plain ops: split into heads, scaled products, softmax."""
+    n, t, three_d = qkv.shape
+    q, k, v = qkv.reshape(n, t, 3, num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # each (N, H, T, d)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (N, H, T, T)
+    return (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(n, t, three_d // 3)  # (N, T, D)
+
+
+TORCH_FORMS = {"gelu": lambda x: F.gelu(x, approximate="tanh"), "attention": timm_attention}
+CORE_FORMS = {"gelu": core.models.approx_gelu, "attention": core.models.attention}
+
+
+def use(forms):
+    """Point the model's modules at one set of forms (they look them up at each call)."""
+    core.models.approx_gelu = forms["gelu"]
+    core.models.attention = forms["attention"]
+
+
+def step_times(name, batch, rounds):
+    """Best and median ms of a training step with torch's forms and with core's, interleaved in one model."""
+    cfg = model_config(name)
+    torch.manual_seed(0)
+    step = make_step(DiT(**cfg), lambda m, x, t, y: m(x, t, y), batch, cfg, torch.device("cpu"))
+    sets = {"torch": TORCH_FORMS, "core": CORE_FORMS}
+    times = {k: [] for k in sets}
+    try:
+        for forms in sets.values():
+            use(forms)
+            step()
+        for r in range(rounds):
+            for k in (sets if r % 2 else reversed(list(sets))):
+                use(sets[k])
+                step()  # the switch's step: the allocator meets the other forms' buffer sizes
+                start = time.perf_counter()
+                step()
+                step()
+                times[k].append((time.perf_counter() - start) / 2)
+    finally:
+        use(CORE_FORMS)
+    return {k: (min(t) * 1e3, statistics.median(t) * 1e3) for k, t in times.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["DiT-P/2", "DiT-N/2", "DiT-T/2", "DiT-T/4", "DiT-M/2"])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1, help="1: as a study's trial trains, one core each")
+    parser.add_argument("--rounds", type=int, default=40)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"machine: {describe()}")
+    print(f"batch {args.batch}, {args.threads} thread(s); training step ms, best / median of {args.rounds} rounds")
+    print(f"{'model':8} {'torch forms':>15} {'core forms':>15} {'speed-up (median)':>18}")
+    for name in args.models:
+        times = step_times(name, args.batch, args.rounds)
+        (tb, tm), (cb, cm) = times["torch"], times["core"]
+        print(f"{name:8} {tb:6.1f} / {tm:6.1f} {cb:6.1f} / {cm:6.1f} {tm / cm:17.2f}×")
+
+
+if __name__ == "__main__":
+    main()
