@@ -19,7 +19,7 @@ class _ShortAttention(torch.autograd.Function):
     def forward(ctx, qkv, num_heads):
         n, t, three_d = qkv.shape
         dh = three_d // (3 * num_heads)
-        heads = qkv.view(n, t, 3, num_heads, dh).permute(2, 0, 3, 1, 4).reshape(3, n * num_heads, t, dh)  # one copy
+        heads = qkv.reshape(n, t, 3, num_heads, dh).permute(2, 0, 3, 1, 4).reshape(3, n * num_heads, t, dh)  # one copy
         q, k, v = heads.unbind(0)  # each (NH, T, d), contiguous
         unused = q.new_empty(()).expand(n * num_heads, t, t)  # baddbmm with beta=0 neither reads nor propagates it
         probs = torch.baddbmm(unused, q, k.transpose(1, 2), beta=0, alpha=dh ** -0.5).softmax(-1)  # (NH, T, T)
@@ -35,7 +35,7 @@ class _ShortAttention(torch.autograd.Function):
         n, t, d = grad.shape
         num_heads = ctx.num_heads
         dh = d // num_heads
-        grad = grad.view(n, t, num_heads, dh).transpose(1, 2).reshape(n * num_heads, t, dh)  # (NH, T, d)
+        grad = grad.reshape(n, t, num_heads, dh).transpose(1, 2).reshape(n * num_heads, t, dh)  # (NH, T, d), a copy
         grad_heads = torch.empty_like(heads)  # (3, NH, T, d): q's, k's and v's gradients, permuted back in one copy
         grad_q, grad_k, grad_v = grad_heads.unbind(0)
         torch.bmm(probs.transpose(1, 2), grad, out=grad_v)

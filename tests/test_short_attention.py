@@ -40,3 +40,14 @@ def test_under_autocast_the_plain_products():
         want = timm_attention(qkv, H)
     assert type(y.grad_fn).__name__ != "_ShortAttentionBackward" and y.dtype == torch.bfloat16
     torch.testing.assert_close(y, want, rtol=2e-2, atol=2e-2)
+
+
+def test_any_layout_of_input_and_gradient():
+    """A strided qkv (a slice) and an expanded gradient (a sum's) go through the same products."""
+    wide = torch.randn(N, T, 4 * H * HEAD_DIM, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    qkv = wide[..., : 3 * H * HEAD_DIM]  # not contiguous
+    short_attention(qkv, H).sum().backward()  # the gradient arrives expanded from a scalar
+    ours = wide.grad.clone()
+    wide.grad = None
+    timm_attention(qkv, H).sum().backward()
+    torch.testing.assert_close(ours, wide.grad, rtol=1e-5, atol=1e-6)
