@@ -3,13 +3,14 @@
 For up to 16 tokens torch's fused CPU kernel pays a set-up per image and head that outweighs the products
 (core.models.attention), so these are the reference's (timm's) unfused products. Under plain autograd those take
 a copy of q, k, v and the output each way: matmul copies its strided operands, and the split into heads has the
-permute, stack and clone of its backward. Here one copy lays q, k, v out head by head, the products read them in
-place (k transposed as a view, the scale in the product), and the backward writes the three gradients into one
-buffer and permutes it back once (DiT-T/2's block, batch 64, one thread: 380 against 443 µs forward, 590 against
+permute, stack and clone of its backward. Here one copy lays q, k, v out head by head (none where that layout is
+already a view: one image or one head), the products read them in place (k transposed as a view, the scale in the
+product), and the backward writes the three gradients into one buffer and permutes it back once (DiT-T/2's block, batch 64, one thread: 380 against 443 µs forward, 590 against
 730 backward, on the AVX-512 EPYC of benchmarks/README.md). Compiled or under autocast, the same products as plain
 ops, which inductor fuses.
 """
 import torch
+from torch.autograd.function import once_differentiable
 
 
 class _ShortAttention(torch.autograd.Function):
@@ -19,8 +20,8 @@ class _ShortAttention(torch.autograd.Function):
     def forward(ctx, qkv, num_heads):
         n, t, three_d = qkv.shape
         dh = three_d // (3 * num_heads)
-        heads = qkv.reshape(n, t, 3, num_heads, dh).permute(2, 0, 3, 1, 4).reshape(3, n * num_heads, t, dh)  # one copy
-        q, k, v = heads.unbind(0)  # each (NH, T, d), contiguous
+        heads = qkv.reshape(n, t, 3, num_heads, dh).permute(2, 0, 3, 1, 4).reshape(3, n * num_heads, t, dh)  # (3, NH, T, d)
+        q, k, v = heads.unbind(0)  # each (NH, T, d)
         unused = q.new_empty(()).expand(n * num_heads, t, t)  # baddbmm with beta=0 neither reads nor propagates it
         probs = torch.baddbmm(unused, q, k.transpose(1, 2), beta=0, alpha=dh ** -0.5).softmax(-1)  # (NH, T, T)
         ctx.save_for_backward(heads, probs)
@@ -29,14 +30,16 @@ class _ShortAttention(torch.autograd.Function):
         return out.view(n, num_heads, t, dh).transpose(1, 2).reshape(n, t, num_heads * dh)  # (N, T, D)
 
     @staticmethod
+    @once_differentiable  # the products write into one buffer (out=), which autograd cannot differentiate again
     def backward(ctx, grad):
         heads, probs = ctx.saved_tensors
         q, k, v = heads.unbind(0)
         n, t, d = grad.shape
         num_heads = ctx.num_heads
         dh = d // num_heads
-        grad = grad.reshape(n, t, num_heads, dh).transpose(1, 2).reshape(n * num_heads, t, dh)  # (NH, T, d), a copy
-        grad_heads = torch.empty_like(heads)  # (3, NH, T, d): q's, k's and v's gradients, permuted back in one copy
+        grad = grad.reshape(n, t, num_heads, dh).transpose(1, 2).reshape(n * num_heads, t, dh)  # (NH, T, d)
+        # (3, NH, T, d), contiguous: q's, k's and v's gradients, permuted back in one copy
+        grad_heads = heads.new_empty(heads.shape)
         grad_q, grad_k, grad_v = grad_heads.unbind(0)
         torch.bmm(probs.transpose(1, 2), grad, out=grad_v)
         grad_scores = torch._softmax_backward_data(torch.bmm(grad, v.transpose(1, 2)), probs, -1, probs.dtype)

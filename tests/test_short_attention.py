@@ -1,4 +1,5 @@
 """core.short_attention: the reference's unfused attention products, with a backward of fewer copies."""
+import pytest
 import torch
 
 from core.short_attention import _ShortAttention, short_attention
@@ -27,10 +28,13 @@ def test_values_and_gradients_are_the_references():
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
 
 
-def test_backward_is_the_derivative_of_the_forward():
-    qkv = torch.randn(2, 5, 3 * 2 * 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1),
+@pytest.mark.parametrize("images, tokens, heads", [(2, 5, 2), (1, 4, 2), (3, 16, 1), (1, 1, 1)],
+                         ids=["images and heads", "one image", "one head", "one token"])
+def test_backward_is_the_derivative_of_the_forward(images, tokens, heads):
+    # One image or one head: the head-by-head layout is a view of qkv, not a copy.
+    qkv = torch.randn(images, tokens, 3 * heads * 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1),
                       requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x: _ShortAttention.apply(x, 2), (qkv,))
+    assert torch.autograd.gradcheck(lambda x: _ShortAttention.apply(x, heads), (qkv,))
 
 
 def test_under_autocast_the_plain_products():
@@ -40,6 +44,9 @@ def test_under_autocast_the_plain_products():
         want = timm_attention(qkv, H)
     assert type(y.grad_fn).__name__ != "_ShortAttentionBackward" and y.dtype == torch.bfloat16
     torch.testing.assert_close(y, want, rtol=2e-2, atol=2e-2)
+    (ours,) = torch.autograd.grad(y.float().square().sum(), qkv)
+    (theirs,) = torch.autograd.grad(want.float().square().sum(), qkv)
+    torch.testing.assert_close(ours, theirs, rtol=2e-2, atol=2e-2)
 
 
 def test_any_layout_of_input_and_gradient():
