@@ -19,17 +19,10 @@ import core.models
 from benchmarks.machine import describe
 from benchmarks.train_step import make_step
 from core.models import DiT, model_config
+from core.short_attention import unfused_attention
 
 
-def timm_attention(qkv, num_heads):
-    """The reference's attention as plain ops: split into heads, scaled products, softmax."""
-    n, t, three_d = qkv.shape
-    q, k, v = qkv.reshape(n, t, 3, num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # each (N, H, T, d)
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (N, H, T, T)
-    return (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(n, t, three_d // 3)  # (N, T, D)
-
-
-TORCH_FORMS = {"gelu": lambda x: F.gelu(x, approximate="tanh"), "attention": timm_attention}
+TORCH_FORMS = {"gelu": lambda x: F.gelu(x, approximate="tanh"), "attention": unfused_attention}
 CORE_FORMS = {"gelu": core.models.approx_gelu, "attention": core.models.attention}
 
 

@@ -50,11 +50,27 @@ class _ShortAttention(torch.autograd.Function):
         return grad_qkv, None
 
 
+def split_heads(qkv, num_heads):
+    """The timm layout's q, k, v, each (N, H, T, d), as views of fused projections (N, T, 3·D)."""
+    n, t, three_d = qkv.shape
+    return qkv.reshape(n, t, 3, num_heads, three_d // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def merge_heads(x):
+    """Heads' outputs (N, H, T, d) back to tokens (N, T, D)."""
+    n, h, t, d = x.shape
+    return x.transpose(1, 2).reshape(n, t, h * d)
+
+
+def unfused_attention(qkv, num_heads):
+    """The reference's (timm's) attention as plain ops under autograd: (N, T, 3·D) -> (N, T, D)."""
+    q, k, v = split_heads(qkv, num_heads)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (N, H, T, T)
+    return merge_heads(scores.softmax(dim=-1) @ v)
+
+
 def short_attention(qkv, num_heads):
     """Attention of (N, T, 3·D) fused projections -> (N, T, D) as unfused products, for CPU and a few tokens."""
     if not torch.compiler.is_compiling() and not torch.is_autocast_enabled(qkv.device.type):
         return _ShortAttention.apply(qkv, num_heads)
-    n, t, three_d = qkv.shape
-    q, k, v = qkv.reshape(n, t, 3, num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # each (N, H, T, d)
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (N, H, T, T)
-    return (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(n, t, three_d // 3)  # (N, T, D)
+    return unfused_attention(qkv, num_heads)
