@@ -13,6 +13,7 @@ import torch
 from diffusers import DiTTransformer2DModel
 
 from benchmarks.machine import describe
+from core.host_memory import hold_freed_memory
 from core.models import DiT, model_config
 from core.optim import build_optimizer
 
@@ -29,6 +30,8 @@ def diffusers_twin(cfg):
 
 def make_step(model, forward, batch, cfg, device):
     """A closure running one forward/backward/AdamW step on fixed random inputs."""
+    if torch.device(device).type == "cpu":
+        hold_freed_memory()  # as a trial does; else the speed hangs on where glibc's thresholds settle (host_memory)
     opt = build_optimizer(model, lr=1e-4)
     c, s = cfg["in_channels"], cfg["input_size"]
     x = torch.randn(batch, c, s, s, device=device)

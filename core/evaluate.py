@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from core.fid import FID_NOTES, fidelity, file_digest, resolve_extractor
+from core.host_memory import hold_freed_memory
 from core.real_images import UInt8Images, heldout_images, reference_images, to_uint8
 from core.sample_grid import save_grid
 from core.sampling import sample
@@ -133,6 +134,8 @@ def latent_decoder(meta, vae, device):
 
 def generate(model, cfg, labels, seeds, *, device, decode=None, autocast_dtype=None):
     """uint8 images (n, C, H, W) on the CPU, one per (label, seed), sampled in batches of cfg.batch_size."""
+    if torch.device(device).type == "cpu":
+        hold_freed_memory()  # each sampling step's tensors in pages the last one mapped (core/host_memory.py)
     out = []
     for start in range(0, len(labels), cfg.batch_size):
         y = labels[start:start + cfg.batch_size].to(device)

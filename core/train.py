@@ -26,6 +26,7 @@ from core.data import DATASETS, ShardedBatchSampler, UnreadableImage, build_data
 from core.diffusion import create_diffusion
 from core.ema import EMA
 from core.flops import gflops_from_config, train_flop_per_image
+from core.host_memory import hold_freed_memory
 from core.models import DiT, DiT_models, check_shape, model_config
 from core.optim import LR_SCHEDULES, build_optimizer, deepspeed_config, lr_lambda
 from core.writable import write_problem
@@ -445,6 +446,8 @@ def train(cfg, out_dir, milestones=(), callbacks=None, resume_from=None, checkpo
     import deepspeed
 
     rank, world, _, device = setup_distributed()
+    if device.type == "cpu":
+        hold_freed_memory()  # each step's tensors in pages the last step mapped (core/host_memory.py)
     if cfg.batch_size % (cfg.grad_accum * world):
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by grad_accum {cfg.grad_accum} × "
                          f"{world} processes")
