@@ -21,8 +21,10 @@ import time
 import torch
 
 from benchmarks.machine import describe
+from core.host_memory import users_settings
 
 MODES = ("glibc", "held")
+BATCH, WINDOW = 64, 10  # core.train's batch (the default study's) and its log window
 
 
 def faults():
@@ -47,22 +49,24 @@ def measure(mode, name, samples, steps):
     result = {"sample_images_per_s": samples / (time.perf_counter() - start), "sample_faults": faults() - start_faults}
 
     class Steps(Callbacks):
+        """The seconds, steps and page faults of every log window after the first (the warm-up)."""
+
         def __init__(self):
-            self.seconds, self.steps, self.faults = 0.0, 0, 0
+            self.seconds, self.steps, self.faults, self.faults_from = 0.0, 0, 0, None
 
         def on_log(self, trial, metrics):
-            if trial.step > 10:  # after the first window's warm-up
-                self.seconds += 10 * 64 / metrics["images_per_s"]
-                self.steps += 10
-                self.faults = faults() - self.faults_from
-            else:
+            if self.faults_from is None:
                 self.faults_from = faults()
+                return
+            self.seconds += WINDOW * BATCH / metrics["images_per_s"]
+            self.steps += WINDOW
+            self.faults = faults() - self.faults_from
 
     logging.disable(logging.WARNING)
     record = Steps()
     with tempfile.TemporaryDirectory() as out:
-        train(TrainConfig(model=name, dataset="digits", batch_size=64, max_steps=steps, lr=1e-3, zero_stage=0,
-                          log_every=10, ckpt_every=10 ** 9, val_batch=0, num_workers=0), out, callbacks=record)
+        train(TrainConfig(model=name, dataset="digits", batch_size=BATCH, max_steps=steps, lr=1e-3, zero_stage=0,
+                          log_every=WINDOW, ckpt_every=10 ** 9, val_batch=0, num_workers=0), out, callbacks=record)
     result.update(train_step_ms=1e3 * record.seconds / record.steps, train_faults=record.faults)
     return result
 
@@ -72,17 +76,19 @@ def main():
     parser.add_argument("--model", default="DiT-T/2")
     parser.add_argument("--pairs", type=int, default=3, help="fresh processes per mode, alternating")
     parser.add_argument("--samples", type=int, default=500)
-    parser.add_argument("--steps", type=int, default=60, help="a multiple of 10, at least 20")
+    parser.add_argument("--steps", type=int, default=60, help=f"a multiple of {WINDOW}, at least {2 * WINDOW}")
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.steps < 2 * WINDOW or args.steps % WINDOW:
+        parser.error(f"--steps must be a multiple of {WINDOW}, at least {2 * WINDOW}: the first window is warm-up")
     if args.child:
         print(json.dumps(measure(args.child, args.model, args.samples, args.steps)))
         return
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
-    env["OMP_NUM_THREADS"] = "1"
+    drop = {*users_settings(os.environ), "LD_PRELOAD"}  # glibc's malloc as it starts, or as held
+    env = {**{k: v for k, v in os.environ.items() if k not in drop}, "OMP_NUM_THREADS": "1"}
     print(f"machine: {describe()}")
     print(f"{args.model}, one thread: sampling {args.samples} images (DDIM-25, batch 256), then {args.steps} steps of "
-          "core.train (batch 64, the first 10 not counted); a fresh process each")
+          f"core.train (batch {BATCH}, the first {WINDOW} not counted); a fresh process each")
     print(f"{'run':>3} {'thresholds':10} {'sample img/s':>12} {'faults':>9} {'train ms/step':>13} {'faults':>9}")
     for i in range(args.pairs):
         for mode in MODES if i % 2 == 0 else MODES[::-1]:

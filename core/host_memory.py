@@ -1,39 +1,53 @@
 """Keep the host memory a CPU training or sampling process frees, so that its next step reuses pages already mapped.
 
-glibc's malloc hands a freed block above its mmap threshold back to the OS at once, and trims the heap's top when
-more than twice that threshold lies free there; the threshold itself moves with the sizes freed. A step frees and
-allocates the same megabyte-sized tensors every time, and by the order in which their sizes first came and went a
-process can settle where every step maps them afresh and the kernel zeroes each 4 KiB page at its first touch:
-sampling DiT-T/2 for FID on the 2-core box ran at 69-72 images/s instead of 101-106 in two runs of three, with
-1.7 million page faults against 0.2 (benchmarks/README.md, "Host memory"). PyTorch's CPU tuning guide swaps in
-another allocator (jemalloc, tcmalloc) for this; glibc's own mallopt does the same here without a preload: the
-mmap threshold fixed at glibc's largest (blocks above it still come from, and go back to, the OS) and no trimming
-short of 2 GiB free at the top. Memory a step freed stays with the process, which takes it again the next step.
+glibc's malloc maps a block over its mmap threshold afresh and unmaps it at its free, and trims the heap's top when
+its trim threshold lies free there; both move with the sizes freed. By the order of a process's first allocations it
+may settle where a step's megabyte-sized tensors are mapped again every step and the kernel zeroes each 4 KiB page at
+its first touch: sampling DiT-T/2 in fresh processes ran at 60 images/s against 104 with the settings below
+(benchmarks/README.md, "Host memory"; trials, which train before they sample, settled well in the runs measured).
+PyTorch's CPU tuning guide swaps in another allocator (jemalloc, tcmalloc) for this; glibc's mallopt does it without
+a preload. Memory a step frees stays with the process, which takes it again the next step.
 """
 import ctypes
 import os
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
-MMAP_THRESHOLD = 32 << 20  # glibc's largest (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit): mallopt refuses more
-TRIM_THRESHOLD = 2 ** 31 - 1  # mallopt takes a C int
-# Settings a user (or a cluster's launcher) gave glibc at the process's start: theirs stand.
-USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES")
+# The highest glibc's own moving threshold reaches (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit; older glibc refuses more):
+# larger blocks still come from, and go back to, the OS.
+MMAP_THRESHOLD = 32 << 20
+TRIM_THRESHOLD = 2 ** 31 - 1  # mallopt takes a C int: trimmed past 2 GiB free at the top
+# Thresholds a user (or a cluster's launcher) gave glibc's malloc at the process's start: theirs stand.
+USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
+USER_TUNABLES = ("glibc.malloc.mmap_threshold", "glibc.malloc.trim_threshold", "glibc.malloc.top_pad",
+                 "glibc.malloc.mmap_max")
 
 held = False  # whether this process's thresholds are set
+
+
+def users_settings(environ):
+    """The variables of environ that set glibc's malloc thresholds (GLIBC_TUNABLES where it names one)."""
+    tunables = environ.get("GLIBC_TUNABLES", "")
+    return [k for k in USER_SETTINGS if k in environ] + (["GLIBC_TUNABLES"] * any(t in tunables for t in USER_TUNABLES))
+
+
+def _glibc():
+    """This process's C library through ctypes where it is glibc, else None."""
+    try:
+        if os.confstr("CS_GNU_LIBC_VERSION"):  # glibc alone answers
+            return ctypes.CDLL(None)
+    except (AttributeError, ValueError, OSError):  # Windows has no confstr; macOS and musl no such name
+        pass
+    return None
 
 
 def hold_freed_memory():
     """Set glibc's mmap and trim thresholds once per process; whether they are set (not glibc, or a user's: no)."""
     global held
-    if held or any(name in os.environ for name in USER_SETTINGS):
+    if held or users_settings(os.environ):
         return held
-    try:
-        libc = ctypes.CDLL(None)
-    except OSError:  # Windows
+    libc = _glibc()
+    if libc is None:
         return False
-    if not hasattr(libc, "gnu_get_libc_version"):  # not glibc: macOS, musl
-        return False
-    # Setting either also stops glibc moving them with the sizes freed (its dynamic threshold).
-    held = bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
-    held = held and bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    # Setting either also stops glibc moving them with the sizes freed.
+    held = bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     return held

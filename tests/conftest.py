@@ -61,6 +61,14 @@ def _private_ray(monkeypatch):
 
 
 @pytest.fixture
+def fresh_process_env():
+    """os.environ for a fresh process that trains on its own: without the variables of the one-process group that
+    core.train, run in this session's process by another test, may have left there (the process would join it)."""
+    group = {"MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"}
+    return {k: v for k, v in os.environ.items() if k not in group}
+
+
+@pytest.fixture
 def encode_tiny_latents():
     """encode(folder, seed): a latent folder of 16 images (4×4×4 latents, 2 classes) written as an encode is,
     replacing what is there (each call a new encode of the folder, as scaling.encode_latents would make)."""

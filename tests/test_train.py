@@ -308,13 +308,11 @@ print("graphs compiled afterwards:", len(graphs))
 """
 
 
-def test_an_eager_trial_does_not_import_the_compiler(tmp_path):
+def test_an_eager_trial_does_not_import_the_compiler(tmp_path, fresh_process_env):
     # DeepSpeed's ZeRO imports its Muon module, whose torch.compile decorators import Inductor's compiler
     # (seconds of every trial's start); core imports that module with TorchDynamo off. Afterwards compiling
-    # works as before and the environment is as it was. A fresh process: the test session may have compiled
-    # (and its own one-process group left MASTER_PORT and RANK in the environment).
-    own = {"TORCHDYNAMO_DISABLE", "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"}
-    env = {k: v for k, v in os.environ.items() if k not in own}
+    # works as before and the environment is as it was. A fresh process: the test session may have compiled.
+    env = {k: v for k, v in fresh_process_env.items() if k != "TORCHDYNAMO_DISABLE"}
     proc = subprocess.run([sys.executable, "-c", EAGER_START, str(tmp_path)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
