@@ -27,7 +27,8 @@ held = False  # whether this process's thresholds are set
 def users_settings(environ):
     """The variables of environ that set glibc's malloc thresholds (GLIBC_TUNABLES where it names one)."""
     tunables = environ.get("GLIBC_TUNABLES", "")
-    return [k for k in USER_SETTINGS if k in environ] + (["GLIBC_TUNABLES"] * any(t in tunables for t in USER_TUNABLES))
+    named = [k for k in USER_SETTINGS if k in environ]
+    return named + (["GLIBC_TUNABLES"] if any(t in tunables for t in USER_TUNABLES) else [])
 
 
 def _glibc():
