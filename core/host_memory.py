@@ -3,8 +3,9 @@
 glibc's malloc maps a block over its mmap threshold afresh and unmaps it at its free, and trims the heap's top when
 its trim threshold lies free there; both move with the sizes freed. By the order of a process's first allocations it
 may settle where a step's megabyte-sized tensors are mapped again every step and the kernel zeroes each 4 KiB page at
-its first touch: sampling DiT-T/2 in fresh processes ran at 60 images/s against 104 with the settings below
-(benchmarks/README.md, "Host memory"; trials, which train before they sample, settled well in the runs measured).
+its first touch: sampling DiT-T/2 in fresh processes ran at 60 images/s against 104 with the settings below, and
+its compiled training steps at 51-58% of the fp32 peak against 61-65% (benchmarks/README.md, "Host memory" and
+"Training throughput"; eager trials, which train before they sample, settled well in the runs measured).
 PyTorch's CPU tuning guide swaps in another allocator (jemalloc, tcmalloc) for this; glibc's mallopt does it without
 a preload. Memory a step frees stays with the process, which takes it again the next step.
 """
