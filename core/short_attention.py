@@ -5,9 +5,9 @@ For up to 16 tokens torch's fused CPU kernel pays a set-up per image and head th
 a copy of q, k, v and the output each way: matmul copies its strided operands, and the split into heads has the
 permute, stack and clone of its backward. Here one copy lays q, k, v out head by head (none where that layout is
 already a view: one image or one head), the products read them in place (k transposed as a view, the scale in the
-product), and the backward writes the three gradients into one buffer and permutes it back once (DiT-T/2's block, batch 64, one thread: 380 against 443 µs forward, 590 against
-730 backward, on the AVX-512 EPYC of benchmarks/README.md). Compiled or under autocast, the same products as plain
-ops, which inductor fuses.
+product), and the backward writes the three gradients into one buffer and permutes it back once (DiT-T/2's block,
+batch 64, one thread: 380 against 443 µs forward, 590 against 730 backward, on the AVX-512 EPYC of
+benchmarks/README.md). Compiled or under autocast, the same products as plain ops, which inductor fuses.
 """
 import torch
 from torch.autograd.function import once_differentiable
@@ -18,16 +18,17 @@ class _ShortAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv, num_heads):
-        n, t, three_d = qkv.shape
-        dh = three_d // (3 * num_heads)
-        heads = qkv.reshape(n, t, 3, num_heads, dh).permute(2, 0, 3, 1, 4).reshape(3, n * num_heads, t, dh)  # (3, NH, T, d)
+        n, t, _ = qkv.shape
+        heads = _timm_heads(qkv, num_heads)
+        dh = heads.shape[-1]
+        heads = heads.reshape(3, n * num_heads, t, dh)  # (3, NH, T, d): the one copy of the forward
         q, k, v = heads.unbind(0)  # each (NH, T, d)
         unused = q.new_empty(()).expand(n * num_heads, t, t)  # baddbmm with beta=0 neither reads nor propagates it
         probs = torch.baddbmm(unused, q, k.transpose(1, 2), beta=0, alpha=dh ** -0.5).softmax(-1)  # (NH, T, T)
         ctx.save_for_backward(heads, probs)
         ctx.num_heads = num_heads
         out = torch.bmm(probs, v)  # (NH, T, d)
-        return out.view(n, num_heads, t, dh).transpose(1, 2).reshape(n, t, num_heads * dh)  # (N, T, D)
+        return merge_heads(out.view(n, num_heads, t, dh))  # (N, T, D)
 
     @staticmethod
     @once_differentiable  # the products write into one buffer (out=), which autograd cannot differentiate again
@@ -50,10 +51,15 @@ class _ShortAttention(torch.autograd.Function):
         return grad_qkv, None
 
 
+def _timm_heads(qkv, num_heads):
+    """Fused projections (N, T, 3·D) in the timm layout (3, H, d) as a view (3, N, H, T, d)."""
+    n, t, three_d = qkv.shape
+    return qkv.reshape(n, t, 3, num_heads, three_d // (3 * num_heads)).permute(2, 0, 3, 1, 4)
+
+
 def split_heads(qkv, num_heads):
     """The timm layout's q, k, v, each (N, H, T, d), as views of fused projections (N, T, 3·D)."""
-    n, t, three_d = qkv.shape
-    return qkv.reshape(n, t, 3, num_heads, three_d // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
+    return _timm_heads(qkv, num_heads).unbind(0)
 
 
 def merge_heads(x):
