@@ -16,6 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
+from core.transpose import transposed
+
 # (X, W, B, "none", [], "") -> X @ W^T + B; absent from torch builds without oneDNN, which keep F.linear.
 _onednn_matmul = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
 
@@ -74,16 +76,21 @@ class _OneDNNLinear(torch.autograd.Function):
             grad_x = _matmul(g, weight.t()).view(ctx.input_shape)  # (M, K)
         if ctx.needs_input_grad[1]:
             # g^T x, (N, K). oneDNN's first operand must be row-major: a transposed copy of g (M·N floats), or of x
-            # (M·K) for (x^T g)^T, which autograd copies into the parameter's (N, K) layout when it first sets the
-            # gradient (N·K more): the fewer floats copied (x for a block's wide linears, g for the adaLN's, whose M
-            # is the batch alone).
+            # (M·K) for (x^T g)^T, whose (K, N) result is laid out as the parameter's (N, K) (N·K more): the fewer
+            # floats copied (x for a block's wide linears, g for the adaLN's, whose M is the batch alone).
             # Made here rather than inside the op, so that torch.compile writes it as a vectorised tiled transpose
-            # where aten's copy is scalar (compiled DiT-M/2 step, batch 128: 367 against 408 ms median).
+            # (compiled DiT-M/2 step, batch 128: 367 against 408 ms median); eager, core.transpose's copies, where
+            # aten's are scalar (autograd would lay the result out with aten's when it first sets the gradient).
             m, n, k = g.shape[0], g.shape[1], x2.shape[1]
-            if m * k + n * k < m * n:
-                grad_w = _matmul(x2.t().contiguous(), g.t()).t()
+            if torch.compiler.is_compiling():
+                if m * k + n * k < m * n:
+                    grad_w = _matmul(x2.t().contiguous(), g.t()).t()
+                else:
+                    grad_w = _matmul(g.t().contiguous(), x2.t())
+            elif m * k + n * k < m * n:
+                grad_w = transposed(_matmul(transposed(x2), g.t()))
             else:
-                grad_w = _matmul(g.t().contiguous(), x2.t())
+                grad_w = _matmul(transposed(g), x2.t())
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g.sum(0)  # (N,)
         return grad_x, grad_w, grad_b

@@ -6,6 +6,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import core.linear
+import core.transpose
 from core.linear import Linear, _OneDNNLinear, linear
 from core.models import DiT, model_config
 
@@ -73,31 +74,43 @@ class _OpNames(TorchDispatchMode):
 
 
 class _Copies(TorchDispatchMode):
-    """Records the shape of every copy (clone, copy_) made inside it."""
+    """Records every copy (clone, copy_) made inside it, and whether core.transpose made it."""
 
     def __init__(self):
         super().__init__()
-        self.shapes = []
+        self.transposing = False
+        self.copies = []  # (shape, made by core.transpose)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func.name() in ("aten::clone", "aten::copy_"):
-            self.shapes.append(tuple(out.shape))
+        if func.name() in ("aten::clone", "aten::copy_", "aten::native_channel_shuffle"):
+            self.copies.append((tuple(out.shape), self.transposing))
         return out
 
 
 @pytest.mark.skipif(not core.linear.ONEDNN_PREFERRED, reason="core's linears are F.linear on this CPU")
-@pytest.mark.parametrize("rows, in_features, out_features, copies", [
-    (2048, 96, 288, [(96, 2048), (288, 96)]),  # a block's qkv: x^T, then autograd lays (x^T g)^T out as the weight
-    (2048, 384, 96, [(96, 2048)]),  # its fc2: g^T
-    (128, 256, 1536, [(1536, 128)]),  # the adaLN: g^T (197k floats) rather than x^T and the result (426k)
+@pytest.mark.parametrize("rows, in_features, out_features, transposed", [
+    (2048, 96, 288, [(2048, 96), (96, 288)]),  # a block's qkv: x, then (x^T g) into the weight's layout
+    (2048, 384, 96, [(2048, 96)]),  # its fc2: g
+    (128, 256, 1536, [(128, 1536)]),  # the adaLN: g (197k floats) rather than x and the result (426k)
 ])
-def test_the_weight_gradient_copies_the_fewer_floats(rows, in_features, out_features, copies):
+def test_the_weight_gradient_copies_the_fewer_floats(monkeypatch, rows, in_features, out_features, transposed):
     layer = Linear(in_features, out_features)
     out = layer(torch.randn(rows, in_features, requires_grad=True))
-    with _Copies() as recorded:
+    recorded, made = _Copies(), []
+
+    def recording_transposed(x):
+        made.append(tuple(x.shape))
+        recorded.transposing = True
+        try:
+            return core.transpose.transposed(x)
+        finally:
+            recorded.transposing = False
+    monkeypatch.setattr(core.linear, "transposed", recording_transposed)
+    with recorded:
         out.backward(torch.randn(rows, out_features))
-    assert sorted(recorded.shapes) == sorted(copies)
+    assert sorted(made) == sorted(transposed)
+    assert recorded.copies and all(by_transpose for _, by_transpose in recorded.copies)  # none of autograd's own
     assert layer.weight.grad.is_contiguous()
 
 

@@ -1,0 +1,62 @@
+"""core.layer_norm: the group-norm forward is nn.LayerNorm's function and gradient, and is taken on CPU."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from core.layer_norm import LayerNorm
+
+
+class _OpNames(TorchDispatchMode):
+    """Records the name of every aten op that runs inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("shape, offset", [
+    ((64, 16, 160), 0.0),  # DiT-T/2's tokens at batch 64
+    ((8, 4, 96), 3.0),  # a /4 model's, off-centre
+    ((5, 7), -2.0),  # plain rows
+    ((3, 1, 1), 0.0),  # one feature: normalised to 0
+])
+def test_layer_norm_gives_torchs_values_and_gradient(shape, offset):
+    torch.manual_seed(0)
+    x = torch.randn(*shape) * 2 + offset
+    grad = torch.randn(*shape)
+    norm = LayerNorm(shape[-1], elementwise_affine=False, eps=1e-6)
+    ours = x.clone().requires_grad_()
+    with _OpNames() as ops:
+        out = norm(ours)
+        out.backward(grad)
+    assert "aten::native_group_norm" in ops.names and "aten::native_layer_norm_backward" in ops.names
+    assert "aten::native_layer_norm" not in ops.names
+    ref = x.double().requires_grad_()
+    want = F.layer_norm(ref, (shape[-1],), eps=1e-6)
+    want.backward(grad.double())
+    assert out.dtype == torch.float32 and out.shape == x.shape
+    torch.testing.assert_close(out.double(), want.detach(), rtol=0, atol=2e-6)
+    torch.testing.assert_close(ours.grad.double(), ref.grad, rtol=0, atol=1e-5)
+
+
+def test_layer_norm_is_nn_layer_norm_elsewhere():
+    x = torch.randn(4, 6, 32)
+    affine = LayerNorm(32, eps=1e-6)  # with weight and bias: torch's own
+    with _OpNames() as ops:
+        out = affine(x)
+    assert "aten::native_group_norm" not in ops.names
+    torch.testing.assert_close(out, nn.functional.layer_norm(x, (32,), affine.weight, affine.bias, 1e-6))
+    plain = LayerNorm(32, elementwise_affine=False, eps=1e-6)
+    with _OpNames() as ops:
+        assert plain(x.double()).dtype == torch.float64  # other dtypes: torch's
+    assert "aten::native_group_norm" not in ops.names
+    with torch.autocast("cpu", dtype=torch.bfloat16), _OpNames() as ops:
+        plain(x)
+    assert "aten::native_group_norm" not in ops.names
+    assert plain.state_dict() == {} and isinstance(plain, nn.LayerNorm)  # the reference's keys, none
