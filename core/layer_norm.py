@@ -4,8 +4,9 @@ A group norm of one group over (tokens, D, 1) normalises each token's D features
 eps and biased variance, and torch's CPU kernel for it takes half the time of its layer-norm kernel on the DiT's
 shapes (DiT-T/2's tokens at batch 64, (64, 16, 160), one thread on the AVX-512 EPYC of benchmarks/README.md: 59
 against 119 µs). Its backward is the slower one (408 against 170 µs forward and backward), so the backward is
-aten's layer-norm backward, from the mean and 1/σ the group norm returns. Compiled, under autocast, on GPUs and
-with an affine, nn.LayerNorm as it is.
+aten's layer-norm backward, from the mean and 1/σ the group norm returns (once differentiable, as core.gelu's GELU:
+the trainer never differentiates twice). Compiled, under autocast, on GPUs, with an affine and for inputs of another
+width (whose error is nn.LayerNorm's), nn.LayerNorm as it is.
 """
 import torch
 import torch.nn as nn
@@ -38,7 +39,7 @@ class LayerNorm(nn.LayerNorm):
 
     def forward(self, x):
         if (x.device.type == "cpu" and x.dtype == torch.float32 and not self.elementwise_affine
-                and len(self.normalized_shape) == 1 and not torch.compiler.is_compiling()
-                and not torch.is_autocast_enabled("cpu") and x.numel()):
+                and len(self.normalized_shape) == 1 and x.dim() and x.shape[-1] == self.normalized_shape[0]
+                and x.numel() and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")):
             return _GroupNormForward.apply(x, self.eps)
         return super().forward(x)

@@ -8,7 +8,7 @@ pixel, whose transposes a second copy of 64-float runs interleaves. One thread o
 benchmarks/README.md: (1024, 160) 31 µs against aten's 63, (1024, 640) 96 against 236, (160, 640) 9 against 36.
 Exact either way (a copy). fbgemm's transpose is for fp32 on x86 CPUs with AVX2 (elsewhere torch's shuffle would
 refuse, or loop as aten's copy does): other tensors take aten's copy. Used for the weight gradients of core.linear's
-oneDNN products.
+oneDNN products, inside their backward: the shuffle has no derivative, so it is not for tensors autograd records.
 """
 import torch
 

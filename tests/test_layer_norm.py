@@ -45,6 +45,34 @@ def test_layer_norm_gives_torchs_values_and_gradient(shape, offset):
     torch.testing.assert_close(ours.grad.double(), ref.grad, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("make", [
+    lambda: torch.randn(6, 4, 48)[:, :, :32],  # rows apart: the reshape is a copy
+    lambda: torch.randn(32, 5).t(),  # transposed
+    lambda: torch.randn(32),  # one token
+    lambda: torch.randn(1, 32).expand(3, 32),  # one row seen three times
+])
+def test_layer_norm_takes_any_layout(make):
+    torch.manual_seed(0)
+    leaf = make().requires_grad_()
+    grad = torch.randn(*leaf.shape[::-1]).t() if leaf.dim() == 2 else torch.randn(*leaf.shape)  # 2-D: transposed
+    norm = LayerNorm(32, elementwise_affine=False, eps=1e-6)
+    out = norm(leaf)
+    out.backward(grad)
+    ref = leaf.detach().double().requires_grad_()
+    want = F.layer_norm(ref, (32,), eps=1e-6)
+    want.backward(grad.double())
+    torch.testing.assert_close(out.double(), want.detach(), rtol=0, atol=2e-6)
+    torch.testing.assert_close(leaf.grad.double(), ref.grad, rtol=0, atol=1e-5)
+
+
+def test_layer_norm_refuses_another_width_as_torchs_does():
+    norm = LayerNorm(16, elementwise_affine=False, eps=1e-6)
+    with pytest.raises(RuntimeError, match="normalized_shape"):
+        norm(torch.randn(3, 8))
+    with pytest.raises(RuntimeError):
+        norm(torch.tensor(1.0))
+
+
 def test_layer_norm_is_nn_layer_norm_elsewhere():
     x = torch.randn(4, 6, 32)
     affine = LayerNorm(32, eps=1e-6)  # with weight and bias: torch's own

@@ -74,7 +74,7 @@ class _OpNames(TorchDispatchMode):
 
 
 class _Copies(TorchDispatchMode):
-    """Records every copy (clone, copy_) made inside it, and whether core.transpose made it."""
+    """Records every copy (clone, copy_, channel shuffle) made inside it, and whether core.transpose made it."""
 
     def __init__(self):
         super().__init__()
