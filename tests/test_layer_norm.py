@@ -3,21 +3,9 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from core.layer_norm import LayerNorm
-
-
-class _OpNames(TorchDispatchMode):
-    """Records the name of every aten op that runs inside it."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func.name())
-        return func(*args, **(kwargs or {}))
+from op_names import OpNames  # tests/, on pytest's path
 
 
 @pytest.mark.parametrize("shape, offset", [
@@ -32,7 +20,7 @@ def test_layer_norm_gives_torchs_values_and_gradient(shape, offset):
     grad = torch.randn(*shape)
     norm = LayerNorm(shape[-1], elementwise_affine=False, eps=1e-6)
     ours = x.clone().requires_grad_()
-    with _OpNames() as ops:
+    with OpNames() as ops:
         out = norm(ours)
         out.backward(grad)
     assert "aten::native_group_norm" in ops.names and "aten::native_layer_norm_backward" in ops.names
@@ -76,15 +64,15 @@ def test_layer_norm_refuses_another_width_as_torchs_does():
 def test_layer_norm_is_nn_layer_norm_elsewhere():
     x = torch.randn(4, 6, 32)
     affine = LayerNorm(32, eps=1e-6)  # with weight and bias: torch's own
-    with _OpNames() as ops:
+    with OpNames() as ops:
         out = affine(x)
     assert "aten::native_group_norm" not in ops.names
     torch.testing.assert_close(out, nn.functional.layer_norm(x, (32,), affine.weight, affine.bias, 1e-6))
     plain = LayerNorm(32, elementwise_affine=False, eps=1e-6)
-    with _OpNames() as ops:
+    with OpNames() as ops:
         assert plain(x.double()).dtype == torch.float64  # other dtypes: torch's
     assert "aten::native_group_norm" not in ops.names
-    with torch.autocast("cpu", dtype=torch.bfloat16), _OpNames() as ops:
+    with torch.autocast("cpu", dtype=torch.bfloat16), OpNames() as ops:
         plain(x)
     assert "aten::native_group_norm" not in ops.names
     assert plain.state_dict() == {} and isinstance(plain, nn.LayerNorm)  # the reference's keys, none

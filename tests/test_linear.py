@@ -9,6 +9,7 @@ import core.linear
 import core.transpose
 from core.linear import Linear, _OneDNNLinear, linear
 from core.models import DiT, model_config
+from op_names import OpNames  # tests/, on pytest's path
 
 
 def _forward_backward(fn, x, weight, bias, grad):
@@ -61,18 +62,6 @@ def test_linear_leaves_autocast_and_other_dtypes_to_torch():
     assert linear(x.double(), layer.weight.double(), layer.bias.double()).dtype == torch.float64
 
 
-class _OpNames(TorchDispatchMode):
-    """Records the name of every aten or mkldnn op that runs inside it."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func.name())
-        return func(*args, **(kwargs or {}))
-
-
 class _Copies(TorchDispatchMode):
     """Records every copy (clone, copy_, channel shuffle) made inside it, and whether core.transpose made it."""
 
@@ -118,9 +107,9 @@ def test_the_weight_gradient_copies_the_fewer_floats(monkeypatch, rows, in_featu
 def test_torchs_mkldnn_switch_turns_onednn_off(monkeypatch):
     monkeypatch.setattr(core.linear, "ONEDNN_PREFERRED", True)  # as on an AVX-512 CPU that is not Intel's
     x, weight, bias = torch.randn(64, 96), torch.randn(288, 96), torch.randn(288)
-    with _OpNames() as on:
+    with OpNames() as on:
         linear(x, weight, bias)
-    with torch.backends.mkldnn.flags(enabled=False), _OpNames() as off:
+    with torch.backends.mkldnn.flags(enabled=False), OpNames() as off:
         linear(x, weight, bias)
     assert "mkldnn::_linear_pointwise" in on.names
     assert "mkldnn::_linear_pointwise" not in off.names and "aten::addmm" in off.names
