@@ -82,15 +82,13 @@ class _OneDNNLinear(torch.autograd.Function):
             # (compiled DiT-M/2 step, batch 128: 367 against 408 ms median); eager, core.transpose's copies, where
             # aten's are scalar (autograd would lay the result out with aten's when it first sets the gradient).
             m, n, k = g.shape[0], g.shape[1], x2.shape[1]
-            if torch.compiler.is_compiling():
-                if m * k + n * k < m * n:
-                    grad_w = _matmul(x2.t().contiguous(), g.t()).t()
-                else:
-                    grad_w = _matmul(g.t().contiguous(), x2.t())
-            elif m * k + n * k < m * n:
-                grad_w = transposed(_matmul(transposed(x2), g.t()))
+            compiling = torch.compiler.is_compiling()
+            copy = (lambda a: a.t().contiguous()) if compiling else transposed
+            if m * k + n * k < m * n:
+                grad_w = _matmul(copy(x2), g.t())  # (K, N)
+                grad_w = grad_w.t() if compiling else transposed(grad_w)  # (N, K)
             else:
-                grad_w = _matmul(transposed(g), x2.t())
+                grad_w = _matmul(copy(g), x2.t())
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g.sum(0)  # (N,)
         return grad_x, grad_w, grad_b
