@@ -59,7 +59,6 @@ def _private_ray(monkeypatch):
     shutil.rmtree(path, ignore_errors=True)
 
 
-
 @pytest.fixture
 def fresh_process_env():
     """os.environ for a fresh process that trains on its own: without the variables of the one-process group that
