@@ -235,9 +235,30 @@ class TrialState:
         return self.step in self.milestones or self.step % self.config.ckpt_every == 0
 
 
+NVML_CUDA_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
+
+
+def import_deepspeed():
+    """Import DeepSpeed, leaving torch's CUDA availability check as it was before.
+
+    DeepSpeed's import sets PYTORCH_NVML_BASED_CUDA_CHECK=1 for the rest of the process, so that the import itself
+    creates no CUDA context. Where NVIDIA's driver is absent (a CPU node), every `torch.cuda.is_available()` then
+    tries to load NVML again before it falls back: 0.3 ms a call in a trial's process here, and torch's optimizers
+    call it every step. Once DeepSpeed is imported, the check is torch's own again (training on a GPU initializes
+    CUDA anyway); a value the user set stays.
+    """
+    if "deepspeed" in sys.modules:
+        return sys.modules["deepspeed"]
+    before = os.environ.get(NVML_CUDA_CHECK)
+    import deepspeed
+    if before is None:
+        os.environ.pop(NVML_CUDA_CHECK, None)
+    return deepspeed
+
+
 def setup_distributed():
     """(rank, world size, local rank, device), joining an existing process group or creating one."""
-    import deepspeed
+    deepspeed = import_deepspeed()
     from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
 
     # DeepSpeed's communication backend compiles its shared-memory all-reduce op with the machine's C++
@@ -444,8 +465,7 @@ def train(cfg, out_dir, milestones=(), callbacks=None, resume_from=None, checkpo
         saved = ckpt.check_checkpoint(resume_from, mcfg)
         _check_resume_settings(resume_from, saved.get("config"), cfg)
 
-    import deepspeed
-
+    deepspeed = import_deepspeed()
     rank, world, _, device = setup_distributed()
     if device.type == "cpu":
         hold_freed_memory()  # each step's tensors in pages the last step mapped (core/host_memory.py)

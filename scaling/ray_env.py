@@ -1,6 +1,8 @@
 """The Ray job environment of a study: Ray Train's settings, and every worker addressing its own cluster."""
 import os
 
+from scaling.startup_gc import pause_collector_for_startup
+
 
 def study_runtime_env():
     """The job-level runtime_env that `scaling.run` passes to `ray.init`."""
@@ -18,7 +20,7 @@ def study_runtime_env():
     interval = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "1.0")
     env_vars = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": interval, "RAY_TRAIN_METRICS_ENABLED": "0",
                 "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1"}
-    return {"env_vars": env_vars, "worker_process_setup_hook": f"{__name__}.address_own_cluster"}
+    return {"env_vars": env_vars, "worker_process_setup_hook": f"{__name__}.set_up_worker"}
 
 
 def local_ray_options():
@@ -59,6 +61,12 @@ def start_train_autoscaling_coordinator():
         get_or_create_autoscaling_coordinator)
 
     return get_or_create_autoscaling_coordinator()
+
+
+def set_up_worker():
+    """Ray's setup hook of every worker of a study: its own cluster's address; the collector paused for start-up."""
+    address_own_cluster()
+    pause_collector_for_startup()
 
 
 def address_own_cluster():

@@ -25,6 +25,7 @@ from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 from scaling.held_logs import HELD_LOGS_KEY, HeldLogs, report_gap_s
 from scaling.kept_sync_actor import kept_synchronization_actor
 from scaling.placement_group_watch import replace_ray_cleaner
+from scaling.startup_gc import resume_collector
 from scaling.torch_backend import ProcessGroupConfig
 from scaling.trial_storage import train_run_name
 from scaling.tune_relay import TuneRelay
@@ -202,7 +203,7 @@ def _import_core_train():
         sys.modules["mlflow"] = None  # makes `import mlflow` raise ImportError
     try:
         import core.train
-        import deepspeed  # noqa: F401  core.train imports it only when training starts, after this block
+        core.train.import_deepspeed()  # core.train imports it only when training starts, after this block
     finally:
         if hidden:
             del sys.modules["mlflow"]
@@ -212,6 +213,7 @@ def _import_core_train():
 def worker_loop(config):
     """Runs on every worker of a trial: resume from Ray's latest checkpoint, train, evaluate, report."""
     core_train = _import_core_train()
+    resume_collector()  # this worker's start-up is done (scaling.startup_gc)
     TrainingDiverged, train = core_train.TrainingDiverged, core_train.train
 
     trial, run = config["trial"], config["run"]

@@ -1,4 +1,6 @@
-"""The study's Ray job environment: its workers address their own cluster, even beside another local Ray."""
+"""The study's Ray job environment: its workers address their own cluster, even beside another local Ray, and start
+with the garbage collector paused."""
+import gc
 import os
 import shutil
 import subprocess
@@ -90,6 +92,32 @@ def test_a_studys_local_ray_is_its_own_where_ray_start_recorded_a_cluster():
     try:
         assert not ray.get_runtime_context().gcs_address.endswith(":9")
         assert ray.get(StateProbe.remote().own_state.remote()) == "ALIVE"
+    finally:
+        ray.shutdown()
+
+
+@ray.remote(num_cpus=0)
+class CollectorProbe:
+    """An actor of the study's job, as Ray Train's workers are: its garbage collector's state."""
+
+    def collector(self):
+        return gc.isenabled(), gc.get_freeze_count()
+
+    def resume(self):
+        from scaling.startup_gc import resume_collector
+
+        resume_collector()
+        return self.collector()
+
+
+def test_a_studys_workers_start_with_the_collector_paused_and_resume_it_frozen():
+    ray.init(runtime_env=study_runtime_env(), **local_ray_options())
+    try:
+        probe = CollectorProbe.remote()
+        assert ray.get(probe.collector.remote()) == (False, 0)  # paused by the job's setup hook, within its start-up
+        enabled, frozen = ray.get(probe.resume.remote())  # as scaling.ray_trial's worker loop does before training
+        assert enabled and frozen > 10_000  # Ray's own modules at least, out of every later scan
+        assert ray.get(probe.resume.remote())[0]  # a second call changes nothing
     finally:
         ray.shutdown()
 

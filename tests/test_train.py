@@ -299,6 +299,7 @@ train(TrainConfig(model="DiT-P/2", dataset="digits", batch_size=32, max_steps=2,
                   val_batch=32, num_workers=0), sys.argv[1])
 print("inductor compiler imported:", "torch._inductor.compile_fx" in sys.modules)
 print("TORCHDYNAMO_DISABLE:", os.environ.get("TORCHDYNAMO_DISABLE"))
+print("PYTORCH_NVML_BASED_CUDA_CHECK:", os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK"))
 graphs = []
 def count_graphs(gm, example_inputs):
     graphs.append(gm)
@@ -312,12 +313,31 @@ def test_an_eager_trial_does_not_import_the_compiler(tmp_path, fresh_process_env
     # DeepSpeed's ZeRO imports its Muon module, whose torch.compile decorators import Inductor's compiler
     # (seconds of every trial's start); core imports that module with TorchDynamo off. Afterwards compiling
     # works as before and the environment is as it was. A fresh process: the test session may have compiled.
-    env = {k: v for k, v in fresh_process_env.items() if k != "TORCHDYNAMO_DISABLE"}
+    # DeepSpeed's import sets torch's NVML-based CUDA check for good (0.3 ms a step on CPU): it is unset again.
+    env = {k: v for k, v in fresh_process_env.items()
+           if k not in ("TORCHDYNAMO_DISABLE", "PYTORCH_NVML_BASED_CUDA_CHECK")}
     proc = subprocess.run([sys.executable, "-c", EAGER_START, str(tmp_path)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.splitlines()[-3:] == ["inductor compiler imported: False", "TORCHDYNAMO_DISABLE: None",
-                                             "graphs compiled afterwards: 1"]
+    assert proc.stdout.splitlines()[-4:] == ["inductor compiler imported: False", "TORCHDYNAMO_DISABLE: None",
+                                             "PYTORCH_NVML_BASED_CUDA_CHECK: None", "graphs compiled afterwards: 1"]
+
+
+@pytest.mark.parametrize("user_setting", [None, "0", "1"])
+def test_deepspeeds_import_leaves_torchs_cuda_check_as_the_user_set_it(fresh_process_env, user_setting):
+    check = "PYTORCH_NVML_BASED_CUDA_CHECK"
+    env = {k: v for k, v in fresh_process_env.items() if k != check}
+    if user_setting is not None:
+        env[check] = user_setting
+    code = ("import os, sys; from core.train import import_deepspeed; ds = import_deepspeed(); "
+            "print(os.environ.get('{0}'), import_deepspeed() is ds is sys.modules['deepspeed'])")
+    plain = subprocess.run([sys.executable, "-c", f"import os, deepspeed; print(os.environ.get('{check}'))"],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert plain.stdout.split()[-1] == (user_setting or "1")  # DeepSpeed's own import: "1" unless the user set it
+    proc = subprocess.run([sys.executable, "-c", code.format(check)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-2:] == [str(user_setting), "True"]
 
 
 def free_port():
