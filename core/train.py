@@ -244,15 +244,18 @@ def import_deepspeed():
     DeepSpeed's import sets PYTORCH_NVML_BASED_CUDA_CHECK=1 for the rest of the process, so that the import itself
     creates no CUDA context. Where NVIDIA's driver is absent (a CPU node), every `torch.cuda.is_available()` then
     tries to load NVML again before it falls back: 0.3 ms a call in a trial's process here, and torch's optimizers
-    call it every step. Once DeepSpeed is imported, the check is torch's own again (training on a GPU initializes
-    CUDA anyway); a value the user set stays.
+    call it every step. Once DeepSpeed is imported, the check is torch's own again: the probes DeepSpeed makes
+    later, on first use (its op compatibility), get the same answers, and on a GPU they start CUDA just before
+    training does. A value set before (by the user, or inherited from a parent that imported DeepSpeed) stays.
     """
     if "deepspeed" in sys.modules:
         return sys.modules["deepspeed"]
     before = os.environ.get(NVML_CUDA_CHECK)
-    import deepspeed
-    if before is None:
-        os.environ.pop(NVML_CUDA_CHECK, None)
+    try:
+        import deepspeed
+    finally:  # also after a failed import: DeepSpeed's setdefault runs first
+        if before is None:
+            os.environ.pop(NVML_CUDA_CHECK, None)
     return deepspeed
 
 

@@ -1,41 +1,66 @@
-"""Python's cyclic garbage collector paused through a Ray worker's start-up, then resumed with start-up's objects frozen.
+"""Python's cyclic garbage collector paused through a Ray worker's start-up, then resumed.
 
 A trial's worker imports Ray Train, torch, DeepSpeed and core before its first step: about 400,000 objects that live
 as long as the process. The collector meanwhile runs a full collection each time the long-lived objects grow by a
 quarter, each one scanning all of them: 6 full collections, 0.36 s of those imports' 2.2 s in a fresh process on the
-2-core box (benchmarks/README.md, "Trial start-up"). Paused, the imports take 1.7 s. Resumed, the collector runs as
-before, but `gc.freeze()` first moves what start-up built out of its scans for good (Python's documented use of it),
-with the little cyclic garbage start-up left (some 9,000 objects, a few MB): collecting it would cost 0.25 s.
+2-core box (benchmarks/README.md, "Orchestration overhead"). Paused, the imports take 1.7 s.
 
-A worker resumes it where its start-up is known to end (scaling.ray_trial, before training), every other worker
-(Ray Train's controller, the study's actors) after STARTUP_S at the latest.
+Where a worker's start-up is known to end (scaling.ray_trial: the Tune trial's function, the training worker once
+core.train is imported), `resume_collector()` freezes what exists (`gc.freeze()`: the collector never scans it again)
+and resumes the collector. The little cyclic garbage start-up left (some 9,000 objects, a few MB) is frozen with the
+rest and kept for the process's life, on purpose: collecting it would cost 0.25 s of the start-up. Any other worker
+(the study's actors) gets its collector back, unfrozen, STARTUP_S after it started; so does a child forked while
+paused, at once.
 """
 import gc
+import os
 import threading
 
 STARTUP_S = 30.0  # the longest a worker's collector stays paused
 
 _lock = threading.Lock()
 _paused = False  # by pause_collector_for_startup, and not resumed since
+_timer = None
 
 
 def pause_collector_for_startup(seconds=STARTUP_S):
-    """Pause the collector now; resume it (`resume_collector`) after `seconds` unless something resumes it first."""
-    global _paused
+    """Pause a running collector now, until `resume_collector()` or, at the latest, `seconds` from now (which also
+    ends a pause of the program's own within those seconds)."""
+    global _paused, _timer
     with _lock:
+        if _paused or not gc.isenabled():  # paused already, or by the program itself: not ours to resume
+            return
         gc.disable()
         _paused = True
-    timer = threading.Timer(seconds, resume_collector)
-    timer.daemon = True  # never keeps a worker alive
-    timer.start()
+        _timer = threading.Timer(seconds, resume_collector, kwargs={"freeze": False})
+        _timer.daemon = True  # never keeps a worker alive
+        _timer.start()
 
 
-def resume_collector():
-    """Freeze what exists now (the collector never scans it again) and resume the collector paused for start-up; the
-    first call only (a collector the program pauses later, for its own reasons, stays paused)."""
-    global _paused
+def resume_collector(freeze=True):
+    """Resume the collector paused for start-up, once, first freezing what exists now (unless freeze=False: a
+    worker whose start-up end is unknown may be mid-work, with garbage that must stay collectable)."""
+    global _paused, _timer
     with _lock:
-        if _paused:
+        if not _paused:
+            return
+        if _timer is not None:
+            _timer.cancel()  # a no-op where the timer itself is resuming
+        _timer = None
+        if freeze:
             gc.freeze()
-            gc.enable()
-            _paused = False
+        gc.enable()
+        _paused = False
+
+
+def _resume_in_forked_child():
+    """A child forked while paused has no timer thread: its collector resumes at once."""
+    global _lock, _paused, _timer
+    _lock = threading.Lock()  # the parent's may have been held by another thread at the fork
+    _timer = None
+    if _paused:
+        gc.enable()
+        _paused = False
+
+
+os.register_at_fork(after_in_child=_resume_in_forked_child)

@@ -109,6 +109,15 @@ class CollectorProbe:
         resume_collector()
         return self.collector()
 
+    def resume_again(self):
+        """Whether a second resume froze an object made after the first (it must not)."""
+        from scaling.startup_gc import resume_collector
+
+        made_after = [[]]
+        resume_collector()
+        in_generations = any(o is made_after for g in range(3) for o in gc.get_objects(g))
+        return gc.isenabled(), not in_generations
+
 
 def test_a_studys_workers_start_with_the_collector_paused_and_resume_it_frozen():
     ray.init(runtime_env=study_runtime_env(), **local_ray_options())
@@ -117,7 +126,7 @@ def test_a_studys_workers_start_with_the_collector_paused_and_resume_it_frozen()
         assert ray.get(probe.collector.remote()) == (False, 0)  # paused by the job's setup hook, within its start-up
         enabled, frozen = ray.get(probe.resume.remote())  # as scaling.ray_trial's worker loop does before training
         assert enabled and frozen > 10_000  # Ray's own modules at least, out of every later scan
-        assert ray.get(probe.resume.remote())[0]  # a second call changes nothing
+        assert ray.get(probe.resume_again.remote()) == (True, False)  # once: a second call freezes nothing
     finally:
         ray.shutdown()
 

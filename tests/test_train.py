@@ -333,6 +333,7 @@ def test_deepspeeds_import_leaves_torchs_cuda_check_as_the_user_set_it(fresh_pro
             "print(os.environ.get('{0}'), import_deepspeed() is ds is sys.modules['deepspeed'])")
     plain = subprocess.run([sys.executable, "-c", f"import os, deepspeed; print(os.environ.get('{check}'))"],
                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert plain.returncode == 0, plain.stderr[-3000:]
     assert plain.stdout.split()[-1] == (user_setting or "1")  # DeepSpeed's own import: "1" unless the user set it
     proc = subprocess.run([sys.executable, "-c", code.format(check)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
