@@ -314,7 +314,6 @@ class TrialTrainer(DataParallelTrainer):
 
 def trial_function(config):
     """The Tune function trainable of one grid row."""
-    resume_collector()  # this actor's start-up (Ray Tune's and Train's imports) is done (scaling.startup_gc)
     trial, run = config["trial"], config["run"]
     res = run["resources"]
     relay = TuneRelay(run["relay_mailboxes"])

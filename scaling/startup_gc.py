@@ -5,12 +5,13 @@ as long as the process. The collector meanwhile runs a full collection each time
 quarter, each one scanning all of them: 6 full collections, 0.36 s of those imports' 2.2 s in a fresh process on the
 2-core box (benchmarks/README.md, "Orchestration overhead"). Paused, the imports take 1.7 s.
 
-Where a worker's start-up is known to end (scaling.ray_trial: the Tune trial's function, the training worker once
-core.train is imported), `resume_collector()` freezes what exists (`gc.freeze()`: the collector never scans it again)
-and resumes the collector. The little cyclic garbage start-up left (some 9,000 objects, a few MB) is frozen with the
-rest and kept for the process's life, on purpose: collecting it would cost 0.25 s of the start-up. Any other worker
-(the study's actors) gets its collector back, unfrozen, STARTUP_S after it started; so does a child forked while
-paused, at once.
+The trial's worker knows where its start-up ends (scaling.ray_trial, once core.train is imported): there
+`resume_collector()` freezes what exists (`gc.freeze()`: the collector never scans it again) and resumes the
+collector. The little cyclic garbage start-up left (some 9,000 objects, a few MB) is frozen with the rest and kept
+for the process's life, on purpose: collecting it would cost 0.25 s of the trial's start. Every other worker (the
+Tune trial's actor, which runs the trial's Train controller beside the start-up; the study's actors) gets its
+collector back STARTUP_S after it started, when it may be mid-work: one full collection first, then the freeze. A
+child forked while paused resumes at once.
 """
 import gc
 import os
@@ -32,14 +33,14 @@ def pause_collector_for_startup(seconds=STARTUP_S):
             return
         gc.disable()
         _paused = True
-        _timer = threading.Timer(seconds, resume_collector, kwargs={"freeze": False})
+        _timer = threading.Timer(seconds, resume_collector, kwargs={"collect_first": True})
         _timer.daemon = True  # never keeps a worker alive
         _timer.start()
 
 
-def resume_collector(freeze=True):
-    """Resume the collector paused for start-up, once, first freezing what exists now (unless freeze=False: a
-    worker whose start-up end is unknown may be mid-work, with garbage that must stay collectable)."""
+def resume_collector(collect_first=False):
+    """Resume the collector paused for start-up, once, freezing what exists now; collect_first: a full collection
+    before the freeze (a worker that may be mid-work has garbage that must not be kept)."""
     global _paused, _timer
     with _lock:
         if not _paused:
@@ -47,8 +48,9 @@ def resume_collector(freeze=True):
         if _timer is not None:
             _timer.cancel()  # a no-op where the timer itself is resuming
         _timer = None
-        if freeze:
-            gc.freeze()
+        if collect_first:
+            gc.collect()
+        gc.freeze()
         gc.enable()
         _paused = False
 
