@@ -1,4 +1,5 @@
-"""The Ray job environment of a study: Ray Train's settings, and every worker addressing its own cluster."""
+"""The Ray job environment of a study: Ray Train's settings, every worker addressing its own cluster and starting
+with its garbage collector paused."""
 import os
 
 from scaling.startup_gc import pause_collector_for_startup

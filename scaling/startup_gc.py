@@ -20,19 +20,17 @@ import threading
 STARTUP_S = 30.0  # the longest a worker's collector stays paused
 
 _lock = threading.Lock()
-_paused = False  # by pause_collector_for_startup, and not resumed since
-_timer = None
+_timer = None  # while paused for start-up: the timer that resumes the collector at the latest
 
 
 def pause_collector_for_startup(seconds=STARTUP_S):
     """Pause a running collector now, until `resume_collector()` or, at the latest, `seconds` from now (which also
     ends a pause of the program's own within those seconds)."""
-    global _paused, _timer
+    global _timer
     with _lock:
-        if _paused or not gc.isenabled():  # paused already, or by the program itself: not ours to resume
+        if _timer is not None or not gc.isenabled():  # paused already, or by the program itself: not ours to resume
             return
         gc.disable()
-        _paused = True
         _timer = threading.Timer(seconds, resume_collector, kwargs={"collect_first": True})
         _timer.daemon = True  # never keeps a worker alive
         _timer.start()
@@ -41,28 +39,25 @@ def pause_collector_for_startup(seconds=STARTUP_S):
 def resume_collector(collect_first=False):
     """Resume the collector paused for start-up, once, freezing what exists now; collect_first: a full collection
     before the freeze (a worker that may be mid-work has garbage that must not be kept)."""
-    global _paused, _timer
+    global _timer
     with _lock:
-        if not _paused:
+        if _timer is None:
             return
-        if _timer is not None:
-            _timer.cancel()  # a no-op where the timer itself is resuming
+        _timer.cancel()  # a no-op where the timer itself is resuming
         _timer = None
         if collect_first:
             gc.collect()
         gc.freeze()
         gc.enable()
-        _paused = False
 
 
 def _resume_in_forked_child():
     """A child forked while paused has no timer thread: its collector resumes at once."""
-    global _lock, _paused, _timer
+    global _lock, _timer
     _lock = threading.Lock()  # the parent's may have been held by another thread at the fork
-    _timer = None
-    if _paused:
+    if _timer is not None:
+        _timer = None
         gc.enable()
-        _paused = False
 
 
 os.register_at_fork(after_in_child=_resume_in_forked_child)
