@@ -239,7 +239,7 @@ NVML_CUDA_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
 
 
 def import_deepspeed():
-    """Import DeepSpeed, leaving torch's CUDA availability check as it was before.
+    """Import DeepSpeed, leaving torch's CUDA availability check as it was before, without its autotuner's MLflow.
 
     DeepSpeed's import sets PYTORCH_NVML_BASED_CUDA_CHECK=1 for the rest of the process, so that the import itself
     creates no CUDA context. Where NVIDIA's driver is absent (a CPU node), every `torch.cuda.is_available()` then
@@ -247,15 +247,26 @@ def import_deepspeed():
     call it every step. Once DeepSpeed is imported, the check is torch's own again: the probes DeepSpeed makes
     later, on first use (its op compatibility), get the same answers, and on a GPU they start CUDA just before
     training does. A value set before (by the user, or inherited from a parent that imported DeepSpeed) stays.
+
+    DeepSpeed's import also imports MLflow where it is installed, for its autotuner to log its experiments (which
+    this project never runs): 0.76 of the import's 0.90 s in a fresh process on the AVX-512 EPYC of
+    benchmarks/README.md, paid by every trial's training process, which has no other use for MLflow. Unless MLflow
+    is already imported, `import mlflow` fails for the import's duration (a None in sys.modules), and the autotuner
+    takes its own fallback for a missing MLflow; an `import mlflow` after it works as always.
     """
     if "deepspeed" in sys.modules:
         return sys.modules["deepspeed"]
     before = os.environ.get(NVML_CUDA_CHECK)
+    mlflow_absent = "mlflow" not in sys.modules
+    if mlflow_absent:
+        sys.modules["mlflow"] = None
     try:
         import deepspeed
     finally:  # also after a failed import: DeepSpeed's setdefault runs first
         if before is None:
             os.environ.pop(NVML_CUDA_CHECK, None)
+        if mlflow_absent and sys.modules.get("mlflow", False) is None:
+            del sys.modules["mlflow"]
     return deepspeed
 
 

@@ -11,7 +11,6 @@ import dataclasses
 import os
 import re
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -196,17 +195,10 @@ def _on_every_rank(due, state):
 
 
 def _import_core_train():
-    """core.train and DeepSpeed, imported without MLflow: DeepSpeed's autotuner imports MLflow when it
-    can, which costs seconds of every trial's start-up, and workers never log to MLflow (the driver does)."""
-    hidden = "mlflow" not in sys.modules
-    if hidden:
-        sys.modules["mlflow"] = None  # makes `import mlflow` raise ImportError
-    try:
-        import core.train
-        core.train.import_deepspeed()  # core.train imports it only when training starts, after this block
-    finally:
-        if hidden:
-            del sys.modules["mlflow"]
+    """core.train and DeepSpeed, which core.train imports only when training starts (without MLflow, which
+    DeepSpeed's autotuner would import: workers never log to MLflow, the driver does; see import_deepspeed)."""
+    import core.train
+    core.train.import_deepspeed()
     return core.train
 
 

@@ -341,6 +341,21 @@ def test_deepspeeds_import_leaves_torchs_cuda_check_as_the_user_set_it(fresh_pro
     assert proc.stdout.split()[-2:] == [str(user_setting), "True"]
 
 
+@pytest.mark.parametrize("mlflow_first", [False, True])
+def test_deepspeeds_import_leaves_mlflow_to_whoever_uses_it(fresh_process_env, mlflow_first):
+    # DeepSpeed's autotuner imports MLflow where it can (most of DeepSpeed's import time): not while
+    # import_deepspeed imports it, and `import mlflow` works afterwards; an MLflow imported before is left as it is.
+    code = ("import sys\n" + ("import mlflow\n" if mlflow_first else "")
+            + "from core.train import import_deepspeed\nimport_deepspeed()\n"
+              "from deepspeed.autotuning import autotuner\n"
+              "print('mlflow' in sys.modules, autotuner.has_mlflow)\n"
+              "import mlflow\nprint(mlflow.__name__, callable(mlflow.set_tracking_uri))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=fresh_process_env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-4:] == [str(mlflow_first), str(mlflow_first), "mlflow", "True"]
+
+
 def free_port():
     import socket
     with socket.socket() as s:
