@@ -4,14 +4,16 @@
 
 core.linear multiplies on oneDNN where it decides, at import, that the CPU prefers it (`cpu_prefers_onednn`: an
 AVX-512 CPU that is not Intel's), and on F.linear (MKL) everywhere else. The rule is a fact about CPUs that holds only
-as far as it is measured: limited to AVX2 (`ONEDNN_MAX_CPU_ISA=AVX2`), a Zen 5 EPYC runs oneDNN's kernels faster than
-MKL's, while the AVX2 EPYC of benchmarks/README.md ran MKL's faster. This times both on the products one training step
+as far as it is measured: limited to AVX2 (`ONEDNN_MAX_CPU_ISA=AVX2` for oneDNN's kernels, `ATEN_CPU_CAPABILITY=avx2`
+for torch's and for the rule), a Zen 5 EPYC runs oneDNN's kernels faster than MKL's, while the AVX2 EPYC of
+benchmarks/README.md ran MKL's faster. This times both on the products one training step
 of each model makes (every block's qkv, attention projection, MLP and adaLN linears; the patch embedding, the
 timestep MLP and the final layer are left out), each forward and backward as core.linear computes it (oneDNN with its
 transposed copies; F.linear under autograd), and prints the faster library beside the one the rule picks here.
 Best of the rounds, per shape, interleaved.
 """
 import argparse
+import os
 import time
 
 import torch
@@ -71,6 +73,8 @@ def main():
     hold_freed_memory()  # as a trial does
     rule = "oneDNN" if core.linear.ONEDNN_PREFERRED else "MKL"
     print(f"machine: {describe()}")
+    if os.environ.get("ONEDNN_MAX_CPU_ISA"):
+        print(f"oneDNN limited to ONEDNN_MAX_CPU_ISA={os.environ['ONEDNN_MAX_CPU_ISA']}")
     print(f"{args.threads} thread(s), batch {args.batch}; core.linear's rule picks {rule} on this CPU; forward and "
           f"backward of each product, GFLOP/s (best of {args.rounds} rounds)")
     print(f"{'model':8} {'rows × in → out':>20} {'a step':>6} {'oneDNN':>8} {'MKL':>8} {'faster':>7}")

@@ -250,9 +250,10 @@ def import_deepspeed():
 
     DeepSpeed's import also imports MLflow where it is installed, for its autotuner to log its experiments (which
     this project never runs): 0.76 of the import's 0.90 s in a fresh process on the AVX-512 EPYC of
-    benchmarks/README.md, paid by every trial's training process, which has no other use for MLflow. Unless MLflow
-    is already imported, `import mlflow` fails for the import's duration (a None in sys.modules), and the autotuner
-    takes its own fallback for a missing MLflow; an `import mlflow` after it works as always.
+    benchmarks/README.md, in every process that trains, none of which has another use for MLflow. Unless MLflow
+    is already imported, `import mlflow` fails for the import's duration (a None in sys.modules; in any thread, and no
+    trainer's thread imports MLflow), and the autotuner takes its own fallback for a missing MLflow; an `import mlflow`
+    after it works as always.
     """
     if "deepspeed" in sys.modules:
         return sys.modules["deepspeed"]
