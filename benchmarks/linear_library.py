@@ -47,7 +47,7 @@ def forward_backward(linear, rows, fan_in, fan_out):
     return run
 
 
-def best_seconds(runs, rounds):
+def interleaved_best_seconds(runs, rounds):
     """Each closure's best time over the rounds, the closures interleaved round by round."""
     best = [float("inf")] * len(runs)
     for run in runs:
@@ -83,7 +83,7 @@ def main():
         cfg = model_config(name)
         totals = dict.fromkeys(libraries, 0.0)
         for rows, fan_in, fan_out, count in block_products(cfg, args.batch):
-            seconds = dict(zip(libraries, best_seconds(
+            seconds = dict(zip(libraries, interleaved_best_seconds(
                 [forward_backward(f, rows, fan_in, fan_out) for f in libraries.values()], args.rounds)))
             flops = 6 * rows * fan_in * fan_out  # three products, a multiply-add 2 flops
             for lib in libraries:
