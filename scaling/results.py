@@ -171,10 +171,12 @@ def read_parquet(path):
 
     Given a path, pyarrow opens the file once for the footer and again for the pages; a writer's
     atomic replace in between would pair one version's footer with the next one's pages. An open
-    handle keeps reading the version it opened.
+    handle keeps reading the version it opened. In this thread: Arrow's reader threads can outlive the read, and a
+    process that exits right after it then aborts in their teardown (status 134, apache/arrow#34314; a CLI that
+    refuses a file and exits 2 did in 15 runs of 60). These tables are small; threads would not speed them up.
     """
     with open(path, "rb") as f:
-        return pq.read_table(f)
+        return pq.read_table(f, use_threads=False)
 
 
 def load_results(path):
