@@ -373,6 +373,15 @@ for _size, (_depth, _width, _heads) in SMALL_SIZES.items():
 _DEFAULT_KWARGS = dict(mlp_ratio=4.0, class_dropout_prob=0.1, learn_sigma=True)
 
 
+def preset_name(size, patch):
+    """The registry name of a size ("S", "XL", "T") at a patch; the size's first preset where the registry lacks that
+    patch (DiT-P/8): the caller overrides its patch_size, as a study does."""
+    name = f"DiT-{size}/{patch}"
+    if name in DiT_models:
+        return name
+    return next(n for n in DiT_models if n.startswith(f"DiT-{size}/"))
+
+
 def model_config(name, **overrides):
     """The full DiT keyword arguments of a registered name, with overrides applied."""
     if name not in DiT_models:

@@ -50,6 +50,9 @@ class ConfigError(ValueError):
         super().__init__(f"{field} {value!r}: {problem}")
         self.field, self.value, self.problem = field, value, problem
 
+    def __reduce__(self):  # pickled as its three fields: Ray hands a worker's error to the driver pickled
+        return type(self), (self.field, self.value, self.problem)
+
 
 def _is_int(value):
     """An int that is not a bool (True would pass for 1)."""
@@ -193,6 +196,9 @@ class TrainingDiverged(RuntimeError):
     def __init__(self, step, loss):
         super().__init__(f"training diverged at step {step}: loss {loss}")
         self.step, self.loss = step, loss
+
+    def __reduce__(self):  # as ConfigError's
+        return type(self), (self.step, self.loss)
 
 
 class Callbacks:

@@ -34,13 +34,14 @@ KIND_LOG, KIND_CHECKPOINT, KIND_MILESTONE, KIND_END = "log", "checkpoint", "mile
 
 def train_config(trial):
     """core.train's TrainConfig of a trial dict (scaling.study.Trial.to_dict())."""
+    from core.models import preset_name
     from core.train import TrainConfig
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     train = {k: v for k, v in trial["train"].items() if k in fields}
     data = trial["data"]
-    # The preset's registry name: a trial's own name also carries its swept architecture fields.
-    preset = f"DiT-{trial['size']}/{trial['patch']}"
+    # A registry name (a trial's own name also carries its swept architecture fields), overridden to the trial's.
+    preset = preset_name(trial["size"], trial["patch"])
     return TrainConfig(**{**train, "model": preset, "model_overrides": dict(trial["model_config"]),
                           "dataset": data["dataset"], "data_path": data.get("path"),
                           "image_size": data.get("image_size"),

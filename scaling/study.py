@@ -845,9 +845,9 @@ def hashed_settings(raw, train, model_config, preset_config):
 
 def _model_config(size, patch, train, info):
     """Full DiT kwargs of a size at a patch, shaped for the data, with the study's architecture overrides."""
-    from core.models import DiT_models, model_config
+    from core.models import model_config, preset_name
 
-    preset = next(name for name in DiT_models if name.startswith(f"DiT-{size}/"))
+    preset = preset_name(size, patch)
     overrides = dict(patch_size=patch, input_size=info["input_size"], in_channels=info["in_channels"],
                      num_classes=info["num_classes"], class_dropout_prob=train["class_dropout_prob"],
                      learn_sigma=train["learn_sigma"])

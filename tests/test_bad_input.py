@@ -360,6 +360,19 @@ def test_a_checkpoint_of_another_batch_size_is_named(tmp_path, capsys):
                                             "sampler state has global_batch=8, this sampler has 16\n")
 
 
+def test_core_trains_errors_reach_the_driver_whole():
+    # Ray hands a worker's exception to the driver pickled: the message must survive the trip.
+    import pickle
+
+    from core.train import ConfigError
+
+    error = pickle.loads(pickle.dumps(ConfigError("model", "DiT-Q/2", "must be a name in core.models.DiT_models")))
+    assert isinstance(error, ConfigError) and (error.field, error.value) == ("model", "DiT-Q/2")
+    assert str(error) == "model 'DiT-Q/2': must be a name in core.models.DiT_models"
+    diverged = pickle.loads(pickle.dumps(core_train.TrainingDiverged(7, float("nan"))))
+    assert (diverged.step, str(diverged)) == (7, "training diverged at step 7: loss nan")
+
+
 def test_train_config_refuses_values_outside_their_range():
     from core.train import TrainConfig
 

@@ -637,6 +637,17 @@ def test_a_swept_architecture_field_names_distinct_models(tmp_path):
     assert config.model == "DiT-P/2" and config.resolved_model_config() == study.trials[1].model_config
 
 
+def test_a_patch_the_registry_lacks_trains_its_size_at_that_patch(tmp_path):
+    # The registry names the small sizes at /1, /2 and /4: DiT-P at patch 8 on 8×8 digits (one token) is still a
+    # DiT-P, and its workers must train it rather than refuse a name the registry lacks.
+    (trial,) = load(tmp_path, overrides=["sweep.model=[DiT-P]", "sweep.patch=[8]"]).trials
+    assert trial.model == "DiT-P/8" and trial.model_config["patch_size"] == 8
+    from scaling.ray_trial import train_config
+
+    config = train_config(trial.to_dict())  # TrainConfig checks its fields as it is built
+    assert config.resolved_model_config() == trial.model_config
+
+
 def test_a_fixed_architecture_field_names_the_models_it_changes(tmp_path):
     # One width for all is DiT-P's override (64 wide) and DiT-N's own width: a 96-wide DiT-P is not DiT-P.
     study = load(tmp_path, overrides=["train.hidden_size=96"])
