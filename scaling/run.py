@@ -246,11 +246,20 @@ def check_report_dir(study, given):
     checked before launch rather than after the study's hours of training; returns it."""
     from scaling.report_folder import check_report_destination, default_report_dir
 
-    path = Path(given) if given else default_report_dir(study.name)
+    if given == "":  # an unset variable, say: not the default folder
+        raise StudyError(f"--report-dir is empty; give a folder, or leave the flag out for "
+                         f"{default_report_dir(study.name)}")
+    path = Path(given) if given is not None else default_report_dir(study.name)
+    flag = "--report-dir" if given is not None else "the report folder"
     try:
-        check_report_destination(path)
+        target = check_report_destination(path)
     except ValueError as e:
-        raise StudyError(f"{'--report-dir' if given else 'the report folder'} {e}") from None
+        raise StudyError(f"{flag} {e}") from None
+    # New or empty now, it would hold the output once the study writes it, and the report would then refuse it.
+    report, out = Path(os.path.realpath(target)), Path(os.path.realpath(study.output))
+    if report == out or report in out.parents:
+        raise StudyError(f"{flag} {path}: {'is' if report == out else 'holds'} the study's output folder "
+                         f"{study.output}; a report replaces its folder whole: give another")
     return path
 
 

@@ -62,6 +62,28 @@ def test_report_folder_problems_in_a_dry_run_and_report_flags_that_contradict(tm
     assert not (tmp_path / "out").exists()
 
 
+def test_a_report_folder_that_is_or_holds_the_output_is_refused_before_launch(tmp_path, capsys):
+    # A report replaces its folder whole: at the study's end it would refuse the output's files, after the training.
+    out = tmp_path / "studies" / "out"
+    path = write(tmp_path, BASE + f"output: {out}\n")
+    for report, relation in ((out, "is"), (out.parent, "holds"), (out / ".." / "out", "is")):
+        before = snapshot(tmp_path)
+        problem = (f"--report-dir {report}: {relation} the study's output folder {out}; a report replaces its folder "
+                   "whole: give another")
+        assert scaling_run.main([str(path), "--report-dir", str(report)]) == 2
+        assert capsys.readouterr().err == f"error: {problem}\n"
+        assert scaling_run.main([str(path), "--dry-run", "--report-dir", str(report)]) == 0
+        assert capsys.readouterr().err.startswith(f"warning: {problem}\n")
+        assert snapshot(tmp_path) == before
+    # A report folder inside the output replaces nothing of it.
+    assert scaling_run.main([str(path), "--dry-run", "--report-dir", str(out / "report")]) == 0
+    assert "warning" not in capsys.readouterr().err
+    # An empty value (an unset variable, say) is not the default folder.
+    assert scaling_run.main([str(path), "--report-dir", ""]) == 2
+    assert capsys.readouterr().err == "error: --report-dir is empty; give a folder, or leave the flag out for reports/tiny\n"
+    assert not out.parent.exists()
+
+
 def unenterable():
     """A path in a folder this process may not enter even as root (/proc/1/root in a container), else None."""
     path = Path("/proc/1/root/study")
