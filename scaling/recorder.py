@@ -18,7 +18,7 @@ from ray.tune import Callback
 from core.flops import training_compute
 from scaling.held_logs import HELD_LOGS_KEY
 from scaling.ray_trial import KIND_END, KIND_LOG, KIND_MILESTONE
-from scaling.results import (CURVES_FILE, LOSS_CURVES_SCHEMA, RESULTS_FILE, RESULTS_SCHEMA, load_results, read_parquet,
+from scaling.results import (CURVES_FILE, LOSS_CURVES_SCHEMA, RESULTS_FILE, RESULTS_SCHEMA, load_curves, load_results,
                              row_config, write_table)
 
 LOG_METRICS = ("train_loss", "lr", "images_per_s", "achieved_tflops", "mfu")
@@ -320,7 +320,7 @@ def _load_rows(path, key):
     """Existing rows of a Parquet file keyed by key columns (empty when there is none yet)."""
     if not Path(path).exists():
         return {}
-    df = load_results(path) if Path(path).name == RESULTS_FILE else read_parquet(path).to_pandas()
+    df = load_results(path) if Path(path).name == RESULTS_FILE else load_curves(path)
     return {tuple(r[k] for k in key): r for r in df.to_dict("records")}
 
 

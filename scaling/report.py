@@ -24,7 +24,8 @@ from scaling.fits import (CHINCHILLA, CI_LEVEL, N_BOOT, POWER_LAW, SATURATING_PO
                           extrapolation_check, fit_law, frontier, isoflop, parallel_fits, size_classes)
 from scaling.report_folder import ReportDestinationError, check_report_destination, default_report_dir, \
     swap_in_report
-from scaling.results import RESULTS_SCHEMA, STATUSES, load_results, paper_results, results_path, to_table
+from scaling.results import (RESULTS_SCHEMA, STATUSES, check_trial_rows, load_results, paper_results, results_path,
+                             row_where, to_table)
 
 STATUS_RANK = {"ok": 0, "diverged": 1, "failed": 2}
 FIT_TITLES = {  # fits.json keys -> how the tables name them
@@ -59,8 +60,6 @@ class BadResults(ValueError):
     """Results the report cannot use; the message names the file (or "results") and what is wrong."""
 
 
-# What every row must hold: the report groups measurements by trial, orders them by step, labels them by model.
-IDENTITY_COLUMNS = {"trial_id": "trial id", "model": "model name", "step": "step"}
 # Counts and sizes, where given: finite, and above zero (> 0) or not below it (>= 0).
 POSITIVE_COLUMNS = {"patch": "> 0", "params": "> 0", "gflops": "> 0", "batch_size": "> 0", "step": ">= 0",
                     "max_step": ">= 0", "train_compute": ">= 0"}
@@ -88,16 +87,16 @@ def report_rows(results):
 
 
 def check_rows(df, source):
-    """Refuse rows the report cannot place: no trial id, model or step, an unknown status, an impossible count."""
-    for col, what in IDENTITY_COLUMNS.items():
-        missing = df[col].isna().to_numpy()
-        if missing.any():
-            raise BadResults(f"{source}: column {col!r} is empty (null) in {missing.sum()} of {len(df)} rows "
-                             f"({_where(df, missing)}); every row needs its {what}")
+    """Refuse rows the report cannot place: no trial id, model or step, an unknown status, an impossible count, two
+    rows of one trial at one step."""
+    try:
+        check_trial_rows(df, source)
+    except ValueError as e:
+        raise BadResults(str(e)) from None
     unknown = ~df.status.isna() & ~df.status.isin(STATUSES)
     if unknown.any():
         raise BadResults(f"{source}: column 'status' has unknown values {sorted(set(df.status[unknown]))} "
-                         f"({_where(df, unknown.to_numpy())}); expected one of {list(STATUSES)}")
+                         f"({row_where(df, unknown.to_numpy())}); expected one of {list(STATUSES)}")
     for col, rule in {**POSITIVE_COLUMNS, **METRIC_COLUMNS}.items():
         v = df[col].astype(float).to_numpy()
         with np.errstate(invalid="ignore"):
@@ -105,42 +104,7 @@ def check_rows(df, source):
         if bad.any():
             shown = ", ".join(f"{x:g}" for x in sorted(set(v[bad]))[:3])
             raise BadResults(f"{source}: column {col!r} must be finite and {rule} where given, but holds {shown} in "
-                             f"{bad.sum()} of {len(df)} rows ({_where(df, bad)})")
-    check_one_row_per_step(df, source)
-
-
-def check_one_row_per_step(df, source):
-    """Refuse two different rows of one trial at one step: which of them stands, the report cannot tell."""
-    # The recorder keeps one row per (trial, step), replacing, never adding, so a file with two was put together
-    # from several by hand. Exact copies say nothing new: analyze counts them once, with a note.
-    distinct = df.drop_duplicates()
-    clash = distinct.duplicated(["trial_id", "step"], keep=False).to_numpy()
-    if not clash.any():
-        return
-    first = distinct[clash].iloc[0]
-
-    def at_first(d):
-        return ((d.trial_id == first.trial_id) & (d.step == first.step)).to_numpy()
-    rows = distinct[at_first(distinct)]
-    differ = ", ".join(repr(c) for c in df.columns if rows[c].nunique(dropna=False) > 1)
-    positions = np.flatnonzero(at_first(df))
-    pairs = distinct[clash][["trial_id", "step"]].drop_duplicates()
-    more = f"; {len(pairs) - 1} more trial and step pair(s) have such rows" if len(pairs) > 1 else ""
-    raise BadResults(f"{source}: trial {first.trial_id} has {len(rows)} different rows at step {int(first.step)} "
-                     f"(rows {', '.join(map(str, positions[:-1]))} and {positions[-1]}; they differ in {differ}){more}; "
-                     "a study writes one row per trial and step: keep the one that stands")
-
-
-def _where(df, mask):
-    """The first offending row, as a reader finds it: its position and, where known, trial and step."""
-    i = int(np.flatnonzero(mask)[0])
-    row = df.iloc[i]
-    where = f"{'the first: ' if mask.sum() > 1 else ''}row {i}"
-    if pd.notna(row.trial_id):
-        where += f", trial {row.trial_id}"
-    if pd.notna(row.step):
-        where += f", step {int(row.step)}"
-    return where
+                             f"{bad.sum()} of {len(df)} rows ({row_where(df, bad)})")
 
 
 # Analysis --------------------------------------------------------------------------------------------

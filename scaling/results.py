@@ -10,6 +10,7 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -202,7 +203,69 @@ def load_results(path):
     bad = sorted(set(df.status.dropna()) - set(STATUSES))
     if bad:
         raise ValueError(f"{path}: unknown status values {bad}; expected one of {list(STATUSES)}")
+    check_trial_rows(df, path)
     return df
+
+
+def load_curves(path):
+    """The loss curves at path as a DataFrame, checked as load_results checks results: a readable Parquet file in
+    LOSS_CURVES_SCHEMA, every row with its trial id and step, one row per trial and step; ValueError naming the file."""
+    try:
+        table = read_parquet(path)
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"{path}: not a readable Parquet file ({' '.join(str(e).split())})") from None
+    try:
+        df = to_table(table, LOSS_CURVES_SCHEMA).to_pandas()  # a column it lacks comes back null: refused below
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    check_trial_rows(df, path, CURVE_IDENTITY_COLUMNS)
+    return df
+
+
+# What every row must hold: readers key measurements by trial and step (the driver's recorder by both, to replace a
+# row rather than add one), and the report labels them by model.
+IDENTITY_COLUMNS = {"trial_id": "trial id", "model": "model name", "step": "step"}
+CURVE_IDENTITY_COLUMNS = {"trial_id": "trial id", "step": "step"}
+
+
+def check_trial_rows(df, source, identity=IDENTITY_COLUMNS):
+    """Refuse rows no reader can place, which no study writes: one without its trial id, model or step, or two
+    different rows of one trial at one step (which of them stands, no reader can tell); ValueError naming source."""
+    for col, what in identity.items():
+        missing = df[col].isna().to_numpy()
+        if missing.any():
+            raise ValueError(f"{source}: column {col!r} is empty (null) in {missing.sum()} of {len(df)} rows "
+                             f"({row_where(df, missing)}); every row needs its {what}")
+    # The recorder keeps one row per (trial, step), replacing, never adding, so a file with two was put together
+    # from several by hand. Exact copies say nothing new: the report counts them once, with a note.
+    distinct = df.drop_duplicates()
+    clash = distinct.duplicated(["trial_id", "step"], keep=False).to_numpy()
+    if not clash.any():
+        return
+    first = distinct[clash].iloc[0]
+
+    def at_first(d):
+        return ((d.trial_id == first.trial_id) & (d.step == first.step)).to_numpy()
+    rows = distinct[at_first(distinct)]
+    differ = ", ".join(repr(c) for c in df.columns if rows[c].nunique(dropna=False) > 1)
+    positions = np.flatnonzero(at_first(df))
+    pairs = distinct[clash][["trial_id", "step"]].drop_duplicates()
+    more = f"; {len(pairs) - 1} more trial and step pair(s) have such rows" if len(pairs) > 1 else ""
+    raise ValueError(f"{source}: trial {first.trial_id} has {len(rows)} different rows at step {int(first.step)} "
+                     f"(rows {', '.join(map(str, positions[:-1]))} and {positions[-1]}; they differ in {differ}){more}; "
+                     "a study writes one row per trial and step: keep the one that stands")
+
+
+def row_where(df, mask):
+    """The first row mask marks, as a reader finds it: its position and, where known, trial and step."""
+    i = int(np.flatnonzero(mask)[0])
+    row = df.iloc[i]
+    where = f"{'the first: ' if mask.sum() > 1 else ''}row {i}"
+    if pd.notna(row.trial_id):
+        where += f", trial {row.trial_id}"
+    if pd.notna(row.step):
+        where += f", step {int(row.step)}"
+    return where
 
 
 def recorded_trials(study, results=None):

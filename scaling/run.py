@@ -102,9 +102,7 @@ def check_results(study):
     """The records already in the output (a study to resume) must read, before anything starts: results.parquet,
     loss_curves.parquet and the SQLite MLflow store, which the driver would otherwise fail on after Ray's start.
     Returns results.parquet's rows (load_results), None when there is none."""
-    import pyarrow as pa
-
-    from scaling.results import CURVES_FILE, RESULTS_FILE, load_results, read_parquet
+    from scaling.results import CURVES_FILE, RESULTS_FILE, load_curves, load_results
 
     def unreadable(reason):
         return StudyError(f"{study.path}: output: {reason}; move it away to start the study afresh")
@@ -124,9 +122,9 @@ def check_results(study):
             raise unreadable(e) from None
     if curves.exists():
         try:
-            read_parquet(curves)
-        except (pa.ArrowException, OSError) as e:
-            raise unreadable(f"{curves}: not a readable Parquet file ({' '.join(str(e).split())})") from None
+            load_curves(curves)
+        except (ValueError, OSError) as e:
+            raise unreadable(e) from None
     store = sqlite_store(study.raw["tracking"]["mlflow_uri"])
     if store is not None and store.exists():
         import sqlite3

@@ -10,7 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from scaling import run as scaling_run
+from scaling.results import RESULTS_SCHEMA, write_table
 from test_bad_input import snapshot
+from test_results import row
 from test_study import BASE, write
 
 
@@ -20,12 +22,28 @@ def study_with_output(tmp_path, extra=""):
     return write(tmp_path, BASE + f"output: {out}\n" + extra), out
 
 
-@pytest.mark.parametrize("damage", ["curves cut short", "results a folder", "store not a database"])
+@pytest.mark.parametrize("damage", ["curves cut short", "results a folder", "store not a database",
+                                    "curves of another table", "curves without steps", "a result without its trial",
+                                    "two results at one step"])
 def test_damaged_records_of_a_study_to_resume(tmp_path, capsys, damage):
+    # Each read fine as Parquet and then stopped the driver at a trial's first milestone, after Ray's start, or lost
+    # one of two rows at a step without a word.
     path, out = study_with_output(tmp_path)
     if damage == "curves cut short":
         bad, reason = out / "loss_curves.parquet", "not a readable Parquet file ("
         bad.write_bytes(b"PAR1 cut short")
+    elif damage == "curves of another table":
+        bad, reason = out / "loss_curves.parquet", "columns not in the schema: batch_size, "
+        write_table([row()], bad, RESULTS_SCHEMA)
+    elif damage == "curves without steps":
+        bad, reason = out / "loss_curves.parquet", "column 'step' is empty (null) in 1 of 1 rows (row 0, trial a)"
+        pq.write_table(pa.table({"trial_id": ["a"], "train_loss": [1.0]}), bad)
+    elif damage == "a result without its trial":
+        bad, reason = out / "results.parquet", "column 'trial_id' is empty (null) in 1 of 2 rows (row 1, step 2000)"
+        write_table([row(), row(trial_id=None, step=2000)], bad, RESULTS_SCHEMA)
+    elif damage == "two results at one step":
+        bad, reason = out / "results.parquet", "trial abc has 2 different rows at step 1000 (rows 0 and 1; they differ "
+        write_table([row(), row(fid=1.0)], bad, RESULTS_SCHEMA)
     elif damage == "results a folder":
         bad, reason = out / "results.parquet", "is not a file"
         bad.mkdir()
