@@ -6,6 +6,7 @@ Ctrl-C and 143 by SIGTERM (the same command resumes the study).
 """
 import argparse
 import contextlib
+import http.client
 import logging
 import os
 import shlex
@@ -295,6 +296,8 @@ def check_reachable(address):
     if not host or not port.isdigit():  # as ray.init, which takes no default port
         raise StudyError(f"--address {address}: expected HOST:PORT (the head node's, 6379 unless its `ray start "
                          f"--head --port` says otherwise) or auto")
+    if not 0 < int(port) < 65536:
+        raise StudyError(f"--address {address}: port {port} is out of range (1-65535)")
     try:
         with socket.create_connection((host, int(port)), timeout=5):
             pass
@@ -308,11 +311,17 @@ def check_tracking_server(study):
     uri = study.raw["tracking"]["mlflow_uri"]  # the study's, else MLFLOW_TRACKING_URI's, else SQLite
     given = study.given("tracking.mlflow_uri")
     where = f"{study.locate('tracking.mlflow_uri')}: tracking.mlflow_uri" if given else "MLFLOW_TRACKING_URI"
-    from scaling.tracking import unsupported_store
+    from scaling.tracking import DATABASE_SCHEMES, unreachable_database, unsupported_store
 
     problem = unsupported_store(uri)
     if problem:
         raise StudyError(f"{where}: {problem}")
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower()
+    if scheme in DATABASE_SCHEMES and scheme != "sqlite":
+        problem = unreachable_database(uri)
+        if problem:
+            raise StudyError(f"{where}: {problem}")
+        return
     if not uri.startswith(("http://", "https://")):
         return  # a SQLite or file store is created by the driver itself
     try:
@@ -320,7 +329,7 @@ def check_tracking_server(study):
             pass
     except urllib.error.HTTPError:
         return  # it answers (a proxy in front of it may want credentials even for /health)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, http.client.HTTPException) as e:  # InvalidURL for a port that is not a number
         reason = getattr(e, "reason", e)
         raise StudyError(f"{where}: no MLflow tracking server answers at {uri} ({reason})") from e
 

@@ -967,7 +967,8 @@ def _step_groups(axes, gflops, train):
     if axes["steps"] is not None:
         pairs = [(None, s) for s in axes["steps"]]
     else:
-        pairs = [(c, max(1, round(c / (3 * gflops * train["batch_size"])))) for c in axes["compute"]]
+        # A budget past a float's steps stays inf, for the caller's bound to refuse (round() cannot take it).
+        pairs = [(c, max(1, _round(c / (3 * gflops * train["batch_size"])))) for c in axes["compute"]]
     steps = sorted({s for _, s in pairs})
 
     def budgets(of_steps):
@@ -975,6 +976,11 @@ def _step_groups(axes, gflops, train):
     if train["lr_schedule"] == "constant":
         return [(tuple(steps), budgets(steps))]
     return [((s,), budgets({s})) for s in steps]
+
+
+def _round(x):
+    """round(x), but inf stays inf."""
+    return round(x) if math.isfinite(x) else x
 
 
 def _shape_error(err, config, size, positions, axes, raw, where):

@@ -184,6 +184,37 @@ DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 TRACKING_SCHEMES = ("", "file", "http", "https", "databricks", *DATABASE_SCHEMES)
 
 
+# Seconds a database server may take to answer the check before launch, by the driver's own keyword for it.
+CONNECT_TIMEOUT_S = 10
+CONNECT_TIMEOUT_ARGS = {"postgresql": "connect_timeout", "mysql": "connect_timeout", "mssql": "timeout"}
+
+
+def unreachable_database(uri):
+    """Why the database store at uri (postgresql, mysql, mssql) cannot be opened, or None: its driver is not
+    installed, or nothing answers. The password stays out of the message."""
+    import sqlalchemy
+    from sqlalchemy.engine import make_url
+
+    try:
+        url = make_url(uri)
+    except sqlalchemy.exc.ArgumentError as e:
+        return f"not a database URI ({e})"
+    shown = url.render_as_string(hide_password=True)
+    timeout = CONNECT_TIMEOUT_ARGS.get(url.get_backend_name())
+    engine = None
+    try:
+        engine = sqlalchemy.create_engine(url, connect_args={timeout: CONNECT_TIMEOUT_S} if timeout else {})
+        with engine.connect():
+            pass
+    except (ImportError, sqlalchemy.exc.SQLAlchemyError) as e:
+        reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]  # the driver's own words, one line
+        return f"cannot open the database at {shown} ({reason})"
+    finally:
+        if engine is not None:
+            engine.dispose()
+    return None
+
+
 def unsupported_store(uri):
     """Why MLflow has no tracking store for uri, or None when it has one."""
     scheme = uri.split(":", 1)[0].split("+", 1)[0].lower() if re.match(r"[A-Za-z][\w+.-]*:", uri) else ""

@@ -431,6 +431,13 @@ def test_an_address_without_a_port_is_named(address):
         scaling_run.check_reachable(address)
 
 
+@pytest.mark.parametrize("port", ["0", "65536", "999999999999999999999"])
+def test_an_address_with_a_port_out_of_range_is_named(port):
+    # The longest gave getaddrinfo's OverflowError as a traceback.
+    with pytest.raises(StudyError, match=f"^--address ray-head:{port}: port {port} is out of range \\(1-65535\\)$"):
+        scaling_run.check_reachable(f"ray-head:{port}")
+
+
 def test_the_printed_mlflow_ui_command_runs(tmp_path, monkeypatch):
     import shlex
 

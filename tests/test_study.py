@@ -527,6 +527,9 @@ BAD = {
     "compute past any run": (BASE, ["sweep.steps=null", "sweep.compute=[1e30]"],
                              "--set sweep.compute=[1e30]: sweep.compute: 1e+30 Gflops is 6.03e+30 steps of DiT-P/2, "
                              "more than 1e+12"),
+    "compute past a float's steps": (BASE, ["sweep.steps=null", "sweep.compute=[1e308]"],
+                                     "--set sweep.compute=[1e308]: sweep.compute: 1e+308 Gflops is inf steps of "
+                                     "DiT-P/2, more than 1e+12"),
     "a seed past torch's generator": (BASE, ["train.seed=100000000000000000000"],
                                       "--set train.seed=100000000000000000000: train.seed: must be <= 18446687733646, "
                                       "got 100000000000000000000"),

@@ -84,6 +84,25 @@ def test_tracking_uri_that_mlflow_has_no_store_for(tmp_path, capsys, monkeypatch
     assert capsys.readouterr().err.startswith(f"error: MLFLOW_TRACKING_URI: MLflow has no tracking store for {uri!r}")
 
 
+@pytest.mark.parametrize("uri, reason", [
+    ("http://localhost:abc", "no MLflow tracking server answers at http://localhost:abc (nonnumeric port: 'abc')"),
+    # Its driver (psycopg) not installed here; where it is, nothing listens on port 1: either way, before launch.
+    ("postgresql://someone:secret@127.0.0.1:1/mlflow", "cannot open the database at "
+                                                       "postgresql://someone:***@127.0.0.1:1/mlflow ("),
+])
+def test_tracking_store_that_cannot_be_reached_is_refused_before_launch(tmp_path, capsys, uri, reason):
+    # Each failed only after Ray's start, with a traceback (http.client.InvalidURL; psycopg2 missing); a database's
+    # password stays out of the message.
+    path, out = study_with_output(tmp_path, f"tracking:\n  mlflow_uri: {uri}\n")
+    shutil.rmtree(out)
+    before = snapshot(tmp_path)
+    assert scaling_run.main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}:{BASE.count(chr(10)) + 3}: tracking.mlflow_uri: {reason}"), err
+    assert err.count("\n") == 1 and "secret" not in err
+    assert snapshot(tmp_path) == before
+
+
 def test_report_folder_that_is_not_a_report_is_refused_before_launch(tmp_path, capsys):
     # The report replaces its folder whole: pointed at the study's own output it deleted every record, after training.
     path, out = study_with_output(tmp_path)
