@@ -267,8 +267,12 @@ def check_output(study):
     out = study.output
     try:
         existing = next(p for p in [out, *out.parents] if p.exists())
+        dangling = next((p for p in [out, *out.parents] if p.is_symlink() and not p.exists()), None)
     except OSError as e:  # a folder on the way that cannot be entered
         raise StudyError(f"{study.path}: output: {out} is not writable ({e.strerror}: {e.filename})") from None
+    if dangling is not None:  # mkdir would meet the link where the folder goes
+        raise StudyError(f"{study.path}: output: {dangling} is a link to {os.readlink(dangling)}, which does not "
+                         f"exist")
     if not existing.is_dir():
         raise StudyError(f"{study.path}: output: {out} is not a folder ({existing} is a file)")
     if not os.access(existing, os.W_OK | os.X_OK):

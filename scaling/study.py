@@ -118,10 +118,16 @@ def betas(value):
     return [number(at_least=0, below=1)(b) for b in value]
 
 
+MAX_NAME = 100  # characters: the name is a folder's (outputs/<name>, reports/<name>, and their temporary siblings)
+
+
 def study_name(value):
     """A name that is safe as a folder and an MLflow experiment."""
     if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", value) or set(value) == {"."}:
         raise _Invalid(f"expected a name of letters, digits, '_', '.' and '-', got {value!r}")
+    if len(value) > MAX_NAME:
+        raise _Invalid(f"expected at most {MAX_NAME} characters (it names the output and report folders), "
+                       f"got {len(value)}")
     return value
 
 

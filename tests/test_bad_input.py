@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def snapshot(root):
     """Every path under root with its size: 'writes nothing' means this does not change."""
-    return {str(p.relative_to(root)): p.stat().st_size for p in Path(root).rglob("*")}
+    return {str(p.relative_to(root)): p.lstat().st_size for p in Path(root).rglob("*")}  # a link as itself
 
 
 @pytest.mark.parametrize("case", BAD)
@@ -48,6 +48,20 @@ def test_output_in_or_at_a_file(tmp_path, monkeypatch, capsys):
         assert scaling_run.main([str(path), "--dry-run"]) == 0
         assert capsys.readouterr().err == f"warning: {problem}"
         assert snapshot(tmp_path) == before
+
+
+def test_output_at_a_link_to_nothing(tmp_path, capsys):
+    # It passed the checks, then the output's mkdir raised FileExistsError after Ray's start.
+    link = tmp_path / "out"
+    link.symlink_to(tmp_path / "gone")
+    path = write(tmp_path, BASE + f"output: {link}\n")
+    before = snapshot(tmp_path)
+    problem = f"{path}: output: {link} is a link to {tmp_path / 'gone'}, which does not exist\n"
+    assert scaling_run.main([str(path)]) == 2
+    assert capsys.readouterr().err == f"error: {problem}"
+    assert scaling_run.main([str(path), "--dry-run"]) == 0
+    assert capsys.readouterr().err == f"warning: {problem}"
+    assert snapshot(tmp_path) == before and not (tmp_path / "gone").exists()
 
 
 def test_report_folder_problems_in_a_dry_run_and_report_flags_that_contradict(tmp_path, capsys):

@@ -493,6 +493,9 @@ BAD = {
     "missing name": (BASE.replace("name: tiny\n", "\n"), [], "{f}: name: missing (required)"),
     "bad name": (edit("name: tiny", "name: my study"), [], "{f}:1: name: expected a name of letters, digits, "
                  "'_', '.' and '-', got 'my study'"),
+    "a name too long for a folder": (edit("name: tiny", "name: " + "a" * 101), [],
+                                     "{f}:1: name: expected at most 100 characters (it names the output and report "
+                                     "folders), got 101"),
     "latents without a path": (edit("dataset: digits", "dataset: latents"), [],
                                "{f}:3: data.path: the latents dataset needs a path"),
     "a YAML list": ("- name: tiny\n- data: {}\n", [], "{f}:1: the study must be a mapping of sections (name, data, "
