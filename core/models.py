@@ -210,7 +210,7 @@ class DiT(nn.Module):
         learn_sigma=True,
     ):
         super().__init__()
-        check_shape(input_size, patch_size, hidden_size, num_heads, depth)
+        check_shape(input_size, patch_size, hidden_size, num_heads, depth, mlp_ratio)
         self.config = dict(
             input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
             depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, class_dropout_prob=class_dropout_prob,
@@ -303,12 +303,25 @@ class DiT(nn.Module):
         return torch.cat([eps, rest], dim=1)
 
 
-def check_shape(input_size, patch_size, hidden_size, num_heads, depth):
+# The widest, deepest and widest-MLP DiT a config may ask for: far past any trained (DiT-XL: 1152 wide, 28 deep, ratio
+# 4), they keep a size that overflows a tensor's, or a validation that builds thousands of blocks, out.
+MAX_HIDDEN_SIZE, MAX_DEPTH, MAX_MLP_RATIO = 65536, 1000, 64
+
+
+def check_shape(input_size, patch_size, hidden_size, num_heads, depth, mlp_ratio=4.0):
     """Raise ValueError naming the field when a DiT shape cannot be built."""
     for name, value in (("input_size", input_size), ("patch_size", patch_size), ("hidden_size", hidden_size),
                         ("num_heads", num_heads), ("depth", depth)):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    for name, value, most in (("hidden_size", hidden_size, MAX_HIDDEN_SIZE), ("depth", depth, MAX_DEPTH)):
+        if value > most:
+            raise ValueError(f"{name} {value} is past {most}, the most a DiT here may have")
+    if not (isinstance(mlp_ratio, (int, float)) and not isinstance(mlp_ratio, bool)
+            and math.isfinite(mlp_ratio) and 0 < mlp_ratio <= MAX_MLP_RATIO):
+        raise ValueError(f"mlp_ratio must be a finite number in (0, {MAX_MLP_RATIO}], got {mlp_ratio!r}")
+    if int(hidden_size * mlp_ratio) < 1:
+        raise ValueError(f"mlp_ratio {mlp_ratio} leaves the MLP no hidden units at hidden_size {hidden_size}")
     if input_size % patch_size:
         raise ValueError(f"patch_size {patch_size} does not divide input_size {input_size}")
     if hidden_size % num_heads:

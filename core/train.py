@@ -737,11 +737,13 @@ def _check_model_shape(cfg, overrides):
     built."""
     mcfg = {**cfg.resolved_model_config(), **overrides}
     try:
-        check_shape(*(mcfg[k] for k in ("input_size", "patch_size", "hidden_size", "num_heads", "depth")))
+        check_shape(*(mcfg[k] for k in ("input_size", "patch_size", "hidden_size", "num_heads", "depth",
+                                        "mlp_ratio")))
     except ValueError as e:
         shape_flags = "".join(f" {flag(k)} {v}" for k, v in cfg.model_overrides.items()
-                              if k in ("hidden_size", "depth", "num_heads"))
-        raise ValueError(f"--model {cfg.model}{shape_flags} with --image-size {cfg.image_size}: {e}") from e
+                              if k in ("hidden_size", "depth", "num_heads", "mlp_ratio"))
+        size = "" if cfg.image_size is None else f" with --image-size {cfg.image_size}"  # digits: 8×8, no flag
+        raise ValueError(f"--model {cfg.model}{shape_flags}{size}: {e}") from e
 
 
 def check_results_dir(results_dir, checkpoint_dir):

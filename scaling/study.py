@@ -921,7 +921,7 @@ def _expand(raw, axes, info, where, warnings):
             preset_config = _model_config(size, patch, {**train, **dict.fromkeys(ARCHITECTURE_FIELDS)}, info)
             try:
                 check_shape(config["input_size"], config["patch_size"], config["hidden_size"],
-                            config["num_heads"], config["depth"])
+                            config["num_heads"], config["depth"], config["mlp_ratio"])
             except ValueError as err:
                 raise _shape_error(err, config, size, (m, p), axes, raw, where) from None
             gflops = gflops_from_config(**config)
@@ -995,7 +995,7 @@ def _shape_error(err, config, size, positions, axes, raw, where):
     m, p = positions
     culprit = ("sweep", "patch", p) if axes["patch"] else ("sweep", "model", m)
     if not message.startswith("patch_size"):
-        for name in re.findall(r"\b(num_heads|hidden_size|depth)\b", message):
+        for name in re.findall(r"\b(num_heads|hidden_size|depth|mlp_ratio)\b", message):
             if f"train.{name}" in axes:
                 culprit = ("sweep", f"train.{name}")
                 break

@@ -233,8 +233,16 @@ def test_corrupt_checkpoint_given_to_core_train(tmp_path):
     (["--class-dropout-prob", "1"], "error: --class-dropout-prob 1.0: must be a finite number in [0, 1)"),
     (["--mlp-ratio", "0"], "error: --mlp-ratio 0.0: must be a finite number > 0"),
     (["--depth", "0"], "error: --depth 0: must be an integer >= 1"),
-    (["--num-heads", "3"], "error: --model DiT-P/4 --num-heads 3 with --image-size None: num_heads 3 does not divide "
-                           "hidden_size 64"),
+    (["--num-heads", "3"], "error: --model DiT-P/4 --num-heads 3: num_heads 3 does not divide hidden_size 64"),
+    # A zero-width MLP crashed at the first step; the largest sizes overflowed a tensor's size or took hours to build.
+    (["--mlp-ratio", "0.01"], "error: --model DiT-P/4 --mlp-ratio 0.01: mlp_ratio 0.01 leaves the MLP no hidden units "
+                              "at hidden_size 64"),
+    (["--mlp-ratio", "1e300"], "error: --model DiT-P/4 --mlp-ratio 1e+300: mlp_ratio must be a finite number in "
+                               "(0, 64], got 1e+300"),
+    (["--hidden-size", "4000000000", "--num-heads", "1"], "error: --model DiT-P/4 --hidden-size 4000000000 "
+                                                          "--num-heads 1: hidden_size 4000000000 is past 65536"),
+    (["--depth", "100000"], "error: --model DiT-P/4 --depth 100000: depth 100000 is past 1000, the most a DiT here "
+                            "may have"),
 ])
 def test_bad_arguments_of_core_train(tmp_path, capsys, args, message):
     args = [a.replace("{tmp}", str(tmp_path / "data")) for a in args]

@@ -493,6 +493,15 @@ BAD = {
     "missing name": (BASE.replace("name: tiny\n", "\n"), [], "{f}: name: missing (required)"),
     "bad name": (edit("name: tiny", "name: my study"), [], "{f}:1: name: expected a name of letters, digits, "
                  "'_', '.' and '-', got 'my study'"),
+    "an MLP without hidden units": (BASE, ["train.mlp_ratio=0.001"],
+                                    "--set train.mlp_ratio=0.001: train.mlp_ratio: mlp_ratio 0.001 leaves the MLP no "
+                                    "hidden units at hidden_size 64 (DiT-P/2 on digits, 8×8×1)"),
+    "a width past any DiT": (BASE, ["train.hidden_size=4000000000", "train.num_heads=1"],
+                             "--set train.hidden_size=4000000000: train.hidden_size: hidden_size 4000000000 is past "
+                             "65536, the most a DiT here may have (DiT-P/2 on digits, 8×8×1)"),
+    "a depth past any DiT": (BASE, ["sweep.train.depth=[2, 5000]"],
+                             "--set sweep.train.depth=[2, 5000]: sweep.train.depth: depth 5000 is past 1000, the most "
+                             "a DiT here may have (DiT-P/2 on digits, 8×8×1)"),
     "a name too long for a folder": (edit("name: tiny", "name: " + "a" * 101), [],
                                      "{f}:1: name: expected at most 100 characters (it names the output and report "
                                      "folders), got 101"),
