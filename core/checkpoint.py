@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import shutil
+import zipfile
 from pathlib import Path
 
 import torch
@@ -229,6 +230,25 @@ def _damaged_torch_file(error):
     return isinstance(error, (EOFError, pickle.UnpicklingError)) or str(error).startswith("PytorchStreamReader")
 
 
+def _missing_engine_file(folder, zero_stage, rank):
+    """What DeepSpeed's loader needs of folder that is not there, in words, or None: the folder, its module states,
+    and under ZeRO this rank's optimizer partition (DeepSpeed's names, e.g. zero_pp_rank_0_mp_rank_00_optim_states.pt)."""
+    if not folder.is_dir():
+        return f"{folder} is missing"
+    if not any(folder.glob("*model_states.pt")):
+        return f"{folder} holds no model states (mp_rank_00_model_states.pt)"
+    if zero_stage > 0 and not any(folder.glob(f"*zero_pp_rank_{rank}_mp_rank_*optim_states.pt")):
+        return f"{folder} holds no ZeRO optimizer states of rank {rank} (zero_pp_rank_{rank}_mp_rank_00_optim_states.pt)"
+    return None
+
+
+def _damaged_zip(folder):
+    """The first torch.save file in folder that is not a whole zip archive (cut short or junk), as 'name', else 'a file
+    in it': DeepSpeed's error names none. torch.save writes zip archives, whose directory sits at their end."""
+    bad = next((f for f in sorted(folder.glob("*.pt")) if not zipfile.is_zipfile(f)), None)
+    return f"{ENGINE_TAG}/{bad.name}" if bad else "a file in it"
+
+
 # DeepSpeed saves ZeRO-1 and ZeRO-2 optimizer state alike (a resume across them is exact); ZeRO-0 keeps it whole and
 # ZeRO-3 partitions the weights too, so neither loads the others' checkpoints.
 INTERCHANGEABLE_ZERO_STAGES = {1, 2}
@@ -256,10 +276,14 @@ def load_checkpoint(path, engine, ema, model_config, world_size, zero_stage, ran
         ema.load_state_dict(weights)
     except Exception as e:
         raise CheckpointError(f"{ema_file} cannot be loaded: {e}") from e
+    engine_files = path / ENGINE_DIR / ENGINE_TAG
+    missing = _missing_engine_file(engine_files, zero_stage, rank)
+    if missing:  # DeepSpeed's loader asserts without a message
+        raise CheckpointError(f"{missing}: {path} is not a complete checkpoint")
     try:
         load_path, _ = engine.load_checkpoint(str(path / ENGINE_DIR), tag=ENGINE_TAG)
     except Exception as e:
-        why = _unreadable(e, "torch.save", "a file in it") if _damaged_torch_file(e) else e
+        why = _unreadable(e, "torch.save", _damaged_zip(engine_files)) if _damaged_torch_file(e) else e
         raise CheckpointError(f"{path / ENGINE_DIR} cannot be loaded: {why}") from e
     if load_path is None:
         raise CheckpointError(f"{path / ENGINE_DIR / ENGINE_TAG} holds no DeepSpeed checkpoint")

@@ -629,19 +629,32 @@ def test_damaged_checkpoint_files_are_named_in_words(tmp_path, capsys):
         ("rng-rank0.pt", rng_text[:300], "it is not a complete file torch.save wrote (PytorchStreamReader"),
         ("rng-rank0.pt", (tmp_path / "list.pt").read_bytes(), "it holds no torch RNG state\n"),
         (ckpt.EMA_FILE, b"junk" * 50, "it is not a complete file safetensors wrote ("),
-        (engine, b"junk" * 50, "a file in it is not a complete file torch.save wrote\n"),
+        # DeepSpeed's error names no file (it said "a file in it"), or has no words at all (it said nothing).
+        (engine, b"junk" * 50, f"{engine_file.relative_to(ckpt.ENGINE_DIR)} is not a complete file torch.save "
+                               "wrote\n"),
+        (engine, (good / engine).read_bytes()[:-100], f"{engine_file.relative_to(ckpt.ENGINE_DIR)} is not a complete "
+                                                      "file torch.save wrote"),
+        (engine, None, "{damaged}/deepspeed/state holds no model states (mp_rank_00_model_states.pt): {damaged} is "
+                       "not a complete checkpoint\n"),
+        (ckpt.ENGINE_DIR, None, "{damaged}/deepspeed/state is missing: {damaged} is not a complete checkpoint\n"),
     ]
     for name, data, problem in cases:
         damaged = tmp_path / "damaged"
         shutil.rmtree(damaged, ignore_errors=True)
         shutil.copytree(good, damaged)
-        (damaged / name).write_bytes(data)
+        if data is None:
+            shutil.rmtree(damaged / name) if (damaged / name).is_dir() else (damaged / name).unlink()
+        else:
+            (damaged / name).write_bytes(data)
         capsys.readouterr()
         before = snapshot(tmp_path)
         assert core_train.main(CORE_TRAIN + ["--results-dir", str(tmp_path / "x"), "--resume", str(damaged)]) == 2
-        named = damaged / (ckpt.ENGINE_DIR if name == engine else name)  # DeepSpeed's errors name no file
         err = capsys.readouterr().err
-        assert err.startswith(f"error: {named} cannot be loaded: {problem}"), err
+        if data is None:
+            assert err == f"error: {problem.format(damaged=damaged)}", err
+        else:
+            named = damaged / (ckpt.ENGINE_DIR if name == engine else name)
+            assert err.startswith(f"error: {named} cannot be loaded: {problem}"), err
         assert "Traceback" not in err
         assert snapshot(tmp_path) == before, name
 
