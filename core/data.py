@@ -7,6 +7,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, TensorDataset
 
+from core.data_error import DataError
 from core.digits import digits_arrays
 from core.latents import LatentShards, encode_id, read_meta
 
@@ -59,17 +60,8 @@ def image_transform(image_size):
     ])
 
 
-class UnreadableImage(ValueError):
+class UnreadableImage(DataError):
     """An image file that cannot be decoded; the message names the file."""
-
-    def __str__(self):
-        # A DataLoader worker's error reaches the main process as this class built from "Caught UnreadableImage in
-        # DataLoader worker process N.\nOriginal Traceback ...": its last line holds the message the worker raised.
-        text = super().__str__()
-        marker = f"{type(self).__name__}: "
-        if text.startswith(f"Caught {type(self).__name__} ") and marker in text:
-            return text.rsplit(marker, 1)[1].strip()
-        return text
 
 
 def load_image(path):

@@ -25,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
+from core.data_error import DataError
 from core.folder_lock import lock_folder
 from core.folder_swap import swap_in_folder
 
@@ -148,6 +149,10 @@ def shard_entry_problem(k, shard):
     return None
 
 
+class CorruptLatents(DataError):
+    """A latent shard whose contents are not what an encode writes; the message names the shard."""
+
+
 def check_shard(file, num_images, latent_shape):
     """Raise unless the shard's header (read without loading the tensors) matches the meta."""
     if not file.exists():
@@ -158,9 +163,9 @@ def check_shard(file, num_images, latent_shape):
         with safe_open(file, framework="pt") as f:
             found = {key: (f.get_slice(key).get_dtype(), f.get_slice(key).get_shape()) for key in f.keys()}
     except (SafetensorError, OSError) as err:
-        raise ValueError(f"latent shard {file} is corrupt: {err}") from None
+        raise CorruptLatents(f"latent shard {file} is corrupt: {err}") from None
     if found != expected:  # a float16 shard, say, would fail only at the first step, in the model
-        raise ValueError(f"latent shard {file} is corrupt: tensors (dtype, shape) {found}, expected {expected}")
+        raise CorruptLatents(f"latent shard {file} is corrupt: tensors (dtype, shape) {found}, expected {expected}")
 
 
 def available_memory():
@@ -199,12 +204,20 @@ class LatentShards(Dataset):
         if len(bad):  # the model's label embedding would fail on it mid-training
             i = bad[0].item()
             k = bisect_right(self.starts, i) - 1
-            raise ValueError(f"latent shard {self.files[k]} is corrupt: label {self.labels[i].item()} of image "
-                             f"{i - self.starts[k]} is not one of the {num_classes} classes of {META}")
+            raise CorruptLatents(f"latent shard {self.files[k]} is corrupt: label {self.labels[i].item()} of image "
+                                 f"{i - self.starts[k]} is not one of the {num_classes} classes of {META}")
         self.latents = None
         if self.in_memory:
             self.latents = torch.cat([self._read(f, "latents") for f in self.files])  # (N, 2, C, h, w)
+            finite = torch.isfinite(self.latents).flatten(1).all(1)  # (N,)
+            if not finite.all():  # trained on, it would read as a run that diverged
+                self._not_finite(int((~finite).nonzero()[0]))
         self._handles = {}
+
+    def _not_finite(self, i):
+        k = bisect_right(self.starts, i) - 1
+        raise CorruptLatents(f"latent shard {self.files[k]} is corrupt: image {i - self.starts[k]} holds values that "
+                             f"are not finite (NaN or inf)")
 
     @staticmethod
     def _read(file, key):
@@ -212,7 +225,7 @@ class LatentShards(Dataset):
             with safe_open(file, framework="pt") as f:
                 return f.get_tensor(key)
         except (SafetensorError, OSError) as err:
-            raise ValueError(f"latent shard {file} is corrupt: {err}") from None
+            raise CorruptLatents(f"latent shard {file} is corrupt: {err}") from None
 
     @property
     def tensors(self):
@@ -234,7 +247,10 @@ class LatentShards(Dataset):
         if handle is None:
             handle = self._handles[(os.getpid(), k)] = safe_open(self.files[k], framework="pt")
         row = i - self.starts[k]
-        return handle.get_slice("latents")[row:row + 1, view][0], self.labels[i]
+        latent = handle.get_slice("latents")[row:row + 1, view][0]  # (C, h, w)
+        if not torch.isfinite(latent).all():  # checked as read: a folder too large for memory is not read up front
+            self._not_finite(i)
+        return latent, self.labels[i]
 
 
 #################################################################################

@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 
 from core import checkpoint as ckpt
-from core.data import DATASETS, ShardedBatchSampler, UnreadableImage, build_dataset, dataset_info, training_items
+from core.data import DATASETS, ShardedBatchSampler, build_dataset, dataset_info, training_items
+from core.data_error import DataError
 from core.diffusion import create_diffusion
 from core.ema import EMA
 from core.flops import gflops_from_config, train_flop_per_image
@@ -814,7 +815,7 @@ def main(argv=None):
     resume = None if args.resume == "none" else args.resume
     try:
         train(cfg, out, milestones, PrintingCallbacks(), resume_from=resume)
-    except (ckpt.CheckpointError, UnreadableImage) as e:  # a bad --resume path or image: the message names the file
+    except (ckpt.CheckpointError, DataError) as e:  # a bad --resume path, image or shard: the message names the file
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

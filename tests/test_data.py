@@ -345,6 +345,37 @@ def test_a_shard_of_the_wrong_dtype_or_labels_is_named(encoded, tmp_path):
         assert problem in str(err.value)
 
 
+def test_latents_that_are_not_finite_are_named_not_trained_on(encoded, tmp_path, capsys):
+    # A NaN in a shard trained to "diverged at step 1", a row a re-run never retries.
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from core import train as core_train
+    from core.latents import CorruptLatents
+
+    root, _ = encoded
+    broken, shard = tmp_path / "nan", "shard-00001.safetensors"
+    shutil.copytree(root / "latents", broken)
+    tensors = load_file(str(broken / shard))
+    tensors["latents"][1, 1, 0, 2, 3] = float("nan")  # image 1 of the shard, its mirror
+    save_file(tensors, str(broken / shard))
+    problem = f"latent shard {broken / shard} is corrupt: image 1 holds values that are not finite (NaN or inf)"
+    with pytest.raises(CorruptLatents, match=re.escape(problem)):
+        build_dataset("latents", path=broken)
+    lazy = build_dataset("latents", path=broken, in_memory=False)  # read item by item: said where it is read
+    first = json.loads((broken / "meta.json").read_text())["shards"][0]["num_images"]
+    assert torch.isfinite(lazy[2 * (first + 1)][0]).all()  # the image itself is whole
+    with pytest.raises(CorruptLatents, match=re.escape(problem)):
+        lazy[2 * (first + 1) + 1]
+    # core.train says it as a refusal, as it says a bad image: no traceback, exit 2.
+    args = ["--model", "DiT-P/4", "--dataset", "latents", "--data-path", str(broken), "--global-batch-size", "2",
+            "--max-steps", "2", "--zero-stage", "0", "--precision", "fp32", "--val-batch", "0", "--num-workers", "0",
+            "--results-dir", str(tmp_path / "res")]
+    assert core_train.main(args) == 2
+    assert capsys.readouterr().err.endswith(f"error: {problem}\n")
+
+
 #################################################################################
 #                          Malformed latent folders                             #
 #################################################################################
