@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from core.file_mode import give_new_file_mode
 from core.folder_swap import swap_in_folder
 
 STATE_FILE = "trainer_state.json"
@@ -67,6 +68,7 @@ def save_checkpoint(directory, engine, ema, trainer_state, rank, shared=True):
     torch.save(_rng_state(), tmp / f"rng-rank{rank}.pt")
     if rank == 0:
         save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(tmp / EMA_FILE))
+        give_new_file_mode(tmp / EMA_FILE)  # safetensors makes it private; the EMA weights are what others sample
         state_path = tmp / STATE_FILE
         with open(state_path, "w") as f:
             json.dump(trainer_state, f, indent=1)

@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
 from core.data_error import DataError
+from core.file_mode import give_new_file_mode
 from core.folder_lock import lock_folder
 from core.folder_swap import swap_in_folder
 
@@ -445,6 +446,7 @@ def write_shard(folder, k, latents, labels, indices):
     """Save shard k of an encode into folder: latents (n, 2, C, h, w), labels (n,), indices (n,); its meta entry."""
     save_file({"latents": latents.float().contiguous(), "labels": torch.as_tensor(labels, dtype=torch.int64),
                "indices": torch.as_tensor(indices, dtype=torch.int64)}, str(folder / shard_name(k)))
+    give_new_file_mode(folder / shard_name(k))  # safetensors makes it private: an encode is shared by a cluster's users
     return {"file": shard_name(k), "num_images": len(latents)}
 
 

@@ -15,6 +15,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from core.file_mode import give_new_file_mode
+
 RESULTS_FILE = "results.parquet"
 CURVES_FILE = "loss_curves.parquet"
 STATUSES = ("ok", "diverged", "failed")
@@ -127,20 +129,12 @@ def write_table(rows_or_df, path, schema):
             pq.write_table(table, f)
             f.flush()
             os.fsync(f.fileno())
-        # mkstemp makes the file private (0600) and the rename keeps that: give it a new file's mode.
-        os.chmod(tmp, _new_file_mode())
+        give_new_file_mode(tmp)  # mkstemp makes the file private (0600), and the rename would keep that
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
-
-
-def _new_file_mode():
-    """The mode open() gives a file it creates: 0o666 less the process's umask, which is left as it was."""
-    umask = os.umask(0o077)  # reading it means setting it: the most private one for that instant
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 def _fsync_dir(folder):

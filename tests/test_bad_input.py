@@ -616,6 +616,15 @@ def test_resume_auto_refuses_a_newest_checkpoint_without_its_trainer_state(tmp_p
     assert ckpt.list_checkpoints(checkpoints) == [newest]
 
 
+def test_a_checkpoints_files_get_the_mode_of_a_normally_created_file(tmp_path):
+    # safetensors writes the EMA weights private (0600), where DeepSpeed's and the trainer state's files are not.
+    good = checkpoint_of_two_steps(tmp_path)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in good.rglob("*") if p.is_file()}
+    assert modes[ckpt.EMA_FILE] == 0o666 & ~umask and set(modes.values()) == {0o666 & ~umask}, modes
+
+
 def test_damaged_checkpoint_files_are_named_in_words(tmp_path, capsys):
     import torch
 

@@ -345,6 +345,19 @@ def test_a_shard_of_the_wrong_dtype_or_labels_is_named(encoded, tmp_path):
         assert problem in str(err.value)
 
 
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_shards_get_the_mode_of_a_normally_created_file(tmp_path, umask, mode):
+    # safetensors writes its files private (0600): another user of the cluster could not train on a shared encode.
+    from core.latents import write_shard
+
+    old = os.umask(umask)
+    try:
+        entry = write_shard(tmp_path, 0, torch.zeros(2, 2, 4, 2, 2), [0, 1], [0, 1])
+    finally:
+        os.umask(old)
+    assert (tmp_path / entry["file"]).stat().st_mode & 0o777 == mode
+
+
 def test_latents_that_are_not_finite_are_named_not_trained_on(encoded, tmp_path, capsys):
     # A NaN in a shard trained to "diverged at step 1", a row a re-run never retries.
     import shutil
