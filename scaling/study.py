@@ -264,9 +264,18 @@ _Loader.add_implicit_resolver(
     list("-+0123456789."))
 
 
-def parse_value(text):
-    """A `--set` value as YAML: 3e-4, [2, 4], null, true, or a plain string."""
-    return yaml.load(text, Loader=_Loader)  # _Loader is a SafeLoader: no arbitrary objects
+def parse_value(text, where="--set"):
+    """A `--set` value as YAML: 3e-4, [2, 4], null, true, or a plain string; its aliases checked as a file's
+    (_check_expansion), the messages starting with where."""
+    loader = _Loader(text)  # a SafeLoader: no arbitrary objects
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(node, lambda _: where, "the value")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def _read_yaml(path):
@@ -286,10 +295,12 @@ def _read_yaml(path):
             node = loader.get_single_node()
             if node is not None:  # before construction, which splices merge keys' (<<) entries into their mapping
                 _record_lines(node, (), lines, path, set())
-                _check_expansion(node, path)
+                _check_expansion(node, lambda n: f"{path}:{n.start_mark.line + 1}", "this value")
             tree = None if node is None else loader.construct_document(node)
         finally:
             loader.dispose()
+    except RecursionError:  # PyYAML reads nested values recursively: thousands of brackets deep
+        raise StudyError(f"{path}: not a YAML file: its values nest too deeply to read") from None
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         reason = ", ".join(filter(None, (err.context, err.problem)))
@@ -331,23 +342,24 @@ def _record_lines(node, key_path, lines, file, seen):
 MAX_EXPANDED_VALUES = 100_000  # a study file spelled out, aliases expanded: hundreds of values, not millions
 
 
-def _check_expansion(root, file):
-    """Refuse a file whose aliases (*name) nest into itself or expand past MAX_EXPANDED_VALUES values, which every
-    later walk of the tree (and any message that shows a value) would pay for."""
+def _check_expansion(root, locate, what):
+    """Refuse YAML whose aliases (*name) nest into itself or expand past MAX_EXPANDED_VALUES values, which every
+    later walk of the tree (and any message that shows a value) would pay for; locate(node) starts a message, what
+    names the value in it."""
     sizes, open_nodes = {}, set()
 
     def size(node):
         if id(node) in sizes:
             return sizes[id(node)]
         if id(node) in open_nodes:
-            raise StudyError(f"{file}:{node.start_mark.line + 1}: an alias refers to the value that contains it")
+            raise StudyError(f"{locate(node)}: an alias refers to the value that contains it")
         open_nodes.add(id(node))
         children = ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode)
                     else node.value if isinstance(node, yaml.SequenceNode) else [])
         total = 1 + sum(size(child) for child in children)
         if total > MAX_EXPANDED_VALUES:
-            raise StudyError(f"{file}:{node.start_mark.line + 1}: through its aliases this value expands to more "
-                             f"than {MAX_EXPANDED_VALUES:,} values")
+            raise StudyError(f"{locate(node)}: through its aliases {what} expands to more than "
+                             f"{MAX_EXPANDED_VALUES:,} values")
         open_nodes.discard(id(node))
         sizes[id(node)] = total
         return total
@@ -416,9 +428,11 @@ def _apply_override(tree, item, where):
     if not value_text.strip():  # YAML reads nothing as null: `--set output=$OUT` with OUT unset took the default
         raise StudyError(f"--set {item}: {key}: no value (an unset shell variable?); {key}=null gives the default")
     try:
-        value = parse_value(value_text)
+        value = parse_value(value_text, f"--set {item}: {key}")
     except yaml.YAMLError as err:
         raise StudyError(f"--set {item}: {key}: the value is not YAML: {getattr(err, 'problem', err)}") from None
+    except RecursionError:
+        raise StudyError(f"--set {item}: {key}: the value nests too deeply to read") from None
     key_path = _key_path(key)
     node = tree
     for n, part in enumerate(key_path[:-1]):

@@ -652,6 +652,20 @@ def test_a_swept_architecture_field_names_distinct_models(tmp_path):
     assert config.model == "DiT-P/2" and config.resolved_model_config() == study.trials[1].model_config
 
 
+def test_values_that_nest_too_deep_or_expand_too_far_are_refused(tmp_path):
+    # A RecursionError from PyYAML as a traceback; a --set alias bomb that printed 35 MB or ran out of memory.
+    deep = "[" * 3000 + "]" * 3000
+    with pytest.raises(StudyError, match=r"study\.yaml: not a YAML file: its values nest too deeply to read$"):
+        load(tmp_path, BASE.replace("lr: 1.0e-3", f"lr: {deep}"))
+    with pytest.raises(StudyError, match=r"^--set train\.lr=\[+\]+: train\.lr: the value nests too deeply to read$"):
+        load(tmp_path, overrides=[f"train.lr={deep}"])
+    levels = ["&l0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"] + [f"&l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 7)]
+    bomb = f"train.betas=[{', '.join(levels)}]"
+    with pytest.raises(StudyError) as err:
+        load(tmp_path, overrides=[bomb])
+    assert str(err.value) == f"--set {bomb}: train.betas: through its aliases the value expands to more than 100,000 values"
+
+
 def test_a_patch_the_registry_lacks_trains_its_size_at_that_patch(tmp_path):
     # The registry names the small sizes at /1, /2 and /4: DiT-P at patch 8 on 8×8 digits (one token) is still a
     # DiT-P, and its workers must train it rather than refuse a name the registry lacks.
