@@ -269,5 +269,11 @@ class ShardedBatchSampler:
         order = state.get("order", "seed+epoch")  # a state without it was written before epochs were hashed
         if order not in ("hashed", "seed+epoch"):
             raise ValueError(f"sampler state has order={order!r}, not 'hashed' or 'seed+epoch'")
+        epoch, batch = int(state["epoch"]), int(state["batch"])
+        if epoch < 0:
+            raise ValueError(f"sampler state has epoch={epoch}, below 0")
+        if not 0 <= batch < self.batches_per_epoch:  # a position no run of this sampler reaches
+            raise ValueError(f"sampler state has batch={batch}, not one of this sampler's {self.batches_per_epoch} "
+                             f"batches an epoch (0..{self.batches_per_epoch - 1})")
         self.order, self._perm_epoch = order, None
-        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+        self.epoch, self.batch = epoch, batch

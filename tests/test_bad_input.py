@@ -404,6 +404,19 @@ def test_a_checkpoint_of_another_batch_size_is_named(tmp_path, capsys):
                                             "sampler state has global_batch=8, this sampler has 16\n")
 
 
+def test_a_sampler_position_past_its_epoch_is_named(tmp_path, capsys):
+    # It passed, and the first batch's indexing failed with an IndexError traceback.
+    good = checkpoint_of_two_steps(tmp_path)
+    state = json.loads((good / "trainer_state.json").read_text())
+    state["sampler"]["batch"] = 1_000_000
+    (good / "trainer_state.json").write_text(json.dumps(state))
+    capsys.readouterr()
+    assert core_train.main(CORE_TRAIN + ["--results-dir", str(tmp_path / "x"), "--resume", str(good)]) == 2
+    assert capsys.readouterr().err.endswith(f"error: {good / 'trainer_state.json'} does not match this run's data: "
+                                            "sampler state has batch=1000000, not one of this sampler's 187 "
+                                            "batches an epoch (0..186)\n")
+
+
 def test_core_trains_errors_reach_the_driver_whole():
     # Ray hands a worker's exception to the driver pickled: the message must survive the trip.
     import pickle
