@@ -329,6 +329,9 @@ def _record_lines(node, key_path, lines, file, seen):
                 continue
             sub = key_path + (key_node.value,)
             line = key_node.start_mark.line + 1
+            if key_node.tag != "tag:yaml.org,2002:str":  # 1:, null:, true: would be keys no message could name
+                raise StudyError(f"{file}:{line}: {_dotted(sub)}: a key must be a name, got {key_node.value} (YAML "
+                                 f"reads it as {key_node.tag.rsplit(':', 1)[-1]})")
             if sub in lines:  # PyYAML would silently keep the last one
                 raise StudyError(f"{file}:{line}: {_dotted(sub)}: duplicate key (first on line {lines[sub]})")
             lines[sub] = line

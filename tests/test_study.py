@@ -502,6 +502,10 @@ BAD = {
     "a depth past any DiT": (BASE, ["sweep.train.depth=[2, 5000]"],
                              "--set sweep.train.depth=[2, 5000]: sweep.train.depth: depth 5000 is past 1000, the most "
                              "a DiT here may have (DiT-P/2 on digits, 8×8×1)"),
+    "a number as a key": (BASE.replace("  patch: [2, 4]", "  1: [2, 4]"),
+                          [], "{f}:6: sweep.1: a key must be a name, got 1 (YAML reads it as int)"),
+    "null as a key": ("null: 3\n" + BASE, [], "{f}:1: null: a key must be a name, got null (YAML reads "
+                      "it as null)"),
     "a name too long for a folder": (edit("name: tiny", "name: " + "a" * 101), [],
                                      "{f}:1: name: expected at most 100 characters (it names the output and report "
                                      "folders), got 101"),
