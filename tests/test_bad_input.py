@@ -35,33 +35,22 @@ def test_study_catalogue_at_the_command_line(tmp_path, monkeypatch, capsys, case
     assert snapshot(tmp_path) == before
 
 
-def test_output_in_or_at_a_file(tmp_path, monkeypatch, capsys):
-    # Refused by the run, said by the dry run (whose plan may be for another machine) without refusing.
-    blocker = tmp_path / "taken"
+def test_output_where_no_folder_can_be_made(tmp_path, capsys):
+    # Refused by the run, said by the dry run (whose plan may be for another machine) without refusing. A link to
+    # nothing passed the checks, and the output's mkdir raised FileExistsError after Ray's start.
+    blocker, link = tmp_path / "taken", tmp_path / "out"
     blocker.write_text("a file where the output folder should go")
-    for output in (blocker / "study", blocker):
+    link.symlink_to(tmp_path / "gone")
+    for output, problem in ((blocker / "study", f"{blocker / 'study'} is not a folder ({blocker} is a file)"),
+                            (blocker, f"{blocker} is not a folder ({blocker} is a file)"),
+                            (link, f"{link} is a link to {tmp_path / 'gone'}, which does not exist")):
         path = write(tmp_path, BASE + f"output: {output}\n")
         before = snapshot(tmp_path)
-        problem = f"{path}: output: {output} is not a folder ({blocker} is a file)\n"
         assert scaling_run.main([str(path)]) == 2
-        assert capsys.readouterr().err == f"error: {problem}"
+        assert capsys.readouterr().err == f"error: {path}: output: {problem}\n"
         assert scaling_run.main([str(path), "--dry-run"]) == 0
-        assert capsys.readouterr().err == f"warning: {problem}"
-        assert snapshot(tmp_path) == before
-
-
-def test_output_at_a_link_to_nothing(tmp_path, capsys):
-    # It passed the checks, then the output's mkdir raised FileExistsError after Ray's start.
-    link = tmp_path / "out"
-    link.symlink_to(tmp_path / "gone")
-    path = write(tmp_path, BASE + f"output: {link}\n")
-    before = snapshot(tmp_path)
-    problem = f"{path}: output: {link} is a link to {tmp_path / 'gone'}, which does not exist\n"
-    assert scaling_run.main([str(path)]) == 2
-    assert capsys.readouterr().err == f"error: {problem}"
-    assert scaling_run.main([str(path), "--dry-run"]) == 0
-    assert capsys.readouterr().err == f"warning: {problem}"
-    assert snapshot(tmp_path) == before and not (tmp_path / "gone").exists()
+        assert capsys.readouterr().err == f"warning: {path}: output: {problem}\n"
+        assert snapshot(tmp_path) == before and not (tmp_path / "gone").exists()
 
 
 def test_report_folder_problems_in_a_dry_run_and_report_flags_that_contradict(tmp_path, capsys):
