@@ -232,21 +232,26 @@ def _damaged_torch_file(error):
     return isinstance(error, (EOFError, pickle.UnpicklingError)) or str(error).startswith("PytorchStreamReader")
 
 
+# DeepSpeed's files in a checkpoint's engine folder: the module's states (ZeRO-3: one per rank), and under ZeRO each
+# rank's optimizer partition (bf16_ before its name under bf16).
+MODEL_STATES, OPTIMIZER_STATES = "*model_states.pt", "*zero_pp_rank_{rank}_mp_rank_*optim_states.pt"
+
+
 def _missing_engine_file(folder, zero_stage, rank):
-    """What DeepSpeed's loader needs of folder that is not there, in words, or None: the folder, its module states,
-    and under ZeRO this rank's optimizer partition (DeepSpeed's names, e.g. zero_pp_rank_0_mp_rank_00_optim_states.pt)."""
+    """What DeepSpeed's loader needs of folder that is not there (it asserts without words), in words, or None."""
     if not folder.is_dir():
         return f"{folder} is missing"
-    if not any(folder.glob("*model_states.pt")):
-        return f"{folder} holds no model states (mp_rank_00_model_states.pt)"
-    if zero_stage > 0 and not any(folder.glob(f"*zero_pp_rank_{rank}_mp_rank_*optim_states.pt")):
-        return f"{folder} holds no ZeRO optimizer states of rank {rank} (zero_pp_rank_{rank}_mp_rank_00_optim_states.pt)"
+    if not any(folder.glob(MODEL_STATES)):
+        return f"{folder} holds no model states ({MODEL_STATES})"
+    optimizer = OPTIMIZER_STATES.format(rank=rank)
+    if zero_stage > 0 and not any(folder.glob(optimizer)):
+        return f"{folder} holds no ZeRO optimizer states of rank {rank} ({optimizer})"
     return None
 
 
 def _damaged_zip(folder):
-    """The first torch.save file in folder that is not a whole zip archive (cut short or junk), as 'name', else 'a file
-    in it': DeepSpeed's error names none. torch.save writes zip archives, whose directory sits at their end."""
+    """The first torch.save file of folder that is not a whole zip (cut short, junk), else 'a file in it'."""
+    # DeepSpeed's error names no file. torch.save writes zip archives, whose directory sits at their end.
     bad = next((f for f in sorted(folder.glob("*.pt")) if not zipfile.is_zipfile(f)), None)
     return f"{ENGINE_TAG}/{bad.name}" if bad else "a file in it"
 

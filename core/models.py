@@ -308,7 +308,7 @@ class DiT(nn.Module):
 MAX_HIDDEN_SIZE, MAX_DEPTH, MAX_MLP_RATIO = 65536, 1000, 64
 
 
-def check_shape(input_size, patch_size, hidden_size, num_heads, depth, mlp_ratio=4.0):
+def check_shape(input_size, patch_size, hidden_size, num_heads, depth, mlp_ratio):
     """Raise ValueError naming the field when a DiT shape cannot be built."""
     for name, value in (("input_size", input_size), ("patch_size", patch_size), ("hidden_size", hidden_size),
                         ("num_heads", num_heads), ("depth", depth)):

@@ -16,14 +16,13 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-import pyarrow as pa
 import requests
 from mlflow.exceptions import MlflowException
 from sqlalchemy.exc import SQLAlchemyError
 
 from scaling.continuation import continue_recorded_runs
 from scaling.recorder import EVAL_METRICS, LOG_METRICS
-from scaling.results import CURVES_FILE, load_results, read_parquet, results_path
+from scaling.results import CURVES_FILE, load_curves, load_results, results_path
 from scaling.run import sqlite_store
 from scaling.study import StudyError, load_study
 from scaling.tracking import StudyTracker, default_tracking_uri, unsupported_store
@@ -76,13 +75,8 @@ def read_results(output):
     try:
         path = results_path(output)
         results = load_results(path)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError) as e:  # load_results refuses rows without their trial or step
         raise ReplayError(str(e)) from None
-    for col in ("trial_id", "step"):
-        missing = results[col].isna()
-        if missing.any():
-            raise ReplayError(f"{path}: column {col!r} is empty (null) in {missing.sum()} of {len(results)} rows; "
-                              f"every measurement needs its {col.replace('_', ' ')}")
     for r in results.sort_values(["trial_id", "step"]).itertuples():
         problem = _config_problem(r.config_json)
         if problem:
@@ -105,18 +99,13 @@ def _config_problem(text):
 
 
 def read_curves(path):
-    """The loss curves at path (none when the file is absent); ReplayError naming the file when unreadable."""
+    """The loss curves at path (none when the file is absent); ReplayError naming the file when unusable."""
     if not path.exists():
         return pd.DataFrame(columns=["trial_id", "step"])
     try:
-        curves = read_parquet(path).to_pandas()
-    except (pa.ArrowException, OSError) as e:
-        reason = " ".join(str(e).split())
-        raise ReplayError(f"{path}: not a readable Parquet file ({reason})") from None
-    missing = [c for c in ("trial_id", "step") if c not in curves.columns]
-    if missing:
-        raise ReplayError(f"{path}: missing required columns: {', '.join(missing)}")
-    return curves[curves.trial_id.notna() & curves.step.notna()]
+        return load_curves(path)  # as the driver reads them: rows without their trial or step are refused
+    except ValueError as e:
+        raise ReplayError(str(e)) from None
 
 
 def tracking_uri(study, output, uri=None):

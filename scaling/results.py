@@ -202,8 +202,7 @@ def load_results(path):
 
 
 def load_curves(path):
-    """The loss curves at path as a DataFrame, checked as load_results checks results: a readable Parquet file in
-    LOSS_CURVES_SCHEMA, every row with its trial id and step, one row per trial and step; ValueError naming the file."""
+    """The loss curves at path as a DataFrame, checked as load_results checks results; ValueError naming the file."""
     try:
         table = read_parquet(path)
     except (pa.ArrowException, OSError) as e:
@@ -223,8 +222,7 @@ CURVE_IDENTITY_COLUMNS = {"trial_id": "trial id", "step": "step"}
 
 
 def check_trial_rows(df, source, identity=IDENTITY_COLUMNS):
-    """Refuse rows no reader can place, which no study writes: one without its trial id, model or step, or two
-    different rows of one trial at one step (which of them stands, no reader can tell); ValueError naming source."""
+    """Refuse rows no study writes: one without its trial id, model or step, two different ones at one trial's step."""
     for col, what in identity.items():
         missing = df[col].isna().to_numpy()
         if missing.any():
@@ -245,9 +243,10 @@ def check_trial_rows(df, source, identity=IDENTITY_COLUMNS):
     positions = np.flatnonzero(at_first(df))
     pairs = distinct[clash][["trial_id", "step"]].drop_duplicates()
     more = f"; {len(pairs) - 1} more trial and step pair(s) have such rows" if len(pairs) > 1 else ""
+    listed = f"rows {', '.join(map(str, positions[:-1]))} and {positions[-1]}"
     raise ValueError(f"{source}: trial {first.trial_id} has {len(rows)} different rows at step {int(first.step)} "
-                     f"(rows {', '.join(map(str, positions[:-1]))} and {positions[-1]}; they differ in {differ}){more}; "
-                     "a study writes one row per trial and step: keep the one that stands")
+                     f"({listed}; they differ in {differ}){more}; a study writes one row per trial and step: keep the "
+                     "one that stands")
 
 
 def row_where(df, mask):

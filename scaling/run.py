@@ -106,7 +106,7 @@ def check_results(study):
     from scaling.results import CURVES_FILE, RESULTS_FILE, load_curves, load_results
 
     def unreadable(reason):
-        return StudyError(f"{study.path}: output: {reason}; move it away to start the study afresh")
+        return StudyError(f"{study.path}: output: {reason}; mend it, or move it away to start the study afresh")
 
     results, curves = study.output / RESULTS_FILE, study.output / CURVES_FILE
     records = None
@@ -315,13 +315,12 @@ def check_tracking_server(study):
     uri = study.raw["tracking"]["mlflow_uri"]  # the study's, else MLFLOW_TRACKING_URI's, else SQLite
     given = study.given("tracking.mlflow_uri")
     where = f"{study.locate('tracking.mlflow_uri')}: tracking.mlflow_uri" if given else "MLFLOW_TRACKING_URI"
-    from scaling.tracking import DATABASE_SCHEMES, unreachable_database, unsupported_store
+    from scaling.tracking import DATABASE_SCHEMES, store_scheme, unreachable_database, unsupported_store
 
     problem = unsupported_store(uri)
     if problem:
         raise StudyError(f"{where}: {problem}")
-    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower()
-    if scheme in DATABASE_SCHEMES and scheme != "sqlite":
+    if store_scheme(uri) in DATABASE_SCHEMES and store_scheme(uri) != "sqlite":
         problem = unreachable_database(uri)
         if problem:
             raise StudyError(f"{where}: {problem}")

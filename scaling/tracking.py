@@ -184,26 +184,28 @@ DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 TRACKING_SCHEMES = ("", "file", "http", "https", "databricks", *DATABASE_SCHEMES)
 
 
-# Seconds a database server may take to answer the check before launch, by the driver's own keyword for it.
+# Seconds a database server may take to answer the check before launch, by the drivers' own keywords for it (a driver
+# not named here waits as it always does).
 CONNECT_TIMEOUT_S = 10
-CONNECT_TIMEOUT_ARGS = {"postgresql": "connect_timeout", "mysql": "connect_timeout", "mssql": "timeout"}
+CONNECT_TIMEOUT_ARGS = {"psycopg": "connect_timeout", "psycopg2": "connect_timeout", "mysqldb": "connect_timeout",
+                        "pymysql": "connect_timeout", "pyodbc": "timeout"}
 
 
 def unreachable_database(uri):
-    """Why the database store at uri (postgresql, mysql, mssql) cannot be opened, or None: its driver is not
-    installed, or nothing answers. The password stays out of the message."""
+    """Why the database store at uri cannot be opened (no driver, nothing answering), or None; no password shown."""
     import sqlalchemy
     from sqlalchemy.engine import make_url
 
     try:
         url = make_url(uri)
-    except sqlalchemy.exc.ArgumentError as e:
+    except (sqlalchemy.exc.ArgumentError, ValueError) as e:  # ValueError: a port that is not a number
         return f"not a database URI ({e})"
     shown = url.render_as_string(hide_password=True)
-    timeout = CONNECT_TIMEOUT_ARGS.get(url.get_backend_name())
     engine = None
     try:
-        engine = sqlalchemy.create_engine(url, connect_args={timeout: CONNECT_TIMEOUT_S} if timeout else {})
+        timeout = CONNECT_TIMEOUT_ARGS.get(url.get_driver_name())
+        given = timeout is None or timeout in url.query  # the URI's own timeout stands
+        engine = sqlalchemy.create_engine(url, connect_args={} if given else {timeout: CONNECT_TIMEOUT_S})
         with engine.connect():
             pass
     except (ImportError, sqlalchemy.exc.SQLAlchemyError) as e:
@@ -215,10 +217,14 @@ def unreachable_database(uri):
     return None
 
 
+def store_scheme(uri):
+    """A tracking URI's scheme in lower case, its driver left out ('postgresql+psycopg' -> 'postgresql'); '' if none."""
+    return uri.split(":", 1)[0].split("+", 1)[0].lower() if re.match(r"[A-Za-z][\w+.-]*:", uri) else ""
+
+
 def unsupported_store(uri):
     """Why MLflow has no tracking store for uri, or None when it has one."""
-    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower() if re.match(r"[A-Za-z][\w+.-]*:", uri) else ""
-    if scheme in TRACKING_SCHEMES:
+    if store_scheme(uri) in TRACKING_SCHEMES:
         return None
     return (f"MLflow has no tracking store for {uri!r}; use http(s)://host:port, sqlite:///path, file:///path or a "
             f"database URI ({', '.join(DATABASE_SCHEMES)})")

@@ -627,6 +627,21 @@ def test_a_checkpoints_files_get_the_mode_of_a_normally_created_file(tmp_path):
     assert modes[ckpt.EMA_FILE] == 0o666 & ~umask and set(modes.values()) == {0o666 & ~umask}, modes
 
 
+@pytest.mark.parametrize("zero_stage, files", [
+    (0, ["mp_rank_00_model_states.pt"]),
+    (2, ["mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]),
+    (2, ["mp_rank_00_model_states.pt", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"]),
+    (3, ["zero_pp_rank_1_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]),
+])
+def test_deepspeeds_own_file_names_are_a_complete_engine_folder(tmp_path, zero_stage, files):
+    # DeepSpeed's names (engine.py's _get_ckpt_name, _get_zero_ckpt_name): none may read as missing.
+    for name in files:
+        (tmp_path / name).touch()
+    assert ckpt._missing_engine_file(tmp_path, zero_stage, rank=1) is None
+    (tmp_path / files[-1]).unlink()
+    assert ckpt._missing_engine_file(tmp_path, zero_stage, rank=1) is not None
+
+
 def test_damaged_checkpoint_files_are_named_in_words(tmp_path, capsys):
     import torch
 
@@ -645,8 +660,8 @@ def test_damaged_checkpoint_files_are_named_in_words(tmp_path, capsys):
                                "wrote\n"),
         (engine, (good / engine).read_bytes()[:-100], f"{engine_file.relative_to(ckpt.ENGINE_DIR)} is not a complete "
                                                       "file torch.save wrote"),
-        (engine, None, "{damaged}/deepspeed/state holds no model states (mp_rank_00_model_states.pt): {damaged} is "
-                       "not a complete checkpoint\n"),
+        (engine, None, "{damaged}/deepspeed/state holds no model states (*model_states.pt): {damaged} is not a "
+                       "complete checkpoint\n"),
         (ckpt.ENGINE_DIR, None, "{damaged}/deepspeed/state is missing: {damaged} is not a complete checkpoint\n"),
     ]
     for name, data, problem in cases:
