@@ -273,9 +273,26 @@ def parse_value(text, where="--set"):
         if node is None:
             return None
         _check_expansion(node, lambda _: where, "the value")
+        _check_keys(node, where, set())
         return loader.construct_document(node)
     finally:
         loader.dispose()
+
+
+def _check_keys(node, where, seen):
+    """Refuse a key of a --set value that is not a name, as a study file's (_key_problem)."""
+    if id(node) in seen:  # an alias: walked once
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            problem = isinstance(key_node, yaml.ScalarNode) and key_node.value != "<<" and _key_problem(key_node)
+            if problem:
+                raise StudyError(f"{where}: {problem}")
+            _check_keys(value_node, where, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _check_keys(item, where, seen)
 
 
 def _read_yaml(path):
@@ -315,6 +332,13 @@ def _read_yaml(path):
     return tree, lines
 
 
+def _key_problem(key_node):
+    """Why a mapping key is not a name (1:, null:, true: would be keys no message could name), or None."""
+    if key_node.tag != "tag:yaml.org,2002:str":
+        return f"a key must be a name, got {key_node.value} (YAML reads it as {key_node.tag.rsplit(':', 1)[-1]})"
+    return None
+
+
 def _record_lines(node, key_path, lines, file, seen):
     """Note the line of every mapping key and list item under node; reject duplicate keys."""
     # An alias (*name) is the anchored node itself: walked once, so that a node that contains its own alias
@@ -329,9 +353,9 @@ def _record_lines(node, key_path, lines, file, seen):
                 continue
             sub = key_path + (key_node.value,)
             line = key_node.start_mark.line + 1
-            if key_node.tag != "tag:yaml.org,2002:str":  # 1:, null:, true: would be keys no message could name
-                raise StudyError(f"{file}:{line}: {_dotted(sub)}: a key must be a name, got {key_node.value} (YAML "
-                                 f"reads it as {key_node.tag.rsplit(':', 1)[-1]})")
+            problem = _key_problem(key_node)
+            if problem:
+                raise StudyError(f"{file}:{line}: {_dotted(sub)}: {problem}")
             if sub in lines:  # PyYAML would silently keep the last one
                 raise StudyError(f"{file}:{line}: {_dotted(sub)}: duplicate key (first on line {lines[sub]})")
             lines[sub] = line

@@ -504,6 +504,8 @@ BAD = {
                              "a DiT here may have (DiT-P/2 on digits, 8×8×1)"),
     "a number as a key": (BASE.replace("  patch: [2, 4]", "  1: [2, 4]"),
                           [], "{f}:6: sweep.1: a key must be a name, got 1 (YAML reads it as int)"),
+    "null as a key in --set": (BASE, ["train={null: 3}"], "--set train={{null: 3}}: train: a key must be a name, got "
+                                                          "null (YAML reads it as null)"),
     "null as a key": ("null: 3\n" + BASE, [], "{f}:1: null: a key must be a name, got null (YAML reads "
                       "it as null)"),
     "a name too long for a folder": (edit("name: tiny", "name: " + "a" * 101), [],
