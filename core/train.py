@@ -40,6 +40,7 @@ SEED_STRIDE = 1_000_003
 TORCH_MAX_SEED = 2**64 - 1
 MAX_STEPS = 10**12  # training steps: int64 step counts and float compute stay exact far below this
 MAX_SEED = (TORCH_MAX_SEED - (MAX_STEPS - 1)) // SEED_STRIDE
+MAX_DIFFUSION_STEPS = 100_000  # the schedule's arrays are this long (the paper: 1000; 1e11 asked for 745 GiB)
 # What a checkpoint keeps of every log (its "history"): a resumed trial can hand them on again.
 HISTORY_METRICS = ("step", "train_loss", "lr", "images_per_s", "achieved_tflops", "mfu")
 
@@ -109,7 +110,7 @@ CONFIG_RULES = {
     "seed": _integer(0, MAX_SEED),
     # The linear schedule's last beta is 20 / diffusion_steps: at 20 steps or fewer the signal is gone before the
     # last step and its x_0 prediction divides by zero.
-    "diffusion_steps": _integer(21),
+    "diffusion_steps": _integer(21, MAX_DIFFUSION_STEPS),
     "log_every": _integer(1),
     "ckpt_every": _integer(1),
     "keep_checkpoints": _integer(1),
@@ -707,6 +708,8 @@ def config_from_arguments(args):
 def check_arguments(cfg, world_size=1):
     """cfg with its model shaped for its data (size, channels, classes), as a study shapes it; ValueError or
     FileNotFoundError naming the argument when the model or data cannot work."""
+    if cfg.dataset == "digits" and cfg.data_path is not None:  # it would be ignored: scikit-learn's bundled set
+        raise ValueError(f"--data-path {cfg.data_path}: the digits dataset reads no folder (it is bundled)")
     if cfg.dataset != "digits":
         if cfg.data_path is None:
             raise ValueError(f"--data-path: required with --dataset {cfg.dataset} (a folder it reads)")
@@ -717,7 +720,10 @@ def check_arguments(cfg, world_size=1):
     if cfg.dataset == "imagefolder":  # its size is known before its folder is scanned, which takes a while
         _check_model_shape(cfg, {"input_size": cfg.image_size})
     # Its images are found (an image folder's are listed, not read) and a latent set's metadata and shards checked.
-    info = dataset_info(cfg.dataset, cfg.data_path, cfg.image_size)
+    try:
+        info = dataset_info(cfg.dataset, cfg.data_path, cfg.image_size)
+    except PermissionError as e:  # a folder in it this user may not enter, met by the scan
+        raise FileNotFoundError(f"--data-path {cfg.data_path}: cannot be read ({e.strerror}: {e.filename})") from None
     # The preset's shape is its usual data's (DiT-XL/2: 32×32×4 latents, 1000 classes; DiT-P/2: 8×8 digits): an image
     # folder's RGB pixels or another latent set would not fit it.
     shape = {key: info[key] for key in ("input_size", "in_channels", "num_classes")}
@@ -749,6 +755,8 @@ def _check_model_shape(cfg, overrides):
 
 def check_results_dir(results_dir, checkpoint_dir):
     """Raise ValueError naming --results-dir when checkpoint_dir could not be created or written there."""
+    if not results_dir:  # an unset variable, say: not the current folder
+        raise ValueError("--results-dir is empty; give a folder, or leave the flag out for ./results")
     problem = write_problem(checkpoint_dir)
     if problem:
         raise ValueError(f"--results-dir {results_dir}: {problem}")

@@ -604,11 +604,14 @@ def _whole_number(text):
     return n if n >= 0 else None
 
 
+MAX_N_BOOT = 100_000  # resamples per fit: each fit's bootstrap holds them all (1e9 ran out of memory)
+
+
 def n_boot_count(text):
-    """--n-boot: 0 (no intervals) or at least 2 resamples (a percentile interval needs two)."""
+    """--n-boot: 0 (no intervals) or 2 (a percentile interval needs two) to MAX_N_BOOT resamples."""
     n = _whole_number(text)
-    if n is None or n == 1:
-        raise argparse.ArgumentTypeError(f"{text}: give 0 (no intervals) or a count of at least 2")
+    if n is None or n == 1 or n > MAX_N_BOOT:
+        raise argparse.ArgumentTypeError(f"{text}: give 0 (no intervals) or a count from 2 to {MAX_N_BOOT:,}")
     return n
 
 
@@ -639,12 +642,14 @@ def main(argv=None):
     if args.results is None and not args.paper:
         parser.error("one of the arguments results --paper is required")
     try:
+        if args.out == "":  # an unset variable, say: not the default folder
+            raise ReportDestinationError("is empty; give a folder, or leave the flag out for reports/<study>")
         if args.out:  # before reading anything: a bad destination costs nothing
             check_report_destination(args.out)
         df = paper_results() if args.paper else report_rows(args.results)
         out = build_report(df, args.out, args.n_boot, args.seed, processes=None)
     except ReportDestinationError as e:
-        print(f"error: {'--out' if args.out else 'report folder'} {e}", file=sys.stderr)
+        print(f"error: {'--out' if args.out is not None else 'report folder'} {e}", file=sys.stderr)
         return 2
     except (FileNotFoundError, BadResults) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -173,7 +173,7 @@ SCHEMA = {
         "learn_sigma": (True, boolean),
         # The linear schedule's last beta is 20 / diffusion_steps: from 20 steps down it reaches 1, the
         # signal is gone before the last step and its x_0 prediction divides by zero.
-        "diffusion_steps": (1000, integer(at_least=21)),
+        "diffusion_steps": (1000, integer(at_least=21, at_most=100_000)),  # core.train.MAX_DIFFUSION_STEPS
         "log_every": (10, integer(at_least=1)),
         "ckpt_every": (500, integer(at_least=1)),
         "keep_checkpoints": (2, integer(at_least=1)),

@@ -218,7 +218,7 @@ def test_corrupt_checkpoint_given_to_core_train(tmp_path):
      "error: image folder {tmp} is empty: it needs one sub-folder of images per class"),
     (["--betas", "0.9", "1.5"], "error: --betas 0.9 1.5: must be two numbers in [0, 1)"),
     (["--weight-decay", "-1"], "error: --weight-decay -1.0: must be a finite number >= 0"),
-    (["--diffusion-steps", "20"], "error: --diffusion-steps 20: must be an integer >= 21"),
+    (["--diffusion-steps", "20"], "error: --diffusion-steps 20: must be an integer in 21..100000"),
     (["--class-dropout-prob", "1"], "error: --class-dropout-prob 1.0: must be a finite number in [0, 1)"),
     (["--mlp-ratio", "0"], "error: --mlp-ratio 0.0: must be a finite number > 0"),
     (["--depth", "0"], "error: --depth 0: must be an integer >= 1"),
@@ -232,6 +232,11 @@ def test_corrupt_checkpoint_given_to_core_train(tmp_path):
                                                           "--num-heads 1: hidden_size 4000000000 is past 65536"),
     (["--depth", "100000"], "error: --model DiT-P/4 --depth 100000: depth 100000 is past 1000, the most a DiT here "
                             "may have"),
+    # The schedule's arrays at 1e11 steps asked for 745 GiB; an empty --results-dir trained into the current folder;
+    # a --data-path with digits was silently ignored.
+    (["--diffusion-steps", "100001"], "error: --diffusion-steps 100001: must be an integer in 21..100000"),
+    (["--results-dir", ""], "error: --results-dir is empty; give a folder, or leave the flag out for ./results"),
+    (["--data-path", "{tmp}"], "error: --data-path {tmp}: the digits dataset reads no folder (it is bundled)"),
 ])
 def test_bad_arguments_of_core_train(tmp_path, capsys, args, message):
     args = [a.replace("{tmp}", str(tmp_path / "data")) for a in args]
@@ -426,7 +431,7 @@ def test_train_config_refuses_values_outside_their_range():
         TrainConfig(batch_size=0)
     with pytest.raises(ValueError, match=r"^ema_decay 1.0: must be a finite number in \[0, 1\)$"):
         TrainConfig(ema_decay=1.0)
-    with pytest.raises(ValueError, match="^diffusion_steps 20: must be an integer >= 21"):
+    with pytest.raises(ValueError, match="^diffusion_steps 20: must be an integer in 21..100000"):
         TrainConfig(diffusion_steps=20)
     with pytest.raises(ValueError, match=r"^betas \(0.9, 1.5\): must be two numbers in \[0, 1\)$"):
         TrainConfig(betas=(0.9, 1.5))
@@ -683,6 +688,19 @@ def test_damaged_checkpoint_files_are_named_in_words(tmp_path, capsys):
             assert err.startswith(f"error: {named} cannot be loaded: {problem}"), err
         assert "Traceback" not in err
         assert snapshot(tmp_path) == before, name
+
+
+@pytest.mark.skipif(unenterable() is None, reason="no folder that even this user cannot enter")
+def test_an_image_folder_with_a_class_folder_this_user_cannot_enter(tmp_path, capsys):
+    # The scan's PermissionError was a traceback, exit 1.
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "locked").symlink_to(unenterable().parent)
+    argv = ["--model", "DiT-P/4", "--dataset", "imagefolder", "--data-path", str(data), "--image-size", "8",
+            "--max-steps", "2", "--results-dir", str(tmp_path / "res")]
+    assert core_train.main(argv) == 2
+    assert capsys.readouterr().err == f"error: --data-path {data}: cannot be read (Permission denied: {data / 'locked'})\n"
+    assert not (tmp_path / "res").exists()
 
 
 @pytest.mark.skipif(unenterable() is None, reason="no folder that even this user cannot enter")

@@ -333,13 +333,21 @@ def test_a_report_through_a_link_replaces_the_folder_the_link_names(tmp_path):
 
 # --n-boot ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("value", ["-5", "1", "many"])
-def test_n_boot_must_be_0_or_at_least_2(tmp_path, capsys, value):
+@pytest.mark.parametrize("value", ["-5", "1", "many", "100001"])  # 1e12 hung; 1e9 ran out of memory
+def test_n_boot_must_be_0_or_from_2_to_100000(tmp_path, capsys, value):
     with pytest.raises(SystemExit) as exit:
         main(["--paper", "--out", str(tmp_path / "r"), "--n-boot", value])
     assert exit.value.code == 2
     err = capsys.readouterr().err
-    assert f"argument --n-boot: {value}: give 0 (no intervals) or a count of at least 2" in err, err
+    assert f"argument --n-boot: {value}: give 0 (no intervals) or a count from 2 to 100,000" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_empty_out_is_not_the_default_folder(tmp_path, capsys, monkeypatch):
+    # An unset variable's --out "" wrote reports/<study> under the current folder.
+    monkeypatch.chdir(tmp_path)
+    assert main(["--paper", "--out", "", "--n-boot", "0"]) == 2
+    assert capsys.readouterr().err == "error: --out is empty; give a folder, or leave the flag out for reports/<study>\n"
     assert list(tmp_path.iterdir()) == []
 
 

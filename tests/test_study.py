@@ -658,6 +658,15 @@ def test_a_swept_architecture_field_names_distinct_models(tmp_path):
     assert config.model == "DiT-P/2" and config.resolved_model_config() == study.trials[1].model_config
 
 
+def test_the_diffusion_steps_bound_is_core_trains(tmp_path):
+    # The study's schema keeps its own copy of the bound (it does not import core.train, torch's import).
+    from core.train import MAX_DIFFUSION_STEPS
+
+    assert load(tmp_path, overrides=[f"train.diffusion_steps={MAX_DIFFUSION_STEPS}"]).trials
+    with pytest.raises(StudyError, match=f"train.diffusion_steps: must be <= {MAX_DIFFUSION_STEPS}, got "):
+        load(tmp_path, overrides=[f"train.diffusion_steps={MAX_DIFFUSION_STEPS + 1}"])
+
+
 def test_values_that_nest_too_deep_or_expand_too_far_are_refused(tmp_path):
     # A RecursionError from PyYAML as a traceback; a --set alias bomb that printed 35 MB or ran out of memory.
     deep = "[" * 3000 + "]" * 3000
