@@ -109,9 +109,11 @@ def scan_image_folder(path, every_class=True):
         raise ValueError(f"image folder {path} is not a directory")
     try:
         classes, class_to_idx = find_classes(path)
+        samples = make_dataset(path, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
     except FileNotFoundError:
         raise ValueError(f"image folder {path} is empty: it needs one sub-folder of images per class") from None
-    samples = make_dataset(path, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+    except PermissionError as e:  # the folder, or a class folder in it, that this user may not enter
+        raise ValueError(f"image folder {path} cannot be read ({e.strerror}: {e.filename})") from None
     if not samples:
         raise ValueError(f"image folder {path} has class folders {classes[:5]} but no images "
                          f"({', '.join(IMG_EXTENSIONS)})")

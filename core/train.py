@@ -720,10 +720,7 @@ def check_arguments(cfg, world_size=1):
     if cfg.dataset == "imagefolder":  # its size is known before its folder is scanned, which takes a while
         _check_model_shape(cfg, {"input_size": cfg.image_size})
     # Its images are found (an image folder's are listed, not read) and a latent set's metadata and shards checked.
-    try:
-        info = dataset_info(cfg.dataset, cfg.data_path, cfg.image_size)
-    except PermissionError as e:  # a folder in it this user may not enter, met by the scan
-        raise FileNotFoundError(f"--data-path {cfg.data_path}: cannot be read ({e.strerror}: {e.filename})") from None
+    info = dataset_info(cfg.dataset, cfg.data_path, cfg.image_size)
     # The preset's shape is its usual data's (DiT-XL/2: 32×32×4 latents, 1000 classes; DiT-P/2: 8×8 digits): an image
     # folder's RGB pixels or another latent set would not fit it.
     shape = {key: info[key] for key in ("input_size", "in_channels", "num_classes")}

@@ -104,6 +104,8 @@ class _Encode:
 
 def check_arguments(args):
     """Raise ValueError naming the flag whose value cannot work, before Ray starts or --out is touched."""
+    if not args.data_path:  # an unset variable, say: the current folder would be encoded
+        raise ValueError("--data-path is empty; give the image folder (one sub-folder of images per class)")
     problem = encode_option_problem(args.image_size, args.batch_size, args.shard_size, args.num_workers, args.seed)
     if problem:
         name, value, what = problem

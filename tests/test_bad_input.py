@@ -692,14 +692,14 @@ def test_damaged_checkpoint_files_are_named_in_words(tmp_path, capsys):
 
 @pytest.mark.skipif(unenterable() is None, reason="no folder that even this user cannot enter")
 def test_an_image_folder_with_a_class_folder_this_user_cannot_enter(tmp_path, capsys):
-    # The scan's PermissionError was a traceback, exit 1.
+    # The scan's PermissionError was a traceback, exit 1 (scaling.encode_latents: exit 1 with no folder named).
     data = tmp_path / "data"
     data.mkdir()
     (data / "locked").symlink_to(unenterable().parent)
     argv = ["--model", "DiT-P/4", "--dataset", "imagefolder", "--data-path", str(data), "--image-size", "8",
             "--max-steps", "2", "--results-dir", str(tmp_path / "res")]
     assert core_train.main(argv) == 2
-    assert capsys.readouterr().err == f"error: --data-path {data}: cannot be read (Permission denied: {data / 'locked'})\n"
+    assert capsys.readouterr().err == f"error: image folder {data} cannot be read (Permission denied: {data / 'locked'})\n"
     assert not (tmp_path / "res").exists()
 
 

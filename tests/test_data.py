@@ -484,6 +484,17 @@ def test_encoder_refuses_bad_numbers_before_anything_starts(tmp_path, capsys, ar
     assert not (tmp_path / "out").exists() and not ray.is_initialized()
 
 
+def test_encoder_refuses_an_empty_data_path_before_anything_starts(tmp_path, capsys, monkeypatch):
+    import ray
+
+    # An unset variable's "" encoded the current folder's files as one class.
+    monkeypatch.chdir(tmp_path)
+    code = encoder_main("--data-path", "", "--vae", tmp_path / "vae", "--out", tmp_path / "out")
+    assert code == 2 and capsys.readouterr().err == ("error: --data-path is empty; give the image folder (one "
+                                                     "sub-folder of images per class)\n")
+    assert not (tmp_path / "out").exists() and not ray.is_initialized()
+
+
 def test_encoder_refuses_an_out_it_cannot_write_before_anything_starts(tmp_path, capsys):
     import ray
 
