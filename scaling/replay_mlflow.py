@@ -23,7 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from scaling.continuation import continue_recorded_runs
 from scaling.recorder import EVAL_METRICS, LOG_METRICS
 from scaling.results import CURVES_FILE, load_curves, load_results, results_path
-from scaling.run import sqlite_store
+from scaling.run import sqlite_open_problem, sqlite_store
 from scaling.study import StudyError, load_study
 from scaling.tracking import StudyTracker, default_tracking_uri, unsupported_store
 
@@ -124,6 +124,9 @@ def tracking_uri(study, output, uri=None):
     problem = unsupported_store(uri)
     if problem:
         raise ReplayError(f"{where}: {problem}")
+    problem = sqlite_open_problem(uri)
+    if problem:
+        raise ReplayError(f"{where}: MLflow cannot use the store {uri} ({problem})")
     return uri, where
 
 

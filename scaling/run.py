@@ -240,6 +240,30 @@ def sqlite_store(uri):
     return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
 
 
+def sqlite_open_problem(uri):
+    """Why SQLite cannot open or create the store of a `sqlite:///` URI (MLflow would retry it for minutes), or None;
+    a store made by the check is removed again."""
+    import sqlite3
+
+    from core.writable import write_problem
+
+    store = sqlite_store(uri)
+    if store is None:
+        return None
+    try:
+        if not store.parent.is_dir():  # a study's output, say, made at its start: its folders must be makeable
+            return write_problem(store.parent)
+        made = not store.exists()
+        sqlite3.connect(f"{store.as_uri()}?mode=rwc", uri=True).close()  # opens the file, reads nothing
+    except OSError as e:  # a folder on the way that cannot be entered
+        return e.strerror
+    except sqlite3.Error as e:
+        return str(e)
+    if made:
+        store.unlink(missing_ok=True)
+    return None
+
+
 def check_report_dir(study, given):
     """The folder the report will replace: new, empty or an earlier report (never the study's own output, say),
     checked before launch rather than after the study's hours of training; returns it."""
@@ -325,6 +349,9 @@ def check_tracking_server(study):
         if problem:
             raise StudyError(f"{where}: {problem}")
         return
+    problem = sqlite_open_problem(uri)
+    if problem:
+        raise StudyError(f"{where}: MLflow cannot use the store {uri} ({problem})")
     if not uri.startswith(("http://", "https://")):
         return  # a SQLite or file store is created by the driver itself
     try:

@@ -132,6 +132,20 @@ def test_a_tracking_uri_mlflow_has_no_store_for_is_refused(out, capsys):
         "file:///path or a database URI (sqlite, postgresql, mysql, mssql)")
 
 
+def test_a_sqlite_store_that_cannot_be_made_is_refused_at_once(out, capsys, tmp_path):
+    # MLflow retried it for 106 s, printing three dozen warnings, before it gave up.
+    uri = f"sqlite:///{tmp_path / 'a-file' / 'mlflow.db'}"
+    (tmp_path / "a-file").write_text("a file, not a folder")
+    assert refused(out, capsys, ["--tracking-uri", uri]) == (
+        f"--tracking-uri: MLflow cannot use the store {uri} ({tmp_path / 'a-file'} is not a folder)")
+    (tmp_path / "a-file").unlink()
+    (tmp_path / "a-file").mkdir()
+    (tmp_path / "a-file" / "mlflow.db").mkdir()  # a folder where the store's file goes
+    assert refused(out, capsys, ["--tracking-uri", uri]) == (
+        f"--tracking-uri: MLflow cannot use the store {uri} (unable to open database file)")
+    assert not (out / "mlflow.db").exists()
+
+
 def test_a_server_still_away_says_to_run_again_later(out, capsys):
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))

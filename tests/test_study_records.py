@@ -88,6 +88,8 @@ def test_tracking_uri_that_mlflow_has_no_store_for(tmp_path, capsys, monkeypatch
     ("http://localhost:abc", "no MLflow tracking server answers at http://localhost:abc (nonnumeric port: 'abc')"),
     ("postgresql://someone:secret@db:notaport/mlflow", "not a database URI (invalid literal for int() with base 10: "
                                                        "'notaport')"),
+    ("sqlite:////dev/null/mlflow.db", "MLflow cannot use the store sqlite:////dev/null/mlflow.db (/dev/null is not a "
+                                      "folder)"),
     # Its driver (psycopg) not installed here; where it is, nothing listens on port 1: either way, before launch.
     ("postgresql://someone:secret@127.0.0.1:1/mlflow", "cannot open the database at "
                                                        "postgresql://someone:***@127.0.0.1:1/mlflow ("),
