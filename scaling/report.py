@@ -74,6 +74,7 @@ def report_rows(results):
     try:
         if isinstance(results, pd.DataFrame):
             source, df = "results", to_table(results, RESULTS_SCHEMA).to_pandas()  # the columns a file has
+            check_trial_rows(df, source)  # as load_results checks a file's
         else:
             source, df = results_path(results), load_results(results)
     except ValueError as e:  # load_results' and to_table's messages name the file and column already
@@ -87,12 +88,8 @@ def report_rows(results):
 
 
 def check_rows(df, source):
-    """Refuse rows the report cannot place: no trial id, model or step, an unknown status, an impossible count, two
-    rows of one trial at one step."""
-    try:
-        check_trial_rows(df, source)
-    except ValueError as e:
-        raise BadResults(str(e)) from None
+    """Refuse rows the report cannot place beyond those check_trial_rows refuses: an unknown status, an impossible
+    count, a measurement that cannot be."""
     unknown = ~df.status.isna() & ~df.status.isin(STATUSES)
     if unknown.any():
         raise BadResults(f"{source}: column 'status' has unknown values {sorted(set(df.status[unknown]))} "

@@ -344,7 +344,8 @@ def check_tracking_server(study):
     problem = unsupported_store(uri)
     if problem:
         raise StudyError(f"{where}: {problem}")
-    if store_scheme(uri) in DATABASE_SCHEMES and store_scheme(uri) != "sqlite":
+    scheme = store_scheme(uri)
+    if scheme in DATABASE_SCHEMES and scheme != "sqlite":
         problem = unreachable_database(uri)
         if problem:
             raise StudyError(f"{where}: {problem}")
