@@ -20,9 +20,10 @@ import torch.nn.functional as F
 import core.layer_norm
 import core.linear
 import core.models
+from benchmarks.flags import positive_int, preset
 from benchmarks.machine import describe
 from benchmarks.train_step import make_step
-from core.models import DiT, DiT_models, model_config
+from core.models import DiT, model_config
 from core.short_attention import unfused_attention
 
 
@@ -68,12 +69,12 @@ def parse_step_arguments(description, models, rounds, forms=None):
     """The command line both eager-form benchmarks take (--forms where `forms` names them); sets torch's threads and
     prints the machine."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--models", nargs="+", default=models, choices=list(DiT_models))
+    parser.add_argument("--models", nargs="+", type=preset, default=models)
     if forms:
         parser.add_argument("--forms", nargs="+", default=forms, choices=forms, help="the forms to switch")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=1, help="1: as a study's trial trains, one core each")
-    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--batch", type=positive_int, default=64)
+    parser.add_argument("--threads", type=positive_int, default=1, help="1: as a study's trial trains, one core each")
+    parser.add_argument("--rounds", type=positive_int, default=rounds)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"machine: {describe()}")

@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from benchmarks.flags import positive_int, preset
 from benchmarks.machine import describe
 from benchmarks.train_step import make_step, time_steps
 from core.evaluate import EvalConfig, generate, sample_plan
@@ -71,11 +72,11 @@ def _sync():
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", nargs="+", default=PRESETS)
-    parser.add_argument("--num-samples", type=int, default=1000)
-    parser.add_argument("--num-steps", type=int, default=50)
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--model", nargs="+", type=preset, default=PRESETS)
+    parser.add_argument("--num-samples", type=positive_int, default=1000)
+    parser.add_argument("--num-steps", type=positive_int, default=50)
+    parser.add_argument("--batch", type=positive_int, default=256)
+    parser.add_argument("--rounds", type=positive_int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)

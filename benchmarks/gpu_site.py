@@ -11,6 +11,7 @@ UI, source maps): 58 MB as xz. There: `mkdir -p /tmp/site && tar -xJf .whl/site.
 `PYTHONPATH=/tmp/site:.`. DeepSpeed is published as source only; its wheel is built here (pure Python, no ops).
 """
 import argparse
+import os
 import re
 import shutil
 import subprocess
@@ -45,7 +46,20 @@ def main():
                         help="the package names the machine already has (one per line or comma-separated, # comments)")
     parser.add_argument("--out", default=str(REPO / ".whl" / "site.tar.xz"))
     args = parser.parse_args()
-    lines = [line for line in Path(args.have).read_text().splitlines() if not line.startswith("#")]
+    # Checked before the download, which takes minutes.
+    if not re.fullmatch(r"3\.\d+", args.python):
+        parser.error(f"--python {args.python!r}: give the machine's version as MAJOR.MINOR, e.g. 3.12")
+    try:
+        lines = [line for line in Path(args.have).read_text().splitlines() if not line.startswith("#")]
+    except (OSError, UnicodeDecodeError) as e:
+        parser.error(f"--have {args.have}: {e.strerror if isinstance(e, OSError) else 'not a text file'}")
+    out = Path(args.out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        parser.error(f"--out {args.out}: cannot make its folder ({e.strerror})")
+    if out.is_dir() or not os.access(out.parent, os.W_OK):
+        parser.error(f"--out {args.out}: " + ("a folder" if out.is_dir() else f"{out.parent} is not writable"))
     have = {normalized(n) for n in re.split(r"[\s,]+", " ".join(lines)) if n}
     with tempfile.TemporaryDirectory() as tmp:
         wheels, site = Path(tmp) / "wheels", Path(tmp) / "site"
@@ -66,9 +80,9 @@ def main():
             shutil.rmtree(site / rel, ignore_errors=True)
         for source_map in site.rglob("*.map"):
             source_map.unlink()
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["tar", "-cJf", str(out), "-C", str(site), "."], check=True)
+        partial = out.with_name(out.name + ".partial")  # an interrupted pack leaves no archive that looks whole
+        subprocess.run(["tar", "-cJf", str(partial), "-C", str(site), "."], check=True)
+        os.replace(partial, out)
     print(f"{out}: {out.stat().st_size / 2 ** 20:.1f} MiB, {len(missing)} packages: "
           + ", ".join(w.name.split("-")[0] for w in missing))
 

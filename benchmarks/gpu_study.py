@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.flags import positive_int, preset
 from benchmarks.gpu_train import CONFIGS, synthetic_latents
 from benchmarks.machine import describe, matmul_peak_tflops
 from benchmarks.train_throughput import WINDOW, BestWindow
-from core.models import DiT_models
 from core.train import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,13 +90,13 @@ def study_windows(output):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["DiT-XL/2", "DiT-B/2"])
-    parser.add_argument("--batch", type=int, default=256, help="global batch (images per optimizer step)")
-    parser.add_argument("--micro-batch", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--models", nargs="+", type=preset, default=["DiT-XL/2", "DiT-B/2"])
+    parser.add_argument("--batch", type=positive_int, default=256, help="global batch (images per optimizer step)")
+    parser.add_argument("--micro-batch", type=positive_int, default=128)
+    parser.add_argument("--steps", type=positive_int, default=60)
     parser.add_argument("--compile", action="store_true", help="train.compile (torch.compile) both ways")
-    parser.add_argument("--cpus-per-worker", type=int, default=8)
-    parser.add_argument("--images", type=int, default=4096, help="synthetic latents to train on")
+    parser.add_argument("--cpus-per-worker", type=positive_int, default=8)
+    parser.add_argument("--images", type=positive_int, default=4096, help="synthetic latents to train on")
     parser.add_argument("--cpu", action="store_true", help="check the plumbing without a GPU (fp32, gloo)")
     parser.add_argument("--study-log", help="where scaling.run's output goes (default: a temporary file)")
     args = parser.parse_args()
@@ -104,9 +104,6 @@ def main():
         parser.error(f"--steps must be at least {2 * WINDOW}: the first {WINDOW}-step window is warm-up")
     if args.batch % args.micro_batch:
         parser.error(f"--micro-batch {args.micro_batch} must divide --batch {args.batch}")
-    unknown = [m for m in args.models if m not in DiT_models]
-    if unknown:
-        parser.error(f"unknown models {unknown}; e.g. DiT-XL/2")
     if len({m.split("/")[1] for m in args.models}) > 1:
         parser.error("--models must share one patch size: the study trains the grid of their sizes × patches")
     if not args.cpu and not torch.cuda.is_available():

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from benchmarks.flags import positive_int, preset
 from benchmarks.machine import describe, matmul_peak_tflops
 from core.latents import FORMAT, VIEWS, shard_name
 from core.train import Callbacks, TrainConfig, train
@@ -67,18 +68,18 @@ def run(model, config, data, batch, micro, steps, peak):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["DiT-XL/2", "DiT-B/2"])
+    parser.add_argument("--models", nargs="+", type=preset, default=["DiT-XL/2", "DiT-B/2"])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS))
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--micro-batch", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch", type=positive_int, default=256)
+    parser.add_argument("--micro-batch", type=positive_int, default=64)
+    parser.add_argument("--steps", type=positive_int, default=20)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("no GPU here: this benchmark measures GPU training (benchmarks.train_step measures a CPU)")
     if args.steps < 2:
         parser.error("--steps must be at least 2: the throughput is that of the second half")
     unknown = [c for c in args.configs if c not in CONFIGS]
-    if unknown or args.micro_batch < 1 or args.batch % args.micro_batch:
+    if unknown or args.batch % args.micro_batch:
         parser.error(f"unknown configs {unknown} (known: {', '.join(CONFIGS)})" if unknown else
                      f"--micro-batch {args.micro_batch} must divide --batch {args.batch}")
     logging.disable(logging.WARNING)

@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from benchmarks.flags import positive_int, preset
 from benchmarks.machine import describe
 from core.host_memory import users_settings
 
@@ -70,16 +71,14 @@ def measure(mode, name, samples, steps):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="DiT-T/2")
-    parser.add_argument("--pairs", type=int, default=3, help="fresh processes per mode, alternating")
-    parser.add_argument("--samples", type=int, default=500)
-    parser.add_argument("--steps", type=int, default=60, help=f"at least {2 * WINDOW}")
+    parser.add_argument("--model", type=preset, default="DiT-T/2")
+    parser.add_argument("--pairs", type=positive_int, default=3, help="fresh processes per mode, alternating")
+    parser.add_argument("--samples", type=positive_int, default=500)
+    parser.add_argument("--steps", type=positive_int, default=60, help=f"at least {2 * WINDOW}")
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.steps < 2 * WINDOW:
         parser.error(f"--steps must be at least {2 * WINDOW}: the first {WINDOW} are warm-up")
-    if args.pairs < 1 or args.samples < 1:
-        parser.error("--pairs and --samples must be at least 1")
     if args.child:
         print(json.dumps(measure(args.child, args.model, args.samples, args.steps)))
         return

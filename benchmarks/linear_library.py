@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 
 import core.linear
+from benchmarks.flags import positive_int, preset
 from benchmarks.machine import describe
 from core.host_memory import hold_freed_memory
-from core.models import DiT_models, model_config
+from core.models import model_config
 
 
 def block_products(cfg, batch):
@@ -62,10 +63,10 @@ def interleaved_best_seconds(runs, rounds):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["DiT-T/2", "DiT-M/2"], choices=list(DiT_models))
-    parser.add_argument("--batch", type=int, default=64, help="images a step (64: a default-study trial's)")
-    parser.add_argument("--threads", type=int, default=1, help="1: as a study's trial trains, one core each")
-    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--models", nargs="+", type=preset, default=["DiT-T/2", "DiT-M/2"])
+    parser.add_argument("--batch", type=positive_int, default=64, help="images a step (64: a default-study trial's)")
+    parser.add_argument("--threads", type=positive_int, default=1, help="1: as a study's trial trains, one core each")
+    parser.add_argument("--rounds", type=positive_int, default=20)
     args = parser.parse_args()
     if core.linear._onednn_matmul is None:
         raise SystemExit("this torch has no oneDNN linear (torch.ops.mkldnn._linear_pointwise): nothing to compare")

@@ -20,6 +20,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 from ray.cluster_utils import Cluster
 
+from benchmarks.flags import positive_int
 from benchmarks.machine import describe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,10 +68,13 @@ def concurrency(spans, t):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--nodes", type=int, default=3)
-    parser.add_argument("--cpus-per-node", type=int, default=2)
-    parser.add_argument("--trials", type=int, default=7)
+    parser.add_argument("--nodes", type=positive_int, default=3)
+    parser.add_argument("--cpus-per-node", type=positive_int, default=2)
+    parser.add_argument("--trials", type=positive_int, default=7)
     args = parser.parse_args()
+    if args.cpus_per_node < WORKERS * CPUS_PER_WORKER:
+        parser.error(f"--cpus-per-node must be at least {WORKERS * CPUS_PER_WORKER}: a trial's {WORKERS} workers "
+                     f"of {CPUS_PER_WORKER} CPU are packed onto one node")
     print(f"machine: {describe()}")
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": args.cpus_per_node})
     for _ in range(args.nodes - 1):

@@ -12,20 +12,24 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.flags import positive_int
 from benchmarks.machine import describe
 from core.cpus import usable_cpus
 from scaling.fits import N_BOOT
-from scaling.report import build_report
+from scaling.report import build_report, n_boot_count
 from scaling.results import load_results
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="?", default="outputs/gflops_sweep")
-    parser.add_argument("--n-boot", type=int, default=N_BOOT)
-    parser.add_argument("--rounds", type=int, default=1, help="builds per setting; the fastest is shown")
+    parser.add_argument("--n-boot", type=n_boot_count, default=N_BOOT)
+    parser.add_argument("--rounds", type=positive_int, default=1, help="builds per setting; the fastest is shown")
     args = parser.parse_args(argv)
-    df = load_results(args.results)
+    try:
+        df = load_results(args.results)
+    except (ValueError, OSError) as e:  # FileNotFoundError: no such file
+        parser.error(str(e))
     cpus = usable_cpus()
     print(f"machine: {describe()}")
     print(f"{args.results}: {len(df)} rows, {df.trial_id.nunique()} trials; {args.n_boot} resamples per fit")

@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.flags import positive_int, preset
 from benchmarks.machine import describe
 
 OPTIONS = {  # name: TrainConfig fields the study's train section sets
@@ -107,12 +108,14 @@ def run_latents(args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="DiT-T/2")
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--model", type=preset, default="DiT-T/2")
+    parser.add_argument("--batch", type=positive_int, default=128)
+    parser.add_argument("--steps", type=positive_int, default=40)
     parser.add_argument("--latents", action="store_true", help="time latents vs VAE encoding instead")
-    parser.add_argument("--vae-batch", type=int, default=4)
+    parser.add_argument("--vae-batch", type=positive_int, default=4)
     args = parser.parse_args()
+    if args.steps < 2:
+        parser.error("--steps must be at least 2: the speed is that of the second half's log window")
     print(f"machine: {describe()}")
     if args.latents:
         run_latents(args)

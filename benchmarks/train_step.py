@@ -12,6 +12,7 @@ import time
 import torch
 from diffusers import DiTTransformer2DModel
 
+from benchmarks.flags import positive_int, preset
 from benchmarks.machine import describe
 from core.host_memory import hold_freed_memory
 from core.models import DiT, model_config
@@ -60,10 +61,10 @@ def time_steps(step, n, device):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", nargs="+", default=["DiT-P/2", "DiT-N/2", "DiT-T/2", "DiT-M/2"])
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--model", nargs="+", type=preset, default=["DiT-P/2", "DiT-N/2", "DiT-T/2", "DiT-M/2"])
+    parser.add_argument("--batch", type=positive_int, default=128)
+    parser.add_argument("--steps", type=positive_int, default=5)
+    parser.add_argument("--rounds", type=positive_int, default=3)
     parser.add_argument("--compile", action="store_true",
                         help="also time core's DiT under torch.compile (the study's train.compile option)")
     args = parser.parse_args()

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.flags import positive_int, preset
 from benchmarks.machine import describe, matmul_peak_tflops
-from core.models import DiT_models
 from core.train import Callbacks, TrainConfig, train
 
 WINDOW = 10  # steps per measured window
@@ -112,21 +112,21 @@ def run_copy(barrier_dir, copy, copies, name, batch, steps, compiled):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["DiT-P/2", "DiT-P/4", "DiT-N/2", "DiT-N/4", "DiT-T/2",
-                                                        "DiT-T/4", "DiT-M/2"], choices=list(DiT_models),
+    parser.add_argument("--models", nargs="+", type=preset, default=["DiT-P/2", "DiT-P/4", "DiT-N/2", "DiT-N/4",
+                                                                     "DiT-T/2", "DiT-T/4", "DiT-M/2"],
                         metavar="MODEL")
-    parser.add_argument("--batch", type=int, default=128, help="images per step, over all processes")
-    parser.add_argument("--steps", type=int, default=40, help="a multiple of the 10-step window")
+    parser.add_argument("--batch", type=positive_int, default=128, help="images per step, over all processes")
+    parser.add_argument("--steps", type=positive_int, default=40, help="a multiple of the 10-step window")
     parser.add_argument("--compile", action="store_true", help="also train each model compiled")
-    parser.add_argument("--processes", type=int, default=1,
+    parser.add_argument("--processes", type=positive_int, default=1,
                         help="train this many copies at once, each with 1/N of the threads and of the batch "
                              "(the default study's layout: one trial per core)")
     parser.add_argument("--copy-of", nargs=3, metavar=("BARRIER_DIR", "COPY", "COPIES"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.steps < 2 * WINDOW:
         parser.error(f"--steps must be at least {2 * WINDOW}: the first {WINDOW}-step window is warm-up")
-    if args.processes < 1 or args.batch % args.processes:
-        parser.error(f"--processes must be at least 1 and divide --batch ({args.batch})")
+    if args.batch % args.processes:
+        parser.error(f"--processes must divide --batch ({args.batch})")
     logging.disable(logging.WARNING)
     if args.copy_of:
         barrier_dir, copy, copies = args.copy_of

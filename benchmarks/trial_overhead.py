@@ -27,7 +27,9 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from benchmarks.flags import positive_int
 from benchmarks.machine import describe
+from scaling.study import StudyError, load_study
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -179,8 +181,8 @@ def first_trial_start(children):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--trials", type=positive_int, default=4)
+    parser.add_argument("--steps", type=positive_int, default=20)
     parser.add_argument("--study", default=None, help="measure this study instead of the tiny one")
     parser.add_argument("--cpu", action="store_true", help="also print the CPU seconds of each kind of process")
     parser.add_argument("--timeline", action="store_true",
@@ -188,11 +190,14 @@ def main():
     args = parser.parse_args()
     if args.timeline and (args.trials != 1 or args.study or args.cpu):
         parser.error("--timeline measures one tiny trial: give it --trials 1, without --study or --cpu")
+    try:
+        name = load_study(args.study).name if args.study else "overhead"
+    except StudyError as e:
+        parser.error(f"--study: {e}")
     print(f"machine: {describe()}")
     with tempfile.TemporaryDirectory(prefix="overhead-") as tmp:
         tmp = Path(tmp)
         study = Path(args.study).resolve() if args.study else tiny_study(tmp, args.trials, args.steps)
-        name = "overhead" if not args.study else __import__("yaml").safe_load(study.read_text())["name"]
         cpu = {} if args.cpu else None
         address = None
         if args.timeline:
