@@ -320,7 +320,7 @@ def _load_rows(path, key):
     """Existing rows of a Parquet file keyed by key columns (empty when there is none yet)."""
     if not Path(path).exists():
         return {}
-    df = load_results(path) if Path(path).name == RESULTS_FILE else load_curves(path)
+    df = load_results(path, strict=True) if Path(path).name == RESULTS_FILE else load_curves(path)
     return {tuple(r[k] for k in key): r for r in df.to_dict("records")}
 
 

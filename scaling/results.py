@@ -174,10 +174,12 @@ def read_parquet(path):
         return pq.read_table(f, use_threads=False)
 
 
-def load_results(path):
+def load_results(path, strict=False):
     """The results table at path (a results.parquet or a folder holding one) as a pandas DataFrame.
 
-    Schema columns the file lacks beyond the required ones come back as nulls, so older files load.
+    Schema columns the file lacks beyond the required ones come back as nulls, so older files load. Columns the
+    schema lacks are left out, so a newer file reads; strict=True refuses them instead, for a file a run rewrites
+    (its next write would drop them).
     """
     path = results_path(path)
     try:
@@ -189,6 +191,10 @@ def load_results(path):
     if missing:
         raise ValueError(f"{path}: missing required columns: {', '.join(missing)}")
     known = [c for c in table.column_names if c in RESULTS_SCHEMA.names]
+    if strict and len(known) < len(table.column_names):
+        unknown = ", ".join(str(c) for c in table.column_names if c not in RESULTS_SCHEMA.names)
+        raise ValueError(f"{path}: columns this version does not write: {unknown}; the study's next write would drop "
+                         "them")
     try:
         table = to_table(table.select(known), RESULTS_SCHEMA)
     except ValueError as e:

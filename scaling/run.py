@@ -118,7 +118,7 @@ def check_results(study):
         if not results.is_file():
             raise unreadable(f"{results} is not a file")
         try:
-            records = load_results(results)
+            records = load_results(results, strict=True)  # the recorder rewrites it
         except (ValueError, OSError) as e:
             raise unreadable(e) from None
     if curves.exists():
@@ -520,7 +520,8 @@ def _run_trials(study, build_report, report_dir):
     if todo:
         # Share of the trial slots' time spent training and evaluating (the rest: start-up, teardown, waiting).
         efficiency = recorder.busy_seconds(t.trial_id for t in todo) / (slots * wall)
-        print(f"study efficiency: {efficiency:.0%} of {slots} trial slot(s) × {wall:.0f} s spent training or evaluating")
+        print(f"study efficiency: {efficiency:.0%} of {slots} trial slot(s) × {wall:.0f} s spent training or "
+              "evaluating")
         tracker.log_metrics(tracker.parent_run_id, {"wall_time_s": wall, "efficiency": efficiency}, 0)
     tracker.flush(force=True)  # the server may be back: try now, whatever the retry interval
     failed = recorder.failed_count()

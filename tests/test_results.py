@@ -10,10 +10,11 @@ from datetime import datetime, timezone
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from scaling.results import (LOSS_CURVES_SCHEMA, REQUIRED_COLUMNS, RESULTS_SCHEMA, load_results, paper_results,
-                             write_table)
+                             to_table, write_table)
 
 PAPER_GFLOPS = {"S/8": 0.36, "S/4": 1.41, "S/2": 6.06, "B/8": 1.42, "B/4": 5.56, "B/2": 23.01, "L/8": 5.01,
                 "L/4": 19.70, "L/2": 80.71, "XL/8": 7.39, "XL/4": 29.05, "XL/2": 118.64}
@@ -121,6 +122,14 @@ def test_a_process_that_reads_results_and_exits_at_once_exits_with_its_own_statu
 def test_unknown_columns_are_rejected(tmp_path):
     with pytest.raises(ValueError, match="not in the schema: fidd"):
         write_table([row(fidd=3.0)], tmp_path / "results.parquet", RESULTS_SCHEMA)
+
+
+def test_a_column_the_schema_lacks_is_left_out_on_reading_and_refused_where_the_file_is_rewritten(tmp_path):
+    path = tmp_path / "results.parquet"
+    pq.write_table(to_table([row()], RESULTS_SCHEMA).append_column("note", pa.array(["by hand"])), path)
+    assert load_results(path).columns.tolist() == RESULTS_SCHEMA.names  # a newer version's file: the report reads it
+    with pytest.raises(ValueError, match=f"^{path}: columns this version does not write: note; the study's next "):
+        load_results(path, strict=True)
 
 
 def test_loss_curves_table(tmp_path):

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from scaling import run as scaling_run
-from scaling.results import RESULTS_SCHEMA, write_table
+from scaling.results import RESULTS_SCHEMA, to_table, write_table
 from test_bad_input import snapshot
 from test_results import row
 from test_study import BASE, write
@@ -24,7 +24,7 @@ def study_with_output(tmp_path, extra=""):
 
 @pytest.mark.parametrize("damage", ["curves cut short", "results a folder", "store not a database",
                                     "curves of another table", "curves without steps", "a result without its trial",
-                                    "two results at one step"])
+                                    "two results at one step", "results with a column of their own"])
 def test_damaged_records_of_a_study_to_resume(tmp_path, capsys, damage):
     # Each read fine as Parquet and then stopped the driver at a trial's first milestone, after Ray's start, or lost
     # one of two rows at a step without a word.
@@ -44,6 +44,9 @@ def test_damaged_records_of_a_study_to_resume(tmp_path, capsys, damage):
     elif damage == "two results at one step":
         bad, reason = out / "results.parquet", "trial abc has 2 different rows at step 1000 (rows 0 and 1; they differ "
         write_table([row(), row(fid=1.0)], bad, RESULTS_SCHEMA)
+    elif damage == "results with a column of their own":  # a re-run's write dropped it, even with nothing to train
+        bad, reason = out / "results.parquet", "columns this version does not write: note; the study's next write "
+        pq.write_table(to_table([row()], RESULTS_SCHEMA).append_column("note", pa.array(["by hand"])), bad)
     elif damage == "results a folder":
         bad, reason = out / "results.parquet", "is not a file"
         bad.mkdir()
