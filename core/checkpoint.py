@@ -114,6 +114,21 @@ def latest_checkpoint(directory):
     return found[-1]
 
 
+def fresh_start_problem(directory):
+    """Why a run starting afresh must not save into directory, or None: an earlier run's checkpoints are there.
+
+    Pruning keeps the newest steps whichever run saved them, so the fresh run's first checkpoints would be deleted
+    for the earlier run's later ones, and a resume after a stop would go on from those.
+    """
+    found = _step_folders(directory)
+    if not found:
+        return None
+    names = found[0].name if len(found) == 1 else f"{found[0].name} to {found[-1].name}"
+    return (f"{directory} holds checkpoints of an earlier run ({names}): a fresh start would save its own among "
+            "them, and keeping the newest would delete its own; resume from them (--resume auto), train into another "
+            "--results-dir, or move them away")
+
+
 def prune_checkpoints(directory, keep, marked=True):
     """Delete all but the newest keep checkpoints (call on one rank per directory), and step folders older than them.
 

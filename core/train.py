@@ -484,6 +484,10 @@ def train(cfg, out_dir, milestones=(), callbacks=None, resume_from=None, checkpo
     if resume_from == "auto":
         resume_from = ckpt.latest_checkpoint(checkpoint_dir)
     saved = None
+    if resume_from is None:
+        problem = ckpt.fresh_start_problem(checkpoint_dir)
+        if problem:
+            raise ckpt.CheckpointError(problem)
     if resume_from is not None:  # a missing, corrupt or foreign checkpoint fails now, not after the set-up
         saved = ckpt.check_checkpoint(resume_from, mcfg)
         _check_resume_settings(resume_from, saved.get("config"), cfg)

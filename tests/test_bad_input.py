@@ -356,6 +356,22 @@ def checkpoint_of_two_steps(tmp_path):
     return tmp_path / "run" / "DiT-P-4" / "checkpoints" / "step-000000002"
 
 
+def test_core_train_refuses_a_fresh_start_among_an_earlier_runs_checkpoints(tmp_path, capsys):
+    # Pruning keeps the newest steps, whoever saved them: the fresh run's first checkpoints went at once, and a
+    # resume after a stop went on from the earlier run's.
+    good = checkpoint_of_two_steps(tmp_path)
+    capsys.readouterr()
+    before = snapshot(tmp_path)
+    assert core_train.main(CORE_TRAIN + ["--results-dir", str(tmp_path / "run"), "--resume", "none"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {good.parent} holds checkpoints of an earlier run (step-000000002): a fresh start would save its own "
+        "among them, and keeping the newest would delete its own; resume from them (--resume auto), train into "
+        "another --results-dir, or move them away\n")
+    assert snapshot(tmp_path) == before
+    assert core_train.main(CORE_TRAIN + ["--results-dir", str(tmp_path / "run"), "--max-steps", "3"]) == 0  # auto
+    assert [p.name for p in ckpt.list_checkpoints(good.parent)] == ["step-000000002", "step-000000003"]
+
+
 def test_malformed_trainer_state_given_to_core_train(tmp_path, capsys):
     import json
 
