@@ -471,7 +471,10 @@ def write_latent_folder(out_dir, write_shards, meta):
             shards, latent_shape = write_shards(new)
             meta = {**meta, "format": FORMAT, "latent_shape": latent_shape, "views": list(VIEWS), "shards": shards,
                     "encoded_in": new.name}  # once swapped out under this name, it says it is the earlier one
-            (new / META).write_text(json.dumps(meta, indent=1))  # last: a folder with a meta.json is complete
+            # Last, and renamed into place: a folder with a meta.json is complete (one killed while writing it holds
+            # meta.json.tmp, and is taken for abandoned and removed by the next encode into out_dir).
+            (new / (META + ".tmp")).write_text(json.dumps(meta, indent=1))
+            os.replace(new / (META + ".tmp"), new / META)
         except BaseException:
             shutil.rmtree(new, ignore_errors=True)
             for parent in reversed(created):

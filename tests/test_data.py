@@ -2,8 +2,10 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -627,6 +629,29 @@ def test_a_finished_encode_never_replaces_files_put_beside_latents_meanwhile(tmp
     (out / "notes.txt").unlink()
     _swap_in(new, out)
     assert json.loads((out / "meta.json").read_text())["num_images"] == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latents"]
+
+
+def test_an_encode_killed_while_writing_its_meta_json_is_removed_by_the_next(tmp_path, encode_tiny_latents,
+                                                                             monkeypatch):
+    # A half-written meta.json made the folder look finished: kept for its owner, never removed.
+    out = tmp_path / "latents"
+    write_text = Path.write_text
+
+    def killed_midway(path, text, *args, **kwargs):
+        if path.name.startswith("meta.json"):
+            write_text(path, text[:len(text) // 2])
+            raise KeyboardInterrupt("killed")
+        return write_text(path, text, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "write_text", killed_midway)
+        patch.setattr(shutil, "rmtree", lambda *a, **k: None)  # a killed process cleans nothing up
+        with pytest.raises(KeyboardInterrupt):
+            encode_tiny_latents(out, seed=0)
+    [left] = tmp_path.glob(".latents.encoding-*")
+    assert not (left / "meta.json").exists()
+    encode_tiny_latents(out, seed=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latents"]
 
 
