@@ -65,6 +65,27 @@ def inception_weights(path=None):
     return cached
 
 
+def inception_weights_problem(path):
+    """Why torch-fidelity's Inception-v3 cannot be built from the weights file at path (None if it can).
+
+    torch-fidelity reads the file only when it scores a trial's samples, after training and sampling; this builds
+    the network once (a few seconds on a CPU), so a study can refuse another network's weights or a damaged file
+    before it starts.
+    """
+    from torch_fidelity.utils import create_feature_extractor
+
+    try:
+        create_feature_extractor(INCEPTION, ["2048"], cuda=False, verbose=False,
+                                 feature_extractor_weights_path=str(path))
+    # Deliberately broad: torch.load of an arbitrary file raises what its unpickling meets (zip, pickle, EOF, key and
+    # attribute errors), and load_state_dict a RuntimeError; each means the file is not these weights.
+    except Exception as err:
+        text = " ".join(str(err).split())
+        return (f"{path} is not torch-fidelity's Inception-v3 weights ({URL_INCEPTION_V3}): "
+                f"{text if len(text) <= 300 else text[:300] + '...'}")
+    return None
+
+
 def resolve_extractor(name, weights=None):
     """(torch-fidelity extractor name, local weights file) of a config's feature extractor; raises before any work."""
     if name == "digits":

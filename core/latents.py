@@ -307,13 +307,43 @@ def load_vae(vae_path, device="cpu"):
         raise VAEError(f"VAE folder {path} is not a folder")
     if not (path / "config.json").is_file():
         raise VAEError(f"VAE folder {path} has no config.json (a diffusers AutoencoderKL saved with save_pretrained)")
+    kind = _config_class(path / "config.json")
+    if kind not in (None, AutoencoderKL.__name__):  # diffusers would build an AutoencoderKL from its config anyway
+        raise VAEError(f"VAE folder {path} holds a {kind} (its config.json's _class_name), not an AutoencoderKL")
     try:
-        vae = AutoencoderKL.from_pretrained(str(path), local_files_only=True, low_cpu_mem_usage=False)
+        vae, loading = AutoencoderKL.from_pretrained(str(path), local_files_only=True, low_cpu_mem_usage=False,
+                                                     output_loading_info=True)
     # diffusers: OSError for a config that is not JSON or weights that are missing or unreadable, RuntimeError for
     # weights of another shape, ValueError or TypeError for a config of another model.
     except (OSError, RuntimeError, ValueError, TypeError) as err:
         raise VAEError(f"VAE folder {path} cannot be loaded: {_one_line(err)}") from None
+    # Weights the file lacks are left at their random start, with no more than a log line: an encode or an FID
+    # would go on with them.
+    missing = loading["missing_keys"]
+    if missing:
+        raise VAEError(f"VAE folder {path} holds weights that lack {len(missing)} of its AutoencoderKL's tensors "
+                       f"(e.g. {_one_line(', '.join(sorted(missing)[:3]), 120)}), which would stay random: they are "
+                       "not the weights of its config.json")
     return vae.to(device).eval()
+
+
+def _config_class(config_file):
+    """The _class_name a diffusers config.json records, None when it records none or is not a JSON object."""
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError):  # diffusers' loader names what is wrong with it
+        return None
+    return config.get("_class_name") if isinstance(config, dict) else None
+
+
+def vae_fit_problem(vae, meta):
+    """Why vae cannot decode the latents a latent folder's meta.json describes (None if it can)."""
+    channels, height, width = meta["latent_shape"]
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)  # a downsampling between each two encoder blocks
+    if vae.config.latent_channels != channels or (height * factor, width * factor) != (meta["image_size"],) * 2:
+        return (f"it decodes {vae.config.latent_channels}-channel latents to images {factor}× their side, not the "
+                f"{channels}×{height}×{width} latents of {meta['image_size']}-pixel images the data holds")
+    return None
 
 
 def encode_option_problem(image_size, batch_size, shard_size, num_workers, seed):

@@ -704,15 +704,24 @@ def _check_eval(raw, info, where, check_data, warnings):
     if dataset == "latents" and ev["fid"] and ev["reference"] is None:  # core.evaluate.check's rule, before training
         raise where.error(("eval", "reference"), "FID on latents needs a folder of the real training images (e.g. "
                                                  "the ImageNet train folder the latents were encoded from)")
+    meta = None  # the latents' meta.json, which the VAE must fit: read when the data was (a fallback has no encode)
+    if dataset == "latents" and ev["vae"] is not None and "encode" in info:
+        from core.latents import read_meta
+
+        meta = read_meta(raw["data"]["path"])
     missing = {key: problem for key in ("vae", "feature_extractor_weights", "reference", "heldout")
-               if ev[key] is not None and (problem := _eval_path_problem(key, Path(ev[key]), ev["feature_extractor"]))}
+               if ev[key] is not None
+               and (problem := _eval_path_problem(key, Path(ev[key]), ev["feature_extractor"], meta))}
     if ev["fid"] and ev["feature_extractor"] != "digits" and ev["feature_extractor_weights"] is None:
-        from core.fid import inception_weights
+        from core.fid import inception_weights, inception_weights_problem
 
         try:
-            inception_weights()  # torch-fidelity's cache: never downloaded during a study
+            cached = inception_weights()  # torch-fidelity's cache: never downloaded during a study
         except FileNotFoundError as err:
             missing["feature_extractor_weights"] = str(err)
+        else:
+            if problem := inception_weights_problem(cached):
+                missing["feature_extractor_weights"] = problem
     # A path this study never reads (FID off, no grids) is a warning: a study file written for a cluster, run
     # elsewhere with FID turned off, still starts.
     used = dict(vae=bool(ev["fid"] or ev["grid_images_per_class"]), feature_extractor_weights=ev["fid"],
@@ -742,8 +751,11 @@ def _check_eval(raw, info, where, check_data, warnings):
                                                           f"({chain}) steps: {ev['sampling_steps']} does not divide it")
 
 
-def _eval_path_problem(key, path, extractor):
-    """What is wrong with an eval file or folder (None if nothing), found now rather than at the first evaluation."""
+def _eval_path_problem(key, path, extractor, meta=None):
+    """What is wrong with an eval file or folder (None if nothing), found now rather than at the first evaluation.
+
+    meta: the latent folder's meta.json, whose latents the VAE must decode.
+    """
     try:
         if not path.exists():
             return f"{path} does not exist"
@@ -754,8 +766,18 @@ def _eval_path_problem(key, path, extractor):
             json.loads((path / "config.json").read_text())
         except (OSError, ValueError) as err:
             return f"{path} is not a diffusers model folder: config.json: {_reason(err)}"
-        if not any(path.glob("diffusion_pytorch_model.*")):  # .safetensors, .bin, or a sharded one's index
+        # The names from_pretrained reads (a sharded model: its index): an fp16 variant's alone is not loaded.
+        if not any((path / f"diffusion_pytorch_model.{end}").is_file()
+                   for end in ("safetensors", "bin", "safetensors.index.json", "bin.index.json")):
             return f"{path} is not a diffusers model folder: no diffusion_pytorch_model.safetensors (or .bin)"
+        from core.latents import VAEError, load_vae, vae_fit_problem
+
+        try:  # a few seconds for an ImageNet VAE: an encode or FID on random weights would cost hours
+            vae = load_vae(path)
+        except VAEError as err:
+            return str(err)
+        if meta is not None and (problem := vae_fit_problem(vae, meta)):
+            return f"VAE folder {path}: {problem}"
     elif key == "feature_extractor_weights" and extractor == "digits":
         # core.fid_extractor reads them with the digits classifier's loader: a safetensors state dict of its network.
         from core.digits_classifier import load_digits_classifier
@@ -774,6 +796,9 @@ def _eval_path_problem(key, path, extractor):
             return f"{path}: {_reason(err)}"
         if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
             return f"{path} is not a PyTorch weights file"
+        from core.fid import inception_weights_problem
+
+        return inception_weights_problem(path)
     else:  # an image folder, as core.real_images reads it
         from core.data import scan_image_folder
 

@@ -81,3 +81,19 @@ def encode_tiny_latents():
             return [entry], [4, 4, 4]
         write_latent_folder(folder, shards, {"num_images": 16, "classes": ["a", "b"], "image_size": 32})
     return encode
+
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory):
+    """A file torch-fidelity's Inception-v3 loads: its own network's state dict at its random start (the real
+    weights are a download, which no test makes)."""
+    import torch_fidelity.feature_extractor_inceptionv3 as inception
+
+    with pytest.MonkeyPatch.context() as patch:  # built without weights: its loader is handed nothing to load
+        patch.setattr(inception.torch, "load", lambda *args, **kwargs: {})
+        patch.setattr(inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
+        network = inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                                        feature_extractor_weights_path="none")
+    path = tmp_path_factory.mktemp("inception") / "weights.pth"
+    torch.save(network.state_dict(), path)
+    return path

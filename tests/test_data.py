@@ -544,6 +544,21 @@ def test_encoder_names_a_vae_folder_it_cannot_load(tmp_path, capsys, monkeypatch
     cases[tmp_path / "nowhere"] = "does not exist"
     cases[bad / "config.json"] = "is not a folder"
     cases[tmp_path / "images"] = "has no config.json"
+    # These loaded without an error: diffusers built an AutoencoderKL and left what the file lacks random.
+    from safetensors.torch import load_file, save_file
+
+    other_class = tmp_path / "unet"
+    shutil.copytree(tiny_vae, other_class)
+    config = json.loads((other_class / "config.json").read_text())
+    (other_class / "config.json").write_text(json.dumps({**config, "_class_name": "UNet2DModel"}))
+    cases[other_class] = "holds a UNet2DModel (its config.json's _class_name), not an AutoencoderKL"
+    partial = tmp_path / "partial"
+    shutil.copytree(tiny_vae, partial)
+    weights = load_file(partial / "diffusion_pytorch_model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith("decoder.")},
+              partial / "diffusion_pytorch_model.safetensors")
+    lacked = sum(k.startswith("decoder.") for k in weights)
+    cases[partial] = f"holds weights that lack {lacked} of its AutoencoderKL's tensors (e.g. decoder."
     for vae, problem in cases.items():
         code = encoder_main("--data-path", images, "--vae", vae, "--out", tmp_path / "out", "--image-size", 16)
         err = capsys.readouterr().err

@@ -1,6 +1,7 @@
 """scaling.study and scaling.dry_run: the schema, grid expansion, trial ids, the --dry-run table, and bad input."""
 import os
 import re
+import shutil
 import textwrap
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from core.models import DiT
 from scaling.dry_run import format_plan, local_slots, wall_seconds
 from scaling.results import RESULTS_SCHEMA, write_table
 from scaling.study import StudyError, check_cluster, load_study
+from test_data import save_tiny_vae
 
 STUDIES = Path(__file__).resolve().parent.parent / "studies"
 TABLE_4_GFLOPS = {
@@ -585,7 +587,7 @@ def test_fewer_fid_images_than_feature_dimensions_warns(tmp_path):
     assert any("FID from 2048 images of 2048-d features" in w for w in inception.warnings)
 
 
-def test_fid_inputs_are_checked_before_any_training(tmp_path, monkeypatch):
+def test_fid_inputs_are_checked_before_any_training(tmp_path, monkeypatch, inception_weights):
     # Each of these failed only at a trial's first evaluation, after training to its first milestone.
     from core.fid import inception_weights_file
 
@@ -601,6 +603,10 @@ def test_fid_inputs_are_checked_before_any_training(tmp_path, monkeypatch):
     assert not load(tmp_path, overrides=[*inception, "eval.fid=false"]).warnings
     inception_weights_file().parent.mkdir(parents=True)
     inception_weights_file().write_bytes(b"weights")
+    with pytest.raises(StudyError, match=f"eval.feature_extractor_weights: {inception_weights_file()} is not "
+                                         "torch-fidelity's Inception-v3 weights "):
+        load(tmp_path, overrides=inception)  # torch-fidelity read it only to score the first milestone's samples
+    shutil.copyfile(inception_weights, inception_weights_file())
     assert not load(tmp_path, overrides=inception).warnings
     for key in ("reference", "heldout"):
         with pytest.raises(StudyError) as err:
@@ -632,12 +638,22 @@ def test_fid_inputs_are_checked_before_any_training(tmp_path, monkeypatch):
     (tmp_path / "vae" / "config.json").write_text("{}")
     with pytest.raises(StudyError, match="no diffusion_pytorch_model.safetensors"):
         load(tmp_path, overrides=[f"eval.vae={tmp_path / 'vae'}"])
+    (tmp_path / "vae" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"")  # a variant: not loaded
+    with pytest.raises(StudyError, match="no diffusion_pytorch_model.safetensors"):
+        load(tmp_path, overrides=[f"eval.vae={tmp_path / 'vae'}"])
     (tmp_path / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    with pytest.raises(StudyError, match=f"eval.vae: VAE folder {tmp_path / 'vae'} cannot be loaded: "):
+        load(tmp_path, overrides=[f"eval.vae={tmp_path / 'vae'}"])
+    torch.save({}, tmp_path / "weights.pth")
+    with pytest.raises(StudyError, match=f"eval.feature_extractor_weights: {tmp_path / 'weights.pth'} is not "
+                                         "torch-fidelity's Inception-v3 weights .*Missing key"):
+        load(tmp_path, overrides=[*inception, f"eval.feature_extractor_weights={tmp_path / 'weights.pth'}"])
+    shutil.rmtree(tmp_path / "vae")
+    save_tiny_vae(tmp_path / "vae")
     (tmp_path / "images" / "a" / "0.png").write_bytes(b"")
     (tmp_path / "images" / "b").mkdir()  # a class folder of no images: FID's real images have no labels to miss
-    torch.save({}, tmp_path / "weights.pth")
     assert not load(tmp_path, overrides=[f"eval.vae={tmp_path / 'vae'}", f"eval.heldout={tmp_path / 'images'}",
-                                         *inception, f"eval.feature_extractor_weights={tmp_path / 'weights.pth'}"]
+                                         *inception, f"eval.feature_extractor_weights={inception_weights}"]
                     ).warnings
     # Latents have no real images of their own to compare samples with.
     with pytest.raises(StudyError) as err:
@@ -645,6 +661,24 @@ def test_fid_inputs_are_checked_before_any_training(tmp_path, monkeypatch):
     assert str(err.value) == ("--set eval.reference=null: eval.reference: FID on latents needs a folder of the real "
                               "training images (e.g. the ImageNet train folder the latents were encoded from)")
     assert load_study(STUDIES / "dit_imagenet256.yaml", ["eval.reference=null", "eval.fid=false"], check_data=False)
+
+
+def test_a_vae_that_cannot_decode_the_studys_latents_is_refused(tmp_path, encode_tiny_latents):
+    # It failed at a trial's first grid or FID, after training, with a convolution's shape error.
+    from diffusers import AutoencoderKL
+
+    encode_tiny_latents(tmp_path / "latents", seed=0)  # 4×4×4 latents of 32-pixel images: a VAE that upsamples ×8
+    save_tiny_vae(tmp_path / "vae")  # 4 channels, ×2
+    latents = ["data.dataset=latents", f"data.path={tmp_path / 'latents'}", "eval.fid=false"]
+    with pytest.raises(StudyError) as err:
+        load(tmp_path, overrides=[*latents, f"eval.vae={tmp_path / 'vae'}"])
+    assert str(err.value) == (f"--set eval.vae={tmp_path / 'vae'}: eval.vae: VAE folder {tmp_path / 'vae'}: it "
+                              f"decodes 4-channel latents to images 2× their side, not the 4×4×4 latents of 32-pixel "
+                              f"images the data holds")
+    AutoencoderKL(block_out_channels=(8,) * 4, layers_per_block=1, latent_channels=4, norm_num_groups=8,
+                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4
+                  ).save_pretrained(tmp_path / "vae8")
+    assert load(tmp_path, overrides=[*latents, f"eval.vae={tmp_path / 'vae8'}"]).trials
 
 
 def test_a_swept_architecture_field_names_distinct_models(tmp_path):
