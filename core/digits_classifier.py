@@ -6,7 +6,6 @@ Inception-v3's: its values are not comparable to ImageNet FID. The weights are t
 """
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 

@@ -108,10 +108,14 @@ def continue_recorded_runs(study, output=None, results=None):
             run = max(fits, key=lambda r: (r.reached, len(r.ok_steps), r.trial_id))
             taken.add(run.trial_id)
             study.trials[i] = dataclasses.replace(trial, trial_id=run.trial_id)
-            at = f"diverged at step {run.reached}" if run.diverged else (
-                f"checkpoint at step {run.reached}" if run.reached else "no checkpoint left")
             moved = "" if same_place(run.data_path, trial.data["path"]) else (
                 f"its latents moved from {run.data_path}, the same encode; ")
+            if not run.reached:  # its rows and MLflow run are kept; the weights are trained again
+                lines.append(f"{trial.model}: trains recorded trial {run.trial_id} again from step 0 ({moved}steps "
+                             f"{_steps(run.ok_steps)} measured, no checkpoint left), under its id rather than as "
+                             f"{trial.trial_id}")
+                continue
+            at = f"diverged at step {run.reached}" if run.diverged else f"checkpoint at step {run.reached}"
             lines.append(f"{trial.model}: continues recorded trial {run.trial_id} ({moved}steps "
                          f"{_steps(run.ok_steps)} measured, {at}) instead of training {trial.trial_id} from step 0")
         else:

@@ -26,7 +26,7 @@ from scaling.kept_sync_actor import kept_synchronization_actor
 from scaling.placement_group_watch import replace_ray_cleaner
 from scaling.startup_gc import resume_collector
 from scaling.torch_backend import ProcessGroupConfig
-from scaling.trial_storage import train_run_name
+from scaling.trial_storage import passed_milestones_message, train_run_name
 from scaling.tune_relay import TuneRelay
 
 KIND_LOG, KIND_CHECKPOINT, KIND_MILESTONE, KIND_END = "log", "checkpoint", "milestone", "end"
@@ -152,11 +152,7 @@ class MilestonePassed(RuntimeError):
     """A trial resumed past a milestone that has no result."""
 
     def __init__(self, trial, milestones, step, storage):
-        axis = "their budgets from sweep.compute" if trial.get("budgets") else "those steps from sweep.steps"
-        super().__init__(f"trial {trial['trial_id']} resumed from its checkpoint at step {step}, past milestone(s) "
-                         f"{', '.join(map(str, milestones))} without a result, which it can no longer measure: drop "
-                         f"{axis}, or delete {Path(storage) / train_run_name(trial['trial_id'])} to train it again "
-                         f"from step 0")
+        super().__init__(f"resumed: {passed_milestones_message(trial, milestones, step, storage)}")
         self.step = step
 
 

@@ -70,7 +70,8 @@ def main(argv=None):
         from scaling.dry_run import format_plan
 
         # What the run would refuse here, said without refusing: the plan may be for another machine.
-        for check in (check_output, lambda s: check_measured_data(s, records), lambda s: check_fid_basis(s, records),
+        for check in (lambda s: check_output(s, records), lambda s: check_measured_data(s, records),
+                      lambda s: check_fid_basis(s, records), lambda s: passed_milestones(s, records),
                       lambda s: args.no_report or check_report_dir(s, args.report_dir)):
             try:
                 said = check(study)
@@ -82,13 +83,13 @@ def main(argv=None):
         return EXIT_OK
     address = args.address or os.environ.get("RAY_ADDRESS")
     try:
-        check_output(study)
+        check_output(study, records)
         check_measured_data(study, records)
         report_dir = None if args.no_report else check_report_dir(study, args.report_dir)
         check_reachable(address)
         check_tracking_server(study)
-        for warning in check_fid_basis(study, records):  # last: it may list a large reference folder
-            print(f"warning: {warning}", file=sys.stderr)
+        for warning in passed_milestones(study, records) + check_fid_basis(study, records):  # last: it may list a
+            print(f"warning: {warning}", file=sys.stderr)                                   # large reference folder
     except StudyError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -286,8 +287,9 @@ def check_report_dir(study, given):
     return path
 
 
-def check_output(study):
-    """The output folder must be writable and have room for the trials' checkpoints, before launch."""
+def check_output(study, results=None):
+    """The output folder must be writable and have room for the checkpoints of the trials still to train, before
+    launch. results: the study's results.parquet, loaded (None: none yet)."""
     out = study.output
     try:
         existing = next(p for p in [out, *out.parents] if p.exists())
@@ -301,12 +303,37 @@ def check_output(study):
         raise StudyError(f"{study.path}: output: {out} is not a folder ({existing} is a file)")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise StudyError(f"{study.path}: output: {out} is not writable ({existing} does not allow writing)")
+    from scaling.results import recorded_trials
+
+    finished = recorded_trials(study, results)[0] if results is not None else set()
     needed = MIN_FREE_BYTES + sum(checkpoint_bytes(t) * (study.raw["train"]["keep_checkpoints"] + 1)
-                                  for t in study.trials)
+                                  for t in study.trials if t.trial_id not in finished)
     free = shutil.disk_usage(existing).free
     if free < needed:
         raise StudyError(f"{study.path}: output: {out} has {free / 2**30:.2f} GiB free; the study's checkpoints "
                          f"need about {needed / 2**30:.2f} GiB")
+
+
+def passed_milestones(study, results=None):
+    """Warnings for the unfinished trials whose latest checkpoint is past a milestone without an ok row (rows removed
+    by hand): such a trial fails as soon as it resumes (scaling.ray_trial.MilestonePassed). A warning, not a refusal:
+    a persist cut short may leave a later checkpoint than the one Ray resumes from. results: as check_output's."""
+    from scaling.results import recorded_trials
+    from scaling.trial_storage import checkpoint_step, passed_milestones_message, ray_storage
+
+    finished = recorded_trials(study, results)[0] if results is not None else set()
+    warnings = []
+    for t in study.trials:
+        if t.trial_id in finished:
+            continue
+        step = checkpoint_step(study.output, t.trial_id)
+        rows = results[results.trial_id == t.trial_id] if results is not None else None
+        ok = set() if rows is None else set(rows[rows.status == "ok"].step)
+        passed = [m for m in t.milestones if m < step and m not in ok]
+        if passed:
+            message = passed_milestones_message(t.to_dict(), passed, step, ray_storage(study.output))
+            warnings.append(f"{message}; it fails as it resumes")
+    return warnings
 
 
 def checkpoint_bytes(trial):

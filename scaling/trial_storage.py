@@ -13,6 +13,14 @@ def train_run_name(trial_id):
     return f"train-{trial_id}"
 
 
+def passed_milestones_message(trial, milestones, step, storage):
+    """What to do about a trial (its dict) whose checkpoint at step is past milestones without a result."""
+    axis = "their budgets from sweep.compute" if trial.get("budgets") else "those steps from sweep.steps"
+    return (f"trial {trial['trial_id']}'s checkpoint at step {step} is past milestone(s) "
+            f"{', '.join(map(str, milestones))} without a result, which it can no longer measure: drop {axis}, or "
+            f"delete {Path(storage) / train_run_name(trial['trial_id'])} to train it again from step 0")
+
+
 def checkpoint_step(output, trial_id):
     """The highest step of the checkpoints a trial's Train run holds in storage, 0 if none: a re-run of the trial
     resumes from it or, after a persist cut short that Ray never registered, from an earlier one, never a later."""

@@ -510,7 +510,7 @@ def test_a_trial_larger_than_the_cluster_exits_2_and_leaves_no_output(tmp_path, 
     # The local Ray holds this machine's CPUs; no node could place a trial of 4096.
     assert scaling_run.main([str(path), "--set", "resources.cpus_per_worker=4096"]) == 2
     err = capsys.readouterr().err
-    assert f"resources.cpus_per_worker: a trial needs 1 × 4096 = 4096 CPUs, the cluster has" in err, err[-2000:]
+    assert "resources.cpus_per_worker: a trial needs 1 × 4096 = 4096 CPUs, the cluster has" in err, err[-2000:]
     assert not out.parent.exists() and snapshot(tmp_path) == before
 
 

@@ -98,6 +98,18 @@ def test_a_study_given_more_steps_continues_its_recorded_trials(tmp_path):
     assert [t.trial_id for t in fewer.trials] == [t.trial_id for t in short.trials]
 
 
+def test_a_recorded_trial_without_a_checkpoint_is_said_to_train_again_from_step_0(tmp_path):
+    # Its rows and MLflow run are taken over; the weights are not there to go on from ("continues" said otherwise).
+    short = study_at(tmp_path, (10, 20), patches=(2,))
+    record(short, (10, 20))
+    long = study_at(tmp_path, (10, 20, 40), patches=(2,))
+    new_id = long.trials[0].trial_id
+    assert continue_recorded_runs(long) == [
+        f"DiT-P/2: trains recorded trial {short.trials[0].trial_id} again from step 0 (steps 10, 20 measured, no "
+        f"checkpoint left), under its id rather than as {new_id}"]
+    assert long.trials[0].trial_id == short.trials[0].trial_id
+
+
 def test_a_moved_output_folder_is_continued_where_it_is_now(tmp_path):
     # scaling.replay_mlflow reads a study's folder where it is now; its study.yaml names where it ran.
     short = study_at(tmp_path, (10, 20), patches=(2,))

@@ -1,5 +1,4 @@
 """core.host_memory: a process that frees and takes the same tensors every step keeps their pages mapped."""
-import os
 import platform
 import subprocess
 import sys

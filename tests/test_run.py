@@ -335,13 +335,16 @@ def test_steps_added_to_a_study_train_on_from_its_finished_trial(tmp_path):
     # longer be measured: the trial fails once, saying so, rather than resuming past it at every run of the study.
     study.write_text(study.read_text().replace("steps: [10, 20, 30]", "steps: [10, 20]"))
     write_table(load_results(out).query("step != 10"), out / "results.parquet", RESULTS_SCHEMA)
+    passed = (f"trial {trial_id}'s checkpoint at step 30 is past milestone(s) 10 without a result, which it can no "
+              f"longer measure: drop those steps from sweep.steps, or delete {out / 'ray' / ('train-' + trial_id)} "
+              f"to train it again from step 0")
+    planned = run([study, "--dry-run"])  # the plan says so too: it planned the resume as any other
+    assert f"warning: {passed}; it fails as it resumes" in planned.stderr, planned.stderr
     lost = run([study, "--no-report"])
     assert lost.returncode == 1, lost.stdout[-3000:] + lost.stderr[-3000:]
+    assert f"warning: {passed}; it fails as it resumes" in lost.stderr
     failed = load_results(out).query("status == 'failed'")
-    assert len(failed) == 1 and failed.error.iloc[0].startswith(
-        f"trial {trial_id} resumed from its checkpoint at step 30, past milestone(s) 10 without a result, which it "
-        f"can no longer measure: drop those steps from sweep.steps, or delete {out / 'ray' / ('train-' + trial_id)} "
-        f"to train it again from step 0")
+    assert len(failed) == 1 and failed.error.iloc[0].startswith(f"resumed: {passed}")
 
 
 def test_sigterm_stops_the_study_as_ctrl_c_does():

@@ -11,6 +11,7 @@ import pytest
 
 from scaling import run as scaling_run
 from scaling.results import RESULTS_SCHEMA, to_table, write_table
+from scaling.study import StudyError
 from test_bad_input import snapshot
 from test_results import row
 from test_study import BASE, write
@@ -240,3 +241,25 @@ def test_fids_that_are_not_compared(tmp_path, capsys, case):
         assert f"warning: {warnings[0]}" in capsys.readouterr().err
     else:
         assert warnings == []
+
+
+def test_room_is_asked_for_the_checkpoints_of_the_trials_still_to_train(tmp_path, monkeypatch):
+    # A finished study asked for room for every trial's checkpoints again, to do no more than build its report.
+    import collections
+
+    from scaling.study import load_study
+
+    path, out = study_with_output(tmp_path)
+    study = load_study(path)
+    finished, left = study.trials[0], study.trials[1:]
+    write_table([row(trial_id=finished.trial_id, step=m) for m in finished.milestones], out / "results.parquet",
+                RESULTS_SCHEMA)
+    records = scaling_run.check_results(study)
+    keep = study.raw["train"]["keep_checkpoints"] + 1
+    needed = scaling_run.MIN_FREE_BYTES + sum(scaling_run.checkpoint_bytes(t) * keep for t in left)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(scaling_run.shutil, "disk_usage", lambda path: usage(2 * needed, needed, needed))
+    scaling_run.check_output(study, records)
+    monkeypatch.setattr(scaling_run.shutil, "disk_usage", lambda path: usage(2 * needed, needed, needed - 1))
+    with pytest.raises(StudyError, match=f"the study's checkpoints need about {needed / 2 ** 30:.2f} GiB"):
+        scaling_run.check_output(study, records)
