@@ -16,6 +16,7 @@ from scaling.fits import CI_LEVEL  # noqa: E402
 plt.rcParams.update({
     "figure.dpi": 100, "savefig.dpi": 150, "axes.grid": True, "grid.alpha": 0.3, "font.size": 10,
     "legend.fontsize": 8, "svg.hashsalt": "dit-scaling",  # stable SVG ids: the same data, the same file
+    "text.parse_math": False,  # names are text: a "$" in a model's name is not TeX (an odd count raised)
 })
 PATCH_STYLE = {1: ("D", ":"), 2: ("o", "-"), 4: ("s", "--"), 8: ("^", "-."), 16: ("v", ":")}
 COMPUTE_LABEL = "training compute (Gflops = Gflops/image × batch × steps × 3)"

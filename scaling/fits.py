@@ -25,6 +25,9 @@ N_BOOT = 1000
 HUBER_DELTA = 1e-3  # Chinchilla's δ for the Huber loss on log loss
 MAX_EXPONENT = 3.0  # scaling exponents are O(0.1-1); the bound stops degenerate resamples from wandering off
 FLOOR_LOG = 12.0  # a term (or E) below e^-12 of the smallest value is zero for all purposes: its lower bound
+# A bootstrap over fewer trials has no spread to speak of: one trial resampled is always itself, and two give a few
+# distinct replicates, with the estimate at their interval's edge. Such a fit gets no interval.
+MIN_BOOT_TRIALS = 3
 FLAT_TERM = 0.1  # a term A·x^(−α) whose α·ln(x_max/x_min) is below this changes by under 10% over the points
 
 
@@ -76,9 +79,19 @@ class Fit:
         """The law's prediction at x with the point-estimate coefficients."""
         return self.law.predict(self.params, x)
 
+    def interval_problem(self):
+        """Why the bootstrap gives this fit no interval (None when it gives one, or drew no resamples)."""
+        if self.n_boot and self.n_groups < MIN_BOOT_TRIALS:
+            return (f"no interval: its points come from {self.n_groups} trial(s), and a bootstrap over trials needs "
+                    f"{MIN_BOOT_TRIALS} to vary")
+        if len(self.boot) >= 2 and not np.ptp(self.boot, axis=0).any():
+            return (f"no interval: the {len(self.boot)} resamples that converged all gave the estimate itself (those "
+                    f"that vary the trials behind it did not converge)")
+        return None
+
     def band(self, x, level=CI_LEVEL):
         """Pointwise percentile interval of the prediction at x over the bootstrap replicates."""
-        if len(self.boot) < 2:
+        if len(self.boot) < 2 or self.interval_problem():
             nan = np.full(np.shape(self.predict(x)), np.nan)
             return nan, nan.copy()
         with np.errstate(over="ignore", invalid="ignore"):
@@ -88,18 +101,19 @@ class Fit:
 
     def intervals(self, level=CI_LEVEL):
         """Percentile interval of every coefficient: {name: (low, high)}."""
-        if len(self.boot) < 2:
+        if len(self.boot) < 2 or self.interval_problem():
             return {n: (np.nan, np.nan) for n in self.law.names}
         tail = 50 * (1 - level)
         lo, hi = np.percentile(self.boot, [tail, 100 - tail], axis=0)
         return {n: (float(a), float(b)) for n, a, b in zip(self.law.names, lo, hi)}
 
     def unsettled(self, level=CI_LEVEL):
-        """What the data leave open: coefficients that sit at a limit of the estimation, or whose interval
-        reaches one, and exponents too near 0 for their term to change over the points (a sentence each; empty
-        when every coefficient is inside its limits and every term changes)."""
+        """What the data leave open: no interval where the bootstrap can give none (interval_problem), coefficients
+        that sit at a limit of the estimation, or whose interval reaches one, and exponents too near 0 for their term
+        to change over the points (a sentence each; empty when every coefficient is inside its limits, with an
+        interval, and every term changes)."""
         ci = self.intervals(level)
-        out = []
+        out = [self.interval_problem()] if self.interval_problem() else []
         for name, (low, high) in self.limits.items():
             value = self.params[self.law.names.index(name)]
             at = [b for b in (low, high) if b is not None and np.isclose(value, b, rtol=1e-6, atol=0)]

@@ -9,10 +9,13 @@ import argparse
 import base64
 import html
 import json
+import contextlib
 import math
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,6 +125,20 @@ def analyze(df, n_boot=N_BOOT, seed=0):
     ok = df[df.trial_id.isin(trials.index[trials.status == "ok"]) & (df.status.fillna("ok") == "ok")]
     loss = next((c for c in ("val_loss", "train_loss") if np.isfinite(ok[c]).any()), None)
     a = Analysis(study_name(df), df, trials, ok, loss, final_points(ok), n_boot=n_boot)
+    last_step = a.final_fid.trial_id.map(ok.groupby("trial_id").step.max()).astype(float)  # empty: of no dtype
+    early = a.final_fid[a.final_fid.step.astype(float) < last_step]
+    if len(early):
+        a.notes.append("Figure 1 and its fit take each model's last FID, which for "
+                       + ", ".join(f"{m} is at step {s:,} of {int(n):,}" for m, s, n in
+                                   zip(early.model, early.step, last_step[early.index]))
+                       + ": its later milestones have no FID.")
+    recomputed = df.gflops * df.batch_size * df.step * 3
+    off = df[~np.isclose(df.train_compute, recomputed, rtol=1e-6, atol=0) & recomputed.notna()]
+    if len(off):
+        first = off.iloc[0]
+        a.notes.append(f"{len(off)} row(s) record a training compute other than forward Gflops × batch × steps × 3 "
+                       f"(trial {first.trial_id} at step {first.step:,}: {first.train_compute:.4g} against "
+                       f"{recomputed[off.index[0]]:.4g}); the figures and fits use the recorded values.")
     if not n_boot:
         a.notes.append("No bootstrap resamples (--n-boot 0): the fits are point estimates without intervals, the "
                        "figures have no bands, and the extrapolation check cannot say whether an observation falls "
@@ -232,7 +249,9 @@ def extrapolations(a, attempt, fit):
         held = (rows.model == held_model).to_numpy()
         if not held.any():
             continue
-        target = rows[held].sort_values("step").iloc[-1]  # the held-out model's own last measurement
+        mine = rows[held]
+        last = mine[mine.step == mine.step.max()]
+        target = last.loc[last[col].idxmin()]  # its own last measurement: of its trials there the best, as Figure 1
         if law is CHINCHILLA:
             # The other patch sizes of the held-out size share its N (within 2%) and, at their last step, its D:
             # left in, they would make the check an interpolation. Held out with it, the fit must reach its N.
@@ -620,8 +639,31 @@ def seed_number(text):
     return seed
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, unwound as Ctrl-C is: the report being built is removed, the folder left as it was."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """SIGTERM raises Terminated within the block (Python's default ends the process at once, leaving the report
+    being built beside its destination)."""
+    if threading.current_thread() is not threading.main_thread():  # signals reach only the main thread
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv=None):
-    """The command line: 0 when the report is written, 2 (one line on stderr) when the input is bad."""
+    """The command line: 0 when the report is written, 2 (one line on stderr) when the input is bad, 130 or 143
+    when interrupted (Ctrl-C, SIGTERM), the report folder then left as it was."""
     parser = argparse.ArgumentParser(
         prog="python -m scaling.report",
         description="Compute-vs-quality figures, fitted scaling laws and tables from a results.parquet.")
@@ -643,8 +685,12 @@ def main(argv=None):
             raise ReportDestinationError("is empty; give a folder, or leave the flag out for reports/<study>")
         if args.out:  # before reading anything: a bad destination costs nothing
             check_report_destination(args.out)
-        df = paper_results() if args.paper else report_rows(args.results)
-        out = build_report(df, args.out, args.n_boot, args.seed, processes=None)
+        with sigterm_interrupts():
+            df = paper_results() if args.paper else report_rows(args.results)
+            out = build_report(df, args.out, args.n_boot, args.seed, processes=None)
+    except KeyboardInterrupt as e:
+        print("interrupted: no report written; the report folder is as it was", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     except ReportDestinationError as e:
         print(f"error: {'--out' if args.out is not None else 'report folder'} {e}", file=sys.stderr)
         return 2

@@ -1,4 +1,5 @@
 """Scaling-law fits recover the laws synthetic data were drawn from, inside their bootstrap intervals."""
+import dataclasses
 import json
 import pickle
 
@@ -132,6 +133,29 @@ def test_a_bootstrap_whose_every_resample_fails_gives_no_intervals():
     fit = fit_law(CHINCHILLA, np.column_stack([n, d]), loss, np.repeat([0, 1, 2], 4), n_boot=2, seed=0)
     assert fit.boot.shape == (0, 5) and np.isfinite(fit.params).all()
     assert all(np.isnan(v).all() for v in fit.intervals().values())
+
+
+def test_a_fit_of_fewer_than_3_trials_or_of_identical_resamples_has_no_interval():
+    # One trial resampled is always itself: its interval had no width, and did not even hold the estimate. Two
+    # trials gave a few distinct replicates, the estimate at their interval's edge.
+    x = np.array([1e3, 2e3, 4e3, 8e3, 1e3, 2e3, 4e3, 8e3])
+    y = 50 * x ** -0.4 * np.array([1.02, 0.97, 1.01, 0.99, 1.1, 1.05, 1.12, 1.07])
+    for trials in (np.zeros(8, int), np.repeat([0, 1], 4)):
+        fit = fit_law(POWER_LAW, x, y, trials, n_boot=50, seed=0)
+        assert all(np.isnan(v).all() for v in fit.intervals().values())
+        assert np.isnan(fit.band(np.array([1e4]))).all()
+        assert fit.unsettled()[0] == (f"no interval: its points come from {len(set(trials))} trial(s), and a "
+                                      f"bootstrap over trials needs 3 to vary")
+        assert fit.to_dict()["coefficients"]["b"]["ci_low"] is None
+    held = extrapolation_check(POWER_LAW, np.append(x, 1.6e4), np.append(y, 1.0), np.append(np.zeros(8, int), 1),
+                               np.arange(9) == 8, 1.6e4, 1.0, n_boot=50)
+    assert held["ci_low"] is None and held["inside_interval"] is None  # not a "no" against an interval of no width
+    three = fit_law(POWER_LAW, np.tile(x[:4], 3), np.concatenate([y[:4], y[4:], y[:4] * 0.9]), np.repeat([0, 1, 2], 4),
+                    n_boot=50, seed=0)
+    assert three.interval_problem() is None and np.ptp(three.boot[:, 1]) > 0
+    same = dataclasses.replace(three, boot=np.tile(three.params, (40, 1)))  # every converged resample the estimate
+    assert same.unsettled()[0] == ("no interval: the 40 resamples that converged all gave the estimate itself (those "
+                                   "that vary the trials behind it did not converge)")
 
 
 def test_frontier_keeps_points_better_than_everything_cheaper():

@@ -487,6 +487,69 @@ def test_the_extrapolation_of_l_n_d_holds_out_every_patch_of_the_largest_size():
     assert "| DiT-XL/2 (and DiT-XL/8, DiT-XL/4) |" in md
 
 
+def test_the_extrapolation_compares_with_the_held_out_models_best_trial_whatever_the_row_order():
+    # The last row of the held-out model's last step was taken: its worst trial, or its best, by the file's order.
+    from scaling.report import report_rows
+
+    ok = [r for r in synthetic_rows() if r["status"] == "ok"]
+    worse = [{**r, "trial_id": "t-worse", "fid": 3 * r["fid"] if r["fid"] else None, "val_loss": 2 * r["val_loss"]}
+             for r in ok if r["model"] == "DiT-XL/2"]
+    observed = []
+    for rows in (worse + ok, ok + worse):
+        a = analyze(report_rows(pd.DataFrame(rows)), n_boot=0)
+        observed.append({e["law"]: e["observed"] for e in a.extrapolation})
+    best = ok[-1]  # DiT-XL/2's row at its last step
+    assert observed[0] == observed[1] and observed[0]["y = a·x^b"] == best["fid"]
+    assert observed[0][CHINCHILLA.formula] == best["val_loss"]
+
+
+def test_an_earlier_fid_in_figure_1_and_a_compute_off_its_formula_are_noted():
+    # Both changed the figures and fits without a word: a model's point from an earlier milestone than the others',
+    # under a caption of final FIDs; a training compute edited by hand.
+    from scaling.report import report_rows
+
+    last = STEPS[-1]
+    rows = [{**r, "fid": None} if r["model"] == "DiT-XL/2" and r["step"] == last else r
+            for r in synthetic_rows() if r["status"] == "ok"]
+    rows = [{**r, "train_compute": 100 * r["train_compute"]} if r["model"] == "DiT-S/8" else r for r in rows]
+    a = analyze(report_rows(pd.DataFrame(rows)), n_boot=0)
+    assert (f"Figure 1 and its fit take each model's last FID, which for DiT-XL/2 is at step {STEPS[-2]:,} of "
+            f"{last:,}: its later milestones have no FID.") in a.notes
+    s8 = next(r for r in rows if r["model"] == "DiT-S/8")
+    assert (f"{len(STEPS)} row(s) record a training compute other than forward Gflops × batch × steps × 3 (trial "
+            f"t-DiT-S/8 at step {s8['step']:,}: {s8['train_compute']:.4g} against {s8['train_compute'] / 100:.4g}); "
+            f"the figures and fits use the recorded values.") in a.notes
+    assert not [n for n in analyze(report_rows(pd.DataFrame(synthetic_rows())), n_boot=0).notes
+                if n.startswith(("Figure 1 and its fit", f"{len(STEPS)} row(s) record"))]
+
+
+def test_a_model_name_with_dollar_signs_is_drawn_as_text(tmp_path):
+    # matplotlib read "$...$" in a legend as TeX: an odd or unknown one ended the report in a traceback.
+    rows = [{**r, "model": r["model"].replace("DiT-S/8", "DiT-S/8 $\\frac$")} for r in synthetic_rows()]
+    build_report(pd.DataFrame(rows), tmp_path / "report", n_boot=0)
+    assert "DiT-S/8 $\\frac$" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_a_report_stopped_while_it_is_built_leaves_nothing_and_exits_143(tmp_path):
+    # SIGTERM ended the process at once: its half-built report stayed beside the destination, never removed.
+    import signal
+    import time
+
+    write_table(synthetic_rows(), tmp_path / "results.parquet", RESULTS_SCHEMA)
+    out = tmp_path / "report"
+    proc = subprocess.Popen([sys.executable, "-m", "scaling.report", str(tmp_path / "results.parquet"), "--out",
+                             str(out), "--n-boot", "0"], cwd=Path(__file__).resolve().parents[1],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".report.tmp-*")):  # the figures are being drawn into it
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and err == "interrupted: no report written; the report folder is as it was\n", err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.parquet"]
+
+
 def markdown_of(a):
     """The report's Markdown without its figures."""
     from scaling.report import markdown, tables
