@@ -41,7 +41,7 @@ def test_trial_failing_after_its_retries_is_failed_and_the_study_finishes(tmp_pa
     assert (tmp_path / "report" / "report.md").exists()  # the study still finishes and reports
 
 
-def test_output_without_room_is_rejected_before_launch(tmp_path, monkeypatch):
+def test_output_without_room_is_rejected_before_launch(tmp_path, monkeypatch, capsys):
     import shutil
     from collections import namedtuple
 
@@ -56,6 +56,7 @@ def test_output_without_room_is_rejected_before_launch(tmp_path, monkeypatch):
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 ** 9, 10 ** 9, 10 ** 6))
     assert scaling_run.main([str(study)]) == 2
+    assert f"output: {out} has 0.00 GiB free; the study's checkpoints need about 0.20 GiB" in capsys.readouterr().err
     assert not out.exists()
 
 

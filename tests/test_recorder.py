@@ -16,39 +16,7 @@ from scaling.recorder import Recorder
 from scaling.replay_mlflow import replay
 from scaling.results import RESULTS_SCHEMA, load_results, recorded_trials, write_table
 from scaling.study import load_study
-
-
-class FakeTracker:
-    """Records what the recorder sends to MLflow."""
-
-    parent_run_id = "parent"
-
-    def __init__(self):
-        self.metrics, self.tags, self.finished = [], {}, {}
-
-    def child_run(self, trial_id, params, status="RUNNING"):
-        return f"run-{trial_id}"
-
-    def last_logged_step(self, run_id, key="train_loss"):
-        return -1
-
-    def log_metrics(self, run_id, metrics, step):
-        self.metrics.append((run_id, dict(metrics), step))
-
-    def log_artifact(self, run_id, path, artifact_path=None):
-        pass
-
-    def set_tags(self, run_id, tags):
-        self.tags.setdefault(run_id, {}).update(tags)
-
-    def set_status(self, run_id, status):
-        pass
-
-    def finish(self, run_id, status="FINISHED"):
-        self.finished[run_id] = status
-
-    def flush(self, force=False):
-        return True
+from scaling.tracking import StudyTracker
 
 
 # One DiT-P/2 trial with milestones 10 and 20, lr 1e-3, DDIM with 5 sampling steps, no val_loss.
@@ -74,7 +42,22 @@ def study(tmp_path):
 
 
 def recorder(study):
-    return Recorder(study, FakeTracker(), Progress(study.trials, stream=io.StringIO()))
+    """The driver's recorder of the study, over a real MLflow store beside its output (the runs found again when the
+    study runs again, as the driver's are)."""
+    tracker = StudyTracker(f"sqlite:///{study.output.parent / 'mlflow.db'}", "tiny", "tiny", study.output)
+    return Recorder(study, tracker, Progress(study.trials, stream=io.StringIO()))
+
+
+def trial_run(rec, t):
+    """The MLflow run of trial t, as the store holds it now (there is one)."""
+    [run] = rec.tracker.client.search_runs([rec.tracker.experiment_id], f"tags.`dit_scaling.trial_id` = '{t.trial_id}'")
+    return run
+
+
+def steps_of(rec, t, key):
+    """The steps at which trial t's run holds metric key, in order."""
+    return [m.step for m in sorted(rec.tracker.client.get_metric_history(trial_run(rec, t).info.run_id, key),
+                                   key=lambda m: m.step)]
 
 
 def tune_trial(t):
@@ -120,10 +103,11 @@ def test_held_logs_are_recorded_in_order_before_the_report_that_carries_them(stu
     rec.on_trial_result(0, [], tune_trial(t), {**milestone(10), HELD_LOGS_KEY: [log(6)]})
     assert sorted(s for _, s in rec.curves) == [1, 2, 3, 4, 5, 6]
     assert rec.curves[(t.trial_id, 3)]["train_loss"] == pytest.approx(1 / 3)
-    run = f"run-{t.trial_id}"
-    logged = [(step, m) for r, m, step in rec.tracker.metrics if r == run and ("train_loss" in m or "fid" in m)]
-    assert [s for s, _ in logged] == [1, 2, 3, 4, 5, 6, 10]  # every log step, in order, then the milestone's
-    assert logged[3][1]["train_loss"] == pytest.approx(1 / 4) and logged[-1][1]["fid"] == 90.0
+    client, run_id = rec.tracker.client, trial_run(rec, t).info.run_id
+    losses = sorted(client.get_metric_history(run_id, "train_loss"), key=lambda m: m.step)
+    assert [m.step for m in losses] == [1, 2, 3, 4, 5, 6]  # every log step once, the held ones included
+    assert losses[3].value == pytest.approx(1 / 4)
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "fid")] == [(10, 90.0)]
     assert load_results(study.output).step.tolist() == [10]
     assert HELD_LOGS_KEY not in load_results(study.output).columns
 
@@ -156,13 +140,13 @@ def test_a_failure_after_the_last_milestone_leaves_the_trial_finished_and_ok(stu
         rec.on_trial_complete(0, [], tune_trial(t))
     else:
         rec.on_trial_error(0, [], tune_trial(t), error=RuntimeError("teardown broke"))
-    assert rec.tracker.tags[f"run-{t.trial_id}"]["dit_scaling.status"] == "ok"
+    run = trial_run(rec, t)
+    assert run.data.tags["dit_scaling.status"] == "ok" and run.info.status == "FINISHED"
     df = load_results(study.output)
     assert df.step.tolist() == [10, 20] and df.status.tolist() == ["ok", "ok"]
     assert recorded_trials(study) == ({t.trial_id}, set())
     assert rec.failed_count() == 0 and rec.ended == {t.trial_id}
-    assert rec.tracker.finished == {f"run-{t.trial_id}": "FINISHED"}
-    assert "teardown broke" in rec.tracker.tags[f"run-{t.trial_id}"]["dit_scaling.error_after_last_milestone"]
+    assert "teardown broke" in run.data.tags["dit_scaling.error_after_last_milestone"]
 
 
 def test_a_failure_between_milestones_is_a_failed_row_after_the_last_measurement(study):
@@ -174,8 +158,8 @@ def test_a_failure_between_milestones_is_a_failed_row_after_the_last_measurement
     assert df.step.tolist() == [10, 11] and df.status.tolist() == ["ok", "failed"]
     assert df.error.iloc[1] == "node lost" and df.lr.iloc[1] == 1e-3  # no lr reported: the base lr
     assert recorded_trials(study) == (set(), set())
-    assert rec.failed_count() == 1 and rec.tracker.finished == {f"run-{t.trial_id}": "FAILED"}
-    assert rec.tracker.tags[f"run-{t.trial_id}"]["dit_scaling.status"] == "failed"
+    run = trial_run(rec, t)
+    assert rec.failed_count() == 1 and run.info.status == "FAILED" and run.data.tags["dit_scaling.status"] == "failed"
 
 
 def test_a_retry_that_succeeds_is_ok_everywhere_and_only_its_ok_rows_get_a_teardown(study):
@@ -185,17 +169,20 @@ def test_a_retry_that_succeeds_is_ok_everywhere_and_only_its_ok_rows_get_a_teard
     rec.on_trial_result(0, [], tune_trial(t), {"kind": KIND_END, "status": "failed", "error": "node lost", "step": 4})
     rec.on_trial_complete(0, [], tune_trial(t))
     assert load_results(study.output).teardown_s.isna().all()  # a failed row has no teardown
-    assert rec.tracker.tags[f"run-{t.trial_id}"]["dit_scaling.status"] == "failed"
-    rec = Recorder(study, rec.tracker, Progress(study.trials, stream=io.StringIO()))  # the study run again
+    first = trial_run(rec, t)
+    assert first.data.tags["dit_scaling.status"] == "failed" and first.info.status == "FAILED"
+    rec = recorder(study)  # the study run again: its runs are found again, not made twice
     rec.on_trial_start(0, [], tune_trial(t))
-    assert rec.tracker.tags[f"run-{t.trial_id}"]["dit_scaling.status"] == "running"
+    again = trial_run(rec, t)
+    assert again.info.run_id == first.info.run_id and again.data.tags["dit_scaling.status"] == "running"
     for step in t.milestones:
         rec.on_trial_result(0, [], tune_trial(t), milestone(step))
     rec.on_trial_complete(0, [], tune_trial(t))
     df = load_results(study.output)
     assert df.status.tolist() == ["ok", "ok"] and df.teardown_s.notna().all()
-    assert rec.tracker.tags[f"run-{t.trial_id}"]["dit_scaling.status"] == "ok"
-    assert rec.tracker.finished == {f"run-{t.trial_id}": "FINISHED"}
+    run = trial_run(rec, t)
+    assert run.data.tags["dit_scaling.status"] == "ok" and run.info.status == "FINISHED"
+    assert steps_of(rec, t, "train_loss") == [4] and steps_of(rec, t, "fid") == [10, 20]  # nothing logged twice
 
 
 @pytest.mark.parametrize("val_loss", [None, 0.25])
@@ -262,10 +249,14 @@ def test_every_reported_metric_lands_in_its_own_column(study):
     assert row["train_compute"] == pytest.approx(t.gflops * 32 * 10 * 3, rel=1e-12)
     assert (row["sampler"], row["cfg_scale"], row["dataset"], row["status"]) == ("ddim-5", 1.0, "digits", "ok")
     # MLflow gets every evaluation metric under its own name, at the milestone's step.
-    run_id, logged, step = rec.tracker.metrics[-1]
-    assert run_id == f"run-{t.trial_id}" and step == 10
-    assert {k: logged[k] for k in ("val_loss", "val_mse", "val_loss_ema", "fid", "fid_floor", "kid", "precision",
-                                   "recall", "inception_score", "eval_time_s", "sample_images_per_s")} == {
+    client, run_id = rec.tracker.client, trial_run(rec, t).info.run_id
+    logged = {}
+    for key in ("val_loss", "val_mse", "val_loss_ema", "fid", "fid_floor", "kid", "precision", "recall",
+                "inception_score", "eval_time_s", "sample_images_per_s"):
+        [metric] = client.get_metric_history(run_id, key)
+        assert metric.step == 10, key
+        logged[key] = metric.value
+    assert logged == {
         "val_loss": 0.27, "val_mse": 0.19, "val_loss_ema": 0.23, "fid": 41.5, "fid_floor": 3.25, "kid": 0.0125,
         "precision": 0.61, "recall": 0.47, "inception_score": 7.75, "eval_time_s": 4.5, "sample_images_per_s": 55.0}
 
@@ -275,8 +266,8 @@ def test_a_stopped_study_marks_the_runs_of_started_trials_killed(study):
     rec.on_trial_start(0, [], tune_trial(t))
     rec.on_trial_result(0, [], tune_trial(t), milestone(10))
     rec.interrupted([t.trial_id, "never-started"])
-    assert rec.tracker.finished == {f"run-{t.trial_id}": "KILLED"}
-    assert rec.tracker.tags[f"run-{t.trial_id}"]["dit_scaling.status"] == "killed"
+    run = trial_run(rec, t)
+    assert run.info.status == "KILLED" and run.data.tags["dit_scaling.status"] == "killed"
 
 
 def test_rows_written_under_an_earlier_name_of_the_trial_take_its_name(study):
@@ -356,6 +347,6 @@ def test_rows_of_a_trial_whose_latents_moved_name_where_they_are_now(tmp_path):
     (config,) = [json.loads(c) for c in load_results(ran.output).config_json]
     assert config["data"]["path"] == str(tmp_path / "there") and config["data_encode"] == "0123456789abcdef"
     # At the study's start, before the trial starts (a finished one never does), and again when it starts.
-    assert rec.tracker.tags[f"run-{t.trial_id}"] == {"dit_scaling.data_path": str(tmp_path / "there")}
+    assert trial_run(rec, t).data.tags["dit_scaling.data_path"] == str(tmp_path / "there")
     rec.on_trial_start(0, [], tune_trial(moved.trials[0]))
-    assert rec.tracker.tags[f"run-{t.trial_id}"]["dit_scaling.data_path"] == str(tmp_path / "there")
+    assert trial_run(rec, t).data.tags["dit_scaling.data_path"] == str(tmp_path / "there")

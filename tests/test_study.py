@@ -256,9 +256,12 @@ def test_trial_ids_change_with_the_data(tmp_path):
 
 @pytest.mark.parametrize("override", [f"{k}={v}" for k, v in RESULT_FIELDS.items()])
 def test_trial_ids_change_with_what_determines_the_result(tmp_path, override):
-    base = [t.trial_id for t in load(tmp_path).trials]
-    changed = [t.trial_id for t in load(tmp_path, overrides=[override]).trials]
-    assert all(a != b for a, b in zip(base, changed))
+    # One step count: a cosine lr makes a trial of each step count, so a multi-step base paired trials of other
+    # steps (different ids whatever the schedule).
+    one = ["sweep.steps=[40]"]
+    base = {t.trial_id for t in load(tmp_path, overrides=one).trials}
+    changed = {t.trial_id for t in load(tmp_path, overrides=[*one, override]).trials}
+    assert len(base) == len(changed) == 4 and not base & changed
 
 
 @pytest.mark.parametrize("override", [
@@ -660,7 +663,8 @@ def test_fid_inputs_are_checked_before_any_training(tmp_path, monkeypatch, incep
         load_study(STUDIES / "dit_imagenet256.yaml", ["eval.reference=null"], check_data=False)
     assert str(err.value) == ("--set eval.reference=null: eval.reference: FID on latents needs a folder of the real "
                               "training images (e.g. the ImageNet train folder the latents were encoded from)")
-    assert load_study(STUDIES / "dit_imagenet256.yaml", ["eval.reference=null", "eval.fid=false"], check_data=False)
+    without = load_study(STUDIES / "dit_imagenet256.yaml", ["eval.reference=null", "eval.fid=false"], check_data=False)
+    assert len(without.trials) == 12 and not [w for w in without.warnings if "eval.reference" in w]
 
 
 def test_a_vae_that_cannot_decode_the_studys_latents_is_refused(tmp_path, encode_tiny_latents):
@@ -678,7 +682,8 @@ def test_a_vae_that_cannot_decode_the_studys_latents_is_refused(tmp_path, encode
     AutoencoderKL(block_out_channels=(8,) * 4, layers_per_block=1, latent_channels=4, norm_num_groups=8,
                   down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4
                   ).save_pretrained(tmp_path / "vae8")
-    assert load(tmp_path, overrides=[*latents, f"eval.vae={tmp_path / 'vae8'}"]).trials
+    fits = load(tmp_path, overrides=[*latents, f"eval.vae={tmp_path / 'vae8'}"])
+    assert len(fits.trials) == 4 and not [w for w in fits.warnings if "eval.vae" in w]
 
 
 def test_a_swept_architecture_field_names_distinct_models(tmp_path):
@@ -696,7 +701,8 @@ def test_the_diffusion_steps_bound_is_core_trains(tmp_path):
     # The study's schema keeps its own copy of the bound (it does not import core.train, torch's import).
     from core.train import MAX_DIFFUSION_STEPS
 
-    assert load(tmp_path, overrides=[f"train.diffusion_steps={MAX_DIFFUSION_STEPS}"]).trials
+    assert {t.train["diffusion_steps"] for t in load(tmp_path, overrides=[
+        f"train.diffusion_steps={MAX_DIFFUSION_STEPS}"]).trials} == {MAX_DIFFUSION_STEPS}
     with pytest.raises(StudyError, match=f"train.diffusion_steps: must be <= {MAX_DIFFUSION_STEPS}, got "):
         load(tmp_path, overrides=[f"train.diffusion_steps={MAX_DIFFUSION_STEPS + 1}"])
 

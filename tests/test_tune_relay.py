@@ -49,17 +49,14 @@ def test_a_trial_resumed_from_a_milestone_the_driver_has_does_not_evaluate_it_ag
     # checkpoint whose row the driver does not have evaluates that milestone again; one whose row it has (from an
     # earlier run of the study, or written in this one: its worker group restarted from it, or its Tune actor's node
     # lost) does not: for a paper study that is an FID-50K, an hour of a GPU, for a row the recorder would not keep.
-    import io
     from types import SimpleNamespace
 
     import ray
 
-    from scaling.progress import Progress
     from scaling.ray_trial import KIND_MILESTONE, RayReporting
-    from scaling.recorder import Recorder
     from scaling.study import load_study
     from scaling.tune_relay import RelayMailboxes
-    from test_recorder import STUDY, FakeTracker, milestone
+    from test_recorder import STUDY, milestone, recorder
 
     class Reporting(RayReporting):  # what it would evaluate and report, outside a Train session
         def __init__(self, *args):
@@ -78,15 +75,12 @@ def test_a_trial_resumed_from_a_milestone_the_driver_has_does_not_evaluate_it_ag
     t = study.trials[0]
     tune_trial = SimpleNamespace(config={"trial": {"trial_id": t.trial_id}})
 
-    def recorder():
-        return Recorder(study, FakeTracker(), Progress(study.trials, stream=io.StringIO()))
-
-    earlier = recorder()  # an earlier run of the study wrote the row of milestone 10
+    earlier = recorder(study)  # an earlier run of the study wrote the row of milestone 10
     earlier.on_trial_start(0, [], tune_trial)
     earlier.on_trial_result(0, [], tune_trial, milestone(10))
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
-        driver = recorder()
+        driver = recorder(study)
         driver.tell_relay(RelayMailboxes.options(name="relay-test").remote())
         driver.on_trial_start(0, [], tune_trial)
         driver.on_trial_result(0, [], tune_trial, milestone(20))  # this run writes milestone 20's
