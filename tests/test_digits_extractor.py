@@ -105,8 +105,16 @@ def test_feature_layers(heldout):
     register()
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
     extractor = FEATURE_EXTRACTORS_REGISTRY[DIGITS_EXTRACTOR](DIGITS_EXTRACTOR, [PENULTIMATE, LOGITS])
-    features, logits = extractor(UInt8ImageDataset(heldout[:5]).images)
+    images = UInt8ImageDataset(heldout[:5]).images  # (5, 3, 8, 8) uint8
+    features, logits = extractor(images)
     assert features.shape == (5, 64) and logits.shape == (5, 10)
+    # The classifier's own penultimate layer and logits, on the grey channel back in its [-1, 1] training range.
+    grey = images[:, :1].float() / 127.5 - 1.0  # (5, 1, 8, 8)
+    with torch.no_grad():
+        expected = load_digits_classifier().forward_features(grey)
+    assert torch.equal(features, expected[0]) and torch.equal(logits, expected[1])
+    # Held-out digits are classified as the classifier was trained to: not a random network's features.
+    assert (logits.argmax(1) == torch.as_tensor(digits_arrays("heldout")[1][:5])).all()
 
 
 def test_missing_weights_name_the_path(tmp_path, heldout):
