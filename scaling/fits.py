@@ -85,8 +85,7 @@ class Fit:
             return (f"no interval: its points come from {self.n_groups} trial(s), and a bootstrap over trials needs "
                     f"{MIN_BOOT_TRIALS} to vary")
         if len(self.boot) >= 2 and not np.ptp(self.boot, axis=0).any():
-            return (f"no interval: the {len(self.boot)} resamples that converged all gave the estimate itself (those "
-                    f"that vary the trials behind it did not converge)")
+            return f"no interval: the {len(self.boot)} resamples that converged all gave the estimate itself"
         return None
 
     def band(self, x, level=CI_LEVEL):
@@ -378,8 +377,8 @@ def parallel_fits(processes=None):
         yield
     finally:
         state, _parallel = _parallel, outer
-        if state[1] is not None:
-            state[1].shutdown()
+        if state[1] is not None:  # after an interrupt, the fits not yet started are dropped, not waited for
+            state[1].shutdown(cancel_futures=True)
 
 
 def _executor():

@@ -9,13 +9,10 @@ import argparse
 import base64
 import html
 import json
-import contextlib
 import math
 import shutil
-import signal
 import sys
 import tempfile
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +26,7 @@ from scaling.report_folder import ReportDestinationError, check_report_destinati
     swap_in_report
 from scaling.results import (RESULTS_SCHEMA, STATUSES, check_trial_rows, load_results, paper_results, results_path,
                              row_where, to_table)
+from scaling.sigterm import Terminated, sigterm_interrupts  # the report being built is removed as after Ctrl-C
 
 STATUS_RANK = {"ok": 0, "diverged": 1, "failed": 2}
 FIT_TITLES = {  # fits.json keys -> how the tables name them
@@ -637,28 +635,6 @@ def seed_number(text):
     if seed is None:
         raise argparse.ArgumentTypeError(f"{text}: give a whole number >= 0")
     return seed
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, unwound as Ctrl-C is: the report being built is removed, the folder left as it was."""
-
-
-def _raise_terminated(signum, frame):
-    raise Terminated()
-
-
-@contextlib.contextmanager
-def sigterm_interrupts():
-    """SIGTERM raises Terminated within the block (Python's default ends the process at once, leaving the report
-    being built beside its destination)."""
-    if threading.current_thread() is not threading.main_thread():  # signals reach only the main thread
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv=None):

@@ -191,8 +191,10 @@ def load_results(path, strict=False):
     if missing:
         raise ValueError(f"{path}: missing required columns: {', '.join(missing)}")
     known = [c for c in table.column_names if c in RESULTS_SCHEMA.names]
-    if strict and len(known) < len(table.column_names):
-        unknown = ", ".join(str(c) for c in table.column_names if c not in RESULTS_SCHEMA.names)
+    # pandas' index, which to_parquet stores as a column once rows are removed: no data of the user's.
+    index = {c for c in (table.schema.pandas_metadata or {}).get("index_columns", []) if isinstance(c, str)}
+    unknown = ", ".join(str(c) for c in table.column_names if c not in RESULTS_SCHEMA.names and c not in index)
+    if strict and unknown:
         raise ValueError(f"{path}: columns this version does not write: {unknown}; the study's next write would drop "
                          "them")
     try:

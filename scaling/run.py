@@ -23,6 +23,7 @@ from pathlib import Path
 
 from core.folder_lock import lock_folder
 from scaling.continuation import continue_recorded_runs
+from scaling.sigterm import Terminated, sigterm_interrupts  # outside Tune's loop; inside, sigterm_stops_the_study
 from scaling.study import StudyError, check_cluster, launch_order, load_study, max_concurrent_trials
 from scaling.trial_storage import ray_storage
 
@@ -77,7 +78,7 @@ def main(argv=None):
                 said = check(study)
             except StudyError as e:
                 said = [e]
-            for warning in said if isinstance(said, list) else ():  # check_fid_basis returns its warnings
+            for warning in said if isinstance(said, list) else ():  # the checks that return warnings
                 print(f"warning: {warning}", file=sys.stderr)
         print(format_plan(study))
         return EXIT_OK
@@ -88,8 +89,9 @@ def main(argv=None):
         report_dir = None if args.no_report else check_report_dir(study, args.report_dir)
         check_reachable(address)
         check_tracking_server(study)
-        for warning in passed_milestones(study, records) + check_fid_basis(study, records):  # last: it may list a
-            print(f"warning: {warning}", file=sys.stderr)                                   # large reference folder
+        # check_fid_basis last: it may list a large reference folder.
+        for warning in passed_milestones(study, records) + check_fid_basis(study, records):
+            print(f"warning: {warning}", file=sys.stderr)
     except StudyError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -316,10 +318,11 @@ def check_output(study, results=None):
 
 def passed_milestones(study, results=None):
     """Warnings for the unfinished trials whose latest checkpoint is past a milestone without an ok row (rows removed
-    by hand): such a trial fails as soon as it resumes (scaling.ray_trial.MilestonePassed). A warning, not a refusal:
-    a persist cut short may leave a later checkpoint than the one Ray resumes from. results: as check_output's."""
+    by hand): such a trial fails as soon as it resumes from it (scaling.ray_trial.MilestonePassed). A warning, not a
+    refusal: Ray may resume from an earlier one, its latest registered (a driver killed while it wrote a milestone's
+    row, with later checkpoints saved but not yet reported, or a persist cut short). results: as check_output's."""
     from scaling.results import recorded_trials
-    from scaling.trial_storage import checkpoint_step, passed_milestones_message, ray_storage
+    from scaling.trial_storage import checkpoint_step, passed_milestones_message
 
     finished = recorded_trials(study, results)[0] if results is not None else set()
     warnings = []
@@ -332,7 +335,7 @@ def passed_milestones(study, results=None):
         passed = [m for m in t.milestones if m < step and m not in ok]
         if passed:
             message = passed_milestones_message(t.to_dict(), passed, step, ray_storage(study.output))
-            warnings.append(f"{message}; it fails as it resumes")
+            warnings.append(f"{message}; it fails if it resumes from that checkpoint (Ray's latest registered one)")
     return warnings
 
 
@@ -568,33 +571,6 @@ def _run_trials(study, build_report, report_dir):
                   f"python -m scaling.report {out} --out DIR", file=sys.stderr)
     ray.shutdown()
     return EXIT_TRIALS_FAILED if failed else EXIT_OK
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM outside Tune's loop (the MLflow set-up, the report): unwinds the driver as Ctrl-C does."""
-
-
-def _raise_terminated(signum, frame):
-    raise Terminated()
-
-
-@contextlib.contextmanager
-def sigterm_interrupts():
-    """SIGTERM raises Terminated: the driver then exits 143 with the same advice as after Ctrl-C.
-
-    ray.init answers SIGTERM with sys.exit(15) in the process that called it: exit status 15,
-    which a shell or a batch scheduler does not read as "terminated". Within this block SIGTERM
-    unwinds as Ctrl-C does (finally blocks run; Ray is shut down at exit), except inside Tune's
-    loop, where sigterm_stops_the_study() forwards it to Tune instead.
-    """
-    if threading.current_thread() is not threading.main_thread():  # signals reach only the main thread
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager

@@ -704,14 +704,19 @@ def _check_eval(raw, info, where, check_data, warnings):
     if dataset == "latents" and ev["fid"] and ev["reference"] is None:  # core.evaluate.check's rule, before training
         raise where.error(("eval", "reference"), "FID on latents needs a folder of the real training images (e.g. "
                                                  "the ImageNet train folder the latents were encoded from)")
+    # A path this study never reads (FID off, no grids) is a warning: a study file written for a cluster, run
+    # elsewhere with FID turned off, still starts.
+    used = dict(vae=bool(ev["fid"] or ev["grid_images_per_class"]), feature_extractor_weights=ev["fid"],
+                reference=ev["fid"], heldout=ev["fid"])
     meta = None  # the latents' meta.json, which the VAE must fit: read when the data was (a fallback has no encode)
     if dataset == "latents" and ev["vae"] is not None and "encode" in info:
         from core.latents import read_meta
 
         meta = read_meta(raw["data"]["path"])
+    # The VAE and Inception weights are loaded (seconds) only where the study checks its data and reads them.
     missing = {key: problem for key in ("vae", "feature_extractor_weights", "reference", "heldout")
-               if ev[key] is not None
-               and (problem := _eval_path_problem(key, Path(ev[key]), ev["feature_extractor"], meta))}
+               if ev[key] is not None and (problem := _eval_path_problem(
+                   key, Path(ev[key]), ev["feature_extractor"], meta, load=check_data and used[key]))}
     if ev["fid"] and ev["feature_extractor"] != "digits" and ev["feature_extractor_weights"] is None:
         from core.fid import inception_weights, inception_weights_problem
 
@@ -720,12 +725,8 @@ def _check_eval(raw, info, where, check_data, warnings):
         except FileNotFoundError as err:
             missing["feature_extractor_weights"] = str(err)
         else:
-            if problem := inception_weights_problem(cached):
+            if check_data and (problem := inception_weights_problem(cached)):
                 missing["feature_extractor_weights"] = problem
-    # A path this study never reads (FID off, no grids) is a warning: a study file written for a cluster, run
-    # elsewhere with FID turned off, still starts.
-    used = dict(vae=bool(ev["fid"] or ev["grid_images_per_class"]), feature_extractor_weights=ev["fid"],
-                reference=ev["fid"], heldout=ev["fid"])
     for key, message in missing.items():
         if check_data and used[key]:
             raise where.error(("eval", key), message)
@@ -751,10 +752,11 @@ def _check_eval(raw, info, where, check_data, warnings):
                                                           f"({chain}) steps: {ev['sampling_steps']} does not divide it")
 
 
-def _eval_path_problem(key, path, extractor, meta=None):
+def _eval_path_problem(key, path, extractor, meta=None, load=True):
     """What is wrong with an eval file or folder (None if nothing), found now rather than at the first evaluation.
 
-    meta: the latent folder's meta.json, whose latents the VAE must decode.
+    meta: the latent folder's meta.json, whose latents the VAE must decode. load: load the VAE and Inception's
+    weights (seconds, and torch.load unpickles the latter), not only look at their files.
     """
     try:
         if not path.exists():
@@ -770,6 +772,8 @@ def _eval_path_problem(key, path, extractor, meta=None):
         if not any((path / f"diffusion_pytorch_model.{end}").is_file()
                    for end in ("safetensors", "bin", "safetensors.index.json", "bin.index.json")):
             return f"{path} is not a diffusers model folder: no diffusion_pytorch_model.safetensors (or .bin)"
+        if not load:
+            return None
         from core.latents import VAEError, load_vae, vae_fit_problem
 
         try:  # a few seconds for an ImageNet VAE: an encode or FID on random weights would cost hours
@@ -796,9 +800,10 @@ def _eval_path_problem(key, path, extractor, meta=None):
             return f"{path}: {_reason(err)}"
         if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
             return f"{path} is not a PyTorch weights file"
-        from core.fid import inception_weights_problem
+        if load:
+            from core.fid import inception_weights_problem
 
-        return inception_weights_problem(path)
+            return inception_weights_problem(path)
     else:  # an image folder, as core.real_images reads it
         from core.data import scan_image_folder
 

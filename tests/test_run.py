@@ -339,10 +339,11 @@ def test_steps_added_to_a_study_train_on_from_its_finished_trial(tmp_path):
               f"longer measure: drop those steps from sweep.steps, or delete {out / 'ray' / ('train-' + trial_id)} "
               f"to train it again from step 0")
     planned = run([study, "--dry-run"])  # the plan says so too: it planned the resume as any other
-    assert f"warning: {passed}; it fails as it resumes" in planned.stderr, planned.stderr
+    resumes = "it fails if it resumes from that checkpoint (Ray's latest registered one)"
+    assert f"warning: {passed}; {resumes}" in planned.stderr, planned.stderr
     lost = run([study, "--no-report"])
     assert lost.returncode == 1, lost.stdout[-3000:] + lost.stderr[-3000:]
-    assert f"warning: {passed}; it fails as it resumes" in lost.stderr
+    assert f"warning: {passed}; {resumes}" in lost.stderr
     failed = load_results(out).query("status == 'failed'")
     assert len(failed) == 1 and failed.error.iloc[0].startswith(f"resumed: {passed}")
 

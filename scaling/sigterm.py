@@ -1,0 +1,26 @@
+"""SIGTERM unwound as Ctrl-C is, so that a batch scheduler's stop runs the same clean-up and exits 143."""
+import contextlib
+import signal
+import threading
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM received within sigterm_interrupts(): unwinds as Ctrl-C does."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """SIGTERM raises Terminated within the block (finally blocks run); Python's default ends the process at once,
+    and ray.init's handler exits with status 15, which a shell or a batch scheduler does not read as terminated."""
+    if threading.current_thread() is not threading.main_thread():  # signals reach only the main thread
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
