@@ -225,7 +225,8 @@ def load_curves(path):
 
 # What every row must hold: readers key measurements by trial and step (the driver's recorder by both, to replace a
 # row rather than add one), and the report labels them by model.
-IDENTITY_COLUMNS = {"trial_id": "trial id", "model": "model name", "step": "step"}
+IDENTITY_COLUMNS = {"trial_id": "trial id", "model": "model name", "step": "step",
+                    "status": "status (ok, diverged or failed)"}
 CURVE_IDENTITY_COLUMNS = {"trial_id": "trial id", "step": "step"}
 
 

@@ -374,6 +374,8 @@ def test_a_report_without_resamples_says_it_has_no_intervals(tmp_path):
     ("trial_id", None, "column 'trial_id' is empty (null) in 1 of 74 rows (row 3, step 100000); every row needs "
                        "its trial id"),
     ("step", None, "column 'step' is empty (null) in 1 of 74 rows (row 3, trial t-DiT-S/8); every row needs its step"),
+    ("status", None, "column 'status' is empty (null) in 1 of 74 rows (row 3, trial t-DiT-S/8, step 100000); every "
+                     "row needs its status (ok, diverged or failed)"),  # was counted ok
     ("params", -5, "column 'params' must be finite and > 0 where given, but holds -5 in 1 of 74 rows (row 3, "
                    "trial t-DiT-S/8, step 100000)"),
     ("gflops", np.inf, "column 'gflops' must be finite and > 0 where given, but holds inf in 1 of 74 rows"),
