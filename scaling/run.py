@@ -428,6 +428,8 @@ def run_study(study, address, build_report=True, report_dir=None):
                 ray.init(runtime_env=runtime_env, **local_ray_options())
             with sigterm_interrupts():
                 check_cluster(study, ray.cluster_resources())
+                if address:  # a local Ray is one node
+                    check_shared_storage(study)
         except BaseException as e:  # nothing was written yet: the folders made for it go (a Ctrl-C, Ray's failure)
             for folder in made:
                 with contextlib.suppress(OSError):  # empty unless another process wrote there meanwhile
@@ -441,6 +443,32 @@ def run_study(study, address, build_report=True, report_dir=None):
             return _run_trials(study, build_report, report_dir)
     finally:
         os.close(lock)  # the lock goes with the descriptor (and with the process, however it ends)
+
+
+def check_shared_storage(study):
+    """StudyError when a node of the cluster does not see the output, data.path or an eval file the trials read,
+    where the driver sees them (scaling.shared_storage); a warning when a node did not answer in time."""
+    from scaling.shared_storage import CHECK_TIMEOUT_S, output_marker, unseen_paths
+
+    ev, fid = study.raw["eval"], study.raw["eval"]["fid"]
+    read = {"data.path": study.raw["data"]["path"],
+            "eval.vae": ev["vae"] if fid or ev["grid_images_per_class"] else None,
+            **{f"eval.{k}": ev[k] if fid else None for k in ("feature_extractor_weights", "reference", "heldout")}}
+    marker = output_marker(study.output)
+    names = {str(marker): f"output ({study.output})", **{str(p): f"{k} ({p})" for k, p in read.items() if p}}
+    try:
+        unseen = unseen_paths(list(names))
+    finally:
+        marker.unlink(missing_ok=True)
+    if unseen is None:
+        print(f"warning: a node of the cluster did not answer within {CHECK_TIMEOUT_S} s: whether every node sees "
+              f"the study's output and data is not known", file=sys.stderr)
+    elif unseen:
+        node, missing = next(iter(unseen.items()))
+        more = f" (and {len(unseen) - 1} more node(s))" if len(unseen) > 1 else ""
+        raise StudyError(f"{study.path}: node {node}{more} does not see {', '.join(names[p] for p in missing)}: every "
+                         f"node of a multi-node study must see the study's files at the same path (shared storage), "
+                         f"as Ray keeps the trials' checkpoints under {study.output / 'ray'}")
 
 
 def lock_output(out):

@@ -187,6 +187,42 @@ def test_node_losses_restart_the_trial_from_its_checkpoint(tmp_path, cluster):
     assert trial_actors == sorted([trial_node.node_id, fresh_trial_node.node_id])
 
 
+def test_a_file_a_node_does_not_see_is_named_before_launch(tmp_path, cluster):
+    # A multi-node study whose output or data lay on one node's disk trained on, its checkpoints on the nodes' own
+    # disks, and failed only when a trial resumed elsewhere. These nodes share one file system: a file removed after
+    # the study read it stands for one a node does not see.
+    import shutil
+
+    import ray
+
+    from scaling import run as scaling_run
+    from scaling.study import StudyError
+    from test_study import load
+
+    start_head(cluster)
+    cluster.add_node(num_cpus=1)
+    held, out = tmp_path / "held" / "a", tmp_path / "out"
+    held.mkdir(parents=True)
+    (held / "0.png").write_bytes(b"")
+    out.mkdir()
+    study = load(tmp_path, overrides=[f"output={out}", f"eval.heldout={held.parent}"])
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        scaling_run.check_shared_storage(study)  # every node sees the output and the held-out images
+        assert list(out.iterdir()) == []  # its marker file is gone
+        shutil.rmtree(held.parent)
+        with pytest.raises(StudyError) as err:
+            scaling_run.check_shared_storage(study)
+    finally:
+        ray.shutdown()
+    assert re.fullmatch(
+        rf"{re.escape(str(study.path))}: node \S+ \(id \w{{12}}\) \(and 1 more node\(s\)\) does not see eval.heldout "
+        rf"\({re.escape(str(held.parent))}\): every node of a multi-node study must see the study's files at the same "
+        rf"path \(shared storage\), as Ray keeps the trials' checkpoints under {re.escape(str(out / 'ray'))}",
+        str(err.value)), str(err.value)
+    assert list(out.iterdir()) == []
+
+
 def start_mlflow(port, store, log):
     """`mlflow server` on 127.0.0.1:port over a SQLite store in store; returns once it answers."""
     proc = subprocess.Popen(
