@@ -26,7 +26,7 @@ from scaling.report_folder import ReportDestinationError, check_report_destinati
     swap_in_report
 from scaling.results import (RESULTS_SCHEMA, STATUSES, check_trial_rows, load_results, paper_results, results_path,
                              row_where, to_table)
-from scaling.sigterm import Terminated, sigterm_interrupts  # the report being built is removed as after Ctrl-C
+from scaling.sigterm import Terminated, interruption, sigterm_interrupts  # a report being built goes, as on Ctrl-C
 
 STATUS_RANK = {"ok": 0, "diverged": 1, "failed": 2}
 FIT_TITLES = {  # fits.json keys -> how the tables name them
@@ -664,9 +664,11 @@ def main(argv=None):
         with sigterm_interrupts():
             df = paper_results() if args.paper else report_rows(args.results)
             out = build_report(df, args.out, args.n_boot, args.seed, processes=None)
-    except KeyboardInterrupt as e:
+    except (KeyboardInterrupt, ImportError) as e:
+        if interruption(e) is None:
+            raise
         print("interrupted: no report written; the report folder is as it was", file=sys.stderr)
-        return 143 if isinstance(e, Terminated) else 130
+        return 143 if isinstance(interruption(e), Terminated) else 130
     except ReportDestinationError as e:
         print(f"error: {'--out' if args.out is not None else 'report folder'} {e}", file=sys.stderr)
         return 2

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from core.folder_lock import lock_folder
 from scaling.continuation import continue_recorded_runs
-from scaling.sigterm import Terminated, sigterm_interrupts  # outside Tune's loop; inside, sigterm_stops_the_study
+from scaling.sigterm import Terminated, interruption, sigterm_interrupts  # outside Tune's loop (else: below)
 from scaling.study import StudyError, check_cluster, launch_order, load_study, max_concurrent_trials
 from scaling.trial_storage import ray_storage
 
@@ -97,9 +97,12 @@ def main(argv=None):
         return EXIT_BAD_INPUT
     try:
         return run_study(study, address, build_report=not args.no_report, report_dir=report_dir)
-    except KeyboardInterrupt as e:  # outside the training loop (Ray's start, the report): nothing to record
+    # Outside the training loop (Ray's start, the report): nothing to record.
+    except (KeyboardInterrupt, ImportError) as e:
+        if interruption(e) is None:
+            raise
         print("interrupted; run the same command again to resume the study", file=sys.stderr)
-        return EXIT_INTERRUPTED[signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT]
+        return EXIT_INTERRUPTED[signal.SIGTERM if isinstance(interruption(e), Terminated) else signal.SIGINT]
 
 
 def check_results(study):

@@ -12,6 +12,16 @@ def _raise_terminated(signum, frame):
     raise Terminated()
 
 
+def interruption(error):
+    """The Ctrl-C or SIGTERM behind error, or None: error itself, or what caused it (one arriving while a C extension
+    initialises, matplotlib's renderer at its first figure say, surfaces as "ImportError: initialization failed")."""
+    while error is not None:
+        if isinstance(error, KeyboardInterrupt):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
 @contextlib.contextmanager
 def sigterm_interrupts():
     """SIGTERM raises Terminated within the block (finally blocks run); Python's default ends the process at once,

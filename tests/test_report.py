@@ -552,6 +552,22 @@ def test_a_report_stopped_while_it_is_built_leaves_nothing_and_exits_143(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.parquet"]
 
 
+def test_an_interrupt_that_a_c_extensions_import_turned_into_an_import_error_is_still_an_interrupt():
+    # SIGTERM while matplotlib's renderer initialised (the report's first figure) surfaced as "ImportError:
+    # initialization failed", raised from it: a traceback and exit 1 instead of 143.
+    from scaling.sigterm import Terminated, interruption
+
+    stop = Terminated()
+    try:
+        try:
+            raise stop
+        except Terminated as e:
+            raise ImportError("initialization failed") from e
+    except ImportError as e:
+        assert interruption(e) is stop
+    assert interruption(ImportError("no module named x")) is None and interruption(ValueError()) is None
+
+
 def markdown_of(a):
     """The report's Markdown without its figures."""
     from scaling.report import markdown, tables
