@@ -1,9 +1,10 @@
 """Whether every node of a Ray cluster sees the study's files where the driver does, checked before launch.
 
 Ray keeps each trial's checkpoints under `<output>/ray`, written by the node the trial's workers run on and read
-back by whichever node resumes it, and every worker reads data.path and the eval files. Ray cannot tell a local
-folder from a shared one, so a multi-node study whose output is on one node's disk would train on, its checkpoints
-scattered over the nodes, and fail only when a trial resumes elsewhere.
+back by whichever node resumes it, and every worker reads data.path and the eval files. Ray Train checks its own
+storage as each trial's workers start (a marker file its controller writes): a study whose output is on one node's
+disk would launch, and fail its trials one by one, each after its retries, with nothing said of data.path or the
+eval files, which a worker reads only when it trains or evaluates.
 """
 import os
 import uuid

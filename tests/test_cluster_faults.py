@@ -188,9 +188,9 @@ def test_node_losses_restart_the_trial_from_its_checkpoint(tmp_path, cluster):
 
 
 def test_a_file_a_node_does_not_see_is_named_before_launch(tmp_path, cluster):
-    # A multi-node study whose output or data lay on one node's disk trained on, its checkpoints on the nodes' own
-    # disks, and failed only when a trial resumed elsewhere. These nodes share one file system: a file removed after
-    # the study read it stands for one a node does not see.
+    # A multi-node study whose output lay on one node's disk launched and failed its trials one by one (Ray Train's
+    # own storage check, at each trial's start); data or eval files a node lacks failed a trial only when it read them.
+    # These nodes share one file system: a file removed after the study read it stands for one a node does not see.
     import shutil
 
     import ray
