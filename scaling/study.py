@@ -832,6 +832,15 @@ def _check_resources(raw, where):
     res = raw["resources"]
     if res["gpus_per_worker"] == 0 and res["cpus_per_worker"] == 0:
         raise where.error(("resources", "cpus_per_worker"), "a worker without GPUs needs CPUs")
+    # A worker trains on one GPU, cuda:LOCAL_RANK among those Ray lets it see (core.train, DeepSpeed).
+    if res["gpus_per_worker"] > 1:
+        raise where.error(("resources", "gpus_per_worker"), f"a worker trains on one GPU; {res['gpus_per_worker']:g} "
+                                                            "would leave the others idle (more GPUs a trial: "
+                                                            "workers_per_trial)")
+    if 0 < res["gpus_per_worker"] < 1 and res["workers_per_trial"] > 1:
+        raise where.error(("resources", "gpus_per_worker"), f"a share of a GPU ({res['gpus_per_worker']:g}) suits one "
+                                                            "worker a trial: Ray may give two workers of a trial the "
+                                                            "same GPU, which NCCL refuses")
 
 
 #################################################################################

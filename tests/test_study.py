@@ -794,11 +794,26 @@ def test_non_text_and_missing_files(tmp_path):
         load_study(tmp_path / "nope.yaml")
 
 
+@pytest.mark.parametrize("workers, gpus, message", [
+    (1, 2, "a worker trains on one GPU; 2 would leave the others idle (more GPUs a trial: workers_per_trial)"),
+    (2, 0.5, "a share of a GPU (0.5) suits one worker a trial: Ray may give two workers of a trial the same GPU, "
+             "which NCCL refuses"),
+])
+def test_a_worker_trains_on_one_gpu_or_a_share_of_one_alone(tmp_path, workers, gpus, message):
+    # Each worker trains on cuda:LOCAL_RANK: a second GPU of its own sat idle, and two workers given one GPU's halves
+    # asked for cuda:1 where Ray let each see one GPU.
+    with pytest.raises(StudyError) as err:
+        load(tmp_path, overrides=[f"resources.workers_per_trial={workers}", f"resources.gpus_per_worker={gpus}"])
+    assert str(err.value) == f"--set resources.gpus_per_worker={gpus}: resources.gpus_per_worker: {message}"
+    shared = load(tmp_path, overrides=["resources.gpus_per_worker=0.5"])  # two trials on one GPU: fine
+    assert shared.raw["resources"]["gpus_per_worker"] == 0.5 and len(shared.trials) == 4
+
+
 def test_cluster_too_small(tmp_path):
-    study = load(tmp_path, edit("workers_per_trial: 1", "workers_per_trial: 2\n  gpus_per_worker: 4"))
+    study = load(tmp_path, edit("workers_per_trial: 1", "workers_per_trial: 8\n  gpus_per_worker: 1"))
     with pytest.raises(StudyError) as err:
         check_cluster(study, {"CPU": 16.0, "GPU": 4.0})
-    assert str(err.value) == (f"{study.path}:15: resources.gpus_per_worker: a trial needs 2 × 4 = 8 GPUs, "
+    assert str(err.value) == (f"{study.path}:15: resources.gpus_per_worker: a trial needs 8 × 1 = 8 GPUs, "
                               "the cluster has 4")
     check_cluster(study, {"CPU": 16.0, "GPU": 8.0})
     study = load(tmp_path, overrides=["resources.cpus_per_worker=3"])
