@@ -92,14 +92,19 @@ def grid_plan(cfg, grid_classes):
     return labels, [image_seed(cfg.seed, j, GRID_STREAM) for j in range(len(labels))]
 
 
-def rank_counts(total, world_size):
-    """Items per rank: contiguous slices as even as they go."""
-    return [len(s) for s in torch.arange(total).tensor_split(world_size)]
+def rank_counts(total, world_size, batch=1):
+    """Items per rank: contiguous runs of whole batches of `batch` items, as even as they go.
+
+    Whole batches, so that each sampling batch holds the same items whatever the world size: on a GPU the kernels,
+    and so an image's last bits under bf16, may depend on what shares its batch (on CPU they do not).
+    """
+    batches = torch.arange(-(-total // batch)).tensor_split(world_size)  # batch indices per rank
+    return [min(total, (int(b[-1]) + 1) * batch) - int(b[0]) * batch if len(b) else 0 for b in batches]
 
 
-def rank_slice(total, rank, world_size):
-    """This rank's item indices."""
-    counts = rank_counts(total, world_size)
+def rank_slice(total, rank, world_size, batch=1):
+    """This rank's item indices (rank_counts')."""
+    counts = rank_counts(total, world_size, batch)
     start = sum(counts[:rank])
     return slice(start, start + counts[rank])
 
@@ -199,10 +204,10 @@ def evaluate(model, cfg, *, dataset, data_path=None, image_size=None, vae=None, 
                      rank=rank, world_size=world_size, autocast_dtype=autocast_dtype, grid_path=grid_path)
 
     labels, seeds = sample_plan(cfg, model.config["num_classes"])  # (N,)
-    mine = rank_slice(len(labels), rank, world_size)
+    mine = rank_slice(len(labels), rank, world_size, cfg.batch_size)
     images = generate(model, cfg, labels[mine], seeds[mine], device=device, decode=decode,
                       autocast_dtype=autocast_dtype)
-    images = gather(images, rank_counts(len(labels), world_size), shape, rank, world_size, device)
+    images = gather(images, rank_counts(len(labels), world_size, cfg.batch_size), shape, rank, world_size, device)
     sample_s = time.perf_counter() - t0
 
     result = None
@@ -244,10 +249,10 @@ def draw_grid(model, cfg, *, dataset, data_path=None, image_size=None, vae=None,
         return {"grid_path": None, "grid_images": 0, "eval_time_s": time.perf_counter() - t0}
     decode, _, shape = _output(model, dataset, data_path, image_size, vae, device)
     labels, seeds = grid_plan(cfg, grid_classes)  # (G,)
-    mine = rank_slice(len(labels), rank, world_size)
+    mine = rank_slice(len(labels), rank, world_size, cfg.batch_size)
     images = generate(model, cfg, labels[mine], seeds[mine], device=device, decode=decode,
                       autocast_dtype=autocast_dtype)
-    images = gather(images, rank_counts(len(labels), world_size), shape, rank, world_size, device)
+    images = gather(images, rank_counts(len(labels), world_size, cfg.batch_size), shape, rank, world_size, device)
     path = None
     if rank == 0:
         try:

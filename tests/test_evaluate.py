@@ -117,6 +117,19 @@ def plan_with_grid(cfg, num_classes):
     return torch.cat([labels, grid]), seeds + grid_seeds
 
 
+def test_ranks_sample_whole_batches_so_every_batch_holds_the_same_images_for_any_world_size():
+    # Slices as even as they went put other images together in a batch on each world size: on a GPU an image's last
+    # bits under bf16 may depend on its batch, and FID then on the number of GPUs.
+    from core.evaluate import rank_counts
+
+    assert rank_counts(100, 3, 16) == [48, 32, 20] and rank_counts(100, 1, 16) == [100]
+    assert rank_counts(100, 8, 16) == [16] * 6 + [4, 0]  # 7 batches: one rank has none, and joins every gather
+    for world in (1, 2, 3, 5, 8):
+        starts = [rank_slice(100, r, world, 16).start for r in range(world)]
+        assert all(s % 16 == 0 or s == 100 for s in starts) and sum(rank_counts(100, world, 16)) == 100
+    assert rank_counts(10, 3) == [4, 3, 3]  # one item a batch: slices as even as they go, as before
+
+
 def test_same_seed_same_result_for_any_world_size_or_batch(cache_dir):
     model = jittered_model()
     cfg = EvalConfig(num_samples=60, num_steps=5, guided_channels=None, batch_size=16, cache_dir=str(cache_dir))
