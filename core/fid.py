@@ -19,6 +19,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from core.digits_classifier import WEIGHTS_PATH as DIGITS_WEIGHTS
 from core.fid_extractor import DIGITS_EXTRACTOR, metric_kwargs, register
+from core.latents import one_line
 from core.real_images import RealImages
 
 INCEPTION = "inception-v3-compat"
@@ -80,9 +81,7 @@ def inception_weights_problem(path):
     # Deliberately broad: torch.load of an arbitrary file raises what its unpickling meets (zip, pickle, EOF, key and
     # attribute errors), and load_state_dict a RuntimeError; each means the file is not these weights.
     except Exception as err:
-        text = " ".join(str(err).split())
-        return (f"{path} is not torch-fidelity's Inception-v3 weights ({URL_INCEPTION_V3}): "
-                f"{text if len(text) <= 300 else text[:300] + '...'}")
+        return f"{path} is not torch-fidelity's Inception-v3 weights ({URL_INCEPTION_V3}): {one_line(err)}"
     return None
 
 

@@ -290,7 +290,7 @@ class VAEError(ValueError):
     """A VAE folder that cannot be loaded; the message names the folder."""
 
 
-def _one_line(err, limit=300):
+def one_line(err, limit=300):
     """An exception's message on one line, cut short (a state dict's mismatches run to pages)."""
     text = " ".join(str(err).split())
     return text if len(text) <= limit else text[:limit] + "..."
@@ -316,13 +316,13 @@ def load_vae(vae_path, device="cpu"):
     # diffusers: OSError for a config that is not JSON or weights that are missing or unreadable, RuntimeError for
     # weights of another shape, ValueError or TypeError for a config of another model.
     except (OSError, RuntimeError, ValueError, TypeError) as err:
-        raise VAEError(f"VAE folder {path} cannot be loaded: {_one_line(err)}") from None
+        raise VAEError(f"VAE folder {path} cannot be loaded: {one_line(err)}") from None
     # Weights the file lacks are left at their random start, with no more than a log line: an encode or an FID
     # would go on with them.
     missing = loading["missing_keys"]
     if missing:
         raise VAEError(f"VAE folder {path} holds weights that lack {len(missing)} of its AutoencoderKL's tensors "
-                       f"(e.g. {_one_line(', '.join(sorted(missing)[:3]), 120)}), which would stay random: they are "
+                       f"(e.g. {one_line(', '.join(sorted(missing)[:3]), 120)}), which would stay random: they are "
                        "not the weights of its config.json")
     return vae.to(device).eval()
 

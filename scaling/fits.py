@@ -112,7 +112,7 @@ class Fit:
         to change over the points (a sentence each; empty when every coefficient is inside its limits, with an
         interval, and every term changes)."""
         ci = self.intervals(level)
-        out = [self.interval_problem()] if self.interval_problem() else []
+        out = [problem] if (problem := self.interval_problem()) else []
         for name, (low, high) in self.limits.items():
             value = self.params[self.law.names.index(name)]
             at = [b for b in (low, high) if b is not None and np.isclose(value, b, rtol=1e-6, atol=0)]

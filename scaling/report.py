@@ -665,10 +665,11 @@ def main(argv=None):
             df = paper_results() if args.paper else report_rows(args.results)
             out = build_report(df, args.out, args.n_boot, args.seed, processes=None)
     except (KeyboardInterrupt, ImportError) as e:
-        if interruption(e) is None:
+        interrupt = interruption(e)
+        if interrupt is None:
             raise
         print("interrupted: no report written; the report folder is as it was", file=sys.stderr)
-        return 143 if isinstance(interruption(e), Terminated) else 130
+        return 143 if isinstance(interrupt, Terminated) else 130
     except ReportDestinationError as e:
         print(f"error: {'--out' if args.out is not None else 'report folder'} {e}", file=sys.stderr)
         return 2

@@ -24,7 +24,7 @@ from pathlib import Path
 from core.folder_lock import lock_folder
 from scaling.continuation import continue_recorded_runs
 from scaling.sigterm import Terminated, interruption, sigterm_interrupts  # outside Tune's loop (else: below)
-from scaling.study import StudyError, check_cluster, launch_order, load_study, max_concurrent_trials
+from scaling.study import StudyError, check_cluster, eval_files_read, launch_order, load_study, max_concurrent_trials
 from scaling.trial_storage import ray_storage
 
 EXIT_OK, EXIT_TRIALS_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -99,10 +99,11 @@ def main(argv=None):
         return run_study(study, address, build_report=not args.no_report, report_dir=report_dir)
     # Outside the training loop (Ray's start, the report): nothing to record.
     except (KeyboardInterrupt, ImportError) as e:
-        if interruption(e) is None:
+        interrupt = interruption(e)
+        if interrupt is None:
             raise
         print("interrupted; run the same command again to resume the study", file=sys.stderr)
-        return EXIT_INTERRUPTED[signal.SIGTERM if isinstance(interruption(e), Terminated) else signal.SIGINT]
+        return EXIT_INTERRUPTED[signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT]
 
 
 def check_results(study):
@@ -453,10 +454,9 @@ def check_shared_storage(study):
     where the driver sees them (scaling.shared_storage); a warning when a node did not answer in time."""
     from scaling.shared_storage import CHECK_TIMEOUT_S, output_marker, unseen_paths
 
-    ev, fid = study.raw["eval"], study.raw["eval"]["fid"]
+    ev = study.raw["eval"]
     read = {"data.path": study.raw["data"]["path"],
-            "eval.vae": ev["vae"] if fid or ev["grid_images_per_class"] else None,
-            **{f"eval.{k}": ev[k] if fid else None for k in ("feature_extractor_weights", "reference", "heldout")}}
+            **{f"eval.{k}": ev[k] for k, used in eval_files_read(ev).items() if used}}
     marker = output_marker(study.output)
     names = {str(marker): f"output ({study.output})", **{str(p): f"{k} ({p})" for k, p in read.items() if p}}
     try:

@@ -706,8 +706,7 @@ def _check_eval(raw, info, where, check_data, warnings):
                                                  "the ImageNet train folder the latents were encoded from)")
     # A path this study never reads (FID off, no grids) is a warning: a study file written for a cluster, run
     # elsewhere with FID turned off, still starts.
-    used = dict(vae=bool(ev["fid"] or ev["grid_images_per_class"]), feature_extractor_weights=ev["fid"],
-                reference=ev["fid"], heldout=ev["fid"])
+    used = eval_files_read(ev)
     meta = None  # the latents' meta.json, which the VAE must fit: read when the data was (a fallback has no encode)
     if dataset == "latents" and ev["vae"] is not None and "encode" in info:
         from core.latents import read_meta
@@ -750,6 +749,12 @@ def _check_eval(raw, info, where, check_data, warnings):
         if ev["sampler"] == "ddim" and chain % ev["sampling_steps"]:  # core.sampling's DDIM refuses them
             raise where.error(("eval", "sampling_steps"), f"DDIM takes every k-th of train.diffusion_steps "
                                                           f"({chain}) steps: {ev['sampling_steps']} does not divide it")
+
+
+def eval_files_read(ev):
+    """{eval file key: whether the trials read it}: FID's inputs with FID on, the VAE for FID or for grids."""
+    return dict(vae=bool(ev["fid"] or ev["grid_images_per_class"]), feature_extractor_weights=ev["fid"],
+                reference=ev["fid"], heldout=ev["fid"])
 
 
 def _eval_path_problem(key, path, extractor, meta=None, load=True):
