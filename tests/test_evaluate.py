@@ -413,21 +413,15 @@ def test_latent_decoder_undoes_the_scale_factor_the_encoder_applied():
     torch.testing.assert_close(latent_decoder({}, vae, "cpu")(scaled), expected, atol=1e-5, rtol=1e-5)
 
 
-def free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_gloo_processes_match_one(tmp_path):
     cache = tmp_path / "cache"
     cfg = EvalConfig(**{**WORKER_CONFIG.__dict__, "cache_dir": str(cache)})
     alone = evaluate(jittered_model(), cfg, dataset="digits", device="cpu", grid_path=tmp_path / "alone.png")
 
     out = tmp_path / "two.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", str(REPO / "tests" / "evaluate_worker.py"), str(out), str(cache)]
+    # --standalone: torchrun's agent binds a free port itself, as test_train's torchrun does.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+           str(REPO / "tests" / "evaluate_worker.py"), str(out), str(cache)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

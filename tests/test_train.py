@@ -370,16 +370,10 @@ def test_deepspeeds_import_leaves_mlflow_to_whoever_uses_it(fresh_process_env, m
     assert proc.stdout.split()[-4:] == [str(mlflow_first), str(mlflow_first), "mlflow", "True"]
 
 
-def free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(out, zero_stage, nproc=2, resume="none", val_batch=32, max_steps=12):
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+    # --standalone: the agent binds a free port itself. A port picked here and closed again could be taken before
+    # torchrun bound it (EADDRINUSE once in the parallel suite, beside Ray's workers).
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
            "-m", "core.train", "--model", "DiT-P/2", "--dataset", "digits", "--results-dir", str(out),
            "--global-batch-size", "32", "--max-steps", str(max_steps), "--log-every", "2", "--lr", "1e-3",
            "--ema-decay", "0.9", "--val-batch", str(val_batch), "--zero-stage", str(zero_stage), "--num-workers", "0",
