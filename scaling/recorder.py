@@ -107,6 +107,16 @@ class Recorder(Callback):
         for trial_id in trial_ids:
             self._run_id(trial_id, status="SCHEDULED")
 
+    def close_ended_runs(self, trial_ids):
+        """End the runs still open of finished trials (trial_ids): a driver killed after a trial's last row, before
+        it ended its run, left it RUNNING. FINISHED, or FAILED for a diverged trial, as the driver ends them."""
+        open_runs = self.tracker.open_child_runs()
+        for trial_id in trial_ids:
+            if trial_id in open_runs:
+                ok = self._measured_every_milestone(self.trials[trial_id])
+                self.tracker.set_tags(open_runs[trial_id], {STATUS_TAG: "ok" if ok else "diverged"})
+                self.tracker.finish(open_runs[trial_id], "FINISHED" if ok else "FAILED")
+
     # Tune callback hooks ---------------------------------------------------------------
 
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -160,12 +170,14 @@ class Recorder(Callback):
             row = self._row(t, result, "ok", None, run_id)
             self.rows[(t.trial_id, step)] = row
             self.recorded_here.add((t.trial_id, step))
+            # Parquet first, the record: a driver killed in between measures nothing again, and a replay logs the
+            # rest to MLflow.
+            self.write()
+            self._share_rows([(t.trial_id, step)])
             self.tracker.log_metrics(run_id, {**{k: result.get(k) for k in EVAL_METRICS},
                                               **{k: row[k] for k in ("gflops", "params", "train_compute")}}, step)
             if result.get("grid_path") and Path(result["grid_path"]).exists():
                 self.tracker.log_artifact(run_id, result["grid_path"], "samples")
-            self.write()
-            self._share_rows([(t.trial_id, step)])
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         trial_id = trial.config["trial"]["trial_id"]

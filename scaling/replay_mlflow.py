@@ -157,20 +157,21 @@ def _store_error(e, uri, where):
 
 
 def _log_missing(tracker, results, curves):
-    """Log each trial's loss curve and milestone rows beyond what its run has; returns the points logged."""
+    """Log each trial's loss curve and milestone rows at the steps its run lacks (gaps too: calls an interrupted
+    driver still had queued, or MLflow refused); returns the points logged."""
     logged = 0
     for trial_id, rows in results.groupby("trial_id"):
         run_id = tracker.child_run(trial_id, json.loads(rows.config_json.iloc[0]))
-        have_log = tracker.last_logged_step(run_id, "train_loss")
+        have_log = tracker.logged_steps(run_id, "train_loss")
         for r in curves[curves.trial_id == trial_id].sort_values("step").to_dict("records"):
-            if r["step"] > have_log:
+            if r["step"] not in have_log:
                 tracker.log_metrics(run_id, {k: r.get(k) for k in LOG_METRICS}, r["step"])
                 logged += 1
         # The driver logs train_compute with every milestone row; val_loss only where there is one
         # (train.val_batch 0 has none), but drivers before train_compute logged it.
-        have_eval = max(tracker.last_logged_step(run_id, k) for k in ("train_compute", "val_loss"))
+        have_eval = tracker.logged_steps(run_id, "train_compute") | tracker.logged_steps(run_id, "val_loss")
         for r in rows.sort_values("step").to_dict("records"):
-            if r["status"] == "ok" and r["step"] > have_eval:
+            if r["status"] == "ok" and r["step"] not in have_eval:
                 tracker.log_metrics(run_id, {k: r.get(k) for k in (*EVAL_METRICS, "gflops", "params", "train_compute")},
                                     r["step"])
                 logged += 1

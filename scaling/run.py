@@ -369,7 +369,8 @@ def check_reachable(address):
 
 def check_tracking_server(study):
     """An MLflow server named by the study or MLFLOW_TRACKING_URI must answer before launch: the
-    study's runs are created up front, and a server that goes away later only delays logging."""
+    study's runs are created up front, and a server that goes away later only delays logging. The
+    study's experiment must not be a deleted one (MLflow refuses runs in it)."""
     uri = study.raw["tracking"]["mlflow_uri"]  # the study's, else MLFLOW_TRACKING_URI's, else SQLite
     given = study.given("tracking.mlflow_uri")
     where = f"{study.locate('tracking.mlflow_uri')}: tracking.mlflow_uri" if given else "MLFLOW_TRACKING_URI"
@@ -383,20 +384,38 @@ def check_tracking_server(study):
         problem = unreachable_database(uri)
         if problem:
             raise StudyError(f"{where}: {problem}")
-        return
-    problem = sqlite_open_problem(uri)
-    if problem:
-        raise StudyError(f"{where}: MLflow cannot use the store {uri} ({problem})")
-    if not uri.startswith(("http://", "https://")):
-        return  # a SQLite or file store is created by the driver itself
+    elif uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10):
+                pass
+        except urllib.error.HTTPError:
+            pass  # it answers (a proxy in front of it may want credentials even for /health)
+        except (OSError, ValueError, http.client.HTTPException) as e:  # InvalidURL for a port that is not a number
+            reason = getattr(e, "reason", e)
+            raise StudyError(f"{where}: no MLflow tracking server answers at {uri} ({reason})") from e
+    else:
+        problem = sqlite_open_problem(uri)
+        if problem:
+            raise StudyError(f"{where}: MLflow cannot use the store {uri} ({problem})")
+    check_experiment(study, uri)
+
+
+def check_experiment(study, uri):
+    """The study's experiment at uri must not be a deleted one: the driver would fail on it after Ray's start."""
+    from scaling.tracking import deleted_experiment
+
+    store = sqlite_store(uri)
+    if store is not None and not store.exists():
+        return  # a SQLite store the driver makes: no experiment yet (and the check makes no file)
+    experiment = study.raw["tracking"]["experiment"]
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10):
-            pass
-    except urllib.error.HTTPError:
-        return  # it answers (a proxy in front of it may want credentials even for /health)
-    except (OSError, ValueError, http.client.HTTPException) as e:  # InvalidURL for a port that is not a number
-        reason = getattr(e, "reason", e)
-        raise StudyError(f"{where}: no MLflow tracking server answers at {uri} ({reason})") from e
+        problem = deleted_experiment(uri, experiment)
+    except Exception:  # the store answered the checks above; any other trouble shows when the driver opens it
+        return
+    if problem:
+        where = (f"{study.locate('tracking.experiment')}: tracking.experiment" if study.given("tracking.experiment")
+                 else f"{study.path}: tracking.experiment (the study's name)")
+        raise StudyError(f"{where}: {problem}")
 
 
 def run_study(study, address, build_report=True, report_dir=None):
@@ -520,45 +539,53 @@ def _run_trials(study, build_report, report_dir):
     print(f"MLflow: {uri}" + (f"   ({mlflow_ui_command(uri)})" if sqlite_store(uri) else ""))
     recorder = Recorder(study, tracker, progress)
     recorder.open_runs(t.trial_id for t in todo)  # now, while MLflow answers (checked before launch)
+    recorder.close_ended_runs(done)  # finished trials whose runs a killed driver left open
     started = time.time()
-    if todo:
-        res = study.raw["resources"]
-        tuner_concurrency = max_concurrent_trials(study, ray.cluster_resources())
-        # One relay mailbox actor and one placement-group watch for the whole study, where a fresh process
-        # of each would start with every trial; named, so that the trials find them.
-        services = f"{study.name}-{uuid.uuid4().hex[:8]}"
-        run = {"output": str(out), "storage": str(ray_storage(out)), "fid_cache": str(out / "fid_cache"),
-               "resources": res, "keep_checkpoints": study.raw["train"]["keep_checkpoints"],
-               "relay_mailboxes": f"relay-{services}", "placement_group_watch": f"pg-watch-{services}"}
-        start_train_autoscaling_coordinator()  # while the study's own actors start
-        # Held until the sweep ends: an actor goes once no handle to it is left.
-        study_actors = [start_study_actor(RelayMailboxes, run["relay_mailboxes"]),
-                        start_study_actor(PlacementGroupWatch, run["placement_group_watch"])]
-        recorder.tell_relay(study_actors[0])  # rows in Parquet and those to come: none is evaluated again
-        tuner = tune.Tuner(
-            # The Tune trial only waits on its TorchTrainer: it needs no CPU of its own (Tune wants
-            # some non-empty request, so a token of memory stands in).
-            tune.with_resources(trial_function, {"CPU": 0, "memory": 2 ** 20}),
-            param_space={"trial": tune.grid_search([t.to_dict() for t in todo]), "run": run},
-            # Reused Tune actors: a freed slot takes the next trial at once instead of after a fresh
-            # process's start (12 s vs 0.2 s in benchmarks.packing); each trial still gets its own
-            # Train controller and workers, so nothing of a trial's training outlives it.
-            tune_config=tune.TuneConfig(max_concurrent_trials=tuner_concurrency, reuse_actors=True,
-                                        trial_name_creator=lambda tr: tr.config["trial"]["trial_id"],
-                                        trial_dirname_creator=lambda tr: tr.config["trial"]["trial_id"]),
-            run_config=tune.RunConfig(name=f"sweep-{time.strftime('%Y%m%d-%H%M%S')}",
-                                      storage_path=str(ray_storage(out)),
-                                      # A lost node can take the trial's own actor and its Train controller
-                                      # with it (Train cannot restart those): Tune then reruns the trial,
-                                      # whose trainer resumes from its last checkpoint in storage.
-                                      failure_config=tune.FailureConfig(max_failures=res["max_failures"]),
-                                      callbacks=[recorder], verbose=0),
-        )
-        with sigterm_stops_the_study() as stopped_by:
-            tuner.fit()
-        for actor in study_actors:
-            ray.kill(actor)
-        slots = min(len(todo), tuner_concurrency)
+    try:
+        if todo:
+            res = study.raw["resources"]
+            tuner_concurrency = max_concurrent_trials(study, ray.cluster_resources())
+            # One relay mailbox actor and one placement-group watch for the whole study, where a fresh process
+            # of each would start with every trial; named, so that the trials find them.
+            services = f"{study.name}-{uuid.uuid4().hex[:8]}"
+            run = {"output": str(out), "storage": str(ray_storage(out)), "fid_cache": str(out / "fid_cache"),
+                   "resources": res, "keep_checkpoints": study.raw["train"]["keep_checkpoints"],
+                   "relay_mailboxes": f"relay-{services}", "placement_group_watch": f"pg-watch-{services}"}
+            start_train_autoscaling_coordinator()  # while the study's own actors start
+            # Held until the sweep ends: an actor goes once no handle to it is left.
+            study_actors = [start_study_actor(RelayMailboxes, run["relay_mailboxes"]),
+                            start_study_actor(PlacementGroupWatch, run["placement_group_watch"])]
+            recorder.tell_relay(study_actors[0])  # rows in Parquet and those to come: none is evaluated again
+            tuner = tune.Tuner(
+                # The Tune trial only waits on its TorchTrainer: it needs no CPU of its own (Tune wants
+                # some non-empty request, so a token of memory stands in).
+                tune.with_resources(trial_function, {"CPU": 0, "memory": 2 ** 20}),
+                param_space={"trial": tune.grid_search([t.to_dict() for t in todo]), "run": run},
+                # Reused Tune actors: a freed slot takes the next trial at once instead of after a fresh
+                # process's start (12 s vs 0.2 s in benchmarks.packing); each trial still gets its own
+                # Train controller and workers, so nothing of a trial's training outlives it.
+                tune_config=tune.TuneConfig(max_concurrent_trials=tuner_concurrency, reuse_actors=True,
+                                            trial_name_creator=lambda tr: tr.config["trial"]["trial_id"],
+                                            trial_dirname_creator=lambda tr: tr.config["trial"]["trial_id"]),
+                run_config=tune.RunConfig(name=f"sweep-{time.strftime('%Y%m%d-%H%M%S')}",
+                                          storage_path=str(ray_storage(out)),
+                                          # A lost node can take the trial's own actor and its Train controller
+                                          # with it (Train cannot restart those): Tune then reruns the trial,
+                                          # whose trainer resumes from its last checkpoint in storage.
+                                          failure_config=tune.FailureConfig(max_failures=res["max_failures"]),
+                                          callbacks=[recorder], verbose=0),
+            )
+            with sigterm_stops_the_study() as stopped_by:
+                tuner.fit()
+            for actor in study_actors:
+                ray.kill(actor)
+            slots = min(len(todo), tuner_concurrency)
+    except BaseException as e:
+        # A second Ctrl-C (Tune lets it through), a Ctrl-C or SIGTERM before Tune's loop, or the driver's own error:
+        # the runs say the study stopped, rather than RUNNING for good.
+        unfinished = [t.trial_id for t in todo if t.trial_id not in recorder.ended]
+        end_runs(recorder, tracker, unfinished, "FAILED" if interruption(e) is None else "KILLED", retry=False)
+        raise
     recorder.write()
     wall = time.time() - started
     print(progress.render())
@@ -567,9 +594,7 @@ def _run_trials(study, build_report, report_dir):
         # Tune returns early only when stopped (Ctrl-C, SIGTERM): what was measured is in Parquet, the
         # trials' checkpoints are in Ray's storage, and the same command resumes them. No report:
         # it would show a study that is not finished.
-        recorder.interrupted(unfinished)
-        tracker.finish(tracker.parent_run_id, "KILLED")
-        tracker.flush(force=True)
+        end_runs(recorder, tracker, unfinished, "KILLED")
         print(f"interrupted after {wall:.0f} s: {len(unfinished)} of {len(study.trials)} trials unfinished; what "
               f"they measured is in {out / 'results.parquet'}. Run the same command again to resume them.",
               file=sys.stderr)
@@ -588,9 +613,7 @@ def _run_trials(study, build_report, report_dir):
     failed = recorder.failed_count()
     tracker.finish(tracker.parent_run_id, "FAILED" if failed else "FINISHED")
     print(f"finished in {wall:.0f} s; results: {out / 'results.parquet'}")
-    if tracker.pending:
-        print(f"warning: MLflow did not answer; {len(tracker.pending)} calls not logged. Replay them from Parquet "
-              f"with: python -m scaling.replay_mlflow {out}", file=sys.stderr)
+    warn_unlogged(tracker, out)
     if build_report and (out / "results.parquet").exists():
         from scaling.report import build_report as make_report
 
@@ -602,6 +625,26 @@ def _run_trials(study, build_report, report_dir):
                   f"python -m scaling.report {out} --out DIR", file=sys.stderr)
     ray.shutdown()
     return EXIT_TRIALS_FAILED if failed else EXIT_OK
+
+
+def end_runs(recorder, tracker, unfinished, status, retry=True):
+    """A study that stopped before its trials ended: the runs of those that started end KILLED, the study's with
+    status (KILLED, or FAILED for the driver's own error). retry: try a server that is away once more now, whatever
+    the retry interval (not after a second Ctrl-C, which should not wait on its timeouts)."""
+    recorder.interrupted(unfinished)
+    tracker.finish(tracker.parent_run_id, status)
+    if retry:
+        tracker.flush(force=True)
+    warn_unlogged(tracker, recorder.study.output)
+
+
+def warn_unlogged(tracker, out):
+    """Say what did not reach MLflow, and how to log it from Parquet."""
+    lost = [f"{len(tracker.pending)} calls not logged (MLflow did not answer)"] if tracker.pending else []
+    lost += [f"{tracker.refused} calls refused by MLflow"] if tracker.refused else []
+    if lost:
+        print(f"warning: {'; '.join(lost)}. Log the study's measurements again from Parquet with: "
+              f"python -m scaling.replay_mlflow {out}", file=sys.stderr)
 
 
 @contextlib.contextmanager

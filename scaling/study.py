@@ -553,9 +553,19 @@ def _resolve_paths(raw, study_dir):
             raw[section][key] = str(study_dir / Path(raw[section][key]).expanduser())
     raw["output"] = str(Path(raw["output"] or f"outputs/{raw['name']}").expanduser().absolute())
     tracking = raw["tracking"]
-    tracking["mlflow_uri"] = (tracking["mlflow_uri"] or os.environ.get("MLFLOW_TRACKING_URI")
-                              or f"sqlite:///{raw['output']}/mlflow.db")
+    tracking["mlflow_uri"] = _absolute_sqlite(tracking["mlflow_uri"] or os.environ.get("MLFLOW_TRACKING_URI")
+                                              or f"sqlite:///{raw['output']}/mlflow.db")
     tracking["experiment"] = tracking["experiment"] or raw["name"]
+
+
+def _absolute_sqlite(uri):
+    """A `sqlite:///relative/path` URI made absolute against the working directory, as the output is: SQLAlchemy reads
+    it against whichever directory a process runs in (a replay's, `ray job submit`'s temporary one)."""
+    prefix = "sqlite:///"
+    path, sep, query = uri[len(prefix):].partition("?")
+    if not uri.startswith(prefix) or not path or path.startswith((":", "/")) or path.startswith("file:"):
+        return uri  # not SQLite, absolute, in memory, or a URI filename
+    return f"{prefix}{Path(path).expanduser().absolute()}{sep}{query}"
 
 
 #################################################################################

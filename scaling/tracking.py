@@ -4,7 +4,10 @@ Only the driver talks to MLflow (workers report to Ray), so a SQLite store never
 writers, and an unreachable tracking server stalls nothing: calls that fail are queued and
 replayed in order once it answers again. A tracking server gets short HTTP retries (MLflow's own
 default keeps one call retrying for about four minutes), and a queue that fails to replay is tried
-again only every RETRY_INTERVAL_S, so a dead server costs the driver moments, not minutes.
+again after RETRY_INTERVAL_S, twice as long after each failure up to MAX_RETRY_INTERVAL_S, so a dead
+server (or one that accepts connections and never answers) costs the driver moments, not minutes.
+A call MLflow answers with a refusal (a run deleted in the UI meanwhile) is dropped with a warning
+instead: queued, it would hold back every call after it.
 """
 import json
 import logging
@@ -14,6 +17,8 @@ import time
 from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunStatus
+from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 logger = logging.getLogger("scaling.tracking")
@@ -21,7 +26,11 @@ logger = logging.getLogger("scaling.tracking")
 ROLE_TAG, OUTPUT_TAG, TRIAL_TAG, PARENT_TAG = "dit_scaling.role", "dit_scaling.output", "dit_scaling.trial_id", \
     "mlflow.parentRunId"
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
-RETRY_INTERVAL_S = 5.0  # between attempts to replay the queue while the server is away
+RETRY_INTERVAL_S = 5.0  # before the first attempt to replay the queue while the server is away
+MAX_RETRY_INTERVAL_S = 120.0  # the longest wait between attempts (each may cost HTTP timeouts: 20 s)
+# MLflow's error codes for a call that no retry changes: the run or experiment is deleted, a value is refused.
+REFUSALS = {"INVALID_PARAMETER_VALUE", "INVALID_STATE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS",
+            "BAD_REQUEST"}
 # MLflow reads these per request; the driver is the only MLflow user in its process. Set in the
 # environment, they win.
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -51,13 +60,13 @@ class StudyTracker:
     def __init__(self, uri, experiment, study_name, output_dir, reopen=True):
         """reopen: mark the runs found again RUNNING (a study going on), not so for a mere replay."""
         self.uri, self.reopen = uri, reopen
-        if uri.startswith(("http://", "https://")):
-            for key, value in HTTP_DEFAULTS.items():
-                os.environ.setdefault(key, value)
-        self.client = MlflowClient(tracking_uri=uri)
+        self.client = client(uri)
         self.pending = []  # calls that failed while the server was away, replayed in order
         self.retry_at = 0.0  # time.monotonic() before which the queue is not replayed
+        self.retry_interval = RETRY_INTERVAL_S  # the wait after the next failed attempt
+        self.refused = 0  # calls MLflow refused, dropped
         output_dir = str(Path(output_dir).resolve())
+        self.output_dir = output_dir
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
             # Artifacts beside the SQLite store, not in ./mlruns of whatever directory a process runs in.
@@ -65,8 +74,7 @@ class StudyTracker:
             self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifacts)
         else:
             self.experiment_id = exp.experiment_id
-        runs = self.client.search_runs(
-            [self.experiment_id], f"tags.`{ROLE_TAG}` = 'study' and tags.`{OUTPUT_TAG}` = '{_quote(output_dir)}'")
+        runs = self._search({ROLE_TAG: "study", OUTPUT_TAG: output_dir})
         if runs:
             self.parent_run_id = runs[0].info.run_id
             if reopen:
@@ -84,9 +92,7 @@ class StudyTracker:
         """
         if trial_id in self.children:
             return self.children[trial_id]
-        runs = self.client.search_runs(
-            [self.experiment_id],
-            f"tags.`{TRIAL_TAG}` = '{_quote(trial_id)}' and tags.`{PARENT_TAG}` = '{self.parent_run_id}'")
+        runs = self._search({TRIAL_TAG: trial_id, PARENT_TAG: self.parent_run_id})
         if runs:
             run_id = runs[0].info.run_id
             if self.reopen:
@@ -102,13 +108,42 @@ class StudyTracker:
         self.children[trial_id] = run_id
         return run_id
 
+    def _search(self, tags):
+        """The experiment's runs with these tag values. MLflow's filter has no escape for a quote mark: a value
+        holding both kinds is compared here instead."""
+        clauses, here = [], {}
+        for key, value in tags.items():
+            quote = next((q for q in ("'", '"') if q not in value), None)
+            if quote is None:
+                here[key] = value
+            else:
+                clauses.append(f"tags.`{key}` = {quote}{value}{quote}")
+        runs = self.client.search_runs([self.experiment_id], " and ".join(clauses),
+                                       max_results=1000 if not here else 50000)  # 50000: SQL stores' page limit
+        return [r for r in runs if all(r.data.tags.get(k) == v for k, v in here.items())]
+
+    def open_child_runs(self):
+        """{trial id: run id} of the study's trial runs still RUNNING or SCHEDULED (one search; none while away)."""
+        try:
+            # MLflow's filter compares a status with one value only (IN is for run ids)
+            runs = self.client.search_runs([self.experiment_id], f"tags.`{PARENT_TAG}` = '{self.parent_run_id}'",
+                                           max_results=50000)  # SQL stores' page limit
+        except Exception:  # a server that is away: its runs are closed by the next run or a replay
+            return {}
+        return {r.data.tags[TRIAL_TAG]: r.info.run_id for r in runs
+                if TRIAL_TAG in r.data.tags and r.info.status in ("RUNNING", "SCHEDULED")}
+
     def last_logged_step(self, run_id, key="train_loss"):
         """The largest step of a metric already in a run (to skip what a restarted worker re-reports)."""
+        return max(self.logged_steps(run_id, key), default=-1)
+
+    def logged_steps(self, run_id, key):
+        """The steps at which a run holds a metric."""
         try:
             history = self.client.get_metric_history(run_id, key)
         except Exception:  # a server that is away: assume nothing, duplicates are harmless
-            return -1
-        return max((m.step for m in history), default=-1)
+            return set()
+        return {m.step for m in history}
 
     def log_metrics(self, run_id, metrics, step):
         now = int(time.time() * 1000)
@@ -142,14 +177,16 @@ class StudyTracker:
         try:
             fn(*args, **kwargs)
         except Exception as e:  # MLflow raises many kinds for an unreachable server
+            if self._refused(e, fn, args):
+                return
             logger.warning("MLflow unreachable (%s); queueing, will retry", type(e).__name__)
             self.pending.append((fn, args, kwargs))
-            self.retry_at = time.monotonic() + RETRY_INTERVAL_S
+            self._wait_longer()
 
     def flush(self, force=False):
-        """Replay queued calls in order; stop at the first that still fails.
+        """Replay queued calls in order; stop at the first that still fails (dropping those MLflow refuses).
 
-        Unless forced, a queue is replayed at most every RETRY_INTERVAL_S: each attempt at a server
+        Unless forced, a queue is replayed only after the retry interval: each attempt at a server
         that does not answer can cost a connection timeout, and the driver calls this often.
         """
         if self.pending and not force and time.monotonic() < self.retry_at:
@@ -158,19 +195,49 @@ class StudyTracker:
             fn, args, kwargs = self.pending[0]
             try:
                 fn(*args, **kwargs)
-            except Exception:
-                self.retry_at = time.monotonic() + RETRY_INTERVAL_S
-                return False
+            except Exception as e:
+                if not self._refused(e, fn, args):
+                    self._wait_longer()
+                    return False
             self.pending.pop(0)
+            self.retry_interval = RETRY_INTERVAL_S  # it answers again
         return True
 
+    def _wait_longer(self):
+        self.retry_at = time.monotonic() + self.retry_interval
+        self.retry_interval = min(2 * self.retry_interval, MAX_RETRY_INTERVAL_S)
 
-def _quote(value):
-    return str(value).replace("'", "\\'")
+    def _refused(self, e, fn, args):
+        """Whether MLflow refused the call (it answered: no retry changes that); said once per call, and counted."""
+        if not (isinstance(e, MlflowException) and e.error_code in REFUSALS):
+            return False
+        self.refused += 1
+        logger.warning("MLflow refused %s for run %s (%s); not retried. `python -m scaling.replay_mlflow %s` logs "
+                       "the study's measurements again from its Parquet files", getattr(fn, "__name__", fn),
+                       args[0] if args else "?", e.message.splitlines()[0] if e.message else e.error_code,
+                       self.output_dir)
+        return True
 
 
 def _is_number(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v  # NaN is skipped
+
+
+def client(uri):
+    """An MlflowClient of uri; a tracking server gets short HTTP retries (HTTP_DEFAULTS)."""
+    if uri.startswith(("http://", "https://")):
+        for key, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+    return MlflowClient(tracking_uri=uri)
+
+
+def deleted_experiment(uri, name):
+    """Why runs cannot be logged to experiment `name` at uri, as MLflow refuses runs in a deleted one; else None."""
+    exp = client(uri).get_experiment_by_name(name)
+    if exp is None or exp.lifecycle_stage != "deleted":
+        return None
+    return (f"MLflow's experiment {name!r} at {uri} is deleted, and takes no runs: restore it (MLFLOW_TRACKING_URI="
+            f"{uri} mlflow experiments restore -x {exp.experiment_id}), or name another with tracking.experiment")
 
 
 def _param_value(v):
@@ -224,7 +291,12 @@ def store_scheme(uri):
 
 def unsupported_store(uri):
     """Why MLflow has no tracking store for uri, or None when it has one."""
-    if store_scheme(uri) in TRACKING_SCHEMES:
+    scheme = store_scheme(uri)
+    if scheme in ("", "file") and not MLFLOW_ALLOW_FILE_STORE.get():
+        # MLflow 3 raises for a file store at the first call (the driver's, after Ray's start) unless let.
+        return (f"MLflow no longer logs to a file store ({uri}) unless MLFLOW_ALLOW_FILE_STORE=true; use "
+                f"sqlite:////absolute/path/mlflow.db (`mlflow migrate-filestore` moves a file store's runs there)")
+    if scheme in TRACKING_SCHEMES:
         return None
     return (f"MLflow has no tracking store for {uri!r}; use http(s)://host:port, sqlite:///path, file:///path or a "
             f"database URI ({', '.join(DATABASE_SCHEMES)})")

@@ -147,6 +147,43 @@ def test_tracking_server_that_does_not_answer(tmp_path, monkeypatch, capsys):
     assert snapshot(tmp_path) == before
 
 
+def test_a_deleted_experiment_is_refused_before_launch(tmp_path, empty_store, capsys):
+    # MLflow refuses runs in a deleted experiment (its name stays taken until `mlflow gc`): the driver failed on it
+    # after Ray's start, with a traceback and exit 1.
+    from mlflow.tracking import MlflowClient
+
+    store = tmp_path / "store" / "mlflow.db"
+    store.parent.mkdir()
+    shutil.copyfile(empty_store, store)
+    uri = f"sqlite:///{store}"
+    client = MlflowClient(uri)
+    client.delete_experiment(client.create_experiment("tiny"))  # the study's name, its experiment by default
+    path = write(tmp_path, BASE + f"output: {tmp_path / 'out'}\ntracking:\n  mlflow_uri: {uri}\n")
+    before = snapshot(tmp_path)
+    assert scaling_run.main([str(path)]) == 2
+    [experiment] = [e for e in client.search_experiments(view_type=3) if e.name == "tiny"]  # 3: all
+    assert capsys.readouterr().err == (
+        f"error: {path}: tracking.experiment (the study's name): MLflow's experiment 'tiny' at {uri} is deleted, and "
+        f"takes no runs: restore it (MLFLOW_TRACKING_URI={uri} mlflow experiments restore -x "
+        f"{experiment.experiment_id}), or name another with tracking.experiment\n")
+    assert snapshot(tmp_path) == before
+    # Another experiment named in the study: nothing stands in the way (the dry run of a check that passes).
+    path = write(tmp_path, BASE + f"output: {tmp_path / 'out'}\ntracking:\n  mlflow_uri: {uri}\n"
+                                  "  experiment: tiny-again\n")
+    study = scaling_run.load_study(path)
+    assert scaling_run.check_tracking_server(study) is None
+
+
+def test_a_file_store_is_refused_before_launch(tmp_path, capsys):
+    path = write(tmp_path, BASE + f"output: {tmp_path / 'out'}\ntracking:\n  mlflow_uri: file://{tmp_path}/mlruns\n")
+    before = snapshot(tmp_path)
+    assert scaling_run.main([str(path)]) == 2
+    line = BASE.count("\n") + 3
+    assert capsys.readouterr().err.startswith(f"error: {path}:{line}: tracking.mlflow_uri: MLflow no longer logs to a "
+                                              f"file store (file://{tmp_path}/mlruns) unless MLFLOW_ALLOW_FILE_STORE")
+    assert snapshot(tmp_path) == before
+
+
 def test_truncated_parquet_given_to_the_report(tmp_path, monkeypatch, capsys):
     good = tmp_path / "results.parquet"
     pd.DataFrame({"a": range(100)}).to_parquet(good)

@@ -4,6 +4,7 @@ import io
 import json
 import math
 import shutil
+import sqlite3
 import textwrap
 from types import SimpleNamespace
 
@@ -41,14 +42,6 @@ def study(tmp_path, empty_store):
     study = load_study(path, check_data=False)
     assert [t.milestones for t in study.trials] == [(10, 20)]
     return study
-
-
-@pytest.fixture(scope="session")
-def empty_store(tmp_path_factory):
-    """A new SQLite MLflow store, its tables made: a copy of it spares each test MLflow's migrations (a second)."""
-    path = tmp_path_factory.mktemp("mlflow-store") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
 
 
 def recorder(study):
@@ -215,6 +208,58 @@ def test_replaying_twice_logs_nothing_the_second_time(study, val_loss):
     child = client.search_runs([client.get_experiment_by_name("tiny").experiment_id],
                                f"tags.`dit_scaling.trial_id` = '{t.trial_id}'")[0]
     assert [m.step for m in client.get_metric_history(child.info.run_id, "fid")] == [10, 20]
+
+
+def test_a_replay_fills_the_gaps_of_a_run_not_only_what_follows_its_last_step(study):
+    # Calls lost below a run's last step (queued by a driver interrupted while MLflow was away, or refused): the
+    # replay logged only steps above the highest the run had, so the gaps stayed.
+    rec, t = recorder(study), study.trials[0]
+    rec.on_trial_start(0, [], tune_trial(t))
+    for step in (5, 10, 15, 20):
+        rec.on_trial_result(0, [], tune_trial(t), {"kind": KIND_LOG, "step": step, "train_loss": 1.0 / step,
+                                                   "lr": 1e-3, "images_per_s": 50.0})
+        if step in t.milestones:
+            rec.on_trial_result(0, [], tune_trial(t), milestone(step))
+    run_id = trial_run(rec, t).info.run_id
+    store = study.output.parent / "mlflow.db"
+    with sqlite3.connect(store) as db:  # the points the lost calls held (MLflow deletes no single point)
+        for key, step in (("train_loss", 5), ("train_loss", 15), ("fid", 10), ("train_compute", 10)):
+            db.execute("DELETE FROM metrics WHERE run_uuid = ? AND key = ? AND step = ?", (run_id, key, step))
+    db.close()
+    assert steps_of(rec, t, "train_loss") == [10, 20] and steps_of(rec, t, "fid") == [20]
+    (study.output / "study.yaml").write_text(study.resolved_yaml())
+    uri = f"sqlite:///{store}"
+    assert replay(study.output, uri) == 3  # two curve points, one milestone
+    assert steps_of(rec, t, "train_loss") == [5, 10, 15, 20]
+    assert steps_of(rec, t, "fid") == steps_of(rec, t, "train_compute") == [10, 20]
+    assert replay(study.output, uri) == 0
+
+
+def test_a_finished_trials_run_left_open_is_ended_when_the_study_runs_again(study):
+    # A driver killed after a trial's last row, before it ended the trial's run: RUNNING for good, since a re-run
+    # opens only the runs of trials still to train.
+    rec, t = recorder(study), study.trials[0]
+    rec.on_trial_start(0, [], tune_trial(t))
+    for step in t.milestones:
+        rec.on_trial_result(0, [], tune_trial(t), milestone(step))
+    assert trial_run(rec, t).info.status == "RUNNING"
+    again = recorder(study)
+    again.close_ended_runs(recorded_trials(study)[0])
+    run = trial_run(again, t)
+    assert run.info.status == "FINISHED" and run.data.tags["dit_scaling.status"] == "ok"
+
+
+def test_a_driver_that_stops_outside_tunes_loop_ends_its_runs(study):
+    # A second Ctrl-C (Tune lets it through) or an error of the driver's own left the study's run and its trials'
+    # RUNNING for good.
+    from scaling.run import end_runs
+
+    rec, t = recorder(study), study.trials[0]
+    rec.on_trial_start(0, [], tune_trial(t))
+    rec.on_trial_result(0, [], tune_trial(t), milestone(10))
+    end_runs(rec, rec.tracker, [t.trial_id], "FAILED", retry=False)
+    assert trial_run(rec, t).info.status == "KILLED"
+    assert rec.tracker.client.get_run(rec.tracker.parent_run_id).info.status == "FAILED"
 
 
 def test_replay_closes_a_trial_whose_failure_came_after_its_last_milestone_as_finished(study):

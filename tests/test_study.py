@@ -866,3 +866,18 @@ def test_the_digits_extractor_takes_its_own_weights_file(tmp_path):
                                   f"weights (a safetensors file of its state dict, as "
                                   f"core/assets/digits_classifier.safetensors): ") and why in message, message
         assert "\n" not in message
+
+
+def test_a_relative_sqlite_store_is_made_absolute_against_the_working_directory(tmp_path, monkeypatch):
+    # Kept relative, the driver's store was wherever it ran (`ray job submit`'s temporary copy, which Ray deletes),
+    # and a replay from another directory made a second store with every run again.
+    monkeypatch.chdir(tmp_path)
+    for given, resolved in (("sqlite:///mlflow.db", f"sqlite:///{tmp_path}/mlflow.db"),
+                            ("sqlite:///runs/m.db?timeout=30", f"sqlite:///{tmp_path}/runs/m.db?timeout=30"),
+                            ("sqlite:////abs/m.db", "sqlite:////abs/m.db"),
+                            ("http://mlflow:5000", "http://mlflow:5000")):
+        study = load(tmp_path, overrides=[f"tracking.mlflow_uri={given}"])
+        assert study.raw["tracking"]["mlflow_uri"] == resolved
+        assert f"mlflow_uri: {resolved}" in study.resolved_yaml()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
+    assert load(tmp_path).raw["tracking"]["mlflow_uri"] == f"sqlite:///{tmp_path}/env.db"
