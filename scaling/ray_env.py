@@ -1,5 +1,6 @@
 """The Ray job environment of a study: Ray Train's settings, every worker addressing its own cluster and starting
 with its garbage collector paused."""
+import json
 import os
 
 from scaling.startup_gc import pause_collector_for_startup
@@ -21,7 +22,18 @@ def study_runtime_env():
     interval = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "1.0")
     env_vars = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": interval, "RAY_TRAIN_METRICS_ENABLED": "0",
                 "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1"}
+    # Under `ray job submit`, ray.init merges the job's runtime_env with this one and refuses a variable both set
+    # (a ValueError): one the job sets (its --runtime-env-json) stands.
+    job_vars = _job_runtime_env().get("env_vars") or {}
+    env_vars = {k: v for k, v in env_vars.items() if k not in job_vars}
     return {"env_vars": env_vars, "worker_process_setup_hook": f"{__name__}.set_up_worker"}
+
+
+def _job_runtime_env():
+    """The runtime_env of the Ray job this driver runs as (`ray job submit`), which Ray hands it in the environment;
+    {} outside one."""
+    job_config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")  # Ray's name for it
+    return job_config.get("runtime_env") or {}
 
 
 def local_ray_options():

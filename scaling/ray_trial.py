@@ -48,15 +48,17 @@ def train_config(trial):
                           "keep_checkpoints": 1})  # locally one; Ray keeps the trial's last K in storage
 
 
-def eval_config(trial, cache_dir):
-    """core.evaluate's EvalConfig of a trial dict."""
+def eval_config(trial, cache_dir, inception_weights=None):
+    """core.evaluate's EvalConfig of a trial dict. inception_weights: the file the driver found in its torch-fidelity
+    cache, for a trial that names none (scaling.study.cached_inception_weights)."""
     from core.evaluate import EvalConfig
 
     e = trial["eval"]
     return EvalConfig(
         num_samples=e["fid_samples"], sampler=e["sampler"], num_steps=e["sampling_steps"], eta=e["eta"],
         cfg_scale=e["cfg_scale"], guided_channels=e["guided_channels"], seed=trial["train"]["seed"],
-        feature_extractor=e["feature_extractor"], feature_extractor_weights=e.get("feature_extractor_weights"),
+        feature_extractor=e["feature_extractor"],
+        feature_extractor_weights=e.get("feature_extractor_weights") or inception_weights,
         grid_images_per_class=e["grid_images_per_class"], reference=e.get("reference"), heldout=e.get("heldout"),
         cache_dir=str(cache_dir), diffusion_steps=trial["train"]["diffusion_steps"],
     )
@@ -100,8 +102,9 @@ class RayReporting:
 
         grid = self.samples_dir / f"step-{state.step:09d}.png"
         data = self.trial["data"]
+        cfg = eval_config(self.trial, self.run["fid_cache"], self.run.get("inception_weights"))
         return (evaluate if fid else draw_grid)(
-            state.ema.model, eval_config(self.trial, self.run["fid_cache"]), dataset=data["dataset"],
+            state.ema.model, cfg, dataset=data["dataset"],
             data_path=data.get("path"), image_size=data.get("image_size"), vae=ev.get("vae"),
             device=state.device, rank=state.rank, world_size=state.world_size,
             autocast_dtype=state.autocast_dtype, grid_path=grid,

@@ -24,7 +24,8 @@ from pathlib import Path
 from core.folder_lock import lock_folder
 from scaling.continuation import continue_recorded_runs
 from scaling.sigterm import Terminated, interruption, sigterm_interrupts  # outside Tune's loop (else: below)
-from scaling.study import StudyError, check_cluster, eval_files_read, launch_order, load_study, max_concurrent_trials
+from scaling.study import (StudyError, cached_inception_weights, check_cluster, eval_files_read, launch_order, load_study,
+                           max_concurrent_trials)
 from scaling.trial_storage import ray_storage
 
 EXIT_OK, EXIT_TRIALS_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -450,7 +451,7 @@ def run_study(study, address, build_report=True, report_dir=None):
             else:
                 ray.init(runtime_env=runtime_env, **local_ray_options())
             with sigterm_interrupts():
-                check_cluster(study, ray.cluster_resources())
+                check_cluster(study, ray.cluster_resources(), [n["Resources"] for n in ray.nodes() if n["Alive"]])
                 if address:  # a local Ray is one node
                     check_shared_storage(study)
         except BaseException as e:  # nothing was written yet: the folders made for it go (a Ctrl-C, Ray's failure)
@@ -475,7 +476,8 @@ def check_shared_storage(study):
 
     ev = study.raw["eval"]
     read = {"data.path": study.raw["data"]["path"],
-            **{f"eval.{k}": ev[k] for k, used in eval_files_read(ev).items() if used}}
+            **{f"eval.{k}": ev[k] for k, used in eval_files_read(ev).items() if used},
+            "Inception-v3's weights in torch-fidelity's cache": cached_inception_weights(ev)}
     marker = output_marker(study.output)
     names = {str(marker): f"output ({study.output})", **{str(p): f"{k} ({p})" for k, p in read.items() if p}}
     try:
@@ -549,6 +551,7 @@ def _run_trials(study, build_report, report_dir):
             # of each would start with every trial; named, so that the trials find them.
             services = f"{study.name}-{uuid.uuid4().hex[:8]}"
             run = {"output": str(out), "storage": str(ray_storage(out)), "fid_cache": str(out / "fid_cache"),
+                   "inception_weights": cached_inception_weights(study.raw["eval"]),
                    "resources": res, "keep_checkpoints": study.raw["train"]["keep_checkpoints"],
                    "relay_mailboxes": f"relay-{services}", "placement_group_watch": f"pg-watch-{services}"}
             start_train_autoscaling_coordinator()  # while the study's own actors start
@@ -608,7 +611,9 @@ def _run_trials(study, build_report, report_dir):
         efficiency = recorder.busy_seconds(t.trial_id for t in todo) / (slots * wall)
         print(f"study efficiency: {efficiency:.0%} of {slots} trial slot(s) × {wall:.0f} s spent training or "
               "evaluating")
-        tracker.log_metrics(tracker.parent_run_id, {"wall_time_s": wall, "efficiency": efficiency}, 0)
+        # One step per driver run of the study (a resumed one's own figures, not a value over the first's).
+        session = max(tracker.logged_steps(tracker.parent_run_id, "wall_time_s"), default=-1) + 1
+        tracker.log_metrics(tracker.parent_run_id, {"wall_time_s": wall, "efficiency": efficiency}, session)
     tracker.flush(force=True)  # the server may be back: try now, whatever the retry interval
     failed = recorder.failed_count()
     tracker.finish(tracker.parent_run_id, "FAILED" if failed else "FINISHED")

@@ -767,6 +767,17 @@ def eval_files_read(ev):
                 reference=ev["fid"], heldout=ev["fid"])
 
 
+def cached_inception_weights(ev):
+    """The driver's torch-fidelity cache of Inception-v3's weights, where the trials' FID reads that file (no
+    eval.feature_extractor_weights); else None. The trials are given this path: a node's own cache (another
+    $TORCH_HOME, another home) is not the file the driver checked."""
+    if not ev["fid"] or ev["feature_extractor"] == "digits" or ev["feature_extractor_weights"] is not None:
+        return None
+    from core.fid import inception_weights_file
+
+    return str(inception_weights_file())
+
+
 def _eval_path_problem(key, path, extractor, meta=None, load=True):
     """What is wrong with an eval file or folder (None if nothing), found now rather than at the first evaluation.
 
@@ -1187,8 +1198,10 @@ def max_concurrent_trials(study, resources):
     return max(1, min(fits or [1]))
 
 
-def check_cluster(study, cluster_resources):
-    """Raise StudyError when one trial needs more GPUs or CPUs than the cluster has (ray.cluster_resources())."""
+def check_cluster(study, cluster_resources, nodes=()):
+    """Raise StudyError when one trial needs more GPUs or CPUs than the cluster has (ray.cluster_resources()), or
+    one of its workers more than any node has (nodes: each live node's resources, from ray.nodes()): Ray would
+    wait for such a node for ever, the trial started and at step 0, and say so only in the trial's own log."""
     res = study.raw["resources"]
     workers = res["workers_per_trial"]
     for key, resource in (("gpus_per_worker", "GPU"), ("cpus_per_worker", "CPU")):
@@ -1196,3 +1209,12 @@ def check_cluster(study, cluster_resources):
         if need > have:
             raise study.locations.error(("resources", key), f"a trial needs {workers} × {res[key]:g} = {need:g} "
                                                              f"{resource}s, the cluster has {have:g}")
+    worker = {r: res[key] for key, r in (("cpus_per_worker", "CPU"), ("gpus_per_worker", "GPU")) if res[key]}
+    if not nodes or any(all(node.get(r, 0.0) >= n for r, n in worker.items()) for node in nodes):
+        return
+    short = next((r for r, n in worker.items() if all(node.get(r, 0.0) < n for node in nodes)), "CPU")
+    sizes = sorted({" and ".join(f"{node.get(r, 0.0):g} {r}s" for r in worker) for node in nodes})
+    raise study.locations.error(
+        ("resources", "gpus_per_worker" if short == "GPU" else "cpus_per_worker"),
+        f"a worker needs {' and '.join(f'{n:g} {r}s' for r, n in worker.items())} on one node; the cluster's nodes "
+        f"have {', '.join(sizes)}")

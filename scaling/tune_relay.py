@@ -43,14 +43,14 @@ class RelayMailboxes:
         return self._boxes[key]
 
     async def send(self, key, report):
-        """From the controller; returns once the trial function has reported it to Tune, or at once when the
+        """From the controller; True once the trial function has reported it to Tune, False (at once) when the
         function no longer receives (it failed, or was stopped): nobody would take the report, and a new box
         for it would outlive the trial."""
         if key in self._discarded:
-            return
+            return False
         reports, reported = self._box(key)
         await reports.put(report)
-        await reported.get()
+        return await reported.get()
 
     async def receive(self, key):
         return await self._box(key)[0].get()
@@ -68,7 +68,7 @@ class RelayMailboxes:
         self._discarded.add(key)
         _, reported = self._boxes.pop(key, (None, None))
         if reported is not None and reported.empty():
-            reported.put_nowait(True)  # releases a controller's send waiting there, if any
+            reported.put_nowait(False)  # releases a controller's send waiting there, if any
 
     async def open_boxes(self):
         return len(self._boxes)
@@ -84,6 +84,10 @@ class RelayMailboxes:
         return (trial_id, step) in self._milestone_rows
 
 
+class TrialFunctionStopped(RuntimeError):
+    """The Tune trial function takes no more reports: raised in the Train controller, which then ends the run."""
+
+
 class TuneRelay(UserCallback):
     """A Train callback whose reports reach Tune through `fit`, which the trial function calls."""
 
@@ -96,7 +100,13 @@ class TuneRelay(UserCallback):
         report = dict(metrics[0])
         if checkpoint is not None:
             report[CHECKPOINT_PATH_KEY] = checkpoint.path
-        ray.get(self._mailboxes.send.remote(self._key, report))
+        if not ray.get(self._mailboxes.send.remote(self._key, report)):
+            # The study was stopped (or the trial function failed) and this report reached no driver. Returning, the
+            # controller would go on to the next report and register its checkpoint, which may lie past a milestone
+            # whose row was never written (a resume from it then fails). Raised here, it ends the run (Ray Train
+            # retries no error of a callback's).
+            raise TrialFunctionStopped(f"the trial function takes no more reports; report {report.get('step')} and "
+                                       "those after it are not registered")
 
     def fit(self, trainer):
         """trainer.fit(), with each of its reports made to Tune from this thread; returns after the last."""

@@ -187,7 +187,7 @@ def test_node_losses_restart_the_trial_from_its_checkpoint(tmp_path, cluster):
     assert trial_actors == sorted([trial_node.node_id, fresh_trial_node.node_id])
 
 
-def test_a_file_a_node_does_not_see_is_named_before_launch(tmp_path, cluster):
+def test_a_file_a_node_does_not_see_is_named_before_launch(tmp_path, cluster, monkeypatch):
     # A multi-node study whose output lay on one node's disk launched and failed its trials one by one (Ray Train's
     # own storage check, at each trial's start); data or eval files a node lacks failed a trial only when it read them.
     # These nodes share one file system: a file removed after the study read it stands for one a node does not see.
@@ -221,6 +221,27 @@ def test_a_file_a_node_does_not_see_is_named_before_launch(tmp_path, cluster):
         rf"path \(shared storage\), as Ray keeps the trials' checkpoints under {re.escape(str(out / 'ray'))}",
         str(err.value)), str(err.value)
     assert list(out.iterdir()) == []
+
+    # FID in Inception's features from torch-fidelity's cache: the trials read the driver's cached file (a node's own
+    # $TORCH_HOME may hold none), which every node must see. It was checked on the driver alone, and a node without
+    # it failed each trial at its first milestone, after training.
+    from core.fid import URL_INCEPTION_V3
+
+    torch_home = tmp_path / "torch-home"
+    cached = torch_home / "hub" / "checkpoints" / URL_INCEPTION_V3.rsplit("/", 1)[1]
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"stands for the weights")
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    study = load(tmp_path, overrides=[f"output={out}", "eval.feature_extractor=inception-v3-compat"], check_data=False)
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        scaling_run.check_shared_storage(study)
+        cached.unlink()
+        with pytest.raises(StudyError) as err:
+            scaling_run.check_shared_storage(study)
+    finally:
+        ray.shutdown()
+    assert f"does not see Inception-v3's weights in torch-fidelity's cache ({cached})" in str(err.value)
 
 
 def start_mlflow(port, store, log):

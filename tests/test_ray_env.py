@@ -154,3 +154,19 @@ def test_a_process_given_no_gpu_sees_none_on_a_node_that_has_one():
         assert ray.get(visible_gpus.options(num_gpus=1).remote()) == "0"
     finally:
         ray.shutdown()
+
+
+def test_a_variable_the_ray_job_sets_stands_and_the_driver_starts(monkeypatch):
+    # `ray job submit --runtime-env-json '{"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2"}}'`: Ray hands the
+    # driver the job's runtime_env and refuses one that sets a variable both set. ray.init raised a ValueError.
+    import json
+
+    job = {"runtime_env": {"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2", "JOB_ONLY": "yes"}}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+    ray.init(runtime_env=study_runtime_env(), **local_ray_options())
+    try:
+        seen = ray.get(ray.remote(num_cpus=0)(lambda: {k: os.environ.get(k) for k in (
+            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "JOB_ONLY", "RAY_TRAIN_METRICS_ENABLED")}).remote())
+    finally:
+        ray.shutdown()
+    assert seen == {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2", "JOB_ONLY": "yes", "RAY_TRAIN_METRICS_ENABLED": "0"}

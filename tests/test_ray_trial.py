@@ -138,7 +138,7 @@ def test_a_trials_evaluation_takes_every_eval_field_of_its_study(tmp_path):
     # Every field a value other than both the study's and EvalConfig's default: one dropped or hard-coded shows.
     from core.evaluate import EvalConfig
     from scaling.ray_trial import eval_config
-    from scaling.study import load_study
+    from scaling.study import cached_inception_weights, load_study
 
     path = tmp_path / "study.yaml"
     path.write_text(textwrap.dedent(f"""\
@@ -163,6 +163,17 @@ def test_a_trials_evaluation_takes_every_eval_field_of_its_study(tmp_path):
     path.write_text(path.read_text().replace("guided_channels: 2", "guided_channels: null"))
     (trial,) = load_study(path, check_data=False).trials
     assert eval_config(trial.to_dict(), tmp_path).guided_channels is None
+    # The study's weights file stands; without one, the trials read the file the driver found in torch-fidelity's
+    # cache (scaling.study.cached_inception_weights), not whatever cache their node has.
+    assert eval_config(trial.to_dict(), tmp_path, "/cache/w.pth").feature_extractor_weights == str(
+        tmp_path / "weights" / "inception.pth")
+    path.write_text(path.read_text().replace("feature_extractor_weights: weights/inception.pth",
+                                             "feature_extractor_weights: null"))
+    study = load_study(path, check_data=False)
+    cached = cached_inception_weights(study.raw["eval"])
+    assert cached == str(Path(torch.hub.get_dir()) / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth")
+    assert eval_config(study.trials[0].to_dict(), tmp_path, cached).feature_extractor_weights == cached
+    assert cached_inception_weights({**study.raw["eval"], "feature_extractor": "digits"}) is None
 
 
 def test_a_milestone_without_fid_draws_the_grid_it_draws_with_fid(tmp_path, monkeypatch):

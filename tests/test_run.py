@@ -158,6 +158,8 @@ def test_end_to_end_and_rerun_skips_finished(tmp_path):
     assert back.fid == pytest.approx(lost.fid.iloc[0], rel=1e-3)
     client, parents, children = mlflow_runs(out)
     assert len(children) == 4
+    # Each driver run's wall time and efficiency at a step of its own, the first run's kept.
+    assert [m.step for m in client.get_metric_history(parents[0].info.run_id, "wall_time_s")] == [0, 1]
 
     # A driver that ended while its tracking server was away leaves its runs open: the replay
     # closes the finished ones, with the status the driver gives them.

@@ -823,6 +823,26 @@ def test_cluster_too_small(tmp_path):
                               "CPUs, the cluster has 2")
 
 
+def test_a_worker_that_fits_on_no_node_is_refused(tmp_path):
+    # Enough CPUs in the cluster, but not on any one node: the trial's placement group waited for such a node for
+    # ever (Ray Train retries it without end), its trial "started" at step 0 and the study never ended.
+    study = load(tmp_path, overrides=["resources.cpus_per_worker=12"])
+    eight = {"CPU": 8.0, "memory": 1e10}
+    with pytest.raises(StudyError) as err:
+        check_cluster(study, {"CPU": 16.0}, [eight, eight])
+    assert str(err.value) == ("--set resources.cpus_per_worker=12: resources.cpus_per_worker: a worker needs 12 CPUs "
+                              "on one node; the cluster's nodes have 8 CPUs")
+    check_cluster(study, {"CPU": 20.0}, [eight, {"CPU": 12.0}])
+    # GPUs on nodes with too few CPUs for one worker, and CPUs on nodes with no GPU.
+    study = load(tmp_path, overrides=["resources.cpus_per_worker=8", "resources.gpus_per_worker=1"])
+    gpu_node, cpu_node = {"CPU": 4.0, "GPU": 8.0}, {"CPU": 64.0}
+    with pytest.raises(StudyError) as err:
+        check_cluster(study, {"CPU": 68.0, "GPU": 8.0}, [gpu_node, cpu_node])
+    assert str(err.value).endswith("resources.cpus_per_worker: a worker needs 8 CPUs and 1 GPUs on one node; the "
+                                   "cluster's nodes have 4 CPUs and 8 GPUs, 64 CPUs and 0 GPUs")
+    check_cluster(study, {"CPU": 72.0, "GPU": 8.0}, [gpu_node, cpu_node, {"CPU": 8.0, "GPU": 1.0}])
+
+
 def test_dry_run_of_a_study_to_resume(tmp_path):
     out = tmp_path / "out"
     study = load(tmp_path, BASE + f"output: {out}\n")

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -36,8 +38,25 @@ def test_a_discarded_mailbox_releases_its_sender_and_takes_no_more_reports():
         assert ray.get(boxes.receive.remote("k"), timeout=30) == {"i": 0}
         assert ray.wait([pending], timeout=1)[1] == [pending]  # waits for the report to reach Tune
         ray.get(boxes.discard.remote("k"))
-        assert ray.get(pending, timeout=30) is None
-        assert ray.get(boxes.send.remote("k", {"i": 1}), timeout=30) is None
+        assert ray.get(pending, timeout=30) is False  # not reported to Tune: the controller stops there
+        assert ray.get(boxes.send.remote("k", {"i": 1}), timeout=30) is False
+        # Delivered: True.
+        delivered = boxes.send.remote("j", {"i": 0})
+        assert ray.get(boxes.receive.remote("j"), timeout=30) == {"i": 0}
+        ray.get(boxes.mark_reported.remote("j"))
+        assert ray.get(delivered, timeout=30) is True
+        ray.get(boxes.close.remote("j"))
+        assert ray.get(boxes.receive.remote("j"), timeout=30) is None
+        ray.get(boxes.discard.remote("j"))
+        # The controller's callback raises on a report no trial function took: returning, the controller would
+        # register the next report's checkpoint, maybe past a milestone whose row was never written.
+        from scaling.tune_relay import TrialFunctionStopped, TuneRelay
+
+        named = RelayMailboxes.options(name="relay-test").remote()
+        relay = TuneRelay("relay-test")
+        ray.get(named.discard.remote(relay._key))
+        with pytest.raises(TrialFunctionStopped, match="report 7 and those after it are not registered"):
+            relay.after_report(None, [{"step": 7}], None)
         ray.get(boxes.close.remote("k"), timeout=30)  # fit() returns after its function stopped receiving
         assert ray.get(boxes.open_boxes.remote()) == 0
     finally:
