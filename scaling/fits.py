@@ -113,7 +113,13 @@ class Fit:
         interval, and every term changes)."""
         ci = self.intervals(level)
         out = [problem] if (problem := self.interval_problem()) else []
+        if self.n_boot and len(self.boot) < 0.9 * self.n_boot:
+            out.append(f"{self.n_boot - len(self.boot)} of {self.n_boot} resamples could not be fitted and are left "
+                       "out: the intervals may be narrower than the data allow")
+        flat = self._flat_terms()
         for name, (low, high) in self.limits.items():
+            if name in flat:  # an exponent at (or near) 0: its sentence says more than "at its limit 0"
+                continue
             value = self.params[self.law.names.index(name)]
             at = [b for b in (low, high) if b is not None and np.isclose(value, b, rtol=1e-6, atol=0)]
             reached = [b for b, end in ((low, ci[name][0]), (high, ci[name][1]))
@@ -127,20 +133,20 @@ class Fit:
                 out.append(f"{name} = {value:.3g} is at its limit {at[0]:g}")
             elif reached:
                 out.append(f"{interval} reaches its limit {reached[0]:g}")
-        said = {s.split(" ")[0] for s in out}  # an exponent at its limit 0 is reported already
-        return out + [s for name, s in self._flat_terms() if name not in said]
+        return out + list(flat.values())
 
     def _flat_terms(self):
-        """(name, sentence) of each exponent so near 0 that its term is almost constant over the points."""
+        """{name: sentence} of each exponent so near 0 that its term is almost constant over the points."""
         # E and that term's coefficient then trade off along a flat valley, unidentified; the bootstrap's refits,
         # started at the estimate, stay where they start, so their intervals can even have zero width.
-        out = []
+        out = {}
         for name, span in self.spans.items():
             value = self.params[self.law.names.index(name)]
             if value * span < FLAT_TERM:
-                out.append((name, f"{name} = {value:.3g} leaves its term within {np.expm1(value * span):.1%} of "
-                                  "constant over the points: E and that term's coefficient cannot be told apart, "
-                                  "whatever their intervals say"))
+                change = ("is at its limit 0, its term constant" if value == 0 else
+                          f"leaves its term within {np.expm1(value * span):.1%} of constant")
+                out[name] = (f"{name} = {value:.3g} {change} over the points: E and that term's coefficient cannot be "
+                             "told apart, whatever their intervals say")
         return out
 
     def to_dict(self, level=CI_LEVEL):

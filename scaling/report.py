@@ -10,9 +10,9 @@ import base64
 import html
 import json
 import math
+import secrets
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -331,7 +331,7 @@ def correlation_table(a):
     slope = f"{f.params[1]:.4f}" if f else "–"
     if f and a.n_boot:
         low, high = f.intervals()["b"]
-        slope += f" [{low:.4f}, {high:.4f}]"
+        slope += f" [{_num(low)}, {_num(high)}]"  # – for a fit with no interval (Fit.interval_problem)
     return Table("Correlation of final FID with log10 Gflops",
                  ["n", "Pearson r", "p", "Spearman ρ", "p", "log-log slope" + _ci_label(a, " ({} CI)")],
                  [[str(c["n"]), f"{c['pearson_r']:.4f}", f"{c['pearson_p']:.3g}", f"{c['spearman_rho']:.4f}",
@@ -595,8 +595,10 @@ def build_report(results, out=None, n_boot=N_BOOT, seed=0, processes=1):
     with parallel_fits(processes):  # the L-BFGS fits: most of a report's time
         a = analyze(df, n_boot, seed)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    # Named before it is made, unlike mkdtemp's: a Ctrl-C or SIGTERM arriving as it is made would leave it.
+    tmp = target.parent / f".{target.name}.tmp-{secrets.token_hex(4)}"
     try:
+        tmp.mkdir(mode=0o700)
         figs = draw_figures(a, tmp)
         tabs = tables(a)
         (tmp / "report.md").write_text(markdown(a, figs, tabs), encoding="utf-8")

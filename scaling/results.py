@@ -6,7 +6,7 @@ says what a study's output already holds.
 """
 import json
 import os
-import tempfile
+import secrets
 from importlib import resources
 from pathlib import Path
 
@@ -15,7 +15,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from core.file_mode import give_new_file_mode
 
 RESULTS_FILE = "results.parquet"
 CURVES_FILE = "loss_curves.parquet"
@@ -123,16 +122,17 @@ def write_table(rows_or_df, path, schema):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     table = to_table(rows_or_df, schema)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # Named before it is made, unlike mkstemp's: a Ctrl-C or SIGTERM (raised in the driver) arriving as it is made,
+    # before its name is known, would leave it. Opened as a plain new file: its mode is what the umask gives.
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             pq.write_table(table, f)
             f.flush()
             os.fsync(f.fileno())
-        give_new_file_mode(tmp)  # mkstemp makes the file private (0600), and the rename would keep that
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
 

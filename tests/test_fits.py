@@ -316,6 +316,22 @@ def test_isoflop_replicates_need_3_budgets_as_the_estimate_does(monkeypatch):
     for fit in (iso.n_opt, iso.steps_opt):
         assert 0 < len(fit.boot) < 200  # some resamples lack 3 budgets with an optimum: dropped
         assert fit.to_dict()["n_boot_converged"] == len(fit.boot)
+        # More than a tenth dropped is said: the resamples left are the well-behaved ones.
+        note = (f"{200 - len(fit.boot)} of 200 resamples could not be fitted and are left out: the intervals may be "
+                "narrower than the data allow")
+        assert (note in fit.unsettled()) == (len(fit.boot) < 180)
+
+
+def test_a_fit_whose_resamples_often_fail_says_its_intervals_may_be_too_narrow():
+    # Four trials: a third of the resamples hold fewer than 3 distinct ones and cannot be fitted. Dropped silently,
+    # they left an interval from the well-behaved resamples alone, narrower than the data allow.
+    x = np.array([1e9, 1e10, 1e11, 1e12])
+    fit = fit_law(POWER_LAW, x, 100 * x ** -0.35 * np.array([1.05, 0.97, 1.02, 0.96]), n_boot=200)
+    dropped = 200 - len(fit.boot)
+    assert 40 < dropped < 120
+    assert f"{dropped} of 200 resamples could not be fitted and are left out: the intervals may be narrower than " \
+           "the data allow" in fit.unsettled()
+    assert fit_law(POWER_LAW, x, 100 * x ** -0.35, n_boot=0).unsettled() == []
 
 
 def test_an_exponent_near_0_says_its_floor_is_not_identified():
@@ -330,4 +346,6 @@ def test_an_exponent_near_0_says_its_floor_is_not_identified():
     assert fit.to_dict()["unsettled"] == fit.unsettled() and fit.params[2] * np.log(1e4) < fits.FLAT_TERM
     at_zero = fits.Fit(SATURATING_POWER_LAW, np.array([0.1, 0.1, 0.0]), fit.boot, 8, 8, 50, {"alpha": (0.0, 3.0)},
                        fit.spans)
-    assert at_zero.unsettled() == ["alpha = 0 is at its limit 0"]  # said once
+    # At its limit 0, said once, and what it means: the bootstrap's intervals of E and A are no measure there.
+    assert at_zero.unsettled() == ["alpha = 0 is at its limit 0, its term constant over the points: E and that term's "
+                                   "coefficient cannot be told apart, whatever their intervals say"]

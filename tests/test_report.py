@@ -175,7 +175,8 @@ def test_a_failure_after_the_last_milestone_leaves_the_trial_ok():
     assert (analyze(df, n_boot=10).ok.status == "ok").all()  # the late row is in no fit
 
 
-@pytest.mark.parametrize("case", ["one row", "two trials", "no FID", "all failed", "single step", "unfinished"])
+@pytest.mark.parametrize("case", ["one row", "two trials", "three trials", "no FID", "all failed", "single step",
+                                  "unfinished"])
 def test_tiny_studies_give_notes_not_crashes(tmp_path, case):
     rows = pd.DataFrame(synthetic_rows())
     rows = rows[rows.status == "ok"]
@@ -183,6 +184,8 @@ def test_tiny_studies_give_notes_not_crashes(tmp_path, case):
         rows = rows.iloc[[5]]
     elif case == "two trials":
         rows = rows[rows.model.isin(["DiT-S/2", "DiT-B/2"])]
+    elif case == "three trials":
+        rows = rows[rows.model.isin(["DiT-S/2", "DiT-B/2", "DiT-L/2"])]
     elif case == "no FID":
         rows = rows.assign(fid=np.nan)
     elif case == "all failed":
@@ -203,6 +206,9 @@ def test_tiny_studies_give_notes_not_crashes(tmp_path, case):
         assert fits["correlation_fid_log10_gflops"] is None
         assert set(fits["fits"]) == {"fid_vs_compute", "loss_vs_compute"}
         assert any("3 distinct model sizes N, got 2" in n for n in fits["notes"])
+    if case == "three trials":  # a fit with no interval (three trials): a dash in every table, never "nan"
+        assert fits["correlation_fid_log10_gflops"]["n"] == 3
+        assert "nan" not in (out / "report.md").read_text() and "nan" not in (out / "index.html").read_text()
     if case == "no FID":
         assert fits["correlation_fid_log10_gflops"] is None and "fid_vs_gflops" not in fits["fits"]
         assert (out / "fig3_loss_vs_compute.png").is_file() and not (out / "fig1_fid_vs_gflops.png").exists()
