@@ -3,6 +3,7 @@ import hashlib
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, TensorDataset
@@ -68,7 +69,12 @@ def load_image(path):
     """An image file as an RGB PIL image, read where it is needed (no scan up front); UnreadableImage names it."""
     try:
         with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
+            image = Image.open(f)
+            if image.mode.startswith("I;16"):  # 16-bit grey: convert() clips it to 255, near white; scale it down
+                image = Image.fromarray((np.asarray(image, np.uint16) >> 8).astype(np.uint8), "L")
+            elif image.mode in ("I", "F"):  # 32-bit grey of no set range: no 8-bit image to make of it
+                raise ValueError(f"PIL mode {image.mode}: 32-bit grey of no set range; save it with 8 or 16 bits")
+            return image.convert("RGB")
     # PIL reports a bad file by format and stage: OSError (truncated), SyntaxError (a broken PNG), ValueError,
     # struct.error, DecompressionBombError, ... any of them means this file, named, is not a usable image.
     except UnidentifiedImageError:

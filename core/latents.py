@@ -170,11 +170,44 @@ def check_shard(file, num_images, latent_shape):
 
 
 def available_memory():
-    """Bytes of memory free on this machine (Linux), or None when unknown."""
+    """Bytes of memory this process may still take (Linux): the machine's free memory, or less where its control group
+    (a container's, a Kubernetes pod's) has less left under its limit; None when unknown."""
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
+    headroom = cgroup_headroom()
+    return free if headroom is None else min(free, headroom)
+
+
+def cgroup_headroom(root="/sys/fs/cgroup", own="/proc/self/cgroup"):
+    """The least memory left under the limit of this process's control group and those above it (v2 or v1), None
+    when none sets one (or they cannot be read)."""
+    try:
+        lines = Path(own).read_text().splitlines()
+    except OSError:
+        return None
+    left = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2: one hierarchy
+            files, base = ("memory.max", "memory.current"), Path(root)
+        elif "memory" in controllers.split(","):
+            files, base = ("memory.limit_in_bytes", "memory.usage_in_bytes"), Path(root) / "memory"
+        else:
+            continue
+        folder = base / path.lstrip("/")
+        for d in (folder, *folder.parents):  # a group's parents limit it too; the root has no limit files
+            if not d.is_relative_to(base):
+                break
+            try:
+                limit, used = ((d / name).read_text().strip() for name in files)
+                limit, used = int(limit), int(used)
+            except (OSError, ValueError):  # no such files there, or "max" (v2's no limit)
+                continue
+            if limit < 2 ** 62:  # v1's no limit: the largest page-aligned 64-bit value
+                left.append(max(limit - used, 0))
+    return min(left, default=None)
 
 
 class LatentShards(Dataset):
@@ -197,8 +230,8 @@ class LatentShards(Dataset):
         self.files = [str(self.path / s["file"]) for s in self.meta["shards"]]
         self.starts = np.cumsum([0] + [s["num_images"] for s in self.meta["shards"]]).tolist()
         num_bytes = self.meta["num_images"] * len(VIEWS) * int(np.prod(self.meta["latent_shape"])) * 4
-        free = available_memory()
-        self.in_memory = in_memory if in_memory is not None else free is None or num_bytes <= free // 8
+        free = available_memory()  # unknown: read from the shards, as a folder too large would be
+        self.in_memory = in_memory if in_memory is not None else free is not None and num_bytes <= free // 8
         self.labels = torch.cat([self._read(f, "labels") for f in self.files])  # (N,)
         num_classes = len(self.meta["classes"])
         bad = ((self.labels < 0) | (self.labels >= num_classes)).nonzero().flatten()
@@ -209,11 +242,22 @@ class LatentShards(Dataset):
                                  f"{i - self.starts[k]} is not one of the {num_classes} classes of {META}")
         self.latents = None
         if self.in_memory:
-            self.latents = torch.cat([self._read(f, "latents") for f in self.files])  # (N, 2, C, h, w)
-            finite = torch.isfinite(self.latents).flatten(1).all(1)  # (N,)
-            if not finite.all():  # trained on, it would read as a run that diverged
-                self._not_finite(int((~finite).nonzero()[0]))
+            self.latents = self._load()
         self._handles = {}
+
+    def _load(self):
+        """Every shard's latents in one tensor (N, 2, C, h, w), each copied into its place as read: the memory it
+        takes is the tensor's and one shard's (a cat of them all took twice the tensor's, the node's ranks at once)."""
+        # The shards' headers were checked against the meta (read_meta): float32, these shapes.
+        latents = torch.empty((self.starts[-1], len(VIEWS), *self.meta["latent_shape"]), dtype=torch.float32)
+        for k, file in enumerate(self.files):
+            part = self._read(file, "latents")  # (n_k, 2, C, h, w)
+            finite = torch.isfinite(part).flatten(1).all(1)  # (n_k,)
+            if not finite.all():  # trained on, it would read as a run that diverged
+                self._not_finite(self.starts[k] + int((~finite).nonzero()[0]))
+            latents[self.starts[k]:self.starts[k + 1]] = part
+            del part
+        return latents
 
     def _not_finite(self, i):
         k = bisect_right(self.starts, i) - 1

@@ -4,6 +4,8 @@ import os
 import re
 import shutil
 import subprocess
+import sys
+import textwrap
 from collections import Counter
 from pathlib import Path
 
@@ -14,7 +16,9 @@ from PIL import Image
 
 from core.data import ShardedBatchSampler, build_dataset, center_crop, dataset_info
 from core.digits import bundled_digits, digits_arrays
-from core.latents import encode_id
+from core.latents import LatentShards, encode_id
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def make_folder(root, sizes=((40, 24), (24, 40), (33, 33)), classes=("zebra", "ant", "moth")):
@@ -704,3 +708,89 @@ def test_abandoned_encodes_are_removed_and_a_running_one_is_respected(tmp_path, 
     assert f"removed {running}," in caplog.text  # its encode has ended since
     assert f"removed {replaced}, an earlier encode into {out} that a later one replaced" in caplog.text
     assert f"removed {exchanged}, an earlier encode into {out} that a later one replaced" in caplog.text
+
+
+def test_latents_held_in_memory_take_their_own_size_not_three_times_it(encoded, tmp_path):
+    # Loading read every shard, then concatenated them (a second copy) and checked them (a quarter more): 2.8 times
+    # the latents' size at once, in every rank of a node, where the rule for holding them left room for one.
+    from safetensors.torch import save_file
+
+    root, _ = encoded
+    meta = json.loads((root / "latents" / "meta.json").read_text())
+    per_shard, shape = 1600, [4, 32, 32]
+    folder = tmp_path / "big"
+    folder.mkdir()
+    for k in range(4):
+        save_file({"latents": torch.randn(per_shard, 2, *shape), "labels": torch.zeros(per_shard, dtype=torch.int64),
+                   "indices": torch.arange(k * per_shard, (k + 1) * per_shard)},
+                  str(folder / f"shard-{k:05d}.safetensors"))
+    meta.update(num_images=4 * per_shard, latent_shape=shape,
+                shards=[{"file": f"shard-{k:05d}.safetensors", "num_images": per_shard} for k in range(4)])
+    (folder / "meta.json").write_text(json.dumps(meta))
+    size = 4 * per_shard * 2 * 4 * 32 * 32 * 4  # 210 MB
+    script = textwrap.dedent(f"""\
+        import torch
+        from core.latents import LatentShards
+
+        def peak():
+            with open("/proc/self/status") as f:
+                return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+        before = peak()
+        data = LatentShards({str(folder)!r}, in_memory=True)
+        assert data.latents.shape == (6400, 2, 4, 32, 32)
+        print(peak() - before)
+        """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    grown = int(proc.stdout.split()[-1])
+    # The tensor, and one shard read (its copy, and its file's pages while mapped): 1.66 times the size here, with a
+    # quarter of the latents a shard (2.8 times before).
+    assert size < grown < 2 * size, grown / size
+    # Held in memory, the same latents as read from the shards one by one.
+    held, lazy = LatentShards(folder, in_memory=True), LatentShards(folder, in_memory=False)
+    for j in (0, 1, 3199, 3200, 12799):
+        assert torch.equal(held[j][0], lazy[j][0])
+
+
+def test_the_memory_left_counts_a_control_groups_limit(tmp_path):
+    # A container's (a Kubernetes pod's) limit: the machine's free memory said the latents fit when the pod had
+    # far less left, and every rank of the trial was killed at its start.
+    from core.latents import available_memory, cgroup_headroom
+
+    def group(folder, files):
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (folder / name).write_text(text)
+
+    v2 = tmp_path / "v2"
+    group(v2 / "pod", {"memory.max": "1000000", "memory.current": "300000"})
+    group(v2 / "pod" / "job", {"memory.max": "max", "memory.current": "100000"})
+    (tmp_path / "own-v2").write_text("0::/pod/job\n")
+    assert cgroup_headroom(v2, tmp_path / "own-v2") == 700000  # the pod's limit binds its job
+    v1 = tmp_path / "v1"
+    group(v1 / "memory" / "pod", {"memory.limit_in_bytes": "5000000", "memory.usage_in_bytes": "1000000"})
+    group(v1 / "memory", {"memory.limit_in_bytes": "9223372036854771712", "memory.usage_in_bytes": "7000000"})
+    (tmp_path / "own-v1").write_text("5:cpuacct,cpu:/pod\n4:memory:/pod\n0::/\n")
+    assert cgroup_headroom(v1, tmp_path / "own-v1") == 4000000
+    (tmp_path / "own-none").write_text("4:memory:/\n")
+    assert cgroup_headroom(v1, tmp_path / "own-none") is None  # the root's "limit" is none
+    assert cgroup_headroom(v1, tmp_path / "missing") is None
+    # This machine: at most its free memory.
+    assert 0 < available_memory() <= os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 1.05
+
+
+def test_a_16_bit_grey_image_is_scaled_not_clipped_to_white(tmp_path):
+    # PIL's convert("RGB") clips 16-bit values at 255: a 16-bit PNG trained as a nearly white image, silently.
+    from core.data import UnreadableImage, load_image
+
+    ramp = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    loaded = np.asarray(load_image(tmp_path / "deep.png"))  # (64, 64, 3)
+    assert loaded.shape == (64, 64, 3) and (loaded == (ramp >> 8)[..., None]).all()
+    # 32-bit grey has no range to scale from: named, as an unreadable image is.
+    Image.fromarray(ramp.astype(np.int32)).save(tmp_path / "deeper.tif")
+    with pytest.raises(UnreadableImage, match=re.escape(f"image {tmp_path / 'deeper.tif'} cannot be read: ValueError: "
+                                                        "PIL mode I: 32-bit grey of no set range")):
+        load_image(tmp_path / "deeper.tif")
