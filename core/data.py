@@ -65,15 +65,24 @@ class UnreadableImage(DataError):
     """An image file that cannot be decoded; the message names the file."""
 
 
+def _as_16_bit(image):
+    """A grey image of 32-bit integers or floats as 16-bit ("I;16"), when its values are 16-bit ones."""
+    values = np.asarray(image)
+    if values.size and (values.min() < 0 or values.max() > 65535 or not np.array_equal(values, values.round())):
+        raise ValueError(f"PIL mode {image.mode}: grey values outside 16 bits ({values.min():g} to {values.max():g}); "
+                         "save it with 8 or 16 bits")
+    return Image.fromarray(values.astype(np.uint16))  # (H, W) uint16: "I;16"
+
+
 def load_image(path):
     """An image file as an RGB PIL image, read where it is needed (no scan up front); UnreadableImage names it."""
     try:
         with open(path, "rb") as f:
             image = Image.open(f)
+            if image.mode in ("I", "F"):
+                image = _as_16_bit(image)  # 16-bit grey as PIL opens a PGM, or a PNG before Pillow 10.3
             if image.mode.startswith("I;16"):  # 16-bit grey: convert() clips it to 255, near white; scale it down
-                image = Image.fromarray((np.asarray(image, np.uint16) >> 8).astype(np.uint8), "L")
-            elif image.mode in ("I", "F"):  # 32-bit grey of no set range: no 8-bit image to make of it
-                raise ValueError(f"PIL mode {image.mode}: 32-bit grey of no set range; save it with 8 or 16 bits")
+                image = Image.fromarray((np.asarray(image, np.uint16) >> 8).astype(np.uint8))  # (H, W) uint8: "L"
             return image.convert("RGB")
     # PIL reports a bad file by format and stage: OSError (truncated), SyntaxError (a broken PNG), ValueError,
     # struct.error, DecompressionBombError, ... any of them means this file, named, is not a usable image.

@@ -113,7 +113,7 @@ class Fit:
         interval, and every term changes)."""
         ci = self.intervals(level)
         out = [problem] if (problem := self.interval_problem()) else []
-        if self.n_boot and len(self.boot) < 0.9 * self.n_boot:
+        if self.n_boot and len(self.boot) < 0.9 * self.n_boot and not problem:
             out.append(f"{self.n_boot - len(self.boot)} of {self.n_boot} resamples could not be fitted and are left "
                        "out: the intervals may be narrower than the data allow")
         flat = self._flat_terms()

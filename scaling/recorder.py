@@ -12,18 +12,17 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import pandas as pd
 import ray
 from ray.tune import Callback
 
 from core.flops import training_compute
 from scaling.held_logs import HELD_LOGS_KEY
+from scaling.mlflow_backfill import EVAL_METRICS, LOG_METRICS, log_missing
 from scaling.ray_trial import KIND_END, KIND_LOG, KIND_MILESTONE
 from scaling.results import (CURVES_FILE, LOSS_CURVES_SCHEMA, RESULTS_FILE, RESULTS_SCHEMA, load_curves, load_results,
                              row_config, write_table)
 
-LOG_METRICS = ("train_loss", "lr", "images_per_s", "achieved_tflops", "mfu")
-EVAL_METRICS = ("val_loss", "val_mse", "val_loss_ema", "fid", "fid_floor", "kid", "precision", "recall",
-                "inception_score", "eval_time_s", "sample_images_per_s")
 MAX_TAG_LENGTH = 5000  # what MLflow stores of a tag value at most
 STATUS_TAG = "dit_scaling.status"  # running, then how the trial ended: ok, diverged, failed or killed
 MAX_STEPS_TAG = "dit_scaling.max_steps"  # the steps the trial trains to now (scaling.continuation may add some)
@@ -107,11 +106,17 @@ class Recorder(Callback):
         for trial_id in trial_ids:
             self._run_id(trial_id, status="SCHEDULED")
 
-    def close_ended_runs(self, trial_ids):
-        """End the runs still open of finished trials (trial_ids): a driver killed after a trial's last row, before
-        it ended its run, left it RUNNING. FINISHED, or FAILED for a diverged trial, as the driver ends them."""
+    def catch_up_runs(self, finished):
+        """The runs a killed driver left open: what Parquet holds and they lack is logged to them (a milestone's row
+        is written before its metrics go to MLflow, and the trial does not measure it again), and those of finished
+        trials are ended as the driver ends them: FINISHED, or FAILED for a diverged trial."""
         open_runs = self.tracker.open_child_runs()
-        for trial_id in trial_ids:
+        rows = [r for r in self.rows.values() if r["trial_id"] in open_runs]
+        if rows:
+            curves = pd.DataFrame([r for r in self.curves.values() if r["trial_id"] in open_runs],
+                                  columns=["trial_id", "step", *LOG_METRICS])
+            log_missing(self.tracker, pd.DataFrame(rows), curves)
+        for trial_id in finished:
             if trial_id in open_runs:
                 ok = self._measured_every_milestone(self.trials[trial_id])
                 self.tracker.set_tags(open_runs[trial_id], {STATUS_TAG: "ok" if ok else "diverged"})

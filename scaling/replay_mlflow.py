@@ -21,7 +21,7 @@ from mlflow.exceptions import MlflowException
 from sqlalchemy.exc import SQLAlchemyError
 
 from scaling.continuation import continue_recorded_runs
-from scaling.recorder import EVAL_METRICS, LOG_METRICS
+from scaling.mlflow_backfill import log_missing
 from scaling.results import CURVES_FILE, load_curves, load_results, results_path
 from scaling.run import sqlite_open_problem, sqlite_store
 from scaling.study import StudyError, load_study
@@ -52,7 +52,7 @@ def replay(output, uri=None):
         # study's runs of the folder it ran in (study.yaml's output), also when that folder was moved since.
         tracker = StudyTracker(uri, study.raw["tracking"]["experiment"] or study.name, study.name, study.output,
                                reopen=False)
-        logged = _log_missing(tracker, results, curves)
+        logged = log_missing(tracker, results, curves)
         close_finished_runs(tracker, study, results)
         answered = tracker.flush(force=True)
     except STORE_ERRORS as e:
@@ -154,41 +154,6 @@ def _store_error(e, uri, where):
         return ReplayError(f"MLflow at {uri} still does not answer ({reason}); nothing was lost: run this again "
                            f"later", EXIT_AWAY)
     return ReplayError(f"{where}: MLflow cannot use the store {uri} ({reason})")
-
-
-def _log_missing(tracker, results, curves):
-    """Log each trial's loss curve and milestone rows at the steps its run lacks (gaps too: calls an interrupted
-    driver still had queued, or MLflow refused); returns the points logged."""
-    logged = 0
-    for trial_id, rows in results.groupby("trial_id"):
-        run_id = tracker.child_run(trial_id, json.loads(rows.config_json.iloc[0]))
-        have_log = tracker.logged_steps(run_id, "train_loss")
-        for r in curves[curves.trial_id == trial_id].sort_values("step").to_dict("records"):
-            if r["step"] not in have_log:
-                tracker.log_metrics(run_id, {k: r.get(k) for k in LOG_METRICS}, r["step"])
-                logged += 1
-        # The driver logs train_compute with every milestone row; val_loss only where there is one
-        # (train.val_batch 0 has none), but drivers before train_compute logged it.
-        have_eval = tracker.logged_steps(run_id, "train_compute") | tracker.logged_steps(run_id, "val_loss")
-        for r in rows.sort_values("step").to_dict("records"):
-            if r["status"] == "ok" and r["step"] not in have_eval:
-                tracker.log_metrics(run_id, {k: r.get(k) for k in (*EVAL_METRICS, "gflops", "params", "train_compute")},
-                                    r["step"])
-                logged += 1
-        logged += _replay_overhead(tracker, run_id, rows)
-    return logged
-
-
-def _replay_overhead(tracker, run_id, rows):
-    """The trial's start-up and teardown, as the driver logs them, when its run lacks them; the points logged."""
-    logged = 0
-    for key, latest in (("startup_s", False), ("teardown_s", True)):  # the first start-up, the last teardown
-        measured = rows[rows[key].notna()].sort_values("step")
-        if len(measured) and tracker.last_logged_step(run_id, key) < 0:
-            row = measured.iloc[-1 if latest else 0]
-            tracker.log_metrics(run_id, {key: row[key]}, row["step"])
-            logged += 1
-    return logged
 
 
 def close_finished_runs(tracker, study, results):

@@ -328,7 +328,7 @@ def tables(a):
 def correlation_table(a):
     """Pearson and Spearman correlations of final FID with log10 Gflops, and the log-log slope."""
     c, f = a.correlation, a.fits.get("fid_vs_gflops")
-    slope = f"{f.params[1]:.4f}" if f else "–"
+    slope = _num(f.params[1]) if f else "–"
     if f and a.n_boot:
         low, high = f.intervals()["b"]
         slope += f" [{_num(low)}, {_num(high)}]"  # – for a fit with no interval (Fit.interval_problem)

@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import http.client
 import logging
+import math
 import os
 import shlex
 import shutil
@@ -405,9 +406,11 @@ def check_experiment(study, uri):
     """The study's experiment at uri must not be a deleted one: the driver would fail on it after Ray's start."""
     from scaling.tracking import deleted_experiment
 
+    from scaling.tracking import store_scheme
+
     store = sqlite_store(uri)
-    if store is not None and not store.exists():
-        return  # a SQLite store the driver makes: no experiment yet (and the check makes no file)
+    if store is not None and not store.exists() or store_scheme(uri) in ("", "file"):
+        return  # a store the driver makes: no experiment yet (opening a file store would make its folders)
     experiment = study.raw["tracking"]["experiment"]
     try:
         problem = deleted_experiment(uri, experiment)
@@ -541,7 +544,7 @@ def _run_trials(study, build_report, report_dir):
     print(f"MLflow: {uri}" + (f"   ({mlflow_ui_command(uri)})" if sqlite_store(uri) else ""))
     recorder = Recorder(study, tracker, progress)
     recorder.open_runs(t.trial_id for t in todo)  # now, while MLflow answers (checked before launch)
-    recorder.close_ended_runs(done)  # finished trials whose runs a killed driver left open
+    recorder.catch_up_runs(done)  # the runs a killed driver left open
     started = time.time()
     try:
         if todo:
@@ -612,7 +615,7 @@ def _run_trials(study, build_report, report_dir):
         print(f"study efficiency: {efficiency:.0%} of {slots} trial slot(s) × {wall:.0f} s spent training or "
               "evaluating")
         # One step per driver run of the study (a resumed one's own figures, not a value over the first's).
-        session = max(tracker.logged_steps(tracker.parent_run_id, "wall_time_s"), default=-1) + 1
+        session = tracker.last_logged_step(tracker.parent_run_id, "wall_time_s") + 1
         tracker.log_metrics(tracker.parent_run_id, {"wall_time_s": wall, "efficiency": efficiency}, session)
     tracker.flush(force=True)  # the server may be back: try now, whatever the retry interval
     failed = recorder.failed_count()
@@ -636,6 +639,8 @@ def end_runs(recorder, tracker, unfinished, status, retry=True):
     """A study that stopped before its trials ended: the runs of those that started end KILLED, the study's with
     status (KILLED, or FAILED for the driver's own error). retry: try a server that is away once more now, whatever
     the retry interval (not after a second Ctrl-C, which should not wait on its timeouts)."""
+    if not retry and tracker.pending:  # the server is away: queue these too rather than wait on it again
+        tracker.retry_at = math.inf
     recorder.interrupted(unfinished)
     tracker.finish(tracker.parent_run_id, status)
     if retry:

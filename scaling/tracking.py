@@ -28,9 +28,9 @@ ROLE_TAG, OUTPUT_TAG, TRIAL_TAG, PARENT_TAG = "dit_scaling.role", "dit_scaling.o
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 RETRY_INTERVAL_S = 5.0  # before the first attempt to replay the queue while the server is away
 MAX_RETRY_INTERVAL_S = 120.0  # the longest wait between attempts (each may cost HTTP timeouts: 20 s)
-# MLflow's error codes for a call that no retry changes: the run or experiment is deleted, a value is refused.
-REFUSALS = {"INVALID_PARAMETER_VALUE", "INVALID_STATE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS",
-            "BAD_REQUEST"}
+# MLflow's error codes for a call that no retry changes: the run or experiment is deleted, a value is refused. Not
+# BAD_REQUEST: its SQL stores give that to a full connection pool or a dropped connection too, which pass.
+REFUSALS = {"INVALID_PARAMETER_VALUE", "INVALID_STATE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS"}
 # MLflow reads these per request; the driver is the only MLflow user in its process. Set in the
 # environment, they win.
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -65,6 +65,7 @@ class StudyTracker:
         self.retry_at = 0.0  # time.monotonic() before which the queue is not replayed
         self.retry_interval = RETRY_INTERVAL_S  # the wait after the next failed attempt
         self.refused = 0  # calls MLflow refused, dropped
+        self.refused_runs = set()  # the runs they were for, each warned of once
         output_dir = str(Path(output_dir).resolve())
         self.output_dir = output_dir
         exp = self.client.get_experiment_by_name(experiment)
@@ -212,10 +213,13 @@ class StudyTracker:
         if not (isinstance(e, MlflowException) and e.error_code in REFUSALS):
             return False
         self.refused += 1
-        logger.warning("MLflow refused %s for run %s (%s); not retried. `python -m scaling.replay_mlflow %s` logs "
-                       "the study's measurements again from its Parquet files", getattr(fn, "__name__", fn),
-                       args[0] if args else "?", e.message.splitlines()[0] if e.message else e.error_code,
-                       self.output_dir)
+        run_id = args[0] if args else "?"
+        if run_id not in self.refused_runs:  # a run deleted meanwhile refuses every call: said once
+            self.refused_runs.add(run_id)
+            logger.warning("MLflow refused %s for run %s (%s); not retried, nor its run's later calls. `python -m "
+                           "scaling.replay_mlflow %s` logs the study's measurements again from its Parquet files",
+                           getattr(fn, "__name__", fn), run_id,
+                           e.message.splitlines()[0] if e.message else e.error_code, self.output_dir)
         return True
 
 
@@ -298,5 +302,5 @@ def unsupported_store(uri):
                 f"sqlite:////absolute/path/mlflow.db (`mlflow migrate-filestore` moves a file store's runs there)")
     if scheme in TRACKING_SCHEMES:
         return None
-    return (f"MLflow has no tracking store for {uri!r}; use http(s)://host:port, sqlite:///path, file:///path or a "
-            f"database URI ({', '.join(DATABASE_SCHEMES)})")
+    return (f"MLflow has no tracking store for {uri!r}; use http(s)://host:port, sqlite:///path or a database URI "
+            f"({', '.join(DATABASE_SCHEMES)})")

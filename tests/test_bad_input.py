@@ -174,13 +174,17 @@ def test_a_deleted_experiment_is_refused_before_launch(tmp_path, empty_store, ca
     assert scaling_run.check_tracking_server(study) is None
 
 
-def test_a_file_store_is_refused_before_launch(tmp_path, capsys):
+def test_a_file_store_is_refused_before_launch(tmp_path, capsys, monkeypatch):
     path = write(tmp_path, BASE + f"output: {tmp_path / 'out'}\ntracking:\n  mlflow_uri: file://{tmp_path}/mlruns\n")
     before = snapshot(tmp_path)
     assert scaling_run.main([str(path)]) == 2
     line = BASE.count("\n") + 3
     assert capsys.readouterr().err.startswith(f"error: {path}:{line}: tracking.mlflow_uri: MLflow no longer logs to a "
                                               f"file store (file://{tmp_path}/mlruns) unless MLFLOW_ALLOW_FILE_STORE")
+    assert snapshot(tmp_path) == before
+    # Let: the check passes, and makes no store (MLflow's client would make its folders).
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    assert scaling_run.check_tracking_server(scaling_run.load_study(path)) is None
     assert snapshot(tmp_path) == before
 
 

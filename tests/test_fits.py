@@ -332,6 +332,9 @@ def test_a_fit_whose_resamples_often_fail_says_its_intervals_may_be_too_narrow()
     assert f"{dropped} of 200 resamples could not be fitted and are left out: the intervals may be narrower than " \
            "the data allow" in fit.unsettled()
     assert fit_law(POWER_LAW, x, 100 * x ** -0.35, n_boot=0).unsettled() == []
+    # Three trials: no interval at all, and only that is said (not also how narrow the one it has not may be).
+    three = fit_law(POWER_LAW, x[:3], 100 * x[:3] ** -0.35 * np.array([1.05, 0.97, 1.02]), n_boot=200)
+    assert len(three.unsettled()) == 1 and three.unsettled()[0].startswith("no interval: ")
 
 
 def test_an_exponent_near_0_says_its_floor_is_not_identified():

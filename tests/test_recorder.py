@@ -235,18 +235,25 @@ def test_a_replay_fills_the_gaps_of_a_run_not_only_what_follows_its_last_step(st
     assert replay(study.output, uri) == 0
 
 
-def test_a_finished_trials_run_left_open_is_ended_when_the_study_runs_again(study):
-    # A driver killed after a trial's last row, before it ended the trial's run: RUNNING for good, since a re-run
-    # opens only the runs of trials still to train.
+def test_a_finished_trials_run_left_open_is_caught_up_and_ended_when_the_study_runs_again(study):
+    # A driver killed after a trial's last row was in Parquet, before its metrics reached MLflow and before it ended
+    # the trial's run: the run stayed RUNNING for good (a re-run opens only the runs of trials still to train), and
+    # lacked the milestone (which the trial does not measure again).
     rec, t = recorder(study), study.trials[0]
     rec.on_trial_start(0, [], tune_trial(t))
     for step in t.milestones:
         rec.on_trial_result(0, [], tune_trial(t), milestone(step))
-    assert trial_run(rec, t).info.status == "RUNNING"
+    run_id = trial_run(rec, t).info.run_id
+    with sqlite3.connect(study.output.parent / "mlflow.db") as db:  # the last milestone's metrics, never logged
+        db.execute("DELETE FROM metrics WHERE run_uuid = ? AND step = 20", (run_id,))
+    db.close()
+    assert trial_run(rec, t).info.status == "RUNNING" and steps_of(rec, t, "fid") == [10]
     again = recorder(study)
-    again.close_ended_runs(recorded_trials(study)[0])
+    again.catch_up_runs(recorded_trials(study)[0])
     run = trial_run(again, t)
     assert run.info.status == "FINISHED" and run.data.tags["dit_scaling.status"] == "ok"
+    assert steps_of(again, t, "fid") == steps_of(again, t, "train_compute") == [10, 20]
+    assert run.data.metrics["fid"] == 80.0  # milestone(20)'s
 
 
 def test_a_driver_that_stops_outside_tunes_loop_ends_its_runs(study):
@@ -260,6 +267,17 @@ def test_a_driver_that_stops_outside_tunes_loop_ends_its_runs(study):
     end_runs(rec, rec.tracker, [t.trial_id], "FAILED", retry=False)
     assert trial_run(rec, t).info.status == "KILLED"
     assert rec.tracker.client.get_run(rec.tracker.parent_run_id).info.status == "FAILED"
+    # With the server away (a call queued), a second Ctrl-C waits on no attempt: what is left is queued.
+    attempts = []
+
+    def away():
+        attempts.append(1)
+        raise ConnectionError("timed out")
+
+    rec.tracker.pending = [(away, (), {})]
+    rec.tracker.retry_at = 0  # its time has come: an unforced flush would try it
+    end_runs(rec, rec.tracker, [t.trial_id], "KILLED", retry=False)
+    assert attempts == [] and len(rec.tracker.pending) == 4  # the tag and status of the trial, the study's end
 
 
 def test_replay_closes_a_trial_whose_failure_came_after_its_last_milestone_as_finished(study):

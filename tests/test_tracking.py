@@ -1,8 +1,6 @@
 """The study's MLflow tracker on real SQLite stores: refused calls, a server that is away, runs found again."""
 import logging
 import shutil
-import socket
-import time
 
 import pytest
 from mlflow.entities import Metric
@@ -30,10 +28,12 @@ def test_a_call_mlflow_refuses_is_dropped_and_holds_back_no_other(tmp_path, uri,
     tracker.client.delete_run(deleted)
     with caplog.at_level(logging.WARNING, logger="scaling.tracking"):
         tracker.log_metrics(deleted, {"train_loss": 1.0}, 1)
-    assert tracker.pending == [] and tracker.refused == 1
+        assert tracker.pending == [] and tracker.refused == 1
+        tracker.set_tags(deleted, {"later": "x"})  # refused too, and not said again (a run's every log would be)
     [warning] = caplog.messages
     assert warning.startswith(f"MLflow refused log_batch for run {deleted} (The run {deleted} must be in the 'active' "
                               f"state.") and f"python -m scaling.replay_mlflow {tmp_path / 'out'}" in warning
+    assert tracker.refused == 2
     for step in (1, 2, 3):
         tracker.log_metrics(kept, {"train_loss": 1.0 / step}, step)
     tracker.finish(kept)
@@ -45,39 +45,42 @@ def test_a_call_mlflow_refuses_is_dropped_and_holds_back_no_other(tmp_path, uri,
     tracker.pending = [(tracker.client.log_batch, (deleted,), {"metrics": [Metric("train_loss", 1.0, 0, 4)]}),
                        (tracker.client.log_batch, (kept,), {"metrics": [Metric("train_loss", 0.2, 0, 4)]})]
     assert tracker.flush(force=True) is True
-    assert tracker.pending == [] and tracker.refused == 2
+    assert tracker.pending == [] and tracker.refused == 3
     assert metric_steps(tracker.client, kept, "train_loss") == [1, 2, 3, 4]
 
 
 def test_a_server_away_is_tried_less_often_the_longer_it_stays_away(tmp_path, uri, monkeypatch):
     # A server that takes connections and never answers costs a timeout per attempt (20 s with the HTTP defaults):
-    # at a fixed 5 s between attempts the driver spent most of its time waiting on it.
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        away = MlflowClient(f"http://127.0.0.1:{s.getsockname()[1]}")
+    # at a fixed 5 s between attempts the driver spent most of its time waiting on it. The clock is the tracker's.
+    now = [1000.0]
+    monkeypatch.setattr(tracking.time, "monotonic", lambda: now[0])
+    answers = [False]
+
+    def server(run_id):  # a call to a server that is away until answers[0]
+        if not answers[0]:
+            raise ConnectionError("Connection refused")
+        tracker.client.set_tag(run_id, "back", "yes")
+
     tracker = StudyTracker(uri, "exp", "study", tmp_path / "out")
     run_id = tracker.child_run("a", {})
-
-    def wait():
-        return tracker.retry_at - time.monotonic()
-
-    tracker._call(away.set_tag, run_id, "k", "v")
-    assert tracker.pending and tracker.refused == 0  # not refused: away
-    assert 4 < wait() <= 5
-    tracker.set_tags(run_id, {"later": "x"})  # queued behind it, without an attempt
-    assert len(tracker.pending) == 2 and 4 < wait() <= 5
+    tracker._call(server, run_id)
+    assert len(tracker.pending) == 1 and tracker.refused == 0 and tracker.retry_at == 1005  # away, not refused
+    tracker.set_tags(run_id, {"later": "x"})  # queued behind it, without an attempt before the time
+    assert len(tracker.pending) == 2 and tracker.retry_at == 1005
     waits = []
     for _ in range(6):
-        assert tracker.flush(force=True) is False
-        waits.append(wait())
-    assert [round(w) for w in waits] == [10, 20, 40, 80, 120, 120]
-    # Back: the queue is replayed and the interval starts again from 5 s.
-    tracker.pending.pop(0)
+        now[0] = tracker.retry_at  # the time comes: one attempt, which fails
+        tracker.set_tags(run_id, {"meanwhile": "y"})
+        waits.append(tracker.retry_at - now[0])
+    assert waits == [10, 20, 40, 80, 120, 120] and len(tracker.pending) == 8
+    # Back: the queue is replayed in order, and the next absence waits 5 s again.
+    answers[0] = True
     assert tracker.flush(force=True) is True
-    assert tracker.client.get_run(run_id).data.tags["later"] == "x"
-    tracker._call(away.set_tag, run_id, "k", "v")
-    assert 4 < wait() <= 5
+    tags = tracker.client.get_run(run_id).data.tags
+    assert (tags["back"], tags["later"], tags["meanwhile"]) == ("yes", "x", "y")
+    answers[0] = False
+    tracker._call(server, run_id)
+    assert tracker.retry_at - now[0] == 5
 
 
 @pytest.mark.parametrize("folder", ["it's out", 'say "out"', """it's "out\""""])

@@ -1,0 +1,42 @@
+"""What results.parquet and loss_curves.parquet hold and a trial's MLflow run lacks, logged to it: by the replay
+(scaling.replay_mlflow), and by the driver at launch for the runs a killed driver left open."""
+import json
+
+LOG_METRICS = ("train_loss", "lr", "images_per_s", "achieved_tflops", "mfu")
+EVAL_METRICS = ("val_loss", "val_mse", "val_loss_ema", "fid", "fid_floor", "kid", "precision", "recall",
+                "inception_score", "eval_time_s", "sample_images_per_s")
+
+
+def log_missing(tracker, results, curves):
+    """Log each trial's loss curve and milestone rows at the steps its run lacks (gaps too: calls an interrupted
+    driver still had queued, or MLflow refused); returns the points logged."""
+    logged = 0
+    for trial_id, rows in results.groupby("trial_id"):
+        run_id = tracker.child_run(trial_id, json.loads(rows.config_json.iloc[0]))
+        have_log = tracker.logged_steps(run_id, "train_loss")
+        for r in curves[curves.trial_id == trial_id].sort_values("step").to_dict("records"):
+            if r["step"] not in have_log:
+                tracker.log_metrics(run_id, {k: r.get(k) for k in LOG_METRICS}, r["step"])
+                logged += 1
+        # The driver logs train_compute with every milestone row; val_loss only where there is one
+        # (train.val_batch 0 has none), but drivers before train_compute logged it.
+        have_eval = tracker.logged_steps(run_id, "train_compute") | tracker.logged_steps(run_id, "val_loss")
+        for r in rows.sort_values("step").to_dict("records"):
+            if r["status"] == "ok" and r["step"] not in have_eval:
+                tracker.log_metrics(run_id, {k: r.get(k) for k in (*EVAL_METRICS, "gflops", "params", "train_compute")},
+                                    r["step"])
+                logged += 1
+        logged += _log_overhead(tracker, run_id, rows)
+    return logged
+
+
+def _log_overhead(tracker, run_id, rows):
+    """The trial's start-up and teardown, as the driver logs them, when its run lacks them; the points logged."""
+    logged = 0
+    for key, latest in (("startup_s", False), ("teardown_s", True)):  # the first start-up, the last teardown
+        measured = rows[rows[key].notna()].sort_values("step")
+        if len(measured) and tracker.last_logged_step(run_id, key) < 0:
+            row = measured.iloc[-1 if latest else 0]
+            tracker.log_metrics(run_id, {key: row[key]}, row["step"])
+            logged += 1
+    return logged
