@@ -128,8 +128,8 @@ def test_a_store_that_is_not_mlflows_is_named_and_left_alone(out, capsys):
 
 def test_a_tracking_uri_mlflow_has_no_store_for_is_refused(out, capsys):
     assert refused(out, capsys, ["--tracking-uri", "ftp://example/x"]) == (
-        "--tracking-uri: MLflow has no tracking store for 'ftp://example/x'; use http(s)://host:port, sqlite:///path, "
-        "file:///path or a database URI (sqlite, postgresql, mysql, mssql)")
+        "--tracking-uri: MLflow has no tracking store for 'ftp://example/x'; use http(s)://host:port, sqlite:///path or a "
+        "database URI (sqlite, postgresql, mysql, mssql)")
 
 
 def test_a_sqlite_store_that_cannot_be_made_is_refused_at_once(out, capsys, tmp_path):

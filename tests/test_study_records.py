@@ -80,7 +80,7 @@ def test_tracking_uri_that_mlflow_has_no_store_for(tmp_path, capsys, monkeypatch
     line = BASE.count("\n") + 3
     assert capsys.readouterr().err == (
         f"error: {path}:{line}: tracking.mlflow_uri: MLflow has no tracking store for {uri!r}; use "
-        f"http(s)://host:port, sqlite:///path, file:///path or a database URI (sqlite, postgresql, mysql, mssql)\n")
+        f"http(s)://host:port, sqlite:///path or a database URI (sqlite, postgresql, mysql, mssql)\n")
     assert snapshot(tmp_path) == before
     path = write(tmp_path, BASE + f"output: {out}\n", name="env.yaml")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
