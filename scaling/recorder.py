@@ -79,9 +79,12 @@ class Recorder(Callback):
         self.failed = set()  # trials that ended diverged or failed
         self.ended = set()  # trials Tune saw end (finished, diverged or failed) in this run
         self.end_status = {}
-        # Orchestration overhead per trial (driver clock): start-up until the first training step,
-        # last report until the trial's slot is free again.
+        # Orchestration overhead per trial (driver clock): start-up from its slot coming free (the sweep's start, or
+        # the end of the trial before it there) until its first training step, last report until the slot is free
+        # again. Tune's on_trial_start comes only once the trial's actor is up (a fresh process's start and imports,
+        # about 2 s on the AVX2 box, for a study's first trials), so it is not where the clock starts.
         self.started_at, self.last_result_at, self.overhead = {}, {}, {}
+        self.free_slots, self.scheduled_at = [], {}  # when each free slot came free (oldest first); each trial's slot's
         self.recorded_here = set()  # (trial id, step) of the rows this driver measured, which its timings describe
         self.relay = None  # the study's RelayMailboxes actor, told of every milestone row (tell_relay)
 
@@ -100,6 +103,10 @@ class Recorder(Callback):
             ray.get(self.relay.add_milestone_rows.remote(keys))
         except ray.exceptions.RayError:  # the relay is gone, and with it every trial's reports: Tune ends them
             pass
+
+    def open_slots(self, count):
+        """The sweep starts: count trial slots are free now."""
+        self.free_slots = sorted(self.free_slots + [time.time()] * count)
 
     def open_runs(self, trial_ids):
         """Find or create the trials' MLflow child runs, SCHEDULED until their trials start."""
@@ -129,6 +136,7 @@ class Recorder(Callback):
         # A retried failure: its old "failed" row gives way to what this attempt measures.
         self.rows = {k: r for k, r in self.rows.items() if not (k[0] == trial_id and r["status"] == "failed")}
         self.started_at[trial_id] = time.time()
+        self.scheduled_at[trial_id] = self.free_slots.pop(0) if self.free_slots else self.started_at[trial_id]
         run_id = self._run_id(trial_id)
         self.tracker.set_status(run_id, "RUNNING")
         # The run itself was created when the study launched: this is when the trial got its slot. A retry's
@@ -184,7 +192,11 @@ class Recorder(Callback):
             if result.get("grid_path") and Path(result["grid_path"]).exists():
                 self.tracker.log_artifact(run_id, result["grid_path"], "samples")
 
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self.free_slots.append(time.time())  # Tune starts the trial again, in a slot as any other
+
     def on_trial_complete(self, iteration, trials, trial, **info):
+        self.free_slots.append(time.time())
         trial_id = trial.config["trial"]["trial_id"]
         ok = trial_id not in self.failed
         if trial_id in self.last_result_at:
@@ -205,6 +217,7 @@ class Recorder(Callback):
         self.progress.finished(trial_id, ok)
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        self.free_slots.append(time.time())
         t = self.trials[trial.config["trial"]["trial_id"]]
         error = str(info.get("error") or trial.error_file or "trial error")
         ok = self._measured_every_milestone(t)
@@ -241,8 +254,8 @@ class Recorder(Callback):
         self.last_result_at[trial_id] = time.time()  # any report, placed or not, is one the trial got through
         timing = self.overhead.setdefault(trial_id, {})
         if (step is not None and result.get("first_step_at") and "startup_s" not in timing
-                and trial_id in self.started_at):
-            timing["startup_s"] = result["first_step_at"] - self.started_at[trial_id]
+                and trial_id in self.scheduled_at):
+            timing["startup_s"] = result["first_step_at"] - self.scheduled_at[trial_id]
             self.tracker.log_metrics(self._run_id(trial_id), {"startup_s": timing["startup_s"]}, step)
 
     def overhead_summary(self):

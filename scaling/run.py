@@ -581,6 +581,7 @@ def _run_trials(study, build_report, report_dir):
                                           failure_config=tune.FailureConfig(max_failures=res["max_failures"]),
                                           callbacks=[recorder], verbose=0),
             )
+            recorder.open_slots(min(len(todo), tuner_concurrency))  # the trials' start-up is counted from here
             with sigterm_stops_the_study() as stopped_by:
                 tuner.fit()
             for actor in study_actors:

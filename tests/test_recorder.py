@@ -424,3 +424,28 @@ def test_rows_of_a_trial_whose_latents_moved_name_where_they_are_now(tmp_path):
     assert trial_run(rec, t).data.tags["dit_scaling.data_path"] == str(tmp_path / "there")
     rec.on_trial_start(0, [], tune_trial(moved.trials[0]))
     assert trial_run(rec, t).data.tags["dit_scaling.data_path"] == str(tmp_path / "there")
+
+
+def test_start_up_counts_from_the_slot_coming_free_not_from_tunes_trial_start(study, monkeypatch):
+    # Tune's on_trial_start comes once the trial's actor is up: a study's first trials each spent about 2 s (the AVX2
+    # box) starting theirs before the clock began, and "scheduled -> first step" left that out.
+    from scaling import recorder as recorder_module
+
+    now = [1000.0]
+    monkeypatch.setattr(recorder_module.time, "time", lambda: now[0])
+    rec, t = recorder(study), study.trials[0]
+    second = dataclasses.replace(t, trial_id="second")
+    rec.trials["second"] = second
+    rec.open_slots(1)  # the sweep starts at 1000 with one slot
+    now[0] = 1002.0  # the trial's actor is up
+    rec.on_trial_start(0, [], tune_trial(t))
+    rec.on_trial_result(0, [], tune_trial(t), {"kind": KIND_LOG, "step": 5, "train_loss": 0.4, "lr": 1e-3,
+                                               "images_per_s": 50.0, "first_step_at": 1007.5})
+    assert rec.overhead[t.trial_id]["startup_s"] == 7.5
+    now[0] = 1100.0
+    rec.on_trial_complete(0, [], tune_trial(t))  # its slot is free again at 1100
+    now[0] = 1100.2  # a reused actor: Tune starts the next trial in it at once
+    rec.on_trial_start(0, [], tune_trial(second))
+    rec.on_trial_result(0, [], tune_trial(second), {"kind": KIND_LOG, "step": 5, "train_loss": 0.4, "lr": 1e-3,
+                                                    "images_per_s": 50.0, "first_step_at": 1103.0})
+    assert rec.overhead["second"]["startup_s"] == pytest.approx(3.0)
