@@ -424,6 +424,7 @@ def check_experiment(study, uri):
 
 def run_study(study, address, build_report=True, report_dir=None):
     """Launch the unfinished trials on Ray, record everything, build the report."""
+    began = time.time()  # the study's wall time, and its efficiency, count Ray's start too
     import ray
 
     from scaling.ray_env import local_ray_options, study_runtime_env
@@ -467,7 +468,7 @@ def run_study(study, address, build_report=True, report_dir=None):
             ray.shutdown()
             return EXIT_BAD_INPUT
         with sigterm_interrupts():
-            return _run_trials(study, build_report, report_dir)
+            return _run_trials(study, build_report, report_dir, began)
     finally:
         os.close(lock)  # the lock goes with the descriptor (and with the process, however it ends)
 
@@ -511,7 +512,7 @@ def lock_output(out):
         return os.open(out, os.O_RDONLY)  # closed as a lock would be
 
 
-def _run_trials(study, build_report, report_dir):
+def _run_trials(study, build_report, report_dir, began):
     """run_study's part under the output lock: MLflow runs, the Tune sweep, Parquet, the report."""
     import ray
     from ray import tune
@@ -545,7 +546,6 @@ def _run_trials(study, build_report, report_dir):
     recorder = Recorder(study, tracker, progress)
     recorder.open_runs(t.trial_id for t in todo)  # now, while MLflow answers (checked before launch)
     recorder.catch_up_runs(done)  # the runs a killed driver left open
-    started = time.time()
     try:
         if todo:
             res = study.raw["resources"]
@@ -594,7 +594,7 @@ def _run_trials(study, build_report, report_dir):
         end_runs(recorder, tracker, unfinished, "FAILED" if interruption(e) is None else "KILLED", retry=False)
         raise
     recorder.write()
-    wall = time.time() - started
+    wall = time.time() - began
     print(progress.render())
     unfinished = [t.trial_id for t in todo if t.trial_id not in recorder.ended]
     if unfinished:
