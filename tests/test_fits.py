@@ -352,3 +352,15 @@ def test_an_exponent_near_0_says_its_floor_is_not_identified():
     # At its limit 0, said once, and what it means: the bootstrap's intervals of E and A are no measure there.
     assert at_zero.unsettled() == ["alpha = 0 is at its limit 0, its term constant over the points: E and that term's "
                                    "coefficient cannot be told apart, whatever their intervals say"]
+
+
+def test_a_start_that_stops_at_the_iteration_limit_is_no_solution(monkeypatch):
+    # L-BFGS-B's result was taken whatever its status: a run stopped at its iteration limit, not at a minimum, could be
+    # reported as the law (two of the default study's 590 runs stop there, in resamples).
+    c = np.logspace(8, 12, 8)
+    loss = 0.1 + 5 * c ** -0.2
+    fit = fit_law(SATURATING_POWER_LAW, c, loss, n_boot=0)
+    assert fit.params[2] == pytest.approx(0.2, rel=1e-3)
+    monkeypatch.setattr(fits, "MAX_ITERATIONS", 1)  # no start gets anywhere in one iteration
+    with pytest.raises(FitError, match="the optimizer found no finite solution it converged to"):
+        fit_law(SATURATING_POWER_LAW, c, loss, n_boot=0)
