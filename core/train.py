@@ -237,6 +237,7 @@ class TrialState:
     autocast_dtype: torch.dtype = None
     first_step_at: float = None  # wall-clock time this process began its first training step (start-up cost)
     milestones: tuple = ()  # the evaluation steps, max_steps the last
+    resumed_train_time_s: float = None  # the training time of the checkpoint a resume restored (None: a fresh start)
 
     def checkpoints_this_step(self):
         """Whether train() writes a checkpoint after this step: at a milestone, and every ckpt_every steps."""
@@ -549,6 +550,7 @@ def train(cfg, out_dir, milestones=(), callbacks=None, resume_from=None, checkpo
         logger.info("resumed from %s at step %d", resume_from, step)
     trial.step = step
     if resume_from is not None:
+        trial.resumed_train_time_s = train_time
         callbacks.on_resume(trial, dict(state.get("metrics", {})), [dict(h) for h in history])
 
     lo = rank * (cfg.batch_size // world)

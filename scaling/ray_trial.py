@@ -30,6 +30,7 @@ from scaling.trial_storage import passed_milestones_message, train_run_name
 from scaling.tune_relay import TuneRelay
 
 KIND_LOG, KIND_CHECKPOINT, KIND_MILESTONE, KIND_END = "log", "checkpoint", "milestone", "end"
+RESUMED_KEY = "resumed_train_time_s"  # in the first report after a resume: the restored checkpoint's training time
 
 
 def train_config(trial):
@@ -72,9 +73,14 @@ class RayReporting:
         self.trial, self.run = trial, run
         self.samples_dir = Path(run["output"]) / "trials" / trial["trial_id"] / "samples"
         self.held = HeldLogs(report_gap_s())
+        self.resumed_train_time_s = None  # said once, in the first report after a resume
 
     def report(self, metrics, checkpoint=None):
-        """ray.train.report, carrying the log reports held since the last one (scaling.held_logs)."""
+        """ray.train.report, carrying the log reports held since the last one (scaling.held_logs), and after a resume
+        the training time it resumed at (the driver counts this run's work from there)."""
+        if self.resumed_train_time_s is not None:
+            metrics = {**metrics, RESUMED_KEY: self.resumed_train_time_s}
+            self.resumed_train_time_s = None
         ray.train.report({**metrics, HELD_LOGS_KEY: self.held.take()}, checkpoint=checkpoint)
 
     def on_log(self, state, metrics):
@@ -111,6 +117,7 @@ class RayReporting:
         )
 
     def on_resume(self, state, metrics, history):
+        self.resumed_train_time_s = getattr(state, "resumed_train_time_s", None)
         # Logs the driver may never have written: those in the report of this checkpoint, which Ray registers before
         # the driver gets it (a driver killed in between), and those since its last Parquet write (at a milestone;
         # a driver killed later resumes from a later checkpoint). They ride on the next report again; the driver

@@ -19,7 +19,7 @@ from ray.tune import Callback
 from core.flops import training_compute
 from scaling.held_logs import HELD_LOGS_KEY
 from scaling.mlflow_backfill import EVAL_METRICS, LOG_METRICS, log_missing
-from scaling.ray_trial import KIND_END, KIND_LOG, KIND_MILESTONE
+from scaling.ray_trial import KIND_END, KIND_LOG, KIND_MILESTONE, RESUMED_KEY
 from scaling.results import (CURVES_FILE, LOSS_CURVES_SCHEMA, RESULTS_FILE, RESULTS_SCHEMA, load_curves, load_results,
                              row_config, write_table)
 
@@ -84,6 +84,7 @@ class Recorder(Callback):
         # again. Tune's on_trial_start comes only once the trial's actor is up (a fresh process's start and imports,
         # about 2 s on the AVX2 box, for a study's first trials), so it is not where the clock starts.
         self.started_at, self.last_result_at, self.overhead = {}, {}, {}
+        self.resumed_at = {}  # trial -> the training time of the checkpoint it began this driver run at (None: none)
         self.free_slots, self.scheduled_at = [], {}  # when each free slot came free (oldest first); each trial's slot's
         self.recorded_here = set()  # (trial id, step) of the rows this driver measured, which its timings describe
         self.relay = None  # the study's RelayMailboxes actor, told of every milestone row (tell_relay)
@@ -152,6 +153,8 @@ class Recorder(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         t = self.trials[trial.config["trial"]["trial_id"]]
+        if t.trial_id not in self.last_result_at:  # its first report in this driver run: where its training began
+            self.resumed_at[t.trial_id] = result.get(RESUMED_KEY)  # (a later restart's does not count)
         for log in result.get(HELD_LOGS_KEY, ()):  # the log reports the trial held since its last report
             self._record(t, {**log, "kind": KIND_LOG})
         self._record(t, result)
@@ -276,9 +279,12 @@ class Recorder(Callback):
         for trial_id in trial_ids:
             here = [r for k, r in self.rows.items() if k[0] == trial_id and k in self.recorded_here]
             earlier = [r for k, r in self.rows.items() if k[0] == trial_id and k not in self.recorded_here]
-            # wall_time_s is the trial's training time over all its runs: count from where earlier driver
-            # runs measured it last (the trial resumed from that checkpoint or a later one).
-            resumed_at = max((_seconds(r["wall_time_s"]) for r in earlier), default=0.0)
+            # wall_time_s is the trial's training time over all its runs: count from the checkpoint it resumed at here
+            # (its first report says), else from where earlier driver runs measured it last; a checkpoint past that row
+            # holds training an earlier run did.
+            resumed_at = self.resumed_at.get(trial_id)
+            if resumed_at is None:
+                resumed_at = max((_seconds(r["wall_time_s"]) for r in earlier), default=0.0)
             trained_to = max((_seconds(r["wall_time_s"]) for r in here), default=resumed_at)
             busy += max(trained_to - resumed_at, 0.0) + sum(_seconds(r["eval_time_s"]) for r in here)
         return busy

@@ -219,3 +219,18 @@ def test_a_milestone_without_fid_draws_the_grid_it_draws_with_fid(tmp_path, monk
     assert without["eval_time_s"] > 0  # counted as evaluation in the study's efficiency
     assert grid.read_bytes() == grid_with_fid.read_bytes()
     assert milestone(fid=False, grid_images_per_class=0)[0] == {}  # no FID, no grid: nothing to do
+
+
+def test_the_first_report_after_a_resume_says_the_training_time_it_resumed_at(tmp_path, monkeypatch):
+    # The driver counts the trial's work in this run from there (scaling.recorder.busy_seconds).
+    from types import SimpleNamespace
+
+    from scaling import ray_trial
+
+    sent = []  # what Ray Train would be handed, outside a Train session
+    monkeypatch.setattr(ray_trial.ray.train, "report", lambda metrics, checkpoint=None: sent.append(metrics))
+    reporting = ray_trial.RayReporting({"trial_id": "t", "milestones": [10], "eval": {}}, {"output": str(tmp_path)})
+    reporting.on_resume(SimpleNamespace(step=4, rank=0, world_size=1, resumed_train_time_s=12.5), {}, [])
+    reporting.report({"step": 6, "kind": ray_trial.KIND_LOG})
+    reporting.report({"step": 8, "kind": ray_trial.KIND_LOG})
+    assert [m.get(ray_trial.RESUMED_KEY) for m in sent] == [12.5, None]

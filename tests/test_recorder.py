@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from scaling.held_logs import HELD_LOGS_KEY
 from scaling.progress import Progress
-from scaling.ray_trial import KIND_CHECKPOINT, KIND_END, KIND_LOG, KIND_MILESTONE
+from scaling.ray_trial import KIND_CHECKPOINT, KIND_END, KIND_LOG, KIND_MILESTONE, RESUMED_KEY
 from scaling.recorder import Recorder
 from scaling.replay_mlflow import replay
 from scaling.results import RESULTS_SCHEMA, load_results, recorded_trials, write_table
@@ -128,6 +128,21 @@ def test_busy_seconds_count_only_this_runs_work(study):
     rec.on_trial_start(0, [], tune_trial(t))
     rec.on_trial_result(0, [], tune_trial(t), milestone(20, train_time_s=130.0, eval_time_s=7.0))
     assert rec.busy_seconds([t.trial_id]) == pytest.approx(37.0)
+
+
+def test_busy_seconds_count_from_the_checkpoint_a_trial_resumed_at(study):
+    # Resumed from a checkpoint past the earlier run's last row (at 115 s of training: checkpoints finer than the
+    # milestones), as its first report says: 15 s of training done here, not 30 (the other 15 were the earlier run's;
+    # counted here, a study's efficiency could pass 1).
+    t = study.trials[0]
+    recorder(study).on_trial_result(0, [], tune_trial(t), milestone(10, train_time_s=100.0, eval_time_s=4.0))
+    rec = recorder(study)
+    rec.on_trial_start(0, [], tune_trial(t))
+    rec.on_trial_result(0, [], tune_trial(t), {"kind": KIND_LOG, "step": 15, "train_loss": 0.4, "lr": 1e-3,
+                                               "images_per_s": 50.0, RESUMED_KEY: 115.0})
+    rec.on_trial_result(0, [], tune_trial(t), {**milestone(20, train_time_s=130.0, eval_time_s=7.0),
+                                               RESUMED_KEY: 120.0})  # a later restart's: not where it began
+    assert rec.busy_seconds([t.trial_id]) == pytest.approx(22.0)
 
 
 @pytest.mark.parametrize("how", ["trial actor died", "end report"])

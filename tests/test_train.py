@@ -590,3 +590,20 @@ def test_pruning_keeps_the_newest_checkpoints_in_every_ranks_folder(tmp_path):
     assert left(rank_1) == [6, 8]
     ckpt.prune_checkpoints(rank_1, 5, marked=False)
     assert left(rank_1) == [6, 8]
+
+
+def test_a_resume_tells_its_callbacks_the_training_time_it_resumed_at(tmp_path):
+    # The driver counts a resumed trial's work in this run from there (scaling.recorder.busy_seconds), not from the
+    # last row of an earlier run, which may lie before the checkpoint.
+    seen = []
+
+    class Record(Callbacks):
+        def on_resume(self, trial, metrics, history):
+            seen.append(trial.resumed_train_time_s)
+
+    train(tiny_config(max_steps=4, log_every=2, ckpt_every=2, val_batch=0), tmp_path / "a")
+    step_2 = tmp_path / "a" / "checkpoints" / ckpt.checkpoint_name(2)
+    saved = json.loads((step_2 / ckpt.STATE_FILE).read_text())["train_time_s"]
+    train(tiny_config(max_steps=4, log_every=2, ckpt_every=2, val_batch=0), tmp_path / "b", callbacks=Record(),
+          resume_from=step_2)
+    assert seen == [saved] and saved > 0
