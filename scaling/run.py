@@ -404,12 +404,10 @@ def check_tracking_server(study):
 
 def check_experiment(study, uri):
     """The study's experiment at uri must not be a deleted one: the driver would fail on it after Ray's start."""
-    from scaling.tracking import deleted_experiment
-
-    from scaling.tracking import store_scheme
+    from scaling.tracking import deleted_experiment, store_scheme
 
     store = sqlite_store(uri)
-    if store is not None and not store.exists() or store_scheme(uri) in ("", "file"):
+    if (store is not None and not store.exists()) or store_scheme(uri) in ("", "file"):
         return  # a store the driver makes: no experiment yet (opening a file store would make its folders)
     experiment = study.raw["tracking"]["experiment"]
     try:
