@@ -453,7 +453,7 @@ def run_study(study, address, build_report=True, report_dir=None):
             else:
                 ray.init(runtime_env=runtime_env, **local_ray_options())
             with sigterm_interrupts():
-                check_cluster(study, ray.cluster_resources(), [n["Resources"] for n in ray.nodes() if n["Alive"]])
+                capacity = check_capacity(study)
                 if address:  # a local Ray is one node
                     check_shared_storage(study)
         except BaseException as e:  # nothing was written yet: the folders made for it go (a Ctrl-C, Ray's failure)
@@ -466,9 +466,37 @@ def run_study(study, address, build_report=True, report_dir=None):
             ray.shutdown()
             return EXIT_BAD_INPUT
         with sigterm_interrupts():
-            return _run_trials(study, build_report, report_dir, began)
+            return _run_trials(study, build_report, report_dir, began, capacity)
     finally:
         os.close(lock)  # the lock goes with the descriptor (and with the process, however it ends)
+
+
+def check_capacity(study):
+    """Check the study's resources against the cluster, or against what its autoscaler may grow it to where one runs
+    (check_cluster); the resources its trials are packed into (max_concurrent_trials)."""
+    import ray
+
+    from scaling.autoscaler_limits import autoscaler_limits, grown
+
+    now = ray.cluster_resources()
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    limits = autoscaler_limits()
+    if limits is None:
+        check_cluster(study, now, nodes)
+        return now
+    if limits.known:
+        capacity = grown(now, limits)
+        check_cluster(study, capacity, nodes + limits.node_types, autoscaled=True)
+        return capacity
+    # Autoscaler v1 says that it runs, not what it may add: nothing to check against, and the trials are packed into
+    # what is up now (more trials at once than the cluster ever holds would each start processes that wait).
+    slots = max_concurrent_trials(study, now)
+    why = ("resources.max_concurrent_trials" if study.raw["resources"]["max_concurrent_trials"] else
+           "what the cluster holds now; resources.max_concurrent_trials sets more")
+    print(f"note: the cluster autoscales and its autoscaler does not publish what it may add: a trial's resources are "
+          f"not checked against it (a trial that no node can hold waits for one); {slots} trial(s) at once ({why})",
+          file=sys.stderr)
+    return now
 
 
 def check_shared_storage(study):
@@ -510,7 +538,7 @@ def lock_output(out):
         return os.open(out, os.O_RDONLY)  # closed as a lock would be
 
 
-def _run_trials(study, build_report, report_dir, began):
+def _run_trials(study, build_report, report_dir, began, capacity):
     """run_study's part under the output lock: MLflow runs, the Tune sweep, Parquet, the report."""
     import ray
     from ray import tune
@@ -547,7 +575,7 @@ def _run_trials(study, build_report, report_dir, began):
     try:
         if todo:
             res = study.raw["resources"]
-            tuner_concurrency = max_concurrent_trials(study, ray.cluster_resources())
+            tuner_concurrency = min(len(todo), max_concurrent_trials(study, capacity))
             # One relay mailbox actor and one placement-group watch for the whole study, where a fresh process
             # of each would start with every trial; named, so that the trials find them.
             services = f"{study.name}-{uuid.uuid4().hex[:8]}"

@@ -1198,17 +1198,21 @@ def max_concurrent_trials(study, resources):
     return max(1, min(fits or [1]))
 
 
-def check_cluster(study, cluster_resources, nodes=()):
+def check_cluster(study, cluster_resources, nodes=(), autoscaled=False):
     """Raise StudyError when one trial needs more GPUs or CPUs than the cluster has (ray.cluster_resources()), or
     one of its workers more than any node has (nodes: each live node's resources, from ray.nodes()): Ray would
-    wait for such a node for ever, the trial started and at step 0, and say so only in the trial's own log."""
+    wait for such a node for ever, the trial started and at step 0, and say so only in the trial's own log.
+    autoscaled: cluster_resources are the most the cluster's autoscaler lets it grow to, and nodes include the node
+    types it may add (scaling.autoscaler_limits)."""
     res = study.raw["resources"]
     workers = res["workers_per_trial"]
+    has = "grows to at most" if autoscaled else "has"
     for key, resource in (("gpus_per_worker", "GPU"), ("cpus_per_worker", "CPU")):
         need, have = workers * res[key], float(cluster_resources.get(resource, 0.0))
         if need > have:
             raise study.locations.error(("resources", key), f"a trial needs {workers} × {res[key]:g} = {need:g} "
-                                                             f"{resource}s, the cluster has {have:g}")
+                                                             f"{resource}s, the cluster {has} {have:g}"
+                                                             + (" (its autoscaler's limit)" if autoscaled else ""))
     worker = {r: res[key] for key, r in (("cpus_per_worker", "CPU"), ("gpus_per_worker", "GPU")) if res[key]}
     if not nodes or any(all(node.get(r, 0.0) >= n for r, n in worker.items()) for node in nodes):
         return
@@ -1217,4 +1221,4 @@ def check_cluster(study, cluster_resources, nodes=()):
     raise study.locations.error(
         ("resources", "gpus_per_worker" if short == "GPU" else "cpus_per_worker"),
         f"a worker needs {' and '.join(f'{n:g} {r}s' for r, n in worker.items())} on one node; the cluster's nodes "
-        f"have {', '.join(sizes)}")
+        + ("and the node types its autoscaler adds " if autoscaled else "") + f"have {', '.join(sizes)}")

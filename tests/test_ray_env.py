@@ -10,6 +10,7 @@ import time
 
 import ray
 
+from scaling.autoscaler_limits import autoscaler_limits
 from scaling.ray_env import local_ray_options, start_train_autoscaling_coordinator, study_runtime_env
 
 
@@ -91,6 +92,7 @@ def test_a_studys_local_ray_is_its_own_where_ray_start_recorded_a_cluster():
     ray.init(runtime_env=study_runtime_env(), **local_ray_options())
     try:
         assert not ray.get_runtime_context().gcs_address.endswith(":9")
+        assert autoscaler_limits() is None  # no autoscaler: the study is checked against the nodes up
         assert ray.get(StateProbe.remote().own_state.remote()) == "ALIVE"
     finally:
         ray.shutdown()

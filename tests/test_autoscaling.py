@@ -1,0 +1,143 @@
+"""A study on an autoscaling cluster: checked and packed against what the autoscaler may add, not the nodes up now.
+
+The cluster is real: a head node started with an autoscaling config, whose autoscaler (Ray's v1 monitor, with Ray's
+fake multi-node provider) adds worker nodes as processes on this machine when a trial asks for one.
+"""
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import ray
+from ray.core.generated.autoscaler_pb2 import ClusterConfig, NodeGroupConfig
+
+from scaling.autoscaler_limits import UNLIMITED, AutoscalerLimits, autoscaler_limits, grown, limits_of_config
+from scaling.results import load_results
+from scaling.study import StudyError, check_cluster, load_study, max_concurrent_trials
+from test_cluster_faults import fault_study, finish, free_ports, start_study
+
+def autoscaling_config(gcs_address, worker_cpus):
+    """A fake multi-node cluster: a head node and one node type of worker_cpus CPUs, none up, at most one."""
+    return {
+        "cluster_name": "fake_multinode", "max_workers": 1,
+        # gcs_address: the provider's nodes join this head (it assumes port 6379 otherwise).
+        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                     "disable_launch_config_check": True, "gcs_address": gcs_address},
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 1}, "node_config": {}, "max_workers": 0},
+            "ray.worker.big": {"resources": {"CPU": worker_cpus, "object_store_memory": 100 * 2 ** 20},
+                               "node_config": {}, "min_workers": 0, "max_workers": 1},
+        },
+        "head_node_type": "ray.head.default", "auth": {}, "upscaling_speed": 1.0,
+        "idle_timeout_minutes": 10,  # the node stays for the test to see it
+        "docker": {}, "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
+        "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
+        "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False, "rsync_exclude": [],
+        "rsync_filter": [],
+    }
+
+
+def kill_processes_of(folder):
+    """SIGKILL every process whose command line names folder (a Ray instance's temp dir: its every process)."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if folder.encode() in cmdline.read_bytes() and int(cmdline.parent.name) != os.getpid():
+                os.kill(int(cmdline.parent.name), signal.SIGKILL)
+        except (OSError, ValueError):  # gone meanwhile
+            pass
+
+
+@pytest.fixture
+def autoscaling_head(tmp_path, monkeypatch, _private_ray):
+    """The address of a one-CPU head node whose autoscaler may add one node of 2 CPUs."""
+    from ray.cluster_utils import Cluster
+
+    gcs, dashboard, agent, metrics, runtime_env, client = free_ports(6)
+    address = f"{ray.util.get_node_ip_address()}:{gcs}"
+    config = tmp_path / "autoscaling.json"
+    config.write_text(json.dumps(autoscaling_config(address, worker_cpus=2)))
+    monkeypatch.setenv("RAY_FAKE_CLUSTER", "1")  # the fake provider runs only in such a cluster
+    monkeypatch.setenv("AUTOSCALER_UPDATE_INTERVAL_S", "1")
+    cluster = Cluster()
+    try:
+        cluster.add_node(num_cpus=1, autoscaling_config=str(config), gcs_server_port=gcs,
+                         include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard,
+                         dashboard_agent_listen_port=agent, metrics_export_port=metrics,
+                         runtime_env_agent_port=runtime_env, ray_client_server_port=client)
+        yield address
+    finally:
+        cluster.shutdown()
+        kill_processes_of(_private_ray)  # the nodes the autoscaler started, which are its monitor's, not the cluster's
+
+
+def test_a_study_needing_a_node_the_autoscaler_adds_runs_on_it(tmp_path, autoscaling_head):
+    # The cluster has 1 CPU now and a trial's worker needs 2: a fixed cluster refuses the study before launch, and
+    # this one was refused too ("the cluster has 1"), though its autoscaler would add a node of 2 CPUs for it.
+    study, out = fault_study(tmp_path, (10,), "{workers_per_trial: 1, cpus_per_worker: 2}")
+    with open(tmp_path / "study.log", "w") as log:
+        code, text = finish(start_study([study, "--address", autoscaling_head, "--no-report"], log), log, 300)
+    assert code == 0, text
+    # Autoscaler v1 publishes no limits: said, and the trials are packed into what is up now (one at a time here).
+    assert ("note: the cluster autoscales and its autoscaler does not publish what it may add: a trial's resources "
+            "are not checked against it (a trial that no node can hold waits for one); 1 trial(s) at once (what the "
+            "cluster holds now; resources.max_concurrent_trials sets more)") in text
+    df = load_results(out)
+    assert list(df.step) == [10] and (df.status == "ok").all()
+    ray.init(address=autoscaling_head, log_to_driver=False)
+    try:
+        assert sorted(n["Resources"]["CPU"] for n in ray.nodes() if n["Alive"]) == [1.0, 2.0]  # the node added
+        assert autoscaler_limits() == AutoscalerLimits()  # runs, limits unknown
+    finally:
+        ray.shutdown()
+
+
+def v2_config(max_resources=None):
+    """An autoscaler v2 cluster config (as KubeRay's autoscaler publishes it): a fixed head, up to 4 GPU nodes of 8
+    CPUs and 1 GPU each, any number of 16-CPU nodes."""
+    return ClusterConfig(node_group_configs=[
+        NodeGroupConfig(name="head", resources={"CPU": 4}, min_count=1, max_count=1),
+        NodeGroupConfig(name="gpu", resources={"CPU": 8, "GPU": 1}, min_count=0, max_count=4),
+        NodeGroupConfig(name="cpu", resources={"CPU": 16}, min_count=0, max_count=-1),
+    ], max_resources=max_resources or {})
+
+
+def test_limits_of_an_autoscaler_v2_config():
+    limits = limits_of_config(v2_config())
+    assert limits.node_types == [{"CPU": 4.0}, {"CPU": 8.0, "GPU": 1.0}, {"CPU": 16.0}]
+    assert limits.max_resources == {"CPU": UNLIMITED, "GPU": 4}  # Ray's sum: 4 nodes of 1 GPU, CPUs without limit
+    assert limits_of_config(v2_config({"GPU": 3})).max_resources["GPU"] == 3  # the cluster's own cap
+    # The cluster now (a head and one GPU node, 2 of its GPUs taken elsewhere: totals count) grows to the limit.
+    assert grown({"CPU": 12.0, "GPU": 1.0, "memory": 1e9}, limits) == {"CPU": float(UNLIMITED), "GPU": 4.0,
+                                                                      "memory": 1e9}
+    # Node types that cannot be added (each at its count, or none): no autoscaling, the cluster is what is up.
+    fixed = ClusterConfig(node_group_configs=[NodeGroupConfig(name="gpu", resources={"GPU": 8}, min_count=2,
+                                                              max_count=2),
+                                              NodeGroupConfig(name="off", resources={"CPU": 8}, max_count=0)])
+    assert limits_of_config(fixed) is None and limits_of_config(None) is None
+    assert grown({"CPU": 2.0}, AutoscalerLimits()) == {"CPU": 2.0}  # v1: nothing known beyond now
+
+
+def test_an_autoscaled_cluster_is_checked_against_its_limits(tmp_path):
+    (tmp_path / "s.yaml").write_text("name: s\ndata: {dataset: digits}\nsweep: {model: [DiT-P], patch: [4], "
+                                     "steps: [10]}\nresources: {workers_per_trial: 8, gpus_per_worker: 1}\n")
+    study = load_study(tmp_path / "s.yaml")
+    limits = limits_of_config(v2_config())
+    now = {"CPU": 4.0}  # the head alone: no GPU up yet
+    with pytest.raises(StudyError) as err:
+        check_cluster(study, grown(now, limits), [now] + limits.node_types, autoscaled=True)
+    assert str(err.value) == (f"{study.path}:4: resources.gpus_per_worker: a trial needs 8 × 1 = 8 GPUs, the cluster "
+                              f"grows to at most 4 (its autoscaler's limit)")
+    study = load_study(tmp_path / "s.yaml", overrides=["resources.workers_per_trial=4"])
+    check_cluster(study, grown(now, limits), [now] + limits.node_types, autoscaled=True)  # 4 GPU nodes to come
+    # Packed into what the cluster may grow to: as many one-GPU trials at once as its GPU nodes hold, not the one
+    # trial (no GPU up) that the head alone gave.
+    one_gpu = load_study(tmp_path / "s.yaml", overrides=["resources.workers_per_trial=1"])
+    assert max_concurrent_trials(one_gpu, grown(now, limits)) == 4 and max_concurrent_trials(one_gpu, now) == 1
+    study = load_study(tmp_path / "s.yaml", overrides=["resources.workers_per_trial=1",
+                                                       "resources.cpus_per_worker=12"])
+    with pytest.raises(StudyError) as err:  # any number of CPUs, but no node type with 12 beside a GPU
+        check_cluster(study, grown(now, limits), [now] + limits.node_types, autoscaled=True)
+    assert str(err.value).endswith("resources.cpus_per_worker: a worker needs 12 CPUs and 1 GPUs on one node; the "
+                                   "cluster's nodes and the node types its autoscaler adds have 16 CPUs and 0 GPUs, "
+                                   "4 CPUs and 0 GPUs, 8 CPUs and 1 GPUs")
