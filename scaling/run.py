@@ -488,14 +488,18 @@ def check_capacity(study):
         capacity = grown(now, limits)
         check_cluster(study, capacity, nodes + limits.node_types, autoscaled=True)
         return capacity
-    # Autoscaler v1 says that it runs, not what it may add: nothing to check against, and the trials are packed into
-    # what is up now (more trials at once than the cluster ever holds would each start processes that wait).
+    # An autoscaler that says it runs, not what it may add: a trial the nodes up cannot hold may be held by one it adds,
+    # so the check warns rather than refuses; trials are packed into what is up (more trials at once than the cluster
+    # ever holds would each start processes that wait).
+    try:
+        check_cluster(study, now, nodes)
+    except StudyError as e:
+        print(f"warning: {e}; the cluster autoscales, and its autoscaler does not publish what it may add: the study "
+              f"goes on, its trials waiting for nodes that hold them", file=sys.stderr)
     slots = max_concurrent_trials(study, now)
-    why = ("resources.max_concurrent_trials" if study.raw["resources"]["max_concurrent_trials"] else
-           "what the cluster holds now; resources.max_concurrent_trials sets more")
-    print(f"note: the cluster autoscales and its autoscaler does not publish what it may add: a trial's resources are "
-          f"not checked against it (a trial that no node can hold waits for one); {slots} trial(s) at once ({why})",
-          file=sys.stderr)
+    if not study.raw["resources"]["max_concurrent_trials"]:
+        print(f"note: the cluster autoscales, and its autoscaler does not publish what it may add: {slots} trial(s) "
+              f"at once, what the nodes up hold (resources.max_concurrent_trials sets more)", file=sys.stderr)
     return now
 
 

@@ -6,14 +6,17 @@ fake multi-node provider) adds worker nodes as processes on this machine when a 
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
 import ray
 from ray.core.generated.autoscaler_pb2 import ClusterConfig, NodeGroupConfig
 
-from scaling.autoscaler_limits import UNLIMITED, AutoscalerLimits, autoscaler_limits, grown, limits_of_config
+from scaling.autoscaler_limits import (UNLIMITED, AutoscalerLimits, autoscaler_limits, grown, limits_of_config,
+                                      v1_autoscales)
 from scaling.results import load_results
+from scaling.run import check_capacity
 from scaling.study import StudyError, check_cluster, load_study, max_concurrent_trials
 from test_cluster_faults import fault_study, finish, free_ports, start_study
 
@@ -39,13 +42,26 @@ def autoscaling_config(gcs_address, worker_cpus):
 
 
 def kill_processes_of(folder):
-    """SIGKILL every process whose command line names folder (a Ray instance's temp dir: its every process)."""
+    """SIGKILL every process whose command line names folder, a Ray instance's temp dir: a node's raylet and log monitor
+    (its agents and workers rename themselves, and exit with their raylet)."""
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
             if folder.encode() in cmdline.read_bytes() and int(cmdline.parent.name) != os.getpid():
                 os.kill(int(cmdline.parent.name), signal.SIGKILL)
         except (OSError, ValueError):  # gone meanwhile
             pass
+
+
+def wait_for_autoscaler(address, timeout=60):
+    """Wait until the cluster's autoscaler has published its first status (its monitor starts with the head)."""
+    ray.init(address=address, log_to_driver=False)
+    try:
+        deadline = time.time() + timeout
+        while autoscaler_limits() is None:
+            assert time.time() < deadline, f"no autoscaler status after {timeout} s"
+            time.sleep(0.5)
+    finally:
+        ray.shutdown()
 
 
 @pytest.fixture
@@ -65,6 +81,7 @@ def autoscaling_head(tmp_path, monkeypatch, _private_ray):
                          include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard,
                          dashboard_agent_listen_port=agent, metrics_export_port=metrics,
                          runtime_env_agent_port=runtime_env, ray_client_server_port=client)
+        wait_for_autoscaler(address)
         yield address
     finally:
         cluster.shutdown()
@@ -78,10 +95,13 @@ def test_a_study_needing_a_node_the_autoscaler_adds_runs_on_it(tmp_path, autosca
     with open(tmp_path / "study.log", "w") as log:
         code, text = finish(start_study([study, "--address", autoscaling_head, "--no-report"], log), log, 300)
     assert code == 0, text
-    # Autoscaler v1 publishes no limits: said, and the trials are packed into what is up now (one at a time here).
-    assert ("note: the cluster autoscales and its autoscaler does not publish what it may add: a trial's resources "
-            "are not checked against it (a trial that no node can hold waits for one); 1 trial(s) at once (what the "
-            "cluster holds now; resources.max_concurrent_trials sets more)") in text
+    # Autoscaler v1 publishes no limits: the check against the nodes up warns, and the trials are packed into what is
+    # up now (one at a time here).
+    assert (f"warning: {study}:6: resources.cpus_per_worker: a trial needs 1 × 2 = 2 CPUs, the cluster has 1; the "
+            "cluster autoscales, and its autoscaler does not publish what it may add: the study goes on, its trials "
+            "waiting for nodes that hold them") in text
+    assert ("note: the cluster autoscales, and its autoscaler does not publish what it may add: 1 trial(s) at once, "
+            "what the nodes up hold (resources.max_concurrent_trials sets more)") in text
     df = load_results(out)
     assert list(df.step) == [10] and (df.status == "ok").all()
     ray.init(address=autoscaling_head, log_to_driver=False)
@@ -92,9 +112,22 @@ def test_a_study_needing_a_node_the_autoscaler_adds_runs_on_it(tmp_path, autosca
         ray.shutdown()
 
 
+def test_a_readonly_monitors_status_is_no_autoscaler():
+    # Every head node runs autoscaler v1's monitor; with nothing to scale it names each node's type after the node.
+    now = 1.8e9
+    readonly = {"time": now, "autoscaler_report": {"node_type_mapping": {"fb73a6": "node_fb73a6"}}}
+    scaling = {"time": now, "autoscaler_report": {"node_type_mapping": {"fb73a6": "ray.head.default",
+                                                                        "ff0001": "ray.worker.big"}}}
+    assert not v1_autoscales(json.dumps(readonly).encode(), now)
+    assert v1_autoscales(json.dumps(scaling).encode(), now)
+    assert not v1_autoscales(json.dumps(scaling).encode(), now + 600)  # left by an autoscaler that stopped
+    assert not v1_autoscales(json.dumps({"time": now}).encode(), now)  # its first updates: no report yet
+    assert not v1_autoscales(None)
+
+
 def v2_config(max_resources=None):
-    """An autoscaler v2 cluster config (as KubeRay's autoscaler publishes it): a fixed head, up to 4 GPU nodes of 8
-    CPUs and 1 GPU each, any number of 16-CPU nodes."""
+    """A cluster config (as a later Ray's autoscaler publishes it): a fixed head, up to 4 GPU nodes of 8 CPUs and 1 GPU
+    each, any number of 16-CPU nodes."""
     return ClusterConfig(node_group_configs=[
         NodeGroupConfig(name="head", resources={"CPU": 4}, min_count=1, max_count=1),
         NodeGroupConfig(name="gpu", resources={"CPU": 8, "GPU": 1}, min_count=0, max_count=4),
@@ -106,7 +139,8 @@ def test_limits_of_an_autoscaler_v2_config():
     limits = limits_of_config(v2_config())
     assert limits.node_types == [{"CPU": 4.0}, {"CPU": 8.0, "GPU": 1.0}, {"CPU": 16.0}]
     assert limits.max_resources == {"CPU": UNLIMITED, "GPU": 4}  # Ray's sum: 4 nodes of 1 GPU, CPUs without limit
-    assert limits_of_config(v2_config({"GPU": 3})).max_resources["GPU"] == 3  # the cluster's own cap
+    # The cluster's own cap, also over a node type without a limit.
+    assert limits_of_config(v2_config({"GPU": 3, "CPU": 100})).max_resources == {"CPU": 100, "GPU": 3}
     # The cluster now (a head and one GPU node, 2 of its GPUs taken elsewhere: totals count) grows to the limit.
     assert grown({"CPU": 12.0, "GPU": 1.0, "memory": 1e9}, limits) == {"CPU": float(UNLIMITED), "GPU": 4.0,
                                                                       "memory": 1e9}
@@ -141,3 +175,28 @@ def test_an_autoscaled_cluster_is_checked_against_its_limits(tmp_path):
     assert str(err.value).endswith("resources.cpus_per_worker: a worker needs 12 CPUs and 1 GPUs on one node; the "
                                    "cluster's nodes and the node types its autoscaler adds have 16 CPUs and 0 GPUs, "
                                    "4 CPUs and 0 GPUs, 8 CPUs and 1 GPUs")
+
+
+def test_a_cluster_config_in_the_gcs_sets_the_check_and_the_packing(tmp_path, monkeypatch):
+    # A local Ray whose GCS says autoscaler v2 runs (the flag its head sets), and then holds a cluster config, written
+    # with the GCS client's own call, as an autoscaler that publishes one writes it.
+    from ray._raylet import GcsClient
+
+    monkeypatch.setenv("RAY_enable_autoscaler_v2", "1")
+    (tmp_path / "s.yaml").write_text("name: s\ndata: {dataset: digits}\nsweep: {model: [DiT-P], patch: [4], "
+                                     "steps: [10]}\nresources: {workers_per_trial: 1, gpus_per_worker: 1}\n")
+    one_gpu = load_study(tmp_path / "s.yaml")
+    eight_gpus = load_study(tmp_path / "s.yaml", overrides=["resources.workers_per_trial=8"])
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        assert autoscaler_limits() == AutoscalerLimits()  # it runs, its limits unknown: the nodes up, with a warning
+        assert check_capacity(one_gpu)["CPU"] == 1.0
+        GcsClient(address=ray.get_runtime_context().gcs_address).report_cluster_config(
+            v2_config().SerializeToString())
+        assert autoscaler_limits() == limits_of_config(v2_config())
+        capacity = check_capacity(one_gpu)  # no GPU up: the GPU nodes to come
+        assert capacity["GPU"] == 4.0 and max_concurrent_trials(one_gpu, capacity) == 4
+        with pytest.raises(StudyError, match="a trial needs 8 × 1 = 8 GPUs, the cluster grows to at most 4 "):
+            check_capacity(eight_gpus)
+    finally:
+        ray.shutdown()

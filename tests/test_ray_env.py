@@ -9,6 +9,8 @@ import tempfile
 import time
 
 import ray
+from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
+from ray.experimental.internal_kv import _internal_kv_get
 
 from scaling.autoscaler_limits import autoscaler_limits
 from scaling.ray_env import local_ray_options, start_train_autoscaling_coordinator, study_runtime_env
@@ -82,17 +84,24 @@ def test_a_studys_local_ray_prestarts_no_idle_workers():
         ray.shutdown()
 
 
-def test_a_studys_local_ray_is_its_own_where_ray_start_recorded_a_cluster():
+def test_a_studys_local_ray_is_its_own_where_ray_start_recorded_a_cluster(monkeypatch):
     # `ray start` records its cluster here, and a plain ray.init() joins it (it refused the study's local options:
     # "_system_config must not be provided"). A study given no address starts its own, as scaling.run says.
     recorded = os.path.join(os.environ["RAY_TMPDIR"], "ray", "ray_current_cluster")
     os.makedirs(os.path.dirname(recorded), exist_ok=True)
     with open(recorded, "w") as f:
         f.write("127.0.0.1:9")  # the discard port: no Ray there
+    monkeypatch.setenv("AUTOSCALER_UPDATE_INTERVAL_S", "1")  # the head's monitor reports within seconds
     ray.init(runtime_env=study_runtime_env(), **local_ray_options())
     try:
         assert not ray.get_runtime_context().gcs_address.endswith(":9")
-        assert autoscaler_limits() is None  # no autoscaler: the study is checked against the nodes up
+        # No autoscaler: the study is checked against the nodes up. The head's readonly monitor publishes its status
+        # too (once it has its first report), which must not read as an autoscaler's.
+        deadline = time.time() + 30
+        while b"node_type_mapping" not in (_internal_kv_get(DEBUG_AUTOSCALING_STATUS) or b""):
+            assert time.time() < deadline, "no monitor status after 30 s"
+            time.sleep(0.2)
+        assert autoscaler_limits() is None
         assert ray.get(StateProbe.remote().own_state.remote()) == "ALIVE"
     finally:
         ray.shutdown()
