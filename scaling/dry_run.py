@@ -26,28 +26,31 @@ FORWARD_SHARE = 1 / 3
 #                             The throughput probe                              #
 #################################################################################
 
-def probe_images_per_s(model_config, batch, device="cpu", precision="fp32", threads=None):
+def probe_images_per_s(model_config, batch, device="cpu", precision="fp32", threads=None, grad_checkpointing=False):
     """Training images/s of one device: 1 warm-up, then the fastest of the forward+backward+AdamW steps on random
-    data that fill PROBE_MIN_SECONDS (PROBE_MIN_STEPS at least); on `threads` CPU threads (None: torch's).
+    data that fill PROBE_MIN_SECONDS (PROBE_MIN_STEPS at least); on `threads` CPU threads (None: torch's), with
+    activation checkpointing where the trial trains with it (each block's forward again in the backward).
 
-    Cached per (model config, micro-batch, device, precision, threads) for the life of the process.
+    Cached per (model config, micro-batch, device, precision, threads, checkpointing) for the life of the process.
     """
     threads = threads or torch.get_num_threads()
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _probe(json.dumps(model_config, sort_keys=True), batch, str(device), precision, threads)
+        return _probe(json.dumps(model_config, sort_keys=True), batch, str(device), precision, threads,
+                      grad_checkpointing)
     finally:
         torch.set_num_threads(before)
 
 
 @functools.lru_cache(maxsize=None)
-def _probe(config_json, batch, device, precision, threads):
+def _probe(config_json, batch, device, precision, threads, grad_checkpointing):
     from core.models import DiT
 
     cfg, device = json.loads(config_json), torch.device(device)
     with device:  # initialised where it runs: a paper-size model's init is slow on a CPU
         model = DiT(**cfg).train()
+    model.gradient_checkpointing = grad_checkpointing
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     size, channels = cfg["input_size"], cfg["in_channels"]
     x = torch.randn(batch, channels, size, size, device=device)
@@ -83,20 +86,22 @@ def _sync(device):
 #                                  Estimates                                    #
 #################################################################################
 
-def estimate_seconds(study):
-    """{trial_id: seconds or a reason string}: training plus FID sampling, from probes on this machine.
+def estimate_seconds(study, extrapolated=None):
+    """{trial_id: seconds or a reason string}: training plus the DiT's sampling for FID and the grids, from probes
+    on this machine (the VAE's decoding and the feature extractor are not counted).
 
-    Models too big to probe here are extrapolated from the Gflop/s achieved by the largest probed one.
-    A trial with N workers is assumed to run N times one worker's rate: one GPU, or on a CPU as many threads as
-    the worker has CPUs (Ray sets a worker's OMP_NUM_THREADS to its CPUs; at most this machine's), so trials side
-    by side are probed as they run.
+    Models too big to probe here are extrapolated from the Gflop/s achieved by the largest probed one (their ids
+    are added to the set `extrapolated`, where given).
+    A trial with N workers is assumed to run N times one worker's rate: one GPU (a share of one: that share of its
+    rate), or on a CPU as many threads as the worker has CPUs (Ray sets a worker's OMP_NUM_THREADS to its CPUs; at
+    most this machine's), so trials side by side are probed as they run.
     """
     res = study.raw["resources"]
     wants_gpu = res["gpus_per_worker"] > 0
     if wants_gpu and not torch.cuda.is_available():
         return {t.trial_id: "n/a (needs GPU)" for t in study.trials}
     device = torch.device("cuda" if wants_gpu else "cpu")
-    parallel = res["workers_per_trial"]
+    parallel = res["workers_per_trial"] * (min(1.0, res["gpus_per_worker"]) if wants_gpu else 1)
     threads = None if wants_gpu else min(max(1, int(res["cpus_per_worker"])), usable_cpus())
 
     rates = {}  # trial_id -> images/s of one device
@@ -105,13 +110,16 @@ def estimate_seconds(study):
         if batch:
             try:
                 rates[trial.trial_id] = probe_images_per_s(trial.model_config, batch, device,
-                                                           trial.train["precision"], threads)
+                                                           trial.train["precision"], threads,
+                                                           trial.train["grad_checkpointing"])
             except torch.OutOfMemoryError:
                 pass
     if not rates:
         return {t.trial_id: "n/a (too big to probe here)" for t in study.trials}
     largest = max((t for t in study.trials if t.trial_id in rates), key=lambda t: t.gflops)
     gflop_per_s = rates[largest.trial_id] * largest.gflops
+    if extrapolated is not None:
+        extrapolated.update(t.trial_id for t in study.trials if t.trial_id not in rates)
     return {t.trial_id: _trial_seconds(t, parallel * rates.get(t.trial_id, gflop_per_s / t.gflops),
                                        checkpoint_step(study.output, t.trial_id))
             for t in study.trials}
@@ -217,7 +225,8 @@ def format_plan(study, estimate=True):
     done, foreign = recorded_trials(study)
     todo = [t for t in study.trials if t.trial_id not in done]
     swept = list(dict.fromkeys(key for trial in study.trials for key in trial.swept))
-    times = estimate_seconds(study) if estimate and todo else {}
+    extrapolated = set()
+    times = estimate_seconds(study, extrapolated) if estimate and todo else {}
     header = ["trial id", "model", "patch", "params", "Gflops", *swept, "steps", "train compute (Gflop)",
               "est. time"]
     rows = [header]
@@ -226,7 +235,8 @@ def format_plan(study, estimate=True):
         rows.append([trial.trial_id, trial.model, str(trial.patch), human_count(trial.params),
                      format_gflops(trial.gflops), *(f"{trial.swept.get(key, '')}" for key in swept),
                      format_milestones(trial.milestones), f"{compute:.2e}",
-                     "done" if trial.trial_id in done else human_duration(times.get(trial.trial_id, "-"))])
+                     "done" if trial.trial_id in done else
+                     ("~" if trial.trial_id in extrapolated else "") + human_duration(times.get(trial.trial_id, "-"))])
     total_compute = sum(training_compute(t.gflops, t.train["batch_size"], t.milestones[-1]) for t in study.trials)
     if not todo:
         total_time = "none left"
@@ -238,11 +248,16 @@ def format_plan(study, estimate=True):
         at_once = "one trial at a time" if slots == 1 else f"{slots} trials at a time"
         total_time = reasons[0] if reasons else (
             f"{human_duration(wall_seconds([times[t.trial_id] for t in launch_order(todo)], slots))} ({at_once} on this "
-            "machine; training, FID's and the grids' sampling, without Ray's start-up)")
+            "machine, a trial of N workers at N times one worker's rate probed here; training and the DiT's sampling "
+            "for FID and the grids, not the VAE's decoding, the feature extractor or Ray's start-up)")
     lines = [f"study {study.name} ({study.path}): {len(study.trials)} trials -> {study.output}", ""]
     lines += _table(rows)
     lines += ["", f"total: {len(study.trials)} trials, training compute {total_compute:.2e} Gflop, "
-                  f"estimated time {total_time}"]
+                  f"estimated time {total_time}",
+              "training compute: Gflops × global batch × steps × 3 (forward and backward), a multiply-add counted "
+              "once, as in the paper"]
+    if extrapolated & {t.trial_id for t in todo}:
+        lines.append("~: too big to probe here; extrapolated from the Gflop/s of the largest model probed")
     if done and todo:
         lines.append(f"{len(done)} of {len(study.trials)} trials already finished in {study.output}: a run skips "
                      f"them and resumes the others from their last checkpoints; the estimate is for the "

@@ -20,8 +20,9 @@ def meta_model(name, **kwargs):
 @pytest.mark.parametrize("name", TABLE_4_GFLOPS)
 def test_table_4_gflops(name):
     g = gflops(meta_model(name))
-    # Within 0.5%, or within the table's own rounding to 0.01 (S/8: 0.358 prints as 0.36).
-    assert abs(g - TABLE_4_GFLOPS[name]) <= max(0.005 * TABLE_4_GFLOPS[name], 0.005)
+    # Within 0.02 Gflops, as the README states (XL/2 118.62, L/2 80.70; the others within the table's rounding to
+    # 0.01 or a few thousandths past it): 0.5% would let XL/2 lose its blocks' adaLN products (0.22) unnoticed.
+    assert abs(g - TABLE_4_GFLOPS[name]) <= 0.02
 
 
 @pytest.mark.parametrize("name", PARAMS)

@@ -353,32 +353,64 @@ def test_dry_run_estimates_from_a_probe(tmp_path):
     rows = [line for line in plan.splitlines() if line.startswith("DiT-P-")]
     assert len(rows) == 2 and all(re.search(r"\d+(\.\d)?[smhd]\S*$", row) for row in rows), plan
     assert re.search(r"^total: 2 trials, training compute \S+ Gflop, estimated time \S+ \((one trial|2 trials) at a "
-                     r"time on this machine; training, FID's and the grids' sampling", plan, re.M), plan
+                     r"time on this machine, a trial of N workers at N times one worker's rate probed here; training "
+                     r"and the DiT's sampling for FID and the grids, not the VAE's decoding, the feature extractor or "
+                     r"Ray's start-up\)$", plan, re.M), plan
+    assert ("training compute: Gflops × global batch × steps × 3 (forward and backward), a multiply-add counted once, "
+            "as in the paper") in plan and "~" not in plan  # both probed here
 
 
 def test_the_dry_run_counts_every_worker_of_a_trial_and_probes_on_its_threads(tmp_path, monkeypatch):
     import scaling.dry_run as dry_run
 
     probed = []
-    monkeypatch.setattr(dry_run, "probe_images_per_s",
-                        lambda config, batch, device, precision, threads: probed.append((batch, threads)) or 1000.0)
+
+    def probe(config, batch, device, precision, threads, checkpointing):
+        probed.append((batch, threads, checkpointing))
+        return 1000.0
+
+    monkeypatch.setattr(dry_run, "probe_images_per_s", probe)
     one = dry_run.estimate_seconds(load(tmp_path, overrides=["eval.fid=false"]))
     two = dry_run.estimate_seconds(load(tmp_path, overrides=["eval.fid=false", "resources.workers_per_trial=2",
                                                              "resources.cpus_per_worker=64"]))
     assert [two[k] * 2 for k in two] == list(one.values())  # 40 steps × 32 images at 2 × 1000 images/s
     cpus = len(os.sched_getaffinity(0))
-    assert probed == [(32, 1)] * 4 + [(16, min(64, cpus))] * 4  # each worker's micro-batch, at most this machine's
+    # Each worker's micro-batch, at most this machine's threads.
+    assert probed == [(32, 1, False)] * 4 + [(16, min(64, cpus), False)] * 4
+    probed.clear()  # a trial that recomputes its activations is probed doing so
+    dry_run.estimate_seconds(load(tmp_path, overrides=["eval.fid=false", "train.grad_checkpointing=true"]))
+    assert probed == [(32, 1, True)] * 4
     # Without FID the grid is still sampled at each of the 3 milestones: 4 images × 10 classes × 50 steps, each a
     # third of a training step at 1000 images/s.
     no_grid = dry_run.estimate_seconds(load(tmp_path, overrides=["eval.fid=false", "eval.grid_images_per_class=0"]))
     assert [one[k] - no_grid[k] for k in one] == pytest.approx([3 * 40 * 50 / 3 / 1000.0] * len(one))
 
 
+def test_the_dry_run_marks_the_models_it_extrapolates(tmp_path, monkeypatch):
+    import scaling.dry_run as dry_run
+
+    monkeypatch.setattr(dry_run, "probe_images_per_s", lambda config, batch, device, precision, threads, ckpt: 1000.0)
+    study = load(tmp_path, overrides=["eval.fid=false"])  # DiT-P and DiT-N, each /2 and /4
+    small = max(t.gflops for t in study.trials if t.model.startswith("DiT-P"))
+    monkeypatch.setitem(dry_run.PROBE_BUDGET_GFLOP, "cpu", small * dry_run.PROBE_BATCHES[1])  # DiT-N: too big
+    extrapolated = set()
+    times = dry_run.estimate_seconds(study, extrapolated)
+    assert extrapolated == {t.trial_id for t in study.trials if t.model.startswith("DiT-N")}
+    # At the Gflop/s of the largest probed (DiT-P/2 at 1000 images/s): DiT-N's images/s in proportion.
+    p2 = next(t for t in study.trials if t.model == "DiT-P/2")
+    n2 = next(t for t in study.trials if t.model == "DiT-N/2")
+    assert times[n2.trial_id] / times[p2.trial_id] == pytest.approx(n2.gflops / p2.gflops)
+    plan = format_plan(study)
+    rows = {line.split()[0]: line for line in plan.splitlines() if line.startswith("DiT-")}
+    assert all(rows[t.trial_id].split()[-1].startswith("~") == t.model.startswith("DiT-N") for t in study.trials), plan
+    assert "~: too big to probe here; extrapolated from the Gflop/s of the largest model probed" in plan
+
+
 def test_the_dry_run_estimates_a_trial_to_resume_from_its_checkpoint(tmp_path, monkeypatch):
     import scaling.dry_run as dry_run
     from scaling.trial_storage import ray_storage, train_run_name
 
-    monkeypatch.setattr(dry_run, "probe_images_per_s", lambda config, batch, device, precision, threads: 1000.0)
+    monkeypatch.setattr(dry_run, "probe_images_per_s", lambda config, batch, device, precision, threads, ckpt: 1000.0)
     study = load(tmp_path, overrides=[f"output={tmp_path / 'out'}"])
     fresh = dry_run.estimate_seconds(study)
     resumed = study.trials[0]
