@@ -20,6 +20,9 @@ PROBE_BUDGET_GFLOP = {"cpu": 10.0, "cuda": 20_000.0}
 PROBE_MIN_STEPS, PROBE_MIN_SECONDS = 3, 0.5
 # A sampling step is one forward pass, a third of a training step's work (forward + backward).
 FORWARD_SHARE = 1 / 3
+# Multiply-adds of torch-fidelity's FID Inception network on one 299×299 image (the architecture's figure). The digits
+# classifier's are left out: under a thousandth of any DiT preset's sampling of one image.
+INCEPTION_GMAC = 5.71
 
 
 #################################################################################
@@ -87,8 +90,8 @@ def _sync(device):
 #################################################################################
 
 def estimate_seconds(study, extrapolated=None):
-    """{trial_id: seconds or a reason string}: training plus the DiT's sampling for FID and the grids, from probes
-    on this machine (the VAE's decoding and the feature extractor are not counted).
+    """{trial_id: seconds or a reason string}: training plus FID's and the grids' sampling, decoding and feature
+    extraction, from probes on this machine.
 
     Models too big to probe here are extrapolated from the Gflop/s achieved by the largest probed one (their ids
     are added to the set `extrapolated`, where given).
@@ -147,9 +150,29 @@ def wall_seconds(seconds, slots):
     return max(free_at)
 
 
+@functools.lru_cache(maxsize=None)
+def vae_decode_gmac(vae_path, latent_shape):
+    """Multiply-adds (G) of the VAE at vae_path decoding one latent of latent_shape, counted by torch's flop counter on
+    a model built from its config on the meta device (no weights read); None where its config does not read here."""
+    from diffusers import AutoencoderKL
+    from torch.utils.flop_counter import FlopCounterMode
+
+    try:
+        config = AutoencoderKL.load_config(vae_path, local_files_only=True)
+    except (OSError, ValueError):  # a missing folder or config.json, a damaged one: --dry-run only warns of it
+        return None
+    with torch.device("meta"):
+        vae = AutoencoderKL.from_config(config)
+        z = torch.zeros(1, *latent_shape)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        vae.decode(z)
+    return counter.get_total_flops() / 2e9  # the counter's flops: 2 a multiply-add
+
+
 def _trial_seconds(trial, images_per_s, start=0):
-    """Training from step start (a checkpoint it resumes from) to max_steps, and the sampling of FID's images and the
-    grid's at every milestone after it."""
+    """Training from step start (a checkpoint it resumes from) to max_steps, and at every milestone after it the
+    sampling of FID's images and the grid's, their decoding by the VAE (a latent study) and FID's feature extraction,
+    those two at the multiply-adds per second the trial's training achieves."""
     from core.evaluate import EvalConfig  # here, not at the top: it imports torch-fidelity (0.8 s), for a constant
 
     seconds = (trial.milestones[-1] - min(start, trial.milestones[-1])) * trial.train["batch_size"] / images_per_s
@@ -159,7 +182,13 @@ def _trial_seconds(trial, images_per_s, start=0):
     passes = 1 if ev["cfg_scale"] == 1.0 else 2  # guidance runs the null label alongside
     ahead = sum(m > start for m in trial.milestones)
     sample_images = ahead * per_milestone * ev["sampling_steps"] * passes
-    return seconds + sample_images * FORWARD_SHARE / images_per_s
+    cfg = trial.model_config
+    decode = (vae_decode_gmac(ev["vae"], (cfg["in_channels"], cfg["input_size"], cfg["input_size"]))
+              if ev["vae"] else 0.0) or 0.0
+    extract = INCEPTION_GMAC if ev["fid"] and ev["feature_extractor"] == "inception-v3-compat" else 0.0
+    after_sampling = ahead * (per_milestone * decode + (ev["fid_samples"] if ev["fid"] else 0) * extract)
+    gmac_per_s = images_per_s * trial.gflops * 3  # a training image: forward and backward, 3 forward passes
+    return seconds + sample_images * FORWARD_SHARE / images_per_s + after_sampling / gmac_per_s
 
 
 #################################################################################
@@ -248,8 +277,8 @@ def format_plan(study, estimate=True):
         at_once = "one trial at a time" if slots == 1 else f"{slots} trials at a time"
         total_time = reasons[0] if reasons else (
             f"{human_duration(wall_seconds([times[t.trial_id] for t in launch_order(todo)], slots))} ({at_once} on this "
-            "machine, a trial of N workers at N times one worker's rate probed here; training and the DiT's sampling "
-            "for FID and the grids, not the VAE's decoding, the feature extractor or Ray's start-up)")
+            "machine, a trial of N workers at N times one worker's rate probed here; training, and FID's and the "
+            "grids' sampling, VAE decoding and feature extraction, not Ray's start-up)")
     lines = [f"study {study.name} ({study.path}): {len(study.trials)} trials -> {study.output}", ""]
     lines += _table(rows)
     lines += ["", f"total: {len(study.trials)} trials, training compute {total_compute:.2e} Gflop, "

@@ -353,9 +353,9 @@ def test_dry_run_estimates_from_a_probe(tmp_path):
     rows = [line for line in plan.splitlines() if line.startswith("DiT-P-")]
     assert len(rows) == 2 and all(re.search(r"\d+(\.\d)?[smhd]\S*$", row) for row in rows), plan
     assert re.search(r"^total: 2 trials, training compute \S+ Gflop, estimated time \S+ \((one trial|2 trials) at a "
-                     r"time on this machine, a trial of N workers at N times one worker's rate probed here; training "
-                     r"and the DiT's sampling for FID and the grids, not the VAE's decoding, the feature extractor or "
-                     r"Ray's start-up\)$", plan, re.M), plan
+                     r"time on this machine, a trial of N workers at N times one worker's rate probed here; training, "
+                     r"and FID's and the grids' sampling, VAE decoding and feature extraction, not Ray's start-up\)$",
+                     plan, re.M), plan
     assert ("training compute: Gflops × global batch × steps × 3 (forward and backward), a multiply-add counted once, "
             "as in the paper") in plan and "~" not in plan  # both probed here
 
@@ -404,6 +404,31 @@ def test_the_dry_run_marks_the_models_it_extrapolates(tmp_path, monkeypatch):
     rows = {line.split()[0]: line for line in plan.splitlines() if line.startswith("DiT-")}
     assert all(rows[t.trial_id].split()[-1].startswith("~") == t.model.startswith("DiT-N") for t in study.trials), plan
     assert "~: too big to probe here; extrapolated from the Gflop/s of the largest model probed" in plan
+
+
+def test_the_dry_run_counts_the_vaes_decoding_and_the_inception_networks_features(tmp_path):
+    # A latent study's FID and grids decode every sample through the VAE, and FID runs Inception on each: for the small
+    # models that is most of a milestone's work (sd-vae-ft-mse's decoder: 311 G multiply-adds an image, DiT-S/8's
+    # whole 250-step sample 90).
+    import scaling.dry_run as dry_run
+    from diffusers import AutoencoderKL
+
+    sd_vae = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4,
+                  down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
+    AutoencoderKL.from_config(sd_vae).save_config(tmp_path / "vae")  # its config alone: no weights are read
+    decode = dry_run.vae_decode_gmac(str(tmp_path / "vae"), (4, 32, 32))
+    assert decode == pytest.approx(311.09, abs=0.01)
+    assert dry_run.vae_decode_gmac(str(tmp_path / "none"), (4, 32, 32)) is None  # only warned of by --dry-run
+    study = load_study(STUDIES / "dit_imagenet256.yaml", ["sweep.model=[DiT-S]", "sweep.patch=[8]",
+                                                         f"eval.vae={tmp_path / 'vae'}"], check_data=False)
+    (trial,) = study.trials
+    rate = 1000.0  # images/s of training
+    ev, milestones = trial.eval, len(trial.milestones)
+    training = trial.milestones[-1] * trial.train["batch_size"] / rate
+    sampling = milestones * ev["fid_samples"] * ev["sampling_steps"] * dry_run.FORWARD_SHARE / rate
+    after = milestones * ev["fid_samples"] * (decode + dry_run.INCEPTION_GMAC) / (rate * trial.gflops * 3)
+    assert dry_run._trial_seconds(trial, rate) == pytest.approx(training + sampling + after)
+    assert after > sampling  # DiT-S/8: decoding and Inception outweigh the sampling itself
 
 
 def test_the_dry_run_estimates_a_trial_to_resume_from_its_checkpoint(tmp_path, monkeypatch):
