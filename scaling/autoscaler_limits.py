@@ -5,7 +5,9 @@ Ray has no public call for this; its own libraries read the same places (Ray Tra
 cluster config's maximum, Ray Data asks the same config whether the cluster autoscales):
 - a cluster config in the GCS: each node type's resources and its most nodes, where an autoscaler reports one
   (its GCS client's `report_cluster_config`; Ray 2.60's own autoscalers do not yet);
-- autoscaler v2 (its head started with `RAY_enable_autoscaler_v2=1`) sets a flag in the GCS;
+- autoscaler v2 (its head started with `RAY_enable_autoscaler_v2=1`) sets a flag in the GCS, also where it runs
+  read-only (nothing to scale); the nodes it launches carry their node type's name (`ray_node_type_name`), a
+  read-only one's none;
 - autoscaler v1 (the cluster launcher's default) writes its status under DEBUG_AUTOSCALING_STATUS each
   update. Every head node runs that monitor, also with nothing to scale (a local Ray, `ray start` without an
   autoscaling config): its "readonly" provider then names each node's type after the node
@@ -57,12 +59,22 @@ def autoscaler_limits():
     from ray.autoscaler.v2.utils import is_autoscaler_v2
     from ray.experimental.internal_kv import _internal_kv_get
 
-    limits = limits_of_config(ray._private.state.state.get_cluster_config())
-    if limits is not None:
-        return limits
-    if is_autoscaler_v2(fetch_from_server=True) or v1_autoscales(_internal_kv_get(DEBUG_AUTOSCALING_STATUS)):
-        return AutoscalerLimits()
-    return None
+    config = ray._private.state.state.get_cluster_config()
+    if config is not None:  # published: it says whether any node can be added
+        return limits_of_config(config)
+    if is_autoscaler_v2(fetch_from_server=True):
+        return AutoscalerLimits() if v2_autoscales() else None
+    return AutoscalerLimits() if v1_autoscales(_internal_kv_get(DEBUG_AUTOSCALING_STATUS)) else None
+
+
+def v2_autoscales():
+    """Whether autoscaler v2 scales the connected cluster: a node of it carries a node type's name."""
+    import ray
+    from ray._raylet import GcsClient
+    from ray.autoscaler.v2.sdk import get_cluster_resource_state
+
+    state = get_cluster_resource_state(GcsClient(address=ray.get_runtime_context().gcs_address))
+    return any(node.ray_node_type_name for node in state.node_states)
 
 
 def v1_autoscales(status, now=None):

@@ -18,8 +18,9 @@ PROBE_BUDGET_GFLOP = {"cpu": 10.0, "cuda": 20_000.0}
 # Timed probe steps: at least this many and this long in all. The fastest counts, so a process that shares the
 # machine must slow every one of them to skew it (two steps of a small model took 30 ms: one busy moment).
 PROBE_MIN_STEPS, PROBE_MIN_SECONDS = 3, 0.5
-# A sampling step is one forward pass, a third of a training step's work (forward + backward).
-FORWARD_SHARE = 1 / 3
+# A training image costs 3 forward passes' work (forward + backward), 4 with activation checkpointing (each block's
+# forward again in the backward); a sampling step, a decode or a feature extraction is forward work alone.
+TRAINING_PASSES = {False: 3, True: 4}
 # Multiply-adds of torch-fidelity's FID Inception network on one 299×299 image (the architecture's figure). The digits
 # classifier's are left out: under a thousandth of any DiT preset's sampling of one image.
 INCEPTION_GMAC = 5.71
@@ -104,7 +105,8 @@ def estimate_seconds(study, extrapolated=None):
     if wants_gpu and not torch.cuda.is_available():
         return {t.trial_id: "n/a (needs GPU)" for t in study.trials}
     device = torch.device("cuda" if wants_gpu else "cpu")
-    parallel = res["workers_per_trial"] * (min(1.0, res["gpus_per_worker"]) if wants_gpu else 1)
+    # A worker given a share of a GPU or a CPU shares it with another trial's: that share of its rate.
+    parallel = res["workers_per_trial"] * min(1.0, res["gpus_per_worker"] if wants_gpu else res["cpus_per_worker"])
     threads = None if wants_gpu else min(max(1, int(res["cpus_per_worker"])), usable_cpus())
 
     rates = {}  # trial_id -> images/s of one device
@@ -123,7 +125,7 @@ def estimate_seconds(study, extrapolated=None):
     gflop_per_s = rates[largest.trial_id] * largest.gflops
     if extrapolated is not None:
         extrapolated.update(t.trial_id for t in study.trials if t.trial_id not in rates)
-    return {t.trial_id: _trial_seconds(t, parallel * rates.get(t.trial_id, gflop_per_s / t.gflops),
+    return {t.trial_id: _trial_seconds(t, rates.get(t.trial_id, gflop_per_s / t.gflops), parallel,
                                        checkpoint_step(study.output, t.trial_id))
             for t in study.trials}
 
@@ -157,38 +159,51 @@ def vae_decode_gmac(vae_path, latent_shape):
     from diffusers import AutoencoderKL
     from torch.utils.flop_counter import FlopCounterMode
 
+    # --dry-run reads a study without loading its weights (it warns of a missing or foreign VAE): any config that is
+    # not an AutoencoderKL's decoding such latents is not counted, whatever goes wrong with it.
     try:
         config = AutoencoderKL.load_config(vae_path, local_files_only=True)
-    except (OSError, ValueError):  # a missing folder or config.json, a damaged one: --dry-run only warns of it
+        if (config.get("_class_name", AutoencoderKL.__name__) != AutoencoderKL.__name__
+                or config.get("latent_channels") != latent_shape[0]):
+            return None
+        with torch.device("meta"):
+            vae = AutoencoderKL.from_config(config)
+            z = torch.zeros(1, *latent_shape)
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            vae.decode(z)
+    except Exception:
         return None
-    with torch.device("meta"):
-        vae = AutoencoderKL.from_config(config)
-        z = torch.zeros(1, *latent_shape)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        vae.decode(z)
     return counter.get_total_flops() / 2e9  # the counter's flops: 2 a multiply-add
 
 
-def _trial_seconds(trial, images_per_s, start=0):
+def _trial_seconds(trial, images_per_s, workers=1, start=0):
     """Training from step start (a checkpoint it resumes from) to max_steps, and at every milestone after it the
     sampling of FID's images and the grid's, their decoding by the VAE (a latent study) and FID's feature extraction,
-    those two at the multiply-adds per second the trial's training achieves."""
+    those two at the multiply-adds per second the trial's training achieves. images_per_s: one worker's training
+    rate; `workers` of them share training, sampling and decoding, and the first alone extracts (core.evaluate)."""
     from core.evaluate import EvalConfig  # here, not at the top: it imports torch-fidelity (0.8 s), for a constant
 
-    seconds = (trial.milestones[-1] - min(start, trial.milestones[-1])) * trial.train["batch_size"] / images_per_s
+    rate = images_per_s * workers
+    seconds = (trial.milestones[-1] - min(start, trial.milestones[-1])) * trial.train["batch_size"] / rate
     ev = trial.eval
     grid = ev["grid_images_per_class"] * min(EvalConfig.grid_classes, trial.model_config["num_classes"])
     per_milestone = (ev["fid_samples"] if ev["fid"] else 0) + grid  # the grid is sampled apart from FID's images
-    passes = 1 if ev["cfg_scale"] == 1.0 else 2  # guidance runs the null label alongside
+    copies = 1 if ev["cfg_scale"] == 1.0 else 2  # guidance runs the null label alongside
     ahead = sum(m > start for m in trial.milestones)
-    sample_images = ahead * per_milestone * ev["sampling_steps"] * passes
+    sample_images = ahead * per_milestone * ev["sampling_steps"] * copies
+    passes = TRAINING_PASSES[bool(trial.train["grad_checkpointing"])]
+    decode = (vae_decode_gmac(ev["vae"], latent_shape(trial)) or 0.0) if ev["vae"] and per_milestone else 0.0
+    decoded = ahead * per_milestone * decode
+    extracted = ahead * (ev["fid_samples"] * INCEPTION_GMAC if ev["fid"] and ev["feature_extractor"] ==
+                         "inception-v3-compat" else 0.0)
+    gmac_per_s = images_per_s * trial.gflops * passes  # one worker's forward work a second
+    return seconds + sample_images / (passes * rate) + decoded / (gmac_per_s * workers) + extracted / gmac_per_s
+
+
+def latent_shape(trial):
+    """(C, H, W) of the trial's samples before the VAE decodes them."""
     cfg = trial.model_config
-    decode = (vae_decode_gmac(ev["vae"], (cfg["in_channels"], cfg["input_size"], cfg["input_size"]))
-              if ev["vae"] else 0.0) or 0.0
-    extract = INCEPTION_GMAC if ev["fid"] and ev["feature_extractor"] == "inception-v3-compat" else 0.0
-    after_sampling = ahead * (per_milestone * decode + (ev["fid_samples"] if ev["fid"] else 0) * extract)
-    gmac_per_s = images_per_s * trial.gflops * 3  # a training image: forward and backward, 3 forward passes
-    return seconds + sample_images * FORWARD_SHARE / images_per_s + after_sampling / gmac_per_s
+    return cfg["in_channels"], cfg["input_size"], cfg["input_size"]
 
 
 #################################################################################
@@ -287,6 +302,10 @@ def format_plan(study, estimate=True):
               "once, as in the paper"]
     if extrapolated & {t.trial_id for t in todo}:
         lines.append("~: too big to probe here; extrapolated from the Gflop/s of the largest model probed")
+    estimated = [t for t in todo if not isinstance(times.get(t.trial_id, ""), str)]  # not "n/a (...)"
+    if any(t.eval["vae"] and vae_decode_gmac(t.eval["vae"], latent_shape(t)) is None for t in estimated):
+        lines.append("eval.vae: no AutoencoderKL config that decodes the study's latents reads here; the estimate "
+                     "leaves its decoding out")
     if done and todo:
         lines.append(f"{len(done)} of {len(study.trials)} trials already finished in {study.output}: a run skips "
                      f"them and resumes the others from their last checkpoints; the estimate is for the "

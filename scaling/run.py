@@ -453,7 +453,7 @@ def run_study(study, address, build_report=True, report_dir=None):
             else:
                 ray.init(runtime_env=runtime_env, **local_ray_options())
             with sigterm_interrupts():
-                capacity = check_capacity(study)
+                capacity = check_capacity(study, local=not address)
                 if address:  # a local Ray is one node
                     check_shared_storage(study)
         except BaseException as e:  # nothing was written yet: the folders made for it go (a Ctrl-C, Ray's failure)
@@ -471,16 +471,16 @@ def run_study(study, address, build_report=True, report_dir=None):
         os.close(lock)  # the lock goes with the descriptor (and with the process, however it ends)
 
 
-def check_capacity(study):
+def check_capacity(study, local=False):
     """Check the study's resources against the cluster, or against what its autoscaler may grow it to where one runs
-    (check_cluster); the resources its trials are packed into (max_concurrent_trials)."""
+    (check_cluster; a local Ray never autoscales); the resources its trials are packed into (max_concurrent_trials)."""
     import ray
 
     from scaling.autoscaler_limits import autoscaler_limits, grown
 
     now = ray.cluster_resources()
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
-    limits = autoscaler_limits()
+    limits = None if local else autoscaler_limits()
     if limits is None:
         check_cluster(study, now, nodes)
         return now
@@ -495,7 +495,7 @@ def check_capacity(study):
         check_cluster(study, now, nodes)
     except StudyError as e:
         print(f"warning: {e}; the cluster autoscales, and its autoscaler does not publish what it may add: the study "
-              f"goes on, its trials waiting for nodes that hold them", file=sys.stderr)
+              f"goes on, its trials waiting for nodes that hold them (for ever if none is added)", file=sys.stderr)
     slots = max_concurrent_trials(study, now)
     if not study.raw["resources"]["max_concurrent_trials"]:
         print(f"note: the cluster autoscales, and its autoscaler does not publish what it may add: {slots} trial(s) "

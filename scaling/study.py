@@ -1212,7 +1212,8 @@ def check_cluster(study, cluster_resources, nodes=(), autoscaled=False):
         if need > have:
             raise study.locations.error(("resources", key), f"a trial needs {workers} × {res[key]:g} = {need:g} "
                                                              f"{resource}s, the cluster {has} {have:g}"
-                                                             + (" (its autoscaler's limit)" if autoscaled else ""))
+                                                             + (" with what its autoscaler may add" if autoscaled
+                                                                else ""))
     worker = {r: res[key] for key, r in (("cpus_per_worker", "CPU"), ("gpus_per_worker", "GPU")) if res[key]}
     if not nodes or any(all(node.get(r, 0.0) >= n for r, n in worker.items()) for node in nodes):
         return

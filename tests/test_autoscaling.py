@@ -20,6 +20,7 @@ from scaling.run import check_capacity
 from scaling.study import StudyError, check_cluster, load_study, max_concurrent_trials
 from test_cluster_faults import fault_study, finish, free_ports, start_study
 
+
 def autoscaling_config(gcs_address, worker_cpus):
     """A fake multi-node cluster: a head node and one node type of worker_cpus CPUs, none up, at most one."""
     return {
@@ -99,7 +100,7 @@ def test_a_study_needing_a_node_the_autoscaler_adds_runs_on_it(tmp_path, autosca
     # up now (one at a time here).
     assert (f"warning: {study}:6: resources.cpus_per_worker: a trial needs 1 × 2 = 2 CPUs, the cluster has 1; the "
             "cluster autoscales, and its autoscaler does not publish what it may add: the study goes on, its trials "
-            "waiting for nodes that hold them") in text
+            "waiting for nodes that hold them (for ever if none is added)") in text
     assert ("note: the cluster autoscales, and its autoscaler does not publish what it may add: 1 trial(s) at once, "
             "what the nodes up hold (resources.max_concurrent_trials sets more)") in text
     df = load_results(out)
@@ -161,7 +162,7 @@ def test_an_autoscaled_cluster_is_checked_against_its_limits(tmp_path):
     with pytest.raises(StudyError) as err:
         check_cluster(study, grown(now, limits), [now] + limits.node_types, autoscaled=True)
     assert str(err.value) == (f"{study.path}:4: resources.gpus_per_worker: a trial needs 8 × 1 = 8 GPUs, the cluster "
-                              f"grows to at most 4 (its autoscaler's limit)")
+                              f"grows to at most 4 with what its autoscaler may add")
     study = load_study(tmp_path / "s.yaml", overrides=["resources.workers_per_trial=4"])
     check_cluster(study, grown(now, limits), [now] + limits.node_types, autoscaled=True)  # 4 GPU nodes to come
     # Packed into what the cluster may grow to: as many one-GPU trials at once as its GPU nodes hold, not the one
@@ -177,12 +178,28 @@ def test_an_autoscaled_cluster_is_checked_against_its_limits(tmp_path):
                                    "4 CPUs and 0 GPUs, 8 CPUs and 1 GPUs")
 
 
+def test_autoscaler_v2_read_only_is_no_autoscaler(monkeypatch):
+    # The flag is set by any head started with RAY_enable_autoscaler_v2=1, also with nothing to scale: a fixed cluster
+    # keeps its refusal. Nodes an autoscaler launches carry their node type's name (RAY_NODE_TYPE_NAME, which Ray's
+    # providers set for them).
+    monkeypatch.setenv("RAY_enable_autoscaler_v2", "1")
+    for type_name, expected in ((None, None), ("gpu-group", AutoscalerLimits())):
+        if type_name:
+            monkeypatch.setenv("RAY_NODE_TYPE_NAME", type_name)
+        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+        try:
+            assert autoscaler_limits() == expected
+        finally:
+            ray.shutdown()
+
+
 def test_a_cluster_config_in_the_gcs_sets_the_check_and_the_packing(tmp_path, monkeypatch):
-    # A local Ray whose GCS says autoscaler v2 runs (the flag its head sets), and then holds a cluster config, written
-    # with the GCS client's own call, as an autoscaler that publishes one writes it.
+    # A Ray whose GCS says autoscaler v2 runs and launched its node, and then holds a cluster config, written with the
+    # GCS client's own call, as an autoscaler that publishes one writes it.
     from ray._raylet import GcsClient
 
     monkeypatch.setenv("RAY_enable_autoscaler_v2", "1")
+    monkeypatch.setenv("RAY_NODE_TYPE_NAME", "head-group")
     (tmp_path / "s.yaml").write_text("name: s\ndata: {dataset: digits}\nsweep: {model: [DiT-P], patch: [4], "
                                      "steps: [10]}\nresources: {workers_per_trial: 1, gpus_per_worker: 1}\n")
     one_gpu = load_study(tmp_path / "s.yaml")
@@ -194,9 +211,18 @@ def test_a_cluster_config_in_the_gcs_sets_the_check_and_the_packing(tmp_path, mo
         GcsClient(address=ray.get_runtime_context().gcs_address).report_cluster_config(
             v2_config().SerializeToString())
         assert autoscaler_limits() == limits_of_config(v2_config())
+        with pytest.raises(StudyError, match="the cluster has 0$"):  # a study's own local Ray never autoscales
+            check_capacity(one_gpu, local=True)
         capacity = check_capacity(one_gpu)  # no GPU up: the GPU nodes to come
         assert capacity["GPU"] == 4.0 and max_concurrent_trials(one_gpu, capacity) == 4
         with pytest.raises(StudyError, match="a trial needs 8 × 1 = 8 GPUs, the cluster grows to at most 4 "):
             check_capacity(eight_gpus)
+        # A config whose node types can add none: the cluster is what is up (0 GPUs), refused whatever the flag says.
+        fixed = ClusterConfig(node_group_configs=[NodeGroupConfig(name="head", resources={"CPU": 1}, min_count=1,
+                                                                  max_count=1)])
+        GcsClient(address=ray.get_runtime_context().gcs_address).report_cluster_config(fixed.SerializeToString())
+        assert autoscaler_limits() is None
+        with pytest.raises(StudyError, match="a trial needs 1 × 1 = 1 GPUs, the cluster has 0$"):
+            check_capacity(one_gpu)
     finally:
         ray.shutdown()

@@ -9,6 +9,7 @@ TABLE_4_GFLOPS = {
     "DiT-S/8": 0.36, "DiT-S/4": 1.41, "DiT-S/2": 6.06, "DiT-B/8": 1.42, "DiT-B/4": 5.56, "DiT-B/2": 23.01,
     "DiT-L/8": 5.01, "DiT-L/4": 19.70, "DiT-L/2": 80.71, "DiT-XL/8": 7.39, "DiT-XL/4": 29.05, "DiT-XL/2": 118.64,
 }
+KNOWN_OFF = {"DiT-L/2": 0.013, "DiT-XL/4": 0.0065, "DiT-XL/2": 0.019}  # the measured distance, rounded up
 PARAMS = {"DiT-XL/2": 675_129_632, "DiT-L/2": 458_102_816, "DiT-B/2": 130_512_416, "DiT-S/2": 32_963_360}
 
 
@@ -20,9 +21,10 @@ def meta_model(name, **kwargs):
 @pytest.mark.parametrize("name", TABLE_4_GFLOPS)
 def test_table_4_gflops(name):
     g = gflops(meta_model(name))
-    # Within 0.02 Gflops, as the README states (XL/2 118.62, L/2 80.70; the others within the table's rounding to
-    # 0.01 or a few thousandths past it): 0.5% would let XL/2 lose its blocks' adaLN products (0.22) unnoticed.
-    assert abs(g - TABLE_4_GFLOPS[name]) <= 0.02
+    # Within the table's rounding to 0.01 (S/8: 0.358 prints as 0.36), but for the three the README names as off by
+    # 0.01 or 0.02 (its fourth, B/4's 5.5652, rounds to 5.57 yet lies within this): a relative tolerance would let
+    # XL/2 lose its blocks' adaLN products (0.22) unnoticed, and 0.02 for all would let DiT-S/8 lose its (0.011).
+    assert abs(g - TABLE_4_GFLOPS[name]) <= KNOWN_OFF.get(name, 0.0055)
 
 
 @pytest.mark.parametrize("name", PARAMS)

@@ -380,6 +380,9 @@ def test_the_dry_run_counts_every_worker_of_a_trial_and_probes_on_its_threads(tm
     probed.clear()  # a trial that recomputes its activations is probed doing so
     dry_run.estimate_seconds(load(tmp_path, overrides=["eval.fid=false", "train.grad_checkpointing=true"]))
     assert probed == [(32, 1, True)] * 4
+    # Half a CPU a worker: two trials share it, each at half its rate.
+    half = dry_run.estimate_seconds(load(tmp_path, overrides=["eval.fid=false", "resources.cpus_per_worker=0.5"]))
+    assert [half[k] / 2 for k in half] == list(one.values())
     # Without FID the grid is still sampled at each of the 3 milestones: 4 images × 10 classes × 50 steps, each a
     # third of a training step at 1000 images/s.
     no_grid = dry_run.estimate_seconds(load(tmp_path, overrides=["eval.fid=false", "eval.grid_images_per_class=0"]))
@@ -422,13 +425,43 @@ def test_the_dry_run_counts_the_vaes_decoding_and_the_inception_networks_feature
     study = load_study(STUDIES / "dit_imagenet256.yaml", ["sweep.model=[DiT-S]", "sweep.patch=[8]",
                                                          f"eval.vae={tmp_path / 'vae'}"], check_data=False)
     (trial,) = study.trials
-    rate = 1000.0  # images/s of training
-    ev, milestones = trial.eval, len(trial.milestones)
-    training = trial.milestones[-1] * trial.train["batch_size"] / rate
-    sampling = milestones * ev["fid_samples"] * ev["sampling_steps"] * dry_run.FORWARD_SHARE / rate
-    after = milestones * ev["fid_samples"] * (decode + dry_run.INCEPTION_GMAC) / (rate * trial.gflops * 3)
-    assert dry_run._trial_seconds(trial, rate) == pytest.approx(training + sampling + after)
-    assert after > sampling  # DiT-S/8: decoding and Inception outweigh the sampling itself
+    g, m, last = trial.gflops, len(trial.milestones), trial.milestones[-1]  # 0.358 G multiply-adds an image
+    assert trial.eval["fid_samples"] == 50_000 and trial.eval["sampling_steps"] == 250 and trial.train["batch_size"] == 256
+    # One worker training 1000 images/s: 3 forward passes' work an image; 50K samples of 250 steps, each a forward
+    # pass; their decoding and Inception features at the same multiply-adds a second.
+    expected = (last * 256 / 1000 + m * 50_000 * 250 / (3 * 1000) + m * 50_000 * decode / (1000 * g * 3)
+                + m * 50_000 * 5.71 / (1000 * g * 3))
+    assert dry_run._trial_seconds(trial, 1000.0) == pytest.approx(expected)
+    assert m * 50_000 * decode / (1000 * g * 3) > m * 50_000 * 250 / (3 * 1000)  # decoding outweighs the sampling
+    # Two workers recomputing activations: 4 forward passes an image; training, sampling and decoding shared by both,
+    # Inception on the first alone.
+    recomputing = load_study(STUDIES / "dit_imagenet256.yaml", ["sweep.model=[DiT-S]", "sweep.patch=[8]",
+                                                               f"eval.vae={tmp_path / 'vae'}",
+                                                               "train.grad_checkpointing=true"], check_data=False)
+    expected = (last * 256 / 2000 + m * 50_000 * 250 / (4 * 2000) + m * 50_000 * decode / (1000 * g * 4 * 2)
+                + m * 50_000 * 5.71 / (1000 * g * 4))
+    assert dry_run._trial_seconds(recomputing.trials[0], 1000.0, workers=2) == pytest.approx(expected)
+    # A VAE config that does not decode these latents (another class, other channels, not a config) is left out.
+    AutoencoderKL.from_config({**sd_vae, "latent_channels": 16}).save_config(tmp_path / "vae16")
+    (tmp_path / "list").mkdir()
+    (tmp_path / "list" / "config.json").write_text("[]")
+    for other in ("vae16", "list"):
+        assert dry_run.vae_decode_gmac(str(tmp_path / other), (4, 32, 32)) is None
+
+
+def test_a_dry_run_says_when_it_leaves_the_vaes_decoding_out(tmp_path, encode_tiny_latents):
+    encode_tiny_latents(tmp_path / "latents", seed=0)
+    latents = ["data.dataset=latents", f"data.path={tmp_path / 'latents'}", "eval.fid=false",
+               "sweep.model=[DiT-P]", "sweep.patch=[2]"]
+    note = "eval.vae: no AutoencoderKL config that decodes the study's latents reads here; the estimate leaves its"
+    missing = load(tmp_path, overrides=[*latents, f"eval.vae={tmp_path / 'no-vae'}"], check_data=False)
+    assert note in format_plan(missing)  # --dry-run warns of the folder too (study.warnings)
+    from diffusers import AutoencoderKL
+
+    AutoencoderKL(block_out_channels=(8,) * 4, layers_per_block=1, latent_channels=4, norm_num_groups=8,
+                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4
+                  ).save_pretrained(tmp_path / "vae8")  # decodes the data's 4×4×4 latents to 32 pixels
+    assert note not in format_plan(load(tmp_path, overrides=[*latents, f"eval.vae={tmp_path / 'vae8'}"]))
 
 
 def test_the_dry_run_estimates_a_trial_to_resume_from_its_checkpoint(tmp_path, monkeypatch):
@@ -445,7 +478,7 @@ def test_the_dry_run_estimates_a_trial_to_resume_from_its_checkpoint(tmp_path, m
     later = dry_run.estimate_seconds(study)
     # 20 of its 40 steps and the sampling of 10 and 20 left out (one milestone's: FID's 100 images and the grid's
     # 4 × 10 classes, × 50 steps, each a third of a training step); the other trials' as they were.
-    sampling = (100 + 4 * 10) * 50 * dry_run.FORWARD_SHARE / 1000.0
+    sampling = (100 + 4 * 10) * 50 / 3 / 1000.0
     assert later[resumed.trial_id] == pytest.approx(fresh[resumed.trial_id] - 20 * 32 / 1000.0 - 2 * sampling)
     assert {k: v for k, v in later.items() if k != resumed.trial_id} == \
            {k: v for k, v in fresh.items() if k != resumed.trial_id}
