@@ -491,15 +491,15 @@ def check_capacity(study, local=False):
     # An autoscaler that says it runs, not what it may add: a trial the nodes up cannot hold may be held by one it adds,
     # so the check warns rather than refuses; trials are packed into what is up (more trials at once than the cluster
     # ever holds would each start processes that wait).
+    unpublished = "the cluster autoscales, and its autoscaler does not publish what it may add"
     try:
         check_cluster(study, now, nodes)
     except StudyError as e:
-        print(f"warning: {e}; the cluster autoscales, and its autoscaler does not publish what it may add: the study "
-              f"goes on, its trials waiting for nodes that hold them (for ever if none is added)", file=sys.stderr)
-    slots = max_concurrent_trials(study, now)
+        print(f"warning: {e}; {unpublished}: the study goes on, its trials waiting for nodes that hold them (for ever "
+              f"if none is added)", file=sys.stderr)
     if not study.raw["resources"]["max_concurrent_trials"]:
-        print(f"note: the cluster autoscales, and its autoscaler does not publish what it may add: {slots} trial(s) "
-              f"at once, what the nodes up hold (resources.max_concurrent_trials sets more)", file=sys.stderr)
+        print(f"note: {unpublished}: {max_concurrent_trials(study, now)} trial(s) at once, what the nodes up hold "
+              f"(resources.max_concurrent_trials sets more)", file=sys.stderr)
     return now
 
 
@@ -611,12 +611,12 @@ def _run_trials(study, build_report, report_dir, began, capacity):
                                           failure_config=tune.FailureConfig(max_failures=res["max_failures"]),
                                           callbacks=[recorder], verbose=0),
             )
-            recorder.open_slots(min(len(todo), tuner_concurrency))  # the trials' start-up is counted from here
+            recorder.open_slots(tuner_concurrency)  # the trials' start-up is counted from here
             with sigterm_stops_the_study() as stopped_by:
                 tuner.fit()
             for actor in study_actors:
                 ray.kill(actor)
-            slots = min(len(todo), tuner_concurrency)
+            slots = tuner_concurrency
     except BaseException as e:
         # A second Ctrl-C (Tune lets it through), a Ctrl-C or SIGTERM before Tune's loop, or the driver's own error:
         # the runs say the study stopped, rather than RUNNING for good.
