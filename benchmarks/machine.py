@@ -27,7 +27,7 @@ def describe():
         pass
     vector = torch.backends.cpu.get_cpu_capability()
     if flags & {"avx512_bf16", "amx_bf16"}:
-        vector += " with bf16 dot products"
+        vector += " with bf16 dot products" + (" and AMX tiles" if "amx_bf16" in flags else "")
     if ONEDNN_PREFERRED:
         vector += ", fp32 linears on oneDNN"
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
