@@ -1,7 +1,7 @@
 """`python -m scaling.encode_latents`: encode an image folder once into VAE latent shards, in parallel with Ray Data.
 
 core.latents holds the shard format and writes the folder; this module spreads the VAE over Ray: one copy per
-GPU, or per CPU process without GPUs.
+GPU, or per CPU process without GPUs (`--device` chooses where an autoscaling cluster has no GPU up yet).
 """
 import argparse
 import functools
@@ -14,7 +14,11 @@ from core.latents import (VAEError, encode_images, encode_option_problem, load_v
                           write_shard)
 
 
-def encode_folder(data_path, vae_path, out_dir, image_size, batch_size=64, num_workers=None, shard_size=4096, seed=0):
+DEVICES = ("auto", "gpu", "cpu")  # auto: GPUs where the cluster has any up when the encode starts, else CPUs
+
+
+def encode_folder(data_path, vae_path, out_dir, image_size, batch_size=64, num_workers=None, shard_size=4096, seed=0,
+                  device="auto"):
     """Encode an image folder into latent shards at out_dir (core.latents.write_latent_folder); returns its meta.
 
     Uses the running Ray instance (or starts a local one). A failed encode leaves out_dir as it was.
@@ -31,30 +35,49 @@ def encode_folder(data_path, vae_path, out_dir, image_size, batch_size=64, num_w
     if image_size % downsample:
         raise ValueError(f"image_size {image_size} is not a multiple of the VAE's downsampling factor {downsample}")
     write_shards = functools.partial(_encode_shards, samples, image_size=image_size, vae_path=vae_path,
-                                     batch_size=batch_size, num_workers=num_workers, shard_size=shard_size, seed=seed)
+                                     batch_size=batch_size, num_workers=num_workers, shard_size=shard_size, seed=seed,
+                                     device=device)
     meta = dict(num_images=len(samples), classes=classes, scale_factor=scale_factor, vae=str(Path(vae_path).resolve()),
                 image_size=image_size, seed=seed)
     return write_latent_folder(out_dir, write_shards, meta)
 
 
-def _encode_shards(samples, folder, image_size, vae_path, batch_size, num_workers, shard_size, seed):
+def vae_workers(device, resources, num_workers=None, limits=None):
+    """(VAE copies, each copy's Ray resources) for --device on a cluster holding `resources` now, whose autoscaler
+    may add what `limits` says (scaling.autoscaler_limits: None where none runs). Raises ValueError where --device gpu
+    could wait for ever: no GPU up, and none that an autoscaler may add."""
+    gpus = int(resources.get("GPU", 0))
+    if device == "auto":
+        device = "gpu" if gpus else "cpu"
+    if device == "cpu":  # leave a CPU for the tasks that load images
+        return num_workers or max(1, int(resources.get("CPU", 1)) - 1), dict(num_cpus=1)
+    if not gpus:
+        if limits is None:
+            raise ValueError("--device gpu: the cluster has no GPU, and no autoscaler to add one")
+        if limits.known and not limits.max_resources.get("GPU", 0):
+            raise ValueError("--device gpu: the cluster has no GPU, and its autoscaler adds no node with one")
+    # With none up yet, one copy, which the first GPU node the autoscaler adds takes (--num-workers: more of them).
+    return num_workers or gpus or 1, dict(num_gpus=1)
+
+
+def _encode_shards(samples, folder, image_size, vae_path, batch_size, num_workers, shard_size, seed, device):
     """Write the latents of samples [(file, label), ...] as shards into folder; returns (shard list, latent shape)."""
     import ray
 
     from core.data import UnreadableImage
+    from scaling.autoscaler_limits import autoscaler_limits
 
     if not ray.is_initialized():
         ray.init()
     resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    # Without GPUs, leave a CPU for the tasks that load images.
-    workers = num_workers or gpus or max(1, int(resources.get("CPU", 1)) - 1)
-    resources_per_worker = dict(num_gpus=1) if gpus else dict(num_cpus=1)
+    limits = autoscaler_limits() if device == "gpu" and not resources.get("GPU") else None
+    workers, resources_per_worker = vae_workers(device, resources, num_workers, limits)
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # shards in folder order
     rows = [{"path": p, "label": y, "index": i} for i, (p, y) in enumerate(samples)]
     ds = ray.data.from_items(rows)
     ds = ds.map_batches(_load_images, fn_kwargs=dict(image_size=image_size), batch_size=batch_size)
-    ds = ds.map_batches(_Encode, fn_constructor_kwargs=dict(vae_path=str(vae_path), seed=seed), batch_size=batch_size,
+    encoder = dict(vae_path=str(vae_path), seed=seed, on_gpu="num_gpus" in resources_per_worker)
+    ds = ds.map_batches(_Encode, fn_constructor_kwargs=encoder, batch_size=batch_size,
                         compute=ray.data.ActorPoolStrategy(size=workers), **resources_per_worker)
 
     shards, latent_shape = [], None
@@ -93,8 +116,9 @@ def _load_images(batch, image_size):
 class _Encode:
     """Ray Data actor holding the VAE: images -> latents of each image and its mirror."""
 
-    def __init__(self, vae_path, seed):
-        self.vae = load_vae(vae_path, "cuda" if torch.cuda.is_available() else "cpu")
+    def __init__(self, vae_path, seed, on_gpu):
+        # A CPU copy on a GPU node stays off the GPU that Ray did not give it.
+        self.vae = load_vae(vae_path, "cuda" if on_gpu and torch.cuda.is_available() else "cpu")
         self.seed = seed
 
     def __call__(self, batch):
@@ -125,14 +149,19 @@ def main(argv=None):
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=64, help="images per VAE forward pass")
     parser.add_argument("--num-workers", type=int, default=None,
-                        help="VAE copies; default (or 0): one per GPU, or the CPUs less one without GPUs")
+                        help="VAE copies; default (or 0): one per GPU, or the CPUs less one on CPUs (one with --device "
+                             "gpu and no GPU up yet)")
+    parser.add_argument("--device", choices=DEVICES, default="auto",
+                        help="where the VAE copies run: auto (GPUs where the cluster has any up when the encode starts, "
+                             "else CPUs), gpu (also on an autoscaling cluster with none up yet: it adds them), cpu")
     parser.add_argument("--shard-size", type=int, default=4096, help="images per shard file")
     parser.add_argument("--seed", type=int, default=0, help="seed of the latent samples (per image)")
     args = parser.parse_args(argv)
     try:
         check_arguments(args)
         meta = encode_folder(args.data_path, args.vae, args.out, args.image_size, batch_size=args.batch_size,
-                             num_workers=args.num_workers, shard_size=args.shard_size, seed=args.seed)
+                             num_workers=args.num_workers, shard_size=args.shard_size, seed=args.seed,
+                             device=args.device)
     except VAEError as err:
         parser.exit(2, f"error: --vae {args.vae}: {err}\n")
     except (FileNotFoundError, ValueError) as err:  # an unreadable image among them: its message names the file

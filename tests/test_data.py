@@ -521,6 +521,44 @@ def test_encoder_refuses_an_out_it_cannot_write_before_anything_starts(tmp_path,
     assert list(locked.iterdir()) == [] and not ray.is_initialized()
 
 
+def test_encoder_places_its_vae_copies_by_device():
+    from scaling.autoscaler_limits import AutoscalerLimits
+    from scaling.encode_latents import vae_workers
+
+    gpus, cpus = {"CPU": 32.0, "GPU": 4.0}, {"CPU": 8.0}
+    assert vae_workers("auto", gpus) == (4, {"num_gpus": 1})
+    assert vae_workers("auto", cpus) == (7, {"num_cpus": 1})  # a CPU left to the image loading
+    assert vae_workers("cpu", gpus) == (31, {"num_cpus": 1})  # CPUs, though GPUs are up
+    assert vae_workers("gpu", gpus, num_workers=2) == (2, {"num_gpus": 1})
+    # An autoscaling cluster with no GPU up: auto encodes on CPUs; gpu asks for one, which the autoscaler adds.
+    unknown, with_gpus = AutoscalerLimits(), AutoscalerLimits([{"GPU": 8.0}], {"CPU": 64.0, "GPU": 16.0})
+    assert vae_workers("auto", cpus, limits=with_gpus) == (7, {"num_cpus": 1})
+    assert vae_workers("gpu", cpus, limits=with_gpus) == (1, {"num_gpus": 1})
+    assert vae_workers("gpu", cpus, num_workers=8, limits=unknown) == (8, {"num_gpus": 1})
+    with pytest.raises(ValueError, match="^--device gpu: the cluster has no GPU, and no autoscaler to add one$"):
+        vae_workers("gpu", cpus)
+    with pytest.raises(ValueError, match="its autoscaler adds no node with one$"):
+        vae_workers("gpu", cpus, limits=AutoscalerLimits([{"CPU": 16.0}], {"CPU": 64.0}))
+
+
+def test_encoder_refuses_gpus_a_fixed_cluster_has_none_of(tmp_path, capsys):
+    import ray
+
+    images = make_folder(tmp_path / "images")
+    save_tiny_vae(tmp_path / "vae")
+    (tmp_path / "latents").mkdir()
+    ray.init(num_cpus=1, num_gpus=0, include_dashboard=False)  # a local Ray: no autoscaler
+    try:
+        code = encoder_main("--data-path", images, "--vae", tmp_path / "vae", "--out", tmp_path / "latents",
+                            "--image-size", 16, "--device", "gpu")
+    finally:
+        ray.shutdown()
+    assert code == 2
+    assert capsys.readouterr().err == "error: --device gpu: the cluster has no GPU, and no autoscaler to add one\n"
+    assert list((tmp_path / "latents").iterdir()) == []  # nothing written, nothing left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "latents", "vae"]
+
+
 @pytest.fixture
 def tiny_vae(tmp_path):
     save_tiny_vae(tmp_path / "vae")
