@@ -28,6 +28,8 @@ def encode_folder(data_path, vae_path, out_dir, image_size, batch_size=64, num_w
     problem = encode_option_problem(image_size, batch_size, shard_size, num_workers, seed)
     if problem:
         raise ValueError("{} {}: {}".format(*problem))
+    if device not in DEVICES:
+        raise ValueError(f"device {device!r}: must be one of {', '.join(DEVICES)}")
     classes, samples = scan_image_folder(data_path)
     vae = load_vae(vae_path)  # fail here, not in a Ray worker, on a bad VAE folder
     scale_factor, downsample = vae.config.scaling_factor, 2 ** (len(vae.config.block_out_channels) - 1)

@@ -523,7 +523,7 @@ def test_encoder_refuses_an_out_it_cannot_write_before_anything_starts(tmp_path,
 
 def test_encoder_places_its_vae_copies_by_device():
     from scaling.autoscaler_limits import AutoscalerLimits
-    from scaling.encode_latents import vae_workers
+    from scaling.encode_latents import encode_folder, vae_workers
 
     gpus, cpus = {"CPU": 32.0, "GPU": 4.0}, {"CPU": 8.0}
     assert vae_workers("auto", gpus) == (4, {"num_gpus": 1})
@@ -539,6 +539,8 @@ def test_encoder_places_its_vae_copies_by_device():
         vae_workers("gpu", cpus)
     with pytest.raises(ValueError, match="its autoscaler adds no node with one$"):
         vae_workers("gpu", cpus, limits=AutoscalerLimits([{"CPU": 16.0}], {"CPU": 64.0}))
+    with pytest.raises(ValueError, match="^device 'cuda': must be one of auto, gpu, cpu$"):  # before any work
+        encode_folder("/nowhere", "/nowhere", "/nowhere", 16, device="cuda")
 
 
 def test_encoder_refuses_gpus_a_fixed_cluster_has_none_of(tmp_path, capsys):
