@@ -181,13 +181,10 @@ def _trial_seconds(trial, images_per_s, workers=1, start=0):
     sampling of FID's images and the grid's, their decoding by the VAE (a latent study) and FID's feature extraction,
     those two at the multiply-adds per second the trial's training achieves. images_per_s: one worker's training
     rate; `workers` of them share training, sampling and decoding, and the first alone extracts (core.evaluate)."""
-    from core.evaluate import EvalConfig  # here, not at the top: it imports torch-fidelity (0.8 s), for a constant
-
     rate = images_per_s * workers
     seconds = (trial.milestones[-1] - min(start, trial.milestones[-1])) * trial.train["batch_size"] / rate
     ev = trial.eval
-    grid = ev["grid_images_per_class"] * min(EvalConfig.grid_classes, trial.model_config["num_classes"])
-    per_milestone = (ev["fid_samples"] if ev["fid"] else 0) + grid  # the grid is sampled apart from FID's images
+    per_milestone = milestone_samples(trial)
     copies = 1 if ev["cfg_scale"] == 1.0 else 2  # guidance runs the null label alongside
     ahead = sum(m > start for m in trial.milestones)
     sample_images = ahead * per_milestone * ev["sampling_steps"] * copies
@@ -198,6 +195,15 @@ def _trial_seconds(trial, images_per_s, workers=1, start=0):
                          "inception-v3-compat" else 0.0)
     gmac_per_s = images_per_s * trial.gflops * passes  # one worker's forward work a second
     return seconds + sample_images / (passes * rate) + decoded / (gmac_per_s * workers) + extracted / gmac_per_s
+
+
+def milestone_samples(trial):
+    """Images a milestone samples (and a latent study's VAE decodes): FID's and, apart from them, the grid's."""
+    from core.evaluate import EvalConfig  # here, not at the top: it imports torch-fidelity (0.8 s), for a constant
+
+    ev = trial.eval
+    grid = ev["grid_images_per_class"] * min(EvalConfig.grid_classes, trial.model_config["num_classes"])
+    return (ev["fid_samples"] if ev["fid"] else 0) + grid
 
 
 def latent_shape(trial):
@@ -303,7 +309,8 @@ def format_plan(study, estimate=True):
     if extrapolated & {t.trial_id for t in todo}:
         lines.append("~: too big to probe here; extrapolated from the Gflop/s of the largest model probed")
     estimated = [t for t in todo if not isinstance(times.get(t.trial_id, ""), str)]  # not "n/a (...)"
-    if any(t.eval["vae"] and vae_decode_gmac(t.eval["vae"], latent_shape(t)) is None for t in estimated):
+    if any(t.eval["vae"] and milestone_samples(t) and vae_decode_gmac(t.eval["vae"], latent_shape(t)) is None
+           for t in estimated):  # a VAE that nothing decodes with is not read (the study warns of it so)
         lines.append("eval.vae: no AutoencoderKL config that decodes the study's latents reads here; the estimate "
                      "leaves its decoding out")
     if done and todo:

@@ -456,6 +456,9 @@ def test_a_dry_run_says_when_it_leaves_the_vaes_decoding_out(tmp_path, encode_ti
     note = "eval.vae: no AutoencoderKL config that decodes the study's latents reads here; the estimate leaves its"
     missing = load(tmp_path, overrides=[*latents, f"eval.vae={tmp_path / 'no-vae'}"], check_data=False)
     assert note in format_plan(missing)  # --dry-run warns of the folder too (study.warnings)
+    unread = load(tmp_path, overrides=[*latents, f"eval.vae={tmp_path / 'no-vae'}", "eval.grid_images_per_class=0"],
+                  check_data=False)
+    assert note not in format_plan(unread)  # no FID, no grid: nothing decodes, the VAE is not read
     from diffusers import AutoencoderKL
 
     AutoencoderKL(block_out_channels=(8,) * 4, layers_per_block=1, latent_channels=4, norm_num_groups=8,
