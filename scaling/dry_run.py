@@ -299,7 +299,8 @@ def format_plan(study, estimate=True):
         total_time = reasons[0] if reasons else (
             f"{human_duration(wall_seconds([times[t.trial_id] for t in launch_order(todo)], slots))} ({at_once} on this "
             "machine, a trial of N workers at N times one worker's rate probed here; training, and FID's and the "
-            "grids' sampling, VAE decoding and feature extraction, not Ray's start-up)")
+            "grids' sampling, VAE decoding and feature extraction, not Ray's start-up nor the real images' features, "
+            "extracted once a study)")
     lines = [f"study {study.name} ({study.path}): {len(study.trials)} trials -> {study.output}", ""]
     lines += _table(rows)
     lines += ["", f"total: {len(study.trials)} trials, training compute {total_compute:.2e} Gflop, "

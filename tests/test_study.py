@@ -354,7 +354,8 @@ def test_dry_run_estimates_from_a_probe(tmp_path):
     assert len(rows) == 2 and all(re.search(r"\d+(\.\d)?[smhd]\S*$", row) for row in rows), plan
     assert re.search(r"^total: 2 trials, training compute \S+ Gflop, estimated time \S+ \((one trial|2 trials) at a "
                      r"time on this machine, a trial of N workers at N times one worker's rate probed here; training, "
-                     r"and FID's and the grids' sampling, VAE decoding and feature extraction, not Ray's start-up\)$",
+                     r"and FID's and the grids' sampling, VAE decoding and feature extraction, not Ray's start-up nor the real "
+                     r"images' features, extracted once a study\)$",
                      plan, re.M), plan
     assert ("training compute: Gflops × global batch × steps × 3 (forward and backward), a multiply-add counted once, "
             "as in the paper") in plan and "~" not in plan  # both probed here
