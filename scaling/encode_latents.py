@@ -1,7 +1,7 @@
 """`python -m scaling.encode_latents`: encode an image folder once into VAE latent shards, in parallel with Ray Data.
 
 core.latents holds the shard format and writes the folder; this module spreads the VAE over Ray: one copy per
-GPU, or per CPU process without GPUs (`--device` chooses where an autoscaling cluster has no GPU up yet).
+GPU, or per CPU process (`--device` chooses; by default GPUs where any are up).
 """
 import argparse
 import functools
@@ -14,7 +14,7 @@ from core.latents import (VAEError, encode_images, encode_option_problem, load_v
                           write_shard)
 
 
-DEVICES = ("auto", "gpu", "cpu")  # auto: GPUs where the cluster has any up when the encode starts, else CPUs
+DEVICES = ("auto", "gpu", "cpu")
 
 
 def encode_folder(data_path, vae_path, out_dir, image_size, batch_size=64, num_workers=None, shard_size=4096, seed=0,
@@ -44,22 +44,22 @@ def encode_folder(data_path, vae_path, out_dir, image_size, batch_size=64, num_w
     return write_latent_folder(out_dir, write_shards, meta)
 
 
-def vae_workers(device, resources, num_workers=None, limits=None):
-    """(VAE copies, each copy's Ray resources) for --device on a cluster holding `resources` now, whose autoscaler
-    may add what `limits` says (scaling.autoscaler_limits: None where none runs). Raises ValueError where --device gpu
-    could wait for ever: no GPU up, and none that an autoscaler may add."""
-    gpus = int(resources.get("GPU", 0))
+def vae_workers(device, resources, num_workers=None, autoscaler=lambda: None):
+    """(VAE copies, each copy's Ray resources) for --device on a cluster holding `resources` now."""
+    gpus = resources.get("GPU", 0)
     if device == "auto":
         device = "gpu" if gpus else "cpu"
     if device == "cpu":  # leave a CPU for the tasks that load images
         return num_workers or max(1, int(resources.get("CPU", 1)) - 1), dict(num_cpus=1)
     if not gpus:
+        # A GPU copy would wait for ever where none can come: ask the autoscaler (autoscaler_limits; None: none runs).
+        limits = autoscaler()
         if limits is None:
             raise ValueError("--device gpu: the cluster has no GPU, and no autoscaler to add one")
         if limits.known and not limits.max_resources.get("GPU", 0):
             raise ValueError("--device gpu: the cluster has no GPU, and its autoscaler adds no node with one")
     # With none up yet, one copy, which the first GPU node the autoscaler adds takes (--num-workers: more of them).
-    return num_workers or gpus or 1, dict(num_gpus=1)
+    return num_workers or int(gpus) or 1, dict(num_gpus=1)
 
 
 def _encode_shards(samples, folder, image_size, vae_path, batch_size, num_workers, shard_size, seed, device):
@@ -71,9 +71,7 @@ def _encode_shards(samples, folder, image_size, vae_path, batch_size, num_worker
 
     if not ray.is_initialized():
         ray.init()
-    resources = ray.cluster_resources()
-    limits = autoscaler_limits() if device == "gpu" and not resources.get("GPU") else None
-    workers, resources_per_worker = vae_workers(device, resources, num_workers, limits)
+    workers, resources_per_worker = vae_workers(device, ray.cluster_resources(), num_workers, autoscaler_limits)
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # shards in folder order
     rows = [{"path": p, "label": y, "index": i} for i, (p, y) in enumerate(samples)]
     ds = ray.data.from_items(rows)
@@ -151,8 +149,8 @@ def main(argv=None):
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=64, help="images per VAE forward pass")
     parser.add_argument("--num-workers", type=int, default=None,
-                        help="VAE copies; default (or 0): one per GPU, or the CPUs less one on CPUs (one with --device "
-                             "gpu and no GPU up yet)")
+                        help="VAE copies; default (or 0): one per GPU up (one where --device gpu finds none up yet), or "
+                             "the CPUs less one on CPUs")
     parser.add_argument("--device", choices=DEVICES, default="auto",
                         help="where the VAE copies run: auto (GPUs where the cluster has any up when the encode starts, "
                              "else CPUs), gpu (also on an autoscaling cluster with none up yet: it adds them), cpu")

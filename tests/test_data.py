@@ -523,24 +523,46 @@ def test_encoder_refuses_an_out_it_cannot_write_before_anything_starts(tmp_path,
 
 def test_encoder_places_its_vae_copies_by_device():
     from scaling.autoscaler_limits import AutoscalerLimits
-    from scaling.encode_latents import encode_folder, vae_workers
+    from scaling.encode_latents import vae_workers
 
     gpus, cpus = {"CPU": 32.0, "GPU": 4.0}, {"CPU": 8.0}
     assert vae_workers("auto", gpus) == (4, {"num_gpus": 1})
     assert vae_workers("auto", cpus) == (7, {"num_cpus": 1})  # a CPU left to the image loading
     assert vae_workers("cpu", gpus) == (31, {"num_cpus": 1})  # CPUs, though GPUs are up
+    assert vae_workers("cpu", gpus, num_workers=3) == (3, {"num_cpus": 1})
+    assert vae_workers("gpu", gpus) == (4, {"num_gpus": 1})
     assert vae_workers("gpu", gpus, num_workers=2) == (2, {"num_gpus": 1})
     # An autoscaling cluster with no GPU up: auto encodes on CPUs; gpu asks for one, which the autoscaler adds.
     unknown, with_gpus = AutoscalerLimits(), AutoscalerLimits([{"GPU": 8.0}], {"CPU": 64.0, "GPU": 16.0})
-    assert vae_workers("auto", cpus, limits=with_gpus) == (7, {"num_cpus": 1})
-    assert vae_workers("gpu", cpus, limits=with_gpus) == (1, {"num_gpus": 1})
-    assert vae_workers("gpu", cpus, num_workers=8, limits=unknown) == (8, {"num_gpus": 1})
+    assert vae_workers("auto", cpus, autoscaler=lambda: with_gpus) == (7, {"num_cpus": 1})
+    assert vae_workers("gpu", cpus, autoscaler=lambda: with_gpus) == (1, {"num_gpus": 1})
+    assert vae_workers("gpu", cpus, num_workers=8, autoscaler=lambda: unknown) == (8, {"num_gpus": 1})
     with pytest.raises(ValueError, match="^--device gpu: the cluster has no GPU, and no autoscaler to add one$"):
         vae_workers("gpu", cpus)
     with pytest.raises(ValueError, match="its autoscaler adds no node with one$"):
-        vae_workers("gpu", cpus, limits=AutoscalerLimits([{"CPU": 16.0}], {"CPU": 64.0}))
-    with pytest.raises(ValueError, match="^device 'cuda': must be one of auto, gpu, cpu$"):  # before any work
-        encode_folder("/nowhere", "/nowhere", "/nowhere", 16, device="cuda")
+        vae_workers("gpu", cpus, autoscaler=lambda: AutoscalerLimits([{"CPU": 16.0}], {"CPU": 64.0}))
+    asked = []
+    vae_workers("gpu", gpus, autoscaler=lambda: asked.append(1))
+    assert asked == []  # GPUs up: the autoscaler is not asked
+
+
+def test_encoder_refuses_an_unknown_device_before_any_work():
+    from scaling.encode_latents import encode_folder
+
+    with pytest.raises(ValueError, match="^device 'cuda': must be one of auto, gpu, cpu$"):
+        encode_folder("/nowhere", "/nowhere", "/nowhere", 16, device="cuda")  # not looked at
+
+
+def test_a_cpu_vae_copy_stays_off_the_gpus_it_sees(monkeypatch):
+    # Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone for an actor without GPUs: a CPU copy on a GPU node sees them all.
+    import scaling.encode_latents as encode_latents
+
+    loaded = []
+    monkeypatch.setattr(encode_latents, "load_vae", lambda path, device: loaded.append(device))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    encode_latents._Encode("vae", seed=0, on_gpu=False)
+    encode_latents._Encode("vae", seed=0, on_gpu=True)
+    assert loaded == ["cpu", "cuda"]
 
 
 def test_encoder_refuses_gpus_a_fixed_cluster_has_none_of(tmp_path, capsys):
@@ -556,7 +578,9 @@ def test_encoder_refuses_gpus_a_fixed_cluster_has_none_of(tmp_path, capsys):
     finally:
         ray.shutdown()
     assert code == 2
-    assert capsys.readouterr().err == "error: --device gpu: the cluster has no GPU, and no autoscaler to add one\n"
+    # The last line: Ray's own start-up lines come before it where this process's first Ray logs to the test's stderr.
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == "error: --device gpu: the cluster has no GPU, and no autoscaler to add one", err
     assert list((tmp_path / "latents").iterdir()) == []  # nothing written, nothing left
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "latents", "vae"]
 
