@@ -4,24 +4,31 @@ import time
 
 from core.flops import training_compute
 
+# A running trial silent this long says for how long: it may be evaluating, or waiting for a node to start its workers
+# on, which Ray waits for without limit (an autoscaler's node, or one lost for good).
+QUIET_S = 120.0
+
 
 class Progress:
     """Progress of a study's trials, printed at most every `every` seconds."""
 
-    def __init__(self, trials, skipped=(), every=10.0, stream=sys.stdout):
+    def __init__(self, trials, skipped=(), every=10.0, stream=sys.stdout, clock=time.time):
         self.trials = {t.trial_id: t for t in trials}
         self.state = {t.trial_id: "done" if t.trial_id in skipped else "pending" for t in trials}
         self.step = {t.trial_id: (t.train["max_steps"] if t.trial_id in skipped else 0) for t in trials}
         self.loss, self.speed = {}, {}
-        self.every, self.stream = every, stream
-        self.start, self.last_print = time.time(), 0.0
+        self.heard = {}  # trial_id -> when it started or last reported
+        self.every, self.stream, self.clock = every, stream, clock
+        self.start, self.last_print = clock(), 0.0
         self.start_compute = self.done_compute()
 
     def started(self, trial_id):
         self.state[trial_id] = "running"
+        self.heard[trial_id] = self.clock()
 
     def update(self, trial_id, step, loss, images_per_s):
         self.step[trial_id] = step
+        self.heard[trial_id] = self.clock()
         if loss is not None:
             self.loss[trial_id] = loss
         if images_per_s:
@@ -41,7 +48,7 @@ class Progress:
 
     def eta_seconds(self):
         """Remaining training compute at the compute rate this run has achieved so far, overhead included."""
-        elapsed = time.time() - self.start
+        elapsed = self.clock() - self.start
         progressed = self.done_compute() - self.start_compute
         remaining = sum(self._compute(i, self.trials[i].train["max_steps"]) for i in self.trials
                         if self.state[i] in ("pending", "running")) - sum(
@@ -53,7 +60,8 @@ class Progress:
     def render(self):
         counts = {s: sum(v == s for v in self.state.values()) for s in ("done", "running", "pending", "failed")}
         eta = self.eta_seconds()
-        head = (f"[{_clock(time.time() - self.start)}] trials: {counts['done']} done, {counts['running']} running, "
+        now = self.clock()
+        head = (f"[{_clock(now - self.start)}] trials: {counts['done']} done, {counts['running']} running, "
                 f"{counts['pending']} pending" + (f", {counts['failed']} failed" if counts["failed"] else "")
                 + (f" | ETA {_clock(eta)}" if eta is not None else ""))
         lines = [head]
@@ -62,13 +70,15 @@ class Progress:
                 t = self.trials[i]
                 loss = f"loss {self.loss[i]:.4f}" if i in self.loss else "starting"
                 speed = f", {self.speed[i]:.0f} img/s" if i in self.speed else ""
-                lines.append(f"    {i:28} step {self.step[i]:>7}/{t.train['max_steps']:<7} {loss}{speed}")
+                quiet = now - self.heard.get(i, now)
+                silent = f" | no report for {_clock(quiet)}" if quiet >= QUIET_S else ""
+                lines.append(f"    {i:28} step {self.step[i]:>7}/{t.train['max_steps']:<7} {loss}{speed}{silent}")
         return "\n".join(lines)
 
     def maybe_print(self, force=False):
-        if force or time.time() - self.last_print >= self.every:
+        if force or self.clock() - self.last_print >= self.every:
             print(self.render(), file=self.stream, flush=True)
-            self.last_print = time.time()
+            self.last_print = self.clock()
 
 
 def _clock(seconds):
