@@ -6,9 +6,13 @@ workers, neither of which touches a tensor. That costs each about 2 CPU-seconds 
 (on the 2-core box of benchmarks/README.md), and a controller is started for every trial.
 `ProcessGroupConfig` sets up the same process group: its controller-side steps (choose gloo or NCCL,
 find rank 0's address, run the set-up on every worker) are written here, in the order of Ray 2.60's
-`_TorchBackend`; every worker-side step is Ray's own function, imported on the worker. Left out:
-TorchConfig's TPU set-up (core.train runs on CPUs and CUDA GPUs) and its `tcp://` init method (Ray's
-default, `env://`, is the one used). tests/test_ray_trial.py compares the two on two workers.
+`_TorchBackend`; the worker-side steps are Ray's own functions, imported on the worker, but for the rendezvous.
+Ray's finds a free port on rank 0, closes it, and has torch bind it again moments later: another process can take
+it between the two (EADDRINUSE; it happened in this project's test suite, three studies side by side), and the trial
+fails at its start, not retried (Ray Train retries a worker group's start only where an actor dies). Here rank 0's
+store binds a port of the OS's choosing first, and the other ranks are told that one. Left out: TorchConfig's TPU
+set-up (core.train runs on CPUs and CUDA GPUs) and its `tcp://` init method. tests/test_ray_trial.py compares the two
+on two workers.
 """
 import logging
 import os
@@ -18,7 +22,6 @@ from typing import Optional
 
 import ray
 from ray.exceptions import GetTimeoutError
-from ray.train._internal.utils import get_address_and_port
 from ray.train.backend import Backend, BackendConfig
 from ray.train.constants import DEFAULT_TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S, TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S
 from ray.train.v2._internal.util import TrainingFramework
@@ -57,12 +60,11 @@ class _ProcessGroupBackend(Backend):
     def on_start(self, worker_group, backend_config):
         backend = backend_config.backend or (
             "nccl" if worker_group.get_resources_per_worker().get("GPU", 0) > 0 else "gloo")
-        addr, port = worker_group.execute_single(0, get_address_and_port)
+        addr, port = worker_group.execute_single(0, _bind_master_store, timeout_s=backend_config.timeout_s)
         worker_group.execute(_set_master_address, addr=addr, port=port)
         worker_group.execute(_set_distributed_env_vars)
         ray.get([worker_group.execute_single_async(i, _init_process_group, backend=backend, world_rank=i,
-                                                   world_size=len(worker_group), init_method="env://",
-                                                   timeout_s=backend_config.timeout_s)
+                                                   world_size=len(worker_group), timeout_s=backend_config.timeout_s)
                  for i in range(len(worker_group))])
 
     def on_shutdown(self, worker_group, backend_config):
@@ -75,7 +77,23 @@ class _ProcessGroupBackend(Backend):
             logger.warning("torch process group shutdown timed out after %s seconds", timeout_s)
 
 
-# On the workers, which import torch anyway: Ray's own steps, imported there.
+# On the workers, which import torch anyway: Ray's own steps, imported there, and the rendezvous.
+
+_master_store = None  # rank 0's TCPStore, listening before the other ranks learn its port
+
+
+def _bind_master_store(timeout_s):
+    """On rank 0: the process group's store, on a port the OS chooses as it binds; (this node's address, the port)."""
+    global _master_store
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from ray.util import get_node_ip_address
+
+    addr = get_node_ip_address()
+    _master_store = dist.TCPStore(addr, 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=timeout_s))
+    return addr, _master_store.port
+
 
 def _set_master_address(addr, port):
     os.environ["MASTER_ADDR"] = addr
@@ -88,16 +106,28 @@ def _set_distributed_env_vars():
     _set_torch_distributed_env_vars()  # RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, NODE_RANK
 
 
-def _init_process_group(**kwargs):
-    from ray.train.torch.config import _setup_torch_process_group
+def _init_process_group(backend, world_rank, world_size, timeout_s):
+    """Ray's `_setup_torch_process_group` with env://'s rendezvous, rank 0 on the store it already holds."""
+    from datetime import timedelta
 
-    _setup_torch_process_group(**kwargs)
+    import torch.distributed as dist
+
+    timeout = timedelta(seconds=timeout_s)
+    if backend == "nccl" and not {"TORCH_NCCL_ASYNC_ERROR_HANDLING", "TORCH_NCCL_BLOCKING_WAIT"} & set(os.environ):
+        os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "1"  # as Ray: fail a collective that times out
+    store = _master_store if world_rank == 0 else dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
+    # The prefix env:// puts on the store (torch's init_process_group), so keys land where they would.
+    dist.init_process_group(backend, store=dist.PrefixStore("default_pg", store), rank=world_rank,
+                            world_size=world_size, timeout=timeout)
 
 
 def _shutdown_torch(destroy_process_group):
+    global _master_store
     from ray.train.torch.config import _shutdown_torch
 
     _shutdown_torch(destroy_process_group=destroy_process_group)
+    _master_store = None  # its port is free again
 
 
 @contextmanager

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import ray
+import torch
 import torch.distributed
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
@@ -90,6 +91,30 @@ def test_a_trial_trains_in_torchs_process_group_with_lighter_processes(tmp_path)
         assert len(list_actors(address=address, filters=[("class_name", "=", "TrainController")])) == 1
     finally:
         ray.shutdown()
+
+
+def test_rank_zeros_store_listens_before_its_port_is_handed_on():
+    # Ray's rendezvous closes the free port it found and binds it again later: another process took it between the
+    # two in this suite (EADDRINUSE), failing the trial at its start. Ours binds first, on a port the OS chooses.
+    import errno
+    import socket
+
+    import scaling.torch_backend as backend
+
+    addr, port = backend._bind_master_store(timeout_s=30)
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET) as other:
+            with pytest.raises(OSError) as taken:
+                other.bind(("", port))  # what a process taking the port in between would do
+            assert taken.value.errno == errno.EADDRINUSE
+        backend._init_process_group("gloo", world_rank=0, world_size=1, timeout_s=30)
+        assert torch.distributed.get_rank() == 0 and torch.distributed.get_world_size() == 1
+        total = torch.ones(1)
+        torch.distributed.all_reduce(total)
+        assert total.item() == 1.0
+    finally:
+        backend._shutdown_torch(destroy_process_group=True)
+    assert backend._master_store is None and not torch.distributed.is_initialized()
 
 
 def sync_actors(address):
