@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import os
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -292,12 +291,12 @@ def setup_distributed():
     _import_deepspeed_muon_uncompiled()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if not dist.is_initialized():
-        if "RANK" not in os.environ:  # a plain single process: a group of one on a free local port
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
-                              LOCAL_RANK="0")
+        # A plain single process (no launcher's RANK, or the group of one an earlier train() here set up and a test
+        # destroyed): a group of one on an in-memory store. A free port found and bound again by env:// can be taken
+        # by another process in between (EADDRINUSE; see scaling/torch_backend.py).
+        if "RANK" not in os.environ or (os.environ.get("WORLD_SIZE") == "1" and "MASTER_ADDR" not in os.environ):
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         deepspeed.init_distributed(dist_backend=backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))

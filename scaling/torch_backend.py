@@ -91,8 +91,13 @@ def _bind_master_store(timeout_s):
     from ray.util import get_node_ip_address
 
     addr = get_node_ip_address()
-    _master_store = dist.TCPStore(addr, 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=timeout_s))
+    _master_store = dist.TCPStore(addr, 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=timeout_s),
+                                  use_libuv=_use_libuv())
     return addr, _master_store.port
+
+
+def _use_libuv():
+    return os.environ.get("USE_LIBUV", "1") == "1"  # torch's env:// switch for the store's server
 
 
 def _set_master_address(addr, port):
@@ -111,12 +116,15 @@ def _init_process_group(backend, world_rank, world_size, timeout_s):
     from datetime import timedelta
 
     import torch.distributed as dist
+    from ray.train.torch.config import _is_backend_nccl
 
     timeout = timedelta(seconds=timeout_s)
-    if backend == "nccl" and not {"TORCH_NCCL_ASYNC_ERROR_HANDLING", "TORCH_NCCL_BLOCKING_WAIT"} & set(os.environ):
+    if _is_backend_nccl(backend) and not {"TORCH_NCCL_ASYNC_ERROR_HANDLING", "TORCH_NCCL_BLOCKING_WAIT"} & set(
+            os.environ):
         os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "1"  # as Ray: fail a collective that times out
     store = _master_store if world_rank == 0 else dist.TCPStore(
-        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout,
+        use_libuv=_use_libuv())
     # The prefix env:// puts on the store (torch's init_process_group), so keys land where they would.
     dist.init_process_group(backend, store=dist.PrefixStore("default_pg", store), rank=world_rank,
                             world_size=world_size, timeout=timeout)
@@ -127,7 +135,7 @@ def _shutdown_torch(destroy_process_group):
     from ray.train.torch.config import _shutdown_torch
 
     _shutdown_torch(destroy_process_group=destroy_process_group)
-    _master_store = None  # its port is free again
+    _master_store = None  # a process group not destroyed (one worker) keeps it until the actor ends
 
 
 @contextmanager

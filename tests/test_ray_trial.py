@@ -2,13 +2,13 @@
 no Ray Data actor, no Train controller process (the controller runs in the Tune trial's actor), and no torch there."""
 import json
 import os
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import ray
-import torch
 import torch.distributed
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
@@ -93,28 +93,31 @@ def test_a_trial_trains_in_torchs_process_group_with_lighter_processes(tmp_path)
         ray.shutdown()
 
 
-def test_rank_zeros_store_listens_before_its_port_is_handed_on():
+def test_rank_zeros_store_listens_before_its_port_is_handed_on(tmp_path):
     # Ray's rendezvous closes the free port it found and binds it again later: another process took it between the
     # two in this suite (EADDRINUSE), failing the trial at its start. Ours binds first, on a port the OS chooses.
-    import errno
-    import socket
+    # In a process of its own: a process group (and Ray, which Ray's shutdown step starts) would outlive the test.
+    script = textwrap.dedent("""
+        import errno, json, socket, sys
+        import torch, torch.distributed as dist
+        import scaling.torch_backend as backend
 
-    import scaling.torch_backend as backend
-
-    addr, port = backend._bind_master_store(timeout_s=30)
-    try:
+        addr, port = backend._bind_master_store(timeout_s=30)
         with socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET) as other:
-            with pytest.raises(OSError) as taken:
+            try:
                 other.bind(("", port))  # what a process taking the port in between would do
-            assert taken.value.errno == errno.EADDRINUSE
+                taken = None
+            except OSError as e:
+                taken = e.errno
         backend._init_process_group("gloo", world_rank=0, world_size=1, timeout_s=30)
-        assert torch.distributed.get_rank() == 0 and torch.distributed.get_world_size() == 1
         total = torch.ones(1)
-        torch.distributed.all_reduce(total)
-        assert total.item() == 1.0
-    finally:
-        backend._shutdown_torch(destroy_process_group=True)
-    assert backend._master_store is None and not torch.distributed.is_initialized()
+        dist.all_reduce(total)
+        print(json.dumps({"taken": taken == errno.EADDRINUSE, "rank": dist.get_rank(), "sum": total.item()}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[1], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.splitlines()[-1]) == {"taken": True, "rank": 0, "sum": 1.0}
 
 
 def sync_actors(address):
