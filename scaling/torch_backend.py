@@ -4,15 +4,15 @@ Ray's `TorchConfig` lives in a module that imports torch, so every process that 
 torch: the Tune trial actor that builds a trial's trainer and the Train controller that starts its
 workers, neither of which touches a tensor. That costs each about 2 CPU-seconds and 480 MB of memory
 (on the 2-core box of benchmarks/README.md), and a controller is started for every trial.
-`ProcessGroupConfig` sets up the same process group: its controller-side steps (choose gloo or NCCL,
-find rank 0's address, run the set-up on every worker) are written here, in the order of Ray 2.60's
-`_TorchBackend`; the worker-side steps are Ray's own functions, imported on the worker, but for the rendezvous.
-Ray's finds a free port on rank 0, closes it, and has torch bind it again moments later: another process can take
-it between the two (EADDRINUSE; it happened in this project's test suite, three studies side by side), and the trial
-fails at its start, not retried (Ray Train retries a worker group's start only where an actor dies). Here rank 0's
-store binds a port of the OS's choosing first, and the other ranks are told that one. Left out: TorchConfig's TPU
-set-up (core.train runs on CPUs and CUDA GPUs) and its `tcp://` init method. tests/test_ray_trial.py compares the two
-on two workers.
+`ProcessGroupConfig` sets up the same process group: its controller-side steps (choose gloo or NCCL, find rank 0's
+address, run the set-up on every worker) are written here, in the order of Ray 2.60's `_TorchBackend`; the
+worker-side steps are Ray's own functions, imported on the worker, but for the rendezvous. Ray's finds a free port
+on rank 0, closes it, and has torch bind it again moments later: another process can take it between the two
+(EADDRINUSE; it happened in this project's test suite, three processes of studies side by side), and the trial fails
+at its start, not retried (Ray Train retries a worker group's start only where an actor dies). Here rank 0's store
+binds a port of the OS's choosing first, and the other ranks are told that one. Left out: TorchConfig's TPU set-up
+(core.train runs on CPUs and CUDA GPUs) and its `tcp://` init method. tests/test_ray_trial.py compares the two on
+two workers.
 """
 import logging
 import os
