@@ -189,8 +189,7 @@ def _trial_seconds(trial, images_per_s, workers=1, start=0):
     ahead = sum(m > start for m in trial.milestones)
     sample_images = ahead * per_milestone * ev["sampling_steps"] * copies
     passes = TRAINING_PASSES[bool(trial.train["grad_checkpointing"])]
-    decode = (vae_decode_gmac(ev["vae"], latent_shape(trial)) or 0.0) if ev["vae"] and per_milestone else 0.0
-    decoded = ahead * per_milestone * decode
+    decoded = ahead * per_milestone * (trial_decode_gmac(trial) or 0.0)
     extracted = ahead * (ev["fid_samples"] * INCEPTION_GMAC if ev["fid"] and ev["feature_extractor"] ==
                          "inception-v3-compat" else 0.0)
     gmac_per_s = images_per_s * trial.gflops * passes  # one worker's forward work a second
@@ -204,6 +203,14 @@ def milestone_samples(trial):
     ev = trial.eval
     grid = ev["grid_images_per_class"] * min(EvalConfig.grid_classes, trial.model_config["num_classes"])
     return (ev["fid_samples"] if ev["fid"] else 0) + grid
+
+
+def trial_decode_gmac(trial):
+    """Multiply-adds (G) of the trial's VAE decoding one sample: 0 where nothing decodes (pixels, or neither FID nor a
+    grid), None where its VAE's config does not read here (vae_decode_gmac)."""
+    if not trial.eval["vae"] or not milestone_samples(trial):
+        return 0.0
+    return vae_decode_gmac(trial.eval["vae"], latent_shape(trial))
 
 
 def latent_shape(trial):
@@ -310,8 +317,7 @@ def format_plan(study, estimate=True):
     if extrapolated & {t.trial_id for t in todo}:
         lines.append("~: too big to probe here; extrapolated from the Gflop/s of the largest model probed")
     estimated = [t for t in todo if not isinstance(times.get(t.trial_id, ""), str)]  # not "n/a (...)"
-    if any(t.eval["vae"] and milestone_samples(t) and vae_decode_gmac(t.eval["vae"], latent_shape(t)) is None
-           for t in estimated):  # a VAE that nothing decodes with is not read (the study warns of it so)
+    if any(trial_decode_gmac(t) is None for t in estimated):  # a VAE nothing decodes with is not read: no note
         lines.append("eval.vae: no AutoencoderKL config that decodes the study's latents reads here; the estimate "
                      "leaves its decoding out")
     if done and todo:

@@ -70,7 +70,7 @@ class Progress:
                 t = self.trials[i]
                 loss = f"loss {self.loss[i]:.4f}" if i in self.loss else "starting"
                 speed = f", {self.speed[i]:.0f} img/s" if i in self.speed else ""
-                quiet = now - self.heard.get(i, now)
+                quiet = now - self.heard[i]  # set by started(), as the state
                 silent = f" | no report for {_clock(quiet)}" if quiet >= QUIET_S else ""
                 lines.append(f"    {i:28} step {self.step[i]:>7}/{t.train['max_steps']:<7} {loss}{speed}{silent}")
         return "\n".join(lines)
