@@ -12,6 +12,7 @@ import torch
 
 from core.latents import (VAEError, encode_images, encode_option_problem, load_vae, out_problem, write_latent_folder,
                           write_shard)
+from scaling.autoscaler_limits import UNLIMITED, autoscaler_limits
 
 
 DEVICES = ("auto", "gpu", "cpu")
@@ -45,21 +46,29 @@ def encode_folder(data_path, vae_path, out_dir, image_size, batch_size=64, num_w
 
 
 def vae_workers(device, resources, num_workers=None, autoscaler=lambda: None):
-    """(VAE copies, each copy's Ray resources) for --device on a cluster holding `resources` now."""
+    """(fewest VAE copies, most or None for no limit, each copy's Ray resources) for --device on a cluster holding
+    `resources` now."""
     gpus = resources.get("GPU", 0)
     if device == "auto":
         device = "gpu" if gpus else "cpu"
     if device == "cpu":  # leave a CPU for the tasks that load images
-        return num_workers or max(1, int(resources.get("CPU", 1)) - 1), dict(num_cpus=1)
-    if not gpus:
-        # A GPU copy would wait for ever where none can come: ask the autoscaler (autoscaler_limits; None: none runs).
-        limits = autoscaler()
-        if limits is None:
-            raise ValueError("--device gpu: the cluster has no GPU, and no autoscaler to add one")
-        if limits.known and not limits.max_resources.get("GPU", 0):
-            raise ValueError("--device gpu: the cluster has no GPU, and its autoscaler adds no node with one")
-    # With none up yet, one copy, which the first GPU node the autoscaler adds takes (--num-workers: more of them).
-    return num_workers or int(gpus) or 1, dict(num_gpus=1)
+        n = num_workers or max(1, int(resources.get("CPU", 1)) - 1)
+        return n, n, dict(num_cpus=1)
+    if gpus:
+        n = num_workers or int(gpus) or 1  # a fraction of one GPU up still holds a copy
+        return n, n, dict(num_gpus=1)
+    # None up: a copy would wait for ever where none can come; ask the autoscaler (autoscaler_limits; None: none runs).
+    limits = autoscaler()
+    if limits is None:
+        raise ValueError("--device gpu: the cluster has no GPU, and no autoscaler to add one")
+    most = limits.max_resources.get("GPU", 0) if limits.known else UNLIMITED
+    if not most:
+        raise ValueError("--device gpu: the cluster has no GPU, and its autoscaler adds no node with one")
+    if num_workers:
+        return num_workers, num_workers, dict(num_gpus=1)
+    # One copy asks for the first GPU node; Ray Data's autoscaling pool adds a copy for each GPU that comes while
+    # images wait, so a node of 8 GPUs encodes on 8 (a fixed pool of one would leave 7 idle).
+    return 1, None if most == UNLIMITED else int(most), dict(num_gpus=1)
 
 
 def _encode_shards(samples, folder, image_size, vae_path, batch_size, num_workers, shard_size, seed, device):
@@ -67,18 +76,17 @@ def _encode_shards(samples, folder, image_size, vae_path, batch_size, num_worker
     import ray
 
     from core.data import UnreadableImage
-    from scaling.autoscaler_limits import autoscaler_limits
 
     if not ray.is_initialized():
         ray.init()
-    workers, resources_per_worker = vae_workers(device, ray.cluster_resources(), num_workers, autoscaler_limits)
+    fewest, most, resources_per_worker = vae_workers(device, ray.cluster_resources(), num_workers, autoscaler_limits)
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # shards in folder order
     rows = [{"path": p, "label": y, "index": i} for i, (p, y) in enumerate(samples)]
     ds = ray.data.from_items(rows)
     ds = ds.map_batches(_load_images, fn_kwargs=dict(image_size=image_size), batch_size=batch_size)
     encoder = dict(vae_path=str(vae_path), seed=seed, on_gpu="num_gpus" in resources_per_worker)
     ds = ds.map_batches(_Encode, fn_constructor_kwargs=encoder, batch_size=batch_size,
-                        compute=ray.data.ActorPoolStrategy(size=workers), **resources_per_worker)
+                        compute=ray.data.ActorPoolStrategy(min_size=fewest, max_size=most), **resources_per_worker)
 
     shards, latent_shape = [], None
     for k, batch in enumerate(ds.iter_batches(batch_size=shard_size, batch_format="numpy")):
@@ -149,8 +157,9 @@ def main(argv=None):
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=64, help="images per VAE forward pass")
     parser.add_argument("--num-workers", type=int, default=None,
-                        help="VAE copies; default (or 0): one per GPU up (one where --device gpu finds none up yet), or "
-                             "the CPUs less one on CPUs")
+                        help="VAE copies; default (or 0): one per GPU up (where --device gpu finds none up yet, one, "
+                             "and one more for each GPU the autoscaler adds while images wait), or the CPUs less one on "
+                             "CPUs")
     parser.add_argument("--device", choices=DEVICES, default="auto",
                         help="where the VAE copies run: auto (GPUs where the cluster has any up when the encode starts, "
                              "else CPUs), gpu (also on an autoscaling cluster with none up yet: it adds them), cpu")

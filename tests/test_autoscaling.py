@@ -21,8 +21,9 @@ from scaling.study import StudyError, check_cluster, load_study, max_concurrent_
 from test_cluster_faults import fault_study, finish, free_ports, start_study
 
 
-def autoscaling_config(gcs_address, worker_cpus):
-    """A fake multi-node cluster: a head node and one node type of worker_cpus CPUs, none up, at most one."""
+def autoscaling_config(gcs_address, worker_cpus, worker_gpus=0):
+    """A fake multi-node cluster: a head node and one node type of worker_cpus CPUs (and worker_gpus GPUs, which
+    Ray counts without any being there), none up, at most one."""
     return {
         "cluster_name": "fake_multinode", "max_workers": 1,
         # gcs_address: the provider's nodes join this head (it assumes port 6379 otherwise).
@@ -30,7 +31,8 @@ def autoscaling_config(gcs_address, worker_cpus):
                      "disable_launch_config_check": True, "gcs_address": gcs_address},
         "available_node_types": {
             "ray.head.default": {"resources": {"CPU": 1}, "node_config": {}, "max_workers": 0},
-            "ray.worker.big": {"resources": {"CPU": worker_cpus, "object_store_memory": 100 * 2 ** 20},
+            "ray.worker.big": {"resources": {"CPU": worker_cpus, "object_store_memory": 100 * 2 ** 20,
+                                             **({"GPU": worker_gpus} if worker_gpus else {})},
                                "node_config": {}, "min_workers": 0, "max_workers": 1},
         },
         "head_node_type": "ray.head.default", "auth": {}, "upscaling_speed": 1.0,
@@ -68,12 +70,23 @@ def wait_for_autoscaler(address, timeout=60):
 @pytest.fixture
 def autoscaling_head(tmp_path, monkeypatch, _private_ray):
     """The address of a one-CPU head node whose autoscaler may add one node of 2 CPUs."""
+    yield from start_autoscaling_head(tmp_path, monkeypatch, _private_ray, worker_cpus=2)
+
+
+@pytest.fixture
+def gpu_autoscaling_head(tmp_path, monkeypatch, _private_ray):
+    """The address of a one-CPU head node, no GPU, whose autoscaler may add one node of 3 CPUs and 2 GPUs."""
+    yield from start_autoscaling_head(tmp_path, monkeypatch, _private_ray, worker_cpus=3, worker_gpus=2)
+
+
+def start_autoscaling_head(tmp_path, monkeypatch, private_ray, worker_cpus, worker_gpus=0):
+    """Start a one-CPU head node with a fake autoscaler, yield its address, and stop it with every node it added."""
     from ray.cluster_utils import Cluster
 
     gcs, dashboard, agent, metrics, runtime_env, client = free_ports(6)
     address = f"{ray.util.get_node_ip_address()}:{gcs}"
     config = tmp_path / "autoscaling.json"
-    config.write_text(json.dumps(autoscaling_config(address, worker_cpus=2)))
+    config.write_text(json.dumps(autoscaling_config(address, worker_cpus, worker_gpus)))
     monkeypatch.setenv("RAY_FAKE_CLUSTER", "1")  # the fake provider runs only in such a cluster
     monkeypatch.setenv("AUTOSCALER_UPDATE_INTERVAL_S", "1")
     cluster = Cluster()
@@ -86,7 +99,7 @@ def autoscaling_head(tmp_path, monkeypatch, _private_ray):
         yield address
     finally:
         cluster.shutdown()
-        kill_processes_of(_private_ray)  # the nodes the autoscaler started, which are its monitor's, not the cluster's
+        kill_processes_of(private_ray)  # the nodes the autoscaler started, which are its monitor's, not the cluster's
 
 
 def test_a_study_needing_a_node_the_autoscaler_adds_runs_on_it(tmp_path, autoscaling_head):
@@ -111,6 +124,27 @@ def test_a_study_needing_a_node_the_autoscaler_adds_runs_on_it(tmp_path, autosca
         assert autoscaler_limits() == AutoscalerLimits()  # runs, limits unknown
     finally:
         ray.shutdown()
+
+
+def test_a_gpu_encode_waits_for_the_gpu_node_the_autoscaler_adds(tmp_path, gpu_autoscaling_head):
+    # No GPU is up: the encode's pool starts with one VAE copy, whose GPU the autoscaler adds a node for (2 GPUs);
+    # the pool may grow to a copy per GPU while images wait (scaling.encode_latents.vae_workers: Ray Data's
+    # autoscaling pool, which here, with 4 CPUs loading images, keeps one copy busy enough). The fake GPUs are
+    # Ray's count only: the copy runs on the CPU (scaling.encode_latents._Encode), as other tests' CPU copies do.
+    from scaling.encode_latents import encode_folder
+    from test_data import make_folder, save_tiny_vae
+
+    images = make_folder(tmp_path / "images", sizes=[(16, 16)] * 12, classes=("a", "b"))
+    save_tiny_vae(tmp_path / "vae")
+    ray.init(address=gpu_autoscaling_head, log_to_driver=False)
+    try:
+        encode_folder(images, tmp_path / "vae", tmp_path / "latents", 16, batch_size=2, shard_size=8, device="gpu")
+        gpus = sorted(n["Resources"].get("GPU", 0) for n in ray.nodes() if n["Alive"])
+    finally:
+        ray.shutdown()
+    assert gpus == [0, 2.0]  # the node added
+    meta = json.loads((tmp_path / "latents" / "meta.json").read_text())
+    assert (meta["num_images"], meta["classes"], [s["num_images"] for s in meta["shards"]]) == (24, ["a", "b"], [8] * 3)
 
 
 def test_a_readonly_monitors_status_is_no_autoscaler():

@@ -522,23 +522,31 @@ def test_encoder_refuses_an_out_it_cannot_write_before_anything_starts(tmp_path,
 
 
 def test_encoder_places_its_vae_copies_by_device():
-    from scaling.autoscaler_limits import AutoscalerLimits
+    from scaling.autoscaler_limits import UNLIMITED, AutoscalerLimits
     from scaling.encode_latents import vae_workers
 
     gpus, cpus = {"CPU": 32.0, "GPU": 4.0}, {"CPU": 8.0}
-    assert vae_workers("auto", gpus) == (4, {"num_gpus": 1})
-    assert vae_workers("auto", cpus) == (7, {"num_cpus": 1})  # a CPU left to the image loading
-    assert vae_workers("cpu", gpus) == (31, {"num_cpus": 1})  # CPUs, though GPUs are up
-    assert vae_workers("cpu", gpus, num_workers=3) == (3, {"num_cpus": 1})
-    assert vae_workers("gpu", gpus) == (4, {"num_gpus": 1})
-    assert vae_workers("gpu", gpus, num_workers=2) == (2, {"num_gpus": 1})
-    # An autoscaling cluster with no GPU up: auto encodes on CPUs; gpu asks for one, which the autoscaler adds.
+    assert vae_workers("auto", gpus) == (4, 4, {"num_gpus": 1})
+    assert vae_workers("auto", cpus) == (7, 7, {"num_cpus": 1})  # a CPU left to the image loading
+    assert vae_workers("cpu", gpus) == (31, 31, {"num_cpus": 1})  # CPUs, though GPUs are up
+    assert vae_workers("cpu", gpus, num_workers=3) == (3, 3, {"num_cpus": 1})
+    assert vae_workers("gpu", gpus) == (4, 4, {"num_gpus": 1})
+    assert vae_workers("gpu", gpus, num_workers=2) == (2, 2, {"num_gpus": 1})
+    assert vae_workers("gpu", {"CPU": 8.0, "GPU": 0.5}) == (1, 1, {"num_gpus": 1})
+    # An autoscaling cluster with no GPU up: auto encodes on CPUs; gpu starts one copy, which asks for the first GPU
+    # node, and grows a copy per GPU as they come, up to the most the autoscaler may add (no limit where it does not
+    # say, or where a node type has none); --num-workers fixes the count.
     unknown, with_gpus = AutoscalerLimits(), AutoscalerLimits([{"GPU": 8.0}], {"CPU": 64.0, "GPU": 16.0})
-    assert vae_workers("auto", cpus, autoscaler=lambda: with_gpus) == (7, {"num_cpus": 1})
-    assert vae_workers("gpu", cpus, autoscaler=lambda: with_gpus) == (1, {"num_gpus": 1})
-    assert vae_workers("gpu", cpus, num_workers=8, autoscaler=lambda: unknown) == (8, {"num_gpus": 1})
+    unlimited = AutoscalerLimits([{"GPU": 8.0}], {"GPU": UNLIMITED})
+    assert vae_workers("auto", cpus, autoscaler=lambda: with_gpus) == (7, 7, {"num_cpus": 1})
+    assert vae_workers("gpu", cpus, autoscaler=lambda: with_gpus) == (1, 16, {"num_gpus": 1})
+    assert vae_workers("gpu", cpus, autoscaler=lambda: unknown) == (1, None, {"num_gpus": 1})
+    assert vae_workers("gpu", cpus, autoscaler=lambda: unlimited) == (1, None, {"num_gpus": 1})
+    assert vae_workers("gpu", cpus, num_workers=8, autoscaler=lambda: unknown) == (8, 8, {"num_gpus": 1})
     with pytest.raises(ValueError, match="^--device gpu: the cluster has no GPU, and no autoscaler to add one$"):
         vae_workers("gpu", cpus)
+    with pytest.raises(ValueError, match="^--device gpu: the cluster has no GPU, and no autoscaler to add one$"):
+        vae_workers("gpu", cpus, num_workers=8)  # a fixed count waits for GPUs as long
     with pytest.raises(ValueError, match="its autoscaler adds no node with one$"):
         vae_workers("gpu", cpus, autoscaler=lambda: AutoscalerLimits([{"CPU": 16.0}], {"CPU": 64.0}))
     asked = []
