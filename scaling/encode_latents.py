@@ -68,7 +68,7 @@ def vae_workers(device, resources, num_workers=None, autoscaler=lambda: None):
         return num_workers, num_workers, dict(num_gpus=1)
     # One copy asks for the first GPU node; Ray Data's autoscaling pool adds a copy for each GPU that comes while
     # images wait, so a node of 8 GPUs encodes on 8 (a fixed pool of one would leave 7 idle).
-    return 1, None if most == UNLIMITED else int(most), dict(num_gpus=1)
+    return 1, None if most == UNLIMITED else max(1, int(most)), dict(num_gpus=1)
 
 
 def _encode_shards(samples, folder, image_size, vae_path, batch_size, num_workers, shard_size, seed, device):

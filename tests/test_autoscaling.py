@@ -128,8 +128,8 @@ def test_a_study_needing_a_node_the_autoscaler_adds_runs_on_it(tmp_path, autosca
 
 def test_a_gpu_encode_waits_for_the_gpu_node_the_autoscaler_adds(tmp_path, gpu_autoscaling_head):
     # No GPU is up: the encode's pool starts with one VAE copy, whose GPU the autoscaler adds a node for (2 GPUs);
-    # the pool may grow to a copy per GPU while images wait (scaling.encode_latents.vae_workers: Ray Data's
-    # autoscaling pool, which here, with 4 CPUs loading images, keeps one copy busy enough). The fake GPUs are
+    # the pool may grow to a copy per GPU while images wait for one (scaling.encode_latents.vae_workers: Ray Data's
+    # autoscaling pool; here the loading of the images is the slower part, and one copy keeps up). The fake GPUs are
     # Ray's count only: the copy runs on the CPU (scaling.encode_latents._Encode), as other tests' CPU copies do.
     from scaling.encode_latents import encode_folder
     from test_data import make_folder, save_tiny_vae

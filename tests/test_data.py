@@ -542,6 +542,8 @@ def test_encoder_places_its_vae_copies_by_device():
     assert vae_workers("gpu", cpus, autoscaler=lambda: with_gpus) == (1, 16, {"num_gpus": 1})
     assert vae_workers("gpu", cpus, autoscaler=lambda: unknown) == (1, None, {"num_gpus": 1})
     assert vae_workers("gpu", cpus, autoscaler=lambda: unlimited) == (1, None, {"num_gpus": 1})
+    half = AutoscalerLimits([{"GPU": 0.5}], {"GPU": 0.5})  # a share of one GPU: still one copy at most
+    assert vae_workers("gpu", cpus, autoscaler=lambda: half) == (1, 1, {"num_gpus": 1})
     assert vae_workers("gpu", cpus, num_workers=8, autoscaler=lambda: unknown) == (8, 8, {"num_gpus": 1})
     with pytest.raises(ValueError, match="^--device gpu: the cluster has no GPU, and no autoscaler to add one$"):
         vae_workers("gpu", cpus)
