@@ -9,7 +9,6 @@ Ranks write into .tmp-step-XXXXXXXXX and the directory is renamed when every ran
 directory named step-* is always complete.
 """
 import json
-import os
 import pickle
 import shutil
 import zipfile
@@ -71,9 +70,7 @@ def save_checkpoint(directory, engine, ema, trainer_state, rank, shared=True):
         give_new_file_mode(tmp / EMA_FILE)  # safetensors makes it private; the EMA weights are what others sample
         state_path = tmp / STATE_FILE
         with open(state_path, "w") as f:
-            json.dump(trainer_state, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
+            json.dump(trainer_state, f, indent=1)  # on disk with the rest before the rename (swap_in_folder)
     _barrier()
     if owner:  # one renamer per directory: two would race, one deleting what the other just renamed
         stale = directory / f".stale-{name}"  # a checkpoint of the same step from before a resume, replaced

@@ -36,10 +36,46 @@ def exchange(a, b):
     raise OSError(err, os.strerror(err), os.fspath(a), None, os.fspath(b))
 
 
+def fsync_dir(folder):
+    """Make the names in folder (a rename into it, a file created) durable; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder):
+    """Put every file under folder, and the folder's own entries, on disk: a rename that outlives a crash of the
+    machine must not bring in files whose contents did not (the kernel may write the rename first)."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            if os.path.islink(path):
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(root)
+
+
 def swap_in_folder(new, out, old):
-    """Move the folder new to out; the folder at out, if any, moves to old (a name beside it that nothing has, for
-    the caller to remove). Where Linux exchanges the two names in one step, out is never missing; elsewhere it is
-    missing between two renames."""
+    """Move the finished folder new to out, durably; the folder at out, if any, moves to old (a name beside it that
+    nothing has, for the caller to remove). Where Linux exchanges the two names in one step, out is never missing;
+    elsewhere it is missing between two renames."""
+    fsync_tree(new)
+    _swap(new, out, old)
+    fsync_dir(os.path.dirname(os.path.abspath(out)))
+
+
+def _swap(new, out, old):
     if not os.path.lexists(out):
         os.rename(new, out)
     elif exchange(new, out):

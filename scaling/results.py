@@ -15,6 +15,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from core.folder_swap import fsync_dir
+
 
 RESULTS_FILE = "results.parquet"
 CURVES_FILE = "loss_curves.parquet"
@@ -134,21 +136,7 @@ def write_table(rows_or_df, path, schema):
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder):
-    """Make the rename itself durable (POSIX only; a no-op where folders cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)
 
 
 def results_path(path):
