@@ -525,7 +525,9 @@ def _vertex(log_x, loss):
     if len(np.unique(log_x)) < 3:
         return np.full(3, np.nan), np.nan
     c = np.polyfit(log_x, loss, 2)
-    if c[0] <= 0:
+    # A flat profile's c0 is rounding noise (1e-16 of the loss), whose sign would make a minimum of it: the
+    # curvature must move the loss by more than a part in 10^9 across the sizes measured.
+    if c[0] * np.ptp(log_x) ** 2 <= 1e-9 * np.mean(np.abs(loss)):
         return c, np.nan
     v = -c[1] / (2 * c[0])
     return c, v if log_x.min() <= v <= log_x.max() else np.nan
@@ -549,7 +551,7 @@ def isoflop(compute, params, steps, loss, groups, n_budgets=6, min_models=3, n_b
     """
     compute, params, steps, loss = (np.asarray(a, float) for a in (compute, params, steps, loss))
     groups = np.asarray(groups)
-    ok = np.isfinite(loss) & (loss > 0) & (compute > 0) & np.isfinite(compute)
+    ok = np.isfinite(loss) & (loss > 0) & (compute > 0) & np.isfinite(compute) & np.isfinite(params) & (params > 0)
     trials = [np.flatnonzero(ok & (groups == g)) for g in np.unique(groups[ok])]
     trials = [t[np.argsort(compute[t])] for t in trials if len(np.unique(compute[t])) >= 2]
     sizes = np.array([params[t[0]] for t in trials])

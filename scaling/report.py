@@ -51,6 +51,7 @@ class Analysis:
     fits: dict = field(default_factory=dict)  # name -> Fit
     isoflop: object = None
     extrapolation: list = field(default_factory=list)
+    fid_comparable: bool = True  # False where the ok trials' FIDs were measured with different settings
     notes: list = field(default_factory=list)
     n_boot: int = N_BOOT  # bootstrap resamples per fit; 0: point estimates, no intervals or bands
 
@@ -95,10 +96,14 @@ def check_rows(df, source):
     if unknown.any():
         raise BadResults(f"{source}: column 'status' has unknown values {sorted(set(df.status[unknown]))} "
                          f"({row_where(df, unknown.to_numpy())}); expected one of {list(STATUSES)}")
+    # A diverged or failed row's loss may be what ended it (inf): no fit reads those rows, so their metrics pass.
+    measured = df.status.isna().to_numpy() | (df.status == "ok").to_numpy()
     for col, rule in {**POSITIVE_COLUMNS, **METRIC_COLUMNS}.items():
         v = df[col].astype(float).to_numpy()
         with np.errstate(invalid="ignore"):
             bad = ~np.isnan(v) & ~(np.isfinite(v) & ((v > 0) if rule == "> 0" else (v >= 0)))
+        if col in METRIC_COLUMNS:
+            bad &= measured
         if bad.any():
             shown = ", ".join(f"{x:g}" for x in sorted(set(v[bad]))[:3])
             raise BadResults(f"{source}: column {col!r} must be finite and {rule} where given, but holds {shown} in "
@@ -153,10 +158,22 @@ def analyze(df, n_boot=N_BOOT, seed=0):
         a.notes.append(f"{len(unfinished)} trial(s) not yet at their last step (the study is still running or was "
                        "stopped; running it again resumes them): their last measurement stands in for the final "
                        "one in the figures and fits.")
+    if loss == "val_loss":
+        without = sorted(set(ok.trial_id) - set(_finite(ok, loss).trial_id))
+        if without:
+            a.notes.append(f"{len(without)} ok trial(s) have no validation loss ({', '.join(without[:3])}"
+                           f"{', ...' if len(without) > 3 else ''}): they are left out of the loss figures and fits, "
+                           "which use the validation loss of the others.")
     if loss == "train_loss":
         a.notes.append("No validation loss in these results: the loss figures and fits use the training loss.")
     elif loss is None:
         a.notes.append("No loss in these results: Figures 3 and 5 and the loss fits are left out.")
+
+    def note_unsettled(what, result):
+        unsettled = result.unsettled() if isinstance(result, Fit) else []
+        if unsettled:
+            a.notes.append(f"{what}: {'; '.join(unsettled)}. These points do not pin the law down: read it as a "
+                           f"description of them, not as a law to extrapolate.")
 
     def attempt(what, fn, *args, **kwargs):
         try:
@@ -164,20 +181,25 @@ def analyze(df, n_boot=N_BOOT, seed=0):
         except FitError as e:
             a.notes.append(f"{what}: not fitted: {e}.")
             return None
-        unsettled = result.unsettled() if isinstance(result, Fit) else []
-        if unsettled:
-            a.notes.append(f"{what}: {'; '.join(unsettled)}. These points do not pin the law down: read it as a "
-                           f"description of them, not as a law to extrapolate.")
+        note_unsettled(what, result)
         return result
 
     fit = dict(n_boot=n_boot, seed=seed)
     points = a.final_fid
-    a.correlation = attempt("Correlation of FID with log10 Gflops", correlations, np.log10(points.gflops), points.fid)
-    a.fits["fid_vs_gflops"] = attempt("FID against Gflops (Figure 1)", fit_law, POWER_LAW, points.gflops,
-                                      points.fid, points.trial_id, **fit)
-    fid_rows = _finite(ok, "fid")
-    a.fits["fid_vs_compute"] = attempt("FID against training compute (Figure 2)", fit_law, POWER_LAW,
-                                       fid_rows.train_compute, fid_rows.fid, fid_rows.trial_id, frontier, **fit)
+    mixed = mixed_fid_settings(ok)
+    a.fid_comparable = not mixed
+    if mixed:
+        a.notes.append(f"FID was measured with different settings in these trials ({'; '.join(mixed)}): FIDs of "
+                       "different settings are not comparable, so the FID correlation, the FID fits and the FID "
+                       "extrapolation are left out; Figures 1 and 2 show the points as measured.")
+    else:
+        a.correlation = attempt("Correlation of FID with log10 Gflops", correlations, np.log10(points.gflops),
+                                points.fid)
+        a.fits["fid_vs_gflops"] = attempt("FID against Gflops (Figure 1)", fit_law, POWER_LAW, points.gflops,
+                                          points.fid, points.trial_id, **fit)
+        fid_rows = _finite(ok, "fid")
+        a.fits["fid_vs_compute"] = attempt("FID against training compute (Figure 2)", fit_law, POWER_LAW,
+                                           fid_rows.train_compute, fid_rows.fid, fid_rows.trial_id, frontier, **fit)
     if loss:
         loss_rows = _finite(ok, loss)
         a.fits["loss_vs_compute"] = attempt("L(C) (Figure 3)", fit_law, SATURATING_POWER_LAW,
@@ -191,6 +213,8 @@ def analyze(df, n_boot=N_BOOT, seed=0):
         if a.isoflop:
             a.fits["compute_optimal_params"] = a.isoflop.n_opt
             a.fits["compute_optimal_steps"] = a.isoflop.steps_opt
+            note_unsettled("N*(C), IsoFLOP (Figure 5)", a.isoflop.n_opt)
+            note_unsettled("D*(C), IsoFLOP (Figure 5)", a.isoflop.steps_opt)
             a.notes += [f"IsoFLOP (Figure 5): {n}." for n in a.isoflop.notes]
     a.fits = {k: v for k, v in a.fits.items() if v is not None}
     a.extrapolation = extrapolations(a, attempt, fit)
@@ -238,7 +262,7 @@ def extrapolations(a, attempt, fit):
         return []
     held_model = finals.loc[finals.train_compute.idxmax(), "model"]
     checks = []
-    cases = [("FID", "fid", POWER_LAW, ["train_compute"], frontier)]
+    cases = [("FID", "fid", POWER_LAW, ["train_compute"], frontier)] if a.fid_comparable else []
     if a.loss:
         cases = [(figures.loss_label(a.loss), a.loss, SATURATING_POWER_LAW, ["train_compute"], frontier),
                  (figures.loss_label(a.loss), a.loss, CHINCHILLA, ["params", "images"], None)] + cases
@@ -269,6 +293,27 @@ def extrapolations(a, attempt, fit):
 
 def _finite(df, col):
     return df[np.isfinite(df[col].astype(float))]
+
+
+# What an FID was measured with: FIDs that differ in any of these are not on one scale (FID's bias falls with the
+# sample count; features, references, sampler and guidance change what it measures).
+FID_SETTINGS = ("fid_samples", "feature_extractor", "fid_basis", "sampler", "cfg_scale")
+
+
+def mixed_fid_settings(rows):
+    """Each FID setting that takes several values among the rows with an FID, as "column: value, value"."""
+    with_fid = _finite(rows, "fid")
+    out = []
+    for col in FID_SETTINGS:
+        values = with_fid[col].dropna().unique() if col in with_fid else []
+        if len(values) > 1:  # fid_basis is JSON of digests: counted, not shown
+            shown = f"{len(values)} different" if col == "fid_basis" else ", ".join(sorted(map(_setting, values)))
+            out.append(f"{col}: {shown}")
+    return out
+
+
+def _setting(value):
+    return f"{value:g}" if isinstance(value, (float, np.floating)) else str(value)
 
 
 def _positive(df, *cols):

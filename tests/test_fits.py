@@ -300,6 +300,27 @@ def test_isoflop_steps_are_those_the_budget_buys_the_optimal_size():
         assert np.min(np.abs(np.log(spent))) < 1e-9, spent
 
 
+def test_isoflop_leaves_out_points_without_a_parameter_count():
+    # A row may lack params (the results schema allows it): log10 of NaN reached np.polyfit, whose SVD failed
+    # (LinAlgError), and the whole report with it.
+    compute, n, d, loss, trial, _ = patch_sweep()
+    n = n.astype(float)
+    n[trial == trial[0]] = np.nan
+    iso = isoflop(compute, n, d, loss, trial, n_budgets=6, n_boot=0)
+    whole = isoflop(*patch_sweep()[:5], n_budgets=6, n_boot=0)
+    assert iso.n_opt is not None and len(iso.profiles) == len(whole.profiles)
+    assert all(np.isfinite(p.params).all() for p in iso.profiles)
+
+
+def test_a_flat_isoflop_profile_has_no_optimum():
+    # Equal losses at every size: the parabola's curvature is rounding noise (1e-16), whose sign made a minimum
+    # of it, and three such "optima" a fitted law N*(C).
+    compute, n, d, _, trial, _ = patch_sweep()
+    iso = isoflop(compute, n, d, np.full(len(n), 0.3), trial, n_budgets=6, n_boot=0)
+    assert all(np.isnan(p.n_opt) for p in iso.profiles)
+    assert iso.n_opt is None and iso.steps_opt is None
+
+
 def test_isoflop_replicates_need_3_budgets_as_the_estimate_does(monkeypatch):
     # The point estimate needs 3 budgets with an interior optimum; replicates through 2 were kept, a line through
     # 2 points with no scatter behind it. Now such a resample is dropped, as any the fit cannot handle.

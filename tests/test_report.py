@@ -432,6 +432,53 @@ def test_an_impossible_measurement_exits_2_naming_the_column_and_trial(tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.parquet"]  # nothing written
 
 
+def test_a_diverged_trials_infinite_loss_is_its_last_word_not_bad_input(tmp_path):
+    # The loss that ended a diverged trial may be inf; no fit reads a diverged row, yet it refused the whole report.
+    rows = pd.DataFrame(synthetic_rows())
+    rows.loc[rows.trial_id == "t-diverged", "train_loss"] = np.inf
+    out = build_report(rows, tmp_path / "report", n_boot=0)
+    assert json.loads((out / "fits.json").read_text())["trials"] == {"ok": 12, "diverged": 1, "failed": 1}
+
+
+def test_fids_measured_with_different_settings_are_not_fitted_together():
+    # A study file edited between runs keeps its earlier trials: FIDs of 1,000 and of 10,000 samples (or of other
+    # features, references, samplers, guidance) were pooled into one law without a word.
+    rows = pd.DataFrame(synthetic_rows())
+    other = rows.model.str.startswith(("DiT-S/", "DiT-L/"))
+    rows.loc[other, "fid_samples"] = 1000
+    rows.loc[other, "fid"] *= 3
+    a = analyze(rows, n_boot=0)
+    assert ("FID was measured with different settings in these trials (fid_samples: 1000, 10000): FIDs of different "
+            "settings are not comparable, so the FID correlation, the FID fits and the FID extrapolation are left out; "
+            "Figures 1 and 2 show the points as measured.") in a.notes
+    assert a.correlation is None and not {"fid_vs_gflops", "fid_vs_compute"} & a.fits.keys()
+    assert [e["quantity"] for e in a.extrapolation] == ["validation loss"] * 2
+    same = analyze(pd.DataFrame(synthetic_rows()), n_boot=0)
+    assert same.correlation and {"fid_vs_gflops", "fid_vs_compute"} <= same.fits.keys()
+    assert [e["quantity"] for e in same.extrapolation] == ["validation loss"] * 2 + ["FID"]
+
+
+def test_ok_trials_without_the_fitted_loss_are_named():
+    # Where some trials have a validation loss, those without one dropped out of the loss fits silently.
+    rows = pd.DataFrame(synthetic_rows())
+    rows.loc[rows.trial_id == "t-DiT-S/8", "val_loss"] = None
+    a = analyze(rows, n_boot=0)
+    assert ("1 ok trial(s) have no validation loss (t-DiT-S/8): they are left out of the loss figures and fits, which "
+            "use the validation loss of the others.") in a.notes
+    assert a.fits["loss_vs_params_and_images"].n_groups == 11
+
+
+def test_the_compute_optimal_laws_say_when_their_resamples_often_failed():
+    # N*(C) and D*(C) come out of the IsoFLOP analysis, not out of a fit of their own: their unsettled sentences
+    # (most resamples lacking 3 budgets with an optimum) were never noted, and their intervals read as sound.
+    a = analyze(pd.DataFrame(synthetic_rows()), n_boot=20)
+    for law, fit in (("N*(C)", a.fits["compute_optimal_params"]), ("D*(C)", a.fits["compute_optimal_steps"])):
+        dropped = 20 - len(fit.boot)
+        assert dropped > 2  # the data: most of these resamples hold too few budgets with an interior optimum
+        assert any(n.startswith(f"{law}, IsoFLOP (Figure 5): {dropped} of 20 resamples could not be fitted")
+                   for n in a.notes), a.notes
+
+
 def test_two_different_rows_of_one_trial_and_step_exit_2_naming_them(tmp_path, capsys, monkeypatch):
     # The recorder keeps one row per (trial, step): two that differ come from files put together by hand.
     rows = pd.DataFrame(synthetic_rows())
