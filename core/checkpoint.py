@@ -176,9 +176,14 @@ STATE_FIELDS = {
     "train_time_s": (_number, "a number", True),
     "sampler": (lambda v: isinstance(v, dict), "an object", True),
     "model_config": (lambda v: isinstance(v, dict), "an object", True),
-    "history": (lambda v: isinstance(v, list), "a list", False),
+    "history": (lambda v: isinstance(v, list) and all(isinstance(h, dict) for h in v), "a list of objects", False),
     "metrics": (lambda v: isinstance(v, dict), "an object", False),
     "config": (lambda v: isinstance(v, dict), "an object", False),  # the run's settings, for the resume check
+    "world_size": (lambda v: _whole(v) and v >= 1, "a whole number >= 1", False),
+    "zero_stage": (lambda v: _whole(v) and v <= 3, "0, 1, 2 or 3", False),
+    # the steps since the last log, which the next log averages
+    "log_window": (lambda v: isinstance(v, dict) and all(_number(v.get(k, 0)) for k in ("loss", "steps", "time_s")),
+                   'an object of numbers "loss", "steps" and "time_s"', False),
 }
 JSON_TYPES = {dict: "object", list: "list", str: "string", int: "number", float: "number", bool: "boolean",
               type(None): "null"}

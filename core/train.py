@@ -455,6 +455,23 @@ class ValidationBatch:
         return (sums / self.n).tolist()
 
 
+def check_ranks_resume_alike(step, checkpoint_dir, device):
+    """CheckpointError on every rank where the ranks resume from different steps (-1: a fresh start). Each rank
+    chooses "auto"'s newest checkpoint itself: on a folder that the nodes do not see alike (node-local, or a network
+    file system whose listings lag) they would train on from different weights and optimizer shards, unnoticed."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    t = torch.tensor([step, -step], device=device, dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    highest, lowest = int(t[0]), -int(t[1])
+    if highest != lowest:
+        def start(s):
+            return "a fresh start" if s < 0 else f"step {s}"
+        raise ckpt.CheckpointError(f"the processes resume from different checkpoints ({start(lowest)} to "
+                                   f"{start(highest)}) under {checkpoint_dir}: every node must see the same "
+                                   "checkpoints there (a shared folder; give the checkpoint's path to resume from)")
+
+
 def _global_mean(value, device):
     """Mean of a scalar over ranks (a collective: also the divergence check's agreement)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
@@ -491,9 +508,14 @@ def train(cfg, out_dir, milestones=(), callbacks=None, resume_from=None, checkpo
     if resume_from is not None:  # a missing, corrupt or foreign checkpoint fails now, not after the set-up
         saved = ckpt.check_checkpoint(resume_from, mcfg)
         _check_resume_settings(resume_from, saved.get("config"), cfg)
+        if saved["step"] > cfg.max_steps:  # the loop would not take a step, and the run would end as if done
+            raise ckpt.CheckpointError(f"{resume_from} is at step {saved['step']}, past max_steps {cfg.max_steps}: "
+                                       f"resume from a checkpoint at or before step {cfg.max_steps}, or train to "
+                                       f"{saved['step']} steps or more")
 
     deepspeed = import_deepspeed()
     rank, world, _, device = setup_distributed()
+    check_ranks_resume_alike(saved["step"] if saved else -1, checkpoint_dir, device)
     if device.type == "cpu":
         hold_freed_memory()  # each step's tensors in pages the last step mapped (core/host_memory.py)
     if cfg.batch_size % (cfg.grad_accum * world):

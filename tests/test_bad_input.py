@@ -424,8 +424,16 @@ def test_malformed_trainer_state_given_to_core_train(tmp_path, capsys):
         json.dumps({k: v for k, v in state.items() if k != "step"}): 'is corrupt: it has no "step"',
         json.dumps({**state, "step": "2"}): "is corrupt: \"step\" is '2', not a whole number >= 0",
         json.dumps({**state, "sampler": {"epoch": 0}}): 'is corrupt: "sampler" has no "batch"',
-        json.dumps({**state, "history": {}}): 'is corrupt: "history" is {}, not a list',
+        json.dumps({**state, "history": {}}): 'is corrupt: "history" is {}, not a list of objects',
         json.dumps({**state, "config": "x"}): "is corrupt: \"config\" is 'x', not an object",
+        # Passed unchecked, these failed after the whole set-up, with a TypeError naming no file.
+        json.dumps({**state, "history": [1, 2]}): 'is corrupt: "history" is [1, 2], not a list of objects',
+        json.dumps({**state, "log_window": []}): ('is corrupt: "log_window" is [], not an object of numbers "loss", '
+                                                  '"steps" and "time_s"'),
+        json.dumps({**state, "log_window": {"loss": "0.3"}}): ('is corrupt: "log_window" is {\'loss\': \'0.3\'}, '
+                                                               'not an object of numbers "loss", "steps" and "time_s"'),
+        json.dumps({**state, "zero_stage": "2"}): "is corrupt: \"zero_stage\" is '2', not 0, 1, 2 or 3",
+        json.dumps({**state, "world_size": 0}): 'is corrupt: "world_size" is 0, not a whole number >= 1',
     }
     for text, problem in cases.items():
         state_file.write_text(text)

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from core import checkpoint as ckpt
 from core.data import ShardedBatchSampler, build_dataset
-from core.train import BatchSource, Callbacks, TrainConfig, TrainingDiverged, ValidationBatch, fits_on_device, train
+from core.train import (BatchSource, Callbacks, TrainConfig, TrainingDiverged, ValidationBatch, check_ranks_resume_alike,
+                        fits_on_device, train)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -226,6 +227,55 @@ def test_a_resume_from_an_earlier_checkpoint_replaces_the_later_one_of_the_same_
     assert [p.name for p in ckpt.list_checkpoints(checkpoints)] == ["step-000000003", "step-000000006"]
     assert (checkpoints / "step-000000006").stat().st_ino != first and history(tmp_path)[0] == losses_first
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000000003", "step-000000006"]  # nothing stale
+
+
+def test_a_resume_past_max_steps_is_refused_naming_both(tmp_path):
+    # The loop took no step and the run ended as if it were done, at the later checkpoint's weights.
+    train(tiny_config(max_steps=4, ckpt_every=2), tmp_path)
+    step_4 = tmp_path / "checkpoints" / "step-000000004"
+    with pytest.raises(ckpt.CheckpointError, match=re.escape(
+            f"{step_4} is at step 4, past max_steps 2: resume from a checkpoint at or before step 2, or train to 4 "
+            "steps or more")):
+        train(tiny_config(max_steps=2, ckpt_every=2), tmp_path, resume_from=step_4)
+    train(tiny_config(max_steps=4, ckpt_every=2), tmp_path, resume_from=step_4)  # at max_steps: a finished run
+
+
+def _resume_at(rank, steps, store_path, out):
+    """One of two gloo processes: check_ranks_resume_alike with this rank's resumed step; what it raised, to out."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+    try:
+        check_ranks_resume_alike(steps[rank], "/shared/checkpoints", torch.device("cpu"))
+        out.put((rank, None))
+    except ckpt.CheckpointError as e:
+        out.put((rank, str(e)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("steps, error", [
+    ((6, 6), None), ((-1, -1), None),
+    ((6, 12), "the processes resume from different checkpoints (step 6 to step 12) under /shared/checkpoints: every "
+              "node must see the same checkpoints there (a shared folder; give the checkpoint's path to resume from)"),
+    ((12, -1), "the processes resume from different checkpoints (a fresh start to step 12) under /shared/checkpoints"),
+])
+def test_ranks_that_resume_from_different_checkpoints_all_stop(tmp_path, steps, error):
+    # Each rank picks "auto"'s newest checkpoint from its own listing of the folder; where the nodes list it apart
+    # (node-local folders, a lagging network file system) they trained on from different weights, unnoticed.
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_resume_at, args=(r, steps, str(tmp_path / "store"), out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    said = dict(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    for rank in range(2):
+        assert (said[rank] is None) if error is None else said[rank].startswith(error), said
 
 
 def test_every_checkpoint_report_names_its_own_step(tmp_path):
