@@ -508,10 +508,6 @@ def train(cfg, out_dir, milestones=(), callbacks=None, resume_from=None, checkpo
     if resume_from is not None:  # a missing, corrupt or foreign checkpoint fails now, not after the set-up
         saved = ckpt.check_checkpoint(resume_from, mcfg)
         _check_resume_settings(resume_from, saved.get("config"), cfg)
-        if saved["step"] > cfg.max_steps:  # the loop would not take a step, and the run would end as if done
-            raise ckpt.CheckpointError(f"{resume_from} is at step {saved['step']}, past max_steps {cfg.max_steps}: "
-                                       f"resume from a checkpoint at or before step {cfg.max_steps}, or train to "
-                                       f"{saved['step']} steps or more")
 
     deepspeed = import_deepspeed()
     rank, world, _, device = setup_distributed()
@@ -573,6 +569,12 @@ def train(cfg, out_dir, milestones=(), callbacks=None, resume_from=None, checkpo
     if resume_from is not None:
         trial.resumed_train_time_s = train_time
         callbacks.on_resume(trial, dict(state.get("metrics", {})), [dict(h) for h in history])
+        # After on_resume, which may say more (a study's trial past a milestone it did not measure): the loop would
+        # take no step, and the run would end as if it were done, at the later checkpoint's weights.
+        if step > cfg.max_steps:
+            raise ckpt.CheckpointError(f"{resume_from} is at step {step}, past max_steps {cfg.max_steps}: resume from "
+                                       f"a checkpoint at or before step {cfg.max_steps}, or train to {step} steps or "
+                                       "more")
 
     lo = rank * (cfg.batch_size // world)
     batches = iter(BatchSource(dataset, sampler, device, cfg.num_workers))
