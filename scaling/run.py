@@ -84,12 +84,14 @@ def main(argv=None):
                 print(f"warning: {warning}", file=sys.stderr)
         print(format_plan(study))
         return EXIT_OK
-    address = args.address or os.environ.get("RAY_ADDRESS")
+    # Ray's own variable where the flag is not given (an empty variable counts as unset, as Ray counts it).
+    address = args.address if args.address is not None else (os.environ.get("RAY_ADDRESS") or None)
+    named = "--address" if args.address is not None else "RAY_ADDRESS"
     try:
         check_output(study, records)
         check_measured_data(study, records)
         report_dir = None if args.no_report else check_report_dir(study, args.report_dir)
-        check_reachable(address)
+        check_reachable(address, named)
         check_tracking_server(study)
         # check_fid_basis last: it may list a large reference folder.
         for warning in passed_milestones(study, records) + check_fid_basis(study, records):
@@ -98,7 +100,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
-        return run_study(study, address, build_report=not args.no_report, report_dir=report_dir)
+        return run_study(study, address, build_report=not args.no_report, report_dir=report_dir, named=named)
     # Outside the training loop (Ray's start, the report): nothing to record.
     except (KeyboardInterrupt, ImportError) as e:
         interrupt = interruption(e)
@@ -115,7 +117,7 @@ def check_results(study):
     from scaling.results import CURVES_FILE, RESULTS_FILE, load_curves, load_results
 
     def unreadable(reason):
-        return StudyError(f"{study.path}: output: {reason}; mend it, or move it away to start the study afresh")
+        return StudyError(f"{study.locate('output')}: output: {reason}; mend it, or move it away to start the study afresh")
 
     results, curves = study.output / RESULTS_FILE, study.output / CURVES_FILE
     records = None
@@ -303,14 +305,14 @@ def check_output(study, results=None):
         existing = next(p for p in [out, *out.parents] if p.exists())
         dangling = next((p for p in [out, *out.parents] if p.is_symlink() and not p.exists()), None)
     except OSError as e:  # a folder on the way that cannot be entered
-        raise StudyError(f"{study.path}: output: {out} is not writable ({e.strerror}: {e.filename})") from None
+        raise StudyError(f"{study.locate('output')}: output: {out} is not writable ({e.strerror}: {e.filename})") from None
     if dangling is not None:  # mkdir would meet the link where the folder goes
-        raise StudyError(f"{study.path}: output: {dangling} is a link to {os.readlink(dangling)}, which does not "
+        raise StudyError(f"{study.locate('output')}: output: {dangling} is a link to {os.readlink(dangling)}, which does not "
                          f"exist")
     if not existing.is_dir():
-        raise StudyError(f"{study.path}: output: {out} is not a folder ({existing} is a file)")
+        raise StudyError(f"{study.locate('output')}: output: {out} is not a folder ({existing} is a file)")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise StudyError(f"{study.path}: output: {out} is not writable ({existing} does not allow writing)")
+        raise StudyError(f"{study.locate('output')}: output: {out} is not writable ({existing} does not allow writing)")
     from scaling.results import recorded_trials
 
     finished = recorded_trials(study, results)[0] if results is not None else set()
@@ -318,7 +320,7 @@ def check_output(study, results=None):
                                   for t in study.trials if t.trial_id not in finished)
     free = shutil.disk_usage(existing).free
     if free < needed:
-        raise StudyError(f"{study.path}: output: {out} has {free / 2**30:.2f} GiB free; the study's checkpoints "
+        raise StudyError(f"{study.locate('output')}: output: {out} has {free / 2**30:.2f} GiB free; the study's checkpoints "
                          f"need about {needed / 2**30:.2f} GiB")
 
 
@@ -351,22 +353,26 @@ def checkpoint_bytes(trial):
     return trial.params * per_param
 
 
-def check_reachable(address):
-    """Fail fast on a cluster address nothing listens on (ray.init would wait for minutes)."""
-    if not address or address in ("auto", "local"):
+def check_reachable(address, named="--address"):
+    """Fail fast on a cluster address nothing listens on (ray.init would wait for minutes); named: where it came
+    from (--address, or RAY_ADDRESS)."""
+    if address == "":  # an unset variable, say: not a local Ray where a cluster was meant
+        raise StudyError(f"{named} is empty; give the head node's HOST:PORT or auto, or leave the flag out for a local "
+                         "Ray of the study's own")
+    if address is None or address in ("auto", "local"):
         return
     hostport = address.split("://", 1)[-1]
     host, _, port = hostport.rpartition(":")
     if not host or not port.isdigit():  # as ray.init, which takes no default port
-        raise StudyError(f"--address {address}: expected HOST:PORT (the head node's, 6379 unless its `ray start "
+        raise StudyError(f"{named} {address}: expected HOST:PORT (the head node's, 6379 unless its `ray start "
                          f"--head --port` says otherwise) or auto")
     if not 0 < int(port) < 65536:
-        raise StudyError(f"--address {address}: port {port} is out of range (1-65535)")
+        raise StudyError(f"{named} {address}: port {port} is out of range (1-65535)")
     try:
         with socket.create_connection((host, int(port)), timeout=5):
             pass
     except (OSError, ValueError) as e:
-        raise StudyError(f"--address {address}: cannot reach a Ray cluster there ({e})") from e
+        raise StudyError(f"{named} {address}: cannot reach a Ray cluster there ({e})") from e
 
 
 def check_tracking_server(study):
@@ -420,8 +426,8 @@ def check_experiment(study, uri):
         raise StudyError(f"{where}: {problem}")
 
 
-def run_study(study, address, build_report=True, report_dir=None):
-    """Launch the unfinished trials on Ray, record everything, build the report."""
+def run_study(study, address, build_report=True, report_dir=None, named="--address"):
+    """Launch the unfinished trials on Ray, record everything, build the report (named: where address came from)."""
     began = time.time()  # the study's wall time, and its efficiency, count Ray's start too
     import ray
 
@@ -442,14 +448,17 @@ def run_study(study, address, build_report=True, report_dir=None):
     out.mkdir(parents=True, exist_ok=True)
     lock = lock_output(out)
     if lock is None:
-        print(f"error: {study.path}: output: {out} is in use by another scaling.run of this study (its driver "
+        print(f"error: {study.locate('output')}: output: {out} is in use by another scaling.run of this study (its driver "
               f"still runs); wait for it to end or stop it first", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
         try:
             runtime_env = study_runtime_env()
             if address:
-                ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
+                try:
+                    ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
+                except ConnectionError as e:  # "auto" with no `ray start` here, or a cluster gone since the check
+                    raise StudyError(f"{named} {address}: {e}") from None
             else:
                 ray.init(runtime_env=runtime_env, **local_ray_options())
             with sigterm_interrupts():

@@ -280,15 +280,21 @@ def parse_value(text, where="--set"):
 
 
 def _check_keys(node, where, seen):
-    """Refuse a key of a --set value that is not a name, as a study file's (_key_problem)."""
+    """Refuse a key of a --set value that is not a name, or that its mapping has twice, as a study file's
+    (_key_problem, _record_lines)."""
     if id(node) in seen:  # an alias: walked once
         return
     seen.add(id(node))
     if isinstance(node, yaml.MappingNode):
+        keys = set()
         for key_node, value_node in node.value:
-            problem = isinstance(key_node, yaml.ScalarNode) and key_node.value != "<<" and _key_problem(key_node)
+            named = isinstance(key_node, yaml.ScalarNode) and key_node.value != "<<"
+            problem = named and _key_problem(key_node)
             if problem:
                 raise StudyError(f"{where}: {problem}")
+            if named and key_node.value in keys:  # PyYAML would silently keep the last one
+                raise StudyError(f"{where}: {key_node.value}: duplicate key")
+            keys.add(key_node.value if named else None)
             _check_keys(value_node, where, seen)
     elif isinstance(node, yaml.SequenceNode):
         for item in node.value:
@@ -446,6 +452,12 @@ class Locations:
         return StudyError(f"{self(at or key_path)}: {_dotted(key_path)}: {message}")
 
 
+def _defaults_to_null(key_path):
+    """Whether the field at key_path takes null for its default (others refuse null, e.g. train.lr)."""
+    spec = TOP_LEVEL.get(key_path[0]) if len(key_path) == 1 else SCHEMA.get(key_path[0], {}).get(key_path[-1])
+    return len(key_path) <= 2 and isinstance(spec, tuple) and spec[0] is None
+
+
 def _apply_override(tree, item, where):
     """Apply one `--set key=value` to the tree read from the file."""
     key, sep, value_text = item.partition("=")
@@ -453,7 +465,8 @@ def _apply_override(tree, item, where):
     if not sep or not key:
         raise StudyError(f"--set {item}: expected key=value, e.g. --set train.lr=3e-4")
     if not value_text.strip():  # YAML reads nothing as null: `--set output=$OUT` with OUT unset took the default
-        raise StudyError(f"--set {item}: {key}: no value (an unset shell variable?); {key}=null gives the default")
+        default = f"{key}=null gives the default" if _defaults_to_null(_key_path(key)) else "give one"
+        raise StudyError(f"--set {item}: {key}: no value (an unset shell variable?); {default}")
     try:
         value = parse_value(value_text, f"--set {item}: {key}")
     except yaml.YAMLError as err:

@@ -13,7 +13,7 @@ from core import checkpoint as ckpt
 from core import train as core_train
 from scaling import report as scaling_report
 from scaling import run as scaling_run
-from test_study import BAD, BASE, write
+from test_study import BAD, BASE, line_of, write
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,9 +47,9 @@ def test_output_where_no_folder_can_be_made(tmp_path, capsys):
         path = write(tmp_path, BASE + f"output: {output}\n")
         before = snapshot(tmp_path)
         assert scaling_run.main([str(path)]) == 2
-        assert capsys.readouterr().err == f"error: {path}: output: {problem}\n"
+        assert capsys.readouterr().err == f"error: {line_of(path, 'output')}: output: {problem}\n"
         assert scaling_run.main([str(path), "--dry-run"]) == 0
-        assert capsys.readouterr().err == f"warning: {path}: output: {problem}\n"
+        assert capsys.readouterr().err == f"warning: {line_of(path, 'output')}: output: {problem}\n"
         assert snapshot(tmp_path) == before and not (tmp_path / "gone").exists()
 
 
@@ -542,7 +542,7 @@ def test_output_in_use_by_another_driver(tmp_path, capsys, monkeypatch):
         # open of the folder conflicts with `held` as another process's would.
         assert scaling_run.main([str(path)]) == 2
         err = capsys.readouterr().err
-        assert f"error: {path}: output: {out} is in use by another scaling.run of this study" in err, err[-2000:]
+        assert f"error: {line_of(path, 'output')}: output: {out} is in use by another scaling.run of this study" in err, err[-2000:]
         assert snapshot(tmp_path) == before
     finally:
         os.close(held)
@@ -572,7 +572,7 @@ def test_unreadable_results_in_the_output_of_a_study_to_resume(tmp_path, capsys)
     for extra in ([], ["--dry-run"]):
         assert scaling_run.main([str(path), *extra]) == 2
         err = capsys.readouterr().err
-        assert err.startswith(f"error: {path}: output: {out / 'results.parquet'}: not a readable Parquet file (")
+        assert err.startswith(f"error: {line_of(path, 'output')}: output: {out / 'results.parquet'}: not a readable Parquet file (")
         assert err.rstrip().endswith("move it away to start the study afresh")
     assert snapshot(tmp_path) == before
 

@@ -429,6 +429,30 @@ def test_unreachable_address_exits_2(tmp_path):
     assert not out.exists()
 
 
+def test_address_auto_with_no_cluster_running_exits_2(tmp_path):
+    # ray.init's ConnectionError went up as a traceback, exit 1 (the code for failed trials).
+    study, out = write_study(tmp_path)
+    proc = run([study, "--address", "auto"], timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.splitlines()[-1].startswith("error: --address auto: Could not find any running Ray instance"), \
+        proc.stderr[-3000:]
+    assert not out.exists()
+
+
+def test_an_empty_address_is_refused_not_read_as_none(tmp_path):
+    # `--address "$HEAD"` with HEAD unset ran the study on a local Ray (of the login node, say).
+    study, out = write_study(tmp_path)
+    proc = run([study, "--address", ""], timeout=120)
+    assert proc.returncode == 2 and proc.stderr == ("error: --address is empty; give the head node's HOST:PORT or "
+                                                    "auto, or leave the flag out for a local Ray of the study's own\n")
+    assert not out.exists()
+
+
+def test_an_address_from_ray_address_is_named_as_such():
+    with pytest.raises(StudyError, match=r"^RAY_ADDRESS ray-head: expected HOST:PORT"):
+        scaling_run.check_reachable("ray-head", "RAY_ADDRESS")
+
+
 @pytest.mark.parametrize("address", ["ray-head", "ray-head:", "bogus:port", "ray://ray-head"])
 def test_an_address_without_a_port_is_named(address):
     # Read as a port, the host name gave Python's "invalid literal for int() with base 10: 'ray-head'".

@@ -46,6 +46,12 @@ def write(tmp_path, text, name="study.yaml"):
     return path
 
 
+def line_of(path, key):
+    """'path:line' of a top-level key in a study file, as the study's messages locate it."""
+    lines = path.read_text().splitlines()
+    return f"{path}:{next(n for n, line in enumerate(lines, 1) if line.startswith(f'{key}:'))}"
+
+
 def load(tmp_path, text=BASE, overrides=(), **kwargs):
     return load_study(write(tmp_path, text), overrides, **kwargs)
 
@@ -623,6 +629,9 @@ BAD = {
                                   "would never reach train.lr; shorten the warm-up or drop the short step counts"),
     "--set without a value": (BASE, ["output="], "--set output=: output: no value (an unset shell variable?); "
                                                  "output=null gives the default"),
+    # train.lr=null is refused (expected a number): no hint to it
+    "--set without a value, not nullable": (BASE, ["train.lr="], "--set train.lr=: train.lr: no value (an unset "
+                                                                 "shell variable?); give one"),
     "a model in another case": (BASE.replace("[DiT-P, DiT-N]", "[DiT-P, DiT-n]"), [],
                                 "{f}:5: sweep.model: unknown model 'DiT-n'; did you mean 'DiT-N'?"),
     "swept train fields nested": (BASE.replace("  steps: [10, 20, 40]\n", "  steps: [10, 20, 40]\n  train:\n"
@@ -632,6 +641,8 @@ BAD = {
     "--set unknown key": (BASE, ["train.lrr=1"], "--set train.lrr=1: train.lrr: unknown key; did you mean 'train.lr'?"),
     "--set unknown section": (BASE, ["trian.lr=1"], "--set trian.lr=1: trian: unknown key; did you mean 'train'?"),
     "--set wrong type": (BASE, ["train.lr=fast"], "--set train.lr=fast: train.lr: expected a number, got 'fast'"),
+    "--set with a key twice": (BASE, ["train={lr: 1e-3, batch_size: 16, lr: 5e-3}"],  # the last one was kept
+                               "--set train={{lr: 1e-3, batch_size: 16, lr: 5e-3}}: train: lr: duplicate key"),
     "--set into a value": (BASE, ["name.x=1"], "--set name.x=1: name is not a section"),
     # Values that used to pass, every trial then failing at its start or its first evaluation:
     "EMA that never moves": (BASE, ["train.ema_decay=1"], "--set train.ema_decay=1: train.ema_decay: must be < 1, "

@@ -14,7 +14,7 @@ from scaling.results import RESULTS_SCHEMA, to_table, write_table
 from scaling.study import StudyError
 from test_bad_input import snapshot
 from test_results import row
-from test_study import BASE, write
+from test_study import BASE, line_of, write
 
 
 def study_with_output(tmp_path, extra=""):
@@ -58,7 +58,7 @@ def test_damaged_records_of_a_study_to_resume(tmp_path, capsys, damage):
     for extra in ([], ["--dry-run"]):
         assert scaling_run.main([str(path), *extra]) == 2
         err = capsys.readouterr().err
-        assert err.startswith(f"error: {path}: output: {bad}") and reason in err, err
+        assert err.startswith(f"error: {line_of(path, 'output')}: output: {bad}") and reason in err, err
         assert err.rstrip().endswith("move it away to start the study afresh")
     assert snapshot(tmp_path) == before
 
