@@ -137,8 +137,13 @@ def latent_decoder(meta, vae, device):
     return decode
 
 
+class NonFiniteSamples(ValueError):
+    """Sampling gave NaN or inf: as uint8 they would be black and white pixels, and their FID a number like any."""
+
+
 def generate(model, cfg, labels, seeds, *, device, decode=None, autocast_dtype=None):
-    """uint8 images (n, C, H, W) on the CPU, one per (label, seed), sampled in batches of cfg.batch_size."""
+    """uint8 images (n, C, H, W) on the CPU, one per (label, seed), sampled in batches of cfg.batch_size;
+    NonFiniteSamples where a sample is not finite."""
     if torch.device(device).type == "cpu":
         hold_freed_memory()  # each sampling step's tensors in pages the last one mapped (core/host_memory.py)
     out = []
@@ -150,8 +155,33 @@ def generate(model, cfg, labels, seeds, *, device, decode=None, autocast_dtype=N
                    clip_denoised=decode is None)  # (B, C, h, w); latents, which decode takes, are not in [-1, 1]
         if decode is not None:
             x = decode(x)  # (B, 3, H, W)
+        bad = int((~torch.isfinite(x)).sum())
+        if bad:
+            raise NonFiniteSamples(f"{bad} of {x.numel()} values of the samples of classes {y.tolist()[:8]}"
+                                   f"{'...' if len(y) > 8 else ''} are not finite (NaN or inf): the sampler "
+                                   "overflowed (bf16, a large cfg_scale, EMA weights that diverged); no FID or grid "
+                                   "is made of them")
         out.append(to_uint8(x).cpu())
     return torch.cat(out) if out else None
+
+
+def generate_on_every_rank(model, cfg, labels, seeds, *, device, rank, world_size, decode=None, autocast_dtype=None):
+    """generate(), collectively: where one rank's samples are not finite, every rank raises NonFiniteSamples (the
+    others would wait for it in the gather that follows)."""
+    problem = None
+    try:
+        images = generate(model, cfg, labels, seeds, device=device, decode=decode, autocast_dtype=autocast_dtype)
+    except NonFiniteSamples as err:
+        if world_size == 1:
+            raise
+        images, problem = None, err
+    if world_size > 1:
+        flag = torch.tensor([problem is not None], dtype=torch.int32,
+                            device=device if dist.get_backend() == "nccl" else torch.device("cpu"))
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():
+            raise problem or NonFiniteSamples(f"the samples of another rank than {rank} are not finite (NaN or inf)")
+    return images
 
 
 def gather(images, counts, shape, rank, world_size, device, chunk=256):
@@ -205,8 +235,8 @@ def evaluate(model, cfg, *, dataset, data_path=None, image_size=None, vae=None, 
 
     labels, seeds = sample_plan(cfg, model.config["num_classes"])  # (N,)
     mine = rank_slice(len(labels), rank, world_size, cfg.batch_size)
-    images = generate(model, cfg, labels[mine], seeds[mine], device=device, decode=decode,
-                      autocast_dtype=autocast_dtype)
+    images = generate_on_every_rank(model, cfg, labels[mine], seeds[mine], device=device, rank=rank,
+                                    world_size=world_size, decode=decode, autocast_dtype=autocast_dtype)
     images = gather(images, rank_counts(len(labels), world_size, cfg.batch_size), shape, rank, world_size, device)
     sample_s = time.perf_counter() - t0
 
@@ -250,8 +280,8 @@ def draw_grid(model, cfg, *, dataset, data_path=None, image_size=None, vae=None,
     decode, _, shape = _output(model, dataset, data_path, image_size, vae, device)
     labels, seeds = grid_plan(cfg, grid_classes)  # (G,)
     mine = rank_slice(len(labels), rank, world_size, cfg.batch_size)
-    images = generate(model, cfg, labels[mine], seeds[mine], device=device, decode=decode,
-                      autocast_dtype=autocast_dtype)
+    images = generate_on_every_rank(model, cfg, labels[mine], seeds[mine], device=device, rank=rank,
+                                    world_size=world_size, decode=decode, autocast_dtype=autocast_dtype)
     images = gather(images, rank_counts(len(labels), world_size, cfg.batch_size), shape, rank, world_size, device)
     path = None
     if rank == 0:

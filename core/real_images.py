@@ -117,6 +117,8 @@ def folder_images(path, image_size, max_images=None):
     root = Path(path).expanduser().resolve()
     _, samples = scan_image_folder(root, every_class=False)  # FID's real images: labels unused
     files = [samples[i][0] for i in _subset(len(samples), max_images).tolist()]
+    if len(files) < 2:  # one image has no covariance: torch-fidelity's LinAlgError, which names no folder
+        raise ValueError(f"{root} holds {len(files)} image(s); FID's statistics need at least 2 real images")
     identity = dict(source="folder", path=str(root), count=len(files), of=len(samples), subset_seed=SUBSET_SEED,
                     image_size=image_size, files=folder_fingerprint(root, files))
     return RealImages(FolderImages(files, image_size), identity, f"{root} ({len(files)} of {len(samples)} images)")

@@ -438,3 +438,73 @@ def test_two_gloo_processes_match_one(tmp_path):
     assert ({k: v for k, v in two["results"][0].items() if k not in timing}
             == {k: v for k, v in alone.items() if k not in timing})
     assert (tmp_path / "two.json.png").read_bytes() == (tmp_path / "alone.png").read_bytes()
+
+
+def test_samples_that_are_not_finite_are_refused_not_scored(tmp_path):
+    # NaN became black pixels and inf white ones (to_uint8), and torch-fidelity scored them: a finite FID in the
+    # results of a sampler that overflowed.
+    model = jittered_model()
+    cfg = EvalConfig(num_samples=8, num_steps=2, guided_channels=None, batch_size=4, grid_images_per_class=1)
+    labels, seeds = sample_plan(cfg, 10)
+    with pytest.raises(evaluate_module.NonFiniteSamples, match=r"^4 of 256 values of the samples of classes \[.*\] "
+                       r"are not finite \(NaN or inf\): the sampler overflowed"):
+        generate(model, cfg, labels, seeds, device="cpu", decode=_nan_corner)
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.final_layer.linear.bias.fill_(float("nan"))
+    with pytest.raises(evaluate_module.NonFiniteSamples):
+        draw_grid(broken, cfg, dataset="digits", device="cpu", grid_path=tmp_path / "grid.png")
+    assert not (tmp_path / "grid.png").exists()
+
+
+def _nan_corner(x):
+    """The first image of a batch with a 2×2 corner of NaN: 4 values."""
+    x = x.clone()
+    x[0, :, :2, :2] = float("nan")
+    return x
+
+
+def _generate_as_rank(rank, store_path, out):
+    """One of two gloo processes sampling 4 images each; rank 1's come out NaN. What each raised, to out."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+    try:
+        cfg = EvalConfig(num_samples=8, num_steps=2, guided_channels=None, batch_size=4)
+        labels, seeds = sample_plan(cfg, 10)
+        mine = rank_slice(8, rank, 2, 4)
+        evaluate_module.generate_on_every_rank(jittered_model(), cfg, labels[mine], seeds[mine], device="cpu",
+                                               rank=rank, world_size=2, decode=_nan_corner if rank else None)
+        out.put((rank, None))
+    except evaluate_module.NonFiniteSamples as e:
+        out.put((rank, str(e)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_samples_not_finite_on_one_rank_stop_every_rank(tmp_path):
+    # The rank that raised alone left the others waiting for it in the gather, for ever.
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_generate_as_rank, args=(r, str(tmp_path / "store"), out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    said = dict(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert said[0] == "the samples of another rank than 0 are not finite (NaN or inf)"
+    assert said[1].startswith("4 of 256 values of the samples of classes"), said
+
+
+def test_a_folder_of_one_real_image_is_named_not_left_to_torch_fidelity(tmp_path):
+    # One image has no covariance: torch-fidelity's LinAlgError came after all the sampling, naming no folder.
+    (tmp_path / "real" / "a").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "real" / "a" / "0.png")
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'real'} holds 1 image\\(s\\); FID's statistics need at least "
+                                         "2 real images$"):
+        folder_images(tmp_path / "real", 8)
+    Image.new("RGB", (8, 8), "white").save(tmp_path / "real" / "a" / "1.png")
+    assert len(folder_images(tmp_path / "real", 8)) == 2
