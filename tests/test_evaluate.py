@@ -23,6 +23,7 @@ from core.real_images import RealImages, UInt8Images, digits_images, folder_imag
 from core.sample_grid import grid_size, save_grid
 from core.train import Callbacks, TrainConfig, train
 from evaluate_worker import CONFIG as WORKER_CONFIG, jittered_model  # tests/, on pytest's path
+from two_ranks import on_two_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -484,17 +485,7 @@ def _generate_as_rank(rank, store_path, out):
 
 def test_samples_not_finite_on_one_rank_stop_every_rank(tmp_path):
     # The rank that raised alone left the others waiting for it in the gather, for ever.
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_generate_as_rank, args=(r, str(tmp_path / "store"), out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    said = dict(out.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-    assert [p.exitcode for p in procs] == [0, 0]
+    said = on_two_ranks(_generate_as_rank, store=tmp_path / "store")
     assert said[0] == "the samples of another rank than 0 are not finite (NaN or inf)"
     assert said[1].startswith("4 of 256 values of the samples of classes"), said
 

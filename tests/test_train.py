@@ -16,6 +16,7 @@ from core import checkpoint as ckpt
 from core.data import ShardedBatchSampler, build_dataset
 from core.train import (BatchSource, Callbacks, TrainConfig, TrainingDiverged, ValidationBatch, check_ranks_resume_alike,
                         fits_on_device, train)
+from two_ranks import on_two_ranks  # tests/, on pytest's path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -263,17 +264,7 @@ def _resume_at(rank, steps, store_path, out):
 def test_ranks_that_resume_from_different_checkpoints_all_stop(tmp_path, steps, error):
     # Each rank picks "auto"'s newest checkpoint from its own listing of the folder; where the nodes list it apart
     # (node-local folders, a lagging network file system) they trained on from different weights, unnoticed.
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_resume_at, args=(r, steps, str(tmp_path / "store"), out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    said = dict(out.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-    assert [p.exitcode for p in procs] == [0, 0]
+    said = on_two_ranks(_resume_at, steps, store=tmp_path / "store")
     for rank in range(2):
         assert (said[rank] is None) if error is None else said[rank].startswith(error), said
 
