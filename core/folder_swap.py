@@ -8,6 +8,7 @@ _AT_FDCWD = -100  # <fcntl.h>: paths relative to the working directory
 _RENAME_EXCHANGE = 2  # <linux/fs.h>
 # An old kernel, or a filesystem without it (NFS, older ZFS; overlayfs answers EXDEV for some folders): two renames.
 _UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV}
+_NO_FSYNC = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}  # a file system that has no fsync (some FUSE ones)
 
 
 def _load_renameat2():
@@ -61,6 +62,9 @@ def fsync_tree(folder):
             fd = os.open(path, os.O_RDONLY)
             try:
                 os.fsync(fd)
+            except OSError as err:
+                if err.errno not in _NO_FSYNC:  # a write that failed (EIO) is the caller's to hear of
+                    raise
             finally:
                 os.close(fd)
         fsync_dir(root)

@@ -140,3 +140,22 @@ def test_every_file_is_on_disk_before_the_swap_and_the_swap_after_it(tmp_path, m
     assert {str(new / "meta"), str(new / "engine" / "weights"), str(new / "engine"), str(new)} <= before
     assert ("fsync", str(tmp_path)) in events[swapped + 1:]  # the rename itself
     assert (out / "meta").read_text() == "1" and (out / "engine" / "weights").read_text() == "w"
+
+
+def test_a_file_system_without_fsync_still_swaps_and_a_failed_write_stops_it(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    def fsync_answering(code):
+        def fsync(fd):
+            raise OSError(code, os.strerror(code))
+        return fsync
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(os, "fsync", fsync_answering(errno.EINVAL))  # some FUSE file systems: no fsync at all
+    swap_in_folder(folder(tmp_path / ".new1", meta="1"), out, tmp_path / ".old1")
+    assert contents(out) == {"meta": "1"}
+    monkeypatch.setattr(os, "fsync", fsync_answering(errno.EIO))  # the data did not reach the disk
+    with pytest.raises(OSError, match="Input/output error"):
+        swap_in_folder(folder(tmp_path / ".new2", meta="2"), out, tmp_path / ".old2")
+    assert contents(out) == {"meta": "1"} and contents(tmp_path / ".new2") == {"meta": "2"}  # the earlier one stays
