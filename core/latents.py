@@ -15,6 +15,7 @@ import os
 import shutil
 import uuid
 import warnings
+import weakref
 from bisect import bisect_right
 from fnmatch import fnmatch
 from pathlib import Path
@@ -228,11 +229,16 @@ class LatentShards(Dataset):
         self.meta = read_meta(path, check_shards=True)
         self.encode = encode_id(self.meta)
         self.files = [str(self.path / s["file"]) for s in self.meta["shards"]]
+        # Every shard held open from here, and read through its descriptor (/dev/fd/N, which forked DataLoader
+        # workers inherit): an encode swapped into the folder meanwhile (scaling.encode_latents replaces it whole)
+        # is not read in part, this encode's files staying readable until the dataset goes.
+        self._fds = [os.open(f, os.O_RDONLY) for f in self.files]
+        weakref.finalize(self, _close_all, self._fds)
         self.starts = np.cumsum([0] + [s["num_images"] for s in self.meta["shards"]]).tolist()
         num_bytes = self.meta["num_images"] * len(VIEWS) * int(np.prod(self.meta["latent_shape"])) * 4
         free = available_memory()  # unknown: read from the shards, as a folder too large would be
         self.in_memory = in_memory if in_memory is not None else free is not None and num_bytes <= free // 8
-        self.labels = torch.cat([self._read(f, "labels") for f in self.files])  # (N,)
+        self.labels = torch.cat([self._read(k, "labels") for k in range(len(self.files))])  # (N,)
         num_classes = len(self.meta["classes"])
         bad = ((self.labels < 0) | (self.labels >= num_classes)).nonzero().flatten()
         if len(bad):  # the model's label embedding would fail on it mid-training
@@ -243,6 +249,8 @@ class LatentShards(Dataset):
         self.latents = None
         if self.in_memory:
             self.latents = self._load()
+            _close_all(self._fds)  # read: no descriptor kept (emptied in place: the finalizer closes what is left)
+            self._fds.clear()
         self._handles = {}
 
     def _load(self):
@@ -250,8 +258,8 @@ class LatentShards(Dataset):
         takes is the tensor's and one shard's (a cat of them all took twice the tensor's, the node's ranks at once)."""
         # The shards' headers were checked against the meta (read_meta): float32, these shapes.
         latents = torch.empty((self.starts[-1], len(VIEWS), *self.meta["latent_shape"]), dtype=torch.float32)
-        for k, file in enumerate(self.files):
-            part = self._read(file, "latents")  # (n_k, 2, C, h, w)
+        for k in range(len(self.files)):
+            part = self._read(k, "latents")  # (n_k, 2, C, h, w)
             finite = torch.isfinite(part).flatten(1).all(1)  # (n_k,)
             if not finite.all():  # trained on, it would read as a run that diverged
                 self._not_finite(self.starts[k] + int((~finite).nonzero()[0]))
@@ -264,13 +272,12 @@ class LatentShards(Dataset):
         raise CorruptLatents(f"latent shard {self.files[k]} is corrupt: image {i - self.starts[k]} holds values that "
                              f"are not finite (NaN or inf)")
 
-    @staticmethod
-    def _read(file, key):
+    def _read(self, k, key):
         try:
-            with safe_open(file, framework="pt") as f:
+            with safe_open(f"/dev/fd/{self._fds[k]}", framework="pt") as f:
                 return f.get_tensor(key)
         except (SafetensorError, OSError) as err:
-            raise CorruptLatents(f"latent shard {file} is corrupt: {err}") from None
+            raise CorruptLatents(f"latent shard {self.files[k]} is corrupt: {err}") from None
 
     @property
     def tensors(self):
@@ -290,12 +297,18 @@ class LatentShards(Dataset):
         # One handle per shard and process: safe_open maps the file, so reads come from the page cache.
         handle = self._handles.get((os.getpid(), k))
         if handle is None:
-            handle = self._handles[(os.getpid(), k)] = safe_open(self.files[k], framework="pt")
+            handle = self._handles[(os.getpid(), k)] = safe_open(f"/dev/fd/{self._fds[k]}", framework="pt")
         row = i - self.starts[k]
         latent = handle.get_slice("latents")[row:row + 1, view][0]  # (C, h, w)
         if not torch.isfinite(latent).all():  # checked as read: a folder too large for memory is not read up front
             self._not_finite(i)
         return latent, self.labels[i]
+
+
+def _close_all(fds):
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 #################################################################################

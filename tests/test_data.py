@@ -872,3 +872,18 @@ def test_a_16_bit_grey_image_is_scaled_not_clipped_to_white(tmp_path):
     with pytest.raises(UnreadableImage, match=re.escape(f"image {tmp_path / 'deeper.tif'} cannot be read: ValueError: "
                                                         "PIL mode I: grey values outside 16 bits (0 to 262080)")):
         load_image(tmp_path / "deeper.tif")
+
+
+def test_a_running_trials_latents_stay_its_encode_when_the_folder_is_encoded_again(tmp_path, encode_tiny_latents):
+    # Shards were opened by name as first read: an encode swapped into the folder meanwhile was read from there on
+    # (the new encode's images under the old labels and offsets), in a run reading the memory-mapped shards.
+    folder = tmp_path / "latents"
+    encode_tiny_latents(folder, seed=0)
+    expected = LatentShards(folder, in_memory=True)
+    lazy = LatentShards(folder, in_memory=False)
+    first = lazy[0]
+    encode_tiny_latents(folder, seed=1)  # replaces the folder whole
+    assert not torch.equal(LatentShards(folder, in_memory=True)[5][0], expected[5][0])  # the folder holds another
+    assert torch.equal(first[0], expected[0][0])
+    for j in range(len(lazy)):
+        assert torch.equal(lazy[j][0], expected[j][0]) and lazy[j][1] == expected[j][1], j
