@@ -22,9 +22,9 @@ from scaling.mlflow_backfill import EVAL_METRICS, LOG_METRICS, log_missing
 from scaling.ray_trial import KIND_END, KIND_LOG, KIND_MILESTONE, RESUMED_KEY
 from scaling.results import (CURVES_FILE, LOSS_CURVES_SCHEMA, RESULTS_FILE, RESULTS_SCHEMA, load_curves, load_results,
                              row_config, write_table)
+from scaling.tracking import STATUS_TAG
 
 MAX_TAG_LENGTH = 5000  # what MLflow stores of a tag value at most
-STATUS_TAG = "dit_scaling.status"  # running, then how the trial ended: ok, diverged, failed or killed
 MAX_STEPS_TAG = "dit_scaling.max_steps"  # the steps the trial trains to now (scaling.continuation may add some)
 DATA_PATH_TAG = "dit_scaling.data_path"  # where its data is now (scaling.continuation: the same latents, moved)
 
@@ -308,6 +308,13 @@ class Recorder(Callback):
         status = result["status"]
         if status == "failed" and self._measured_every_milestone(t):
             self._failed_after_last_milestone(t, result.get("error"))
+            return
+        diverged = [s for (i, s), r in self.rows.items() if i == t.trial_id and r["status"] == "diverged"]
+        if status == "failed" and diverged:  # its teardown failed after it diverged: the divergence is its result
+            print(f"warning: trial {t.trial_id} failed after it diverged at step {diverged[0]}; that result stands: "
+                  f"{result.get('error')}", file=sys.stderr)
+            self.tracker.set_tags(self._run_id(t.trial_id), {"dit_scaling.error_after_divergence":
+                                                             str(result.get("error"))[:MAX_TAG_LENGTH]})
             return
         step = int(result.get("step") or max([self.progress.step.get(t.trial_id, 0),
                                               *(s for (i, s) in self.rows if i == t.trial_id)]))

@@ -25,7 +25,7 @@ from scaling.mlflow_backfill import log_missing
 from scaling.results import CURVES_FILE, load_curves, load_results, results_path
 from scaling.run import sqlite_open_problem, sqlite_store
 from scaling.study import StudyError, load_study
-from scaling.tracking import StudyTracker, default_tracking_uri, unsupported_store
+from scaling.tracking import STATUS_TAG, StudyTracker, default_tracking_uri, unsupported_store
 
 EXIT_OK, EXIT_AWAY, EXIT_BAD_INPUT = 0, 1, 2
 # What MLflow raises when its store fails: its own errors (an HTTP server's wrapped), SQLAlchemy's, the network's.
@@ -171,14 +171,18 @@ def close_finished_runs(tracker, study, results):
             if (rows.status == "failed").any():
                 failed.add(trial_id)
     for trial_id, status in ended.items():
-        _close(tracker, tracker.child_run(trial_id, {}), status)
+        # The tag as the driver sets it at a trial's end (a queued one lost with the server): how the trial ended.
+        how = "ok" if status == "FINISHED" else "failed" if trial_id in failed else "diverged"
+        _close(tracker, tracker.child_run(trial_id, {}), status, {STATUS_TAG: how})
     if {t.trial_id for t in study.trials} <= set(ended):
         # As the driver does: a diverged trial is a result, only a failed one fails the study.
         _close(tracker, tracker.parent_run_id, "FAILED" if failed else "FINISHED")
 
 
-def _close(tracker, run_id, status):
+def _close(tracker, run_id, status, tags=None):
     if tracker.client.get_run(run_id).info.status in ("RUNNING", "SCHEDULED"):
+        if tags:
+            tracker.set_tags(run_id, tags)
         tracker.finish(run_id, status)
 
 

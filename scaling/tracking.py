@@ -25,6 +25,7 @@ logger = logging.getLogger("scaling.tracking")
 
 ROLE_TAG, OUTPUT_TAG, TRIAL_TAG, PARENT_TAG = "dit_scaling.role", "dit_scaling.output", "dit_scaling.trial_id", \
     "mlflow.parentRunId"
+STATUS_TAG = "dit_scaling.status"  # running, then how the trial ended: ok, diverged, failed or killed
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 RETRY_INTERVAL_S = 5.0  # before the first attempt to replay the queue while the server is away
 MAX_RETRY_INTERVAL_S = 120.0  # the longest wait between attempts (each may cost HTTP timeouts: 20 s)

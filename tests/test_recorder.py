@@ -168,6 +168,26 @@ def test_a_failure_after_the_last_milestone_leaves_the_trial_finished_and_ok(stu
     assert "teardown broke" in run.data.tags["dit_scaling.error_after_last_milestone"]
 
 
+def test_a_failure_after_a_divergence_leaves_the_divergence_as_the_result(study, capsys):
+    # The failed end replaced the diverged row: the study exited 1, and its next run trained the trial again, to
+    # diverge again.
+    rec, t = recorder(study), study.trials[0]
+    rec.on_trial_start(0, [], tune_trial(t))
+    rec.on_trial_result(0, [], tune_trial(t), milestone(10))
+    rec.on_trial_result(0, [], tune_trial(t), {"kind": KIND_END, "status": "diverged", "step": 15,
+                                               "error": "loss became nan at step 15"})
+    rec.on_trial_error(0, [], tune_trial(t), error=RuntimeError("shutdown broke"))
+    rec.on_trial_complete(0, [], tune_trial(t))
+    df = load_results(study.output)
+    assert df.step.tolist() == [10, 15] and df.status.tolist() == ["ok", "diverged"]
+    assert recorded_trials(study) == ({t.trial_id}, set()) and rec.failed_count() == 0
+    run = trial_run(rec, t)
+    assert run.data.tags["dit_scaling.status"] == "diverged" and "shutdown broke" in \
+        run.data.tags["dit_scaling.error_after_divergence"]
+    assert f"warning: trial {t.trial_id} failed after it diverged at step 15; that result stands" in \
+        capsys.readouterr().err
+
+
 def test_a_failure_between_milestones_is_a_failed_row_after_the_last_measurement(study):
     rec, t = recorder(study), study.trials[0]
     rec.on_trial_start(0, [], tune_trial(t))

@@ -62,6 +62,9 @@ def test_a_replay_logs_into_the_studys_store(out, capsys):
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
     assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
+    # The trial's run says how it ended, as the driver's would: the replay's had no status tag.
+    (trial_run,) = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert trial_run.data.tags["dit_scaling.status"] == "ok"
 
 
 @pytest.mark.parametrize("text, message", [
