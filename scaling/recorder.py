@@ -245,11 +245,21 @@ class Recorder(Callback):
 
     def interrupted(self, trial_ids):
         """The study was stopped: runs of trials that had started are KILLED (MLflow's status for an
-        interrupted run); those of trials that never started stay SCHEDULED. A re-run reopens both."""
+        interrupted run); those of trials that never started stay SCHEDULED. A re-run reopens both. A trial stopped
+        in its teardown, its result complete (every milestone measured, or its divergence recorded), ends as it would
+        have: a re-run counts it finished and never reopens its run."""
         for trial_id in trial_ids:
-            if trial_id in self.started_at:
-                self.tracker.set_tags(self._run_id(trial_id), {STATUS_TAG: "killed"})
-                self.tracker.finish(self._run_id(trial_id), "KILLED")
+            if trial_id not in self.started_at:
+                continue
+            t = self.trials[trial_id]
+            if self._measured_every_milestone(t):
+                how, status = "ok", "FINISHED"
+            elif any(i == trial_id and r["status"] == "diverged" for (i, _), r in self.rows.items()):
+                how, status = "diverged", "FAILED"
+            else:
+                how, status = "killed", "KILLED"
+            self.tracker.set_tags(self._run_id(trial_id), {STATUS_TAG: how})
+            self.tracker.finish(self._run_id(trial_id), status)
 
     def on_step_end(self, iteration, trials, **info):
         self.tracker.flush()

@@ -379,6 +379,24 @@ def test_a_stopped_study_marks_the_runs_of_started_trials_killed(study):
     assert run.info.status == "KILLED" and run.data.tags["dit_scaling.status"] == "killed"
 
 
+@pytest.mark.parametrize("ending", ["every milestone", "diverged"])
+def test_a_study_stopped_in_a_finished_trials_teardown_ends_its_run_as_finished(study, ending):
+    # Its run was KILLED for good: a re-run counts the trial finished (its rows are complete) and never reopens it.
+    rec, t = recorder(study), study.trials[0]
+    rec.on_trial_start(0, [], tune_trial(t))
+    rec.on_trial_result(0, [], tune_trial(t), milestone(10))
+    if ending == "diverged":
+        rec.on_trial_result(0, [], tune_trial(t), {"kind": KIND_END, "status": "diverged", "step": 15,
+                                                   "error": "loss became nan at step 15"})
+    else:
+        rec.on_trial_result(0, [], tune_trial(t), milestone(20))
+    rec.interrupted([t.trial_id])  # Ctrl-C before Tune's on_trial_complete
+    run = trial_run(rec, t)
+    expected = ("FINISHED", "ok") if ending == "every milestone" else ("FAILED", "diverged")
+    assert (run.info.status, run.data.tags["dit_scaling.status"]) == expected
+    assert recorded_trials(study)[0] == {t.trial_id}
+
+
 def test_rows_written_under_an_earlier_name_of_the_trial_take_its_name(study):
     # The same trial id under another name: a fixed architecture override, which named no model before 2026-12-05.
     # Left as it was, a resumed trial's rows would show in the report as two models.
