@@ -455,15 +455,20 @@ class ValidationBatch:
         return (sums / self.n).tolist()
 
 
+def ranks_spread(value, device):
+    """(lowest, highest) of an integer over the ranks, the same on every rank (a collective)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value, value
+    t = torch.tensor([value, -value], device=device, dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return -int(t[1]), int(t[0])
+
+
 def check_ranks_resume_alike(step, checkpoint_dir, device):
     """CheckpointError on every rank where the ranks resume from different steps (-1: a fresh start). Each rank
     chooses "auto"'s newest checkpoint itself: on a folder that the nodes do not see alike (node-local, or a network
     file system whose listings lag) they would train on from different weights and optimizer shards, unnoticed."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return
-    t = torch.tensor([step, -step], device=device, dtype=torch.int64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    highest, lowest = int(t[0]), -int(t[1])
+    lowest, highest = ranks_spread(step, device)
     if highest != lowest:
         def start(s):
             return "a fresh start" if s < 0 else f"step {s}"
@@ -548,6 +553,10 @@ def train(cfg, out_dir, milestones=(), callbacks=None, resume_from=None, checkpo
         raise ckpt.CheckpointError(f"{resume_from} was written training on another encode of the latents in "
                                    f"{cfg.data_path} ({earlier}, now {data_encode}); resume on that encode, or train "
                                    "this one in another folder")
+    fewest, most = ranks_spread(len(dataset), device)
+    if fewest != most:  # each rank's sampler permutes its own count: the global batch would repeat and skip items
+        raise DataError(f"the processes see {cfg.dataset} data of different sizes ({fewest} to {most} items) at "
+                        f"{cfg.data_path}: every node must see the same data (one shared folder, or identical copies)")
     sampler = ShardedBatchSampler(len(dataset), cfg.batch_size, rank, world, cfg.seed)
     validation = ValidationBatch(cfg, rank, world, device, cfg.diffusion_steps) if cfg.val_batch else None
     shape = (mcfg["in_channels"], mcfg["input_size"], mcfg["input_size"])

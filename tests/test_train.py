@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from core import checkpoint as ckpt
 from core.data import ShardedBatchSampler, build_dataset
 from core.train import (BatchSource, Callbacks, TrainConfig, TrainingDiverged, ValidationBatch, check_ranks_resume_alike,
-                        fits_on_device, train)
+                        fits_on_device, ranks_spread, train)
 from two_ranks import on_two_ranks  # tests/, on pytest's path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -253,6 +253,26 @@ def _resume_at(rank, steps, store_path, out):
         out.put((rank, str(e)))
     finally:
         dist.destroy_process_group()
+
+
+def _spread_as_rank(rank, store_path, out):
+    """One of two gloo processes: ranks_spread of 10 + rank, to out."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+    try:
+        out.put((rank, ranks_spread(10 + rank, torch.device("cpu"))))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_learns_the_lowest_and_highest_of_a_count():
+    # What the data-size and resume checks of core.train compare: each rank's dataset size or resumed step.
+    assert ranks_spread(7, torch.device("cpu")) == (7, 7)  # alone
+
+
+def test_ranks_spread_across_two_processes(tmp_path):
+    assert on_two_ranks(_spread_as_rank, store=tmp_path / "store") == {0: (10, 11), 1: (10, 11)}
 
 
 @pytest.mark.parametrize("steps, error", [
