@@ -121,10 +121,19 @@ def meta_problem(meta):
     for key, (ok, kind) in fields.items():
         if not ok(meta[key]):
             return f'"{key}" is {_short(meta[key])}, not {kind}'
+    if meta["latent_shape"][1] != meta["latent_shape"][2]:  # a DiT's input is square: it would read the height alone
+        return f'"latent_shape" {meta["latent_shape"]} is not square (channels, h, h)'
+    scale = meta.get("scale_factor", 1.0)  # the VAE's scaling_factor, which the decode divides by (core.evaluate)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
+        return f'"scale_factor" is {_short(scale)}, not a number > 0'
     for k, shard in enumerate(meta["shards"]):
         problem = shard_entry_problem(k, shard)
         if problem:
             return problem
+    files = [shard["file"] for shard in meta["shards"]]
+    twice = next((f for f in files if files.count(f) > 1), None)
+    if twice is not None:  # its images would be read twice, another shard's never
+        return f"shard file {twice} is listed twice"
     total = sum(shard["num_images"] for shard in meta["shards"])
     if total != meta["num_images"]:
         return f"shard sizes add up to {total}, not num_images {meta['num_images']}"
@@ -239,6 +248,11 @@ class LatentShards(Dataset):
         free = available_memory()  # unknown: read from the shards, as a folder too large would be
         self.in_memory = in_memory if in_memory is not None else free is not None and num_bytes <= free // 8
         self.labels = torch.cat([self._read(k, "labels") for k in range(len(self.files))])  # (N,)
+        for k in range(len(self.files)):  # the shards hold images 0..N-1 in order, as an encode writes them
+            expected = torch.arange(self.starts[k], self.starts[k + 1])
+            if not torch.equal(self._read(k, "indices"), expected):
+                raise CorruptLatents(f"latent shard {self.files[k]} is corrupt: its indices are not images "
+                                     f"{self.starts[k]} to {self.starts[k + 1] - 1} in order, as {META} places it")
         num_classes = len(self.meta["classes"])
         bad = ((self.labels < 0) | (self.labels >= num_classes)).nonzero().flatten()
         if len(bad):  # the model's label embedding would fail on it mid-training

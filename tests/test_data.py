@@ -395,6 +395,26 @@ def test_latents_that_are_not_finite_are_named_not_trained_on(encoded, tmp_path,
     assert capsys.readouterr().err.endswith(f"error: {problem}\n")
 
 
+def test_shards_whose_indices_are_not_their_place_are_named(encoded, tmp_path):
+    # An encode writes images 0..N-1 in order; shards put together by hand (or a shard of another encode copied in)
+    # trained on images under other images' places unnoticed.
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from core.latents import CorruptLatents
+
+    root, _ = encoded
+    broken, shard = tmp_path / "moved", "shard-00001.safetensors"
+    shutil.copytree(root / "latents", broken)
+    tensors = load_file(str(broken / shard))
+    tensors["indices"] = tensors["indices"].flip(0)
+    save_file(tensors, str(broken / shard))
+    with pytest.raises(CorruptLatents, match=f"^latent shard {re.escape(str(broken / shard))} is corrupt: its indices "
+                                             r"are not images 4 to 7 in order, as meta.json places it$"):
+        build_dataset("latents", path=broken)
+
+
 #################################################################################
 #                          Malformed latent folders                             #
 #################################################################################
@@ -428,6 +448,13 @@ def write_meta(folder, **changes):
     (dict(latent_shape=[4, 8]), '"latent_shape" is [4, 8], not 3 whole numbers >= 1'),
     (dict(image_size="16"), "\"image_size\" is '16', not a whole number >= 1"),
     (dict(format="other/1"), "format is 'other/1', expected 'dit-scaling-latents/1'"),
+    # Passed before: a model built square from the height alone; a decode dividing by a string; a shard read twice
+    # (another's images never).
+    (dict(latent_shape=[4, 2, 3]), '"latent_shape" [4, 2, 3] is not square (channels, h, h)'),
+    (dict(scale_factor="oops"), "\"scale_factor\" is 'oops', not a number > 0"),
+    (dict(scale_factor=0), '"scale_factor" is 0, not a number > 0'),
+    (dict(num_images=4, shards=[{"file": "shard-00000.safetensors", "num_images": 2}] * 2),
+     "shard file shard-00000.safetensors is listed twice"),
 ])
 def test_malformed_meta_is_named(tmp_path, changes, problem):
     meta_file = write_meta(tmp_path / "latents", **changes)
