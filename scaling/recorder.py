@@ -243,6 +243,10 @@ class Recorder(Callback):
         self.tracker.set_tags(self._run_id(t.trial_id), {"dit_scaling.error_after_last_milestone":
                                                          str(error)[:MAX_TAG_LENGTH], STATUS_TAG: "ok"})
 
+    def _diverged_at(self, trial_id):
+        """The step of the trial's diverged row, or None."""
+        return next((s for (i, s), r in self.rows.items() if i == trial_id and r["status"] == "diverged"), None)
+
     def interrupted(self, trial_ids):
         """The study was stopped: runs of trials that had started are KILLED (MLflow's status for an
         interrupted run); those of trials that never started stay SCHEDULED. A re-run reopens both. A trial stopped
@@ -254,7 +258,7 @@ class Recorder(Callback):
             t = self.trials[trial_id]
             if self._measured_every_milestone(t):
                 how, status = "ok", "FINISHED"
-            elif any(i == trial_id and r["status"] == "diverged" for (i, _), r in self.rows.items()):
+            elif self._diverged_at(trial_id) is not None:
                 how, status = "diverged", "FAILED"
             else:
                 how, status = "killed", "KILLED"
@@ -319,9 +323,9 @@ class Recorder(Callback):
         if status == "failed" and self._measured_every_milestone(t):
             self._failed_after_last_milestone(t, result.get("error"))
             return
-        diverged = [s for (i, s), r in self.rows.items() if i == t.trial_id and r["status"] == "diverged"]
-        if status == "failed" and diverged:  # its teardown failed after it diverged: the divergence is its result
-            print(f"warning: trial {t.trial_id} failed after it diverged at step {diverged[0]}; that result stands: "
+        diverged = self._diverged_at(t.trial_id)
+        if status == "failed" and diverged is not None:  # its teardown failed after it diverged: that is its result
+            print(f"warning: trial {t.trial_id} failed after it diverged at step {diverged}; that result stands: "
                   f"{result.get('error')}", file=sys.stderr)
             self.tracker.set_tags(self._run_id(t.trial_id), {"dit_scaling.error_after_divergence":
                                                              str(result.get("error"))[:MAX_TAG_LENGTH]})
