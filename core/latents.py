@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import resource
 import shutil
 import uuid
 import warnings
@@ -241,7 +242,7 @@ class LatentShards(Dataset):
         # Every shard held open from here, and read through its descriptor (/dev/fd/N, which forked DataLoader
         # workers inherit): an encode swapped into the folder meanwhile (scaling.encode_latents replaces it whole)
         # is not read in part, this encode's files staying readable until the dataset goes.
-        self._fds = [os.open(f, os.O_RDONLY) for f in self.files]
+        self._fds = _open_all(self.files)
         weakref.finalize(self, _close_all, self._fds)
         self.starts = np.cumsum([0] + [s["num_images"] for s in self.meta["shards"]]).tolist()
         num_bytes = self.meta["num_images"] * len(VIEWS) * int(np.prod(self.meta["latent_shape"])) * 4
@@ -286,9 +287,13 @@ class LatentShards(Dataset):
         raise CorruptLatents(f"latent shard {self.files[k]} is corrupt: image {i - self.starts[k]} holds values that "
                              f"are not finite (NaN or inf)")
 
+    def _source(self, k):
+        """Shard k as safe_open reads it: through its descriptor where held, else by name."""
+        return f"/dev/fd/{self._fds[k]}" if self._fds else self.files[k]
+
     def _read(self, k, key):
         try:
-            with safe_open(f"/dev/fd/{self._fds[k]}", framework="pt") as f:
+            with safe_open(self._source(k), framework="pt") as f:
                 return f.get_tensor(key)
         except (SafetensorError, OSError) as err:
             raise CorruptLatents(f"latent shard {self.files[k]} is corrupt: {err}") from None
@@ -311,12 +316,28 @@ class LatentShards(Dataset):
         # One handle per shard and process: safe_open maps the file, so reads come from the page cache.
         handle = self._handles.get((os.getpid(), k))
         if handle is None:
-            handle = self._handles[(os.getpid(), k)] = safe_open(f"/dev/fd/{self._fds[k]}", framework="pt")
+            handle = self._handles[(os.getpid(), k)] = safe_open(self._source(k), framework="pt")
         row = i - self.starts[k]
         latent = handle.get_slice("latents")[row:row + 1, view][0]  # (C, h, w)
         if not torch.isfinite(latent).all():  # checked as read: a folder too large for memory is not read up front
             self._not_finite(i)
         return latent, self.labels[i]
+
+
+def _open_all(files):
+    """A read-only descriptor per file, where this process may hold them all (its soft limit raised toward the hard
+    one as needed, as DataLoader users do: two a shard, with the memory maps, and room for the rest); else none, with
+    a warning, and the files are opened by name."""
+    need = 2 * len(files) + 1024
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        if hard != resource.RLIM_INFINITY and hard < need:
+            logger.warning("%d latent shards are more than this process may hold open (%d): they are opened by name, "
+                           "and an encode swapped into their folder during the run would be read from then on",
+                           len(files), hard)
+            return []
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+    return [os.open(f, os.O_RDONLY) for f in files]
 
 
 def _close_all(fds):

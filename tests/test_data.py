@@ -914,3 +914,16 @@ def test_a_running_trials_latents_stay_its_encode_when_the_folder_is_encoded_aga
     assert torch.equal(first[0], expected[0][0])
     for j in range(len(lazy)):
         assert torch.equal(lazy[j][0], expected[j][0]) and lazy[j][1] == expected[j][1], j
+
+
+def test_latents_with_more_shards_than_a_process_may_hold_open_are_read_by_name(tmp_path, encode_tiny_latents,
+                                                                                 monkeypatch, caplog):
+    import resource
+
+    folder = tmp_path / "latents"
+    encode_tiny_latents(folder, seed=0)
+    expected = LatentShards(folder, in_memory=True)
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (64, 64))
+    lazy = LatentShards(folder, in_memory=False)
+    assert "1 latent shards are more than this process may hold open (64): they are opened by name" in caplog.text
+    assert all(torch.equal(lazy[j][0], expected[j][0]) for j in range(len(lazy)))
