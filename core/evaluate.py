@@ -176,8 +176,7 @@ def generate_on_every_rank(model, cfg, labels, seeds, *, device, rank, world_siz
             raise
         images, problem = None, err
     if world_size > 1:
-        flag = torch.tensor([problem is not None], dtype=torch.int32,
-                            device=device if dist.get_backend() == "nccl" else torch.device("cpu"))
+        flag = torch.tensor([problem is not None], dtype=torch.int32, device=_comm_device(device))
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item():
             raise problem or NonFiniteSamples(f"the samples of another rank than {rank} are not finite (NaN or inf)")
@@ -192,7 +191,7 @@ def gather(images, counts, shape, rank, world_size, device, chunk=256):
     """
     if world_size == 1:
         return images
-    comm_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    comm_device = _comm_device(device)
     offsets = [sum(counts[:r]) for r in range(world_size)]
     out = torch.empty(sum(counts), *shape, dtype=torch.uint8) if rank == 0 else None
     for start in range(0, max(counts), chunk):
@@ -382,6 +381,11 @@ def _checked(cfg, dataset, rank, world_size, device):
     if failure is not None:
         raise failure
     return resolved
+
+
+def _comm_device(device):
+    """Where a collective's tensors go: the GPU under NCCL, which only moves CUDA tensors; else the CPU (gloo)."""
+    return device if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def _broadcast(obj, device):

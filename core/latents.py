@@ -248,12 +248,15 @@ class LatentShards(Dataset):
         num_bytes = self.meta["num_images"] * len(VIEWS) * int(np.prod(self.meta["latent_shape"])) * 4
         free = available_memory()  # unknown: read from the shards, as a folder too large would be
         self.in_memory = in_memory if in_memory is not None else free is not None and num_bytes <= free // 8
-        self.labels = torch.cat([self._read(k, "labels") for k in range(len(self.files))])  # (N,)
-        for k in range(len(self.files)):  # the shards hold images 0..N-1 in order, as an encode writes them
-            expected = torch.arange(self.starts[k], self.starts[k + 1])
-            if not torch.equal(self._read(k, "indices"), expected):
+        labels = []
+        for k in range(len(self.files)):  # one read of each shard's small tensors
+            shard_labels, indices = self._read(k, "labels", "indices")
+            labels.append(shard_labels)
+            # The shards hold images 0..N-1 in order, as an encode writes them.
+            if not torch.equal(indices, torch.arange(self.starts[k], self.starts[k + 1])):
                 raise CorruptLatents(f"latent shard {self.files[k]} is corrupt: its indices are not images "
                                      f"{self.starts[k]} to {self.starts[k + 1] - 1} in order, as {META} places it")
+        self.labels = torch.cat(labels)  # (N,)
         num_classes = len(self.meta["classes"])
         bad = ((self.labels < 0) | (self.labels >= num_classes)).nonzero().flatten()
         if len(bad):  # the model's label embedding would fail on it mid-training
@@ -274,7 +277,7 @@ class LatentShards(Dataset):
         # The shards' headers were checked against the meta (read_meta): float32, these shapes.
         latents = torch.empty((self.starts[-1], len(VIEWS), *self.meta["latent_shape"]), dtype=torch.float32)
         for k in range(len(self.files)):
-            part = self._read(k, "latents")  # (n_k, 2, C, h, w)
+            (part,) = self._read(k, "latents")  # (n_k, 2, C, h, w)
             finite = torch.isfinite(part).flatten(1).all(1)  # (n_k,)
             if not finite.all():  # trained on, it would read as a run that diverged
                 self._not_finite(self.starts[k] + int((~finite).nonzero()[0]))
@@ -291,10 +294,11 @@ class LatentShards(Dataset):
         """Shard k as safe_open reads it: through its descriptor where held, else by name."""
         return f"/dev/fd/{self._fds[k]}" if self._fds else self.files[k]
 
-    def _read(self, k, key):
+    def _read(self, k, *keys):
+        """The tensors named keys of shard k, in one opening of it."""
         try:
             with safe_open(self._source(k), framework="pt") as f:
-                return f.get_tensor(key)
+                return tuple(f.get_tensor(key) for key in keys)
         except (SafetensorError, OSError) as err:
             raise CorruptLatents(f"latent shard {self.files[k]} is corrupt: {err}") from None
 
