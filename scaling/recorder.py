@@ -176,8 +176,7 @@ class Recorder(Callback):
         if kind == KIND_LOG:
             self.curves[(t.trial_id, step)] = {
                 "study": self.study.name, "trial_id": t.trial_id, "model": t.model, "step": step,
-                "train_loss": result.get("train_loss"), "lr": result.get("lr"),
-                "images_per_s": result.get("images_per_s")}
+                **{k: result.get(k) for k in LOG_METRICS}}
             if step > self.mlflow_step.get(t.trial_id, -1):  # a restarted worker group repeats steps
                 self.tracker.log_metrics(run_id, {k: result.get(k) for k in LOG_METRICS}, step)
                 self.mlflow_step[t.trial_id] = step
@@ -349,7 +348,8 @@ class Recorder(Callback):
             "study": self.study.name, "trial_id": t.trial_id, "model": t.model, "size": t.size, "patch": t.patch,
             "params": t.params, "gflops": t.gflops, "batch_size": t.train["batch_size"], "step": step,
             "max_step": t.train["max_steps"], "train_compute": training_compute(t.gflops, t.train["batch_size"], step),
-            "train_loss": r.get("train_loss"), "val_loss": r.get("val_loss"), "fid": r.get("fid"),
+            "train_loss": r.get("train_loss"), "val_loss": r.get("val_loss"), "val_mse": r.get("val_mse"),
+            "val_loss_ema": r.get("val_loss_ema"), "fid": r.get("fid"),
             "fid_floor": r.get("fid_floor"), "kid": r.get("kid"), "precision": r.get("precision"),
             "recall": r.get("recall"), "inception_score": r.get("inception_score"),
             "fid_samples": r.get("fid_samples"), "feature_extractor": r.get("feature_extractor"),
@@ -358,7 +358,8 @@ class Recorder(Callback):
             # The scheduled lr the step reported; a row without a report of it (a failure) has the base lr.
             "lr": r["lr"] if r.get("lr") is not None else t.train["lr"],
             "dataset": t.data["dataset"], "wall_time_s": r.get("train_time_s"), "eval_time_s": r.get("eval_time_s"),
-            "images_per_s": r.get("images_per_s"), "startup_s": self.overhead.get(t.trial_id, {}).get("startup_s"),
+            "images_per_s": r.get("images_per_s"), "achieved_tflops": r.get("achieved_tflops"), "mfu": r.get("mfu"),
+            "sample_images_per_s": r.get("sample_images_per_s"), "startup_s": self.overhead.get(t.trial_id, {}).get("startup_s"),
             "teardown_s": None, "status": status, "error": error, "mlflow_run_id": run_id,
             "timestamp": datetime.now(timezone.utc), "config_json": _config_json(t),
         }

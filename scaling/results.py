@@ -37,6 +37,8 @@ RESULTS_SCHEMA = pa.schema([
     pa.field("train_compute", pa.float64()),  # training compute so far in Gflops: gflops * batch_size * step * 3
     pa.field("train_loss", pa.float64()),  # training loss (diffusion objective), averaged over the last log window
     pa.field("val_loss", pa.float64()),  # loss on fixed images at fixed timesteps and noise (digits: held out)
+    pa.field("val_mse", pa.float64()),  # the noise-prediction MSE term of val_loss alone
+    pa.field("val_loss_ema", pa.float64()),  # val_loss of the EMA weights, those the samples come from
     pa.field("fid", pa.float64()),  # FID of generated samples against real images
     pa.field("fid_floor", pa.float64()),  # FID of held-out real images vs the reference (up to fid_samples of them)
     pa.field("kid", pa.float64()),  # kernel inception distance
@@ -54,6 +56,9 @@ RESULTS_SCHEMA = pa.schema([
     pa.field("wall_time_s", pa.float64()),  # training wall time up to this step, evaluation excluded
     pa.field("eval_time_s", pa.float64()),  # wall time of this evaluation (sampling + FID; without FID, the grid's)
     pa.field("images_per_s", pa.float64()),  # training throughput, images per second over all workers
+    pa.field("achieved_tflops", pa.float64()),  # training model TFLOP/s over all workers (3 passes of 2 flops a MAC)
+    pa.field("mfu", pa.float64()),  # achieved_tflops / (train.peak_tflops × workers); null without peak_tflops
+    pa.field("sample_images_per_s", pa.float64()),  # this evaluation's sampling speed, images per second
     pa.field("startup_s", pa.float64()),  # orchestration: the trial got its slot -> its first training step, in the
                                           # driver's run that measured this row (null when it trained no step)
     pa.field("teardown_s", pa.float64()),  # orchestration: the trial's last report -> its slot free again (null until
@@ -74,6 +79,8 @@ LOSS_CURVES_SCHEMA = pa.schema([
     pa.field("train_loss", pa.float64()),  # training loss over the log window ending at step
     pa.field("lr", pa.float64()),  # learning rate at step
     pa.field("images_per_s", pa.float64()),  # training throughput over the log window
+    pa.field("achieved_tflops", pa.float64()),  # training model TFLOP/s over the log window
+    pa.field("mfu", pa.float64()),  # achieved_tflops / (train.peak_tflops × workers); null without peak_tflops
 ])
 
 # The columns the design document promises; a file without one of them is not a results table.

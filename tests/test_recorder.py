@@ -16,7 +16,7 @@ from scaling.progress import Progress
 from scaling.ray_trial import KIND_CHECKPOINT, KIND_END, KIND_LOG, KIND_MILESTONE, RESUMED_KEY
 from scaling.recorder import Recorder
 from scaling.replay_mlflow import replay
-from scaling.results import RESULTS_SCHEMA, load_results, recorded_trials, write_table
+from scaling.results import RESULTS_SCHEMA, load_curves, load_results, recorded_trials, write_table
 from scaling.study import load_study
 from scaling.tracking import StudyTracker
 
@@ -114,6 +114,18 @@ def test_held_logs_are_recorded_in_order_before_the_report_that_carries_them(stu
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "fid")] == [(10, 90.0)]
     assert load_results(study.output).step.tolist() == [10]
     assert HELD_LOGS_KEY not in load_results(study.output).columns
+
+
+def test_every_logged_metric_lands_in_its_own_loss_curve_column(study):
+    rec, t = recorder(study), study.trials[0]
+    rec.on_trial_start(0, [], tune_trial(t))
+    log = {"kind": KIND_LOG, "step": 5, "train_loss": 0.4, "lr": 1e-3, "images_per_s": 50.0,
+           "achieved_tflops": 0.0015, "mfu": 0.03, "first_step_at": 1.0}
+    rec.on_trial_result(0, [], tune_trial(t), log)
+    rec.on_trial_result(0, [], tune_trial(t), milestone(10))
+    [curve] = load_curves(study.output / "loss_curves.parquet").to_dict("records")
+    assert {k: curve[k] for k in ("step", "train_loss", "lr", "images_per_s", "achieved_tflops", "mfu")} == {
+        "step": 5, "train_loss": 0.4, "lr": 1e-3, "images_per_s": 50.0, "achieved_tflops": 0.0015, "mfu": 0.03}
 
 
 def test_busy_seconds_count_only_this_runs_work(study):
@@ -231,8 +243,9 @@ def test_replaying_twice_logs_nothing_the_second_time(study, val_loss):
     (out / "study.yaml").write_text(study.resolved_yaml())
     rows = [dict(study="tiny", trial_id=t.trial_id, model=t.model, patch=t.patch, params=t.params, gflops=t.gflops,
                  batch_size=32, step=step, max_step=20, train_compute=t.gflops * 32 * step * 3, train_loss=0.3,
-                 val_loss=val_loss, fid=100.0 - step, fid_samples=100, feature_extractor="digits",
-                 wall_time_s=1.0 * step, images_per_s=300.0, status="ok", mlflow_run_id=None,
+                 val_loss=val_loss, val_mse=0.125, fid=100.0 - step, fid_samples=100, feature_extractor="digits",
+                 wall_time_s=1.0 * step, images_per_s=300.0, sample_images_per_s=40.0, status="ok",
+                 mlflow_run_id=None,
                  config_json=json.dumps(t.to_dict()))
             for step in t.milestones]
     write_table(rows, out / "results.parquet", RESULTS_SCHEMA)
@@ -243,6 +256,10 @@ def test_replaying_twice_logs_nothing_the_second_time(study, val_loss):
     child = client.search_runs([client.get_experiment_by_name("tiny").experiment_id],
                                f"tags.`dit_scaling.trial_id` = '{t.trial_id}'")[0]
     assert [m.step for m in client.get_metric_history(child.info.run_id, "fid")] == [10, 20]
+    # The evaluation's measurements beyond FID, from their own columns.
+    for key, value in (("val_mse", 0.125), ("sample_images_per_s", 40.0)):
+        assert [(m.step, m.value) for m in client.get_metric_history(child.info.run_id, key)] == [(10, value),
+                                                                                                   (20, value)]
 
 
 def test_a_replay_fills_the_gaps_of_a_run_not_only_what_follows_its_last_step(study):
@@ -342,13 +359,14 @@ def test_every_reported_metric_lands_in_its_own_column(study):
               "val_loss_ema": 0.23, "fid": 41.5, "fid_floor": 3.25, "kid": 0.0125, "precision": 0.61,
               "recall": 0.47, "inception_score": 7.75, "fid_samples": 100, "feature_extractor": "digits-cnn",
               "lr": 2.5e-4, "train_time_s": 12.5, "eval_time_s": 4.5, "images_per_s": 345.0,
-              "sample_images_per_s": 55.0, "achieved_tflops": 0.002}
+              "sample_images_per_s": 55.0, "achieved_tflops": 0.002, "mfu": 0.0625}
     rec.on_trial_result(0, [], tune_trial(t), report)
     row = load_results(study.output).iloc[0].to_dict()
-    expected = {"train_loss": 0.31, "val_loss": 0.27, "fid": 41.5, "fid_floor": 3.25, "kid": 0.0125,
-                "precision": 0.61, "recall": 0.47, "inception_score": 7.75, "fid_samples": 100,
-                "feature_extractor": "digits-cnn", "lr": 2.5e-4, "wall_time_s": 12.5, "eval_time_s": 4.5,
-                "images_per_s": 345.0}
+    expected = {"train_loss": 0.31, "val_loss": 0.27, "val_mse": 0.19, "val_loss_ema": 0.23, "fid": 41.5,
+                "fid_floor": 3.25, "kid": 0.0125, "precision": 0.61, "recall": 0.47, "inception_score": 7.75,
+                "fid_samples": 100, "feature_extractor": "digits-cnn", "lr": 2.5e-4, "wall_time_s": 12.5,
+                "eval_time_s": 4.5, "images_per_s": 345.0, "sample_images_per_s": 55.0, "achieved_tflops": 0.002,
+                "mfu": 0.0625}
     assert {k: row[k] for k in expected} == expected
     # The trial's own fields, and the training compute so far: Gflops × batch × step × 3.
     assert (row["study"], row["trial_id"], row["model"], row["size"], row["patch"]) == (

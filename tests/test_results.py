@@ -2,10 +2,12 @@
 import itertools
 import math
 import os
+import re
 import subprocess
 import sys
 import threading
 from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,8 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from scaling.results import (LOSS_CURVES_SCHEMA, REQUIRED_COLUMNS, RESULTS_SCHEMA, load_results, paper_results,
-                             to_table, write_table)
+from scaling.results import (LOSS_CURVES_SCHEMA, REQUIRED_COLUMNS, RESULTS_SCHEMA, load_curves, load_results,
+                             paper_results, to_table, write_table)
 
 PAPER_GFLOPS = {"S/8": 0.36, "S/4": 1.41, "S/2": 6.06, "B/8": 1.42, "B/4": 5.56, "B/2": 23.01, "L/8": 5.01,
                 "L/4": 19.70, "L/2": 80.71, "XL/8": 7.39, "XL/4": 29.05, "XL/2": 118.64}
@@ -40,7 +42,25 @@ def test_schema_types_and_required_columns():
     assert types["train_compute"] == pa.float64() and types["fid_samples"] == pa.int32()
     assert types["timestamp"] == pa.timestamp("us", tz="UTC")
     assert set(REQUIRED_COLUMNS) <= set(RESULTS_SCHEMA.names)
-    assert LOSS_CURVES_SCHEMA.names == ["study", "trial_id", "model", "step", "train_loss", "lr", "images_per_s"]
+    assert LOSS_CURVES_SCHEMA.names == ["study", "trial_id", "model", "step", "train_loss", "lr", "images_per_s",
+                                        "achieved_tflops", "mfu"]
+
+
+def test_the_readme_documents_every_results_column_in_order():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    documented = re.findall(r"^\| `(\w+)` \| (\w+) \|", readme.split("The columns of `results.parquet`")[1], re.M)
+    types = {pa.string(): "string", pa.int32(): "int32", pa.int64(): "int64", pa.float64(): "float64",
+             pa.timestamp("us", tz="UTC"): "timestamp"}
+    assert documented == [(f.name, types[f.type]) for f in RESULTS_SCHEMA]
+
+
+def test_loss_curves_written_before_the_throughput_columns_load_with_them_empty(tmp_path):
+    path = tmp_path / "loss_curves.parquet"
+    old = pa.schema([f for f in LOSS_CURVES_SCHEMA if f.name not in ("achieved_tflops", "mfu")])
+    write_table([{"study": "s", "trial_id": "a", "model": "DiT-P/2", "step": 5, "train_loss": 0.4, "lr": 1e-3,
+                  "images_per_s": 50.0}], path, old)
+    [curve] = load_curves(path).to_dict("records")
+    assert curve["images_per_s"] == 50.0 and math.isnan(curve["achieved_tflops"]) and math.isnan(curve["mfu"])
 
 
 def test_round_trip_of_rows_with_missing_values(tmp_path):
