@@ -114,10 +114,20 @@ class Recorder(Callback):
         for trial_id in trial_ids:
             self._run_id(trial_id, status="SCHEDULED")
 
-    def catch_up_runs(self, finished):
+    def catch_up_runs(self, finished, new_store=False):
         """The runs a killed driver left open: what Parquet holds and they lack is logged to them (a milestone's row
         is written before its metrics go to MLflow, and the trial does not measure it again), and those of finished
-        trials are ended as the driver ends them: FINISHED, or FAILED for a diverged trial."""
+        trials are ended as the driver ends them: FINISHED, or FAILED for a diverged trial.
+
+        new_store: the study logged to another MLflow store before; its finished trials get their runs here too.
+        """
+        if new_store:
+            for trial_id in finished:
+                self._run_id(trial_id)  # found or made, open: caught up and ended below
+            # The rows name the study's runs in the store it logs to now (those of trials it no longer defines stay).
+            for row in self.rows.values():
+                row["mlflow_run_id"] = self.run_ids.get(row["trial_id"], row["mlflow_run_id"])
+            self.write()
         open_runs = self.tracker.open_child_runs()
         rows = [r for r in self.rows.values() if r["trial_id"] in open_runs]
         if rows:

@@ -23,7 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from scaling.continuation import continue_recorded_runs
 from scaling.mlflow_backfill import log_missing
 from scaling.results import CURVES_FILE, load_curves, load_results, results_path
-from scaling.run import sqlite_open_problem, sqlite_store
+from scaling.run import moved_store, sqlite_open_problem
 from scaling.study import StudyError, load_study
 from scaling.tracking import STATUS_TAG, StudyTracker, default_tracking_uri, unsupported_store
 
@@ -128,17 +128,6 @@ def tracking_uri(study, output, uri=None):
     if problem:
         raise ReplayError(f"{where}: MLflow cannot use the store {uri} ({problem})")
     return uri, where
-
-
-def moved_store(uri, ran_in, output):
-    """The file in output of a SQLite store the study kept in the folder it ran in (ran_in), when output is that
-    folder moved or copied elsewhere; else None. The driver's study.yaml names the store by the folder it ran in,
-    whose store a replay of a copy would otherwise fill (and a replay of a moved folder make anew)."""
-    store = sqlite_store(uri)
-    ran_in = Path(ran_in).resolve()
-    if store is None or ran_in == output or not store.resolve().is_relative_to(ran_in):
-        return None
-    return output / store.resolve().relative_to(ran_in)
 
 
 def _store_error(e, uri, where):

@@ -251,6 +251,41 @@ def sqlite_store(uri):
     return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
 
 
+def moved_store(uri, ran_in, output):
+    """The file in output of a SQLite store the study kept in the folder it ran in (ran_in), when output is that
+    folder moved or copied elsewhere; else None. The driver's study.yaml names the store by the folder it ran in,
+    whose store a replay of a copy would otherwise fill (and a replay of a moved folder make anew)."""
+    store = sqlite_store(uri)
+    ran_in = Path(ran_in).resolve()
+    if store is None or ran_in == output or not store.resolve().is_relative_to(ran_in):
+        return None
+    return output / store.resolve().relative_to(ran_in)
+
+
+def earlier_store(output):
+    """The MLflow store the study's previous run in output logged to, as its study.yaml names it (the same file in
+    output where it was a SQLite store in the folder, which has moved since); None where there is no such file."""
+    import yaml
+
+    try:
+        earlier = yaml.safe_load((output / "study.yaml").read_text())
+        uri, ran_in = earlier["tracking"]["mlflow_uri"], earlier["output"]
+    except (OSError, ValueError, yaml.YAMLError, TypeError, KeyError):  # none, or not one this project wrote
+        return None
+    if not (isinstance(uri, str) and isinstance(ran_in, str)):
+        return None
+    moved = moved_store(uri, ran_in, output.resolve())
+    return f"sqlite:///{moved}" if moved is not None else uri
+
+
+def same_store(a, b):
+    """Whether two MLflow tracking URIs name one store (SQLite files compared by their resolved paths)."""
+    file_a, file_b = sqlite_store(a), sqlite_store(b)
+    if file_a is not None and file_b is not None:
+        return file_a.resolve() == file_b.resolve()
+    return a.rstrip("/") == b.rstrip("/")
+
+
 def sqlite_open_problem(uri):
     """Why SQLite cannot open or create the store of a `sqlite:///` URI (MLflow would retry it for minutes), or None;
     a store made by the check is removed again."""
@@ -375,13 +410,20 @@ def check_reachable(address, named="--address"):
         raise StudyError(f"{named} {address}: cannot reach a Ray cluster there ({e})") from e
 
 
+def tracking_named_by(study):
+    """What named the study's MLflow store: its file's (or --set's) tracking.mlflow_uri, MLFLOW_TRACKING_URI, or
+    neither (the output's own SQLite store)."""
+    if study.given("tracking.mlflow_uri"):
+        return f"{study.locate('tracking.mlflow_uri')}: tracking.mlflow_uri"
+    return "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "the output's own store"
+
+
 def check_tracking_server(study):
     """An MLflow server named by the study or MLFLOW_TRACKING_URI must answer before launch: the
     study's runs are created up front, and a server that goes away later only delays logging. The
     study's experiment must not be a deleted one (MLflow refuses runs in it)."""
     uri = study.raw["tracking"]["mlflow_uri"]  # the study's, else MLFLOW_TRACKING_URI's, else SQLite
-    given = study.given("tracking.mlflow_uri")
-    where = f"{study.locate('tracking.mlflow_uri')}: tracking.mlflow_uri" if given else "MLFLOW_TRACKING_URI"
+    where = tracking_named_by(study)
     from scaling.tracking import DATABASE_SCHEMES, store_scheme, unreachable_database, unsupported_store
 
     problem = unsupported_store(uri)
@@ -566,8 +608,10 @@ def _run_trials(study, build_report, report_dir, began, capacity):
     from scaling.tune_relay import RelayMailboxes
 
     out = study.output
-    _write_atomic(out / "study.yaml", study.resolved_yaml())
     uri = study.raw["tracking"]["mlflow_uri"] or default_tracking_uri(out)
+    earlier = earlier_store(out)
+    new_store = earlier is not None and not same_store(earlier, uri)
+    _write_atomic(out / "study.yaml", study.resolved_yaml())
     tracker = StudyTracker(uri, study.raw["tracking"]["experiment"] or study.name, study.name, out)
     tracker.log_text(tracker.parent_run_id, study.resolved_yaml(), "study.yaml")
 
@@ -584,7 +628,12 @@ def _run_trials(study, build_report, report_dir, began, capacity):
     print(f"MLflow: {uri}" + (f"   ({mlflow_ui_command(uri)})" if sqlite_store(uri) else ""))
     recorder = Recorder(study, tracker, progress)
     recorder.open_runs(t.trial_id for t in todo)  # now, while MLflow answers (checked before launch)
-    recorder.catch_up_runs(done)  # the runs a killed driver left open
+    if new_store:
+        # The finished trials would be missing from it for good (a re-run skips them), and the report would not say.
+        print(f"warning: {out} was tracked in MLflow at {earlier} when it last ran; this run logs to {uri} "
+              f"(named by {tracking_named_by(study)}). The finished trials' measurements are logged there from Parquet; the runs at "
+              f"{earlier} stay as they are.", file=sys.stderr)
+    recorder.catch_up_runs(done, new_store)  # the runs a killed driver left open; in a new store, finished trials
     try:
         if todo:
             res = study.raw["resources"]

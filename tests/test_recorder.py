@@ -213,6 +213,27 @@ def test_a_failure_between_milestones_is_a_failed_row_after_the_last_measurement
     assert rec.failed_count() == 1 and run.info.status == "FAILED" and run.data.tags["dit_scaling.status"] == "failed"
 
 
+def test_a_study_that_logs_to_another_store_now_brings_its_finished_trials_there(study, empty_store):
+    rec, t = recorder(study), study.trials[0]
+    rec.on_trial_start(0, [], tune_trial(t))
+    rec.on_trial_result(0, [], tune_trial(t), {"kind": KIND_LOG, "step": 5, "train_loss": 0.5, "lr": 1e-3})
+    for step in t.milestones:
+        rec.on_trial_result(0, [], tune_trial(t), milestone(step))
+    rec.on_trial_complete(0, [], tune_trial(t))
+    first = trial_run(rec, t).info.run_id
+    # The study run again, logging to another store (MLFLOW_TRACKING_URI set this time): the trial is skipped.
+    other = study.output.parent / "other.db"
+    shutil.copyfile(empty_store, other)
+    moved = Recorder(study, StudyTracker(f"sqlite:///{other}", "tiny", "tiny", study.output),
+                     Progress(study.trials, stream=io.StringIO()))
+    moved.catch_up_runs({t.trial_id}, new_store=True)
+    run = trial_run(moved, t)
+    assert run.info.status == "FINISHED" and run.data.tags["dit_scaling.status"] == "ok"
+    assert steps_of(moved, t, "fid") == [10, 20] and steps_of(moved, t, "train_loss") == [5]
+    assert set(load_results(study.output).mlflow_run_id) == {run.info.run_id} != {first}
+    assert trial_run(rec, t).info.run_id == first  # the first store's run is left as it was
+
+
 def test_a_retry_that_succeeds_is_ok_everywhere_and_only_its_ok_rows_get_a_teardown(study):
     rec, t = recorder(study), study.trials[0]
     rec.on_trial_start(0, [], tune_trial(t))

@@ -186,6 +186,41 @@ def test_end_to_end_and_rerun_skips_finished(tmp_path):
     restored = [c for c in children if c.data.tags["dit_scaling.trial_id"] == lost.trial_id.iloc[0]][0]
     assert restored.data.metrics["teardown_s"] == pytest.approx(back.teardown_s)  # the re-run's, not the first run's
 
+    # The study run again logging to another store (a tracking server now): its finished trials are skipped, and
+    # were missing from that store for good. They are brought there from Parquet, and their rows name those runs.
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    moved = run([study, "--no-report", "--set", f"tracking.mlflow_uri={other}"])
+    assert moved.returncode == 0, moved.stdout[-3000:] + moved.stderr[-3000:]
+    assert f"was tracked in MLflow at sqlite:///{out / 'mlflow.db'} when it last ran; this run logs to {other}" \
+        in " ".join(moved.stderr.split())
+    client = MlflowClient(other)
+    children = [r for r in client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+                if "mlflow.parentRunId" in r.data.tags]
+    assert sorted(c.info.status for c in children) == ["FAILED", "FAILED", "FINISHED", "FINISHED"]
+    ours = load_results(out).query("trial_id != 'DiT-P-2-0123456789'")
+    assert set(ours.mlflow_run_id) == {c.info.run_id for c in children}
+    for child in children:
+        if child.info.status == "FINISHED":
+            assert [m.step for m in client.get_metric_history(child.info.run_id, "fid")] == [10, 20]
+    assert "was tracked in MLflow" not in run([study, "--no-report", "--set", f"tracking.mlflow_uri={other}"]).stderr
+
+
+def test_the_store_a_study_logged_to_last_moves_with_its_output(tmp_path):
+    from scaling.run import earlier_store, same_store
+
+    ran_in, now = tmp_path / "ran", tmp_path / "moved"
+    now.mkdir()
+    assert earlier_store(now) is None  # never ran here
+    (now / "study.yaml").write_text(f"output: {ran_in}\ntracking: {{mlflow_uri: 'sqlite:///{ran_in}/mlflow.db'}}\n")
+    assert earlier_store(now) == f"sqlite:///{now / 'mlflow.db'}"  # the folder moved, its store with it
+    (now / "study.yaml").write_text(f"output: {ran_in}\ntracking: {{mlflow_uri: 'http://mlflow:5000'}}\n")
+    assert earlier_store(now) == "http://mlflow:5000"
+    (now / "study.yaml").write_text("output: [\n")  # not YAML: nothing to compare with
+    assert earlier_store(now) is None
+    assert same_store(f"sqlite:///{now}/../moved/mlflow.db", f"sqlite:///{now / 'mlflow.db'}")
+    assert same_store("http://mlflow:5000/", "http://mlflow:5000")
+    assert not same_store("http://mlflow:5000", f"sqlite:///{now / 'mlflow.db'}")
+
 
 def test_stopped_or_killed_driver_resumes_without_duplicates(tmp_path):
     # One trial at a time, five milestones each: the driver is stopped by Ctrl-C, then killed a little
