@@ -7,6 +7,24 @@ EVAL_METRICS = ("val_loss", "val_mse", "val_loss_ema", "fid", "fid_floor", "kid"
                 "inception_score", "eval_time_s", "sample_images_per_s")
 
 
+def run_end(milestones, statuses):
+    """How a trial's MLflow run ends, from its rows' statuses ({step: "ok", "diverged" or "failed"}): FINISHED "ok"
+    with every milestone ok (a failure after the last changes no result), FAILED "diverged" once it diverged (a
+    result: a re-run skips it), FAILED "failed" after a failure; None while it is unfinished. (MLflow status, tag)."""
+    if all(statuses.get(s) == "ok" for s in milestones):
+        return "FINISHED", "ok"
+    for how in ("diverged", "failed"):
+        if how in statuses.values():
+            return "FAILED", how
+    return None
+
+
+def rows_end(rows):
+    """run_end of a trial's results.parquet rows (a DataFrame of one trial), its milestones from their configuration."""
+    milestones = json.loads(rows.config_json.iloc[0])["milestones"]
+    return run_end(milestones, dict(zip(rows.step, rows.status)))
+
+
 def log_missing(tracker, results, curves):
     """Log each trial's loss curve and milestone rows at the steps its run lacks (gaps too: calls an interrupted
     driver still had queued, or MLflow refused); returns the points logged."""

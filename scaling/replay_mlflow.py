@@ -21,7 +21,7 @@ from mlflow.exceptions import MlflowException
 from sqlalchemy.exc import SQLAlchemyError
 
 from scaling.continuation import continue_recorded_runs
-from scaling.mlflow_backfill import log_missing
+from scaling.mlflow_backfill import log_missing, rows_end
 from scaling.results import CURVES_FILE, load_curves, load_results, results_path
 from scaling.run import moved_store, sqlite_open_problem
 from scaling.study import StudyError, load_study
@@ -149,19 +149,11 @@ def close_finished_runs(tracker, study, results):
     """Runs still open (RUNNING, SCHEDULED) whose trials are finished get the driver's end status:
     FINISHED for a trial with every milestone ok, else FAILED for a failed or diverged one; the
     study's run once all its trials are."""
-    ended, failed = {}, set()  # trial id -> "FINISHED" or "FAILED", for finished trials; the failed ones
-    for trial_id, rows in results.groupby("trial_id"):
-        milestones = set(json.loads(rows.config_json.iloc[0])["milestones"])
-        if milestones <= set(rows[rows.status == "ok"].step):
-            # As the driver: a failure after the last milestone (a row older drivers wrote) changes no result.
-            ended[trial_id] = "FINISHED"
-        elif rows.status.isin(["failed", "diverged"]).any():
-            ended[trial_id] = "FAILED"
-            if (rows.status == "failed").any():
-                failed.add(trial_id)
-    for trial_id, status in ended.items():
+    ended = {trial_id: rows_end(rows) for trial_id, rows in results.groupby("trial_id")}
+    ended = {trial_id: end for trial_id, end in ended.items() if end is not None}
+    failed = {trial_id for trial_id, (_, how) in ended.items() if how == "failed"}
+    for trial_id, (status, how) in ended.items():
         # The tag as the driver sets it at a trial's end (a queued one lost with the server): how the trial ended.
-        how = "ok" if status == "FINISHED" else "failed" if trial_id in failed else "diverged"
         _close(tracker, tracker.child_run(trial_id, {}), status, {STATUS_TAG: how})
     if {t.trial_id for t in study.trials} <= set(ended):
         # As the driver does: a diverged trial is a result, only a failed one fails the study.

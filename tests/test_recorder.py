@@ -234,6 +234,26 @@ def test_a_study_that_logs_to_another_store_now_brings_its_finished_trials_there
     assert trial_run(rec, t).info.run_id == first  # the first store's run is left as it was
 
 
+@pytest.mark.parametrize("measured, end", [((10,), ("KILLED", "killed")), ((10, 20), ("FINISHED", "ok"))])
+def test_an_open_run_of_a_trial_the_edited_study_no_longer_defines_is_ended(study, tmp_path, measured, end):
+    rec, t = recorder(study), study.trials[0]
+    rec.on_trial_start(0, [], tune_trial(t))
+    for step in measured:
+        rec.on_trial_result(0, [], tune_trial(t), milestone(step))
+    # The driver is killed, leaving the run open, and the study file is edited (another lr: another trial).
+    assert trial_run(rec, t).info.status == "RUNNING"
+    edited_path = tmp_path / "edited.yaml"
+    edited_path.write_text(STUDY.format(out=study.output).replace("lr: 1.0e-3", "lr: 2.0e-3"))
+    edited = load_study(edited_path, check_data=False)
+    assert t.trial_id not in {e.trial_id for e in edited.trials}
+    again = recorder(edited)
+    again.open_runs(e.trial_id for e in edited.trials)
+    again.catch_up_runs(set())
+    run = trial_run(rec, t)
+    assert (run.info.status, run.data.tags["dit_scaling.status"]) == end  # no run of this study would end it
+    assert steps_of(rec, t, "fid") == list(measured)
+
+
 def test_a_retry_that_succeeds_is_ok_everywhere_and_only_its_ok_rows_get_a_teardown(study):
     rec, t = recorder(study), study.trials[0]
     rec.on_trial_start(0, [], tune_trial(t))
