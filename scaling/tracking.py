@@ -99,14 +99,17 @@ class StudyTracker:
             run_id = runs[0].info.run_id
             if self.reopen:
                 self.client.update_run(run_id, status=status)
+            missing = {k: v for k, v in flatten(params).items() if k not in runs[0].data.params}
         else:
             run_id = self.client.create_run(self.experiment_id, run_name=trial_id,
                                             tags={TRIAL_TAG: trial_id, PARENT_TAG: self.parent_run_id}).info.run_id
-            flat = [Param(k, _param_value(v)) for k, v in flatten(params).items()]
-            for i in range(0, len(flat), 100):  # MLflow takes at most 100 params per batch
-                self.client.log_batch(run_id, params=flat[i:i + 100])
+            missing = flatten(params)
             if status != "RUNNING":  # create_run starts a run RUNNING
                 self.client.update_run(run_id, status=status)
+        # Those of a found run too: a driver stopped (or MLflow failing) between create_run and log_batch left none.
+        flat = [Param(k, _param_value(v)) for k, v in missing.items()]
+        for i in range(0, len(flat), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(run_id, params=flat[i:i + 100])
         self.children[trial_id] = run_id
         return run_id
 

@@ -106,6 +106,24 @@ def test_open_child_runs_are_those_running_or_scheduled(tmp_path, uri):
     assert elsewhere not in tracker.open_child_runs().values()
 
 
+def test_a_trial_run_found_without_its_params_gets_them(tmp_path, uri, monkeypatch):
+    tracker = StudyTracker(uri, "exp", "study", tmp_path / "out")
+    params = {"train": {"lr": 1e-3, "batch_size": 32}, "model": "DiT-P/2"}
+    # The driver stopped (or MLflow failed) between the run's creation and its params.
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tracker.client, "log_batch", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        tracker.child_run("a", params)
+    monkeypatch.undo()
+    again = StudyTracker(uri, "exp", "study", tmp_path / "out")  # the study run again
+    run_id = again.child_run("a", params)
+    assert MlflowClient(uri).get_run(run_id).data.params == {"train.lr": "0.001", "train.batch_size": "32",
+                                                             "model": "DiT-P/2"}
+    assert StudyTracker(uri, "exp", "study", tmp_path / "out").child_run("a", params) == run_id  # and once only
+
+
 def test_a_file_store_is_refused_unless_mlflow_is_let_use_one(monkeypatch):
     problem = tracking.unsupported_store("file:///tmp/mlruns")
     assert problem.startswith("MLflow no longer logs to a file store (file:///tmp/mlruns) unless "
