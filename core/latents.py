@@ -228,7 +228,7 @@ class LatentShards(Dataset):
     order) shows every image once each way: the reference's random horizontal flip, drawn without
     replacement, and a pure function of the sampler's position (exact resume, any world size).
     The held-out split has N items, the images themselves. When the latents fit in memory
-    (in_memory=None: at most 1/8 of the free memory, leaving room for the other ranks of the node)
+    (in_memory=None: the copies of all the node's ranks, LOCAL_WORLD_SIZE, at most 1/8 of the free memory)
     they are loaded as one tensor and `.tensors` is (X (items, C, h, w), Y (items,)), a view of it;
     otherwise items are read from the memory-mapped shards, shared by a node's ranks through the
     page cache.
@@ -247,7 +247,11 @@ class LatentShards(Dataset):
         self.starts = np.cumsum([0] + [s["num_images"] for s in self.meta["shards"]]).tolist()
         num_bytes = self.meta["num_images"] * len(VIEWS) * int(np.prod(self.meta["latent_shape"])) * 4
         free = available_memory()  # unknown: read from the shards, as a folder too large would be
-        self.in_memory = in_memory if in_memory is not None else free is not None and num_bytes <= free // 8
+        # The node's ranks decide at once, each seeing the same free memory: together they keep to the eighth.
+        # LOCAL_WORLD_SIZE: torch's name for them, which torchrun and Ray Train set.
+        node_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        self.in_memory = (in_memory if in_memory is not None
+                          else free is not None and num_bytes * node_ranks <= free // 8)
         labels = []
         for k in range(len(self.files)):  # one read of each shard's small tensors
             shard_labels, indices = self._read(k, "labels", "indices")

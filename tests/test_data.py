@@ -854,6 +854,24 @@ def test_latents_held_in_memory_take_their_own_size_not_three_times_it(encoded, 
         assert torch.equal(held[j][0], lazy[j][0])
 
 
+def test_the_ranks_of_a_node_hold_latents_in_memory_only_where_all_their_copies_fit(encoded, monkeypatch):
+    # Each rank decides alone, and all of a node's at once: eight ranks that each took an eighth of the free memory
+    # took all of it together.
+    from core import latents
+
+    folder = encoded[0] / "latents"
+    meta = latents.read_meta(folder)
+    size = meta["num_images"] * 2 * int(np.prod(meta["latent_shape"])) * 4  # (N, 2 views, C, h, w) float32
+    monkeypatch.setattr(latents, "available_memory", lambda: 8 * 4 * size)  # room for four copies
+    held = {}
+    for ranks in ("1", "4", "5", "8"):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", ranks)
+        held[ranks] = LatentShards(folder).in_memory
+    assert held == {"1": True, "4": True, "5": False, "8": False}
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")  # one process on its own
+    assert LatentShards(folder).in_memory
+
+
 def test_the_memory_left_counts_a_control_groups_limit(tmp_path):
     # A container's (a Kubernetes pod's) limit: the machine's free memory said the latents fit when the pod had
     # far less left, and every rank of the trial was killed at its start.
