@@ -396,6 +396,9 @@ def check_reachable(address, named="--address"):
                          "Ray of the study's own")
     if address is None or address in ("auto", "local"):
         return
+    if address.lower().startswith(("http://", "https://")):
+        raise StudyError(f"{named} {address}: an HTTP address (the dashboard's, which `ray job submit` takes); give the "
+                         "head node's HOST:PORT (its GCS, 6379 unless its `ray start --head --port` says otherwise)")
     hostport = address.split("://", 1)[-1]
     host, _, port = hostport.rpartition(":")
     if not host or not port.isdigit():  # as ray.init, which takes no default port
@@ -404,10 +407,31 @@ def check_reachable(address, named="--address"):
     if not 0 < int(port) < 65536:
         raise StudyError(f"{named} {address}: port {port} is out of range (1-65535)")
     try:
-        with socket.create_connection((host, int(port)), timeout=5):
-            pass
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            other = answers_but_not_grpc(sock)
     except (OSError, ValueError) as e:
         raise StudyError(f"{named} {address}: cannot reach a Ray cluster there ({e})") from e
+    if other:  # ray.init would wait for it for minutes
+        raise StudyError(f"{named} {address}: a server answers there that is not a Ray cluster's GCS (the dashboard's "
+                         "port, 8265?); give the head node's HOST:PORT of `ray start --head --port` (6379 by default)")
+
+
+def answers_but_not_grpc(sock):
+    """Whether the server on sock answers the start of an HTTP/2 connection with anything but HTTP/2's settings, as
+    Ray's GCS (gRPC) answers it: an HTTP/1 server (the dashboard) says "HTTP/1.0 400". One that says nothing within
+    the socket's timeout, or closes (TLS, say), is not judged."""
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # and an empty SETTINGS frame
+    reply = b""
+    try:
+        sock.sendall(preface)
+        while len(reply) < 4:  # a frame's length (3 bytes), then its type
+            more = sock.recv(4 - len(reply))
+            if not more:
+                break
+            reply += more
+    except OSError:
+        return False
+    return len(reply) == 4 and reply[3] != 4  # 4: SETTINGS
 
 
 def tracking_named_by(study):

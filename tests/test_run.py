@@ -464,6 +464,27 @@ def test_unreachable_address_exits_2(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("scheme", ["", "http://"])
+def test_an_address_where_an_http_server_answers_exits_2_at_once(tmp_path, scheme):
+    # The dashboard's port (8265), which `ray job submit` takes: ray.init waited minutes on it, or (http://) raised
+    # a ValueError, exit 1 with a traceback.
+    import http.server
+    import threading
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    study, out = write_study(tmp_path)
+    address = f"{scheme}127.0.0.1:{server.server_address[1]}"
+    try:
+        proc = run([study, "--address", address], timeout=60)
+    finally:
+        server.shutdown()
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    expected = "an HTTP address" if scheme else "a server answers there that is not a Ray cluster's GCS"
+    assert proc.stderr.splitlines()[-1].startswith(f"error: --address {address}: {expected}"), proc.stderr[-3000:]
+    assert not out.exists()
+
+
 def test_address_auto_with_no_cluster_running_exits_2(tmp_path):
     # ray.init's ConnectionError went up as a traceback, exit 1 (the code for failed trials).
     study, out = write_study(tmp_path)
