@@ -104,6 +104,9 @@ class RayReporting:
         fid = ev.get("fid", True)
         if not fid and not ev.get("grid_images_per_class"):
             return {}
+        # The samples are decoded by the VAE and scale that data.path's meta.json names now: another encode's, where
+        # the folder was encoded again in place since the study started (the training reads the shards it opened).
+        check_data_encode_on_every_rank(self.trial, state)
         from core.evaluate import draw_grid, evaluate
 
         grid = self.samples_dir / f"step-{state.step:09d}.png"
@@ -187,6 +190,17 @@ def check_data_encode(trial):
     now = encode_id(read_meta(trial["data"]["path"]))
     if now != trial["data_encode"]:
         raise DataEncodeChanged(trial, now)
+
+
+def check_data_encode_on_every_rank(trial, state):
+    """check_data_encode where every rank goes on to collectives: rank 0's verdict raises on all of them."""
+    try:
+        check_data_encode(trial)
+        changed = None
+    except DataEncodeChanged as e:
+        changed = e
+    if _on_every_rank(changed is not None, state):
+        raise changed or DataEncodeChanged(trial, "another (read by rank 0)")
 
 
 def _on_every_rank(due, state):

@@ -5,12 +5,13 @@ import os
 import shutil
 import textwrap
 from datetime import datetime, timezone
+from types import SimpleNamespace
 
 import pytest
 
 from scaling import run as scaling_run
 from scaling.continuation import continue_recorded_runs
-from scaling.ray_trial import DataEncodeChanged, check_data_encode
+from scaling.ray_trial import DataEncodeChanged, RayReporting, check_data_encode
 from scaling.results import RESULTS_FILE, RESULTS_SCHEMA, load_results, measured_on_other_data, write_table
 from scaling.study import load_study, training_lineage
 from scaling.trial_storage import ray_storage, train_run_name
@@ -246,6 +247,13 @@ def test_results_of_another_encode_of_the_latents_are_not_taken_for_this_ones(tm
     with pytest.raises(DataEncodeChanged, match=rf"^{latents} was encoded again since the study started \(encode "
                                                  rf"{short.trials[0].data_encode}, now {trial.data_encode}\): trial "):
         check_data_encode(short.trials[0].to_dict())
+    # And a trial that trained on, reading the shards it opened: its milestone samples nothing to decode with the
+    # new encode's VAE and scale.
+    stale = short.trials[0].to_dict()
+    stale["eval"].update(fid=True, grid_images_per_class=1)
+    state = SimpleNamespace(step=10, rank=0, world_size=1, device="cpu", ema=None)
+    with pytest.raises(DataEncodeChanged, match=rf"^{latents} was encoded again since the study started"):
+        RayReporting(stale, {"output": str(tmp_path / "out")}).on_milestone(state, {"step": 10})
     longer = study_at(tmp_path, (10, 20, 40), patches=(2,), latents=latents)
     assert continue_recorded_runs(longer) == [
         f"DiT-P/2: trains from step 0 as {longer.trials[0].trial_id}: recorded trial {trial.trial_id} of the same "
