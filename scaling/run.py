@@ -262,9 +262,10 @@ def moved_store(uri, ran_in, output):
     return output / store.resolve().relative_to(ran_in)
 
 
-def earlier_store(output):
-    """The MLflow store the study's previous run in output logged to, as its study.yaml names it (the same file in
-    output where it was a SQLite store in the folder, which has moved since); None where there is no such file."""
+def earlier_run(output):
+    """(store, folder) of the study's previous run in output, as its study.yaml names them: the MLflow store it logged
+    to (the same file in output where it was a SQLite store in its folder, which has moved since) and the folder it
+    ran in; None where there is no such file."""
     import yaml
 
     try:
@@ -275,7 +276,7 @@ def earlier_store(output):
     if not (isinstance(uri, str) and isinstance(ran_in, str)):
         return None
     moved = moved_store(uri, ran_in, output.resolve())
-    return f"sqlite:///{moved}" if moved is not None else uri
+    return (f"sqlite:///{moved}" if moved is not None else uri), ran_in
 
 
 def same_store(a, b):
@@ -633,10 +634,10 @@ def _run_trials(study, build_report, report_dir, began, capacity):
 
     out = study.output
     uri = study.raw["tracking"]["mlflow_uri"] or default_tracking_uri(out)
-    earlier = earlier_store(out)
+    earlier, ran_in = earlier_run(out) or (None, None)
     new_store = earlier is not None and not same_store(earlier, uri)
     _write_atomic(out / "study.yaml", study.resolved_yaml())
-    tracker = StudyTracker(uri, study.raw["tracking"]["experiment"] or study.name, study.name, out)
+    tracker = StudyTracker(uri, study.raw["tracking"]["experiment"] or study.name, study.name, out, moved_from=ran_in)
     tracker.log_text(tracker.parent_run_id, study.resolved_yaml(), "study.yaml")
 
     done, foreign = recorded_trials(study)

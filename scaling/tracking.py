@@ -58,8 +58,10 @@ def flatten(d, prefix=""):
 class StudyTracker:
     """The MLflow runs of one study, created or found again by their tags, never duplicated."""
 
-    def __init__(self, uri, experiment, study_name, output_dir, reopen=True):
-        """reopen: mark the runs found again RUNNING (a study going on), not so for a mere replay."""
+    def __init__(self, uri, experiment, study_name, output_dir, reopen=True, moved_from=None):
+        """reopen: mark the runs found again RUNNING (a study going on), not so for a mere replay. moved_from: the
+        folder the study's output was in when it last ran, where it was moved since (its parent run is found by it,
+        and tagged with output_dir from then on)."""
         self.uri, self.reopen = uri, reopen
         self.client = client(uri)
         self.pending = []  # calls that failed while the server was away, replayed in order
@@ -77,6 +79,10 @@ class StudyTracker:
         else:
             self.experiment_id = exp.experiment_id
         runs = self._search({ROLE_TAG: "study", OUTPUT_TAG: output_dir})
+        if not runs and moved_from is not None:
+            runs = self._search({ROLE_TAG: "study", OUTPUT_TAG: str(Path(moved_from).resolve())})
+            for run in runs:
+                self.client.set_tag(run.info.run_id, OUTPUT_TAG, output_dir)
         if runs:
             self.parent_run_id = runs[0].info.run_id
             if reopen:

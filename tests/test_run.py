@@ -202,21 +202,28 @@ def test_end_to_end_and_rerun_skips_finished(tmp_path):
     for child in children:
         if child.info.status == "FINISHED":
             assert [m.step for m in client.get_metric_history(child.info.run_id, "fid")] == [10, 20]
-    assert "was tracked in MLflow" not in run([study, "--no-report", "--set", f"tracking.mlflow_uri={other}"]).stderr
+    # The output folder moved elsewhere, run again on the same store: the study's run is found by the folder it ran
+    # in (the MLflow UI shows one study, not two).
+    out.rename(tmp_path / "moved")
+    again = run([study, "--no-report", "--set", f"tracking.mlflow_uri={other}", "--set", f"output={tmp_path / 'moved'}"])
+    assert again.returncode == 0 and "was tracked in MLflow" not in again.stderr, again.stderr[-3000:]
+    parents = [r for r in client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+               if "mlflow.parentRunId" not in r.data.tags]
+    assert [p.data.tags["dit_scaling.output"] for p in parents] == [str(tmp_path / "moved")]
 
 
 def test_the_store_a_study_logged_to_last_moves_with_its_output(tmp_path):
-    from scaling.run import earlier_store, same_store
+    from scaling.run import earlier_run, same_store
 
     ran_in, now = tmp_path / "ran", tmp_path / "moved"
     now.mkdir()
-    assert earlier_store(now) is None  # never ran here
+    assert earlier_run(now) is None  # never ran here
     (now / "study.yaml").write_text(f"output: {ran_in}\ntracking: {{mlflow_uri: 'sqlite:///{ran_in}/mlflow.db'}}\n")
-    assert earlier_store(now) == f"sqlite:///{now / 'mlflow.db'}"  # the folder moved, its store with it
+    assert earlier_run(now) == (f"sqlite:///{now / 'mlflow.db'}", str(ran_in))  # the folder moved, its store with it
     (now / "study.yaml").write_text(f"output: {ran_in}\ntracking: {{mlflow_uri: 'http://mlflow:5000'}}\n")
-    assert earlier_store(now) == "http://mlflow:5000"
+    assert earlier_run(now) == ("http://mlflow:5000", str(ran_in))
     (now / "study.yaml").write_text("output: [\n")  # not YAML: nothing to compare with
-    assert earlier_store(now) is None
+    assert earlier_run(now) is None
     assert same_store(f"sqlite:///{now}/../moved/mlflow.db", f"sqlite:///{now / 'mlflow.db'}")
     assert same_store("http://mlflow:5000/", "http://mlflow:5000")
     assert not same_store("http://mlflow:5000", f"sqlite:///{now / 'mlflow.db'}")

@@ -106,6 +106,16 @@ def test_open_child_runs_are_those_running_or_scheduled(tmp_path, uri):
     assert elsewhere not in tracker.open_child_runs().values()
 
 
+def test_a_moved_output_finds_its_study_run_by_the_folder_it_ran_in(tmp_path, uri):
+    first = StudyTracker(uri, "exp", "study", tmp_path / "out")
+    child = first.child_run("a", {})
+    moved = StudyTracker(uri, "exp", "study", tmp_path / "moved", moved_from=tmp_path / "out")
+    assert moved.parent_run_id == first.parent_run_id and moved.child_run("a", {}) == child  # not a second study
+    tags = MlflowClient(uri).get_run(first.parent_run_id).data.tags
+    assert tags["dit_scaling.output"] == str(tmp_path / "moved")  # found by where it is now from then on
+    assert StudyTracker(uri, "exp", "study", tmp_path / "moved").parent_run_id == first.parent_run_id
+
+
 def test_a_trial_run_found_without_its_params_gets_them(tmp_path, uri, monkeypatch):
     tracker = StudyTracker(uri, "exp", "study", tmp_path / "out")
     params = {"train": {"lr": 1e-3, "batch_size": 32}, "model": "DiT-P/2"}
