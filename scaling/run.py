@@ -629,13 +629,23 @@ def _run_trials(study, build_report, report_dir, began, capacity):
     from scaling.ray_trial import trial_function
     from scaling.recorder import Recorder
     from scaling.results import recorded_trials
-    from scaling.tracking import StudyTracker, default_tracking_uri
+    from scaling.tracking import StudyTracker, default_tracking_uri, move_artifact_locations
     from scaling.tune_relay import RelayMailboxes
 
     out = study.output
     uri = study.raw["tracking"]["mlflow_uri"] or default_tracking_uri(out)
     earlier, ran_in = earlier_run(out) or (None, None)
     new_store = earlier is not None and not same_store(earlier, uri)
+    store = sqlite_store(uri)
+    if ran_in is not None and not new_store and store is not None and (
+            store.resolve().is_relative_to(out.resolve()) or not Path(ran_in).exists()):
+        # The output moved since it last ran (or was copied, its own store with it): its artifacts are here now.
+        import sqlite3
+
+        try:
+            move_artifact_locations(store, ran_in, out)
+        except sqlite3.Error as e:
+            print(f"warning: {store}: its runs' artifacts stay located in {ran_in} ({e})", file=sys.stderr)
     _write_atomic(out / "study.yaml", study.resolved_yaml())
     tracker = StudyTracker(uri, study.raw["tracking"]["experiment"] or study.name, study.name, out, moved_from=ran_in)
     tracker.log_text(tracker.parent_run_id, study.resolved_yaml(), "study.yaml")

@@ -9,10 +9,12 @@ server (or one that accepts connections and never answers) costs the driver mome
 A call MLflow answers with a refusal (a run deleted in the UI meanwhile) is dropped with a warning
 instead: queued, it would hold back every call after it.
 """
+import contextlib
 import json
 import logging
 import os
 import re
+import sqlite3
 import time
 from pathlib import Path
 
@@ -36,6 +38,29 @@ REFUSALS = {"INVALID_PARAMETER_VALUE", "INVALID_STATE", "RESOURCE_DOES_NOT_EXIST
 # environment, they win.
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+def artifacts_folder(output_dir):
+    """Where a study's SQLite store keeps its artifacts: beside it in the output, not in ./mlruns of some directory."""
+    return Path(output_dir).resolve() / "mlartifacts"
+
+
+def move_artifact_locations(store, ran_in, output_dir):
+    """Point the experiments and runs of a SQLite store (its file) that keep their artifacts in the folder the study's
+    output was moved or copied from (ran_in) at the artifacts folder of the output where it is now (output_dir); the
+    number of locations changed. Left, MLflow would write new artifacts into the old place, making that folder again,
+    and its UI would look for the old ones there. MLflow has no call that changes an artifact location, so its two
+    tables are updated directly (these columns have kept their names since MLflow 1.0)."""
+    old, new = artifacts_folder(ran_in).as_uri(), artifacts_folder(output_dir).as_uri()
+    if old == new:
+        return 0
+    changed = 0
+    with contextlib.closing(sqlite3.connect(store)) as db, db:  # one transaction: all of them or none
+        for table, column in (("experiments", "artifact_location"), ("runs", "artifact_uri")):
+            changed += db.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+                                  f"WHERE {column} = ? OR substr({column}, 1, ?) = ?",
+                                  (new, len(old) + 1, old, len(old) + 1, old + "/")).rowcount
+    return changed
 
 
 def default_tracking_uri(output_dir):
@@ -74,7 +99,7 @@ class StudyTracker:
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
             # Artifacts beside the SQLite store, not in ./mlruns of whatever directory a process runs in.
-            artifacts = None if not uri.startswith("sqlite:") else (Path(output_dir) / "mlartifacts").as_uri()
+            artifacts = None if not uri.startswith("sqlite:") else artifacts_folder(output_dir).as_uri()
             self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifacts)
         else:
             self.experiment_id = exp.experiment_id

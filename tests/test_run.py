@@ -210,6 +210,11 @@ def test_end_to_end_and_rerun_skips_finished(tmp_path):
     parents = [r for r in client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
                if "mlflow.parentRunId" not in r.data.tags]
     assert [p.data.tags["dit_scaling.output"] for p in parents] == [str(tmp_path / "moved")]
+    # Its artifacts are found where they are now, and new ones go there, not into the folder it left.
+    assert not (tmp_path / "out").exists()
+    for p in parents:
+        assert p.info.artifact_uri.startswith((tmp_path / "moved" / "mlartifacts").as_uri() + "/")
+        assert "study.yaml" in {a.path for a in client.list_artifacts(p.info.run_id)}
 
 
 def test_the_store_a_study_logged_to_last_moves_with_its_output(tmp_path):

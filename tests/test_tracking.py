@@ -116,6 +116,24 @@ def test_a_moved_output_finds_its_study_run_by_the_folder_it_ran_in(tmp_path, ur
     assert StudyTracker(uri, "exp", "study", tmp_path / "moved").parent_run_id == first.parent_run_id
 
 
+def test_the_artifacts_of_a_moved_output_are_located_where_they_are_now(tmp_path, uri):
+    from scaling.tracking import move_artifact_locations
+
+    store = tmp_path / "mlflow.db"
+    study = StudyTracker(uri, "exp", "study", tmp_path / "out")
+    study.log_text(study.child_run("a", {}), "grid", "samples/step-10.txt")
+    beside = StudyTracker(uri, "other", "study", tmp_path / "out-2")  # another study's, its name sharing a prefix
+    beside.log_text(beside.parent_run_id, "kept", "study.yaml")
+    (tmp_path / "out").rename(tmp_path / "moved")
+    assert move_artifact_locations(store, tmp_path / "out", tmp_path / "moved") == 3  # the experiment and two runs
+    client = MlflowClient(uri)
+    assert client.download_artifacts(study.child_run("a", {}), "samples/step-10.txt", str(tmp_path))
+    assert client.get_experiment(study.experiment_id).artifact_location == (tmp_path / "moved" / "mlartifacts").as_uri()
+    assert client.get_run(beside.parent_run_id).info.artifact_uri.startswith(
+        (tmp_path / "out-2" / "mlartifacts").as_uri() + "/")
+    assert move_artifact_locations(store, tmp_path / "out", tmp_path / "moved") == 0  # done: nothing left to move
+
+
 def test_a_trial_run_found_without_its_params_gets_them(tmp_path, uri, monkeypatch):
     tracker = StudyTracker(uri, "exp", "study", tmp_path / "out")
     params = {"train": {"lr": 1e-3, "batch_size": 32}, "model": "DiT-P/2"}
