@@ -152,14 +152,14 @@ def build_imagefolder(split="train", path=None, image_size=None):
     return MirroredImages(folder) if split == "train" else folder
 
 
-def build_latents(split="train", path=None, image_size=None, in_memory=None):
+def build_latents(split="train", path=None, image_size=None, in_memory=None, copies=None):
     """Latent shards written by `python -m scaling.encode_latents`; training items are every image and its mirror.
 
-    See core.latents.LatentShards: the train split has 2 items per image, the held-out split one.
+    See core.latents.LatentShards (in_memory, copies): the train split has 2 items per image, the held-out split one.
     """
     _require("latents", path)
     read_meta(path, image_size=image_size)
-    return LatentShards(path, flip=split == "train", in_memory=in_memory)
+    return LatentShards(path, flip=split == "train", in_memory=in_memory, copies=copies)
 
 
 def _require(name, path, image_size=0):

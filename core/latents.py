@@ -228,13 +228,14 @@ class LatentShards(Dataset):
     order) shows every image once each way: the reference's random horizontal flip, drawn without
     replacement, and a pure function of the sampler's position (exact resume, any world size).
     The held-out split has N items, the images themselves. When the latents fit in memory
-    (in_memory=None: the copies of all the node's ranks, LOCAL_WORLD_SIZE, at most 1/8 of the free memory)
+    (in_memory=None: the copies of all the node's processes that may load them at once, at most 1/8 of the free
+    memory; copies: how many those are, None: this run's ranks on the node, LOCAL_WORLD_SIZE)
     they are loaded as one tensor and `.tensors` is (X (items, C, h, w), Y (items,)), a view of it;
     otherwise items are read from the memory-mapped shards, shared by a node's ranks through the
     page cache.
     """
 
-    def __init__(self, path, flip=True, in_memory=None):
+    def __init__(self, path, flip=True, in_memory=None, copies=None):
         self.path, self.views = Path(path), len(VIEWS) if flip else 1
         self.meta = read_meta(path, check_shards=True)
         self.encode = encode_id(self.meta)
@@ -247,11 +248,11 @@ class LatentShards(Dataset):
         self.starts = np.cumsum([0] + [s["num_images"] for s in self.meta["shards"]]).tolist()
         num_bytes = self.meta["num_images"] * len(VIEWS) * int(np.prod(self.meta["latent_shape"])) * 4
         free = available_memory()  # unknown: read from the shards, as a folder too large would be
-        # The node's ranks decide at once, each seeing the same free memory: together they keep to the eighth.
-        # LOCAL_WORLD_SIZE: torch's name for them, which torchrun and Ray Train set.
-        node_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        self.in_memory = (in_memory if in_memory is not None
-                          else free is not None and num_bytes * node_ranks <= free // 8)
+        # The node's processes decide at once, each seeing the same free memory: together they keep to the eighth.
+        # LOCAL_WORLD_SIZE: torch's name for this run's, which torchrun and Ray Train set (a study that packs several
+        # trials on a node says how many they are together).
+        copies = copies or int(os.environ.get("LOCAL_WORLD_SIZE") or 1)
+        self.in_memory = in_memory if in_memory is not None else free is not None and num_bytes * copies <= free // 8
         labels = []
         for k in range(len(self.files)):  # one read of each shard's small tensors
             shard_labels, indices = self._read(k, "labels", "indices")

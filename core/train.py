@@ -116,6 +116,8 @@ CONFIG_RULES = {
     "val_batch": _integer(0),
     "peak_tflops": _positive(optional=True),
     "num_workers": _integer(0),
+    "data_copies": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+                    "must be an integer >= 1, or null"),
 }
 
 
@@ -159,6 +161,7 @@ class TrainConfig:
     fused_adamw: bool = None  # None: fused AdamW; False: torch's default implementation
     peak_tflops: float = None  # hardware peak per process, for utilisation
     num_workers: int = 4  # data-loading processes for image folders
+    data_copies: int = None  # processes of a node that may hold latents in memory at once (None: LOCAL_WORLD_SIZE)
 
     def __post_init__(self):
         check_config(self)
@@ -545,7 +548,8 @@ def train(cfg, out_dir, milestones=(), callbacks=None, resume_from=None, checkpo
     trainable = [p for p in engine.module.parameters()]
 
     diffusion = create_diffusion(learn_sigma=mcfg["learn_sigma"], diffusion_steps=cfg.diffusion_steps)
-    dataset = build_dataset(cfg.dataset, split="train", path=cfg.data_path, image_size=cfg.image_size)
+    copies = {"copies": cfg.data_copies} if cfg.dataset == "latents" else {}
+    dataset = build_dataset(cfg.dataset, split="train", path=cfg.data_path, image_size=cfg.image_size, **copies)
     data_encode = getattr(dataset, "encode", None)  # latents: which encode of the folder (core.latents.encode_id)
     earlier = (saved or {}).get("data_encode")  # None: not latents, or a checkpoint older than the record
     if None not in (earlier, data_encode) and earlier != data_encode:

@@ -2,27 +2,20 @@
 (scaling.replay_mlflow), and by the driver at launch for the runs a killed driver left open."""
 import json
 
+from scaling.results import row_config, trial_end
+
 LOG_METRICS = ("train_loss", "lr", "images_per_s", "achieved_tflops", "mfu")
 EVAL_METRICS = ("val_loss", "val_mse", "val_loss_ema", "fid", "fid_floor", "kid", "precision", "recall",
                 "inception_score", "eval_time_s", "sample_images_per_s")
 
 
-def run_end(milestones, statuses):
-    """How a trial's MLflow run ends, from its rows' statuses ({step: "ok", "diverged" or "failed"}): FINISHED "ok"
-    with every milestone ok (a failure after the last changes no result), FAILED "diverged" once it diverged (a
-    result: a re-run skips it), FAILED "failed" after a failure; None while it is unfinished. (MLflow status, tag)."""
-    if all(statuses.get(s) == "ok" for s in milestones):
-        return "FINISHED", "ok"
-    for how in ("diverged", "failed"):
-        if how in statuses.values():
-            return "FAILED", how
-    return None
-
-
 def rows_end(rows):
-    """run_end of a trial's results.parquet rows (a DataFrame of one trial), its milestones from their configuration."""
-    milestones = json.loads(rows.config_json.iloc[0])["milestones"]
-    return run_end(milestones, dict(zip(rows.step, rows.status)))
+    """results.trial_end of a trial's rows (a DataFrame of one trial), its milestones from their configuration; None
+    where that names none (a row written by hand)."""
+    milestones = (row_config(rows.config_json.iloc[0]) or {}).get("milestones")
+    if not isinstance(milestones, list):
+        return None
+    return trial_end(milestones, dict(zip(rows.step, rows.status)))
 
 
 def log_missing(tracker, results, curves):

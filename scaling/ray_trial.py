@@ -33,8 +33,9 @@ KIND_LOG, KIND_CHECKPOINT, KIND_MILESTONE, KIND_END = "log", "checkpoint", "mile
 RESUMED_KEY = "resumed_train_time_s"  # in the first report after a resume: the restored checkpoint's training time
 
 
-def train_config(trial):
-    """core.train's TrainConfig of a trial dict (scaling.study.Trial.to_dict())."""
+def train_config(trial, data_copies=None):
+    """core.train's TrainConfig of a trial dict (scaling.study.Trial.to_dict()); data_copies: the study's workers one
+    node may run at once, the most processes there that may hold the data in memory."""
     from core.models import preset_name
     from core.train import TrainConfig
 
@@ -45,7 +46,7 @@ def train_config(trial):
     preset = preset_name(trial["size"], trial["patch"])
     return TrainConfig(**{**train, "model": preset, "model_overrides": dict(trial["model_config"]),
                           "dataset": data["dataset"], "data_path": data.get("path"),
-                          "image_size": data.get("image_size"),
+                          "image_size": data.get("image_size"), "data_copies": data_copies,
                           "keep_checkpoints": 1})  # locally one; Ray keeps the trial's last K in storage
 
 
@@ -193,14 +194,19 @@ def check_data_encode(trial):
 
 
 def check_data_encode_on_every_rank(trial, state):
-    """check_data_encode where every rank goes on to collectives: rank 0's verdict raises on all of them."""
-    try:
-        check_data_encode(trial)
-        changed = None
-    except DataEncodeChanged as e:
-        changed = e
-    if _on_every_rank(changed is not None, state):
-        raise changed or DataEncodeChanged(trial, "another (read by rank 0)")
+    """check_data_encode where every rank goes on to collectives: rank 0 reads, and its verdict raises on all of them
+    (one rank raising alone would leave the others waiting); a meta.json it cannot read (a folder being replaced,
+    or removed) stops the trial as another encode does."""
+    failure = None
+    if state.rank == 0:
+        try:
+            check_data_encode(trial)
+        except DataEncodeChanged as e:
+            failure = e
+        except (OSError, ValueError) as e:  # what read_meta raises for a folder or meta.json it cannot use
+            failure = DataEncodeChanged(trial, f"unreadable: {e}")
+    if _on_every_rank(failure is not None, state):
+        raise failure or DataEncodeChanged(trial, "another, as rank 0 read it")
 
 
 def _on_every_rank(due, state):
@@ -275,7 +281,7 @@ def _process_alive(pid):
 
 def _train(train, trial, run, reporting, local, resume_dir):
     out = Path(run["output"]) / "trials" / trial["trial_id"]
-    train(train_config(trial), out, trial["milestones"], reporting, resume_from=resume_dir,
+    train(train_config(trial, run.get("workers_per_node")), out, trial["milestones"], reporting, resume_from=resume_dir,
           checkpoint_dir=local, shared_checkpoint_dir=False)
 
 

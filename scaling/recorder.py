@@ -18,11 +18,11 @@ from ray.tune import Callback
 
 from core.flops import training_compute
 from scaling.held_logs import HELD_LOGS_KEY
-from scaling.mlflow_backfill import EVAL_METRICS, LOG_METRICS, log_missing, rows_end, run_end
+from scaling.mlflow_backfill import EVAL_METRICS, LOG_METRICS, log_missing, rows_end
 from scaling.ray_trial import KIND_END, KIND_LOG, KIND_MILESTONE, RESUMED_KEY
 from scaling.results import (CURVES_FILE, LOSS_CURVES_SCHEMA, RESULTS_FILE, RESULTS_SCHEMA, load_curves, load_results,
-                             row_config, write_table)
-from scaling.tracking import STATUS_TAG
+                             row_config, trial_end, write_table)
+from scaling.tracking import RUN_STATUS, STATUS_TAG
 
 MAX_TAG_LENGTH = 5000  # what MLflow stores of a tag value at most
 MAX_STEPS_TAG = "dit_scaling.max_steps"  # the steps the trial trains to now (scaling.continuation may add some)
@@ -137,11 +137,11 @@ class Recorder(Callback):
             for trial_id in {r["trial_id"] for r in rows} & self.mlflow_step.keys():  # runs opened before: past these
                 self.mlflow_step[trial_id] = self.tracker.last_logged_step(self.run_ids[trial_id])
         for trial_id in finished & open_runs.keys():
-            self._end_run(open_runs[trial_id], self._run_end(trial_id))
+            self._end_run(open_runs[trial_id], self._trial_end(trial_id))
         for trial_id in open_runs.keys() - self.trials.keys():
             # A trial the edited study file no longer defines: no run of the study will end its run.
             rows = pd.DataFrame([r for r in self.rows.values() if r["trial_id"] == trial_id])
-            self._end_run(open_runs[trial_id], (rows_end(rows) if len(rows) else None) or ("KILLED", "killed"))
+            self._end_run(open_runs[trial_id], (rows_end(rows) if len(rows) else None) or "killed")
 
     # Tune callback hooks ---------------------------------------------------------------
 
@@ -241,20 +241,19 @@ class Recorder(Callback):
         self.ended.add(t.trial_id)
         self.progress.finished(t.trial_id, ok)
 
-    def _run_end(self, trial_id):
-        """mlflow_backfill.run_end of a trial of the study, from the rows recorded so far."""
+    def _trial_end(self, trial_id):
+        """results.trial_end of a trial of the study, from the rows recorded so far."""
         statuses = {s: r["status"] for (i, s), r in self.rows.items() if i == trial_id}
-        return run_end(self.trials[trial_id].milestones, statuses)
+        return trial_end(self.trials[trial_id].milestones, statuses)
 
-    def _end_run(self, run_id, end):
-        """End a run as end says: (MLflow status, status tag)."""
-        status, how = end
+    def _end_run(self, run_id, how):
+        """End a run as its trial ended (ok, diverged, failed or killed): its status tag and MLflow status."""
         self.tracker.set_tags(run_id, {STATUS_TAG: how})
-        self.tracker.finish(run_id, status)
+        self.tracker.finish(run_id, RUN_STATUS[how])
 
     def _measured_every_milestone(self, t):
         """Whether every milestone of trial t has an ok row."""
-        return all(self.rows.get((t.trial_id, s), {}).get("status") == "ok" for s in t.milestones)
+        return self._trial_end(t.trial_id) == "ok"
 
     def _failed_after_last_milestone(self, t, error):
         """A failure after the trial's last measurement (in teardown, say): no result changes, so the trial stays
@@ -276,7 +275,7 @@ class Recorder(Callback):
         for trial_id in trial_ids:
             if trial_id not in self.started_at:
                 continue
-            self._end_run(self._run_id(trial_id), self._run_end(trial_id) or ("KILLED", "killed"))
+            self._end_run(self._run_id(trial_id), self._trial_end(trial_id) or "killed")
 
     def on_step_end(self, iteration, trials, **info):
         self.tracker.flush()

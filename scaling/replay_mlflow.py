@@ -25,7 +25,7 @@ from scaling.mlflow_backfill import log_missing, rows_end
 from scaling.results import CURVES_FILE, load_curves, load_results, results_path
 from scaling.run import moved_store, sqlite_open_problem
 from scaling.study import StudyError, load_study
-from scaling.tracking import STATUS_TAG, StudyTracker, default_tracking_uri, unsupported_store
+from scaling.tracking import RUN_STATUS, STATUS_TAG, StudyTracker, default_tracking_uri, unsupported_store
 
 EXIT_OK, EXIT_AWAY, EXIT_BAD_INPUT = 0, 1, 2
 # What MLflow raises when its store fails: its own errors (an HTTP server's wrapped), SQLAlchemy's, the network's.
@@ -150,14 +150,13 @@ def close_finished_runs(tracker, study, results):
     FINISHED for a trial with every milestone ok, else FAILED for a failed or diverged one; the
     study's run once all its trials are."""
     ended = {trial_id: rows_end(rows) for trial_id, rows in results.groupby("trial_id")}
-    ended = {trial_id: end for trial_id, end in ended.items() if end is not None}
-    failed = {trial_id for trial_id, (_, how) in ended.items() if how == "failed"}
-    for trial_id, (status, how) in ended.items():
+    ended = {trial_id: how for trial_id, how in ended.items() if how is not None}
+    for trial_id, how in ended.items():
         # The tag as the driver sets it at a trial's end (a queued one lost with the server): how the trial ended.
-        _close(tracker, tracker.child_run(trial_id, {}), status, {STATUS_TAG: how})
+        _close(tracker, tracker.child_run(trial_id, {}), RUN_STATUS[how], {STATUS_TAG: how})
     if {t.trial_id for t in study.trials} <= set(ended):
         # As the driver does: a diverged trial is a result, only a failed one fails the study.
-        _close(tracker, tracker.parent_run_id, "FAILED" if failed else "FINISHED")
+        _close(tracker, tracker.parent_run_id, "FAILED" if "failed" in ended.values() else "FINISHED")
 
 
 def _close(tracker, run_id, status, tags=None):

@@ -265,6 +265,15 @@ def row_where(df, mask):
     return where
 
 
+def trial_end(milestones, statuses):
+    """How a trial ended by its rows' statuses ({step: "ok", "diverged" or "failed"}): "ok" with every milestone ok
+    (a failure after the last changes no result), "diverged" once it diverged (a result: a re-run skips it),
+    "failed" after a failure (a re-run trains it again); None while it is unfinished."""
+    if all(statuses.get(s) == "ok" for s in milestones):
+        return "ok"
+    return next((how for how in ("diverged", "failed") if how in statuses.values()), None)
+
+
 def recorded_trials(study, results=None):
     """(finished, foreign): trial ids of the study whose results.parquet has an ok row at every milestone
     (whatever follows them: a failure after the last changes no result) or a diverged row, which a re-run
@@ -277,8 +286,7 @@ def recorded_trials(study, results=None):
     finished = set()
     for t in study.trials:
         rows = df[df.trial_id == t.trial_id]
-        ok_steps = set(rows[rows.status == "ok"].step)
-        if set(t.milestones) <= ok_steps or (rows.status == "diverged").any():
+        if trial_end(t.milestones, dict(zip(rows.step, rows.status))) in ("ok", "diverged"):
             finished.add(t.trial_id)
     return finished, set(df.trial_id) - {t.trial_id for t in study.trials}
 

@@ -26,7 +26,7 @@ from core.folder_lock import lock_folder
 from scaling.continuation import continue_recorded_runs
 from scaling.sigterm import Terminated, interruption, sigterm_interrupts  # outside Tune's loop (else: below)
 from scaling.study import (StudyError, cached_inception_weights, check_cluster, eval_files_read, launch_order, load_study,
-                           max_concurrent_trials)
+                           max_concurrent_trials, workers_per_node)
 from scaling.trial_storage import ray_storage
 
 EXIT_OK, EXIT_TRIALS_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -277,6 +277,21 @@ def earlier_run(output):
         return None
     moved = moved_store(uri, ran_in, output.resolve())
     return (f"sqlite:///{moved}" if moved is not None else uri), ran_in
+
+
+def output_moved(output, ran_in, uri):
+    """Whether the study's output was moved (or copied, with the SQLite store it keeps in it) from ran_in, the folder
+    it last ran in, and its MLflow runs go with it. A copy that logs to a store outside it (a server) leaves them to
+    the original, which still is where it ran."""
+    if ran_in is None or Path(ran_in).absolute() == output.absolute():
+        return False
+    store = sqlite_store(uri)
+    if store is not None and store.resolve().is_relative_to(output.resolve()):
+        return True
+    try:
+        return not Path(ran_in).exists()
+    except OSError:  # a folder on the way that cannot be entered (Python 3.11 raises): it may be there
+        return False
 
 
 def same_store(a, b):
@@ -629,25 +644,25 @@ def _run_trials(study, build_report, report_dir, began, capacity):
     from scaling.ray_trial import trial_function
     from scaling.recorder import Recorder
     from scaling.results import recorded_trials
-    from scaling.tracking import StudyTracker, default_tracking_uri, move_artifact_locations
+    from scaling.tracking import StudyTracker, default_tracking_uri, move_artifact_locations, shown_uri
     from scaling.tune_relay import RelayMailboxes
 
     out = study.output
     uri = study.raw["tracking"]["mlflow_uri"] or default_tracking_uri(out)
     earlier, ran_in = earlier_run(out) or (None, None)
     new_store = earlier is not None and not same_store(earlier, uri)
-    store = sqlite_store(uri)
-    if ran_in is not None and not new_store and store is not None and (
-            store.resolve().is_relative_to(out.resolve()) or not Path(ran_in).exists()):
-        # The output moved since it last ran (or was copied, its own store with it): its artifacts are here now.
+    moved_from = ran_in if not new_store and output_moved(out, ran_in, uri) else None
+    if moved_from is not None and sqlite_store(uri) is not None:
+        # Its artifacts are in the output where it is now: MLflow would write new ones into the folder it left.
         import sqlite3
 
         try:
-            move_artifact_locations(store, ran_in, out)
+            move_artifact_locations(sqlite_store(uri), moved_from, out)
         except sqlite3.Error as e:
-            print(f"warning: {store}: its runs' artifacts stay located in {ran_in} ({e})", file=sys.stderr)
-    _write_atomic(out / "study.yaml", study.resolved_yaml())
-    tracker = StudyTracker(uri, study.raw["tracking"]["experiment"] or study.name, study.name, out, moved_from=ran_in)
+            print(f"warning: {sqlite_store(uri)}: its runs' artifacts stay located in {moved_from} ({e})",
+                  file=sys.stderr)
+    tracker = StudyTracker(uri, study.raw["tracking"]["experiment"] or study.name, study.name, out,
+                           moved_from=moved_from)
     tracker.log_text(tracker.parent_run_id, study.resolved_yaml(), "study.yaml")
 
     done, foreign = recorded_trials(study)
@@ -660,15 +675,18 @@ def _run_trials(study, build_report, report_dir, began, capacity):
     todo = launch_order(t for t in study.trials if t.trial_id not in done)
     progress = Progress(study.trials, skipped=done)
     print(f"study {study.name}: {len(study.trials)} trials, {len(done)} already finished; output {out}")
-    print(f"MLflow: {uri}" + (f"   ({mlflow_ui_command(uri)})" if sqlite_store(uri) else ""))
+    print(f"MLflow: {shown_uri(uri)}" + (f"   ({mlflow_ui_command(uri)})" if sqlite_store(uri) else ""))
     recorder = Recorder(study, tracker, progress)
     recorder.open_runs(t.trial_id for t in todo)  # now, while MLflow answers (checked before launch)
     if new_store:
         # The finished trials would be missing from it for good (a re-run skips them), and the report would not say.
-        print(f"warning: {out} was tracked in MLflow at {earlier} when it last ran; this run logs to {uri} "
-              f"(named by {tracking_named_by(study)}). The finished trials' measurements are logged there from Parquet; the runs at "
-              f"{earlier} stay as they are.", file=sys.stderr)
+        print(f"warning: {out} was tracked in MLflow at {shown_uri(earlier)} when it last ran; this run logs to "
+              f"{shown_uri(uri)} (named by {tracking_named_by(study)}). The finished trials' measurements are logged "
+              f"there from Parquet; the runs at {shown_uri(earlier)} stay as they are.", file=sys.stderr)
     recorder.catch_up_runs(done, new_store)  # the runs a killed driver left open; in a new store, finished trials
+    # Only now: a driver stopped before it has caught up (MLflow calls for every trial) finds the earlier store named
+    # there again, and does it again.
+    _write_atomic(out / "study.yaml", study.resolved_yaml())
     try:
         if todo:
             res = study.raw["resources"]
@@ -676,7 +694,9 @@ def _run_trials(study, build_report, report_dir, began, capacity):
             # One relay mailbox actor and one placement-group watch for the whole study, where a fresh process
             # of each would start with every trial; named, so that the trials find them.
             services = f"{study.name}-{uuid.uuid4().hex[:8]}"
+            nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
             run = {"output": str(out), "storage": str(ray_storage(out)), "fid_cache": str(out / "fid_cache"),
+                   "workers_per_node": workers_per_node(study, nodes, tuner_concurrency),
                    "inception_weights": cached_inception_weights(study.raw["eval"]),
                    "resources": res, "keep_checkpoints": study.raw["train"]["keep_checkpoints"],
                    "relay_mailboxes": f"relay-{services}", "placement_group_watch": f"pg-watch-{services}"}

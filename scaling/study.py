@@ -1211,6 +1211,19 @@ def max_concurrent_trials(study, resources):
     return max(1, min(fits or [1]))
 
 
+def workers_per_node(study, nodes, concurrent_trials):
+    """The most of the study's workers one node up runs at once (nodes: each node's resources, as ray.nodes() gives
+    them), with concurrent_trials trials at a time: the processes of a node that may each hold the data in memory."""
+    res = study.raw["resources"]
+    worker = {r: res[key] for key, r in (("cpus_per_worker", "CPU"), ("gpus_per_worker", "GPU")) if res[key]}
+    most = concurrent_trials * res["workers_per_trial"]
+    if not worker:  # asks for nothing: Ray places any number of them on a node
+        return most
+    fits = [min(int(node.get(r, 0.0) // n) for r, n in worker.items()) for node in nodes]
+    # No node up holds one (an autoscaler adds them): as many as could come together.
+    return min(max(fits, default=0) or most, most)
+
+
 def check_cluster(study, cluster_resources, nodes=(), autoscaled=False):
     """Raise StudyError when one trial needs more GPUs or CPUs than the cluster has (ray.cluster_resources()), or
     one of its workers more than any node has (nodes: each live node's resources, from ray.nodes()): Ray would

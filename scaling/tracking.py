@@ -16,6 +16,7 @@ import os
 import re
 import sqlite3
 import time
+import urllib.parse
 from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunStatus
@@ -28,6 +29,7 @@ logger = logging.getLogger("scaling.tracking")
 ROLE_TAG, OUTPUT_TAG, TRIAL_TAG, PARENT_TAG = "dit_scaling.role", "dit_scaling.output", "dit_scaling.trial_id", \
     "mlflow.parentRunId"
 STATUS_TAG = "dit_scaling.status"  # running, then how the trial ended: ok, diverged, failed or killed
+RUN_STATUS = {"ok": "FINISHED", "diverged": "FAILED", "failed": "FAILED", "killed": "KILLED"}  # a run's, by how
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 RETRY_INTERVAL_S = 5.0  # before the first attempt to replay the queue while the server is away
 MAX_RETRY_INTERVAL_S = 120.0  # the longest wait between attempts (each may cost HTTP timeouts: 20 s)
@@ -38,6 +40,15 @@ REFUSALS = {"INVALID_PARAMETER_VALUE", "INVALID_STATE", "RESOURCE_DOES_NOT_EXIST
 # environment, they win.
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+def shown_uri(uri):
+    """A tracking URI as printed: a password in it (a database's, a server's basic auth) shown as ***."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password is None:
+        return uri
+    user, _, host = parts.netloc.rpartition("@")
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user.partition(':')[0]}:***@{host}"))
 
 
 def artifacts_folder(output_dir):

@@ -870,6 +870,8 @@ def test_the_ranks_of_a_node_hold_latents_in_memory_only_where_all_their_copies_
     assert held == {"1": True, "4": True, "5": False, "8": False}
     monkeypatch.delenv("LOCAL_WORLD_SIZE")  # one process on its own
     assert LatentShards(folder).in_memory
+    # Trials packed on a node together: the study says how many processes there may hold them.
+    assert not LatentShards(folder, copies=5).in_memory and LatentShards(folder, copies=4).in_memory
 
 
 def test_the_memory_left_counts_a_control_groups_limit(tmp_path):

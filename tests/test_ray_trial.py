@@ -262,3 +262,33 @@ def test_the_first_report_after_a_resume_says_the_training_time_it_resumed_at(tm
     reporting.report({"step": 6, "kind": ray_trial.KIND_LOG})
     reporting.report({"step": 8, "kind": ray_trial.KIND_LOG})
     assert [m.get(ray_trial.RESUMED_KEY) for m in sent] == [12.5, None]
+
+
+def _check_encode_as_rank(rank, trial, store_path, out):
+    """One of two gloo processes: what check_data_encode_on_every_rank raised there (None: nothing), to out."""
+    from types import SimpleNamespace
+
+    from scaling.ray_trial import DataEncodeChanged, check_data_encode_on_every_rank
+
+    torch.distributed.init_process_group("gloo", store=torch.distributed.FileStore(store_path, 2), rank=rank,
+                                         world_size=2)
+    try:
+        check_data_encode_on_every_rank(trial, SimpleNamespace(rank=rank, world_size=2, device="cpu"))
+        out.put((rank, None))
+    except DataEncodeChanged as e:
+        out.put((rank, str(e)))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_a_milestones_encode_check_stops_every_rank_on_rank_0s_reading(tmp_path):
+    # Before its samples are decoded: a rank that raised alone would leave the others waiting in the evaluation.
+    from two_ranks import on_two_ranks  # tests/, on pytest's path
+
+    trial = {"trial_id": "DiT-P-2-abc", "data": {"path": str(tmp_path / "latents")}, "data_encode": "e0"}
+    said = on_two_ranks(_check_encode_as_rank, trial, store=tmp_path / "store")  # the folder is gone
+    assert said[0].startswith(f"{tmp_path / 'latents'} was encoded again since the study started (encode e0, now "
+                              f"unreadable: latent folder {tmp_path / 'latents'} does not exist)"), said
+    assert "(encode e0, now another, as rank 0 read it)" in said[1], said
+    unrecorded = {**trial, "data_encode": None}  # data in pixels, or rows from before encodes were recorded
+    assert on_two_ranks(_check_encode_as_rank, unrecorded, store=tmp_path / "store2") == {0: None, 1: None}

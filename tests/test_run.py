@@ -218,7 +218,7 @@ def test_end_to_end_and_rerun_skips_finished(tmp_path):
 
 
 def test_the_store_a_study_logged_to_last_moves_with_its_output(tmp_path):
-    from scaling.run import earlier_run, same_store
+    from scaling.run import earlier_run, output_moved, same_store
 
     ran_in, now = tmp_path / "ran", tmp_path / "moved"
     now.mkdir()
@@ -230,6 +230,13 @@ def test_the_store_a_study_logged_to_last_moves_with_its_output(tmp_path):
     (now / "study.yaml").write_text("output: [\n")  # not YAML: nothing to compare with
     assert earlier_run(now) is None
     assert same_store(f"sqlite:///{now}/../moved/mlflow.db", f"sqlite:///{now / 'mlflow.db'}")
+    # Whether its MLflow runs go with it: a copy that logs to a store outside it leaves them to the original.
+    own, server = f"sqlite:///{now / 'mlflow.db'}", "http://mlflow:5000"
+    assert not output_moved(now, None, own) and not output_moved(now, str(now), own)  # new, or where it ran
+    assert output_moved(now, str(ran_in), server)  # the folder it ran in is gone: moved
+    ran_in.mkdir()
+    assert not output_moved(now, str(ran_in), server)  # copied: the original keeps its runs
+    assert output_moved(now, str(ran_in), own)  # copied with its own store
     assert same_store("http://mlflow:5000/", "http://mlflow:5000")
     assert not same_store("http://mlflow:5000", f"sqlite:///{now / 'mlflow.db'}")
 

@@ -505,6 +505,25 @@ def test_the_dry_runs_total_time_schedules_trials_on_the_free_slots(tmp_path):
     assert local_slots(load(tmp_path, overrides=["resources.cpus_per_worker=2"])) == max(1, cpus // 2)
 
 
+def test_the_workers_a_node_runs_at_once_count_every_trial_packed_there(tmp_path):
+    # Each of a node's processes decides alone whether latents fit in memory: eight one-GPU trials packed on an
+    # 8-GPU node are eight copies, where each trial's own ranks on it (LOCAL_WORLD_SIZE) are one.
+    from scaling.study import workers_per_node
+
+    gpu = load(tmp_path, overrides=["resources.gpus_per_worker=1", "resources.cpus_per_worker=4"])
+    eight_gpus, cpu_head = {"CPU": 96.0, "GPU": 8.0}, {"CPU": 8.0}
+    assert workers_per_node(gpu, [cpu_head, eight_gpus], concurrent_trials=16) == 8
+    assert workers_per_node(gpu, [cpu_head, eight_gpus], concurrent_trials=3) == 3  # no more trials than that
+    assert workers_per_node(gpu, [{"CPU": 16.0, "GPU": 8.0}], concurrent_trials=16) == 4  # CPUs hold four
+    assert workers_per_node(gpu, [cpu_head], concurrent_trials=5) == 5  # none up holds one: as many as may come
+    two = load(tmp_path, overrides=["resources.workers_per_trial=2"])  # one CPU each
+    assert workers_per_node(two, [{"CPU": 2.0}], concurrent_trials=2) == 2
+    from scaling.ray_trial import train_config
+
+    assert train_config(gpu.trials[0].to_dict(), 8).data_copies == 8  # what the trial's workers load data with
+    assert train_config(gpu.trials[0].to_dict()).data_copies is None  # core.train on its own: LOCAL_WORLD_SIZE
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_dry_run_without_the_gpus_a_study_asks_for(tmp_path):
     plan = format_plan(load(tmp_path, overrides=["resources.gpus_per_worker=1"]))
