@@ -195,22 +195,26 @@ def check_data_encode(trial):
 
 def check_data_encode_on_every_rank(trial, state):
     """check_data_encode where every rank goes on to collectives: rank 0 reads, and its verdict raises on all of them
-    (one rank raising alone would leave the others waiting); a meta.json it cannot read (a folder being replaced,
-    or removed) stops the trial as another encode does."""
-    failure = None
+    (one rank raising alone would leave the others waiting). Another encode ends the trial (DataEncodeChanged); a
+    meta.json rank 0 cannot read (a network file system's hiccup, a folder being replaced) is an error Ray retries."""
+    failure, verdict = None, 0  # 0: the same encode; 1: another; 2: unreadable
     if state.rank == 0:
         try:
             check_data_encode(trial)
         except DataEncodeChanged as e:
-            failure = e
+            failure, verdict = e, 1
         except (OSError, ValueError) as e:  # what read_meta raises for a folder or meta.json it cannot use
-            failure = DataEncodeChanged(trial, f"unreadable: {e}")
-    if _on_every_rank(failure is not None, state):
+            failure, verdict = e, 2
+    verdict = _on_every_rank(verdict, state)
+    if verdict == 1:
         raise failure or DataEncodeChanged(trial, "another, as rank 0 read it")
+    if verdict == 2:
+        raise failure or RuntimeError(f"rank 0 could not read the latents' meta.json in {trial['data']['path']}")
 
 
 def _on_every_rank(due, state):
-    """Rank 0's answer, on every rank: Ray Train needs each rank's same reports, and an evaluation takes them all."""
+    """Rank 0's answer (a bool or a small int), on every rank: Ray Train needs each rank's same reports, and an
+    evaluation takes them all."""
     if state.world_size == 1:
         return due
     import torch
@@ -218,7 +222,7 @@ def _on_every_rank(due, state):
 
     flag = torch.tensor([int(due)], device=state.device)
     dist.broadcast(flag, src=0)
-    return bool(flag.item())
+    return type(due)(flag.item())
 
 
 def _import_core_train():

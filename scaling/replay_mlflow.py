@@ -25,7 +25,8 @@ from scaling.mlflow_backfill import log_missing, rows_end
 from scaling.results import CURVES_FILE, load_curves, load_results, results_path
 from scaling.run import moved_store, sqlite_open_problem
 from scaling.study import StudyError, load_study
-from scaling.tracking import RUN_STATUS, STATUS_TAG, StudyTracker, default_tracking_uri, unsupported_store
+from scaling.tracking import (RUN_STATUS, STATUS_TAG, StudyTracker, default_tracking_uri, shown_uri,
+                              unsupported_store)
 
 EXIT_OK, EXIT_AWAY, EXIT_BAD_INPUT = 0, 1, 2
 # What MLflow raises when its store fails: its own errors (an HTTP server's wrapped), SQLAlchemy's, the network's.
@@ -58,7 +59,8 @@ def replay(output, uri=None):
     except STORE_ERRORS as e:
         raise _store_error(e, uri, where) from None
     if not answered:
-        raise ReplayError(f"MLflow at {uri} still does not answer; nothing was lost: run this again later", EXIT_AWAY)
+        raise ReplayError(f"MLflow at {shown_uri(uri)} still does not answer; nothing was lost: run this again later",
+                          EXIT_AWAY)
     return logged
 
 
@@ -126,7 +128,7 @@ def tracking_uri(study, output, uri=None):
         raise ReplayError(f"{where}: {problem}")
     problem = sqlite_open_problem(uri)
     if problem:
-        raise ReplayError(f"{where}: MLflow cannot use the store {uri} ({problem})")
+        raise ReplayError(f"{where}: MLflow cannot use the store {shown_uri(uri)} ({problem})")
     return uri, where
 
 
@@ -140,9 +142,9 @@ def _store_error(e, uri, where):
     if uri.startswith(("http://", "https://")) and any(
             isinstance(c, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)) for c in chain):
         reason = next((c.strerror for c in reversed(chain) if isinstance(c, OSError) and c.strerror), reason)
-        return ReplayError(f"MLflow at {uri} still does not answer ({reason}); nothing was lost: run this again "
+        return ReplayError(f"MLflow at {shown_uri(uri)} still does not answer ({reason}); nothing was lost: run this again "
                            f"later", EXIT_AWAY)
-    return ReplayError(f"{where}: MLflow cannot use the store {uri} ({reason})")
+    return ReplayError(f"{where}: MLflow cannot use the store {shown_uri(uri)} ({reason})")
 
 
 def close_finished_runs(tracker, study, results):

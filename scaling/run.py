@@ -289,9 +289,12 @@ def output_moved(output, ran_in, uri):
     if store is not None and store.resolve().is_relative_to(output.resolve()):
         return True
     try:
-        return not Path(ran_in).exists()
-    except OSError:  # a folder on the way that cannot be entered (Python 3.11 raises): it may be there
-        return False
+        os.stat(ran_in)
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:  # a folder on the way that cannot be entered: it may be there
+        pass
+    return False
 
 
 def same_store(a, b):
@@ -464,7 +467,7 @@ def check_tracking_server(study):
     study's experiment must not be a deleted one (MLflow refuses runs in it)."""
     uri = study.raw["tracking"]["mlflow_uri"]  # the study's, else MLFLOW_TRACKING_URI's, else SQLite
     where = tracking_named_by(study)
-    from scaling.tracking import DATABASE_SCHEMES, store_scheme, unreachable_database, unsupported_store
+    from scaling.tracking import DATABASE_SCHEMES, shown_uri, store_scheme, unreachable_database, unsupported_store
 
     problem = unsupported_store(uri)
     if problem:
@@ -482,11 +485,11 @@ def check_tracking_server(study):
             pass  # it answers (a proxy in front of it may want credentials even for /health)
         except (OSError, ValueError, http.client.HTTPException) as e:  # InvalidURL for a port that is not a number
             reason = getattr(e, "reason", e)
-            raise StudyError(f"{where}: no MLflow tracking server answers at {uri} ({reason})") from e
+            raise StudyError(f"{where}: no MLflow tracking server answers at {shown_uri(uri)} ({reason})") from e
     else:
         problem = sqlite_open_problem(uri)
         if problem:
-            raise StudyError(f"{where}: MLflow cannot use the store {uri} ({problem})")
+            raise StudyError(f"{where}: MLflow cannot use the store {shown_uri(uri)} ({problem})")
     check_experiment(study, uri)
 
 
@@ -544,7 +547,7 @@ def run_study(study, address, build_report=True, report_dir=None, named="--addre
             else:
                 ray.init(runtime_env=runtime_env, **local_ray_options())
             with sigterm_interrupts():
-                capacity = check_capacity(study, local=not address)
+                capacity, nodes = check_capacity(study, local=not address)
                 if address:  # a local Ray is one node
                     check_shared_storage(study)
         except BaseException as e:  # nothing was written yet: the folders made for it go (a Ctrl-C, Ray's failure)
@@ -557,14 +560,15 @@ def run_study(study, address, build_report=True, report_dir=None, named="--addre
             ray.shutdown()
             return EXIT_BAD_INPUT
         with sigterm_interrupts():
-            return _run_trials(study, build_report, report_dir, began, capacity)
+            return _run_trials(study, build_report, report_dir, began, capacity, nodes)
     finally:
         os.close(lock)  # the lock goes with the descriptor (and with the process, however it ends)
 
 
 def check_capacity(study, local=False):
     """Check the study's resources against the cluster, or against what its autoscaler may grow it to where one runs
-    (check_cluster; a local Ray never autoscales); the resources its trials are packed into (max_concurrent_trials)."""
+    (check_cluster; a local Ray never autoscales); (the resources its trials are packed into, max_concurrent_trials's;
+    the resources of each node up and of each node type the autoscaler may add, workers_per_node's)."""
     import ray
 
     from scaling.autoscaler_limits import autoscaler_limits, grown
@@ -574,11 +578,11 @@ def check_capacity(study, local=False):
     limits = None if local else autoscaler_limits()
     if limits is None:
         check_cluster(study, now, nodes)
-        return now
+        return now, nodes
     if limits.known:
         capacity = grown(now, limits)
         check_cluster(study, capacity, nodes + limits.node_types, autoscaled=True)
-        return capacity
+        return capacity, nodes + limits.node_types
     # An autoscaler that says it runs, not what it may add: a trial the nodes up cannot hold may be held by one it adds,
     # so the check warns rather than refuses; trials are packed into what is up (more trials at once than the cluster
     # ever holds would each start processes that wait).
@@ -591,7 +595,7 @@ def check_capacity(study, local=False):
     if not study.raw["resources"]["max_concurrent_trials"]:
         print(f"note: {unpublished}: {max_concurrent_trials(study, now)} trial(s) at once, what the nodes up hold "
               f"(resources.max_concurrent_trials sets more)", file=sys.stderr)
-    return now
+    return now, nodes
 
 
 def check_shared_storage(study):
@@ -633,7 +637,7 @@ def lock_output(out):
         return os.open(out, os.O_RDONLY)  # closed as a lock would be
 
 
-def _run_trials(study, build_report, report_dir, began, capacity):
+def _run_trials(study, build_report, report_dir, began, capacity, nodes):
     """run_study's part under the output lock: MLflow runs, the Tune sweep, Parquet, the report."""
     import ray
     from ray import tune
@@ -663,6 +667,11 @@ def _run_trials(study, build_report, report_dir, began, capacity):
                   file=sys.stderr)
     tracker = StudyTracker(uri, study.raw["tracking"]["experiment"] or study.name, study.name, out,
                            moved_from=moved_from)
+    # A copy of an output whose runs stay the original's (a store outside it): a study run of its own, which its
+    # finished trials are brought to as to a new store.
+    copied = ran_in is not None and moved_from is None and Path(ran_in).absolute() != out.absolute()
+    if not new_store:
+        _write_atomic(out / "study.yaml", study.resolved_yaml())  # at once: a replay finds the runs by its folder
     tracker.log_text(tracker.parent_run_id, study.resolved_yaml(), "study.yaml")
 
     done, foreign = recorded_trials(study)
@@ -683,10 +692,12 @@ def _run_trials(study, build_report, report_dir, began, capacity):
         print(f"warning: {out} was tracked in MLflow at {shown_uri(earlier)} when it last ran; this run logs to "
               f"{shown_uri(uri)} (named by {tracking_named_by(study)}). The finished trials' measurements are logged "
               f"there from Parquet; the runs at {shown_uri(earlier)} stay as they are.", file=sys.stderr)
-    recorder.catch_up_runs(done, new_store)  # the runs a killed driver left open; in a new store, finished trials
-    # Only now: a driver stopped before it has caught up (MLflow calls for every trial) finds the earlier store named
-    # there again, and does it again.
-    _write_atomic(out / "study.yaml", study.resolved_yaml())
+    recorder.catch_up_runs(done, new_store or copied)  # the runs a killed driver left open; finished trials' in a new
+    # store or study run
+    if new_store:
+        # Only now: a driver stopped before it has caught up (MLflow calls for every trial) finds the earlier store
+        # named there again, and does it again.
+        _write_atomic(out / "study.yaml", study.resolved_yaml())
     try:
         if todo:
             res = study.raw["resources"]
@@ -694,7 +705,6 @@ def _run_trials(study, build_report, report_dir, began, capacity):
             # One relay mailbox actor and one placement-group watch for the whole study, where a fresh process
             # of each would start with every trial; named, so that the trials find them.
             services = f"{study.name}-{uuid.uuid4().hex[:8]}"
-            nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
             run = {"output": str(out), "storage": str(ray_storage(out)), "fid_cache": str(out / "fid_cache"),
                    "workers_per_node": workers_per_node(study, nodes, tuner_concurrency),
                    "inception_weights": cached_inception_weights(study.raw["eval"]),

@@ -1205,10 +1205,16 @@ def max_concurrent_trials(study, resources):
     if res["max_concurrent_trials"]:
         return res["max_concurrent_trials"]
     workers = res["workers_per_trial"]
-    fits = [int(resources.get("CPU", 0) // (workers * res["cpus_per_worker"]))] if res["cpus_per_worker"] else []
+    fits = [times(resources.get("CPU", 0), workers * res["cpus_per_worker"])] if res["cpus_per_worker"] else []
     if res["gpus_per_worker"]:
-        fits.append(int(resources.get("GPU", 0) // (workers * res["gpus_per_worker"])))
+        fits.append(times(resources.get("GPU", 0), workers * res["gpus_per_worker"]))
     return max(1, min(fits or [1]))
+
+
+def times(have, need):
+    """How many times need fits in have, as Ray counts resources (to 1e-4): 1.0 CPU holds ten workers of 0.1, where
+    floating point's 1.0 // 0.1 is 9."""
+    return math.floor(round(have / need, 4))
 
 
 def workers_per_node(study, nodes, concurrent_trials):
@@ -1219,7 +1225,7 @@ def workers_per_node(study, nodes, concurrent_trials):
     most = concurrent_trials * res["workers_per_trial"]
     if not worker:  # asks for nothing: Ray places any number of them on a node
         return most
-    fits = [min(int(node.get(r, 0.0) // n) for r, n in worker.items()) for node in nodes]
+    fits = [min(times(node.get(r, 0.0), n) for r, n in worker.items()) for node in nodes]
     # No node up holds one (an autoscaler adds them): as many as could come together.
     return min(max(fits, default=0) or most, most)
 

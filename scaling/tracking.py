@@ -16,7 +16,6 @@ import os
 import re
 import sqlite3
 import time
-import urllib.parse
 from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunStatus
@@ -43,12 +42,10 @@ HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BA
 
 
 def shown_uri(uri):
-    """A tracking URI as printed: a password in it (a database's, a server's basic auth) shown as ***."""
-    parts = urllib.parse.urlsplit(uri)
-    if parts.password is None:
-        return uri
-    user, _, host = parts.netloc.rpartition("@")
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user.partition(':')[0]}:***@{host}"))
+    """A tracking URI as printed: a password in it (a database's, a server's basic auth, a `password=` query
+    parameter) shown as ***; the rest as written (urllib's round trip would turn sqlite://// into sqlite://)."""
+    uri = re.sub(r"^([a-z0-9+.-]+://[^/@:]*:)[^/@]*@", r"\1***@", uri, flags=re.I)
+    return re.sub(r"([?&][^=&]*password[^=&]*=)[^&]*", r"\1***", uri, flags=re.I)
 
 
 def artifacts_folder(output_dir):
@@ -286,8 +283,9 @@ def deleted_experiment(uri, name):
     exp = client(uri).get_experiment_by_name(name)
     if exp is None or exp.lifecycle_stage != "deleted":
         return None
-    return (f"MLflow's experiment {name!r} at {uri} is deleted, and takes no runs: restore it (MLFLOW_TRACKING_URI="
-            f"{uri} mlflow experiments restore -x {exp.experiment_id}), or name another with tracking.experiment")
+    return (f"MLflow's experiment {name!r} at {shown_uri(uri)} is deleted, and takes no runs: restore it "
+            f"(MLFLOW_TRACKING_URI={shown_uri(uri)} mlflow experiments restore -x {exp.experiment_id}), or name another "
+            "with tracking.experiment")
 
 
 def _param_value(v):

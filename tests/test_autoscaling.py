@@ -17,7 +17,7 @@ from scaling.autoscaler_limits import (UNLIMITED, AutoscalerLimits, autoscaler_l
                                       v1_autoscales)
 from scaling.results import load_results
 from scaling.run import check_capacity
-from scaling.study import StudyError, check_cluster, load_study, max_concurrent_trials
+from scaling.study import StudyError, check_cluster, load_study, max_concurrent_trials, workers_per_node
 from test_cluster_faults import fault_study, finish, free_ports, start_study
 
 
@@ -241,14 +241,15 @@ def test_a_cluster_config_in_the_gcs_sets_the_check_and_the_packing(tmp_path, mo
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         assert autoscaler_limits() == AutoscalerLimits()  # it runs, its limits unknown: the nodes up, with a warning
-        assert check_capacity(one_gpu)["CPU"] == 1.0
+        assert check_capacity(one_gpu)[0]["CPU"] == 1.0
         GcsClient(address=ray.get_runtime_context().gcs_address).report_cluster_config(
             v2_config().SerializeToString())
         assert autoscaler_limits() == limits_of_config(v2_config())
         with pytest.raises(StudyError, match="the cluster has 0$"):  # a study's own local Ray never autoscales
             check_capacity(one_gpu, local=True)
-        capacity = check_capacity(one_gpu)  # no GPU up: the GPU nodes to come
+        capacity, nodes = check_capacity(one_gpu)  # no GPU up: the GPU nodes to come
         assert capacity["GPU"] == 4.0 and max_concurrent_trials(one_gpu, capacity) == 4
+        assert workers_per_node(one_gpu, nodes, 4) == 1  # the nodes to come hold one worker each: one copy of the data
         with pytest.raises(StudyError, match="a trial needs 8 × 1 = 8 GPUs, the cluster grows to at most 4 "):
             check_capacity(eight_gpus)
         # A config whose node types can add none: the cluster is what is up (0 GPUs), refused whatever the flag says.

@@ -275,20 +275,28 @@ def _check_encode_as_rank(rank, trial, store_path, out):
     try:
         check_data_encode_on_every_rank(trial, SimpleNamespace(rank=rank, world_size=2, device="cpu"))
         out.put((rank, None))
-    except DataEncodeChanged as e:
-        out.put((rank, str(e)))
+    except (DataEncodeChanged, FileNotFoundError, RuntimeError) as e:
+        out.put((rank, f"{type(e).__name__}: {e}"))
     finally:
         torch.distributed.destroy_process_group()
 
 
-def test_a_milestones_encode_check_stops_every_rank_on_rank_0s_reading(tmp_path):
+def test_a_milestones_encode_check_stops_every_rank_on_rank_0s_reading(tmp_path, encode_tiny_latents):
     # Before its samples are decoded: a rank that raised alone would leave the others waiting in the evaluation.
     from two_ranks import on_two_ranks  # tests/, on pytest's path
 
-    trial = {"trial_id": "DiT-P-2-abc", "data": {"path": str(tmp_path / "latents")}, "data_encode": "e0"}
-    said = on_two_ranks(_check_encode_as_rank, trial, store=tmp_path / "store")  # the folder is gone
-    assert said[0].startswith(f"{tmp_path / 'latents'} was encoded again since the study started (encode e0, now "
-                              f"unreadable: latent folder {tmp_path / 'latents'} does not exist)"), said
-    assert "(encode e0, now another, as rank 0 read it)" in said[1], said
+    latents = tmp_path / "latents"
+    trial = {"trial_id": "DiT-P-2-abc", "data": {"path": str(latents)}, "data_encode": "e0"}
+    # A meta.json rank 0 cannot read: an error Ray retries (the trial is not ended), on both ranks.
+    said = on_two_ranks(_check_encode_as_rank, trial, store=tmp_path / "store")
+    assert said == {0: f"FileNotFoundError: latent folder {latents} does not exist",
+                    1: f"RuntimeError: rank 0 could not read the latents' meta.json in {latents}"}
+    # Another encode: the trial ends, on both ranks.
+    encode_tiny_latents(latents, seed=0)
+    said = on_two_ranks(_check_encode_as_rank, trial, store=tmp_path / "store-2")
+    assert said[0].startswith(f"DataEncodeChanged: {latents} was encoded again since the study started (encode e0, "
+                              "now "), said
+    assert said[1].endswith("(encode e0, now another, as rank 0 read it): trial DiT-P-2-abc would train on data its rows "
+                            "do not name; run the study again (in another output: its rows are the earlier encode's)")
     unrecorded = {**trial, "data_encode": None}  # data in pixels, or rows from before encodes were recorded
-    assert on_two_ranks(_check_encode_as_rank, unrecorded, store=tmp_path / "store2") == {0: None, 1: None}
+    assert on_two_ranks(_check_encode_as_rank, unrecorded, store=tmp_path / "store-3") == {0: None, 1: None}

@@ -12,7 +12,7 @@ import yaml
 from core.models import DiT
 from scaling.dry_run import format_plan, local_slots, wall_seconds
 from scaling.results import RESULTS_SCHEMA, write_table
-from scaling.study import StudyError, check_cluster, load_study
+from scaling.study import StudyError, check_cluster, load_study, max_concurrent_trials
 from test_data import save_tiny_vae
 
 STUDIES = Path(__file__).resolve().parent.parent / "studies"
@@ -518,6 +518,10 @@ def test_the_workers_a_node_runs_at_once_count_every_trial_packed_there(tmp_path
     assert workers_per_node(gpu, [cpu_head], concurrent_trials=5) == 5  # none up holds one: as many as may come
     two = load(tmp_path, overrides=["resources.workers_per_trial=2"])  # one CPU each
     assert workers_per_node(two, [{"CPU": 2.0}], concurrent_trials=2) == 2
+    # Shares counted as Ray counts them (to 1e-4), not floating point's 1.0 // 0.1 = 9.
+    tenth = load(tmp_path, overrides=["resources.cpus_per_worker=0.1"])
+    assert workers_per_node(tenth, [{"CPU": 1.0}], concurrent_trials=20) == 10
+    assert max_concurrent_trials(tenth, {"CPU": 1.0}) == 10 and max_concurrent_trials(tenth, {"CPU": 0.3}) == 3
     from scaling.ray_trial import train_config
 
     assert train_config(gpu.trials[0].to_dict(), 8).data_copies == 8  # what the trial's workers load data with

@@ -159,3 +159,15 @@ def test_a_file_store_is_refused_unless_mlflow_is_let_use_one(monkeypatch):
     assert tracking.unsupported_store("/tmp/mlruns").startswith("MLflow no longer logs to a file store")
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     assert tracking.unsupported_store("file:///tmp/mlruns") is None
+
+
+def test_a_printed_tracking_uri_shows_no_password():
+    shown = {uri: tracking.shown_uri(uri) for uri in (
+        "postgresql://bob:s3cret@db:5432/mlflow", "https://bob:s3cret@mlflow.example:443",
+        "mysql+pymysql://db/mlflow?user=bob&password=s3cret&charset=utf8", "http://mlflow:5000", "sqlite:////a/b.db")}
+    assert shown == {
+        "postgresql://bob:s3cret@db:5432/mlflow": "postgresql://bob:***@db:5432/mlflow",
+        "https://bob:s3cret@mlflow.example:443": "https://bob:***@mlflow.example:443",
+        "mysql+pymysql://db/mlflow?user=bob&password=s3cret&charset=utf8":
+            "mysql+pymysql://db/mlflow?user=bob&password=***&charset=utf8",
+        "http://mlflow:5000": "http://mlflow:5000", "sqlite:////a/b.db": "sqlite:////a/b.db"}
