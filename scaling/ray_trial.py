@@ -285,8 +285,8 @@ def _process_alive(pid):
 
 def _train(train, trial, run, reporting, local, resume_dir):
     out = Path(run["output"]) / "trials" / trial["trial_id"]
-    train(train_config(trial, run.get("workers_per_node")), out, trial["milestones"], reporting, resume_from=resume_dir,
-          checkpoint_dir=local, shared_checkpoint_dir=False)
+    train(train_config(trial, run.get("workers_per_node")), out, trial["milestones"], reporting,
+          resume_from=resume_dir, checkpoint_dir=local, shared_checkpoint_dir=False)
 
 
 class TrialTrainer(DataParallelTrainer):

@@ -372,7 +372,8 @@ class Recorder(Callback):
             "lr": r["lr"] if r.get("lr") is not None else t.train["lr"],
             "dataset": t.data["dataset"], "wall_time_s": r.get("train_time_s"), "eval_time_s": r.get("eval_time_s"),
             "images_per_s": r.get("images_per_s"), "achieved_tflops": r.get("achieved_tflops"), "mfu": r.get("mfu"),
-            "sample_images_per_s": r.get("sample_images_per_s"), "startup_s": self.overhead.get(t.trial_id, {}).get("startup_s"),
+            "sample_images_per_s": r.get("sample_images_per_s"),
+            "startup_s": self.overhead.get(t.trial_id, {}).get("startup_s"),
             "teardown_s": None, "status": status, "error": error, "mlflow_run_id": run_id,
             "timestamp": datetime.now(timezone.utc), "config_json": _config_json(t),
         }

@@ -142,8 +142,8 @@ def _store_error(e, uri, where):
     if uri.startswith(("http://", "https://")) and any(
             isinstance(c, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)) for c in chain):
         reason = next((c.strerror for c in reversed(chain) if isinstance(c, OSError) and c.strerror), reason)
-        return ReplayError(f"MLflow at {shown_uri(uri)} still does not answer ({reason}); nothing was lost: run this again "
-                           f"later", EXIT_AWAY)
+        return ReplayError(f"MLflow at {shown_uri(uri)} still does not answer ({reason}); nothing was lost: run this "
+                           f"again later", EXIT_AWAY)
     return ReplayError(f"{where}: MLflow cannot use the store {shown_uri(uri)} ({reason})")
 
 

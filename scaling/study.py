@@ -1205,27 +1205,28 @@ def max_concurrent_trials(study, resources):
     if res["max_concurrent_trials"]:
         return res["max_concurrent_trials"]
     workers = res["workers_per_trial"]
-    fits = [times(resources.get("CPU", 0), workers * res["cpus_per_worker"])] if res["cpus_per_worker"] else []
+    fits = [how_many_fit(resources.get("CPU", 0), workers * res["cpus_per_worker"])] if res["cpus_per_worker"] else []
     if res["gpus_per_worker"]:
-        fits.append(times(resources.get("GPU", 0), workers * res["gpus_per_worker"]))
+        fits.append(how_many_fit(resources.get("GPU", 0), workers * res["gpus_per_worker"]))
     return max(1, min(fits or [1]))
 
 
-def times(have, need):
+def how_many_fit(have, need):
     """How many times need fits in have, as Ray counts resources (to 1e-4): 1.0 CPU holds ten workers of 0.1, where
     floating point's 1.0 // 0.1 is 9."""
     return math.floor(round(have / need, 4))
 
 
 def workers_per_node(study, nodes, concurrent_trials):
-    """The most of the study's workers one node up runs at once (nodes: each node's resources, as ray.nodes() gives
-    them), with concurrent_trials trials at a time: the processes of a node that may each hold the data in memory."""
+    """The most of the study's workers one node runs at once (nodes: the resources of each node up, as ray.nodes()
+    gives them, and of each node type an autoscaler may add), with concurrent_trials trials at a time: the processes
+    of a node that may each hold the data in memory."""
     res = study.raw["resources"]
     worker = {r: res[key] for key, r in (("cpus_per_worker", "CPU"), ("gpus_per_worker", "GPU")) if res[key]}
     most = concurrent_trials * res["workers_per_trial"]
     if not worker:  # asks for nothing: Ray places any number of them on a node
         return most
-    fits = [min(times(node.get(r, 0.0), n) for r, n in worker.items()) for node in nodes]
+    fits = [min(how_many_fit(node.get(r, 0.0), n) for r, n in worker.items()) for node in nodes]
     # No node up holds one (an autoscaler adds them): as many as could come together.
     return min(max(fits, default=0) or most, most)
 

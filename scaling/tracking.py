@@ -284,8 +284,8 @@ def deleted_experiment(uri, name):
     if exp is None or exp.lifecycle_stage != "deleted":
         return None
     return (f"MLflow's experiment {name!r} at {shown_uri(uri)} is deleted, and takes no runs: restore it "
-            f"(MLFLOW_TRACKING_URI={shown_uri(uri)} mlflow experiments restore -x {exp.experiment_id}), or name another "
-            "with tracking.experiment")
+            f"(MLFLOW_TRACKING_URI={shown_uri(uri)} mlflow experiments restore -x {exp.experiment_id}), or name "
+            "another with tracking.experiment")
 
 
 def _param_value(v):
