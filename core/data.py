@@ -181,6 +181,20 @@ def build_dataset(name, split="train", path=None, image_size=None, **opts):
     return DATASETS[name](split=split, path=path, image_size=image_size, **opts)
 
 
+def data_identity(dataset, path=None):
+    """A 62-bit digest of which items a training dataset holds, for ranks to compare: an image folder's files (their
+    names and labels, relative to path: not their sizes, a stat of each), a latent set's encode (core.latents'
+    encode_id), and nothing for the digits, which ship with scikit-learn."""
+    if isinstance(dataset, LatentShards):
+        text = dataset.encode
+    elif isinstance(dataset, MirroredImages):
+        root = Path(path)
+        text = "\n".join(f"{Path(file).relative_to(root)}\t{label}" for file, label in dataset.samples)
+    else:
+        return 0
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") >> 2
+
+
 def training_items(name, num_images):
     """Items in an epoch of a dataset's train split: its images and, but for the digits, their mirrors."""
     return num_images if name == "digits" else 2 * num_images

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from core import checkpoint as ckpt
-from core.data import DATASETS, ShardedBatchSampler, build_dataset, dataset_info, training_items
+from core.data import DATASETS, ShardedBatchSampler, build_dataset, data_identity, dataset_info, training_items
 from core.data_error import DataError
 from core.diffusion import create_diffusion
 from core.ema import EMA
@@ -561,6 +561,11 @@ def train(cfg, out_dir, milestones=(), callbacks=None, resume_from=None, checkpo
     if fewest != most:  # each rank's sampler permutes its own count: the global batch would repeat and skip items
         raise DataError(f"the processes see {cfg.dataset} data of different sizes ({fewest} to {most} items) at "
                         f"{cfg.data_path}: every node must see the same data (one shared folder, or identical copies)")
+    lowest, highest = ranks_spread(data_identity(dataset, cfg.data_path), device)
+    if lowest != highest:  # as many items, other ones: each rank's share of a batch would come from other data
+        raise DataError(f"the processes see different {cfg.dataset} data at {cfg.data_path} (as many items, other "
+                        f"{'encodes' if cfg.dataset == 'latents' else 'files'}): every node must see the same data "
+                        "(one shared folder, or identical copies)")
     sampler = ShardedBatchSampler(len(dataset), cfg.batch_size, rank, world, cfg.seed)
     validation = ValidationBatch(cfg, rank, world, device, cfg.diffusion_steps) if cfg.val_batch else None
     shape = (mcfg["in_channels"], mcfg["input_size"], mcfg["input_size"])
