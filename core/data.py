@@ -1,5 +1,6 @@
 """Training data: the bundled digits, an image folder, pre-encoded latents, and the per-rank batch sampler."""
 import hashlib
+import os
 from functools import partial
 from pathlib import Path
 
@@ -187,9 +188,8 @@ def data_identity(dataset, path=None):
     encode_id), and nothing for the digits, which ship with scikit-learn."""
     if isinstance(dataset, LatentShards):
         text = dataset.encode
-    elif isinstance(dataset, MirroredImages):
-        root = Path(path)
-        text = "\n".join(f"{Path(file).relative_to(root)}\t{label}" for file, label in dataset.samples)
+    elif isinstance(dataset, MirroredImages):  # relpath: lexical, and never raises as Path.relative_to may
+        text = "\n".join(f"{os.path.relpath(file, path)}\t{label}" for file, label in dataset.samples)
     else:
         return 0
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") >> 2
