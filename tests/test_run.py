@@ -504,10 +504,29 @@ def test_an_address_where_an_http_server_answers_exits_2_at_once(tmp_path, schem
     assert not out.exists()
 
 
+def gcs_servers():
+    """How many Ray GCS processes run on this machine (any test's Ray), from /proc."""
+    count = 0
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            count += comm.read_text().strip() == "gcs_server"
+        except OSError:  # exited meanwhile
+            continue
+    return count
+
+
 def test_address_auto_with_no_cluster_running_exits_2(tmp_path):
-    # ray.init's ConnectionError went up as a traceback, exit 1 (the code for failed trials).
+    # ray.init's ConnectionError went up as a traceback, exit 1 (the code for failed trials). "auto" takes any Ray
+    # running on the machine, another test's too: the study asks for a GPU, so that it never trains on one it finds
+    # (a CPU cluster refuses it), and runs while no Ray runs here, again where one started meanwhile.
     study, out = write_study(tmp_path)
-    proc = run([study, "--address", "auto"], timeout=120)
+    deadline = time.time() + 300
+    while True:
+        while gcs_servers() and time.time() < deadline:
+            time.sleep(0.2)
+        proc = run([study, "--address", "auto", "--set", "resources.gpus_per_worker=1"], timeout=120)
+        if "Could not find any running Ray instance" in proc.stderr or time.time() > deadline:
+            break
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.splitlines()[-1].startswith("error: --address auto: Could not find any running Ray instance"), \
         proc.stderr[-3000:]
