@@ -561,7 +561,7 @@ def train(cfg, out_dir, milestones=(), callbacks=None, resume_from=None, checkpo
     if fewest != most:  # each rank's sampler permutes its own count: the global batch would repeat and skip items
         raise DataError(f"the processes see {cfg.dataset} data of different sizes ({fewest} to {most} items) at "
                         f"{cfg.data_path}: every node must see the same data (one shared folder, or identical copies)")
-    lowest, highest = ranks_spread(data_identity(dataset, cfg.data_path), device)
+    lowest, highest = ranks_spread(data_identity(dataset), device)
     if lowest != highest:  # as many items, other ones: each rank's share of a batch would come from other data
         raise DataError(f"the processes see different {cfg.dataset} data at {cfg.data_path} (as many items, other "
                         f"{'encodes' if cfg.dataset == 'latents' else 'files'}): every node must see the same data "

@@ -146,16 +146,16 @@ def test_the_identity_ranks_compare_tells_other_data_of_the_same_size_apart(tmp_
     a, b = make_folder(tmp_path / "a"), make_folder(tmp_path / "b")
 
     def identity(root):
-        return data_identity(build_dataset("imagefolder", path=root, image_size=16), root)
+        return data_identity(build_dataset("imagefolder", path=root, image_size=16))
     assert identity(a) == identity(b) and 0 < identity(a) < 2 ** 62  # the same files, wherever the folder is
     moth = sorted((b / "moth").iterdir())[0]
     moth.rename(b / "zebra" / f"z-{moth.name}")  # as many images, one of them under another label
     assert identity(b) != identity(a)
     latents = tmp_path / "latents"
     encode_tiny_latents(latents, seed=0)
-    first = data_identity(build_dataset("latents", path=latents), latents)
+    first = data_identity(build_dataset("latents", path=latents))
     encode_tiny_latents(latents, seed=1)  # encoded again: as many images, other latents
-    assert data_identity(build_dataset("latents", path=latents), latents) != first
+    assert data_identity(build_dataset("latents", path=latents)) != first
     assert data_identity(build_dataset("digits")) == 0  # shipped with scikit-learn: the same everywhere
 
 
