@@ -39,7 +39,6 @@ def best_after_first(windows):
 def train_directly(model, config, data, batch, micro, steps, peak, cpu):
     """core.train in this process: the figure the orchestrator is measured against."""
     opts = dict(CONFIGS[config])
-    torch.backends.cuda.matmul.allow_tf32 = opts.pop("tf32")
     if cpu:
         opts.update(precision="fp32", zero_stage=0)  # DeepSpeed's bf16 wants a GPU
     cfg = TrainConfig(model=model, dataset="latents", data_path=str(data), batch_size=batch,

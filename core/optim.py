@@ -3,6 +3,8 @@ import math
 
 import torch
 
+from core.precision import PRECISIONS
+
 LR_SCHEDULES = ("constant", "cosine", "linear")
 
 
@@ -38,14 +40,14 @@ def deepspeed_config(global_batch, micro_batch, grad_accum, zero_stage, precisio
     """The DeepSpeed config dict for a data-parallel ZeRO run."""
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage}")
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, got {precision!r}")
     return {
         "train_batch_size": global_batch,
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,
         "zero_optimization": {"stage": zero_stage},
-        "bf16": {"enabled": precision == "bf16"},
+        "bf16": {"enabled": precision == "bf16"},  # tf32 is fp32 to DeepSpeed: core.precision sets its products
         "gradient_clipping": float(grad_clip or 0.0),
         "zero_allow_untested_optimizer": True,  # torch's AdamW is what the paper trains with
         "steps_per_print": 2 ** 31,  # core logs its own metrics

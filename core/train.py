@@ -29,6 +29,7 @@ from core.flops import gflops_from_config, train_flop_per_image
 from core.host_memory import hold_freed_memory
 from core.models import DiT, DiT_models, check_shape, model_config
 from core.optim import LR_SCHEDULES, build_optimizer, deepspeed_config, lr_lambda
+from core.precision import PRECISIONS, autocast_dtype_for, use_precision
 from core.writable import write_problem
 
 logger = logging.getLogger("core.train")
@@ -104,7 +105,7 @@ CONFIG_RULES = {
     "weight_decay": (lambda v: _is_finite(v) and v >= 0, "must be a finite number >= 0"),
     "grad_clip": _positive(optional=True),
     "ema_decay": (_fraction, "must be a finite number in [0, 1)"),  # 1 would never move the EMA
-    "precision": _one_of("fp32", "bf16"),
+    "precision": _one_of(*PRECISIONS),
     "zero_stage": _one_of(0, 1, 2, 3),
     "seed": _integer(0, MAX_SEED),
     # The linear schedule's last beta is 20 / diffusion_steps: at 20 steps or fewer the signal is gone before the
@@ -148,7 +149,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = None
     ema_decay: float = 0.9999
-    precision: str = "fp32"
+    precision: str = "fp32"  # fp32, tf32 or bf16 (core/precision.py)
     zero_stage: int = 2
     seed: int = 0
     diffusion_steps: int = 1000
@@ -519,6 +520,7 @@ def train(cfg, out_dir, milestones=(), callbacks=None, resume_from=None, checkpo
 
     deepspeed = import_deepspeed()
     rank, world, _, device = setup_distributed()
+    use_precision(cfg.precision)
     check_ranks_resume_alike(saved["step"] if saved else -1, checkpoint_dir, device)
     if device.type == "cpu":
         hold_freed_memory()  # each step's tensors in pages the last step mapped (core/host_memory.py)
@@ -544,7 +546,7 @@ def train(cfg, out_dir, milestones=(), callbacks=None, resume_from=None, checkpo
         engine.enable_backward_allreduce = False
     if cfg.compile:
         engine.compile()
-    autocast_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
+    autocast_dtype = autocast_dtype_for(cfg.precision)
     trainable = [p for p in engine.module.parameters()]
 
     diffusion = create_diffusion(learn_sigma=mcfg["learn_sigma"], diffusion_steps=cfg.diffusion_steps)
@@ -830,7 +832,8 @@ def main(argv=None):
     parser.add_argument("--grad-clip", type=float, default=None)
     parser.add_argument("--ema-decay", type=float, default=0.9999)
     parser.add_argument("--precision", default="bf16" if torch.cuda.is_available() else "fp32",
-                        choices=["fp32", "bf16"], help="default: bf16 on a GPU, fp32 on CPU (a study's: fp32)")
+                        choices=PRECISIONS, help="default: bf16 on a GPU, fp32 on CPU (a study's: fp32); tf32: fp32 "
+                        "with a GPU's TF32 products, as the reference trains")
     parser.add_argument("--diffusion-steps", type=int, default=1000)
     parser.add_argument("--class-dropout-prob", type=float, default=None, help="labels dropped (the model's: 0.1)")
     parser.add_argument("--learn-sigma", action=argparse.BooleanOptionalAction, default=None,

@@ -8,6 +8,7 @@ import torch
 
 from core.cpus import usable_cpus
 from core.flops import training_compute
+from core.precision import autocast_dtype_for, use_precision
 from scaling.results import RESULTS_FILE, recorded_trials
 from scaling.study import launch_order, max_concurrent_trials
 from scaling.trial_storage import checkpoint_step
@@ -60,7 +61,9 @@ def _probe(config_json, batch, device, precision, threads, grad_checkpointing):
     x = torch.randn(batch, channels, size, size, device=device)
     t = torch.randint(0, 1000, (batch,), device=device)
     y = torch.randint(0, cfg["num_classes"], (batch,), device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    use_precision(precision)  # TF32 or not, as the trial's processes set it
+    dtype = autocast_dtype_for(precision)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
     def step():
         with autocast:

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import yaml
 
+from core.precision import PRECISIONS
+
 
 class StudyError(Exception):
     """A bad study file or override; the message reads `file:line: field: what is wrong`."""
@@ -166,7 +168,7 @@ SCHEMA = {
         "weight_decay": (0.0, number(at_least=0)),
         "grad_clip": (None, optional(number(above=0))),
         "ema_decay": (0.9999, number(at_least=0, below=1)),  # 1 would never move the EMA from its start
-        "precision": ("fp32", choice("fp32", "bf16")),
+        "precision": ("fp32", choice(*PRECISIONS)),  # core/precision.py says what each means
         "zero_stage": (2, integer(at_least=0, at_most=3)),
         "seed": (0, seed),
         "class_dropout_prob": (0.1, number(at_least=0, below=1)),

@@ -500,7 +500,7 @@ def test_train_config_refuses_values_outside_their_range():
         TrainConfig(diffusion_steps=20)
     with pytest.raises(ValueError, match=r"^betas \(0.9, 1.5\): must be two numbers in \[0, 1\)$"):
         TrainConfig(betas=(0.9, 1.5))
-    with pytest.raises(ValueError, match="^precision 'fp16': must be one of 'fp32', 'bf16'$"):
+    with pytest.raises(ValueError, match="^precision 'fp16': must be one of 'fp32', 'tf32', 'bf16'$"):
         TrainConfig(precision="fp16")
     with pytest.raises(ValueError, match="^batch_size True: must be an integer >= 1$"):
         TrainConfig(batch_size=True)

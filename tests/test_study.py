@@ -270,6 +270,14 @@ def test_trial_ids_change_with_what_determines_the_result(tmp_path, override):
     assert len(base) == len(changed) == 4 and not base & changed
 
 
+def test_each_precision_has_its_own_trial_ids(tmp_path):
+    ids = {p: {t.trial_id for t in load(tmp_path, overrides=[f"train.precision={p}"]).trials}
+           for p in ("fp32", "tf32", "bf16")}
+    assert all(len(i) == 4 for i in ids.values()) and len(set().union(*ids.values())) == 12
+    with pytest.raises(StudyError, match=r"train\.precision: expected one of 'fp32', 'tf32', 'bf16', got 'tf16'"):
+        load(tmp_path, overrides=["train.precision=tf16"])
+
+
 @pytest.mark.parametrize("override", [
     "resources.workers_per_trial=2", "resources.max_failures=3", "tracking.experiment=x", "output=elsewhere",
     "name=renamed", "train.log_every=1", "train.ckpt_every=5", "train.lr=0.001", "eval.cfg_scale=1",

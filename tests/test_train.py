@@ -63,6 +63,20 @@ def test_resume_is_bitwise_for_one_process(tmp_path, precision, zero_stage):
     assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
 
 
+def test_tf32_trains_as_fp32_on_a_cpu_and_each_run_sets_its_own_tf32_switches(tmp_path):
+    # A Ray worker trains one trial after another: a tf32 trial's switches must not outlive it into an fp32 one.
+    switches = lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)  # noqa: E731
+    train(tiny_config(max_steps=4, precision="tf32"), tmp_path / "tf32")
+    assert switches() == (True, True)
+    train(tiny_config(max_steps=4, precision="fp32"), tmp_path / "fp32")
+    assert switches() == (False, False)
+    losses_tf32, state = history(tmp_path / "tf32")
+    losses_fp32, _ = history(tmp_path / "fp32")
+    assert state["config"]["precision"] == "tf32" and losses_tf32 == losses_fp32 and len(losses_tf32) == 2
+    with pytest.raises(ckpt.CheckpointError, match=r"precision 'fp32' \(now 'tf32'\)"):
+        train(tiny_config(max_steps=6, precision="tf32"), tmp_path / "fp32", resume_from="auto")
+
+
 def test_a_run_given_more_steps_under_a_constant_lr_trains_on_as_one_straight_run(tmp_path):
     # What scaling.continuation builds on: a finished run of 6 steps, resumed with max_steps 12 and more milestones,
     # reaches the weights, losses and validation of one run to 12 (the constant lr and every step's randomness do not
