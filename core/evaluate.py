@@ -128,7 +128,7 @@ def latent_decoder(meta, vae, device):
     """
     if vae is None or isinstance(vae, (str, bytes)) or hasattr(vae, "__fspath__"):
         vae = _load_vae(str(vae or meta["vae"]), str(device))
-    scale = meta.get("scale_factor", vae.config.scaling_factor)
+    scale = meta["scale_factor"]  # the encode's (core.latents.meta_problem requires it), not the VAE's default
 
     @torch.no_grad()
     def decode(z):

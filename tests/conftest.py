@@ -89,7 +89,8 @@ def encode_tiny_latents():
         def shards(new):
             entry = write_shard(new, 0, torch.randn(16, 2, 4, 4, 4, generator=generator), [0, 1] * 8, range(16))
             return [entry], [4, 4, 4]
-        write_latent_folder(folder, shards, {"num_images": 16, "classes": ["a", "b"], "image_size": 32})
+        write_latent_folder(folder, shards, {"num_images": 16, "classes": ["a", "b"], "image_size": 32,
+                                             "scale_factor": 0.18215})
     return encode
 
 

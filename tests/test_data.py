@@ -443,7 +443,7 @@ def write_meta(folder, **changes):
     """A latent folder whose meta.json is a valid one's with changes (a None value removes the key)."""
     folder.mkdir(parents=True, exist_ok=True)
     meta = dict(format="dit-scaling-latents/1", num_images=2, classes=["ant"], latent_shape=[4, 8, 8],
-                image_size=16, shards=[{"file": "shard-00000.safetensors", "num_images": 2}])
+                image_size=16, scale_factor=0.18215, shards=[{"file": "shard-00000.safetensors", "num_images": 2}])
     meta.update(changes)
     (folder / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if v is not None}))
     return folder / "meta.json"
@@ -472,6 +472,8 @@ def write_meta(folder, **changes):
     # (another's images never).
     (dict(latent_shape=[4, 2, 3]), '"latent_shape" [4, 2, 3] is not square (channels, h, h)'),
     (dict(scale_factor="oops"), "\"scale_factor\" is 'oops', not a number > 0"),
+    # Passed before, read as 1 by this check and as the VAE's own factor (0.18215) by the decode: samples 5.5× off.
+    (dict(scale_factor=None), "missing ['scale_factor']"),
     (dict(scale_factor=0), '"scale_factor" is 0, not a number > 0'),
     (dict(num_images=4, shards=[{"file": "shard-00000.safetensors", "num_images": 2}] * 2),
      "shard file shard-00000.safetensors is listed twice"),

@@ -404,14 +404,15 @@ def test_latent_decoder_undoes_the_scale_factor_the_encoder_applied():
     torch.testing.assert_close(decoded, expected, atol=1e-5, rtol=1e-5)
     assert (decoded - wrong).abs().max() > 1e-2  # the scale makes a difference this test sees
 
-    # Round trip with core.latents' encoder, which multiplies by the VAE's scaling_factor (a meta.json without
-    # one falls back to it): the decoder must see the encoder's unscaled latent again.
+    # Round trip with core.latents' encoder, which multiplies by the VAE's scaling_factor and records it in
+    # meta.json: the decoder must see the encoder's unscaled latent again.
     images = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(2)) * 2 - 1
     with torch.no_grad():
         unscaled = vae.encode(images).latent_dist.mode()  # (4, 4, 4, 4)
         expected = vae.decode(unscaled).sample
     scaled = unscaled * vae.config.scaling_factor  # as core.latents.encode_images stores them
-    torch.testing.assert_close(latent_decoder({}, vae, "cpu")(scaled), expected, atol=1e-5, rtol=1e-5)
+    meta = {"scale_factor": vae.config.scaling_factor}
+    torch.testing.assert_close(latent_decoder(meta, vae, "cpu")(scaled), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_two_gloo_processes_match_one(tmp_path):
