@@ -70,6 +70,16 @@ def _count(v):
     return f"{v:g}"
 
 
+SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+def _power(v):
+    """Compute as the paper writes it: 10⁹, 2×10⁹ (matplotlib's own labels are TeX, which parse_math=False prints)."""
+    mantissa, exponent = f"{v:.0e}".split("e")
+    power = "10" + str(int(exponent)).translate(SUPERSCRIPT)
+    return power if mantissa == "1" else f"{mantissa}×{power}"
+
+
 def _log_ticks(axis, fmt=lambda v: f"{v:g}"):
     """Label a log axis in plain numbers (20, 50, 100 rather than 2×10^1); the 2s and 5s between
     decades too when the axis spans little more than one decade, where they are the only labels."""
@@ -175,6 +185,7 @@ def fid_vs_compute(rows, on_frontier, fit, folder, fid_label="FID", note=None):
                    f"frontier fit: FID = {_coef(a)}·C^{_coef(b)}")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    _log_ticks(ax.xaxis, _power)
     _log_ticks(ax.yaxis)
     ax.set_xlabel(COMPUTE_LABEL)
     ax.set_ylabel(f"{fid_label} (log scale)")
@@ -193,6 +204,7 @@ def loss_vs_compute(rows, loss, on_frontier, fit, folder, note=None):
         _fit_curve(ax, fit, rows.train_compute.min(), rows.train_compute.max(),
                    f"frontier fit: L = {_coef(e)} + {_coef(a)}·C^−{_coef(alpha)}")
     ax.set_xscale("log")
+    _log_ticks(ax.xaxis, _power)
     ax.set_xlabel(COMPUTE_LABEL)
     ax.set_ylabel(f"{loss_label(loss)} (diffusion objective)")
     ax.set_title(f"{loss_label(loss).capitalize()} against training compute")
@@ -276,6 +288,7 @@ def isoflop_profiles(iso, loss, folder):
             _note(ax, f"{ok.sum()} budget(s) with an interior minimum: too few for a fit")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        _log_ticks(ax.xaxis, _power)
         _log_ticks(ax.yaxis, _count)
         ax.set_xlabel("training compute budget C (Gflops)")
         ax.set_ylabel(f"compute-optimal {what} {symbol} (log scale)")

@@ -585,6 +585,28 @@ def test_a_model_name_with_dollar_signs_is_drawn_as_text(tmp_path):
     assert "DiT-S/8 $\\frac$" in (tmp_path / "report" / "report.md").read_text()
 
 
+def test_every_axis_labels_its_ticks_in_plain_text(tmp_path, monkeypatch):
+    # With parse_math off (the test above), matplotlib's own log-axis labels printed as raw TeX, "$\mathdefault{10^{9}}$",
+    # on every compute axis (Figures 2, 3 and 5).
+    from scaling import figures
+
+    labels, save = {}, figures._save
+
+    def save_and_read(fig, folder, name):
+        fig.canvas.draw()
+        labels[name] = {(i, which, minor): [t.get_text() for t in getattr(ax, f"get_{which}ticklabels")(minor=minor)]
+                        for i, ax in enumerate(fig.axes) for which in ("x", "y") for minor in (False, True)}
+        return save(fig, folder, name)
+    monkeypatch.setattr(figures, "_save", save_and_read)
+    build_report(pd.DataFrame(synthetic_rows()), tmp_path / "report", n_boot=0)
+    assert set(labels) == set(FIGURES)
+    texts = [t for axes in labels.values() for ticks in axes.values() for t in ticks if t]
+    assert texts and not [t for t in texts if "$" in t or "\\" in t]
+    compute = labels["fig2_fid_vs_compute"][(0, "x", False)] + labels["fig3_loss_vs_compute"][(0, "x", False)]
+    assert any(re.fullmatch("([1-9]×)?10[⁻]?[⁰¹²³⁴⁵⁶⁷⁸⁹]+", t) for t in compute), compute
+    assert figures._power(1e9) == "10⁹" and figures._power(2e-3) == "2×10⁻³" and figures._power(5e10) == "5×10¹⁰"
+
+
 def test_a_report_stopped_while_it_is_built_leaves_nothing_and_exits_143(tmp_path):
     # SIGTERM ended the process at once: its half-built report stayed beside the destination, never removed.
     import signal
