@@ -51,6 +51,8 @@ def sample(model, labels, seeds, *, sampler="ddpm", num_steps=250, cfg_scale=1.0
         raise ValueError(f"got {len(labels)} labels but {len(seeds)} seeds")
     if cfg_scale < 0:
         raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale}")
+    if sampler == "ddim" and not 0 <= eta <= 1:  # above 1 the DDIM step's square root is of a negative number
+        raise ValueError(f"eta must be in [0, 1], got {eta}")
     device = labels.device
     c, size = model.in_channels, model.config["input_size"]
     scheduler = make_scheduler(sampler, num_steps, model.learn_sigma, diffusion_steps, clip_denoised)

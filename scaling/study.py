@@ -197,7 +197,9 @@ SCHEMA = {
         "feature_extractor_weights": (None, optional(text)),
         "sampler": ("ddim", choice("ddim", "ddpm")),
         "sampling_steps": (50, integer(at_least=1)),
-        "eta": (0.0, number(at_least=0)),
+        # DDIM's noise: 0 deterministic, 1 DDPM's posterior variance; above 1 its step takes the square root of a
+        # negative number and every sample is NaN, found only at the first milestone.
+        "eta": (0.0, number(at_least=0, at_most=1)),
         "cfg_scale": (1.0, number(at_least=0)),  # 1.0: no guidance
         "guided_channels": (3, optional(integer(at_least=1))),  # null: every noise channel
         "vae": (None, optional(text)),  # a local diffusers AutoencoderKL, to decode latents

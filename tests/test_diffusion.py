@@ -147,6 +147,9 @@ def test_guidance_scale_one_is_the_conditional_model(reference, reference_model)
     plain = sample(reference_model, labels, seeds, sampler="ddim", num_steps=5, cfg_scale=1.0)
     with pytest.raises(ValueError, match="cfg_scale"):
         sample(reference_model, labels, seeds, sampler="ddim", num_steps=5, cfg_scale=-1.0)
+    with pytest.raises(ValueError, match=r"^eta must be in \[0, 1\], got 1.05$"):  # NaN samples, not an error, before
+        sample(reference_model, labels, seeds, sampler="ddim", num_steps=5, eta=1.05)
+    assert torch.isfinite(sample(reference_model, labels, seeds, sampler="ddim", num_steps=5, eta=1.0)).all()
     assert plain.shape == (3, 4, 8, 8)
     # The conditional model at the true labels, not the null class, and no guidance mixed in.
     conditional = ddim_by_hand(reference_model, labels, seeds, 5)

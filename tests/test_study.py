@@ -588,6 +588,8 @@ BAD = {
                      "{f}:14: resources.workers_per_trial: must be >= 1, got 0"),
     "negative guidance": (edit("fid_samples: 100", "cfg_scale: -0.5"), [], "{f}:12: eval.cfg_scale: must be >= 0, "
                           "got -0.5"),
+    # Passed, and every trial failed at its first milestone: the DDIM step's square root of a negative number.
+    "DDIM's eta above 1": (edit("fid_samples: 100", "eta: 1.05"), [], "{f}:12: eval.eta: must be <= 1, got 1.05"),
     "DDIM steps that do not divide the chain": (edit("fid_samples: 100", "sampling_steps: 30"), [],
                                                 "{f}:12: eval.sampling_steps: DDIM takes every k-th of "
                                                 "train.diffusion_steps (1000) steps: 30 does not divide it"),
