@@ -370,8 +370,8 @@ def check_output(study, results=None):
     from scaling.results import recorded_trials
 
     finished = recorded_trials(study, results)[0] if results is not None else set()
-    needed = MIN_FREE_BYTES + sum(checkpoint_bytes(t) * (study.raw["train"]["keep_checkpoints"] + 1)
-                                  for t in study.trials if t.trial_id not in finished)
+    needed = MIN_FREE_BYTES + sum(checkpoint_bytes(t) * checkpoints_on_disk(t) for t in study.trials
+                                  if t.trial_id not in finished)
     free = shutil.disk_usage(existing).free
     if free < needed:
         raise StudyError(f"{study.locate('output')}: output: {out} has {free / 2**30:.2f} GiB free; the study's checkpoints "
@@ -399,6 +399,14 @@ def passed_milestones(study, results=None):
             message = passed_milestones_message(t.to_dict(), passed, step, ray_storage(study.output))
             warnings.append(f"{message}; it fails if it resumes from that checkpoint (Ray's latest registered one)")
     return warnings
+
+
+def checkpoints_on_disk(trial):
+    """The most checkpoints a trial holds at once: those it keeps and the one being written, or as many as it writes
+    (at each milestone and every ckpt_every steps), if fewer."""
+    every, last = trial.train["ckpt_every"], trial.milestones[-1]
+    written = last // every + sum(1 for m in trial.milestones if m % every)
+    return min(trial.train["keep_checkpoints"] + 1, written)
 
 
 def checkpoint_bytes(trial):

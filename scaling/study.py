@@ -563,26 +563,46 @@ def _sections(tree, where):
     return raw
 
 
-def _resolve_paths(raw, study_dir):
+def _resolve_paths(raw, study_dir, where):
     """Make the study's own paths absolute: data and models relative to the study file, output to the cwd."""
     for section, key in STUDY_RELATIVE_PATHS:
         if raw[section][key] is not None:
-            raw[section][key] = str(study_dir / Path(raw[section][key]).expanduser())
-    raw["output"] = str(Path(raw["output"] or f"outputs/{raw['name']}").expanduser().absolute())
+            raw[section][key] = str(study_dir / _expanded(raw[section][key], where, (section, key)))
+    raw["output"] = str(_expanded(raw["output"] or f"outputs/{raw['name']}", where, ("output",)).absolute())
     tracking = raw["tracking"]
-    tracking["mlflow_uri"] = _absolute_sqlite(tracking["mlflow_uri"] or os.environ.get("MLFLOW_TRACKING_URI")
-                                              or f"sqlite:///{raw['output']}/mlflow.db")
+    uri = tracking["mlflow_uri"] or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{raw['output']}/mlflow.db"
+    named_by = "" if tracking["mlflow_uri"] else " (MLFLOW_TRACKING_URI)"
+    if problem := _sqlite_problem(uri):
+        raise where.error(("tracking", "mlflow_uri"), f"{uri}{named_by}: {problem}")
+    tracking["mlflow_uri"] = _absolute_sqlite(uri, where)
     tracking["experiment"] = tracking["experiment"] or raw["name"]
 
 
-def _absolute_sqlite(uri):
+def _expanded(path, where, key_path):
+    """Path(path) with a leading ~ or ~user expanded; a user without a home folder here is the field's error."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:  # pathlib's "Could not determine home directory."
+        raise where.error(key_path, f"{path}: {str(path).split('/')[0]} has no home folder on this machine") from None
+
+
+def _sqlite_problem(uri):
+    """Why a SQLite tracking URI cannot keep a study's runs (None if it can): no file, or one in memory."""
+    if uri == "sqlite://" or uri.startswith("sqlite:///") and uri[len("sqlite:///"):].partition("?")[0] == "":
+        return "names no file; give one, e.g. sqlite:////absolute/path/mlflow.db"
+    if uri.startswith("sqlite:///") and uri[len("sqlite:///"):].partition("?")[0] == ":memory:":
+        return "an in-memory store is lost when the driver ends, and Ray's workers cannot reach it; give a file"
+    return None
+
+
+def _absolute_sqlite(uri, where):
     """A `sqlite:///relative/path` URI made absolute against the working directory, as the output is: SQLAlchemy reads
     it against whichever directory a process runs in (a replay's, `ray job submit`'s temporary one)."""
     prefix = "sqlite:///"
     path, sep, query = uri[len(prefix):].partition("?")
     if not uri.startswith(prefix) or not path or path.startswith((":", "/")) or path.startswith("file:"):
-        return uri  # not SQLite, absolute, in memory, or a URI filename
-    return f"{prefix}{Path(path).expanduser().absolute()}{sep}{query}"
+        return uri  # not SQLite, absolute, or a URI filename
+    return f"{prefix}{_expanded(path, where, ('tracking', 'mlflow_uri')).absolute()}{sep}{query}"
 
 
 #################################################################################
@@ -851,9 +871,11 @@ def _eval_path_problem(key, path, extractor, meta=None, load=True):
         from core.data import scan_image_folder
 
         try:
-            scan_image_folder(path, every_class=False)  # as core.real_images reads FID's real images: no labels
+            _, samples = scan_image_folder(path, every_class=False)  # as core.real_images reads FID's: no labels
         except (ValueError, OSError) as err:
             return str(err)
+        if len(samples) < 2:  # core.real_images.folder_images refuses it too, but only at the first milestone
+            return f"{path} holds {len(samples)} image; FID's statistics need at least 2 real images"
     return None
 
 
@@ -870,9 +892,15 @@ def feature_dim(extractor):
     return 2048  # Inception-v3's pool features (torch-fidelity's "2048" layer), not imported: it loads slowly
 
 
+RAY_RESOURCE_UNIT = 0.0001  # ray._raylet.RESOURCE_UNIT_SCALING's inverse; not imported: the schema needs no Ray
+
+
 def _check_resources(raw, where):
     """Resource settings that depend on one another."""
     res = raw["resources"]
+    for key in ("cpus_per_worker", "gpus_per_worker"):  # Ray refused it as each trial's workers were made
+        if 0 < res[key] < RAY_RESOURCE_UNIT:
+            raise where.error(("resources", key), f"Ray's finest share is {RAY_RESOURCE_UNIT}; got {res[key]:g}")
     if res["gpus_per_worker"] == 0 and res["cpus_per_worker"] == 0:
         raise where.error(("resources", "cpus_per_worker"), "a worker without GPUs needs CPUs")
     # A worker trains on one GPU, cuda:LOCAL_RANK among those Ray lets it see (core.train, DeepSpeed).
@@ -1180,7 +1208,7 @@ def load_study(path, overrides=(), check_data=True):
     train_given = tree.get("train") or {}
     axes = _sweep(raw["sweep"], train_given, where)
     raw["sweep"] = {key: _sweep_yaml(key, values) for key, values in axes.items() if values is not None}
-    _resolve_paths(raw, Path(path).absolute().parent)
+    _resolve_paths(raw, Path(path).absolute().parent, where)
     _check_resources(raw, where)
     warnings = []
     info = _dataset_info(raw, where, check_data, warnings)

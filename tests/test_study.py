@@ -270,6 +270,14 @@ def test_trial_ids_change_with_what_determines_the_result(tmp_path, override):
     assert len(base) == len(changed) == 4 and not base & changed
 
 
+def test_the_finest_share_is_rays():
+    import ray._raylet
+
+    from scaling.study import RAY_RESOURCE_UNIT
+
+    assert RAY_RESOURCE_UNIT * ray._raylet.RESOURCE_UNIT_SCALING == 1
+
+
 def test_each_precision_has_its_own_trial_ids(tmp_path):
     ids = {p: {t.trial_id for t in load(tmp_path, overrides=[f"train.precision={p}"]).trials}
            for p in ("fp32", "tf32", "bf16")}
@@ -584,6 +592,9 @@ BAD = {
     "duplicate grid values, spelt differently": (edit("  patch:", "  train.seed: [1, 1]\n  patch:"), [],
                                                  "{f}:6: sweep.train.seed: duplicate value 1"),
     "duplicate key": (BASE + "train:\n  lr: 1\n", [], "{f}:15: train: duplicate key (first on line 8)"),
+    # Passed, and Ray refused each trial's workers after the study's files and MLflow runs were written.
+    "a share finer than Ray's": (BASE, ["resources.cpus_per_worker=0.00001"], "--set resources.cpus_per_worker="
+                                 "0.00001: resources.cpus_per_worker: Ray's finest share is 0.0001; got 1e-05"),
     "zero workers": (edit("workers_per_trial: 1", "workers_per_trial: 0"), [],
                      "{f}:14: resources.workers_per_trial: must be >= 1, got 0"),
     "negative guidance": (edit("fid_samples: 100", "cfg_scale: -0.5"), [], "{f}:12: eval.cfg_scale: must be >= 0, "
@@ -792,6 +803,12 @@ def test_fid_inputs_are_checked_before_any_training(tmp_path, monkeypatch, incep
     shutil.rmtree(tmp_path / "vae")
     save_tiny_vae(tmp_path / "vae")
     (tmp_path / "images" / "a" / "0.png").write_bytes(b"")
+    for key in ("reference", "heldout"):  # passed, and FID refused it at the first milestone, after training
+        with pytest.raises(StudyError) as err:
+            load(tmp_path, overrides=[f"eval.vae={tmp_path / 'vae'}", f"eval.{key}={tmp_path / 'images'}"])
+        assert str(err.value).endswith(f"eval.{key}: {tmp_path / 'images'} holds 1 image; FID's statistics need at "
+                                       "least 2 real images")
+    (tmp_path / "images" / "a" / "1.png").write_bytes(b"")
     (tmp_path / "images" / "b").mkdir()  # a class folder of no images: FID's real images have no labels to miss
     assert not load(tmp_path, overrides=[f"eval.vae={tmp_path / 'vae'}", f"eval.heldout={tmp_path / 'images'}",
                                          *inception, f"eval.feature_extractor_weights={inception_weights}"]
@@ -1039,3 +1056,27 @@ def test_a_relative_sqlite_store_is_made_absolute_against_the_working_directory(
         assert f"mlflow_uri: {resolved}" in study.resolved_yaml()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
     assert load(tmp_path).raw["tracking"]["mlflow_uri"] == f"sqlite:///{tmp_path}/env.db"
+
+
+def test_a_store_of_no_file_or_in_memory_and_a_home_that_is_not_here_are_the_fields_errors(tmp_path, monkeypatch):
+    # Each was a traceback (exit 1): pathlib's "relative path can't be expressed as a file URI" for sqlite:/// (before
+    # launch) and for :memory: (after the study's files were written), "Could not determine home directory." for ~.
+    monkeypatch.chdir(tmp_path)
+    for uri, problem in (("sqlite:///", "names no file; give one, e.g. sqlite:////absolute/path/mlflow.db"),
+                         ("sqlite://", "names no file; give one, e.g. sqlite:////absolute/path/mlflow.db"),
+                         ("sqlite:///:memory:", "an in-memory store is lost when the driver ends, and Ray's workers "
+                                                "cannot reach it; give a file")):
+        with pytest.raises(StudyError) as err:
+            load(tmp_path, overrides=[f"tracking.mlflow_uri='{uri}'"])  # quoted: YAML reads a final ':' as a mapping
+        assert str(err.value) == f"--set tracking.mlflow_uri='{uri}': tracking.mlflow_uri: {uri}: {problem}"
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        with pytest.raises(StudyError) as err:
+            load(tmp_path)
+        assert str(err.value).endswith(f": tracking.mlflow_uri: {uri} (MLFLOW_TRACKING_URI): {problem}")
+        monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    for key in ("output", "data.path", "tracking.mlflow_uri"):
+        value = "sqlite:///~nobody-here/m.db" if key == "tracking.mlflow_uri" else "~nobody-here/x"
+        with pytest.raises(StudyError) as err:
+            load(tmp_path, overrides=[f"{key}={value}"])
+        assert str(err.value) == (f"--set {key}={value}: {key}: ~nobody-here/{'m.db' if 'uri' in key else 'x'}: "
+                                  "~nobody-here has no home folder on this machine")

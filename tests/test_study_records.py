@@ -14,7 +14,7 @@ from scaling.results import RESULTS_SCHEMA, to_table, write_table
 from scaling.study import StudyError
 from test_bad_input import snapshot
 from test_results import row
-from test_study import BASE, line_of, write
+from test_study import BASE, STUDIES, line_of, write
 
 
 def study_with_output(tmp_path, extra=""):
@@ -241,6 +241,20 @@ def test_fids_that_are_not_compared(tmp_path, capsys, case):
         assert f"warning: {warnings[0]}" in capsys.readouterr().err
     else:
         assert warnings == []
+
+
+def test_room_is_asked_for_the_checkpoints_a_trial_holds_at_once_not_more_than_it_writes():
+    # keep_checkpoints 100000 asked for room for 100001 checkpoints a trial: the default study refused on any disk.
+    from scaling.study import load_study
+
+    def on_disk(*overrides):
+        study = load_study(STUDIES / "gflops_sweep.yaml", list(overrides), check_data=False)
+        assert [t.milestones for t in study.trials] == [(400, 800, 1600)] * 6
+        return {scaling_run.checkpoints_on_disk(t) for t in study.trials}
+    assert on_disk("train.keep_checkpoints=100000") == {3}  # 400, 800 and 1600 (ckpt_every 800)
+    assert on_disk("train.keep_checkpoints=100000", "train.ckpt_every=300") == {8}  # 300 ... 1500, 400, 800, 1600
+    assert on_disk("train.keep_checkpoints=2", "train.ckpt_every=300") == {3}  # two kept and one being written
+    assert on_disk("train.keep_checkpoints=1", "train.ckpt_every=5000") == {2}
 
 
 def test_room_is_asked_for_the_checkpoints_of_the_trials_still_to_train(tmp_path, monkeypatch):
