@@ -6,6 +6,7 @@ whose message names the file, the line (or the `--set`) and the field; nothing i
 """
 import copy
 import dataclasses
+import datetime
 import difflib
 import functools
 import hashlib
@@ -82,10 +83,17 @@ def boolean(value):
     return value
 
 
+def _quote_hint(value):
+    """What to do when YAML read a value meant as text as something else: 2024 (a number), 2024-01-01 (a date)."""
+    if isinstance(value, (bool, int, float, datetime.date)):
+        return f" (YAML read it as {_kind(value) if not isinstance(value, datetime.date) else 'a date'}: quote it)"
+    return ""
+
+
 def text(value):
     """A non-empty string."""
     if not isinstance(value, str):
-        raise _Invalid(f"expected a string, got {value!r}")
+        raise _Invalid(f"expected a string, got {value!r}{_quote_hint(value)}")
     if not value.strip():  # an empty path would quietly mean the current directory, or the default
         raise _Invalid("must not be empty")
     return value
@@ -126,7 +134,7 @@ MAX_NAME = 100  # characters: the name is a folder's (outputs/<name>, reports/<n
 def study_name(value):
     """A name that is safe as a folder and an MLflow experiment."""
     if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", value) or set(value) == {"."}:
-        raise _Invalid(f"expected a name of letters, digits, '_', '.' and '-', got {value!r}")
+        raise _Invalid(f"expected a name of letters, digits, '_', '.' and '-', got {value!r}{_quote_hint(value)}")
     if len(value) > MAX_NAME:
         raise _Invalid(f"expected at most {MAX_NAME} characters (it names the output and report folders), "
                        f"got {len(value)}")
@@ -260,12 +268,31 @@ MOVED = {"model": "sweep.model", "patch": "sweep.patch", "steps": "sweep.steps",
 #################################################################################
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads 1e14 and 3e-4 as floats (YAML 1.1 wants 1.0e+14)."""
+    """SafeLoader that also reads 1e14 and 3e-4 as floats (YAML 1.1 wants 1.0e+14), and refuses YAML 1.1's octal
+    (010 is 8) and base-60 (1:30 is 90) integers, which no one writes on purpose in a study."""
+
+    def construct_yaml_int(self, node):
+        digits = node.value.lstrip("+-").replace("_", "")
+        octal = len(digits) > 1 and digits[0] == "0" and digits[1] not in "xXbB"
+        if octal or ":" in digits:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{node.value} is YAML 1.1's {'octal' if octal else 'base-60'} number "
+                            f"{super().construct_yaml_int(node)}; write it without {'the leading 0' if octal else ':'}, "
+                            "or quote it for text", node.start_mark)
+        return super().construct_yaml_int(node)
 
 
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."))
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
+
+
+class _Dumper(yaml.SafeDumper):
+    """SafeDumper that quotes the strings _Loader reads as floats: a study named '1e3' is written back as one."""
+
+
+for _yaml in (_Loader, _Dumper):
+    _yaml.add_implicit_resolver(
+        "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+        list("-+0123456789."))
 
 
 def parse_value(text, where="--set"):
@@ -1182,7 +1209,7 @@ class Study:
         for key in raw["sweep"]:
             if key.startswith("train."):  # a swept field's default in train would clash with its axis
                 raw["train"].pop(key.removeprefix("train."), None)
-        return yaml.safe_dump(raw, sort_keys=False, default_flow_style=False, allow_unicode=True)
+        return yaml.dump(raw, Dumper=_Dumper, sort_keys=False, default_flow_style=False, allow_unicode=True)
 
     def locate(self, dotted):
         """Where a field was written: 'file:line', '--set key=value', or the file for a default."""

@@ -186,13 +186,16 @@ def test_resolved_study_round_trips_and_paths_are_absolute(tmp_path):
 
 
 @pytest.mark.parametrize("overrides", [[], ["sweep.train.lr=[1e-4, 3e-4]"], ["sweep.train.seed=[1, 2]"],
-                                       ["sweep.steps=null", "sweep.compute=[1e3, 1e4]"]])
+                                       ["sweep.steps=null", "sweep.compute=[1e3, 1e4]"],
+                                       # Written unquoted, read back as the float 1000.0: no longer a name.
+                                       ["name='1e3'", "tracking.experiment='2E10'", "output='.5e3'"]])
 def test_the_resolved_study_file_loads_as_the_same_study(tmp_path, overrides):
     # <output>/study.yaml: what the replay reads, and what a person re-runs or shares.
     study = load(tmp_path, BASE.replace("  lr: 1.0e-3\n", ""), overrides)
     again = load_study(write(tmp_path, study.resolved_yaml(), "resolved.yaml"))
     assert [t.trial_id for t in again.trials] == [t.trial_id for t in study.trials]
     assert [t.train for t in again.trials] == [t.train for t in study.trials]
+    assert again.raw == study.raw
 
 
 def test_the_readme_documents_every_study_key_with_its_default():
@@ -566,6 +569,13 @@ BAD = {
                                      "{f}:10: train.max_steps: unknown key; did you mean 'sweep.steps'?"),
     "negative steps": (edit("[10, 20, 40]", "[10, -20, 40]"), [], "{f}:7: sweep.steps: must be >= 1, got -20"),
     "zero steps": (edit("[10, 20, 40]", "[0]"), [], "{f}:7: sweep.steps: must be >= 1, got 0"),
+    # YAML 1.1 read both as integers (8 steps, 90 steps) without a word.
+    "an octal step count": (edit("[10, 20, 40]", "[010, 20, 40]"), [], "{f}:7: not a YAML file: 010 is YAML 1.1's "
+                            "octal number 8; write it without the leading 0, or quote it for text"),
+    "a base-60 step count": (BASE, ["sweep.steps=[1:30]"], "--set sweep.steps=[1:30]: sweep.steps: the value is not "
+                             "YAML: 1:30 is YAML 1.1's base-60 number 90; write it without :, or quote it for text"),
+    "a year for a name": (BASE, ["name=2024"], "--set name=2024: name: expected a name of letters, digits, '_', '.' "
+                          "and '-', got 2024 (YAML read it as an integer: quote it)"),
     "steps and compute": (edit("  steps:", "  compute: [1e12]\n  steps:"), [],
                           "{f}:7: sweep.compute: give either sweep.steps or sweep.compute, not both"),
     "patch does not divide the input": (edit("[2, 4]", "[2, 3]"), [], "{f}:6: sweep.patch: patch_size 3 does not "
