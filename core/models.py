@@ -306,6 +306,10 @@ class DiT(nn.Module):
 # The widest, deepest and widest-MLP DiT a config may ask for: far past any trained (DiT-XL: 1152 wide, 28 deep, ratio
 # 4), they keep a size that overflows a tensor's, or a validation that builds thousands of blocks, out.
 MAX_HIDDEN_SIZE, MAX_DEPTH, MAX_MLP_RATIO = 65536, 1000, 64
+# The largest position table (tokens × hidden_size), 1 GiB in fp32: DiT-XL/2 at 512×512 has 1.2M entries. Its sin-cos
+# values are computed on the CPU whenever a model is built (a study's check too, on the meta device): an 8192-pixel
+# input asked for tens of GiB there and died out of memory.
+MAX_POSITION_ENTRIES = 2 ** 28
 
 
 def check_shape(input_size, patch_size, hidden_size, num_heads, depth, mlp_ratio):
@@ -328,6 +332,11 @@ def check_shape(input_size, patch_size, hidden_size, num_heads, depth, mlp_ratio
         raise ValueError(f"num_heads {num_heads} does not divide hidden_size {hidden_size}")
     if hidden_size % 4:
         raise ValueError(f"hidden_size {hidden_size} must be a multiple of 4 (2-D sin-cos positions)")
+    tokens = (input_size // patch_size) ** 2
+    if tokens * hidden_size > MAX_POSITION_ENTRIES:
+        raise ValueError(f"input_size {input_size} at patch_size {patch_size} makes {tokens:,} tokens, whose positions "
+                         f"at hidden_size {hidden_size} are past {MAX_POSITION_ENTRIES:,} entries, the most a DiT here "
+                         "may have")
 
 
 #################################################################################

@@ -180,3 +180,17 @@ def test_attention_matches_torchs_fused_kernel(tokens):
         assert torch.equal(ours, fused)
     torch.testing.assert_close(ours, fused, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad, fused_grad, rtol=1e-10, atol=1e-12)
+
+
+def test_a_position_table_past_a_gib_is_refused_before_it_is_computed():
+    # A study of 8192-pixel images checked DiT-XL/2's shape by building it on the meta device, whose sin-cos table
+    # numpy still computed: tens of GiB, and the check died out of memory instead of naming the size.
+    from core.models import MAX_POSITION_ENTRIES, check_shape
+
+    check_shape(64, 2, 1152, 16, 28, 4.0)  # DiT-XL/2 at 512×512: 1,024 tokens
+    with pytest.raises(ValueError, match=r"^input_size 1024 at patch_size 2 makes 262,144 tokens, whose positions at "
+                                         r"hidden_size 1152 are past 268,435,456 entries, the most a DiT here may have$"):
+        check_shape(1024, 2, 1152, 16, 28, 4.0)
+    with pytest.raises(ValueError, match="makes 262,144 tokens"):
+        DiT(input_size=1024, patch_size=2, hidden_size=1152, num_heads=16, depth=1)
+    assert MAX_POSITION_ENTRIES >= 4096 * 65536  # a 64×64 token grid at the widest hidden size
