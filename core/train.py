@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import sys
 import time
 from dataclasses import dataclass, field
@@ -481,6 +482,35 @@ def check_ranks_resume_alike(step, checkpoint_dir, device):
                                    "checkpoints there (a shared folder; give the checkpoint's path to resume from)")
 
 
+SHARED_CHECK_WAIT_S = 5.0  # how long a rank looks for rank 0's marker: a network file system may show it late
+
+
+def check_folder_shared(checkpoint_dir, rank, device, wait_s=SHARED_CHECK_WAIT_S):
+    """CheckpointError on every rank when checkpoint_dir, which torchrun's ranks share (rank 0 renames each
+    checkpoint into place, the others' optimizer shards with it), is not one folder on every node: a node-local
+    folder would leave the other nodes' shards in temporary folders, unpruned, and nothing to resume from."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    token = [secrets.token_hex(8) if rank == 0 else None]
+    dist.broadcast_object_list(token, src=0)
+    marker = Path(checkpoint_dir) / f".shared-check-{token[0]}"
+    if rank == 0:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    dist.barrier()
+    deadline = time.monotonic() + wait_s
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    missing, _ = ranks_spread(0 if marker.exists() else -1, device)
+    dist.barrier()  # every rank has looked before it goes
+    if rank == 0:
+        marker.unlink(missing_ok=True)
+    if missing < 0:
+        raise ckpt.CheckpointError(f"{checkpoint_dir} is not one folder shared by every process: some do not see "
+                                   "what rank 0 writes there (a folder on each node's own disk?); the checkpoints of "
+                                   "a run of several nodes go to a folder every node sees")
+
+
 def _global_mean(value, device):
     """Mean of a scalar over ranks (a collective: also the divergence check's agreement)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
@@ -521,6 +551,8 @@ def train(cfg, out_dir, milestones=(), callbacks=None, resume_from=None, checkpo
     deepspeed = import_deepspeed()
     rank, world, _, device = setup_distributed()
     use_precision(cfg.precision)
+    if shared_checkpoint_dir:
+        check_folder_shared(checkpoint_dir, rank, device)
     check_ranks_resume_alike(saved["step"] if saved else -1, checkpoint_dir, device)
     if device.type == "cpu":
         hold_freed_memory()  # each step's tensors in pages the last step mapped (core/host_memory.py)

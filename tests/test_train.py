@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 from core import checkpoint as ckpt
 from core.data import ShardedBatchSampler, build_dataset
-from core.train import (BatchSource, Callbacks, TrainConfig, TrainingDiverged, ValidationBatch, check_ranks_resume_alike,
-                        fits_on_device, ranks_spread, train)
+from core.train import (BatchSource, Callbacks, TrainConfig, TrainingDiverged, ValidationBatch, check_folder_shared,
+                        check_ranks_resume_alike, fits_on_device, ranks_spread, train)
 from two_ranks import on_two_ranks  # tests/, on pytest's path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -301,6 +301,36 @@ def test_ranks_that_resume_from_different_checkpoints_all_stop(tmp_path, steps, 
     said = on_two_ranks(_resume_at, steps, store=tmp_path / "store")
     for rank in range(2):
         assert (said[rank] is None) if error is None else said[rank].startswith(error), said
+
+
+def _check_shared_as_rank(rank, folders, store_path, out):
+    """One of two gloo processes: check_folder_shared of folders[rank] (no wait for a late marker), to out."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+    try:
+        check_folder_shared(Path(folders[rank]), rank, torch.device("cpu"), wait_s=0)
+        out.put((rank, sorted(p.name for p in Path(folders[rank]).iterdir())))
+    except ckpt.CheckpointError as err:
+        out.put((rank, str(err)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_checkpoint_folder_that_is_not_shared_by_the_ranks_stops_them_all(tmp_path):
+    # Each node's own folder under torchrun: the run trained to its end, rank 0 renaming its own checkpoints while the
+    # other nodes' optimizer shards piled up in .tmp-step-* folders, unpruned; the first resume then failed.
+    shared = tmp_path / "shared"
+    said = on_two_ranks(_check_shared_as_rank, [str(shared)] * 2, store=tmp_path / "store")
+    assert said == {0: [], 1: []}  # the marker is gone
+    local = [str(tmp_path / "node0"), str(tmp_path / "node1")]
+    (tmp_path / "node1").mkdir()
+    said = on_two_ranks(_check_shared_as_rank, local, store=tmp_path / "store2")
+    for rank in range(2):
+        assert said[rank] == (f"{local[rank]} is not one folder shared by every process: some do not see what rank 0 "
+                              "writes there (a folder on each node's own disk?); the checkpoints of a run of several "
+                              "nodes go to a folder every node sees")
+    assert not list((tmp_path / "node0").iterdir()) and not list((tmp_path / "node1").iterdir())
 
 
 def test_every_checkpoint_report_names_its_own_step(tmp_path):
