@@ -595,7 +595,15 @@ def train(cfg, out_dir, milestones=(), callbacks=None, resume_from=None, checkpo
     if fewest != most:  # each rank's sampler permutes its own count: the global batch would repeat and skip items
         raise DataError(f"the processes see {cfg.dataset} data of different sizes ({fewest} to {most} items) at "
                         f"{cfg.data_path}: every node must see the same data (one shared folder, or identical copies)")
-    lowest, highest = ranks_spread(data_identity(dataset), device)
+    identity = data_identity(dataset)
+    earlier = (saved or {}).get("data_identity")  # None: a checkpoint older than the record
+    if cfg.dataset == "imagefolder" and earlier is not None and earlier != identity:
+        # Its path may change (data moves), its count alike: other files, or class folders renamed (their labels in
+        # sorted order), would train on from weights and a data position of other data, conditioned on other labels.
+        raise ckpt.CheckpointError(f"{resume_from} was written training on other files or labels than the image "
+                                   f"folder {cfg.data_path} holds now; resume on those, or train this one in another "
+                                   "folder")
+    lowest, highest = ranks_spread(identity, device)
     if lowest != highest:  # as many items, other ones: each rank's share of a batch would come from other data
         raise DataError(f"the processes see different {cfg.dataset} data at {cfg.data_path} (as many items, other "
                         f"{'encodes' if cfg.dataset == 'latents' else 'files'}): every node must see the same data "
@@ -684,7 +692,7 @@ def train(cfg, out_dir, milestones=(), callbacks=None, resume_from=None, checkpo
             state = {
                 "step": step, "train_time_s": train_time, "sampler": _sampler_position(sampler, step), "model_config": mcfg,
                 "world_size": world, "zero_stage": cfg.zero_stage, "config": _jsonable(cfg), "history": history,
-                "data_encode": data_encode,
+                "data_encode": data_encode, "data_identity": identity,
                 "metrics": metrics, "log_window": {"loss": window_loss, "steps": window_steps, "time_s": window_time},
             }
             path = ckpt.save_checkpoint(checkpoint_dir, engine, ema, state, rank, shared_checkpoint_dir)

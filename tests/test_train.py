@@ -179,6 +179,32 @@ def test_validation_images_spread_over_the_classes_of_a_folder_sorted_by_class(t
     assert torch.equal(digits.x, build_dataset("digits", split="heldout").tensors[0][:5])
 
 
+def test_a_resume_on_an_image_folder_of_other_files_or_labels_is_refused_but_a_moved_one_resumes(tmp_path):
+    # Only a count was compared: the same images under renamed class folders (labels swapped, in sorted order)
+    # resumed, conditioning the rest of the run on other labels.
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in ("ant", "bee"):
+        (tmp_path / "a" / c).mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "a" / c / f"{i}.png")
+    cfg = dict(model="DiT-P/2", model_overrides=dict(input_size=8, in_channels=3, num_classes=2), dataset="imagefolder",
+               image_size=8, batch_size=8, max_steps=4, zero_stage=0,
+               log_every=2, ckpt_every=2, val_batch=0, num_workers=0)
+    train(TrainConfig(data_path=str(tmp_path / "a"), max_steps=2, **{k: v for k, v in cfg.items() if k != "max_steps"}),
+          tmp_path / "out")
+    (tmp_path / "a").rename(tmp_path / "moved")  # the same files and labels elsewhere: resumes
+    train(TrainConfig(data_path=str(tmp_path / "moved"), **cfg), tmp_path / "out", resume_from="auto")
+    (tmp_path / "moved" / "ant").rename(tmp_path / "moved" / "zebra")  # bee is now label 0, zebra 1
+    with pytest.raises(ckpt.CheckpointError) as err:
+        train(TrainConfig(data_path=str(tmp_path / "moved"), **{**cfg, "max_steps": 6}), tmp_path / "out",
+              resume_from="auto")
+    assert str(err.value) == (f"{tmp_path / 'out' / 'checkpoints' / 'step-000000004'} was written training on other "
+                              f"files or labels than the image folder {tmp_path / 'moved'} holds now; resume on "
+                              "those, or train this one in another folder")
+
+
 def test_an_in_memory_dataset_too_large_for_the_gpu_stays_in_host_memory():
     gib = 2 ** 30
     assert fits_on_device(7 * 2 ** 20, torch.device("cuda"), free_bytes=70 * gib)  # the digits
