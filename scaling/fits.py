@@ -539,10 +539,12 @@ STEPS_OPT_LAW = Law("D* = a·C^b (steps)", ("a", "b"), _power_law_predict, _powe
 
 @_single_threaded
 def isoflop(compute, params, steps, loss, groups, n_budgets=6, min_models=3, n_boot=N_BOOT, seed=0):
-    """IsoFLOP analysis (Chinchilla's approach 2) over trials measured at several steps.
+    """IsoFLOP analysis (Chinchilla's approach 2) over trials measured at several steps, or each at one budget.
 
     Each trial's loss curve is interpolated in log-log at log-spaced compute budgets that trials of
-    min_models model sizes reach (never extrapolated). At each budget the best trial of each size
+    min_models model sizes reach (never extrapolated). Trials measured once (a compute study under a decaying
+    learning rate: one trial per size and budget) give a budget where those of min_models sizes spent the same
+    compute (within SAME_BUDGET: their steps are rounded), each at its own point. At each budget the best trial of each size
     (patch size changes compute, not parameters) gives one point; a parabola in log10 N through them
     gives the compute-optimal size N*, and the steps the budget buys that size the compute-optimal steps.
     Each optimum is fitted as a power law of compute, with intervals from resampling trials, where 3
@@ -553,23 +555,36 @@ def isoflop(compute, params, steps, loss, groups, n_budgets=6, min_models=3, n_b
     groups = np.asarray(groups)
     ok = np.isfinite(loss) & (loss > 0) & (compute > 0) & np.isfinite(compute) & np.isfinite(params) & (params > 0)
     trials = [np.flatnonzero(ok & (groups == g)) for g in np.unique(groups[ok])]
-    trials = [t[np.argsort(compute[t])] for t in trials if len(np.unique(compute[t])) >= 2]
+    trials = [t[np.argsort(compute[t])] for t in trials]
+    trials = [t for t in trials if len(np.unique(compute[t])) >= 2] + [t[-1:] for t in trials
+                                                                       if len(np.unique(compute[t])) == 1]
     sizes = np.array([params[t[0]] for t in trials])
-    if len(np.unique(size_classes(sizes))) < min_models:
-        raise FitError(f"IsoFLOP profiles need trials of at least {min_models} model sizes evaluated at 2 or more "
-                       f"steps, got {len(np.unique(size_classes(sizes)))}")
+    size_class = size_classes(sizes)
+    if len(np.unique(size_class)) < min_models:
+        raise FitError(f"IsoFLOP profiles need trials of at least {min_models} model sizes, got "
+                       f"{len(np.unique(size_class))}")
     spans = np.log10([[compute[t[0]], compute[t[-1]]] for t in trials])
-    budgets = _budgets(spans, size_classes(sizes), n_budgets, min_models)
+    curve = np.array([len(t) >= 2 for t in trials])
+    budgets = _budgets(spans[curve], size_class[curve], n_budgets, min_models) if curve.any() else np.array([])
+    single_budgets, member = _single_point_budgets(spans[~curve, 0], size_class[~curve], min_models)
+    budgets = np.concatenate([budgets, single_budgets])
     if len(budgets) == 0:
-        raise FitError(f"IsoFLOP profiles need a compute budget that {min_models} model sizes all reach")
+        raise FitError(f"IsoFLOP profiles need a compute budget that {min_models} model sizes all reach: trials "
+                       "evaluated at 2 or more steps, or trained to one budget")
     log_b = np.log10(budgets)
     # One row per trial, one column per budget: loss there (NaN where the trial does not reach it).
     loss_at = np.full((len(trials), len(budgets)), np.nan)
-    for i, t in enumerate(trials):
-        inside = (log_b >= spans[i, 0]) & (log_b <= spans[i, 1])
-        loss_at[i, inside] = 10 ** np.interp(log_b[inside], np.log10(compute[t]), np.log10(loss[t]))
     steps_at = budgets * np.array([steps[t[-1]] / compute[t[-1]] for t in trials])[:, None]
-    size_class = size_classes(sizes)
+    for i, t in enumerate(trials):
+        if curve[i]:
+            inside = (log_b >= spans[i, 0]) & (log_b <= spans[i, 1])
+            loss_at[i, inside] = 10 ** np.interp(log_b[inside], np.log10(compute[t]), np.log10(loss[t]))
+    for i, column in zip(np.flatnonzero(~curve), member):  # a single point counts at its own budget, as measured
+        if column >= 0:
+            b = len(budgets) - len(single_budgets) + column
+            loss_at[i, b], steps_at[i, b] = loss[trials[i][0]], steps[trials[i][0]]
+    order = np.argsort(budgets)  # the profiles from the smallest budget up, however they were found
+    budgets, loss_at, steps_at = budgets[order], loss_at[:, order], steps_at[:, order]
 
     def best_per_size(rows, b):
         """Of the given trials, the one with the lowest loss at budget b in each model size."""
@@ -632,6 +647,25 @@ def _steps_at(n_opt, params, steps):
         return np.nan
     near = np.argmin(np.abs(np.log10(params) - np.log10(n_opt)))
     return steps[near] * params[near] / n_opt
+
+
+SAME_BUDGET = 0.05  # log10 compute: single points closer than 12% count as one budget's (its steps rounded)
+
+
+def _single_point_budgets(log_c, sizes, min_models):
+    """(budgets, the index into them of each point or -1) for trials measured once at log10 compute log_c: points
+    that follow each other within SAME_BUDGET are one budget, at their geometric mean, where min_models sizes are."""
+    order = np.argsort(log_c)
+    starts = np.r_[True, np.diff(log_c[order]) > SAME_BUDGET]
+    cluster = np.empty(len(log_c), int)
+    cluster[order] = np.cumsum(starts) - 1
+    budgets, member = [], np.full(len(log_c), -1)
+    for k in np.unique(cluster):
+        inside = cluster == k
+        if len(np.unique(sizes[inside])) >= min_models:
+            member[inside] = len(budgets)
+            budgets.append(10 ** log_c[inside].mean())
+    return np.array(budgets), member
 
 
 def _budgets(spans, sizes, n_budgets, min_models):

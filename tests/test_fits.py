@@ -228,6 +228,29 @@ def test_isoflop_recovers_the_compute_optimal_exponents():
         assert low <= exponent <= high
 
 
+def test_isoflop_of_trials_each_trained_to_one_budget():
+    # A compute study under a cosine lr trains each size to each budget in a trial of its own, measured once: every
+    # trial was left out ("need trials ... evaluated at 2 or more steps"), and Figure 5 never drawn for the design
+    # IsoFLOP profiles come from.
+    rng = np.random.default_rng(5)
+    e, a, alpha, b, beta = 1.7, 400.0, 0.34, 410.0, 0.28
+    sizes, budgets = np.logspace(7, 9, 9), np.logspace(16, 19, 5)
+    n, c = (v.ravel() for v in np.meshgrid(sizes, budgets, indexing="ij"))
+    d = np.maximum(np.round(c / (6 * n)), 1)  # the study rounds each budget's steps
+    loss = (e + a / n ** alpha + b / d ** beta) * np.exp(rng.normal(0, 0.002, n.size))
+    iso = isoflop(6 * n * d, n, d, loss, np.arange(n.size), n_boot=N_BOOT)
+    assert [p.budget for p in iso.profiles] == pytest.approx(budgets, rel=1e-3) and iso.notes == []
+    assert all(len(p.params) == 9 for p in iso.profiles)
+    assert iso.n_opt.params[1] == pytest.approx(beta / (alpha + beta), abs=0.03)
+    assert iso.steps_opt.params[1] == pytest.approx(alpha / (alpha + beta), abs=0.03)
+    # Beside trials measured at several steps, each budget's points join the interpolated profiles.
+    curves = isoflop(np.r_[6 * n * d, [2e17, 2e18] * 3], np.r_[n, [1e6, 1e6, 1e10, 1e10, 1e11, 1e11]],
+                     np.r_[d, [1, 2] * 3], np.r_[loss, [3, 2.9, 2.5, 2.4, 2.6, 2.5]],
+                     np.r_[np.arange(n.size), [100, 100, 101, 101, 102, 102]], n_budgets=3, n_boot=0)
+    assert len(curves.profiles) == 3 + 5 and [p.budget for p in curves.profiles] == sorted(
+        p.budget for p in curves.profiles)
+
+
 def test_isoflop_needs_several_sizes_measured_at_several_steps():
     with pytest.raises(FitError, match="at least 3 model sizes"):
         isoflop([1e3, 1e4, 2e3, 2e4], [1e6, 1e6, 1e7, 1e7], [1, 10, 1, 10], [3.0, 2.0, 2.5, 1.8], [0, 0, 1, 1])
