@@ -251,7 +251,7 @@ def final_points(ok):
 
 def extrapolations(a, attempt, fit):
     """Fit without the largest-compute model (for L(N, D), without every model of its size), predict its final loss
-    and FID, compare with what it measured."""
+    and FID, compare with what it measured; the frontier laws, where that is off the frontier, its last point."""
     ok = a.ok
     if ok.model.nunique() < 2:
         a.notes.append("Extrapolation check: needs at least 2 models.")
@@ -268,27 +268,48 @@ def extrapolations(a, attempt, fit):
                  (figures.loss_label(a.loss), a.loss, CHINCHILLA, ["params", "images"], None)] + cases
     for what, col, law, x_cols, select in cases:
         rows = _finite(ok, col)
-        held = (rows.model == held_model).to_numpy()
-        if not held.any():
+        last = _last_measurement(rows, col, held_model)
+        if last is None:
             continue
-        mine = rows[held]
-        last = mine[mine.step == mine.step.max()]
-        target = last.loc[last[col].idxmin()]  # its own last measurement: of its trials there the best, as Figure 1
+        target = _frontier_end(rows, col, last) if select is frontier else last
+        held = (rows.model == target.model).to_numpy()
         if law is CHINCHILLA:
             # The other patch sizes of the held-out size share its N (within 2%) and, at their last step, its D:
             # left in, they would make the check an interpolation. Held out with it, the fit must reach its N.
             classes = size_classes(rows.params.to_numpy(float))
             held = classes == classes[held][0]
+        held_out = figures.model_order(rows[held])
+        if target.name != last.name:  # every point of as much compute out too: still an extrapolation
+            held = held | (rows.train_compute >= target.train_compute).to_numpy()
+            a.notes.append(f"Extrapolation check of {what} with {law.formula}: {held_model}'s last point is off the "
+                           "compute-efficient frontier the law describes (a smaller compute did better), so it "
+                           f"predicts the frontier's last point, {target.model} at step {int(target.step):,}, fitted "
+                           "without that model and without every point of as much compute or more.")
         x = rows[x_cols].to_numpy(float)
         x = x[:, 0] if len(x_cols) == 1 else x
-        check = attempt(f"Extrapolation of {what} to {held_model} with {law.formula}", extrapolation_check, law, x,
+        check = attempt(f"Extrapolation of {what} to {target.model} with {law.formula}", extrapolation_check, law, x,
                         rows[col], rows.trial_id, held, target[x_cols].to_numpy(float).squeeze(), target[col],
                         select, **fit)
         if check:
-            checks.append({"quantity": what, "model": held_model, "step": int(target.step),
-                           "held_out": figures.model_order(rows[held]),
+            checks.append({"quantity": what, "model": target.model, "step": int(target.step), "held_out": held_out,
                            **check})
     return checks
+
+
+def _last_measurement(rows, col, model):
+    """A model's row at its last step (of its trials there the best, as Figure 1), None when it has none."""
+    mine = rows[rows.model == model]
+    if mine.empty:
+        return None
+    last = mine[mine.step == mine.step.max()]
+    return last.loc[last[col].idxmin()]
+
+
+def _frontier_end(rows, col, row):
+    """row where it is on the compute-efficient frontier, else the frontier's last point: a law of the frontier says
+    nothing of a point off it (a smaller compute did better), fitted with it or not."""
+    front = rows[frontier(rows.train_compute.to_numpy(float), rows[col].to_numpy(float))]
+    return row if row.name in front.index else front.loc[front.train_compute.idxmax()]
 
 
 def _finite(df, col):
@@ -401,6 +422,8 @@ def fits_table(a):
 def extrapolation_table(a):
     """Each law fitted without the largest-compute model, its prediction for it, and what it measured."""
     title = "Extrapolation check: fitted without the largest-compute model"
+    if any(n.startswith("Extrapolation check of") for n in a.notes):
+        title += " (unless a note says otherwise)"
     if any(len(e["x"]) > 1 for e in a.extrapolation):  # an L(N, D) row
         title += " (L(N, D) also without the other patch sizes of its model size, which share its N)"
     if a.n_boot:

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scaling.fits import CHINCHILLA
+from scaling.fits import CHINCHILLA, frontier
 from scaling.report import analyze, build_report, check_report_destination, default_report_dir, main, trial_summary
 from scaling.results import RESULTS_SCHEMA, paper_results, write_table
 
@@ -533,13 +533,42 @@ def test_the_extrapolation_of_l_n_d_holds_out_every_patch_of_the_largest_size():
     assert chinchilla["model"] == "DiT-XL/2" and chinchilla["held_out"] == ["DiT-XL/8", "DiT-XL/4", "DiT-XL/2"]
     last = ok[ok.model == "DiT-XL/2"].sort_values("step").iloc[-1]  # compared with XL/2's own loss, not XL/8's
     assert chinchilla["observed"] == last.val_loss and chinchilla["step"] == last.step
-    # The laws of compute alone hold out the model only: every point left in has less compute than its target.
-    for law in ("y = E + A·x^(−α)", "y = a·x^b"):
-        e = checks[law]
-        assert e["held_out"] == ["DiT-XL/2"] and e["x"][0] > ok.train_compute[ok.model != "DiT-XL/2"].max()
+    # The law of FID and compute holds out the model only: every point left in has less compute than its target.
+    e = checks["y = a·x^b"]
+    assert e["held_out"] == ["DiT-XL/2"] and e["x"][0] > ok.train_compute[ok.model != "DiT-XL/2"].max()
+    # The loss has no term of the patch here: XL/4 reaches XL/2's loss with less compute, and XL/2 ends off the
+    # frontier (the next test).
+    assert checks["y = E + A·x^(−α)"]["held_out"] == ["DiT-XL/4"]
     md = markdown_of(a)
     assert "L(N, D) also without the other patch sizes of its model size" in md
     assert "| DiT-XL/2 (and DiT-XL/8, DiT-XL/4) |" in md
+
+
+def test_a_frontier_law_predicts_the_frontiers_last_point_when_the_largest_model_ends_off_it():
+    # DiT-XL/2's last point worse than a smaller compute's: the frontier law, fitted without it, was the full fit (XL/2
+    # added nothing to the frontier) compared with a point it does not describe: a sure "error" and "inside: no".
+    from scaling.report import report_rows
+
+    # The synthetic loss has no term of the patch (XL/4 reaches XL/2's loss with less compute): patch 2 loses more.
+    rows = [{**r, "val_loss": r["val_loss"] * (1.3 if r["patch"] == 2 else 1)}
+            for r in synthetic_rows() if r["status"] == "ok"]
+    ok = report_rows(pd.DataFrame(rows))
+    a = analyze(ok, n_boot=0)
+    checks = {e["law"]: e for e in a.extrapolation}
+    loss_check, chinchilla = checks["y = E + A·x^(−α)"], checks[CHINCHILLA.formula]
+    on = ok[frontier(ok.train_compute.to_numpy(float), ok.val_loss.to_numpy(float))]
+    end = on.loc[on.train_compute.idxmax()]
+    assert (loss_check["model"], loss_check["step"], loss_check["observed"]) == (end.model, end.step, end.val_loss)
+    assert end.model == "DiT-XL/4" and loss_check["x"][0] == end.train_compute and loss_check["held_out"] == [end.model]
+    # Fitted on the frontier of what has less compute, XL/4 aside: an extrapolation still.
+    kept = ok[(ok.model != end.model) & (ok.train_compute < end.train_compute)]
+    assert loss_check["n_points"] == frontier(kept.train_compute.to_numpy(float), kept.val_loss.to_numpy(float)).sum()
+    assert abs(loss_check["relative_error"]) < 0.05
+    assert chinchilla["model"] == "DiT-XL/2" and chinchilla["step"] == STEPS[-1]  # L(N, D) describes every point
+    assert [n for n in a.notes if n.startswith("Extrapolation check of validation loss with y = E + A·x^(−α): "
+                                               "DiT-XL/2's last point is off the compute-efficient frontier")]
+    assert "Extrapolation check: fitted without the largest-compute model (unless a note says otherwise)" in \
+        markdown_of(a)
 
 
 def test_the_extrapolation_compares_with_the_held_out_models_best_trial_whatever_the_row_order():
