@@ -463,13 +463,16 @@ def frontier(x, y):
     return mask
 
 
-def correlations(x, y):
-    """Pearson and Spearman correlations of y with x, with two-sided p-values."""
+def correlations(x, y, names=("x", "y")):
+    """Pearson and Spearman correlations of y with x, with two-sided p-values; names: theirs in a FitError."""
     x, y = np.asarray(x, float), np.asarray(y, float)
     ok = np.isfinite(x) & np.isfinite(y)
     x, y = x[ok], y[ok]
-    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        raise FitError(f"a correlation needs at least 3 points with spread, got {len(x)}")
+    if len(x) < 3:
+        raise FitError(f"a correlation needs at least 3 points, got {len(x)}")
+    for name, v in zip(names, (x, y)):
+        if np.ptp(v) == 0:
+            raise FitError(f"a correlation needs points that differ; every {name} of the {len(x)} is {v[0]:.4g}")
     pearson, spearman = stats.pearsonr(x, y), stats.spearmanr(x, y)
     return {"n": len(x), "pearson_r": float(pearson.statistic), "pearson_p": float(pearson.pvalue),
             "spearman_rho": float(spearman.statistic), "spearman_p": float(spearman.pvalue)}
@@ -489,7 +492,7 @@ def extrapolation_check(law, x, y, groups, held_out, x_target, observed, select=
     return {
         "law": law.formula, "x": np.ravel(x_target).tolist(),
         "predicted": predicted, "ci_low": _json_float(low), "ci_high": _json_float(high),
-        "observed": float(observed), "relative_error": (predicted - observed) / observed,
+        "observed": float(observed), "relative_error": (predicted - observed) / observed if observed else None,
         "inside_interval": bool(low <= observed <= high) if np.isfinite([low, high]).all() else None,
         "n_points": fit.n_points, "n_trials": fit.n_groups, "n_boot_converged": len(fit.boot),
     }

@@ -149,6 +149,12 @@ def analyze(df, n_boot=N_BOOT, seed=0):
     if copies:
         a.notes.append(f"{copies} row(s) were exact copies of another row (the same trial and step, every column "
                        "equal): each measurement is counted once.")
+    for col in filter(None, ("fid", loss)):
+        zero = ok[ok[col] == 0]  # not below zero: check_rows refuses that
+        if len(zero):
+            a.notes.append(f"{len(zero)} row(s) record a {col} of 0 (trial {zero.trial_id.iloc[0]} at step "
+                           f"{zero.step.iloc[0]:,}): a log scale has no place for it, so the figures and fits leave "
+                           "it out.")
     bad = trials[trials.status != "ok"]
     if len(bad):
         a.notes.append(f"{len(bad)} trial(s) did not finish ok ({', '.join(sorted(set(bad.status)))}): "
@@ -167,7 +173,9 @@ def analyze(df, n_boot=N_BOOT, seed=0):
     if loss == "train_loss":
         a.notes.append("No validation loss in these results: the loss figures and fits use the training loss.")
     elif loss is None:
-        a.notes.append("No loss in these results: Figures 3 and 5 and the loss fits are left out.")
+        measured = np.isfinite(df[["val_loss", "train_loss"]].astype(float)).any().any()  # by trials not ok
+        where = "the trials that finished ok" if measured else "these results"
+        a.notes.append(f"No loss in {where}: Figures 3 and 5 and the loss fits are left out.")
 
     def note_unsettled(what, result):
         unsettled = result.unsettled() if isinstance(result, Fit) else []
@@ -194,7 +202,7 @@ def analyze(df, n_boot=N_BOOT, seed=0):
                        "extrapolation are left out; Figures 1 and 2 show the points as measured.")
     else:
         a.correlation = attempt("Correlation of FID with log10 Gflops", correlations, np.log10(points.gflops),
-                                points.fid)
+                                points.fid, ("log10 Gflops", "FID"))
         a.fits["fid_vs_gflops"] = attempt("FID against Gflops (Figure 1)", fit_law, POWER_LAW, points.gflops,
                                           points.fid, points.trial_id, **fit)
         fid_rows = _finite(ok, "fid")
@@ -431,7 +439,8 @@ def extrapolation_table(a):
     return Table(title, ["quantity", "law", "held-out model", "at", "predicted", "interval", "observed", "error",
                          "inside", "resamples"],
                  [[e["quantity"], e["law"], _held_out(e), _at(e), _num(e["predicted"]),
-                   f"[{_num(e['ci_low'])}, {_num(e['ci_high'])}]", _num(e["observed"]), f"{e['relative_error']:+.1%}",
+                   f"[{_num(e['ci_low'])}, {_num(e['ci_high'])}]", _num(e["observed"]),
+                   "–" if e["relative_error"] is None else f"{e['relative_error']:+.1%}",
                    {True: "yes", False: "no", None: "–"}[e["inside_interval"]], str(e["n_boot_converged"])]
                   for e in a.extrapolation])
 

@@ -103,6 +103,9 @@ def test_too_few_points_raise_fit_error_with_the_reason():
         fit_law(CHINCHILLA, np.column_stack([[1e6, 1e7] * 5, np.logspace(8, 9, 10)]), np.linspace(3, 2, 10))
     with pytest.raises(FitError, match="at least 3 points"):
         correlations([1.0, 2.0], [3.0, 1.0])
+    # "needs at least 3 points with spread, got 3" named neither the cause nor the quantity.
+    with pytest.raises(FitError, match="^a correlation needs points that differ; every FID of the 3 is 20$"):
+        correlations([1.0, 2.0, 3.0], [20.0, 20.0, 20.0], ("log10 Gflops", "FID"))
 
 
 def test_bootstrap_resamples_whole_groups_and_drops_failed_fits():

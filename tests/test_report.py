@@ -93,7 +93,7 @@ def test_paper_report(tmp_path):
     assert b["value"] == pytest.approx(slope, rel=1e-9) and b["ci_low"] < slope < b["ci_high"]
     assert fits["extrapolation"][0]["model"] == "DiT-XL/2"
     assert fits["extrapolation"][0]["observed"] == 19.47
-    assert any("No loss" in n for n in fits["notes"])
+    assert "No loss in these results: Figures 3 and 5 and the loss fits are left out." in fits["notes"]
     md = (out / "report.md").read_text()
     assert "![" in md and "fig1_fid_vs_gflops.png" in md and "-0.9298" in md
 
@@ -214,8 +214,9 @@ def test_tiny_studies_give_notes_not_crashes(tmp_path, case):
     if case == "no FID":
         assert fits["correlation_fid_log10_gflops"] is None and "fid_vs_gflops" not in fits["fits"]
         assert (out / "fig3_loss_vs_compute.png").is_file() and not (out / "fig1_fid_vs_gflops.png").exists()
-    if case == "all failed":
+    if case == "all failed":  # the failed rows hold losses: "No loss in these results" was not so
         assert fits["trials"] == {"failed": 12}
+        assert "No loss in the trials that finished ok: Figures 3 and 5 and the loss fits are left out." in fits["notes"]
     unfinished = [n.split(" trial(s)")[0] for n in fits["notes"] if "not yet at their last step" in n]
     assert unfinished == {"unfinished": ["2"], "single step": ["12"]}.get(case, [])
     if case == "single step":
@@ -440,6 +441,21 @@ def test_a_diverged_trials_infinite_loss_is_its_last_word_not_bad_input(tmp_path
     rows.loc[rows.trial_id == "t-diverged", "train_loss"] = np.inf
     out = build_report(rows, tmp_path / "report", n_boot=0)
     assert json.loads((out / "fits.json").read_text())["trials"] == {"ok": 12, "diverged": 1, "failed": 1}
+
+
+def test_a_measurement_of_zero_is_named_as_left_out_of_the_log_scale_fits():
+    # Accepted (not below zero), then dropped from every log fit and figure without a word, and the extrapolation's
+    # error divided by it: +inf% in the table, null in fits.json.
+    from scaling.report import report_rows
+
+    rows = [{**r, "fid": 0.0} if r["model"] == "DiT-XL/2" and r["step"] == STEPS[-1] else r
+            for r in synthetic_rows() if r["status"] == "ok"]
+    a = analyze(report_rows(pd.DataFrame(rows)), n_boot=0)
+    assert (f"1 row(s) record a fid of 0 (trial t-DiT-XL/2 at step {STEPS[-1]:,}): a log scale has no place for it, "
+            "so the figures and fits leave it out.") in a.notes
+    fid_check = next(e for e in a.extrapolation if e["quantity"] == "FID")
+    assert fid_check["observed"] == 0.0 and fid_check["relative_error"] is None
+    assert "| 0 | – |" in markdown_of(a)
 
 
 def test_fids_measured_with_different_settings_are_not_fitted_together():
