@@ -26,6 +26,7 @@ import json
 import time
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -113,8 +114,23 @@ def rank_slice(total, rank, world_size, batch=1):
 #                                   Sampling                                    #
 #################################################################################
 
-@lru_cache(maxsize=1)
 def _load_vae(path, device):
+    """The VAE at path, loaded once while its folder's files stay as they are (a folder replaced in place between
+    milestones is loaded again, not decoded with the copy held since the first)."""
+    return _load_vae_version(path, device, _folder_version(path))
+
+
+def _folder_version(path):
+    """(name, size, mtime) of each file in a folder: what changes when its files are written again."""
+    try:
+        return tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in Path(path).iterdir()
+                            if f.is_file()))
+    except OSError:  # missing or unreadable: load_vae names what is wrong
+        return ()
+
+
+@lru_cache(maxsize=1)
+def _load_vae_version(path, device, version):
     from core.latents import load_vae
 
     return load_vae(path, device)

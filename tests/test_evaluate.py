@@ -339,6 +339,24 @@ def test_missing_inception_weights_name_the_file_and_download_nothing(tmp_path, 
     assert fid_module.resolve_extractor("inception-v3-compat") == ("inception-v3-compat", expected)
 
 
+def test_a_vae_folder_written_again_in_place_is_loaded_again(tmp_path):
+    # The loaded VAE was kept by its path alone: a folder replaced between milestones was decoded with the old weights.
+    from test_data import save_tiny_vae
+
+    latent_decoder = evaluate_module.latent_decoder
+    torch.manual_seed(0)
+    save_tiny_vae(tmp_path / "vae")
+    meta = {"vae": str(tmp_path / "vae"), "scale_factor": 0.5}
+    z = torch.randn(2, 4, 4, 4)
+    first = latent_decoder(meta, None, "cpu")(z)
+    assert torch.equal(latent_decoder(meta, None, "cpu")(z), first)
+    held = evaluate_module._load_vae(str(tmp_path / "vae"), "cpu")
+    assert evaluate_module._load_vae(str(tmp_path / "vae"), "cpu") is held  # loaded once while it stays
+    torch.manual_seed(1)
+    save_tiny_vae(tmp_path / "vae")  # the same files, of the same sizes, written again
+    assert not torch.allclose(latent_decoder(meta, None, "cpu")(z), first)
+
+
 def test_latents_are_decoded_through_the_vae_and_need_a_reference(tmp_path):
     from diffusers import AutoencoderKL
 
