@@ -764,6 +764,38 @@ def test_damaged_checkpoint_files_are_named_in_words(tmp_path, capsys):
         assert snapshot(tmp_path) == before, name
 
 
+def test_a_checkpoint_file_whose_bytes_changed_is_named_as_damaged(tmp_path, capsys):
+    # One flipped byte in the model states, an optimizer shard, the EMA or the trainer state resumed without a word:
+    # torch's zip reader and safetensors check no contents.
+    zero_2 = CORE_TRAIN[:CORE_TRAIN.index("--zero-stage")] + ["--zero-stage", "2"] + CORE_TRAIN[
+        CORE_TRAIN.index("--zero-stage") + 2:]
+    assert core_train.main(zero_2 + ["--results-dir", str(tmp_path / "run"), "--resume", "none"]) == 0
+    good = tmp_path / "run" / "DiT-P-4" / "checkpoints" / "step-000000002"
+    record = json.loads((good / "checksums-rank0.json").read_text())
+    assert {ckpt.EMA_FILE, "rng-rank0.pt"} <= set(record) and len(record) == len(
+        [p for p in good.rglob("*") if p.is_file()]) - 2  # one process: every file but the record and trainer state
+    engine = [name for name in record if name.startswith(ckpt.ENGINE_DIR)]
+    assert any("model_states" in n for n in engine) and any("optim_states" in n for n in engine)
+    for name in [*engine, ckpt.EMA_FILE, "rng-rank0.pt"]:
+        damaged = tmp_path / "damaged"
+        shutil.rmtree(damaged, ignore_errors=True)
+        shutil.copytree(good, damaged)
+        data = bytearray((damaged / name).read_bytes())
+        data[len(data) // 2] ^= 0x10  # inside the tensors' bytes: every loader takes it
+        (damaged / name).write_bytes(bytes(data))
+        capsys.readouterr()
+        assert core_train.main(zero_2 + ["--results-dir", str(tmp_path / "x"), "--resume", str(damaged)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {damaged / name} is damaged: its contents are not those written (CRC-32 "), err
+        assert err.endswith(f", checksums-rank0.json records {record[name]['crc32']})\n"), err
+    assert core_train.main(zero_2 + ["--max-steps", "3", "--results-dir", str(tmp_path / "x"), "--resume",
+                                         str(good)]) == 0  # the undamaged one resumes
+    # A checkpoint from before the record resumes as it did.
+    (good / "checksums-rank0.json").unlink()
+    assert core_train.main(zero_2 + ["--max-steps", "3", "--results-dir", str(tmp_path / "y"), "--resume",
+                                         str(good)]) == 0
+
+
 @pytest.mark.skipif(unenterable() is None, reason="no folder that even this user cannot enter")
 def test_an_image_folder_with_a_class_folder_this_user_cannot_enter(tmp_path, capsys):
     # The scan's PermissionError was a traceback, exit 1 (scaling.encode_latents: exit 1 with no folder named).

@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -738,3 +739,37 @@ def test_a_resume_tells_its_callbacks_the_training_time_it_resumed_at(tmp_path):
     train(tiny_config(max_steps=4, log_every=2, ckpt_every=2, val_batch=0), tmp_path / "b", callbacks=Record(),
           resume_from=step_2)
     assert seen == [saved] and saved > 0
+
+
+def test_each_rank_records_the_files_it_wrote_and_checks_those_it_reads(tmp_path):
+    # One folder of two ranks (torchrun's): rank 0 records the files of no rank and its own, rank 1 its own; a rank
+    # checks the shared files and its own, not another rank's shard, which it never reads.
+    files = {"ema.safetensors": b"e" * 10, "deepspeed/state/mp_rank_00_model_states.pt": b"m" * 20,
+             "deepspeed/state/bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt": b"a" * 30,
+             "deepspeed/state/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt": b"b" * 30,
+             "rng-rank0.pt": b"r" * 5, "rng-rank1.pt": b"s" * 5, ckpt.STATE_FILE: b"{}"}
+    for name, data in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(data)
+    ckpt.write_checksums(tmp_path, 1)
+    ckpt.write_checksums(tmp_path, 0)
+    records = [json.loads((tmp_path / f"checksums-rank{r}.json").read_text()) for r in (0, 1)]
+    assert sorted(records[0]) == ["deepspeed/state/bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                                  "deepspeed/state/mp_rank_00_model_states.pt", "ema.safetensors", "rng-rank0.pt"]
+    assert sorted(records[1]) == ["deepspeed/state/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", "rng-rank1.pt"]
+    assert records[0]["ema.safetensors"] == {"bytes": 10, "crc32": f"{zlib.crc32(b'e' * 10):08x}"}
+    for rank in (0, 1):
+        ckpt.verify_checksums(tmp_path, rank)
+    (tmp_path / "deepspeed/state/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"c" * 30)
+    ckpt.verify_checksums(tmp_path, 0)  # rank 1's to check
+    with pytest.raises(ckpt.CheckpointError, match=r"bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt is damaged: its "
+                                                   r"contents are not those written \(CRC-32 [0-9a-f]{8}, "
+                                                   r"checksums-rank1.json records [0-9a-f]{8}\)$"):
+        ckpt.verify_checksums(tmp_path, 1)
+    (tmp_path / "ema.safetensors").write_bytes(b"e" * 9)
+    with pytest.raises(ckpt.CheckpointError, match=r"ema.safetensors is damaged: 9 bytes, where 10 were written "
+                                                   r"\(checksums-rank0.json\)$"):
+        ckpt.verify_checksums(tmp_path, 0)
+    (tmp_path / "checksums-rank0.json").write_text("{")
+    with pytest.raises(ckpt.CheckpointError, match="checksums-rank0.json is corrupt: "):
+        ckpt.verify_checksums(tmp_path, 0)
