@@ -20,6 +20,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from core.digits_classifier import WEIGHTS_PATH as DIGITS_WEIGHTS
 from core.fid_extractor import DIGITS_EXTRACTOR, metric_kwargs, register
 from core.latents import one_line
+from core.precision import ieee_products
 from core.real_images import RealImages
 
 INCEPTION = "inception-v3-compat"
@@ -158,8 +159,9 @@ def fidelity(images, real, *, extractor, weights, cache_root, cuda=False, metric
     if isinstance(images, RealImages):
         kwargs["input1_cache_name"] = _cache_entry(cache_root, images, extractor, weights)
         images = images.dataset
-    out = torch_fidelity.calculate_metrics(input1=images, input2=real.dataset,
-                                           **{s: s in switches for s in ("fid", "kid", "prc", "isc")}, **kwargs)
+    with ieee_products():  # one numeric mode for every set's features, whatever the trial's precision (cached ones too)
+        out = torch_fidelity.calculate_metrics(input1=images, input2=real.dataset,
+                                               **{s: s in switches for s in ("fid", "kid", "prc", "isc")}, **kwargs)
     return {m: float(out[key]) if key in out else None for m, (_, key) in METRICS.items() if m in metrics}
 
 

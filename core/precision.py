@@ -5,7 +5,11 @@
   (its train.py and sample_ddp.py turn TF32 on). A CPU has no TF32: there it computes what fp32 does.
 - bf16: DeepSpeed's bf16 weights under bf16 autocast, fp32 master weights in the optimizer; what runs outside
   the autocast in fp32 (the VAE's decode of the samples) takes TF32 as under tf32.
+FID's features are extracted in IEEE fp32 whatever the precision (ieee_products): the real images' are cached and
+shared by every trial of a study.
 """
+import contextlib
+
 PRECISIONS = ("fp32", "tf32", "bf16")  # torch is imported where used: scaling.study reads these before torch is wanted
 
 
@@ -14,6 +18,19 @@ def autocast_dtype_for(precision):
     import torch
 
     return torch.bfloat16 if precision == "bf16" else None
+
+
+@contextlib.contextmanager
+def ieee_products():
+    """TF32 off inside (IEEE fp32 products and convolutions on a GPU), the switches as they were after."""
+    import torch
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 def use_precision(precision):

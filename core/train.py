@@ -494,10 +494,19 @@ def check_folder_shared(checkpoint_dir, rank, device, wait_s=SHARED_CHECK_WAIT_S
     token = [secrets.token_hex(8) if rank == 0 else None]
     dist.broadcast_object_list(token, src=0)
     marker = Path(checkpoint_dir) / f".shared-check-{token[0]}"
-    if rank == 0:
+    problem = None
+    try:
+        # Every rank creates the folder: on NFS a rank that looked for it before (a resume's search) would trust its
+        # cached "no such folder" for up to a minute; a create asks the server.
         marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.touch()
-    dist.barrier()
+        if rank == 0:
+            marker.touch()
+    except OSError as err:
+        problem = err
+    _, failed = ranks_spread(int(problem is not None), device)  # also the barrier: rank 0's marker is written
+    if failed:
+        raise ckpt.CheckpointError(f"{checkpoint_dir} cannot be written"
+                                   + (f": {problem.strerror or problem}" if problem else " by another process"))
     deadline = time.monotonic() + wait_s
     while not marker.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -596,18 +605,18 @@ def train(cfg, out_dir, milestones=(), callbacks=None, resume_from=None, checkpo
         raise DataError(f"the processes see {cfg.dataset} data of different sizes ({fewest} to {most} items) at "
                         f"{cfg.data_path}: every node must see the same data (one shared folder, or identical copies)")
     identity = data_identity(dataset)
-    earlier = (saved or {}).get("data_identity")  # None: a checkpoint older than the record
-    if cfg.dataset == "imagefolder" and earlier is not None and earlier != identity:
-        # Its path may change (data moves), its count alike: other files, or class folders renamed (their labels in
-        # sorted order), would train on from weights and a data position of other data, conditioned on other labels.
-        raise ckpt.CheckpointError(f"{resume_from} was written training on other files or labels than the image "
-                                   f"folder {cfg.data_path} holds now; resume on those, or train this one in another "
-                                   "folder")
     lowest, highest = ranks_spread(identity, device)
     if lowest != highest:  # as many items, other ones: each rank's share of a batch would come from other data
         raise DataError(f"the processes see different {cfg.dataset} data at {cfg.data_path} (as many items, other "
                         f"{'encodes' if cfg.dataset == 'latents' else 'files'}): every node must see the same data "
                         "(one shared folder, or identical copies)")
+    earlier = (saved or {}).get("data_identity")  # None: a checkpoint older than the record
+    if cfg.dataset == "imagefolder" and earlier is not None and earlier != identity:  # every rank alike (above)
+        # Its path may change (data moves), its count alike: other files, or class folders renamed (their labels in
+        # sorted order), would train on from weights and a data position of other data, conditioned on other labels.
+        raise ckpt.CheckpointError(f"{resume_from} was written training on other files or labels than the image "
+                                   f"folder {cfg.data_path} holds now; resume on those, or train this one in another "
+                                   "folder")
     sampler = ShardedBatchSampler(len(dataset), cfg.batch_size, rank, world, cfg.seed)
     validation = ValidationBatch(cfg, rank, world, device, cfg.diffusion_steps) if cfg.val_batch else None
     shape = (mcfg["in_channels"], mcfg["input_size"], mcfg["input_size"])
@@ -617,7 +626,7 @@ def train(cfg, out_dir, milestones=(), callbacks=None, resume_from=None, checkpo
     step, train_time, history = 0, 0.0, []
     window_loss, window_steps, window_time = 0.0, 0, 0.0  # the steps since the last log, which it averages
     if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from, engine, ema, mcfg, world, cfg.zero_stage, rank)
+        state = _load_on_every_rank(resume_from, engine, ema, mcfg, world, cfg.zero_stage, rank, device)
         step, train_time, history = state["step"], state["train_time_s"], state.get("history", [])
         # A checkpoint between two logs holds the steps since the last one: the next log after a resume averages
         # the same steps as it would have without one (train_loss bitwise the same).
@@ -703,6 +712,21 @@ def train(cfg, out_dir, milestones=(), callbacks=None, resume_from=None, checkpo
             if rank == 0 or not shared_checkpoint_dir:  # only rank 0 writes the trainer state that marks a checkpoint
                 ckpt.prune_checkpoints(checkpoint_dir, cfg.keep_checkpoints, marked=rank == 0)
     return metrics
+
+
+def _load_on_every_rank(path, engine, ema, model_config, world, zero_stage, rank, device):
+    """ckpt.load_checkpoint, its CheckpointError raised on every rank: a file of one rank's own (its optimizer shard,
+    its RNG state) damaged would stop that rank alone, the others waiting in the first step's collectives."""
+    try:
+        state, problem = ckpt.load_checkpoint(path, engine, ema, model_config, world, zero_stage, rank), None
+    except ckpt.CheckpointError as err:
+        state, problem = None, err
+    _, failed = ranks_spread(int(problem is not None), device)
+    if problem is not None:
+        raise problem
+    if failed:
+        raise ckpt.CheckpointError(f"{path} cannot be loaded by another process (its error names the file)")
+    return state
 
 
 def _restore_sampler(sampler, state, checkpoint):

@@ -570,6 +570,12 @@ def isoflop(compute, params, steps, loss, groups, n_budgets=6, min_models=3, n_b
     curve = np.array([len(t) >= 2 for t in trials])
     budgets = _budgets(spans[curve], size_class[curve], n_budgets, min_models) if curve.any() else np.array([])
     single_budgets, member = _single_point_budgets(spans[~curve, 0], size_class[~curve], min_models)
+    if (member < 0).any():  # trials of no profile: out, not counted as trials of the fits or resampled with them
+        keep = curve.copy()
+        keep[np.flatnonzero(~curve)[member >= 0]] = True
+        trials, sizes, size_class, spans, curve = ([t for t, k in zip(trials, keep) if k], sizes[keep],
+                                                   size_class[keep], spans[keep], curve[keep])
+        member = member[member >= 0]
     budgets = np.concatenate([budgets, single_budgets])
     if len(budgets) == 0:
         raise FitError(f"IsoFLOP profiles need a compute budget that {min_models} model sizes all reach: trials "
@@ -652,16 +658,21 @@ def _steps_at(n_opt, params, steps):
     return steps[near] * params[near] / n_opt
 
 
-SAME_BUDGET = 0.05  # log10 compute: single points closer than 12% count as one budget's (its steps rounded)
+# log10 compute: single points within 4.7% of a budget's smallest count as its (each trial's steps are rounded: by
+# 0.5% at 100 steps); paper models differ by 10% and more (DiT-S/2 6.06 Gflops, B/4 5.56, L/8 5.01).
+SAME_BUDGET = 0.02
 
 
 def _single_point_budgets(log_c, sizes, min_models):
     """(budgets, the index into them of each point or -1) for trials measured once at log10 compute log_c: points
-    that follow each other within SAME_BUDGET are one budget, at their geometric mean, where min_models sizes are."""
+    within SAME_BUDGET of the smallest of theirs are one budget, at their geometric mean, where min_models sizes are
+    (measured from the smallest, not point to point: a chain of near points would span any width)."""
     order = np.argsort(log_c)
-    starts = np.r_[True, np.diff(log_c[order]) > SAME_BUDGET]
-    cluster = np.empty(len(log_c), int)
-    cluster[order] = np.cumsum(starts) - 1
+    cluster, start, k = np.empty(len(log_c), int), -np.inf, -1
+    for i in order:
+        if log_c[i] - start > SAME_BUDGET:
+            start, k = log_c[i], k + 1
+        cluster[i] = k
     budgets, member = [], np.full(len(log_c), -1)
     for k in np.unique(cluster):
         inside = cluster == k

@@ -286,8 +286,9 @@ def extrapolations(a, attempt, fit):
             # left in, they would make the check an interpolation. Held out with it, the fit must reach its N.
             classes = size_classes(rows.params.to_numpy(float))
             held = classes == classes[held][0]
-        held_out = figures.model_order(rows[held])
+        held_out, cut = figures.model_order(rows[held]), None
         if target.name != last.name:  # every point of as much compute out too: still an extrapolation
+            cut = float(target.train_compute)
             held = held | (rows.train_compute >= target.train_compute).to_numpy()
             a.notes.append(f"Extrapolation check of {what} with {law.formula}: {held_model}'s last point is off the "
                            "compute-efficient frontier the law describes (a smaller compute did better), so it "
@@ -300,7 +301,7 @@ def extrapolations(a, attempt, fit):
                         select, **fit)
         if check:
             checks.append({"quantity": what, "model": target.model, "step": int(target.step), "held_out": held_out,
-                           **check})
+                           "held_out_from_compute": cut, **check})
     return checks
 
 
@@ -459,6 +460,8 @@ def _ci_label(a, template):
 def _held_out(e):
     """The model predicted, and the others held out with it (L(N, D): the other patch sizes of its size)."""
     others = [m for m in e["held_out"] if m != e["model"]]
+    if e.get("held_out_from_compute") is not None:
+        others.append(f"every point from C = {e['held_out_from_compute']:.3g} Gflops on")
     return e["model"] + (f" (and {', '.join(others)})" if others else "")
 
 

@@ -281,8 +281,16 @@ class _Loader(yaml.SafeLoader):
                             "or quote it for text", node.start_mark)
         return super().construct_yaml_int(node)
 
+    def construct_yaml_float(self, node):
+        if ":" in node.value:  # 1:30.5 is 90.5
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{node.value} is YAML 1.1's base-60 number {super().construct_yaml_float(node)}; write "
+                            "it without :, or quote it for text", node.start_mark)
+        return super().construct_yaml_float(node)
+
 
 _Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
+_Loader.add_constructor("tag:yaml.org,2002:float", _Loader.construct_yaml_float)
 
 
 class _Dumper(yaml.SafeDumper):

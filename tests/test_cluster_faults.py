@@ -204,6 +204,7 @@ def test_a_file_a_node_does_not_see_is_named_before_launch(tmp_path, cluster, mo
     held, out = tmp_path / "held" / "a", tmp_path / "out"
     held.mkdir(parents=True)
     (held / "0.png").write_bytes(b"")
+    (held / "1.png").write_bytes(b"")  # FID's statistics need two
     out.mkdir()
     study = load(tmp_path, overrides=[f"output={out}", f"eval.heldout={held.parent}"])
     ray.init(address=cluster.address, log_to_driver=False)

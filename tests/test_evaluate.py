@@ -518,3 +518,24 @@ def test_a_folder_of_one_real_image_is_named_not_left_to_torch_fidelity(tmp_path
         folder_images(tmp_path / "real", 8)
     Image.new("RGB", (8, 8), "white").save(tmp_path / "real" / "a" / "1.png")
     assert len(folder_images(tmp_path / "real", 8)) == 2
+
+
+def test_fid_features_are_extracted_in_ieee_fp32_whatever_the_precision(monkeypatch, tmp_path):
+    # The real images' features are cached and shared by every trial: a tf32 or bf16 trial's TF32 convolutions and
+    # an fp32 trial's IEEE ones would put two numeric modes into one FID.
+    import torch_fidelity
+
+    from core import fid
+    from core.precision import use_precision
+
+    seen = []
+    monkeypatch.setattr(torch_fidelity, "calculate_metrics", lambda **kwargs: seen.append(
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)) or {})
+    monkeypatch.setattr(fid, "_cache_entry", lambda *args: "entry")
+    real = fid.RealImages(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), {}, "two")
+    for precision in ("tf32", "bf16", "fp32"):
+        use_precision(precision)
+        fid.fidelity(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), real, extractor="inception-v3-compat",
+                     weights="w.pth", cache_root=tmp_path, metrics=("fid",))
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == ((precision != "fp32"),) * 2
+    assert seen == [(False, False)] * 3

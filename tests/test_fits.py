@@ -252,6 +252,16 @@ def test_isoflop_of_trials_each_trained_to_one_budget():
                      np.r_[np.arange(n.size), [100, 100, 101, 101, 102, 102]], n_budgets=3, n_boot=0)
     assert len(curves.profiles) == 3 + 5 and [p.budget for p in curves.profiles] == sorted(
         p.budget for p in curves.profiles)
+    # A steps sweep under a decaying lr is no IsoFLOP design: the paper's models at one step count spend computes 10%
+    # and more apart (S/2, B/4 and L/8: 6.06, 5.56, 5.01 Gflops), which a chain of near points had made one budget.
+    paper = paper_results()
+    with pytest.raises(FitError, match="need a compute budget that 3 model sizes all reach"):
+        isoflop(paper.gflops * 256 * 3 * 1e5, paper.params, np.full(12, 1e5), np.linspace(1, 2, 12),
+                np.arange(12))
+    # Trials that join no budget are not counted as the fits' trials: 45 in profiles, 12 of no budget.
+    extra = isoflop(np.r_[6 * n * d, paper.gflops * 3e7], np.r_[n, paper.params], np.r_[d, np.full(12, 1e5)],
+                    np.r_[loss, np.linspace(3, 4, 12)], np.arange(n.size + 12), n_boot=0)
+    assert extra.n_opt.n_groups == n.size and len(extra.profiles) == 5
 
 
 def test_isoflop_needs_several_sizes_measured_at_several_steps():

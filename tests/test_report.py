@@ -578,6 +578,8 @@ def test_a_frontier_law_predicts_the_frontiers_last_point_when_the_largest_model
     end = on.loc[on.train_compute.idxmax()]
     assert (loss_check["model"], loss_check["step"], loss_check["observed"]) == (end.model, end.step, end.val_loss)
     assert end.model == "DiT-XL/4" and loss_check["x"][0] == end.train_compute and loss_check["held_out"] == [end.model]
+    assert loss_check["held_out_from_compute"] == end.train_compute
+    assert f"| DiT-XL/4 (and every point from C = {end.train_compute:.3g} Gflops on) |" in markdown_of(a)
     # Fitted on the frontier of what has less compute, XL/4 aside: an extrapolation still.
     kept = ok[(ok.model != end.model) & (ok.train_compute < end.train_compute)]
     assert loss_check["n_points"] == frontier(kept.train_compute.to_numpy(float), kept.val_loss.to_numpy(float)).sum()

@@ -1,4 +1,5 @@
 """scaling.study and scaling.dry_run: the schema, grid expansion, trial ids, the --dry-run table, and bad input."""
+import datetime
 import os
 import re
 import shutil
@@ -574,6 +575,8 @@ BAD = {
                             "octal number 8; write it without the leading 0, or quote it for text"),
     "a base-60 step count": (BASE, ["sweep.steps=[1:30]"], "--set sweep.steps=[1:30]: sweep.steps: the value is not "
                              "YAML: 1:30 is YAML 1.1's base-60 number 90; write it without :, or quote it for text"),
+    "a base-60 number": (BASE, ["train.lr=1:30.5"], "--set train.lr=1:30.5: train.lr: the value is not YAML: 1:30.5 is "
+                         "YAML 1.1's base-60 number 90.5; write it without :, or quote it for text"),
     "a year for a name": (BASE, ["name=2024"], "--set name=2024: name: expected a name of letters, digits, '_', '.' "
                           "and '-', got 2024 (YAML read it as an integer: quote it)"),
     "steps and compute": (edit("  steps:", "  compute: [1e12]\n  steps:"), [],
@@ -1090,3 +1093,12 @@ def test_a_store_of_no_file_or_in_memory_and_a_home_that_is_not_here_are_the_fie
             load(tmp_path, overrides=[f"{key}={value}"])
         assert str(err.value) == (f"--set {key}={value}: {key}: ~nobody-here/{'m.db' if 'uri' in key else 'x'}: "
                                   "~nobody-here has no home folder on this machine")
+
+
+@pytest.mark.parametrize("text, value", [("0", 0), ("-0", 0), ("+7", 7), ("0x1F", 31), ("0b101", 5), ("1_000", 1000),
+                                         ("010.5", 10.5), ("010e3", 10000.0), ("3e-4", 3e-4), ("1.0e+14", 1e14),
+                                         (".5", 0.5), ("'010'", "010"), ("2024-01-01", datetime.date(2024, 1, 1))])
+def test_the_study_loader_reads_numbers_as_yaml_does_but_octal_and_base_60(text, value):
+    from scaling.study import parse_value
+
+    assert parse_value(text) == value and type(parse_value(text)) is type(value)

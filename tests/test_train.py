@@ -358,6 +358,12 @@ def test_a_checkpoint_folder_that_is_not_shared_by_the_ranks_stops_them_all(tmp_
                               "writes there (a folder on each node's own disk?); the checkpoints of a run of several "
                               "nodes go to a folder every node sees")
     assert not list((tmp_path / "node0").iterdir()) and not list((tmp_path / "node1").iterdir())
+    # Rank 0 cannot write its marker (a file where its folder goes): every rank stops, none waits at a barrier.
+    (tmp_path / "a-file").write_text("")
+    unwritable = [str(tmp_path / "a-file" / "checkpoints"), str(shared)]
+    said = on_two_ranks(_check_shared_as_rank, unwritable, store=tmp_path / "store3")
+    assert said == {0: f"{unwritable[0]} cannot be written: Not a directory",
+                    1: f"{shared} cannot be written by another process"}
 
 
 def test_every_checkpoint_report_names_its_own_step(tmp_path):
@@ -502,7 +508,7 @@ def test_deepspeeds_import_leaves_mlflow_to_whoever_uses_it(fresh_process_env, m
     assert proc.stdout.split()[-4:] == [str(mlflow_first), str(mlflow_first), "mlflow", "True"]
 
 
-def torchrun(out, zero_stage, nproc=2, resume="none", val_batch=32, max_steps=12):
+def torchrun(out, zero_stage, nproc=2, resume="none", val_batch=32, max_steps=12, fails=False):
     # --standalone: the agent binds a free port itself. A port picked here and closed again could be taken before
     # torchrun bound it (EADDRINUSE once in the parallel suite, beside Ray's workers).
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
@@ -513,6 +519,9 @@ def torchrun(out, zero_stage, nproc=2, resume="none", val_batch=32, max_steps=12
     # Its own extensions folder: whatever DeepSpeed compiles at run time shows up there.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": str(Path(out).parent / "torch_extensions")}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    if fails:  # its stderr
+        assert proc.returncode != 0
+        return proc.stderr
     assert proc.returncode == 0, proc.stderr[-3000:]
     return history(Path(out) / "DiT-P-2")
 
@@ -538,6 +547,16 @@ def test_two_gloo_processes_match_one(tmp_path, zero_stage):
     assert state_r["step"] == 12 and len(losses_r) == len(losses_2)
     assert losses_r == pytest.approx(losses_2, rel=1e-4, abs=1e-5)
     assert state_r["metrics"]["val_loss"] == pytest.approx(state_2["metrics"]["val_loss"], rel=1e-4)
+    if zero_stage == 2:  # rank 1's own shard damaged: rank 1 names it, rank 0 stops too (it waited in a collective)
+        shard = next(step_6.rglob("*zero_pp_rank_1_*optim_states.pt"))
+        assert f"{ckpt.ENGINE_DIR}/{ckpt.ENGINE_TAG}/{shard.name}" in json.loads(
+            (step_6 / "checksums-rank1.json").read_text())  # rank 1's record, not rank 0's
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0x10
+        shard.write_bytes(bytes(data))
+        err = torchrun(tmp_path / "damaged", zero_stage, resume=str(step_6), fails=True)
+        assert f"error: {shard} is damaged: its contents are not those written" in err, err[-3000:]
+        assert f"error: {step_6} cannot be loaded by another process (its error names the file)" in err, err[-3000:]
 
 
 #################################################################################
@@ -773,3 +792,4 @@ def test_each_rank_records_the_files_it_wrote_and_checks_those_it_reads(tmp_path
     (tmp_path / "checksums-rank0.json").write_text("{")
     with pytest.raises(ckpt.CheckpointError, match="checksums-rank0.json is corrupt: "):
         ckpt.verify_checksums(tmp_path, 0)
+
