@@ -637,7 +637,13 @@ def train(cfg, out_dir, milestones=(), callbacks=None, resume_from=None, checkpo
     trial.step = step
     if resume_from is not None:
         trial.resumed_train_time_s = train_time
-        callbacks.on_resume(trial, dict(state.get("metrics", {})), [dict(h) for h in history])
+        resumed = dict(state.get("metrics", {}))
+        if step in milestones and validation is not None and "val_loss" not in resumed:
+            # A milestone added at a checkpoint that was none of the run's (ckpt_every's): the validation a milestone
+            # checkpoint holds is measured now, from the weights it would have been measured on.
+            resumed["val_loss"], resumed["val_mse"] = validation.loss(engine.module, diffusion, autocast_dtype)
+            resumed["val_loss_ema"], _ = validation.loss(ema.model, diffusion, autocast_dtype)
+        callbacks.on_resume(trial, resumed, [dict(h) for h in history])
         # After on_resume, which may say more (a study's trial past a milestone it did not measure): the loop would
         # take no step, and the run would end as if it were done, at the later checkpoint's weights.
         if step > cfg.max_steps:

@@ -18,20 +18,28 @@ def rows_end(rows):
     return trial_end(milestones, dict(zip(rows.step, rows.status)))
 
 
-def log_missing(tracker, results, curves):
+def log_missing(tracker, results, curves, skip_unreadable=False):
     """Log each trial's loss curve and milestone rows at the steps its run lacks (gaps too: calls an interrupted
-    driver still had queued, or MLflow refused); returns the points logged."""
+    driver still had queued, or MLflow refused); returns the points logged. A run whose metrics cannot be read is not
+    taken to hold none (every point would be logged again): the store's error is raised, or with skip_unreadable
+    (the driver's catch-up at launch, which the replay can finish later) the run is left as it is."""
     logged = 0
     for trial_id, rows in results.groupby("trial_id"):
         run_id = tracker.child_run(trial_id, json.loads(rows.config_json.iloc[0]))
-        have_log = tracker.logged_steps(run_id, "train_loss")
+        try:
+            have_log = tracker.logged_steps(run_id, "train_loss", strict=True)
+            # The driver logs train_compute with every milestone row; val_loss only where there is one
+            # (train.val_batch 0 has none), but drivers before train_compute logged it.
+            have_eval = (tracker.logged_steps(run_id, "train_compute", strict=True)
+                         | tracker.logged_steps(run_id, "val_loss", strict=True))
+        except Exception:
+            if skip_unreadable:
+                continue
+            raise
         for r in curves[curves.trial_id == trial_id].sort_values("step").to_dict("records"):
             if r["step"] not in have_log:
                 tracker.log_metrics(run_id, {k: r.get(k) for k in LOG_METRICS}, r["step"])
                 logged += 1
-        # The driver logs train_compute with every milestone row; val_loss only where there is one
-        # (train.val_batch 0 has none), but drivers before train_compute logged it.
-        have_eval = tracker.logged_steps(run_id, "train_compute") | tracker.logged_steps(run_id, "val_loss")
         for r in rows.sort_values("step").to_dict("records"):
             if r["status"] == "ok" and r["step"] not in have_eval:
                 tracker.log_metrics(run_id, {k: r.get(k) for k in (*EVAL_METRICS, "gflops", "params", "train_compute")},

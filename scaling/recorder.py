@@ -133,7 +133,7 @@ class Recorder(Callback):
         if rows:
             curves = pd.DataFrame([r for r in self.curves.values() if r["trial_id"] in open_runs],
                                   columns=["trial_id", "step", *LOG_METRICS])
-            log_missing(self.tracker, pd.DataFrame(rows), curves)
+            log_missing(self.tracker, pd.DataFrame(rows), curves, skip_unreadable=True)
             for trial_id in {r["trial_id"] for r in rows} & self.mlflow_step.keys():  # runs opened before: past these
                 self.mlflow_step[trial_id] = self.tracker.last_logged_step(self.run_ids[trial_id])
         for trial_id in finished & open_runs.keys():

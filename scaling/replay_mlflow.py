@@ -20,6 +20,7 @@ import requests
 from mlflow.exceptions import MlflowException
 from sqlalchemy.exc import SQLAlchemyError
 
+from core.folder_lock import lock_folder
 from scaling.continuation import continue_recorded_runs
 from scaling.mlflow_backfill import log_missing, rows_end
 from scaling.results import CURVES_FILE, load_curves, load_results, results_path
@@ -44,6 +45,28 @@ class ReplayError(Exception):
 def replay(output, uri=None):
     """Log every Parquet measurement MLflow does not have yet; returns the points logged, or raises ReplayError."""
     output = Path(output).resolve()
+    lock = _lock(output)
+    try:
+        return _replay(output, uri)
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _lock(output):
+    """The output's lock, which the study's driver holds while it runs (its queued MLflow calls would log what the
+    replay logs again); None where the storage cannot lock a folder, or output is no folder (named later)."""
+    try:
+        lock = lock_folder(output)
+    except OSError:
+        return None
+    if lock is None:
+        raise ReplayError(f"{output} is in use by a running scaling.run of its study, which logs to MLflow itself; "
+                          "replay it after that run ends")
+    return lock
+
+
+def _replay(output, uri):
     study = read_study(output)
     results, curves = read_results(output)
     continue_recorded_runs(study, output, results)  # the ids the driver ran them under (a continued trial: its first's)

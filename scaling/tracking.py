@@ -181,11 +181,14 @@ class StudyTracker:
         """The largest step of a metric already in a run (to skip what a restarted worker re-reports)."""
         return max(self.logged_steps(run_id, key), default=-1)
 
-    def logged_steps(self, run_id, key):
-        """The steps at which a run holds a metric."""
+    def logged_steps(self, run_id, key, strict=False):
+        """The steps at which a run holds a metric; strict: the store's error raised where it does not answer, else
+        taken as none (for a caller whose guess costs a point at most, not one that logs every point it lacks)."""
         try:
             history = self.client.get_metric_history(run_id, key)
-        except Exception:  # a server that is away: assume nothing, duplicates are harmless
+        except Exception:
+            if strict:
+                raise
             return set()
         return {m.step for m in history}
 

@@ -1,5 +1,6 @@
 """`python -m scaling.replay_mlflow OUTPUT` on what it cannot use: one error line, an exit status, nothing made."""
 import json
+import os
 import shutil
 import socket
 import textwrap
@@ -65,6 +66,43 @@ def test_a_replay_logs_into_the_studys_store(out, capsys):
     # The trial's run says how it ended, as the driver's would: the replay's had no status tag.
     (trial_run,) = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert trial_run.data.tags["dit_scaling.status"] == "ok"
+
+
+def test_a_study_whose_driver_still_runs_is_not_replayed(out, capsys):
+    # The driver's queued MLflow calls (a server that was away) would log again what the replay logs.
+    from core.folder_lock import lock_folder
+
+    lock = lock_folder(out)  # as scaling.run holds it while it runs
+    try:
+        assert refused(out, capsys, []) == (f"{out} is in use by a running scaling.run of its study, which logs to "
+                                            "MLflow itself; replay it after that run ends")
+    finally:
+        os.close(lock)
+    assert main([str(out)]) == 0
+
+
+def test_a_run_whose_metrics_cannot_be_read_is_not_logged_again(out, capsys, monkeypatch):
+    # A history read that failed once was taken for an empty run: every point it held was logged a second time.
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    assert main([str(out)]) == 0
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    (trial_run,) = [r for r in client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+                    if "mlflow.parentRunId" in r.data.tags]
+    held = [m.step for m in client.get_metric_history(trial_run.info.run_id, "train_compute")]
+    read = MlflowClient.get_metric_history
+
+    def fails_once(self, *args, **kwargs):
+        monkeypatch.setattr(MlflowClient, "get_metric_history", read)
+        raise MlflowException("read timed out") from requests.Timeout("read timed out")
+    monkeypatch.setattr(MlflowClient, "get_metric_history", fails_once)
+    assert main([str(out)]) == 2  # a SQLite store's error: named (a server's time-out: exit 1, run again later)
+    assert "MLflow cannot use the store" in capsys.readouterr().err
+    assert [m.step for m in client.get_metric_history(trial_run.info.run_id, "train_compute")] == held == [10, 20]
+    assert main([str(out)]) == 0  # read again: nothing is missing
+    assert "logged 0 missing measurements" in capsys.readouterr().out
+    assert [m.step for m in client.get_metric_history(trial_run.info.run_id, "train_compute")] == held
 
 
 @pytest.mark.parametrize("text, message", [

@@ -760,6 +760,31 @@ def test_a_resume_tells_its_callbacks_the_training_time_it_resumed_at(tmp_path):
     assert seen == [saved] and saved > 0
 
 
+def test_a_milestone_added_at_a_checkpoint_that_was_none_is_validated_on_resume(tmp_path):
+    # A study given a milestone at its run's latest checkpoint (ckpt_every's, not a milestone's) resumed there and
+    # reported the milestone with that checkpoint's metrics: no validation loss, for good (the row is ok).
+    seen = []
+
+    class Record(Callbacks):
+        def on_resume(self, trial, metrics, history):
+            seen.append(metrics)
+
+    train(tiny_config(max_steps=6, log_every=2, ckpt_every=2), tmp_path / "a", milestones=[6])
+    step_4 = tmp_path / "a" / "checkpoints" / ckpt.checkpoint_name(4)
+    assert "val_loss" not in json.loads((step_4 / ckpt.STATE_FILE).read_text())["metrics"]
+    train(tiny_config(max_steps=6, log_every=2, ckpt_every=2), tmp_path / "b", milestones=[4, 6],
+          callbacks=Record(), resume_from=step_4)
+    straight = tmp_path / "c"
+    train(tiny_config(max_steps=6, log_every=2, ckpt_every=2), straight, milestones=[4, 6])
+    measured = json.loads((straight / "checkpoints" / ckpt.checkpoint_name(4) / ckpt.STATE_FILE).read_text())["metrics"]
+    assert {k: seen[0][k] for k in ("val_loss", "val_mse", "val_loss_ema")} == {
+        k: measured[k] for k in ("val_loss", "val_mse", "val_loss_ema")}  # as a straight run measures it there
+    seen.clear()
+    train(tiny_config(max_steps=8, log_every=2, ckpt_every=2), tmp_path / "d", milestones=[6, 8],
+          callbacks=Record(), resume_from=step_4)
+    assert "val_loss" not in seen[0]  # no milestone at the checkpoint: nothing measured
+
+
 def test_each_rank_records_the_files_it_wrote_and_checks_those_it_reads(tmp_path):
     # One folder of two ranks (torchrun's): rank 0 records the files of no rank and its own, rank 1 its own; a rank
     # checks the shared files and its own, not another rank's shard, which it never reads.
