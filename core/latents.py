@@ -246,6 +246,9 @@ class LatentShards(Dataset):
         # is not read in part, this encode's files staying readable until the dataset goes.
         self._fds = _open_all(self.files)
         weakref.finalize(self, _close_all, self._fds)
+        if encode_id(read_meta(path)) != self.encode:  # swapped in between the meta's read and the shards' opening:
+            raise DataError(f"the latents in {path} were encoded again while this process opened them; start it "
+                            "again (each encode's id: core.latents.encode_id)")
         self.starts = np.cumsum([0] + [s["num_images"] for s in self.meta["shards"]]).tolist()
         num_bytes = self.meta["num_images"] * len(VIEWS) * int(np.prod(self.meta["latent_shape"])) * 4
         free = available_memory()  # unknown: read from the shards, as a folder too large would be

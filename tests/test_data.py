@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from core.data import ShardedBatchSampler, build_dataset, center_crop, dataset_info
+from core.data_error import DataError
 from core.digits import bundled_digits, digits_arrays
 from core.latents import LatentShards, encode_id
 
@@ -956,6 +957,26 @@ def test_a_running_trials_latents_stay_its_encode_when_the_folder_is_encoded_aga
     assert torch.equal(first[0], expected[0][0])
     for j in range(len(lazy)):
         assert torch.equal(lazy[j][0], expected[j][0]) and lazy[j][1] == expected[j][1], j
+
+
+def test_an_encode_swapped_in_while_the_shards_are_opened_is_refused(tmp_path, encode_tiny_latents, monkeypatch):
+    # Between the meta's read and the shards' opening: the dataset held one encode's meta and id and read the other's
+    # shards, and the checks of a re-encoded folder (at start, at each sampling milestone) compared ids that agreed.
+    from core import latents
+
+    folder = tmp_path / "latents"
+    encode_tiny_latents(folder, seed=0)
+    open_all = latents._open_all
+
+    def encoded_meanwhile(files):
+        monkeypatch.setattr(latents, "_open_all", open_all)
+        encode_tiny_latents(folder, seed=1)
+        return open_all(files)
+    monkeypatch.setattr(latents, "_open_all", encoded_meanwhile)
+    with pytest.raises(DataError, match=f"^the latents in {folder} were encoded again while this process opened "
+                                        "them; start it again"):
+        LatentShards(folder)
+    assert len(LatentShards(folder)) == 32  # the next one opens the new encode whole
 
 
 def test_latents_with_more_shards_than_a_process_may_hold_open_are_read_by_name(tmp_path, encode_tiny_latents,
