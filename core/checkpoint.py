@@ -140,9 +140,9 @@ def verify_checksums(path, rank):
             if file.stat().st_size != size:
                 raise CheckpointError(f"{file} is damaged: {file.stat().st_size} bytes, where {size} were written "
                                       f"({record.name})")
-            if _crc32(file) != crc:
-                raise CheckpointError(f"{file} is damaged: its contents are not those written (CRC-32 "
-                                      f"{_crc32(file)}, {record.name} records {crc})")
+            if (found := _crc32(file)) != crc:
+                raise CheckpointError(f"{file} is damaged: its contents are not those written (CRC-32 {found}, "
+                                      f"{record.name} records {crc})")
 
 
 def _step_folders(directory):

@@ -589,9 +589,8 @@ def isoflop(compute, params, steps, loss, groups, n_budgets=6, min_models=3, n_b
             inside = (log_b >= spans[i, 0]) & (log_b <= spans[i, 1])
             loss_at[i, inside] = 10 ** np.interp(log_b[inside], np.log10(compute[t]), np.log10(loss[t]))
     for i, column in zip(np.flatnonzero(~curve), member):  # a single point counts at its own budget, as measured
-        if column >= 0:
-            b = len(budgets) - len(single_budgets) + column
-            loss_at[i, b], steps_at[i, b] = loss[trials[i][0]], steps[trials[i][0]]
+        b = len(budgets) - len(single_budgets) + column
+        loss_at[i, b], steps_at[i, b] = loss[trials[i][0]], steps[trials[i][0]]
     order = np.argsort(budgets)  # the profiles from the smallest budget up, however they were found
     budgets, loss_at, steps_at = budgets[order], loss_at[:, order], steps_at[:, order]
 

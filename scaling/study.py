@@ -623,9 +623,10 @@ def _expanded(path, where, key_path):
 
 def _sqlite_problem(uri):
     """Why a SQLite tracking URI cannot keep a study's runs (None if it can): no file, or one in memory."""
-    if uri == "sqlite://" or uri.startswith("sqlite:///") and uri[len("sqlite:///"):].partition("?")[0] == "":
+    file = uri[len("sqlite:///"):].partition("?")[0] if uri.startswith("sqlite:///") else None
+    if uri == "sqlite://" or file == "":
         return "names no file; give one, e.g. sqlite:////absolute/path/mlflow.db"
-    if uri.startswith("sqlite:///") and uri[len("sqlite:///"):].partition("?")[0] == ":memory:":
+    if file == ":memory:":
         return "an in-memory store is lost when the driver ends, and Ray's workers cannot reach it; give a file"
     return None
 
