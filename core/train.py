@@ -510,10 +510,10 @@ def check_folder_shared(checkpoint_dir, rank, device, wait_s=SHARED_CHECK_WAIT_S
     deadline = time.monotonic() + wait_s
     while not marker.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
-    missing, _ = ranks_spread(0 if marker.exists() else -1, device)
-    dist.barrier()  # every rank has looked before it goes
+    missing, _ = ranks_spread(0 if marker.exists() else -1, device)  # also the barrier: every rank has looked
     if rank == 0:
         marker.unlink(missing_ok=True)
+    dist.barrier()  # and it is gone before any rank goes on
     if missing < 0:
         raise ckpt.CheckpointError(f"{checkpoint_dir} is not one folder shared by every process: some do not see "
                                    "what rank 0 writes there (a folder on each node's own disk?); the checkpoints of "
@@ -638,6 +638,10 @@ def train(cfg, out_dir, milestones=(), callbacks=None, resume_from=None, checkpo
     if resume_from is not None:
         trial.resumed_train_time_s = train_time
         resumed = dict(state.get("metrics", {}))
+        if resumed.get("step", step) != step:
+            # A checkpoint between two logs holds the last log's metrics (and an earlier milestone's validation, if
+            # one came since): none is this step's but its time; a milestone's row leaves the others empty.
+            resumed = {"step": step, "train_time_s": train_time}
         if step in milestones and validation is not None and "val_loss" not in resumed:
             # A milestone added at a checkpoint that was none of the run's (ckpt_every's): the validation a milestone
             # checkpoint holds is measured now, from the weights it would have been measured on.

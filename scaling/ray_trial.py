@@ -13,6 +13,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import ray.train
 import ray.tune
@@ -212,6 +213,17 @@ def check_data_encode_on_every_rank(trial, state):
         raise failure or RuntimeError(f"rank 0 could not read the latents' meta.json in {trial['data']['path']}")
 
 
+def _worker_state(context):
+    """What _on_every_rank reads of a trial's state, before core.train makes one: rank, world size, the device of
+    the process group's collectives (a GPU's under NCCL)."""
+    import torch
+    import torch.distributed as dist
+
+    nccl = context.get_world_size() > 1 and dist.get_backend() == "nccl"
+    device = torch.device("cuda", context.get_local_rank()) if nccl else torch.device("cpu")
+    return SimpleNamespace(rank=context.get_world_rank(), world_size=context.get_world_size(), device=device)
+
+
 def _on_every_rank(due, state):
     """Rank 0's answer (a bool or a small int), on every rank: Ray Train needs each rank's same reports, and an
     evaluation takes them all."""
@@ -245,7 +257,9 @@ def worker_loop(config):
     checkpoint = ray.train.get_checkpoint()
     reporting = RayReporting(trial, run)
     try:
-        check_data_encode(trial)
+        # Through rank 0 (the process group is up): a rank that read a new encode alone would end while the others
+        # train on, waiting in their first collective.
+        check_data_encode_on_every_rank(trial, _worker_state(context))
         if checkpoint is None:
             _train(train, trial, run, reporting, local, None)
         else:

@@ -147,8 +147,11 @@ class Recorder(Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         trial_id = trial.config["trial"]["trial_id"]
-        # A retried failure: its old "failed" row gives way to what this attempt measures.
+        # A retried failure: its old "failed" row, and the end it reported, give way to what this attempt measures
+        # (a trial rerun after its Tune actor's node died, its failure reported but not collected, would end FAILED).
         self.rows = {k: r for k, r in self.rows.items() if not (k[0] == trial_id and r["status"] == "failed")}
+        self.failed.discard(trial_id)
+        self.end_status.pop(trial_id, None)
         self.started_at[trial_id] = time.time()
         self.scheduled_at[trial_id] = self.free_slots.pop(0) if self.free_slots else self.started_at[trial_id]
         run_id = self._run_id(trial_id)
@@ -344,8 +347,9 @@ class Recorder(Callback):
             return
         step = int(result.get("step") or max([self.progress.step.get(t.trial_id, 0),
                                               *(s for (i, s) in self.rows if i == t.trial_id)]))
-        if self.rows.get((t.trial_id, step), {}).get("status") == "ok":
-            # It failed after measuring this step, on the way to the next: keep the measurement.
+        while self.rows.get((t.trial_id, step), {}).get("status") == "ok":
+            # It failed after measuring this step, on the way to the next: keep the measurement (the next too, of
+            # consecutive milestones measured by an earlier attempt).
             step += 1
         self.rows[(t.trial_id, step)] = self._row(t, {**result, "step": step}, status, result.get("error"),
                                                   self._run_id(t.trial_id))

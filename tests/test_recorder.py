@@ -277,6 +277,37 @@ def test_a_retry_that_succeeds_is_ok_everywhere_and_only_its_ok_rows_get_a_teard
     assert steps_of(rec, t, "train_loss") == [4] and steps_of(rec, t, "fid") == [10, 20]  # nothing logged twice
 
 
+def test_a_trial_rerun_in_the_same_driver_after_its_failure_was_reported_ends_ok(study):
+    # Its Tune actor's node died after the trial function reported its failure and before Tune collected it: Tune ran
+    # the trial again, which measured every milestone, and it still ended FAILED (counted so: exit 1).
+    rec, t = recorder(study), study.trials[0]
+    rec.on_trial_start(0, [], tune_trial(t))
+    rec.on_trial_result(0, [], tune_trial(t), {"kind": KIND_END, "status": "failed", "error": "node lost", "step": 4})
+    rec.on_trial_start(0, [], tune_trial(t))  # the rerun, by this driver
+    for step in t.milestones:
+        rec.on_trial_result(0, [], tune_trial(t), milestone(step))
+    rec.on_trial_complete(0, [], tune_trial(t))
+    assert load_results(study.output).status.tolist() == ["ok", "ok"] and rec.failed_count() == 0
+    run = trial_run(rec, t)
+    assert run.data.tags["dit_scaling.status"] == "ok" and run.info.status == "FINISHED"
+
+
+def test_a_failure_after_consecutive_milestones_measured_before_keeps_both_rows(study):
+    # The collision guard moved a failure row one step on once: onto the next milestone's ok row, replaced.
+    path = study.path.with_name("consecutive.yaml")
+    path.write_text(study.path.read_text().replace("[10, 20]", "[10, 11, 20]"))
+    study = load_study(path, check_data=False)
+    rec, t = recorder(study), study.trials[0]
+    assert t.milestones == (10, 11, 20)
+    rec.on_trial_start(0, [], tune_trial(t))
+    rec.on_trial_result(0, [], tune_trial(t), milestone(10))
+    rec.on_trial_result(0, [], tune_trial(t), milestone(11))  # a row at the next step (an earlier attempt's)
+    rec.on_trial_result(0, [], tune_trial(t), {"kind": KIND_END, "status": "failed", "error": "node lost",
+                                               "step": 10})
+    df = load_results(study.output)
+    assert df.step.tolist() == [10, 11, 12] and df.status.tolist() == ["ok", "ok", "failed"]
+
+
 @pytest.mark.parametrize("val_loss", [None, 0.25])
 def test_replaying_twice_logs_nothing_the_second_time(study, val_loss):
     t, out = study.trials[0], study.output

@@ -783,6 +783,16 @@ def test_a_milestone_added_at_a_checkpoint_that_was_none_is_validated_on_resume(
     train(tiny_config(max_steps=8, log_every=2, ckpt_every=2), tmp_path / "d", milestones=[6, 8],
           callbacks=Record(), resume_from=step_4)
     assert "val_loss" not in seen[0]  # no milestone at the checkpoint: nothing measured
+    # A checkpoint between two logs (step 3, the last log at 2, with step 2's milestone validation): its metrics
+    # were step 2's, reported as step 3's.
+    train(tiny_config(max_steps=6, log_every=2, ckpt_every=3), tmp_path / "e", milestones=[2, 6])
+    step_3 = tmp_path / "e" / "checkpoints" / ckpt.checkpoint_name(3)
+    assert json.loads((step_3 / ckpt.STATE_FILE).read_text())["metrics"]["step"] == 2
+    seen.clear()
+    train(tiny_config(max_steps=6, log_every=2, ckpt_every=3), tmp_path / "f", milestones=[2, 3, 6],
+          callbacks=Record(), resume_from=step_3)
+    assert seen[0]["step"] == 3 and "train_loss" not in seen[0] and "val_loss" in seen[0]
+    assert seen[0]["train_time_s"] == json.loads((step_3 / ckpt.STATE_FILE).read_text())["train_time_s"]
 
 
 def test_each_rank_records_the_files_it_wrote_and_checks_those_it_reads(tmp_path):
