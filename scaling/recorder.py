@@ -179,7 +179,6 @@ class Recorder(Callback):
         """One report of trial t."""
         kind = result.get("kind")
         if kind == KIND_END:
-            self.last_result_at[t.trial_id] = time.time()  # its teardown counts from here, not from its last log
             self._end(t, result)
             return
         step = None if result.get("step") is None else int(result["step"])

@@ -6,7 +6,6 @@ import math
 import shutil
 import sqlite3
 import textwrap
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -291,20 +290,6 @@ def test_a_trial_rerun_in_the_same_driver_after_its_failure_was_reported_ends_ok
     assert load_results(study.output).status.tolist() == ["ok", "ok"] and rec.failed_count() == 0
     run = trial_run(rec, t)
     assert run.data.tags["dit_scaling.status"] == "ok" and run.info.status == "FINISHED"
-
-
-def test_a_diverged_trials_teardown_counts_from_its_end_report(study):
-    # Counted from its last log or milestone report: the training up to the divergence was taken for teardown.
-    rec, t = recorder(study), study.trials[0]
-    rec.on_trial_start(0, [], tune_trial(t))
-    rec.on_trial_result(0, [], tune_trial(t), milestone(10))
-    time.sleep(0.6)  # training on to the divergence
-    rec.on_trial_result(0, [], tune_trial(t), {"kind": KIND_END, "status": "diverged", "step": 15,
-                                               "error": "loss became nan"})
-    rec.on_trial_complete(0, [], tune_trial(t))
-    assert rec.overhead[t.trial_id]["teardown_s"] < 0.3
-    df = load_results(study.output)
-    assert df.status.tolist() == ["ok", "diverged"] and df.teardown_s.iloc[0] < 0.3
 
 
 def test_a_failure_after_consecutive_milestones_measured_before_keeps_both_rows(study):
