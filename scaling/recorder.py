@@ -179,6 +179,7 @@ class Recorder(Callback):
         """One report of trial t."""
         kind = result.get("kind")
         if kind == KIND_END:
+            self.last_result_at[t.trial_id] = time.time()  # its teardown counts from here, not from its last log
             self._end(t, result)
             return
         step = None if result.get("step") is None else int(result["step"])
@@ -220,14 +221,14 @@ class Recorder(Callback):
         if trial_id in self.last_result_at:
             teardown = time.time() - self.last_result_at[trial_id]
             self.overhead.setdefault(trial_id, {})["teardown_s"] = teardown
-            self.tracker.log_metrics(self._run_id(trial_id), {"teardown_s": teardown},
-                                     max(self.mlflow_step.get(trial_id, 0), 0))
             measured = [k for k in self.recorded_here
                         if k[0] == trial_id and k in self.rows and self.rows[k]["status"] == "ok"]
             for key in measured:
                 self.rows[key]["teardown_s"] = teardown
-            if measured:
+            if measured:  # MLflow's teardown is Parquet's (a failed or diverged row has none): a replay rebuilds it
                 self.write()
+                self.tracker.log_metrics(self._run_id(trial_id), {"teardown_s": teardown},
+                                         max(self.mlflow_step.get(trial_id, 0), 0))
         if ok:
             self.tracker.set_tags(self._run_id(trial_id), {STATUS_TAG: "ok"})
         self.tracker.finish(self._run_id(trial_id), "FINISHED" if ok else "FAILED")
@@ -293,15 +294,15 @@ class Recorder(Callback):
             self.tracker.log_metrics(self._run_id(trial_id), {"startup_s": timing["startup_s"]}, step)
 
     def overhead_summary(self):
-        """One line: the median start-up and teardown of this run's trials, or None before any."""
-        def median(key):
-            values = [v[key] for v in self.overhead.values() if key in v]
-            return statistics.median(values) if values else None
-
-        startup, teardown = median("startup_s"), median("teardown_s")
-        if startup is None:
+        """One line: the median start-up and teardown of this run's trials whose start-up was measured, or None
+        before any (a trial that ended before its first report, e.g. diverged at once, has a teardown only)."""
+        measured = [v for v in self.overhead.values() if "startup_s" in v]
+        if not measured:
             return None
-        return (f"overhead per trial (median of {len(self.overhead)}): {startup:.1f} s from scheduled to first step"
+        startup = statistics.median(v["startup_s"] for v in measured)
+        teardowns = [v["teardown_s"] for v in measured if "teardown_s" in v]
+        teardown = statistics.median(teardowns) if teardowns else None
+        return (f"overhead per trial (median of {len(measured)}): {startup:.1f} s from scheduled to first step"
                 + (f", {teardown:.1f} s from last report to a free slot" if teardown is not None else ""))
 
     def busy_seconds(self, trial_ids):

@@ -6,6 +6,7 @@ import math
 import shutil
 import sqlite3
 import textwrap
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -262,6 +263,7 @@ def test_a_retry_that_succeeds_is_ok_everywhere_and_only_its_ok_rows_get_a_teard
     rec.on_trial_complete(0, [], tune_trial(t))
     assert load_results(study.output).teardown_s.isna().all()  # a failed row has no teardown
     first = trial_run(rec, t)
+    assert "teardown_s" not in first.data.metrics  # nor its run: a replay from Parquet rebuilds the run as it was
     assert first.data.tags["dit_scaling.status"] == "failed" and first.info.status == "FAILED"
     rec = recorder(study)  # the study run again: its runs are found again, not made twice
     rec.on_trial_start(0, [], tune_trial(t))
@@ -290,6 +292,20 @@ def test_a_trial_rerun_in_the_same_driver_after_its_failure_was_reported_ends_ok
     assert load_results(study.output).status.tolist() == ["ok", "ok"] and rec.failed_count() == 0
     run = trial_run(rec, t)
     assert run.data.tags["dit_scaling.status"] == "ok" and run.info.status == "FINISHED"
+
+
+def test_a_diverged_trials_teardown_counts_from_its_end_report(study):
+    # Counted from its last log or milestone report: the training up to the divergence was taken for teardown.
+    rec, t = recorder(study), study.trials[0]
+    rec.on_trial_start(0, [], tune_trial(t))
+    rec.on_trial_result(0, [], tune_trial(t), milestone(10))
+    time.sleep(0.6)  # training on to the divergence
+    rec.on_trial_result(0, [], tune_trial(t), {"kind": KIND_END, "status": "diverged", "step": 15,
+                                               "error": "loss became nan"})
+    rec.on_trial_complete(0, [], tune_trial(t))
+    assert rec.overhead[t.trial_id]["teardown_s"] < 0.3
+    df = load_results(study.output)
+    assert df.status.tolist() == ["ok", "diverged"] and df.teardown_s.iloc[0] < 0.3
 
 
 def test_a_failure_after_consecutive_milestones_measured_before_keeps_both_rows(study):
@@ -592,3 +608,30 @@ def test_start_up_counts_from_the_slot_coming_free_not_from_tunes_trial_start(st
     rec.on_trial_result(0, [], tune_trial(second), {"kind": KIND_LOG, "step": 5, "train_loss": 0.4, "lr": 1e-3,
                                                     "images_per_s": 50.0, "first_step_at": 1103.0})
     assert rec.overhead["second"]["startup_s"] == pytest.approx(3.0)
+
+
+def test_the_overhead_summary_counts_the_trials_whose_start_up_was_measured(study, monkeypatch):
+    # A trial that diverged before its first report has a teardown (from its end report) but no start-up: it was
+    # counted in "median of N" with nothing of it in the start-up median, and its teardown in the other.
+    from scaling import recorder as recorder_module
+
+    now = [1000.0]
+    monkeypatch.setattr(recorder_module.time, "time", lambda: now[0])
+    rec, t = recorder(study), study.trials[0]
+    diverged = dataclasses.replace(t, trial_id="diverged")
+    rec.trials["diverged"] = diverged
+    rec.open_slots(2)
+    rec.on_trial_start(0, [], tune_trial(t))
+    rec.on_trial_start(0, [], tune_trial(diverged))
+    rec.on_trial_result(0, [], tune_trial(t), {"kind": KIND_LOG, "step": 5, "train_loss": 0.4, "lr": 1e-3,
+                                               "images_per_s": 50.0, "first_step_at": 1004.0})
+    now[0] = 1005.0
+    rec.on_trial_result(0, [], tune_trial(diverged), {"kind": KIND_END, "status": "diverged", "step": 2,
+                                                      "error": "loss became nan"})
+    now[0] = 1050.0  # a slow teardown, of the trial with no start-up
+    rec.on_trial_complete(0, [], tune_trial(diverged))
+    now[0] = 1100.0
+    rec.on_trial_complete(0, [], tune_trial(t))
+    assert rec.overhead["diverged"] == {"teardown_s": 45.0}
+    assert rec.overhead_summary() == ("overhead per trial (median of 1): 4.0 s from scheduled to first step, "
+                                      "100.0 s from last report to a free slot")
