@@ -66,13 +66,17 @@ class UnreadableImage(DataError):
     """An image file that cannot be decoded; the message names the file."""
 
 
+# Formats whose 32-bit grey images PIL makes from 16-bit ones (a PGM's maxval scaled to 65535; a 16-bit PNG before
+# Pillow 10.3): their range is 16 bits. Any other's (a 32-bit TIFF) has no set range to scale from.
+SIXTEEN_BIT_FORMATS = ("PNG", "PPM")
+
+
 def _as_16_bit(image):
-    """A grey image of 32-bit integers or floats as 16-bit ("I;16"), when its values are 16-bit ones."""
-    values = np.asarray(image)
-    if values.size and (values.min() < 0 or values.max() > 65535 or not np.array_equal(values, values.round())):
-        raise ValueError(f"PIL mode {image.mode}: grey values outside 16 bits ({values.min():g} to {values.max():g}); "
+    """A grey image of 32-bit integers as 16-bit ("I;16"), when its format made it of a 16-bit one."""
+    if image.format not in SIXTEEN_BIT_FORMATS:
+        raise ValueError(f"PIL mode {image.mode} ({image.format}): 32-bit grey of no set range; "
                          "save it with 8 or 16 bits")
-    return Image.fromarray(values.astype(np.uint16))  # (H, W) uint16: "I;16"
+    return Image.fromarray(np.asarray(image).astype(np.uint16))  # (H, W) uint16: "I;16"
 
 
 def load_image(path):

@@ -937,11 +937,15 @@ def test_a_16_bit_grey_image_is_scaled_not_clipped_to_white(tmp_path):
     (tmp_path / "deep.pgm").write_bytes(b"P5 64 64 65535\n" + ramp.astype(">u2").tobytes())
     assert Image.open(tmp_path / "deep.pgm").mode == "I"
     assert (np.asarray(load_image(tmp_path / "deep.pgm")) == loaded).all()
-    # 32-bit grey beyond 16 bits has no range to scale from: named, as an unreadable image is.
-    Image.fromarray(ramp.astype(np.int32) * 4).save(tmp_path / "deeper.tif")
-    with pytest.raises(UnreadableImage, match=re.escape(f"image {tmp_path / 'deeper.tif'} cannot be read: ValueError: "
-                                                        "PIL mode I: grey values outside 16 bits (0 to 262080)")):
-        load_image(tmp_path / "deeper.tif")
+    # 32-bit grey of other formats has no range to scale from, even where its values fit in 16 bits (read as 16-bit,
+    # a TIFF of 8-bit values, or a float mask of 0 and 1, was trained as black): named.
+    for name, values in (("deeper.tif", ramp.astype(np.int32) * 4), ("eight.tif", np.full((4, 4), 200, np.int32)),
+                         ("mask.tif", np.eye(4, dtype=np.float32))):
+        Image.fromarray(values).save(tmp_path / name)
+        with pytest.raises(UnreadableImage, match=re.escape(f"image {tmp_path / name} cannot be read: ValueError: PIL "
+                                                            f"mode {Image.open(tmp_path / name).mode} (TIFF): 32-bit "
+                                                            "grey of no set range; save it with 8 or 16 bits")):
+            load_image(tmp_path / name)
 
 
 def test_a_running_trials_latents_stay_its_encode_when_the_folder_is_encoded_again(tmp_path, encode_tiny_latents):
