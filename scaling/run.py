@@ -784,17 +784,25 @@ def _run_trials(study, build_report, report_dir, began, capacity, nodes):
     tracker.finish(tracker.parent_run_id, "FAILED" if failed else "FINISHED")
     print(f"finished in {wall:.0f} s; results: {out / 'results.parquet'}")
     warn_unlogged(tracker, out)
-    if build_report and (out / "results.parquet").exists():
-        from scaling.report import build_report as make_report
-
-        try:
-            path = make_report(out / "results.parquet", report_dir, processes=None)
-            print(f"report: {Path(path) / 'index.html'}")
-        except ValueError as e:  # the folder changed during the study, or rows the report cannot place
-            print(f"error: no report: {e}; the results are in {out / 'results.parquet'}: build it with "
-                  f"python -m scaling.report {out} --out DIR", file=sys.stderr)
+    reported = not build_report or not (out / "results.parquet").exists() or report_after_study(out, report_dir)
     ray.shutdown()
-    return EXIT_TRIALS_FAILED if failed else EXIT_OK
+    return EXIT_TRIALS_FAILED if failed or not reported else EXIT_OK
+
+
+def report_after_study(out, report_dir):
+    """Build the study's report into report_dir; False, with the error and how to build it later, where it cannot
+    be (the study then exits 1: the report asked for is missing, though every result is in Parquet)."""
+    from scaling.report import build_report as make_report
+
+    try:
+        path = make_report(out / "results.parquet", report_dir, processes=None)
+    # ValueError: the folder changed during the study, or rows the report cannot place; OSError: a full disk.
+    except (ValueError, OSError) as e:
+        print(f"error: no report: {e}; the results are in {out / 'results.parquet'}: build it with "
+              f"python -m scaling.report {out} --out DIR", file=sys.stderr)
+        return False
+    print(f"report: {Path(path) / 'index.html'}")
+    return True
 
 
 def end_runs(recorder, tracker, unfinished, status, retry=True):

@@ -708,3 +708,20 @@ def test_the_extrapolation_title_mentions_l_n_d_only_when_it_was_checked():
     assert a.loss is None and [e["quantity"] for e in a.extrapolation] == ["FID"]
     md = markdown_of(a)
     assert "Extrapolation check: fitted without the largest-compute model" in md and "L(N, D)" not in md
+
+
+def test_a_report_a_finished_study_cannot_build_is_a_failure_of_the_study(tmp_path, capsys):
+    # It printed "error: no report" and the study exited 0: a scheduler took the missing report for a success.
+    from scaling.run import report_after_study
+
+    out = study_output(tmp_path / "out")
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "draft.docx").write_bytes(b"mine")  # put there while the study ran
+    assert report_after_study(out, tmp_path / "r") is False
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: no report: {tmp_path / 'r'}: holds files that are not a report's (draft.docx)"), err
+    assert err.endswith(f"the results are in {out / 'results.parquet'}: build it with python -m scaling.report {out} "
+                        "--out DIR\n"), err
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["draft.docx"]
+    assert report_after_study(out, tmp_path / "new") is True
+    assert capsys.readouterr().out == f"report: {tmp_path / 'new' / 'index.html'}\n"
