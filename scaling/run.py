@@ -247,8 +247,8 @@ def mlflow_ui_command(uri):
 
 
 def sqlite_store(uri):
-    """The file of an MLflow `sqlite:///` URI, else None."""
-    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+    """The file of an MLflow `sqlite:///` URI (its query left out: `?timeout=30`), else None."""
+    return Path(uri[len("sqlite:///"):].partition("?")[0]) if uri.startswith("sqlite:///") else None
 
 
 def moved_store(uri, ran_in, output):

@@ -337,6 +337,8 @@ def unreachable_database(uri):
 
 def store_scheme(uri):
     """A tracking URI's scheme in lower case, its driver left out ('postgresql+psycopg' -> 'postgresql'); '' if none."""
+    if uri.lower() == "databricks":  # the workspace of the default profile, as MLflow reads the bare word
+        return "databricks"
     return uri.split(":", 1)[0].split("+", 1)[0].lower() if re.match(r"[A-Za-z][\w+.-]*:", uri) else ""
 
 

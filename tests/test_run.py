@@ -238,6 +238,8 @@ def test_the_store_a_study_logged_to_last_moves_with_its_output(tmp_path):
     assert not output_moved(now, str(ran_in), server)  # copied: the original keeps its runs
     assert output_moved(now, str(ran_in), own)  # copied with its own store
     assert same_store("http://mlflow:5000/", "http://mlflow:5000")
+    # A query is the connection's, not the file's: one store (the checks on its file found none there).
+    assert same_store(f"sqlite:///{now / 'mlflow.db'}?timeout=30", f"sqlite:///{now / 'mlflow.db'}")
     assert not same_store("http://mlflow:5000", f"sqlite:///{now / 'mlflow.db'}")
 
 

@@ -157,6 +157,9 @@ def test_a_file_store_is_refused_unless_mlflow_is_let_use_one(monkeypatch):
     assert problem.startswith("MLflow no longer logs to a file store (file:///tmp/mlruns) unless "
                               "MLFLOW_ALLOW_FILE_STORE=true")
     assert tracking.unsupported_store("/tmp/mlruns").startswith("MLflow no longer logs to a file store")
+    # MLflow's bare "databricks" (the default profile's workspace) is no file store.
+    assert tracking.unsupported_store("databricks") is None and tracking.unsupported_store("databricks://dev") is None
+    assert tracking.store_scheme("databricks") == "databricks"
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     assert tracking.unsupported_store("file:///tmp/mlruns") is None
 
