@@ -24,7 +24,8 @@ from pathlib import Path
 
 from core.folder_lock import lock_folder
 from scaling.continuation import continue_recorded_runs
-from scaling.sigterm import Terminated, interruption, sigterm_interrupts  # outside Tune's loop (else: below)
+# Outside Tune's loop (else: below).
+from scaling.sigterm import Terminated, interruption, ray_exit_as_terminated, sigterm_interrupts
 from scaling.study import (StudyError, cached_inception_weights, check_cluster, eval_files_read, launch_order, load_study,
                            max_concurrent_trials, workers_per_node)
 from scaling.trial_storage import ray_storage
@@ -547,17 +548,18 @@ def run_study(study, address, build_report=True, report_dir=None, named="--addre
     try:
         try:
             runtime_env = study_runtime_env()
-            if address:
-                try:
-                    ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
-                except ConnectionError as e:  # "auto" with no `ray start` here, or a cluster gone since the check
-                    raise StudyError(f"{named} {address}: {e}") from None
-            else:
-                ray.init(runtime_env=runtime_env, **local_ray_options())
-            with sigterm_interrupts():
-                capacity, nodes = check_capacity(study, local=not address)
-                if address:  # a local Ray is one node
-                    check_shared_storage(study)
+            with ray_exit_as_terminated():
+                if address:
+                    try:
+                        ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
+                    except ConnectionError as e:  # "auto" with no `ray start` here, or a cluster gone since the check
+                        raise StudyError(f"{named} {address}: {e}") from None
+                else:
+                    ray.init(runtime_env=runtime_env, **local_ray_options())
+                with sigterm_interrupts():
+                    capacity, nodes = check_capacity(study, local=not address)
+                    if address:  # a local Ray is one node
+                        check_shared_storage(study)
         except BaseException as e:  # nothing was written yet: the folders made for it go (a Ctrl-C, Ray's failure)
             for folder in made:
                 with contextlib.suppress(OSError):  # empty unless another process wrote there meanwhile

@@ -574,3 +574,23 @@ def test_the_printed_mlflow_ui_command_runs(tmp_path, monkeypatch):
     # The venv's own mlflow, named so that it runs without activating the venv (`make run` does not).
     assert (REPO / argv[0]).resolve() == (Path(sys.executable).parent / "mlflow").resolve()
     assert subprocess.run([REPO / argv[0], "--version"], capture_output=True, timeout=120).returncode == 0
+
+
+def test_sigterm_while_ray_starts_unwinds_as_ctrl_c_does():
+    # ray.init sets its own SIGTERM handler as it starts, seconds before it returns, which exits with status 15 (no
+    # shell or batch scheduler reads that as terminated): the driver's start of Ray takes it as a stop (143).
+    code = textwrap.dedent("""\
+        import os, signal, sys, threading, time
+        import ray
+        from scaling.sigterm import Terminated, ray_exit_as_terminated
+        try:
+            with ray_exit_as_terminated():
+                threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+                ray.init(num_cpus=1, include_dashboard=False)
+                time.sleep(60)  # a machine quicker than the timer: ray.init's handler is still in place here
+        except Terminated:
+            print("terminated", signal.getsignal(signal.SIGTERM).__module__)
+            sys.exit(143)
+        """)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 143 and proc.stdout == "terminated ray._private.worker\n", proc.stdout + proc.stderr[-2000:]
