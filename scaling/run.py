@@ -677,37 +677,43 @@ def _run_trials(study, build_report, report_dir, began, capacity, nodes):
                   file=sys.stderr)
     tracker = StudyTracker(uri, study.raw["tracking"]["experiment"] or study.name, study.name, out,
                            moved_from=moved_from)
-    # A copy of an output whose runs stay the original's (a store outside it): a study run of its own, which its
-    # finished trials are brought to as to a new store.
-    copied = ran_in is not None and moved_from is None and Path(ran_in).absolute() != out.absolute()
-    if not new_store:
-        _write_atomic(out / "study.yaml", study.resolved_yaml())  # at once: a replay finds the runs by its folder
-    tracker.log_text(tracker.parent_run_id, study.resolved_yaml(), "study.yaml")
+    try:
+        # A copy of an output whose runs stay the original's (a store outside it): a study run of its own, which its
+        # finished trials are brought to as to a new store.
+        copied = ran_in is not None and moved_from is None and Path(ran_in).absolute() != out.absolute()
+        if not new_store:
+            _write_atomic(out / "study.yaml", study.resolved_yaml())  # at once: a replay finds the runs by its folder
+        tracker.log_text(tracker.parent_run_id, study.resolved_yaml(), "study.yaml")
 
-    done, foreign = recorded_trials(study)
-    if foreign:
-        # A trial's id hashes everything that determines its result: an edited study file makes new
-        # trials. The old ones' measurements are kept (never deleted), and the report shows them too.
-        print(f"warning: {out / 'results.parquet'} also holds {len(foreign)} trial(s) that {study.path} no longer "
-              f"defines (it was edited since they ran); they stay there and in the report. Give the study another "
-              f"`output` to keep the two apart.", file=sys.stderr)
-    todo = launch_order(t for t in study.trials if t.trial_id not in done)
-    progress = Progress(study.trials, skipped=done)
-    print(f"study {study.name}: {len(study.trials)} trials, {len(done)} already finished; output {out}")
-    print(f"MLflow: {shown_uri(uri)}" + (f"   ({mlflow_ui_command(uri)})" if sqlite_store(uri) else ""))
-    recorder = Recorder(study, tracker, progress)
-    recorder.open_runs(t.trial_id for t in todo)  # now, while MLflow answers (checked before launch)
-    if new_store:
-        # The finished trials would be missing from it for good (a re-run skips them), and the report would not say.
-        print(f"warning: {out} was tracked in MLflow at {shown_uri(earlier)} when it last ran; this run logs to "
-              f"{shown_uri(uri)} (named by {tracking_named_by(study)}). The finished trials' measurements are logged "
-              f"there from Parquet; the runs at {shown_uri(earlier)} stay as they are.", file=sys.stderr)
-    recorder.catch_up_runs(done, new_store or copied)  # the runs a killed driver left open; finished trials' in a new
-    # store or study run
-    if new_store:
-        # Only now: a driver stopped before it has caught up (MLflow calls for every trial) finds the earlier store
-        # named there again, and does it again.
-        _write_atomic(out / "study.yaml", study.resolved_yaml())
+        done, foreign = recorded_trials(study)
+        if foreign:
+            # A trial's id hashes everything that determines its result: an edited study file makes new
+            # trials. The old ones' measurements are kept (never deleted), and the report shows them too.
+            print(f"warning: {out / 'results.parquet'} also holds {len(foreign)} trial(s) that {study.path} no longer "
+                  f"defines (it was edited since they ran); they stay there and in the report. Give the study another "
+                  f"`output` to keep the two apart.", file=sys.stderr)
+        todo = launch_order(t for t in study.trials if t.trial_id not in done)
+        progress = Progress(study.trials, skipped=done)
+        print(f"study {study.name}: {len(study.trials)} trials, {len(done)} already finished; output {out}")
+        print(f"MLflow: {shown_uri(uri)}" + (f"   ({mlflow_ui_command(uri)})" if sqlite_store(uri) else ""))
+        recorder = Recorder(study, tracker, progress)
+        recorder.open_runs(t.trial_id for t in todo)  # now, while MLflow answers (checked before launch)
+        if new_store:
+            # The finished trials would be missing from it for good (a re-run skips them), and the report would not say.
+            print(f"warning: {out} was tracked in MLflow at {shown_uri(earlier)} when it last ran; this run logs "
+                  f"to {shown_uri(uri)} (named by {tracking_named_by(study)}). The finished trials' measurements are "
+                  f"logged there from Parquet; the runs at {shown_uri(earlier)} stay as they are.", file=sys.stderr)
+        # The runs a killed driver left open; finished trials' in a new store or study run.
+        recorder.catch_up_runs(done, new_store or copied)
+        if new_store:
+            # Only now: a driver stopped before it has caught up (MLflow calls for every trial) finds the earlier store
+            # named there again, and does it again.
+            _write_atomic(out / "study.yaml", study.resolved_yaml())
+    except BaseException as e:
+        # A Ctrl-C, SIGTERM or MLflow's error while the runs are made or caught up (an MLflow call or more a trial):
+        # the study's run, marked RUNNING as the tracker opened it, says it stopped.
+        tracker.finish(tracker.parent_run_id, "FAILED" if interruption(e) is None else "KILLED")
+        raise
     try:
         if todo:
             res = study.raw["resources"]

@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -594,3 +595,24 @@ def test_sigterm_while_ray_starts_unwinds_as_ctrl_c_does():
         """)
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 143 and proc.stdout == "terminated ray._private.worker\n", proc.stdout + proc.stderr[-2000:]
+
+
+def test_a_stop_while_the_trials_runs_are_made_ends_the_studys_run(tmp_path, empty_store, monkeypatch):
+    # The tracker marks the study's run RUNNING as it opens it; a Ctrl-C or SIGTERM in the MLflow calls made for every
+    # trial before the sweep (their runs, a killed driver's runs caught up) left it RUNNING until the next run.
+    from scaling.recorder import Recorder
+
+    path, out = write_study(tmp_path)
+    out.mkdir()
+    shutil.copyfile(empty_store, out / "mlflow.db")
+    study = load_study(path)
+
+    def interrupted(self, *args):
+        raise scaling_run.Terminated()
+
+    monkeypatch.setattr(Recorder, "catch_up_runs", interrupted)
+    with pytest.raises(scaling_run.Terminated):
+        scaling_run._run_trials(study, False, None, time.time(), {"CPU": 2.0}, [{"CPU": 2.0}])
+    client, parents, children = mlflow_runs(out)
+    assert [p.info.status for p in parents] == ["KILLED"] and len(children) == 2
+    assert {c.info.status for c in children} == {"SCHEDULED"}  # made, never started
