@@ -3,6 +3,7 @@ with its garbage collector paused."""
 import json
 import os
 
+from core.cpus import usable_cpus
 from scaling.startup_gc import pause_collector_for_startup
 
 
@@ -46,8 +47,14 @@ def local_ray_options():
     # "local": a Ray of its own, as `scaling.run` promises without --address; a plain ray.init() would join a
     # cluster that `ray start` recorded on this machine (and refuse the _system_config below). On such a cluster's
     # head node, a study is pointed at it with `--address auto`.
-    return {"address": "local", "include_dashboard": True, "dashboard_host": "127.0.0.1", "log_to_driver": False,
-            "_system_config": {"prestart_worker_first_driver": False}}
+    options = {"address": "local", "include_dashboard": True, "dashboard_host": "127.0.0.1", "log_to_driver": False,
+               "_system_config": {"prestart_worker_first_driver": False}}
+    # Ray counts the machine's CPUs (or a container's quota), not those this process may run on (taskset, a batch
+    # scheduler's CPU set): its trials would be packed onto CPUs the job does not have, and the dry run, which counts
+    # these, would plan another number of trials at once.
+    if usable_cpus() < (os.cpu_count() or 1):
+        options["num_cpus"] = usable_cpus()
+    return options
 
 
 def start_study_actor(actor_class, name):

@@ -33,7 +33,7 @@ def wait_until(condition, timeout, what):
 
 
 def test_a_killed_trials_placement_group_is_removed_by_the_study_watch(tmp_path):
-    ray.init(num_cpus=2, runtime_env=study_runtime_env(), **local_ray_options())
+    ray.init(runtime_env=study_runtime_env(), **{**local_ray_options(), "num_cpus": 2})
     try:
         watch = start_study_actor(PlacementGroupWatch, "pg-watch")
         free_cpus = lambda: ray.available_resources().get("CPU", 0)  # noqa: E731

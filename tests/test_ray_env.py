@@ -181,3 +181,18 @@ def test_a_variable_the_ray_job_sets_stands_and_the_driver_starts(monkeypatch):
     finally:
         ray.shutdown()
     assert seen == {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2", "JOB_ONLY": "yes", "RAY_TRAIN_METRICS_ENABLED": "0"}
+
+
+def test_a_local_ray_counts_the_cpus_the_driver_may_run_on():
+    # Ray counts the machine's CPUs: under taskset (a batch scheduler's CPU set) it packed trials onto CPUs the job
+    # does not have, and the dry run, which counts the usable ones, planned another number of trials at once.
+    code = ("import os, ray; from scaling.ray_env import local_ray_options; os.sched_setaffinity(0, {min(os.sched_"
+            "getaffinity(0))}); ray.init(**local_ray_options()); print(ray.cluster_resources()['CPU'])")
+    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    try:
+        done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "RAY_TMPDIR": temp_dir},
+                              capture_output=True, text=True, timeout=180)
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert done.returncode == 0 and done.stdout.split() == ["1.0"], done.stdout + done.stderr[-2000:]
+    assert "num_cpus" not in local_ray_options() or len(os.sched_getaffinity(0)) < os.cpu_count()
