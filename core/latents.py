@@ -579,8 +579,11 @@ def _swap_in(new, out):
 
 def write_shard(folder, k, latents, labels, indices):
     """Save shard k of an encode into folder: latents (n, 2, C, h, w), labels (n,), indices (n,); its meta entry."""
-    save_file({"latents": latents.float().contiguous(), "labels": torch.as_tensor(labels, dtype=torch.int64),
-               "indices": torch.as_tensor(indices, dtype=torch.int64)}, str(folder / shard_name(k)))
+    try:
+        save_file({"latents": latents.float().contiguous(), "labels": torch.as_tensor(labels, dtype=torch.int64),
+                   "indices": torch.as_tensor(indices, dtype=torch.int64)}, str(folder / shard_name(k)))
+    except SafetensorError as err:  # its I/O errors (a full disk, a file too large) are no OSError
+        raise OSError(f"cannot write {folder / shard_name(k)}: {err}") from None
     give_new_file_mode(folder / shard_name(k))  # safetensors makes it private: an encode is shared by a cluster's users
     return {"file": shard_name(k), "num_images": len(latents)}
 

@@ -994,3 +994,27 @@ def test_latents_with_more_shards_than_a_process_may_hold_open_are_read_by_name(
     lazy = LatentShards(folder, in_memory=False)
     assert "1 latent shards are more than this process may hold open (64): they are opened by name" in caplog.text
     assert all(torch.equal(lazy[j][0], expected[j][0]) for j in range(len(lazy)))
+
+
+def test_a_shard_the_disk_cannot_take_is_an_oserror_naming_it(tmp_path):
+    # safetensors reports its I/O errors (a full disk, a file too large) as SafetensorError, no OSError: the encoder's
+    # "error: ..., exit 1" for a failed write became a traceback.
+    code = textwrap.dedent(f"""\
+        import resource, signal, torch
+        from pathlib import Path
+        from core.latents import write_latent_folder, write_shard
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) rather than kills
+        resource.setrlimit(resource.RLIMIT_FSIZE, (10_000, 10_000))
+        out = Path({str(tmp_path / 'latents')!r})
+        try:
+            write_latent_folder(out, lambda new: ([write_shard(new, 0, torch.zeros(64, 2, 4, 4, 4), [0] * 64,
+                                                               range(64))], [4, 4, 4]),
+                                {{"num_images": 64, "classes": ["a"], "image_size": 32, "scale_factor": 0.18215}})
+        except OSError as err:
+            print(err)
+        """)
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert re.fullmatch(rf"cannot write {re.escape(str(tmp_path))}/\.latents\.encoding-[0-9a-f]{{8}}/shard-00000"
+                        r"\.safetensors: .*File too large.*\n", done.stdout), done.stdout
+    assert list(tmp_path.iterdir()) == []  # nothing half-written left
