@@ -90,6 +90,8 @@ class GaussianDiffusion:
         self.betas = betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or not ((betas > 0).all() and (betas <= 1).all()):
             raise ValueError("betas must be a 1-D array in (0, 1]")
+        if len(betas) < 2:  # the posterior's clipped log-variance at t = 0 borrows t = 1's
+            raise ValueError(f"a diffusion needs at least 2 timesteps, got {len(betas)}")
         self.variance_type = variance_type
         self.num_timesteps = len(betas)
         # The original timestep of each of ours: the model is always called with original ones.
@@ -203,6 +205,9 @@ def create_diffusion(timestep_respacing="", learn_sigma=True, diffusion_steps=10
     if not timestep_respacing:
         return GaussianDiffusion(betas, variance_type)
     use_timesteps = space_timesteps(diffusion_steps, timestep_respacing)
+    if len(use_timesteps) < 2:
+        raise ValueError(f"timestep_respacing {timestep_respacing!r} keeps {len(use_timesteps)} of {diffusion_steps} "
+                         "steps; a diffusion needs at least 2")
     # Respacing keeps ᾱ at the kept steps and recomputes the betas between them.
     alphas_cumprod = np.cumprod(1.0 - betas)
     new_betas, timestep_map, last = [], [], 1.0

@@ -96,8 +96,10 @@ class _OneDNNLinear(torch.autograd.Function):
 
 def linear(x, weight, bias=None):
     """F.linear, through oneDNN for fp32 CPU tensors on CPUs that prefer it (see the module docstring)."""
+    # An empty batch stays with F.linear: oneDNN cannot build the backward's products of a zero-length dimension.
     if (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu") and ONEDNN_PREFERRED and torch.backends.mkldnn.enabled):
+            and not torch.is_autocast_enabled("cpu") and ONEDNN_PREFERRED and torch.backends.mkldnn.enabled
+            and x.numel() > 0):
         return _OneDNNLinear.apply(x, weight, bias)
     return F.linear(x, weight, bias)
 

@@ -3,6 +3,7 @@
 Parameter names follow the reference implementation so that its released checkpoints load
 with strict key matching.
 """
+import argparse
 import math
 from pathlib import Path
 
@@ -275,6 +276,10 @@ class DiT(nn.Module):
         force_drop_ids (1 = use the null label) lets a trainer draw label dropout itself, so that
         it depends on the sample and not on which process holds it.
         """
+        size = self.config["input_size"]
+        # A wrong layout can keep the token count ((1, 1, 4, 16) for an 8×8 model) and come back silently scrambled.
+        if x.ndim != 4 or tuple(x.shape[1:]) != (self.in_channels, size, size):
+            raise ValueError(f"x must be (N, {self.in_channels}, {size}, {size}), got {tuple(x.shape)}")
         x = self.x_embedder(x.to(self.pos_embed.dtype)) + self.pos_embed  # (N, T, D)
         c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
         for block in self.blocks:
@@ -293,7 +298,8 @@ class DiT(nn.Module):
         """
         half = x[: len(x) // 2]
         combined = torch.cat([half, half], dim=0)
-        model_out = self.forward(combined, t, y)
+        # The combination in fp32, as the reference samples: under bf16 autocast s·(cond - uncond) scales the rounding.
+        model_out = self.forward(combined, t, y).float()
         # Never more than the noise channels: the rest are the learned variance, which guidance leaves alone.
         k = self.in_channels if guided_channels is None else min(guided_channels, self.in_channels)
         eps, rest = model_out[:, :k], model_out[:, k:]
@@ -419,7 +425,7 @@ def load_reference_state_dict(path):
     """Read a DiT state dict in the reference layout from .pt/.pth or .safetensors.
 
     Accepts the released checkpoints (a bare state dict) and the reference trainer's
-    checkpoints ({"model", "ema", "opt", "args"}), whose EMA weights are the ones to sample from.
+    checkpoints ({"model", "ema", "opt", "args"}), whose EMA weights are the ones to sample from ("model" without one).
     """
     path = Path(path)
     if not path.is_file():
@@ -429,9 +435,14 @@ def load_reference_state_dict(path):
             from safetensors.torch import load_file
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            # The reference trainer saves its argparse.Namespace as "args": allowed by name, nothing else unpickled.
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated or foreign files raise many different errors
         raise ValueError(f"cannot read DiT checkpoint {path}: {e}") from e
-    if isinstance(state, dict) and "ema" in state:
-        state = state["ema"]
+    if isinstance(state, dict):
+        state = state.get("ema", state.get("model", state))
+    if not (isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                            for k, v in state.items())):
+        raise ValueError(f"DiT checkpoint {path} holds no state dict (a mapping of names to tensors)")
     return {k: v for k, v in state.items() if not k.startswith("fixture.")}

@@ -13,6 +13,8 @@ def make_scheduler(sampler="ddpm", num_steps=250, learn_sigma=True, diffusion_st
     clip_denoised clips each x_0 prediction to [-1, 1]: right for pixels, wrong for latents, which the
     reference samples unclipped (its sample.py's clip_denoised=False).
     """
+    if not 1 <= num_steps <= diffusion_steps:
+        raise ValueError(f"num_steps must be in [1, {diffusion_steps}] (the diffusion steps), got {num_steps}")
     betas = linear_beta_schedule(diffusion_steps)
     if sampler == "ddpm":
         scheduler = DDPMScheduler(
@@ -53,13 +55,21 @@ def sample(model, labels, seeds, *, sampler="ddpm", num_steps=250, cfg_scale=1.0
         raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale}")
     if sampler == "ddim" and not 0 <= eta <= 1:  # above 1 the DDIM step's square root is of a negative number
         raise ValueError(f"eta must be in [0, 1], got {eta}")
+    num_classes = model.config["num_classes"]
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if len(bad):  # else an IndexError in the embedding, a device-side assert on CUDA
+        raise ValueError(f"label {int(bad[0])} is outside [0, {num_classes}), the model's classes")
+    guided = cfg_scale != 1.0
+    dropout = model.config.get("class_dropout_prob", 1)  # a stand-in model without one is taken at its word
+    if guided and dropout <= 0:  # no null class embedding: an IndexError, a device-side assert on CUDA
+        raise ValueError(f"cfg_scale {cfg_scale} needs the null class of a model trained with label dropout; this "
+                         f"one has class_dropout_prob {dropout}: sample it with cfg_scale 1.0")
     device = labels.device
     c, size = model.in_channels, model.config["input_size"]
     scheduler = make_scheduler(sampler, num_steps, model.learn_sigma, diffusion_steps, clip_denoised)
     generators = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
     x = torch.cat([torch.randn(1, c, size, size, generator=g, device=device) for g in generators])  # (N, C, H, W)
-    guided = cfg_scale != 1.0
-    y = torch.cat([labels, torch.full_like(labels, model.config["num_classes"])]) if guided else labels
+    y = torch.cat([labels, torch.full_like(labels, num_classes)]) if guided else labels
 
     was_training = model.training
     model.eval()

@@ -1,4 +1,7 @@
 """core.models against the reference DiT: weights, forward, guidance, registry, shapes."""
+import argparse
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -137,7 +140,9 @@ def test_unknown_model_name():
 def test_load_reference_checkpoint_formats(tmp_path, reference):
     meta, weights, ref = reference
     pt = tmp_path / "train.pt"
-    torch.save({"model": weights, "ema": weights, "opt": {}, "args": None}, pt)
+    # The reference train.py saves its parsed arguments, an argparse.Namespace.
+    args = argparse.Namespace(model="DiT-XL/2", image_size=256, num_classes=1000, epochs=1400, global_seed=0)
+    torch.save({"model": weights, "ema": weights, "opt": {}, "args": args}, pt)
     model = DiT(**meta["model"])
     model.load_state_dict(load_reference_state_dict(pt), strict=True)
     with torch.no_grad():
@@ -148,6 +153,86 @@ def test_load_reference_checkpoint_formats(tmp_path, reference):
         load_reference_state_dict(truncated)
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         load_reference_state_dict(tmp_path / "missing.pt")
+
+
+def test_load_reference_checkpoint_prefers_ema_then_model_and_names_a_file_without_weights(tmp_path, reference):
+    _, weights, _ = reference
+    scaled = {k: v * 2 for k, v in weights.items()}
+    both, model_only = tmp_path / "both.pt", tmp_path / "model_only.pt"
+    torch.save({"model": scaled, "ema": weights, "args": argparse.Namespace(lr=1e-4)}, both)
+    torch.save({"model": scaled, "opt": {}, "args": argparse.Namespace(lr=1e-4)}, model_only)
+    assert all(torch.equal(v, weights[k]) for k, v in load_reference_state_dict(both).items())
+    loaded = load_reference_state_dict(model_only)
+    assert loaded.keys() == scaled.keys() and all(torch.equal(v, scaled[k]) for k, v in loaded.items())
+    for name, content in (("list.pt", [weights]), ("opt_only.pt", {"opt": {}, "args": None}),
+                          ("nested.pt", {"ema": {"blocks": weights}})):
+        torch.save(content, tmp_path / name)
+        with pytest.raises(ValueError, match=rf"^DiT checkpoint .*{name} holds no state dict"):
+            load_reference_state_dict(tmp_path / name)
+    # Still weights only: an arbitrary class (here a Path) is refused, not unpickled.
+    torch.save({"ema": weights, "args": tmp_path}, tmp_path / "foreign.pt")
+    with pytest.raises(ValueError, match="cannot read DiT checkpoint .*foreign.pt"):
+        load_reference_state_dict(tmp_path / "foreign.pt")
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 4, 16), (1, 1, 16, 4), (2, 2, 8, 8), (1, 1, 6, 6), (1, 1, 8, 7), (1, 8, 8)])
+def test_an_input_of_the_wrong_shape_is_named(shape):
+    # (1, 1, 4, 16) has the 16 tokens of an 8×8 image at patch 2, and came back as a scrambled 8×8 output.
+    model = DiT(**model_config("DiT-P/2")).eval()
+    t, y = torch.zeros(shape[0], dtype=torch.long), torch.zeros(shape[0], dtype=torch.long)
+    with pytest.raises(ValueError, match=rf"^x must be \(N, 1, 8, 8\), got {re.escape(str(shape))}$"):
+        model(torch.randn(shape), t, y)
+    with pytest.raises(ValueError, match=r"^x must be \(N, 1, 8, 8\)"):
+        model.forward_with_cfg(torch.randn(shape).repeat(2, *[1] * (len(shape) - 1)), t.repeat(2), y.repeat(2), 4.0)
+    labels = torch.zeros(3, dtype=torch.long)
+    assert model(torch.randn(3, 1, 8, 8), labels, labels).shape == (3, 2, 8, 8)
+    with torch.device("meta"):  # the check reads static sizes only: shapes traced on the meta device pass
+        labels = torch.zeros(3, dtype=torch.long)
+        assert DiT(**model_config("DiT-P/2"))(torch.zeros(3, 1, 8, 8), labels, labels).shape == (3, 2, 8, 8)
+
+
+def test_guidance_under_bf16_autocast_is_combined_in_fp32():
+    # uncond + s·(cond - uncond) in bf16 rounds to 8 bits of mantissa and s multiplies the error: the reference samples
+    # in fp32, so the guided output is combined (and returned) in fp32 from the bf16 model outputs.
+    torch.manual_seed(0)
+    model = DiT(**model_config("DiT-P/2")).eval()
+    for p in model.parameters():  # adaLN-Zero starts every output at 0: give the outputs something to guide
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.randn(2, 1, 8, 8).repeat(2, 1, 1, 1)
+    t, y = torch.tensor([500] * 4), torch.tensor([3, 7, 10, 10])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = model(x, t, y)
+        guided = model.forward_with_cfg(x, t, y, 4.0)
+    assert plain.dtype == torch.bfloat16 and guided.dtype == torch.float32
+    cond, uncond = plain[:2, 0].float(), plain[2:, 0].float()
+    assert torch.equal(guided[:2, 0], uncond + 4.0 * (cond - uncond))
+    assert torch.equal(guided[:, 1], plain[:, 1].float())  # the variance channel, unguided
+
+
+def test_an_empty_batch_trains_on_the_onednn_path(monkeypatch):
+    # On AVX-512 CPUs that are not Intel's, linears run on oneDNN, whose backward cannot multiply an empty batch
+    # (an empty micro-batch): such a batch is left to F.linear. Forced here, as core.linear's tests do.
+    import core.linear
+
+    if core.linear._onednn_matmul is None:
+        pytest.skip("this torch is built without oneDNN")
+    monkeypatch.setattr(core.linear, "ONEDNN_PREFERRED", True)
+    torch.manual_seed(0)
+    layer = core.linear.Linear(8, 4)
+    x = torch.randn(0, 3, 8, requires_grad=True)
+    out = layer(x)
+    out.sum().backward()
+    assert out.shape == (0, 3, 4) and x.grad.shape == (0, 3, 8)
+    assert torch.equal(layer.weight.grad, torch.zeros(4, 8)) and torch.equal(layer.bias.grad, torch.zeros(4))
+    model = DiT(**model_config("DiT-P/2")).train()
+    empty = torch.zeros(0, dtype=torch.long)
+    model(torch.randn(0, 1, 8, 8), empty, empty).square().mean().nan_to_num().backward()
+    assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in model.parameters())
+    # A non-empty batch still takes oneDNN.
+    calls = []
+    monkeypatch.setattr(core.linear._OneDNNLinear, "apply", lambda *a: calls.append(1) or F.linear(*a))
+    layer(torch.randn(2, 8))
+    assert calls == [1]
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(reference):
