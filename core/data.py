@@ -130,8 +130,10 @@ def scan_image_folder(path, every_class=True):
     try:
         classes, class_to_idx = find_classes(path)
         samples = make_dataset(path, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
-    except FileNotFoundError:
-        raise ValueError(f"image folder {path} is empty: it needs one sub-folder of images per class") from None
+    except FileNotFoundError:  # no class folder in it
+        loose = [p.name for p in path.iterdir() if p.is_file() and p.name.lower().endswith(IMG_EXTENSIONS)]
+        held = f"holds {len(loose)} images but no class folders" if loose else "is empty"
+        raise ValueError(f"image folder {path} {held}: it needs one sub-folder of images per class") from None
     except PermissionError as e:  # the folder, or a class folder in it, that this user may not enter
         raise ValueError(f"image folder {path} cannot be read ({e.strerror}: {e.filename})") from None
     if not samples:

@@ -1018,3 +1018,15 @@ def test_a_shard_the_disk_cannot_take_is_an_oserror_naming_it(tmp_path):
     assert re.fullmatch(rf"cannot write {re.escape(str(tmp_path))}/\.latents\.encoding-[0-9a-f]{{8}}/shard-00000"
                         r"\.safetensors: .*File too large.*\n", done.stdout), done.stdout
     assert list(tmp_path.iterdir()) == []  # nothing half-written left
+
+
+def test_a_folder_of_images_without_class_folders_is_named_as_such(tmp_path):
+    # It was called empty: its images are there, not in one sub-folder per class.
+    from core.data import scan_image_folder
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "b.JPG")
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(ValueError, match=re.escape(f"image folder {tmp_path} holds 2 images but no class folders: it "
+                                                   "needs one sub-folder of images per class")):
+        scan_image_folder(tmp_path)
