@@ -543,7 +543,7 @@ def run_study(study, address, build_report=True, report_dir=None, named="--addre
     lock = lock_output(out)
     if lock is None:
         print(f"error: {study.locate('output')}: output: {out} is in use by another scaling.run of this study (its driver "
-              f"still runs); wait for it to end or stop it first", file=sys.stderr)
+              f"still runs) or a scaling.replay_mlflow of it; wait for it to end or stop it first", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
         try:

@@ -542,7 +542,8 @@ def test_output_in_use_by_another_driver(tmp_path, capsys, monkeypatch):
         # open of the folder conflicts with `held` as another process's would.
         assert scaling_run.main([str(path)]) == 2
         err = capsys.readouterr().err
-        assert f"error: {line_of(path, 'output')}: output: {out} is in use by another scaling.run of this study" in err, err[-2000:]
+        assert (f"error: {line_of(path, 'output')}: output: {out} is in use by another scaling.run of this study (its "
+                "driver still runs) or a scaling.replay_mlflow of it;") in err, err[-2000:]  # which take the same lock
         assert snapshot(tmp_path) == before
     finally:
         os.close(held)
