@@ -26,6 +26,12 @@ class Progress:
         self.state[trial_id] = "running"
         self.heard[trial_id] = self.clock()
 
+    def resumed(self, trial_id, step):
+        """Trial trial_id resumed from a checkpoint, reporting step first: this run's progress counts from there (the
+        training up to it, done by earlier runs, made a resumed study's ETA minutes where hours remained)."""
+        self.start_compute += self._compute(trial_id, step) - self._compute(trial_id, self.step[trial_id])
+        self.step[trial_id] = step
+
     def update(self, trial_id, step, loss, images_per_s):
         self.step[trial_id] = step
         self.heard[trial_id] = self.clock()

@@ -171,6 +171,8 @@ class Recorder(Callback):
         t = self.trials[trial.config["trial"]["trial_id"]]
         if t.trial_id not in self.last_result_at:  # its first report in this driver run: where its training began
             self.resumed_at[t.trial_id] = result.get(RESUMED_KEY)  # (a later restart's does not count)
+            if result.get(RESUMED_KEY) is not None and result.get("step") is not None:
+                self.progress.resumed(t.trial_id, int(result["step"]))
         for log in result.get(HELD_LOGS_KEY, ()):  # the log reports the trial held since its last report
             self._record(t, {**log, "kind": KIND_LOG})
         self._record(t, result)

@@ -46,3 +46,18 @@ def test_progress_prints_at_most_every_interval():
     progress.maybe_print()
     progress.finished("a", ok=True)  # a trial's end prints at once
     assert out.getvalue().count("trials:") == 3 and out.getvalue().splitlines()[-1].startswith("[0:00:10] trials: 1 done")
+
+
+def test_a_resumed_trials_eta_counts_this_runs_progress_only():
+    # Its first report's step counted as progress made in this run: a trial resumed at step 1500 of 1600 that trained
+    # 10 more steps in a minute showed 0:00:04 left (and the pending one not at all) where 2:49:00 remained.
+    clock = Clock()
+    progress = Progress([trial("a"), trial("b")], stream=io.StringIO(), clock=clock)
+    progress.started("a")
+    clock.now += 30
+    progress.resumed("a", 1500)
+    progress.update("a", 1500, 0.125, 100.0)
+    assert progress.eta_seconds() is None  # nothing trained in this run yet
+    clock.now += 30
+    progress.update("a", 1510, 0.125, 100.0)
+    assert progress.render().splitlines()[0] == "[0:01:00] trials: 0 done, 1 running, 1 pending | ETA 2:49:00"  # 1690 steps at 10 a minute

@@ -635,3 +635,14 @@ def test_the_overhead_summary_counts_the_trials_whose_start_up_was_measured(stud
     assert rec.overhead["diverged"] == {"teardown_s": 45.0}
     assert rec.overhead_summary() == ("overhead per trial (median of 1): 4.0 s from scheduled to first step, "
                                       "100.0 s from last report to a free slot")
+
+
+def test_a_resumed_trials_progress_counts_from_its_first_report(study):
+    rec, t = recorder(study), study.trials[0]
+    rec.on_trial_start(0, [], tune_trial(t))
+    before = rec.progress.done_compute()
+    rec.on_trial_result(0, [], tune_trial(t), {"kind": KIND_LOG, "step": 15, "train_loss": 0.4, "lr": 1e-3,
+                                               RESUMED_KEY: 150.0})
+    assert rec.progress.done_compute() - rec.progress.start_compute == before == 0  # earlier runs' training
+    rec.on_trial_result(0, [], tune_trial(t), {"kind": KIND_LOG, "step": 16, "train_loss": 0.4, "lr": 1e-3})
+    assert rec.progress.done_compute() - rec.progress.start_compute == pytest.approx(t.gflops * 32 * 3)  # one step
