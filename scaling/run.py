@@ -28,7 +28,7 @@ from scaling.continuation import continue_recorded_runs
 from scaling.sigterm import Terminated, interruption, ray_exit_as_terminated, sigterm_interrupts
 from scaling.study import (StudyError, cached_inception_weights, check_cluster, eval_files_read, launch_order, load_study,
                            max_concurrent_trials, workers_per_node)
-from scaling.trial_storage import ray_storage
+from scaling.trial_storage import checkpoints_held, ray_storage
 
 EXIT_OK, EXIT_TRIALS_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal, as a shell reports it
@@ -371,8 +371,10 @@ def check_output(study, results=None):
     from scaling.results import recorded_trials
 
     finished = recorded_trials(study, results)[0] if results is not None else set()
-    needed = MIN_FREE_BYTES + sum(checkpoint_bytes(t) * checkpoints_on_disk(t) for t in study.trials
-                                  if t.trial_id not in finished)
+    # A trial to resume holds some of its checkpoints already: room for the rest, and for the one it writes next.
+    needed = MIN_FREE_BYTES + sum(
+        checkpoint_bytes(t) * max(checkpoints_on_disk(t) - checkpoints_held(out, t.trial_id), 1)
+        for t in study.trials if t.trial_id not in finished)
     free = shutil.disk_usage(existing).free
     if free < needed:
         raise StudyError(f"{study.locate('output')}: output: {out} has {free / 2**30:.2f} GiB free; the study's checkpoints "

@@ -21,6 +21,13 @@ def passed_milestones_message(trial, milestones, step, storage):
             f"delete {Path(storage) / train_run_name(trial['trial_id'])} to train it again from step 0")
 
 
+def checkpoints_held(output, trial_id):
+    """How many checkpoints a trial's Train run holds in storage (those with their trainer state: complete)."""
+    from core.checkpoint import STATE_FILE
+
+    return sum(1 for _ in (ray_storage(output) / train_run_name(trial_id)).glob(f"*/{STATE_FILE}"))
+
+
 def checkpoint_step(output, trial_id):
     """The highest step of the checkpoints a trial's Train run holds in storage, 0 if none: a re-run of the trial
     resumes from it or, after a persist cut short that Ray never registered, from an earlier one, never a later."""

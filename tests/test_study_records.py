@@ -277,3 +277,20 @@ def test_room_is_asked_for_the_checkpoints_of_the_trials_still_to_train(tmp_path
     monkeypatch.setattr(scaling_run.shutil, "disk_usage", lambda path: usage(2 * needed, needed, needed - 1))
     with pytest.raises(StudyError, match=f"the study's checkpoints need about {needed / 2 ** 30:.2f} GiB"):
         scaling_run.check_output(study, records)
+    # A trial to resume holds checkpoints already (they are in "used"): room for the rest of those it holds at once,
+    # and at least for the one it writes next. Each was asked for again: a resume refused where it fits.
+    from core.checkpoint import STATE_FILE
+    from scaling.trial_storage import ray_storage, train_run_name
+
+    for t, held in zip(left, (keep - 1, keep + 1)):
+        for k in range(held):
+            folder = ray_storage(out) / train_run_name(t.trial_id) / f"checkpoint_{k}"
+            folder.mkdir(parents=True)
+            (folder / STATE_FILE).write_text('{"step": 10}')
+    (ray_storage(out) / train_run_name(left[0].trial_id) / "checkpoint_cut").mkdir()  # a persist cut short: none
+    resuming = needed - sum(scaling_run.checkpoint_bytes(t) * (keep - 1) for t in left[:2])
+    monkeypatch.setattr(scaling_run.shutil, "disk_usage", lambda path: usage(2 * needed, needed, resuming))
+    scaling_run.check_output(study, records)
+    monkeypatch.setattr(scaling_run.shutil, "disk_usage", lambda path: usage(2 * needed, needed, resuming - 1))
+    with pytest.raises(StudyError, match=f"the study's checkpoints need about {resuming / 2 ** 30:.2f} GiB"):
+        scaling_run.check_output(study, records)
