@@ -601,11 +601,17 @@ def write_latent_folder(out_dir, write_shards, meta):
     created = _make_parents(out_dir)
     _clear_abandoned_encodes(out_dir)
     new = _sibling(out_dir, "encoding")
+    # Made and locked under a name no clean-up reads, then renamed (the lock is the folder's, not its name's): made
+    # as .encoding-* at once, another encode's clean-up could lock it first, take it for abandoned and remove it.
+    starting = new.with_name(new.name.replace(".encoding-", ".starting-"))
     with contextlib.ExitStack() as held:  # this encode's lock on new, until it is swapped in or removed
         try:
-            new.mkdir()
+            starting.mkdir()
             with contextlib.suppress(OSError):  # unlockable storage: this encode is then left to be removed by hand
-                held.callback(os.close, lock_folder(new))  # a later encode knows new is not abandoned
+                lock = lock_folder(starting)  # a later encode knows new is not abandoned (None: no clean-up reads it)
+                if lock is not None:
+                    held.callback(os.close, lock)
+            os.rename(starting, new)
             shards, latent_shape = write_shards(new)
             meta = {**meta, "format": FORMAT, "latent_shape": latent_shape, "views": list(VIEWS), "shards": shards,
                     "encoded_in": new.name}  # once swapped out under this name, it says it is the earlier one
@@ -615,6 +621,7 @@ def write_latent_folder(out_dir, write_shards, meta):
             os.replace(new / (META + ".tmp"), new / META)
         except BaseException:
             shutil.rmtree(new, ignore_errors=True)
+            shutil.rmtree(starting, ignore_errors=True)
             for parent in reversed(created):
                 with contextlib.suppress(OSError):  # something else wrote there meanwhile: it stays
                     parent.rmdir()

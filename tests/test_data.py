@@ -1030,3 +1030,25 @@ def test_a_folder_of_images_without_class_folders_is_named_as_such(tmp_path):
     with pytest.raises(ValueError, match=re.escape(f"image folder {tmp_path} holds 2 images but no class folders: it "
                                                    "needs one sub-folder of images per class")):
         scan_image_folder(tmp_path)
+
+
+def test_an_encode_just_started_is_not_taken_for_abandoned_by_another(tmp_path, monkeypatch):
+    # Its folder was made as .encoding-* before it was locked: another encode's clean-up in between locked it, took it
+    # for abandoned and removed it, and the first encode failed writing its first shard.
+    import core.latents as latents
+
+    out = tmp_path / "latents"
+    locked = latents.lock_folder
+
+    def another_encode_cleans_up_first(folder):
+        monkeypatch.setattr(latents, "lock_folder", locked)  # once, and its clean-up locks as it does
+        latents._clear_abandoned_encodes(out)
+        return locked(folder)
+
+    monkeypatch.setattr(latents, "lock_folder", another_encode_cleans_up_first)
+    meta = latents.write_latent_folder(out, lambda new: ([latents.write_shard(new, 0, torch.zeros(4, 2, 4, 4, 4),
+                                                                               [0] * 4, range(4))], [4, 4, 4]),
+                                       {"num_images": 4, "classes": ["a"], "image_size": 32, "scale_factor": 0.18215})
+    assert re.fullmatch(r"\.latents\.encoding-[0-9a-f]{8}", meta["encoded_in"])
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "shard-00000.safetensors"]
+    assert [p.name for p in tmp_path.iterdir()] == ["latents"]
