@@ -141,10 +141,27 @@ def _probe_batch(trial, workers, device):
     return batch if trial.gflops * batch <= PROBE_BUDGET_GFLOP[device.type] else None
 
 
+def local_resources():
+    """The CPUs and GPUs of the Ray that `scaling.run` starts on this machine without a cluster."""
+    return {"CPU": usable_cpus(), "GPU": torch.cuda.device_count() if torch.cuda.is_available() else 0}
+
+
 def local_slots(study):
     """Trials at a time on this machine, as `scaling.run` without a cluster would run them."""
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return max_concurrent_trials(study, {"CPU": usable_cpus(), "GPU": gpus})
+    return max_concurrent_trials(study, local_resources())
+
+
+def local_capacity_warnings(study):
+    """Why a run of the study without --address would be refused on this machine (its trials' resources), as
+    warnings: a dry run may plan a study for another machine."""
+    from scaling.study import StudyError, check_cluster
+
+    here = local_resources()
+    try:
+        check_cluster(study, here, [here])
+    except StudyError as e:
+        return [f"{e} (on this machine, where a run without --address starts its own Ray)"]
+    return []
 
 
 def wall_seconds(seconds, slots):

@@ -71,12 +71,13 @@ def main(argv=None):
     for line in continue_recorded_runs(study, results=records):  # steps added: trials go on from their records
         print(line)
     if args.dry_run:
-        from scaling.dry_run import format_plan
+        from scaling.dry_run import format_plan, local_capacity_warnings
 
         # What the run would refuse here, said without refusing: the plan may be for another machine.
         for check in (lambda s: check_output(s, records), lambda s: check_measured_data(s, records),
                       lambda s: check_fid_basis(s, records), lambda s: passed_milestones(s, records),
-                      lambda s: args.no_report or check_report_dir(s, args.report_dir)):
+                      lambda s: args.no_report or check_report_dir(s, args.report_dir),
+                      lambda s: [] if args.address or os.environ.get("RAY_ADDRESS") else local_capacity_warnings(s)):
             try:
                 said = check(study)
             except StudyError as e:

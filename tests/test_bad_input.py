@@ -819,3 +819,21 @@ def test_digits_classifier_names_an_out_it_cannot_reach(capsys, monkeypatch):
     out = unenterable() / "w.safetensors"
     assert tdc.main(["--out", str(out)]) == 2
     assert capsys.readouterr().err.startswith(f"error: --out {out}: cannot be reached (Permission denied: ")
+
+
+def test_a_study_this_machine_cannot_run_is_said_by_the_dry_run(tmp_path, capsys, monkeypatch):
+    # The run refuses it ("a trial needs 4 CPUs, the cluster has 2"); the dry run planned it "one trial at a time on
+    # this machine" without a word.
+    import os
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cpus = len(os.sched_getaffinity(0))
+    workers = cpus + 1
+    path = write(tmp_path, BASE.replace("workers_per_trial: 1", f"workers_per_trial: {workers}")
+                 .replace("batch_size: 32", f"batch_size: {8 * workers}") + f"output: {tmp_path / 'out'}\n")
+    assert scaling_run.main([str(path), "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    assert (f"warning: {line_of(path, 'resources')}: resources.cpus_per_worker: a trial needs {workers} × 1 = {workers} CPUs, the cluster "
+            f"has {cpus} (on this machine, where a run without --address starts its own Ray)\n") in err, err
+    assert scaling_run.main([str(path), "--dry-run", "--address", "auto"]) == 0  # planned for a cluster: not said
+    assert "cluster has" not in capsys.readouterr().err
