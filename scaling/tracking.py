@@ -53,6 +53,13 @@ def artifacts_folder(output_dir):
     return Path(output_dir).resolve() / "mlartifacts"
 
 
+def experiment_artifacts(uri, output_dir):
+    """Where a new experiment in the store at uri keeps its artifacts: the output's mlartifacts for a database the
+    driver opens itself (MLflow's default is ./mlruns of whatever directory the process runs in: a temporary one
+    under `ray job submit`); None for a tracking server, which has its own artifact store."""
+    return artifacts_folder(output_dir).as_uri() if store_scheme(uri) in DATABASE_SCHEMES else None
+
+
 def move_artifact_locations(store, ran_in, output_dir):
     """Point the experiments and runs of a SQLite store (its file) that keep their artifacts in the folder the study's
     output was moved or copied from (ran_in) at the artifacts folder of the output where it is now (output_dir); the
@@ -106,9 +113,8 @@ class StudyTracker:
         self.output_dir = output_dir
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
-            # Artifacts beside the SQLite store, not in ./mlruns of whatever directory a process runs in.
-            artifacts = None if not uri.startswith("sqlite:") else artifacts_folder(output_dir).as_uri()
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifacts)
+            self.experiment_id = self.client.create_experiment(experiment,
+                                                               artifact_location=experiment_artifacts(uri, output_dir))
         else:
             self.experiment_id = exp.experiment_id
         runs = self._search({ROLE_TAG: "study", OUTPUT_TAG: output_dir})

@@ -174,3 +174,14 @@ def test_a_printed_tracking_uri_shows_no_password():
         "mysql+pymysql://db/mlflow?user=bob&password=s3cret&charset=utf8":
             "mysql+pymysql://db/mlflow?user=bob&password=***&charset=utf8",
         "http://mlflow:5000": "http://mlflow:5000", "sqlite:////a/b.db": "sqlite:////a/b.db"}
+
+
+def test_a_database_store_keeps_a_new_experiments_artifacts_in_the_output(tmp_path):
+    # Only SQLite's did: a PostgreSQL or MySQL store opened by the driver put them in ./mlruns of whatever directory
+    # it ran in (a temporary one under `ray job submit`); a server keeps its own.
+    mlartifacts = (tmp_path / "out" / "mlartifacts").as_uri()
+    for uri in (f"sqlite:///{tmp_path / 'mlflow.db'}", "postgresql://bob@db:5432/mlflow",
+                "mysql+pymysql://db/mlflow", "mssql://db/mlflow"):
+        assert tracking.experiment_artifacts(uri, tmp_path / "out") == mlartifacts, uri
+    for uri in ("http://mlflow:5000", "https://mlflow.example", "databricks"):
+        assert tracking.experiment_artifacts(uri, tmp_path / "out") is None, uri
