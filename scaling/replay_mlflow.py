@@ -15,6 +15,7 @@ import os
 import sys
 from pathlib import Path
 
+import scaling.no_telemetry  # noqa: F401 - first: before MLflow and Ray are imported
 import pandas as pd
 import requests
 from mlflow.exceptions import MlflowException

@@ -22,6 +22,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+import scaling.no_telemetry  # noqa: F401 - first: before MLflow and Ray are imported
 from core.folder_lock import lock_folder
 from scaling.continuation import continue_recorded_runs
 # Outside Tune's loop (else: below).

@@ -18,6 +18,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+import scaling.no_telemetry  # noqa: F401 - first: before MLflow and Ray are imported
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
 from mlflow.exceptions import MlflowException

@@ -16,6 +16,10 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 # health check, so studies launched by the tests (in this process or as subprocesses, which inherit
 # the environment) check every 0.1 s instead of scaling.run's 1 s, which spares CPU in real runs.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+# No usage reports from the tests' MLflow and Ray (no network here), before a test module imports MLflow, whose
+# telemetry thread starts at import; also for the subprocesses, which inherit the environment.
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 
 
 @pytest.fixture(scope="session")

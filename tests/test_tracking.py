@@ -1,6 +1,10 @@
 """The study's MLflow tracker on real SQLite stores: refused calls, a server that is away, runs found again."""
 import logging
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from mlflow.entities import Metric
@@ -185,3 +189,19 @@ def test_a_database_store_keeps_a_new_experiments_artifacts_in_the_output(tmp_pa
         assert tracking.experiment_artifacts(uri, tmp_path / "out") == mlartifacts, uri
     for uri in ("http://mlflow:5000", "https://mlflow.example", "databricks"):
         assert tracking.experiment_artifacts(uri, tmp_path / "out") is None, uri
+
+
+def test_mlflow_and_ray_send_no_usage_reports_unless_turned_on():
+    # MLflow's telemetry thread, started at import, fetched its config and posted events from every driver; a local
+    # Ray's head posted usage stats: calls out of machines that often have no internet, of the study owner's runs.
+    code = ("import os, scaling.run; from mlflow.telemetry import get_telemetry_client; "
+            "print(get_telemetry_client() is None, os.environ['RAY_USAGE_STATS_ENABLED'])")
+    quiet = {k: v for k, v in os.environ.items()  # as a shell outside pytest and CI has it
+             if k not in {"MLFLOW_DISABLE_TELEMETRY", "RAY_USAGE_STATS_ENABLED", "DO_NOT_TRACK", "PYTEST_CURRENT_TEST",
+                          "CI", "GITHUB_ACTIONS", "GITLAB_CI", "BUILDKITE", "JENKINS_URL", "TRAVIS", "CIRCLECI"}}
+    repo = Path(__file__).resolve().parents[1]
+    for env, said in ((quiet, "True 0"),
+                      ({**quiet, "MLFLOW_DISABLE_TELEMETRY": "false", "RAY_USAGE_STATS_ENABLED": "1"}, "False 1")):
+        done = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert done.stdout.split() == said.split(), done.stdout + done.stderr[-2000:]
