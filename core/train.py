@@ -721,6 +721,10 @@ def train(cfg, out_dir, milestones=(), callbacks=None, resume_from=None, checkpo
             callbacks.on_checkpoint(trial, path, {**metrics, "step": step})
             if rank == 0 or not shared_checkpoint_dir:  # only rank 0 writes the trainer state that marks a checkpoint
                 ckpt.prune_checkpoints(checkpoint_dir, cfg.keep_checkpoints, marked=rank == 0)
+    # ZeRO's optimizer is held by the gradient hooks it puts on the weights (DeepSpeed #5496): the engine, its weights,
+    # gradients and optimizer states outlived train() for good in a process that goes on (a benchmark's next
+    # configuration, whose peak GPU memory included them; a test session). destroy() removes the hooks.
+    engine.destroy()
     return metrics
 
 

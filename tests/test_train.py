@@ -828,3 +828,22 @@ def test_each_rank_records_the_files_it_wrote_and_checks_those_it_reads(tmp_path
     with pytest.raises(ckpt.CheckpointError, match="checksums-rank0.json is corrupt: "):
         ckpt.verify_checksums(tmp_path, 0)
 
+
+
+def test_a_finished_runs_engine_and_its_states_do_not_outlive_it(tmp_path):
+    # ZeRO's optimizer is held by the gradient hooks it puts on the weights: the engine, its gradients and optimizer
+    # states stayed for good in a process that trains again (a GPU benchmark's next configuration counted them in its
+    # peak memory).
+    import gc
+    import weakref
+
+    class KeepsAWeakReference(Callbacks):
+        def on_log(self, trial, metrics):
+            self.engine = weakref.ref(trial.engine)
+            self.optimizer = weakref.ref(trial.engine.optimizer)
+
+    for stage in (0, 2):
+        seen = KeepsAWeakReference()
+        train(tiny_config(zero_stage=stage, max_steps=2, val_batch=0), tmp_path / f"zero-{stage}", callbacks=seen)
+        gc.collect()
+        assert seen.engine() is None and seen.optimizer() is None, stage
