@@ -6,10 +6,11 @@ Each model runs in configurations side by side in one process:
   reference  fp32 weights, TF32 matmuls, plain AdamW, no compile (how the reference train.py trains)
   bf16       DeepSpeed bf16 (fp32 master weights), ZeRO-2, fused AdamW
   bf16+compile  the same with torch.compile
-MFU is achieved model FLOP/s (6 × forward multiply-adds × 2 per image) over the bf16 dense peak,
+MFU is achieved model FLOP/s (6 flops per forward multiply-add: forward and backward) over the bf16 dense peak,
 measured here with a large matmul in the same run.
 """
 import argparse
+import gc
 import json
 import logging
 import tempfile
@@ -24,7 +25,8 @@ from core.latents import FORMAT, VIEWS, shard_name
 from core.train import Callbacks, TrainConfig, train
 
 CONFIGS = {  # core.train sets TF32 from the precision (core/precision.py): on for tf32 and bf16
-    "reference": dict(precision="tf32", zero_stage=0, fused_adamw=None, compile=False),
+    # fused_adamw None is core's default, fused AdamW (core/optim.py): the reference's plain AdamW is False.
+    "reference": dict(precision="tf32", zero_stage=0, fused_adamw=False, compile=False),
     "bf16": dict(precision="bf16", zero_stage=2, fused_adamw=True, compile=False),
     "bf16+compile": dict(precision="bf16", zero_stage=2, fused_adamw=True, compile=True),
 }
@@ -56,6 +58,8 @@ def run(model, config, data, batch, micro, steps, peak):
     cfg = TrainConfig(model=model, dataset="latents", data_path=str(data), batch_size=batch,
                       grad_accum=batch // micro, max_steps=steps, ema_decay=0.9999, log_every=steps // 2,
                       ckpt_every=10 ** 9, val_batch=0, num_workers=0, peak_tflops=peak, **opts)
+    gc.collect()  # the configuration before's engine and states gone (core.train destroys its engine) before the peak
+    torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     last = Last()
     with tempfile.TemporaryDirectory() as out:

@@ -83,6 +83,9 @@ def _side_by_side_tflops(product, n, seconds, copies):
             barrier, rates = threading.Barrier(copies), []
 
             def run():
+                # Each thread's own: OpenMP's thread count is per thread, and a new one starts with the default (all
+                # cores), so each "one-thread" product ran on two threads, the copies on twice the cores there are.
+                torch.set_num_threads(1)
                 barrier.wait()
                 runs, start = 0, time.perf_counter()
                 while runs == 0 or time.perf_counter() - start < seconds / 4:
