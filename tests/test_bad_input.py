@@ -519,8 +519,11 @@ def test_max_seed_is_the_largest_seed_whose_every_step_draws():
         return step_randomness(seed, step, 2, (1, 2, 2), 0.1, 1000, torch.device("cpu"))
 
     assert MAX_SEED == 18_446_687_733_646 and MAX_STEPS == 10**12
-    draw(MAX_SEED, MAX_STEPS - 1)
-    draw(0, 0)
+    for seed, step in ((MAX_SEED, MAX_STEPS - 1), (0, 0)):
+        t, noise, drop = draw(seed, step)
+        again = draw(seed, step)
+        assert t.shape == (2,) and noise.shape == (2, 1, 2, 2) and drop.shape == (2,) and noise.isfinite().all()
+        assert all(torch.equal(a, b) for a, b in zip((t, noise, drop), again))  # a function of (seed, step)
     with pytest.raises((ValueError, RuntimeError), match="[Oo]verflow"):
         draw(MAX_SEED + 1, MAX_STEPS - 1)
 

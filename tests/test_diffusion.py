@@ -75,7 +75,7 @@ def test_space_timesteps_like_the_reference():
     assert 499 in space_timesteps(1000, "21") and 500 not in space_timesteps(1000, "21")
     assert sorted(space_timesteps(1000, "ddim50")) == list(range(0, 1000, 20))
     assert len(space_timesteps(100, "10,15,20")) == 45
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="cannot take exactly 33 steps from 100 with an integer stride"):
         space_timesteps(100, "ddim33")
 
 

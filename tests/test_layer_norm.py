@@ -57,7 +57,7 @@ def test_layer_norm_refuses_another_width_as_torchs_does():
     norm = LayerNorm(16, elementwise_affine=False, eps=1e-6)
     with pytest.raises(RuntimeError, match="normalized_shape"):
         norm(torch.randn(3, 8))
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match=r"expected input with shape \[\*, 16\], but got input of size\[\]"):
         norm(torch.tensor(1.0))
 
 

@@ -342,6 +342,8 @@ def test_trial_ids_ignore_settings_that_change_no_result(tmp_path, base, changes
     # no grid, DDPM).
     for name, shipped in SHIPPED_IDS.items():
         study = load_study(STUDIES / name, [*base, *changes[:1]], check_data=False)
+        unchanged = [t.trial_id for t in load_study(STUDIES / name, base, check_data=False).trials]
+        assert [t.trial_id for t in study.trials] == unchanged and len(unchanged) > 0, name
         if name == "dit_imagenet256.yaml" and base == ["eval.sampler=ddpm"]:
             assert [t.trial_id for t in study.trials] == shipped  # DDPM already: eta is not read
         elif not base:
@@ -357,7 +359,7 @@ def test_trial_ids_ignore_settings_that_change_no_result(tmp_path, base, changes
 def test_the_same_settings_change_ids_where_they_matter(tmp_path, overrides):
     base = [t.trial_id for t in load(tmp_path, overrides=overrides[:-1]).trials]
     changed = [t.trial_id for t in load(tmp_path, overrides=overrides).trials]
-    assert all(a != b for a, b in zip(base, changed))
+    assert len(base) == len(changed) > 0 and all(a != b for a, b in zip(base, changed))
 
 
 def test_guided_channels_count_under_guidance(tmp_path):
@@ -366,7 +368,7 @@ def test_guided_channels_count_under_guidance(tmp_path):
         f"eval.cfg_scale={cfg}", f"eval.guided_channels={channels}"], check_data=False).trials]
         for cfg in (1, 4) for channels in (3, "null")}
     assert ids[1, 3] == ids[1, "null"] == SHIPPED_IDS["dit_imagenet256.yaml"]
-    assert all(a != b for a, b in zip(ids[4, 3], ids[4, "null"]))
+    assert len(ids[4, 3]) == len(ids[4, "null"]) == 12 and all(a != b for a, b in zip(ids[4, 3], ids[4, "null"]))
 
 
 #################################################################################

@@ -131,7 +131,8 @@ def test_the_artifacts_of_a_moved_output_are_located_where_they_are_now(tmp_path
     (tmp_path / "out").rename(tmp_path / "moved")
     assert move_artifact_locations(store, tmp_path / "out", tmp_path / "moved") == 3  # the experiment and two runs
     client = MlflowClient(uri)
-    assert client.download_artifacts(study.child_run("a", {}), "samples/step-10.txt", str(tmp_path))
+    got = client.download_artifacts(study.child_run("a", {}), "samples/step-10.txt", str(tmp_path / "got"))
+    assert Path(got).read_text() == "grid"  # read from where the folder is now
     assert client.get_experiment(study.experiment_id).artifact_location == (tmp_path / "moved" / "mlartifacts").as_uri()
     assert client.get_run(beside.parent_run_id).info.artifact_uri.startswith(
         (tmp_path / "out-2" / "mlartifacts").as_uri() + "/")

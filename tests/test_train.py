@@ -61,7 +61,7 @@ def test_resume_is_bitwise_for_one_process(tmp_path, precision, zero_stage):
     assert state_a["metrics"]["val_loss"] == state_b["metrics"]["val_loss"]
     ema_a = load_file(str(ckpt.latest_checkpoint(tmp_path / "straight" / "checkpoints") / ckpt.EMA_FILE))
     ema_b = load_file(str(ckpt.latest_checkpoint(tmp_path / "resumed" / "checkpoints") / ckpt.EMA_FILE))
-    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    assert ema_a and ema_a.keys() == ema_b.keys() and all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
 
 
 def test_tf32_trains_as_fp32_on_a_cpu_and_each_run_sets_its_own_tf32_switches(tmp_path):
@@ -91,7 +91,7 @@ def test_a_run_given_more_steps_under_a_constant_lr_trains_on_as_one_straight_ru
     assert state_a["metrics"]["val_loss_ema"] == state_b["metrics"]["val_loss_ema"]
     ema_a, ema_b = (load_file(str(ckpt.latest_checkpoint(tmp_path / run / "checkpoints") / ckpt.EMA_FILE))
                     for run in ("straight", "grown"))
-    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    assert ema_a and ema_a.keys() == ema_b.keys() and all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
 
 
 def test_a_resume_on_another_encode_of_the_latents_is_refused(tmp_path, encode_tiny_latents):
@@ -128,7 +128,7 @@ def test_a_run_resumed_on_its_latents_moved_elsewhere_trains_on_as_one_straight_
     assert state_a["data_encode"] == state_b["data_encode"] is not None
     ema_a, ema_b = (load_file(str(ckpt.latest_checkpoint(tmp_path / run / "checkpoints") / ckpt.EMA_FILE))
                     for run in ("straight", "moved"))
-    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    assert ema_a and ema_a.keys() == ema_b.keys() and all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
 
 
 def test_a_resume_may_switch_between_zero_1_and_2_and_is_refused_other_stages(tmp_path):
@@ -279,7 +279,10 @@ def test_a_resume_past_max_steps_is_refused_naming_both(tmp_path):
             f"{step_4} is at step 4, past max_steps 2: resume from a checkpoint at or before step 2, or train to 4 "
             "steps or more")):
         train(tiny_config(max_steps=2, ckpt_every=2), tmp_path, resume_from=step_4)
+    before = {p.name: p.stat().st_mtime_ns for p in ckpt.list_checkpoints(tmp_path / "checkpoints")}
     train(tiny_config(max_steps=4, ckpt_every=2), tmp_path, resume_from=step_4)  # at max_steps: a finished run
+    assert before == {p.name: p.stat().st_mtime_ns for p in ckpt.list_checkpoints(tmp_path / "checkpoints")}
+    assert "step-000000004" in before  # it trained nothing and wrote nothing
 
 
 def _resume_at(rank, steps, store_path, out):
