@@ -523,19 +523,25 @@ def test_a_folder_of_one_real_image_is_named_not_left_to_torch_fidelity(tmp_path
 def test_fid_features_are_extracted_in_ieee_fp32_whatever_the_precision(monkeypatch, tmp_path):
     # The real images' features are cached and shared by every trial: a tf32 or bf16 trial's TF32 convolutions and
     # an fp32 trial's IEEE ones would put two numeric modes into one FID.
-    import torch_fidelity
-
-    from core import fid
+    from core.digits import digits_arrays
+    from core.fid_extractor import FeatureExtractorDigits
     from core.precision import use_precision
 
-    seen = []
-    monkeypatch.setattr(torch_fidelity, "calculate_metrics", lambda **kwargs: seen.append(
-        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)) or {})
-    monkeypatch.setattr(fid, "_cache_entry", lambda *args: "entry")
-    real = fid.RealImages(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), {}, "two")
+    seen, forward = [], FeatureExtractorDigits.forward
+
+    def noting_the_switches(self, x):
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        return forward(self, x)
+
+    monkeypatch.setattr(FeatureExtractorDigits, "forward", noting_the_switches)
+    images = to_uint8(torch.from_numpy(digits_arrays("train")[0][:40]))  # (40, 1, 8, 8)
+    extractor, weights = fid_module.resolve_extractor("digits")
+    fids = []
     for precision in ("tf32", "bf16", "fp32"):
         use_precision(precision)
-        fid.fidelity(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), real, extractor="inception-v3-compat",
-                     weights="w.pth", cache_root=tmp_path, metrics=("fid",))
+        seen.clear()
+        fids.append(fid_module.fidelity(UInt8Images(images[:20]), real_set(images[20:], "twenty"), extractor=extractor,
+                                        weights=weights, cache_root=tmp_path / precision, metrics=("fid",))["fid"])
+        assert seen and set(seen) == {(False, False)}, precision  # every batch of both sets, in IEEE fp32
         assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == ((precision != "fp32"),) * 2
-    assert seen == [(False, False)] * 3
+    assert fids[0] == fids[1] == fids[2] > 0
