@@ -5,6 +5,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from collections import Counter
 from pathlib import Path
@@ -241,12 +242,19 @@ def encode_tiny_folder(root):
 
     images = make_folder(root / "images")
     save_tiny_vae(root / "vae")
-    ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        main(["--data-path", str(images), "--vae", str(root / "vae"), "--out", str(root / "latents"),
-              "--image-size", "16", "--batch-size", "2", "--num-workers", "1", "--shard-size", "4"])
-    finally:
-        ray.shutdown()
+    # A Ray of its own, as conftest's _private_ray gives each test: a module fixture is set up before it, and would
+    # share /tmp/ray with any Ray on the machine, or join one that `ray start` recorded there.
+    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_TMPDIR", temp)
+        env.delenv("RAY_ADDRESS", raising=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False)
+        try:
+            main(["--data-path", str(images), "--vae", str(root / "vae"), "--out", str(root / "latents"),
+                  "--image-size", "16", "--batch-size", "2", "--num-workers", "1", "--shard-size", "4"])
+        finally:
+            ray.shutdown()
+            shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
