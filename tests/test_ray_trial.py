@@ -132,20 +132,27 @@ def test_a_tune_actor_keeps_its_idle_synchronization_actor_for_its_next_run(tmp_
         address = ray.get_runtime_context().gcs_address
 
         def reports(config):
+            import os
             import time
 
             rank = ray.train.get_context().get_world_rank()
+            marker = config["rank_0_reports"]
             if config["fail"] and rank == 1:  # rank 0 waits in the barrier when the run fails
-                time.sleep(2)
+                deadline = time.time() + 60
+                while not os.path.exists(marker) and time.time() < deadline:  # not a fixed sleep: a loaded box
+                    time.sleep(0.05)
+                time.sleep(0.5)  # from its marker into the barrier
                 raise RuntimeError("rank 1 fails before its report")
             for step in range(3):  # every report passes the barrier
+                if rank == 0 and step == 0:
+                    open(marker, "w").close()
                 ray.train.report({"step": step, "rank": rank})
 
         caller = TuneTrial.remote()  # one actor for all runs, as Tune reuses a trial's actor
 
         def fit(name, fail=False):
-            ray.get(caller.fit.remote(TrialTrainer, ray.cloudpickle.dumps(reports), {"fail": fail}, name,
-                                      str(tmp_path)))
+            config = {"fail": fail, "rank_0_reports": str(tmp_path / f"{name}-rank-0-reports")}
+            ray.get(caller.fit.remote(TrialTrainer, ray.cloudpickle.dumps(reports), config, name, str(tmp_path)))
 
         fit("first")
         first = sync_actors(address)
