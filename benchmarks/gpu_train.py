@@ -78,8 +78,9 @@ def main():
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("no GPU here: this benchmark measures GPU training (benchmarks.train_step measures a CPU)")
-    if args.steps < 2:
-        parser.error("--steps must be at least 2: the throughput is that of the second half")
+    if args.steps < 2 or args.steps % 2:
+        parser.error("--steps must be even and at least 2: the throughput is that of the second half (an odd "
+                     "count left it one step)")
     unknown = [c for c in args.configs if c not in CONFIGS]
     if unknown or args.batch % args.micro_batch:
         parser.error(f"unknown configs {unknown} (known: {', '.join(CONFIGS)})" if unknown else

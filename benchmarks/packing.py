@@ -22,6 +22,7 @@ from ray.cluster_utils import Cluster
 
 from benchmarks.flags import positive_int
 from benchmarks.machine import describe
+from scaling.tracking import default_tracking_uri
 
 REPO = Path(__file__).resolve().parents[1]
 WORKERS, CPUS_PER_WORKER = 2, 1
@@ -44,7 +45,7 @@ def study_file(folder, trials):
 def trial_spans(output):
     """[(start, end)] in seconds of every trial, from the study's first start: when its Tune trial
     started (its MLflow run's started_at tag; the run itself is created at launch) to its run's end."""
-    client = MlflowClient(f"sqlite:///{output / 'mlflow.db'}")
+    client = MlflowClient(default_tracking_uri(output))  # where scaling.run logs it (MLFLOW_TRACKING_URI, if set)
     exp = client.get_experiment_by_name("packing")
     runs = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" in r.data.tags]
     spans = sorted((float(r.data.tags["dit_scaling.started_at"]), r.info.end_time / 1e3) for r in runs)

@@ -114,8 +114,9 @@ def main():
     parser.add_argument("--latents", action="store_true", help="time latents vs VAE encoding instead")
     parser.add_argument("--vae-batch", type=positive_int, default=4)
     args = parser.parse_args()
-    if args.steps < 2:
-        parser.error("--steps must be at least 2: the speed is that of the second half's log window")
+    if args.steps < 2 or args.steps % 2:
+        parser.error("--steps must be even and at least 2: the speed is that of the second half's log window (an "
+                     "odd count left it one step)")
     print(f"machine: {describe()}")
     if args.latents:
         run_latents(args)

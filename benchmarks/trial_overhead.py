@@ -30,6 +30,7 @@ from mlflow.tracking import MlflowClient
 from benchmarks.flags import positive_int
 from benchmarks.machine import describe
 from scaling.study import StudyError, load_study
+from scaling.tracking import default_tracking_uri
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -156,7 +157,7 @@ def start_timeline(exclude_job, scheduled_at, first_step_at):
 
 def study_runs(output, experiment):
     """(the study's MLflow run, its trials' runs in the order the trials were scheduled) from its store."""
-    client = MlflowClient(f"sqlite:///{Path(output).resolve() / 'mlflow.db'}")
+    client = MlflowClient(default_tracking_uri(output))  # where scaling.run logs it (MLFLOW_TRACKING_URI, if set)
     exp = client.get_experiment_by_name(experiment)
     runs = client.search_runs([exp.experiment_id])
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
@@ -190,8 +191,11 @@ def main():
     args = parser.parse_args()
     if args.timeline and (args.trials != 1 or args.study or args.cpu):
         parser.error("--timeline measures one tiny trial: give it --trials 1, without --study or --cpu")
-    try:
-        name = load_study(args.study).name if args.study else "overhead"
+    try:  # the MLflow experiment the study logs to
+        name = "overhead"
+        if args.study:
+            chosen = load_study(args.study)
+            name = chosen.raw["tracking"]["experiment"] or chosen.name
     except StudyError as e:
         parser.error(f"--study: {e}")
     print(f"machine: {describe()}")
