@@ -15,7 +15,8 @@ CASES = [
     ("gelu", ["--batch", "two"], "argument --batch: 'two' is not a whole number"),
     ("evaluate", ["--num-samples", "1.5"], "argument --num-samples: '1.5' is not a whole number"),
     ("host_memory", ["--model", "DiT-T"], "unknown model 'DiT-T'"),
-    ("train_options", ["--steps", "1"], "--steps must be at least 2"),
+    ("train_options", ["--steps", "1"], "--steps must be even and at least 2"),
+    ("train_options", ["--steps", "25"], "--steps must be even and at least 2"),  # its last window: one step
     ("packing", ["--cpus-per-node", "1"], "--cpus-per-node must be at least 2"),
     ("trial_overhead", ["--trials", "0"], "argument --trials: 0 must be at least 1"),
     ("trial_overhead", ["--study", "/nonexistent/study.yaml"], "--study: "),
