@@ -1,18 +1,19 @@
 """Evaluation throughput of the default study's presets: sampling images/s, feature extraction + FID time.
 
-    python -m benchmarks.evaluate                       # DiT-P/N/T/M × /2 /4, FID-1000, DDIM-50, batch 256
+    python -m benchmarks.evaluate                       # DiT-P/N/T/M × /2 /4, the default study's FID and sampler
 
 Untrained weights and random images: the cost of sampling and of FID does not depend on what the
 images show. Each rate is the best of a few rounds (a shared machine disturbs some of them); the
 sampling time of an evaluation is its N + grid images at that rate.
-The last column is the share of the default study's wall time (studies/gflops_sweep.yaml: batch
-128, 2000 steps, evaluated at 3 milestones) that evaluation would take against a bare
-forward/backward/AdamW step: an upper bound, since a real training step also pays for DeepSpeed,
+The last column is the share of the default study's wall time (studies/gflops_sweep.yaml, read here: its batch,
+last milestone and number of milestones; its FID size, sampler and grid are the defaults) that evaluation would take
+against a bare forward/backward/AdamW step: an upper bound, since a real training step also pays for DeepSpeed,
 the EMA and logging.
 """
 import argparse
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -23,9 +24,12 @@ from core.evaluate import EvalConfig, generate, sample_plan
 from core.fid import fidelity, resolve_extractor
 from core.models import DiT, model_config
 from core.real_images import UInt8Images, reference_images
+from scaling.study import load_study
 
 PRESETS = [f"DiT-{size}/{patch}" for size in "PNTM" for patch in (2, 4)]
-STUDY_BATCH, STUDY_STEPS, STUDY_EVALS = 128, 2000, 3
+DEFAULT_STUDY = Path(__file__).resolve().parents[1] / "studies" / "gflops_sweep.yaml"
+_TRIAL = load_study(DEFAULT_STUDY, check_data=False).trials[0]  # every trial of it trains and evaluates alike
+STUDY_BATCH, STUDY_STEPS, STUDY_EVALS = (_TRIAL.train["batch_size"], _TRIAL.milestones[-1], len(_TRIAL.milestones))
 
 
 def best_seconds(fn, rounds):
@@ -73,15 +77,16 @@ def _sync():
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", nargs="+", type=preset, default=PRESETS)
-    parser.add_argument("--num-samples", type=positive_int, default=1000)
-    parser.add_argument("--num-steps", type=positive_int, default=50)
+    parser.add_argument("--num-samples", type=positive_int, default=_TRIAL.eval["fid_samples"])
+    parser.add_argument("--num-steps", type=positive_int, default=_TRIAL.eval["sampling_steps"])
     parser.add_argument("--batch", type=positive_int, default=256)
     parser.add_argument("--rounds", type=positive_int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
-    cfg = EvalConfig(num_samples=args.num_samples, num_steps=args.num_steps, batch_size=args.batch,
-                     guided_channels=None)
+    cfg = EvalConfig(num_samples=args.num_samples, sampler=_TRIAL.eval["sampler"], num_steps=args.num_steps,
+                     batch_size=args.batch, guided_channels=None,
+                     grid_images_per_class=_TRIAL.eval["grid_images_per_class"])
     total = cfg.num_samples + cfg.grid_classes * cfg.grid_images_per_class  # images sampled per evaluation
     print(f"machine: {describe()}")
     print(f"FID-{cfg.num_samples} (+{total - cfg.num_samples} grid images), {cfg.sampler.upper()}-{cfg.num_steps}, "
