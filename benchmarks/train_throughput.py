@@ -12,8 +12,9 @@ holds the warm-up and, compiled, the compilation). --compile trains each model a
 
 --processes N trains N copies of each model at once, each in a process of its own with 1/N of the threads and of the
 batch: the way the default study fills a machine (one trial per core, `resources.cpus_per_worker: 1`). The copies
-wait for each other after their first window; the figure is the best of the windows after it, each the sum of the
-copies' rates over the same steps (which they train side by side).
+wait for each other after every window; the figure is the best of the windows after the first, each the sum of the
+copies' rates over the same steps (which they start together; a faster copy waits at the window's end for the others,
+which end it alone for those moments).
 """
 import argparse
 import json
@@ -47,21 +48,23 @@ class BestWindow(Callbacks):
 
 
 class SideBySideWindows(Callbacks):
-    """Records every window after the first; after the first, waits until every copy has reached it."""
+    """Records every window after the first; after each, waits until every copy has reached it, so that window k of
+    each copy runs beside window k of the others (lined up after the first only, they drifted apart, and a copy's last
+    windows ran partly alone: the best summed window favoured those)."""
 
     def __init__(self, barrier_dir, copy, copies):
         self.barrier_dir, self.copy, self.copies = Path(barrier_dir), copy, copies
         self.windows = []  # (images/s, TFLOP/s) of each window after the first
-        self.first = True
+        self.seen = 0
 
     def on_log(self, trial, metrics):
-        if self.first:  # the warm-up (and compilation) window: line the copies up behind it
-            self.first = False
-            (self.barrier_dir / f"ready-{self.copy}").touch()
-            while len(list(self.barrier_dir.glob("ready-*"))) < self.copies:
-                time.sleep(0.01)
-            return
-        self.windows.append((metrics["images_per_s"], metrics["achieved_tflops"]))
+        # Outside the window's time: core.train times each step, not its callbacks.
+        if self.seen:  # the first is the warm-up (and compilation) window
+            self.windows.append((metrics["images_per_s"], metrics["achieved_tflops"]))
+        self.seen += 1
+        (self.barrier_dir / f"ready-{self.seen}-{self.copy}").touch()
+        while len(list(self.barrier_dir.glob(f"ready-{self.seen}-*"))) < self.copies:
+            time.sleep(0.01)
 
 
 def train_config(name, batch, steps, compiled):
