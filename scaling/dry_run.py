@@ -143,7 +143,9 @@ def _probe_batch(trial, workers, device):
 
 def local_resources():
     """The CPUs and GPUs of the Ray that `scaling.run` starts on this machine without a cluster."""
-    return {"CPU": usable_cpus(), "GPU": torch.cuda.device_count() if torch.cuda.is_available() else 0}
+    from scaling.ray_env import local_cpus
+
+    return {"CPU": local_cpus(), "GPU": torch.cuda.device_count() if torch.cuda.is_available() else 0}
 
 
 def local_slots(study):

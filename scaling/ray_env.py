@@ -49,12 +49,19 @@ def local_ray_options():
     # head node, a study is pointed at it with `--address auto`.
     options = {"address": "local", "include_dashboard": True, "dashboard_host": "127.0.0.1", "log_to_driver": False,
                "_system_config": {"prestart_worker_first_driver": False}}
-    # Ray counts the machine's CPUs (or a container's quota), not those this process may run on (taskset, a batch
-    # scheduler's CPU set): its trials would be packed onto CPUs the job does not have, and the dry run, which counts
-    # these, would plan another number of trials at once.
-    if usable_cpus() < (os.cpu_count() or 1):
-        options["num_cpus"] = usable_cpus()
+    options["num_cpus"] = local_cpus()
     return options
+
+
+def local_cpus():
+    """The CPUs of a study's local Ray: those this process may run on (its affinity: taskset, a batch scheduler's CPU
+    set) within a container's CPU quota. Ray counts the quota or the machine's CPUs, not the affinity: its trials were
+    packed onto CPUs the job does not have. The dry run plans with the same count."""
+    # Ray's own count (a container's quota, else the machine's): a private function, as no public one gives it before
+    # ray.init. Its Docker warning is for a count it would use as it is.
+    from ray._private.utils import get_num_cpus
+
+    return max(1, min(usable_cpus(), int(get_num_cpus(override_docker_cpu_warning=True))))
 
 
 def start_study_actor(actor_class, name):

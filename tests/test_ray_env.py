@@ -196,4 +196,16 @@ def test_a_local_ray_counts_the_cpus_the_driver_may_run_on():
     finally:
         shutil.rmtree(temp_dir, ignore_errors=True)
     assert done.returncode == 0 and done.stdout.split() == ["1.0"], done.stdout + done.stderr[-2000:]
-    assert "num_cpus" not in local_ray_options() or len(os.sched_getaffinity(0)) < os.cpu_count()
+
+
+def test_a_local_rays_cpus_stay_within_a_containers_quota(monkeypatch):
+    # A quota below the CPUs the process may run on (`docker --cpus=1 --cpuset-cpus=0,1`): Ray's own count, which
+    # reads the quota, was replaced by the affinity's; the dry run plans with the same count as the run.
+    import ray._private.utils
+
+    from scaling.dry_run import local_resources
+
+    monkeypatch.setattr(ray._private.utils, "get_num_cpus", lambda **kwargs: 1.0)  # as Ray reads such a quota
+    assert local_ray_options()["num_cpus"] == 1 and local_resources()["CPU"] == 1
+    monkeypatch.setattr(ray._private.utils, "get_num_cpus", lambda **kwargs: 1000.0)  # a quota above: the affinity
+    assert local_ray_options()["num_cpus"] == local_resources()["CPU"] == len(os.sched_getaffinity(0))
