@@ -73,7 +73,7 @@ SIXTEEN_BIT_FORMATS = ("PNG", "PPM")
 
 def _as_16_bit(image):
     """A grey image of 32-bit integers as 16-bit ("I;16"), when its format made it of a 16-bit one."""
-    if image.format not in SIXTEEN_BIT_FORMATS:
+    if image.mode != "I" or image.format not in SIXTEEN_BIT_FORMATS:  # floats ("F": a PFM, which PIL calls PPM too)
         raise ValueError(f"PIL mode {image.mode} ({image.format}): 32-bit grey of no set range; "
                          "save it with 8 or 16 bits")
     return Image.fromarray(np.asarray(image).astype(np.uint16))  # (H, W) uint16: "I;16"

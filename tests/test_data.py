@@ -952,13 +952,14 @@ def test_a_16_bit_grey_image_is_scaled_not_clipped_to_white(tmp_path):
     assert Image.open(tmp_path / "deep.pgm").mode == "I"
     assert (np.asarray(load_image(tmp_path / "deep.pgm")) == loaded).all()
     # 32-bit grey of other formats has no range to scale from, even where its values fit in 16 bits (read as 16-bit,
-    # a TIFF of 8-bit values, or a float mask of 0 and 1, was trained as black): named.
+    # a TIFF of 8-bit values, or a float mask of 0 and 1, was trained as black; a PFM's fractions too): named.
     for name, values in (("deeper.tif", ramp.astype(np.int32) * 4), ("eight.tif", np.full((4, 4), 200, np.int32)),
-                         ("mask.tif", np.eye(4, dtype=np.float32))):
+                         ("mask.tif", np.eye(4, dtype=np.float32)), ("float.pfm", np.eye(4, dtype=np.float32) / 2)):
         Image.fromarray(values).save(tmp_path / name)
+        opened = Image.open(tmp_path / name)  # a PFM's floats: format PPM, as a 16-bit PGM's, but mode F
         with pytest.raises(UnreadableImage, match=re.escape(f"image {tmp_path / name} cannot be read: ValueError: PIL "
-                                                            f"mode {Image.open(tmp_path / name).mode} (TIFF): 32-bit "
-                                                            "grey of no set range; save it with 8 or 16 bits")):
+                                                            f"mode {opened.mode} ({opened.format}): 32-bit grey of no "
+                                                            "set range; save it with 8 or 16 bits")):
             load_image(tmp_path / name)
 
 
