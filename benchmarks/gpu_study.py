@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import scaling.no_telemetry  # noqa: F401 - first: before MLflow and Ray are imported
 import torch
 
 from benchmarks.flags import positive_int, preset

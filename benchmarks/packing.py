@@ -17,6 +17,7 @@ import tempfile
 import textwrap
 from pathlib import Path
 
+import scaling.no_telemetry  # noqa: F401 - first: before MLflow and Ray are imported
 from mlflow.tracking import MlflowClient
 from ray.cluster_utils import Cluster
 

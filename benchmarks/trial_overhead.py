@@ -25,6 +25,7 @@ import threading
 import time
 from pathlib import Path
 
+import scaling.no_telemetry  # noqa: F401 - first: before MLflow and Ray are imported
 from mlflow.tracking import MlflowClient
 
 from benchmarks.flags import positive_int

@@ -7,6 +7,7 @@ import argparse
 import functools
 from pathlib import Path
 
+import scaling.no_telemetry  # noqa: F401 - first: before MLflow and Ray are imported
 import numpy as np
 import torch
 

@@ -195,14 +195,17 @@ def test_a_database_store_keeps_a_new_experiments_artifacts_in_the_output(tmp_pa
 def test_mlflow_and_ray_send_no_usage_reports_unless_turned_on():
     # MLflow's telemetry thread, started at import, fetched its config and posted events from every driver; a local
     # Ray's head posted usage stats: calls out of machines that often have no internet, of the study owner's runs.
-    code = ("import os, scaling.run; from mlflow.telemetry import get_telemetry_client; "
-            "print(get_telemetry_client() is None, os.environ['RAY_USAGE_STATS_ENABLED'])")
     quiet = {k: v for k, v in os.environ.items()  # as a shell outside pytest and CI has it
              if k not in {"MLFLOW_DISABLE_TELEMETRY", "RAY_USAGE_STATS_ENABLED", "DO_NOT_TRACK", "PYTEST_CURRENT_TEST",
                           "CI", "GITHUB_ACTIONS", "GITLAB_CI", "BUILDKITE", "JENKINS_URL", "TRAVIS", "CIRCLECI"}}
     repo = Path(__file__).resolve().parents[1]
-    for env, said in ((quiet, "True 0"),
-                      ({**quiet, "MLFLOW_DISABLE_TELEMETRY": "false", "RAY_USAGE_STATS_ENABLED": "1"}, "False 1")):
+    cases = [(module, quiet, "True 0") for module in ("scaling.run", "scaling.replay_mlflow", "scaling.encode_latents",
+                                                      "benchmarks.trial_overhead")]
+    cases.append(("scaling.run", {**quiet, "MLFLOW_DISABLE_TELEMETRY": "false", "RAY_USAGE_STATS_ENABLED": "1"},
+                  "False 1"))
+    for module, env, said in cases:  # each in a process of its own: the first import decides
+        code = (f"import os, {module}; from mlflow.telemetry import get_telemetry_client; "
+                "print(get_telemetry_client() is None, os.environ['RAY_USAGE_STATS_ENABLED'])")
         done = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True,
                               timeout=120)
-        assert done.stdout.split() == said.split(), done.stdout + done.stderr[-2000:]
+        assert done.stdout.split() == said.split(), module + done.stdout + done.stderr[-2000:]
