@@ -156,9 +156,9 @@ def start_timeline(exclude_job, scheduled_at, first_step_at):
     return sorted(rows, key=lambda row: row[0])
 
 
-def study_runs(output, experiment):
+def study_runs(uri, experiment):
     """(the study's MLflow run, its trials' runs in the order the trials were scheduled) from its store."""
-    client = MlflowClient(default_tracking_uri(output))  # where scaling.run logs it (MLFLOW_TRACKING_URI, if set)
+    client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
     runs = client.search_runs([exp.experiment_id])
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
@@ -192,11 +192,8 @@ def main():
     args = parser.parse_args()
     if args.timeline and (args.trials != 1 or args.study or args.cpu):
         parser.error("--timeline measures one tiny trial: give it --trials 1, without --study or --cpu")
-    try:  # the MLflow experiment the study logs to
-        name = "overhead"
-        if args.study:
-            chosen = load_study(args.study)
-            name = chosen.raw["tracking"]["experiment"] or chosen.name
+    try:  # the MLflow store and experiment the study logs to (none set: the output's store, the study's name)
+        tracking = load_study(args.study).raw["tracking"] if args.study else {"experiment": "overhead", "mlflow_uri": None}
     except StudyError as e:
         parser.error(f"--study: {e}")
     print(f"machine: {describe()}")
@@ -213,7 +210,8 @@ def main():
             ray.init(**local_ray_options())  # as scaling.run starts its own
             address = ray.get_runtime_context().gcs_address
         total, stdout = run_study(study, tmp / "out", cpu, address)
-        parent, children = study_runs(tmp / "out", name)
+        parent, children = study_runs(tracking["mlflow_uri"] or default_tracking_uri(tmp / "out"),
+                                      tracking["experiment"])
         startup, teardown, efficiency, wall = mlflow_numbers(parent, children)
         if args.timeline:
             timeline = start_timeline(ray.get_runtime_context().get_job_id(), *first_trial_start(children))

@@ -299,7 +299,8 @@ class DiT(nn.Module):
         half = x[: len(x) // 2]
         combined = torch.cat([half, half], dim=0)
         # The combination in fp32, as the reference samples: under bf16 autocast s·(cond - uncond) scales the rounding.
-        model_out = self.forward(combined, t, y).float()
+        model_out = self.forward(combined, t, y)
+        model_out = model_out.to(torch.promote_types(model_out.dtype, torch.float32))  # bf16 up; fp32, fp64 as they are
         # Never more than the noise channels: the rest are the learned variance, which guidance leaves alone.
         k = self.in_channels if guided_channels is None else min(guided_channels, self.in_channels)
         eps, rest = model_out[:, :k], model_out[:, k:]

@@ -717,6 +717,7 @@ def _run_trials(study, build_report, report_dir, began, capacity, nodes):
         # A Ctrl-C, SIGTERM or MLflow's error while the runs are made or caught up (an MLflow call or more a trial):
         # the study's run, marked RUNNING as the tracker opened it, says it stopped.
         tracker.finish(tracker.parent_run_id, "FAILED" if interruption(e) is None else "KILLED")
+        warn_unlogged(tracker, out)  # queued where the server is away: the replay ends the run
         raise
     try:
         if todo:

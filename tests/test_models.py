@@ -207,6 +207,8 @@ def test_guidance_under_bf16_autocast_is_combined_in_fp32():
     cond, uncond = plain[:2, 0].float(), plain[2:, 0].float()
     assert torch.equal(guided[:2, 0], uncond + 4.0 * (cond - uncond))
     assert torch.equal(guided[:, 1], plain[:, 1].float())  # the variance channel, unguided
+    with torch.no_grad():  # a float64 model's stays float64 (made fp32, it lost its precision)
+        assert model.double().forward_with_cfg(x.double(), t, y, 4.0).dtype == torch.float64
 
 
 def test_an_empty_batch_trains_on_the_onednn_path(monkeypatch):
