@@ -575,7 +575,7 @@ def test_sigterm_while_ray_starts_unwinds_as_ctrl_c_does():
         from scaling.sigterm import Terminated, ray_exit_as_terminated
         try:
             with ray_exit_as_terminated():
-                threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+                threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
                 ray.init(num_cpus=1, include_dashboard=False)
                 time.sleep(60)  # a machine quicker than the timer: ray.init's handler is still in place here
         except Terminated:
