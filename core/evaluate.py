@@ -259,7 +259,8 @@ def evaluate(model, cfg, *, dataset, data_path=None, image_size=None, vae=None, 
     if rank == 0:
         try:
             result = {"grid_path": grid["grid_path"],
-                      **_score(images, cfg, extractor, weights, dataset, data_path, size, device)}
+                      **_score(images, cfg, extractor, weights, dataset, data_path, size, device,
+                               decoder_folder(vae, _latent_meta(dataset, data_path)))}
         except Exception as err:
             if world_size > 1:  # the other ranks are waiting for a result: hand them the failure
                 _broadcast(RuntimeError(f"evaluation failed on rank 0: {err!r}"), device)
@@ -342,8 +343,8 @@ def _image_size(image_size, input_size, meta):
     return meta["image_size"] if meta is not None else image_size if image_size is not None else input_size
 
 
-def _score(images, cfg, extractor, weights, dataset, data_path, size, device):
-    """Rank 0: the metrics of the N images, and the noise floor."""
+def _score(images, cfg, extractor, weights, dataset, data_path, size, device, decoder=None):
+    """Rank 0: the metrics of the N images, and the noise floor (decoder: the VAE folder the images were decoded by)."""
     cuda = device.type == "cuda"
     common = dict(extractor=extractor, weights=weights, cache_root=cfg.cache_dir, cuda=cuda)
     t0 = time.perf_counter()
@@ -352,7 +353,8 @@ def _score(images, cfg, extractor, weights, dataset, data_path, size, device):
     floor = fidelity(heldout, reference, metrics=("fid",), **common)["fid"] if heldout is not None else None
     out.update(fid_floor=floor, fid_floor_samples=len(heldout) if heldout is not None else 0,
                fid_reference_samples=len(reference), fid_reference=reference.description,
-               fid_basis=fid_basis(reference, heldout, extractor, weights), fid_time_s=time.perf_counter() - t0)
+               fid_basis=fid_basis(reference, heldout, extractor, weights, decoder),
+               fid_time_s=time.perf_counter() - t0)
     return out
 
 
@@ -362,26 +364,45 @@ def real_sets(cfg, dataset, data_path, size):
     return reference, heldout_images(dataset, size, cfg.heldout, max_images=cfg.num_samples)
 
 
-def fid_basis(reference, heldout, extractor, weights):
+def fid_basis(reference, heldout, extractor, weights, decoder=None):
     """What FID and its floor were measured against, as JSON (a results row's fid_basis): digests of the reference
     and held-out sets' identities (their files' names, sizes and modification times, or pixels; the subset and image
-    size) and of the extractor's weights file. FIDs of two bases are not comparable. Not the folders' paths, which
-    trial ids hash already: the same folder through a link, or as another node mounts it, is the same basis."""
+    size), of the extractor's weights file and, for latents, of the VAE folder that decoded the samples (decoder; a
+    VAE given as a module, not a folder, is not recorded). FIDs of two bases are not comparable. Not the folders'
+    paths, which trial ids hash already: the same folder through a link, or as another node mounts it, is the same
+    basis."""
     def digest(real):
         if real is None:
             return None
         identity = {k: v for k, v in real.identity.items() if k != "path"}
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    decoded = {} if decoder is None else {"decoder": folder_digest(decoder)}  # pixels: as before latents had one
     return json.dumps(dict(reference=digest(reference), heldout=digest(heldout), extractor=extractor,
-                           weights=file_digest(weights)), sort_keys=True)
+                           weights=file_digest(weights), **decoded), sort_keys=True)
 
 
-def fid_basis_now(cfg, dataset, data_path=None, image_size=None, input_size=None):
+def decoder_folder(vae, meta):
+    """The VAE folder latents are decoded by (the one given, else the encode's), None for pixels or a VAE module."""
+    if meta is None:
+        return None
+    vae = vae if vae is not None else meta.get("vae")
+    return str(vae) if isinstance(vae, str) or hasattr(vae, "__fspath__") else None
+
+
+def folder_digest(folder):
+    """sha256 of a folder's files, names and contents (not those of its sub-folders): a VAE's config and weights."""
+    files = sorted(f for f in Path(folder).iterdir() if f.is_file())
+    return hashlib.sha256(json.dumps([(f.name, file_digest(f)) for f in files]).encode()).hexdigest()[:16]
+
+
+def fid_basis_now(cfg, dataset, data_path=None, image_size=None, input_size=None, vae=None):
     """The fid_basis an evaluation with cfg would measure against now, without a model (input_size: the model's,
-    for data in pixels without an image_size). Reads what an evaluation reads: a reference folder's file list."""
+    for data in pixels without an image_size; vae: the VAE folder given for latents, else the encode's). Reads what an
+    evaluation reads: a reference folder's file list, the VAE's files."""
     extractor, weights = check(cfg, dataset)
-    size = _image_size(image_size, input_size, _latent_meta(dataset, data_path))
-    return fid_basis(*real_sets(cfg, dataset, data_path, size), extractor, weights)
+    meta = _latent_meta(dataset, data_path)
+    size = _image_size(image_size, input_size, meta)
+    return fid_basis(*real_sets(cfg, dataset, data_path, size), extractor, weights, decoder_folder(vae, meta))
 
 
 def _checked(cfg, dataset, rank, world_size, device):

@@ -169,8 +169,9 @@ def check_measured_data(study, results=None):
 def check_fid_basis(study, results=None):
     """The FIDs in the rows of the study's trials (results: its results.parquet, loaded) must have been measured
     against what FID measures against now, while a trial of the study still measures new ones: a reference or held-out
-    folder, or the extractor's weights, rewritten in place keeps its path, which is what ids hash. Rows before
-    2026-12-05 name no basis. Returns warnings: what this machine cannot read now is not compared."""
+    folder, the extractor's weights or the VAE that decodes latents, rewritten in place keeps its path, which is what
+    ids hash. Rows before 2026-12-05 name no basis, and before 2026-12-07 no VAE. Returns warnings: what this machine
+    cannot read now is not compared."""
     import json
 
     from scaling.results import recorded_trials
@@ -196,24 +197,26 @@ def check_fid_basis(study, results=None):
         if not isinstance(recorded, dict):  # not written by the recorder: nothing to compare
             continue
         reads = {k: t.eval[k] for k in ("reference", "heldout", "fid_samples", "feature_extractor",
-                                        "feature_extractor_weights")}
+                                        "feature_extractor_weights", "vae")}
         key = json.dumps([t.data, t.model_config["input_size"], reads], sort_keys=True)
         if key not in now:
             try:
                 now[key] = json.loads(fid_basis_now(eval_config(t.to_dict(), study.output / "fid_cache"),
                                                     t.data["dataset"], t.data.get("path"), t.data.get("image_size"),
-                                                    t.model_config["input_size"]))
+                                                    t.model_config["input_size"], t.eval["vae"]))
             except (OSError, ValueError) as e:
                 now[key] = None
                 warnings.append(f"{study.path}: eval: what FID is measured against cannot be read here ({e}); the "
                                 f"FIDs in {study.output / 'results.parquet'} were not checked against it")
-        if now[key] is not None and recorded != now[key]:
-            changed[trial_id] = [k for k in ("reference", "heldout", "weights") if recorded.get(k) != now[key].get(k)]
+        # What the row recorded: a row from before the decoder was recorded (2026-12-07) is compared without it.
+        if now[key] is not None and recorded != {k: now[key].get(k) for k in recorded}:
+            changed[trial_id] = [k for k in ("reference", "heldout", "weights", "decoder")
+                                 if k in recorded and recorded[k] != now[key].get(k)]
     if changed:
         trial_id = next(iter(changed))
         t, what = ours[trial_id], changed[trial_id] or ["extractor"]
         setting = {"reference": "reference", "heldout": "heldout", "weights": "feature_extractor_weights",
-                   "extractor": "feature_extractor"}[what[0]]
+                   "extractor": "feature_extractor", "decoder": "vae"}[what[0]]
         files = "; ".join(_fid_files(t, part) for part in what)
         raise StudyError(f"{study.locate('eval.' + setting)}: eval.{setting}: what FID is measured against changed "
                          f"since trial(s) {', '.join(sorted(changed))} measured theirs ({files}), so their FIDs and "
@@ -236,6 +239,8 @@ def _fid_files(t, part):
         where = (f"eval.feature_extractor_weights at {ev['feature_extractor_weights']}"
                  if ev["feature_extractor_weights"] else f"the default weights of {ev['feature_extractor']}")
         return f"{where}: other contents"
+    if part == "decoder":
+        return f"eval.vae at {ev['vae']}, which decodes the samples: other files or contents"
     return f"eval.feature_extractor {ev['feature_extractor']}: another extractor"
 
 

@@ -393,6 +393,8 @@ def test_latents_are_decoded_through_the_vae_and_need_a_reference(tmp_path):
     result = evaluate(model, cfg, dataset="latents", data_path=latents, device="cpu", grid_path=tmp_path / "g.png")
     assert result["fid"] > 0 and result["fid_reference_samples"] == 30
     assert result["fid_floor"] is None and result["fid_floor_samples"] == 0  # no eval.heldout
+    # What it was measured against names the VAE that decoded it (meta.json's here), as the driver computes it.
+    assert json.loads(result["fid_basis"])["decoder"] == json.loads(fid_basis_now(cfg, "latents", latents))["decoder"]
     assert Image.open(tmp_path / "g.png").size == grid_size(2, 3, 8)
     assert (tmp_path / "g.png").read_bytes() == (tmp_path / "a.png").read_bytes()
 

@@ -2,6 +2,7 @@
 MLflow URI must name a store MLflow has, and the report folder must be one a report may replace; else exit 2 with
 nothing written."""
 import dataclasses
+import re
 import shutil
 import sqlite3
 
@@ -211,6 +212,65 @@ def test_fids_measured_against_files_rewritten_since_stop_the_study(tmp_path, ca
     assert snapshot(tmp_path) == before
     assert scaling_run.main([str(path), "--dry-run"]) == 0
     assert "warning: " + error.removeprefix("error: ") in capsys.readouterr().err
+
+
+def test_fids_decoded_by_a_vae_rewritten_since_stop_the_study(tmp_path, encode_tiny_latents, inception_weights):
+    # A latent study's samples are decoded by eval.vae before FID sees them: weights written again at its path kept
+    # the trials' ids and basis, and a resumed study mixed FIDs of two decoders.
+    import json
+    from datetime import datetime, timezone
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from core.digits import digits_arrays
+    from core.evaluate import fid_basis_now
+    from core.real_images import to_uint8
+    from scaling.ray_trial import eval_config
+    from scaling.results import load_results
+    from scaling.study import load_study
+    from test_data import save_tiny_vae
+    from test_evaluate import write_folder
+
+    encode_tiny_latents(tmp_path / "latents", 0)  # 16 images of 32 pixels as 4×4×4 latents, 2 classes
+    save_tiny_vae(tmp_path / "vae")
+    images, labels = digits_arrays("train")
+    write_folder(tmp_path / "real", to_uint8(torch.from_numpy(images[:20])), labels[:20])
+    out = tmp_path / "out"
+    path = write(tmp_path, BASE.replace("dataset: digits", f"dataset: latents\n  path: {tmp_path / 'latents'}")
+                 .replace("model: [DiT-P, DiT-N]", "model: [DiT-P]").replace("patch: [2, 4]", "patch: [2]")
+                 .replace("  fid_samples: 100\n", f"  fid_samples: 100\n  vae: {tmp_path / 'vae'}\n  reference: "
+                          f"{tmp_path / 'real'}\n  grid_images_per_class: 0\n  feature_extractor: inception-v3-compat\n"
+                          f"  feature_extractor_weights: {inception_weights}\n") + f"output: {out}\n")
+    study = load_study(path, check_data=False)
+
+    def rows(drop_decoder=False):
+        found = []
+        for t in study.trials:
+            basis = json.loads(fid_basis_now(eval_config(t.to_dict(), out / "fid_cache"), "latents", t.data["path"],
+                                             None, t.model_config["input_size"], t.eval["vae"]))
+            assert ("decoder" in basis) is True
+            if drop_decoder:  # as rows from before the decoder was recorded
+                del basis["decoder"]
+            found += [dict(study=study.name, trial_id=t.trial_id, model=t.model, step=t.milestones[0],
+                           max_step=t.train["max_steps"], status="ok", fid=30.0, fid_basis=json.dumps(basis),
+                           timestamp=datetime.now(timezone.utc), config_json=json.dumps(t.to_dict(), sort_keys=True))]
+        write_table(found, out / "results.parquet", RESULTS_SCHEMA)
+
+    out.mkdir()
+    rows()
+    assert scaling_run.check_fid_basis(study, load_results(out)) == []  # decoded by this very VAE
+    weights = next((tmp_path / "vae").glob("*.safetensors"))
+    state = load_file(weights)
+    first = next(iter(state))
+    save_file({**state, first: state[first] * 1.01}, weights)  # other weights at the same path
+    ids = ", ".join(sorted(t.trial_id for t in study.trials))
+    with pytest.raises(StudyError, match=re.escape(
+            f"eval.vae: what FID is measured against changed since trial(s) {ids} measured theirs (eval.vae at "
+            f"{tmp_path / 'vae'}, which decodes the samples: other files or contents)")):
+        scaling_run.check_fid_basis(study, load_results(out))
+    rows(drop_decoder=True)  # a row that recorded no decoder is compared without one: a resume goes on
+    assert scaling_run.check_fid_basis(study, load_results(out)) == []
 
 
 @pytest.mark.parametrize("case", ["finished", "fid off", "no basis", "malformed basis", "unreadable"])
