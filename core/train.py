@@ -539,6 +539,26 @@ def train(cfg, out_dir, milestones=(), callbacks=None, resume_from=None, checkpo
     shared_checkpoint_dir: whether all ranks write into one checkpoint_dir (torchrun) or each into
     its own (Ray workers, whose per-rank files Ray merges); decides who prunes old checkpoints.
     """
+    # ZeRO's optimizer is held by the gradient hooks it puts on the weights (DeepSpeed #5496): the engine, its weights,
+    # gradients and optimizer states outlived a run for good in a process that goes on (a benchmark's next
+    # configuration, whose peak GPU memory included them; a test session). destroy() removes the hooks, however the
+    # run ends.
+    engines = []
+    try:
+        metrics = _train(cfg, out_dir, milestones, callbacks, resume_from, checkpoint_dir, shared_checkpoint_dir,
+                         engines)
+    except BaseException:
+        for engine in engines:
+            with contextlib.suppress(Exception):  # the error in flight is the one to report
+                engine.destroy()
+        raise
+    for engine in engines:
+        engine.destroy()
+    return metrics
+
+
+def _train(cfg, out_dir, milestones, callbacks, resume_from, checkpoint_dir, shared_checkpoint_dir, engines):
+    """train()'s run; the DeepSpeed engine it makes is appended to engines."""
     callbacks = callbacks or Callbacks()
     out_dir = Path(out_dir)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else out_dir / "checkpoints"
@@ -580,6 +600,7 @@ def train(cfg, out_dir, milestones=(), callbacks=None, resume_from=None, checkpo
                                                                         cfg.max_steps))
     ds_config = deepspeed_config(cfg.batch_size, micro, cfg.grad_accum, cfg.zero_stage, cfg.precision, cfg.grad_clip)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    engines.append(engine)
     if world == 1 and cfg.zero_stage == 0:
         # One process: the gradient all-reduce would average each gradient with itself (DeepSpeed
         # skips it the same way when it has no communication backend). Stages 1-3 reduce into
@@ -721,10 +742,6 @@ def train(cfg, out_dir, milestones=(), callbacks=None, resume_from=None, checkpo
             callbacks.on_checkpoint(trial, path, {**metrics, "step": step})
             if rank == 0 or not shared_checkpoint_dir:  # only rank 0 writes the trainer state that marks a checkpoint
                 ckpt.prune_checkpoints(checkpoint_dir, cfg.keep_checkpoints, marked=rank == 0)
-    # ZeRO's optimizer is held by the gradient hooks it puts on the weights (DeepSpeed #5496): the engine, its weights,
-    # gradients and optimizer states outlived train() for good in a process that goes on (a benchmark's next
-    # configuration, whose peak GPU memory included them; a test session). destroy() removes the hooks.
-    engine.destroy()
     return metrics
 
 

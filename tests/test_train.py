@@ -845,8 +845,18 @@ def test_a_finished_runs_engine_and_its_states_do_not_outlive_it(tmp_path):
             self.engine = weakref.ref(trial.engine)
             self.optimizer = weakref.ref(trial.engine.optimizer)
 
+    class FailsAfterItsFirstLog(KeepsAWeakReference):
+        def on_log(self, trial, metrics):
+            super().on_log(trial, metrics)
+            raise RuntimeError("a callback's failure")
+
     for stage in (0, 2):
         seen = KeepsAWeakReference()
         train(tiny_config(zero_stage=stage, max_steps=2, val_batch=0), tmp_path / f"zero-{stage}", callbacks=seen)
         gc.collect()
         assert seen.engine() is None and seen.optimizer() is None, stage
+    failing = FailsAfterItsFirstLog()  # a run that ends in an error frees them too
+    with pytest.raises(RuntimeError, match="^a callback's failure$"):
+        train(tiny_config(zero_stage=2, max_steps=2, val_batch=0), tmp_path / "failed", callbacks=failing)
+    gc.collect()  # the error, its traceback and the frames it held are gone
+    assert failing.engine() is None and failing.optimizer() is None
