@@ -608,8 +608,8 @@ def write_latent_folder(out_dir, write_shards, meta):
         try:
             starting.mkdir()
             with contextlib.suppress(OSError):  # unlockable storage: this encode is then left to be removed by hand
-                lock = lock_folder(starting)  # a later encode knows new is not abandoned (None: no clean-up reads it)
-                if lock is not None:
+                lock = lock_folder(starting)  # a later encode knows new is not abandoned
+                if lock is not None:  # (a folder just made is locked by no one else: no clean-up reads its name)
                     held.callback(os.close, lock)
             os.rename(starting, new)
             shards, latent_shape = write_shards(new)

@@ -719,7 +719,7 @@ def _run_trials(study, build_report, report_dir, began, capacity, nodes):
             # named there again, and does it again.
             _write_atomic(out / "study.yaml", study.resolved_yaml())
     except BaseException as e:
-        # A Ctrl-C, SIGTERM or MLflow's error while the runs are made or caught up (an MLflow call or more a trial):
+        # A Ctrl-C, SIGTERM or MLflow's error while the runs are made or caught up (an MLflow call or more per trial):
         # the study's run, marked RUNNING as the tracker opened it, says it stopped.
         tracker.finish(tracker.parent_run_id, "FAILED" if interruption(e) is None else "KILLED")
         warn_unlogged(tracker, out)  # queued where the server is away: the replay ends the run
