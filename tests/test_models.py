@@ -46,9 +46,8 @@ def test_guiding_every_channel_differs_only_in_channel_three(reference, referenc
     assert torch.equal(full[:3, :4], full[3:, :4])
 
 
-def test_guidance_never_reaches_the_variance_channels_of_a_model_with_fewer_noise_channels():
-    # The default guided_channels=3 is the paper's, for 4 latent channels; a 1-channel model (the digits)
-    # has its variance in channel 1, which guidance must leave as the model predicted it.
+def guided_batch():
+    """A DiT-P/2 with outputs to guide, and a guided batch for it: two images, conditional, then null (class 10)."""
     from core.models import DiT, model_config
 
     torch.manual_seed(0)
@@ -56,7 +55,13 @@ def test_guidance_never_reaches_the_variance_channels_of_a_model_with_fewer_nois
     for p in model.parameters():  # adaLN-Zero starts every output at 0: give the outputs something to guide
         torch.nn.init.normal_(p, std=0.05)
     x = torch.randn(2, 1, 8, 8).repeat(2, 1, 1, 1)
-    t, y = torch.tensor([500] * 4), torch.tensor([3, 7, 10, 10])
+    return model, x, torch.tensor([500] * 4), torch.tensor([3, 7, 10, 10])
+
+
+def test_guidance_never_reaches_the_variance_channels_of_a_model_with_fewer_noise_channels():
+    # The default guided_channels=3 is the paper's, for 4 latent channels; a 1-channel model (the digits)
+    # has its variance in channel 1, which guidance must leave as the model predicted it.
+    model, x, t, y = guided_batch()
     with torch.no_grad():
         plain = model(x, t, y)
         guided = model.forward_with_cfg(x, t, y, 4.0)
@@ -194,12 +199,7 @@ def test_an_input_of_the_wrong_shape_is_named(shape):
 def test_guidance_under_bf16_autocast_is_combined_in_fp32():
     # uncond + s·(cond - uncond) in bf16 rounds to 8 bits of mantissa and s multiplies the error: the reference samples
     # in fp32, so the guided output is combined (and returned) in fp32 from the bf16 model outputs.
-    torch.manual_seed(0)
-    model = DiT(**model_config("DiT-P/2")).eval()
-    for p in model.parameters():  # adaLN-Zero starts every output at 0: give the outputs something to guide
-        torch.nn.init.normal_(p, std=0.05)
-    x = torch.randn(2, 1, 8, 8).repeat(2, 1, 1, 1)
-    t, y = torch.tensor([500] * 4), torch.tensor([3, 7, 10, 10])
+    model, x, t, y = guided_batch()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         plain = model(x, t, y)
         guided = model.forward_with_cfg(x, t, y, 4.0)

@@ -44,6 +44,16 @@ def study(tmp_path, empty_store):
     return study
 
 
+@pytest.fixture
+def clock(monkeypatch):
+    """The recorder's clock, which the test sets: [seconds]. Its own module's time only (MLflow's stays the real one)."""
+    from scaling import recorder as recorder_module
+
+    now = [1000.0]
+    monkeypatch.setattr(recorder_module, "time", SimpleNamespace(time=lambda: now[0]))
+    return now
+
+
 def recorder(study):
     """The driver's recorder of the study, over a real MLflow store beside its output (the runs found again when the
     study runs again, as the driver's are)."""
@@ -293,12 +303,9 @@ def test_a_trial_rerun_in_the_same_driver_after_its_failure_was_reported_ends_ok
     assert run.data.tags["dit_scaling.status"] == "ok" and run.info.status == "FINISHED"
 
 
-def test_a_diverged_trials_teardown_counts_from_its_end_report(study, monkeypatch):
+def test_a_diverged_trials_teardown_counts_from_its_end_report(study, clock):
     # Counted from its last log or milestone report: the training up to the divergence was taken for teardown.
-    from scaling import recorder as recorder_module
-
-    now = [1000.0]
-    monkeypatch.setattr(recorder_module.time, "time", lambda: now[0])
+    now = clock
     rec, t = recorder(study), study.trials[0]
     rec.on_trial_start(0, [], tune_trial(t))
     rec.on_trial_result(0, [], tune_trial(t), milestone(10))
@@ -589,13 +596,10 @@ def test_rows_of_a_trial_whose_latents_moved_name_where_they_are_now(tmp_path):
     assert trial_run(rec, t).data.tags["dit_scaling.data_path"] == str(tmp_path / "there")
 
 
-def test_start_up_counts_from_the_slot_coming_free_not_from_tunes_trial_start(study, monkeypatch):
+def test_start_up_counts_from_the_slot_coming_free_not_from_tunes_trial_start(study, clock):
     # Tune's on_trial_start comes once the trial's actor is up: a study's first trials each spent about 2 s (the AVX2
     # box) starting theirs before the clock began, and "scheduled -> first step" left that out.
-    from scaling import recorder as recorder_module
-
-    now = [1000.0]
-    monkeypatch.setattr(recorder_module.time, "time", lambda: now[0])
+    now = clock
     rec, t = recorder(study), study.trials[0]
     second = dataclasses.replace(t, trial_id="second")
     rec.trials["second"] = second
@@ -614,13 +618,10 @@ def test_start_up_counts_from_the_slot_coming_free_not_from_tunes_trial_start(st
     assert rec.overhead["second"]["startup_s"] == pytest.approx(3.0)
 
 
-def test_the_overhead_summary_counts_the_trials_whose_start_up_was_measured(study, monkeypatch):
+def test_the_overhead_summary_counts_the_trials_whose_start_up_was_measured(study, clock):
     # A trial that diverged before its first report has a teardown (from its end report) but no start-up: it was
     # counted in "median of N" with nothing of it in the start-up median, and its teardown in the other.
-    from scaling import recorder as recorder_module
-
-    now = [1000.0]
-    monkeypatch.setattr(recorder_module.time, "time", lambda: now[0])
+    now = clock
     rec, t = recorder(study), study.trials[0]
     diverged = dataclasses.replace(t, trial_id="diverged")
     rec.trials["diverged"] = diverged
