@@ -313,9 +313,24 @@ def parse_value(text, where="--set"):
             return None
         _check_expansion(node, lambda _: where, "the value")
         _check_keys(node, where, set())
-        return loader.construct_document(node)
+        try:
+            return loader.construct_document(node)
+        except CONSTRUCTION_ERRORS as err:
+            raise StudyError(f"{where}: {_unconstructible(err)}") from None
     finally:
         loader.dispose()
+
+
+# What PyYAML's constructors raise for a value its resolver took for a date, a number or a tag's type but that is
+# none (`2024-02-30`, `0x_`, `!!int abc`, `!!int [1]`): not YAMLError, and with no line to give.
+CONSTRUCTION_ERRORS = (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError)
+
+
+def _unconstructible(err):
+    """The message for a value PyYAML cannot construct (CONSTRUCTION_ERRORS)."""
+    reason = " ".join(f"{type(err).__name__}: {err}".split())
+    return (f"a value cannot be read as the type YAML takes it for ({reason}); quote it to have it read as text, or "
+            "write it as that type")
 
 
 def _check_keys(node, where, seen):
@@ -361,6 +376,8 @@ def _read_yaml(path):
             tree = None if node is None else loader.construct_document(node)
         finally:
             loader.dispose()
+    except CONSTRUCTION_ERRORS as err:
+        raise StudyError(f"{path}: not a YAML file: {_unconstructible(err)}") from None
     except RecursionError:  # PyYAML reads nested values recursively: thousands of brackets deep
         raise StudyError(f"{path}: not a YAML file: its values nest too deeply to read") from None
     except yaml.MarkedYAMLError as err:
@@ -614,7 +631,15 @@ def _resolve_paths(raw, study_dir, where):
 
 
 def _expanded(path, where, key_path):
-    """Path(path) with a leading ~ or ~user expanded; a user without a home folder here is the field's error."""
+    """Path(path) with a leading ~ or ~user expanded; a user without a home folder here, or a name no file system
+    holds (a NUL, text that is not the file system's encoding), is the field's error."""
+    try:
+        os.fsencode(path)
+        if "\0" in str(path):
+            raise ValueError("embedded null byte")
+    except (ValueError, UnicodeError):  # a traceback later, where the path is first used
+        raise where.error(key_path, f"{path!r}: not a file name (a NUL, or characters the file system cannot "
+                                    "hold)") from None
     try:
         return Path(path).expanduser()
     except RuntimeError:  # pathlib's "Could not determine home directory."

@@ -579,6 +579,23 @@ BAD = {
                              "YAML: 1:30 is YAML 1.1's base-60 number 90; write it without :, or quote it for text"),
     "a base-60 number": (BASE, ["train.lr=1:30.5"], "--set train.lr=1:30.5: train.lr: the value is not YAML: 1:30.5 is "
                          "YAML 1.1's base-60 number 90.5; write it without :, or quote it for text"),
+    # Values YAML's resolver takes for a date, a number or a tag's type that are none: a ValueError, TypeError or
+    # AttributeError from PyYAML's constructors, as a traceback.
+    "an impossible date": (edit("name: tiny", "name: 2024-02-30"), [], "{f}: not a YAML file: a value cannot be read "
+                           "as the type YAML takes it for (ValueError: day is out of range for month); quote it to "
+                           "have it read as text, or write it as that type"),
+    "a tagged value of another type": (edit("batch_size: 32", "batch_size: !!int [1]"), [], "{f}: not a YAML file: a "
+                                       "value cannot be read as the type YAML takes it for (AttributeError: 'list' "
+                                       "object has no attribute 'lstrip'); quote it to have it read as text, or "
+                                       "write it as that type"),
+    "an impossible date set": (BASE, ["name=2024-02-30"], "--set name=2024-02-30: name: a value cannot be read as the "
+                               "type YAML takes it for (ValueError: day is out of range for month); quote it to have "
+                               "it read as text, or write it as that type"),
+    # A NUL, or a lone surrogate, in a path: a ValueError or UnicodeEncodeError where the path is first used.
+    "a NUL in a path": (BASE, ['output="/tmp/a\\0b"'], "--set output=\"/tmp/a\\0b\": output: '/tmp/a\\x00b': not a "
+                        "file name (a NUL, or characters the file system cannot hold)"),
+    "a NUL after ~user": (BASE, ['output="~a\\0b/x"'], "--set output=\"~a\\0b/x\": output: '~a\\x00b/x': not a file "
+                          "name (a NUL, or characters the file system cannot hold)"),
     "a year for a name": (BASE, ["name=2024"], "--set name=2024: name: expected a name of letters, digits, '_', '.' "
                           "and '-', got 2024 (YAML read it as an integer: quote it)"),
     "steps and compute": (edit("  steps:", "  compute: [1e12]\n  steps:"), [],
