@@ -621,6 +621,7 @@ def _resolve_paths(raw, study_dir, where):
         if raw[section][key] is not None:
             raw[section][key] = str(study_dir / _expanded(raw[section][key], where, (section, key)))
     raw["output"] = str(_expanded(raw["output"] or f"outputs/{raw['name']}", where, ("output",)).absolute())
+    _check_output_outside_data(raw, where)
     tracking = raw["tracking"]
     uri = tracking["mlflow_uri"] or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{raw['output']}/mlflow.db"
     named_by = "" if tracking["mlflow_uri"] else " (MLFLOW_TRACKING_URI)"
@@ -628,6 +629,25 @@ def _resolve_paths(raw, study_dir, where):
         raise where.error(("tracking", "mlflow_uri"), f"{uri}{named_by}: {problem}")
     tracking["mlflow_uri"] = _absolute_sqlite(uri, where)
     tracking["experiment"] = tracking["experiment"] or raw["name"]
+
+
+def _check_output_outside_data(raw, where):
+    """The output must not be, or be in, a folder the study reads images from: an image folder would take it for a
+    class of images (every trial refused the data as the run made the output), a reference folder would put the
+    study's sample grids among FID's real images, and an encode into a latent folder replaces the folder whole."""
+    try:
+        output = Path(os.path.realpath(raw["output"]))  # through links, as far as the folders exist
+        folders = {(section, key): Path(os.path.realpath(raw[section][key]))
+                   for section, key in (("data", "path"), ("eval", "reference"), ("eval", "heldout"))
+                   if raw[section][key] is not None}
+    except OSError:  # a link that may not be read (someone else's folder): the checks of each path name it
+        return
+    for (section, key), real in folders.items():
+        folder = raw[section][key]
+        if output.is_relative_to(real):
+            where_in = "" if output == real else "in "
+            raise where.error(("output",), f"{raw['output']} is {where_in}{section}.{key} {folder}, which the study "
+                                           "reads images from; give an output outside it")
 
 
 def _expanded(path, where, key_path):

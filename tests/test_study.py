@@ -950,6 +950,28 @@ def test_an_architecture_field_at_its_presets_value_is_no_override(tmp_path):
                               f"of DiT-P/2 ({plain[0].trial_id}: depth 2 is its preset's), which runs once"]
 
 
+@pytest.mark.parametrize("setting", ["data.path", "eval.reference", "eval.heldout"])
+def test_an_output_in_a_folder_the_study_reads_images_from_is_refused(tmp_path, setting):
+    # In an image folder the run made the output, a class folder of no images: every trial failed on the data, and
+    # the study then refused itself. In a reference folder the study's sample grids would be FID's real images.
+    from PIL import Image
+
+    images = tmp_path / "images"
+    (images / "a").mkdir(parents=True)
+    for k in range(2):
+        Image.new("RGB", (8, 8)).save(images / "a" / f"{k}.png")
+    dataset = (["data.dataset=imagefolder", "data.image_size=8", "eval.fid=false", "train.batch_size=4"]
+               if setting == "data.path" else [])
+    for output, relation in ((images / "out", "in "), (images, ""), (tmp_path / "link" / "out", "in ")):
+        (tmp_path / "link").unlink(missing_ok=True)
+        (tmp_path / "link").symlink_to(images)  # the same folder through a link
+        with pytest.raises(StudyError, match=re.escape(
+                f"--set output={output}: output: {output} is {relation}{setting} {images}, which the study reads "
+                "images from; give an output outside it")):
+            load(tmp_path, overrides=[*dataset, f"{setting}={images}", f"output={output}"])
+    assert load(tmp_path, overrides=[*dataset, f"{setting}={images}", f"output={tmp_path / 'out'}"]).trials
+
+
 @pytest.mark.parametrize("case", BAD)
 def test_bad_input(tmp_path, case):
     text, overrides, message = BAD[case]
