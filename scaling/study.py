@@ -191,7 +191,8 @@ SCHEMA = {
         "compile": (False, boolean),
         "grad_checkpointing": (False, boolean),
         "fused_adamw": (None, optional(boolean)),  # null: fused AdamW; false: torch's default implementation
-        "num_workers": (4, integer(at_least=0)),  # data-loading processes per worker (image folders)
+        # Data-loading processes per worker (image folders); a thousand and more would each be a process of its own.
+        "num_workers": (4, integer(at_least=0, at_most=1024)),
         "peak_tflops": (None, optional(number(above=0))),  # per-process hardware peak, for utilisation
         "hidden_size": (None, optional(integer(at_least=1))),
         "depth": (None, optional(integer(at_least=1))),
@@ -200,7 +201,9 @@ SCHEMA = {
     },
     "eval": {
         "fid": (True, boolean),
-        "fid_samples": (1000, integer(at_least=2)),  # FID needs a covariance: 2 images at least
+        # FID needs a covariance: 2 images at least; at most 10M (the paper's is 50K): each is sampled and held in
+        # memory, and past about 2**63 the labels' draw overflowed at the first milestone, after the training.
+        "fid_samples": (1000, integer(at_least=2, at_most=10_000_000)),
         "feature_extractor": ("digits", choice("digits", "inception-v3-compat")),
         "feature_extractor_weights": (None, optional(text)),
         "sampler": ("ddim", choice("ddim", "ddpm")),
@@ -211,7 +214,7 @@ SCHEMA = {
         "cfg_scale": (1.0, number(at_least=0)),  # 1.0: no guidance
         "guided_channels": (3, optional(integer(at_least=1))),  # null: every noise channel
         "vae": (None, optional(text)),  # a local diffusers AutoencoderKL, to decode latents
-        "grid_images_per_class": (4, integer(at_least=0)),
+        "grid_images_per_class": (4, integer(at_least=0, at_most=1000)),  # one PNG: a thousand a row at most
         # Real images for FID (an image folder); default: the training data, which latents cannot be: they need one.
         "reference": (None, optional(text)),
         # Held-out real images for the FID noise floor (an image folder); digits: the held-out split.

@@ -596,6 +596,14 @@ BAD = {
                         "file name (a NUL, or characters the file system cannot hold)"),
     "a NUL after ~user": (BASE, ['output="~a\\0b/x"'], "--set output=\"~a\\0b/x\": output: '~a\\x00b/x': not a file "
                           "name (a NUL, or characters the file system cannot hold)"),
+    # No upper bound: accepted, and the first milestone (after the training) overflowed or built a list of 1e20 seeds.
+    "FID of more images than any study samples": (BASE, ["eval.fid_samples=100000000000000000000"],
+                                                  "--set eval.fid_samples=100000000000000000000: eval.fid_samples: "
+                                                  "must be <= 10000000, got 100000000000000000000"),
+    "a grid beyond any PNG": (BASE, ["eval.grid_images_per_class=1001"], "--set eval.grid_images_per_class=1001: "
+                              "eval.grid_images_per_class: must be <= 1000, got 1001"),
+    "a process per data item": (BASE, ["train.num_workers=100000"], "--set train.num_workers=100000: "
+                                "train.num_workers: must be <= 1024, got 100000"),
     "a year for a name": (BASE, ["name=2024"], "--set name=2024: name: expected a name of letters, digits, '_', '.' "
                           "and '-', got 2024 (YAML read it as an integer: quote it)"),
     "steps and compute": (edit("  steps:", "  compute: [1e12]\n  steps:"), [],
