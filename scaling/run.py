@@ -141,14 +141,24 @@ def check_results(study):
         except (ValueError, OSError) as e:
             raise unreadable(e) from None
     store = sqlite_store(study.raw["tracking"]["mlflow_uri"])
-    if store is not None and store.exists():
+
+    def store_problem(reason):  # the store's own field, not the output's (it may lie elsewhere)
+        where = study.locate("tracking.mlflow_uri") if study.given("tracking.mlflow_uri") else study.locate("output")
+        field = "tracking.mlflow_uri" if study.given("tracking.mlflow_uri") else "output"
+        return StudyError(f"{where}: {field}: {store}: {reason}; mend it, or move it away to start the study afresh")
+
+    try:
+        present = store is not None and store.exists()
+    except OSError as e:  # a name too long, a folder on the way that cannot be entered
+        raise store_problem(e.strerror) from None
+    if present:
         import sqlite3
 
         try:
             with contextlib.closing(sqlite3.connect(f"{store.as_uri()}?mode=ro", uri=True)) as db:
                 db.execute("PRAGMA schema_version").fetchone()  # reads the header: fails on anything else
         except sqlite3.Error as e:
-            raise unreadable(f"{store}: not an SQLite database ({e})") from None
+            raise store_problem(f"not an SQLite database ({e})") from None
     return records
 
 

@@ -64,6 +64,20 @@ def test_damaged_records_of_a_study_to_resume(tmp_path, capsys, damage):
     assert snapshot(tmp_path) == before
 
 
+def test_a_given_store_that_cannot_be_read_is_named_by_its_own_field(tmp_path, capsys):
+    # It was named as the output (whose line it gave), and a name too long for the file system was a traceback.
+    other = tmp_path / "other.db"
+    other.write_bytes(b"not a database, though long enough to have a header: " * 4)
+    too_long = tmp_path / ("a" * 300) / "mlflow.db"
+    for store, reason in ((other, "not an SQLite database (file is not a database)"), (too_long, "File name too long")):
+        shutil.rmtree(tmp_path / "out", ignore_errors=True)
+        path, out = study_with_output(tmp_path, f"tracking:\n  mlflow_uri: sqlite:///{store}\n")
+        assert scaling_run.main([str(path), "--dry-run"]) == 2
+        err = capsys.readouterr().err
+        line = next(n for n, text in enumerate(path.read_text().splitlines(), 1) if "mlflow_uri:" in text)
+        assert err.startswith(f"error: {path}:{line}: tracking.mlflow_uri: {store}: {reason}"), err
+
+
 def test_readable_records_pass(tmp_path, capsys):
     path, out = study_with_output(tmp_path)
     pq.write_table(pa.table({"trial_id": ["x"], "step": [1]}), out / "loss_curves.parquet")
