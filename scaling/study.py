@@ -523,6 +523,8 @@ def _apply_override(tree, item, where):
     key = key.strip()
     if not sep or not key:
         raise StudyError(f"--set {item}: expected key=value, e.g. --set train.lr=3e-4")
+    if "" in key.split("."):  # `train.=1` replaced the whole train section
+        raise StudyError(f"--set {item}: {key}: a key of dotted names, none empty, e.g. --set train.lr=3e-4")
     if not value_text.strip():  # YAML reads nothing as null: `--set output=$OUT` with OUT unset took the default
         default = f"{key}=null gives the default" if _defaults_to_null(_key_path(key)) else "give one"
         raise StudyError(f"--set {item}: {key}: no value (an unset shell variable?); {default}")
@@ -671,10 +673,11 @@ def _expanded(path, where, key_path):
 
 def _sqlite_problem(uri):
     """Why a SQLite tracking URI cannot keep a study's runs (None if it can): no file, or one in memory."""
-    file = uri[len("sqlite:///"):].partition("?")[0] if uri.startswith("sqlite:///") else None
+    file, _, query = uri[len("sqlite:///"):].partition("?") if uri.startswith("sqlite:///") else (None, "", "")
     if uri == "sqlite://" or file == "":
         return "names no file; give one, e.g. sqlite:////absolute/path/mlflow.db"
-    if file == ":memory:":
+    # SQLite's URI filenames name memory too: file::memory:, file:name?mode=memory.
+    if file == ":memory:" or (file.startswith("file:") and (file == "file::memory:" or "mode=memory" in query)):
         return "an in-memory store is lost when the driver ends, and Ray's workers cannot reach it; give a file"
     return None
 

@@ -708,6 +708,9 @@ BAD = {
                  "or ']', but got ':'"),
     "empty file": ("# nothing\n", [], "{f}: the study file is empty"),
     "--set without =": (BASE, ["foo"], "--set foo: expected key=value, e.g. --set train.lr=3e-4"),
+    # It replaced the whole train section ("train: expected a mapping of fields, got 1").
+    "--set of an empty key name": (BASE, ["train.=1"], "--set train.=1: train.: a key of dotted names, none empty, e.g. "
+                                   "--set train.lr=3e-4"),
     "warm-up longer than a run": (BASE, ["train.warmup_steps=11"], "--set train.warmup_steps=11: "
                                   "train.warmup_steps: 11 is longer than the shortest run, DiT-P/2's 10 steps: its lr "
                                   "would never reach train.lr; shorten the warm-up or drop the short step counts"),
@@ -1127,7 +1130,13 @@ def test_a_store_of_no_file_or_in_memory_and_a_home_that_is_not_here_are_the_fie
     for uri, problem in (("sqlite:///", "names no file; give one, e.g. sqlite:////absolute/path/mlflow.db"),
                          ("sqlite://", "names no file; give one, e.g. sqlite:////absolute/path/mlflow.db"),
                          ("sqlite:///:memory:", "an in-memory store is lost when the driver ends, and Ray's workers "
-                                                "cannot reach it; give a file")):
+                                                "cannot reach it; give a file"),
+                         # SQLite's URI filenames of memory, which it accepted
+                         ("sqlite:///file::memory:?cache=shared", "an in-memory store is lost when the driver ends, "
+                                                                  "and Ray's workers cannot reach it; give a file"),
+                         ("sqlite:///file:runs?mode=memory&cache=shared", "an in-memory store is lost when the driver "
+                                                                          "ends, and Ray's workers cannot reach it; "
+                                                                          "give a file")):
         with pytest.raises(StudyError) as err:
             load(tmp_path, overrides=[f"tracking.mlflow_uri='{uri}'"])  # quoted: YAML reads a final ':' as a mapping
         assert str(err.value) == f"--set tracking.mlflow_uri='{uri}': tracking.mlflow_uri: {uri}: {problem}"
