@@ -677,7 +677,7 @@ def _sqlite_problem(uri):
     if uri == "sqlite://" or file == "":
         return "names no file; give one, e.g. sqlite:////absolute/path/mlflow.db"
     # SQLite's URI filenames name memory too: file::memory:, file:name?mode=memory.
-    if file == ":memory:" or (file.startswith("file:") and (file == "file::memory:" or "mode=memory" in query)):
+    if file == ":memory:" or (file or "").startswith("file:") and (file == "file::memory:" or "mode=memory" in query):
         return "an in-memory store is lost when the driver ends, and Ray's workers cannot reach it; give a file"
     return None
 
@@ -875,8 +875,17 @@ def _check_eval(raw, info, where, check_data, warnings):
         raise where.error(("eval", "cfg_scale"), f"guidance ({ev['cfg_scale']}) needs the null class, which "
                                                  f"train.class_dropout_prob 0 never trains; use cfg_scale 1")
     # Every swept chain, as each trial samples with its own and would fail only after training.
-    chains = raw["sweep"].get("train.diffusion_steps") or [raw["train"]["diffusion_steps"]]
+    swept = raw["sweep"].get("train.diffusion_steps")
+    chains = swept or [raw["train"]["diffusion_steps"]]
+    steps_given = any(("eval", "sampling_steps") == k for k in (*where.lines, *where.overrides))
     for chain in chains:
+        # A default sampling_steps (no line of its own) is named where the chain was written.
+        refused = ev["sampling_steps"] > chain or ev["sampler"] == "ddim" and chain % ev["sampling_steps"]
+        if refused and not steps_given:
+            raise where.error(("sweep", "train.diffusion_steps") if swept else ("train", "diffusion_steps"),
+                              f"{chain} steps: {ev['sampler'].upper()} cannot sample eval.sampling_steps's "
+                              f"{ev['sampling_steps']} (its default) from them; set eval.sampling_steps to "
+                              + ("at most the chain's steps" if ev["sampling_steps"] > chain else "a divisor of them"))
         if ev["sampling_steps"] > chain:  # first: DDIM's divisibility message would hide the reason
             raise where.error(("eval", "sampling_steps"), f"{ev['sampling_steps']} is more than "
                                                           f"train.diffusion_steps ({chain})")

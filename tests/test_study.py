@@ -708,6 +708,11 @@ BAD = {
                  "or ']', but got ':'"),
     "empty file": ("# nothing\n", [], "{f}: the study file is empty"),
     "--set without =": (BASE, ["foo"], "--set foo: expected key=value, e.g. --set train.lr=3e-4"),
+    # eval.sampling_steps at its default was named, with no line, for the chain written elsewhere.
+    "a chain the default sampling steps do not fit": (edit("  lr: 1.0e-3\n", "  diffusion_steps: 30\n"), [],
+                                                     "{f}:10: train.diffusion_steps: 30 steps: DDIM cannot sample "
+                                                     "eval.sampling_steps's 50 (its default) from them; set "
+                                                     "eval.sampling_steps to at most the chain's steps"),
     # It replaced the whole train section ("train: expected a mapping of fields, got 1").
     "--set of an empty key name": (BASE, ["train.=1"], "--set train.=1: train.: a key of dotted names, none empty, e.g. "
                                    "--set train.lr=3e-4"),
