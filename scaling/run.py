@@ -28,7 +28,7 @@ from scaling.continuation import continue_recorded_runs
 # Outside Tune's loop (else: below).
 from scaling.sigterm import Terminated, interruption, ray_exit_as_terminated, sigterm_interrupts
 from scaling.study import (StudyError, cached_inception_weights, check_cluster, eval_files_read, launch_order, load_study,
-                           max_concurrent_trials, workers_per_node)
+                           max_concurrent_trials, sqlite_parts, workers_per_node)
 from scaling.trial_storage import checkpoints_held, ray_storage
 
 EXIT_OK, EXIT_TRIALS_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -266,7 +266,8 @@ def mlflow_ui_command(uri):
 
 def sqlite_store(uri):
     """The file of an MLflow `sqlite:///` URI (its query left out: `?timeout=30`), else None."""
-    return Path(uri[len("sqlite:///"):].partition("?")[0]) if uri.startswith("sqlite:///") else None
+    parts = sqlite_parts(uri)
+    return Path(parts[0]) if parts is not None else None
 
 
 def moved_store(uri, ran_in, output):

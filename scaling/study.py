@@ -671,9 +671,21 @@ def _expanded(path, where, key_path):
         raise where.error(key_path, f"{path}: {str(path).split('/')[0]} has no home folder on this machine") from None
 
 
+SQLITE_PREFIX = "sqlite:///"
+
+
+def sqlite_parts(uri):
+    """(file, query) of a `sqlite:///FILE?QUERY` tracking URI, as written (relative, or a URI filename); None if the URI
+    is not one."""
+    if not uri.startswith(SQLITE_PREFIX):
+        return None
+    file, _, query = uri[len(SQLITE_PREFIX):].partition("?")
+    return file, query
+
+
 def _sqlite_problem(uri):
     """Why a SQLite tracking URI cannot keep a study's runs (None if it can): no file, or one in memory."""
-    file, _, query = uri[len("sqlite:///"):].partition("?") if uri.startswith("sqlite:///") else (None, "", "")
+    file, query = sqlite_parts(uri) or (None, "")
     if uri == "sqlite://" or file == "":
         return "names no file; give one, e.g. sqlite:////absolute/path/mlflow.db"
     # SQLite's URI filenames name memory too: file::memory:, file:name?mode=memory.
@@ -685,11 +697,11 @@ def _sqlite_problem(uri):
 def _absolute_sqlite(uri, where):
     """A `sqlite:///relative/path` URI made absolute against the working directory, as the output is: SQLAlchemy reads
     it against whichever directory a process runs in (a replay's, `ray job submit`'s temporary one)."""
-    prefix = "sqlite:///"
-    path, sep, query = uri[len(prefix):].partition("?")
-    if not uri.startswith(prefix) or not path or path.startswith((":", "/")) or path.startswith("file:"):
+    path, query = sqlite_parts(uri) or ("", "")
+    if not path or path.startswith((":", "/")) or path.startswith("file:"):
         return uri  # not SQLite, absolute, or a URI filename
-    return f"{prefix}{_expanded(path, where, ('tracking', 'mlflow_uri')).absolute()}{sep}{query}"
+    absolute = _expanded(path, where, ("tracking", "mlflow_uri")).absolute()
+    return f"{SQLITE_PREFIX}{absolute}" + (f"?{query}" if "?" in uri else "")
 
 
 #################################################################################

@@ -21,20 +21,23 @@ def passed_milestones_message(trial, milestones, step, storage):
             f"delete {Path(storage) / train_run_name(trial['trial_id'])} to train it again from step 0")
 
 
-def checkpoints_held(output, trial_id):
-    """How many checkpoints a trial's Train run holds in storage (those with their trainer state: complete)."""
+def _trainer_states(output, trial_id):
+    """The trainer-state files of the checkpoints a trial's Train run holds in storage (one a checkpoint: complete)."""
     from core.checkpoint import STATE_FILE
 
-    return sum(1 for _ in (ray_storage(output) / train_run_name(trial_id)).glob(f"*/{STATE_FILE}"))
+    return (ray_storage(output) / train_run_name(trial_id)).glob(f"*/{STATE_FILE}")
+
+
+def checkpoints_held(output, trial_id):
+    """How many checkpoints a trial's Train run holds in storage."""
+    return sum(1 for _ in _trainer_states(output, trial_id))
 
 
 def checkpoint_step(output, trial_id):
     """The highest step of the checkpoints a trial's Train run holds in storage, 0 if none: a re-run of the trial
     resumes from it or, after a persist cut short that Ray never registered, from an earlier one, never a later."""
-    from core.checkpoint import STATE_FILE
-
     steps = [0]
-    for state in (ray_storage(output) / train_run_name(trial_id)).glob(f"*/{STATE_FILE}"):
+    for state in _trainer_states(output, trial_id):
         try:
             steps.append(int(json.loads(state.read_text())["step"]))
         except (OSError, ValueError, KeyError, TypeError):  # a folder cut short: Ray never registered it
