@@ -41,18 +41,25 @@ def _kind(value):
             dict: "a mapping", type(None): "null"}.get(type(value), type(value).__name__)
 
 
+def _shown(value):
+    """A value as YAML writes it (null, true), not as Python's repr (None, True)."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    return repr(value)
+
+
 def _check_range(value, at_least=None, above=None, below=None, at_most=None):
     for bound, ok, sign in ((at_least, lambda b: value >= b, ">="), (above, lambda b: value > b, ">"),
                             (below, lambda b: value < b, "<"), (at_most, lambda b: value <= b, "<=")):
         if bound is not None and not ok(bound):
-            raise _Invalid(f"must be {sign} {bound}, got {value!r}")
+            raise _Invalid(f"must be {sign} {bound}, got {_shown(value)}")
 
 
 def integer(**bounds):
     """An int (not a bool) within bounds."""
     def check(value):
         if isinstance(value, bool) or not isinstance(value, int):
-            raise _Invalid(f"expected an integer, got {value!r}")
+            raise _Invalid(f"expected an integer, got {_shown(value)}")
         _check_range(value, **bounds)
         return value
     return check
@@ -62,7 +69,7 @@ def number(**bounds):
     """A finite float within bounds; ints are accepted and made floats so that 1 and 1.0 hash alike."""
     def check(value):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _Invalid(f"expected a number, got {value!r}")
+            raise _Invalid(f"expected a number, got {_shown(value)}")
         try:
             as_float = float(value)
         except OverflowError:  # an int past 1.8e308; not shown, as it may have hundreds of digits
@@ -70,7 +77,7 @@ def number(**bounds):
         # Trial ids hash JSON, which has no inf or nan; checked before the bounds, as NaN fails them all
         # with a misleading "must be > 0".
         if not math.isfinite(as_float):
-            raise _Invalid(f"must be a finite number, got {value!r}")
+            raise _Invalid(f"must be a finite number, got {_shown(value)}")
         _check_range(as_float, **bounds)
         return as_float
     return check
@@ -79,7 +86,7 @@ def number(**bounds):
 def boolean(value):
     """true or false (YAML's yes/no are booleans too)."""
     if not isinstance(value, bool):
-        raise _Invalid(f"expected true or false, got {value!r}")
+        raise _Invalid(f"expected true or false, got {_shown(value)}")
     return value
 
 
@@ -93,7 +100,7 @@ def _quote_hint(value):
 def text(value):
     """A non-empty string."""
     if not isinstance(value, str):
-        raise _Invalid(f"expected a string, got {value!r}{_quote_hint(value)}")
+        raise _Invalid(f"expected a string, got {_shown(value)}{_quote_hint(value)}")
     if not value.strip():  # an empty path would quietly mean the current directory, or the default
         raise _Invalid("must not be empty")
     return value
@@ -110,7 +117,7 @@ def choice(*options):
     """One of a few strings, with a did-you-mean for near misses."""
     def check(value):
         if value not in options:
-            raise _Invalid(f"expected one of {', '.join(map(repr, options))}, got {value!r}"
+            raise _Invalid(f"expected one of {', '.join(map(repr, options))}, got {_shown(value)}"
                            + _did_you_mean(str(value), options))
         return value
     return check
@@ -124,7 +131,7 @@ def optional(check):
 def betas(value):
     """AdamW's (beta1, beta2), each in [0, 1)."""
     if not isinstance(value, (list, tuple)) or len(value) != 2:
-        raise _Invalid(f"expected a pair of numbers [beta1, beta2], got {value!r}")
+        raise _Invalid(f"expected a pair of numbers [beta1, beta2], got {_shown(value)}")
     return [number(at_least=0, below=1)(b) for b in value]
 
 
@@ -134,7 +141,7 @@ MAX_NAME = 100  # characters: the name is a folder's (outputs/<name>, reports/<n
 def study_name(value):
     """A name that is safe as a folder and an MLflow experiment."""
     if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", value) or set(value) == {"."}:
-        raise _Invalid(f"expected a name of letters, digits, '_', '.' and '-', got {value!r}{_quote_hint(value)}")
+        raise _Invalid(f"expected a name of letters, digits, '_', '.' and '-', got {_shown(value)}{_quote_hint(value)}")
     if len(value) > MAX_NAME:
         raise _Invalid(f"expected at most {MAX_NAME} characters (it names the output and report folders), "
                        f"got {len(value)}")
@@ -544,7 +551,9 @@ def _apply_override(tree, item, where):
         node = node[part]
     node[key_path[-1]] = value
     where.override(key_path, item)
-    if value is not None:  # null removes the field or axis set, and leaves the other place as the file has it
+    # null (a field's null, which only fields of a null default take; a sweep axis removed) leaves the other place as
+    # the file has it
+    if value is not None:
         _displace(tree, key_path, where)
 
 
@@ -578,12 +587,15 @@ def _unknown_key(key_path, known, where):
     return where.error(key_path, f"unknown key{hint}")
 
 
-def _check_field(key_path, value, check, where):
-    """check(value), its complaint turned into a located StudyError."""
+def _check_field(key_path, value, check, where, default=...):
+    """check(value), its complaint turned into a located StudyError (a refused null names the field's default)."""
     try:
         return check(value)
     except _Invalid as err:
-        raise where.error(key_path, str(err)) from None
+        # YAML's null reads as "unset" to many: say how to get the default where null is no value of the field
+        given_default = value is None and default is not ...
+        unset = f"; leave {_dotted(key_path)} out for its default, {_shown(default)}" if given_default else ""
+        raise where.error(key_path, f"{err}{unset}") from None
 
 
 def _section(name, given, where):
@@ -596,7 +608,8 @@ def _section(name, given, where):
     for key in given:
         if key not in fields:
             raise _unknown_key((name, str(key)), fields, where)
-    return {key: _check_field((name, key), given[key], check, where) if key in given else copy.deepcopy(default)
+    return {key: _check_field((name, key), given[key], check, where, default) if key in given
+            else copy.deepcopy(default)
             for key, (default, check) in fields.items()}
 
 
@@ -612,7 +625,7 @@ def _sections(tree, where):
         elif spec is None:
             raw[key] = _section(key, tree.get(key), where)
         elif key in tree:
-            raw[key] = _check_field((key,), tree[key], spec[1], where)
+            raw[key] = _check_field((key,), tree[key], spec[1], where, ... if spec[0] is REQUIRED else spec[0])
         elif spec[0] is REQUIRED:
             raise where.error((key,), "missing (required)")
         else:
@@ -721,7 +734,7 @@ def _model_name(with_patch_axis):
 
     def check(value):
         if not isinstance(value, str):
-            raise _Invalid(f"expected a model name such as 'DiT-S', got {value!r}")
+            raise _Invalid(f"expected a model name such as 'DiT-S', got {_shown(value)}")
         size_name, slash, patch = value.partition("/")
         if with_patch_axis and slash:
             raise _Invalid(f"{value!r} names a patch, but sweep.patch gives the patches: write {size_name!r}")

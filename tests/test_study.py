@@ -564,8 +564,15 @@ BAD = {
     "unknown top-level key": (edit("train:", "trian:"), [], "{f}:8: trian: unknown key; did you mean 'train'?"),
     "unknown nested key": (edit("  lr:", "  lrr:"), [], "{f}:10: train.lrr: unknown key; did you mean 'train.lr'?"),
     "wrong type": (edit("lr: 1.0e-3", "lr: fast"), [], "{f}:10: train.lr: expected a number, got 'fast'"),
+    # YAML's null is no "unset" for a field that has no null: the message says how to get its default.
+    "a null lr": (edit("lr: 1.0e-3", "lr: null"), [],
+                  "{f}:10: train.lr: expected a number, got null; leave train.lr out for its default, 0.0001"),
+    "a null lr by --set": (BASE, ["train.lr=null"], "--set train.lr=null: train.lr: expected a number, got null; "
+                           "leave train.lr out for its default, 0.0001"),
+    "a null name": (edit("name: tiny", "name: null"), [], "{f}:1: name: expected a name of letters, digits, '_', '.' "
+                    "and '-', got null"),
     "a bool is not an int": (edit("batch_size: 32", "batch_size: true"), [],
-                             "{f}:9: train.batch_size: expected an integer, got True"),
+                             "{f}:9: train.batch_size: expected an integer, got true"),
     "choice with a typo": (edit("1.0e-3", "1.0e-3\n  lr_schedule: cosin"), [], "{f}:11: train.lr_schedule: "
                            "expected one of 'constant', 'cosine', 'linear', got 'cosin'; did you mean 'cosine'?"),
     "a field in the wrong section": (edit("  lr:", "  max_steps: 10\n  lr:"), [],
