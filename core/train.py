@@ -909,9 +909,10 @@ def main(argv=None):
     parser.add_argument("--model", default="DiT-XL/2", choices=list(DiT_models), metavar="MODEL",
                         help="a registered config, e.g. DiT-XL/2 or DiT-P/4")
     parser.add_argument("--dataset", default="latents", choices=list(DATASETS))
-    parser.add_argument("--data-path", default=None)
+    # ~ expanded as a study's paths are (a shell leaves a quoted one, and a scheduler's argument list any, as written)
+    parser.add_argument("--data-path", default=None, type=os.path.expanduser)
     parser.add_argument("--image-size", type=int, default=None, help="image folders: pixels (256 or 512)")
-    parser.add_argument("--results-dir", default="results")
+    parser.add_argument("--results-dir", default="results", type=os.path.expanduser)
     parser.add_argument("--global-batch-size", type=int, default=256)
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--max-steps", type=int, default=400_000)

@@ -293,6 +293,18 @@ CORE_TRAIN = ["--model", "DiT-P/4", "--dataset", "digits", "--zero-stage", "0", 
               "--global-batch-size", "8"]
 
 
+def test_core_train_expands_a_home_folder_in_its_paths(tmp_path, capsys, monkeypatch):
+    # A quoted `--data-path "~/images"` (or one from a scheduler's argument list) was read as a folder named "~".
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "images").mkdir()
+    args = ["--dataset", "imagefolder", "--data-path", "~/images", "--image-size", "8", "--results-dir", "~/res"]
+    assert core_train.main(CORE_TRAIN + args) == 2
+    assert capsys.readouterr().err == (f"error: image folder {tmp_path / 'images'} is empty: it needs one sub-folder "
+                                       "of images per class\n")
+    assert core_train.main(CORE_TRAIN + ["--results-dir", "~/res"]) == 0
+    assert (tmp_path / "res" / "DiT-P-4" / "checkpoints" / ckpt.checkpoint_name(2)).is_dir()
+
+
 def test_core_train_refuses_a_results_dir_that_cannot_be_a_folder(tmp_path, capsys):
     blocker = tmp_path / "taken"
     blocker.write_text("a file where the results folder should go")
