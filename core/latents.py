@@ -14,6 +14,7 @@ import logging
 import os
 import resource
 import shutil
+import time
 import uuid
 import warnings
 import weakref
@@ -500,6 +501,9 @@ def out_problem(out):
     return None
 
 
+STARTING_ABANDONED_S = 60  # an encode's folder is made and renamed at once: one this old was left by a kill
+
+
 def _sibling(out, purpose):
     """A new name beside out, hidden, for a folder being written or one being replaced."""
     return out.parent / f".{out.name}.{purpose}-{uuid.uuid4().hex[:8]}"
@@ -535,6 +539,12 @@ def _clear_abandoned_encodes(out):
     for folder in sorted(p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.replaced-")):
         if folder.is_dir() and not folder.is_symlink():
             _remove_replaced(folder, out)
+    # An encode killed between making its folder and renaming it (microseconds): an empty .starting-* older than a
+    # minute is no live encode's. A younger one may be: left (rmdir removes only an empty folder either way).
+    for folder in sorted(p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.starting-")):
+        with contextlib.suppress(OSError):  # gone meanwhile, not empty, not a folder: not ours to remove
+            if not folder.is_symlink() and time.time() - folder.stat().st_mtime > STARTING_ABANDONED_S:
+                folder.rmdir()
 
 
 def _written_elsewhere(folder):

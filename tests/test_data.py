@@ -3,6 +3,7 @@ import json
 import os
 import re
 import shutil
+import time
 import subprocess
 import sys
 import tempfile
@@ -840,6 +841,24 @@ def test_abandoned_encodes_are_removed_and_a_running_one_is_respected(tmp_path, 
     assert f"removed {running}," in caplog.text  # its encode has ended since
     assert f"removed {replaced}, an earlier encode into {out} that a later one replaced" in caplog.text
     assert f"removed {exchanged}, an earlier encode into {out} that a later one replaced" in caplog.text
+
+
+def test_a_folder_left_by_an_encode_killed_as_it_started_is_removed(tmp_path):
+    # Made as .starting-* and renamed at once: a kill between the two left the empty folder beside the output for good.
+    from core.latents import STARTING_ABANDONED_S, _clear_abandoned_encodes
+
+    out = tmp_path / "latents"
+    write_meta(out)
+    left, starting = tmp_path / ".latents.starting-11111111", tmp_path / ".latents.starting-22222222"
+    not_empty, other = tmp_path / ".latents.starting-33333333", tmp_path / ".latents-b.starting-44444444"
+    for folder in (left, starting, not_empty, other):
+        folder.mkdir()
+    (not_empty / "notes.txt").write_text("not an encode's: it writes nothing there")
+    old = time.time() - STARTING_ABANDONED_S - 5
+    for folder in (left, not_empty, other):
+        os.utime(folder, (old, old))
+    _clear_abandoned_encodes(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([other.name, starting.name, not_empty.name, "latents"])
 
 
 def test_latents_held_in_memory_take_their_own_size_not_three_times_it(encoded, tmp_path):
