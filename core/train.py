@@ -7,6 +7,7 @@ left to callbacks, so core knows nothing of the orchestrator.
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import importlib
 import json
 import logging
@@ -35,8 +36,9 @@ from core.writable import write_problem
 
 logger = logging.getLogger("core.train")
 
-# step_randomness seeds the generator of step s with seed * SEED_STRIDE + s, and torch takes seeds up to
-# 2**64 - 1: MAX_SEED is the largest seed whose every step up to MAX_STEPS draws (study files share both bounds).
+# step_seed seeds the generator of step s < SEED_STRIDE with seed * SEED_STRIDE + s, and torch takes seeds up to
+# 2**64 - 1: MAX_SEED is the largest seed whose every such step draws (study files share both bounds; it was set when
+# every step up to MAX_STEPS was seeded so, and kept).
 SEED_STRIDE = 1_000_003
 TORCH_MAX_SEED = 2**64 - 1
 MAX_STEPS = 10**12  # training steps: int64 step counts and float compute stay exact far below this
@@ -336,13 +338,24 @@ def _import_deepspeed_muon_uncompiled():
             os.environ["TORCHDYNAMO_DISABLE"] = before
 
 
+def step_seed(seed, step):
+    """The generator seed of a training step's draws: distinct for every (seed, step) a run can take."""
+    if step < SEED_STRIDE:
+        return seed * SEED_STRIDE + step
+    # Past SEED_STRIDE steps, seed * SEED_STRIDE + step is seed + 1's step - SEED_STRIDE (the paper's DiT-XL/2 trained
+    # 7M steps: the runs of a seed sweep would share their noise), so a 64-bit hash of the pair, as data.epoch_seed
+    # does. Below it the product as before: runs of earlier versions draw, and resume, as they did.
+    digest = hashlib.blake2b(f"{seed}:{step}".encode(), digest_size=8, person=b"dit-step-noise").digest()
+    return int.from_bytes(digest, "little")
+
+
 def step_randomness(seed, step, batch, shape, num_classes_drop_p, num_timesteps, device):
     """Timesteps, noise and label-drop mask of a whole global batch, a function of (seed, step) only.
 
     Every rank draws the same global tensors and keeps its slice, so N processes see exactly what
     one process with the same global batch sees, and a resumed run what an uninterrupted one does.
     """
-    g = torch.Generator(device).manual_seed(seed * SEED_STRIDE + step)
+    g = torch.Generator(device).manual_seed(step_seed(seed, step))
     t = torch.randint(0, num_timesteps, (batch,), generator=g, device=device)
     noise = torch.randn((batch, *shape), generator=g, device=device)
     drop = (torch.rand(batch, generator=g, device=device) < num_classes_drop_p).long()

@@ -521,23 +521,26 @@ def test_train_config_refuses_values_outside_their_range():
         TrainConfig(seed=core_train.MAX_SEED + 1)
 
 
-def test_max_seed_is_the_largest_seed_whose_every_step_draws():
-    # step_randomness seeds step s with seed * 1_000_003 + s; torch takes seeds up to 2**64 - 1.
+def test_every_seed_and_step_draws_and_no_two_share_their_noise():
+    # step_seed seeds step s < 1_000_003 with seed * 1_000_003 + s (as before: earlier runs resume as they drew); past
+    # it that product was seed + 1's step s - 1_000_003, and a seed sweep's runs shared their noise from there on.
     import torch
 
-    from core.train import MAX_SEED, MAX_STEPS, step_randomness
+    from core.train import MAX_SEED, MAX_STEPS, SEED_STRIDE, step_randomness, step_seed
 
     def draw(seed, step):
         return step_randomness(seed, step, 2, (1, 2, 2), 0.1, 1000, torch.device("cpu"))
 
-    assert MAX_SEED == 18_446_687_733_646 and MAX_STEPS == 10**12
-    for seed, step in ((MAX_SEED, MAX_STEPS - 1), (0, 0)):
+    assert MAX_SEED == 18_446_687_733_646 and MAX_STEPS == 10**12 and SEED_STRIDE == 1_000_003
+    assert [step_seed(s, k) for s, k in ((0, 0), (1, 5), (7, SEED_STRIDE - 1))] == [0, 1_000_008, 8_000_023]
+    for seed, step in ((MAX_SEED, MAX_STEPS - 1), (MAX_SEED, SEED_STRIDE - 1), (0, 0)):
         t, noise, drop = draw(seed, step)
         again = draw(seed, step)
         assert t.shape == (2,) and noise.shape == (2, 1, 2, 2) and drop.shape == (2,) and noise.isfinite().all()
         assert all(torch.equal(a, b) for a, b in zip((t, noise, drop), again))  # a function of (seed, step)
-    with pytest.raises((ValueError, RuntimeError), match="[Oo]verflow"):
-        draw(MAX_SEED + 1, MAX_STEPS - 1)
+    assert not torch.equal(draw(0, SEED_STRIDE + 5)[1], draw(1, 5)[1])
+    later = [step_seed(s, k) for s in (0, 1, 2, MAX_SEED) for k in (SEED_STRIDE, SEED_STRIDE + 1, 7_000_000)]
+    assert len(set(later)) == len(later) and all(0 <= v < 2**64 for v in later)
 
 
 def test_output_in_use_by_another_driver(tmp_path, capsys, monkeypatch):
