@@ -513,6 +513,10 @@ class Locations:
                 return f"{self.file}:{self.lines[key_path[:n]]}"
         return self.file
 
+    def written(self, key_path):
+        """Whether the study gave the field itself (a line of its own or a `--set`), not its default."""
+        return key_path in self.lines or key_path in self.overrides
+
     def error(self, key_path, message, at=None):
         """A StudyError for the field at key_path, located where it (or the field at `at`) was written."""
         return StudyError(f"{self(at or key_path)}: {_dotted(key_path)}: {message}")
@@ -856,6 +860,9 @@ def _check_eval(raw, info, where, check_data, warnings):
     """Evaluation settings that depend on the data."""
     ev, dataset = raw["eval"], raw["data"]["dataset"]
     if ev["feature_extractor"] == "digits" and dataset != "digits" and ev["fid"]:
+        if not where.written(("eval", "feature_extractor")):  # the default's problem: named where the data was set
+            raise where.error(("data", "dataset"), f"{dataset} data needs eval.feature_extractor: "
+                              "inception-v3-compat (its default, digits, only reads 8×8 digits)")
         raise where.error(("eval", "feature_extractor"), "the digits extractor only reads 8×8 digits; "
                                                          "use 'inception-v3-compat'")
     if not info["pixel_space"] and ev["vae"] is None and (ev["fid"] or ev["grid_images_per_class"]):

@@ -1017,6 +1017,24 @@ def test_missing_and_empty_datasets(tmp_path):
                               "sub-folder of images per class")
 
 
+def test_the_digits_extractor_with_other_data_is_named_where_it_was_set(tmp_path):
+    # Left at its default, the extractor was named at the file (no line of its own), not at the data that rules it out.
+    text = edit("dataset: digits", "dataset: imagefolder\n  path: images\n  image_size: 32")
+    from PIL import Image
+
+    (tmp_path / "images" / "cats").mkdir(parents=True)
+    Image.new("RGB", (32, 32)).save(tmp_path / "images" / "cats" / "0.png")
+    path = write(tmp_path, text)
+    with pytest.raises(StudyError) as err:
+        load_study(path)
+    assert str(err.value) == (f"{path}:3: data.dataset: imagefolder data needs eval.feature_extractor: "
+                              "inception-v3-compat (its default, digits, only reads 8×8 digits)")
+    with pytest.raises(StudyError) as err:
+        load_study(path, ["eval.feature_extractor=digits"])
+    assert str(err.value) == ("--set eval.feature_extractor=digits: eval.feature_extractor: the digits extractor only "
+                              "reads 8×8 digits; use 'inception-v3-compat'")
+
+
 def test_non_text_and_missing_files(tmp_path):
     binary = tmp_path / "weights.bin"
     binary.write_bytes(bytes(range(256)))
