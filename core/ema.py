@@ -2,10 +2,16 @@
 import copy
 
 import torch
+import torch.distributed as dist
 
 
 class EMA:
-    """An fp32 copy of a model updated as ema = decay * ema + (1 - decay) * weights."""
+    """An fp32 copy of a model updated as ema = decay * ema + (1 - decay) * weights.
+
+    The weights are the fp32 ones the optimizer steps: under bf16, DeepSpeed's fp32 master copy, not the bf16 module
+    (whose rounding, about one AdamW step at 1e-4, the average would keep). Each rank holds the master of its own
+    partition only, so it moves that part of the EMA, and synchronize() gathers the parts before the EMA is read.
+    """
 
     def __init__(self, model, decay):
         if not 0.0 <= decay < 1.0:
@@ -16,12 +22,48 @@ class EMA:
 
     @torch.no_grad()
     def update(self, params):
-        """Move toward params (the training model's parameters, in the EMA's order)."""
-        current = [p.detach().float() for p in params]
-        torch._foreach_lerp_(self._ema_params, current, 1.0 - self.decay)
+        """Move toward params (the training model's parameters, in the EMA's order), or their fp32 masters."""
+        ema_parts, current = [], []
+        for ema_p, p in zip(self._ema_params, params):
+            if not p.requires_grad:  # fixed (the sin-cos positions): its fp32 copy stays, not a bf16 rounding of it
+                continue
+            if _has_master(p):
+                mapping = p._hp_mapping  # DeepSpeed's link of the param to its slice of the flat fp32 partition
+                if mapping is None:  # another rank's partition holds all of it
+                    continue
+                at = mapping.lp_fragment_address
+                ema_parts.append(ema_p.view(-1).narrow(0, at.start, at.numel))
+                current.append(mapping.get_hp_fragment())
+            else:  # fp32 weights (or ZeRO-3's, gathered by the caller): the weights are what the optimizer steps
+                ema_parts.append(ema_p)
+                current.append(p.detach().float())
+        torch._foreach_lerp_(ema_parts, current, 1.0 - self.decay)
+
+    @torch.no_grad()
+    def synchronize(self, params):
+        """Gather each rank's moved parts into whole weights on every rank. A collective: every rank calls it before
+        the EMA is read (validation, sampling, a checkpoint); nothing is sent where one rank holds every master."""
+        for ema_p, p in zip(self._ema_params, params):
+            if not (p.requires_grad and _has_master(p)) or not dist.is_initialized() or \
+                    dist.get_world_size(p._dp_group) == 1:
+                continue
+            # As DeepSpeed's get_full_hp_param gathers a master (it reads the optimizer's partition, not this one):
+            # each rank adds its part to zeros, the sum is the whole.
+            whole = torch.zeros_like(ema_p).view(-1)
+            if p._hp_mapping is not None:
+                at = p._hp_mapping.lp_fragment_address
+                whole.narrow(0, at.start, at.numel).copy_(ema_p.view(-1).narrow(0, at.start, at.numel))
+            dist.all_reduce(whole, group=p._dp_group)
+            ema_p.copy_(whole.view_as(ema_p))
 
     def state_dict(self):
         return self.model.state_dict()
 
     def load_state_dict(self, state):
         self.model.load_state_dict(state, strict=True)
+
+
+def _has_master(param):
+    """Whether DeepSpeed steps an fp32 master of param, the module's own being a rounding of it (bf16 under ZeRO 0-2;
+    ZeRO-3's masters are partitioned otherwise, and its EMA follows the gathered module weights)."""
+    return hasattr(param, "_hp_mapping") and param.dtype != torch.float32

@@ -739,6 +739,7 @@ def _train(cfg, out_dir, milestones, callbacks, resume_from, checkpoint_dir, sha
             window_loss, window_steps, window_time = 0.0, 0, 0.0
             callbacks.on_log(trial, metrics)
         if trial.checkpoints_this_step():
+            ema.synchronize(trainable)  # every rank's part of it, before validation, sampling and the checkpoint
             if at_milestone and validation is not None:
                 metrics["val_loss"], metrics["val_mse"] = validation.loss(engine.module, diffusion, autocast_dtype)
                 metrics["val_loss_ema"], _ = validation.loss(ema.model, diffusion, autocast_dtype)

@@ -511,14 +511,14 @@ def test_deepspeeds_import_leaves_mlflow_to_whoever_uses_it(fresh_process_env, m
     assert proc.stdout.split()[-4:] == [str(mlflow_first), str(mlflow_first), "mlflow", "True"]
 
 
-def torchrun(out, zero_stage, nproc=2, resume="none", val_batch=32, max_steps=12, fails=False):
+def torchrun(out, zero_stage, nproc=2, resume="none", val_batch=32, max_steps=12, fails=False, extra=()):
     # --standalone: the agent binds a free port itself. A port picked here and closed again could be taken before
     # torchrun bound it (EADDRINUSE once in the parallel suite, beside Ray's workers).
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
            "-m", "core.train", "--model", "DiT-P/2", "--dataset", "digits", "--results-dir", str(out),
            "--global-batch-size", "32", "--max-steps", str(max_steps), "--log-every", "2", "--lr", "1e-3",
            "--ema-decay", "0.9", "--val-batch", str(val_batch), "--zero-stage", str(zero_stage), "--num-workers", "0",
-           "--ckpt-every", "6", "--resume", resume]
+           "--ckpt-every", "6", "--resume", resume, *extra]
     # Its own extensions folder: whatever DeepSpeed compiles at run time shows up there.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": str(Path(out).parent / "torch_extensions")}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -527,6 +527,38 @@ def torchrun(out, zero_stage, nproc=2, resume="none", val_batch=32, max_steps=12
         return proc.stderr
     assert proc.returncode == 0, proc.stderr[-3000:]
     return history(Path(out) / "DiT-P-2")
+
+
+def fp32_masters_and_ema(run):
+    """The fp32 master weights of a bf16 ZeRO run's latest checkpoint (DeepSpeed's own reassembly) and its EMA."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    latest = ckpt.latest_checkpoint(Path(run) / "checkpoints")
+    masters = get_fp32_state_dict_from_zero_checkpoint(str(latest / ckpt.ENGINE_DIR), tag=ckpt.ENGINE_TAG,
+                                                       exclude_frozen_parameters=True)
+    return masters, load_file(str(latest / ckpt.EMA_FILE))
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_under_bf16_the_ema_averages_the_fp32_masters_not_the_bf16_weights(tmp_path, nproc):
+    # DeepSpeed's bf16 module is a rounding of the fp32 masters its optimizer steps (a bf16 step at 0.02 is about one
+    # AdamW step at lr 1e-4): the EMA averaged that rounding. With decay 0 the EMA is the last weights it followed.
+    # Two processes each hold half of the masters: each moves its half, and the halves are gathered at a checkpoint.
+    extra = ["--precision", "bf16", "--ema-decay", "0", "--log-every", "3"]
+    if nproc == 1:
+        train(tiny_config(max_steps=6, ckpt_every=6, precision="bf16", zero_stage=2, ema_decay=0.0), tmp_path / "run")
+        run = tmp_path / "run"
+    else:
+        torchrun(tmp_path / "two", 2, max_steps=6, extra=extra)
+        run = tmp_path / "two" / "DiT-P-2"
+    masters, ema = fp32_masters_and_ema(run)
+    assert masters.keys() == ema.keys() - {"pos_embed"} and len(masters) > 10
+    assert all(torch.equal(ema[k], masters[k]) for k in masters), [k for k in masters if not torch.equal(ema[k], masters[k])]
+    rounded = sum(torch.equal(v, v.bfloat16().float()) for v in masters.values() if v.numel() > 1)
+    assert rounded < 3  # the masters are no bf16 values: the EMA did not take the module's
+    from core.models import get_2d_sincos_pos_embed  # the fixed positions keep their fp32 values, not a rounding
+
+    assert torch.equal(ema["pos_embed"][0], torch.from_numpy(get_2d_sincos_pos_embed(64, 4)).float())
 
 
 @pytest.mark.parametrize("zero_stage", [2, 3])
