@@ -13,8 +13,10 @@ def make_scheduler(sampler="ddpm", num_steps=250, learn_sigma=True, diffusion_st
     clip_denoised clips each x_0 prediction to [-1, 1]: right for pixels, wrong for latents, which the
     reference samples unclipped (its sample.py's clip_denoised=False).
     """
-    if not 1 <= num_steps <= diffusion_steps:
-        raise ValueError(f"num_steps must be in [1, {diffusion_steps}] (the diffusion steps), got {num_steps}")
+    # One step is the last step alone (t = 0) on the starting noise: it returns that noise, which FID would score
+    # like samples (the reference's respacing refuses fewer than 2, as core.diffusion's does).
+    if not 2 <= num_steps <= diffusion_steps:
+        raise ValueError(f"num_steps must be in [2, {diffusion_steps}] (the diffusion steps), got {num_steps}")
     betas = linear_beta_schedule(diffusion_steps)
     if sampler == "ddpm":
         scheduler = DDPMScheduler(

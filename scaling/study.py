@@ -214,7 +214,7 @@ SCHEMA = {
         "feature_extractor": ("digits", choice("digits", "inception-v3-compat")),
         "feature_extractor_weights": (None, optional(text)),
         "sampler": ("ddim", choice("ddim", "ddpm")),
-        "sampling_steps": (50, integer(at_least=1)),
+        "sampling_steps": (50, integer(at_least=2)),  # one step returns its starting noise (core.sampling)
         # DDIM's noise: 0 deterministic, 1 DDPM's posterior variance; above 1 its step takes the square root of a
         # negative number and every sample is NaN, found only at the first milestone.
         "eta": (0.0, number(at_least=0, at_most=1)),

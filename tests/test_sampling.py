@@ -28,13 +28,14 @@ def test_labels_outside_the_models_classes_are_named(labels, bad, cfg_scale):
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
-@pytest.mark.parametrize("num_steps", [0, -3, 1001])
+@pytest.mark.parametrize("num_steps", [0, -3, 1, 1001])
 def test_a_step_count_outside_the_diffusion_is_refused(sampler, num_steps):
-    # 0 was a ZeroDivisionError (DDIM) or an IndexError (DDPM).
-    with pytest.raises(ValueError, match=rf"^num_steps must be in \[1, 1000\] \(the diffusion steps\), "
+    # 0 was a ZeroDivisionError (DDIM) or an IndexError (DDPM); 1 sampled the last step alone, on the starting noise,
+    # and returned that noise (FID scored it like samples).
+    with pytest.raises(ValueError, match=rf"^num_steps must be in \[2, 1000\] \(the diffusion steps\), "
                                          rf"got {num_steps}$"):
         make_scheduler(sampler, num_steps)
-    assert [int(t) for t in make_scheduler(sampler, 1).timesteps] == [0]
+    assert [int(t) for t in make_scheduler(sampler, 2).timesteps] == {"ddpm": [999, 0], "ddim": [500, 0]}[sampler]
 
 
 @pytest.mark.parametrize("respacing, kept", [("1", 1), ("0", 0), ("0,1", 1), ("0,0,0", 0)])

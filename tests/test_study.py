@@ -565,6 +565,8 @@ BAD = {
     "unknown nested key": (edit("  lr:", "  lrr:"), [], "{f}:10: train.lrr: unknown key; did you mean 'train.lr'?"),
     "wrong type": (edit("lr: 1.0e-3", "lr: fast"), [], "{f}:10: train.lr: expected a number, got 'fast'"),
     # YAML's null is no "unset" for a field that has no null: the message says how to get its default.
+    "one sampling step": (BASE, ["eval.sampling_steps=1"], "--set eval.sampling_steps=1: eval.sampling_steps: must "
+                          "be >= 2, got 1"),
     "a null lr": (edit("lr: 1.0e-3", "lr: null"), [],
                   "{f}:10: train.lr: expected a number, got null; leave train.lr out for its default, 0.0001"),
     "a null lr by --set": (BASE, ["train.lr=null"], "--set train.lr=null: train.lr: expected a number, got null; "
