@@ -463,6 +463,21 @@ def frontier(x, y):
     return mask
 
 
+def best_per_size_and_data(x, y):
+    """Mask of the best point (lowest y) of each model size and data size, x = [N, D] rows: L(N, D) has no term for
+    what else tells points of one N and D apart (the patch size, a swept lr), so pooled they pull it toward their
+    mean; the law is the best configuration's, as the frontier laws are (of exact repeats, the first)."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    sizes = size_classes(x[:, 0])
+    order = np.lexsort((y, x[:, 1], sizes))  # by size and data, best first within each
+    key = np.column_stack([sizes, x[:, 1]])[order]
+    first = np.ones(len(y), bool)
+    first[1:] = np.any(key[1:] != key[:-1], axis=1)
+    mask = np.zeros(len(y), bool)
+    mask[order] = first
+    return mask
+
+
 def correlations(x, y, names=("x", "y")):
     """Pearson and Spearman correlations of y with x, with two-sided p-values; names: theirs in a FitError."""
     x, y = np.asarray(x, float), np.asarray(y, float)

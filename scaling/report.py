@@ -20,8 +20,9 @@ import numpy as np
 import pandas as pd
 
 from scaling import figures
-from scaling.fits import (CHINCHILLA, CI_LEVEL, N_BOOT, POWER_LAW, SATURATING_POWER_LAW, Fit, FitError, correlations,
-                          extrapolation_check, fit_law, frontier, isoflop, parallel_fits, size_classes)
+from scaling.fits import (CHINCHILLA, CI_LEVEL, N_BOOT, POWER_LAW, SATURATING_POWER_LAW, Fit, FitError,
+                          best_per_size_and_data, correlations, extrapolation_check, fit_law, frontier, isoflop,
+                          parallel_fits, size_classes)
 from scaling.report_folder import ReportDestinationError, check_report_destination, default_report_dir, \
     swap_in_report
 from scaling.results import (RESULTS_SCHEMA, STATUSES, check_trial_rows, load_results, paper_results, results_path,
@@ -31,7 +32,8 @@ from scaling.sigterm import Terminated, interruption, sigterm_interrupts  # a re
 STATUS_RANK = {"ok": 0, "diverged": 1, "failed": 2}
 FIT_TITLES = {  # fits.json keys -> how the tables name them
     "fid_vs_gflops": "FID(Gflops), Figure 1", "fid_vs_compute": "FID(C) on the frontier, Figure 2",
-    "loss_vs_compute": "L(C) on the frontier, Figure 3", "loss_vs_params_and_images": "L(N, D), Chinchilla approach 3",
+    "loss_vs_compute": "L(C) on the frontier, Figure 3",
+    "loss_vs_params_and_images": "L(N, D), Chinchilla approach 3, best per N and D",
     "compute_optimal_params": "N*(C), Figure 5", "compute_optimal_steps": "D*(C), Figure 5",
 }
 ERROR_CHARS = 160  # a traceback belongs in the trial's logs, not in a table cell
@@ -215,7 +217,7 @@ def analyze(df, n_boot=N_BOOT, seed=0):
                                             frontier, **fit)
         a.fits["loss_vs_params_and_images"] = attempt(
             "L(N, D), Chinchilla's approach 3", fit_law, CHINCHILLA, loss_rows[["params", "images"]].to_numpy(float),
-            loss_rows[loss], loss_rows.trial_id, **fit)
+            loss_rows[loss], loss_rows.trial_id, best_per_size_and_data, **fit)
         a.isoflop = attempt("IsoFLOP profiles (Figure 5)", isoflop, loss_rows.train_compute, loss_rows.params,
                             loss_rows.step, loss_rows[loss], loss_rows.trial_id, **fit)
         if a.isoflop:
@@ -273,7 +275,7 @@ def extrapolations(a, attempt, fit):
     cases = [("FID", "fid", POWER_LAW, ["train_compute"], frontier)] if a.fid_comparable else []
     if a.loss:
         cases = [(figures.loss_label(a.loss), a.loss, SATURATING_POWER_LAW, ["train_compute"], frontier),
-                 (figures.loss_label(a.loss), a.loss, CHINCHILLA, ["params", "images"], None)] + cases
+                 (figures.loss_label(a.loss), a.loss, CHINCHILLA, ["params", "images"], best_per_size_and_data)] + cases
     for what, col, law, x_cols, select in cases:
         rows = _finite(ok, col)
         last = _last_measurement(rows, col, held_model)
@@ -286,8 +288,11 @@ def extrapolations(a, attempt, fit):
             # left in, they would make the check an interpolation. Held out with it, the fit must reach its N.
             classes = size_classes(rows.params.to_numpy(float))
             held = classes == classes[held][0]
+            # The law is the best configuration's at each N and D (best_per_size_and_data): so is what it predicts.
+            same = rows[held & (rows.images == target.images).to_numpy()]
+            target = same.loc[same[col].idxmin()]
         held_out, cut = figures.model_order(rows[held]), None
-        if target.name != last.name:  # every point of as much compute out too: still an extrapolation
+        if select is frontier and target.name != last.name:  # all of as much compute out too: an extrapolation still
             cut = float(target.train_compute)
             held = held | (rows.train_compute >= target.train_compute).to_numpy()
             a.notes.append(f"Extrapolation check of {what} with {law.formula}: {held_model}'s last point is off the "

@@ -421,3 +421,14 @@ def test_a_start_that_stops_at_the_iteration_limit_is_no_solution(monkeypatch):
     monkeypatch.setattr(fits, "MAX_ITERATIONS", 1)  # no start gets anywhere in one iteration
     with pytest.raises(FitError, match="the optimizer found no finite solution it converged to"):
         fit_law(SATURATING_POWER_LAW, c, loss, n_boot=0)
+
+
+def test_best_per_size_and_data_keeps_each_size_and_data_sizes_lowest_point():
+    from scaling.fits import best_per_size_and_data
+
+    # Two sizes (the second's counts within 2%: one size, as a DiT's patches), two data sizes, repeats of a point.
+    n = [1e6, 1e6, 1.01e6, 5e6, 5.05e6, 1e6, 1e6]
+    d = [1e8, 2e8, 1e8, 1e8, 1e8, 2e8, 2e8]
+    y = [3.0, 2.5, 2.9, 2.0, 2.2, 2.5, 2.6]
+    assert best_per_size_and_data(np.column_stack([n, d]), y).tolist() == [False, True, True, True, False, False,
+                                                                           False]
