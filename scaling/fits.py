@@ -125,6 +125,10 @@ class Fit:
             at = [b for b in (low, high) if b is not None and np.isclose(value, b, rtol=1e-6, atol=0)]
             reached = [b for b, end in ((low, ci[name][0]), (high, ci[name][1]))
                        if b is not None and np.isclose(end, b, rtol=1e-6, atol=0)]
+            # A resample's floor is its own lowest y's (higher where it lacks the data's lowest): an E that far
+            # below every y (1e-4 of the lowest) is one at a floor, whichever.
+            if name == "E" and not reached and ci[name][0] < 1e-4 * low * np.exp(FLOOR_LOG):
+                reached = [low]
             interval = f"{name}'s {level:.0%} interval [{ci[name][0]:.3g}, {ci[name][1]:.3g}]"
             if name == "E" and at:
                 out.append(f"E = {value:.3g} is at its floor: these points show no irreducible part above 0")

@@ -180,9 +180,12 @@ def close_finished_runs(tracker, study, results):
     for trial_id, how in ended.items():
         # The tag as the driver sets it at a trial's end (a queued one lost with the server): how the trial ended.
         _close(tracker, tracker.child_run(trial_id, {}), RUN_STATUS[how], {STATUS_TAG: how})
-    if {t.trial_id for t in study.trials} <= set(ended):
-        # As the driver does: a diverged trial is a result, only a failed one fails the study.
-        _close(tracker, tracker.parent_run_id, "FAILED" if "failed" in ended.values() else "FINISHED")
+    current = {t.trial_id for t in study.trials}
+    if current <= set(ended):
+        # As the driver does: a diverged trial is a result, only a failed one fails the study; a trial of an earlier
+        # version of the study file, left in results.parquet, is none of this run's (the driver counts its own).
+        failed = any(ended[t] == "failed" for t in current)
+        _close(tracker, tracker.parent_run_id, "FAILED" if failed else "FINISHED")
 
 
 def _close(tracker, run_id, status, tags=None):

@@ -253,9 +253,11 @@ def trial_summary(df):
 
 
 def final_points(ok):
-    """FID of each model at its last evaluated step (the best trial where a model has several)."""
+    """FID of each model at its last evaluated step (the best trial there where a model has several)."""
     rows = _positive(ok, "fid", "gflops")
     last = rows[rows.step == rows.groupby("trial_id").step.transform("max")]
+    # A shorter trial of the model (a step count of its own under a decaying lr) is no final point beside a longer one.
+    last = last[last.step == last.groupby("model").step.transform("max")]
     return last.sort_values("fid").drop_duplicates("model").sort_values("gflops")
 
 

@@ -308,6 +308,14 @@ def test_a_law_the_points_do_not_pin_down_says_so():
     floor = fit_law(SATURATING_POWER_LAW, c, (0.3 + 40 * c ** -0.2) * np.exp(rng.normal(0, 0.01, c.size)),
                     n_boot=50)
     assert floor.unsettled() == []
+    # A resample without the lowest point has a higher floor (its own lowest y's): an interval whose low end is there,
+    # 1.2 times the data's floor, was no interval "reaching its floor", and read as a sound one.
+    low = no_floor.limits["E"][0]
+    resampled = no_floor.boot.copy()
+    resampled[:, 0] = np.maximum(resampled[:, 0], 1.2 * low)
+    above = fits.Fit(SATURATING_POWER_LAW, no_floor.params, resampled, 20, 20, 50, no_floor.limits, no_floor.spans)
+    assert above.intervals()["E"][0] == pytest.approx(1.2 * low)
+    assert above.unsettled()[0].startswith("E's 95% interval [") and "reaches its floor" in above.unsettled()[0]
     assert fit_law(POWER_LAW, c, 40 * c ** -0.2, n_boot=10).unsettled() == []  # a line in log-log has no limits
 
 

@@ -5,6 +5,7 @@ import shutil
 import socket
 import textwrap
 
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -66,6 +67,19 @@ def test_a_replay_logs_into_the_studys_store(out, capsys):
     # The trial's run says how it ended, as the driver's would: the replay's had no status tag.
     (trial_run,) = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert trial_run.data.tags["dit_scaling.status"] == "ok"
+
+
+def test_a_failed_trial_of_an_earlier_study_file_does_not_fail_the_studys_run(out, capsys):
+    # results.parquet keeps the trials of an earlier version of the study file; the driver closes the study's run by
+    # this run's trials, and the replay closed it FAILED for an earlier one's failure.
+    rows = load_results(out / "results.parquet")
+    earlier = rows.iloc[[0]].assign(trial_id="t-of-an-earlier-study-file", status="failed", error="worker died")
+    write_table(pd.concat([rows, earlier], ignore_index=True), out / "results.parquet", RESULTS_SCHEMA)
+    assert main([str(out)]) == 0
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    (study_run,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert study_run.info.status == "FINISHED"
 
 
 def test_a_study_whose_driver_still_runs_is_not_replayed(out, capsys):

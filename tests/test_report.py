@@ -657,6 +657,20 @@ def test_an_earlier_fid_in_figure_1_and_a_compute_off_its_formula_are_noted():
                 if n.startswith(("Figure 1 and its fit", f"{len(STEPS)} row(s) record"))]
 
 
+def test_figure_1_takes_a_models_longest_trial_not_a_shorter_one_that_scored_better():
+    # Under a decaying lr each step count is a trial of its own: a 200-step trial's lucky FID stood for the model in
+    # Figure 1, under a caption of each model's last evaluated step.
+    from scaling.report import report_rows
+
+    ok = [r for r in synthetic_rows() if r["status"] == "ok"]
+    short = [{**r, "trial_id": "t-short", "max_step": STEPS[-2], "fid": 0.5 * r["fid"]}
+             for r in ok if r["model"] == "DiT-L/4" and r["step"] <= STEPS[-2] and r["fid"]]
+    a = analyze(report_rows(pd.DataFrame(ok + short)), n_boot=0)
+    point = a.final_fid.set_index("model").loc["DiT-L/4"]
+    assert (point.trial_id, point.step) == ("t-DiT-L/4", STEPS[-1])
+    assert set(a.final_fid.step) == {STEPS[-1]} and len(a.final_fid) == 12
+
+
 def test_a_model_name_with_dollar_signs_is_drawn_as_text(tmp_path):
     # matplotlib read "$...$" in a legend as TeX: an odd or unknown one ended the report in a traceback.
     rows = [{**r, "model": r["model"].replace("DiT-S/8", "DiT-S/8 $\\frac$")} for r in synthetic_rows()]
