@@ -54,6 +54,7 @@ class Analysis:
     isoflop: object = None
     extrapolation: list = field(default_factory=list)
     fid_comparable: bool = True  # False where the ok trials' FIDs were measured with different settings
+    loss_comparable: bool = True  # False where their losses measure different things (data, diffusion)
     notes: list = field(default_factory=list)
     n_boot: int = N_BOOT  # bootstrap resamples per fit; 0: point estimates, no intervals or bands
 
@@ -210,7 +211,14 @@ def analyze(df, n_boot=N_BOOT, seed=0):
         fid_rows = _finite(ok, "fid")
         a.fits["fid_vs_compute"] = attempt("FID against training compute (Figure 2)", fit_law, POWER_LAW,
                                            fid_rows.train_compute, fid_rows.fid, fid_rows.trial_id, frontier, **fit)
-    if loss:
+    mixed = mixed_loss_settings(ok, loss) if loss else []
+    a.loss_comparable = not mixed
+    if mixed:
+        a.notes.append(f"The {figures.loss_label(loss)} measures different things in these trials ({'; '.join(mixed)}):"
+                       " losses of other data or another diffusion are not on one scale, so the loss fits, the "
+                       "IsoFLOP analysis and the loss extrapolation are left out; Figures 3 and 4 show the points as "
+                       "measured.")
+    elif loss:
         loss_rows = _finite(ok, loss)
         a.fits["loss_vs_compute"] = attempt("L(C) (Figure 3)", fit_law, SATURATING_POWER_LAW,
                                             loss_rows.train_compute, loss_rows[loss], loss_rows.trial_id,
@@ -275,7 +283,7 @@ def extrapolations(a, attempt, fit):
     held_model = finals.loc[finals.train_compute.idxmax(), "model"]
     checks = []
     cases = [("FID", "fid", POWER_LAW, ["train_compute"], frontier)] if a.fid_comparable else []
-    if a.loss:
+    if a.loss and a.loss_comparable:
         cases = [(figures.loss_label(a.loss), a.loss, SATURATING_POWER_LAW, ["train_compute"], frontier),
                  (figures.loss_label(a.loss), a.loss, CHINCHILLA, ["params", "images"], best_per_size_and_data)] + cases
     for what, col, law, x_cols, select in cases:
@@ -347,6 +355,44 @@ def mixed_fid_settings(rows):
             shown = f"{len(values)} different" if col == "fid_basis" else ", ".join(sorted(map(_setting, values)))
             out.append(f"{col}: {shown}")
     return out
+
+
+# What a loss measures: losses that differ in any of these are not on one scale (other images, another resolution or
+# encode of them; another diffusion chain, or the variational bound's term that learn_sigma adds).
+LOSS_SETTINGS = {"dataset": None, "data.image_size": ("data", "image_size"), "data_encode": ("data_encode",),
+                 "train.diffusion_steps": ("train", "diffusion_steps"), "train.learn_sigma": ("train", "learn_sigma")}
+
+
+def mixed_loss_settings(rows, loss):
+    """Each loss setting that takes several values among the rows with a loss, as "name: value, value" (the study
+    file's settings read from each row's config_json; rows without one count for none)."""
+    with_loss = _finite(rows, loss)
+    configs = [_config(text) for text in with_loss.get("config_json", pd.Series([None] * len(with_loss)))]
+    out = []
+    for name, path in LOSS_SETTINGS.items():
+        if path is None:
+            values = set(with_loss[name].dropna()) if name in with_loss else set()
+        else:
+            values = {v for v in (_nested(c, path) for c in configs) if v is not None}
+        if len(values) > 1:  # data_encode is a digest: counted, not shown
+            shown = f"{len(values)} different" if name == "data_encode" else ", ".join(sorted(map(_setting, values)))
+            out.append(f"{name}: {shown}")
+    return out
+
+
+def _config(text):
+    """A row's config_json as a dict ({} where it has none or it does not read)."""
+    try:
+        config = json.loads(text) if isinstance(text, str) else {}
+    except ValueError:
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _nested(config, path):
+    for key in path:
+        config = config.get(key) if isinstance(config, dict) else None
+    return config if isinstance(config, (str, int, float, bool)) else None
 
 
 def _setting(value):

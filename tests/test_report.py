@@ -657,6 +657,28 @@ def test_an_earlier_fid_in_figure_1_and_a_compute_off_its_formula_are_noted():
                 if n.startswith(("Figure 1 and its fit", f"{len(STEPS)} row(s) record"))]
 
 
+def test_losses_that_measure_different_things_are_not_fitted_together():
+    # An edited study's earlier trials stay in results.parquet: a loss of another diffusion chain (or data set,
+    # resolution, encode, or without the variational bound's term) was fitted with the others as one law.
+    rows = [{**r, "config_json": json.dumps({"train": {"diffusion_steps": 500 if r["patch"] == 8 else 1000,
+                                                       "learn_sigma": True}, "data": {"image_size": 256}})}
+            for r in synthetic_rows()]
+    a = analyze(pd.DataFrame(rows), n_boot=0)
+    assert ("The validation loss measures different things in these trials (train.diffusion_steps: 1000, 500): losses "
+            "of other data or another diffusion are not on one scale, so the loss fits, the IsoFLOP analysis and the "
+            "loss extrapolation are left out; Figures 3 and 4 show the points as measured.") in a.notes
+    assert not {"loss_vs_compute", "loss_vs_params_and_images", "compute_optimal_params"} & a.fits.keys()
+    assert a.isoflop is None and [e["quantity"] for e in a.extrapolation] == ["FID"]
+    assert {"fid_vs_gflops", "fid_vs_compute"} <= a.fits.keys()
+    same = analyze(pd.DataFrame([{**r, "config_json": json.dumps({"train": {"diffusion_steps": 1000}})}
+                                 for r in synthetic_rows()]), n_boot=0)
+    assert {"loss_vs_compute", "loss_vs_params_and_images"} <= same.fits.keys()
+    assert not [n for n in same.notes if "measures different things" in n]
+    other_data = analyze(pd.DataFrame([{**r, "dataset": "digits" if r["size"] == "S" else "imagenet"}
+                                       for r in synthetic_rows()]), n_boot=0)
+    assert any("(dataset: digits, imagenet)" in n for n in other_data.notes)
+
+
 def test_figure_1_takes_a_models_longest_trial_not_a_shorter_one_that_scored_better():
     # Under a decaying lr each step count is a trial of its own: a 200-step trial's lucky FID stood for the model in
     # Figure 1, under a caption of each model's last evaluated step.
