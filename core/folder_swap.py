@@ -57,26 +57,45 @@ def fsync_tree(folder):
     for root, _, files in os.walk(folder):
         for name in files:
             path = os.path.join(root, name)
-            if os.path.islink(path):
-                continue
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            except OSError as err:
-                if err.errno not in _NO_FSYNC:  # a write that failed (EIO) is the caller's to hear of
-                    raise
-            finally:
-                os.close(fd)
+            if not os.path.islink(path):
+                fsync_file(path)
         fsync_dir(root)
 
 
-def swap_in_folder(new, out, old):
-    """Move the finished folder new to out, durably; the folder at out, if any, moves to old (a name beside it that
-    nothing has, for the caller to remove). Where Linux exchanges the two names in one step, out is never missing;
-    elsewhere it is missing between two renames."""
-    fsync_tree(new)
+def fsync_copied(source, copy):
+    """Put on disk what was copied from the folder source into the folder copy: each of source's files there, the
+    folders holding them, and copy's name in its parent (where other writers copy into the same folder, their files
+    are theirs to sync)."""
+    for root, _, files in os.walk(source):
+        there = os.path.join(copy, os.path.relpath(root, source))
+        for name in files:
+            if not os.path.islink(os.path.join(root, name)):
+                fsync_file(os.path.join(there, name))
+        fsync_dir(there)
+    fsync_dir(os.path.dirname(os.path.abspath(copy)))
+
+
+def fsync_file(path):
+    """fsync one file by its path; a file system without fsync passes, a failed write (EIO) raises."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in _NO_FSYNC:  # a write that failed (EIO) is the caller's to hear of
+            raise
+    finally:
+        os.close(fd)
+
+
+def swap_in_folder(new, out, old, durable=True):
+    """Move the finished folder new to out, durably (durable=False: a scratch folder's, not worth a disk write); the
+    folder at out, if any, moves to old (a name beside it that nothing has, for the caller to remove). Where Linux
+    exchanges the two names in one step, out is never missing; elsewhere it is missing between two renames."""
+    if durable:
+        fsync_tree(new)
     _swap(new, out, old)
-    fsync_dir(os.path.dirname(os.path.abspath(out)))
+    if durable:
+        fsync_dir(os.path.dirname(os.path.abspath(out)))
 
 
 def _swap(new, out, old):

@@ -544,13 +544,14 @@ def _global_mean(value, device):
 
 
 def train(cfg, out_dir, milestones=(), callbacks=None, resume_from=None, checkpoint_dir=None,
-          shared_checkpoint_dir=True):
+          shared_checkpoint_dir=True, durable_checkpoints=True):
     """Train one trial to cfg.max_steps; returns the last metrics. Every rank calls it.
 
     resume_from: a checkpoint directory, "auto" (the newest under checkpoint_dir, else a fresh
     start) or None. A checkpoint that cannot be used raises CheckpointError, never a fresh start.
     shared_checkpoint_dir: whether all ranks write into one checkpoint_dir (torchrun) or each into
     its own (Ray workers, whose per-rank files Ray merges); decides who prunes old checkpoints.
+    durable_checkpoints=False: checkpoint_dir is scratch whose copy the callbacks make durable (Ray's).
     """
     # ZeRO's optimizer is held by the gradient hooks it puts on the weights (DeepSpeed #5496): the engine, its weights,
     # gradients and optimizer states outlived a run for good in a process that goes on (a benchmark's next
@@ -559,7 +560,7 @@ def train(cfg, out_dir, milestones=(), callbacks=None, resume_from=None, checkpo
     engines = []
     try:
         metrics = _train(cfg, out_dir, milestones, callbacks, resume_from, checkpoint_dir, shared_checkpoint_dir,
-                         engines)
+                         durable_checkpoints, engines)
     except BaseException:
         for engine in engines:
             with contextlib.suppress(Exception):  # the error in flight is the one to report
@@ -570,7 +571,8 @@ def train(cfg, out_dir, milestones=(), callbacks=None, resume_from=None, checkpo
     return metrics
 
 
-def _train(cfg, out_dir, milestones, callbacks, resume_from, checkpoint_dir, shared_checkpoint_dir, engines):
+def _train(cfg, out_dir, milestones, callbacks, resume_from, checkpoint_dir, shared_checkpoint_dir, durable_checkpoints,
+           engines):
     """train()'s run; the DeepSpeed engine it makes is appended to engines."""
     callbacks = callbacks or Callbacks()
     out_dir = Path(out_dir)
@@ -749,7 +751,8 @@ def _train(cfg, out_dir, milestones, callbacks, resume_from, checkpoint_dir, sha
                 "data_encode": data_encode, "data_identity": identity,
                 "metrics": metrics, "log_window": {"loss": window_loss, "steps": window_steps, "time_s": window_time},
             }
-            path = ckpt.save_checkpoint(checkpoint_dir, engine, ema, state, rank, shared_checkpoint_dir)
+            path = ckpt.save_checkpoint(checkpoint_dir, engine, ema, state, rank, shared_checkpoint_dir,
+                                        durable_checkpoints)
             if at_milestone:
                 metrics.update(callbacks.on_milestone(trial, dict(metrics)) or {})
             # Under this step: the metrics may be those of an earlier log step, or none yet.

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
+import pyarrow.fs
 import ray.train
 import ray.tune
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -22,6 +23,7 @@ from ray.train.v2._internal.callbacks import DatasetsCallback
 from ray.train.v2._internal.execution.controller import TrainController
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
+from core.folder_swap import fsync_copied
 from scaling.held_logs import HELD_LOGS_KEY, HeldLogs, report_gap_s
 from scaling.kept_sync_actor import kept_synchronization_actor
 from scaling.placement_group_watch import replace_ray_cleaner
@@ -83,7 +85,8 @@ class RayReporting:
         if self.resumed_train_time_s is not None:
             metrics = {**metrics, RESUMED_KEY: self.resumed_train_time_s}
             self.resumed_train_time_s = None
-        ray.train.report({**metrics, HELD_LOGS_KEY: self.held.take()}, checkpoint=checkpoint)
+        ray.train.report({**metrics, HELD_LOGS_KEY: self.held.take()}, checkpoint=checkpoint,
+                         checkpoint_upload_fn=persist_durably if checkpoint is not None else None)
 
     def on_log(self, state, metrics):
         # The wall-clock start of training lets the driver measure the trial's start-up.
@@ -161,6 +164,16 @@ class RayReporting:
         kind = KIND_MILESTONE if state.step in state.milestones else KIND_CHECKPOINT  # core's: max_steps the last
         # Every rank reports its own directory; Ray merges the per-rank files into one checkpoint.
         self.report({**metrics, "kind": kind}, checkpoint=Checkpoint.from_directory(str(path)))
+
+
+def persist_durably(checkpoint, dir_name):
+    """Ray's copy of this worker's checkpoint files into storage, then put on disk: the copy a re-run resumes from.
+    Ray copies with pyarrow and syncs nothing, so a crash of the storage's machine could leave the registered latest
+    checkpoint short, and every re-run of the trial fails on it (its checksums), with no way back to an older one."""
+    persisted = ray.train.get_context().get_storage().persist_current_checkpoint(checkpoint, dir_name)
+    if isinstance(persisted.filesystem, pyarrow.fs.LocalFileSystem):  # a local or mounted folder (NFS included)
+        fsync_copied(checkpoint.path, persisted.path)
+    return persisted
 
 
 class MilestonePassed(RuntimeError):
@@ -299,8 +312,9 @@ def _process_alive(pid):
 
 def _train(train, trial, run, reporting, local, resume_dir):
     out = Path(run["output"]) / "trials" / trial["trial_id"]
+    # The local folder is scratch: Ray's copy in storage is the checkpoint, made durable as it is persisted.
     train(train_config(trial, run.get("workers_per_node")), out, trial["milestones"], reporting,
-          resume_from=resume_dir, checkpoint_dir=local, shared_checkpoint_dir=False)
+          resume_from=resume_dir, checkpoint_dir=local, shared_checkpoint_dir=False, durable_checkpoints=False)
 
 
 class TrialTrainer(DataParallelTrainer):

@@ -167,3 +167,35 @@ def test_a_file_system_without_fsync_still_swaps_and_a_failed_write_stops_it(tmp
     with pytest.raises(OSError, match="Input/output error"):
         swap_in_folder(folder(tmp_path / ".new2", meta="2"), out, tmp_path / ".old2")
     assert contents(out) == {"meta": "1"} and contents(tmp_path / ".new2") == {"meta": "2"}  # the earlier one stays
+
+
+def synced_paths(monkeypatch):
+    """The paths os.fsync is called on from now on."""
+    real_fsync, synced = os.fsync, []
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced
+
+
+def test_a_scratch_folder_is_swapped_in_without_a_disk_write(tmp_path, monkeypatch):
+    # A Ray worker's local checkpoint is scratch (Ray's copy is the one resumed from): syncing it cost seconds a
+    # checkpoint at DiT-XL/2's size, for nothing.
+    synced = synced_paths(monkeypatch)
+    swap_in_folder(folder(tmp_path / ".new", meta="1"), tmp_path / "out", tmp_path / ".old", durable=False)
+    assert contents(tmp_path / "out") == {"meta": "1"} and synced == []
+
+
+def test_what_was_copied_is_put_on_disk_and_only_that(tmp_path, monkeypatch):
+    # Ray copies a worker's checkpoint into storage with pyarrow and syncs nothing: the copy a re-run resumes from.
+    source = folder(tmp_path / "local", **{"rng-rank1.pt": "r"})
+    folder(source / "deepspeed", **{"zero_pp_rank_1_optim_states.pt": "z"})
+    copy = folder(tmp_path / "storage", **{"rng-rank0.pt": "another rank's"})  # other workers copy into it too
+    folder(copy / "deepspeed", **{"zero_pp_rank_1_optim_states.pt": "z"})
+    (copy / "rng-rank1.pt").write_text("r")
+    synced = synced_paths(monkeypatch)
+    folder_swap.fsync_copied(source, copy)
+    assert sorted(synced) == sorted([str(copy / "rng-rank1.pt"), str(copy / "deepspeed" / "zero_pp_rank_1_optim_states.pt"),
+                                     str(copy / "deepspeed"), str(copy), str(tmp_path)])
