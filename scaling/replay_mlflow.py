@@ -21,11 +21,11 @@ import requests
 from mlflow.exceptions import MlflowException
 from sqlalchemy.exc import SQLAlchemyError
 
-from core.folder_lock import lock_folder
+from core.folder_lock import lock_file
 from scaling.continuation import continue_recorded_runs
 from scaling.mlflow_backfill import log_missing, rows_end
 from scaling.results import CURVES_FILE, load_curves, load_results, results_path
-from scaling.run import moved_store, sqlite_open_problem
+from scaling.run import OUTPUT_LOCK, moved_store, sqlite_open_problem
 from scaling.study import StudyError, load_study
 from scaling.tracking import (RUN_STATUS, STATUS_TAG, StudyTracker, default_tracking_uri, shown_uri,
                               unsupported_store)
@@ -56,12 +56,16 @@ def replay(output, uri=None):
 
 def _lock(output):
     """The output's lock, which the study's driver holds while it runs (its queued MLflow calls would log what the
-    replay logs again); None where the storage cannot lock a folder, or output is no folder (named later)."""
+    replay logs again); None where no driver ever ran there, the storage cannot lock, or output is no folder (named
+    later)."""
+    path = Path(output) / OUTPUT_LOCK
+    if not path.is_file():  # no driver ever ran there (the replay makes no file of its own)
+        return None
     try:
-        lock = lock_folder(output)
+        lock = lock_file(path, create=False)
     except OSError:
         return None
-    if lock is None:
+    if lock is None and path.is_file():  # held (a driver that failed to start removes it)
         raise ReplayError(f"{output} is in use by a running scaling.run of its study, which logs to MLflow itself; "
                           "replay it after that run ends")
     return lock

@@ -23,7 +23,7 @@ import uuid
 from pathlib import Path
 
 import scaling.no_telemetry  # noqa: F401 - first: before MLflow and Ray are imported
-from core.folder_lock import lock_folder
+from core.folder_lock import lock_file
 from scaling.continuation import continue_recorded_runs
 # Outside Tune's loop (else: below).
 from scaling.sigterm import Terminated, interruption, ray_exit_as_terminated, sigterm_interrupts
@@ -581,6 +581,8 @@ def run_study(study, address, build_report=True, report_dir=None, named="--addre
                     if address:  # a local Ray is one node
                         check_shared_storage(study)
         except BaseException as e:  # nothing was written yet: the folders made for it go (a Ctrl-C, Ray's failure)
+            if made:  # its lock file with it (a driver that opened it meanwhile found it held, and exits)
+                (out / OUTPUT_LOCK).unlink(missing_ok=True)
             for folder in made:
                 with contextlib.suppress(OSError):  # empty unless another process wrote there meanwhile
                     folder.rmdir()
@@ -654,14 +656,18 @@ def check_shared_storage(study):
                          f"as Ray keeps the trials' checkpoints under {study.output / 'ray'}")
 
 
+OUTPUT_LOCK = ".scaling-run.lock"  # the file in a study's output its running driver holds a lock on
+
+
 def lock_output(out):
     """An exclusive lock on the output folder (a descriptor to close), or None when another driver holds it.
 
-    Two drivers on one output would train the same trials twice and overwrite each other's Parquet rows.
+    Two drivers on one output would train the same trials twice and overwrite each other's Parquet rows. The lock is a
+    file's, which NFS can lock (a multi-node study's output is shared storage), not the folder's, which it cannot.
     """
     try:
-        return lock_folder(out)
-    except OSError as e:  # storage that cannot lock a folder (some NFS mounts): run unguarded
+        return lock_file(out / OUTPUT_LOCK)
+    except OSError as e:  # storage that cannot lock (Lustre mounted noflock): run unguarded
         print(f"warning: cannot lock {out} ({e.strerror}); do not start a second run of this study beside this one",
               file=sys.stderr)
         return os.open(out, os.O_RDONLY)  # closed as a lock would be

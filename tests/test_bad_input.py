@@ -557,7 +557,9 @@ def test_output_in_use_by_another_driver(tmp_path, capsys, monkeypatch):
     try:
         before = snapshot(tmp_path)
         # In this process too: flock locks belong to an open file, not to a process, so this driver's own
-        # open of the folder conflicts with `held` as another process's would.
+        # open of the lock file conflicts with `held` as another process's would. A file opened for writing, not the
+        # folder: NFS takes flock as a POSIX lock, which a folder opened read-only cannot have (it ran unguarded).
+        assert (out / scaling_run.OUTPUT_LOCK).is_file()
         assert scaling_run.main([str(path)]) == 2
         err = capsys.readouterr().err
         assert (f"error: {line_of(path, 'output')}: output: {out} is in use by another scaling.run of this study (its "

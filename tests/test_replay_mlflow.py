@@ -84,9 +84,9 @@ def test_a_failed_trial_of_an_earlier_study_file_does_not_fail_the_studys_run(ou
 
 def test_a_study_whose_driver_still_runs_is_not_replayed(out, capsys):
     # The driver's queued MLflow calls (a server that was away) would log again what the replay logs.
-    from core.folder_lock import lock_folder
+    from scaling.run import lock_output
 
-    lock = lock_folder(out)  # as scaling.run holds it while it runs
+    lock = lock_output(out)  # as scaling.run holds it while it runs
     try:
         assert refused(out, capsys, []) == (f"{out} is in use by a running scaling.run of its study, which logs to "
                                             "MLflow itself; replay it after that run ends")
