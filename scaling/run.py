@@ -29,7 +29,7 @@ from scaling.continuation import continue_recorded_runs
 from scaling.sigterm import Terminated, interruption, ray_exit_as_terminated, sigterm_interrupts
 from scaling.study import (StudyError, cached_inception_weights, check_cluster, eval_files_read, launch_order, load_study,
                            max_concurrent_trials, sqlite_parts, workers_per_node)
-from scaling.trial_storage import checkpoints_held, ray_storage
+from scaling.trial_storage import checkpoints_held, ray_storage, train_run_name
 
 EXIT_OK, EXIT_TRIALS_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal, as a shell reports it
@@ -76,6 +76,7 @@ def main(argv=None):
 
         # What the run would refuse here, said without refusing: the plan may be for another machine.
         for check in (lambda s: check_output(s, records), lambda s: check_measured_data(s, records),
+                      lambda s: check_checkpoint_processes(s, records),
                       lambda s: check_fid_basis(s, records), lambda s: passed_milestones(s, records),
                       lambda s: args.no_report or check_report_dir(s, args.report_dir),
                       lambda s: [] if args.address or os.environ.get("RAY_ADDRESS") else local_capacity_warnings(s)):
@@ -93,6 +94,7 @@ def main(argv=None):
     try:
         check_output(study, records)
         check_measured_data(study, records)
+        check_checkpoint_processes(study, records)
         report_dir = None if args.no_report else check_report_dir(study, args.report_dir)
         check_reachable(address, named)
         check_tracking_server(study)
@@ -397,6 +399,26 @@ def check_output(study, results=None):
     if free < needed:
         raise StudyError(f"{study.locate('output')}: output: {out} has {free / 2**30:.2f} GiB free; the study's checkpoints "
                          f"need about {needed / 2**30:.2f} GiB")
+
+
+def check_checkpoint_processes(study, results=None):
+    """Refuse a study whose unfinished trials' checkpoints were written by another number of processes under ZeRO 1-3
+    (the optimizer's states are in that many shards): each such trial would start its workers, load its data, fail
+    on its checkpoint, and again for each of Train's retries. ZeRO-0 resumes on any number. results: as check_output's."""
+    from scaling.results import recorded_trials
+    from scaling.trial_storage import latest_trainer_state
+
+    finished = recorded_trials(study, results)[0] if results is not None else set()
+    workers = study.raw["resources"]["workers_per_trial"]
+    for t in study.trials:
+        state = None if t.trial_id in finished else latest_trainer_state(study.output, t.trial_id)
+        if state and state.get("zero_stage", 0) > 0 and state.get("world_size") not in (None, workers):
+            raise StudyError(
+                f"{study.locate('resources.workers_per_trial')}: resources.workers_per_trial: trial {t.trial_id}'s "
+                f"checkpoint at step {state['step']} was written by {state['world_size']} processes with ZeRO-"
+                f"{state['zero_stage']}, whose optimizer states do not resume on {workers}: set workers_per_trial to "
+                f"{state['world_size']} until it finishes, or delete "
+                f"{ray_storage(study.output) / train_run_name(t.trial_id)} to train it again from step 0")
 
 
 def passed_milestones(study, results=None):

@@ -36,10 +36,20 @@ def checkpoints_held(output, trial_id):
 def checkpoint_step(output, trial_id):
     """The highest step of the checkpoints a trial's Train run holds in storage, 0 if none: a re-run of the trial
     resumes from it or, after a persist cut short that Ray never registered, from an earlier one, never a later."""
-    steps = [0]
-    for state in _trainer_states(output, trial_id):
+    state = latest_trainer_state(output, trial_id)
+    return state["step"] if state else 0
+
+
+def latest_trainer_state(output, trial_id):
+    """The trainer state (core.checkpoint's) of the highest-step checkpoint a trial's Train run holds, with its "path";
+    None if it holds none."""
+    latest = None
+    for path in _trainer_states(output, trial_id):
         try:
-            steps.append(int(json.loads(state.read_text())["step"]))
+            state = json.loads(path.read_text())
+            step = int(state["step"])
         except (OSError, ValueError, KeyError, TypeError):  # a folder cut short: Ray never registered it
             continue
-    return max(steps)
+        if latest is None or step > latest["step"]:
+            latest = {**state, "step": step, "path": path.parent}
+    return latest

@@ -2,6 +2,7 @@
 MLflow URI must name a store MLflow has, and the report folder must be one a report may replace; else exit 2 with
 nothing written."""
 import dataclasses
+import json
 import re
 import shutil
 import sqlite3
@@ -15,7 +16,7 @@ from scaling.results import RESULTS_SCHEMA, to_table, write_table
 from scaling.study import StudyError
 from test_bad_input import snapshot
 from test_results import row
-from test_study import BASE, STUDIES, line_of, write
+from test_study import BASE, STUDIES, line_of, load, write
 
 
 def study_with_output(tmp_path, extra=""):
@@ -368,3 +369,33 @@ def test_room_is_asked_for_the_checkpoints_of_the_trials_still_to_train(tmp_path
     monkeypatch.setattr(scaling_run.shutil, "disk_usage", lambda path: usage(2 * needed, needed, resuming - 1))
     with pytest.raises(StudyError, match=f"the study's checkpoints need about {resuming / 2 ** 30:.2f} GiB"):
         scaling_run.check_output(study, records)
+
+
+def test_checkpoints_of_another_number_of_processes_under_zero_are_refused_before_launch(tmp_path, capsys):
+    # Moved to a cluster of another GPU count (resources are no part of a trial's id): every unfinished trial started
+    # its workers, loaded its data, failed on its checkpoint's ZeRO shards, and again for each of Train's retries.
+    from core.checkpoint import STATE_FILE
+    from scaling.trial_storage import ray_storage, train_run_name
+
+    out = tmp_path / "out"
+    study = load(tmp_path, overrides=[f"output={out}", "train.zero_stage=2", "resources.workers_per_trial=1"])
+    trial = study.trials[0]
+    folder = ray_storage(out) / train_run_name(trial.trial_id)
+    for k, step in enumerate((10, 20)):
+        (folder / f"checkpoint_{k}").mkdir(parents=True)
+        (folder / f"checkpoint_{k}" / STATE_FILE).write_text(json.dumps(
+            {"step": step, "world_size": 2 if step == 20 else 1, "zero_stage": 2}))
+    (folder / "checkpoint_cut").mkdir()  # a persist cut short: no trainer state
+    with pytest.raises(StudyError) as err:
+        scaling_run.check_checkpoint_processes(study)
+    assert str(err.value) == (
+        f"{study.locate('resources.workers_per_trial')}: resources.workers_per_trial: trial {trial.trial_id}'s "
+        "checkpoint at step 20 was written by 2 processes with ZeRO-2, whose optimizer states do not resume on 1: set "
+        f"workers_per_trial to 2 until it finishes, or delete {folder} to train it again from step 0")
+    scaling_run.check_checkpoint_processes(load(tmp_path, overrides=[f"output={out}", "train.zero_stage=2",
+                                                                      "resources.workers_per_trial=2"]))
+    path = tmp_path / "study.yaml"  # load's
+    assert scaling_run.main([str(path), "--set", f"output={out}", "--set", "train.zero_stage=2", "--dry-run"]) == 0
+    assert "workers_per_trial to 2 until it finishes" in capsys.readouterr().err  # a dry run says it as a warning
+    (folder / "checkpoint_1" / STATE_FILE).write_text(json.dumps({"step": 20, "world_size": 2, "zero_stage": 0}))
+    scaling_run.check_checkpoint_processes(study)  # ZeRO-0's states are whole: any number resumes
