@@ -475,6 +475,20 @@ def test_a_checkpoint_of_another_batch_size_is_named(tmp_path, capsys):
                                             "sampler state has global_batch=8, this sampler has 16\n")
 
 
+def test_a_trainer_state_whose_step_is_not_the_engines_is_named(tmp_path, capsys):
+    # trainer_state.json is outside the checksums (it may be edited by hand): a step changed there resumed with another
+    # step's data position and randomness on the weights of step 2, unnoticed.
+    good = checkpoint_of_two_steps(tmp_path)
+    state = json.loads((good / "trainer_state.json").read_text())
+    state["step"], state["sampler"]["batch"] = 1, 1
+    (good / "trainer_state.json").write_text(json.dumps(state))
+    capsys.readouterr()
+    argv = CORE_TRAIN + ["--max-steps", "4", "--results-dir", str(tmp_path / "x"), "--resume", str(good)]
+    assert core_train.main(argv) == 2
+    assert capsys.readouterr().err.endswith(f"error: {good / 'trainer_state.json'} says step 1, but the weights and "
+                                            "optimizer states there were saved at step 2\n")
+
+
 def test_a_sampler_position_past_its_epoch_is_named(tmp_path, capsys):
     # It passed, and the first batch's indexing failed with an IndexError traceback.
     good = checkpoint_of_two_steps(tmp_path)
