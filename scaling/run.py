@@ -616,7 +616,14 @@ def run_study(study, address, build_report=True, report_dir=None, named="--addre
         with sigterm_interrupts():
             return _run_trials(study, build_report, report_dir, began, capacity, nodes)
     finally:
-        os.close(lock)  # the lock goes with the descriptor (and with the process, however it ends)
+        # Ray first where an error left it up (a second Ctrl-C, a driver's error): its trials' workers may still save
+        # checkpoints, and a driver started once the lock is free would meet them. Then the lock goes with the
+        # descriptor (and with the process, however it ends).
+        try:
+            if ray.is_initialized():
+                ray.shutdown()
+        finally:
+            os.close(lock)
 
 
 def check_capacity(study, local=False):

@@ -605,3 +605,29 @@ def test_a_stop_while_the_trials_runs_are_made_ends_the_studys_run(tmp_path, emp
     client, parents, children = mlflow_runs(out)
     assert [p.info.status for p in parents] == ["KILLED"] and len(children) == 2
     assert {c.info.status for c in children} == {"SCHEDULED"}  # made, never started
+
+
+def test_a_driver_that_fails_shuts_its_ray_down_before_it_frees_the_output(tmp_path, monkeypatch):
+    # A second Ctrl-C or a driver's error left Ray up (its trials' workers saving checkpoints) until the interpreter's
+    # exit, with the output's lock already free: a driver started meanwhile met them.
+    import ray
+
+    path, out = write_study(tmp_path)
+    order = []
+
+    def fails(*args):
+        raise RuntimeError("the driver failed")
+
+    shutdown = ray.shutdown
+    monkeypatch.setattr(scaling_run, "_run_trials", fails)
+    monkeypatch.setattr(ray, "shutdown", lambda *a, **k: order.append(("shutdown", free(out))) or shutdown(*a, **k))
+
+    def free(out):
+        held = scaling_run.lock_output(out)
+        if held is not None:
+            os.close(held)
+        return held is not None
+
+    with pytest.raises(RuntimeError, match="the driver failed"):
+        scaling_run.run_study(load_study(path), None, build_report=False)
+    assert order[:1] == [("shutdown", False)] and not ray.is_initialized() and free(out)
