@@ -262,13 +262,20 @@ def test_the_first_report_after_a_resume_says_the_training_time_it_resumed_at(tm
 
     from scaling import ray_trial
 
-    sent = []  # what Ray Train would be handed, outside a Train session
-    monkeypatch.setattr(ray_trial.ray.train, "report", lambda metrics, checkpoint=None: sent.append(metrics))
+    sent, uploads = [], []  # what Ray Train would be handed, outside a Train session
+
+    def report(metrics, checkpoint=None, checkpoint_upload_fn=None):
+        sent.append(metrics)
+        uploads.append(checkpoint_upload_fn)
+    monkeypatch.setattr(ray_trial.ray.train, "report", report)
     reporting = ray_trial.RayReporting({"trial_id": "t", "milestones": [10], "eval": {}}, {"output": str(tmp_path)})
     reporting.on_resume(SimpleNamespace(step=4, rank=0, world_size=1, resumed_train_time_s=12.5), {}, [])
     reporting.report({"step": 6, "kind": ray_trial.KIND_LOG})
     reporting.report({"step": 8, "kind": ray_trial.KIND_LOG})
     assert [m.get(ray_trial.RESUMED_KEY) for m in sent] == [12.5, None]
+    # A checkpoint's copy into storage is Ray's, then put on disk (ray_trial.persist_durably).
+    reporting.report({"step": 10, "kind": ray_trial.KIND_CHECKPOINT}, checkpoint=ray_trial.Checkpoint(str(tmp_path)))
+    assert uploads == [None, None, ray_trial.persist_durably]
 
 
 def _check_encode_as_rank(rank, trial, store_path, out):
