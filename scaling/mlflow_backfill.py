@@ -1,6 +1,5 @@
 """What results.parquet and loss_curves.parquet hold and a trial's MLflow run lacks, logged to it: by the replay
 (scaling.replay_mlflow), and by the driver at launch for the runs a killed driver left open."""
-import json
 
 from scaling.results import row_config, trial_end
 
@@ -25,8 +24,9 @@ def log_missing(tracker, results, curves, skip_unreadable=False):
     (the driver's catch-up at launch, which the replay can finish later) the run is left as it is."""
     logged = 0
     for trial_id, rows in results.groupby("trial_id"):
-        run_id = tracker.child_run(trial_id, json.loads(rows.config_json.iloc[0]))
         try:
+            # A row written by hand may have no config (rows_end tolerates it): the run's params are then none.
+            run_id = tracker.child_run(trial_id, row_config(rows.config_json.iloc[0]) or {})
             have_log = tracker.logged_steps(run_id, "train_loss", strict=True)
             # The driver logs train_compute with every milestone row; val_loss only where there is one
             # (train.val_batch 0 has none), but drivers before train_compute logged it.

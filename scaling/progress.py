@@ -40,8 +40,9 @@ class Progress:
         if images_per_s:
             self.speed[trial_id] = images_per_s
 
-    def finished(self, trial_id, ok):
-        self.state[trial_id] = "done" if ok else "failed"
+    def finished(self, trial_id, how):
+        """Trial trial_id ended: how is results.trial_end's "ok", "diverged" (a result, not a failure) or "failed"."""
+        self.state[trial_id] = {"ok": "done", "diverged": "diverged"}.get(how, "failed")
         self.maybe_print(force=True)
 
     def _compute(self, trial_id, step):
@@ -64,11 +65,13 @@ class Progress:
         return remaining / (progressed / elapsed)
 
     def render(self):
-        counts = {s: sum(v == s for v in self.state.values()) for s in ("done", "running", "pending", "failed")}
+        counts = {s: sum(v == s for v in self.state.values())
+                  for s in ("done", "running", "pending", "diverged", "failed")}
         eta = self.eta_seconds()
         now = self.clock()
         head = (f"[{_clock(now - self.start)}] trials: {counts['done']} done, {counts['running']} running, "
-                f"{counts['pending']} pending" + (f", {counts['failed']} failed" if counts["failed"] else "")
+                f"{counts['pending']} pending" + "".join(f", {counts[s]} {s}" for s in ("diverged", "failed")
+                                                          if counts[s])
                 + (f" | ETA {_clock(eta)}" if eta is not None else ""))
         lines = [head]
         for i, s in self.state.items():

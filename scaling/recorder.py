@@ -79,10 +79,11 @@ class Recorder(Callback):
         self.failed = set()  # trials that ended diverged or failed
         self.ended = set()  # trials Tune saw end (finished, diverged or failed) in this run
         self.end_status = {}
-        # Orchestration overhead per trial (driver clock): start-up from its slot coming free (the sweep's start, or
-        # the end of the trial before it there) until its first training step, last report until the slot is free
-        # again. Tune's on_trial_start comes only once the trial's actor is up (a fresh process's start and imports,
-        # about 2 s on the AVX2 box, for a study's first trials), so it is not where the clock starts.
+        # Orchestration overhead per trial: start-up from its slot coming free, on the driver's clock (the sweep's
+        # start, or the end of the trial before it there), to its first training step, on its worker's clock (another
+        # node's on a cluster: their skew is in it); teardown from its last report until the slot is free again. Tune's
+        # on_trial_start comes only once the trial's actor is up (a fresh process's start and imports, about 2 s on
+        # the AVX2 box, for a study's first trials), so it is not where the clock starts.
         self.started_at, self.last_result_at, self.overhead = {}, {}, {}
         self.resumed_at = {}  # trial -> the training time of the checkpoint it began this driver run at (None: none)
         self.free_slots, self.scheduled_at = [], {}  # when each free slot came free (oldest first); each trial's slot's
@@ -135,7 +136,7 @@ class Recorder(Callback):
                                   columns=["trial_id", "step", *LOG_METRICS])
             log_missing(self.tracker, pd.DataFrame(rows), curves, skip_unreadable=True)
             for trial_id in {r["trial_id"] for r in rows} & self.mlflow_step.keys():  # runs opened before: past these
-                self.mlflow_step[trial_id] = self.tracker.last_logged_step(self.run_ids[trial_id])
+                self.mlflow_step[trial_id] = self._logged_through(trial_id, self.run_ids[trial_id])
         for trial_id in finished & open_runs.keys():
             self._end_run(open_runs[trial_id], self._trial_end(trial_id))
         for trial_id in open_runs.keys() - self.trials.keys():
@@ -214,12 +215,20 @@ class Recorder(Callback):
                 self.tracker.log_artifact(run_id, result["grid_path"], "samples")
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        self.free_slots.append(time.time())  # Tune starts the trial again, in a slot as any other
+        self._slot_freed(trials, trial)  # Tune starts the trial again, in a slot as any other: it waits for one
+
+    def _slot_freed(self, trials, waiting=None):
+        """A trial's slot came free: the start-up of the next trial to start counts from here, where one waits (a slot
+        freed with none pending stays idle: a trial rerun much later, its node lost, took it and counted the idle
+        time as its start-up)."""
+        if waiting is not None or any(t.status == "PENDING" for t in trials):
+            self.free_slots.append(time.time())
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.free_slots.append(time.time())
+        self._slot_freed(trials)
         trial_id = trial.config["trial"]["trial_id"]
-        ok = trial_id not in self.failed
+        # How it ended by its rows (a retried trial's earlier divergence stands: its rerun's end is no result).
+        how = self._trial_end(trial_id) or "failed"
         if trial_id in self.last_result_at:
             teardown = time.time() - self.last_result_at[trial_id]
             self.overhead.setdefault(trial_id, {})["teardown_s"] = teardown
@@ -231,21 +240,20 @@ class Recorder(Callback):
                 self.write()
                 self.tracker.log_metrics(self._run_id(trial_id), {"teardown_s": teardown},
                                          max(self.mlflow_step.get(trial_id, 0), 0))
-        if ok:
-            self.tracker.set_tags(self._run_id(trial_id), {STATUS_TAG: "ok"})
-        self.tracker.finish(self._run_id(trial_id), "FINISHED" if ok else "FAILED")
+        self._end_run(self._run_id(trial_id), how)
         self.ended.add(trial_id)
-        self.progress.finished(trial_id, ok)
+        self.progress.finished(trial_id, how)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.free_slots.append(time.time())
+        self._slot_freed(trials)
         t = self.trials[trial.config["trial"]["trial_id"]]
         error = str(info.get("error") or trial.error_file or "trial error")
-        ok = self._measured_every_milestone(t)
-        self._end(t, {"status": "failed", "error": error})
-        self.tracker.finish(self._run_id(t.trial_id), "FINISHED" if ok else "FAILED")
+        if self.end_status.get(t.trial_id) != "failed":  # its own end report said why (MilestonePassed, say): kept
+            self._end(t, {"status": "failed", "error": error})
+        how = self._trial_end(t.trial_id) or "failed"
+        self.tracker.finish(self._run_id(t.trial_id), RUN_STATUS[how])
         self.ended.add(t.trial_id)
-        self.progress.finished(t.trial_id, ok)
+        self.progress.finished(t.trial_id, how)
 
     def _trial_end(self, trial_id):
         """results.trial_end of a trial of the study, from the rows recorded so far."""
@@ -316,8 +324,9 @@ class Recorder(Callback):
             # wall_time_s is the trial's training time over all its runs: count from the checkpoint it resumed at here
             # (its first report says), else from where earlier driver runs measured it last; a checkpoint past that row
             # holds training an earlier run did.
-            resumed_at = self.resumed_at.get(trial_id)
-            if resumed_at is None:
+            if trial_id in self.resumed_at:  # its first report says: the checkpoint's time, or none (from step 0)
+                resumed_at = self.resumed_at[trial_id] or 0.0
+            else:  # no report in this run
                 resumed_at = max((_seconds(r["wall_time_s"]) for r in earlier), default=0.0)
             trained_to = max((_seconds(r["wall_time_s"]) for r in here), default=resumed_at)
             busy += max(trained_to - resumed_at, 0.0) + sum(_seconds(r["eval_time_s"]) for r in here)
@@ -389,8 +398,17 @@ class Recorder(Callback):
         if trial_id not in self.run_ids:
             run_id = self.tracker.child_run(trial_id, self.trials[trial_id].to_dict(), status)
             self.run_ids[trial_id] = run_id
-            self.mlflow_step[trial_id] = self.tracker.last_logged_step(run_id)
+            self.mlflow_step[trial_id] = self._logged_through(trial_id, run_id)
         return self.run_ids[trial_id]
+
+    def _logged_through(self, trial_id, run_id):
+        """The last step of the trial's loss curve in its MLflow run, past which its logs go there; where the store
+        does not answer (or holds calls queued), the last one Parquet holds: a resumed trial re-sends every log it
+        made, and taken as none, the whole curve was logged twice."""
+        try:
+            return max(self.tracker.logged_steps(run_id, "train_loss", strict=True), default=-1)
+        except Exception:
+            return max((s for (i, s) in self.curves if i == trial_id), default=-1)
 
 
 def _config_json(t):

@@ -26,7 +26,7 @@ from scaling.fits import (CHINCHILLA, CI_LEVEL, N_BOOT, POWER_LAW, SATURATING_PO
 from scaling.report_folder import ReportDestinationError, check_report_destination, default_report_dir, \
     swap_in_report
 from scaling.results import (RESULTS_SCHEMA, STATUSES, check_trial_rows, load_results, paper_results, results_path,
-                             row_where, to_table)
+                             row_config, row_where, to_table)
 from scaling.sigterm import Terminated, interruption, sigterm_interrupts  # a report being built goes, as on Ctrl-C
 
 STATUS_RANK = {"ok": 0, "diverged": 1, "failed": 2}
@@ -367,7 +367,7 @@ def mixed_loss_settings(rows, loss):
     """Each loss setting that takes several values among the rows with a loss, as "name: value, value" (the study
     file's settings read from each row's config_json; rows without one count for none)."""
     with_loss = _finite(rows, loss)
-    configs = [_config(text) for text in with_loss.get("config_json", pd.Series([None] * len(with_loss)))]
+    configs = [row_config(text) or {} for text in with_loss.get("config_json", pd.Series([None] * len(with_loss)))]
     out = []
     for name, path in LOSS_SETTINGS.items():
         if path is None:
@@ -378,15 +378,6 @@ def mixed_loss_settings(rows, loss):
             shown = f"{len(values)} different" if name == "data_encode" else ", ".join(sorted(map(_setting, values)))
             out.append(f"{name}: {shown}")
     return out
-
-
-def _config(text):
-    """A row's config_json as a dict ({} where it has none or it does not read)."""
-    try:
-        config = json.loads(text) if isinstance(text, str) else {}
-    except ValueError:
-        return {}
-    return config if isinstance(config, dict) else {}
 
 
 def _nested(config, path):

@@ -44,7 +44,7 @@ def test_progress_prints_at_most_every_interval():
     assert out.getvalue().count("trials:") == 1
     clock.now += 5
     progress.maybe_print()
-    progress.finished("a", ok=True)  # a trial's end prints at once
+    progress.finished("a", "ok")  # a trial's end prints at once
     assert out.getvalue().count("trials:") == 3 and out.getvalue().splitlines()[-1].startswith("[0:00:10] trials: 1 done")
 
 
@@ -61,3 +61,13 @@ def test_a_resumed_trials_eta_counts_this_runs_progress_only():
     clock.now += 30
     progress.update("a", 1510, 0.125, 100.0)
     assert progress.render().splitlines()[0] == "[0:01:00] trials: 0 done, 1 running, 1 pending | ETA 2:49:00"  # 1690 steps at 10 a minute
+
+
+def test_a_diverged_trial_is_counted_as_diverged_not_failed():
+    # A divergence is a result (the exit status and the re-run count it so): the header said "1 failed".
+    clock, out = Clock(), io.StringIO()
+    progress = Progress([trial("a"), trial("b"), trial("c")], stream=out, clock=clock)
+    progress.finished("a", "diverged")
+    progress.finished("b", "failed")
+    progress.finished("c", "ok")
+    assert progress.render().splitlines()[0] == "[0:00:00] trials: 1 done, 0 running, 0 pending, 1 diverged, 1 failed"

@@ -74,8 +74,8 @@ def steps_of(rec, t, key):
                                    key=lambda m: m.step)]
 
 
-def tune_trial(t):
-    return SimpleNamespace(config={"trial": {"trial_id": t.trial_id}}, error_file=None)
+def tune_trial(t, status="RUNNING"):
+    return SimpleNamespace(config={"trial": {"trial_id": t.trial_id}}, error_file=None, status=status)
 
 
 def milestone(step, **metrics):
@@ -146,10 +146,22 @@ def test_busy_seconds_count_only_this_runs_work(study):
     assert math.isnan(load_results(study.output).eval_time_s.iloc[0])
     rec = recorder(study)
     assert rec.busy_seconds([t.trial_id]) == 0.0  # nothing done here yet, and NaN counts as nothing
-    # Resumed here: 30 s more of training up to milestone 20, then 7 s of evaluation.
+    # Resumed here from milestone 10's checkpoint (its first report says): 30 s more of training up to milestone 20,
+    # then 7 s of evaluation.
+    rec.on_trial_start(0, [], tune_trial(t))
+    rec.on_trial_result(0, [], tune_trial(t), milestone(20, train_time_s=130.0, eval_time_s=7.0, **{RESUMED_KEY: 100.0}))
+    assert rec.busy_seconds([t.trial_id]) == pytest.approx(37.0)
+
+
+def test_busy_seconds_of_a_trial_trained_again_from_step_0(study):
+    # Its first report without a resumed time: trained from step 0 (a continuation that starts over, checkpoints
+    # lost). It was counted from the earlier run's last row, 100 s: 37 s of 137.
+    t = study.trials[0]
+    recorder(study).on_trial_result(0, [], tune_trial(t), milestone(10, train_time_s=100.0, eval_time_s=4.0))
+    rec = recorder(study)
     rec.on_trial_start(0, [], tune_trial(t))
     rec.on_trial_result(0, [], tune_trial(t), milestone(20, train_time_s=130.0, eval_time_s=7.0))
-    assert rec.busy_seconds([t.trial_id]) == pytest.approx(37.0)
+    assert rec.busy_seconds([t.trial_id]) == pytest.approx(137.0)
 
 
 def test_busy_seconds_count_from_the_checkpoint_a_trial_resumed_at(study):
@@ -188,6 +200,59 @@ def test_a_failure_after_the_last_milestone_leaves_the_trial_finished_and_ok(stu
     assert recorded_trials(study) == ({t.trial_id}, set())
     assert rec.failed_count() == 0 and rec.ended == {t.trial_id}
     assert "teardown broke" in run.data.tags["dit_scaling.error_after_last_milestone"]
+
+
+def test_a_trial_rerun_after_it_diverged_still_ends_diverged(study):
+    # Its Tune actor's node died after the divergence: Tune ran it again, and the rerun's failed end report went (a
+    # failure after a divergence), but the run ended FINISHED, tagged "ok", as the trial was no longer "failed".
+    rec, t = recorder(study), study.trials[0]
+    rec.on_trial_start(0, [], tune_trial(t))
+    rec.on_trial_result(0, [], tune_trial(t), milestone(10))
+    rec.on_trial_result(0, [], tune_trial(t), {"kind": KIND_END, "status": "diverged", "step": 15, "error": "nan"})
+    rec.on_trial_recover(0, [tune_trial(t, "PENDING")], tune_trial(t))
+    rec.on_trial_start(0, [], tune_trial(t))
+    rec.on_trial_result(0, [], tune_trial(t), {"kind": KIND_END, "status": "failed", "error": "resumed past 15"})
+    rec.on_trial_complete(0, [], tune_trial(t))
+    run = trial_run(rec, t)
+    assert run.data.tags["dit_scaling.status"] == "diverged" and run.info.status == "FAILED"
+    assert rec.progress.state[t.trial_id] == "diverged" and rec.failed_count() == 0
+
+
+def test_a_trials_own_failure_report_is_kept_when_tune_then_reports_its_error(study):
+    # The trial's end report named why (a milestone it passed); Tune's error for the same attempt then replaced it by
+    # the error file's path.
+    rec, t = recorder(study), study.trials[0]
+    rec.on_trial_start(0, [], tune_trial(t))
+    rec.on_trial_result(0, [], tune_trial(t), milestone(10))
+    rec.on_trial_result(0, [], tune_trial(t), {"kind": KIND_END, "status": "failed", "step": 12,
+                                               "error": "resumed past milestone 20 without a result"})
+    rec.on_trial_error(0, [], tune_trial(t), error=RuntimeError("/tmp/ray/error.txt"))
+    df = load_results(study.output)
+    assert df.step.tolist() == [10, 12] and df.error.tolist()[1] == "resumed past milestone 20 without a result"
+    run = trial_run(rec, t)
+    assert run.info.status == "FAILED" and rec.failed_count() == 1 and rec.progress.state[t.trial_id] == "failed"
+
+
+def test_a_store_that_does_not_answer_at_a_trials_start_does_not_log_its_curve_twice(study, monkeypatch):
+    # Its logged steps read as none: a resumed trial re-sends every log it made, and each went to MLflow again.
+    first, t = recorder(study), study.trials[0]
+    first.on_trial_start(0, [], tune_trial(t))
+    for step in (5, 10):
+        first.on_trial_result(0, [], tune_trial(t), {"kind": KIND_LOG, "step": step, "train_loss": 0.4, "lr": 1e-3})
+    first.on_trial_result(0, [], tune_trial(t), milestone(10))  # the curve to here in Parquet too
+    first.tracker.flush()
+    rec = recorder(study)
+    read = rec.tracker.logged_steps
+
+    def fails_once(run_id, key, strict=False):
+        monkeypatch.setattr(rec.tracker, "logged_steps", read)
+        raise ConnectionError("the store does not answer")
+    monkeypatch.setattr(rec.tracker, "logged_steps", fails_once)
+    rec.on_trial_start(0, [], tune_trial(t))
+    for step in (5, 10, 15):  # resumed: its earlier logs again, then a new one
+        rec.on_trial_result(0, [], tune_trial(t), {"kind": KIND_LOG, "step": step, "train_loss": 0.4, "lr": 1e-3})
+    rec.tracker.flush()
+    assert steps_of(rec, t, "train_loss") == [5, 10, 15]
 
 
 def test_a_failure_after_a_divergence_leaves_the_divergence_as_the_result(study, capsys):
@@ -610,12 +675,33 @@ def test_start_up_counts_from_the_slot_coming_free_not_from_tunes_trial_start(st
                                                "images_per_s": 50.0, "first_step_at": 1007.5})
     assert rec.overhead[t.trial_id]["startup_s"] == 7.5
     now[0] = 1100.0
-    rec.on_trial_complete(0, [], tune_trial(t))  # its slot is free again at 1100
+    rec.on_trial_complete(0, [tune_trial(second, "PENDING")], tune_trial(t))  # its slot is free again at 1100
     now[0] = 1100.2  # a reused actor: Tune starts the next trial in it at once
     rec.on_trial_start(0, [], tune_trial(second))
     rec.on_trial_result(0, [], tune_trial(second), {"kind": KIND_LOG, "step": 5, "train_loss": 0.4, "lr": 1e-3,
                                                     "images_per_s": 50.0, "first_step_at": 1103.0})
     assert rec.overhead["second"]["startup_s"] == pytest.approx(3.0)
+
+
+def test_a_trial_rerun_after_its_node_died_counts_its_start_up_from_then_not_from_an_idle_slot(study, clock):
+    # A slot freed with no trial pending stayed in the queue: a trial Tune reran much later (its node lost) took it,
+    # and its start-up counted the idle time (415 s for 15).
+    now = clock
+    rec, t = recorder(study), study.trials[0]
+    other = dataclasses.replace(t, trial_id="other")
+    rec.trials["other"] = other
+    rec.open_slots(2)  # at 1000
+    rec.on_trial_start(0, [], tune_trial(t))
+    rec.on_trial_start(0, [], tune_trial(other))
+    now[0] = 1100.0
+    rec.on_trial_complete(0, [tune_trial(t, "TERMINATED"), tune_trial(other)], tune_trial(other))  # none pending
+    now[0] = 1500.0
+    rec.on_trial_recover(0, [tune_trial(t, "PENDING")], tune_trial(t))  # its node died
+    now[0] = 1510.0
+    rec.on_trial_start(0, [], tune_trial(t))
+    rec.on_trial_result(0, [], tune_trial(t), {"kind": KIND_LOG, "step": 5, "train_loss": 0.4, "lr": 1e-3,
+                                               "images_per_s": 50.0, "first_step_at": 1515.0})
+    assert rec.overhead[t.trial_id]["startup_s"] == pytest.approx(15.0) and rec.free_slots == []
 
 
 def test_the_overhead_summary_counts_the_trials_whose_start_up_was_measured(study, clock):
@@ -651,3 +737,18 @@ def test_a_resumed_trials_progress_counts_from_its_first_report(study):
     assert rec.progress.done_compute() - rec.progress.start_compute == before == 0  # earlier runs' training
     rec.on_trial_result(0, [], tune_trial(t), {"kind": KIND_LOG, "step": 16, "train_loss": 0.4, "lr": 1e-3})
     assert rec.progress.done_compute() - rec.progress.start_compute == pytest.approx(t.gflops * 32 * 3)  # one step
+
+
+def test_the_launch_catch_up_passes_a_row_without_its_config(study):
+    # config_json is nullable (a row written by hand): the catch-up's json.loads(None) ended the driver's launch.
+    import pandas as pd
+
+    from scaling.mlflow_backfill import log_missing
+
+    rec, t = recorder(study), study.trials[0]
+    rows = pd.DataFrame([{"trial_id": t.trial_id, "step": 10, "status": "ok", "config_json": None, "train_loss": 0.3,
+                          "train_compute": 1.0, "fid": 90.0, "startup_s": None, "teardown_s": None}])
+    curves = pd.DataFrame([{"trial_id": t.trial_id, "step": 5, "train_loss": 0.4}])
+    assert log_missing(rec.tracker, rows, curves, skip_unreadable=True) == 2
+    rec.tracker.flush()
+    assert steps_of(rec, t, "train_loss") == [5] and steps_of(rec, t, "fid") == [10]
