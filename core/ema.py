@@ -9,8 +9,9 @@ class EMA:
     """An fp32 copy of a model updated as ema = decay * ema + (1 - decay) * weights.
 
     The weights are the fp32 ones the optimizer steps: under bf16, DeepSpeed's fp32 master copy, not the bf16 module
-    (whose rounding, about one AdamW step at 1e-4, the average would keep). Each rank holds the master of its own
-    partition only, so it moves that part of the EMA, and synchronize() gathers the parts before the EMA is read.
+    (whose rounding, about one AdamW step at 1e-4, the average would keep). Under ZeRO 1-2 each rank holds the master
+    of its own partition only, so it moves that part of the EMA, and synchronize() gathers the parts before the EMA is
+    read; under ZeRO-0 every rank holds them whole (follow_masters).
     """
 
     def __init__(self, model, decay):
@@ -19,15 +20,33 @@ class EMA:
         self.decay = decay
         self.model = copy.deepcopy(model).float().eval().requires_grad_(False)
         self._ema_params = list(self.model.parameters())
+        self._optimizer = None
+
+    def follow_masters(self, optimizer):
+        """Follow the whole fp32 masters a DeepSpeed optimizer keeps beside its bf16 parameters (ZeRO-0's bf16
+        optimizer: fp16_groups and fp32_groups, whatever the low precision). ZeRO 1-2's partitions need nothing: their
+        parameters name their own (_hp_mapping)."""
+        self._optimizer = optimizer
+
+    def _whole_masters(self):
+        """{id(bf16 parameter): its fp32 master}, read from the optimizer at each update (a resume copies into them)."""
+        low, high = (getattr(self._optimizer, name, None) for name in ("fp16_groups", "fp32_groups"))
+        if low is None or high is None:
+            return {}
+        return {id(p): m for group, masters in zip(low, high) for p, m in zip(group, masters)}
 
     @torch.no_grad()
     def update(self, params):
         """Move toward params (the training model's parameters, in the EMA's order), or their fp32 masters."""
         ema_parts, current = [], []
+        whole = self._whole_masters()
         for ema_p, p in zip(self._ema_params, params):
             if not p.requires_grad:  # fixed (the sin-cos positions): its fp32 copy stays, not a bf16 rounding of it
                 continue
-            if _has_master(p):
+            if id(p) in whole and p.dtype != torch.float32:
+                ema_parts.append(ema_p)
+                current.append(whole[id(p)].detach().float())
+            elif _has_master(p):
                 mapping = p._hp_mapping  # DeepSpeed's link of the param to its slice of the flat fp32 partition
                 if mapping is None:  # another rank's partition holds all of it
                     continue
@@ -64,6 +83,7 @@ class EMA:
 
 
 def _has_master(param):
-    """Whether DeepSpeed steps an fp32 master of param, the module's own being a rounding of it (bf16 under ZeRO 0-2;
-    ZeRO-3's masters are partitioned otherwise, and its EMA follows the gathered module weights)."""
+    """Whether DeepSpeed steps a partitioned fp32 master of param that param names, the module's own being a rounding
+    of it (bf16 under ZeRO 1-2; ZeRO-3's masters are partitioned otherwise, and its EMA follows the gathered module
+    weights)."""
     return hasattr(param, "_hp_mapping") and param.dtype != torch.float32

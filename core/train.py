@@ -616,6 +616,7 @@ def _train(cfg, out_dir, milestones, callbacks, resume_from, checkpoint_dir, sha
     ds_config = deepspeed_config(cfg.batch_size, micro, cfg.grad_accum, cfg.zero_stage, cfg.precision, cfg.grad_clip)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     engines.append(engine)
+    ema.follow_masters(engine.optimizer)  # under bf16, the fp32 weights it steps, not the bf16 module's rounding
     if world == 1 and cfg.zero_stage == 0:
         # One process: the gradient all-reduce would average each gradient with itself (DeepSpeed
         # skips it the same way when it has no communication backend). Stages 1-3 reduce into

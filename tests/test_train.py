@@ -529,29 +529,41 @@ def torchrun(out, zero_stage, nproc=2, resume="none", val_batch=32, max_steps=12
     return history(Path(out) / "DiT-P-2")
 
 
-def fp32_masters_and_ema(run):
-    """The fp32 master weights of a bf16 ZeRO run's latest checkpoint (DeepSpeed's own reassembly) and its EMA."""
+def fp32_masters_and_ema(run, zero_stage):
+    """The fp32 master weights of a bf16 ZeRO run's latest checkpoint and its EMA: ZeRO-2's reassembled by DeepSpeed's
+    own tool, ZeRO-0's (whole, in its optimizer's state) named in the order of the model's trained parameters."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     latest = ckpt.latest_checkpoint(Path(run) / "checkpoints")
+    ema = load_file(str(latest / ckpt.EMA_FILE))
+    if zero_stage == 0:
+        saved = torch.load(latest / ckpt.ENGINE_DIR / ckpt.ENGINE_TAG / "mp_rank_00_model_states.pt", weights_only=False)
+        from core.models import DiT
+
+        mcfg = json.loads((latest / ckpt.STATE_FILE).read_text())["model_config"]
+        names = [n for n, p in DiT(**mcfg).named_parameters() if p.requires_grad]  # the optimizer's order
+        (group,) = saved["optimizer"]["fp32_groups"]
+        return dict(zip(names, group, strict=True)), ema
     masters = get_fp32_state_dict_from_zero_checkpoint(str(latest / ckpt.ENGINE_DIR), tag=ckpt.ENGINE_TAG,
                                                        exclude_frozen_parameters=True)
-    return masters, load_file(str(latest / ckpt.EMA_FILE))
+    return masters, ema
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_under_bf16_the_ema_averages_the_fp32_masters_not_the_bf16_weights(tmp_path, nproc):
+@pytest.mark.parametrize("nproc, zero_stage", [(1, 2), (2, 2), (1, 0), (2, 0)])
+def test_under_bf16_the_ema_averages_the_fp32_masters_not_the_bf16_weights(tmp_path, nproc, zero_stage):
     # DeepSpeed's bf16 module is a rounding of the fp32 masters its optimizer steps (a bf16 step at 0.02 is about one
     # AdamW step at lr 1e-4): the EMA averaged that rounding. With decay 0 the EMA is the last weights it followed.
-    # Two processes each hold half of the masters: each moves its half, and the halves are gathered at a checkpoint.
+    # Under ZeRO-2 two processes each hold half of the masters: each moves its half, and the halves are gathered at a
+    # checkpoint; ZeRO-0's optimizer holds them whole on every process.
     extra = ["--precision", "bf16", "--ema-decay", "0", "--log-every", "3"]
     if nproc == 1:
-        train(tiny_config(max_steps=6, ckpt_every=6, precision="bf16", zero_stage=2, ema_decay=0.0), tmp_path / "run")
+        train(tiny_config(max_steps=6, ckpt_every=6, precision="bf16", zero_stage=zero_stage, ema_decay=0.0),
+              tmp_path / "run")
         run = tmp_path / "run"
     else:
-        torchrun(tmp_path / "two", 2, max_steps=6, extra=extra)
+        torchrun(tmp_path / "two", zero_stage, max_steps=6, extra=extra)
         run = tmp_path / "two" / "DiT-P-2"
-    masters, ema = fp32_masters_and_ema(run)
+    masters, ema = fp32_masters_and_ema(run, zero_stage)
     assert masters.keys() == ema.keys() - {"pos_embed"} and len(masters) > 10
     assert all(torch.equal(ema[k], masters[k]) for k in masters), [k for k in masters if not torch.equal(ema[k], masters[k])]
     rounded = sum(torch.equal(v, v.bfloat16().float()) for v in masters.values() if v.numel() > 1)
