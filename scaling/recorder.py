@@ -76,7 +76,6 @@ class Recorder(Callback):
         for run_id, path in moved_runs.items():  # a finished trial does not start again to say so
             self.tracker.set_tags(run_id, {DATA_PATH_TAG: path})
         self.run_ids, self.mlflow_step = {}, {}
-        self.failed = set()  # trials that ended diverged or failed
         self.ended = set()  # trials Tune saw end (finished, diverged or failed) in this run
         self.end_status = {}
         # Orchestration overhead per trial: start-up from its slot coming free, on the driver's clock (the sweep's
@@ -87,6 +86,7 @@ class Recorder(Callback):
         self.started_at, self.last_result_at, self.overhead = {}, {}, {}
         self.resumed_at = {}  # trial -> the training time of the checkpoint it began this driver run at (None: none)
         self.free_slots, self.scheduled_at = [], {}  # when each free slot came free (oldest first); each trial's slot's
+        self.recovered_at = {}  # trial -> when Tune took it back to run again (its node lost)
         self.recorded_here = set()  # (trial id, step) of the rows this driver measured, which its timings describe
         self.relay = None  # the study's RelayMailboxes actor, told of every milestone row (tell_relay)
 
@@ -151,10 +151,12 @@ class Recorder(Callback):
         # A retried failure: its old "failed" row, and the end it reported, give way to what this attempt measures
         # (a trial rerun after its Tune actor's node died, its failure reported but not collected, would end FAILED).
         self.rows = {k: r for k, r in self.rows.items() if not (k[0] == trial_id and r["status"] == "failed")}
-        self.failed.discard(trial_id)
         self.end_status.pop(trial_id, None)
         self.started_at[trial_id] = time.time()
-        self.scheduled_at[trial_id] = self.free_slots.pop(0) if self.free_slots else self.started_at[trial_id]
+        if trial_id in self.recovered_at:  # a rerun: from when Tune took it back
+            self.scheduled_at[trial_id] = self.recovered_at.pop(trial_id)
+        else:
+            self.scheduled_at[trial_id] = self.free_slots.pop(0) if self.free_slots else self.started_at[trial_id]
         run_id = self._run_id(trial_id)
         self.tracker.set_status(run_id, "RUNNING")
         # The run itself was created when the study launched: this is when the trial got its slot. A retry's
@@ -215,17 +217,19 @@ class Recorder(Callback):
                 self.tracker.log_artifact(run_id, result["grid_path"], "samples")
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        self._slot_freed(trials, trial)  # Tune starts the trial again, in a slot as any other: it waits for one
+        # Tune starts the trial again, in a slot as any other: its start-up counts from here (a slot of the queue could
+        # have come free long before, and stood idle).
+        self.recovered_at[trial.config["trial"]["trial_id"]] = time.time()
 
-    def _slot_freed(self, trials, waiting=None):
-        """A trial's slot came free: the start-up of the next trial to start counts from here, where one waits (a slot
-        freed with none pending stays idle: a trial rerun much later, its node lost, took it and counted the idle
-        time as its start-up)."""
-        if waiting is not None or any(t.status == "PENDING" for t in trials):
+    def _slot_freed(self):
+        """A trial's slot came free: the start-up of the next trial to start counts from here, where one of this run's
+        has yet to start (Tune makes the next trial only after this callback: none is PENDING yet). A slot freed with
+        none left stays idle: a trial rerun much later, its node lost, took it and counted the idle time."""
+        if any(state == "pending" for state in self.progress.state.values()):
             self.free_slots.append(time.time())
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._slot_freed(trials)
+        self._slot_freed()
         trial_id = trial.config["trial"]["trial_id"]
         # How it ended by its rows (a retried trial's earlier divergence stands: its rerun's end is no result).
         how = self._trial_end(trial_id) or "failed"
@@ -245,7 +249,7 @@ class Recorder(Callback):
         self.progress.finished(trial_id, how)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._slot_freed(trials)
+        self._slot_freed()
         t = self.trials[trial.config["trial"]["trial_id"]]
         error = str(info.get("error") or trial.error_file or "trial error")
         if self.end_status.get(t.trial_id) != "failed":  # its own end report said why (MilestonePassed, say): kept
@@ -366,7 +370,6 @@ class Recorder(Callback):
         self.rows[(t.trial_id, step)] = self._row(t, {**result, "step": step}, status, result.get("error"),
                                                   self._run_id(t.trial_id))
         self.recorded_here.add((t.trial_id, step))
-        self.failed.add(t.trial_id)
         self.end_status[t.trial_id] = status
         self.tracker.set_tags(self._run_id(t.trial_id), {STATUS_TAG: status})
         self.write()
@@ -405,10 +408,13 @@ class Recorder(Callback):
         """The last step of the trial's loss curve in its MLflow run, past which its logs go there; where the store
         does not answer (or holds calls queued), the last one Parquet holds: a resumed trial re-sends every log it
         made, and taken as none, the whole curve was logged twice."""
+        in_parquet = max((s for (i, s) in self.curves if i == trial_id), default=-1)
         try:
-            return max(self.tracker.logged_steps(run_id, "train_loss", strict=True), default=-1)
+            logged = max(self.tracker.logged_steps(run_id, "train_loss", strict=True), default=-1)
         except Exception:
-            return max((s for (i, s) in self.curves if i == trial_id), default=-1)
+            return in_parquet
+        # Calls still queued (the store was away) log more than it holds yet: Parquet's steps are among them.
+        return max(logged, in_parquet) if self.tracker.pending else logged
 
 
 def _config_json(t):

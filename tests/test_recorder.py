@@ -74,8 +74,8 @@ def steps_of(rec, t, key):
                                    key=lambda m: m.step)]
 
 
-def tune_trial(t, status="RUNNING"):
-    return SimpleNamespace(config={"trial": {"trial_id": t.trial_id}}, error_file=None, status=status)
+def tune_trial(t):
+    return SimpleNamespace(config={"trial": {"trial_id": t.trial_id}}, error_file=None)
 
 
 def milestone(step, **metrics):
@@ -209,7 +209,7 @@ def test_a_trial_rerun_after_it_diverged_still_ends_diverged(study):
     rec.on_trial_start(0, [], tune_trial(t))
     rec.on_trial_result(0, [], tune_trial(t), milestone(10))
     rec.on_trial_result(0, [], tune_trial(t), {"kind": KIND_END, "status": "diverged", "step": 15, "error": "nan"})
-    rec.on_trial_recover(0, [tune_trial(t, "PENDING")], tune_trial(t))
+    rec.on_trial_recover(0, [], tune_trial(t))
     rec.on_trial_start(0, [], tune_trial(t))
     rec.on_trial_result(0, [], tune_trial(t), {"kind": KIND_END, "status": "failed", "error": "resumed past 15"})
     rec.on_trial_complete(0, [], tune_trial(t))
@@ -675,7 +675,8 @@ def test_start_up_counts_from_the_slot_coming_free_not_from_tunes_trial_start(st
                                                "images_per_s": 50.0, "first_step_at": 1007.5})
     assert rec.overhead[t.trial_id]["startup_s"] == 7.5
     now[0] = 1100.0
-    rec.on_trial_complete(0, [tune_trial(second, "PENDING")], tune_trial(t))  # its slot is free again at 1100
+    rec.progress.state["second"] = "pending"  # one of this run's trials, yet to start (Tune makes it after this call)
+    rec.on_trial_complete(0, [], tune_trial(t))  # its slot is free again at 1100
     now[0] = 1100.2  # a reused actor: Tune starts the next trial in it at once
     rec.on_trial_start(0, [], tune_trial(second))
     rec.on_trial_result(0, [], tune_trial(second), {"kind": KIND_LOG, "step": 5, "train_loss": 0.4, "lr": 1e-3,
@@ -694,9 +695,9 @@ def test_a_trial_rerun_after_its_node_died_counts_its_start_up_from_then_not_fro
     rec.on_trial_start(0, [], tune_trial(t))
     rec.on_trial_start(0, [], tune_trial(other))
     now[0] = 1100.0
-    rec.on_trial_complete(0, [tune_trial(t, "TERMINATED"), tune_trial(other)], tune_trial(other))  # none pending
+    rec.on_trial_complete(0, [], tune_trial(other))  # none of this run's trials left to start
     now[0] = 1500.0
-    rec.on_trial_recover(0, [tune_trial(t, "PENDING")], tune_trial(t))  # its node died
+    rec.on_trial_recover(0, [], tune_trial(t))  # its node died
     now[0] = 1510.0
     rec.on_trial_start(0, [], tune_trial(t))
     rec.on_trial_result(0, [], tune_trial(t), {"kind": KIND_LOG, "step": 5, "train_loss": 0.4, "lr": 1e-3,
