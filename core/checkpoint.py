@@ -376,11 +376,6 @@ def load_checkpoint(path, engine, ema, model_config, world_size, zero_stage, ran
         raise CheckpointError(f"{path / ENGINE_DIR} cannot be loaded: {why}") from e
     if load_path is None:
         raise CheckpointError(f"{path / ENGINE_DIR / ENGINE_TAG} holds no DeepSpeed checkpoint")
-    # trainer_state.json is outside the checksums (it may be read and edited by hand): its step, which sets the data
-    # position and every step's randomness from here on, must be the step the engine's states were saved at.
-    if engine.global_steps != state["step"]:
-        raise CheckpointError(f"{path / STATE_FILE} says step {state['step']}, but the weights and optimizer states "
-                              f"there were saved at step {engine.global_steps}")
     rng_file = path / f"rng-rank{rank}.pt"
     if rng_file.is_file():
         try:
@@ -394,4 +389,10 @@ def load_checkpoint(path, engine, ema, model_config, world_size, zero_stage, ran
             torch.cuda.set_rng_state(rng["cuda"])
     # Last: a file cut short or of junk gets its loader's words above; one whose bytes changed loads as if whole.
     verify_checksums(path, rank)
+    # trainer_state.json is outside the checksums (it may be read and edited by hand): its step, which sets the data
+    # position and every step's randomness from here on, must be the step the engine's states were saved at (after
+    # the checksums: a damaged engine file is named as such, not as a step that differs).
+    if engine.global_steps != state["step"]:
+        raise CheckpointError(f"{path / STATE_FILE} says step {state['step']}, but the weights and optimizer states "
+                              f"there were saved at step {engine.global_steps}")
     return state

@@ -339,7 +339,9 @@ def _import_deepspeed_muon_uncompiled():
 
 
 def step_seed(seed, step):
-    """The generator seed of a training step's draws: distinct for every (seed, step) a run can take."""
+    """The generator seed of a training step's draws, one per (seed, step): below SEED_STRIDE steps distinct, past it
+    a 64-bit hash (distinct but by chance). A CUDA generator (Philox) takes all 64 bits; torch's CPU generator
+    (mt19937) reads the low 32 only, so on CPU seeds 2**32 apart draw alike, and distinct streams number 2**32."""
     if step < SEED_STRIDE:
         return seed * SEED_STRIDE + step
     # Past SEED_STRIDE steps, seed * SEED_STRIDE + step is seed + 1's step - SEED_STRIDE (the paper's DiT-XL/2 trained
