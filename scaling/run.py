@@ -582,6 +582,7 @@ def run_study(study, address, build_report=True, report_dir=None, named="--addre
     out = study.output
     made = [p for p in (out, *out.parents) if not p.exists()]  # the folders this run makes, deepest first
     out.mkdir(parents=True, exist_ok=True)
+    new_lock = not (out / OUTPUT_LOCK).exists()  # made by this run: it goes with the run if nothing starts
     lock = lock_output(out)
     if lock is None:
         print(f"error: {study.locate('output')}: output: {out} is in use by another scaling.run of this study (its driver "
@@ -603,7 +604,7 @@ def run_study(study, address, build_report=True, report_dir=None, named="--addre
                     if address:  # a local Ray is one node
                         check_shared_storage(study)
         except BaseException as e:  # nothing was written yet: the folders made for it go (a Ctrl-C, Ray's failure)
-            if made:  # its lock file with it (a driver that opened it meanwhile found it held, and exits)
+            if new_lock:  # its lock file too (a driver that opened it meanwhile found it held, and exits)
                 (out / OUTPUT_LOCK).unlink(missing_ok=True)
             for folder in made:
                 with contextlib.suppress(OSError):  # empty unless another process wrote there meanwhile

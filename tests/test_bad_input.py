@@ -596,6 +596,12 @@ def test_a_trial_larger_than_the_cluster_exits_2_and_leaves_no_output(tmp_path, 
     err = capsys.readouterr().err
     assert "resources.cpus_per_worker: a trial needs 1 × 4096 = 4096 CPUs, the cluster has" in err, err[-2000:]
     assert not out.parent.exists() and snapshot(tmp_path) == before
+    # An output that exists already keeps nothing of the run either: not the lock file it made.
+    out.mkdir(parents=True)
+    before = snapshot(tmp_path)
+    assert scaling_run.main([str(path), "--set", "resources.cpus_per_worker=4096"]) == 2
+    capsys.readouterr()
+    assert snapshot(tmp_path) == before and list(out.iterdir()) == []
 
 
 def test_unreadable_results_in_the_output_of_a_study_to_resume(tmp_path, capsys):
