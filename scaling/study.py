@@ -1235,12 +1235,9 @@ def _same_trial_warning(first, point, where):
     """The warning for a grid point that is an earlier point's trial."""
     differ = [key for key in point if _canonical_json(point[key]) != _canonical_json(first.swept[key])]
     key = differ[0]
-
-    def shown(value):
-        return "null" if value is None else str(value)
-    return (f"{where(('sweep', key))}: sweep.{key}: {shown(first.swept[key])} and {shown(point[key])} make the same "
+    return (f"{where(('sweep', key))}: sweep.{key}: {_shown(first.swept[key])} and {_shown(point[key])} make the same "
             f"trial of {first.model} ({first.trial_id}: {key.removeprefix('train.')} "
-            f"{shown(first.model_config.get(key.removeprefix('train.')))} is its preset's), which runs once")
+            f"{_shown(first.model_config.get(key.removeprefix('train.')))} is its preset's), which runs once")
 
 
 def _step_groups(axes, gflops, train):

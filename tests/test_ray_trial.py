@@ -2,6 +2,7 @@
 no Ray Data actor, no Train controller process (the controller runs in the Tune trial's actor), and no torch there."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -314,3 +315,33 @@ def test_a_milestones_encode_check_stops_every_rank_on_rank_0s_reading(tmp_path,
                             "do not name; run the study again (in another output: its rows are the earlier encode's)")
     unrecorded = {**trial, "data_encode": None}  # data in pixels, or rows from before encodes were recorded
     assert on_two_ranks(_check_encode_as_rank, unrecorded, store=tmp_path / "store-3") == {0: None, 1: None}
+
+
+def test_a_persisted_checkpoint_is_put_on_disk(tmp_path, monkeypatch):
+    # Ray copies a worker's checkpoint into storage with pyarrow and syncs nothing; the copy a re-run resumes from is
+    # synced as it is persisted, through Ray's own copy (its StorageContext, a DeveloperAPI).
+    from types import SimpleNamespace
+
+    import pyarrow.fs
+
+    from scaling import ray_trial
+
+    local = tmp_path / "scratch" / "step-000000010"
+    (local / "deepspeed").mkdir(parents=True)
+    (local / "rng-rank0.pt").write_text("r")
+    (local / "deepspeed" / "mp_rank_00_model_states.pt").write_text("w")
+    storage = tmp_path / "ray" / "train-t"
+    storage.mkdir(parents=True)
+
+    def persist_current_checkpoint(checkpoint, name):  # as Ray's: a copy under the run's folder
+        shutil.copytree(checkpoint.path, storage / name, dirs_exist_ok=True)
+        return ray_trial.Checkpoint(str(storage / name))
+    context = SimpleNamespace(get_storage=lambda: SimpleNamespace(persist_current_checkpoint=persist_current_checkpoint))
+    monkeypatch.setattr(ray_trial.ray.train, "get_context", lambda: context)
+    synced, fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or fsync(fd))
+    persisted = ray_trial.persist_durably(ray_trial.Checkpoint(str(local)), "checkpoint_1")
+    copy = storage / "checkpoint_1"
+    assert persisted.path == str(copy) and isinstance(persisted.filesystem, pyarrow.fs.LocalFileSystem)
+    assert sorted(synced) == sorted(map(str, [copy / "rng-rank0.pt", copy / "deepspeed" / "mp_rank_00_model_states.pt",
+                                              copy / "deepspeed", copy, storage]))
