@@ -11,16 +11,7 @@ def lock_folder(folder):
     that ends (no stale lock after a kill). It belongs to an open file, not to a process: a second open in
     the same process conflicts too. Raises OSError where the storage cannot lock a folder (some NFS mounts).
     """
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    except OSError:
-        os.close(fd)
-        raise
-    return fd
+    return _locked(os.open(folder, os.O_RDONLY))
 
 
 def lock_file(path, create=True):
@@ -37,6 +28,11 @@ def lock_file(path, create=True):
         if create:
             raise
         return None
+    return _locked(fd)
+
+
+def _locked(fd):
+    """fd holding an exclusive flock, or None (fd closed) when another holder has one; OSError where none can be."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
