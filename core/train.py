@@ -765,18 +765,23 @@ def _train(cfg, out_dir, milestones, callbacks, resume_from, checkpoint_dir, sha
     return metrics
 
 
+class UnloadableCheckpoint(ckpt.CheckpointError):
+    """A checkpoint that did not load, raised on every rank together (_load_on_every_rank): a retry loads the same."""
+
+
 def _load_on_every_rank(path, engine, ema, model_config, world, zero_stage, rank, device):
-    """ckpt.load_checkpoint, its CheckpointError raised on every rank: a file of one rank's own (its optimizer shard,
-    its RNG state) damaged would stop that rank alone, the others waiting in the first step's collectives."""
+    """ckpt.load_checkpoint, its CheckpointError raised on every rank (as UnloadableCheckpoint): a file of one rank's
+    own (its optimizer shard, its RNG state) damaged would stop that rank alone, the others waiting in the first
+    step's collectives."""
     try:
         state, problem = ckpt.load_checkpoint(path, engine, ema, model_config, world, zero_stage, rank), None
     except ckpt.CheckpointError as err:
         state, problem = None, err
     _, failed = ranks_spread(int(problem is not None), device)
     if problem is not None:
-        raise problem
+        raise UnloadableCheckpoint(str(problem)) from problem
     if failed:
-        raise ckpt.CheckpointError(f"{path} cannot be loaded by another process (its error names the file)")
+        raise UnloadableCheckpoint(f"{path} cannot be loaded by another process (its error names the file)")
     return state
 
 

@@ -284,6 +284,11 @@ def worker_loop(config):
         reporting.report({"kind": KIND_END, "status": "diverged", "step": e.step, "error": str(e)})
     except (MilestonePassed, DataEncodeChanged) as e:  # every rank, as above; a retry would find the same
         reporting.report({"kind": KIND_END, "status": "failed", "step": e.step, "error": str(e)})
+    except core_train.UnloadableCheckpoint as e:  # every rank together; each of Train's and Tune's retries started
+        # the workers, loaded the data and failed on the same files. Ray resumes from its latest registered one only.
+        run_folder = Path(run["storage"]) / train_run_name(trial["trial_id"])
+        reporting.report({"kind": KIND_END, "status": "failed", "error": f"resuming: {e}; delete {run_folder} to train "
+                                                                         "this trial again from step 0"})
     finally:
         shutil.rmtree(local, ignore_errors=True)
 

@@ -76,3 +76,30 @@ def test_scratch_of_dead_workers_is_removed_when_a_worker_starts(tmp_path, monke
     new = scratch_dir("DiT-N-2-3594a07413", 0)
     assert new.parent == tmp_path and new.name.startswith(f"dit-DiT-N-2-3594a07413-rank0-pid{os.getpid()}-")
     assert not killed.exists() and alive.exists() and other.exists()
+
+
+def test_a_checkpoint_that_does_not_load_fails_its_trial_at_once_naming_what_to_delete(tmp_path):
+    # Each of Train's and Tune's retries started the workers, loaded the data and failed on the same damaged file (Ray
+    # resumes from its latest registered checkpoint only); the trial now ends failed at the first, saying what to do.
+    study, out = study_file(tmp_path, """\
+        name: faults
+        data: {dataset: digits}
+        sweep: {model: [DiT-P], patch: [4], steps: [10]}
+        train: {batch_size: 8, ema_decay: 0.9, log_every: 5, ckpt_every: 10, val_batch: 0, num_workers: 0}
+        eval: {fid: false, grid_images_per_class: 0}
+        resources: {max_failures: 2}
+        output: OUT
+        """)
+    proc = run([study, "--no-report"])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (weights,) = (out / "ray").glob("train-*/checkpoint_*/deepspeed/state/mp_rank_00_model_states.pt")
+    damaged = bytearray(weights.read_bytes())
+    damaged[-100] ^= 0xFF  # the same size, another byte: only its checksum tells
+    weights.write_bytes(bytes(damaged))
+    proc = run([study, "--no-report", "--set", "sweep.steps=[10, 20]"])  # trains on from its checkpoint at 10
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    failed = load_results(out).query("status == 'failed'")
+    (error,) = failed.error
+    run_folder = weights.parents[3]
+    assert error.startswith(f"resuming: {weights.parents[2]}") and error.endswith(  # its loader's words, or checksums'
+        f"; delete {run_folder} to train this trial again from step 0"), error
