@@ -21,14 +21,39 @@ def lock_file(path, create=True):
     A file opened for writing, not a folder: NFS runs flock as a POSIX lock, which needs a file open for writing (a
     folder opened read-only fails there, on every NFS mount). Locally it is lock_folder's flock: per open file,
     released with its descriptor or process. Raises OSError where the storage cannot lock at all (Lustre's noflock).
+    A holder may remove the file before it lets go (remove_lock_file): a lock then taken on the removed file is let go
+    and the path opened again.
     """
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o666)
+        except FileNotFoundError:
+            if create:
+                raise
+            return None
+        fd = _locked(fd)
+        if fd is None or _still_at(fd, path):
+            return fd
+        os.close(fd)  # opened before its holder removed it, locked after: a new opener would lock another file
+
+
+def remove_lock_file(fd, path):
+    """Remove the file at path, whose lock fd holds, then let go of it: no lock file is left behind, and an opener
+    that had it open before locks it after, finds it removed and opens the path again (lock_file)."""
     try:
-        fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o666)
+        os.unlink(path)
+    finally:
+        os.close(fd)
+
+
+def _still_at(fd, path):
+    """Whether the file open at fd is the one at path now."""
+    try:
+        now = os.stat(path)
     except FileNotFoundError:
-        if create:
-            raise
-        return None
-    return _locked(fd)
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino)
 
 
 def _locked(fd):

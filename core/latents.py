@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 
 from core.data_error import DataError
 from core.file_mode import give_new_file_mode
-from core.folder_lock import lock_folder
+from core.folder_lock import lock_file, lock_folder, remove_lock_file
 from core.folder_swap import swap_in_folder
 
 logger = logging.getLogger("core.latents")
@@ -425,6 +425,15 @@ def load_vae(vae_path, device="cpu"):
         raise VAEError(f"VAE folder {path} cannot be loaded: {one_line(err)}") from None
     # Weights the file lacks are left at their random start, with no more than a log line: an encode or an FID
     # would go on with them.
+    # The latents are z × scaling_factor, decoded as z / scaling_factor (meta.json's scale_factor): a VAE that also
+    # shifts or normalises its latents per channel (SD3's, Flux's, Playground's) would train DiT on latents off
+    # centre and off scale, without a word.
+    unapplied = {key: vae.config.get(key) for key in ("shift_factor", "latents_mean", "latents_std")
+                 if vae.config.get(key) not in (None, 0, 0.0)}
+    if unapplied:
+        raise VAEError(f"VAE folder {path} sets {', '.join(f'{k} {v}' for k, v in unapplied.items())} in its "
+                       "config.json: latents are only scaled (by its scaling_factor) here, as for the paper's "
+                       "sd-vae-ft-ema/mse")
     missing = loading["missing_keys"]
     if missing:
         raise VAEError(f"VAE folder {path} holds weights that lack {len(missing)} of its AutoencoderKL's tensors "
@@ -509,10 +518,32 @@ def _sibling(out, purpose):
     return out.parent / f".{out.name}.{purpose}-{uuid.uuid4().hex[:8]}"
 
 
-def _clear_abandoned_encodes(out):
+def encode_lock_path(out):
+    """The file beside out whose lock an encode into out holds from its start to its end."""
+    return out.parent / f".{out.name}.encode.lock"
+
+
+def _lock_encodes_into(out):
+    """A descriptor holding encode_lock_path(out)'s lock, or None where the storage cannot lock at all; ValueError
+    while another encode into out holds it. A file's lock, not a folder's: NFS takes flock only on a file opened for
+    writing, where the folders' own locks fail (whether their encodes still run is then unknown)."""
+    path = encode_lock_path(out)
+    try:
+        fd = lock_file(path)
+    except OSError as err:
+        logger.warning("cannot lock %s (%s): another encode into %s would not be refused", path, err.strerror, out)
+        return None
+    if fd is None:
+        raise ValueError(f"{out}: another encode is writing into it now (it holds {path}); wait for it to end or "
+                         "stop it first")
+    return fd
+
+
+def _clear_abandoned_encodes(out, alone=False):
     """Remove the folders that encodes into out, killed before their end, left beside it (an ImageNet encode is
     tens of GB), and earlier encodes they had replaced; refuse while another encode writes one. A live encode holds
-    a lock on its folder until it ends."""
+    a lock on its folder until it ends; alone: this process holds the encode lock of out (_lock_encodes_into), so
+    no other encode into out runs and every unfinished folder beside it is abandoned, lockable or not."""
     prefix = f".{out.name}.encoding-"
     for folder in sorted(p for p in out.parent.iterdir() if p.name.startswith(prefix)):
         if folder.is_symlink() or not folder.is_dir():
@@ -522,11 +553,13 @@ def _clear_abandoned_encodes(out):
                 _remove_replaced(folder, out)
             continue  # else a finished encode that could not be swapped in, kept for its owner
         try:
-            lock = lock_folder(folder)
-        except OSError as err:  # storage that cannot lock a folder: whether its encode still runs is unknown
-            logger.warning("cannot tell whether %s is an abandoned encode (%s); it is left in place",
-                           folder, err.strerror)
-            continue
+            lock = lock_folder(folder)  # also under alone: an encode of an earlier version holds no encode lock
+        except OSError as err:  # storage that cannot lock a folder (NFS)
+            if not alone:  # whether its encode still runs is unknown
+                logger.warning("cannot tell whether %s is an abandoned encode (%s); it is left in place",
+                               folder, err.strerror)
+                continue
+            lock = os.open(folder, os.O_RDONLY)  # closed below, as a lock would be
         if lock is None:
             raise ValueError(f"{out}: another encode is writing into it now (in {folder}); wait for it to end or "
                              "stop it first")
@@ -540,10 +573,11 @@ def _clear_abandoned_encodes(out):
         if folder.is_dir() and not folder.is_symlink():
             _remove_replaced(folder, out)
     # An encode killed between making its folder and renaming it (microseconds): an empty .starting-* older than a
-    # minute is no live encode's. A younger one may be: left (rmdir removes only an empty folder either way).
+    # minute is no live encode's. A younger one may be, unless this process holds the encode lock: left (rmdir
+    # removes only an empty folder either way).
     for folder in sorted(p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.starting-")):
         with contextlib.suppress(OSError):  # gone meanwhile, not empty, not a folder: not ours to remove
-            if not folder.is_symlink() and time.time() - folder.stat().st_mtime > STARTING_ABANDONED_S:
+            if not folder.is_symlink() and (alone or time.time() - folder.stat().st_mtime > STARTING_ABANDONED_S):
                 folder.rmdir()
 
 
@@ -609,7 +643,28 @@ def write_latent_folder(out_dir, write_shards, meta):
         raise ValueError(f"{out_dir}: {problem}")
     out_dir = out_dir.resolve()  # a link to a latent folder: the folder itself is replaced, beside itself
     created = _make_parents(out_dir)
-    _clear_abandoned_encodes(out_dir)
+    try:
+        encode_lock = _lock_encodes_into(out_dir)  # held to the end, then removed
+        try:
+            return _write_locked(out_dir, write_shards, meta, alone=encode_lock is not None)
+        finally:
+            if encode_lock is not None:
+                remove_lock_file(encode_lock, encode_lock_path(out_dir))
+    except BaseException:
+        _remove_made(created)
+        raise
+
+
+def _remove_made(created):
+    """Remove the parents an encode made (_make_parents), where nothing else wrote there meanwhile."""
+    for parent in reversed(created):
+        with contextlib.suppress(OSError):  # something else wrote there meanwhile: it stays
+            parent.rmdir()
+
+
+def _write_locked(out_dir, write_shards, meta, alone):
+    """write_latent_folder's encode, under the encode lock of out_dir where alone."""
+    _clear_abandoned_encodes(out_dir, alone)
     new = _sibling(out_dir, "encoding")
     # Made and locked under a name no clean-up reads, then renamed (the lock is the folder's, not its name's): made
     # as .encoding-* at once, another encode's clean-up could lock it first, take it for abandoned and remove it.
@@ -632,9 +687,6 @@ def write_latent_folder(out_dir, write_shards, meta):
         except BaseException:
             shutil.rmtree(new, ignore_errors=True)
             shutil.rmtree(starting, ignore_errors=True)
-            for parent in reversed(created):
-                with contextlib.suppress(OSError):  # something else wrote there meanwhile: it stays
-                    parent.rmdir()
             raise
         _swap_in(new, out_dir)
     return meta

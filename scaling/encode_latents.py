@@ -143,6 +143,13 @@ def check_arguments(args):
     if problem:
         name, value, what = problem
         raise ValueError(f"--{name.replace('_', '-')} {value}: {what}")
+    data, out = Path(args.data_path).resolve(), Path(args.out).resolve()
+    if out == data or data in out.parents or out in data.parents:
+        # Within the images, the encode and its hidden siblings would be read as class folders by the next encode
+        # (or an imagefolder study); around them, the swap would replace the images being encoded.
+        where = "is" if out == data else "lies inside" if data in out.parents else "holds"
+        raise ValueError(f"--out {args.out}: it {where} the image folder --data-path {args.data_path}; write the "
+                         "latents beside it")
     problem = out_problem(args.out)
     if problem:
         raise ValueError(f"--out {args.out}: {problem}")

@@ -572,7 +572,7 @@ def test_encoder_refuses_an_out_it_cannot_write_before_anything_starts(tmp_path,
             pytest.skip("no way to make a folder unwritable here (root without chattr)")
     try:
         for out in (locked / "out", locked / "deeper" / "out"):
-            code = encoder_main("--data-path", tmp_path, "--vae", tmp_path, "--out", out, "--image-size", 16)
+            code = encoder_main("--data-path", tmp_path / "images", "--vae", tmp_path, "--out", out, "--image-size", 16)
             assert code == 2 and capsys.readouterr().err == f"error: --out {out}: {locked} does not allow writing\n"
     finally:
         subprocess.run(["chattr", "-i", str(locked)], capture_output=True)
@@ -1086,3 +1086,108 @@ def test_an_encode_just_started_is_not_taken_for_abandoned_by_another(tmp_path, 
     assert re.fullmatch(r"\.latents\.encoding-[0-9a-f]{8}", meta["encoded_in"])
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "shard-00000.safetensors"]
     assert [p.name for p in tmp_path.iterdir()] == ["latents"]
+
+
+def tiny_encode_into(out, shards=None):
+    """write_latent_folder of one 4-image shard into out; shards(new) runs first, as the encode writes."""
+    from core.latents import write_latent_folder, write_shard
+
+    def write(new):
+        if shards:
+            shards(new)
+        return [write_shard(new, 0, torch.zeros(4, 2, 4, 4, 4), [0] * 4, range(4))], [4, 4, 4]
+    return write_latent_folder(out, write, {"num_images": 4, "classes": ["a"], "image_size": 32,
+                                            "scale_factor": 0.18215})
+
+
+def test_a_second_encode_into_the_same_out_is_refused_while_the_first_runs(tmp_path):
+    # Refused only while the first wrote shards, through its folder's lock: NFS cannot lock a folder, and none was
+    # refused there (nor a second encode started while the first synced or swapped its folder in).
+    from core.latents import encode_lock_path
+
+    out = tmp_path / "latents"
+    refused = []
+
+    def second_encode(new):
+        with pytest.raises(ValueError, match=f"^{out}: another encode is writing into it now \\(it holds "
+                                             f"{encode_lock_path(out)}\\); wait for it to end or stop it first$"):
+            tiny_encode_into(out)
+        refused.append(sorted(p.name for p in tmp_path.iterdir()))
+
+    tiny_encode_into(out, second_encode)
+    [(lock, first)] = refused
+    assert lock == ".latents.encode.lock" and first.startswith(".latents.encoding-")  # the first's folder, left alone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latents"]  # the lock file goes with its encode
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "shard-00000.safetensors"]
+
+
+def test_where_folders_cannot_be_locked_the_encode_lock_still_clears_abandoned_encodes(tmp_path, monkeypatch, caplog):
+    # NFS: a folder opened read-only cannot be locked. Every killed encode's folder (tens of GB) was left in place,
+    # with a warning at each encode after.
+    import errno
+
+    import core.latents as latents
+
+    def nfs(folder):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK), str(folder))
+
+    monkeypatch.setattr(latents, "lock_folder", nfs)
+    out = tmp_path / "latents"
+    abandoned, starting = tmp_path / ".latents.encoding-11111111", tmp_path / ".latents.starting-22222222"
+    abandoned.mkdir()
+    (abandoned / "shard-00000.safetensors").write_bytes(b"half of a shard")
+    starting.mkdir()  # young: under the encode lock no other encode can have made it
+    with caplog.at_level("WARNING", logger="core.latents"):
+        tiny_encode_into(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latents"]
+    assert f"removed {abandoned}, left by an encode into {out}" in caplog.text
+
+
+def test_a_lock_file_removed_by_its_holder_is_never_locked_by_two(tmp_path, monkeypatch):
+    # A driver that opened the lock file before its holder removed it, and locked it after, held the removed file,
+    # while a third, opening the path anew, made and locked another: both ran.
+    import core.folder_lock as folder_lock
+
+    path = tmp_path / ".lock"
+    holder = folder_lock.lock_file(path)
+    locked = folder_lock._locked
+
+    def holder_removes_it_meanwhile(fd):
+        monkeypatch.setattr(folder_lock, "_locked", locked)
+        folder_lock.remove_lock_file(holder, path)
+        return locked(fd)
+
+    monkeypatch.setattr(folder_lock, "_locked", holder_removes_it_meanwhile)
+    second = folder_lock.lock_file(path)
+    try:
+        assert second is not None and os.fstat(second).st_ino == os.stat(path).st_ino
+        assert folder_lock.lock_file(path) is None  # the third finds it held
+    finally:
+        os.close(second)
+
+
+@pytest.mark.parametrize("nested", ["inside", "same", "around"])
+def test_encoder_refuses_an_out_inside_or_around_its_images(tmp_path, capsys, nested):
+    import ray
+
+    images = make_folder(tmp_path / "images")
+    out = {"inside": images / "latents", "same": images, "around": tmp_path}[nested]
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    code = encoder_main("--data-path", images, "--vae", tmp_path / "vae", "--out", out, "--image-size", 16)
+    err = capsys.readouterr().err
+    where = {"inside": "lies inside", "same": "is", "around": "holds"}[nested]
+    assert code == 2 and err == f"error: --out {out}: it {where} the image folder --data-path {images}; write the " \
+                                "latents beside it\n"
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before and not ray.is_initialized()
+
+
+@pytest.mark.parametrize("setting", [{"shift_factor": 0.0609}, {"latents_mean": [0.1] * 4, "latents_std": [1.1] * 4}])
+def test_a_vae_that_shifts_or_normalises_its_latents_is_refused(tmp_path, tiny_vae, setting):
+    from core.latents import VAEError, load_vae
+
+    config = json.loads((tiny_vae / "config.json").read_text())
+    (tiny_vae / "config.json").write_text(json.dumps({**config, **setting}))
+    with pytest.raises(VAEError, match=f"^VAE folder {tiny_vae} sets {next(iter(setting))} "):
+        load_vae(tiny_vae)
+    (tiny_vae / "config.json").write_text(json.dumps({**config, "shift_factor": 0.0}))
+    assert load_vae(tiny_vae).config.scaling_factor == pytest.approx(0.18215)
