@@ -26,10 +26,12 @@ STALE_STATUS_S = 120  # a v1 status older than this was left by an autoscaler th
 
 @dataclass(frozen=True)
 class AutoscalerLimits:
-    """node_types: the resources of each node type it may add; max_resources: the most of each resource the cluster
-    may hold (UNLIMITED where a node type has no limit). Both None where the autoscaler does not publish them."""
+    """node_types: the resources of each node type it may add; node_counts: the most nodes of each (UNLIMITED where
+    it has no limit); max_resources: the most of each resource the cluster may hold (UNLIMITED where a node type
+    has no limit). All None where the autoscaler does not publish them."""
     node_types: Optional[list] = None
     max_resources: Optional[dict] = None
+    node_counts: Optional[list] = None
 
     @property
     def known(self):
@@ -49,7 +51,8 @@ def limits_of_config(config):
         total = UNLIMITED if any(n == -1 for n, _ in counts) else sum(n * r for n, r in counts)
         # The cluster's own cap, also over node types without a limit (Ray's GlobalState sum returns before it then).
         max_resources[key] = min(total, config.max_resources.get(key, UNLIMITED))
-    return AutoscalerLimits([{k: float(v) for k, v in g.resources.items()} for g in groups], max_resources)
+    return AutoscalerLimits([{k: float(v) for k, v in g.resources.items()} for g in groups], max_resources,
+                            [UNLIMITED if g.max_count == -1 else g.max_count for g in groups])
 
 
 def autoscaler_limits():

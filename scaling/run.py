@@ -21,6 +21,7 @@ import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
+from typing import NamedTuple
 
 import scaling.no_telemetry  # noqa: F401 - first: before MLflow and Ray are imported
 from core.folder_lock import lock_file
@@ -600,7 +601,7 @@ def run_study(study, address, build_report=True, report_dir=None, named="--addre
                 else:
                     ray.init(runtime_env=runtime_env, **local_ray_options())
                 with sigterm_interrupts():
-                    capacity, nodes = check_capacity(study, local=not address)
+                    capacity = check_capacity(study, local=not address)
                     if address:  # a local Ray is one node
                         check_shared_storage(study)
         except BaseException as e:  # nothing was written yet: the folders made for it go (a Ctrl-C, Ray's failure)
@@ -615,7 +616,7 @@ def run_study(study, address, build_report=True, report_dir=None, named="--addre
             ray.shutdown()
             return EXIT_BAD_INPUT
         with sigterm_interrupts():
-            return _run_trials(study, build_report, report_dir, began, capacity, nodes)
+            return _run_trials(study, build_report, report_dir, began, capacity)
     finally:
         # Ray first where an error left it up (a second Ctrl-C, a driver's error): its trials' workers may still save
         # checkpoints, and a driver started once the lock is free would meet them. Then the lock goes with the
@@ -627,10 +628,17 @@ def run_study(study, address, build_report=True, report_dir=None, named="--addre
             os.close(lock)
 
 
+class Capacity(NamedTuple):
+    """What a study's trials are packed into (max_concurrent_trials, workers_per_node)."""
+    resources: dict  # the cluster's, or the most its autoscaler lets them grow to
+    nodes: list  # the resources of each node up, and of each node type the autoscaler may add
+    counts: list  # how many of each of nodes there may be (UNLIMITED: no limit)
+    unsaid_nodes: bool = False  # an autoscaler may add nodes it does not describe
+
+
 def check_capacity(study, local=False):
     """Check the study's resources against the cluster, or against what its autoscaler may grow it to where one runs
-    (check_cluster; a local Ray never autoscales); (the resources its trials are packed into, max_concurrent_trials's;
-    the resources of each node up and of each node type the autoscaler may add, workers_per_node's)."""
+    (check_cluster; a local Ray never autoscales); the Capacity its trials are packed into."""
     import ray
 
     from scaling.autoscaler_limits import autoscaler_limits, grown
@@ -640,11 +648,12 @@ def check_capacity(study, local=False):
     limits = None if local else autoscaler_limits()
     if limits is None:
         check_cluster(study, now, nodes)
-        return now, nodes
+        return Capacity(now, nodes, [1] * len(nodes))
     if limits.known:
         capacity = grown(now, limits)
-        check_cluster(study, capacity, nodes + limits.node_types, autoscaled=True)
-        return capacity, nodes + limits.node_types
+        counts = [1] * len(nodes) + limits.node_counts  # a node up of a type counted twice: errs towards holding more
+        check_cluster(study, capacity, nodes + limits.node_types, autoscaled=True, counts=counts)
+        return Capacity(capacity, nodes + limits.node_types, counts)
     # An autoscaler that says it runs, not what it may add: a trial the nodes up cannot hold may be held by one it adds,
     # so the check warns rather than refuses; trials are packed into what is up (more trials at once than the cluster
     # ever holds would each start processes that wait).
@@ -655,9 +664,9 @@ def check_capacity(study, local=False):
         print(f"warning: {e}; {unpublished}: the study goes on, its trials waiting for nodes that hold them (for ever "
               f"if none is added)", file=sys.stderr)
     if not study.raw["resources"]["max_concurrent_trials"]:
-        print(f"note: {unpublished}: {max_concurrent_trials(study, now)} trial(s) at once, what the nodes up hold "
-              f"(resources.max_concurrent_trials sets more)", file=sys.stderr)
-    return now, nodes
+        print(f"note: {unpublished}: {max_concurrent_trials(study, now, nodes)} trial(s) at once, what the nodes up "
+              f"hold (resources.max_concurrent_trials sets more)", file=sys.stderr)
+    return Capacity(now, nodes, [1] * len(nodes), unsaid_nodes=True)
 
 
 def check_shared_storage(study):
@@ -703,7 +712,7 @@ def lock_output(out):
         return os.open(out, os.O_RDONLY)  # closed as a lock would be
 
 
-def _run_trials(study, build_report, report_dir, began, capacity, nodes):
+def _run_trials(study, build_report, report_dir, began, capacity):
     """run_study's part under the output lock: MLflow runs, the Tune sweep, Parquet, the report."""
     import ray
     from ray import tune
@@ -774,12 +783,14 @@ def _run_trials(study, build_report, report_dir, began, capacity, nodes):
     try:
         if todo:
             res = study.raw["resources"]
-            tuner_concurrency = min(len(todo), max_concurrent_trials(study, capacity))
+            tuner_concurrency = min(len(todo), max_concurrent_trials(study, *capacity[:3]))
             # One relay mailbox actor and one placement-group watch for the whole study, where a fresh process
             # of each would start with every trial; named, so that the trials find them.
             services = f"{study.name}-{uuid.uuid4().hex[:8]}"
             run = {"output": str(out), "storage": str(ray_storage(out)), "fid_cache": str(out / "fid_cache"),
-                   "workers_per_node": workers_per_node(study, nodes, tuner_concurrency),
+                   # Nodes an autoscaler adds unsaid may hold more of them than any up: as many as run at once.
+                   "workers_per_node": workers_per_node(study, [] if capacity.unsaid_nodes else capacity.nodes,
+                                                        tuner_concurrency),
                    "inception_weights": cached_inception_weights(study.raw["eval"]),
                    "resources": res, "keep_checkpoints": study.raw["train"]["keep_checkpoints"],
                    "relay_mailboxes": f"relay-{services}", "placement_group_watch": f"pg-watch-{services}"}

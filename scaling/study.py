@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from core.precision import PRECISIONS
+from scaling.autoscaler_limits import UNLIMITED
 
 
 class StudyError(Exception):
@@ -1356,8 +1357,10 @@ def launch_order(trials):
     return sorted(trials, key=lambda t: -t.gflops * t.train["batch_size"] * t.train["max_steps"])
 
 
-def max_concurrent_trials(study, resources):
-    """As many trials as the cluster's resources hold at once: no GPU idles while trials wait."""
+def max_concurrent_trials(study, resources, nodes=None, counts=None):
+    """As many trials as the cluster's resources hold at once: no GPU idles while trials wait. nodes (and counts,
+    worker_slots'): each worker is placed whole on one node, so the cluster holds no more trials than its nodes hold
+    workers (a 64-CPU head beside 8-GPU nodes holds none of a GPU trial's workers)."""
     res = study.raw["resources"]
     if res["max_concurrent_trials"]:
         return res["max_concurrent_trials"]
@@ -1365,7 +1368,25 @@ def max_concurrent_trials(study, resources):
     fits = [how_many_fit(resources.get("CPU", 0), workers * res["cpus_per_worker"])] if res["cpus_per_worker"] else []
     if res["gpus_per_worker"]:
         fits.append(how_many_fit(resources.get("GPU", 0), workers * res["gpus_per_worker"]))
+    if nodes is not None:
+        fits.append(worker_slots(study, nodes, counts) // workers)
     return max(1, min(fits or [1]))
+
+
+def worker_slots(study, nodes, counts=None):
+    """How many of the study's workers the nodes hold at once (each worker whole on one node); counts: how many
+    there may be of each of nodes (an autoscaler's node types; UNLIMITED: no limit), one each where None."""
+    res = study.raw["resources"]
+    worker = {r: res[key] for key, r in (("cpus_per_worker", "CPU"), ("gpus_per_worker", "GPU")) if res[key]}
+    if not worker:  # asks for nothing: Ray places any number of them on a node
+        return UNLIMITED
+    slots = 0
+    for node, count in zip(nodes, counts or [1] * len(nodes)):
+        fit = min(how_many_fit(node.get(r, 0.0), n) for r, n in worker.items())
+        if fit and count >= UNLIMITED:
+            return UNLIMITED
+        slots += fit * count
+    return slots
 
 
 def how_many_fit(have, need):
@@ -1388,12 +1409,13 @@ def workers_per_node(study, nodes, concurrent_trials):
     return min(max(fits, default=0) or most, most)
 
 
-def check_cluster(study, cluster_resources, nodes=(), autoscaled=False):
+def check_cluster(study, cluster_resources, nodes=(), autoscaled=False, counts=None):
     """Raise StudyError when one trial needs more GPUs or CPUs than the cluster has (ray.cluster_resources()), or
-    one of its workers more than any node has (nodes: each live node's resources, from ray.nodes()): Ray would
-    wait for such a node for ever, the trial started and at step 0, and say so only in the trial's own log.
-    autoscaled: cluster_resources are the most the cluster's autoscaler lets it grow to, and nodes include the node
-    types it may add (scaling.autoscaler_limits)."""
+    one of its workers more than any node has (nodes: each live node's resources, from ray.nodes()), or its workers
+    more than the nodes hold together: Ray would wait for such nodes for ever, the trial started and at step 0,
+    and say so only in the trial's own log. autoscaled: cluster_resources are the most the cluster's autoscaler
+    lets it grow to, and nodes include the node types it may add (scaling.autoscaler_limits), counts how many of
+    each (worker_slots')."""
     res = study.raw["resources"]
     workers = res["workers_per_trial"]
     has = "grows to at most" if autoscaled else "has"
@@ -1405,7 +1427,16 @@ def check_cluster(study, cluster_resources, nodes=(), autoscaled=False):
                                                              + (" with what its autoscaler may add" if autoscaled
                                                                 else ""))
     worker = {r: res[key] for key, r in (("cpus_per_worker", "CPU"), ("gpus_per_worker", "GPU")) if res[key]}
-    if not nodes or any(all(node.get(r, 0.0) >= n for r, n in worker.items()) for node in nodes):
+    if not nodes:
+        return
+    if any(all(node.get(r, 0.0) >= n for r, n in worker.items()) for node in nodes):
+        slots = worker_slots(study, nodes, counts)
+        if slots < workers:  # each fits somewhere, not all of them at once
+            raise study.locations.error(
+                ("resources", "workers_per_trial"),
+                f"a trial's {workers} workers need {' and '.join(f'{n:g} {r}s' for r, n in worker.items())} each on "
+                f"one node; the cluster's nodes " + ("and the node types its autoscaler adds " if autoscaled else "")
+                + f"hold {slots} such worker(s) at once")
         return
     short = next((r for r, n in worker.items() if all(node.get(r, 0.0) < n for node in nodes)), "CPU")
     sizes = sorted({" and ".join(f"{node.get(r, 0.0):g} {r}s" for r in worker) for node in nodes})

@@ -174,6 +174,7 @@ def test_limits_of_an_autoscaler_v2_config():
     limits = limits_of_config(v2_config())
     assert limits.node_types == [{"CPU": 4.0}, {"CPU": 8.0, "GPU": 1.0}, {"CPU": 16.0}]
     assert limits.max_resources == {"CPU": UNLIMITED, "GPU": 4}  # Ray's sum: 4 nodes of 1 GPU, CPUs without limit
+    assert limits.node_counts == [1, 4, UNLIMITED]
     # The cluster's own cap, also over a node type without a limit.
     assert limits_of_config(v2_config({"GPU": 3, "CPU": 100})).max_resources == {"CPU": 100, "GPU": 3}
     # The cluster now (a head and one GPU node, 2 of its GPUs taken elsewhere: totals count) grows to the limit.
@@ -194,19 +195,23 @@ def test_an_autoscaled_cluster_is_checked_against_its_limits(tmp_path):
     limits = limits_of_config(v2_config())
     now = {"CPU": 4.0}  # the head alone: no GPU up yet
     with pytest.raises(StudyError) as err:
-        check_cluster(study, grown(now, limits), [now] + limits.node_types, autoscaled=True)
+        check_cluster(study, grown(now, limits), [now] + limits.node_types, autoscaled=True,
+                      counts=[1] + limits.node_counts)
     assert str(err.value) == (f"{study.path}:4: resources.gpus_per_worker: a trial needs 8 × 1 = 8 GPUs, the cluster "
                               f"grows to at most 4 with what its autoscaler may add")
     study = load_study(tmp_path / "s.yaml", overrides=["resources.workers_per_trial=4"])
-    check_cluster(study, grown(now, limits), [now] + limits.node_types, autoscaled=True)  # 4 GPU nodes to come
+    check_cluster(study, grown(now, limits), [now] + limits.node_types, autoscaled=True,
+                  counts=[1] + limits.node_counts)  # 4 GPU nodes to come
     # Packed into what the cluster may grow to: as many one-GPU trials at once as its GPU nodes hold, not the one
     # trial (no GPU up) that the head alone gave.
     one_gpu = load_study(tmp_path / "s.yaml", overrides=["resources.workers_per_trial=1"])
     assert max_concurrent_trials(one_gpu, grown(now, limits)) == 4 and max_concurrent_trials(one_gpu, now) == 1
+    assert max_concurrent_trials(one_gpu, grown(now, limits), [now] + limits.node_types, [1] + limits.node_counts) == 4
     study = load_study(tmp_path / "s.yaml", overrides=["resources.workers_per_trial=1",
                                                        "resources.cpus_per_worker=12"])
     with pytest.raises(StudyError) as err:  # any number of CPUs, but no node type with 12 beside a GPU
-        check_cluster(study, grown(now, limits), [now] + limits.node_types, autoscaled=True)
+        check_cluster(study, grown(now, limits), [now] + limits.node_types, autoscaled=True,
+                      counts=[1] + limits.node_counts)
     assert str(err.value).endswith("resources.cpus_per_worker: a worker needs 12 CPUs and 1 GPUs on one node; the "
                                    "cluster's nodes and the node types its autoscaler adds have 16 CPUs and 0 GPUs, "
                                    "4 CPUs and 0 GPUs, 8 CPUs and 1 GPUs")
@@ -241,15 +246,19 @@ def test_a_cluster_config_in_the_gcs_sets_the_check_and_the_packing(tmp_path, mo
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         assert autoscaler_limits() == AutoscalerLimits()  # it runs, its limits unknown: the nodes up, with a warning
-        assert check_capacity(one_gpu)[0]["CPU"] == 1.0
+        unsaid = check_capacity(one_gpu)
+        assert unsaid.resources["CPU"] == 1.0 and unsaid.unsaid_nodes  # the data's copies: as many as run at once
         GcsClient(address=ray.get_runtime_context().gcs_address).report_cluster_config(
             v2_config().SerializeToString())
         assert autoscaler_limits() == limits_of_config(v2_config())
         with pytest.raises(StudyError, match="the cluster has 0$"):  # a study's own local Ray never autoscales
             check_capacity(one_gpu, local=True)
-        capacity, nodes = check_capacity(one_gpu)  # no GPU up: the GPU nodes to come
-        assert capacity["GPU"] == 4.0 and max_concurrent_trials(one_gpu, capacity) == 4
-        assert workers_per_node(one_gpu, nodes, 4) == 1  # the nodes to come hold one worker each: one copy of the data
+        capacity = check_capacity(one_gpu)  # no GPU up: the GPU nodes to come
+        assert capacity.resources["GPU"] == 4.0 and max_concurrent_trials(one_gpu, *capacity[:3]) == 4
+        assert workers_per_node(one_gpu, capacity.nodes, 4) == 1  # the nodes to come hold one each: one data copy
+        # The four GPU nodes to come, two trials of two workers; the CPU nodes (any number) hold none of them.
+        two = load_study(tmp_path / "s.yaml", overrides=["resources.workers_per_trial=2"])
+        assert max_concurrent_trials(two, *check_capacity(two)[:3]) == 2
         with pytest.raises(StudyError, match="a trial needs 8 × 1 = 8 GPUs, the cluster grows to at most 4 "):
             check_capacity(eight_gpus)
         # A config whose node types can add none: the cluster is what is up (0 GPUs), refused whatever the flag says.

@@ -1095,6 +1095,48 @@ def test_a_worker_that_fits_on_no_node_is_refused(tmp_path):
     check_cluster(study, {"CPU": 72.0, "GPU": 8.0}, [gpu_node, cpu_node, {"CPU": 8.0, "GPU": 1.0}])
 
 
+def test_trials_at_once_count_the_workers_each_node_holds_not_the_clusters_totals(tmp_path):
+    # Each worker is placed whole on one node: the totals counted a 64-CPU head's CPUs towards GPU trials, and nine
+    # trials started where one fits, eight of them waiting in Ray Train's retries (and counted as start-up).
+    from scaling.autoscaler_limits import UNLIMITED
+    from scaling.study import worker_slots
+
+    study = load(tmp_path, overrides=["resources.cpus_per_worker=8", "resources.gpus_per_worker=1"])
+    nodes = [{"CPU": 4.0, "GPU": 8.0}, {"CPU": 64.0}, {"CPU": 8.0, "GPU": 1.0}]
+    totals = {"CPU": 76.0, "GPU": 9.0}
+    assert max_concurrent_trials(study, totals) == 9 and max_concurrent_trials(study, totals, nodes) == 1
+    cpu = load(tmp_path, overrides=["resources.cpus_per_worker=2"])
+    assert max_concurrent_trials(cpu, {"CPU": 6.0}, [{"CPU": 3.0}, {"CPU": 3.0}]) == 2  # 3 by the totals
+    two = load(tmp_path, overrides=["resources.cpus_per_worker=2", "resources.workers_per_trial=2"])
+    assert max_concurrent_trials(two, {"CPU": 10.0}, [{"CPU": 5.0}, {"CPU": 5.0}]) == 2  # four workers, two trials
+    # An autoscaler's node types, each as many times as it may add them.
+    gpu_type = {"CPU": 32.0, "GPU": 8.0}
+    assert worker_slots(study, [{"CPU": 64.0}, gpu_type], [1, 3]) == 12  # 4 per node (its CPUs), 3 nodes
+    assert worker_slots(study, [{"CPU": 64.0}, gpu_type], [1, UNLIMITED]) == UNLIMITED
+    assert worker_slots(study, [{"CPU": 64.0}, {"CPU": 8.0}], [1, UNLIMITED]) == 0  # none holds one, however many
+    assert max_concurrent_trials(study, {"CPU": 1000.0, "GPU": 24.0}, [{"CPU": 64.0}, gpu_type], [1, 3]) == 12
+    assert max_concurrent_trials(study, totals, [{"CPU": 64.0}]) == 1  # none up holds one: at least one
+
+
+def test_a_trial_whose_workers_fit_one_by_one_but_not_together_is_refused(tmp_path):
+    # Each worker fits on the GPU node, and the cluster has the CPUs and GPUs of four; the node holds two: the
+    # placement group never formed, the trial waited at step 0 for ever.
+    study = load(tmp_path, overrides=["resources.workers_per_trial=4", "resources.gpus_per_worker=1",
+                                      "resources.cpus_per_worker=12"])
+    nodes = [{"CPU": 64.0}, {"CPU": 32.0, "GPU": 8.0}]
+    with pytest.raises(StudyError) as err:
+        check_cluster(study, {"CPU": 96.0, "GPU": 8.0}, nodes)
+    assert str(err.value) == ("--set resources.workers_per_trial=4: resources.workers_per_trial: a trial's 4 workers "
+                              "need 12 CPUs and 1 GPUs each on one node; the cluster's nodes hold 2 such worker(s) at "
+                              "once")
+    check_cluster(study, {"CPU": 128.0, "GPU": 16.0}, nodes + [{"CPU": 32.0, "GPU": 8.0}])  # two such nodes: four
+    # An autoscaler that may add two of them: the trial waits for the second, not for ever.
+    check_cluster(study, {"CPU": 128.0, "GPU": 16.0}, nodes + [{"CPU": 32.0, "GPU": 8.0}], autoscaled=True,
+                  counts=[1, 1, 1])
+    with pytest.raises(StudyError, match="the cluster's nodes and the node types its autoscaler adds hold 2 such"):
+        check_cluster(study, {"CPU": 96.0, "GPU": 8.0}, nodes, autoscaled=True, counts=[1, 1])
+
+
 def test_dry_run_of_a_study_to_resume(tmp_path):
     out = tmp_path / "out"
     study = load(tmp_path, BASE + f"output: {out}\n")
