@@ -67,21 +67,33 @@ class PlacementGroupWatch:
                 if not alive:
                     with self._lock:
                         placement_group = self._groups.pop(controller_id, None)
-                    self._remove(controller_id, placement_group)
+                    if not remove_dead_controllers_group(controller_id, placement_group):
+                        with self._lock:  # tried again next round (the study's end is hours away on a long sweep)
+                            self._groups.setdefault(controller_id, placement_group)
 
-    @staticmethod
-    def _remove(controller_id, placement_group):
-        if placement_group is None:
-            return
-        try:
-            if placement_group_table(placement_group).get("state", "REMOVED") == "REMOVED":
-                return
-            logger.warning("Train controller %s died; removing its placement group %s", controller_id,
-                           placement_group.id.hex())
-            remove_placement_group(placement_group)
-        except Exception as e:  # the GCS is briefly unreachable, say: the study's end removes it anyway
-            logger.warning("could not remove placement group %s of dead Train controller %s: %s",
-                           placement_group.id.hex(), controller_id, e)
+
+def remove_dead_controllers_group(controller_id, placement_group, table=placement_group_table,
+                                  remove=remove_placement_group):
+    """Remove a dead Train controller's placement group unless it is gone; False where that failed (the GCS briefly
+    unreachable, say), to try again."""
+    if placement_group is None:
+        return True
+    try:
+        removed = table(placement_group).get("state", "REMOVED") == "REMOVED"
+    except Exception as e:  # as Ray's own cleaner: a group whose state is unknown is removed all the same
+        logger.warning("could not read the state of placement group %s: %s", placement_group.id.hex(), e)
+        removed = False
+    if removed:
+        return True
+    logger.warning("Train controller %s died; removing its placement group %s", controller_id,
+                   placement_group.id.hex())
+    try:
+        remove(placement_group)
+    except Exception as e:
+        logger.warning("could not remove placement group %s of dead Train controller %s (tried again in a "
+                       "second): %s", placement_group.id.hex(), controller_id, e)
+        return False
+    return True
 
 
 class WatchedPlacementGroups(ControllerCallback, WorkerGroupCallback):

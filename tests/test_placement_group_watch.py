@@ -59,3 +59,28 @@ def test_a_killed_trials_placement_group_is_removed_by_the_study_watch(tmp_path)
         assert list_actors(address=address, filters=[("class_name", "=", "TrainController")]) == []
     finally:
         ray.shutdown()
+
+
+def test_a_dead_controllers_group_is_removed_though_its_state_cannot_be_read_and_retried_when_removal_fails():
+    # One failed call (the GCS briefly away just after a node loss) left the group, its CPUs or GPUs taken, until the
+    # study's end: the watch had already forgotten the controller.
+    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+
+    from scaling.placement_group_watch import remove_dead_controllers_group
+
+    def unreachable(*args):
+        raise ConnectionError("GCS unreachable")
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        for table, remove, done in ((placement_group_table, unreachable, False),
+                                    (unreachable, remove_placement_group, True)):
+            group = placement_group([{"CPU": 1}])
+            ray.get(group.ready(), timeout=60)
+            assert remove_dead_controllers_group("c1", group, table=table, remove=remove) is done
+            state = placement_group_table(group)["state"]
+            assert state == ("REMOVED" if done else "CREATED")
+        assert remove_dead_controllers_group("c1", group) is True  # already removed: nothing to do
+        assert remove_dead_controllers_group("c2", None) is True  # a controller with no group yet
+    finally:
+        ray.shutdown()
