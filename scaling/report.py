@@ -133,6 +133,12 @@ def analyze(df, n_boot=N_BOOT, seed=0):
     a = Analysis(study_name(df), df, trials, ok, loss, final_points(ok), n_boot=n_boot)
     last_step = a.final_fid.trial_id.map(ok.groupby("trial_id").step.max()).astype(float)  # empty: of no dtype
     early = a.final_fid[a.final_fid.step.astype(float) < last_step]
+    lengths = sorted(int(s) for s in last_step.unique())
+    if len(lengths) > 1:  # a compute sweep (sweep.compute), say: each model trained to a step count of its own
+        shown = ", ".join(f"{n:,}" for n in lengths)
+        a.notes.append(f"Figure 1's models trained for different numbers of steps ({shown}): its fit and correlations "
+                       "compare them at unequal training, where the paper's Figure 8 compares models at one step "
+                       "(400K); Figure 2 compares them along their training.")
     if len(early):
         a.notes.append("Figure 1 and its fit take each model's last FID, which for "
                        + ", ".join(f"{m} is at step {s:,} of {int(n):,}" for m, s, n in
@@ -563,6 +569,12 @@ class Figure:
     caption: str
 
 
+def _final_step_words(points):
+    """Where Figure 1's points are: their one step, or each model's own."""
+    steps = points.step.unique()
+    return f"step {int(steps[0]):,}" if len(steps) == 1 else "each model's final step (steps differ: see the notes)"
+
+
 def draw_figures(a, folder):
     """Every figure the data allows, into folder; a figure without data becomes a note."""
     out = []
@@ -572,9 +584,9 @@ def draw_figures(a, folder):
         fit = a.fits.get("fid_vs_gflops")
         out.append(Figure(figures.fid_vs_gflops(a.final_fid, fit, a.correlation, folder, fid_label,
                                                 None if fit else no_fit),
-                          "Figure 1. FID against forward Gflops at the final step, one point per model (the paper's "
-                          f"Figure 8), with the power-law fit{_ci_label(a, ', its {} band')} and the "
-                          "correlations."))
+                          f"Figure 1. FID against forward Gflops at {_final_step_words(a.final_fid)}, one point per "
+                          f"model (the paper's Figure 8), with the power-law fit{_ci_label(a, ', its {} band')} and "
+                          "the correlations."))
     else:
         a.notes.append("No FID with Gflops in the ok trials: no Figure 1.")
     rows = _positive(a.ok, "fid", "train_compute")

@@ -103,3 +103,24 @@ def test_a_trial_that_diverged_after_ok_milestones_enters_no_fit():
     assert chinchilla.n_points == 12 and chinchilla.n_groups == 4
     np.testing.assert_allclose(chinchilla.params, [0.1, 20.0, 0.3, 5.0, 0.3], rtol=1e-4)
     assert any("1 trial(s) did not finish ok (diverged)" in n for n in a.notes)
+
+
+def test_figure_1_of_models_trained_for_different_steps_says_so():
+    # A compute sweep trains each model to its own step count: Figure 1 said "at the final step (the paper's
+    # Figure 8)" and fitted and correlated its points as if they were at one step.
+    from scaling.report import _final_step_words
+
+    rows = [r for r in study_rows() if not (r["model"] == "DiT-XL/4" and r["step"] == STEPS[-1])]
+    for r in rows:
+        if r["model"] == "DiT-XL/4":
+            r["max_step"] = STEPS[-2]
+    a = analyze(table(rows), n_boot=0)
+    assert sorted(a.final_fid.step) == [200, 400, 400, 400]
+    assert ("Figure 1's models trained for different numbers of steps (200, 400): its fit and correlations compare "
+            "them at unequal training, where the paper's Figure 8 compares models at one step (400K); Figure 2 "
+            "compares them along their training.") in a.notes
+    assert not any(n.startswith("Figure 1 and its fit take each model's last FID") for n in a.notes)
+    assert _final_step_words(a.final_fid) == "each model's final step (steps differ: see the notes)"
+    one = analyze(table(study_rows()), n_boot=0)
+    assert not any("different numbers of steps" in n for n in one.notes)
+    assert _final_step_words(one.final_fid) == "step 400"
