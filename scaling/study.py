@@ -689,22 +689,23 @@ def _expanded(path, where, key_path):
         raise where.error(key_path, f"{path}: {str(path).split('/')[0]} has no home folder on this machine") from None
 
 
-SQLITE_PREFIX = "sqlite:///"
+SQLITE_URI = re.compile(r"(sqlite(?:\+\w+)?:///)(.*)", re.S)  # SQLAlchemy's sqlite:/// or sqlite+DRIVER:///
 
 
 def sqlite_parts(uri):
-    """(file, query) of a `sqlite:///FILE?QUERY` tracking URI, as written (relative, or a URI filename); None if the URI
-    is not one."""
-    if not uri.startswith(SQLITE_PREFIX):
+    """(file, query) of a `sqlite:///FILE?QUERY` (or `sqlite+pysqlite:///...`) tracking URI, as written (relative, or a
+    URI filename); None if the URI is not one."""
+    match = SQLITE_URI.fullmatch(uri)
+    if match is None:
         return None
-    file, _, query = uri[len(SQLITE_PREFIX):].partition("?")
+    file, _, query = match.group(2).partition("?")
     return file, query
 
 
 def _sqlite_problem(uri):
     """Why a SQLite tracking URI cannot keep a study's runs (None if it can): no file, or one in memory."""
     file, query = sqlite_parts(uri) or (None, "")
-    if uri == "sqlite://" or file == "":
+    if re.fullmatch(r"sqlite(\+\w+)?://", uri) or file == "":
         return "names no file; give one, e.g. sqlite:////absolute/path/mlflow.db"
     # SQLite's URI filenames name memory too: file::memory:, file:name?mode=memory.
     if file == ":memory:" or (file or "").startswith("file:") and (file == "file::memory:" or "mode=memory" in query):
@@ -719,7 +720,7 @@ def _absolute_sqlite(uri, where):
     if not path or path.startswith((":", "/")) or path.startswith("file:"):
         return uri  # not SQLite, absolute, or a URI filename
     absolute = _expanded(path, where, ("tracking", "mlflow_uri")).absolute()
-    return f"{SQLITE_PREFIX}{absolute}" + (f"?{query}" if "?" in uri else "")
+    return f"{SQLITE_URI.match(uri).group(1)}{absolute}" + (f"?{query}" if "?" in uri else "")
 
 
 #################################################################################

@@ -1189,12 +1189,17 @@ def test_a_relative_sqlite_store_is_made_absolute_against_the_working_directory(
     for given, resolved in (("sqlite:///mlflow.db", f"sqlite:///{tmp_path}/mlflow.db"),
                             ("sqlite:///runs/m.db?timeout=30", f"sqlite:///{tmp_path}/runs/m.db?timeout=30"),
                             ("sqlite:////abs/m.db", "sqlite:////abs/m.db"),
+                            # SQLAlchemy's name of the same driver, which MLflow takes: it was left relative
+                            ("sqlite+pysqlite:///mlflow.db", f"sqlite+pysqlite:///{tmp_path}/mlflow.db"),
                             ("http://mlflow:5000", "http://mlflow:5000")):
         study = load(tmp_path, overrides=[f"tracking.mlflow_uri={given}"])
         assert study.raw["tracking"]["mlflow_uri"] == resolved
         assert f"mlflow_uri: {resolved}" in study.resolved_yaml()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
     assert load(tmp_path).raw["tracking"]["mlflow_uri"] == f"sqlite:///{tmp_path}/env.db"
+    from scaling.run import sqlite_store
+
+    assert sqlite_store(f"sqlite+pysqlite:///{tmp_path}/m.db?timeout=30") == tmp_path / "m.db"
 
 
 def test_a_store_of_no_file_or_in_memory_and_a_home_that_is_not_here_are_the_fields_errors(tmp_path, monkeypatch):
@@ -1203,6 +1208,7 @@ def test_a_store_of_no_file_or_in_memory_and_a_home_that_is_not_here_are_the_fie
     monkeypatch.chdir(tmp_path)
     for uri, problem in (("sqlite:///", "names no file; give one, e.g. sqlite:////absolute/path/mlflow.db"),
                          ("sqlite://", "names no file; give one, e.g. sqlite:////absolute/path/mlflow.db"),
+                         ("sqlite+pysqlite://", "names no file; give one, e.g. sqlite:////absolute/path/mlflow.db"),
                          ("sqlite:///:memory:", "an in-memory store is lost when the driver ends, and Ray's workers "
                                                 "cannot reach it; give a file"),
                          # SQLite's URI filenames of memory, which it accepted
