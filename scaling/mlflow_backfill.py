@@ -6,6 +6,7 @@ from scaling.results import row_config, trial_end
 LOG_METRICS = ("train_loss", "lr", "images_per_s", "achieved_tflops", "mfu")
 EVAL_METRICS = ("val_loss", "val_mse", "val_loss_ema", "fid", "fid_floor", "kid", "precision", "recall",
                 "inception_score", "eval_time_s", "sample_images_per_s")
+OVERHEAD_METRICS = ("startup_s", "teardown_s")  # one point each at most: a run holding one is given none
 
 
 def rows_end(rows):
@@ -32,6 +33,7 @@ def log_missing(tracker, results, curves, skip_unreadable=False):
             # (train.val_batch 0 has none), but drivers before train_compute logged it.
             have_eval = (tracker.logged_steps(run_id, "train_compute", strict=True)
                          | tracker.logged_steps(run_id, "val_loss", strict=True))
+            have_overhead = {key: tracker.logged_steps(run_id, key, strict=True) for key in OVERHEAD_METRICS}
         except Exception:
             if skip_unreadable:
                 continue
@@ -45,16 +47,17 @@ def log_missing(tracker, results, curves, skip_unreadable=False):
                 tracker.log_metrics(run_id, {k: r.get(k) for k in (*EVAL_METRICS, "gflops", "params", "train_compute")},
                                     r["step"])
                 logged += 1
-        logged += _log_overhead(tracker, run_id, rows)
+        logged += _log_overhead(tracker, run_id, rows, have_overhead)
     return logged
 
 
-def _log_overhead(tracker, run_id, rows):
-    """The trial's start-up and teardown, as the driver logs them, when its run lacks them; the points logged."""
+def _log_overhead(tracker, run_id, rows, have):
+    """The trial's start-up and teardown, as the driver logs them, when its run lacks them (have: the steps of each
+    in the run); the points logged."""
     logged = 0
-    for key, latest in (("startup_s", False), ("teardown_s", True)):  # the first start-up, the last teardown
+    for key, latest in zip(OVERHEAD_METRICS, (False, True)):  # the first start-up, the last teardown
         measured = rows[rows[key].notna()].sort_values("step")
-        if len(measured) and tracker.last_logged_step(run_id, key) < 0:
+        if len(measured) and not have[key]:
             row = measured.iloc[-1 if latest else 0]
             tracker.log_metrics(run_id, {key: row[key]}, row["step"])
             logged += 1

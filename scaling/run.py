@@ -6,7 +6,6 @@ Ctrl-C and 143 by SIGTERM (the same command resumes the study).
 """
 import argparse
 import contextlib
-import http.client
 import logging
 import math
 import os
@@ -17,8 +16,6 @@ import socket
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import NamedTuple
@@ -519,7 +516,8 @@ def check_tracking_server(study):
     study's experiment must not be a deleted one (MLflow refuses runs in it)."""
     uri = study.raw["tracking"]["mlflow_uri"]  # the study's, else MLFLOW_TRACKING_URI's, else SQLite
     where = tracking_named_by(study)
-    from scaling.tracking import DATABASE_SCHEMES, shown_uri, store_scheme, unreachable_database, unsupported_store
+    from scaling.tracking import (DATABASE_SCHEMES, shown_uri, store_scheme, unreachable_database, unreachable_server,
+                                  unsupported_store)
 
     problem = unsupported_store(uri)
     if problem:
@@ -530,14 +528,9 @@ def check_tracking_server(study):
         if problem:
             raise StudyError(f"{where}: {problem}")
     elif uri.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10):
-                pass
-        except urllib.error.HTTPError:
-            pass  # it answers (a proxy in front of it may want credentials even for /health)
-        except (OSError, ValueError, http.client.HTTPException) as e:  # InvalidURL for a port that is not a number
-            reason = getattr(e, "reason", e)
-            raise StudyError(f"{where}: no MLflow tracking server answers at {shown_uri(uri)} ({reason})") from e
+        problem = unreachable_server(uri)  # as MLflow's client reaches it: its credentials and TLS settings
+        if problem:
+            raise StudyError(f"{where}: no MLflow tracking server answers at {shown_uri(uri)} ({problem})")
     else:
         problem = sqlite_open_problem(uri)
         if problem:
@@ -634,6 +627,14 @@ class Capacity(NamedTuple):
     nodes: list  # the resources of each node up, and of each node type the autoscaler may add
     counts: list  # how many of each of nodes there may be (UNLIMITED: no limit)
     unsaid_nodes: bool = False  # an autoscaler may add nodes it does not describe
+
+
+def shown_study(study):
+    """The resolved study as the MLflow artifact every reader of the store sees: a password in a URI (the tracking
+    store's, from MLFLOW_TRACKING_URI) shown as *** (<output>/study.yaml keeps it: the replay logs with it)."""
+    from scaling.tracking import shown_uri
+
+    return shown_uri(study.resolved_yaml())
 
 
 def check_capacity(study, local=False):
@@ -748,7 +749,7 @@ def _run_trials(study, build_report, report_dir, began, capacity):
         copied = ran_in is not None and moved_from is None and Path(ran_in).absolute() != out.absolute()
         if not new_store:
             _write_atomic(out / "study.yaml", study.resolved_yaml())  # at once: a replay finds the runs by its folder
-        tracker.log_text(tracker.parent_run_id, study.resolved_yaml(), "study.yaml")
+        tracker.log_text(tracker.parent_run_id, shown_study(study), "study.yaml")
 
         done, foreign = recorded_trials(study)
         if foreign:
@@ -853,8 +854,9 @@ def _run_trials(study, build_report, report_dir, began, capacity):
         print(f"study efficiency: {efficiency:.0%} of {slots} trial slot(s) × {wall:.0f} s spent training or "
               "evaluating")
         # One step per driver run of the study (a resumed one's own figures, not a value over the first's).
-        session = tracker.last_logged_step(tracker.parent_run_id, "wall_time_s") + 1
-        tracker.log_metrics(tracker.parent_run_id, {"wall_time_s": wall, "efficiency": efficiency}, session)
+        session = tracker.next_step(tracker.parent_run_id, "wall_time_s")  # None: the store did not say
+        if session is not None:  # a guess would log this run's point as an earlier run's
+            tracker.log_metrics(tracker.parent_run_id, {"wall_time_s": wall, "efficiency": efficiency}, session)
     tracker.flush(force=True)  # the server may be back: try now, whatever the retry interval
     failed = recorder.failed_count()
     tracker.finish(tracker.parent_run_id, "FAILED" if failed else "FINISHED")

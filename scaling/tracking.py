@@ -6,8 +6,10 @@ replayed in order once it answers again. A tracking server gets short HTTP retri
 default keeps one call retrying for about four minutes), and a queue that fails to replay is tried
 again after RETRY_INTERVAL_S, twice as long after each failure up to MAX_RETRY_INTERVAL_S, so a dead
 server (or one that accepts connections and never answers) costs the driver moments, not minutes.
-A call MLflow answers with a refusal (a run deleted in the UI meanwhile) is dropped with a warning
-instead: queued, it would hold back every call after it.
+Only a store that does not answer now (the network, a timeout, a server or database that says it is busy or
+down) queues a call: any other failure, a call MLflow refuses (a run deleted in the UI meanwhile) or one that fails
+for good (an artifact store it cannot write to), is dropped with a warning instead: queued, it would hold back every
+call after it.
 """
 import contextlib
 import json
@@ -15,10 +17,13 @@ import logging
 import os
 import re
 import sqlite3
+import sys
 import time
 from pathlib import Path
 
 import scaling.no_telemetry  # noqa: F401 - first: before MLflow and Ray are imported
+import requests
+import urllib3
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
 from mlflow.exceptions import MlflowException
@@ -36,6 +41,21 @@ MAX_RETRY_INTERVAL_S = 120.0  # the longest wait between attempts (each may cost
 # MLflow's error codes for a call that no retry changes: the run or experiment is deleted, a value is refused. Not
 # BAD_REQUEST: its SQL stores give that to a full connection pool or a dropped connection too, which pass.
 REFUSALS = {"INVALID_PARAMETER_VALUE", "INVALID_STATE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS"}
+# MLflow's error codes for a store that cannot answer now: a database gone or busy (its SQL stores' code for
+# SQLAlchemy's OperationalError), a deadline, a rate limit.
+AWAY_CODES = {"TEMPORARILY_UNAVAILABLE", "DEADLINE_EXCEEDED", "REQUEST_LIMIT_EXCEEDED", "RESOURCE_EXHAUSTED"}
+AWAY_STATUSES = {408, 429, 500, 502, 503, 504}  # HTTP answers MLflow's REST client retries: a server busy or down
+# Errors of a connection that failed or timed out, as the HTTP clients under MLflow's stores raise them. requests'
+# SSLError is one: a handshake cut short is too, and a certificate that no longer verifies fails every call alike
+# (queued, they are logged once it is renewed). RetryError: MLflow's retries of a 429 or 5xx answer ran out.
+AWAY_ERRORS = (ConnectionError, TimeoutError, requests.ConnectionError, requests.Timeout,
+               requests.exceptions.RetryError, requests.exceptions.ChunkedEncodingError,
+               urllib3.exceptions.MaxRetryError, urllib3.exceptions.ProtocolError, urllib3.exceptions.TimeoutError,
+               urllib3.exceptions.ProxyError)
+# The same of libraries an artifact or database store may use, by module: looked up in sys.modules, as a library
+# not imported raised none. SQLAlchemy's TimeoutError: a full connection pool (MLflow calls that a BAD_REQUEST).
+AWAY_ERRORS_OF = {"sqlalchemy.exc": ("OperationalError", "DisconnectionError", "TimeoutError"),
+                  "botocore.exceptions": ("ConnectionError", "HTTPClientError")}
 # MLflow reads these per request; the driver is the only MLflow user in its process. Set in the
 # environment, they win.
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -43,9 +63,10 @@ HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BA
 
 
 def shown_uri(uri):
-    """A tracking URI as printed: a password in it (a database's, a server's basic auth, a `password=` query
-    parameter) shown as ***; the rest as written (urllib's round trip would turn sqlite://// into sqlite://)."""
-    uri = re.sub(r"^([a-z0-9+.-]+://[^/@:]*:)[^/@]*@", r"\1***@", uri, flags=re.I)
+    """A tracking URI (or a message holding one) as printed: a password in it (a database's, a server's basic auth, a
+    `password=` query parameter) shown as ***; the rest as written (urllib's round trip would turn sqlite://// into
+    sqlite://)."""
+    uri = re.sub(r"\b([a-z][a-z0-9+.-]*://[^/@:\s]*:)[^/@\s]*@", r"\1***@", uri, flags=re.I)
     return re.sub(r"([?&][^=&]*password[^=&]*=)[^&]*", r"\1***", uri, flags=re.I)
 
 
@@ -108,8 +129,9 @@ class StudyTracker:
         self.pending = []  # calls that failed while the server was away, replayed in order
         self.retry_at = 0.0  # time.monotonic() before which the queue is not replayed
         self.retry_interval = RETRY_INTERVAL_S  # the wait after the next failed attempt
-        self.refused = 0  # calls MLflow refused, dropped
-        self.refused_runs = set()  # the runs they were for, each warned of once
+        self.refused = 0  # calls MLflow refused or that failed for good, dropped
+        self.refused_runs = set()  # the runs of refused calls, each warned of once
+        self.failures = set()  # (call, error) of the other dropped calls, each warned of once
         output_dir = str(Path(output_dir).resolve())
         self.output_dir = output_dir
         exp = self.client.get_experiment_by_name(experiment)
@@ -184,9 +206,15 @@ class StudyTracker:
         return {r.data.tags[TRIAL_TAG]: r.info.run_id for r in runs
                 if TRIAL_TAG in r.data.tags and r.info.status in ("RUNNING", "SCHEDULED")}
 
-    def last_logged_step(self, run_id, key="train_loss"):
-        """The largest step of a metric already in a run (to skip what a restarted worker re-reports)."""
-        return max(self.logged_steps(run_id, key), default=-1)
+    def next_step(self, run_id, key):
+        """The step after a metric's last in a run (0 for none); None, with a warning, where the store does not answer:
+        a guess (0) would number a point as one already there."""
+        try:
+            return max(self.logged_steps(run_id, key, strict=True), default=-1) + 1
+        except Exception as e:
+            logger.warning("MLflow did not give the %s of run %s (%s); its point of this run is not logged", key,
+                           run_id, type(e).__name__)
+            return None
 
     def logged_steps(self, run_id, key, strict=False):
         """The steps at which a run holds a metric; strict: the store's error raised where it does not answer, else
@@ -231,7 +259,7 @@ class StudyTracker:
         try:
             fn(*args, **kwargs)
         except Exception as e:  # MLflow raises many kinds for an unreachable server
-            if self._refused(e, fn, args):
+            if self._dropped(e, fn, args):
                 return
             logger.warning("MLflow unreachable (%s); queueing, will retry", type(e).__name__)
             self.pending.append((fn, args, kwargs))
@@ -250,7 +278,7 @@ class StudyTracker:
             try:
                 fn(*args, **kwargs)
             except Exception as e:
-                if not self._refused(e, fn, args):
+                if not self._dropped(e, fn, args):
                     self._wait_longer()
                     return False
             self.pending.pop(0)
@@ -261,19 +289,70 @@ class StudyTracker:
         self.retry_at = time.monotonic() + self.retry_interval
         self.retry_interval = min(2 * self.retry_interval, MAX_RETRY_INTERVAL_S)
 
-    def _refused(self, e, fn, args):
-        """Whether MLflow refused the call (it answered: no retry changes that); said once per call, and counted."""
-        if not (isinstance(e, MlflowException) and e.error_code in REFUSALS):
+    def _dropped(self, e, fn, args):
+        """Whether a failed call is dropped, not queued: any failure but a store that does not answer now (queued, a
+        call that fails for good would hold back every call after it); said once per run refused or kind of failure,
+        and counted."""
+        if away(e):
             return False
         self.refused += 1
         run_id = args[0] if args else "?"
-        if run_id not in self.refused_runs:  # a run deleted meanwhile refuses every call: said once
+        if not (isinstance(e, MlflowException) and e.error_code in REFUSALS):
+            self._failed(e, fn, run_id)
+        elif run_id not in self.refused_runs:  # a run deleted meanwhile refuses every call: said once
             self.refused_runs.add(run_id)
             logger.warning("MLflow refused %s for run %s (%s); not retried, nor its run's later calls. `python -m "
                            "scaling.replay_mlflow %s` logs the study's measurements again from its Parquet files",
                            getattr(fn, "__name__", fn), run_id,
                            e.message.splitlines()[0] if e.message else e.error_code, self.output_dir)
         return True
+
+    def _failed(self, e, fn, run_id):
+        """Warn of a call dropped for an error other than a refusal, once per call and kind of error (an artifact
+        store the driver cannot write to fails every artifact alike)."""
+        name = getattr(fn, "__name__", fn)
+        kind = (name, type(e).__name__, getattr(e, "error_code", None))
+        if kind in self.failures:
+            return
+        self.failures.add(kind)
+        said = (str(e).strip().splitlines() or [""])[0]
+        logger.warning("MLflow's %s for run %s failed (%s: %s), not for want of an answer: dropped, not retried (later "
+                       "%s calls failing alike are not said)", name, run_id, type(e).__name__, shown_uri(said), name)
+
+
+def away(e):
+    """Whether an MLflow call's error says the store did not answer now (worth queueing the call and trying it again),
+    rather than that the call fails for good; read through the errors it was raised from (MLflow's REST client wraps a
+    refused connection in an MlflowException of code INTERNAL_ERROR, as it does a 4xx answer it cannot parse)."""
+    errors = AWAY_ERRORS + tuple(getattr(sys.modules[module], name) for module, names in AWAY_ERRORS_OF.items()
+                                 if module in sys.modules for name in names)
+    for error in _chain(e):
+        if isinstance(error, errors) or getattr(error, "connection_invalidated", False):  # SQLAlchemy's: a lost link
+            return True
+        if isinstance(error, MlflowException) and error.error_code in AWAY_CODES:
+            return True
+        if _http_status(error) in AWAY_STATUSES:  # an artifact store's answer (MLflow's store retries its own)
+            return True
+    return False
+
+
+def _chain(e):
+    """e and the errors it was raised from or while handling, in turn."""
+    seen = []
+    while e is not None and not any(e is s for s in seen):
+        seen.append(e)
+        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+    return seen
+
+
+def _http_status(error):
+    """The HTTP status of an answer an error carries (requests' HTTPError, botocore's ClientError), or None."""
+    response = getattr(error, "response", None)
+    if isinstance(response, dict):  # botocore's
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    else:
+        status = getattr(response, "status_code", None)
+    return status if isinstance(status, int) else None
 
 
 def _is_number(v):
@@ -309,8 +388,8 @@ DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 TRACKING_SCHEMES = ("", "file", "http", "https", "databricks", *DATABASE_SCHEMES)
 
 
-# Seconds a database server may take to answer the check before launch, by the drivers' own keywords for it (a driver
-# not named here waits as it always does).
+# Seconds a database or tracking server may take to answer the check before launch; for a database, by the drivers'
+# own keywords for it (a driver not named here waits as it always does).
 CONNECT_TIMEOUT_S = 10
 CONNECT_TIMEOUT_ARGS = {"psycopg": "connect_timeout", "psycopg2": "connect_timeout", "mysqldb": "connect_timeout",
                         "pymysql": "connect_timeout", "pyodbc": "timeout"}
@@ -339,6 +418,31 @@ def unreachable_database(uri):
     finally:
         if engine is not None:
             engine.dispose()
+    return None
+
+
+def unreachable_server(uri):
+    """Why no MLflow tracking server answers at uri as MLflow's client reaches it (its requests, with the credentials
+    in uri or MLFLOW_TRACKING_USERNAME/PASSWORD or _TOKEN, and its TLS settings: MLFLOW_TRACKING_INSECURE_TLS,
+    MLFLOW_TRACKING_SERVER_CERT_PATH, REQUESTS_CA_BUNDLE), or None; no password shown. Any HTTP answer will do: a
+    proxy in front of the server may want other credentials even for /health."""
+    import http.client
+    import urllib.parse
+
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    try:  # http.client's words for a port that is not a number, as the check said before it went through requests
+        http.client.HTTPConnection(urllib.parse.urlsplit(uri).netloc.rpartition("@")[2])
+    except (http.client.InvalidURL, ValueError) as e:
+        return str(e)
+    try:
+        http_request(get_default_host_creds(uri), "/health", "GET", max_retries=0, timeout=CONNECT_TIMEOUT_S,
+                     raise_on_status=False)
+    except Exception as e:  # MLflow's, naming the URL with its password: the error at the bottom says why
+        reason = str(_chain(e)[-1]).strip() or type(_chain(e)[-1]).__name__
+        password = urllib.parse.urlsplit(uri).password
+        return shown_uri(reason.replace(password, "***") if password else reason)
     return None
 
 

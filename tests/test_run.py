@@ -601,7 +601,8 @@ def test_a_stop_while_the_trials_runs_are_made_ends_the_studys_run(tmp_path, emp
 
     monkeypatch.setattr(Recorder, "catch_up_runs", interrupted)
     with pytest.raises(scaling_run.Terminated):
-        scaling_run._run_trials(study, False, None, time.time(), {"CPU": 2.0}, [{"CPU": 2.0}])
+        capacity = scaling_run.Capacity({"CPU": 2.0}, [{"CPU": 2.0}], [1])
+        scaling_run._run_trials(study, False, None, time.time(), capacity)
     client, parents, children = mlflow_runs(out)
     assert [p.info.status for p in parents] == ["KILLED"] and len(children) == 2
     assert {c.info.status for c in children} == {"SCHEDULED"}  # made, never started
@@ -631,3 +632,14 @@ def test_a_driver_that_fails_shuts_its_ray_down_before_it_frees_the_output(tmp_p
     with pytest.raises(RuntimeError, match="the driver failed"):
         scaling_run.run_study(load_study(path), None, build_report=False)
     assert order[:1] == [("shutdown", False)] and not ray.is_initialized() and free(out)
+
+
+def test_the_study_logged_to_mlflow_shows_no_password(tmp_path, monkeypatch):
+    # MLFLOW_TRACKING_URI's password went into the resolved study, which every reader of the store could open.
+    study, out = write_study(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgresql://bob:s3cret@db:5432/mlflow")
+    loaded = load_study(study, check_data=False)
+    assert "bob:s3cret@db" in loaded.resolved_yaml()  # <output>/study.yaml: the replay logs with it
+    shown = scaling_run.shown_study(loaded)
+    assert "s3cret" not in shown and "postgresql://bob:***@db:5432/mlflow" in shown
+    assert shown == loaded.resolved_yaml().replace("bob:s3cret@", "bob:***@")

@@ -1,12 +1,20 @@
 """The study's MLflow tracker on real SQLite stores: refused calls, a server that is away, runs found again."""
+import base64
+import contextlib
+import http.server
+import importlib.util
 import logging
 import os
 import shutil
+import socket
+import ssl
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
+import requests
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
@@ -209,3 +217,200 @@ def test_mlflow_and_ray_send_no_usage_reports_unless_turned_on():
         done = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True,
                               timeout=120)
         assert done.stdout.split() == said.split(), module + done.stdout + done.stderr[-2000:]
+
+
+@pytest.fixture
+def quick_http(monkeypatch):
+    """MLflow's HTTP calls without retries (its default retries a refused connection for minutes); the variables that
+    tracking.client sets put back after the test."""
+    for key, value in {**tracking.HTTP_DEFAULTS, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+                       "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0"}.items():
+        monkeypatch.setenv(key, value)
+
+
+def closed_port():
+    """A port on 127.0.0.1 that nothing listens on: a tracking server that is away."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def http_server(answer, seen=None, tls=None):
+    """A plain HTTP server on 127.0.0.1 answering every request (method, path) with answer(method, path): (status,
+    body); seen gets (method, path, Authorization header) of each; tls: (cert, key) files to serve HTTPS."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def handle_one(self):
+            if seen is not None:
+                seen.append((self.command, self.path, self.headers.get("Authorization")))
+            length = int(self.headers.get("Content-Length") or 0)
+            self.rfile.read(length)
+            status, body = answer(self.command, self.path)
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = do_PUT = handle_one
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    if tls:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(*tls)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_call_that_fails_for_good_is_dropped_and_holds_back_no_other(tmp_path, uri, caplog):
+    # An experiment whose artifacts go to S3, where the driver's machine has no boto3: each sample grid failed with
+    # ModuleNotFoundError, was queued as if the server were away, and every later metric, tag and status of every run
+    # waited behind it for the rest of the study (the runs left RUNNING, nothing logged).
+    if importlib.util.find_spec("boto3") is not None:
+        pytest.skip("boto3 is installed here: S3 would fail otherwise (credentials, network)")
+    MlflowClient(uri).create_experiment("exp", artifact_location="s3://bucket/artifacts")
+    tracker = StudyTracker(uri, "exp", "study", tmp_path / "out")
+    run_id = tracker.child_run("a", {})
+    with caplog.at_level(logging.WARNING, logger="scaling.tracking"):
+        tracker.log_text(run_id, "grid", "samples/step-10.txt")
+        tracker.log_metrics(run_id, {"train_loss": 0.5}, 10)
+        tracker.log_text(run_id, "grid", "samples/step-20.txt")  # fails alike: not said again
+        tracker.set_tags(run_id, {tracking.STATUS_TAG: "ok"})
+        tracker.finish(run_id)
+    assert tracker.pending == [] and tracker.refused == 2
+    assert caplog.messages == [f"MLflow's log_text for run {run_id} failed (ModuleNotFoundError: No module named "
+                               "'boto3'), not for want of an answer: dropped, not retried (later log_text calls "
+                               "failing alike are not said)"]
+    run = tracker.client.get_run(run_id)
+    assert (run.data.metrics, run.data.tags[tracking.STATUS_TAG], run.info.status) == ({"train_loss": 0.5}, "ok",
+                                                                                        "FINISHED")
+    # Queued while the server was away, and failing for good once it answers: the queue goes on past it.
+    tracker.pending = [(tracker.client.log_text, (run_id, "grid", "samples/step-30.txt"), {}),
+                       (tracker.client.log_batch, (run_id,), {"metrics": [Metric("train_loss", 0.25, 0, 30)]})]
+    assert tracker.flush(force=True) is True
+    assert tracker.pending == [] and tracker.refused == 3
+    assert metric_steps(tracker.client, run_id, "train_loss") == [10, 30]
+
+
+def test_only_a_store_that_does_not_answer_holds_calls_back(tmp_path, uri, quick_http):
+    # MLflow's REST client raises an MlflowException of code INTERNAL_ERROR both for a server that is down and for a
+    # 4xx answer it cannot parse (a proxy's 413 for a large batch): only the first is worth queueing.
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
+    from mlflow.utils.request_utils import augmented_raise_for_status
+
+    tracker = StudyTracker(uri, "exp", "study", tmp_path / "out")
+    run_id = tracker.child_run("a", {})
+    queued, artifacts = {}, {}  # by the server's answer: (calls queued, calls dropped); whether an artifact's is away
+    for status in (None, 503, 429, 413, 401):  # None: nothing listens
+        with contextlib.ExitStack() as stack:
+            port = closed_port() if status is None else stack.enter_context(http_server(lambda m, p: (status, b"no")))
+            tracker.client = MlflowClient(f"http://127.0.0.1:{port}")
+            tracker.log_metrics(run_id, {"train_loss": 1.0}, 1)
+            queued[status] = (len(tracker.pending), tracker.refused)
+            if status:  # an artifact store's answer, as MLflow's HTTP artifact repository raises it
+                with pytest.raises(requests.HTTPError) as raised:
+                    augmented_raise_for_status(requests.put(f"http://127.0.0.1:{port}/artifact", data=b"x", timeout=5))
+                artifacts[status] = raised.value
+        tracker.pending, tracker.refused, tracker.retry_at = [], 0, 0.0
+    assert queued == {None: (1, 0), 503: (1, 0), 429: (1, 0), 413: (0, 1), 401: (0, 1)}
+    assert {status: tracking.away(e) for status, e in artifacts.items()} == {503: True, 429: True, 413: False,
+                                                                             401: False}
+    # A SQL store's code for a database that is locked or gone (SQLAlchemy's OperationalError); a refusal's.
+    assert tracking.away(MlflowException("database is locked", error_code=TEMPORARILY_UNAVAILABLE)) is True
+    assert tracking.away(MlflowException("must be active", error_code=INVALID_PARAMETER_VALUE)) is False
+
+
+def test_the_study_runs_next_point_is_numbered_only_by_what_the_store_holds(tmp_path, uri, quick_http, caplog):
+    # The study run gets a wall_time_s point per driver run, at the step after the last: read leniently, a store that
+    # did not answer gave step 0, and the point went in as the first run's (queued, then replayed) or beside it.
+    tracker = StudyTracker(uri, "exp", "study", tmp_path / "out")
+    parent = tracker.parent_run_id
+    assert tracker.next_step(parent, "wall_time_s") == 0
+    tracker.log_metrics(parent, {"wall_time_s": 12.5}, 0)
+    assert tracker.next_step(parent, "wall_time_s") == 1
+    tracker.client = MlflowClient(f"http://127.0.0.1:{closed_port()}")  # the store away
+    with caplog.at_level(logging.WARNING, logger="scaling.tracking"):
+        assert tracker.next_step(parent, "wall_time_s") is None
+    assert caplog.messages == [f"MLflow did not give the wall_time_s of run {parent} (MlflowException); its point of "
+                               "this run is not logged"]
+
+
+def test_a_run_whose_overhead_cannot_be_read_is_not_given_it_again(tmp_path, uri, quick_http, monkeypatch):
+    # The start-up and teardown of a trial were read leniently: a store that stopped answering between the reads of
+    # a run's curves and of its start-up was taken to hold none, and the backfill logged them a second time.
+    import pandas as pd
+
+    from scaling.mlflow_backfill import log_missing
+
+    tracker = StudyTracker(uri, "exp", "study", tmp_path / "out")
+    run_id = tracker.child_run("a", {})
+    tracker.log_metrics(run_id, {"startup_s": 7.5}, 10)
+    tracker.log_metrics(run_id, {"teardown_s": 1.5}, 20)
+    results = pd.DataFrame({"trial_id": ["a", "a"], "config_json": ["{}", "{}"], "step": [10, 20],
+                            "status": ["ok", "ok"], "startup_s": [7.5, None], "teardown_s": [None, 1.5]})
+    curves = pd.DataFrame({"trial_id": ["a"], "step": [5], "train_loss": [0.5]})
+    here, away = tracker.client.get_metric_history, MlflowClient(f"http://127.0.0.1:{closed_port()}")
+
+    def history(run, key):  # the server gone between the reads of the run's curves and of its overhead
+        return away.get_metric_history(run, key) if key in ("startup_s", "teardown_s") else here(run, key)
+
+    monkeypatch.setattr(tracker.client, "get_metric_history", history)
+    assert log_missing(tracker, results, curves, skip_unreadable=True) == 0  # the driver's: left to a replay
+    with pytest.raises(Exception, match="Connection refused"):  # the replay's: it says so
+        log_missing(tracker, results, curves)
+    monkeypatch.undo()
+    assert metric_steps(tracker.client, run_id, "startup_s") == [10]
+    assert metric_steps(tracker.client, run_id, "teardown_s") == [20]
+    assert log_missing(tracker, results, curves) == 3  # the store answers: the curve and both milestone rows
+    assert metric_steps(tracker.client, run_id, "startup_s") == [10]
+    assert metric_steps(tracker.client, run_id, "train_loss") == [5]
+
+
+def test_the_launch_check_reaches_a_tracking_server_as_mlflow_does(tmp_path, quick_http, monkeypatch):
+    # It went through urllib: a URI's user:password@ was taken for part of the host name ("Name or service not known")
+    # and MLflow's TLS settings were not read, so a server MLflow reaches was refused before launch.
+    from scaling import run as scaling_run
+    from scaling.study import StudyError
+    from test_study import BASE, load
+
+    def answer(method, path):  # /health, and no experiment of the study's name
+        return (200, b"OK") if path == "/health" else (404, b'{"error_code": "RESOURCE_DOES_NOT_EXIST"}')
+
+    def check(uri):
+        study = load(tmp_path, BASE + f"output: {tmp_path / 'out'}\ntracking:\n  mlflow_uri: {uri}\n")
+        scaling_run.check_tracking_server(study)
+
+    seen = []
+    with http_server(answer, seen) as port:
+        check(f"http://bob:s3cret@127.0.0.1:{port}")
+    assert seen[0] == ("GET", "/health", "Basic " + base64.b64encode(b"bob:s3cret").decode())
+    port = closed_port()
+    with pytest.raises(StudyError) as refused:
+        check(f"http://bob:s3cret@127.0.0.1:{port}")
+    assert str(refused.value).endswith(f"tracking.mlflow_uri: no MLflow tracking server answers at "
+                                       f"http://bob:***@127.0.0.1:{port} ([Errno 111] Connection refused)")
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl here to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    with http_server(answer, tls=(cert, key)) as port:
+        with pytest.raises(StudyError, match="certificate verify failed"):  # self-signed: not trusted by default
+            check(f"https://127.0.0.1:{port}")
+        monkeypatch.setenv("MLFLOW_TRACKING_SERVER_CERT_PATH", str(cert))
+        check(f"https://127.0.0.1:{port}")
+        monkeypatch.delenv("MLFLOW_TRACKING_SERVER_CERT_PATH")
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert))
+        check(f"https://127.0.0.1:{port}")
+        monkeypatch.delenv("REQUESTS_CA_BUNDLE")
+        monkeypatch.setenv("MLFLOW_TRACKING_INSECURE_TLS", "true")
+        check(f"https://127.0.0.1:{port}")
