@@ -741,8 +741,12 @@ def _run_trials(study, build_report, report_dir, began, capacity):
         except sqlite3.Error as e:
             print(f"warning: {sqlite_store(uri)}: its runs' artifacts stay located in {moved_from} ({e})",
                   file=sys.stderr)
+    # An output with no record of a run (a new one, or one deleted to start the study afresh): runs that a store
+    # outside it holds for its path are another study's, whose curve would hide this one's first points, and whose
+    # milestones would get a second value each.
+    fresh = not any((out / name).exists() for name in ("study.yaml", "results.parquet", "loss_curves.parquet"))
     tracker = StudyTracker(uri, study.raw["tracking"]["experiment"] or study.name, study.name, out,
-                           moved_from=moved_from)
+                           moved_from=moved_from, find=not fresh)
     try:
         # A copy of an output whose runs stay the original's (a store outside it): a study run of its own, which its
         # finished trials are brought to as to a new store.

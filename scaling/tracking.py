@@ -120,10 +120,11 @@ def flatten(d, prefix=""):
 class StudyTracker:
     """The MLflow runs of one study, created or found again by their tags, never duplicated."""
 
-    def __init__(self, uri, experiment, study_name, output_dir, reopen=True, moved_from=None):
+    def __init__(self, uri, experiment, study_name, output_dir, reopen=True, moved_from=None, find=True):
         """reopen: mark the runs found again RUNNING (a study going on), not so for a mere replay. moved_from: the
         folder the study's output was in when it last ran, where it was moved since (its parent run is found by it,
-        and tagged with output_dir from then on)."""
+        and tagged with output_dir from then on). find=False: a new study run, whatever runs name output_dir (those
+        of an output deleted since: this study starts afresh there)."""
         self.uri, self.reopen = uri, reopen
         self.client = client(uri)
         self.pending = []  # calls that failed while the server was away, replayed in order
@@ -140,7 +141,7 @@ class StudyTracker:
                                                                artifact_location=experiment_artifacts(uri, output_dir))
         else:
             self.experiment_id = exp.experiment_id
-        runs = self._search({ROLE_TAG: "study", OUTPUT_TAG: output_dir})
+        runs = self._search({ROLE_TAG: "study", OUTPUT_TAG: output_dir}) if find else []
         if not runs and moved_from is not None:
             runs = self._search({ROLE_TAG: "study", OUTPUT_TAG: str(Path(moved_from).resolve())})
             for run in runs:
@@ -192,7 +193,8 @@ class StudyTracker:
             else:
                 clauses.append(f"tags.`{key}` = {quote}{value}{quote}")
         runs = self.client.search_runs([self.experiment_id], " and ".join(clauses),
-                                       max_results=1000 if not here else 50000)  # 50000: SQL stores' page limit
+                                       max_results=1000 if not here else 50000,  # 50000: SQL stores' page limit
+                                       order_by=["attributes.start_time DESC"])  # the newest first: the one in use
         return [r for r in runs if all(r.data.tags.get(k) == v for k, v in here.items())]
 
     def open_child_runs(self):

@@ -643,3 +643,39 @@ def test_the_study_logged_to_mlflow_shows_no_password(tmp_path, monkeypatch):
     shown = scaling_run.shown_study(loaded)
     assert "s3cret" not in shown and "postgresql://bob:***@db:5432/mlflow" in shown
     assert shown == loaded.resolved_yaml().replace("bob:s3cret@", "bob:***@")
+
+
+def test_a_study_started_afresh_in_a_deleted_output_gets_runs_of_its_own(tmp_path, empty_store, monkeypatch):
+    # A store outside the output kept the deleted output's runs, found again by its path: the fresh trials' first
+    # loss points (up to the old runs' last step) never reached MLflow, and each milestone got a second value.
+    from scaling.recorder import Recorder
+
+    shutil.copyfile(empty_store, tmp_path / "store.db")
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    path, out = write_study(tmp_path, extra=f"tracking: {{mlflow_uri: '{uri}'}}\n")
+    study = load_study(path)
+
+    def interrupted(self, *args):
+        raise scaling_run.Terminated()
+
+    monkeypatch.setattr(Recorder, "catch_up_runs", interrupted)
+    capacity = scaling_run.Capacity({"CPU": 2.0}, [{"CPU": 2.0}], [1])
+    client = MlflowClient(uri)
+
+    def study_runs():
+        runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id],
+                                  order_by=["attributes.start_time ASC"])
+        return [r for r in runs if r.data.tags.get("dit_scaling.role") == "study"], runs
+
+    for attempt in range(3):
+        out.mkdir(exist_ok=True)
+        with pytest.raises(scaling_run.Terminated):
+            scaling_run._run_trials(study, False, None, time.time(), capacity)
+        if attempt == 0:
+            shutil.rmtree(out)  # deleted: the next run starts the study afresh
+    parents, runs = study_runs()
+    assert len(parents) == 2 and len(runs) == 2 + 2 * 2  # the deleted output's runs, and the fresh one's, found again
+    assert {p.data.tags["dit_scaling.output"] for p in parents} == {str(out)}
+    newest = parents[-1].info.run_id
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == newest]
+    assert len(children) == 2
