@@ -18,16 +18,21 @@ def rows_end(rows):
     return trial_end(milestones, dict(zip(rows.step, rows.status)))
 
 
-def log_missing(tracker, results, curves, skip_unreadable=False):
+def log_missing(tracker, results, curves, skip_unreadable=False, configs=None):
     """Log each trial's loss curve and milestone rows at the steps its run lacks (gaps too: calls an interrupted
     driver still had queued, or MLflow refused); returns the points logged. A run whose metrics cannot be read is not
     taken to hold none (every point would be logged again): the store's error is raised, or with skip_unreadable
-    (the driver's catch-up at launch, which the replay can finish later) the run is left as it is."""
+    (the driver's catch-up at launch, which the replay can finish later) the run is left as it is. A trial with a
+    curve and no row yet (stopped before its first milestone) has its curve logged too, its run's params from
+    configs ({trial id: configuration}) where its run is made here."""
     logged = 0
-    for trial_id, rows in results.groupby("trial_id"):
+    rowless = sorted(set(curves.trial_id) - set(results.trial_id))
+    trials = [*results.groupby("trial_id"), *((t, results.iloc[:0]) for t in rowless)]
+    for trial_id, rows in trials:
         try:
             # A row written by hand may have no config (rows_end tolerates it): the run's params are then none.
-            run_id = tracker.child_run(trial_id, row_config(rows.config_json.iloc[0]) or {})
+            config = row_config(rows.config_json.iloc[0]) if len(rows) else (configs or {}).get(trial_id)
+            run_id = tracker.child_run(trial_id, config or {})
             have_log = tracker.logged_steps(run_id, "train_loss", strict=True)
             # The driver logs train_compute with every milestone row; val_loss only where there is one
             # (train.val_batch 0 has none), but drivers before train_compute logged it.

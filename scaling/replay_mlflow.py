@@ -81,7 +81,7 @@ def _replay(output, uri):
         # study's runs of the folder it ran in (study.yaml's output), also when that folder was moved since.
         tracker = StudyTracker(uri, study.raw["tracking"]["experiment"] or study.name, study.name, study.output,
                                reopen=False)
-        logged = log_missing(tracker, results, curves)
+        logged = log_missing(tracker, results, curves, configs={t.trial_id: t.to_dict() for t in study.trials})
         close_finished_runs(tracker, study, results)
         answered = tracker.flush(force=True)
     except STORE_ERRORS as e:

@@ -82,6 +82,30 @@ def test_a_failed_trial_of_an_earlier_study_file_does_not_fail_the_studys_run(ou
     assert study_run.info.status == "FINISHED"
 
 
+def test_a_trials_curve_before_its_first_milestone_is_replayed_too(out, capsys):
+    # Only trials with a row were replayed: a trial stopped before its first milestone kept its logged losses in
+    # loss_curves.parquet and never in MLflow.
+    from scaling.results import LOSS_CURVES_SCHEMA
+
+    text = (out.parent / "tiny.yaml").read_text().replace("patch: [2]", "patch: [2, 4]")
+    (out.parent / "tiny.yaml").write_text(text)
+    study = load_study(out.parent / "tiny.yaml", check_data=False)
+    (out / "study.yaml").write_text(study.resolved_yaml())
+    rowless = next(t for t in study.trials if t.patch == 4)
+    assert rowless.trial_id not in set(load_results(out / "results.parquet").trial_id)
+    write_table([dict(study="tiny", trial_id=rowless.trial_id, model=rowless.model, step=step, train_loss=1.0 / step,
+                      lr=1e-4) for step in (3, 6)], out / "loss_curves.parquet", LOSS_CURVES_SCHEMA)
+    assert main([str(out)]) == 0
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    (run,) = [r for r in client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+              if r.data.tags.get("dit_scaling.trial_id") == rowless.trial_id]
+    history = client.get_metric_history(run.info.run_id, "train_loss")
+    assert sorted((m.step, m.value) for m in history) == [(3, 1 / 3), (6, 1 / 6)]
+    assert run.data.params["patch"] == "4" and run.info.status == "RUNNING"  # unfinished: left open
+    assert main([str(out)]) == 0  # again: nothing twice
+    assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 2
+
+
 def test_a_study_whose_driver_still_runs_is_not_replayed(out, capsys):
     # The driver's queued MLflow calls (a server that was away) would log again what the replay logs.
     from scaling.run import lock_output
