@@ -551,7 +551,11 @@ def _clear_abandoned_encodes(out, alone=False):
         if (folder / META).exists():
             if _written_elsewhere(folder):  # an earlier encode, exchanged out by one killed before renaming it
                 _remove_replaced(folder, out)
-            continue  # else a finished encode that could not be swapped in, kept for its owner
+                continue
+            # Else a finished encode that could not be swapped in, kept for its owner; but under the encode lock,
+            # one whose meta.json does not read is no one's: its machine crashed before the file reached the disk.
+            if not (alone and _meta_unreadable(folder)):
+                continue
         try:
             lock = lock_folder(folder)  # also under alone: an encode of an earlier version holds no encode lock
         except OSError as err:  # storage that cannot lock a folder (NFS)
@@ -579,6 +583,16 @@ def _clear_abandoned_encodes(out, alone=False):
         with contextlib.suppress(OSError):  # gone meanwhile, not empty, not a folder: not ours to remove
             if not folder.is_symlink() and (alone or time.time() - folder.stat().st_mtime > STARTING_ABANDONED_S):
                 folder.rmdir()
+
+
+def _meta_unreadable(folder):
+    """Whether a folder's meta.json is not a JSON object (empty, cut short)."""
+    try:
+        return not isinstance(json.loads((folder / META).read_text()), dict)
+    except ValueError:
+        return True
+    except OSError:  # not ours to judge
+        return False
 
 
 def _written_elsewhere(folder):

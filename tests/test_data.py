@@ -1137,10 +1137,15 @@ def test_where_folders_cannot_be_locked_the_encode_lock_still_clears_abandoned_e
     abandoned.mkdir()
     (abandoned / "shard-00000.safetensors").write_bytes(b"half of a shard")
     starting.mkdir()  # young: under the encode lock no other encode can have made it
+    # Its meta.json empty: its machine crashed before the file reached the disk (else it would be a finished encode).
+    crashed = tmp_path / ".latents.encoding-33333333"
+    crashed.mkdir()
+    (crashed / "meta.json").write_text("")
     with caplog.at_level("WARNING", logger="core.latents"):
         tiny_encode_into(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latents"]
     assert f"removed {abandoned}, left by an encode into {out}" in caplog.text
+    assert f"removed {crashed}, left by an encode into {out}" in caplog.text
 
 
 def test_a_lock_file_removed_by_its_holder_is_never_locked_by_two(tmp_path, monkeypatch):
