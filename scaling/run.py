@@ -649,6 +649,8 @@ def check_capacity(study, local=False):
     limits = None if local else autoscaler_limits()
     if limits is None:
         check_cluster(study, now, nodes)
+        if not local:
+            say_held_elsewhere(study, now, nodes)
         return Capacity(now, nodes, [1] * len(nodes))
     if limits.known:
         capacity = grown(now, limits)
@@ -668,6 +670,24 @@ def check_capacity(study, local=False):
         print(f"note: {unpublished}: {max_concurrent_trials(study, now, nodes)} trial(s) at once, what the nodes up "
               f"hold (resources.max_concurrent_trials sets more)", file=sys.stderr)
     return Capacity(now, nodes, [1] * len(nodes), unsaid_nodes=True)
+
+
+def say_held_elsewhere(study, now, nodes):
+    """A note where other work on a shared cluster holds resources the study's trials would take: trials are packed
+    into the cluster's resources (those others free later go to the study), and the trials beyond what is free now
+    wait for them, their wait counted in their start-up."""
+    import ray
+
+    if study.raw["resources"]["max_concurrent_trials"]:
+        return
+    free = ray.available_resources()
+    at_once, fit_now = max_concurrent_trials(study, now, nodes), max_concurrent_trials(study, free)
+    if fit_now >= at_once:
+        return
+    held = ", ".join(f"{now.get(r, 0) - free.get(r, 0):g} of its {now[r]:g} {r}s" for r in ("GPU", "CPU")
+                     if now.get(r) and free.get(r, 0) < now[r])
+    print(f"note: other work on the cluster holds {held} now: {at_once} trial(s) at once, of which {fit_now} fit in "
+          f"what is free; the others wait for it (resources.max_concurrent_trials sets fewer)", file=sys.stderr)
 
 
 def check_shared_storage(study):

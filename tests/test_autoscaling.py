@@ -270,3 +270,28 @@ def test_a_cluster_config_in_the_gcs_sets_the_check_and_the_packing(tmp_path, mo
             check_capacity(one_gpu)
     finally:
         ray.shutdown()
+
+
+def test_resources_other_work_holds_on_a_shared_cluster_are_noted(tmp_path, capsys):
+    # Trials are packed into the cluster's resources; on a cluster shared with other jobs, those beyond what is free
+    # waited in Ray Train's placement retries, unsaid, their wait counted as start-up.
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    (tmp_path / "s.yaml").write_text("name: s\ndata: {dataset: digits}\nsweep: {model: [DiT-P], patch: [4], "
+                                     "steps: [10]}\nresources: {workers_per_trial: 1, cpus_per_worker: 1}\n")
+    study = load_study(tmp_path / "s.yaml")
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    try:
+        check_capacity(study)
+        assert "other work" not in capsys.readouterr().err
+        held = placement_group([{"CPU": 2}])  # another job's
+        ray.get(held.ready(), timeout=60)
+        assert max_concurrent_trials(study, *check_capacity(study)[:3]) == 3
+        assert capsys.readouterr().err == ("note: other work on the cluster holds 2 of its 3 CPUs now: 3 trial(s) at "
+                                           "once, of which 1 fit in what is free; the others wait for it "
+                                           "(resources.max_concurrent_trials sets fewer)\n")
+        check_capacity(study, local=True)  # a study's own Ray: nothing else runs there
+        assert capsys.readouterr().err == ""
+        remove_placement_group(held)
+    finally:
+        ray.shutdown()
