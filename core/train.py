@@ -585,17 +585,21 @@ def _train(cfg, out_dir, milestones, callbacks, resume_from, checkpoint_dir, sha
     mcfg = cfg.resolved_model_config()
     if resume_from == "auto":
         resume_from = ckpt.latest_checkpoint(checkpoint_dir)
-    saved = None
+    saved, refused = None, None
     if resume_from is None:
         problem = ckpt.fresh_start_problem(checkpoint_dir)
         if problem:
             raise ckpt.CheckpointError(problem)
-    if resume_from is not None:  # a missing, corrupt or foreign checkpoint fails now, not after the set-up
-        saved = ckpt.check_checkpoint(resume_from, mcfg)
-        _check_resume_settings(resume_from, saved.get("config"), cfg)
+    if resume_from is not None:  # a missing, corrupt or foreign checkpoint fails before the model and data are set up
+        try:
+            saved = ckpt.check_checkpoint(resume_from, mcfg)
+            _check_resume_settings(resume_from, saved.get("config"), cfg)
+        except ckpt.CheckpointError as err:
+            refused = err
 
     deepspeed = import_deepspeed()
     rank, world, _, device = setup_distributed()
+    refuse_on_every_rank(refused, resume_from, device)
     use_precision(cfg.precision)
     if shared_checkpoint_dir:
         check_folder_shared(checkpoint_dir, rank, device)
@@ -766,7 +770,19 @@ def _train(cfg, out_dir, milestones, callbacks, resume_from, checkpoint_dir, sha
 
 
 class UnloadableCheckpoint(ckpt.CheckpointError):
-    """A checkpoint that did not load, raised on every rank together (_load_on_every_rank): a retry loads the same."""
+    """A checkpoint a run cannot resume from (it does not load, or is another model's or another settings'), raised
+    on every rank together (refuse_on_every_rank): a retry finds the same."""
+
+
+def refuse_on_every_rank(problem, path, device):
+    """Raise UnloadableCheckpoint on every rank where any rank has a CheckpointError (problem, else None) with the
+    checkpoint at path: raised on one rank alone, it would stop that rank while the others wait in their next
+    collective, and a launcher's retry would meet the same files. A collective every rank calls."""
+    _, failed = ranks_spread(int(problem is not None), device)
+    if problem is not None:
+        raise UnloadableCheckpoint(str(problem)) from problem
+    if failed:
+        raise UnloadableCheckpoint(f"{path} cannot be resumed from by another process (its error names the file)")
 
 
 def _load_on_every_rank(path, engine, ema, model_config, world, zero_stage, rank, device):
@@ -777,11 +793,7 @@ def _load_on_every_rank(path, engine, ema, model_config, world, zero_stage, rank
         state, problem = ckpt.load_checkpoint(path, engine, ema, model_config, world, zero_stage, rank), None
     except ckpt.CheckpointError as err:
         state, problem = None, err
-    _, failed = ranks_spread(int(problem is not None), device)
-    if problem is not None:
-        raise UnloadableCheckpoint(str(problem)) from problem
-    if failed:
-        raise UnloadableCheckpoint(f"{path} cannot be loaded by another process (its error names the file)")
+    refuse_on_every_rank(problem, path, device)
     return state
 
 

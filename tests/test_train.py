@@ -603,7 +603,8 @@ def test_two_gloo_processes_match_one(tmp_path, zero_stage):
         shard.write_bytes(bytes(data))
         err = torchrun(tmp_path / "damaged", zero_stage, resume=str(step_6), fails=True)
         assert f"error: {shard} is damaged: its contents are not those written" in err, err[-3000:]
-        assert f"error: {step_6} cannot be loaded by another process (its error names the file)" in err, err[-3000:]
+        assert f"error: {step_6} cannot be resumed from by another process (its error names the file)" in err, \
+            err[-3000:]
 
 
 #################################################################################
@@ -904,3 +905,34 @@ def test_a_finished_runs_engine_and_its_states_do_not_outlive_it(tmp_path):
         train(tiny_config(zero_stage=2, max_steps=2, val_batch=0), tmp_path / "failed", callbacks=failing)
     gc.collect()  # the error, its traceback and the frames it held are gone
     assert failing.engine() is None and failing.optimizer() is None
+
+
+def _refuse_as_rank(rank, store_path, out):
+    """One of two gloo processes, rank 1 alone with a CheckpointError: what refuse_on_every_rank raised there."""
+    from core.train import UnloadableCheckpoint, refuse_on_every_rank
+
+    torch.distributed.init_process_group("gloo", store=torch.distributed.FileStore(store_path, 2), rank=rank,
+                                         world_size=2)
+    try:
+        problem = ckpt.CheckpointError("/c/step-000000004/trainer_state.json is corrupt") if rank == 1 else None
+        refuse_on_every_rank(problem, "/c/step-000000004", "cpu")
+        out.put((rank, None))
+    except UnloadableCheckpoint as e:
+        out.put((rank, str(e)))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_a_checkpoint_one_rank_cannot_resume_from_stops_every_rank_for_good(tmp_path):
+    # Its trainer state or settings refused on one rank alone (its own copy of the checkpoint): that rank raised, the
+    # others went on into their first collective, and each of a launcher's retries met the same files.
+    assert on_two_ranks(_refuse_as_rank, store=tmp_path / "store") == {
+        0: "/c/step-000000004 cannot be resumed from by another process (its error names the file)",
+        1: "/c/step-000000004/trainer_state.json is corrupt"}
+    from core.train import UnloadableCheckpoint
+
+    train(tiny_config(max_steps=2, ckpt_every=2), tmp_path)
+    step_2 = tmp_path / "checkpoints" / "step-000000002"
+    with pytest.raises(UnloadableCheckpoint, match=f"^{step_2} was written by a run with other settings: seed 0 "
+                                                   "\\(now 1\\)"):
+        train(tiny_config(max_steps=4, ckpt_every=2, seed=1), tmp_path, resume_from=step_2)
