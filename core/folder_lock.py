@@ -2,6 +2,7 @@
 process dies."""
 import fcntl
 import os
+import warnings
 
 
 def lock_folder(folder):
@@ -26,7 +27,7 @@ def lock_file(path, create=True):
     """
     while True:
         try:
-            fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o666)
+            fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o666)  # the umask's mode, as open() gives
         except FileNotFoundError:
             if create:
                 raise
@@ -39,9 +40,12 @@ def lock_file(path, create=True):
 
 def remove_lock_file(fd, path):
     """Remove the file at path, whose lock fd holds, then let go of it: no lock file is left behind, and an opener
-    that had it open before locks it after, finds it removed and opens the path again (lock_file)."""
+    that had it open before locks it after, finds it removed and opens the path again (lock_file). A file that cannot
+    be removed (gone, a stale NFS handle) is left with a warning: the work it guarded is done."""
     try:
         os.unlink(path)
+    except OSError as err:
+        warnings.warn(f"the lock file {path} could not be removed ({err.strerror}); it is free, and may be deleted")
     finally:
         os.close(fd)
 

@@ -530,6 +530,9 @@ def _lock_encodes_into(out):
     path = encode_lock_path(out)
     try:
         fd = lock_file(path)
+    except PermissionError:  # left by another user's encode, killed (its mode the umask's: not ours to write)
+        raise ValueError(f"{out}: its encode lock file {path} is not this user's to open for writing; if no encode "
+                         "into it runs now, remove that file") from None
     except OSError as err:
         logger.warning("cannot lock %s (%s): another encode into %s would not be refused", path, err.strerror, out)
         return None

@@ -131,11 +131,12 @@ class Recorder(Callback):
             self.write()
         open_runs = self.tracker.open_child_runs()
         rows = [r for r in self.rows.values() if r["trial_id"] in open_runs]
-        if rows:
-            curves = pd.DataFrame([r for r in self.curves.values() if r["trial_id"] in open_runs],
-                                  columns=["trial_id", "step", *LOG_METRICS])
-            log_missing(self.tracker, pd.DataFrame(rows), curves, skip_unreadable=True)
-            for trial_id in {r["trial_id"] for r in rows} & self.mlflow_step.keys():  # runs opened before: past these
+        curves = [r for r in self.curves.values() if r["trial_id"] in open_runs]  # also of trials with no row yet
+        if rows or curves:
+            log_missing(self.tracker, pd.DataFrame(rows, columns=RESULTS_SCHEMA.names),
+                        pd.DataFrame(curves, columns=["trial_id", "step", *LOG_METRICS]), skip_unreadable=True)
+            caught_up = {r["trial_id"] for r in rows + curves}
+            for trial_id in caught_up & self.mlflow_step.keys():  # runs opened before: past these now
                 self.mlflow_step[trial_id] = self._logged_through(trial_id, self.run_ids[trial_id])
         for trial_id in finished & open_runs.keys():
             self._end_run(open_runs[trial_id], self._trial_end(trial_id))

@@ -7,7 +7,8 @@ trial's run (and, once every trial is finished, the study's) gets the status the
 
 Exit status: 0 done; 1 the MLflow server still does not answer (run it again later: what was logged
 stays, the rest follows); 2 a study file, results or tracking store it cannot use, named on stderr
-(then nothing is written: the study file and the results are read before MLflow is touched).
+(then nothing is written: the study file and the results are read before MLflow is touched), or calls
+the store refused or failed for good (each named in a warning; the others logged).
 """
 import argparse
 import json
@@ -27,8 +28,8 @@ from scaling.mlflow_backfill import log_missing, rows_end
 from scaling.results import CURVES_FILE, load_curves, load_results, results_path
 from scaling.run import OUTPUT_LOCK, moved_store, sqlite_open_problem
 from scaling.study import StudyError, load_study
-from scaling.tracking import (RUN_STATUS, STATUS_TAG, StudyTracker, default_tracking_uri, shown_uri,
-                              unsupported_store)
+from scaling.tracking import (RUN_STATUS, STATUS_TAG, StudyTracker, away, default_tracking_uri, error_chain,
+                              shown_uri, unsupported_store)
 
 EXIT_OK, EXIT_AWAY, EXIT_BAD_INPUT = 0, 1, 2
 # What MLflow raises when its store fails: its own errors (an HTTP server's wrapped), SQLAlchemy's, the network's.
@@ -89,6 +90,10 @@ def _replay(output, uri):
     if not answered:
         raise ReplayError(f"MLflow at {shown_uri(uri)} still does not answer; nothing was lost: run this again later",
                           EXIT_AWAY)
+    if tracker.refused:  # each named in a warning above: a deleted run, a write the store forbids, an artifact store
+        raise ReplayError(f"MLflow at {shown_uri(uri)} refused or failed {tracker.refused} of the replay's calls (the "
+                          "warnings above name them): not all that Parquet holds is in MLflow; run this again once "
+                          "the store takes them")
     return logged
 
 
@@ -162,14 +167,9 @@ def tracking_uri(study, output, uri=None):
 
 def _store_error(e, uri, where):
     """The ReplayError for an MLflow store that failed: away (run again later) or unusable (named)."""
-    chain, cause = [], e
-    while cause is not None and len(chain) < 20:
-        chain.append(cause)
-        cause = cause.__cause__ or cause.__context__
     reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    if uri.startswith(("http://", "https://")) and any(
-            isinstance(c, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)) for c in chain):
-        reason = next((c.strerror for c in reversed(chain) if isinstance(c, OSError) and c.strerror), reason)
+    if away(e):  # as the driver tells a store that does not answer now from one it cannot use
+        reason = next((c.strerror for c in reversed(error_chain(e)) if isinstance(c, OSError) and c.strerror), reason)
         return ReplayError(f"MLflow at {shown_uri(uri)} still does not answer ({reason}); nothing was lost: run this "
                            f"again later", EXIT_AWAY)
     return ReplayError(f"{where}: MLflow cannot use the store {shown_uri(uri)} ({reason})")

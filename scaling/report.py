@@ -133,7 +133,8 @@ def analyze(df, n_boot=N_BOOT, seed=0):
     a = Analysis(study_name(df), df, trials, ok, loss, final_points(ok), n_boot=n_boot)
     last_step = a.final_fid.trial_id.map(ok.groupby("trial_id").step.max()).astype(float)  # empty: of no dtype
     early = a.final_fid[a.final_fid.step.astype(float) < last_step]
-    lengths = sorted(int(s) for s in last_step.unique())
+    planned = a.final_fid.trial_id.map(trials.max_step).fillna(last_step)  # a study still running: its planned steps
+    lengths = sorted(int(s) for s in planned.unique())
     if len(lengths) > 1:  # a compute sweep (sweep.compute), say: each model trained to a step count of its own
         shown = ", ".join(f"{n:,}" for n in lengths)
         a.notes.append(f"Figure 1's models trained for different numbers of steps ({shown}): its fit and correlations "

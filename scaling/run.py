@@ -654,7 +654,8 @@ def check_capacity(study, local=False):
         return Capacity(now, nodes, [1] * len(nodes))
     if limits.known:
         capacity = grown(now, limits)
-        counts = [1] * len(nodes) + limits.node_counts  # a node up of a type counted twice: errs towards holding more
+        # A node up of a type counted twice: errs towards holding more. Limits without counts: one node each.
+        counts = [1] * len(nodes) + list(limits.node_counts or [1] * len(limits.node_types))
         check_cluster(study, capacity, nodes + limits.node_types, autoscaled=True, counts=counts)
         return Capacity(capacity, nodes + limits.node_types, counts)
     # An autoscaler that says it runs, not what it may add: a trial the nodes up cannot hold may be held by one it adds,
@@ -743,7 +744,7 @@ def _run_trials(study, build_report, report_dir, began, capacity):
     from scaling.ray_env import start_study_actor, start_train_autoscaling_coordinator
     from scaling.ray_trial import trial_function
     from scaling.recorder import Recorder
-    from scaling.results import recorded_trials
+    from scaling.results import CURVES_FILE, RESULTS_FILE, recorded_trials
     from scaling.tracking import StudyTracker, default_tracking_uri, move_artifact_locations, shown_uri
     from scaling.tune_relay import RelayMailboxes
 
@@ -764,7 +765,7 @@ def _run_trials(study, build_report, report_dir, began, capacity):
     # An output with no record of a run (a new one, or one deleted to start the study afresh): runs that a store
     # outside it holds for its path are another study's, whose curve would hide this one's first points, and whose
     # milestones would get a second value each.
-    fresh = not any((out / name).exists() for name in ("study.yaml", "results.parquet", "loss_curves.parquet"))
+    fresh = not any((out / name).exists() for name in ("study.yaml", RESULTS_FILE, CURVES_FILE))
     tracker = StudyTracker(uri, study.raw["tracking"]["experiment"] or study.name, study.name, out,
                            moved_from=moved_from, find=not fresh)
     try:
@@ -923,7 +924,8 @@ def end_runs(recorder, tracker, unfinished, status, retry=True):
 def warn_unlogged(tracker, out):
     """Say what did not reach MLflow, and how to log it from Parquet."""
     lost = [f"{len(tracker.pending)} calls not logged (MLflow did not answer)"] if tracker.pending else []
-    lost += [f"{tracker.refused} calls refused by MLflow"] if tracker.refused else []
+    lost += [f"{tracker.refused} calls refused by MLflow or failed for good (the warnings above name them; the "
+             "replay logs measurements again, not sample grids)"] if tracker.refused else []
     if lost:
         print(f"warning: {'; '.join(lost)}. Log the study's measurements again from Parquet with: "
               f"python -m scaling.replay_mlflow {out}", file=sys.stderr)

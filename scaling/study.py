@@ -1374,15 +1374,20 @@ def max_concurrent_trials(study, resources, nodes=None, counts=None):
     return max(1, min(fits or [1]))
 
 
+def worker_request(resources):
+    """What one worker asks Ray for ({"CPU": 1.0, "GPU": 1.0}), of a study's resources section; none of a zero."""
+    return {r: resources[key] for key, r in (("cpus_per_worker", "CPU"), ("gpus_per_worker", "GPU")) if resources[key]}
+
+
 def worker_slots(study, nodes, counts=None):
     """How many of the study's workers the nodes hold at once (each worker whole on one node); counts: how many
     there may be of each of nodes (an autoscaler's node types; UNLIMITED: no limit), one each where None."""
     res = study.raw["resources"]
-    worker = {r: res[key] for key, r in (("cpus_per_worker", "CPU"), ("gpus_per_worker", "GPU")) if res[key]}
+    worker = worker_request(res)
     if not worker:  # asks for nothing: Ray places any number of them on a node
         return UNLIMITED
     slots = 0
-    for node, count in zip(nodes, counts or [1] * len(nodes)):
+    for node, count in zip(nodes, counts or [1] * len(nodes), strict=True):
         fit = min(how_many_fit(node.get(r, 0.0), n) for r, n in worker.items())
         if fit and count >= UNLIMITED:
             return UNLIMITED
@@ -1401,7 +1406,7 @@ def workers_per_node(study, nodes, concurrent_trials):
     gives them, and of each node type an autoscaler may add), with concurrent_trials trials at a time: the processes
     of a node that may each hold the data in memory."""
     res = study.raw["resources"]
-    worker = {r: res[key] for key, r in (("cpus_per_worker", "CPU"), ("gpus_per_worker", "GPU")) if res[key]}
+    worker = worker_request(res)
     most = concurrent_trials * res["workers_per_trial"]
     if not worker:  # asks for nothing: Ray places any number of them on a node
         return most
@@ -1427,7 +1432,7 @@ def check_cluster(study, cluster_resources, nodes=(), autoscaled=False, counts=N
                                                              f"{resource}s, the cluster {has} {have:g}"
                                                              + (" with what its autoscaler may add" if autoscaled
                                                                 else ""))
-    worker = {r: res[key] for key, r in (("cpus_per_worker", "CPU"), ("gpus_per_worker", "GPU")) if res[key]}
+    worker = worker_request(res)
     if not nodes:
         return
     if any(all(node.get(r, 0.0) >= n for r, n in worker.items()) for node in nodes):

@@ -67,7 +67,7 @@ def shown_uri(uri):
     `password=` query parameter) shown as ***; the rest as written (urllib's round trip would turn sqlite://// into
     sqlite://)."""
     uri = re.sub(r"\b([a-z][a-z0-9+.-]*://[^/@:\s]*:)[^/@\s]*@", r"\1***@", uri, flags=re.I)
-    return re.sub(r"([?&][^=&]*password[^=&]*=)[^&]*", r"\1***", uri, flags=re.I)
+    return re.sub(r"([?&][^=&\s]*password[^=&\s]*=)[^&\s]*", r"\1***", uri, flags=re.I)
 
 
 def artifacts_folder(output_dir):
@@ -328,7 +328,7 @@ def away(e):
     refused connection in an MlflowException of code INTERNAL_ERROR, as it does a 4xx answer it cannot parse)."""
     errors = AWAY_ERRORS + tuple(getattr(sys.modules[module], name) for module, names in AWAY_ERRORS_OF.items()
                                  if module in sys.modules for name in names)
-    for error in _chain(e):
+    for error in error_chain(e):
         if isinstance(error, errors) or getattr(error, "connection_invalidated", False):  # SQLAlchemy's: a lost link
             return True
         if isinstance(error, MlflowException) and error.error_code in AWAY_CODES:
@@ -338,7 +338,7 @@ def away(e):
     return False
 
 
-def _chain(e):
+def error_chain(e):
     """e and the errors it was raised from or while handling, in turn."""
     seen = []
     while e is not None and not any(e is s for s in seen):
@@ -442,7 +442,7 @@ def unreachable_server(uri):
         http_request(get_default_host_creds(uri), "/health", "GET", max_retries=0, timeout=CONNECT_TIMEOUT_S,
                      raise_on_status=False)
     except Exception as e:  # MLflow's, naming the URL with its password: the error at the bottom says why
-        reason = str(_chain(e)[-1]).strip() or type(_chain(e)[-1]).__name__
+        reason = str(error_chain(e)[-1]).strip() or type(error_chain(e)[-1]).__name__
         password = urllib.parse.urlsplit(uri).password
         return shown_uri(reason.replace(password, "***") if password else reason)
     return None

@@ -1196,3 +1196,31 @@ def test_a_vae_that_shifts_or_normalises_its_latents_is_refused(tmp_path, tiny_v
         load_vae(tiny_vae)
     (tiny_vae / "config.json").write_text(json.dumps({**config, "shift_factor": 0.0}))
     assert load_vae(tiny_vae).config.scaling_factor == pytest.approx(0.18215)
+
+
+def test_an_encode_lock_file_this_user_cannot_open_is_named_and_one_not_removed_is_a_warning(tmp_path, monkeypatch):
+    # Another user's killed encode left its lock file (mode 0644): the encode went on unguarded, saying the storage
+    # could not lock. A lock file that could not be removed after a finished encode failed the encode.
+    import core.folder_lock as folder_lock
+    import core.latents as latents
+
+    out = tmp_path / "latents"
+    lock = latents.encode_lock_path(out)
+    real_open = os.open
+
+    def another_users(path, flags, *args):
+        if str(path) == str(lock) and flags & os.O_RDWR:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(folder_lock.os, "open", another_users)
+        with pytest.raises(ValueError, match=f"^{out}: its encode lock file {lock} is not this user's to open for "
+                                             "writing; if no encode into it runs now, remove that file$"):
+            tiny_encode_into(out)
+    assert list(tmp_path.iterdir()) == []
+    with monkeypatch.context() as patch:
+        patch.setattr(folder_lock.os, "unlink", lambda path: (_ for _ in ()).throw(OSError(116, "Stale file handle")))
+        with pytest.warns(UserWarning, match=f"the lock file {lock} could not be removed \\(Stale file handle\\)"):
+            tiny_encode_into(out)
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "shard-00000.safetensors"]

@@ -753,3 +753,23 @@ def test_the_launch_catch_up_passes_a_row_without_its_config(study):
     assert log_missing(rec.tracker, rows, curves, skip_unreadable=True) == 2
     rec.tracker.flush()
     assert steps_of(rec, t, "train_loss") == [5] and steps_of(rec, t, "fid") == [10]
+
+
+def test_a_curve_caught_up_at_launch_is_not_logged_again_when_its_trial_sends_it_again(study):
+    # A trial killed before its first milestone: its curve is in Parquet, the calls that held it were lost with the
+    # driver. The launch catch-up skipped trials with no row; caught up, the trial's resent logs were logged again.
+    rec, t = recorder(study), study.trials[0]
+    rec.on_trial_start(0, [], tune_trial(t))
+    log = {"kind": KIND_LOG, "step": 5, "train_loss": 0.5, "lr": 1e-3}
+    rec.on_trial_result(0, [], tune_trial(t), log)
+    rec.write()
+    with sqlite3.connect(study.output.parent / "mlflow.db") as db:
+        db.execute("DELETE FROM metrics WHERE run_uuid = ?", (trial_run(rec, t).info.run_id,))
+    db.close()
+    again = recorder(study)
+    again.open_runs([t.trial_id])  # as the driver does before it catches up
+    again.catch_up_runs(set())
+    assert steps_of(again, t, "train_loss") == [5]
+    again.on_trial_start(0, [], tune_trial(t))
+    again.on_trial_result(0, [], tune_trial(t), log)  # resent from its checkpoint's logs
+    assert steps_of(again, t, "train_loss") == [5]

@@ -135,8 +135,8 @@ def test_a_run_whose_metrics_cannot_be_read_is_not_logged_again(out, capsys, mon
         monkeypatch.setattr(MlflowClient, "get_metric_history", read)
         raise MlflowException("read timed out") from requests.Timeout("read timed out")
     monkeypatch.setattr(MlflowClient, "get_metric_history", fails_once)
-    assert main([str(out)]) == 2  # a SQLite store's error: named (a server's time-out: exit 1, run again later)
-    assert "MLflow cannot use the store" in capsys.readouterr().err
+    assert main([str(out)]) == 1  # a time-out: the store did not answer, run again later
+    assert "still does not answer" in capsys.readouterr().err
     assert [m.step for m in client.get_metric_history(trial_run.info.run_id, "train_compute")] == held == [10, 20]
     assert main([str(out)]) == 0  # read again: nothing is missing
     assert "logged 0 missing measurements" in capsys.readouterr().out
@@ -259,3 +259,27 @@ def test_a_copied_or_moved_output_replays_into_its_own_store(out, capsys):
     out.rename(moved)
     assert main([str(moved)]) == 0
     assert not out.exists() and study_runs(moved / "mlflow.db") == runs
+
+
+def test_a_replay_whose_calls_the_store_refuses_says_so_and_exits_2(out, capsys, monkeypatch):
+    # Dropped (not queued) since a call failing for good holds back no other, they made no error: the replay said it
+    # logged everything, exit 0. A store that refuses every write (read-only credentials, say) answers so.
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient as Client
+
+    log_batch = Client.log_batch
+
+    def read_only(self, run_id, *args, metrics=(), **kwargs):
+        if metrics:
+            raise MlflowException("Permission denied: READ only", error_code="PERMISSION_DENIED")
+        return log_batch(self, run_id, *args, **kwargs)
+
+    monkeypatch.setattr(Client, "log_batch", read_only)
+    assert main([str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: MLflow at sqlite:///{out / 'mlflow.db'} refused or failed ") and \
+        err.endswith(" of the replay's calls (the warnings above name them): not all that Parquet holds is in MLflow; "
+                     "run this again once the store takes them"), err
+    monkeypatch.setattr(Client, "log_batch", log_batch)
+    assert main([str(out)]) == 0  # written now
+    assert "logged 2 missing measurements" in capsys.readouterr().out

@@ -643,6 +643,10 @@ def test_the_study_logged_to_mlflow_shows_no_password(tmp_path, monkeypatch):
     shown = scaling_run.shown_study(loaded)
     assert "s3cret" not in shown and "postgresql://bob:***@db:5432/mlflow" in shown
     assert shown == loaded.resolved_yaml().replace("bob:s3cret@", "bob:***@")
+    # In a query: the rest of the study, on the lines after it, stays (it was cut off there).
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgresql://db/mlflow?user=bob&password=s3cret")
+    loaded = load_study(study, check_data=False)
+    assert scaling_run.shown_study(loaded) == loaded.resolved_yaml().replace("password=s3cret", "password=***")
 
 
 def test_a_study_started_afresh_in_a_deleted_output_gets_runs_of_its_own(tmp_path, empty_store, monkeypatch):
