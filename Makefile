@@ -16,9 +16,11 @@ $(STAMP): pyproject.toml
 
 # Three test processes even on two cores: a whole-study test spends about half its time waiting on Ray
 # (process starts, health checks, polling), which the others fill (on the AVX2 2-core box, 2026-12-03:
-# 14:19 against 16:30 with two processes; 18 min in one, earlier).
+# 14:19 against 16:30 with two processes; 18 min in one, earlier). One test handed out at a time as a process frees
+# up (xdist's default hands each a run of consecutive tests): the longest ones, first in the collection
+# (tests/conftest.py), then go to three processes, not one.
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -n 3
+	$(VENV)/bin/python -m pytest -q -n 3 --maxschedchunk 1
 
 run: $(STAMP)
 	$(VENV)/bin/python -m scaling.run $(STUDY)
