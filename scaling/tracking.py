@@ -202,10 +202,13 @@ class StudyTracker:
         try:
             # MLflow's filter compares a status with one value only (IN is for run ids)
             runs = self.client.search_runs([self.experiment_id], f"tags.`{PARENT_TAG}` = '{self.parent_run_id}'",
-                                           max_results=50000)  # SQL stores' page limit
+                                           max_results=50000,  # SQL stores' page limit
+                                           order_by=["attributes.start_time DESC"])
         except Exception:  # a server that is away: its runs are closed by the next run or a replay
             return {}
-        return {r.data.tags[TRIAL_TAG]: r.info.run_id for r in runs
+        # Oldest first, so that the newest wins: child_run's (two runs of a trial where a create_run that timed out
+        # was sent again: MLflow's HTTP retries repeat a POST).
+        return {r.data.tags[TRIAL_TAG]: r.info.run_id for r in reversed(runs)
                 if TRIAL_TAG in r.data.tags and r.info.status in ("RUNNING", "SCHEDULED")}
 
     def next_step(self, run_id, key):

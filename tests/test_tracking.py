@@ -11,6 +11,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -116,6 +117,12 @@ def test_open_child_runs_are_those_running_or_scheduled(tmp_path, uri):
     elsewhere = StudyTracker(uri, "exp", "study", tmp_path / "elsewhere").child_run("d", {})  # another study's
     assert tracker.open_child_runs() == {"a": running, "b": scheduled}
     assert elsewhere not in tracker.open_child_runs().values()
+    # A second run of trial a (a create_run MLflow's HTTP retry sent twice): the newest, as child_run finds it.
+    time.sleep(0.01)  # a later start time, to the millisecond
+    twice = tracker.client.create_run(tracker.experiment_id, tags={"dit_scaling.trial_id": "a",
+                                                                   "mlflow.parentRunId": tracker.parent_run_id})
+    del tracker.children["a"]
+    assert tracker.child_run("a", {}) == twice.info.run_id == tracker.open_child_runs()["a"]
 
 
 def test_a_moved_output_finds_its_study_run_by_the_folder_it_ran_in(tmp_path, uri):
