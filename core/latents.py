@@ -499,8 +499,8 @@ def out_problem(out):
                 "folder or a latent folder")
     if names:
         try:
-            is_ours = json.loads((out / META).read_text()).get("format") == FORMAT
-        except (ValueError, OSError, AttributeError):  # not JSON, a folder, not an object
+            is_ours = (_meta_object(out) or {}).get("format") == FORMAT
+        except OSError:  # a folder named meta.json, say
             is_ours = False
         if not is_ours:
             return f"{out / META} is not the meta.json of a latent folder ({FORMAT}): it is not replaced"
@@ -588,12 +588,20 @@ def _clear_abandoned_encodes(out, alone=False):
                 folder.rmdir()
 
 
+def _meta_object(folder):
+    """A folder's meta.json as a dict, None where it is no JSON object (empty, cut short, a list); OSError where it
+    cannot be read."""
+    try:
+        meta = json.loads((folder / META).read_text())
+    except ValueError:
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
 def _meta_unreadable(folder):
     """Whether a folder's meta.json is not a JSON object (empty, cut short)."""
     try:
-        return not isinstance(json.loads((folder / META).read_text()), dict)
-    except ValueError:
-        return True
+        return _meta_object(folder) is None
     except OSError:  # not ours to judge
         return False
 
@@ -601,8 +609,8 @@ def _meta_unreadable(folder):
 def _written_elsewhere(folder):
     """Whether the latent folder's meta.json names another folder as the one it was encoded in."""
     try:
-        written_in = json.loads((folder / META).read_text()).get("encoded_in")
-    except (ValueError, OSError, AttributeError):  # not ours to judge: kept
+        written_in = (_meta_object(folder) or {}).get("encoded_in")
+    except OSError:  # not ours to judge: kept
         return False
     return isinstance(written_in, str) and written_in != folder.name  # older encodes name none: kept
 
