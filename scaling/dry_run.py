@@ -9,7 +9,7 @@ import torch
 from core.cpus import usable_cpus
 from core.flops import training_compute
 from core.precision import autocast_dtype_for, use_precision
-from scaling.results import RESULTS_FILE, recorded_trials
+from scaling.results import RESULTS_FILE, load_results, recorded_trials
 from scaling.study import launch_order, max_concurrent_trials
 from scaling.trial_storage import checkpoint_step
 
@@ -93,9 +93,10 @@ def _sync(device):
 #                                  Estimates                                    #
 #################################################################################
 
-def estimate_seconds(study, extrapolated=None):
-    """{trial_id: seconds or a reason string}: training plus FID's and the grids' sampling, decoding and feature
-    extraction, from probes on this machine.
+def estimate_seconds(study, extrapolated=None, results=None):
+    """{trial_id: seconds or a reason string} of the trials a run launches (results: the output's results.parquet,
+    loaded, whose finished trials are left out and whose measured milestones are not evaluated again): training plus
+    FID's and the grids' sampling, decoding and feature extraction, from probes on this machine.
 
     Models too big to probe here are extrapolated from the Gflop/s achieved by the largest probed one (their ids
     are added to the set `extrapolated`, where given).
@@ -103,17 +104,21 @@ def estimate_seconds(study, extrapolated=None):
     rate), or on a CPU as many threads as the worker has CPUs (Ray sets a worker's OMP_NUM_THREADS to its CPUs; at
     most this machine's), so trials side by side are probed as they run.
     """
+    done = recorded_trials(study, results)[0] if results is not None else set()
+    trials = [t for t in study.trials if t.trial_id not in done]
+    ok = results[results.status == "ok"] if results is not None else None
+    measured = set() if ok is None else set(zip(ok.trial_id, ok.step.astype(int)))
     res = study.raw["resources"]
     wants_gpu = res["gpus_per_worker"] > 0
     if wants_gpu and not torch.cuda.is_available():
-        return {t.trial_id: "n/a (needs GPU)" for t in study.trials}
+        return {t.trial_id: "n/a (needs GPU)" for t in trials}
     device = torch.device("cuda" if wants_gpu else "cpu")
     # A worker given a share of a GPU or a CPU shares it with another trial's: that share of its rate.
     parallel = res["workers_per_trial"] * min(1.0, res["gpus_per_worker"] if wants_gpu else res["cpus_per_worker"])
     threads = None if wants_gpu else min(max(1, int(res["cpus_per_worker"])), usable_cpus())
 
     rates = {}  # trial_id -> images/s of one device
-    for trial in study.trials:
+    for trial in trials:
         batch = _probe_batch(trial, res["workers_per_trial"], device)
         if batch:
             try:
@@ -123,14 +128,15 @@ def estimate_seconds(study, extrapolated=None):
             except torch.OutOfMemoryError:
                 pass
     if not rates:
-        return {t.trial_id: "n/a (too big to probe here)" for t in study.trials}
-    largest = max((t for t in study.trials if t.trial_id in rates), key=lambda t: t.gflops)
+        return {t.trial_id: "n/a (too big to probe here)" for t in trials}
+    largest = max((t for t in trials if t.trial_id in rates), key=lambda t: t.gflops)
     gflop_per_s = rates[largest.trial_id] * largest.gflops
     if extrapolated is not None:
-        extrapolated.update(t.trial_id for t in study.trials if t.trial_id not in rates)
+        extrapolated.update(t.trial_id for t in trials if t.trial_id not in rates)
     return {t.trial_id: _trial_seconds(t, rates.get(t.trial_id, gflop_per_s / t.gflops), parallel,
-                                       checkpoint_step(study.output, t.trial_id))
-            for t in study.trials}
+                                       checkpoint_step(study.output, t.trial_id),
+                                       {step for trial_id, step in measured if trial_id == t.trial_id})
+            for t in trials}
 
 
 def _probe_batch(trial, workers, device):
@@ -198,17 +204,20 @@ def vae_decode_gmac(vae_path, latent_shape):
     return counter.get_total_flops() / 2e9  # the counter's flops: 2 a multiply-add
 
 
-def _trial_seconds(trial, images_per_s, workers=1, start=0):
-    """Training from step start (a checkpoint it resumes from) to max_steps, and at every milestone after it the
-    sampling of FID's images and the grid's, their decoding by the VAE (a latent study) and FID's feature extraction,
-    those two at the multiply-adds per second the trial's training achieves. images_per_s: one worker's training
-    rate; `workers` of them share training, sampling and decoding, and the first alone extracts (core.evaluate)."""
+def _trial_seconds(trial, images_per_s, workers=1, start=0, measured=()):
+    """Training from step start (a checkpoint it resumes from) to max_steps, and at every milestone from it on
+    without a row (measured: those with one) the sampling of FID's images and the grid's, their decoding by the VAE
+    (a latent study) and FID's feature extraction, those two at the multiply-adds per second the trial's training
+    achieves. images_per_s: one worker's training rate; `workers` of them share training, sampling and decoding, and
+    the first alone extracts (core.evaluate)."""
     rate = images_per_s * workers
     seconds = (trial.milestones[-1] - min(start, trial.milestones[-1])) * trial.train["batch_size"] / rate
     ev = trial.eval
     per_milestone = milestone_samples(trial)
     copies = 1 if ev["cfg_scale"] == 1.0 else 2  # guidance runs the null label alongside
-    ahead = sum(m > start for m in trial.milestones)
+    # scaling.ray_trial: a milestone checkpoint resumed from is evaluated again where its row is missing (a driver
+    # killed between the two), and a trial trained again from step 0 skips the milestones it has rows of.
+    ahead = sum(m >= start and m not in measured for m in trial.milestones)
     sample_images = ahead * per_milestone * ev["sampling_steps"] * copies
     passes = TRAINING_PASSES[bool(trial.train["grad_checkpointing"])]
     decoded = ahead * per_milestone * (trial_decode_gmac(trial) or 0.0)
@@ -301,11 +310,12 @@ def format_plan(study, estimate=True):
     For a study whose output already holds results (a run to resume), finished trials are marked
     and the estimate covers the others, which a run launches.
     """
-    done, foreign = recorded_trials(study)
+    results = load_results(study.output) if (study.output / RESULTS_FILE).exists() else None
+    done, foreign = recorded_trials(study, results)
     todo = [t for t in study.trials if t.trial_id not in done]
     swept = list(dict.fromkeys(key for trial in study.trials for key in trial.swept))
     extrapolated = set()
-    times = estimate_seconds(study, extrapolated) if estimate and todo else {}
+    times = estimate_seconds(study, extrapolated, results) if estimate and todo else {}
     header = ["trial id", "model", "patch", "params", "Gflops", *swept, "steps", "train compute (Gflop)",
               "est. time"]
     rows = [header]

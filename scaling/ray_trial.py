@@ -103,6 +103,14 @@ class RayReporting:
             self.report({**self.held.logs.pop(), "kind": KIND_LOG})
 
     def on_milestone(self, state, metrics):
+        """evaluate_milestone, at a milestone the driver has no row of; collective: every rank calls it."""
+        # A trial trained again from step 0 passes milestones it measured before (a continued trial whose checkpoints
+        # are gone, scaling.continuation): the recorder keeps those first rows, and would drop an FID-50K's result.
+        if self._driver_has_row(state):
+            return {}
+        return self.evaluate_milestone(state)
+
+    def evaluate_milestone(self, state):
         """FID and the sample grid of the EMA weights (core.evaluate.evaluate); without FID the grid alone
         (core.evaluate.draw_grid, the very grid evaluate draws); neither: nothing. Collective: every rank calls it."""
         ev = self.trial["eval"]
@@ -145,10 +153,13 @@ class RayReporting:
         # driver died in between, the restored checkpoint is a milestone with no row. Its EMA weights
         # are the ones evaluated there, so evaluate them again and report the milestone; not when the driver
         # has its row (from an earlier run of the study, or written since a worker group restarted from it).
-        if (state.step in self.trial["milestones"]
-                and not _on_every_rank(state.rank == 0 and self._driver_rows([state.step]) == [state.step], state)):
-            metrics.update(self.on_milestone(state, dict(metrics)) or {})
+        if state.step in self.trial["milestones"] and not self._driver_has_row(state):
+            metrics.update(self.evaluate_milestone(state) or {})
             self.report({**metrics, "step": state.step, "kind": KIND_MILESTONE})
+
+    def _driver_has_row(self, state):
+        """Whether the driver has the milestone row of state.step, as rank 0 asked it, on every rank."""
+        return _on_every_rank(state.rank == 0 and self._driver_rows([state.step]) == [state.step], state)
 
     def _driver_rows(self, steps):
         """Those of steps at which the driver has this trial's milestone row (scaling.recorder tells the study's

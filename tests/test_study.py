@@ -507,13 +507,29 @@ def test_the_dry_run_estimates_a_trial_to_resume_from_its_checkpoint(tmp_path, m
     folder = ray_storage(study.output) / train_run_name(resumed.trial_id) / "checkpoint_2026-12-05_13-00-00.000000"
     folder.mkdir(parents=True)
     (folder / "trainer_state.json").write_text('{"step": 20}')
-    later = dry_run.estimate_seconds(study)
-    # 20 of its 40 steps and the sampling of 10 and 20 left out (one milestone's: FID's 100 images and the grid's
-    # 4 × 10 classes, × 50 steps, each a third of a training step); the other trials' as they were.
+    from test_results import row
+
+    from scaling.results import RESULTS_SCHEMA, load_results, write_table
+
+    def measured(*rows):
+        write_table([row(trial_id=t.trial_id, model=t.model, step=step) for t, step in rows],
+                    study.output / "results.parquet", RESULTS_SCHEMA)
+        return dry_run.estimate_seconds(study, results=load_results(study.output))
+
+    # Its rows at 10 and 20: 20 of its 40 steps and the sampling of 10 and 20 left out (one milestone's: FID's 100
+    # images and the grid's 4 × 10 classes, × 50 steps, each a third of a training step); the others' as they were.
+    later = measured((resumed, 10), (resumed, 20))
     sampling = (100 + 4 * 10) * 50 / 3 / 1000.0
     assert later[resumed.trial_id] == pytest.approx(fresh[resumed.trial_id] - 20 * 32 / 1000.0 - 2 * sampling)
     assert {k: v for k, v in later.items() if k != resumed.trial_id} == \
            {k: v for k, v in fresh.items() if k != resumed.trial_id}
+    # Its driver killed before the row of 20 was written: the resume evaluates 20 again.
+    assert measured((resumed, 10))[resumed.trial_id] == pytest.approx(later[resumed.trial_id] + sampling)
+    # A trial trained again from step 0 skips the milestones it has rows of; a finished trial is not estimated.
+    again, finished = study.trials[1], study.trials[2]
+    times = measured((resumed, 10), (resumed, 20), (again, 10), *((finished, m) for m in finished.milestones))
+    assert times[again.trial_id] == pytest.approx(fresh[again.trial_id] - sampling)
+    assert finished.trial_id not in times and set(times) == {t.trial_id for t in study.trials} - {finished.trial_id}
 
 
 def test_the_dry_runs_total_time_schedules_trials_on_the_free_slots(tmp_path):

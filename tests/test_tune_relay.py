@@ -82,7 +82,7 @@ def test_a_trial_resumed_from_a_milestone_the_driver_has_does_not_evaluate_it_ag
             super().__init__(*args)
             self.evaluated, self.reported = [], []
 
-        def on_milestone(self, state, metrics):
+        def evaluate_milestone(self, state):
             self.evaluated.append(state.step)
             return {"fid": 12.5}
 
@@ -118,5 +118,10 @@ def test_a_trial_resumed_from_a_milestone_the_driver_has_does_not_evaluate_it_ag
             history = [{"step": 5, "train_loss": 0.7}]
             assert [r["held"] for r in reporting.reported] + [reporting.held.logs] == (
                 [history, []] if evaluated else [history])
+        # Nor does a trial trained again from step 0 (its checkpoints gone) at the milestones it passes.
+        reporting = Reporting(trial, run)
+        assert [reporting.on_milestone(SimpleNamespace(step=s, rank=0, world_size=1), {}) for s in (10, 20, 30)] == [
+            {}, {}, {"fid": 12.5}]
+        assert reporting.evaluated == [30]
     finally:
         ray.shutdown()
