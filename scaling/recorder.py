@@ -2,7 +2,8 @@
 
 Parquet is rewritten atomically after every milestone (and every end of a trial), so a crash never
 loses a finished measurement. Reports that a restarted worker group repeats (the steps since its
-last checkpoint) replace the earlier ones instead of adding rows or MLflow points.
+last checkpoint) add no rows nor MLflow points: a loss-curve point is replaced, a milestone row keeps its first
+measurement.
 """
 import json
 import math
@@ -69,7 +70,7 @@ class Recorder(Callback):
                 row["config_json"] = json.dumps({**t.to_dict(), "data_encode": config.get("data_encode")},
                                                 sort_keys=True)
                 continued = True
-                if moved and row.get("mlflow_run_id"):
+                if moved and isinstance(row.get("mlflow_run_id"), str):  # a null reads back as NaN
                     moved_runs[row["mlflow_run_id"]] = t.data["path"]
         if continued:
             self.write()
@@ -426,7 +427,8 @@ def _load_rows(path, key):
     """Existing rows of a Parquet file keyed by key columns (empty when there is none yet)."""
     if not Path(path).exists():
         return {}
-    df = load_results(path, strict=True) if Path(path).name == RESULTS_FILE else load_curves(path)
+    # Strict: the recorder writes these files back whole, and would drop columns it does not know.
+    df = (load_results if Path(path).name == RESULTS_FILE else load_curves)(path, strict=True)
     return {tuple(r[k] for k in key): r for r in df.to_dict("records")}
 
 

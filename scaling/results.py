@@ -146,6 +146,14 @@ def write_table(rows_or_df, path, schema):
     fsync_dir(path.parent)
 
 
+def remove_unfinished_writes(folder):
+    """Remove the temporary files of write_table's writes into folder that a killed process left (SIGKILL, a lost
+    machine): one per kill, never read. Only by the output's lock holder, whose own writes are not under way."""
+    for name in (RESULTS_FILE, CURVES_FILE):
+        for tmp in Path(folder).glob(f".{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
 def results_path(path):
     """The results.parquet a path names: the file itself or the study output folder holding it."""
     path = Path(path)
@@ -177,23 +185,12 @@ def load_results(path, strict=False):
     (its next write would drop them).
     """
     path = results_path(path)
-    try:
-        table = read_parquet(path)
-    except (pa.ArrowException, OSError) as e:
-        reason = " ".join(str(e).split())  # one line: the CLI prints it as its only error line
-        raise ValueError(f"{path}: not a readable Parquet file ({reason})") from None
+    table = _read_known_columns(path, RESULTS_SCHEMA, strict)
     missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
     if missing:
         raise ValueError(f"{path}: missing required columns: {', '.join(missing)}")
-    known = [c for c in table.column_names if c in RESULTS_SCHEMA.names]
-    # pandas' index, which to_parquet stores as a column once rows are removed: no data of the user's.
-    index = {c for c in (table.schema.pandas_metadata or {}).get("index_columns", []) if isinstance(c, str)}
-    unknown = ", ".join(str(c) for c in table.column_names if c not in RESULTS_SCHEMA.names and c not in index)
-    if strict and unknown:
-        raise ValueError(f"{path}: columns this version does not write: {unknown}; the study's next write would drop "
-                         "them")
     try:
-        table = to_table(table.select(known), RESULTS_SCHEMA)
+        table = to_table(table, RESULTS_SCHEMA)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     df = table.to_pandas()
@@ -204,18 +201,32 @@ def load_results(path, strict=False):
     return df
 
 
-def load_curves(path):
-    """The loss curves at path as a DataFrame, checked as load_results checks results; ValueError naming the file."""
-    try:
-        table = read_parquet(path)
-    except (pa.ArrowException, OSError) as e:
-        raise ValueError(f"{path}: not a readable Parquet file ({' '.join(str(e).split())})") from None
+def load_curves(path, strict=False):
+    """The loss curves at path as a DataFrame, read and checked as load_results reads results (strict alike);
+    ValueError naming the file."""
+    table = _read_known_columns(path, LOSS_CURVES_SCHEMA, strict)
     try:
         df = to_table(table, LOSS_CURVES_SCHEMA).to_pandas()  # a column it lacks comes back null: refused below
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     check_trial_rows(df, path, CURVE_IDENTITY_COLUMNS)
     return df
+
+
+def _read_known_columns(path, schema, strict):
+    """The Parquet file at path as an Arrow table of its columns that schema names (load_results' rule for others)."""
+    try:
+        table = read_parquet(path)
+    except (pa.ArrowException, OSError) as e:
+        reason = " ".join(str(e).split())  # one line: the CLI prints it as its only error line
+        raise ValueError(f"{path}: not a readable Parquet file ({reason})") from None
+    # pandas' index, which to_parquet stores as a column once rows are removed: no data of the user's.
+    index = {c for c in (table.schema.pandas_metadata or {}).get("index_columns", []) if isinstance(c, str)}
+    unknown = ", ".join(str(c) for c in table.column_names if c not in schema.names and c not in index)
+    if strict and unknown:
+        raise ValueError(f"{path}: columns this version does not write: {unknown}; the study's next write would drop "
+                         "them")
+    return table.select([c for c in table.column_names if c in schema.names])
 
 
 # What every row must hold: readers key measurements by trial and step (the driver's recorder by both, to replace a
@@ -232,7 +243,7 @@ def check_trial_rows(df, source, identity=IDENTITY_COLUMNS):
         if missing.any():
             raise ValueError(f"{source}: column {col!r} is empty (null) in {missing.sum()} of {len(df)} rows "
                              f"({row_where(df, missing)}); every row needs its {what}")
-    # The recorder keeps one row per (trial, step), replacing, never adding, so a file with two was put together
+    # The recorder keeps one row per (trial, step), never adding a second, so a file with two was put together
     # from several by hand. Exact copies say nothing new: the report counts them once, with a note.
     distinct = df.drop_duplicates()
     clash = distinct.duplicated(["trial_id", "step"], keep=False).to_numpy()

@@ -137,7 +137,7 @@ def check_results(study):
             raise unreadable(e) from None
     if curves.exists():
         try:
-            load_curves(curves)
+            load_curves(curves, strict=True)  # as results.parquet: the recorder rewrites it
         except (ValueError, OSError) as e:
             raise unreadable(e) from None
     store = sqlite_store(study.raw["tracking"]["mlflow_uri"])
@@ -562,6 +562,7 @@ def run_study(study, address, build_report=True, report_dir=None, named="--addre
     import ray
 
     from scaling.ray_env import local_ray_options, study_runtime_env
+    from scaling.results import recorded_trials, remove_unfinished_writes
 
     logging.basicConfig(level=logging.WARNING)
     # Parquet and MLflow are the records; Tune's own CSV/JSON/TensorBoard files would be a third copy.
@@ -583,6 +584,11 @@ def run_study(study, address, build_report=True, report_dir=None, named="--addre
               f"still runs) or a scaling.replay_mlflow of it; wait for it to end or stop it first", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
+        remove_unfinished_writes(out)
+        if recorded_trials(study)[0] >= {t.trial_id for t in study.trials}:
+            # Every trial finished: the run only catches MLflow up and builds the report, with no Ray to start.
+            with sigterm_interrupts():
+                return _run_trials(study, build_report, report_dir, began, capacity=None)
         try:
             runtime_env = study_runtime_env()
             with ray_exit_as_terminated():
@@ -735,7 +741,8 @@ def lock_output(out):
 
 
 def _run_trials(study, build_report, report_dir, began, capacity):
-    """run_study's part under the output lock: MLflow runs, the Tune sweep, Parquet, the report."""
+    """run_study's part under the output lock: MLflow runs, the Tune sweep, Parquet, the report (capacity: the
+    trials' Capacity on the Ray started; None where every trial is finished and no Ray is)."""
     import ray
     from ray import tune
 

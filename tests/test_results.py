@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from scaling.results import (LOSS_CURVES_SCHEMA, REQUIRED_COLUMNS, RESULTS_SCHEMA, load_curves, load_results,
-                             paper_results, to_table, write_table)
+                             paper_results, remove_unfinished_writes, to_table, write_table)
 
 PAPER_GFLOPS = {"S/8": 0.36, "S/4": 1.41, "S/2": 6.06, "B/8": 1.42, "B/4": 5.56, "B/2": 23.01, "L/8": 5.01,
                 "L/4": 19.70, "L/2": 80.71, "XL/8": 7.39, "XL/4": 29.05, "XL/2": 118.64}
@@ -84,6 +84,12 @@ def test_write_is_atomic_and_leaves_no_temporary_files(tmp_path):
         write_table([row(patch=2.5)], path, RESULTS_SCHEMA)  # a fraction cannot become an int silently
     assert load_results(path).patch.tolist() == [2]  # the old file survives a failed write
     assert [p.name for p in tmp_path.iterdir()] == ["results.parquet"]
+    # What a write killed outright (SIGKILL, a lost machine) leaves, the driver that next holds the output removes.
+    left = [".results.parquet.0a1b2c3d.tmp", ".loss_curves.parquet.0a1b2c3d.tmp"]
+    for name in left + [".results.parquet.keep", "notes.tmp"]:
+        (tmp_path / name).write_bytes(b"PAR1")
+    remove_unfinished_writes(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".results.parquet.keep", "notes.tmp", "results.parquet"]
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
@@ -155,6 +161,14 @@ def test_a_column_the_schema_lacks_is_left_out_on_reading_and_refused_where_the_
     pd.concat([df, df.assign(step=2000)]).query("step == 2000").to_parquet(path)
     assert "__index_level_0__" in pq.read_schema(path).names
     assert load_results(path, strict=True).step.tolist() == [2000]
+    # The loss curves alike: the replay and the report read a newer version's, the driver refuses to rewrite it.
+    curves = tmp_path / "loss_curves.parquet"
+    point = {"study": "s", "trial_id": "DiT-S-2-abc", "model": "DiT-S/2", "step": 10, "train_loss": 0.5}
+    pq.write_table(to_table([point], LOSS_CURVES_SCHEMA).append_column("grad_norm", pa.array([1.0])), curves)
+    assert load_curves(curves).columns.tolist() == LOSS_CURVES_SCHEMA.names
+    assert load_curves(curves).train_loss.tolist() == [0.5]
+    with pytest.raises(ValueError, match=f"^{curves}: columns this version does not write: grad_norm; the study's "):
+        load_curves(curves, strict=True)
 
 
 def test_loss_curves_table(tmp_path):

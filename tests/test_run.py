@@ -141,8 +141,11 @@ def test_end_to_end_and_rerun_skips_finished(tmp_path):
     write_table(pd.concat([df.drop(index=lost.index), earlier]), out / "results.parquet",
                 RESULTS_SCHEMA)
     kept = df.drop(index=lost.index).set_index(["trial_id", "step"])
+    killed_write = out / ".results.parquet.0a1b2c3d.tmp"  # what a write killed outright leaves
+    killed_write.write_bytes(b"PAR1")
     again = run([study, "--no-report"])
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert not killed_write.exists()
     assert "3 already finished" in again.stdout
     assert "also holds 1 trial(s) that" in again.stderr and "no longer defines" in again.stderr
     assert (load_results(out).trial_id == "DiT-P-2-0123456789").sum() == 1
@@ -339,7 +342,7 @@ def test_stopped_or_killed_driver_resumes_without_duplicates(tmp_path):
         assert list(trial_curve.step) == every_log and list(trial_curve.train_loss) == [m.value for m in history]
 
 
-def test_steps_added_to_a_study_train_on_from_its_finished_trial(tmp_path):
+def test_steps_added_to_a_study_train_on_from_its_finished_trial(tmp_path, capsys):
     # sweep.steps 10, 20 grown to 10, 20, 30 under the constant lr: the trial goes on from its checkpoint at 20
     # under its id, with its rows and MLflow run, and measures at 30 what a straight run to 30 measures.
     study, out = write_study(tmp_path, fid=False, patches=(2,))
@@ -387,8 +390,10 @@ def test_steps_added_to_a_study_train_on_from_its_finished_trial(tmp_path):
     assert (metrics["val_loss"], metrics["train_loss"]) == (df.loc[30].val_loss, df.loc[30].train_loss)
 
     # Run again: the continued trial is finished.
-    again = run([study, "--dry-run"])
-    assert "All 1 trials already finished" in again.stdout, again.stdout + again.stderr
+    capsys.readouterr()
+    assert scaling_run.main([str(study), "--dry-run"]) == 0  # in this process: a second would mostly import
+    again = capsys.readouterr()
+    assert "All 1 trials already finished" in again.out, again.out + again.err
 
     # A milestone without a row before the checkpoint the trial resumes from (its row removed by hand) can no
     # longer be measured: the trial fails once, saying so, rather than resuming past it at every run of the study.
@@ -397,9 +402,10 @@ def test_steps_added_to_a_study_train_on_from_its_finished_trial(tmp_path):
     passed = (f"trial {trial_id}'s checkpoint at step 30 is past milestone(s) 10 without a result, which it can no "
               f"longer measure: drop those steps from sweep.steps, or delete {out / 'ray' / ('train-' + trial_id)} "
               f"to train it again from step 0")
-    planned = run([study, "--dry-run"])  # the plan says so too: it planned the resume as any other
+    assert scaling_run.main([str(study), "--dry-run"]) == 0  # the plan says so too: it planned the resume as any other
+    planned = capsys.readouterr().err
     resumes = "it fails if it resumes from that checkpoint (Ray's latest registered one)"
-    assert f"warning: {passed}; {resumes}" in planned.stderr, planned.stderr
+    assert f"warning: {passed}; {resumes}" in planned, planned
     lost = run([study, "--no-report"])
     assert lost.returncode == 1, lost.stdout[-3000:] + lost.stderr[-3000:]
     assert f"warning: {passed}; {resumes}" in lost.stderr
@@ -683,3 +689,25 @@ def test_a_study_started_afresh_in_a_deleted_output_gets_runs_of_its_own(tmp_pat
     newest = parents[-1].info.run_id
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == newest]
     assert len(children) == 2
+
+
+def test_a_finished_study_run_again_starts_no_ray(tmp_path, empty_store, monkeypatch, capsys):
+    # Every trial finished: the run catches MLflow up and builds the report; a Ray started for it (seconds here, a
+    # cluster reached on a real one) did nothing.
+    import ray
+    from test_results import row
+
+    path, out = write_study(tmp_path, fid=False)
+    study = load_study(path)
+    out.mkdir()
+    shutil.copyfile(empty_store, out / "mlflow.db")
+    write_table([row(study="tiny", trial_id=t.trial_id, model=t.model, patch=t.patch, step=step)
+                 for t in study.trials for step in t.milestones], out / "results.parquet", RESULTS_SCHEMA)
+
+    def refused(*args, **kwargs):
+        raise AssertionError("Ray started for a finished study")
+
+    monkeypatch.setattr(ray, "init", refused)
+    assert scaling_run.run_study(study, None, build_report=False) == scaling_run.EXIT_OK
+    assert "study tiny: 2 trials, 2 already finished" in capsys.readouterr().out
+    assert [p.info.status for p in mlflow_runs(out)[1]] == ["FINISHED"]  # the study's run of this driver
