@@ -1,7 +1,8 @@
 """The report's figures, each saved as PNG and SVG: compute against quality, loss and steps.
 
-Every function takes tidy rows (and the fits, or None) and returns the file stem it wrote. Colour
-always means model size and marker/line style patch size, so one legend reads across figures.
+Every function takes tidy rows (and the fits, or None) and returns the file stem it wrote. Where the
+points are models, colour means model size and marker/line style patch size, so one legend reads across
+figures; Figure 5's points are budgets, coloured by budget.
 """
 import matplotlib
 
@@ -13,11 +14,13 @@ import pandas as pd  # noqa: E402
 
 from scaling.fits import CI_LEVEL  # noqa: E402
 
-plt.rcParams.update({
+# Set around each figure's drawing and saving, not at import: the process importing this module (the study's driver,
+# a notebook) keeps its own matplotlib settings.
+STYLE = {
     "figure.dpi": 100, "savefig.dpi": 150, "axes.grid": True, "grid.alpha": 0.3, "font.size": 10,
     "legend.fontsize": 8, "svg.hashsalt": "dit-scaling",  # stable SVG ids: the same data, the same file
     "text.parse_math": False,  # names are text: a "$" in a model's name is not TeX (an odd count raised)
-})
+}
 PATCH_STYLE = {1: ("D", ":"), 2: ("o", "-"), 4: ("s", "--"), 8: ("^", "-."), 16: ("v", ":")}
 COMPUTE_LABEL = "training compute (Gflops = Gflops/image × batch × steps × 3)"
 BAND_LABEL = f"{CI_LEVEL:.0%} bootstrap band"
@@ -146,6 +149,7 @@ def _curves_with_frontier(ax, rows, x, y, on_frontier):
 
 # The figures -------------------------------------------------------------------------------------
 
+@plt.rc_context(STYLE)
 def fid_vs_gflops(points, fit, corr, folder, fid_label="FID", note=None):
     """Figure 1 (the paper's Figure 8): final FID of each model against its forward Gflops."""
     fig, ax = plt.subplots(figsize=(7.2, 4.8))
@@ -175,6 +179,7 @@ def fid_vs_gflops(points, fit, corr, folder, fid_label="FID", note=None):
     return _save(fig, folder, "fig1_fid_vs_gflops")
 
 
+@plt.rc_context(STYLE)
 def fid_vs_compute(rows, on_frontier, fit, folder, fid_label="FID", note=None):
     """Figure 2 (the paper's Figure 9): FID against training compute, one curve per model."""
     fig, ax = plt.subplots(figsize=(7.2, 4.8))
@@ -195,6 +200,7 @@ def fid_vs_compute(rows, on_frontier, fit, folder, fid_label="FID", note=None):
     return _save(fig, folder, "fig2_fid_vs_compute")
 
 
+@plt.rc_context(STYLE)
 def loss_vs_compute(rows, loss, on_frontier, fit, folder, note=None):
     """Figure 3: loss against training compute, its frontier, and L(C) = E + A·C^(−α) with its band."""
     fig, ax = plt.subplots(figsize=(7.2, 4.8))
@@ -213,6 +219,7 @@ def loss_vs_compute(rows, loss, on_frontier, fit, folder, note=None):
     return _save(fig, folder, "fig3_loss_vs_compute")
 
 
+@plt.rc_context(STYLE)
 def metric_vs_steps(rows, metric, label, folder, name):
     """Figure 4: a metric against training steps, panels by patch (curves: sizes) and by size (curves: patches)."""
     styles = model_styles(rows)
@@ -246,6 +253,7 @@ def _steps_panel(ax, rows, metric, styles, title):
     ax.legend()
 
 
+@plt.rc_context(STYLE)
 def isoflop_profiles(iso, loss, folder):
     """Figure 5: IsoFLOP profiles (loss against parameters per budget) and N*(C), D*(C) with their bands."""
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))

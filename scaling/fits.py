@@ -26,8 +26,10 @@ HUBER_DELTA = 1e-3  # Chinchilla's δ for the Huber loss on log loss
 MAX_EXPONENT = 3.0  # scaling exponents are O(0.1-1); the bound stops degenerate resamples from wandering off
 FLOOR_LOG = 12.0  # a term (or E) below e^-12 of the smallest value is zero for all purposes: its lower bound
 # A bootstrap over fewer trials has no spread to speak of: one trial resampled is always itself, and two give a few
-# distinct replicates, with the estimate at their interval's edge. Such a fit gets no interval.
+# distinct replicates, with the estimate at their interval's edge. Such a fit gets no interval. (Nor does one whose law
+# needs every trial it has, whatever their number: see Fit.interval_problem.)
 MIN_BOOT_TRIALS = 3
+SAME_ESTIMATE = 1e-9  # replicates within this relative spread of each other are one estimate, refitted
 MAX_ITERATIONS = 500  # L-BFGS-B's, per start
 FLAT_TERM = 0.1  # a term A·x^(−α) whose α·ln(x_max/x_min) is below this changes by under 10% over the points
 
@@ -75,6 +77,7 @@ class Fit:
     n_boot: int  # resamples drawn
     limits: dict = field(default_factory=dict)  # the law's limits(y) for these points
     spans: dict = field(default_factory=dict)  # {exponent name: ln(max/min) of its x over these points}
+    boot_sets: int = None  # distinct sets of trials among the resamples fitted (None: not counted)
 
     def predict(self, x):
         """The law's prediction at x with the point-estimate coefficients."""
@@ -85,13 +88,23 @@ class Fit:
         if self.n_boot and self.n_groups < MIN_BOOT_TRIALS:
             return (f"no interval: its points come from {self.n_groups} trial(s), and a bootstrap over trials needs "
                     f"{MIN_BOOT_TRIALS} to vary")
-        if len(self.boot) >= 2 and not np.ptp(self.boot, axis=0).any():
+        # A law needing as many distinct points as its trials give (3 for y = a·x^b over 3 one-point trials; 3 model
+        # sizes for L(N, D)) fits only resamples holding every trial: reorderings of the data, whose refits differ by
+        # rounding (1e-16), so an exact comparison passed them as an interval of no width.
+        if len(self.boot) and self.boot_sets is not None and self.boot_sets < 2:
+            return (f"no interval: the {len(self.boot)} resamples that could be fitted all hold the same trials and "
+                    f"refit one estimate: the law needs more trials than these {self.n_groups} to vary")
+        if len(self.boot) >= 2 and np.all(np.ptp(self.boot, axis=0) <= SAME_ESTIMATE * np.abs(self.params)):
             return f"no interval: the {len(self.boot)} resamples that converged all gave the estimate itself"
         return None
 
+    def has_intervals(self):
+        """Whether the bootstrap gives this fit intervals and bands."""
+        return len(self.boot) >= 2 and not self.interval_problem()
+
     def band(self, x, level=CI_LEVEL):
         """Pointwise percentile interval of the prediction at x over the bootstrap replicates."""
-        if len(self.boot) < 2 or self.interval_problem():
+        if not self.has_intervals():
             nan = np.full(np.shape(self.predict(x)), np.nan)
             return nan, nan.copy()
         with np.errstate(over="ignore", invalid="ignore"):
@@ -101,7 +114,7 @@ class Fit:
 
     def intervals(self, level=CI_LEVEL):
         """Percentile interval of every coefficient: {name: (low, high)}."""
-        if len(self.boot) < 2 or self.interval_problem():
+        if not self.has_intervals():
             return {n: (np.nan, np.nan) for n in self.law.names}
         tail = 50 * (1 - level)
         lo, hi = np.percentile(self.boot, [tail, 100 - tail], axis=0)
@@ -281,7 +294,7 @@ SATURATING_POWER_LAW = Law("y = E + A·x^(−α)", ("E", "A", "alpha"), _saturat
 
 
 def size_classes(params):
-    """A model-size label per parameter count: counts within 2% (0.01 in log10) of the next smaller one are one
+    """A model-size label per parameter count: counts within 2.3% (0.01 in log10) of the next smaller one are one
     size, as DiTs of one width and depth but different patch sizes differ by a few embedding weights. (Rounding
     log10 to 0.01 instead would split two near-identical counts on either side of a rounding boundary.)"""
     logs = np.log10(np.asarray(params, float))
@@ -322,14 +335,18 @@ def bootstrap(groups, estimate, width, n_boot=N_BOOT, seed=0):
     scipy.stats.bootstrap resamples observations and cannot skip a resample the fit cannot handle.
     Inside parallel_fits(), a long bootstrap of a picklable estimate is spread over worker
     processes; the resamples are all drawn here first, so the result does not depend on that.
-    Returns an array of width columns, one row per resample that succeeded (none: no intervals, not an error).
+    Returns an array of width columns, one row per resample that succeeded (none: no intervals, not an error), and
+    how many distinct sets of groups those resamples hold.
     """
     labels, inverse = np.unique(np.asarray(groups), return_inverse=True)
     members = [np.flatnonzero(inverse == g) for g in range(len(labels))]
     rng = np.random.default_rng(seed)
-    draws = [np.concatenate([members[g] for g in rng.integers(len(labels), size=len(labels))]) for _ in range(n_boot)]
-    out = [np.ravel(r) for r in _map(_Attempt(estimate), draws) if r is not None]
-    return np.array(out, dtype=float).reshape(len(out), width)
+    picks = [rng.integers(len(labels), size=len(labels)) for _ in range(n_boot)]
+    results = _map(_Attempt(estimate), [np.concatenate([members[g] for g in p]) for p in picks])
+    out = [np.ravel(r) for r in results if r is not None]
+    # Sets, not multisets: an IsoFLOP estimate takes each trial once however often it is drawn.
+    sets = {tuple(np.unique(p)) for p, r in zip(picks, results) if r is not None}
+    return np.array(out, dtype=float).reshape(len(out), width), len(sets)
 
 
 class _Attempt:
@@ -435,11 +452,11 @@ def fit_law(law, x, y, groups=None, select=None, n_boot=N_BOOT, seed=0):
 
     estimate = _LawEstimate(law, x, y)
     params = estimate(np.arange(len(y)))
-    boot = bootstrap(groups, _LawEstimate(law, x, y, params), len(params), n_boot, seed)
+    boot, sets = bootstrap(groups, _LawEstimate(law, x, y, params), len(params), n_boot, seed)
     limits = law.limits(y) if law.limits else {}
     columns = np.log(x.reshape(len(y), -1))
     spans = {name: float(np.ptp(columns[:, k])) for name, k in (law.exponents or {}).items()}
-    return Fit(law, params, boot, len(y), len(np.unique(groups)), n_boot, limits, spans)
+    return Fit(law, params, boot, len(y), len(np.unique(groups)), n_boot, limits, spans, sets)
 
 
 class _LawEstimate:
@@ -500,7 +517,8 @@ def correlations(x, y, names=("x", "y")):
 def extrapolation_check(law, x, y, groups, held_out, x_target, observed, select=None, n_boot=N_BOOT, seed=0):
     """Fit law without the held-out points (a boolean mask), predict at x_target, compare with observed.
 
-    The interval is the fit's: it covers the uncertainty of the law, not the scatter of one measurement.
+    The interval is the fit's: it covers the uncertainty of the law, not the scatter of one measurement. What the
+    fit leaves open (Fit.unsettled) comes with it: the check means little where its fit does.
     """
     groups = np.asarray(groups)
     keep = ~np.asarray(held_out, bool)
@@ -513,7 +531,8 @@ def extrapolation_check(law, x, y, groups, held_out, x_target, observed, select=
         "predicted": predicted, "ci_low": _json_float(low), "ci_high": _json_float(high),
         "observed": float(observed), "relative_error": (predicted - observed) / observed if observed else None,
         "inside_interval": bool(low <= observed <= high) if np.isfinite([low, high]).all() else None,
-        "n_points": fit.n_points, "n_trials": fit.n_groups, "n_boot_converged": len(fit.boot),
+        "n_points": fit.n_points, "n_trials": fit.n_groups, "n_boot": fit.n_boot, "n_boot_converged": len(fit.boot),
+        "unsettled": fit.unsettled(),
     }
 
 
@@ -655,8 +674,15 @@ def isoflop(compute, params, steps, loss, groups, n_budgets=6, min_models=3, n_b
             continue
         estimate = law_estimate(axis)
         params = estimate(everyone)
-        fits[axis] = Fit(law, params, bootstrap(everyone, estimate, len(params), n_boot, seed), valid, len(trials),
-                         n_boot)
+        boot, sets = bootstrap(everyone, estimate, len(params), n_boot, seed)
+        fits[axis] = Fit(law, params, boot, valid, len(trials), n_boot, boot_sets=sets)
+    # Kept in N*(C), not left out: with min_models 3 a small study's every budget may be such a one. Named, since
+    # nothing there tests the parabola's shape.
+    exact = [p.budget for p in profiles if len(p.params) == 3 and np.isfinite(p.n_opt)]
+    if exact:
+        notes.append(f"the parabolas at {len(exact)} of {len(budgets)} budgets (C = "
+                     f"{', '.join(f'{b:.3g}' for b in exact)} Gflops) pass through exactly 3 model sizes: their minima "
+                     "are fixed by those points, with no residual to test the parabola's shape against")
     return IsoFlop(profiles, fits["params"], fits["steps"], notes)
 
 

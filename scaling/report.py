@@ -51,6 +51,7 @@ class Analysis:
     final_fid: pd.DataFrame  # one point per model: FID at its last evaluated step
     correlation: dict | None = None
     fits: dict = field(default_factory=dict)  # name -> Fit
+    not_fitted: dict = field(default_factory=dict)  # name -> why that fit is not in fits (for its figure)
     isoflop: object = None
     extrapolation: list = field(default_factory=list)
     fid_comparable: bool = True  # False where the ok trials' FIDs were measured with different settings
@@ -193,11 +194,14 @@ def analyze(df, n_boot=N_BOOT, seed=0):
             a.notes.append(f"{what}: {'; '.join(unsettled)}. These points do not pin the law down: read it as a "
                            f"description of them, not as a law to extrapolate.")
 
-    def attempt(what, fn, *args, **kwargs):
+    def attempt(what, fn, *args, name=None, **kwargs):
+        """fn's result, or None with a note; name: the fits key under which the reason is kept for the figures."""
         try:
             result = fn(*args, **kwargs)
         except FitError as e:
             a.notes.append(f"{what}: not fitted: {e}.")
+            if name:
+                a.not_fitted[name] = str(e)
             return None
         note_unsettled(what, result)
         return result
@@ -210,14 +214,16 @@ def analyze(df, n_boot=N_BOOT, seed=0):
         a.notes.append(f"FID was measured with different settings in these trials ({'; '.join(mixed)}): FIDs of "
                        "different settings are not comparable, so the FID correlation, the FID fits and the FID "
                        "extrapolation are left out; Figures 1 and 2 show the points as measured.")
+        a.not_fitted["fid_vs_gflops"] = a.not_fitted["fid_vs_compute"] = "FIDs of different settings (see the notes)"
     else:
         a.correlation = attempt("Correlation of FID with log10 Gflops", correlations, np.log10(points.gflops),
                                 points.fid, ("log10 Gflops", "FID"))
         a.fits["fid_vs_gflops"] = attempt("FID against Gflops (Figure 1)", fit_law, POWER_LAW, points.gflops,
-                                          points.fid, points.trial_id, **fit)
+                                          points.fid, points.trial_id, name="fid_vs_gflops", **fit)
         fid_rows = _finite(ok, "fid")
         a.fits["fid_vs_compute"] = attempt("FID against training compute (Figure 2)", fit_law, POWER_LAW,
-                                           fid_rows.train_compute, fid_rows.fid, fid_rows.trial_id, frontier, **fit)
+                                           fid_rows.train_compute, fid_rows.fid, fid_rows.trial_id, frontier,
+                                           name="fid_vs_compute", **fit)
     mixed = mixed_loss_settings(ok, loss) if loss else []
     a.loss_comparable = not mixed
     if mixed:
@@ -225,11 +231,12 @@ def analyze(df, n_boot=N_BOOT, seed=0):
                        " losses of other data or another diffusion are not on one scale, so the loss fits, the "
                        "IsoFLOP analysis and the loss extrapolation are left out; Figures 3 and 4 show the points as "
                        "measured.")
+        a.not_fitted["loss_vs_compute"] = "losses that measure different things (see the notes)"
     elif loss:
         loss_rows = _finite(ok, loss)
         a.fits["loss_vs_compute"] = attempt("L(C) (Figure 3)", fit_law, SATURATING_POWER_LAW,
                                             loss_rows.train_compute, loss_rows[loss], loss_rows.trial_id,
-                                            frontier, **fit)
+                                            frontier, name="loss_vs_compute", **fit)
         a.fits["loss_vs_params_and_images"] = attempt(
             "L(N, D), Chinchilla's approach 3", fit_law, CHINCHILLA, loss_rows[["params", "images"]].to_numpy(float),
             loss_rows[loss], loss_rows.trial_id, best_per_size_and_data, **fit)
@@ -301,7 +308,7 @@ def extrapolations(a, attempt, fit):
         target = _frontier_end(rows, col, last) if select is frontier else last
         held = (rows.model == target.model).to_numpy()
         if law is CHINCHILLA:
-            # The other patch sizes of the held-out size share its N (within 2%) and, at their last step, its D:
+            # The other patch sizes of the held-out size share its N (within 2.3%) and, at their last step, its D:
             # left in, they would make the check an interpolation. Held out with it, the fit must reach its N.
             classes = size_classes(rows.params.to_numpy(float))
             held = classes == classes[held][0]
@@ -321,6 +328,10 @@ def extrapolations(a, attempt, fit):
         check = attempt(f"Extrapolation of {what} to {target.model} with {law.formula}", extrapolation_check, law, x,
                         rows[col], rows.trial_id, held, target[x_cols].to_numpy(float).squeeze(), target[col],
                         select, **fit)
+        if check and check["unsettled"]:
+            a.notes.append(f"Extrapolation of {what} to {target.model} with {law.formula}, its fit without the "
+                           f"held-out points: {'; '.join(check['unsettled'])}. Its interval, and whether the "
+                           "observation falls inside it, say little of the law.")
         if check:
             checks.append({"quantity": what, "model": target.model, "step": int(target.step), "held_out": held_out,
                            "held_out_from_compute": cut, **check})
@@ -493,7 +504,8 @@ def extrapolation_table(a):
                  [[e["quantity"], e["law"], _held_out(e), _at(e), _num(e["predicted"]),
                    f"[{_num(e['ci_low'])}, {_num(e['ci_high'])}]", _num(e["observed"]),
                    "–" if e["relative_error"] is None else f"{e['relative_error']:+.1%}",
-                   {True: "yes", False: "no", None: "–"}[e["inside_interval"]], str(e["n_boot_converged"])]
+                   {True: "yes", False: "no", None: "–"}[e["inside_interval"]],
+                   f"{e['n_boot_converged']}/{e['n_boot']}"]
                   for e in a.extrapolation])
 
 
@@ -537,13 +549,19 @@ def trials_table(a):
                   "val loss", "FID @ step", "status"], rows, marks)
 
 
+def _md_text(s):
+    """s as one line of Markdown text: names come from the results, and GitHub renders a raw HTML tag in them."""
+    return html.escape(str(s), quote=False).replace("\r", " ").replace("\n", " ")
+
+
 def _md_cell(s):
-    return str(s).replace("|", "\\|").replace("\n", " ")
+    return _md_text(s).replace("|", "\\|")
 
 
 def table_markdown(t):
     """A GitHub-flavoured Markdown table (marks are in the status column already)."""
-    lines = [f"### {t.title}", "", "| " + " | ".join(t.headers) + " |", "|" + "---|" * len(t.headers)]
+    lines = [f"### {_md_text(t.title)}", "", "| " + " | ".join(map(_md_cell, t.headers)) + " |",
+             "|" + "---|" * len(t.headers)]
     lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in t.rows]
     return "\n".join(lines) + "\n"
 
@@ -580,33 +598,35 @@ def draw_figures(a, folder):
     """Every figure the data allows, into folder; a figure without data becomes a note."""
     out = []
     fid_label = _fid_label(a.ok)
-    no_fit = "too few points for a fit"
     if len(a.final_fid):
         fit = a.fits.get("fid_vs_gflops")
+        drawn = [f"the power-law fit{_band_words(fit, ', its {} band')}"] if fit else []
+        drawn += ["the correlations"] if a.correlation else []
         out.append(Figure(figures.fid_vs_gflops(a.final_fid, fit, a.correlation, folder, fid_label,
-                                                None if fit else no_fit),
+                                                _no_fit_words(a, "fid_vs_gflops")),
                           f"Figure 1. FID against forward Gflops at {_final_step_words(a.final_fid)}, one point per "
-                          f"model (the paper's Figure 8), with the power-law fit{_ci_label(a, ', its {} band')} and "
-                          "the correlations."))
+                          f"model (the paper's Figure 8){', with ' + ' and '.join(drawn) if drawn else ''}."))
     else:
         a.notes.append("No FID with Gflops in the ok trials: no Figure 1.")
     rows = _positive(a.ok, "fid", "train_compute")
     if len(rows):
         fit = a.fits.get("fid_vs_compute")
+        law = f" and a power law fitted to it{_band_words(fit, ' with its {} bootstrap band')}" if fit else ""
         out.append(Figure(figures.fid_vs_compute(rows, frontier(rows.train_compute, rows.fid), fit, folder, fid_label,
-                                                 None if fit else no_fit),
+                                                 _no_fit_words(a, "fid_vs_compute")),
                           "Figure 2. FID against training compute, one curve per model (the paper's Figure 9), with "
-                          "the compute-efficient frontier and a power law fitted to it."))
+                          f"the compute-efficient frontier{law}."))
     else:
         a.notes.append("No FID with training compute in the ok trials: no Figure 2.")
     rows = _positive(a.ok, a.loss, "train_compute") if a.loss else a.ok.iloc[:0]
     if len(rows):
         fit = a.fits.get("loss_vs_compute")
+        band = _band_words(fit, " with its {} bootstrap band") if fit else ""
+        law = f", and L(C) = E + A·C^(−α) fitted to it{band}" if fit else ""
         out.append(Figure(figures.loss_vs_compute(rows, a.loss, frontier(rows.train_compute, rows[a.loss]), fit,
-                                                  folder, None if fit else no_fit),
+                                                  folder, _no_fit_words(a, "loss_vs_compute")),
                           f"Figure 3. {figures.loss_label(a.loss).capitalize()} against training compute, the "
-                          "frontier, and L(C) = E + A·C^(−α) fitted to it"
-                          f"{_ci_label(a, ' with its {} bootstrap band')}."))
+                          f"frontier{law}."))
     for col, name in (("fid", "fig4_fid_vs_steps"), (a.loss, "fig4_loss_vs_steps")):
         rows = _finite(a.ok, col) if col else a.ok.iloc[:0]
         if (rows.groupby("trial_id").step.nunique() > 1).any():
@@ -617,12 +637,28 @@ def draw_figures(a, folder):
         elif len(rows):
             a.notes.append(f"{col}: one evaluation step per trial, so no curve against steps (Figure 4).")
     if a.isoflop:
-        out.append(Figure(figures.isoflop_profiles(a.isoflop, a.loss, folder),
+        iso = a.isoflop
+        if iso.n_opt and iso.steps_opt:  # both or neither: a budget's N* and D* are found together
+            banded = [s for s, f in (("N*(C)", iso.n_opt), ("D*(C)", iso.steps_opt)) if f.has_intervals()]
+            bands = (f" with {CI_LEVEL:.0%} bootstrap bands" if len(banded) == 2 else
+                     f" (a {CI_LEVEL:.0%} bootstrap band for {banded[0]} only)" if banded else "")
+            optima = f"the compute-optimal size N*(C) and steps D*(C) as power laws{bands}"
+        else:
+            optima = "too few budgets with a minimum inside the sizes measured for N*(C) and D*(C) as power laws"
+        out.append(Figure(figures.isoflop_profiles(iso, a.loss, folder),
                           "Figure 5. IsoFLOP profiles: loss against parameters at fixed training compute (the best "
-                          "patch size of each model size), a parabola in log parameters per budget; the "
-                          "compute-optimal size N*(C) and steps D*(C) as power laws"
-                          f"{_ci_label(a, ' with {} bootstrap bands')}."))
+                          f"patch size of each model size), a parabola in log parameters per budget; {optima}."))
     return out
+
+
+def _no_fit_words(a, name):
+    """What a figure says where its fit is missing, and why (None where it is drawn)."""
+    return None if name in a.fits else f"no fit: {a.not_fitted.get(name, 'see the notes')}"
+
+
+def _band_words(fit, template):
+    """template filled with the interval's level where the figure draws fit's bootstrap band, else nothing."""
+    return template.format(f"{CI_LEVEL:.0%}") if fit.has_intervals() else ""
 
 
 def _fid_label(rows):
@@ -653,12 +689,13 @@ def summary_lines(a):
 
 def markdown(a, figs, tabs):
     """report.md: the same content as the page, the figures as PNG links."""
-    parts = [f"# Scaling report: {a.study}", "", *[f"- {s}" for s in summary_lines(a)], ""]
+    parts = [f"# Scaling report: {_md_text(a.study)}", "", *[f"- {_md_text(s)}" for s in summary_lines(a)], ""]
     for f in figs:
-        parts += [f"![{f.caption}]({f.stem}.png)", "", f"*{f.caption}* ([SVG]({f.stem}.svg))", ""]
+        caption = _md_text(f.caption)
+        parts += [f"![{caption}]({f.stem}.png)", "", f"*{caption}* ([SVG]({f.stem}.svg))", ""]
     parts += [table_markdown(t) for t in tabs]
     if a.notes:
-        parts += ["## Notes", "", *[f"- {n}" for n in a.notes], ""]
+        parts += ["## Notes", "", *[f"- {_md_text(n)}" for n in a.notes], ""]
     return "\n".join(parts)
 
 

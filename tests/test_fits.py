@@ -118,13 +118,16 @@ def test_bootstrap_resamples_whole_groups_and_drops_failed_fits():
             raise FitError("one trial only")
         return [len(idx)]
 
-    boot = bootstrap(groups, estimate, 1, n_boot=300, seed=0)
+    boot, sets = bootstrap(groups, estimate, 1, n_boot=300, seed=0)
     for idx in seen:  # every resample is a union of complete trials, duplicates included
         for g in set(groups[idx]):
             assert (idx[groups[idx] == g].size % (groups == g).sum()) == 0
     single = sum(len(set(groups[idx])) == 1 for idx in seen)
     assert single > 0 and boot.shape == (300 - single, 1)
-    np.testing.assert_array_equal(bootstrap(groups, estimate, 1, n_boot=300, seed=0), boot)  # seeded
+    # The sets of trials fitted, however often each was drawn: {a, b}, {a, c}, {b, c} and {a, b, c}.
+    assert sets == len({frozenset(groups[idx]) for idx in seen if len(set(groups[idx])) > 1}) == 4
+    again, _ = bootstrap(groups, estimate, 1, n_boot=300, seed=0)
+    np.testing.assert_array_equal(again, boot)  # seeded
 
 
 def test_a_bootstrap_whose_every_resample_fails_gives_no_intervals():
@@ -136,6 +139,31 @@ def test_a_bootstrap_whose_every_resample_fails_gives_no_intervals():
     fit = fit_law(CHINCHILLA, np.column_stack([n, d]), loss, np.repeat([0, 1, 2], 4), n_boot=2, seed=0)
     assert fit.boot.shape == (0, 5) and np.isfinite(fit.params).all()
     assert all(np.isnan(v).all() for v in fit.intervals().values())
+
+
+def test_a_law_that_needs_every_trial_has_no_interval():
+    # A law needing as many distinct points as its trials give fits only resamples that hold every trial: reorderings
+    # of the data, whose refits differ by 1e-16. Compared exactly, they passed as a "95% interval" of zero width, and
+    # the extrapolation check said "inside: no" of a prediction off by 0.2%.
+    x, y = np.array([1.4, 5.6, 23.0]), np.array([128.8, 66.3, 44.4])
+    fit = fit_law(POWER_LAW, x, y, n_boot=200)
+    assert 0 < len(fit.boot) < 200 and fit.boot_sets == 1
+    assert all(np.isnan(v).all() for v in fit.intervals().values()) and np.isnan(fit.band(np.array([80.0]))).all()
+    assert fit.unsettled() == [f"no interval: the {len(fit.boot)} resamples that could be fitted all hold the same "
+                               "trials and refit one estimate: the law needs more trials than these 3 to vary"]
+    four = fit_law(POWER_LAW, np.append(x, 80.7), np.append(y, 23.3), n_boot=200)  # 4 trials: 3 of them fit
+    low, high = four.intervals()["b"]
+    assert four.boot_sets > 1 and low < four.params[1] < high
+    check = extrapolation_check(POWER_LAW, np.append(x, 80.7), np.append(y, 23.3), np.arange(4), np.arange(4) == 3,
+                                80.7, 23.3, n_boot=200)
+    assert check["ci_low"] is None and check["inside_interval"] is None
+    assert check["unsettled"] == fit.unsettled()
+    assert (check["n_boot"], check["n_boot_converged"]) == (200, len(fit.boot))
+    # L(N, D) over 3 model sizes, one trial each: only resamples of all 3 have 3 sizes.
+    n, d = (v.ravel() for v in np.meshgrid([1e7, 1e8, 1e9], np.logspace(8, 11, 4), indexing="ij"))
+    loss = (1.7 + 400 / n ** 0.34 + 410 / d ** 0.28) * np.exp(np.random.default_rng(0).normal(0, 0.003, n.size))
+    sizes = fit_law(CHINCHILLA, np.column_stack([n, d]), loss, np.repeat([0, 1, 2], 4), n_boot=20)
+    assert sizes.boot_sets == 1 and np.isnan(sizes.intervals()["alpha"]).all()
 
 
 def test_a_fit_of_fewer_than_3_trials_or_of_identical_resamples_has_no_interval():
@@ -156,7 +184,9 @@ def test_a_fit_of_fewer_than_3_trials_or_of_identical_resamples_has_no_interval(
     three = fit_law(POWER_LAW, np.tile(x[:4], 3), np.concatenate([y[:4], y[4:], y[:4] * 0.9]), np.repeat([0, 1, 2], 4),
                     n_boot=50, seed=0)
     assert three.interval_problem() is None and np.ptp(three.boot[:, 1]) > 0
-    same = dataclasses.replace(three, boot=np.tile(three.params, (40, 1)))  # every converged resample the estimate
+    # Every converged resample the estimate, to rounding: refits that did not move from where they started.
+    rounding = 1 + 1e-14 * np.random.default_rng(0).standard_normal((40, 2))
+    same = dataclasses.replace(three, boot=three.params * rounding)
     assert same.unsettled()[0] == "no interval: the 40 resamples that converged all gave the estimate itself"
 
 
@@ -221,7 +251,10 @@ def test_isoflop_recovers_the_compute_optimal_exponents():
     trial = np.repeat(np.arange(sizes.size), steps.size)
     loss = (e + a / n ** alpha + b / d ** beta) * np.exp(rng.normal(0, 0.002, n.size))
     iso = isoflop(6 * n * d, n, d, loss, trial, n_budgets=6, n_boot=N_BOOT)
-    assert len(iso.profiles) == 6 and iso.notes == []
+    # The smallest and largest budgets are those only 3 sizes reach: their parabolas fit those points exactly.
+    edges = [f"{p.budget:.3g}" for p in iso.profiles if len(p.params) == 3]
+    assert len(iso.profiles) == 6 and edges == [f"{p.budget:.3g}" for p in iso.profiles[::5]]
+    assert [n.split(" Gflops)")[0] for n in iso.notes] == [f"the parabolas at 2 of 6 budgets (C = {', '.join(edges)}"]
     n_exp, d_exp = iso.n_opt.params[1], iso.steps_opt.params[1]
     assert n_exp == pytest.approx(beta / (alpha + beta), abs=0.03)
     assert d_exp == pytest.approx(alpha / (alpha + beta), abs=0.03)
@@ -262,6 +295,18 @@ def test_isoflop_of_trials_each_trained_to_one_budget():
     extra = isoflop(np.r_[6 * n * d, paper.gflops * 3e7], np.r_[n, paper.params], np.r_[d, np.full(12, 1e5)],
                     np.r_[loss, np.linspace(3, 4, 12)], np.arange(n.size + 12), n_boot=0)
     assert extra.n_opt.n_groups == n.size and len(extra.profiles) == 5
+
+
+def test_isoflop_names_the_budgets_whose_parabola_passes_through_every_point():
+    # Three model sizes at a budget: the parabola passes through all three, and its minimum was reported as any other.
+    e, a, alpha, b, beta = 1.7, 400.0, 0.34, 410.0, 0.28
+    n, d = (v.ravel() for v in np.meshgrid(np.logspace(7, 9, 3), np.logspace(8, 11, 16), indexing="ij"))
+    iso = isoflop(6 * n * d, n, d, e + a / n ** alpha + b / d ** beta, np.repeat(np.arange(3), 16), n_boot=0)
+    exact = [p.budget for p in iso.profiles if np.isfinite(p.n_opt)]
+    assert exact and all(len(p.params) == 3 for p in iso.profiles)
+    assert (f"the parabolas at {len(exact)} of {len(iso.profiles)} budgets (C = {', '.join(f'{c:.3g}' for c in exact)} "
+            "Gflops) pass through exactly 3 model sizes: their minima are fixed by those points, with no residual to "
+            "test the parabola's shape against") in iso.notes
 
 
 def test_isoflop_needs_several_sizes_measured_at_several_steps():
@@ -316,7 +361,11 @@ def test_a_law_the_points_do_not_pin_down_says_so():
     above = fits.Fit(SATURATING_POWER_LAW, no_floor.params, resampled, 20, 20, 50, no_floor.limits, no_floor.spans)
     assert above.intervals()["E"][0] == pytest.approx(1.2 * low)
     assert above.unsettled()[0].startswith("E's 95% interval [") and "reaches its floor" in above.unsettled()[0]
-    assert fit_law(POWER_LAW, c, 40 * c ** -0.2, n_boot=10).unsettled() == []  # a line in log-log has no limits
+    line = 40 * c ** -0.2
+    assert fit_law(POWER_LAW, c, line * np.exp(rng.normal(0, 0.01, c.size)), n_boot=10).unsettled() == []  # no limits
+    # Points exactly on the line: every resample refits it, to rounding (an interval of no width, once passed as one).
+    assert fit_law(POWER_LAW, c, line, n_boot=10).unsettled() == [
+        "no interval: the 10 resamples that converged all gave the estimate itself"]
 
 
 def patch_sweep(seed=6):

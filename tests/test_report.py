@@ -791,3 +791,63 @@ def test_a_report_a_finished_study_cannot_build_is_a_failure_of_the_study(tmp_pa
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["draft.docx"]
     assert report_after_study(out, tmp_path / "new") is True
     assert capsys.readouterr().out == f"report: {tmp_path / 'new' / 'index.html'}\n"
+
+
+@pytest.fixture(scope="module")
+def three_trials():
+    """The analysis of a study of three models, one of each size S, B, L: every fit rests on 3 trials or fewer."""
+    from scaling.report import report_rows
+
+    models = ("DiT-S/2", "DiT-B/2", "DiT-L/2")
+    rows = [r for r in synthetic_rows() if r["status"] == "ok" and r["model"] in models]
+    return analyze(report_rows(pd.DataFrame(rows)), n_boot=20)
+
+
+def test_what_the_extrapolations_fit_leaves_open_reaches_the_report(three_trials):
+    # extrapolation_check kept only the count of converged resamples: its fit's "no interval" (or "26 of 30 resamples
+    # could not be fitted") was in no note, and the table's "20" did not say of how many.
+    a = three_trials
+    fid = next(e for e in a.extrapolation if e["quantity"] == "FID")
+    reason = "no interval: its points come from 2 trial(s), and a bootstrap over trials needs 3 to vary"
+    assert fid["unsettled"] == [reason] and fid["inside_interval"] is None
+    assert (f"Extrapolation of FID to DiT-L/2 with y = a·x^b, its fit without the held-out points: {reason}. Its "
+            "interval, and whether the observation falls inside it, say little of the law.") in a.notes
+    assert re.search(r"\| DiT-L/2 \| C = [^|]+ \| [^|]+ \| \[–, –\] \| [^|]+ \| [^|]+ \| – \| 20/20 \|\n",
+                     markdown_of(a).split("### Extrapolation check")[1])
+
+
+def test_figures_say_why_a_fit_is_missing_and_captions_name_only_what_is_drawn(tmp_path, monkeypatch, three_trials):
+    # Figures 1 and 2 said "too few points for a fit" where FIDs of different settings were left unfitted, under
+    # captions describing the fit and its band; Figure 1's band over three trials had no width (no interval now).
+    import matplotlib
+
+    from scaling import figures
+    from scaling.report import draw_figures
+
+    notes = []
+    monkeypatch.setattr(figures, "_note", lambda ax, text: notes.append(text))
+    rows = pd.DataFrame(synthetic_rows())
+    rows.loc[rows.model.str.startswith(("DiT-S/", "DiT-L/")), "fid_samples"] = 1000
+    captions = {f.stem: f.caption for f in draw_figures(analyze(rows, n_boot=0), tmp_path)}
+    assert notes == ["no fit: FIDs of different settings (see the notes)"] * 2 + [None]  # Figures 1, 2 and 3
+    assert captions["fig1_fid_vs_gflops"] == ("Figure 1. FID against forward Gflops at step 400,000, one point per "
+                                              "model (the paper's Figure 8).")
+    assert captions["fig2_fid_vs_compute"].endswith("(the paper's Figure 9), with the compute-efficient frontier.")
+    assert captions["fig3_loss_vs_compute"] == ("Figure 3. Validation loss against training compute, the frontier, and "
+                                                "L(C) = E + A·C^(−α) fitted to it.")  # no resamples: no band
+    captions = {f.stem: f.caption for f in draw_figures(three_trials, tmp_path)}
+    assert captions["fig1_fid_vs_gflops"].endswith("Figure 8), with the power-law fit and the correlations.")
+    assert captions["fig5_isoflop"].endswith("; the compute-optimal size N*(C) and steps D*(C) as power laws.")
+    assert matplotlib.rcParams["text.parse_math"]  # the figures' style is theirs, not the importing process's
+
+
+def test_report_md_escapes_names_from_the_results():
+    # A model or study name went into report.md raw: GitHub renders "<img ...>" in it as HTML, and a newline broke
+    # the heading.
+    from scaling.report import report_rows
+
+    rows = pd.DataFrame(synthetic_rows()).assign(study="a <b> & c\nd")
+    rows.loc[rows.model == "DiT-S/8", "model"] = "DiT-S/8 <img src=x onerror=alert(1)>"
+    md = markdown_of(analyze(report_rows(rows), n_boot=0))
+    assert md.startswith("# Scaling report: a &lt;b&gt; &amp; c d\n")
+    assert "| DiT-S/8 &lt;img src=x onerror=alert(1)&gt; |" in md and "<" not in md
