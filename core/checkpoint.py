@@ -219,6 +219,10 @@ def read_trainer_state(path):
         state = json.loads(state_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{state_file} is corrupt: {e}") from e
+    except OSError as e:
+        if not _the_files_fault(e):
+            raise
+        raise CheckpointError(f"{state_file} cannot be read: {e.strerror or e}") from e
     problem = trainer_state_problem(state)
     if problem:
         raise CheckpointError(f"{state_file} is corrupt: {problem}")
@@ -299,6 +303,20 @@ def check_checkpoint(path, model_config):
     return state
 
 
+def _the_files_fault(error):
+    """Whether an error met reading a checkpoint is its files' (missing, unreadable, of other contents), which every
+    retry meets, rather than the machine's or the process group's (out of memory, an I/O error, a timed-out
+    collective), which a retry may not: only the first makes a checkpoint one to give up on."""
+    # torch's OutOfMemoryError and the process group's DistError (NCCL's DistBackendError among them) are
+    # RuntimeErrors, as are a damaged file's "PytorchStreamReader" and a state dict of other shapes.
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError, dist.DistError)):
+        return False
+    if isinstance(error, OSError):  # EIO, ESTALE and the like: the disk's or the network's, not the bytes'
+        return isinstance(error, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError))
+    # gloo's timeouts and closed connections are plain RuntimeErrors that name it (its source path, "gloo/...").
+    return not (isinstance(error, RuntimeError) and any(word in str(error) for word in ("gloo", "NCCL", "Timed out")))
+
+
 def _unreadable(error, writer, what="it"):
     """Why a file could not be read, in words: not one writer wrote whole, and the reader's reason if it says one."""
     if isinstance(error, OSError):  # missing, unreadable: the system's words say it
@@ -314,28 +332,48 @@ def _damaged_torch_file(error):
     return isinstance(error, (EOFError, pickle.UnpicklingError)) or str(error).startswith("PytorchStreamReader")
 
 
-# DeepSpeed's files in a checkpoint's engine folder: the module's states (ZeRO-3: one per rank), and under ZeRO each
-# rank's optimizer partition (bf16_ before its name under bf16).
-MODEL_STATES, OPTIMIZER_STATES = "*model_states.pt", "*zero_pp_rank_{rank}_mp_rank_*optim_states.pt"
+def engine_files(zero_stage, rank, bf16):
+    """The names of the files of a checkpoint's engine folder that rank reads (DeepSpeed's _get_ckpt_name and
+    _get_zero_ckpt_name, model-parallel rank 00): the module's states (ZeRO-3: its own), and under ZeRO its own
+    optimizer partition (bf16_ before its name under bf16)."""
+    model = f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt" if zero_stage == 3 else "mp_rank_00_model_states.pt"
+    optimizer = f"{'bf16_' if bf16 else ''}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+    return [model, optimizer] if zero_stage > 0 else [model]
 
 
-def _missing_engine_file(folder, zero_stage, rank):
-    """What DeepSpeed's loader needs of folder that is not there (it asserts without words), in words, or None."""
+def _engine_file_problem(path, zero_stage, rank, bf16):
+    """What keeps DeepSpeed's loader from reading this rank's engine files of the checkpoint at path, or None.
+
+    Checked before the loader: it asserts without words on a missing file, and under ZeRO-3 a rank that fails inside
+    it leaves the others waiting in the all-gather it ends with.
+    """
+    folder = path / ENGINE_DIR / ENGINE_TAG
     if not folder.is_dir():
-        return f"{folder} is missing"
-    if not any(folder.glob(MODEL_STATES)):
-        return f"{folder} holds no model states ({MODEL_STATES})"
-    optimizer = OPTIMIZER_STATES.format(rank=rank)
-    if zero_stage > 0 and not any(folder.glob(optimizer)):
-        return f"{folder} holds no ZeRO optimizer states of rank {rank} ({optimizer})"
+        return f"{folder} is missing: {path} is not a complete checkpoint"
+    for name in engine_files(zero_stage, rank, bf16):
+        file = folder / name
+        if not file.is_file():
+            return f"{file} is missing: {path} is not a complete checkpoint"
+        # torch.save writes zip archives, whose directory sits at their end: a file cut short or of junk has none,
+        # found from a read of its last bytes.
+        if not zipfile.is_zipfile(file):
+            return f"{file} cannot be loaded: it is not a complete file torch.save wrote"
     return None
 
 
-def _damaged_zip(folder):
-    """The first torch.save file of folder that is not a whole zip (cut short, junk), else 'a file in it'."""
-    # DeepSpeed's error names no file. torch.save writes zip archives, whose directory sits at their end.
-    bad = next((f for f in sorted(folder.glob("*.pt")) if not zipfile.is_zipfile(f)), None)
-    return f"{ENGINE_TAG}/{bad.name}" if bad else "a file in it"
+def _read_rng(file):
+    """The RNG states of a checkpoint's rng-rank<R>.pt, or None where it has none (a checkpoint from before them)."""
+    if not file.is_file():
+        return None
+    try:
+        rng = torch.load(file, weights_only=True)
+    except Exception as e:
+        if not _the_files_fault(e):
+            raise
+        raise CheckpointError(f"{file} cannot be loaded: {_unreadable(e, 'torch.save')}") from e
+    if not isinstance(rng, dict) or not isinstance(rng.get("torch"), torch.Tensor):
+        raise CheckpointError(f"{file} cannot be loaded: it holds no torch RNG state")
+    return rng
 
 
 # DeepSpeed saves ZeRO-1 and ZeRO-2 optimizer state alike (a resume across them is exact); ZeRO-0 keeps it whole and
@@ -343,9 +381,49 @@ def _damaged_zip(folder):
 INTERCHANGEABLE_ZERO_STAGES = {1, 2}
 
 
-def load_checkpoint(path, engine, ema, model_config, world_size, zero_stage, rank):
-    """Restore engine, EMA and this rank's RNG from a checkpoint; returns its trainer state."""
+def load_checkpoint(path, engine, ema, model_config, world_size, zero_stage, rank, agree=None):
+    """Restore engine, EMA and this rank's RNG from a checkpoint; returns its trainer state.
+
+    agree(problem): a collective every rank calls before DeepSpeed's loader with its CheckpointError so far, or None,
+    which raises on every rank where any rank has one: the loader's own collectives (ZeRO-3's) would wait forever on a
+    rank that stopped before them.
+    """
     path = Path(path)
+    try:
+        state, rng = _check_before_engine(path, engine, ema, model_config, world_size, zero_stage, rank)
+        problem = None
+    except CheckpointError as err:
+        problem = err
+    if agree is not None:
+        agree(problem)
+    if problem is not None:
+        raise problem
+    try:
+        load_path, _ = engine.load_checkpoint(str(path / ENGINE_DIR), tag=ENGINE_TAG)
+    except Exception as e:
+        if not _the_files_fault(e):
+            raise
+        # What the checks before let through: contents that a whole file of another version holds, say.
+        why = _unreadable(e, "torch.save", "a file in it") if _damaged_torch_file(e) else str(e) or type(e).__name__
+        raise CheckpointError(f"{path / ENGINE_DIR} cannot be loaded: {why}") from e
+    if load_path is None:
+        raise CheckpointError(f"{path / ENGINE_DIR / ENGINE_TAG} holds no DeepSpeed checkpoint")
+    if rng is not None:
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    # trainer_state.json is outside the checksums (it may be read and edited by hand): its step, which sets the data
+    # position and every step's randomness from here on, must be the step the engine's states were saved at (after
+    # the checksums: a damaged engine file is named as such, not as a step that differs).
+    if engine.global_steps != state["step"]:
+        raise CheckpointError(f"{path / STATE_FILE} says step {state['step']}, but the weights and optimizer states "
+                              f"there were saved at step {engine.global_steps}")
+    return state
+
+
+def _check_before_engine(path, engine, ema, model_config, world_size, zero_stage, rank):
+    """load_checkpoint's part that needs no other rank: the trainer state checked, the EMA loaded, this rank's engine
+    files found and its RNG states read, every file it reads checked against its checksums; (state, RNG states)."""
     state = check_checkpoint(path, model_config)
     saved_stage = state.get("zero_stage", zero_stage)
     if saved_stage != zero_stage and not {saved_stage, zero_stage} <= INTERCHANGEABLE_ZERO_STAGES:
@@ -360,39 +438,19 @@ def load_checkpoint(path, engine, ema, model_config, world_size, zero_stage, ran
     try:
         weights = load_file(str(ema_file))
     except Exception as e:
+        if not _the_files_fault(e):
+            raise
         raise CheckpointError(f"{ema_file} cannot be loaded: {_unreadable(e, 'safetensors')}") from e
     try:
         ema.load_state_dict(weights)
     except Exception as e:
+        if not _the_files_fault(e):
+            raise
         raise CheckpointError(f"{ema_file} cannot be loaded: {e}") from e
-    engine_files = path / ENGINE_DIR / ENGINE_TAG
-    missing = _missing_engine_file(engine_files, zero_stage, rank)
-    if missing:  # DeepSpeed's loader asserts without a message
-        raise CheckpointError(f"{missing}: {path} is not a complete checkpoint")
-    try:
-        load_path, _ = engine.load_checkpoint(str(path / ENGINE_DIR), tag=ENGINE_TAG)
-    except Exception as e:
-        why = _unreadable(e, "torch.save", _damaged_zip(engine_files)) if _damaged_torch_file(e) else e
-        raise CheckpointError(f"{path / ENGINE_DIR} cannot be loaded: {why}") from e
-    if load_path is None:
-        raise CheckpointError(f"{path / ENGINE_DIR / ENGINE_TAG} holds no DeepSpeed checkpoint")
-    rng_file = path / f"rng-rank{rank}.pt"
-    if rng_file.is_file():
-        try:
-            rng = torch.load(rng_file, weights_only=True)
-        except Exception as e:
-            raise CheckpointError(f"{rng_file} cannot be loaded: {_unreadable(e, 'torch.save')}") from e
-        if not isinstance(rng, dict) or not isinstance(rng.get("torch"), torch.Tensor):
-            raise CheckpointError(f"{rng_file} cannot be loaded: it holds no torch RNG state")
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
+    problem = _engine_file_problem(path, zero_stage, rank, engine.bfloat16_enabled())
+    if problem:
+        raise CheckpointError(problem)
+    rng = _read_rng(path / f"rng-rank{rank}.pt")
     # Last: a file cut short or of junk gets its loader's words above; one whose bytes changed loads as if whole.
     verify_checksums(path, rank)
-    # trainer_state.json is outside the checksums (it may be read and edited by hand): its step, which sets the data
-    # position and every step's randomness from here on, must be the step the engine's states were saved at (after
-    # the checksums: a damaged engine file is named as such, not as a step that differs).
-    if engine.global_steps != state["step"]:
-        raise CheckpointError(f"{path / STATE_FILE} says step {state['step']}, but the weights and optimizer states "
-                              f"there were saved at step {engine.global_steps}")
-    return state
+    return state, rng

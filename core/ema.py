@@ -9,9 +9,10 @@ class EMA:
     """An fp32 copy of a model updated as ema = decay * ema + (1 - decay) * weights.
 
     The weights are the fp32 ones the optimizer steps: under bf16, DeepSpeed's fp32 master copy, not the bf16 module
-    (whose rounding, about one AdamW step at 1e-4, the average would keep). Under ZeRO 1-2 each rank holds the master
-    of its own partition only, so it moves that part of the EMA, and synchronize() gathers the parts before the EMA is
-    read; under ZeRO-0 every rank holds them whole (follow_masters).
+    (whose rounding, about one AdamW step at 1e-4, the average would keep). Under bf16 with ZeRO 1-2 each rank holds
+    the master of its own partition only, so it moves that part of the EMA, and synchronize() gathers the parts before
+    the EMA is read; under bf16 with ZeRO-0 every rank holds them whole (follow_masters). Under fp32 and tf32 the
+    module's weights equal the ones stepped, whole on every rank after each step (ZeRO-3's gathered by the caller).
     """
 
     def __init__(self, model, decay):

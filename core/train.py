@@ -135,7 +135,8 @@ def check_config(cfg):
 
 @dataclass
 class TrainConfig:
-    """Everything that determines a trial's training; defaults reproduce the paper's DiT-XL/2 run."""
+    """Everything that determines a trial's training; defaults are the paper's DiT-XL/2 run, but for precision: fp32
+    with TF32 off, where the reference trained with TF32 products ("tf32")."""
 
     model: str = "DiT-XL/2"
     model_overrides: dict = field(default_factory=dict)  # DiT kwargs, e.g. input_size, num_classes
@@ -341,7 +342,9 @@ def _import_deepspeed_muon_uncompiled():
 def step_seed(seed, step):
     """The generator seed of a training step's draws, one per (seed, step): below SEED_STRIDE steps distinct, past it
     a 64-bit hash (distinct but by chance). A CUDA generator (Philox) takes all 64 bits; torch's CPU generator
-    (mt19937) reads the low 32 only, so on CPU seeds 2**32 apart draw alike, and distinct streams number 2**32."""
+    (mt19937) reads the low 32 only, so on CPU distinct streams number 2**32, and two seeds whose products differ by
+    a multiple of 2**32 plus less than SEED_STRIDE share their noise at shifted steps: seed 4295's step s draws seed
+    0's step 45,589 + s (4295 * SEED_STRIDE is 2**32 + 45,589). Kept so: checkpoints resume with the draws they had."""
     if step < SEED_STRIDE:
         return seed * SEED_STRIDE + step
     # Past SEED_STRIDE steps, seed * SEED_STRIDE + step is seed + 1's step - SEED_STRIDE (the paper's DiT-XL/2 trained
@@ -547,7 +550,8 @@ def _global_mean(value, device):
 
 def train(cfg, out_dir, milestones=(), callbacks=None, resume_from=None, checkpoint_dir=None,
           shared_checkpoint_dir=True, durable_checkpoints=True):
-    """Train one trial to cfg.max_steps; returns the last metrics. Every rank calls it.
+    """Train one trial to cfg.max_steps; returns the last metrics (a resume of a finished run, which takes no step:
+    those its checkpoint was saved with, as on_resume has them). Every rank calls it.
 
     resume_from: a checkpoint directory, "auto" (the newest under checkpoint_dir, else a fresh
     start) or None. A checkpoint that cannot be used raises CheckpointError, never a fresh start.
@@ -583,23 +587,26 @@ def _train(cfg, out_dir, milestones, callbacks, resume_from, checkpoint_dir, sha
     if milestones[0] <= 0 or milestones[-1] > cfg.max_steps:
         raise ValueError(f"milestones must lie in 1..max_steps ({cfg.max_steps}), got {milestones}")
     mcfg = cfg.resolved_model_config()
-    if resume_from == "auto":
-        resume_from = ckpt.latest_checkpoint(checkpoint_dir)
-    saved, refused = None, None
-    if resume_from is None:
-        problem = ckpt.fresh_start_problem(checkpoint_dir)
-        if problem:
-            raise ckpt.CheckpointError(problem)
-    if resume_from is not None:  # a missing, corrupt or foreign checkpoint fails before the model and data are set up
-        try:
+    saved, refused, refused_at = None, None, checkpoint_dir
+    # A missing, corrupt or foreign checkpoint fails before the model and data are set up, on every rank together
+    # (refuse_on_every_rank): each rank lists and reads the folder itself, and the nodes may not see it alike.
+    try:
+        if resume_from == "auto":
+            resume_from = ckpt.latest_checkpoint(checkpoint_dir)
+        if resume_from is None:
+            problem = ckpt.fresh_start_problem(checkpoint_dir)
+            if problem:
+                raise ckpt.CheckpointError(problem)
+        else:
+            refused_at = resume_from
             saved = ckpt.check_checkpoint(resume_from, mcfg)
             _check_resume_settings(resume_from, saved.get("config"), cfg)
-        except ckpt.CheckpointError as err:
-            refused = err
+    except ckpt.CheckpointError as err:
+        refused = err
 
     deepspeed = import_deepspeed()
     rank, world, _, device = setup_distributed()
-    refuse_on_every_rank(refused, resume_from, device)
+    refuse_on_every_rank(refused, refused_at, device)
     use_precision(cfg.precision)
     if shared_checkpoint_dir:
         check_folder_shared(checkpoint_dir, rank, device)
@@ -631,18 +638,13 @@ def _train(cfg, out_dir, milestones, callbacks, resume_from, checkpoint_dir, sha
     if cfg.compile:
         engine.compile()
     autocast_dtype = autocast_dtype_for(cfg.precision)
-    trainable = [p for p in engine.module.parameters()]
+    params = list(engine.module.parameters())  # in the EMA's order
+    trainable = [p for p in params if p.requires_grad]  # what the EMA moves: not the fixed sin-cos positions
 
     diffusion = create_diffusion(learn_sigma=mcfg["learn_sigma"], diffusion_steps=cfg.diffusion_steps)
     copies = {"copies": cfg.data_copies} if cfg.dataset == "latents" else {}
     dataset = build_dataset(cfg.dataset, split="train", path=cfg.data_path, image_size=cfg.image_size, **copies)
     data_encode = getattr(dataset, "encode", None)  # latents: which encode of the folder (core.latents.encode_id)
-    earlier = (saved or {}).get("data_encode")  # None: not latents, or a checkpoint older than the record
-    if None not in (earlier, data_encode) and earlier != data_encode:
-        # The same path encoded again (another VAE, more images): the data position and the weights are another data's.
-        raise ckpt.CheckpointError(f"{resume_from} was written training on another encode of the latents in "
-                                   f"{cfg.data_path} ({earlier}, now {data_encode}); resume on that encode, or train "
-                                   "this one in another folder")
     fewest, most = ranks_spread(len(dataset), device)
     if fewest != most:  # each rank's sampler permutes its own count: the global batch would repeat and skip items
         raise DataError(f"the processes see {cfg.dataset} data of different sizes ({fewest} to {most} items) at "
@@ -653,11 +655,19 @@ def _train(cfg, out_dir, milestones, callbacks, resume_from, checkpoint_dir, sha
         raise DataError(f"the processes see different {cfg.dataset} data at {cfg.data_path} (as many items, other "
                         f"{'encodes' if cfg.dataset == 'latents' else 'files'}): every node must see the same data "
                         "(one shared folder, or identical copies)")
+    # Below, every rank alike: they see the same data (above; a latent set's identity is its encode) and resume from
+    # the same step (check_ranks_resume_alike).
+    earlier = (saved or {}).get("data_encode")  # None: not latents, or a checkpoint older than the record
+    if None not in (earlier, data_encode) and earlier != data_encode:
+        # The same path encoded again (another VAE, more images): the data position and the weights are another data's.
+        raise UnloadableCheckpoint(f"{resume_from} was written training on another encode of the latents in "
+                                   f"{cfg.data_path} ({earlier}, now {data_encode}); resume on that encode, or train "
+                                   "this one in another folder")
     earlier = (saved or {}).get("data_identity")  # None: a checkpoint older than the record
-    if cfg.dataset == "imagefolder" and earlier is not None and earlier != identity:  # every rank alike (above)
+    if cfg.dataset == "imagefolder" and earlier is not None and earlier != identity:
         # Its path may change (data moves), its count alike: other files, or class folders renamed (their labels in
         # sorted order), would train on from weights and a data position of other data, conditioned on other labels.
-        raise ckpt.CheckpointError(f"{resume_from} was written training on other files or labels than the image "
+        raise UnloadableCheckpoint(f"{resume_from} was written training on other files or labels than the image "
                                    f"folder {cfg.data_path} holds now; resume on those, or train this one in another "
                                    "folder")
     sampler = ShardedBatchSampler(len(dataset), cfg.batch_size, rank, world, cfg.seed)
@@ -669,13 +679,12 @@ def _train(cfg, out_dir, milestones, callbacks, resume_from, checkpoint_dir, sha
     step, train_time, history = 0, 0.0, []
     window_loss, window_steps, window_time = 0.0, 0, 0.0  # the steps since the last log, which it averages
     if resume_from is not None:
-        state = _load_on_every_rank(resume_from, engine, ema, mcfg, world, cfg.zero_stage, rank, device)
+        state = _load_on_every_rank(resume_from, engine, ema, mcfg, world, cfg.zero_stage, rank, device, sampler)
         step, train_time, history = state["step"], state["train_time_s"], state.get("history", [])
         # A checkpoint between two logs holds the steps since the last one: the next log after a resume averages
         # the same steps as it would have without one (train_loss bitwise the same).
         window = state.get("log_window", {})  # none in checkpoints written before it was kept
         window_loss, window_steps, window_time = (window.get(k, 0) for k in ("loss", "steps", "time_s"))
-        _restore_sampler(sampler, state["sampler"], resume_from)
         logger.info("resumed from %s at step %d", resume_from, step)
     trial.step = step
     if resume_from is not None:
@@ -693,8 +702,8 @@ def _train(cfg, out_dir, milestones, callbacks, resume_from, checkpoint_dir, sha
         callbacks.on_resume(trial, resumed, [dict(h) for h in history])
         # After on_resume, which may say more (a study's trial past a milestone it did not measure): the loop would
         # take no step, and the run would end as if it were done, at the later checkpoint's weights.
-        if step > cfg.max_steps:
-            raise ckpt.CheckpointError(f"{resume_from} is at step {step}, past max_steps {cfg.max_steps}: resume from "
+        if step > cfg.max_steps:  # every rank alike: they resume from one step
+            raise UnloadableCheckpoint(f"{resume_from} is at step {step}, past max_steps {cfg.max_steps}: resume from "
                                        f"a checkpoint at or before step {cfg.max_steps}, or train to {step} steps or "
                                        "more")
 
@@ -723,10 +732,10 @@ def _train(cfg, out_dir, milestones, callbacks, resume_from, checkpoint_dir, sha
         step += 1
         trial.step = step
         if cfg.zero_stage == 3:
-            with deepspeed.zero.GatheredParameters(trainable):
-                ema.update(trainable)
+            with deepspeed.zero.GatheredParameters(trainable):  # ema.update reads no other
+                ema.update(params)
         else:
-            ema.update(trainable)
+            ema.update(params)
         loss_value = _global_mean(step_loss.item(), device)  # collective: every rank agrees on divergence
         if not math.isfinite(loss_value):
             raise TrainingDiverged(step, loss_value)
@@ -748,7 +757,7 @@ def _train(cfg, out_dir, milestones, callbacks, resume_from, checkpoint_dir, sha
             window_loss, window_steps, window_time = 0.0, 0, 0.0
             callbacks.on_log(trial, metrics)
         if trial.checkpoints_this_step():
-            ema.synchronize(trainable)  # every rank's part of it, before validation, sampling and the checkpoint
+            ema.synchronize(params)  # every rank's part of it, before validation, sampling and the checkpoint
             if at_milestone and validation is not None:
                 metrics["val_loss"], metrics["val_mse"] = validation.loss(engine.module, diffusion, autocast_dtype)
                 metrics["val_loss_ema"], _ = validation.loss(ema.model, diffusion, autocast_dtype)
@@ -766,12 +775,15 @@ def _train(cfg, out_dir, milestones, callbacks, resume_from, checkpoint_dir, sha
             callbacks.on_checkpoint(trial, path, {**metrics, "step": step})
             if rank == 0 or not shared_checkpoint_dir:  # only rank 0 writes the trainer state that marks a checkpoint
                 ckpt.prune_checkpoints(checkpoint_dir, cfg.keep_checkpoints, marked=rank == 0)
+    if resume_from is not None and not metrics:  # a finished run resumed: it took no step (the last one logs)
+        return resumed
     return metrics
 
 
 class UnloadableCheckpoint(ckpt.CheckpointError):
-    """A checkpoint a run cannot resume from (it does not load, or is another model's or another settings'), raised
-    on every rank together (refuse_on_every_rank): a retry finds the same."""
+    """A checkpoint a run cannot resume from (it does not load, or is another model's, settings' or data's, or past
+    its max_steps), raised on every rank together (refuse_on_every_rank, or where every rank decides alike): a retry
+    finds the same."""
 
 
 def refuse_on_every_rank(problem, path, device):
@@ -785,12 +797,20 @@ def refuse_on_every_rank(problem, path, device):
         raise UnloadableCheckpoint(f"{path} cannot be resumed from by another process (its error names the file)")
 
 
-def _load_on_every_rank(path, engine, ema, model_config, world, zero_stage, rank, device):
-    """ckpt.load_checkpoint, its CheckpointError raised on every rank (as UnloadableCheckpoint): a file of one rank's
-    own (its optimizer shard, its RNG state) damaged would stop that rank alone, the others waiting in the first
-    step's collectives."""
+def _load_on_every_rank(path, engine, ema, model_config, world, zero_stage, rank, device, sampler):
+    """ckpt.load_checkpoint and the sampler's data position, a CheckpointError raised on every rank (as
+    UnloadableCheckpoint): a file of one rank's own (its ZeRO-3 module states, its optimizer shard, its RNG state)
+    missing or damaged would stop that rank alone, the others waiting in DeepSpeed's loader or the first step's
+    collectives."""
+    def agree(problem):  # before DeepSpeed's loader, whose ZeRO-3 all-gather a stopped rank would never join
+        refuse_on_every_rank(problem, path, device)
+
     try:
-        state, problem = ckpt.load_checkpoint(path, engine, ema, model_config, world, zero_stage, rank), None
+        state = ckpt.load_checkpoint(path, engine, ema, model_config, world, zero_stage, rank, agree)
+        _restore_sampler(sampler, state["sampler"], path)
+        problem = None
+    except UnloadableCheckpoint:  # agree's: every rank raised it together
+        raise
     except ckpt.CheckpointError as err:
         state, problem = None, err
     refuse_on_every_rank(problem, path, device)
@@ -940,9 +960,14 @@ def check_results_dir(results_dir, checkpoint_dir):
         raise ValueError(f"--results-dir {results_dir}: {problem}")
 
 
+def _resume_argument(text):
+    """--resume's value with ~ expanded, as --data-path's; its words auto and none as they are."""
+    return text if text in ("auto", "none") else os.path.expanduser(text)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m core.train",
-                                     description="Train one DiT with DeepSpeed ZeRO (defaults: the paper's run).")
+    parser = argparse.ArgumentParser(prog="python -m core.train", description="Train one DiT with DeepSpeed ZeRO "
+                                     "(defaults: the paper's run, but for --precision).")
     parser.add_argument("--model", default="DiT-XL/2", choices=list(DiT_models), metavar="MODEL",
                         help="a registered config, e.g. DiT-XL/2 or DiT-P/4")
     parser.add_argument("--dataset", default="latents", choices=list(DATASETS))
@@ -984,7 +1009,8 @@ def main(argv=None):
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--grad-checkpointing", action="store_true")
     parser.add_argument("--peak-tflops", type=float, default=None)
-    parser.add_argument("--resume", default="auto", help="'auto' (newest checkpoint, if any), a path, or 'none'")
+    parser.add_argument("--resume", default="auto", type=_resume_argument,
+                        help="'auto' (newest checkpoint, if any), a path, or 'none'")
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help is 0, a bad argument 2 (argparse has printed why)
@@ -1006,6 +1032,9 @@ def main(argv=None):
     except (ckpt.CheckpointError, DataError) as e:  # a bad --resume path, image or shard: the message names the file
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (TrainingDiverged, OSError) as e:  # the run's end, or the machine's (a full disk): no traceback says more
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

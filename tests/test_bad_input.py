@@ -303,6 +303,12 @@ def test_core_train_expands_a_home_folder_in_its_paths(tmp_path, capsys, monkeyp
                                        "of images per class\n")
     assert core_train.main(CORE_TRAIN + ["--results-dir", "~/res"]) == 0
     assert (tmp_path / "res" / "DiT-P-4" / "checkpoints" / ckpt.checkpoint_name(2)).is_dir()
+    # --resume too (it said "checkpoint not found: ~/res/..."); its words auto and none stay words.
+    step_2 = "~/res/DiT-P-4/checkpoints/" + ckpt.checkpoint_name(2)
+    assert core_train.main(CORE_TRAIN + ["--results-dir", "~/res", "--max-steps", "3", "--resume", step_2]) == 0
+    assert ckpt.latest_checkpoint(tmp_path / "res" / "DiT-P-4" / "checkpoints").name == ckpt.checkpoint_name(3)
+    monkeypatch.chdir(tmp_path)
+    assert [core_train._resume_argument(w) for w in ("auto", "none", "~")] == ["auto", "none", str(tmp_path)]
 
 
 def test_core_train_refuses_a_results_dir_that_cannot_be_a_folder(tmp_path, capsys):
@@ -500,6 +506,18 @@ def test_a_sampler_position_past_its_epoch_is_named(tmp_path, capsys):
     assert capsys.readouterr().err.endswith(f"error: {good / 'trainer_state.json'} does not match this run's data: "
                                             "sampler state has batch=1000000, not one of this sampler's 187 "
                                             "batches an epoch (0..186)\n")
+
+
+@pytest.mark.parametrize("error", [core_train.TrainingDiverged(7, float("nan")),
+                                   OSError(28, "No space left on device", "/res/step-000000002")])
+def test_core_train_says_why_a_run_ended_in_one_line(tmp_path, capsys, monkeypatch, error):
+    # A divergence, or a disk full while saving, printed a traceback.
+    def fails(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(core_train, "train", fails)
+    assert core_train.main(CORE_TRAIN + ["--results-dir", str(tmp_path / "res")]) == 1
+    assert capsys.readouterr().err == f"error: {error}\n"
 
 
 def test_core_trains_errors_reach_the_driver_whole():
@@ -745,21 +763,34 @@ def test_a_checkpoints_files_get_the_mode_of_a_normally_created_file(tmp_path):
     assert modes[ckpt.EMA_FILE] == 0o666 & ~umask and set(modes.values()) == {0o666 & ~umask}, modes
 
 
-@pytest.mark.parametrize("zero_stage, files", [
-    (0, ["mp_rank_00_model_states.pt"]),
-    (2, ["mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]),
-    (2, ["mp_rank_00_model_states.pt", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"]),
-    (3, ["zero_pp_rank_1_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]),
+@pytest.mark.parametrize("zero_stage, bf16, files", [
+    (0, False, ["mp_rank_00_model_states.pt"]),
+    (2, False, ["mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]),
+    (2, True, ["mp_rank_00_model_states.pt", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"]),
+    (3, False, ["zero_pp_rank_1_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]),
 ])
-def test_deepspeeds_own_file_names_are_a_complete_engine_folder(tmp_path, zero_stage, files):
-    # DeepSpeed's names (engine.py's _get_ckpt_name, _get_zero_ckpt_name): none may read as missing.
+def test_a_rank_finds_its_own_engine_files_whole_before_deepspeed_reads_them(tmp_path, zero_stage, bf16, files):
+    # DeepSpeed's names (engine.py's _get_ckpt_name, _get_zero_ckpt_name). Under ZeRO-3 rank 1 found rank 0's module
+    # states enough, and then failed inside DeepSpeed's loader, with no words, while rank 0 waited in its all-gather.
+    import torch
+
+    folder = tmp_path / ckpt.ENGINE_DIR / ckpt.ENGINE_TAG
+    folder.mkdir(parents=True)
+    assert ckpt.engine_files(zero_stage, 1, bf16) == files
     for name in files:
-        (tmp_path / name).touch()
-    assert ckpt._missing_engine_file(tmp_path, zero_stage, rank=1) is None
-    (tmp_path / files[-1]).unlink()
-    assert ckpt._missing_engine_file(tmp_path, zero_stage, rank=1) == (
-        f"{tmp_path} holds no model states (*model_states.pt)" if zero_stage == 0 else
-        f"{tmp_path} holds no ZeRO optimizer states of rank 1 (*zero_pp_rank_1_mp_rank_*optim_states.pt)")
+        torch.save({}, folder / name)
+    assert ckpt._engine_file_problem(tmp_path, zero_stage, 1, bf16) is None
+    for name in files:
+        own = (folder / name).read_bytes()
+        (folder / name).write_bytes(own[:-10])
+        assert ckpt._engine_file_problem(tmp_path, zero_stage, 1, bf16) == (
+            f"{folder / name} cannot be loaded: it is not a complete file torch.save wrote")
+        # Gone, where another rank's stays (it is not this rank's).
+        (folder / name).rename(folder / name.replace("pp_rank_1", "pp_rank_0") if "pp_rank_1" in name else
+                               tmp_path / name)
+        assert ckpt._engine_file_problem(tmp_path, zero_stage, 1, bf16) == (
+            f"{folder / name} is missing: {tmp_path} is not a complete checkpoint")
+        (folder / name).write_bytes(own)
 
 
 def test_damaged_checkpoint_files_are_named_in_words(tmp_path, capsys):
@@ -776,12 +807,9 @@ def test_damaged_checkpoint_files_are_named_in_words(tmp_path, capsys):
         ("rng-rank0.pt", (tmp_path / "list.pt").read_bytes(), "it holds no torch RNG state\n"),
         (ckpt.EMA_FILE, b"junk" * 50, "it is not a complete file safetensors wrote ("),
         # DeepSpeed's error names no file (it said "a file in it"), or has no words at all (it said nothing).
-        (engine, b"junk" * 50, f"{engine_file.relative_to(ckpt.ENGINE_DIR)} is not a complete file torch.save "
-                               "wrote\n"),
-        (engine, (good / engine).read_bytes()[:-100], f"{engine_file.relative_to(ckpt.ENGINE_DIR)} is not a complete "
-                                                      "file torch.save wrote"),
-        (engine, None, "{damaged}/deepspeed/state holds no model states (*model_states.pt): {damaged} is not a "
-                       "complete checkpoint\n"),
+        (engine, b"junk" * 50, "it is not a complete file torch.save wrote\n"),
+        (engine, (good / engine).read_bytes()[:-100], "it is not a complete file torch.save wrote\n"),
+        (engine, None, "{damaged}/%s is missing: {damaged} is not a complete checkpoint\n" % engine),
         (ckpt.ENGINE_DIR, None, "{damaged}/deepspeed/state is missing: {damaged} is not a complete checkpoint\n"),
     ]
     for name, data, problem in cases:
@@ -799,8 +827,7 @@ def test_damaged_checkpoint_files_are_named_in_words(tmp_path, capsys):
         if data is None:
             assert err == f"error: {problem.format(damaged=damaged)}", err
         else:
-            named = damaged / (ckpt.ENGINE_DIR if name == engine else name)
-            assert err.startswith(f"error: {named} cannot be loaded: {problem}"), err
+            assert err.startswith(f"error: {damaged / name} cannot be loaded: {problem}"), err
         assert "Traceback" not in err
         assert snapshot(tmp_path) == before, name
 

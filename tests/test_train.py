@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 
 from core import checkpoint as ckpt
 from core.data import ShardedBatchSampler, build_dataset
-from core.train import (BatchSource, Callbacks, TrainConfig, TrainingDiverged, ValidationBatch, check_folder_shared,
-                        check_ranks_resume_alike, fits_on_device, ranks_spread, train)
+from core.train import (BatchSource, Callbacks, TrainConfig, TrainingDiverged, UnloadableCheckpoint, ValidationBatch,
+                        check_folder_shared, check_ranks_resume_alike, fits_on_device, ranks_spread, train)
 from two_ranks import on_two_ranks  # tests/, on pytest's path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,7 +105,7 @@ def test_a_resume_on_another_encode_of_the_latents_is_refused(tmp_path, encode_t
     train(dataclasses.replace(cfg, max_steps=3), tmp_path / "run", resume_from="auto")
     earlier = history(tmp_path / "run")[1]["data_encode"]
     encode_tiny_latents(latents, seed=1)
-    with pytest.raises(ckpt.CheckpointError, match=rf"step-000000003 was written training on another encode of the "
+    with pytest.raises(UnloadableCheckpoint, match=rf"step-000000003 was written training on another encode of the "
                                                    rf"latents in {latents} \({earlier}, now [0-9a-f]{{16}}\); resume "
                                                    r"on that encode, or train this one in another folder"):
         train(dataclasses.replace(cfg, max_steps=4), tmp_path / "run", resume_from="auto")
@@ -198,7 +198,7 @@ def test_a_resume_on_an_image_folder_of_other_files_or_labels_is_refused_but_a_m
     (tmp_path / "a").rename(tmp_path / "moved")  # the same files and labels elsewhere: resumes
     train(TrainConfig(data_path=str(tmp_path / "moved"), **cfg), tmp_path / "out", resume_from="auto")
     (tmp_path / "moved" / "ant").rename(tmp_path / "moved" / "zebra")  # bee is now label 0, zebra 1
-    with pytest.raises(ckpt.CheckpointError) as err:
+    with pytest.raises(UnloadableCheckpoint) as err:  # on every rank alike: a retry (Ray's) meets the same files
         train(TrainConfig(data_path=str(tmp_path / "moved"), **{**cfg, "max_steps": 6}), tmp_path / "out",
               resume_from="auto")
     assert str(err.value) == (f"{tmp_path / 'out' / 'checkpoints' / 'step-000000004'} was written training on other "
@@ -275,14 +275,23 @@ def test_a_resume_past_max_steps_is_refused_naming_both(tmp_path):
     # The loop took no step and the run ended as if it were done, at the later checkpoint's weights.
     train(tiny_config(max_steps=4, ckpt_every=2), tmp_path)
     step_4 = tmp_path / "checkpoints" / "step-000000004"
-    with pytest.raises(ckpt.CheckpointError, match=re.escape(
+    # Unloadable, as every rank finds it (Ray retried it, as it retries a crash, to the same end).
+    with pytest.raises(UnloadableCheckpoint, match=re.escape(
             f"{step_4} is at step 4, past max_steps 2: resume from a checkpoint at or before step 2, or train to 4 "
             "steps or more")):
         train(tiny_config(max_steps=2, ckpt_every=2), tmp_path, resume_from=step_4)
     before = {p.name: p.stat().st_mtime_ns for p in ckpt.list_checkpoints(tmp_path / "checkpoints")}
-    train(tiny_config(max_steps=4, ckpt_every=2), tmp_path, resume_from=step_4)  # at max_steps: a finished run
+    # At max_steps: a finished run, which returns its checkpoint's metrics (it returned none).
+    metrics = train(tiny_config(max_steps=4, ckpt_every=2), tmp_path, resume_from=step_4)
     assert before == {p.name: p.stat().st_mtime_ns for p in ckpt.list_checkpoints(tmp_path / "checkpoints")}
     assert "step-000000004" in before  # it trained nothing and wrote nothing
+    saved = json.loads((step_4 / ckpt.STATE_FILE).read_text())
+    assert metrics == saved["metrics"] and metrics["step"] == 4 and "val_loss" in metrics
+    saved["sampler"]["batch"] = 10**6  # a data position of other data: as unloadable
+    (step_4 / ckpt.STATE_FILE).write_text(json.dumps(saved))
+    with pytest.raises(UnloadableCheckpoint, match=f"^{re.escape(str(step_4 / ckpt.STATE_FILE))} does not match "
+                                                   "this run's data: sampler state has batch=1000000"):
+        train(tiny_config(max_steps=6, ckpt_every=2), tmp_path, resume_from=step_4)
 
 
 def _resume_at(rank, steps, store_path, out):
@@ -447,6 +456,72 @@ def test_checkpoint_errors_name_the_file(tmp_path):
         train(tiny_config(max_steps=4), tmp_path / "x", resume_from=cut)
 
 
+def test_a_checkpoint_folder_that_cannot_be_resumed_from_is_refused_on_every_rank(tmp_path, monkeypatch):
+    # "auto"'s newest checkpoint without its trainer state, or a trainer state this user cannot read, raised on the
+    # rank that met it alone (a plain CheckpointError, or a PermissionError's traceback), the others going on.
+    train(tiny_config(max_steps=2, ckpt_every=2, val_batch=0), tmp_path)
+    checkpoints = tmp_path / "checkpoints"
+    (checkpoints / ckpt.checkpoint_name(4)).mkdir()
+    with pytest.raises(UnloadableCheckpoint, match=f"^{checkpoints / ckpt.checkpoint_name(4) / ckpt.STATE_FILE} is "
+                                                   "missing: "):
+        train(tiny_config(max_steps=6, ckpt_every=2, val_batch=0), tmp_path, resume_from="auto")
+    (checkpoints / ckpt.checkpoint_name(4)).rmdir()
+    read_text = Path.read_text
+
+    def unreadable(path, *args, **kwargs):
+        if path.name == ckpt.STATE_FILE:
+            raise PermissionError(13, "Permission denied", str(path))
+        return read_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", unreadable)
+    state_file = checkpoints / ckpt.checkpoint_name(2) / ckpt.STATE_FILE
+    with pytest.raises(UnloadableCheckpoint, match=f"^{state_file} cannot be read: Permission denied$"):
+        train(tiny_config(max_steps=6, ckpt_every=2, val_batch=0), tmp_path, resume_from="auto")
+
+
+class FailingEngine:
+    """What load_checkpoint asks of a DeepSpeed engine, whose loader raises a given error."""
+
+    def __init__(self, error):
+        self.error, self.global_steps = error, 2
+
+    def bfloat16_enabled(self):
+        return False
+
+    def load_checkpoint(self, load_dir, tag):
+        raise self.error
+
+
+def test_only_errors_of_the_files_make_a_checkpoint_unloadable(tmp_path):
+    from core.ema import EMA
+    from core.models import DiT
+
+    train(tiny_config(max_steps=2, ckpt_every=2, val_batch=0), tmp_path)
+    step_2 = ckpt.latest_checkpoint(tmp_path / "checkpoints")
+    mcfg = json.loads((step_2 / ckpt.STATE_FILE).read_text())["model_config"]
+    ema = EMA(DiT(**mcfg), 0.9)
+    # The machine's or the process group's: a retry may load the checkpoint (it was named one to delete).
+    passed = [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+              torch.distributed.DistBackendError("NCCL error in: ProcessGroupNCCL.cpp, remote process exited"),
+              RuntimeError("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 1800000ms "
+                           "for recv operation to complete"),
+              OSError(5, "Input/output error")]
+    # The files': DeepSpeed's bare assertion of a missing file, a state dict of other keys or shapes.
+    unloadable = {AssertionError(): "AssertionError", KeyError("optimizer"): "'optimizer'",
+                  RuntimeError("Error(s) in loading state_dict for DiT: size mismatch for pos_embed"):
+                  "Error(s) in loading state_dict for DiT: size mismatch for pos_embed"}
+    for error in [*passed, *unloadable]:
+        agreed = []
+        with pytest.raises(Exception) as raised:
+            ckpt.load_checkpoint(step_2, FailingEngine(error), ema, mcfg, 1, 0, 0, agree=agreed.append)
+        assert agreed == [None]  # every file this rank reads was found whole before DeepSpeed's loader
+        if error in passed:
+            assert raised.value is error
+        else:
+            assert isinstance(raised.value, ckpt.CheckpointError)
+            assert str(raised.value) == f"{step_2 / ckpt.ENGINE_DIR} cannot be loaded: {unloadable[error]}"
+
+
 EAGER_START = """
 import os, sys, torch
 from core.train import TrainConfig, train
@@ -603,6 +678,14 @@ def test_two_gloo_processes_match_one(tmp_path, zero_stage):
         shard.write_bytes(bytes(data))
         err = torchrun(tmp_path / "damaged", zero_stage, resume=str(step_6), fails=True)
         assert f"error: {shard} is damaged: its contents are not those written" in err, err[-3000:]
+        assert f"error: {step_6} cannot be resumed from by another process (its error names the file)" in err, \
+            err[-3000:]
+    if zero_stage == 3:  # rank 1's own module states gone: rank 1 failed inside DeepSpeed's loader, rank 0 waited in
+        # its closing all-gather, rank 1 in the refusal's all-reduce, for good
+        own = step_6 / ckpt.ENGINE_DIR / ckpt.ENGINE_TAG / "zero_pp_rank_1_mp_rank_00_model_states.pt"
+        own.unlink()
+        err = torchrun(tmp_path / "missing", zero_stage, resume=str(step_6), fails=True)
+        assert f"error: {own} is missing: {step_6} is not a complete checkpoint" in err, err[-3000:]
         assert f"error: {step_6} cannot be resumed from by another process (its error names the file)" in err, \
             err[-3000:]
 
