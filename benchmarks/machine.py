@@ -3,14 +3,17 @@ import os
 import platform
 import threading
 import time
+from importlib import metadata
 
 import torch
 
+from core.cpus import usable_cpus
 from core.linear import ONEDNN_PREFERRED
 
 
 def describe():
-    """One line: CPU model and the vector instructions torch uses on it, cores, torch version, GPU if any.
+    """One line: CPU model and the vector instructions torch uses on it, the CPUs this process may use (of those the
+    machine has), torch's, DeepSpeed's and Ray's versions, the GPUs if any.
 
     The instructions matter beside the model name: machines named alike ("AMD EPYC") differ in them,
     and with them the speed, bf16's cost on CPU, the library core's fp32 linears run on (core/linear.py),
@@ -30,9 +33,21 @@ def describe():
         vector += " with bf16 dot products" + (" and AMX tiles" if "amx_bf16" in flags else "")
     if ONEDNN_PREFERRED:
         vector += ", fp32 linears on oneDNN"
-    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return (f"{cpu} ({vector}), {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} "
-            f"threads{gpu}")
+    gpu = (f", {torch.cuda.device_count()} × GPU {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
+           if torch.cuda.is_available() else "")
+    # A container's or taskset's share may be less than the machine's: the figures are that share's.
+    share, machine = usable_cpus(), os.cpu_count()
+    cpus = f"{share} CPUs" + (f" of the machine's {machine}" if machine and machine != share else "")
+    return (f"{cpu} ({vector}), {cpus}, torch {torch.__version__} on {torch.get_num_threads()} threads, "
+            f"{_version('deepspeed')}, {_version('ray')}{gpu}")
+
+
+def _version(package):
+    """'package X.Y' from its installed metadata (no import: Ray's and DeepSpeed's start threads and logs)."""
+    try:
+        return f"{package} {metadata.version(package)}"
+    except metadata.PackageNotFoundError:
+        return f"no {package}"
 
 
 def matmul_peak_tflops(n=2048, dtype=torch.float32, device="cpu", seconds=2.0, copies=1):

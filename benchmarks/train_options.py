@@ -11,6 +11,7 @@ Diffusion's architecture (diffusers' AutoencoderKL, random weights: the cost doe
 """
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -58,8 +59,9 @@ def measure(model, batch, steps, options):
     """(images/s, final loss, peak RSS in MiB) of one configuration, in a fresh process."""
     code = (f"from benchmarks.train_options import child; child({model!r}, {batch}, {steps}, "
             f"{options!r})")
+    # No GPU for it: core.train would take one, and these are the CPU's figures (its host memory the peak RSS).
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[1])
+                          cwd=Path(__file__).resolve().parents[1], env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     if proc.returncode:
         return None, None, f"failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}"
     result = json.loads(proc.stdout.strip().splitlines()[-1])

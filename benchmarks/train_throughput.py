@@ -33,6 +33,8 @@ from benchmarks.machine import describe, matmul_peak_tflops
 from core.train import Callbacks, TrainConfig, train
 
 WINDOW = 10  # steps per measured window
+# core.train takes a GPU where one is visible: these CPU figures would be a GPU's.
+CPU_ONLY = "a CPU benchmark, and core.train would train on the GPU here: run it with CUDA_VISIBLE_DEVICES="
 
 
 class BestWindow(Callbacks):
@@ -126,14 +128,19 @@ def main():
                              "(the default study's layout: one trial per core)")
     parser.add_argument("--copy-of", nargs=3, metavar=("BARRIER_DIR", "COPY", "COPIES"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.steps < 2 * WINDOW:
-        parser.error(f"--steps must be at least {2 * WINDOW}: the first {WINDOW}-step window is warm-up")
+    if args.steps < 2 * WINDOW or args.steps % WINDOW:
+        # core.train logs at max_steps too: a shorter last window, noisier, which the best of them would favour.
+        parser.error(f"--steps must be a multiple of {WINDOW}, at least {2 * WINDOW}: the first {WINDOW}-step window "
+                     "is warm-up, and every window as long")
     if args.batch % args.processes:
         parser.error(f"--processes must divide --batch ({args.batch})")
+    if torch.cuda.is_available():  # against the CPU's peak
+        parser.error(f"{CPU_ONLY}; benchmarks.gpu_train measures a GPU")
     logging.disable(logging.WARNING)
     if args.copy_of:
         barrier_dir, copy, copies = args.copy_of
         return run_copy(barrier_dir, int(copy), int(copies), args.models[0], args.batch, args.steps, args.compile)
+    print(f"machine: {describe()}", flush=True)  # first: a run that fails on the way still says where
     threads = torch.get_num_threads()
     first_peak = matmul_peak_tflops(copies=threads)
     rows = []
@@ -146,7 +153,6 @@ def main():
             rows.append((name, "compiled" if compiled else "eager", images_per_s, tflops))
     last_peak = matmul_peak_tflops(copies=threads)
     peak = max(first_peak, last_peak)  # the stricter of the two: the machine's speed drifts during a run
-    print(f"machine: {describe()}")
     products = f"{threads} threads, or {threads} one-thread products at once" if threads > 1 else "1 thread"
     print(f"fp32 matmul peak (2048² matmul, {products}, best window, this run, before / after the models): "
           f"{first_peak * 1e3:.1f} / {last_peak * 1e3:.1f} GFLOP/s")

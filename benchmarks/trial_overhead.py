@@ -31,7 +31,7 @@ from mlflow.tracking import MlflowClient
 from benchmarks.flags import positive_int
 from benchmarks.machine import describe
 from scaling.study import StudyError, load_study
-from scaling.tracking import default_tracking_uri
+from scaling.tracking import OUTPUT_TAG
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -156,13 +156,14 @@ def start_timeline(exclude_job, scheduled_at, first_step_at):
     return sorted(rows, key=lambda row: row[0])
 
 
-def study_runs(uri, experiment):
-    """(the study's MLflow run, its trials' runs in the order the trials were scheduled) from its store."""
+def study_runs(uri, experiment, output):
+    """(the study's MLflow run of output, its trials' runs in the order the trials were scheduled) from its store,
+    which may hold other runs of the study (a tracking server)."""
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id])
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags
+                  and r.data.tags.get(OUTPUT_TAG) == str(Path(output).resolve()))
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     # In the order the trials were scheduled: the first ones start beside Ray's own start-up.
     children.sort(key=lambda r: float(r.data.tags.get("dit_scaling.started_at", "inf")))
     return parent, children
@@ -175,6 +176,11 @@ def mlflow_numbers(parent, children):
     return startup, teardown, parent.data.metrics.get("efficiency"), parent.data.metrics.get("wall_time_s")
 
 
+def _figure(value, spec):
+    """value formatted, or n/a where the driver logged none (a store away at the study's end)."""
+    return "n/a" if value is None else format(value, spec)
+
+
 def first_trial_start(children):
     """(when Tune scheduled the first trial, when its first step began), in seconds since the epoch."""
     scheduled = float(children[0].data.tags["dit_scaling.started_at"])
@@ -183,23 +189,31 @@ def first_trial_start(children):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=positive_int, default=4)
-    parser.add_argument("--steps", type=positive_int, default=20)
+    parser.add_argument("--trials", type=positive_int, default=None, help="of the tiny study (default 4)")
+    parser.add_argument("--steps", type=positive_int, default=None, help="of the tiny study's trials (default 20)")
     parser.add_argument("--study", default=None, help="measure this study instead of the tiny one")
     parser.add_argument("--cpu", action="store_true", help="also print the CPU seconds of each kind of process")
     parser.add_argument("--timeline", action="store_true",
                         help="one tiny trial on a Ray instance of this script's: its start-up, phase by phase")
     args = parser.parse_args()
+    if args.study and (args.trials or args.steps):
+        parser.error("--trials and --steps shape the tiny study: --study runs its own grid")
+    args.trials, args.steps = args.trials or 4, args.steps or 20
     if args.timeline and (args.trials != 1 or args.study or args.cpu):
         parser.error("--timeline measures one tiny trial: give it --trials 1, without --study or --cpu")
-    try:  # the MLflow store and experiment the study logs to (none set: the output's store, the study's name)
-        tracking = load_study(args.study).raw["tracking"] if args.study else {"experiment": "overhead", "mlflow_uri": None}
+    try:
+        if args.study:
+            load_study(args.study)  # refused here, before the machine is measured
     except StudyError as e:
         parser.error(f"--study: {e}")
     print(f"machine: {describe()}")
     with tempfile.TemporaryDirectory(prefix="overhead-") as tmp:
         tmp = Path(tmp)
         study = Path(args.study).resolve() if args.study else tiny_study(tmp, args.trials, args.steps)
+        # The store the run below logs to: the study's own, else its output's, the one given here as scaling.run's
+        # --set gives it (the study file's output would name another run's store).
+        run_as = load_study(study, [f"output={tmp / 'out'}"])
+        store, experiment = run_as.raw["tracking"]["mlflow_uri"], run_as.raw["tracking"]["experiment"] or run_as.name
         cpu = {} if args.cpu else None
         address = None
         if args.timeline:
@@ -210,20 +224,19 @@ def main():
             ray.init(**local_ray_options())  # as scaling.run starts its own
             address = ray.get_runtime_context().gcs_address
         total, stdout = run_study(study, tmp / "out", cpu, address)
-        parent, children = study_runs(tracking["mlflow_uri"] or default_tracking_uri(tmp / "out"),
-                                      tracking["experiment"])
+        parent, children = study_runs(store, experiment, tmp / "out")
         startup, teardown, efficiency, wall = mlflow_numbers(parent, children)
         if args.timeline:
             timeline = start_timeline(ray.get_runtime_context().get_job_id(), *first_trial_start(children))
             ray.shutdown()
     print(f"study: {study.name}, {len(startup)} trials, command wall time {total:.1f} s (Ray start-up included), "
-          f"study wall time {wall:.1f} s")
+          f"study wall time {_figure(wall, '.1f')} s")
     for key, values in (("scheduled → first step", startup), ("last report → free slot", teardown)):
         if values:
             print(f"{key:>26}: median {statistics.median(values):5.1f} s  (min {min(values):.1f}, "
                   f"max {max(values):.1f})")
     print(f"{'start-up, in start order':>26}: {', '.join(f'{s:.1f}' for s in startup)} s")
-    print(f"{'study efficiency':>26}: {efficiency:.1%}  (training + evaluation / trial slots × wall time)")
+    print(f"{'study efficiency':>26}: {_figure(efficiency, '.1%')}  (training + evaluation / trial slots × wall time)")
     if args.timeline:
         print("the trial's start-up on a Ray instance already running, from Ray's task events (s after Tune "
               "scheduled it):")
