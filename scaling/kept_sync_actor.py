@@ -4,11 +4,13 @@ Ray Train's worker group starts a `SynchronizationActor` for every run (the barr
 of every rank passes) and kills it when the run's workers stop: a fresh process that imports Ray Train, about
 2.5 CPU-seconds beside each trial's start (benchmarks/README.md), when on the 2-core box the other core is training
 the trial before. Tune reuses a finished trial's actor for the next trial, and the Train controller runs in that
-actor (scaling.ray_trial.TrialTrainer), so the actor keeps its last run's barrier, if idle, for its next run. Ray
-Train itself keeps one barrier across a worker group's restarts (it resets it and hands it to the new workers), so
-a barrier outliving the workers that used it is within its design; one that a run left with a rank waiting in it
-(its workers failed mid-report) is killed as before. The two hooks are module globals of Ray Train's worker group
-(private; Ray is pinned in pyproject.toml); tests/test_ray_trial.py checks that they still take effect.
+actor (scaling.ray_trial.TrialTrainer), so the actor keeps its last run's barrier, if idle, for its next run (and
+for its worker group's restart, where Ray 2.60 starts a fresh barrier too: it resets and keeps one only where it
+replaces a replica group, which this backend has none of). One that a run left with a rank waiting in it (its
+workers failed mid-report) is killed as before; a kept one is checked again as it is handed out, since Ray kills a
+run's workers without waiting for them to stop, and one still running may have entered it since. The two hooks are
+module globals of Ray Train's worker group (private; Ray is pinned in pyproject.toml); tests/test_ray_trial.py
+checks that they still take effect.
 """
 import contextlib
 import logging
@@ -43,10 +45,13 @@ class _KeptActorStart:
 
     def remote(self, *args, **kwargs):
         key = repr((self._options, args, sorted(kwargs.items())))
-        actor = _kept["actor"] if _kept["key"] == key else None
-        if _kept["actor"] is not None and actor is None:
-            ray.kill(_kept["actor"])
+        actor, kept_key = _kept["actor"], _kept["key"]
         _kept.update(key=None, actor=None)
+        # Idle still: a rank of its last run that Ray's kill had not yet stopped would put the next run's ranks one
+        # report out of step.
+        if actor is not None and (kept_key != key or not _is_idle(actor)):
+            ray.kill(actor)
+            actor = None
         if actor is None:
             actor = self._actor_class.options(**self._options).remote(*args, **kwargs)
         _handed_out[actor] = key

@@ -13,7 +13,7 @@ import threading
 import time
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayError
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 from ray.train.v2._internal.constants import GET_ACTOR_TIMEOUT_S
 from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
@@ -103,13 +103,30 @@ class WatchedPlacementGroups(ControllerCallback, WorkerGroupCallback):
         self._watch_name = watch_name
         self._watch = self._controller_id = None
 
+    # The study's watch gone (its node lost, the OOM killer): the trial trains on unwatched, as under Ray's own cleaner
+    # when it fails. Raised, Train retried each worker group's start for good (a retryable error, no limit), and each
+    # trial started after it failed.
     def after_controller_start(self, train_run_context):
         self._controller_id = ray.get_runtime_context().get_actor_id()
-        self._watch = ray.get_actor(self._watch_name)
+        try:
+            self._watch = ray.get_actor(self._watch_name)
+        except ValueError as e:  # no such actor
+            self._unwatched(e)
 
     def after_worker_group_start(self, worker_group):
+        if self._watch is None:
+            return
         placement_group = worker_group.get_worker_group_state().placement_group_handle.placement_group
-        ray.get(self._watch.register.remote(self._controller_id, placement_group))
+        try:
+            ray.get(self._watch.register.remote(self._controller_id, placement_group))
+        except RayError as e:
+            self._unwatched(e)
+
+    def _unwatched(self, error):
+        logger.warning("the study's placement-group watch %s is gone (%s): Train controller %s runs unwatched, and "
+                       "its CPUs and GPUs stay taken until the study's end if it dies", self._watch_name, error,
+                       self._controller_id)
+        self._watch = None
 
     async def before_controller_shutdown(self):
         self._unregister()
@@ -122,7 +139,7 @@ class WatchedPlacementGroups(ControllerCallback, WorkerGroupCallback):
             return
         try:
             ray.get(self._watch.unregister.remote(self._controller_id))
-        except RayActorError:  # the study is ending
+        except RayActorError:  # the study is ending, or the watch is gone
             pass
 
 

@@ -109,6 +109,19 @@ def _set_distributed_env_vars():
     from ray.train.torch.config import _set_torch_distributed_env_vars
 
     _set_torch_distributed_env_vars()  # RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, NODE_RANK
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:  # unset is every GPU, and empty none: both stay so
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus_in_numeric_order(visible)
+
+
+def gpus_in_numeric_order(visible):
+    """A node's CUDA_VISIBLE_DEVICES with its GPU numbers in numeric order (others, such as UUIDs, as they are).
+
+    Ray 2.60 numbers a node's workers' local ranks in the numeric order of their GPUs but joins those GPUs as text
+    sorts them ("10,11,8,9"), and core.train, as DeepSpeed, trains on cuda:LOCAL_RANK: on a node of more than 10
+    GPUs ranks took each other's GPUs (Ray's own device, found in this variable, agrees once it is in order)."""
+    ids = visible.split(",")
+    return ",".join(sorted(ids, key=int)) if all(i.strip().isdigit() for i in ids) else visible
 
 
 def _init_process_group(backend, world_rank, world_size, timeout_s):

@@ -1,4 +1,5 @@
 """The study's placement-group watch gives back a dead trial's CPUs, with no cleaner process per trial (scaling.placement_group_watch)."""
+import logging
 import time
 
 import pytest
@@ -61,7 +62,7 @@ def test_a_killed_trials_placement_group_is_removed_by_the_study_watch(tmp_path)
         ray.shutdown()
 
 
-def test_a_dead_controllers_group_is_removed_though_its_state_cannot_be_read_and_retried_when_removal_fails():
+def test_a_dead_controllers_group_is_removed_though_its_state_cannot_be_read_and_retried_when_removal_fails(caplog):
     # One failed call (the GCS briefly away just after a node loss) left the group, its CPUs or GPUs taken, until the
     # study's end: the watch had already forgotten the controller.
     from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
@@ -82,5 +83,26 @@ def test_a_dead_controllers_group_is_removed_though_its_state_cannot_be_read_and
             assert state == ("REMOVED" if done else "CREATED")
         assert remove_dead_controllers_group("c1", group) is True  # already removed: nothing to do
         assert remove_dead_controllers_group("c2", None) is True  # a controller with no group yet
+
+        # The study's watch gone (its node lost): the trial trains on unwatched, saying so. Raised, Train retried each
+        # worker group's start for good, and trials started after it failed at their start.
+        from types import SimpleNamespace
+
+        from scaling.placement_group_watch import WatchedPlacementGroups
+
+        state = SimpleNamespace(placement_group_handle=SimpleNamespace(placement_group=group))
+        worker_group = SimpleNamespace(get_worker_group_state=lambda: state)  # what the callback reads of one
+        watch = PlacementGroupWatch.options(name="pg-watch-test").remote()
+        killed, missing = WatchedPlacementGroups("pg-watch-test"), WatchedPlacementGroups("pg-watch-none")
+        killed.after_controller_start(None)
+        ray.kill(watch)
+        with caplog.at_level(logging.WARNING, logger="scaling.placement_group_watch"):
+            missing.after_controller_start(None)
+            for callback in (killed, missing):
+                callback.after_worker_group_start(worker_group)
+                callback.before_controller_abort()
+        gone = [r.getMessage() for r in caplog.records if "placement-group watch" in r.getMessage()]
+        assert [m.split(" is gone")[0] for m in gone] == ["the study's placement-group watch pg-watch-none",
+                                                          "the study's placement-group watch pg-watch-test"]
     finally:
         ray.shutdown()

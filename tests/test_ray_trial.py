@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -167,6 +168,53 @@ def test_a_tune_actor_keeps_its_idle_synchronization_actor_for_its_next_run(tmp_
         after = sync_actors(address)
         assert len(after) == 2 and sorted(after.values()) == ["ALIVE", "DEAD"]
     finally:
+        ray.shutdown()
+
+
+def test_each_local_rank_finds_its_own_gpu_on_a_node_of_more_than_ten():
+    # Ray numbers a node's local ranks in the numeric order of their GPUs but joins the GPUs as text sorts them:
+    # on GPUs 8-11, cuda:LOCAL_RANK (core.train's, DeepSpeed's) was GPU 10 for local rank 0, whose reservation is 8.
+    from ray.train.v2._internal.callbacks.accelerators import _get_visible_accelerator_ids_per_worker
+    from ray.train.v2._internal.execution.worker_group.worker import ActorMetadata
+
+    from scaling.torch_backend import gpus_in_numeric_order
+
+    gpus = ["8", "9", "10", "11"]  # local ranks 0-3, as Ray's worker group orders them
+    workers = [ActorMetadata("h", "n", "10.0.0.1", 100 + i, {"GPU": [g]}) for i, g in enumerate(gpus)]
+    visible = _get_visible_accelerator_ids_per_worker(workers, "GPU")
+    assert visible == ["10,11,8,9"] * 4  # Ray's, as text sorts
+    ordered = gpus_in_numeric_order(visible[0])
+    assert [ordered.split(",").index(g) for g in gpus] == [0, 1, 2, 3]  # cuda:LOCAL_RANK is each one's own
+    assert gpus_in_numeric_order("GPU-5a1c,GPU-0b2d") == "GPU-5a1c,GPU-0b2d"  # ids, not numbers: as they are
+
+
+def test_a_kept_synchronization_actor_that_a_rank_entered_since_is_not_handed_out():
+    # Ray kills a run's workers without waiting for them to stop: one still running could enter the barrier after it
+    # was found idle and kept, and the next run (the Tune actor's next trial, a worker group's restart) inherited a
+    # rank waiting in it, its ranks then one report out of step.
+    from ray.train.v2._internal.execution.worker_group import worker_group
+
+    from scaling import kept_sync_actor as kept
+
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        start = kept._KeptActorClass(worker_group.SynchronizationActor).options()
+        first = start.remote(timeout_s=None)
+        kept._keep_or_kill(first)  # idle: kept
+        assert start.remote(timeout_s=None) == first  # and handed out again
+        kept._keep_or_kill(first)
+        first.broadcast_from_rank_zero.remote(world_rank=0, world_size=2, data=1, caller_method_name="report")
+        deadline = time.time() + 60
+        while ray.get(first.get_counter.remote()) == 0 and time.time() < deadline:  # rank 0 waits for rank 1
+            time.sleep(0.05)
+        fresh = start.remote(timeout_s=None)
+        assert fresh != first
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(first.get_counter.remote(), timeout=60)  # killed
+        assert ray.get(fresh.get_counter.remote()) == 0
+    finally:
+        kept._kept.update(key=None, actor=None)
+        kept._handed_out.clear()
         ray.shutdown()
 
 
