@@ -1,8 +1,9 @@
 """Evaluation at a milestone: N samples from a trial's EMA weights, FID and friends through torch-fidelity, a grid.
 
-evaluate() is collective: every rank calls it. Item i of an evaluation (the N images, then the
-grid's) has a label drawn once for all N and the seed image_seed(cfg.seed, i), and core.sampling
-makes image i depend on its seed alone, so the images do not depend on the world size or the batch.
+evaluate() is collective: every rank calls it. FID's image i has a label drawn once for all N and the seed
+image_seed(cfg.seed, i) (sample_plan); the grid's image j a fixed class and the seed image_seed(cfg.seed, j,
+GRID_STREAM) (grid_plan). core.sampling makes each image depend on its seed alone, so the images do not depend on
+the world size or the batch.
 Rank r samples the r-th contiguous slice of the items; the slices are gathered on rank 0 as uint8,
 rank 0 runs torch-fidelity and writes the grid, and the result is broadcast to every rank.
 
@@ -43,7 +44,7 @@ GRID_STREAM = 1  # grid images draw their seeds from a stream of their own
 
 @dataclass
 class EvalConfig:
-    """How a milestone is evaluated; defaults are the digits study's (FID-1000, DDIM-50, no guidance)."""
+    """How a milestone is evaluated; defaults are the study schema's (scaling.study) for the fields a study sets."""
 
     num_samples: int = 1000  # N generated images (FID-N)
     sampler: str = "ddim"

@@ -31,7 +31,8 @@ class RealImages:
 
 
 def to_uint8(images):
-    """float (N, C, H, W) in [-1, 1] -> uint8 (N, C, H, W) in [0, 255], rounded as torch-fidelity's inputs are."""
+    """float (N, C, H, W) in [-1, 1] -> uint8 (N, C, H, W) in [0, 255], rounded to nearest (half to even: the
+    reference's clamp(127.5x + 128) truncation differs only at exact halves); torch-fidelity takes uint8 as given."""
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
@@ -108,20 +109,36 @@ def digits_images(split, max_images=None):
     return RealImages(UInt8Images(images), identity, f"digits {split} split ({len(images)} images)")
 
 
-def folder_images(path, image_size, max_images=None):
-    """The images of a folder tree (class sub-folders), or a fixed subset of max_images, at image_size."""
+def real_image_files(path):
+    """The image files of a folder of real images, in a fixed order: an ImageNet-style tree (class sub-folders, as
+    core.data reads it), or a flat folder of images (ImageNet's validation images as distributed). FID uses no labels."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
     from core.data import scan_image_folder
 
+    root = Path(path)
+    try:
+        entries = list(root.iterdir()) if root.is_dir() else []
+    except OSError:
+        entries = []  # scan_image_folder names what is wrong
+    if entries and not any(e.is_dir() for e in entries):
+        return sorted(str(e) for e in entries if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS))
+    _, samples = scan_image_folder(root, every_class=False)
+    return [file for file, _ in samples]
+
+
+def folder_images(path, image_size, max_images=None):
+    """The images of a folder (real_image_files), or a fixed subset of max_images, at image_size."""
     if image_size is None:
         raise ValueError(f"the real images in {path} need an image_size to be cropped to")
     root = Path(path).expanduser().resolve()
-    _, samples = scan_image_folder(root, every_class=False)  # FID's real images: labels unused
-    files = [samples[i][0] for i in _subset(len(samples), max_images).tolist()]
+    every = real_image_files(root)
+    files = [every[i] for i in _subset(len(every), max_images).tolist()]
     if len(files) < 2:  # one image has no covariance: torch-fidelity's LinAlgError, which names no folder
         raise ValueError(f"{root} holds {len(files)} image(s); FID's statistics need at least 2 real images")
-    identity = dict(source="folder", path=str(root), count=len(files), of=len(samples), subset_seed=SUBSET_SEED,
+    identity = dict(source="folder", path=str(root), count=len(files), of=len(every), subset_seed=SUBSET_SEED,
                     image_size=image_size, files=folder_fingerprint(root, files))
-    return RealImages(FolderImages(files, image_size), identity, f"{root} ({len(files)} of {len(samples)} images)")
+    return RealImages(FolderImages(files, image_size), identity, f"{root} ({len(files)} of {len(every)} images)")
 
 
 def reference_images(dataset, data_path=None, image_size=None, reference=None, max_images=None):

@@ -47,8 +47,8 @@ def sample(model, labels, seeds, *, sampler="ddpm", num_steps=250, cfg_scale=1.0
            diffusion_steps=1000, autocast_dtype=None, clip_denoised=True):
     """Generate one image per label; image i depends only on seeds[i], not on the batch it is in.
 
-    cfg_scale 1.0 samples the conditional model alone (the paper's scaling plots); above 1.0 the
-    batch is doubled with null labels and guided through model.forward_with_cfg. clip_denoised: pixels
+    cfg_scale 1.0 samples the conditional model alone (the paper's scaling plots); any other scale doubles the
+    batch with null labels and guides it through model.forward_with_cfg (below 1.0 towards the unconditional model). clip_denoised: pixels
     (True) or latents (False), see make_scheduler.
     """
     if len(labels) != len(seeds):

@@ -998,10 +998,10 @@ def _eval_path_problem(key, path, extractor, meta=None, load=True):
 
             return inception_weights_problem(path)
     else:  # an image folder, as core.real_images reads it
-        from core.data import scan_image_folder
+        from core.real_images import real_image_files
 
         try:
-            _, samples = scan_image_folder(path, every_class=False)  # as core.real_images reads FID's: no labels
+            samples = real_image_files(path)
         except (ValueError, OSError) as err:
             return str(err)
         if len(samples) < 2:  # core.real_images.folder_images refuses it too, but only at the first milestone

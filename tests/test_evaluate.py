@@ -522,6 +522,21 @@ def test_a_folder_of_one_real_image_is_named_not_left_to_torch_fidelity(tmp_path
     assert len(folder_images(tmp_path / "real", 8)) == 2
 
 
+def test_a_flat_folder_of_real_images_serves_fid_as_a_tree_of_class_folders_does(tmp_path):
+    # FID uses no labels, and ImageNet's validation images come as one flat folder: it was refused ("no class
+    # folders"), where torch-fidelity and ADM's suite take it.
+    for folder, files in (("flat", ["b.png", "a.png", "c.JPEG"]), ("tree/x", ["b.png", "a.png"]), ("tree/y", ["c.png"])):
+        (tmp_path / folder).mkdir(parents=True)
+        for i, name in enumerate(files):
+            Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / folder / name, format="PNG")
+    (tmp_path / "flat" / "notes.txt").write_text("not an image")
+    flat, tree = folder_images(tmp_path / "flat", 8), folder_images(tmp_path / "tree", 8)
+    assert [Path(f).name for f in flat.dataset.files] == ["a.png", "b.png", "c.JPEG"]  # sorted, images only
+    assert [Path(f).relative_to(tmp_path / "tree").as_posix() for f in tree.dataset.files] == ["x/a.png", "x/b.png",
+                                                                                            "y/c.png"]
+    assert flat.identity["count"] == 3 and torch.equal(flat.dataset[0], tree.dataset[0])
+
+
 def test_fid_features_are_extracted_in_ieee_fp32_whatever_the_precision(monkeypatch, tmp_path):
     # The real images' features are cached and shared by every trial: a tf32 or bf16 trial's TF32 convolutions and
     # an fp32 trial's IEEE ones would put two numeric modes into one FID.

@@ -886,6 +886,12 @@ def test_fid_inputs_are_checked_before_any_training(tmp_path, monkeypatch, incep
     assert not load(tmp_path, overrides=[f"eval.vae={tmp_path / 'vae'}", f"eval.heldout={tmp_path / 'images'}",
                                          *inception, f"eval.feature_extractor_weights={inception_weights}"]
                     ).warnings
+    (tmp_path / "flat").mkdir()  # a flat folder of images (ImageNet's validation set as distributed): no labels needed
+    for name in ("0.png", "1.png"):
+        (tmp_path / "flat" / name).write_bytes(b"")
+    assert not load(tmp_path, overrides=[f"eval.vae={tmp_path / 'vae'}", f"eval.reference={tmp_path / 'flat'}",
+                                         *inception, f"eval.feature_extractor_weights={inception_weights}"]
+                    ).warnings
     # Latents have no real images of their own to compare samples with.
     with pytest.raises(StudyError) as err:
         load_study(STUDIES / "dit_imagenet256.yaml", ["eval.reference=null"], check_data=False)
