@@ -36,7 +36,7 @@ def test_damaged_records_of_a_study_to_resume(tmp_path, capsys, damage):
         bad, reason = out / "loss_curves.parquet", "not a readable Parquet file ("
         bad.write_bytes(b"PAR1 cut short")
     elif damage == "curves of another table":
-        bad, reason = out / "loss_curves.parquet", "columns not in the schema: batch_size, "
+        bad, reason = out / "loss_curves.parquet", "columns this version does not write: size, patch, params, "
         write_table([row()], bad, RESULTS_SCHEMA)
     elif damage == "curves without steps":
         bad, reason = out / "loss_curves.parquet", "column 'step' is empty (null) in 1 of 1 rows (row 0, trial a)"
