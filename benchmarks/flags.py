@@ -20,3 +20,11 @@ def preset(text):
     if text not in DiT_models:
         raise argparse.ArgumentTypeError(f"unknown model {text!r} (known: {', '.join(DiT_models)})")
     return text
+
+
+def check_window_steps(parser, steps, window):
+    """Refuse --steps that are not whole windows of `window` steps, two at least: the first is warm-up, and core.train
+    logs at max_steps too, so a partial last window (noisier) would be among those the best is taken of."""
+    if steps < 2 * window or steps % window:
+        parser.error(f"--steps must be a multiple of {window}, at least {2 * window}: the first {window}-step window "
+                     "is warm-up, and every window as long")

@@ -22,7 +22,7 @@ from pathlib import Path
 import scaling.no_telemetry  # noqa: F401 - first: before MLflow and Ray are imported
 import torch
 
-from benchmarks.flags import positive_int, preset
+from benchmarks.flags import check_window_steps, positive_int, preset
 from benchmarks.gpu_train import CONFIGS, synthetic_latents
 from benchmarks.machine import describe, matmul_peak_tflops
 from benchmarks.train_throughput import WINDOW, BestWindow
@@ -100,10 +100,7 @@ def main():
     parser.add_argument("--cpu", action="store_true", help="check the plumbing without a GPU (fp32, gloo)")
     parser.add_argument("--study-log", help="where scaling.run's output goes (default: a temporary file)")
     args = parser.parse_args()
-    if args.steps < 2 * WINDOW or args.steps % WINDOW:
-        # core.train logs at max_steps too: a shorter last window, noisier, which the best of them would favour.
-        parser.error(f"--steps must be a multiple of {WINDOW}, at least {2 * WINDOW}: the first {WINDOW}-step window "
-                     "is warm-up, and every window as long")
+    check_window_steps(parser, args.steps, WINDOW)
     if args.batch % args.micro_batch:
         parser.error(f"--micro-batch {args.micro_batch} must divide --batch {args.batch}")
     if len({m.split("/")[1] for m in args.models}) > 1:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.flags import positive_int, preset
+from benchmarks.flags import check_window_steps, positive_int, preset
 from benchmarks.machine import describe, matmul_peak_tflops
 from core.train import Callbacks, TrainConfig, train
 
@@ -128,10 +128,7 @@ def main():
                              "(the default study's layout: one trial per core)")
     parser.add_argument("--copy-of", nargs=3, metavar=("BARRIER_DIR", "COPY", "COPIES"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.steps < 2 * WINDOW or args.steps % WINDOW:
-        # core.train logs at max_steps too: a shorter last window, noisier, which the best of them would favour.
-        parser.error(f"--steps must be a multiple of {WINDOW}, at least {2 * WINDOW}: the first {WINDOW}-step window "
-                     "is warm-up, and every window as long")
+    check_window_steps(parser, args.steps, WINDOW)
     if args.batch % args.processes:
         parser.error(f"--processes must divide --batch ({args.batch})")
     if torch.cuda.is_available():  # against the CPU's peak

@@ -335,7 +335,9 @@ def _damaged_torch_file(error):
 def engine_files(zero_stage, rank, bf16):
     """The names of the files of a checkpoint's engine folder that rank reads (DeepSpeed's _get_ckpt_name and
     _get_zero_ckpt_name, model-parallel rank 00): the module's states (ZeRO-3: its own), and under ZeRO its own
-    optimizer partition (bf16_ before its name under bf16)."""
+    optimizer partition (bf16_ before its name under bf16). The names the pinned DeepSpeed writes: its loader also
+    takes older versions' and the other precision's, which a resume here refuses (another precision is refused
+    anyway, as a setting that differs)."""
     model = f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt" if zero_stage == 3 else "mp_rank_00_model_states.pt"
     optimizer = f"{'bf16_' if bf16 else ''}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
     return [model, optimizer] if zero_stage > 0 else [model]

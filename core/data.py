@@ -131,7 +131,7 @@ def scan_image_folder(path, every_class=True):
         classes, class_to_idx = find_classes(path)
         samples = make_dataset(path, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
     except FileNotFoundError:  # no class folder in it
-        loose = [p.name for p in path.iterdir() if p.is_file() and p.name.lower().endswith(IMG_EXTENSIONS)]
+        loose = loose_images(path)
         held = f"holds {len(loose)} images but no class folders" if loose else "is empty"
         raise ValueError(f"image folder {path} {held}: it needs one sub-folder of images per class") from None
     except PermissionError as e:  # the folder, or a class folder in it, that this user may not enter
@@ -144,6 +144,13 @@ def scan_image_folder(path, every_class=True):
         raise ValueError(f"image folder {path}: class folders without images: {empty[:5]}"
                          f"{f' and {len(empty) - 5} more' if len(empty) > 5 else ''}")
     return classes, samples
+
+
+def loose_images(path):
+    """The image files directly in folder path (not in its sub-folders), in sorted order."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    return sorted(p for p in Path(path).iterdir() if p.is_file() and p.name.lower().endswith(IMG_EXTENSIONS))
 
 
 def build_imagefolder(split="train", path=None, image_size=None):

@@ -111,18 +111,18 @@ def digits_images(split, max_images=None):
 
 def real_image_files(path):
     """The image files of a folder of real images, in a fixed order: an ImageNet-style tree (class sub-folders, as
-    core.data reads it), or a flat folder of images (ImageNet's validation images as distributed). FID uses no labels."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS
-
-    from core.data import scan_image_folder
+    core.data reads it), or a flat folder of images (ImageNet's validation images as distributed; hidden folders
+    beside them, a notebook's or a NAS's, do not make it a tree). FID uses no labels."""
+    from core.data import loose_images, scan_image_folder
 
     root = Path(path)
     try:
-        entries = list(root.iterdir()) if root.is_dir() else []
-    except OSError:
-        entries = []  # scan_image_folder names what is wrong
-    if entries and not any(e.is_dir() for e in entries):
-        return sorted(str(e) for e in entries if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS))
+        loose = loose_images(root)
+        tree = any(e.is_dir() and not e.name.startswith(".") for e in root.iterdir())
+    except OSError:  # missing, not a folder, unreadable: scan_image_folder names which
+        loose, tree = [], True
+    if loose and not tree:
+        return [str(f) for f in loose]
     _, samples = scan_image_folder(root, every_class=False)
     return [file for file, _ in samples]
 

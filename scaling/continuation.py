@@ -157,7 +157,7 @@ def _eval_files_moved(trial, run):
 
 def _latest_config(rows):
     """A recorded trial's configuration, from its latest row (a dict; None when it has none that reads)."""
-    configs = rows.sort_values("timestamp").config_json.dropna()
+    configs = rows.sort_values("timestamp", na_position="first").config_json.dropna()  # an undated row is no later
     return row_config(configs.iloc[-1]) if len(configs) else None
 
 

@@ -8,7 +8,8 @@ actor (scaling.ray_trial.TrialTrainer), so the actor keeps its last run's barrie
 for its worker group's restart, where Ray 2.60 starts a fresh barrier too: it resets and keeps one only where it
 replaces a replica group, which this backend has none of). One that a run left with a rank waiting in it (its
 workers failed mid-report) is killed as before; a kept one is checked again as it is handed out, since Ray kills a
-run's workers without waiting for them to stop, and one still running may have entered it since. The two hooks are
+run's workers without waiting for them to stop, and one still running may have entered it since (the check narrows
+that window to the moments before the next run's first report, which a fresh barrier would not have). The two hooks are
 module globals of Ray Train's worker group (private; Ray is pinned in pyproject.toml); tests/test_ray_trial.py
 checks that they still take effect.
 """

@@ -138,7 +138,8 @@ def read_curves(path):
     if not path.exists():
         return pd.DataFrame(columns=["trial_id", "step"])
     try:
-        return load_curves(path)  # as the driver reads them: rows without their trial or step are refused
+        return load_curves(path, strict=True)  # as the driver reads them: rows without their trial or step, and
+        # columns of another table, are refused
     except ValueError as e:
         raise ReplayError(str(e)) from None
 

@@ -148,7 +148,7 @@ def write_table(rows_or_df, path, schema):
 
 def remove_unfinished_writes(folder):
     """Remove the temporary files of write_table's writes into folder that a killed process left (SIGKILL, a lost
-    machine): one per kill, never read. Only by the output's lock holder, whose own writes are not under way."""
+    machine): one per kill, never read. Only by the output's lock holder, before it writes (scaling.run.run_study)."""
     for name in (RESULTS_FILE, CURVES_FILE):
         for tmp in Path(folder).glob(f".{name}.*.tmp"):
             tmp.unlink(missing_ok=True)

@@ -584,9 +584,10 @@ def run_study(study, address, build_report=True, report_dir=None, named="--addre
               f"still runs) or a scaling.replay_mlflow of it; wait for it to end or stop it first", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
-        remove_unfinished_writes(out)
-        if recorded_trials(study)[0] >= {t.trial_id for t in study.trials}:
-            # Every trial finished: the run only catches MLflow up and builds the report, with no Ray to start.
+        remove_unfinished_writes(out)  # before any write of this run's: none is under way
+        if not address and recorded_trials(study)[0] >= {t.trial_id for t in study.trials}:
+            # Every trial finished: the run only catches MLflow up and builds the report, with no local Ray to start.
+            # (A cluster named is still reached: an address that answers none is refused, finished study or not.)
             with sigterm_interrupts():
                 return _run_trials(study, build_report, report_dir, began, capacity=None)
         try:

@@ -223,7 +223,8 @@ SCHEMA = {
         "guided_channels": (3, optional(integer(at_least=1))),  # null: every noise channel
         "vae": (None, optional(text)),  # a local diffusers AutoencoderKL, to decode latents
         "grid_images_per_class": (4, integer(at_least=0, at_most=1000)),  # one PNG: a thousand a row at most
-        # Real images for FID (an image folder); default: the training data, which latents cannot be: they need one.
+        # Real images for FID (an image folder: class sub-folders or a flat one); default: the training data, which
+        # latents cannot be: they need one.
         "reference": (None, optional(text)),
         # Held-out real images for the FID noise floor (an image folder); digits: the held-out split.
         "heldout": (None, optional(text)),

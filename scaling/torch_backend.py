@@ -108,10 +108,10 @@ def _set_master_address(addr, port):
 def _set_distributed_env_vars():
     from ray.train.torch.config import _set_torch_distributed_env_vars
 
-    _set_torch_distributed_env_vars()  # RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, NODE_RANK
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible:  # unset is every GPU, and empty none: both stay so
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpus_in_numeric_order(visible)
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus_in_numeric_order(visible)  # first: Ray's device is read from it
+    _set_torch_distributed_env_vars()  # RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, NODE_RANK
 
 
 def gpus_in_numeric_order(visible):

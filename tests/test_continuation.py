@@ -383,3 +383,16 @@ def test_eval_files_elsewhere_are_named_not_followed(tmp_path):
     own = added.trials[0].trial_id
     lines = continue_recorded_runs(added)
     assert added.trials[0].trial_id == own and not any(plain.trials[0].trial_id in line for line in lines)
+
+
+def test_a_recorded_trials_configuration_is_its_latest_dated_rows():
+    # Sorted with undated rows last (pandas' default), a row written by hand without a timestamp stood for the
+    # trial's latest configuration, ahead of the recorder's dated ones.
+    import pandas as pd
+
+    from scaling.continuation import _latest_config
+
+    rows = pd.DataFrame({"timestamp": [datetime(2026, 1, 2, tzinfo=timezone.utc), pd.NaT,
+                                       datetime(2026, 1, 1, tzinfo=timezone.utc)],
+                         "config_json": ['{"at": "later"}', '{"at": "by hand"}', '{"at": "earlier"}']})
+    assert _latest_config(rows) == {"at": "later"}

@@ -530,6 +530,7 @@ def test_a_flat_folder_of_real_images_serves_fid_as_a_tree_of_class_folders_does
         for i, name in enumerate(files):
             Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / folder / name, format="PNG")
     (tmp_path / "flat" / "notes.txt").write_text("not an image")
+    (tmp_path / "flat" / ".ipynb_checkpoints").mkdir()  # a hidden folder beside them: still a flat folder
     flat, tree = folder_images(tmp_path / "flat", 8), folder_images(tmp_path / "tree", 8)
     assert [Path(f).name for f in flat.dataset.files] == ["a.png", "b.png", "c.JPEG"]  # sorted, images only
     assert [Path(f).relative_to(tmp_path / "tree").as_posix() for f in tree.dataset.files] == ["x/a.png", "x/b.png",

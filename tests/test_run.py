@@ -711,3 +711,10 @@ def test_a_finished_study_run_again_starts_no_ray(tmp_path, empty_store, monkeyp
     assert scaling_run.run_study(study, None, build_report=False) == scaling_run.EXIT_OK
     assert "study tiny: 2 trials, 2 already finished" in capsys.readouterr().out
     assert [p.info.status for p in mlflow_runs(out)[1]] == ["FINISHED"]  # the study's run of this driver
+    # A cluster named is still reached: an address where none answers is refused, finished study or not.
+    def no_cluster(*args, **kwargs):
+        raise ConnectionError("no cluster")
+
+    monkeypatch.setattr(ray, "init", no_cluster)
+    assert scaling_run.run_study(study, "auto", build_report=False) == scaling_run.EXIT_BAD_INPUT
+    assert "error: --address auto: no cluster" in capsys.readouterr().err
