@@ -9,14 +9,18 @@ slower than its `sigmoid` (1024×640 floats, one thread, on the AVX2 EPYC of ben
   back, one fresh buffer each way beside the output (DiT-T/2's GELU at batch 64, `python -m benchmarks.gelu`, on
   the AVX-512 EPYC, medians: 0.32 against aten's 0.71 ms forward, 0.29 against 0.82 backward; eager ops under plain
   autograd would save every intermediate and take longer than aten's kernels).
-GPUs, and other dtypes (autocast), keep aten's tanh kernel.
+GPUs, and other dtypes in eager mode (autocast), keep aten's tanh kernel; compiled on CPU, every dtype takes the
+sigmoid form (inductor computes a bf16 kernel's pointwise ops in fp32).
 """
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 _A = 0.044715
 _SCALE = 2 * (2 / torch.pi) ** 0.5  # 2u = _SCALE·(x + _A·x³)
-_SCALE_T = torch.tensor(_SCALE)  # addcmul's 0-dim base: the constant term of a polynomial in x, in the same pass
+# addcmul's 0-dim base: the constant term of a polynomial in x, in the same pass. In float64 on the CPU whatever the
+# defaults at import: a 0-dim operand takes x's dtype (fp32 stays fp32), and a float64 x gets the constant whole.
+_SCALE_T = torch.tensor(_SCALE, dtype=torch.float64, device="cpu")
 
 
 class SigmoidFormGELU(torch.autograd.Function):
@@ -30,6 +34,7 @@ class SigmoidFormGELU(torch.autograd.Function):
         return x * s
 
     @staticmethod
+    @once_differentiable  # its passes write in place (out=), which autograd cannot differentiate again
     def backward(ctx, grad):
         x, s = ctx.saved_tensors
         # dy/dx = s + s(1 - s)·x·d(2u)/dx, in one fresh buffer: in a training step a fresh buffer costs more than a

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch.utils.flop_counter import register_flop_formula
 
 from core.transpose import transposed
@@ -68,6 +69,7 @@ class _OneDNNLinear(torch.autograd.Function):
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
+    @once_differentiable  # oneDNN's product has no derivative of its own: a second one would be zero, silently
     def backward(ctx, grad_y):
         x2, weight = ctx.saved_tensors
         g = grad_y.reshape(-1, grad_y.shape[-1])  # (M, N)

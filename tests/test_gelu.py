@@ -1,4 +1,5 @@
 """core.gelu: the reference's tanh GELU in its CPU sigmoid forms, eager and compiled, against aten's in float64."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -57,3 +58,12 @@ def test_compiled_gelu_is_the_sigmoid_form_with_the_same_values_and_gradients():
     want_y, want_grad = reference_values_and_gradients(x)
     torch.testing.assert_close(compiled.double(), want_y, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(grad_compiled.double(), want_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_a_second_derivative_through_the_sigmoid_form_is_refused_by_name():
+    # Its backward's passes write in place (out=): differentiated again it raised sigmoid_backward's "out=... arguments
+    # don't support automatic differentiation", which names neither the GELU nor the cause.
+    x = torch.linspace(-3, 3, 7, requires_grad=True)
+    (grad,) = torch.autograd.grad(SigmoidFormGELU.apply(x).square().sum(), x, create_graph=True)  # a penalty's
+    with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
+        grad.square().sum().backward()

@@ -54,6 +54,16 @@ def test_onednn_linear_takes_non_contiguous_inputs_and_gradients():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
 
 
+def test_a_second_derivative_through_onednns_products_is_refused_not_zero():
+    # oneDNN's product has no derivative of its own: differentiated again, the gradient's gradient came out as None
+    # (a gradient penalty of zero), with only a warning.
+    x = torch.randn(4, 8, requires_grad=True)
+    weight = torch.randn(3, 8, requires_grad=True)
+    (grad_x,) = torch.autograd.grad(_OneDNNLinear.apply(x, weight, None).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
+        grad_x.square().sum().backward()
+
+
 def test_linear_leaves_autocast_and_other_dtypes_to_torch():
     layer = Linear(16, 8)
     x = torch.randn(4, 16)
