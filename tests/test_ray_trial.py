@@ -200,6 +200,7 @@ def test_a_kept_synchronization_actor_that_a_rank_entered_since_is_not_handed_ou
     try:
         start = kept._KeptActorClass(worker_group.SynchronizationActor).options()
         first = start.remote(timeout_s=None)
+        ray.get(first.get_counter.remote(), timeout=120)  # started, as a run's is before it ends (a busy box: seconds)
         kept._keep_or_kill(first)  # idle: kept
         assert start.remote(timeout_s=None) == first  # and handed out again
         kept._keep_or_kill(first)
