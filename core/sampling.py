@@ -48,8 +48,8 @@ def sample(model, labels, seeds, *, sampler="ddpm", num_steps=250, cfg_scale=1.0
     """Generate one image per label; image i depends only on seeds[i], not on the batch it is in.
 
     cfg_scale 1.0 samples the conditional model alone (the paper's scaling plots); any other scale doubles the
-    batch with null labels and guides it through model.forward_with_cfg (below 1.0 towards the unconditional model). clip_denoised: pixels
-    (True) or latents (False), see make_scheduler.
+    batch with null labels and guides it through model.forward_with_cfg (below 1.0 towards the unconditional model).
+    clip_denoised: pixels (True) or latents (False), see make_scheduler.
     """
     if len(labels) != len(seeds):
         raise ValueError(f"got {len(labels)} labels but {len(seeds)} seeds")

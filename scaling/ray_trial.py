@@ -2,9 +2,9 @@
 
 The Ray Train V2 pattern: Tune cannot take a TorchTrainer directly, so each Tune trial builds one
 (here `TrialTrainer`: a TorchTrainer with lighter processes) and calls fit(); scaling.tune_relay
-forwards each report (every rank's, as Train merges them: rank 0's metrics) to Tune, whose driver-side callback (scaling.recorder) writes Parquet
-and MLflow. The trainer is named after the trial, so a restarted worker group or a re-run of the
-study finds the trial's last reported checkpoint.
+forwards each report (every rank's, as Train merges them: rank 0's metrics) to Tune, whose driver-side
+callback (scaling.recorder) writes Parquet and MLflow. The trainer is named after the trial, so a restarted worker
+group or a re-run of the study finds the trial's last reported checkpoint.
 """
 import asyncio
 import dataclasses

@@ -525,7 +525,8 @@ def test_a_folder_of_one_real_image_is_named_not_left_to_torch_fidelity(tmp_path
 def test_a_flat_folder_of_real_images_serves_fid_as_a_tree_of_class_folders_does(tmp_path):
     # FID uses no labels, and ImageNet's validation images come as one flat folder: it was refused ("no class
     # folders"), where torch-fidelity and ADM's suite take it.
-    for folder, files in (("flat", ["b.png", "a.png", "c.JPEG"]), ("tree/x", ["b.png", "a.png"]), ("tree/y", ["c.png"])):
+    layout = (("flat", ["b.png", "a.png", "c.JPEG"]), ("tree/x", ["b.png", "a.png"]), ("tree/y", ["c.png"]))
+    for folder, files in layout:
         (tmp_path / folder).mkdir(parents=True)
         for i, name in enumerate(files):
             Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / folder / name, format="PNG")
