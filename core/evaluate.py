@@ -16,6 +16,8 @@ What FID is measured against (core.real_images, core.fid):
   all 1500 training images; an image folder: its images, at most reference_samples of them, a
   fixed random subset). Its features are computed once and cached under cache_dir.
   Latents need eval.reference: the real images, not the VAE's reconstructions.
+  eval.reference may instead be an .npz of FID statistics (ADM's reference batch): FID is then
+  against its mu and sigma, KID and precision / recall against its images (arr_0; none without).
 - fid: the N generated images against the reference.
 - fid_floor: held-out real images (eval.heldout, or digits' 297 held-out images; min(N, available)
   of them, fid_floor_samples) against the same reference: the FID of real images the model never
@@ -32,9 +34,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from core.fid import FID_NOTES, fidelity, file_digest, resolve_extractor
+from core.fid import FID_NOTES, fid_feature_dim, fidelity, file_digest, resolve_extractor
 from core.host_memory import hold_freed_memory
-from core.real_images import UInt8Images, heldout_images, reference_images, to_uint8
+from core.real_images import LATENT_REFERENCE, RealImages, UInt8Images, heldout_images, is_statistics_file, \
+    reference_images, statistics_problem, to_uint8
 from core.sample_grid import save_grid
 from core.sampling import sample
 
@@ -58,10 +61,11 @@ class EvalConfig:
     feature_extractor_weights: str | None = None  # a local weights file; default: shipped / torch-fidelity's cache
     grid_images_per_class: int = 4
     grid_classes: int = 10  # the grid shows the first grid_classes classes
-    reference: str | None = None  # a folder of real images for FID; default: the training data (required for latents)
+    reference: str | None = None  # a folder of real images for FID, or an .npz of FID statistics (ADM's reference
+    # batch); default: the training data (required for latents)
     heldout: str | None = None  # a folder of held-out real images for the noise floor; digits: the held-out split
     cache_dir: str = "~/.cache/dit-scaling/fid"  # real features and statistics
-    reference_samples: int = 50_000  # at most this many reference images (a fixed random subset)
+    reference_samples: int = 50_000  # at most this many reference images (a fixed random subset); not for an .npz
     diffusion_steps: int = 1000
 
 
@@ -233,9 +237,12 @@ def check(cfg, dataset):
     if cfg.num_samples < 2:
         raise ValueError(f"num_samples must be at least 2 for FID, got {cfg.num_samples}")
     if dataset == "latents" and cfg.reference is None:
-        raise ValueError("FID on latents needs eval.reference: a folder of the real training images "
-                         "(e.g. the ImageNet train folder the latents were encoded from)")
-    return resolve_extractor(cfg.feature_extractor, cfg.feature_extractor_weights)
+        raise ValueError(f"FID on latents needs eval.reference: {LATENT_REFERENCE}")
+    extractor, weights = resolve_extractor(cfg.feature_extractor, cfg.feature_extractor_weights)
+    if cfg.reference is not None and is_statistics_file(cfg.reference):
+        if problem := statistics_problem(cfg.reference, fid_feature_dim(extractor)):
+            raise ValueError(f"eval.reference: {problem}")
+    return extractor, weights
 
 
 def evaluate(model, cfg, *, dataset, data_path=None, image_size=None, vae=None, device, rank=0, world_size=1,
@@ -349,29 +356,32 @@ def _score(images, cfg, extractor, weights, dataset, data_path, size, device, de
     cuda = device.type == "cuda"
     common = dict(extractor=extractor, weights=weights, cache_root=cfg.cache_dir, cuda=cuda)
     t0 = time.perf_counter()
-    reference, heldout = real_sets(cfg, dataset, data_path, size)
+    reference, heldout = real_sets(cfg, dataset, data_path, size, fid_feature_dim(extractor))
     out = fidelity(UInt8Images(images), reference, **common)  # (N, C, H, W)
     floor = fidelity(heldout, reference, metrics=("fid",), **common)["fid"] if heldout is not None else None
+    # Statistics from a file do not say how many images they summarise: None, not a guess.
+    counted = len(reference) if isinstance(reference, RealImages) else None
     out.update(fid_floor=floor, fid_floor_samples=len(heldout) if heldout is not None else 0,
-               fid_reference_samples=len(reference), fid_reference=reference.description,
+               fid_reference_samples=counted, fid_reference=reference.description,
                fid_basis=fid_basis(reference, heldout, extractor, weights, decoder),
                fid_time_s=time.perf_counter() - t0)
     return out
 
 
-def real_sets(cfg, dataset, data_path, size):
-    """(reference, held-out or None): the real images FID and its noise floor are measured against."""
-    reference = reference_images(dataset, data_path, size, cfg.reference, cfg.reference_samples)
+def real_sets(cfg, dataset, data_path, size, dim=None):
+    """(reference, held-out or None): the real images FID and its noise floor are measured against; the reference
+    may be FID statistics of dim-d features from a file (core.real_images.ReferenceStatistics)."""
+    reference = reference_images(dataset, data_path, size, cfg.reference, cfg.reference_samples, dim)
     return reference, heldout_images(dataset, size, cfg.heldout, max_images=cfg.num_samples)
 
 
 def fid_basis(reference, heldout, extractor, weights, decoder=None):
     """What FID and its floor were measured against, as JSON (a results row's fid_basis): digests of the reference
     and held-out sets' identities (their files' names, sizes and modification times, or pixels; the subset and image
-    size), of the extractor's weights file and, for latents, of the VAE folder that decoded the samples (decoder; a
-    VAE given as a module, not a folder, is not recorded). FIDs of two bases are not comparable. Not the folders'
-    paths, which trial ids hash already: the same folder through a link, or as another node mounts it, is the same
-    basis."""
+    size; a statistics file's contents), of the extractor's weights file and, for latents, of the VAE folder that
+    decoded the samples (decoder; a VAE given as a module, not a folder, is not recorded). FIDs of two bases are not
+    comparable. Not the folders' paths, which trial ids hash already: the same folder through a link, or as another
+    node mounts it, is the same basis."""
     def digest(real):
         if real is None:
             return None
@@ -403,7 +413,8 @@ def fid_basis_now(cfg, dataset, data_path=None, image_size=None, input_size=None
     extractor, weights = check(cfg, dataset)
     meta = _latent_meta(dataset, data_path)
     size = _image_size(image_size, input_size, meta)
-    return fid_basis(*real_sets(cfg, dataset, data_path, size), extractor, weights, decoder_folder(vae, meta))
+    return fid_basis(*real_sets(cfg, dataset, data_path, size, fid_feature_dim(extractor)), extractor, weights,
+                     decoder_folder(vae, meta))
 
 
 def _checked(cfg, dataset, rank, world_size, device):

@@ -5,6 +5,11 @@ The real set's features and FID statistics are cached by torch-fidelity itself (
 (core.real_images), the feature extractor, a digest of its weights and torch-fidelity's version.
 Generated images are never cached. The paper's sFID (spatial Inception features) has no
 torch-fidelity extractor layer and is not reported.
+
+A reference given as FID statistics (core.real_images.ReferenceStatistics: ADM's reference batch)
+has its mu and sigma compared with the generated images' statistics by torch-fidelity's own
+Fréchet distance, and its images (arr_0), where it has them, serve KID and precision / recall as
+a reference folder's would; the features of both sets are extracted once, by torch-fidelity.
 """
 import hashlib
 import json
@@ -12,16 +17,24 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch_fidelity
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+from torch_fidelity.metric_fid import fid_featuresdict_to_statistics_cached, fid_statistics_to_metric
+from torch_fidelity.metric_isc import isc_featuresdict_to_metric
+from torch_fidelity.metric_kid import kid_featuresdict_to_metric
+from torch_fidelity.metric_prc import prc_featuresdict_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+from torch_fidelity.utils import (create_feature_extractor, extract_featuresdict_from_input_id_cached,
+                                  get_cacheable_input_name, resolve_feature_layer_for_metric)
 
+from core.digits_classifier import FEATURE_DIM as DIGITS_FEATURE_DIM
 from core.digits_classifier import WEIGHTS_PATH as DIGITS_WEIGHTS
 from core.fid_extractor import DIGITS_EXTRACTOR, metric_kwargs, register
 from core.latents import one_line
 from core.precision import ieee_products
-from core.real_images import RealImages
+from core.real_images import RealImages, ReferenceStatistics
 
 INCEPTION = "inception-v3-compat"
 EXTRACTORS = ("digits", INCEPTION)  # the names a config uses
@@ -121,6 +134,14 @@ def cache_name(real, extractor, weights):
     return "dit-scaling-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20], key
 
 
+def fid_feature_dim(extractor):
+    """Width D of the features FID reads from a torch-fidelity extractor: a statistics file's mu (D,), sigma (D, D)."""
+    if extractor == DIGITS_EXTRACTOR:
+        return DIGITS_FEATURE_DIM  # the classifier's penultimate layer (core.fid_extractor.PENULTIMATE)
+    # torch-fidelity names Inception-v3's pool features, FID's layer, by their width: "2048".
+    return int(FEATURE_EXTRACTORS_REGISTRY[extractor].get_default_feature_layer_for_metric("fid"))
+
+
 def supports(extractor, metric):
     """Whether a torch-fidelity extractor has a feature layer for a metric ("fid", "kid", "prc", "isc")."""
     try:
@@ -145,24 +166,75 @@ def fidelity_kwargs(extractor, weights, n1, n2, cuda):
 
 
 def fidelity(images, real, *, extractor, weights, cache_root, cuda=False, metrics=tuple(METRICS)):
-    """The requested metrics of images against a real set (RealImages); None where the extractor has no layer.
+    """The requested metrics of images against a real set (RealImages) or FID statistics (ReferenceStatistics);
+    None where the extractor has no layer, or the statistics no images for KID and precision / recall.
 
     images: a Dataset of uint8 (3, H, W) (generated: never cached) or RealImages (the held-out set
     of the noise floor: cached like the reference).
     """
     cache_root = Path(cache_root).expanduser()
     cache_root.mkdir(parents=True, exist_ok=True)
+    if isinstance(real, ReferenceStatistics):
+        return _against_statistics(images, real, extractor=extractor, weights=weights, cache_root=cache_root,
+                                   cuda=cuda, metrics=metrics)
     switches = {METRICS[m][0] for m in metrics if supports(extractor, METRICS[m][0])}
     kwargs = fidelity_kwargs(extractor, weights, len(images), len(real), cuda)
-    kwargs.update(cache=True, cache_root=str(cache_root), input2_cache_name=_cache_entry(cache_root, real, extractor,
-                                                                                          weights))
-    if isinstance(images, RealImages):
-        kwargs["input1_cache_name"] = _cache_entry(cache_root, images, extractor, weights)
-        images = images.dataset
+    kwargs.update(cache=True, cache_root=str(cache_root), **_inputs(1, images, cache_root, extractor, weights),
+                  **_inputs(2, real, cache_root, extractor, weights))
     with ieee_products():  # one numeric mode for every set's features, whatever the trial's precision (cached ones too)
-        out = torch_fidelity.calculate_metrics(input1=images, input2=real.dataset,
-                                               **{s: s in switches for s in ("fid", "kid", "prc", "isc")}, **kwargs)
+        out = torch_fidelity.calculate_metrics(**{s: s in switches for s in ("fid", "kid", "prc", "isc")}, **kwargs)
     return {m: float(out[key]) if key in out else None for m, (_, key) in METRICS.items() if m in metrics}
+
+
+def _inputs(slot, images, cache_root, extractor, weights):
+    """torch-fidelity's input<slot> keyword arguments: a Dataset, and for a real set (RealImages) its cache name."""
+    if not isinstance(images, RealImages):
+        return {f"input{slot}": images}
+    return {f"input{slot}": images.dataset, f"input{slot}_cache_name": _cache_entry(cache_root, images, extractor,
+                                                                                   weights)}
+
+
+def _against_statistics(images, reference, *, extractor, weights, cache_root, cuda, metrics):
+    """fidelity() against ReferenceStatistics: FID of the images' statistics against the file's mu and sigma, KID and
+    precision / recall against its images (None without them), the Inception Score of the images alone.
+
+    torch-fidelity's calculate_metrics takes two sets of images; this is its pipeline with the second set's FID
+    statistics given: its feature extraction (cached for real sets), statistics and metric functions.
+    """
+    real = reference.images  # RealImages of the file's arr_0, or None
+    wanted = {METRICS[m][0] for m in metrics if supports(extractor, METRICS[m][0])}
+    if real is None:
+        wanted -= {"kid", "prc"}
+    kwargs = fidelity_kwargs(extractor, weights, len(images), len(real) if real is not None else len(images), cuda)
+    kwargs.update(cache=True, cache_root=str(cache_root), **{s: s in wanted for s in ("fid", "kid", "prc", "isc")},
+                  **_inputs(1, images, cache_root, extractor, weights))
+    if wanted & {"kid", "prc"}:
+        kwargs.update(_inputs(2, real, cache_root, extractor, weights))
+    layers = {s: resolve_feature_layer_for_metric(s, **kwargs) for s in wanted}
+    out = {}
+    with ieee_products():  # as fidelity()'s: the same features, cached or not, for either kind of reference
+        network = create_feature_extractor(extractor, sorted(set(layers.values())), **kwargs)
+        features = extract_featuresdict_from_input_id_cached(1, network, **kwargs)  # {layer: (N, D)}
+        if "fid" in wanted:
+            stats = fid_featuresdict_to_statistics_cached(features, get_cacheable_input_name(1, **kwargs), network,
+                                                          layers["fid"], **kwargs)
+            out.update(fid_statistics_to_metric(_float64(stats), dict(mu=reference.mu, sigma=reference.sigma),
+                                                verbose=False))
+        if "isc" in wanted:
+            out.update(isc_featuresdict_to_metric(features, layers["isc"], **kwargs))
+        if wanted & {"kid", "prc"}:
+            real_features = extract_featuresdict_from_input_id_cached(2, network, **kwargs)  # {layer: (M, D)}
+            if "kid" in wanted:
+                out.update(kid_featuresdict_to_metric(features, real_features, layers["kid"], **kwargs))
+            if "prc" in wanted:
+                out.update(prc_featuresdict_to_metric(features, real_features, layers["prc"], **kwargs))
+    return {m: float(out[key]) if key in out else None for m, (_, key) in METRICS.items() if m in metrics}
+
+
+def _float64(stats):
+    """FID statistics in float64, as a statistics file's (torch-fidelity's mu is float32, and its Fréchet distance
+    takes both sides in one dtype)."""
+    return {key: np.asarray(value, np.float64) for key, value in stats.items()}
 
 
 def _cache_entry(cache_root, real, extractor, weights):

@@ -3,19 +3,33 @@
 Each set is a Dataset of uint8 (3, H, W) images plus an `identity`: everything that determines its
 images (source, path, a fingerprint of the files or pixels, size, subset), from which core.fid
 derives the name its features are cached under, so that a changed dataset gets a new cache entry.
+
+The reference may instead be an .npz of FID statistics, laid out as ADM's reference batches
+(VIRTUAL_imagenet256_labeled.npz): `mu` (D,) and `sigma` (D, D) of the real set's features and,
+optionally, `arr_0`, real images (N, H, W, 3) uint8 for KID and precision / recall
+(ReferenceStatistics).
 """
 import hashlib
 import os
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
 SUBSET_SEED = 0  # a fixed subset, shared by every trial and evaluation of a study
 LOAD_CHUNK = 1024  # images a folder set decodes at once, in threads
+STATISTICS = ("mu", "sigma")  # the arrays of an .npz of FID statistics (ADM's key names)
+STATISTICS_IMAGES = "arr_0"  # its optional real images, (N, H, W, 3) uint8
+# What eval.reference is for latents, which have no real images of their own.
+LATENT_REFERENCE = ("a folder of the real training images (e.g. the ImageNet train folder the latents were encoded "
+                    "from), or an .npz of their FID statistics (ADM's reference batch, "
+                    "VIRTUAL_imagenet256_labeled.npz)")
 
 
 @dataclass
@@ -141,16 +155,151 @@ def folder_images(path, image_size, max_images=None):
     return RealImages(FolderImages(files, image_size), identity, f"{root} ({len(files)} of {len(every)} images)")
 
 
-def reference_images(dataset, data_path=None, image_size=None, reference=None, max_images=None):
-    """The reference set: the `reference` folder if given, else the training data (digits: the train split)."""
+@dataclass
+class ReferenceStatistics:
+    """A reference given as FID statistics read from a file, with the real images it holds (None if none)."""
+
+    mu: np.ndarray  # (D,) float64
+    sigma: np.ndarray  # (D, D) float64
+    images: RealImages | None  # arr_0, for KID and precision / recall
+    identity: dict
+    description: str
+
+
+class NpzImages(Dataset):
+    """An .npz's arr_0, uint8 (N, H, W, 3), as (3, S, S) items centre-cropped to image_size as folder images are.
+
+    The array (2 GB in ADM's ImageNet batch) is read at the first item: not at all when its features are cached.
+    """
+
+    def __init__(self, path, count, image_size):
+        self.path, self.count, self.image_size = path, count, image_size
+        self._images = None
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, i):
+        from core.data import center_crop
+
+        if self._images is None:
+            with np.load(self.path, allow_pickle=False) as npz:
+                self._images = npz[STATISTICS_IMAGES]  # (N, H, W, 3) uint8
+        image = self._images[i]  # (H, W, 3)
+        if self.image_size is not None and image.shape[:2] != (self.image_size, self.image_size):
+            return pil_to_tensor(center_crop(Image.fromarray(image), self.image_size))  # (3, S, S)
+        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))  # (3, H, W)
+
+
+def is_statistics_file(path):
+    """Whether a reference path names an .npz of FID statistics (or any file: folders are image folders)."""
+    path = Path(path).expanduser()
+    try:
+        return path.suffix.lower() == ".npz" or path.is_file()
+    except OSError:  # in a folder that cannot be entered: statistics_problem or the folder's scan names it
+        return path.suffix.lower() == ".npz"
+
+
+def statistics_problem(path, dim=None):
+    """Why the file at path is not FID statistics of dim-d features (ReferenceStatistics' file), None if it is.
+
+    Reads mu and sigma (32 MB for Inception's 2048-d features) and only the header of arr_0, not its images.
+    """
+    try:
+        _read_statistics(path, dim)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def _read_statistics(path, dim=None):
+    """(mu (D,) float64, sigma (D, D) float64, arr_0's number of images or None) of an .npz of FID statistics of
+    dim-d features (None: any); a ValueError says what is wrong with the file."""
+    path = Path(path).expanduser()
+    try:
+        exists = path.exists()
+    except OSError as err:  # in a folder that cannot be entered
+        raise ValueError(f"{path}: {err.strerror or err}") from None
+    if not exists:
+        raise ValueError(f"{path} does not exist")
+    if not zipfile.is_zipfile(path):  # np.load would try other files as pickles, and blame pickling
+        raise ValueError(f"{path} is not an .npz (a zip archive of arrays, as numpy.savez writes)")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            names = npz.files
+            stats = {key: np.asarray(npz[key], np.float64) for key in STATISTICS if key in names}  # ADM's: float64
+            header = _array_header(npz, STATISTICS_IMAGES) if STATISTICS_IMAGES in names else None
+    # A damaged archive or array, or one numpy reads only by unpickling (an object array).
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{path} cannot be read as an .npz of FID statistics: {' '.join(str(err).split())}") from None
+    if missing := [key for key in STATISTICS if key not in stats]:
+        raise ValueError(f"{path} holds no {' and no '.join(repr(k) for k in missing)} array (it holds: "
+                         f"{', '.join(names) or 'nothing'}); FID statistics are mu (D,) and sigma (D, D)")
+    mu, sigma = stats["mu"], stats["sigma"]
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise ValueError(f"{path} holds mu {mu.shape} and sigma {sigma.shape}; FID statistics are mu (D,) and "
+                         "sigma (D, D)")
+    if dim is not None and len(mu) != dim:
+        raise ValueError(f"{path} holds statistics of {len(mu)}-d features; the feature extractor's are {dim}-d")
+    for key, values in stats.items():
+        if bad := int((~np.isfinite(values)).sum()):
+            raise ValueError(f"{path}: {key} holds {bad} value(s) that are not finite (NaN or inf)")
+    return mu, sigma, _images_count(path, *header) if header is not None else None
+
+
+def _array_header(npz, key):
+    """(shape, dtype) of an .npz's array from its .npy header, without reading the array (arr_0: 2 GB at 256²)."""
+    with npz.zip.open(f"{key}.npy") as f:
+        version = np.lib.format.read_magic(f)
+        read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read is None:
+            raise ValueError(f"{key} is stored in .npy format {version[0]}.{version[1]}, which is not read here")
+        shape, _, dtype = read(f)
+    return shape, dtype
+
+
+def _images_count(path, shape, dtype):
+    """The number of arr_0's images; a ValueError unless they are uint8 (N, H, W, 3), N >= 2."""
+    if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
+        raise ValueError(f"{path}: {STATISTICS_IMAGES} is {dtype} {shape}; its real images must be uint8 (N, H, W, 3)")
+    if shape[0] < 2:  # KID and precision / recall, as FID's statistics, need 2
+        raise ValueError(f"{path}: {STATISTICS_IMAGES} holds {shape[0]} image(s); at least 2 real images are needed")
+    return shape[0]
+
+
+def reference_statistics(path, dim=None, image_size=None):
+    """The FID statistics (mu, sigma of dim-d features) of an .npz, and its arr_0 images (if any) at image_size.
+
+    Identified by the file's digest, not its path: a copy is the same reference, a file rewritten in place another.
+    """
+    from core.fid import file_digest  # core.fid imports this module
+
+    path = Path(path).expanduser().resolve()
+    mu, sigma, count = _read_statistics(path, dim)
+    digest = file_digest(path)
+    images = None
+    if count is not None:
+        identity = dict(source="npz", file=digest, array=STATISTICS_IMAGES, count=count, image_size=image_size)
+        images = RealImages(NpzImages(path, count, image_size), identity,
+                            f"{path} {STATISTICS_IMAGES} ({count} images)")
+    against = (f"KID, precision and recall against its {count} images ({STATISTICS_IMAGES})" if images is not None
+               else f"no images ({STATISTICS_IMAGES}) for KID, precision and recall")
+    return ReferenceStatistics(mu, sigma, images, dict(source="npz", file=digest, path=str(path)),
+                               f"FID statistics (mu, sigma of {len(mu)}-d features) from {path}; {against}")
+
+
+def reference_images(dataset, data_path=None, image_size=None, reference=None, max_images=None, dim=None):
+    """The reference set: the `reference` folder if given, else the training data (digits: the train split); or a
+    `reference` .npz of FID statistics of dim-d features (ReferenceStatistics; max_images does not apply)."""
+    if reference is not None and is_statistics_file(reference):
+        return reference_statistics(reference, dim, image_size)
     if reference is not None:
         return folder_images(reference, image_size, max_images)
     if dataset == "digits":
         return digits_images("train", max_images)
     if dataset == "imagefolder":
         return folder_images(data_path, image_size, max_images)
-    raise ValueError(f"FID on the {dataset!r} dataset needs eval.reference: a folder of the real training "
-                     "images (e.g. the ImageNet train folder the latents were encoded from)")
+    raise ValueError(f"FID on the {dataset!r} dataset needs eval.reference: {LATENT_REFERENCE}")
 
 
 def heldout_images(dataset, image_size=None, heldout=None, max_images=None):

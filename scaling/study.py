@@ -223,8 +223,9 @@ SCHEMA = {
         "guided_channels": (3, optional(integer(at_least=1))),  # null: every noise channel
         "vae": (None, optional(text)),  # a local diffusers AutoencoderKL, to decode latents
         "grid_images_per_class": (4, integer(at_least=0, at_most=1000)),  # one PNG: a thousand a row at most
-        # Real images for FID (an image folder: class sub-folders or a flat one); default: the training data, which
-        # latents cannot be: they need one.
+        # Real images for FID (an image folder: class sub-folders or a flat one), or an .npz of FID statistics
+        # (ADM's reference batch: mu, sigma and optionally images, arr_0); default: the training data, which latents
+        # cannot be: they need one.
         "reference": (None, optional(text)),
         # Held-out real images for the FID noise floor (an image folder); digits: the held-out split.
         "heldout": (None, optional(text)),
@@ -871,8 +872,9 @@ def _check_eval(raw, info, where, check_data, warnings):
     if not info["pixel_space"] and ev["vae"] is None and (ev["fid"] or ev["grid_images_per_class"]):
         raise where.error(("eval", "vae"), "a latent study needs a VAE to decode its samples for FID and grids")
     if dataset == "latents" and ev["fid"] and ev["reference"] is None:  # core.evaluate.check's rule, before training
-        raise where.error(("eval", "reference"), "FID on latents needs a folder of the real training images (e.g. "
-                                                 "the ImageNet train folder the latents were encoded from)")
+        from core.real_images import LATENT_REFERENCE
+
+        raise where.error(("eval", "reference"), f"FID on latents needs {LATENT_REFERENCE}")
     # A path this study never reads (FID off, no grids) is a warning: a study file written for a cluster, run
     # elsewhere with FID turned off, still starts.
     used = eval_files_read(ev)
@@ -952,6 +954,11 @@ def _eval_path_problem(key, path, extractor, meta=None, load=True):
     meta: the latent folder's meta.json, whose latents the VAE must decode. load: load the VAE and Inception's
     weights (seconds, and torch.load unpickles the latter), not only look at their files.
     """
+    if key == "reference":
+        from core.real_images import is_statistics_file, statistics_problem
+
+        if is_statistics_file(path):  # an .npz of FID statistics (ADM's reference batch): read whatever load says
+            return statistics_problem(path, feature_dim(extractor))  # mu and sigma, 32 MB at most: no waiting
     try:
         if not path.exists():
             return f"{path} does not exist"

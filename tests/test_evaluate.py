@@ -564,3 +564,160 @@ def test_fid_features_are_extracted_in_ieee_fp32_whatever_the_precision(monkeypa
         assert seen and set(seen) == {(False, False)}, precision  # every batch of both sets, in IEEE fp32
         assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == ((precision != "fp32"),) * 2
     assert fids[0] == fids[1] == fids[2] > 0
+
+
+#################################################################################
+#               eval.reference as an .npz of FID statistics (ADM's)             #
+#################################################################################
+
+def digits_statistics(images):
+    """(mu (64,), sigma (64, 64)) of the digits extractor's FID features of uint8 images (N, 1, 8, 8), computed by
+    torch-fidelity as it computes a reference folder's."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics
+    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+
+    from core.fid_extractor import PENULTIMATE
+
+    extractor, weights = fid_module.resolve_extractor("digits")
+    network = create_feature_extractor(extractor, [PENULTIMATE], cuda=False, verbose=False,
+                                       feature_extractor_weights_path=str(weights))
+    features = get_featuresdict_from_dataset(UInt8Images(images), network, 500, False, True, False)[PENULTIMATE]
+    stats = fid_features_to_statistics(features)  # (64,), (64, 64)
+    return stats["mu"], stats["sigma"]
+
+
+def write_statistics(path, images, with_images=True, **arrays):
+    """An .npz laid out as ADM's reference batch: mu (float64, as ADM's), sigma of images (uint8 (N, 1, 8, 8)) and,
+    with_images, the images as arr_0 (N, H, W, 3) uint8; arrays replace or add entries."""
+    import numpy as np
+
+    mu, sigma = digits_statistics(images)
+    content = dict(mu=mu.astype(np.float64), sigma=sigma)
+    if with_images:
+        content["arr_0"] = images.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).contiguous().numpy()  # (N, 8, 8, 3)
+    content.update(arrays)
+    np.savez(path, **content)
+    return path
+
+
+def test_fid_against_a_statistics_file_is_fid_against_the_images_it_summarises(tmp_path, monkeypatch):
+    # ADM's reference batch holds the statistics of the whole training set (mu, sigma) and 10,000 of its images
+    # (arr_0): FID is measured against the statistics, KID and precision / recall against the images.
+    import dataclasses
+
+    train_images = digits_images("train").dataset.images  # (1500, 1, 8, 8): the default reference, all of it
+    npz = write_statistics(tmp_path / "digits_train.npz", train_images)
+    model = jittered_model()
+    cfg = EvalConfig(num_samples=100, num_steps=2, guided_channels=None, cache_dir=str(tmp_path / "cache"))
+    assert cfg.reference_samples >= len(train_images)
+    from_images = evaluate(model, cfg, dataset="digits", device="cpu")
+    from_file = evaluate(model, dataclasses.replace(cfg, reference=str(npz)), dataset="digits", device="cpu")
+
+    assert from_images["fid_reference_samples"] == 1500 and from_images["fid_floor_samples"] == 100
+    assert from_file["fid"] == pytest.approx(from_images["fid"], rel=1e-6) and from_file["fid"] > 1
+    assert from_file["fid_floor"] == pytest.approx(from_images["fid_floor"], rel=1e-6) and from_file["fid_floor"] > 1
+    for key in ("kid", "precision", "recall", "inception_score"):  # the same images, the same features
+        assert isinstance(from_file[key], float) and from_file[key] == from_images[key], key
+    # What a row records: the file, not a count of images it does not give.
+    assert from_file["fid_reference_samples"] is None and from_file["fid_floor_samples"] == 100
+    assert "statistics" in from_file["fid_reference"] and str(npz) in from_file["fid_reference"]
+    basis, basis_images = json.loads(from_file["fid_basis"]), json.loads(from_images["fid_basis"])
+    assert basis["reference"] != basis_images["reference"] and basis["heldout"] == basis_images["heldout"]
+    assert from_file["fid_basis"] == fid_basis_now(dataclasses.replace(cfg, reference=str(npz)), "digits",
+                                                   input_size=8)
+
+    # arr_0's features are cached as a reference folder's are: scoring again extracts the generated images alone.
+    seen = count_extracted(monkeypatch)
+    reference = reference_images("digits", image_size=8, reference=npz)
+    generated = UInt8Images(train_images[:50])
+    extractor, weights = fid_module.resolve_extractor("digits")
+    again = fid_module.fidelity(generated, reference, extractor=extractor, weights=weights,
+                                cache_root=tmp_path / "cache")
+    assert sum(seen) == 50 and again["kid"] is not None
+
+
+def test_a_statistics_file_without_images_gives_fid_and_no_kid_or_precision(tmp_path):
+    import dataclasses
+
+    train_images = digits_images("train").dataset.images  # (1500, 1, 8, 8)
+    npz = write_statistics(tmp_path / "stats.npz", train_images, with_images=False)
+    model = jittered_model()
+    cfg = EvalConfig(num_samples=100, num_steps=2, guided_channels=None, cache_dir=str(tmp_path / "cache"))
+    from_images = evaluate(model, cfg, dataset="digits", device="cpu")
+    from_file = evaluate(model, dataclasses.replace(cfg, reference=str(npz)), dataset="digits", device="cpu")
+    assert from_file["fid"] == pytest.approx(from_images["fid"], rel=1e-6) and from_file["fid"] > 1
+    assert from_file["fid_floor"] == pytest.approx(from_images["fid_floor"], rel=1e-6)
+    assert from_file["kid"] is None and from_file["precision"] is None and from_file["recall"] is None
+    assert from_file["inception_score"] == from_images["inception_score"]  # needs no reference
+
+
+def test_a_statistics_files_images_are_cropped_to_the_image_size_as_a_folders_are(tmp_path):
+    images = digits_images("train").dataset.images[:20]  # (20, 1, 8, 8)
+    big = images.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)  # (20, 1, 16, 16)
+    write_folder(tmp_path / "real", big, [0] * len(big))
+    npz = write_statistics(tmp_path / "stats.npz", images, with_images=False,
+                           arr_0=big.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).contiguous().numpy())
+    from_file = reference_images("digits", image_size=8, reference=npz).images
+    from_folder = folder_images(tmp_path / "real", 8)
+    assert len(from_file) == 20 and from_file.dataset[0].shape == (3, 8, 8)
+    assert all(torch.equal(from_file.dataset[i], from_folder.dataset[i]) for i in range(20))
+
+
+def bad_statistics_files(tmp_path):
+    """{name: (path, what the message says)}: .npz files that are not FID statistics of the digits extractor."""
+    import numpy as np
+
+    mu, sigma = np.zeros(64), np.eye(64)
+    files = {}
+
+    def npz(name, message, **arrays):
+        np.savez(tmp_path / f"{name}.npz", **arrays)
+        files[name] = (tmp_path / f"{name}.npz", message)
+    npz("short_mu", "statistics of 63-d features; the feature extractor's are 64-d", mu=mu[:63], sigma=sigma[:63, :63])
+    npz("not_square", r"mu \(64,\) and sigma \(64, 63\)", mu=mu, sigma=sigma[:, :63])
+    nan = sigma.copy()
+    nan[3, 5] = float("nan")
+    npz("nan", r"sigma holds 1 value\(s\) that are not finite", mu=mu, sigma=nan)
+    npz("no_mu", "no 'mu' array", sigma=sigma, arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+    npz("float_images", r"arr_0 is float32 \(2, 8, 8, 3\)", mu=mu, sigma=sigma,
+        arr_0=np.zeros((2, 8, 8, 3), np.float32))
+    (tmp_path / "text.npz").write_text("mu, sigma\n")
+    files["text"] = (tmp_path / "text.npz", "not an .npz")
+    files["missing"] = (tmp_path / "nowhere.npz", "does not exist")
+    return files
+
+
+def test_a_bad_statistics_file_is_refused_before_sampling(tmp_path, monkeypatch):
+    import re
+
+    monkeypatch.setattr(evaluate_module, "generate", lambda *a, **k: pytest.fail("sampled"))
+    for name, (path, message) in bad_statistics_files(tmp_path).items():
+        cfg = EvalConfig(num_samples=10, reference=str(path), cache_dir=str(tmp_path / "cache"))
+        with pytest.raises(ValueError, match=f"^eval.reference: {re.escape(str(path))}.*{message}"):
+            evaluate_module.check(cfg, "digits")
+        with pytest.raises(ValueError, match=f"^eval.reference: {re.escape(str(path))}.*{message}"):
+            evaluate(jittered_model(), cfg, dataset="digits", device="cpu")
+
+
+def test_the_fid_basis_of_a_statistics_file_follows_its_contents_not_its_path(tmp_path):
+    import shutil
+
+    import numpy as np
+
+    train_images = digits_images("train").dataset.images
+    npz = write_statistics(tmp_path / "stats.npz", train_images)
+    cfg = EvalConfig(reference=str(npz), cache_dir=str(tmp_path / "c"))
+
+    def basis(path):
+        return json.loads(fid_basis_now(EvalConfig(**{**cfg.__dict__, "reference": str(path)}), "digits",
+                                        input_size=8))
+
+    first = basis(npz)
+    (tmp_path / "elsewhere").mkdir()
+    shutil.copy(npz, tmp_path / "elsewhere" / "copy.npz")  # another path, another mtime: the same bytes
+    assert basis(tmp_path / "elsewhere" / "copy.npz") == first
+    with np.load(npz) as f:
+        arrays = dict(f)
+    np.savez(npz, **{**arrays, "mu": arrays["mu"] + 1})  # rewritten in place: same path, same size
+    second = basis(npz)
+    assert second["reference"] != first["reference"] and {**second, "reference": first["reference"]} == first

@@ -896,9 +896,52 @@ def test_fid_inputs_are_checked_before_any_training(tmp_path, monkeypatch, incep
     with pytest.raises(StudyError) as err:
         load_study(STUDIES / "dit_imagenet256.yaml", ["eval.reference=null"], check_data=False)
     assert str(err.value) == ("--set eval.reference=null: eval.reference: FID on latents needs a folder of the real "
-                              "training images (e.g. the ImageNet train folder the latents were encoded from)")
+                              "training images (e.g. the ImageNet train folder the latents were encoded from), or an "
+                              ".npz of their FID statistics (ADM's reference batch, VIRTUAL_imagenet256_labeled.npz)")
     without = load_study(STUDIES / "dit_imagenet256.yaml", ["eval.reference=null", "eval.fid=false"], check_data=False)
     assert len(without.trials) == 12 and not [w for w in without.warnings if "eval.reference" in w]
+
+
+def test_a_statistics_file_as_the_reference_is_checked_before_any_training(tmp_path):
+    # eval.reference may be an .npz of FID statistics (ADM's reference batch: mu, sigma, images as arr_0); one FID
+    # cannot use failed only at a trial's first evaluation, after training.
+    import numpy as np
+
+    mu, sigma, images = np.zeros(64), np.eye(64), np.zeros((2, 8, 8, 3), np.uint8)
+    nan = sigma.copy()
+    nan[3, 5] = float("nan")
+    cases = {"short_mu": (dict(mu=mu[:63], sigma=sigma[:63, :63]), "statistics of 63-d features; the feature "
+                                                                   "extractor's are 64-d"),
+             "not_square": (dict(mu=mu, sigma=sigma[:, :63]), "mu (64,) and sigma (64, 63)"),
+             "nan": (dict(mu=mu, sigma=nan), "sigma holds 1 value(s) that are not finite"),
+             "no_mu": (dict(sigma=sigma, arr_0=images), "no 'mu' array")}
+    for name, (arrays, message) in cases.items():
+        np.savez(tmp_path / f"{name}.npz", **arrays)
+    (tmp_path / "text.npz").write_text("mu, sigma\n")
+    cases["text"] = (None, "not an .npz")
+    cases["nowhere"] = (None, "does not exist")
+    for name, (_, message) in cases.items():
+        path = tmp_path / f"{name}.npz"
+        with pytest.raises(StudyError) as err:
+            load(tmp_path, overrides=[f"eval.reference={path}"])
+        assert str(err.value).startswith(f"--set eval.reference={path}: eval.reference: {path}"), name
+        assert message in str(err.value), (name, str(err.value))
+        # Not read (FID off): a warning, as for a folder.
+        study = load(tmp_path, overrides=[f"eval.reference={path}", "eval.fid=false"])
+        assert len(study.warnings) == 1 and message in study.warnings[0] and "(not read" in study.warnings[0]
+
+    np.savez(tmp_path / "digits.npz", mu=mu, sigma=sigma, arr_0=images)
+    np.savez(tmp_path / "no_images.npz", mu=mu, sigma=sigma)  # KID and precision / recall are then not measured
+    for name in ("digits", "no_images"):
+        assert not load(tmp_path, overrides=[f"eval.reference={tmp_path / name}.npz"]).warnings
+    # Latents need eval.reference: statistics of Inception's 2048-d features serve, as ADM's batch does.
+    np.savez(tmp_path / "inception.npz", mu=np.zeros(2048), sigma=np.eye(2048, dtype=np.float32))
+    study = load_study(STUDIES / "dit_imagenet256.yaml", [f"eval.reference={tmp_path / 'inception.npz'}"],
+                       check_data=False)
+    assert len(study.trials) == 12 and not [w for w in study.warnings if "eval.reference" in w]
+    study = load_study(STUDIES / "dit_imagenet256.yaml", [f"eval.reference={tmp_path / 'digits.npz'}"],
+                       check_data=False)
+    assert [w for w in study.warnings if "eval.reference" in w and "the feature extractor's are 2048-d" in w]
 
 
 def test_a_vae_that_cannot_decode_the_studys_latents_is_refused(tmp_path, encode_tiny_latents):
