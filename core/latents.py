@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import resource
 import shutil
@@ -49,7 +50,9 @@ def shard_name(k):
 #################################################################################
 
 def encode_id(meta):
-    """An encode's identity: 16 hex digits of sha256 over its meta.json, which a copy of the folder keeps.
+    """An encode's identity: 16 hex digits of sha256 over its parsed meta.json written again as JSON with sorted keys
+    (the file's own bytes are not hashed: any layout of the same content is the same encode), which a copy of the
+    folder keeps.
 
     Each encode names the fresh folder it was written in ("encoded_in", since 2026-12-05), so two encodes of one
     folder differ; older encodes are told apart only by their settings (VAE, classes, image count and size).
@@ -458,6 +461,14 @@ def vae_fit_problem(vae, meta):
     if vae.config.latent_channels != channels or (height * factor, width * factor) != (meta["image_size"],) * 2:
         return (f"it decodes {vae.config.latent_channels}-channel latents to images {factor}× their side, not the "
                 f"{channels}×{height}×{width} latents of {meta['image_size']}-pixel images the data holds")
+    # Another latent space of the same shape (SDXL's VAE for SD's latents): the decode divides by the encode's factor,
+    # and the images would be noise. A VAE of the same space (sd-vae-ft-mse for sd-vae-ft-ema's) has its factor.
+    ours, theirs = vae.config.scaling_factor, meta["scale_factor"]
+    if not math.isclose(ours, theirs, rel_tol=1e-6):
+        name = vae.config.get("_name_or_path") or "this VAE"
+        encoder = meta.get("vae") or "a VAE its meta.json does not name"
+        return (f"its scaling_factor is {ours} ({name}), not the scale_factor {theirs} of the VAE the latents were "
+                f"encoded with ({encoder}): it belongs to another latent space, and would decode them to noise")
     return None
 
 
@@ -558,6 +569,9 @@ def _clear_abandoned_encodes(out, alone=False):
             # Else a finished encode that could not be swapped in, kept for its owner; but under the encode lock,
             # one whose meta.json does not read is no one's: its machine crashed before the file reached the disk.
             if not (alone and _meta_unreadable(folder)):
+                if alone:  # no encode of its own runs: it was killed before its swap, or out changed meanwhile
+                    logger.warning("kept %s, a finished encode into %s that was never swapped in: rename it to %s to "
+                                   "use it, or remove it to free its space", folder, out, out)
                 continue
         try:
             lock = lock_folder(folder)  # also under alone: an encode of an earlier version holds no encode lock
@@ -659,8 +673,9 @@ def write_shard(folder, k, latents, labels, indices):
 
 def write_latent_folder(out_dir, write_shards, meta):
     """Write an encode at out_dir: write_shards(folder) writes its shards (write_shard) into a new folder beside
-    out_dir and returns (their meta entries, the latent shape); meta.json (meta and those) is written last, and the
-    folder then replaces out_dir. A failed encode leaves out_dir as it was. Returns the meta written.
+    out_dir and returns (their meta entries, the latent shape); meta.json (meta and those) is written last, once it
+    and the shards' headers read as a reader checks them, and the folder then replaces out_dir. A failed encode
+    (an inconsistent one too) leaves out_dir as it was. Returns the meta written.
     """
     out_dir = Path(out_dir)
     problem = out_problem(out_dir)
@@ -687,6 +702,19 @@ def _remove_made(created):
             parent.rmdir()
 
 
+def _written_problem(folder, meta):
+    """What a reader would refuse in an encode just written into folder (its meta, a shard's header), or None."""
+    problem = meta_problem(meta)
+    if problem:
+        return f"its {META} would say: {problem}"
+    for shard in meta["shards"]:
+        try:
+            check_shard(folder / shard["file"], shard["num_images"], meta["latent_shape"])
+        except (FileNotFoundError, CorruptLatents) as err:
+            return str(err)
+    return None
+
+
 def _write_locked(out_dir, write_shards, meta, alone):
     """write_latent_folder's encode, under the encode lock of out_dir where alone."""
     _clear_abandoned_encodes(out_dir, alone)
@@ -705,6 +733,10 @@ def _write_locked(out_dir, write_shards, meta, alone):
             shards, latent_shape = write_shards(new)
             meta = {**meta, "format": FORMAT, "latent_shape": latent_shape, "views": list(VIEWS), "shards": shards,
                     "encoded_in": new.name}  # once swapped out under this name, it says it is the earlier one
+            problem = _written_problem(new, meta)
+            if problem:  # swapped in, it would replace a usable encode with one no reader takes
+                raise RuntimeError(f"the encode into {out_dir} is inconsistent ({problem}); {out_dir} is left as it "
+                                   "was")
             # Last, and renamed into place: a folder with a meta.json is complete (one killed while writing it holds
             # meta.json.tmp, and is taken for abandoned and removed by the next encode into out_dir).
             (new / (META + ".tmp")).write_text(json.dumps(meta, indent=1))

@@ -76,8 +76,6 @@ def _encode_shards(samples, folder, image_size, vae_path, batch_size, num_worker
     """Write the latents of samples [(file, label), ...] as shards into folder; returns (shard list, latent shape)."""
     import ray
 
-    from core.data import UnreadableImage
-
     if not ray.is_initialized():
         ray.init()
     fewest, most, resources_per_worker = vae_workers(device, ray.cluster_resources(), num_workers, autoscaler_limits)
@@ -89,8 +87,17 @@ def _encode_shards(samples, folder, image_size, vae_path, batch_size, num_worker
     ds = ds.map_batches(_Encode, fn_constructor_kwargs=encoder, batch_size=batch_size,
                         compute=ray.data.ActorPoolStrategy(min_size=fewest, max_size=most), **resources_per_worker)
 
-    shards, latent_shape = [], None
-    for k, batch in enumerate(ds.iter_batches(batch_size=shard_size, batch_format="numpy")):
+    return _write_batches(ds.iter_batches(batch_size=shard_size, batch_format="numpy"), folder, shard_size,
+                          len(samples))
+
+
+def _write_batches(batches, folder, shard_size, num_images):
+    """Write Ray Data's batches (shard_size images each, the last fewer) as shards into folder; returns (shard list,
+    latent shape). Raises unless they hold images 0..num_images-1 in order, each readable."""
+    from core.data import UnreadableImage
+
+    shards, latent_shape, written = [], None, 0
+    for k, batch in enumerate(batches):
         unreadable = [str(e) for e in batch["error"] if e]
         if unreadable:
             raise UnreadableImage(unreadable[0])
@@ -100,6 +107,9 @@ def _encode_shards(samples, folder, image_size, vae_path, batch_size, num_worker
         latents = torch.from_numpy(batch["latents"].copy())  # (n, 2, C, h, w); Ray's arrays are read-only
         latent_shape = list(latents.shape[2:])
         shards.append(write_shard(folder, k, latents, batch["label"], batch["index"]))
+        written = start + len(batch["index"])
+    if written != num_images:  # the last index written is not the folder's last: the shards lack images it holds
+        raise RuntimeError(f"Ray Data ended after {written} of the folder's {num_images} images")
     return shards, latent_shape
 
 

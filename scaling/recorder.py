@@ -25,7 +25,9 @@ from scaling.results import (CURVES_FILE, LOSS_CURVES_SCHEMA, RESULTS_FILE, RESU
                              row_config, trial_end, write_table)
 from scaling.tracking import RUN_STATUS, STATUS_TAG
 
-MAX_TAG_LENGTH = 5000  # what MLflow stores of a tag value at most
+# MLflow takes 8000 characters of a run tag's value (mlflow.utils.validation.MAX_TAG_VAL_LENGTH) since its tags
+# table was widened in September 2024; kept to 5000, which a tracking server of an MLflow before that still takes.
+MAX_TAG_LENGTH = 5000
 MAX_STEPS_TAG = "dit_scaling.max_steps"  # the steps the trial trains to now (scaling.continuation may add some)
 DATA_PATH_TAG = "dit_scaling.data_path"  # where its data is now (scaling.continuation: the same latents, moved)
 

@@ -1,15 +1,22 @@
 """MLflow tracking of a study: one experiment, one parent run per study, one child run per trial.
 
 Only the driver talks to MLflow (workers report to Ray), so a SQLite store never sees concurrent
-writers, and an unreachable tracking server stalls nothing: calls that fail are queued and
-replayed in order once it answers again. A tracking server gets short HTTP retries (MLflow's own
-default keeps one call retrying for about four minutes), and a queue that fails to replay is tried
-again after RETRY_INTERVAL_S, twice as long after each failure up to MAX_RETRY_INTERVAL_S, so a dead
-server (or one that accepts connections and never answers) costs the driver moments, not minutes.
+writers, and an unreachable tracking server stalls nothing: the calls of a study's measurements (metrics, tags,
+statuses, artifacts) that fail are queued and replayed in order once it answers again. Those that find or make the
+runs (the tracker's creation, child_run: create_run, update_run, search_runs, log_batch of the params) go to the
+store directly and raise while it is away: the driver makes them at launch, every trial's run once, after checking
+that MLflow answers, and the replay says the store's error. A tracking server gets short HTTP retries (MLflow's own
+default keeps one call retrying for about four minutes), and a queue that fails to replay is tried again after
+RETRY_INTERVAL_S, twice as long after each failure up to MAX_RETRY_INTERVAL_S, so a dead server (or one that accepts
+connections and never answers) costs the driver moments, not minutes.
 Only a store that does not answer now (the network, a timeout, a server or database that says it is busy or
 down) queues a call: any other failure, a call MLflow refuses (a run deleted in the UI meanwhile) or one that fails
 for good (an artifact store it cannot write to), is dropped with a warning instead: queued, it would hold back every
-call after it.
+call after it. So is a call the server answers with a 5xx or 429 (MLflow's retries of it ran out) while it answers a
+cheap call (get_experiment) made at once after: the failure is that call's own (log_artifact through a server whose
+artifact store denies it answers 500 every time): it is dropped, and the queue goes on past it, once it has failed
+so on ANSWERED_FAILURES attempts, a retry interval apart (a moment's 503 passes). Where that cheap call fails too,
+the server is away: the call stays queued, and everything after it, replayed in order once it answers.
 """
 import contextlib
 import json
@@ -26,7 +33,7 @@ import requests
 import urllib3
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
-from mlflow.exceptions import MlflowException
+from mlflow.exceptions import MlflowException, RestException
 from mlflow.tracking import MlflowClient
 
 logger = logging.getLogger("scaling.tracking")
@@ -45,6 +52,9 @@ REFUSALS = {"INVALID_PARAMETER_VALUE", "INVALID_STATE", "RESOURCE_DOES_NOT_EXIST
 # SQLAlchemy's OperationalError), a deadline, a rate limit.
 AWAY_CODES = {"TEMPORARILY_UNAVAILABLE", "DEADLINE_EXCEEDED", "REQUEST_LIMIT_EXCEEDED", "RESOURCE_EXHAUSTED"}
 AWAY_STATUSES = {408, 429, 500, 502, 503, 504}  # HTTP answers MLflow's REST client retries: a server busy or down
+# Attempts of one call that the server answered with one of those while it answered a cheap call made after it: at
+# the last, the failure is taken for the call's own and it is dropped.
+ANSWERED_FAILURES = 2
 # Errors of a connection that failed or timed out, as the HTTP clients under MLflow's stores raise them. requests'
 # SSLError is one: a handshake cut short is too, and a certificate that no longer verifies fails every call alike
 # (queued, they are logged once it is renewed). RetryError: MLflow's retries of a 429 or 5xx answer ran out.
@@ -133,6 +143,7 @@ class StudyTracker:
         self.refused = 0  # calls MLflow refused or that failed for good, dropped
         self.refused_runs = set()  # the runs of refused calls, each warned of once
         self.failures = set()  # (call, error) of the other dropped calls, each warned of once
+        self.answered_failures = 0  # attempts of the queue's first call that failed while the server answered
         output_dir = str(Path(output_dir).resolve())
         self.output_dir = output_dir
         exp = self.client.get_experiment_by_name(experiment)
@@ -222,19 +233,25 @@ class StudyTracker:
             return None
 
     def logged_steps(self, run_id, key, strict=False):
-        """The steps at which a run holds a metric; strict: the store's error raised where it does not answer, else
-        taken as none (for a caller whose guess costs a point at most, not one that logs every point it lacks)."""
+        """The steps at which a run holds a metric, or will once the calls queued for it are replayed; strict: the
+        store's error raised where it does not answer, else taken as none (for a caller whose guess costs a point at
+        most, not one that logs every point it lacks)."""
         try:
             history = self.client.get_metric_history(run_id, key)
         except Exception:
             if strict:
                 raise
-            return set()
-        return {m.step for m in history}
+            history = []
+        return {m.step for m in history} | self.queued_steps(run_id, key)
+
+    def queued_steps(self, run_id, key):
+        """The steps of a metric's points in the calls queued for a run (log_metrics': log_batch's metrics)."""
+        return {m.step for _, args, kwargs in self.pending if args[:1] == (run_id,)
+                for m in kwargs.get("metrics", ()) if m.key == key}
 
     def log_metrics(self, run_id, metrics, step):
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, int(step)) for k, v in metrics.items() if _is_number(v)]
+        batch = [Metric(k, float(v), now, int(step)) for k, v in metrics.items() if is_number(v)]
         if batch:
             self._call(self.client.log_batch, run_id, metrics=batch)
 
@@ -271,7 +288,8 @@ class StudyTracker:
             self._wait_longer()
 
     def flush(self, force=False):
-        """Replay queued calls in order; stop at the first that still fails (dropping those MLflow refuses).
+        """Replay queued calls in order; stop at the first that still fails (dropping those MLflow refuses, and one
+        that keeps failing while the server answers: _fails_alone).
 
         Unless forced, a queue is replayed only after the retry interval: each attempt at a server
         that does not answer can cost a connection timeout, and the driver calls this often.
@@ -287,6 +305,7 @@ class StudyTracker:
                     self._wait_longer()
                     return False
             self.pending.pop(0)
+            self.answered_failures = 0  # of the next call now first
             self.retry_interval = RETRY_INTERVAL_S  # it answers again
         return True
 
@@ -298,7 +317,7 @@ class StudyTracker:
         """Whether a failed call is dropped, not queued: any failure but a store that does not answer now (queued, a
         call that fails for good would hold back every call after it); said once per run refused or kind of failure,
         and counted."""
-        if away(e):
+        if away(e) and not self._fails_alone(e):
             return False
         self.refused += 1
         run_id = args[0] if args else "?"
@@ -310,6 +329,24 @@ class StudyTracker:
                            "scaling.replay_mlflow %s` logs the study's measurements again from its Parquet files",
                            getattr(fn, "__name__", fn), run_id,
                            e.message.splitlines()[0] if e.message else e.error_code, self.output_dir)
+        return True
+
+    def _fails_alone(self, e):
+        """Whether a call (the queue's first, or one about to be) that the server answered with a 5xx or 429 fails on
+        its own: the server answers a cheap call now, and this is the ANSWERED_FAILURES-th time the call failed so.
+        The cheap call is made only after such an answer: after a connection refused or timed out, it would wait as
+        long again."""
+        if not answered(e) or not self._answers():
+            return False
+        self.answered_failures += 1
+        return self.answered_failures >= ANSWERED_FAILURES
+
+    def _answers(self):
+        """Whether the store answers a cheap call (the study's experiment) now."""
+        try:
+            self.client.get_experiment(self.experiment_id)
+        except Exception:  # away, or refusing even that: the failed call may be no different from others
+            return False
         return True
 
     def _failed(self, e, fn, run_id):
@@ -341,6 +378,17 @@ def away(e):
     return False
 
 
+def answered(e):
+    """Whether an error that says the store is away is an answer the server gave (a 5xx or 429 that MLflow's retries
+    ran out on, an artifact store's, the server's own error code), not a connection that failed or timed out."""
+    for error in error_chain(e):
+        if isinstance(error, requests.exceptions.RetryError) or _http_status(error) in AWAY_STATUSES:
+            return True
+        if isinstance(error, RestException) and error.error_code in AWAY_CODES:
+            return True
+    return False
+
+
 def error_chain(e):
     """e and the errors it was raised from or while handling, in turn."""
     seen = []
@@ -360,7 +408,8 @@ def _http_status(error):
     return status if isinstance(status, int) else None
 
 
-def _is_number(v):
+def is_number(v):
+    """Whether log_metrics logs a value: a number, not a bool, not NaN."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v  # NaN is skipped
 
 

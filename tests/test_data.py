@@ -1224,3 +1224,90 @@ def test_an_encode_lock_file_this_user_cannot_open_is_named_and_one_not_removed_
         with pytest.warns(UserWarning, match=f"the lock file {lock} could not be removed \\(Stale file handle\\)"):
             tiny_encode_into(out)
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "shard-00000.safetensors"]
+
+
+def test_a_vae_of_another_latent_space_is_refused_for_decoding(tmp_path, tiny_vae):
+    # SDXL's VAE (4 channels, ×8, like SD's) passed for latents encoded with sd-vae-ft-ema (scale_factor 0.18215):
+    # the decode divides by the encode's factor, so FID and grids were those of noise, without a word.
+    from core.latents import load_vae, vae_fit_problem
+
+    meta = json.loads(write_meta(tmp_path / "latents", vae="/models/sd-vae-ft-ema").read_text())
+    same_space = tmp_path / "sd-vae-ft-mse"  # another VAE of the same space: the reference DiT decodes with it
+    shutil.copytree(tiny_vae, same_space)
+    other_space = tmp_path / "sdxl-vae"
+    shutil.copytree(tiny_vae, other_space)
+    config = json.loads((other_space / "config.json").read_text())
+    (other_space / "config.json").write_text(json.dumps({**config, "scaling_factor": 0.13025}))
+    assert vae_fit_problem(load_vae(same_space), meta) is None
+    assert vae_fit_problem(load_vae(other_space), meta) == (
+        f"its scaling_factor is 0.13025 ({other_space}), not the scale_factor 0.18215 of the VAE the latents were "
+        "encoded with (/models/sd-vae-ft-ema): it belongs to another latent space, and would decode them to noise")
+
+
+def latent_files(folder):
+    """Every file beside and in a latent folder, with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("images, written, problem", [
+    # Shards of fewer images than the folder holds (a stream that ended early).
+    (8, 4, "its meta.json would say: shard sizes add up to 4, not num_images 8"),
+    # A shard entry that is not what its file holds.
+    (4, 3, r"latent shard .*/\.latents\.encoding-[0-9a-f]{8}/shard-00000\.safetensors is corrupt: tensors \(dtype, "
+           r"shape\) .*'latents': \('F32', \[3, 2, 4, 4, 4\]\).*, expected .*\[4, 2, 4, 4, 4\].*"),
+])
+def test_an_inconsistent_encode_leaves_the_earlier_one_as_it_was(tmp_path, encode_tiny_latents, images, written,
+                                                                 problem):
+    # It was swapped in all the same: the earlier encode, usable, was replaced by one no reader takes.
+    from core.latents import write_latent_folder, write_shard
+
+    out = tmp_path / "latents"
+    encode_tiny_latents(out, seed=0)
+    before = latent_files(tmp_path)
+
+    def shards(new):
+        write_shard(new, 0, torch.zeros(written, 2, 4, 4, 4), [0] * written, range(written))
+        return [{"file": "shard-00000.safetensors", "num_images": 4}], [4, 4, 4]
+
+    with pytest.raises(RuntimeError, match=f"^the encode into {re.escape(str(out))} is inconsistent \\({problem}\\); "
+                                           f"{re.escape(str(out))} is left as it was$"):
+        write_latent_folder(out, shards, {"num_images": images, "classes": ["a"], "image_size": 32,
+                                          "scale_factor": 0.18215})
+    assert latent_files(tmp_path) == before and len(LatentShards(out)) == 32
+
+
+def test_an_encode_whose_stream_of_images_ends_early_leaves_the_earlier_one_as_it_was(tmp_path, encode_tiny_latents):
+    # Ray Data's batches were written as they came: fewer than the folder's images made an encode that was swapped in.
+    from core.latents import write_latent_folder
+    from scaling.encode_latents import _write_batches
+
+    out = tmp_path / "latents"
+    encode_tiny_latents(out, seed=0)
+    before = latent_files(tmp_path)
+    batches = [{"error": np.array([""] * 4), "index": np.arange(start, start + 4), "label": np.zeros(4, np.int64),
+                "latents": np.zeros((4, 2, 4, 4, 4), np.float32)} for start in (0, 4)]  # 8 of the 16
+    with pytest.raises(RuntimeError, match="^Ray Data ended after 8 of the folder's 16 images$"):
+        write_latent_folder(out, lambda new: _write_batches(iter(batches), new, 4, 16),
+                            {"num_images": 16, "classes": ["a", "b"], "image_size": 32, "scale_factor": 0.18215})
+    assert latent_files(tmp_path) == before and len(LatentShards(out)) == 32
+
+
+def test_a_finished_encode_killed_before_its_swap_is_named_by_the_next(tmp_path, encode_tiny_latents, monkeypatch,
+                                                                      caplog):
+    # Killed between its meta.json and its swap, it left a complete hidden folder that every later encode kept
+    # without a word (an ImageNet encode: tens of GB, and hours of encoding that could be put in place).
+    import core.latents as latents
+
+    out = tmp_path / "latents"
+    with monkeypatch.context() as patch:
+        patch.setattr(latents, "_swap_in", lambda new, out: (_ for _ in ()).throw(KeyboardInterrupt("killed")))
+        patch.setattr(shutil, "rmtree", lambda *a, **k: None)  # a killed process cleans nothing up
+        with pytest.raises(KeyboardInterrupt):
+            encode_tiny_latents(out, seed=0)
+    [finished] = tmp_path.glob(".latents.encoding-*")
+    assert (finished / "meta.json").exists()
+    with caplog.at_level("WARNING", logger="core.latents"):
+        encode_tiny_latents(out, seed=1)
+    assert caplog.messages == [f"kept {finished}, a finished encode into {out} that was never swapped in: rename it "
+                               f"to {out} to use it, or remove it to free its space"]
+    assert finished.exists() and len(LatentShards(finished)) == 32  # kept, whole

@@ -306,6 +306,71 @@ def test_a_call_that_fails_for_good_is_dropped_and_holds_back_no_other(tmp_path,
     assert metric_steps(tracker.client, run_id, "train_loss") == [10, 30]
 
 
+def server_error_500():
+    """As MLflow's HTTP client raises a 500 its retries ran out on (a server whose artifact store denies access)."""
+    try:
+        raise requests.exceptions.RetryError("Max retries exceeded with url: /api/2.0/mlflow-artifacts/artifacts/x "
+                                             "(Caused by ResponseError('too many 500 error responses'))")
+    except requests.exceptions.RetryError as e:
+        raise tracking.MlflowException(f"API request to http://mlflow:5000 failed with exception {e}")
+
+
+def test_a_call_the_server_fails_every_time_holds_back_no_other_while_it_answers(tmp_path, uri, monkeypatch, caplog):
+    # log_artifact through a --serve-artifacts server whose artifact store denies access: a 500 every time, which
+    # reads as a server away. It stayed first in the queue, and every later metric, tag and status of the study
+    # waited behind it until the driver exited (the runs left RUNNING). A local store gives no 500: the client's
+    # method stands for it. The clock is the tracker's.
+    now = [1000.0]
+    monkeypatch.setattr(tracking.time, "monotonic", lambda: now[0])
+    tracker = StudyTracker(uri, "exp", "study", tmp_path / "out")
+    run_id = tracker.child_run("a", {})
+    grid = tmp_path / "grid.png"
+    grid.write_bytes(b"png")
+    stored, failing = tracker.client.log_artifact, [True]
+
+    def log_artifact(*args, **kwargs):  # named as the client's method it stands for
+        if failing[0]:
+            server_error_500()
+        return stored(*args, **kwargs)
+
+    monkeypatch.setattr(tracker.client, "log_artifact", log_artifact)
+    with caplog.at_level(logging.WARNING, logger="scaling.tracking"):
+        tracker.log_artifact(run_id, grid, "samples")  # once: it may be a moment's error, so it is queued
+        tracker.log_metrics(run_id, {"train_loss": 0.5}, 10)
+        assert len(tracker.pending) == 2 and tracker.refused == 0
+        now[0] = tracker.retry_at  # tried again: the server answers get_experiment, not it
+        tracker.log_metrics(run_id, {"train_loss": 0.25}, 20)
+        tracker.set_tags(run_id, {tracking.STATUS_TAG: "ok"})
+        tracker.finish(run_id)
+    assert tracker.pending == [] and tracker.refused == 1
+    queued, dropped = caplog.messages
+    assert queued == "MLflow unreachable (MlflowException); queueing, will retry"
+    assert dropped.startswith(f"MLflow's log_artifact for run {run_id} failed (MlflowException: API request to "
+                              "http://mlflow:5000 failed with exception Max retries exceeded")
+    run = tracker.client.get_run(run_id)
+    assert metric_steps(tracker.client, run_id, "train_loss") == [10, 20]
+    assert (run.data.tags[tracking.STATUS_TAG], run.info.status) == ("ok", "FINISHED")
+
+    # The same answer where the server does not answer the cheap call either: away. Everything waits and is replayed
+    # in order once it answers, however many attempts fail meanwhile.
+    def away(*args, **kwargs):
+        raise ConnectionError("Connection refused")
+
+    real_experiment = tracker.client.get_experiment
+    monkeypatch.setattr(tracker.client, "get_experiment", away)
+    tracker.log_artifact(run_id, grid, "samples")
+    for step in (30, 40, 50):
+        now[0] = tracker.retry_at
+        tracker.log_metrics(run_id, {"train_loss": 1 / step}, step)
+    assert len(tracker.pending) == 4 and tracker.refused == 1
+    monkeypatch.setattr(tracker.client, "get_experiment", real_experiment)
+    failing[0] = False
+    assert tracker.flush(force=True) is True
+    assert tracker.pending == [] and tracker.refused == 1
+    assert metric_steps(tracker.client, run_id, "train_loss") == [10, 20, 30, 40, 50]
+    assert [a.path for a in tracker.client.list_artifacts(run_id, "samples")] == ["samples/grid.png"]
+
+
 def test_only_a_store_that_does_not_answer_holds_calls_back(tmp_path, uri, quick_http):
     # MLflow's REST client raises an MlflowException of code INTERNAL_ERROR both for a server that is down and for a
     # 4xx answer it cannot parse (a proxy's 413 for a large batch): only the first is worth queueing.
@@ -379,6 +444,45 @@ def test_a_run_whose_overhead_cannot_be_read_is_not_given_it_again(tmp_path, uri
     assert log_missing(tracker, results, curves) == 3  # the store answers: the curve and both milestone rows
     assert metric_steps(tracker.client, run_id, "startup_s") == [10]
     assert metric_steps(tracker.client, run_id, "train_loss") == [5]
+
+
+def test_the_backfill_logs_a_curve_point_without_a_train_loss_and_a_queued_point_once(tmp_path, uri):
+    # A step counted as logged only where MLflow held its train_loss: a diverged step's (NaN, never logged) had its lr
+    # logged again by every backfill. Points the tracker still had queued were read as missing and logged twice.
+    import pandas as pd
+
+    from scaling.mlflow_backfill import log_missing
+
+    tracker = StudyTracker(uri, "exp", "study", tmp_path / "out")
+    run_id = tracker.child_run("a", {})
+    results = pd.DataFrame({"trial_id": ["a"], "config_json": ["{}"], "step": [20], "status": ["ok"],
+                            "val_loss": [0.4], "startup_s": [None], "teardown_s": [None]})
+    curves = pd.DataFrame({"trial_id": ["a"] * 4, "step": [5, 10, 15, 25], "train_loss": [0.5, float("nan"), 0.3, 0.2],
+                           "lr": [1e-4] * 4})
+    down = [False]
+
+    def log_batch(run, metrics):  # the store, away while down[0]
+        if down[0]:
+            raise ConnectionError("Connection refused")
+        tracker.client.log_batch(run, metrics=metrics)
+
+    def queued(step, loss):  # as log_metrics queues a curve point while the store is away
+        return log_batch, (run_id,), {"metrics": [Metric("train_loss", loss, 0, step), Metric("lr", 1e-4, 0, step)]}
+
+    tracker.pending = [queued(15, 0.3)]  # the store answers again: replayed first, not logged a second time
+    assert log_missing(tracker, results, curves) == 4  # steps 5, 10 and 25, and the milestone row
+    assert tracker.pending == [] and log_missing(tracker, results, curves) == 0
+    assert metric_steps(tracker.client, run_id, "lr") == [5, 10, 15, 25]
+    assert metric_steps(tracker.client, run_id, "train_loss") == [5, 15, 25]
+    assert metric_steps(tracker.client, run_id, "val_loss") == [20]
+
+    curves = pd.concat([curves, pd.DataFrame({"trial_id": ["a"], "step": [30], "train_loss": [0.1], "lr": [1e-4]})])
+    down[0] = True
+    tracker.pending = [queued(30, 0.1)]  # the store still away for it: what stays queued counts as held
+    assert log_missing(tracker, results, curves) == 0 and len(tracker.pending) == 1
+    down[0] = False
+    assert tracker.flush(force=True) is True
+    assert metric_steps(tracker.client, run_id, "lr") == [5, 10, 15, 25, 30]
 
 
 def test_the_launch_check_reaches_a_tracking_server_as_mlflow_does(tmp_path, quick_http, monkeypatch):
