@@ -310,6 +310,27 @@ class DiT(nn.Module):
         return torch.cat([eps, rest], dim=1)
 
 
+
+class _NoRandomInitOnMeta(torch.overrides.TorchFunctionMode):
+    """Skips normal_ on meta tensors, which hold no values: torch's meta normal_ imports torch._dynamo (a CPU-second
+    or two, in every process that checks a study). nn.init's is seen here, not the tensor method it calls."""
+
+    SKIPPED = (torch.Tensor.normal_, nn.init.normal_, nn.init.trunc_normal_)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.SKIPPED:
+            tensor = args[0] if args else kwargs["tensor"]  # nn.init passes it by name
+            if tensor.is_meta:
+                return tensor
+        return func(*args, **kwargs)
+
+
+def meta_dit(**config):
+    """A DiT of config on the meta device: its parameters' shapes, no memory and no initialisation."""
+    with torch.device("meta"), _NoRandomInitOnMeta():
+        return DiT(**config)
+
 # The widest, deepest and widest-MLP DiT a config may ask for: far past any trained (DiT-XL: 1152 wide, 28 deep, ratio
 # 4), they keep a size that overflows a tensor's, or a validation that builds thousands of blocks, out.
 MAX_HIDDEN_SIZE, MAX_DEPTH, MAX_MLP_RATIO = 65536, 1000, 64

@@ -39,7 +39,9 @@ def parse_args(argv):
     parser.add_argument("study", help="the study file (YAML)")
     parser.add_argument("--dry-run", action="store_true", help="print the grid and the estimated cost; launch nothing")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a field of the study file, e.g. --set train.lr=3e-4 (repeatable)")
+                        help="override a field of the study file, its value YAML, e.g. --set train.lr=3e-4 "
+                             "(repeatable); a whole section, --set 'train={lr: 3e-4}', replaces the file's, its "
+                             "other fields taking their defaults")
     parser.add_argument("--address", default=None,
                         help="Ray cluster to run on (default: RAY_ADDRESS, else a local Ray of the study's own, even "
                              "where `ray start` runs one; 'auto': the one `ray start` runs here)")

@@ -43,9 +43,13 @@ def _kind(value):
 
 
 def _shown(value):
-    """A value as YAML writes it (null, true), not as Python's repr (None, True)."""
+    """A value as YAML writes it (null, true, [true, null]), not as Python's repr (None, True, [True, None])."""
     if value is None or isinstance(value, bool):
         return {None: "null", True: "true", False: "false"}[value]
+    if isinstance(value, list):
+        return f"[{', '.join(map(_shown, value))}]"
+    if isinstance(value, dict):
+        return f"{{{', '.join(f'{_shown(k)}: {_shown(v)}' for k, v in value.items())}}}"
     return repr(value)
 
 
@@ -60,10 +64,19 @@ def integer(**bounds):
     """An int (not a bool) within bounds."""
     def check(value):
         if isinstance(value, bool) or not isinstance(value, int):
-            raise _Invalid(f"expected an integer, got {_shown(value)}")
+            raise _Invalid(f"expected an integer, got {_shown(value)}{_whole_number_hint(value)}")
         _check_range(value, **bounds)
         return value
     return check
+
+
+def _whole_number_hint(value):
+    """How to write a whole float (5e4, the paper's 4e5 steps) as the integer YAML reads as one; "" for others."""
+    # Only as far as floats hold every integer: past 2**53 the float may not be the integer that was meant.
+    if not isinstance(value, float) or not value.is_integer() or abs(value) > 2 ** 53:
+        return ""
+    whole = int(value)
+    return f"; write {whole}" + (f" or {whole:_}" if abs(whole) >= 10_000 else "")
 
 
 def number(**bounds):
@@ -79,7 +92,7 @@ def number(**bounds):
         # with a misleading "must be > 0".
         if not math.isfinite(as_float):
             raise _Invalid(f"must be a finite number, got {_shown(value)}")
-        _check_range(as_float, **bounds)
+        _check_range(value, **bounds)  # the value as written: ema_decay: 1 is "got 1", not 1.0
         return as_float
     return check
 
@@ -150,11 +163,16 @@ def study_name(value):
 
 
 def _did_you_mean(word, candidates):
-    """"; did you mean 'x'?" for the closest candidate, or "" when none is close."""
-    candidates = list(candidates)
+    """"; did you mean 'x'?" for the closest candidate, or "" when none is close; candidates may map each name
+    compared to the name shown ({'lr': 'train.lr'})."""
+    shown = candidates if isinstance(candidates, dict) else {c: c for c in candidates}
     # Another case of a candidate is that one ('DiT-p': 'DiT-P'), whatever difflib finds closer by its letters.
-    close = [c for c in candidates if c.lower() == word.lower()] or difflib.get_close_matches(word, candidates, n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    close = [c for c in shown if c.lower() == word.lower()] or difflib.get_close_matches(word, list(shown), n=1)
+    # A word that is a whole part of one name only (dropout: class_dropout_prob), too short a part for difflib.
+    parts = [c for c in shown if word in c.split("_")]
+    if not close and len(parts) == 1:
+        close = parts
+    return f"; did you mean {shown[close[0]]!r}?" if close else ""
 
 
 #################################################################################
@@ -270,10 +288,17 @@ NO_RESULT = {
 NO_RESULT_AS = {("eval", "guided_channels"): None}
 # Train fields that are not sweep axes: an axis of them would give trials that differ in nothing they measure.
 UNSWEPT = BOOKKEEPING + tuple(name for section, name in NO_RESULT if section == "train")
-# Where fields that people put elsewhere live, for did-you-mean.
+# Train fields a sweep may have as axes (train.lr), besides SWEEP_AXES.
+SWEPT_TRAIN = tuple(name for name in SCHEMA["train"] if name not in UNSWEPT)
+# Where fields live that people put elsewhere or call by another trainer's name (Hugging Face's, Lightning's, timm's,
+# DeepSpeed's, guided-diffusion's), for did-you-mean: by an unknown key's last part, in any section (model,
+# train.model and sweep.train.model).
 MOVED = {"model": "sweep.model", "patch": "sweep.patch", "steps": "sweep.steps", "compute": "sweep.compute",
-         "train.model": "sweep.model", "train.patch": "sweep.patch", "train.steps": "sweep.steps",
-         "train.max_steps": "sweep.steps"}
+         "max_steps": "sweep.steps", "num_steps": "sweep.steps", "total_steps": "sweep.steps",
+         "learning_rate": "train.lr", "ema": "train.ema_decay", "ema_rate": "train.ema_decay",
+         "gradient_accumulation_steps": "train.grad_accum", "accumulate_grad_batches": "train.grad_accum",
+         "clip_grad": "train.grad_clip", "max_grad_norm": "train.grad_clip", "gradient_clipping": "train.grad_clip",
+         "wd": "train.weight_decay", "cfg": "eval.cfg_scale", "guidance_scale": "eval.cfg_scale"}
 
 
 #################################################################################
@@ -558,9 +583,9 @@ def _apply_override(tree, item, where):
         node = node[part]
     node[key_path[-1]] = value
     where.override(key_path, item)
-    # null (a field's null, which only fields of a null default take; a sweep axis removed) leaves the other place as
-    # the file has it
-    if value is not None:
+    # A fixed field's null (train.grad_clip=null) replaces its swept form as any value does; a sweep axis's null
+    # removes the axis, and leaves the field as the file fixes it.
+    if value is not None or key_path[0] != "sweep":
         _displace(tree, key_path, where)
 
 
@@ -586,12 +611,35 @@ def _displace(tree, key_path, where):
 
 def _unknown_key(key_path, known, where):
     """The error for a key the schema does not have, with the nearest known one."""
-    known_paths = {_dotted(key_path[:-1] + (k,)): k for k in known}
-    moved = MOVED.get(_dotted(key_path))
-    hint = f"; did you mean {moved!r}?" if moved else _did_you_mean(_dotted(key_path), known_paths)
-    if not hint:
-        hint = f"; expected one of {', '.join(map(str, known))}"
+    hint = _key_hint(key_path, known) or f"; expected one of {', '.join(map(str, known))}"
     return where.error(key_path, f"unknown key{hint}")
+
+
+def _key_hint(key_path, known):
+    """"; did you mean ..." for an unknown key among known, or "": where a field of its name lives (MOVED), else the
+    nearest known name, compared without the section's name (train.learning_rate is no nearer train.learn_sigma)."""
+    head, dot, rest = key_path[0].partition(".")
+    if len(key_path) == 1 and dot and TOP_LEVEL.get(head, ()) is None:  # `train.lr:`, a --set's spelling, in a file
+        inside = SWEEP_AXES + tuple(f"train.{name}" for name in SWEPT_TRAIN) if head == "sweep" else SCHEMA[head]
+        if rest in inside:
+            return f"; write '{rest}:' under '{head}:'"
+        return _axis_hint(rest) if head == "sweep" else _key_hint((head, rest), inside)
+    if key_path[-1] in MOVED:
+        return f"; did you mean {MOVED[key_path[-1]]!r}?"
+    section = "".join(f"{k}." for k in key_path[:-1])
+    return _did_you_mean(key_path[-1], {str(k): f"{section}{k}" for k in known})
+
+
+def _axis_hint(key):
+    """"; did you mean ..." for an unknown sweep axis, or "": a train field's axis, where a field of its name lives
+    (MOVED), or the nearest axis, a train field's compared without its 'train.'."""
+    name = key.removeprefix("train.")
+    if key in SCHEMA["train"]:  # sweep: {lr: [...]}
+        return f"; did you mean 'train.{key}'?"
+    moved = MOVED.get(name, "")
+    if moved.startswith("sweep.") or moved in {f"train.{n}" for n in SWEPT_TRAIN}:
+        return f"; did you mean {moved.removeprefix('sweep.')!r}?"
+    return _did_you_mean(name, {**{axis: axis for axis in SWEEP_AXES}, **{n: f"train.{n}" for n in SWEPT_TRAIN}})
 
 
 def _check_field(key_path, value, check, where, default=...):
@@ -611,7 +659,7 @@ def _section(name, given, where):
     if given is None:
         given = {}
     if not isinstance(given, dict):
-        raise where.error((name,), f"expected a mapping of fields, got {given!r}")
+        raise where.error((name,), f"expected a mapping of fields, got {_shown(given)}")
     for key in given:
         if key not in fields:
             raise _unknown_key((name, str(key)), fields, where)
@@ -747,7 +795,7 @@ def _model_name(with_patch_axis):
         if with_patch_axis and slash:
             raise _Invalid(f"{value!r} names a patch, but sweep.patch gives the patches: write {size_name!r}")
         if size_name not in sizes:
-            raise _Invalid(f"unknown model {value!r}" + (_did_you_mean(value, full_names if slash else sizes)
+            raise _Invalid(f"unknown model {value!r}" + (_did_you_mean(value, full_names if slash else list(sizes))
                                                           or f"; known sizes: {', '.join(sizes)}"))
         if not slash:
             if with_patch_axis:
@@ -769,11 +817,20 @@ def _axis(key_path, values, check, where):
     for i, value in enumerate(values):
         value = _check_field(key_path + (i,), value, check, where)
         canonical = _canonical_json(value)
-        if canonical in seen:
-            raise where.error(key_path + (i,), f"duplicate value {values[i]!r}")
+        if canonical in seen:  # [true, yes], [1e-3, 0.001]: written apart, the same value
+            shown, first = _shown(values[i]), seen[canonical]
+            as_first = "" if _shown(values[first]) == shown else f" ({_shown(values[first])})"  # [1, 1.0]
+            raise where.error(key_path + (i,), f"duplicate value {shown}: the {_ordinal(i + 1)} entry repeats the "
+                                               f"{_ordinal(first + 1)}{as_first}")
         seen[canonical] = i
         checked.append(value)
     return checked
+
+
+def _ordinal(n):
+    """1st, 2nd, 3rd, 4th, ..., 11th, 12th, 13th, ..., 21st."""
+    suffix = "th" if n % 100 in (11, 12, 13) else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 
 def _sweep(tree_sweep, raw_train_given, where):
@@ -781,8 +838,8 @@ def _sweep(tree_sweep, raw_train_given, where):
     if tree_sweep is None:
         raise where.error(("sweep",), "missing (required): give at least sweep.model and sweep.steps")
     if not isinstance(tree_sweep, dict):
-        raise where.error(("sweep",), f"expected a mapping of axes, got {tree_sweep!r}")
-    swept_train = {f"train.{k}": k for k in SCHEMA["train"] if k not in UNSWEPT}
+        raise where.error(("sweep",), f"expected a mapping of axes, got {_shown(tree_sweep)}")
+    swept_train = {f"train.{k}": k for k in SWEPT_TRAIN}
     for key in tree_sweep:
         if key not in SWEEP_AXES and key not in swept_train:
             if key in (f"train.{k}" for k in UNSWEPT):
@@ -791,8 +848,7 @@ def _sweep(tree_sweep, raw_train_given, where):
                 fields = ", ".join(f"'train.{k}: [...]'" for k in tree_sweep[key])
                 raise where.error(("sweep", key), f"a swept train field is an axis of its own, its key dotted: write "
                                                   f"{fields} under sweep")
-            hint = (f"; did you mean 'train.{key}'?" if key in SCHEMA["train"]
-                    else _did_you_mean(str(key), SWEEP_AXES + tuple(swept_train)))
+            hint = _axis_hint(str(key))
             raise where.error(("sweep", key), "unknown axis" + (hint or f"; expected one of {', '.join(SWEEP_AXES)} "
                                                                          "or a train field such as train.lr"))
     given = {k: v for k, v in tree_sweep.items() if v is not None}  # null removes an axis (--set sweep.steps=null)
@@ -1160,13 +1216,10 @@ def model_name(size, patch, model_config, preset_config):
 @functools.lru_cache(maxsize=None)
 def _params(config_json):
     """Exact parameter count, from the model built on the meta device (no memory, no time)."""
-    import torch
-
     from core.flops import params
-    from core.models import DiT
+    from core.models import meta_dit
 
-    with torch.device("meta"):
-        return params(DiT(**json.loads(config_json)))
+    return params(meta_dit(**json.loads(config_json)))
 
 
 def _check_point(train, workers, info, dataset, error_at):

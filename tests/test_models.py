@@ -1,13 +1,16 @@
 """core.models against the reference DiT: weights, forward, guidance, registry, shapes."""
 import argparse
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from core.models import (SHORT_SEQUENCE, DiT, DiT_models, attention, get_2d_sincos_pos_embed, load_reference_state_dict,
-                         model_config)
+                         meta_dit, model_config)
 
 
 def test_reference_forward(reference, reference_model):
@@ -281,3 +284,19 @@ def test_a_position_table_past_a_gib_is_refused_before_it_is_computed():
     with pytest.raises(ValueError, match="makes 262,144 tokens"):
         DiT(input_size=1024, patch_size=2, hidden_size=1152, num_heads=16, depth=1)
     assert MAX_POSITION_ENTRIES >= 4096 * 65536  # a 64×64 token grid at the widest hidden size
+
+
+def test_a_dit_on_the_meta_device_has_the_shapes_of_one_built_in_memory_and_imports_no_compiler():
+    # A study's check builds each trial's model on the meta device for its parameter count: torch's meta normal_
+    # imported torch._dynamo there, a CPU-second or two in every driver and dry run.
+    built = DiT(**model_config("DiT-P/2"))
+    meta = meta_dit(**model_config("DiT-P/2"))
+    assert all(p.is_meta for p in meta.parameters())
+    assert [(n, p.shape) for n, p in meta.named_parameters()] == [(n, p.shape) for n, p in built.named_parameters()]
+    # Alone in a fresh process: DiT-XL/2's 675M parameters, no memory, no compiler.
+    code = ("import sys; from core.models import meta_dit, model_config; from core.flops import params; "
+            "m = meta_dit(**model_config('DiT-XL/2')); print(params(m), 'torch._dynamo' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["675129632", "False"]  # the paper's 675M

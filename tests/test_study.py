@@ -176,6 +176,17 @@ def test_a_set_field_moves_between_fixed_and_swept(tmp_path):
         load(tmp_path, overrides=["train={batch_size: 32, lr: 5e-4}", "sweep.train.lr=[1e-4]"])
     # Removing an axis the file does not have leaves the file's fixed value.
     assert {t.train["lr"] for t in load(tmp_path, overrides=["sweep.train.lr=null"]).trials} == {1e-3}
+    # A fixed field's null replaces its swept form as any value does (it was "give it in one place").
+    clipped = BASE.replace("  patch:", "  train.grad_clip: [1.0, 2.0]\n  patch:")
+    unclipped = load(tmp_path, clipped, overrides=["train.grad_clip=null"])
+    assert [t.train["grad_clip"] for t in unclipped.trials] == [None] * 4
+    assert "train.grad_clip" not in unclipped.raw["sweep"]
+    assert unclipped.locate("train.grad_clip") == "--set train.grad_clip=null"
+    # A null lr is refused as the lr's own problem, not as a second place.
+    with pytest.raises(StudyError, match=re.escape("--set train.lr=null: train.lr: expected a number, got null; leave "
+                                                   "train.lr out for its default, 0.0001")):
+        load(tmp_path, BASE.replace("  lr: 1.0e-3\n", "").replace("  patch:", "  train.lr: [1e-4]\n  patch:"),
+             overrides=["train.lr=null"])
 
 
 def test_resolved_study_round_trips_and_paths_are_absolute(tmp_path):
@@ -576,6 +587,42 @@ def test_dry_run_without_the_gpus_a_study_asks_for(tmp_path):
 #                                   Bad input                                   #
 #################################################################################
 
+# Names from other trainers, and typos, each with the field meant: difflib once compared the whole dotted key, and the
+# shared "train." found an unrelated field nearest (train.learning_rate: train.learn_sigma).
+DID_YOU_MEAN = {
+    "train.learning_rate=1": "train.lr", "train.num_steps=1": "sweep.steps", "train.ema=1": "train.ema_decay",
+    "train.dropout=0.1": "train.class_dropout_prob", "train.gradient_accumulation_steps=2": "train.grad_accum",
+    "train.clip_grad=1": "train.grad_clip", "train.max_grad_norm=1": "train.grad_clip",
+    "train.wd=0.1": "train.weight_decay", "eval.cfg=4": "eval.cfg_scale", "eval.guidance_scale=4": "eval.cfg_scale",
+    "learning_rate=1": "train.lr", "train.lrr=1": "train.lr", "eval.fid_sample=10": "eval.fid_samples",
+}
+
+
+@pytest.mark.parametrize("item", DID_YOU_MEAN)
+def test_an_unknown_key_names_the_field_meant(tmp_path, item):
+    key = item.partition("=")[0]
+    with pytest.raises(StudyError) as err:
+        load(tmp_path, overrides=[item])
+    assert str(err.value) == f"--set {item}: {key}: unknown key; did you mean {DID_YOU_MEAN[item]!r}?"
+
+
+@pytest.mark.parametrize("item, axis", [("sweep.train.learning_rate=[1e-4]", "train.lr"),
+                                        ("sweep.train.clip_grad=[1]", "train.grad_clip"),
+                                        ("sweep.num_steps=[10]", "steps"), ("sweep.seeds=[1, 2]", "train.seed"),
+                                        ("sweep.train.seeds=[1, 2]", "train.seed")])
+def test_an_unknown_axis_names_the_axis_meant(tmp_path, item, axis):
+    key = item.partition("=")[0]
+    with pytest.raises(StudyError) as err:
+        load(tmp_path, overrides=[item])
+    assert str(err.value) == f"--set {item}: {key}: unknown axis; did you mean {axis!r}?"
+
+
+def test_every_moved_key_names_a_field():
+    from scaling.study import MOVED, SCHEMA, SWEEP_AXES
+
+    fields = {f"{section}.{name}" for section, names in SCHEMA.items() for name in names}
+    assert set(MOVED.values()) <= fields | {f"sweep.{axis}" for axis in SWEEP_AXES}
+
 BAD = {
     "unknown top-level key": (edit("train:", "trian:"), [], "{f}:8: trian: unknown key; did you mean 'train'?"),
     "unknown nested key": (edit("  lr:", "  lrr:"), [], "{f}:10: train.lrr: unknown key; did you mean 'train.lr'?"),
@@ -653,9 +700,18 @@ BAD = {
     "sweeping activation checkpointing": (edit("  patch:", "  train.grad_checkpointing: [false, true]\n  patch:"),
                                           [], "{f}:6: sweep.train.grad_checkpointing: cannot be swept: it changes "
                                               "no result"),
-    "duplicate grid values": (edit("[2, 4]", "[2, 2]"), [], "{f}:6: sweep.patch: duplicate value 2"),
+    "duplicate grid values": (edit("[2, 4]", "[2, 2]"), [], "{f}:6: sweep.patch: duplicate value 2: the 2nd entry "
+                                                            "repeats the 1st"),
     "duplicate grid values, spelt differently": (edit("  patch:", "  train.seed: [1, 1]\n  patch:"), [],
-                                                 "{f}:6: sweep.train.seed: duplicate value 1"),
+                                                 "{f}:6: sweep.train.seed: duplicate value 1: the 2nd entry repeats "
+                                                 "the 1st"),
+    # Shown as YAML writes them (was "duplicate value True"), and which entry they repeat.
+    "duplicate booleans": (BASE, ["sweep.train.compile=[false, true, yes]"], "--set sweep.train.compile=[false, true, "
+                           "yes]: sweep.train.compile: duplicate value true: the 3rd entry repeats the 2nd"),
+    "duplicate numbers spelt apart": (BASE, ["sweep.train.lr=[1e-3, 0.001]"], "--set sweep.train.lr=[1e-3, 0.001]: "
+                                      "sweep.train.lr: duplicate value 0.001: the 2nd entry repeats the 1st"),
+    "an int and its float": (BASE, ["sweep.train.lr=[1, 2, 1.0]"], "--set sweep.train.lr=[1, 2, 1.0]: sweep.train.lr: "
+                             "duplicate value 1.0: the 3rd entry repeats the 1st (1)"),
     "duplicate key": (BASE + "train:\n  lr: 1\n", [], "{f}:15: train: duplicate key (first on line 8)"),
     # Passed, and Ray refused each trial's workers after the study's files and MLflow runs were written.
     "a share finer than Ray's": (BASE, ["resources.cpus_per_worker=0.00001"], "--set resources.cpus_per_worker="
@@ -756,6 +812,25 @@ BAD = {
                                   "{f}:8: sweep.train: a swept train field is an axis of its own, its key dotted: "
                                   "write 'train.seed: [...]', 'train.lr: [...]' under sweep"),
     "--set unknown key": (BASE, ["train.lrr=1"], "--set train.lrr=1: train.lrr: unknown key; did you mean 'train.lr'?"),
+    # The --set spelling in the file was "unknown key; did you mean 'train'?".
+    "a dotted key in the file": (BASE + "train.lr: 3.0e-4\n", [], "{f}:15: train.lr: unknown key; write 'lr:' under "
+                                                                 "'train:'"),
+    "a dotted sweep key in the file": (BASE.replace("  steps: [10, 20, 40]\n", "") + "sweep.steps: [10]\n", [],
+                                       "{f}:14: sweep.steps: unknown key; write 'steps:' under 'sweep:'"),
+    # Python's True was shown.
+    "a section given a boolean": (BASE, ["train=yes"], "--set train=yes: train: expected a mapping of fields, "
+                                                       "got true"),
+    "a sweep given a list": (BASE, ["sweep=[true, null]"], "--set sweep=[true, null]: sweep: expected a mapping of "
+                                                           "axes, got [true, null]"),
+    # The paper's 400K steps written as 4e5: YAML reads a float, refused (types stay strict), with how to write it.
+    "steps in exponent form": (edit("[10, 20, 40]", "[5e4, 4e5]"), [], "{f}:7: sweep.steps: expected an integer, got "
+                               "50000.0; write 50000 or 50_000"),
+    "--set steps in exponent form": (BASE, ["sweep.steps=[10, 4e5]"], "--set sweep.steps=[10, 4e5]: sweep.steps: "
+                                     "expected an integer, got 400000.0; write 400000 or 400_000"),
+    "a small whole float": (BASE, ["train.warmup_steps=5.0"], "--set train.warmup_steps=5.0: train.warmup_steps: "
+                            "expected an integer, got 5.0; write 5"),
+    "a fraction for an integer": (BASE, ["train.warmup_steps=2.5"], "--set train.warmup_steps=2.5: train.warmup_steps: "
+                                  "expected an integer, got 2.5"),
     "--set unknown section": (BASE, ["trian.lr=1"], "--set trian.lr=1: trian: unknown key; did you mean 'train'?"),
     "--set wrong type": (BASE, ["train.lr=fast"], "--set train.lr=fast: train.lr: expected a number, got 'fast'"),
     "--set with a key twice": (BASE, ["train={lr: 1e-3, batch_size: 16, lr: 5e-3}"],  # the last one was kept
@@ -763,7 +838,7 @@ BAD = {
     "--set into a value": (BASE, ["name.x=1"], "--set name.x=1: name is not a section"),
     # Values that used to pass, every trial then failing at its start or its first evaluation:
     "EMA that never moves": (BASE, ["train.ema_decay=1"], "--set train.ema_decay=1: train.ema_decay: must be < 1, "
-                                                           "got 1.0"),
+                                                           "got 1"),  # as written, not as the float 1.0
     "betas reaching 1": (BASE, ["train.diffusion_steps=20"], "--set train.diffusion_steps=20: train.diffusion_steps: "
                                                              "must be >= 21, got 20"),
     "steps past int64's reach": (BASE, ["sweep.steps=[100000000000000000000]"],
