@@ -10,6 +10,7 @@ import base64
 import html
 import json
 import math
+import re
 import secrets
 import shutil
 import sys
@@ -549,9 +550,16 @@ def trials_table(a):
                   "val loss", "FID @ step", "status"], rows, marks)
 
 
+# Characters that Markdown reads as markup inside a line: emphasis (N*(C) ... D*(C)), links, code, GitHub's
+# strikethrough and $math$; a backslash before each shows it as written.
+MARKDOWN_MARKUP = re.compile(r"([\\`*_\[\]~$])")
+
+
 def _md_text(s):
-    """s as one line of Markdown text: names come from the results, and GitHub renders a raw HTML tag in them."""
-    return html.escape(str(s), quote=False).replace("\r", " ").replace("\n", " ")
+    """s as one line of Markdown text: names come from the results, and GitHub renders a raw HTML tag or markup in
+    them."""
+    text = html.escape(str(s), quote=False).replace("\r", " ").replace("\n", " ")
+    return MARKDOWN_MARKUP.sub(r"\\\1", text)
 
 
 def _md_cell(s):

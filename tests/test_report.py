@@ -377,7 +377,8 @@ def test_a_report_without_resamples_says_it_has_no_intervals(tmp_path):
     md, page = (out / "report.md").read_text(), (out / "index.html").read_text()
     page = re.sub(r"data:image/svg\+xml;base64,[^\"]*", "", page)  # the figures' base64 may spell anything
     for text in (md, page):
-        assert "0/0" not in text and "nan" not in text and "95%" not in text and "[–, –]" not in text
+        shown = text.replace("\\[", "[").replace("\\]", "]")  # report.md's as it renders
+        assert "0/0" not in text and "nan" not in text and "95%" not in text and "[–, –]" not in shown
         assert "No bootstrap resamples (--n-boot 0): the fits are point estimates without intervals" in text
     assert "| log-log slope |" in md and "| fit | law | coefficient | value | points | trials |" in md
     assert "| quantity | law | held-out model | at | predicted | observed | error |" in md
@@ -697,7 +698,7 @@ def test_a_model_name_with_dollar_signs_is_drawn_as_text(tmp_path):
     # matplotlib read "$...$" in a legend as TeX: an odd or unknown one ended the report in a traceback.
     rows = [{**r, "model": r["model"].replace("DiT-S/8", "DiT-S/8 $\\frac$")} for r in synthetic_rows()]
     build_report(pd.DataFrame(rows), tmp_path / "report", n_boot=0)
-    assert "DiT-S/8 $\\frac$" in (tmp_path / "report" / "report.md").read_text()
+    assert "DiT-S/8 \\$\\\\frac\\$" in (tmp_path / "report" / "report.md").read_text()  # shown as written
 
 
 def test_every_axis_labels_its_ticks_in_plain_text(tmp_path, monkeypatch):
@@ -812,7 +813,7 @@ def test_what_the_extrapolations_fit_leaves_open_reaches_the_report(three_trials
     assert fid["unsettled"] == [reason] and fid["inside_interval"] is None
     assert (f"Extrapolation of FID to DiT-L/2 with y = a·x^b, its fit without the held-out points: {reason}. Its "
             "interval, and whether the observation falls inside it, say little of the law.") in a.notes
-    assert re.search(r"\| DiT-L/2 \| C = [^|]+ \| [^|]+ \| \[–, –\] \| [^|]+ \| [^|]+ \| – \| 20/20 \|\n",
+    assert re.search(r"\| DiT-L/2 \| C = [^|]+ \| [^|]+ \| \\\[–, –\\\] \| [^|]+ \| [^|]+ \| – \| 20/20 \|\n",
                      markdown_of(a).split("### Extrapolation check")[1])
 
 
@@ -851,3 +852,15 @@ def test_report_md_escapes_names_from_the_results():
     md = markdown_of(analyze(report_rows(rows), n_boot=0))
     assert md.startswith("# Scaling report: a &lt;b&gt; &amp; c d\n")
     assert "| DiT-S/8 &lt;img src=x onerror=alert(1)&gt; |" in md and "<" not in md
+
+
+def test_report_md_shows_markup_in_names_and_captions_as_written():
+    # Markdown read a name's "*", "_", "[...]" or "$...$" as markup: "DiT-B/2 *x* [a](b)" came out emphasised and
+    # linked, and GitHub typesets "$...$" as math.
+    from scaling.report import report_rows
+
+    rows = pd.DataFrame(synthetic_rows()).assign(study="my_study *v2*")
+    rows.loc[rows.model == "DiT-S/8", "model"] = "DiT-S/8 *x* [a](b) `c` ~~d~~ $e$ \\"
+    md = markdown_of(analyze(report_rows(rows), n_boot=0))
+    assert md.startswith("# Scaling report: my\\_study \\*v2\\*\n")
+    assert "| DiT-S/8 \\*x\\* \\[a\\](b) \\`c\\` \\~\\~d\\~\\~ \\$e\\$ \\\\ |" in md
