@@ -237,6 +237,8 @@ class Recorder(Callback):
         trial_id = trial.config["trial"]["trial_id"]
         # How it ended by its rows (a retried trial's earlier divergence stands: its rerun's end is no result).
         how = self._trial_end(trial_id) or "failed"
+        if how == "failed":  # it returned without every milestone's row, nor an end report: a failure all the same
+            self.end_status[trial_id] = "failed"
         if trial_id in self.last_result_at:
             teardown = time.time() - self.last_result_at[trial_id]
             self.overhead.setdefault(trial_id, {})["teardown_s"] = teardown

@@ -24,8 +24,8 @@ from scaling import figures
 from scaling.fits import (CHINCHILLA, CI_LEVEL, N_BOOT, POWER_LAW, SATURATING_POWER_LAW, Fit, FitError,
                           best_per_size_and_data, correlations, extrapolation_check, fit_law, frontier, isoflop,
                           parallel_fits, size_classes)
-from scaling.report_folder import ReportDestinationError, check_report_destination, default_report_dir, \
-    swap_in_report
+from scaling.report_folder import ReportDestinationError, check_report_destination, check_report_source, \
+    default_report_dir, swap_in_report
 from scaling.results import (RESULTS_SCHEMA, STATUSES, check_trial_rows, load_results, paper_results, results_path,
                              row_config, row_where, to_table)
 from scaling.sigterm import Terminated, interruption, sigterm_interrupts  # a report being built goes, as on Ctrl-C
@@ -736,15 +736,18 @@ def page(a, figs, tabs, folder):
             + "\n</body></html>\n")
 
 
-def fits_json(a):
-    """fits.json: every coefficient with its interval, the correlations, IsoFLOP optima, checks and notes."""
+def fits_json(a, results=None):
+    """fits.json: every coefficient with its interval, the correlations, IsoFLOP optima, checks and notes; results:
+    the results file the rows were read from (absolute; None: rows given as they are), whose report a study of
+    another output keeps out of its default folder (scaling.report_folder.check_report_source)."""
     iso = None
     if a.isoflop:
         iso = [{"budget": p.budget, "params": p.params.tolist(), "steps": p.steps.tolist(), "loss": p.loss.tolist(),
                 "parabola_log10_params": p.parabola.tolist(), "params_opt": p.n_opt, "steps_opt": p.steps_opt}
                for p in a.isoflop.profiles]
-    doc = {"study": a.study, "rows": len(a.rows), "trials": a.trials.status.value_counts().to_dict(),
-           "loss_column": a.loss, "correlation_fid_log10_gflops": a.correlation,
+    doc = {"study": a.study, "results": None if results is None else str(results), "rows": len(a.rows),
+           "trials": a.trials.status.value_counts().to_dict(), "loss_column": a.loss,
+           "correlation_fid_log10_gflops": a.correlation,
            "fits": {k: f.to_dict() for k, f in a.fits.items()}, "isoflop_profiles": iso,
            "extrapolation": a.extrapolation, "notes": a.notes}
     return json.dumps(_jsonable(doc), indent=2, ensure_ascii=False) + "\n"
@@ -763,8 +766,12 @@ def _jsonable(v):
     return v
 
 
-def build_report(results, out=None, n_boot=N_BOOT, seed=0, processes=1):
+def build_report(results, out=None, n_boot=N_BOOT, seed=0, processes=1, source=None):
     """Write the report of results (a path or a DataFrame) to out (default reports/<study>); returns out.
+
+    source: the results file a DataFrame's rows were read from (a path's is itself), recorded in fits.json: the
+    default folder holding the report of another results file is refused (check_report_source), as a study's second
+    output (`--set output=...`) has the first one's name.
 
     out must be new, empty, or an earlier report (check_report_destination): anything else is refused with a
     ValueError before any work. processes: worker processes for the fits (None: one per CPU). They are
@@ -772,8 +779,14 @@ def build_report(results, out=None, n_boot=N_BOOT, seed=0, processes=1):
     "__main__":`) to use them. The command-line entry points do.
     """
     df = report_rows(results)
+    if not isinstance(results, pd.DataFrame):
+        source = results_path(results)
+    source = None if source is None else Path(source).resolve()
+    default = not out
     out = Path(out) if out else default_report_dir(study_name(df))
     target = check_report_destination(out)
+    if default and source is not None:
+        check_report_source(out, source, "--out")
     with parallel_fits(processes):  # the L-BFGS fits: most of a report's time
         a = analyze(df, n_boot, seed)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -784,7 +797,7 @@ def build_report(results, out=None, n_boot=N_BOOT, seed=0, processes=1):
         figs = draw_figures(a, tmp)
         tabs = tables(a)
         (tmp / "report.md").write_text(markdown(a, figs, tabs), encoding="utf-8")
-        (tmp / "fits.json").write_text(fits_json(a), encoding="utf-8")
+        (tmp / "fits.json").write_text(fits_json(a, source), encoding="utf-8")
         (tmp / "index.html").write_text(page(a, figs, tabs, tmp), encoding="utf-8")
         swap_in_report(tmp, out)
     except BaseException:
@@ -847,7 +860,8 @@ def main(argv=None):
             check_report_destination(args.out)
         with sigterm_interrupts():
             df = paper_results() if args.paper else report_rows(args.results)
-            out = build_report(df, args.out, args.n_boot, args.seed, processes=None)
+            source = None if args.paper else results_path(args.results)
+            out = build_report(df, args.out, args.n_boot, args.seed, processes=None, source=source)
     except (KeyboardInterrupt, ImportError) as e:
         interrupt = interruption(e)
         if interrupt is None:

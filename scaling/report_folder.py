@@ -88,6 +88,37 @@ def _check_earlier_report(path, folder):
                                      f"command wrote; give another folder or empty this one")
 
 
+def report_source(path):
+    """The results file (an absolute path) that the report in the folder at path was built from, as its fits.json
+    records it (its "results"); None where the folder holds no such report, or one that does not say: one built from
+    rows with no file (the paper's), or by an earlier version, which recorded none."""
+    try:
+        fits = json.loads((Path(path).expanduser() / "fits.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    source = fits.get("results") if isinstance(fits, dict) else None
+    return Path(source) if isinstance(source, str) and source else None
+
+
+def check_report_source(path, results, flag):
+    """Refuse a default report folder (path) that holds the report of other results than results (a results file):
+    a study whose `output` was changed (`--set output=...`) keeps its name, and so its default folder, and would
+    replace the other output's report there unasked. flag: the option that gives another folder (--report-dir,
+    --out). A report that does not say what it was built from (report_source) is replaced as before."""
+    earlier = report_source(path)
+    if earlier is None or os.path.realpath(earlier) == os.path.realpath(results):
+        return
+    raise ReportDestinationError(
+        f"{path}: holds the report of {_results_named(earlier)}; this one is of {_results_named(results)}: give "
+        f"{flag} DIR for it, or delete {path} to replace that report")
+
+
+def _results_named(results):
+    """A results file as a message names it: the study output folder holding it, else the file."""
+    results = Path(os.path.abspath(results))
+    return f"the output {results.parent}" if results.name == "results.parquet" else str(results)
+
+
 def _nearest_existing(path, folder):
     """The folder itself or its nearest existing parent, which must be a folder (the others get created)."""
     while not folder.exists():

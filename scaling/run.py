@@ -44,7 +44,8 @@ def parse_args(argv):
                              "other fields taking their defaults")
     parser.add_argument("--address", default=None,
                         help="Ray cluster to run on (default: RAY_ADDRESS, else a local Ray of the study's own, even "
-                             "where `ray start` runs one; 'auto': the one `ray start` runs here)")
+                             "where `ray start` runs one, as 'local' gives it; 'auto': the one `ray start` runs "
+                             "here; HOST:PORT: a cluster's GCS, not Ray Client's ray://)")
     report = parser.add_mutually_exclusive_group()
     report.add_argument("--no-report", action="store_true", help="do not build the report at the end")
     report.add_argument("--report-dir", default=None, help="where the report goes (default: reports/<study>)")
@@ -57,8 +58,25 @@ def main(argv=None):
         args = parse_args(argv)
     except SystemExit as e:  # argparse: --help is 0, a usage error 2
         return int(e.code or 0)
+    # A Ctrl-C or SIGTERM anywhere from here (the study file's checks, a dry run, Ray's start, the trials' set-up, the
+    # report) is one line and 130 or 143, not a traceback; inside Tune's loop the trials are stopped first (run_study).
+    try:
+        with sigterm_interrupts():
+            return _main(args)
+    except (KeyboardInterrupt, ImportError) as e:
+        interrupt = interruption(e)
+        if interrupt is None:
+            raise
+        print("interrupted; run the same command again to resume the study", file=sys.stderr)
+        return EXIT_INTERRUPTED[signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT]
+
+
+def _main(args):
+    """main's part after the arguments parse: check the study, then plan it (--dry-run) or run it."""
     try:
         study = load_study(args.study, args.overrides, check_data=not args.dry_run)
+        if not args.dry_run:  # at once: not after the checks below (minutes on a large reference folder)
+            check_output_free(study)
     except StudyError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -71,6 +89,12 @@ def main(argv=None):
         return EXIT_BAD_INPUT
     for line in continue_recorded_runs(study, results=records):  # steps added: trials go on from their records
         print(line)
+    # Ray's own variable where the flag is not given (an empty variable counts as unset, as Ray counts it); "local"
+    # is Ray's word for a Ray of the driver's own, which is what no address gives.
+    address = args.address if args.address is not None else (os.environ.get("RAY_ADDRESS") or None)
+    named = "--address" if args.address is not None else "RAY_ADDRESS"
+    if address == "local":
+        address = None
     if args.dry_run:
         from scaling.dry_run import format_plan, local_capacity_warnings
 
@@ -79,7 +103,7 @@ def main(argv=None):
                       lambda s: check_checkpoint_processes(s, records),
                       lambda s: check_fid_basis(s, records), lambda s: passed_milestones(s, records),
                       lambda s: args.no_report or check_report_dir(s, args.report_dir),
-                      lambda s: [] if args.address or os.environ.get("RAY_ADDRESS") else local_capacity_warnings(s)):
+                      lambda s: [] if address else local_capacity_warnings(s)):
             try:
                 said = check(study)
             except StudyError as e:
@@ -88,9 +112,6 @@ def main(argv=None):
                 print(f"warning: {warning}", file=sys.stderr)
         print(format_plan(study))
         return EXIT_OK
-    # Ray's own variable where the flag is not given (an empty variable counts as unset, as Ray counts it).
-    address = args.address if args.address is not None else (os.environ.get("RAY_ADDRESS") or None)
-    named = "--address" if args.address is not None else "RAY_ADDRESS"
     try:
         check_output(study, records)
         check_measured_data(study, records)
@@ -104,15 +125,7 @@ def main(argv=None):
     except StudyError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    try:
-        return run_study(study, address, build_report=not args.no_report, report_dir=report_dir, named=named)
-    # Outside the training loop (Ray's start, the report): nothing to record.
-    except (KeyboardInterrupt, ImportError) as e:
-        interrupt = interruption(e)
-        if interrupt is None:
-            raise
-        print("interrupted; run the same command again to resume the study", file=sys.stderr)
-        return EXIT_INTERRUPTED[signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT]
+    return run_study(study, address, build_report=not args.no_report, report_dir=report_dir, named=named)
 
 
 def check_results(study):
@@ -351,9 +364,10 @@ def sqlite_open_problem(uri):
 
 
 def check_report_dir(study, given):
-    """The folder the report will replace: new, empty or an earlier report (never the study's own output, say),
-    checked before launch rather than after the study's hours of training; returns it."""
-    from scaling.report_folder import check_report_destination, default_report_dir
+    """The folder the report will replace: new, empty or an earlier report (never the study's own output, say; the
+    default folder not another output's report), checked before launch rather than after the study's hours of
+    training; returns it."""
+    from scaling.report_folder import check_report_destination, check_report_source, default_report_dir
 
     if given == "":  # an unset variable, say: not the default folder
         raise StudyError(f"--report-dir is empty; give a folder, or leave the flag out for "
@@ -362,6 +376,8 @@ def check_report_dir(study, given):
     flag = "--report-dir" if given is not None else "the report folder"
     try:
         target = check_report_destination(path)
+        if given is None:  # the same study of another output (--set output=...) has the same default folder
+            check_report_source(path, study.output / "results.parquet", "--report-dir")
     except ValueError as e:
         raise StudyError(f"{flag} {e}") from None
     # New or empty now, it would hold the output once the study writes it, and the report would then refuse it.
@@ -469,8 +485,12 @@ def check_reachable(address, named="--address"):
     if address.lower().startswith(("http://", "https://")):
         raise StudyError(f"{named} {address}: an HTTP address (the dashboard's, which `ray job submit` takes); give the "
                          "head node's HOST:PORT (its GCS, 6379 unless its `ray start --head --port` says otherwise)")
-    hostport = address.split("://", 1)[-1]
-    host, _, port = hostport.rpartition(":")
+    if "://" in address:  # ray.init connects to any SCHEME://... through Ray Client
+        raise StudyError(f"{named} {address}: Ray Client ({address.split('://', 1)[0]}://) is not supported: under it "
+                         "Tune runs on the cluster, and the driver's recorder (Parquet, MLflow) would see none of the "
+                         "trials; give the head node's GCS address HOST:PORT (6379 unless its `ray start --head "
+                         "--port` says otherwise), or submit the driver with `ray job submit`")
+    host, _, port = address.rpartition(":")
     if not host or not port.isdigit():  # as ray.init, which takes no default port
         raise StudyError(f"{named} {address}: expected HOST:PORT (the head node's, 6379 unless its `ray start "
                          f"--head --port` says otherwise) or auto")
@@ -558,6 +578,7 @@ def check_experiment(study, uri):
         raise StudyError(f"{where}: {problem}")
 
 
+@sigterm_interrupts()  # the whole run, Ray's shutdown at its end too: SIGTERM unwinds it (143)
 def run_study(study, address, build_report=True, report_dir=None, named="--address"):
     """Launch the unfinished trials on Ray, record everything, build the report (named: where address came from)."""
     began = time.time()  # the study's wall time, and its efficiency, count Ray's start too
@@ -582,19 +603,19 @@ def run_study(study, address, build_report=True, report_dir=None, named="--addre
     new_lock = not (out / OUTPUT_LOCK).exists()  # made by this run: it goes with the run if nothing starts
     lock = lock_output(out)
     if lock is None:
-        print(f"error: {study.locate('output')}: output: {out} is in use by another scaling.run of this study (its driver "
-              f"still runs) or a scaling.replay_mlflow of it; wait for it to end or stop it first", file=sys.stderr)
+        print(f"error: {output_in_use(study)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
         remove_unfinished_writes(out)  # before any write of this run's: none is under way
-        if not address and recorded_trials(study)[0] >= {t.trial_id for t in study.trials}:
+        finished = recorded_trials(study)[0] >= {t.trial_id for t in study.trials}
+        if not address and finished:
             # Every trial finished: the run only catches MLflow up and builds the report, with no local Ray to start.
             # (A cluster named is still reached: an address that answers none is refused, finished study or not.)
             with sigterm_interrupts():
                 return _run_trials(study, build_report, report_dir, began, capacity=None)
         try:
             runtime_env = study_runtime_env()
-            with ray_exit_as_terminated():
+            with ray_exit_as_terminated(), sigterm_handler_kept():
                 if address:
                     try:
                         ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
@@ -603,8 +624,10 @@ def run_study(study, address, build_report=True, report_dir=None, named="--addre
                 else:
                     ray.init(runtime_env=runtime_env, **local_ray_options())
                 with sigterm_interrupts():
-                    capacity = check_capacity(study, local=not address)
-                    if address:  # a local Ray is one node
+                    # Nothing to train (a finished study, its cluster reached only to check that it answers): what the
+                    # trials would need of the cluster, and of its storage, is not asked of it.
+                    capacity = None if finished else check_capacity(study, local=not address)
+                    if address and not finished:  # a local Ray is one node
                         check_shared_storage(study)
         except BaseException as e:  # nothing was written yet: the folders made for it go (a Ctrl-C, Ray's failure)
             if new_lock:  # its lock file too (a driver that opened it meanwhile found it held, and exits)
@@ -628,6 +651,22 @@ def run_study(study, address, build_report=True, report_dir=None, named="--addre
                 ray.shutdown()
         finally:
             os.close(lock)
+
+
+@contextlib.contextmanager
+def sigterm_handler_kept():
+    """The SIGTERM handler before the block put back after it: ray.init sets its own (sys.exit(15), for its atexit
+    shutdown), which outlived it, so that a SIGTERM as the driver shut Ray down at the study's end exited 15, not 143
+    (run_study's sigterm_interrupts unwinds it instead, its finally shutting Ray down)."""
+    if threading.current_thread() is not threading.main_thread():  # signals reach only the main thread
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if previous is not None:  # None: a handler set outside Python, which cannot be put back
+            signal.signal(signal.SIGTERM, previous)
 
 
 class Capacity(NamedTuple):
@@ -727,6 +766,29 @@ def check_shared_storage(study):
 
 
 OUTPUT_LOCK = ".scaling-run.lock"  # the file in a study's output its running driver holds a lock on
+
+
+def output_in_use(study):
+    """The StudyError for an output whose lock another process holds (a running driver of the study, a replay)."""
+    return StudyError(f"{study.locate('output')}: output: {study.output} is in use by another scaling.run of this "
+                      f"study (its driver still runs) or a scaling.replay_mlflow of it; wait for it to end or stop it "
+                      f"first")
+
+
+def check_output_free(study):
+    """Refuse an output whose lock another process holds, at once: a second driver of a running study would otherwise
+    go through every check before launch (a reference folder's hashes, checkpoints read) and warn of what the first is
+    doing meanwhile. A probe, let go at once: run_study takes the lock for good (lock_output)."""
+    path = study.output / OUTPUT_LOCK
+    try:
+        probe = lock_file(path, create=False)  # None: held, or no file (no driver ever ran there)
+        held = probe is None and path.is_file()
+    except OSError:  # no folder that can be entered, storage that cannot lock: check_output and run_study say so
+        return
+    if probe is not None:
+        os.close(probe)
+    if held:
+        raise output_in_use(study)
 
 
 def lock_output(out):
@@ -909,9 +971,13 @@ def report_after_study(out, report_dir):
 
     try:
         path = make_report(out / "results.parquet", report_dir, processes=None)
-    # ValueError: the folder changed during the study, or rows the report cannot place; OSError: a full disk.
-    except (ValueError, OSError) as e:
-        print(f"error: no report: {e}; the results are in {out / 'results.parquet'}: build it with "
+    # ValueError: the folder changed during the study, or rows the report cannot place; OSError: a full disk; any
+    # other: the report's own error, which leaves the study's results as they are.
+    except Exception as e:
+        if interruption(e) is not None:  # a Ctrl-C or SIGTERM as a C extension initialised (an ImportError): a stop
+            raise
+        said = str(e) if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {e}"
+        print(f"error: no report: {said}; the results are in {out / 'results.parquet'}: build it with "
               f"python -m scaling.report {out} --out DIR", file=sys.stderr)
         return False
     print(f"report: {Path(path) / 'index.html'}")

@@ -233,6 +233,17 @@ def test_a_trials_own_failure_report_is_kept_when_tune_then_reports_its_error(st
     assert run.info.status == "FAILED" and rec.failed_count() == 1 and rec.progress.state[t.trial_id] == "failed"
 
 
+def test_a_trial_that_completes_without_every_milestone_counts_as_failed(study):
+    # Tune completed the trial (its function returned) before its last milestone's row, with no end report: its run
+    # ended FAILED, but failed_count() read only end reports, and the study exited 0 with its run FINISHED.
+    rec, t = recorder(study), study.trials[0]
+    rec.on_trial_start(0, [], tune_trial(t))
+    rec.on_trial_result(0, [], tune_trial(t), milestone(10))
+    rec.on_trial_complete(0, [], tune_trial(t))
+    assert rec.progress.state[t.trial_id] == "failed" and trial_run(rec, t).info.status == "FAILED"
+    assert rec.failed_count() == 1
+
+
 def test_a_store_that_does_not_answer_at_a_trials_start_does_not_log_its_curve_twice(study, monkeypatch):
     # Its logged steps read as none: a resumed trial re-sends every log it made, and each went to MLflow again.
     first, t = recorder(study), study.trials[0]

@@ -794,6 +794,32 @@ def test_a_report_a_finished_study_cannot_build_is_a_failure_of_the_study(tmp_pa
     assert capsys.readouterr().out == f"report: {tmp_path / 'new' / 'index.html'}\n"
 
 
+def test_fits_json_records_the_results_a_report_was_built_from(tmp_path, monkeypatch, capsys):
+    # A study run with another output (--set output=...) has the same name, so the same default folder: a report of
+    # one output silently replaced the other's there.
+    a, b = study_output(tmp_path / "a"), study_output(tmp_path / "b")
+    monkeypatch.chdir(tmp_path)
+    assert main([str(a), "--n-boot", "0"]) == 0
+    default = tmp_path / "reports" / "synthetic"
+    assert json.loads((default / "fits.json").read_text())["results"] == str(a / "results.parquet")
+    before = snapshot(default)
+    monkeypatch.setattr("scaling.report.analyze", lambda *args, **kwargs: pytest.fail("analysed a refused report"))
+    for results in (b, b / "results.parquet"):
+        assert main([str(results), "--n-boot", "0"]) == 2
+        assert capsys.readouterr().err == (f"error: report folder reports/synthetic: holds the report of the output "
+                                           f"{a}; this one is of the output {b}: give --out DIR for it, or delete "
+                                           "reports/synthetic to replace that report\n")
+    with pytest.raises(ValueError, match="^reports/synthetic: holds the report of the output"):
+        build_report(b / "results.parquet")
+    assert snapshot(default) == before
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    assert main([str(b), "--n-boot", "0", "--out", "reports/synthetic"]) == 0  # named: replaced
+    assert json.loads((default / "fits.json").read_text())["results"] == str(b / "results.parquet")
+    assert main(["--paper", "--n-boot", "0", "--out", "paper"]) == 0
+    assert json.loads((tmp_path / "paper" / "fits.json").read_text())["results"] is None
+
+
 @pytest.fixture(scope="module")
 def three_trials():
     """The analysis of a study of three models, one of each size S, B, L: every fit rests on 3 trials or fewer."""

@@ -545,7 +545,7 @@ def test_an_address_from_ray_address_is_named_as_such():
         scaling_run.check_reachable("ray-head", "RAY_ADDRESS")
 
 
-@pytest.mark.parametrize("address", ["ray-head", "ray-head:", "bogus:port", "ray://ray-head"])
+@pytest.mark.parametrize("address", ["ray-head", "ray-head:", "bogus:port"])
 def test_an_address_without_a_port_is_named(address):
     # Read as a port, the host name gave Python's "invalid literal for int() with base 10: 'ray-head'".
     with pytest.raises(StudyError, match=rf"^--address {re.escape(address)}: expected HOST:PORT \(the head node's, "
@@ -718,3 +718,216 @@ def test_a_finished_study_run_again_starts_no_ray(tmp_path, empty_store, monkeyp
     monkeypatch.setattr(ray, "init", no_cluster)
     assert scaling_run.run_study(study, "auto", build_report=False) == scaling_run.EXIT_BAD_INPUT
     assert "error: --address auto: no cluster" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("address", ["ray://ray-head:10001", "RAY://127.0.0.1:1"])
+def test_a_ray_client_address_is_refused(tmp_path, address, capsys):
+    # ray.init connects to any SCHEME://... through Ray Client, under which Tune runs on the cluster and the driver's
+    # recorder never sees a trial; the scheme was dropped and the rest checked as a GCS's HOST:PORT.
+    scheme = address.split("://")[0]
+    message = (f"--address {address}: Ray Client ({scheme}://) is not supported: under it Tune runs on the cluster, "
+               "and the driver's recorder (Parquet, MLflow) would see none of the trials; give the head node's GCS "
+               "address HOST:PORT (6379 unless its `ray start --head --port` says otherwise), or submit the driver "
+               "with `ray job submit`")
+    with pytest.raises(StudyError) as refused:
+        scaling_run.check_reachable(address)
+    assert str(refused.value) == message
+    study, out = write_study(tmp_path)
+    assert scaling_run.main([str(study), "--address", address]) == scaling_run.EXIT_BAD_INPUT
+    assert capsys.readouterr().err.splitlines()[-1] == f"error: {message}"
+    assert not out.exists()
+
+
+def test_a_stop_before_launch_is_one_line_not_a_traceback(tmp_path, monkeypatch, capsys):
+    # A Ctrl-C while the study file loaded, the checks ran or a dry run planned went up as a traceback.
+    import scaling.dry_run
+
+    study, out = write_study(tmp_path)
+    advice = "interrupted; run the same command again to resume the study\n"
+
+    def stopped(error):
+        def stop(*args, **kwargs):
+            raise error
+        return stop
+
+    def main(argv):
+        try:
+            return scaling_run.main(argv)
+        except KeyboardInterrupt as e:  # not to pytest, which would take it for the user's and stop the session
+            pytest.fail(f"{type(e).__name__} went up through main")
+
+    for where, error, status in (("load_study", KeyboardInterrupt(), 130),
+                                 ("load_study", scaling_run.Terminated(), 143),
+                                 ("check_output", KeyboardInterrupt(), 130)):
+        with monkeypatch.context() as m:
+            m.setattr(scaling_run, where, stopped(error))
+            assert main([str(study)]) == status
+        assert capsys.readouterr().err == advice
+    monkeypatch.setattr(scaling.dry_run, "format_plan", stopped(KeyboardInterrupt()))
+    assert main([str(study), "--dry-run"]) == 130
+    assert capsys.readouterr().err == advice
+    assert not out.exists()
+
+
+def test_sigterm_while_the_study_file_loads_exits_143(tmp_path):
+    # Python's default SIGTERM ended the driver at once (a shell reads -15), with no word.
+    study, out = write_study(tmp_path)
+    code = textwrap.dedent(f"""\
+        import os, signal, sys, time
+        from scaling import run
+        def load_study(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)
+        run.load_study = load_study
+        sys.exit(run.main([{str(study)!r}]))
+        """)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stderr) == (143, "interrupted; run the same command again to resume the study\n")
+
+
+def test_a_second_driver_of_a_running_study_is_refused_before_its_checks(tmp_path, monkeypatch, capsys):
+    # The lock was taken only after every check before launch: a second driver first hashed FID's reference folder,
+    # read checkpoints and could warn of what the running driver was doing, then exited 2.
+    study, out = write_study(tmp_path)
+    out.mkdir()
+    held = scaling_run.lock_output(out)
+    try:
+        for check in ("check_results", "check_output", "check_fid_basis", "passed_milestones", "run_study"):
+            monkeypatch.setattr(scaling_run, check, lambda *a, **k: pytest.fail("checked an output in use"))
+        assert scaling_run.main([str(study)]) == scaling_run.EXIT_BAD_INPUT
+        assert capsys.readouterr().err == (f"error: {study}:7: output: {out} is in use by another scaling.run of this "
+                                           "study (its driver still runs) or a scaling.replay_mlflow of it; wait for "
+                                           "it to end or stop it first\n")
+    finally:
+        os.close(held)
+    assert sorted(p.name for p in out.iterdir()) == [scaling_run.OUTPUT_LOCK]
+    # Free (its driver gone), the lock file stays free: the probe is let go at once.
+    monkeypatch.setattr(scaling_run, "run_study", lambda *a, **k: "ran")
+    monkeypatch.setattr(scaling_run, "check_results", lambda *a, **k: None)
+    for check in ("check_output", "passed_milestones", "check_fid_basis"):
+        monkeypatch.setattr(scaling_run, check, lambda *a, **k: [])
+    assert scaling_run.main([str(study), "--no-report"]) == "ran"
+    free = scaling_run.lock_output(out)
+    assert free is not None
+    os.close(free)
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_address_local_is_a_local_ray_of_the_studys_own(tmp_path, monkeypatch, flag):
+    # Ray's "local" was taken for a cluster's address: no local Ray options (the CPUs of the affinity, the dashboard
+    # on 127.0.0.1), the cluster's checks, and a finished study started Ray.
+    study, out = write_study(tmp_path)
+    given = []
+    monkeypatch.setattr(scaling_run, "run_study", lambda study, address, **kwargs: given.append(address) or 0)
+    if flag:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    else:
+        monkeypatch.setenv("RAY_ADDRESS", "local")
+    assert scaling_run.main([str(study), "--no-report"] + (["--address", "local"] if flag else [])) == 0
+    assert given == [None]
+
+
+def test_a_finished_study_on_a_cluster_is_not_checked_for_room(tmp_path, empty_store, monkeypatch, capsys):
+    # Nothing trains: a cluster shrunk since (or whose nodes no longer see the output) refused the run, exit 2.
+    import ray
+    from test_results import row
+
+    path, out = write_study(tmp_path, fid=False)
+    study = load_study(path)
+    out.mkdir()
+    shutil.copyfile(empty_store, out / "mlflow.db")
+    write_table([row(study="tiny", trial_id=t.trial_id, model=t.model, patch=t.patch, step=step)
+                 for t in study.trials for step in t.milestones], out / "results.parquet", RESULTS_SCHEMA)
+    reached = []
+    monkeypatch.setattr(ray, "init", lambda *args, **kwargs: reached.append(kwargs.get("address")))
+    monkeypatch.setattr(ray, "is_initialized", lambda: bool(reached))
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+
+    def refused(*args, **kwargs):
+        raise StudyError("the cluster holds no trial")
+
+    monkeypatch.setattr(scaling_run, "check_capacity", refused)
+    monkeypatch.setattr(scaling_run, "check_shared_storage", refused)
+    assert scaling_run.run_study(study, "ray-head:6379", build_report=False) == scaling_run.EXIT_OK, capsys.readouterr()
+    assert reached == ["ray-head:6379"]  # reached all the same: an address that answers none is refused
+    assert "study tiny: 2 trials, 2 already finished" in capsys.readouterr().out
+
+
+def test_sigterm_as_ray_shuts_down_exits_143(tmp_path, monkeypatch, capsys):
+    # ray.init's own SIGTERM handler (sys.exit(15)) outlived it: a SIGTERM as the driver shut Ray down at the study's
+    # end exited 15.
+    import ray
+
+    study, out = write_study(tmp_path)
+    outside = signal.getsignal(signal.SIGTERM)
+    up = []
+
+    def init(*args, **kwargs):  # as ray.init: its handler set as it starts
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+        up.append(True)
+
+    def shutdown():
+        up.clear()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # Python runs the handler between bytecodes of the main thread
+
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "is_initialized", lambda: bool(up))
+    monkeypatch.setattr(ray, "shutdown", shutdown)
+    monkeypatch.setattr(scaling_run, "check_capacity", lambda *a, **k: None)
+    monkeypatch.setattr(scaling_run, "_run_trials", lambda *a, **k: scaling_run.EXIT_OK)
+    try:
+        assert scaling_run.main([str(study), "--no-report"]) == 143
+    finally:
+        signal.signal(signal.SIGTERM, outside)
+    assert capsys.readouterr().err.endswith("interrupted; run the same command again to resume the study\n")
+
+
+def test_a_report_that_crashes_is_one_line_and_a_failure_of_the_study(tmp_path, monkeypatch, capsys):
+    # Only ValueError and OSError were caught: any other error of the report's went up as a traceback, without the
+    # command that builds it later.
+    import scaling.report
+
+    out = tmp_path / "out"
+
+    def crashes(*args, **kwargs):
+        raise RuntimeError("a figure failed")
+
+    monkeypatch.setattr(scaling.report, "build_report", crashes)
+    assert scaling_run.report_after_study(out, tmp_path / "r") is False
+    assert capsys.readouterr().err == (f"error: no report: RuntimeError: a figure failed; the results are in "
+                                       f"{out / 'results.parquet'}: build it with python -m scaling.report {out} "
+                                       "--out DIR\n")
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt()
+
+    monkeypatch.setattr(scaling.report, "build_report", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        scaling_run.report_after_study(out, tmp_path / "r")
+
+
+def test_the_default_report_folder_keeps_another_outputs_report(tmp_path, monkeypatch, capsys):
+    # `--set output=B` on the same study file has the same default folder, reports/<name>: B's report replaced A's.
+    study, out = write_study(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    report = tmp_path / "reports" / "tiny"
+    report.mkdir(parents=True)
+    (report / "index.html").write_text("<html></html>")
+    earlier = {"study": "tiny", "fits": {}, "results": str(tmp_path / "a" / "results.parquet")}
+    (report / "fits.json").write_text(json.dumps(earlier))
+    loaded = load_study(study, check_data=False)
+    with pytest.raises(StudyError) as refused:
+        scaling_run.check_report_dir(loaded, None)
+    assert str(refused.value) == (f"the report folder reports/tiny: holds the report of the output {tmp_path / 'a'}; "
+                                  f"this one is of the output {out}: give --report-dir DIR for it, or delete "
+                                  "reports/tiny to replace that report")
+    assert scaling_run.main([str(study)]) == scaling_run.EXIT_BAD_INPUT
+    assert capsys.readouterr().err == f"error: {refused.value}\n"
+    assert scaling_run.check_report_dir(loaded, "reports/tiny") == Path("reports/tiny")  # named: replaced
+    # Its own output's report, and one that does not say (written before fits.json recorded it), are replaced.
+    (report / "fits.json").write_text(json.dumps({**earlier, "results": str(out / "results.parquet")}))
+    assert scaling_run.check_report_dir(loaded, None) == Path("reports/tiny")
+    (report / "fits.json").write_text(json.dumps({"study": "tiny", "fits": {}}))
+    assert scaling_run.check_report_dir(loaded, None) == Path("reports/tiny")
+    assert not out.exists()
