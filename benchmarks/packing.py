@@ -4,6 +4,7 @@
 
 Starts a Ray cluster of --nodes nodes on this machine (ray.cluster_utils.Cluster; each node
 advertises --cpus-per-node CPUs), runs a study of --trials short trials of 2 workers × 1 CPU each
+(a trial's workers on one node or spread over several: Ray Train's PACK placement is soft)
 through `python -m scaling.run --address`, and reads each trial's start and end from its MLflow
 run. It prints the timeline and, for every trial that had to wait, how long its slot stayed free
 before it started: packing works when the cluster runs as many trials as fit whenever some are
@@ -54,6 +55,17 @@ def trial_spans(output):
     return [(s - t0, e - t0) for s, e in spans]
 
 
+def trials_at_once(nodes, cpus_per_node, trials):
+    """How many of the study's trials the cluster holds at once, as scaling.run packs them (scaling.study's
+    trials_that_fit: the cluster's totals, and each worker whole on one node)."""
+    from scaling.study import load_study, trials_that_fit
+
+    with tempfile.TemporaryDirectory(prefix="packing-") as tmp:
+        study = load_study(study_file(Path(tmp), trials), check_data=False)
+    node = {"CPU": float(cpus_per_node)}
+    return trials_that_fit(study, {"CPU": float(nodes * cpus_per_node)}, [node] * nodes)
+
+
 def refill_gaps(spans, capacity):
     """For each trial beyond the first wave: seconds between the slot it took becoming free and its start."""
     gaps = []
@@ -74,15 +86,15 @@ def main():
     parser.add_argument("--cpus-per-node", type=positive_int, default=2)
     parser.add_argument("--trials", type=positive_int, default=7)
     args = parser.parse_args()
-    if args.cpus_per_node < WORKERS * CPUS_PER_WORKER:
-        parser.error(f"--cpus-per-node must be at least {WORKERS * CPUS_PER_WORKER}: a trial's {WORKERS} workers "
-                     f"of {CPUS_PER_WORKER} CPU are packed onto one node")
+    capacity = trials_at_once(args.nodes, args.cpus_per_node, args.trials)
+    if not capacity:
+        parser.error(f"--nodes × --cpus-per-node must be at least {WORKERS * CPUS_PER_WORKER}: a trial's {WORKERS} "
+                     f"workers of {CPUS_PER_WORKER} CPU, on one node or spread over several")
     print(f"machine: {describe()}")
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": args.cpus_per_node})
     for _ in range(args.nodes - 1):
         cluster.add_node(num_cpus=args.cpus_per_node)
     cluster.wait_for_nodes()
-    capacity = args.nodes * args.cpus_per_node // (WORKERS * CPUS_PER_WORKER)
     try:
         with tempfile.TemporaryDirectory(prefix="packing-") as tmp:
             tmp = Path(tmp)

@@ -10,7 +10,7 @@ from core.cpus import usable_cpus
 from core.flops import training_compute
 from core.precision import autocast_dtype_for, use_precision
 from scaling.results import RESULTS_FILE, load_results, recorded_trials
-from scaling.study import launch_order, max_concurrent_trials
+from scaling.study import launch_order, trials_that_fit
 from scaling.trial_storage import checkpoint_step
 
 PROBE_BATCHES = (128, 8)  # the micro-batch probed, halved from the first towards the second to fit the budget
@@ -155,8 +155,12 @@ def local_resources():
 
 
 def local_slots(study):
-    """Trials at a time on this machine, as `scaling.run` without a cluster would run them."""
-    return max_concurrent_trials(study, local_resources())
+    """Trials at a time on this machine, as `scaling.run` without a cluster would run them: those its Ray holds (at
+    least one), no more where resources.max_concurrent_trials asks for more (the others would wait for room)."""
+    here = local_resources()
+    fit = max(1, trials_that_fit(study, here, [here]))  # one node: each worker whole on it
+    asked = study.raw["resources"]["max_concurrent_trials"]
+    return min(asked, fit) if asked else fit
 
 
 def local_capacity_warnings(study):
@@ -333,8 +337,12 @@ def format_plan(study, estimate=True):
         total_time = "not estimated"
     else:
         reasons = [times[t.trial_id] for t in todo if isinstance(times[t.trial_id], str)]  # e.g. "n/a (needs GPU)"
-        slots = min(local_slots(study), len(todo))
+        here = local_slots(study)
+        slots = min(here, len(todo))
         at_once = "one trial at a time" if slots == 1 else f"{slots} trials at a time"
+        asked = study.raw["resources"]["max_concurrent_trials"]
+        if asked and asked > here and len(todo) > here:  # the others would wait for room
+            at_once += f" (resources.max_concurrent_trials asks for {asked}; this machine holds {here})"
         total_time = reasons[0] if reasons else (
             f"{human_duration(wall_seconds([times[t.trial_id] for t in launch_order(todo)], slots))} ({at_once} on this "
             "machine, a trial of N workers at N times one worker's rate probed here; training, and FID's and the "

@@ -26,7 +26,8 @@ from scaling.continuation import continue_recorded_runs
 # Outside Tune's loop (else: below).
 from scaling.sigterm import Terminated, interruption, ray_exit_as_terminated, sigterm_interrupts
 from scaling.study import (StudyError, cached_inception_weights, check_cluster, eval_files_read, launch_order, load_study,
-                           max_concurrent_trials, sqlite_parts, workers_per_node)
+                           max_concurrent_trials, node_holds, sqlite_parts, trials_that_fit, worker_request,
+                           workers_per_node)
 from scaling.trial_storage import checkpoints_held, ray_storage, train_run_name
 
 EXIT_OK, EXIT_TRIALS_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -697,6 +698,7 @@ def check_capacity(study, local=False):
     limits = None if local else autoscaler_limits()
     if limits is None:
         check_cluster(study, now, nodes)
+        say_more_than_fit(study, now, nodes, local)
         if not local:
             say_held_elsewhere(study, now, nodes)
         return Capacity(now, nodes, [1] * len(nodes))
@@ -716,9 +718,41 @@ def check_capacity(study, local=False):
         print(f"warning: {e}; {unpublished}: the study goes on, its trials waiting for nodes that hold them (for ever "
               f"if none is added)", file=sys.stderr)
     if not study.raw["resources"]["max_concurrent_trials"]:
-        print(f"note: {unpublished}: {max_concurrent_trials(study, now, nodes)} trial(s) at once, what the nodes up "
-              f"hold (resources.max_concurrent_trials sets more)", file=sys.stderr)
+        print(f"note: {unpublished}: {unsaid_concurrency(study, now, nodes)}", file=sys.stderr)
     return Capacity(now, nodes, [1] * len(nodes), unsaid_nodes=True)
+
+
+def say_more_than_fit(study, now, nodes, local):
+    """A warning where resources.max_concurrent_trials asks for more trials at once than a cluster without an
+    autoscaler (or the study's own Ray) holds: the others wait in Ray's placement, each with its Tune actor and Train
+    controller, their wait counted in their start-up. The value stands: nodes may still join by hand."""
+    asked = study.raw["resources"]["max_concurrent_trials"]
+    fit = trials_that_fit(study, now, nodes)
+    if not asked or asked <= fit:
+        return
+    print(f"warning: {study.locate('resources.max_concurrent_trials')}: resources.max_concurrent_trials: {asked} "
+          f"trials at once, and {'this machine' if local else 'the cluster'} holds {fit} of them (each worker whole "
+          f"on one node): the other {asked - fit} wait for room, their wait counted in their start-up", file=sys.stderr)
+
+
+def unsaid_concurrency(study, now, nodes):
+    """How many trials run at once where an autoscaler does not say what it may add (what the nodes up hold, at least
+    one: each trial waiting beyond those would start a Tune actor and a Train controller on the head for nothing), and
+    the setting for more, for the note."""
+    res = study.raw["resources"]
+    setting = "set resources.max_concurrent_trials to the trials the cluster holds at its largest"
+    held = trials_that_fit(study, now, nodes)
+    if not held:
+        return (f"the nodes up hold none of the study's trials, so 1 runs at once, its wait asking the autoscaler "
+                f"for a node; for more at once, {setting} (the trials a node it adds holds, times the nodes it may "
+                f"add)")
+    worker, workers = worker_request(res), res["workers_per_trial"]
+    best = max(nodes, key=lambda node: node_holds(node, worker))  # held: some node holds a worker
+    per_node = node_holds(best, worker)
+    kind = " and ".join(f"{best.get(r, 0.0):g} {r}s" for r in worker)
+    example = (f"e.g. {per_node // workers} for each node like one up of {kind}" if per_node % workers == 0
+               else f"e.g. the workers its nodes hold ÷ {workers}, a node like one up of {kind} holding {per_node}")
+    return f"{held} trial(s) at once, what the nodes up hold; for more, {setting} ({example})"
 
 
 def say_held_elsewhere(study, now, nodes):

@@ -1089,8 +1089,8 @@ def feature_dim(extractor):
 RAY_RESOURCE_UNIT = 0.0001  # ray._raylet.RESOURCE_UNIT_SCALING's inverse; not imported: the schema needs no Ray
 
 
-def _check_resources(raw, where):
-    """Resource settings that depend on one another."""
+def _check_resources(raw, where, warnings):
+    """Resource settings that depend on one another; a share of a GPU that leaves part of each GPU idle, a warning."""
     res = raw["resources"]
     for key in ("cpus_per_worker", "gpus_per_worker"):  # Ray refused it as each trial's workers were made
         if 0 < res[key] < RAY_RESOURCE_UNIT:
@@ -1106,6 +1106,17 @@ def _check_resources(raw, where):
         raise where.error(("resources", "gpus_per_worker"), f"a share of a GPU ({res['gpus_per_worker']:g}) suits one "
                                                             "worker a trial: Ray may give two workers of a trial the "
                                                             "same GPU, which NCCL refuses")
+    share = res["gpus_per_worker"]
+    if 0 < share < 1:
+        # Ray places a share within one GPU: 0.3 three times, and the 0.1 left of each GPU holds none.
+        per_gpu = how_many_fit(1.0, share)
+        idle = round(1 - per_gpu * share, 4)
+        if idle > per_gpu * RAY_RESOURCE_UNIT:  # not 1/3 written as 0.3333, whose 0.0001 left is Ray's rounding
+            whole = math.floor(1 / per_gpu / RAY_RESOURCE_UNIT) * RAY_RESOURCE_UNIT  # 1/3 as Ray's finest: 0.3333
+            instead = f"{whole:g}" if round(whole * per_gpu, 4) == 1 else f"1/{per_gpu} ({whole:g})"
+            warnings.append(f"{where(('resources', 'gpus_per_worker'))}: resources.gpus_per_worker: {share:g} of a GPU "
+                            f"leaves {idle:g} of each GPU idle (Ray places each share within one GPU, which holds "
+                            f"{per_gpu} of them): {instead} would use it all")
 
 
 #################################################################################
@@ -1397,8 +1408,8 @@ def load_study(path, overrides=(), check_data=True):
     axes = _sweep(raw["sweep"], train_given, where)
     raw["sweep"] = {key: _sweep_yaml(key, values) for key, values in axes.items() if values is not None}
     _resolve_paths(raw, Path(path).absolute().parent, where)
-    _check_resources(raw, where)
     warnings = []
+    _check_resources(raw, where, warnings)
     info = _dataset_info(raw, where, check_data, warnings)
     _check_eval(raw, info, where, check_data, warnings)
     trials = _expand(raw, axes, info, where, warnings)
@@ -1420,19 +1431,27 @@ def launch_order(trials):
 
 
 def max_concurrent_trials(study, resources, nodes=None, counts=None):
-    """As many trials as the cluster's resources hold at once: no GPU idles while trials wait. nodes (and counts,
-    worker_slots'): each worker is placed whole on one node, so the cluster holds no more trials than its nodes hold
-    workers (a 64-CPU head beside 8-GPU nodes holds none of a GPU trial's workers)."""
+    """As many trials as the cluster's resources hold at once: no GPU idles while trials wait (trials_that_fit, at
+    least one), or resources.max_concurrent_trials where the study gives it."""
     res = study.raw["resources"]
     if res["max_concurrent_trials"]:
         return res["max_concurrent_trials"]
+    return max(1, trials_that_fit(study, resources, nodes, counts))
+
+
+def trials_that_fit(study, resources, nodes=None, counts=None):
+    """How many of the study's trials the cluster's resources hold at once, 0 where none (whatever
+    resources.max_concurrent_trials says). nodes (and counts, worker_slots'): each worker is placed whole on one node,
+    so the cluster holds no more trials than its nodes hold workers (a 64-CPU head beside 8-GPU nodes holds none of a
+    GPU trial's workers)."""
+    res = study.raw["resources"]
     workers = res["workers_per_trial"]
     fits = [how_many_fit(resources.get("CPU", 0), workers * res["cpus_per_worker"])] if res["cpus_per_worker"] else []
     if res["gpus_per_worker"]:
-        fits.append(how_many_fit(resources.get("GPU", 0), workers * res["gpus_per_worker"]))
+        fits.append(resource_fit(resources.get("GPU", 0), workers * res["gpus_per_worker"], "GPU"))
     if nodes is not None:
         fits.append(worker_slots(study, nodes, counts) // workers)
-    return max(1, min(fits or [1]))
+    return min(fits or [1])
 
 
 def worker_request(resources):
@@ -1449,7 +1468,7 @@ def worker_slots(study, nodes, counts=None):
         return UNLIMITED
     slots = 0
     for node, count in zip(nodes, counts or [1] * len(nodes), strict=True):
-        fit = min(how_many_fit(node.get(r, 0.0), n) for r, n in worker.items())
+        fit = node_holds(node, worker)
         if fit and count >= UNLIMITED:
             return UNLIMITED
         slots += fit * count
@@ -1462,6 +1481,20 @@ def how_many_fit(have, need):
     return math.floor(round(have / need, 4))
 
 
+def resource_fit(have, need, resource):
+    """How many times need of the resource fits in have, as Ray places it: a share of a GPU (under 1) lies within one
+    GPU, so each GPU holds floor(1 / share) of them (0.3: three, 0.1 of each GPU idle), where have / need pooled the
+    GPUs' leftovers (8 GPUs: 24 shares of 0.3, not 26)."""
+    if resource == "GPU" and need < 1:
+        return math.floor(round(have, 4)) * how_many_fit(1.0, need)
+    return how_many_fit(have, need)
+
+
+def node_holds(node, worker):
+    """How many workers of the request worker (worker_request's) one node (its resources) holds at once."""
+    return min(resource_fit(node.get(r, 0.0), n, r) for r, n in worker.items())
+
+
 def workers_per_node(study, nodes, concurrent_trials):
     """The most of the study's workers one node runs at once (nodes: the resources of each node up, as ray.nodes()
     gives them, and of each node type an autoscaler may add), with concurrent_trials trials at a time: the processes
@@ -1471,7 +1504,7 @@ def workers_per_node(study, nodes, concurrent_trials):
     most = concurrent_trials * res["workers_per_trial"]
     if not worker:  # asks for nothing: Ray places any number of them on a node
         return most
-    fits = [min(how_many_fit(node.get(r, 0.0), n) for r, n in worker.items()) for node in nodes]
+    fits = [node_holds(node, worker) for node in nodes]
     # No node up holds one (an autoscaler adds them): as many as could come together.
     return min(max(fits, default=0) or most, most)
 
@@ -1488,7 +1521,7 @@ def check_cluster(study, cluster_resources, nodes=(), autoscaled=False, counts=N
     has = "grows to at most" if autoscaled else "has"
     for key, resource in (("gpus_per_worker", "GPU"), ("cpus_per_worker", "CPU")):
         need, have = workers * res[key], float(cluster_resources.get(resource, 0.0))
-        if need > have:
+        if need and how_many_fit(have, need) < 1:  # to 1e-4, as Ray counts: 3 × 1.1 is 3.3000000000000003 > 3.3
             raise study.locations.error(("resources", key), f"a trial needs {workers} × {res[key]:g} = {need:g} "
                                                              f"{resource}s, the cluster {has} {have:g}"
                                                              + (" with what its autoscaler may add" if autoscaled
@@ -1496,7 +1529,7 @@ def check_cluster(study, cluster_resources, nodes=(), autoscaled=False, counts=N
     worker = worker_request(res)
     if not nodes:
         return
-    if any(all(node.get(r, 0.0) >= n for r, n in worker.items()) for node in nodes):
+    if any(node_holds(node, worker) for node in nodes):
         slots = worker_slots(study, nodes, counts)
         if slots < workers:  # each fits somewhere, not all of them at once
             raise study.locations.error(
@@ -1505,7 +1538,8 @@ def check_cluster(study, cluster_resources, nodes=(), autoscaled=False, counts=N
                 f"one node; the cluster's nodes " + ("and the node types its autoscaler adds " if autoscaled else "")
                 + f"hold {slots} such worker(s) at once")
         return
-    short = next((r for r, n in worker.items() if all(node.get(r, 0.0) < n for node in nodes)), "CPU")
+    short = next((r for r, n in worker.items() if not any(resource_fit(node.get(r, 0.0), n, r) for node in nodes)),
+                 "CPU")
     sizes = sorted({" and ".join(f"{node.get(r, 0.0):g} {r}s" for r in worker) for node in nodes})
     raise study.locations.error(
         ("resources", "gpus_per_worker" if short == "GPU" else "cpus_per_worker"),

@@ -114,8 +114,10 @@ def test_a_study_needing_a_node_the_autoscaler_adds_runs_on_it(tmp_path, autosca
     assert (f"warning: {study}:6: resources.cpus_per_worker: a trial needs 1 × 2 = 2 CPUs, the cluster has 1; the "
             "cluster autoscales, and its autoscaler does not publish what it may add: the study goes on, its trials "
             "waiting for nodes that hold them (for ever if none is added)") in text
-    assert ("note: the cluster autoscales, and its autoscaler does not publish what it may add: 1 trial(s) at once, "
-            "what the nodes up hold (resources.max_concurrent_trials sets more)") in text
+    assert ("note: the cluster autoscales, and its autoscaler does not publish what it may add: the nodes up hold "
+            "none of the study's trials, so 1 runs at once, its wait asking the autoscaler for a node; for more at "
+            "once, set resources.max_concurrent_trials to the trials the cluster holds at its largest (the trials a "
+            "node it adds holds, times the nodes it may add)") in text
     df = load_results(out)
     assert list(df.step) == [10] and (df.status == "ok").all()
     ray.init(address=autoscaling_head, log_to_driver=False)
@@ -295,3 +297,65 @@ def test_resources_other_work_holds_on_a_shared_cluster_are_noted(tmp_path, caps
         remove_placement_group(held)
     finally:
         ray.shutdown()
+
+
+def made_up_cluster(monkeypatch, nodes, limits):
+    """check_capacity's view of a cluster of these nodes (their resources), none of it held by other work, whose
+    autoscaler_limits() are limits: no Ray started."""
+    import scaling.autoscaler_limits
+
+    totals = {r: sum(node.get(r, 0.0) for node in nodes) for r in ("CPU", "GPU")}
+    monkeypatch.setattr(ray, "cluster_resources", lambda: dict(totals))
+    monkeypatch.setattr(ray, "available_resources", lambda: dict(totals))
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": node} for node in nodes])
+    monkeypatch.setattr(scaling.autoscaler_limits, "autoscaler_limits", lambda: limits)
+
+
+def test_the_note_of_an_autoscaler_that_does_not_say_is_true_of_the_nodes_up(tmp_path, monkeypatch, capsys):
+    # A head alone holds no GPU trial: the note said "1 trial(s) at once, what the nodes up hold".
+    (tmp_path / "s.yaml").write_text("name: s\ndata: {dataset: digits}\nsweep: {model: [DiT-P], patch: [4], "
+                                     "steps: [10]}\nresources: {workers_per_trial: 1, gpus_per_worker: 1, "
+                                     "cpus_per_worker: 12}\n")
+    study = load_study(tmp_path / "s.yaml")
+    unpublished = "note: the cluster autoscales, and its autoscaler does not publish what it may add: "
+    made_up_cluster(monkeypatch, [{"CPU": 64.0}], AutoscalerLimits())
+    assert max_concurrent_trials(study, *check_capacity(study)[:3]) == 1  # the rule stands: one, asking for a node
+    assert capsys.readouterr().err.splitlines()[1] == (
+        f"{unpublished}the nodes up hold none of the study's trials, so 1 runs at once, its wait asking the "
+        "autoscaler for a node; for more at once, set resources.max_concurrent_trials to the trials the cluster holds "
+        "at its largest (the trials a node it adds holds, times the nodes it may add)")
+    made_up_cluster(monkeypatch, [{"CPU": 64.0}, {"CPU": 96.0, "GPU": 8.0}], AutoscalerLimits())
+    assert max_concurrent_trials(study, *check_capacity(study)[:3]) == 8
+    assert capsys.readouterr().err == (
+        f"{unpublished}8 trial(s) at once, what the nodes up hold; for more, set resources.max_concurrent_trials to "
+        "the trials the cluster holds at its largest (e.g. 8 for each node like one up of 96 CPUs and 8 GPUs)\n")
+    four = load_study(tmp_path / "s.yaml", overrides=["resources.workers_per_trial=16"])  # two such nodes a trial
+    made_up_cluster(monkeypatch, [{"CPU": 64.0}] + [{"CPU": 96.0, "GPU": 8.0}] * 2, AutoscalerLimits())
+    check_capacity(four)
+    assert capsys.readouterr().err == (
+        f"{unpublished}1 trial(s) at once, what the nodes up hold; for more, set resources.max_concurrent_trials to "
+        "the trials the cluster holds at its largest (e.g. the workers its nodes hold ÷ 16, a node like one up of "
+        "96 CPUs and 8 GPUs holding 8)\n")
+
+
+def test_more_trials_at_once_than_a_fixed_cluster_holds_are_a_warning(tmp_path, monkeypatch, capsys):
+    # An explicit max_concurrent_trials was used as given, unsaid: on 2 CPUs, 8 one-CPU trials launched, 6 of them
+    # waiting in Ray's placement with their Tune actors and Train controllers, their wait counted as start-up.
+    (tmp_path / "s.yaml").write_text("name: s\ndata: {dataset: digits}\nsweep: {model: [DiT-P], patch: [4], "
+                                     "steps: [10]}\nresources: {workers_per_trial: 1, cpus_per_worker: 1, "
+                                     "max_concurrent_trials: 8}\n")
+    study = load_study(tmp_path / "s.yaml")
+    made_up_cluster(monkeypatch, [{"CPU": 1.0}, {"CPU": 1.0}], None)
+    assert max_concurrent_trials(study, *check_capacity(study)[:3]) == 8  # kept: nodes may join by hand
+    assert capsys.readouterr().err == (
+        f"warning: {study.path}:4: resources.max_concurrent_trials: 8 trials at once, and the cluster holds 2 of them "
+        f"(each worker whole on one node): the other 6 wait for room, their wait counted in their start-up\n")
+    check_capacity(study, local=True)
+    assert "8 trials at once, and this machine holds 2 of them" in capsys.readouterr().err
+    made_up_cluster(monkeypatch, [{"CPU": 8.0}], None)
+    check_capacity(study)
+    assert capsys.readouterr().err == ""
+    # An autoscaling cluster: the value is how far the user lets it grow.
+    made_up_cluster(monkeypatch, [{"CPU": 2.0}], AutoscalerLimits())
+    check_capacity(study)
+    assert capsys.readouterr().err == ""

@@ -21,7 +21,8 @@ CASES = [
     ("host_memory", ["--model", "DiT-T"], "unknown model 'DiT-T'"),
     ("train_options", ["--steps", "1"], "--steps must be even and at least 2"),
     ("train_options", ["--steps", "25"], "--steps must be even and at least 2"),  # its last window: one step
-    ("packing", ["--cpus-per-node", "1"], "--cpus-per-node must be at least 2"),
+    ("packing", ["--nodes", "1", "--cpus-per-node", "1"], "--nodes × --cpus-per-node must be at least 2: a trial's 2 "
+                                                         "workers of 1 CPU, on one node or spread over several"),
     ("trial_overhead", ["--trials", "0"], "argument --trials: 0 must be at least 1"),
     ("trial_overhead", ["--study", "/nonexistent/study.yaml"], "--study: "),
     ("trial_overhead", ["--study", "studies/gflops_sweep.yaml", "--trials", "2"],
@@ -45,6 +46,15 @@ def usage_error(module, argv, monkeypatch, capsys):
 @pytest.mark.parametrize("module,argv,message", CASES, ids=[f"{m}{' '.join(a)}" for m, a, _ in CASES])
 def test_bad_flag_is_a_usage_error(module, argv, message, monkeypatch, capsys):
     assert message in usage_error(module, argv, monkeypatch, capsys)
+
+
+def test_the_packing_benchmark_counts_trials_at_once_as_the_study_packs_them():
+    # It asked each trial's two workers to share one node (Ray Train's PACK is soft: they may span nodes), and counted
+    # capacity with its own arithmetic, not the project's.
+    from benchmarks.packing import trials_at_once
+
+    assert [trials_at_once(3, 2, 7), trials_at_once(3, 1, 7), trials_at_once(2, 3, 7), trials_at_once(1, 1, 7)] == [
+        3, 1, 3, 0]  # 3 one-CPU nodes: two workers on two of them
 
 
 def test_report_build_refuses_bad_input(tmp_path, capsys):

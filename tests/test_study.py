@@ -548,10 +548,26 @@ def test_the_dry_runs_total_time_schedules_trials_on_the_free_slots(tmp_path):
     assert wall_seconds([3, 1, 1, 2], 1) == 7 and wall_seconds([5], 4) == 5
     one = load(tmp_path, overrides=["resources.max_concurrent_trials=1"])
     assert local_slots(one) == 1 and "(one trial at a time on this machine" in format_plan(one, estimate=True)
-    assert local_slots(load(tmp_path, overrides=["resources.max_concurrent_trials=3"])) == 3
     cpus = len(os.sched_getaffinity(0))
+    assert local_slots(load(tmp_path, overrides=["resources.max_concurrent_trials=3"])) == min(3, cpus)
     assert local_slots(load(tmp_path)) == cpus  # one CPU per trial's worker, as BASE asks
     assert local_slots(load(tmp_path, overrides=["resources.cpus_per_worker=2"])) == max(1, cpus // 2)
+
+
+def test_the_dry_run_runs_no_more_trials_at_once_than_this_machine_holds(tmp_path, monkeypatch):
+    # A max_concurrent_trials above what the machine holds was taken as given: on 2 CPUs, eight one-CPU trials of
+    # 100 s were estimated at 100 s, where the Ray started here runs two at a time (400 s).
+    import scaling.dry_run as dry_run
+
+    monkeypatch.setattr(dry_run, "local_resources", lambda: {"CPU": 2, "GPU": 0})
+    eight = load(tmp_path, overrides=["resources.max_concurrent_trials=8"])
+    assert local_slots(eight) == 2 and wall_seconds([100] * 8, local_slots(eight)) == 400
+    assert local_slots(load(tmp_path, overrides=["resources.max_concurrent_trials=1"])) == 1  # fewer: as given
+    monkeypatch.setattr(dry_run, "local_resources", lambda: {"CPU": 4, "GPU": 0})
+    assert local_slots(load(tmp_path, overrides=["resources.max_concurrent_trials=3"])) == 3
+    monkeypatch.setattr(dry_run, "local_resources", lambda: {"CPU": 2, "GPU": 0})
+    assert ("2 trials at a time (resources.max_concurrent_trials asks for 8; this machine holds 2) on this machine"
+            in format_plan(eight, estimate=True))
 
 
 def test_the_workers_a_node_runs_at_once_count_every_trial_packed_there(tmp_path):
@@ -1213,6 +1229,38 @@ def test_cluster_too_small(tmp_path):
         check_cluster(study, {"CPU": 2.0})
     assert str(err.value) == ("--set resources.cpus_per_worker=3: resources.cpus_per_worker: a trial needs 1 × 3 = 3 "
                               "CPUs, the cluster has 2")
+
+
+def test_a_trial_needing_exactly_the_clusters_cpus_fits_as_ray_counts_them(tmp_path):
+    # 3 × 1.1 is 3.3000000000000003 in floating point, above the 3.3 CPUs Ray counts as holding three workers of 1.1.
+    study = load(tmp_path, overrides=["resources.workers_per_trial=3", "resources.cpus_per_worker=1.1",
+                                      "train.batch_size=75"])
+    check_cluster(study, {"CPU": 3.3}, [{"CPU": 3.3}])
+    wide = load(tmp_path, overrides=["resources.workers_per_trial=25", "resources.cpus_per_worker=2.2",
+                                     "train.batch_size=75"])
+    check_cluster(wide, {"CPU": 55.0}, [{"CPU": 55.0}])  # 55.00000000000001
+    with pytest.raises(StudyError, match="a trial needs 3 × 1.1 = 3.3 CPUs, the cluster has 3.2$"):
+        check_cluster(study, {"CPU": 3.2}, [{"CPU": 3.2}])
+
+
+@pytest.mark.parametrize("share, per_gpu", [(0.3, 3), (0.4, 2), (0.75, 1), (0.1, 10), (0.5, 2), (0.3333, 3)])
+def test_a_share_of_a_gpu_lies_within_one_gpu(tmp_path, share, per_gpu):
+    # Ray places a share of a GPU within one GPU: 0.3 three times a GPU, its 0.1 left idle. The GPUs were pooled,
+    # 8 GPUs / 0.3 = 26 workers a node: 104 trials on 4 nodes of 8 GPUs, of which 96 ran, 8 waiting for room.
+    from scaling.study import worker_slots, workers_per_node
+
+    study = load(tmp_path, overrides=[f"resources.gpus_per_worker={share}"])
+    nodes = [{"CPU": 8.0}] + [{"CPU": 96.0, "GPU": 8.0}] * 4
+    totals = {"CPU": 392.0, "GPU": 32.0}
+    assert worker_slots(study, nodes) == 32 * per_gpu
+    assert max_concurrent_trials(study, totals) == max_concurrent_trials(study, totals, nodes) == 32 * per_gpu
+    assert workers_per_node(study, nodes, concurrent_trials=1000) == 8 * per_gpu
+    check_cluster(study, totals, nodes)
+    idle = [w for w in study.warnings if "resources.gpus_per_worker" in w]
+    assert idle == ([] if per_gpu * share > 0.999 else [
+        f"--set resources.gpus_per_worker={share}: resources.gpus_per_worker: {share} of a GPU leaves "
+        f"{round(1 - per_gpu * share, 4):g} of each GPU idle (Ray places each share within one GPU, which holds "
+        f"{per_gpu} of them): {dict([(3, '1/3 (0.3333)'), (2, '0.5'), (1, '1')])[per_gpu]} would use it all"])
 
 
 def test_a_worker_that_fits_on_no_node_is_refused(tmp_path):
