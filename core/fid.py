@@ -205,6 +205,8 @@ def _against_statistics(images, reference, *, extractor, weights, cache_root, cu
     wanted = {METRICS[m][0] for m in metrics if supports(extractor, METRICS[m][0])}
     if real is None:
         wanted -= {"kid", "prc"}
+    if not wanted:  # kid alone, say, without the file's images: torch-fidelity refuses a call that computes nothing
+        return {m: None for m in metrics if m in METRICS}
     kwargs = fidelity_kwargs(extractor, weights, len(images), len(real) if real is not None else len(images), cuda)
     kwargs.update(cache=True, cache_root=str(cache_root), **{s: s in wanted for s in ("fid", "kid", "prc", "isc")},
                   **_inputs(1, images, cache_root, extractor, weights))

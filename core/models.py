@@ -310,7 +310,6 @@ class DiT(nn.Module):
         return torch.cat([eps, rest], dim=1)
 
 
-
 class _NoRandomInitOnMeta(torch.overrides.TorchFunctionMode):
     """Skips normal_ on meta tensors, which hold no values: torch's meta normal_ imports torch._dynamo (a CPU-second
     or two, in every process that checks a study). nn.init's is seen here, not the tensor method it calls."""
@@ -330,6 +329,7 @@ def meta_dit(**config):
     """A DiT of config on the meta device: its parameters' shapes, no memory and no initialisation."""
     with torch.device("meta"), _NoRandomInitOnMeta():
         return DiT(**config)
+
 
 # The widest, deepest and widest-MLP DiT a config may ask for: far past any trained (DiT-XL: 1152 wide, 28 deep, ratio
 # 4), they keep a size that overflows a tensor's, or a validation that builds thousands of blocks, out.

@@ -194,10 +194,11 @@ class NpzImages(Dataset):
 def is_statistics_file(path):
     """Whether a reference path names an .npz of FID statistics (or any file: folders are image folders)."""
     path = Path(path).expanduser()
+    named = path.suffix.lower() == ".npz"
     try:
-        return path.suffix.lower() == ".npz" or path.is_file()
+        return path.is_file() or (named and not path.is_dir())  # a folder named x.npz is a folder
     except OSError:  # in a folder that cannot be entered: statistics_problem or the folder's scan names it
-        return path.suffix.lower() == ".npz"
+        return named
 
 
 def statistics_problem(path, dim=None):

@@ -299,6 +299,9 @@ MOVED = {"model": "sweep.model", "patch": "sweep.patch", "steps": "sweep.steps",
          "gradient_accumulation_steps": "train.grad_accum", "accumulate_grad_batches": "train.grad_accum",
          "clip_grad": "train.grad_clip", "max_grad_norm": "train.grad_clip", "gradient_clipping": "train.grad_clip",
          "wd": "train.weight_decay", "cfg": "eval.cfg_scale", "guidance_scale": "eval.cfg_scale"}
+# The same words inside a section that has a field of that meaning: the eval section's steps are the sampler's
+# (core.evaluate.EvalConfig calls them num_steps), not the training's.
+MOVED_IN = {"eval": {"num_steps": "eval.sampling_steps", "steps": "eval.sampling_steps"}}
 
 
 #################################################################################
@@ -624,8 +627,9 @@ def _key_hint(key_path, known):
         if rest in inside:
             return f"; write '{rest}:' under '{head}:'"
         return _axis_hint(rest) if head == "sweep" else _key_hint((head, rest), inside)
-    if key_path[-1] in MOVED:
-        return f"; did you mean {MOVED[key_path[-1]]!r}?"
+    moved = MOVED_IN.get(key_path[0], {}).get(key_path[-1]) or MOVED.get(key_path[-1])
+    if moved:
+        return f"; did you mean {moved!r}?"
     section = "".join(f"{k}." for k in key_path[:-1])
     return _did_you_mean(key_path[-1], {str(k): f"{section}{k}" for k in known})
 
@@ -1078,7 +1082,8 @@ def _reason(err):
 
 
 def feature_dim(extractor):
-    """Width of the features an extractor gives FID: its covariance needs more images than that."""
+    """Width of the features an extractor gives FID: its covariance needs more images than that (core.fid's
+    fid_feature_dim, which asks torch-fidelity's registry, without its import)."""
     if extractor == "digits":
         from core.digits_classifier import FEATURE_DIM
 

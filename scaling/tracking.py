@@ -12,11 +12,12 @@ connections and never answers) costs the driver moments, not minutes.
 Only a store that does not answer now (the network, a timeout, a server or database that says it is busy or
 down) queues a call: any other failure, a call MLflow refuses (a run deleted in the UI meanwhile) or one that fails
 for good (an artifact store it cannot write to), is dropped with a warning instead: queued, it would hold back every
-call after it. So is a call the server answers with a 5xx or 429 (MLflow's retries of it ran out) while it answers a
-cheap call (get_experiment) made at once after: the failure is that call's own (log_artifact through a server whose
+call after it. So is a call the server answers with a 5xx (MLflow's retries of it ran out) while it answers a cheap
+call (get_experiment) made at once after: the failure is that call's own (log_artifact through a server whose
 artifact store denies it answers 500 every time): it is dropped, and the queue goes on past it, once it has failed
-so on ANSWERED_FAILURES attempts, a retry interval apart (a moment's 503 passes). Where that cheap call fails too,
-the server is away: the call stays queued, and everything after it, replayed in order once it answers.
+so on ANSWERED_FAILURES attempts at least RETRY_INTERVAL_S apart (a moment's 503 passes; a forced replay's attempt
+sooner does not count). Where that cheap call fails too, the server is away: the call stays queued, and everything
+after it, replayed in order once it answers; so does a call the server rate-limits (429), however often.
 """
 import contextlib
 import json
@@ -144,6 +145,7 @@ class StudyTracker:
         self.refused_runs = set()  # the runs of refused calls, each warned of once
         self.failures = set()  # (call, error) of the other dropped calls, each warned of once
         self.answered_failures = 0  # attempts of the queue's first call that failed while the server answered
+        self.answered_at = 0.0  # when the last of them was counted (time.monotonic)
         output_dir = str(Path(output_dir).resolve())
         self.output_dir = output_dir
         exp = self.client.get_experiment_by_name(experiment)
@@ -338,7 +340,10 @@ class StudyTracker:
         long again."""
         if not answered(e) or not self._answers():
             return False
-        self.answered_failures += 1
+        now = time.monotonic()
+        if self.answered_failures and now - self.answered_at < RETRY_INTERVAL_S:  # a forced replay's retry at once
+            return False
+        self.answered_failures, self.answered_at = self.answered_failures + 1, now
         return self.answered_failures >= ANSWERED_FAILURES
 
     def _answers(self):
@@ -379,12 +384,26 @@ def away(e):
 
 
 def answered(e):
-    """Whether an error that says the store is away is an answer the server gave (a 5xx or 429 that MLflow's retries
-    ran out on, an artifact store's, the server's own error code), not a connection that failed or timed out."""
+    """Whether an error that says the store is away is an answer the server gave (a 5xx that MLflow's retries ran out
+    on, an artifact store's, the server's own error code), not a connection that failed or timed out, nor a rate limit
+    (a hosted server limits writes apart from reads: the call is as good as the next, and waits)."""
+    if rate_limited(e):
+        return False
     for error in error_chain(e):
         if isinstance(error, requests.exceptions.RetryError) or _http_status(error) in AWAY_STATUSES:
             return True
         if isinstance(error, RestException) and error.error_code in AWAY_CODES:
+            return True
+    return False
+
+
+def rate_limited(e):
+    """Whether an MLflow call's error is a rate limit: a 429 (MLflow's retries of it ran out: urllib3 says "too many
+    429 error responses"), or the server's REQUEST_LIMIT_EXCEEDED or RESOURCE_EXHAUSTED."""
+    for error in error_chain(e):
+        if _http_status(error) == 429 or "too many 429 error responses" in str(error):
+            return True
+        if isinstance(error, RestException) and error.error_code in ("REQUEST_LIMIT_EXCEEDED", "RESOURCE_EXHAUSTED"):
             return True
     return False
 

@@ -1,5 +1,6 @@
 """core.evaluate: FID through torch-fidelity on digits, its cache, the noise floor, sampling across ranks, errors."""
 import copy
+import functools
 import json
 import os
 import subprocess
@@ -626,14 +627,19 @@ def test_fid_against_a_statistics_file_is_fid_against_the_images_it_summarises(t
     assert from_file["fid_basis"] == fid_basis_now(dataclasses.replace(cfg, reference=str(npz)), "digits",
                                                    input_size=8)
 
-    # arr_0's features are cached as a reference folder's are: scoring again extracts the generated images alone.
+    # arr_0's features are cached as a reference folder's are: scoring again extracts the generated images alone, and
+    # those each time (generated images are never cached); KID alone computes nothing more than it needs.
     seen = count_extracted(monkeypatch)
     reference = reference_images("digits", image_size=8, reference=npz)
     generated = UInt8Images(train_images[:50])
     extractor, weights = fid_module.resolve_extractor("digits")
-    again = fid_module.fidelity(generated, reference, extractor=extractor, weights=weights,
-                                cache_root=tmp_path / "cache")
-    assert sum(seen) == 50 and again["kid"] is not None
+    score = functools.partial(fid_module.fidelity, generated, extractor=extractor, weights=weights,
+                              cache_root=tmp_path / "cache")
+    again, twice = score(reference), score(reference)
+    assert sum(seen) == 100 and again == twice and again["kid"] is not None
+    without_images = reference_images("digits", image_size=8, reference=write_statistics(
+        tmp_path / "no_images.npz", train_images, with_images=False))
+    assert score(without_images, metrics=("kid",)) == {"kid": None}
 
 
 def test_a_statistics_file_without_images_gives_fid_and_no_kid_or_precision(tmp_path):
@@ -721,3 +727,12 @@ def test_the_fid_basis_of_a_statistics_file_follows_its_contents_not_its_path(tm
     np.savez(npz, **{**arrays, "mu": arrays["mu"] + 1})  # rewritten in place: same path, same size
     second = basis(npz)
     assert second["reference"] != first["reference"] and {**second, "reference": first["reference"]} == first
+
+
+def test_a_folder_named_like_an_npz_is_a_folder_of_images(tmp_path):
+    from core.real_images import is_statistics_file
+
+    images = digits_images("train").dataset.images[:4]  # (4, 1, 8, 8)
+    write_folder(tmp_path / "real.npz", images, [0] * len(images))
+    assert not is_statistics_file(tmp_path / "real.npz") and is_statistics_file(tmp_path / "missing.npz")
+    assert len(reference_images("digits", image_size=8, reference=tmp_path / "real.npz")) == 4

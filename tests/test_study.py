@@ -611,6 +611,8 @@ DID_YOU_MEAN = {
     "train.clip_grad=1": "train.grad_clip", "train.max_grad_norm=1": "train.grad_clip",
     "train.wd=0.1": "train.weight_decay", "eval.cfg=4": "eval.cfg_scale", "eval.guidance_scale=4": "eval.cfg_scale",
     "learning_rate=1": "train.lr", "train.lrr=1": "train.lr", "eval.fid_sample=10": "eval.fid_samples",
+    # The sampler's steps in the eval section (core.evaluate's num_steps), not the training's.
+    "eval.num_steps=50": "eval.sampling_steps", "eval.steps=50": "eval.sampling_steps",
 }
 
 
@@ -636,8 +638,11 @@ def test_an_unknown_axis_names_the_axis_meant(tmp_path, item, axis):
 def test_every_moved_key_names_a_field():
     from scaling.study import MOVED, SCHEMA, SWEEP_AXES
 
+    from scaling.study import MOVED_IN
+
     fields = {f"{section}.{name}" for section, names in SCHEMA.items() for name in names}
-    assert set(MOVED.values()) <= fields | {f"sweep.{axis}" for axis in SWEEP_AXES}
+    moved_in = {target for words in MOVED_IN.values() for target in words.values()}
+    assert set(MOVED.values()) | moved_in <= fields | {f"sweep.{axis}" for axis in SWEEP_AXES}
 
 BAD = {
     "unknown top-level key": (edit("train:", "trian:"), [], "{f}:8: trian: unknown key; did you mean 'train'?"),

@@ -525,3 +525,40 @@ def test_the_launch_check_reaches_a_tracking_server_as_mlflow_does(tmp_path, qui
         monkeypatch.delenv("REQUESTS_CA_BUNDLE")
         monkeypatch.setenv("MLFLOW_TRACKING_INSECURE_TLS", "true")
         check(f"https://127.0.0.1:{port}")
+
+
+def test_a_rate_limited_call_or_a_forced_retry_at_once_is_not_dropped(tmp_path, uri, monkeypatch):
+    # A hosted server limits writes apart from reads: a log_batch answered 429 while get_experiment answers is as good
+    # as the next call, and waits. And a 500 tried again at once (a forced replay) is one attempt, not two.
+    now = [1000.0]
+    monkeypatch.setattr(tracking.time, "monotonic", lambda: now[0])
+    tracker = StudyTracker(uri, "exp", "study", tmp_path / "out")
+    run_id = tracker.child_run("a", {})
+    stored, answer = tracker.client.log_batch, ["429"]
+
+    def log_batch(*args, **kwargs):  # named as the client's method it stands for
+        if answer[0]:
+            try:
+                raise requests.exceptions.RetryError(f"Max retries exceeded with url: /api/2.0/mlflow/runs/log-batch "
+                                                     f"(Caused by ResponseError('too many {answer[0]} error "
+                                                     f"responses'))")
+            except requests.exceptions.RetryError as e:
+                raise tracking.MlflowException(f"API request to http://mlflow:5000 failed with exception {e}")
+        return stored(*args, **kwargs)
+
+    monkeypatch.setattr(tracker.client, "log_batch", log_batch)
+    tracker.log_metrics(run_id, {"train_loss": 0.5}, 10)
+    for _ in range(4):
+        now[0] = tracker.retry_at
+        assert tracker.flush() is False
+    assert len(tracker.pending) == 1 and tracker.refused == 0  # rate-limited: queued, however often
+    answer[0] = "500"
+    now[0] = tracker.retry_at
+    assert tracker.flush() is False and tracker.answered_failures == 1
+    assert tracker.flush(force=True) is False and tracker.answered_failures == 1  # at once: not a second attempt
+    assert len(tracker.pending) == 1 and tracker.refused == 0
+    now[0] += tracking.RETRY_INTERVAL_S
+    assert tracker.flush(force=True) is True and tracker.refused == 1  # a retry interval on: its own failure
+    answer[0] = ""
+    tracker.log_metrics(run_id, {"train_loss": 0.25}, 20)
+    assert metric_steps(tracker.client, run_id, "train_loss") == [20]
