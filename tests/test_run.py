@@ -691,10 +691,8 @@ def test_a_study_started_afresh_in_a_deleted_output_gets_runs_of_its_own(tmp_pat
     assert len(children) == 2
 
 
-def test_a_finished_study_run_again_starts_no_ray(tmp_path, empty_store, monkeypatch, capsys):
-    # Every trial finished: the run catches MLflow up and builds the report; a Ray started for it (seconds here, a
-    # cluster reached on a real one) did nothing.
-    import ray
+def finished_study(tmp_path, empty_store):
+    """(study, output) of the tiny study without FID whose every milestone has its row, and an MLflow store."""
     from test_results import row
 
     path, out = write_study(tmp_path, fid=False)
@@ -703,6 +701,15 @@ def test_a_finished_study_run_again_starts_no_ray(tmp_path, empty_store, monkeyp
     shutil.copyfile(empty_store, out / "mlflow.db")
     write_table([row(study="tiny", trial_id=t.trial_id, model=t.model, patch=t.patch, step=step)
                  for t in study.trials for step in t.milestones], out / "results.parquet", RESULTS_SCHEMA)
+    return study, out
+
+
+def test_a_finished_study_run_again_starts_no_ray(tmp_path, empty_store, monkeypatch, capsys):
+    # Every trial finished: the run catches MLflow up and builds the report; a Ray started for it (seconds here, a
+    # cluster reached on a real one) did nothing.
+    import ray
+
+    study, out = finished_study(tmp_path, empty_store)
 
     def refused(*args, **kwargs):
         raise AssertionError("Ray started for a finished study")
@@ -830,14 +837,8 @@ def test_address_local_is_a_local_ray_of_the_studys_own(tmp_path, monkeypatch, f
 def test_a_finished_study_on_a_cluster_is_not_checked_for_room(tmp_path, empty_store, monkeypatch, capsys):
     # Nothing trains: a cluster shrunk since (or whose nodes no longer see the output) refused the run, exit 2.
     import ray
-    from test_results import row
 
-    path, out = write_study(tmp_path, fid=False)
-    study = load_study(path)
-    out.mkdir()
-    shutil.copyfile(empty_store, out / "mlflow.db")
-    write_table([row(study="tiny", trial_id=t.trial_id, model=t.model, patch=t.patch, step=step)
-                 for t in study.trials for step in t.milestones], out / "results.parquet", RESULTS_SCHEMA)
+    study, out = finished_study(tmp_path, empty_store)
     reached = []
     monkeypatch.setattr(ray, "init", lambda *args, **kwargs: reached.append(kwargs.get("address")))
     monkeypatch.setattr(ray, "is_initialized", lambda: bool(reached))
