@@ -68,7 +68,9 @@ def main(argv=None):
         interrupt = interruption(e)
         if interrupt is None:
             raise
-        print("interrupted; run the same command again to resume the study", file=sys.stderr)
+        # A dry run launches nothing: there is nothing to resume.
+        print("interrupted" + ("" if args.dry_run else "; run the same command again to resume the study"),
+              file=sys.stderr)
         return EXIT_INTERRUPTED[signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT]
 
 
