@@ -106,16 +106,22 @@ class RayReporting:
         """evaluate_milestone, at a milestone the driver has no row of; collective: every rank calls it."""
         # A trial trained again from step 0 passes milestones it measured before (a continued trial whose checkpoints
         # are gone, scaling.continuation): the recorder keeps those first rows, and would drop an FID-50K's result.
-        if self._driver_has_row(state):
+        # Asked only where there is something to evaluate (the same answer on every rank: the trial's settings).
+        if not self._evaluates() or self._driver_has_row(state):
             return {}
         return self.evaluate_milestone(state)
+
+    def _evaluates(self):
+        """Whether a milestone of the trial evaluates anything: FID, or a sample grid."""
+        ev = self.trial["eval"]
+        return bool(ev.get("fid", True) or ev.get("grid_images_per_class"))
 
     def evaluate_milestone(self, state):
         """FID and the sample grid of the EMA weights (core.evaluate.evaluate); without FID the grid alone
         (core.evaluate.draw_grid, the very grid evaluate draws); neither: nothing. Collective: every rank calls it."""
         ev = self.trial["eval"]
         fid = ev.get("fid", True)
-        if not fid and not ev.get("grid_images_per_class"):
+        if not self._evaluates():
             return {}
         # The samples are decoded by the VAE and scale that data.path's meta.json names now: another encode's, where
         # the folder was encoded again in place since the study started (the training reads the shards it opened).
