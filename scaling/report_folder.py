@@ -79,11 +79,8 @@ def _check_earlier_report(path, folder):
     if not {"index.html", "fits.json"} <= set(entries):
         raise ReportDestinationError(f"{path}: holds a report's files but not its index.html and fits.json, so not "
                                      f"a report that this command wrote; give another folder or empty this one")
-    try:
-        fits = json.loads((folder / "fits.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        fits = None
-    if not (isinstance(fits, dict) and {"study", "fits"} <= set(fits)):
+    fits = _fits_of(folder)
+    if not (fits is not None and {"study", "fits"} <= set(fits)):
         raise ReportDestinationError(f"{path}: its fits.json is not a report's, so the folder is not a report this "
                                      f"command wrote; give another folder or empty this one")
 
@@ -92,12 +89,18 @@ def report_source(path):
     """The results file (an absolute path) that the report in the folder at path was built from, as its fits.json
     records it (its "results"); None where the folder holds no such report, or one that does not say: one built from
     rows with no file (the paper's), or by an earlier version, which recorded none."""
+    fits = _fits_of(Path(path).expanduser())
+    source = fits.get("results") if fits is not None else None
+    return Path(source) if isinstance(source, str) and source else None
+
+
+def _fits_of(folder):
+    """The JSON object of a report folder's fits.json, None where there is none that reads as one."""
     try:
-        fits = json.loads((Path(path).expanduser() / "fits.json").read_text(encoding="utf-8"))
+        fits = json.loads((folder / "fits.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    source = fits.get("results") if isinstance(fits, dict) else None
-    return Path(source) if isinstance(source, str) and source else None
+    return fits if isinstance(fits, dict) else None
 
 
 def check_report_source(path, results, flag):
