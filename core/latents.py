@@ -298,6 +298,20 @@ class LatentShards(Dataset):
             del part
         return latents
 
+    def __getstate__(self):
+        # A process that is not forked (a DataLoader worker started by spawn or forkserver, Python 3.14's default on
+        # Linux) inherits no descriptor: the copy it unpickles opens the shards again by name (__setstate__).
+        return {**self.__dict__, "_fds": bool(self._fds), "_handles": {}}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._fds = _open_all(self.files) if state["_fds"] else []
+        weakref.finalize(self, _close_all, self._fds)
+        if self._fds and encode_id(read_meta(self.path)) != self.encode:  # the descriptors' point, kept
+            raise DataError(f"the latents in {self.path} were encoded again since this run opened them; a process "
+                            "that reads them (a DataLoader worker not forked) cannot take another encode's: start "
+                            "the run again")
+
     def _not_finite(self, i):
         k = bisect_right(self.starts, i) - 1
         raise CorruptLatents(f"latent shard {self.files[k]} is corrupt: image {i - self.starts[k]} holds values that "
@@ -330,12 +344,15 @@ class LatentShards(Dataset):
         if self.in_memory:
             return self.latents[i, view], self.labels[i]
         k = bisect_right(self.starts, i) - 1
-        # One handle per shard and process: safe_open maps the file, so reads come from the page cache.
-        handle = self._handles.get((os.getpid(), k))
-        if handle is None:
-            handle = self._handles[(os.getpid(), k)] = safe_open(self._source(k), framework="pt")
         row = i - self.starts[k]
-        latent = handle.get_slice("latents")[row:row + 1, view][0]  # (C, h, w)
+        try:
+            # One handle per shard and process: safe_open maps the file, so reads come from the page cache.
+            handle = self._handles.get((os.getpid(), k))
+            if handle is None:
+                handle = self._handles[(os.getpid(), k)] = safe_open(self._source(k), framework="pt")
+            latent = handle.get_slice("latents")[row:row + 1, view][0]  # (C, h, w)
+        except (SafetensorError, OSError) as err:
+            raise CorruptLatents(f"latent shard {self.files[k]} is corrupt: {err}") from None
         if not torch.isfinite(latent).all():  # checked as read: a folder too large for memory is not read up front
             self._not_finite(i)
         return latent, self.labels[i]

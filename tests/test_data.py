@@ -1,4 +1,5 @@
 """Datasets, the per-rank batch sampler and the latent encoder."""
+import itertools
 import json
 import os
 import re
@@ -995,6 +996,39 @@ def test_a_running_trials_latents_stay_its_encode_when_the_folder_is_encoded_aga
     assert torch.equal(first[0], expected[0][0])
     for j in range(len(lazy)):
         assert torch.equal(lazy[j][0], expected[j][0]) and lazy[j][1] == expected[j][1], j
+
+
+def test_latents_read_from_disk_in_dataloader_workers_that_are_not_forked(tmp_path, encode_tiny_latents):
+    # Shards were read through /dev/fd/N of descriptors only forked workers inherit: a worker started by spawn or
+    # forkserver (Python 3.14's default) failed "No such device", or read whatever file held that number there.
+    folder = tmp_path / "latents"
+    encode_tiny_latents(folder, seed=0)
+    expected = LatentShards(folder, in_memory=True)
+    lazy = LatentShards(folder, in_memory=False)
+    sampler = ShardedBatchSampler(len(lazy), 8, seed=3)
+    loader = torch.utils.data.DataLoader(lazy, batch_sampler=sampler, num_workers=1, multiprocessing_context="spawn")
+    batches = list(itertools.islice(loader, 3))  # the sampler is endless
+    assert len(batches) == 3
+    for b, (x, y) in enumerate(batches):
+        idx = sampler.indices(0, b)
+        assert torch.equal(x, torch.stack([expected[j][0] for j in idx]))
+        assert torch.equal(y, torch.stack([expected[j][1] for j in idx]))
+
+
+def test_latents_unpickled_after_the_folder_was_encoded_again_are_refused(tmp_path, encode_tiny_latents):
+    # The copy a spawned worker unpickles opens the shards by name: another encode's there is not this run's data.
+    import pickle
+
+    folder = tmp_path / "latents"
+    encode_tiny_latents(folder, seed=0)
+    lazy = LatentShards(folder, in_memory=False)
+    sent = pickle.dumps(lazy)
+    assert torch.equal(pickle.loads(sent)[5][0], lazy[5][0])
+    encode_tiny_latents(folder, seed=1)  # replaces the folder whole
+    with pytest.raises(DataError, match=f"^the latents in {folder} were encoded again since this run opened them"):
+        pickle.loads(sent)
+    held = pickle.loads(pickle.dumps(LatentShards(folder, in_memory=True)))  # in memory: nothing to open again
+    assert held._fds == [] and torch.equal(held[5][0], LatentShards(folder, in_memory=True)[5][0])
 
 
 def test_an_encode_swapped_in_while_the_shards_are_opened_is_refused(tmp_path, encode_tiny_latents, monkeypatch):
