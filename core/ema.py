@@ -3,6 +3,7 @@ import copy
 
 import torch
 import torch.distributed as dist
+from deepspeed.utils import safe_get_local_fp32_param
 
 
 class EMA:
@@ -11,8 +12,9 @@ class EMA:
     The weights are the fp32 ones the optimizer steps: under bf16, DeepSpeed's fp32 master copy, not the bf16 module
     (whose rounding, about one AdamW step at 1e-4, the average would keep). Under bf16 with ZeRO 1-2 each rank holds
     the master of its own partition only, so it moves that part of the EMA, and synchronize() gathers the parts before
-    the EMA is read; under bf16 with ZeRO-0 every rank holds them whole (follow_masters). Under fp32 and tf32 the
-    module's weights equal the ones stepped, whole on every rank after each step (ZeRO-3's gathered by the caller).
+    the EMA is read; under bf16 with ZeRO-0 every rank holds them whole (follow_masters). ZeRO-3 partitions every
+    weight and its fp32 master alike (whatever the precision): each rank moves its slice from the master, gathered
+    as ZeRO 1-2's parts are. Under fp32 and tf32 with ZeRO 0-2 the module's weights equal the ones stepped.
     """
 
     def __init__(self, model, decay):
@@ -47,6 +49,11 @@ class EMA:
             if id(p) in whole and p.dtype != torch.float32:
                 ema_parts.append(ema_p)
                 current.append(whole[id(p)].detach().float())
+            elif _is_zero3(p):
+                start, n = _zero3_slice(p)
+                if n:  # else the padding past the weight's end, or another rank's
+                    ema_parts.append(ema_p.view(-1).narrow(0, start, n))
+                    current.append(safe_get_local_fp32_param(p).narrow(0, 0, n))
             elif _has_master(p):
                 mapping = p._hp_mapping  # DeepSpeed's link of the param to its slice of the flat fp32 partition
                 if mapping is None:  # another rank's partition holds all of it
@@ -54,7 +61,7 @@ class EMA:
                 at = mapping.lp_fragment_address
                 ema_parts.append(ema_p.view(-1).narrow(0, at.start, at.numel))
                 current.append(mapping.get_hp_fragment())
-            else:  # fp32 weights (or ZeRO-3's, gathered by the caller): the weights are what the optimizer steps
+            else:  # fp32 weights: the weights are what the optimizer steps
                 ema_parts.append(ema_p)
                 current.append(p.detach().float())
         torch._foreach_lerp_(ema_parts, current, 1.0 - self.decay)
@@ -64,16 +71,23 @@ class EMA:
         """Gather each rank's moved parts into whole weights on every rank. A collective: every rank calls it before
         the EMA is read (validation, sampling, a checkpoint); nothing is sent where one rank holds every master."""
         for ema_p, p in zip(self._ema_params, params):
-            if not (p.requires_grad and _has_master(p)) or not dist.is_initialized() or \
-                    dist.get_world_size(p._dp_group) == 1:
+            if not p.requires_grad or not dist.is_initialized():
+                continue
+            if _is_zero3(p):
+                group, (start, n) = p.ds_process_group, _zero3_slice(p)
+            elif _has_master(p):
+                group = p._dp_group
+                at = p._hp_mapping.lp_fragment_address if p._hp_mapping is not None else None
+                start, n = (at.start, at.numel) if at is not None else (0, 0)
+            else:
+                continue
+            if dist.get_world_size(group) == 1:
                 continue
             # As DeepSpeed's get_full_hp_param gathers a master (it reads the optimizer's partition, not this one):
             # each rank adds its part to zeros, the sum is the whole.
             whole = torch.zeros_like(ema_p).view(-1)
-            if p._hp_mapping is not None:
-                at = p._hp_mapping.lp_fragment_address
-                whole.narrow(0, at.start, at.numel).copy_(ema_p.view(-1).narrow(0, at.start, at.numel))
-            dist.all_reduce(whole, group=p._dp_group)
+            whole.narrow(0, start, n).copy_(ema_p.view(-1).narrow(0, start, n))
+            dist.all_reduce(whole, group=group)
             ema_p.copy_(whole.view_as(ema_p))
 
     def state_dict(self):
@@ -83,8 +97,20 @@ class EMA:
         self.model.load_state_dict(state, strict=True)
 
 
+def _is_zero3(param):
+    """Whether param is ZeRO-3's: partitioned over its group, its fp32 master too (DeepSpeed's ds_id)."""
+    return hasattr(param, "ds_id")
+
+
+def _zero3_slice(param):
+    """(start, numel) of the flattened weight that this rank's ZeRO-3 partition holds: rank r the r-th
+    ds_tensor.ds_numel elements (ceil(numel / ranks)), the last ones padding past the weight's end."""
+    size = param.ds_tensor.ds_numel
+    start = dist.get_rank(group=param.ds_process_group) * size if dist.is_initialized() else 0
+    return start, max(0, min(size, param.ds_numel - start))
+
+
 def _has_master(param):
     """Whether DeepSpeed steps a partitioned fp32 master of param that param names, the module's own being a rounding
-    of it (bf16 under ZeRO 1-2; ZeRO-3's masters are partitioned otherwise, and its EMA follows the gathered module
-    weights)."""
+    of it (bf16 under ZeRO 1-2; ZeRO-3's are partitioned otherwise: _zero3_slice)."""
     return hasattr(param, "_hp_mapping") and param.dtype != torch.float32

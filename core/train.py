@@ -639,7 +639,6 @@ def _train(cfg, out_dir, milestones, callbacks, resume_from, checkpoint_dir, sha
         engine.compile()
     autocast_dtype = autocast_dtype_for(cfg.precision)
     params = list(engine.module.parameters())  # in the EMA's order
-    trainable = [p for p in params if p.requires_grad]  # what the EMA moves: not the fixed sin-cos positions
 
     diffusion = create_diffusion(learn_sigma=mcfg["learn_sigma"], diffusion_steps=cfg.diffusion_steps)
     copies = {"copies": cfg.data_copies} if cfg.dataset == "latents" else {}
@@ -731,11 +730,7 @@ def _train(cfg, out_dir, milestones, callbacks, resume_from, checkpoint_dir, sha
             step_loss += loss.detach() / cfg.grad_accum
         step += 1
         trial.step = step
-        if cfg.zero_stage == 3:
-            with deepspeed.zero.GatheredParameters(trainable):  # ema.update reads no other
-                ema.update(params)
-        else:
-            ema.update(params)
+        ema.update(params)  # ZeRO-3: each rank its partition's fp32 masters, with no gather
         loss_value = _global_mean(step_loss.item(), device)  # collective: every rank agrees on divergence
         if not math.isfinite(loss_value):
             raise TrainingDiverged(step, loss_value)
