@@ -285,17 +285,16 @@ def final_points(ok):
 
 
 def extrapolations(a, attempt, fit):
-    """Fit without the largest-compute model (for L(N, D), without every model of its size), predict its final loss
-    and FID, compare with what it measured; the frontier laws, where that is off the frontier, its last point."""
+    """Fit without the largest-compute model of those that measured the quantity (for L(N, D), without every model
+    of its size), predict its final loss and FID, compare with what it measured; the frontier laws, where that is off
+    the frontier, its last point."""
     ok = a.ok
     if ok.model.nunique() < 2:
         a.notes.append("Extrapolation check: needs at least 2 models.")
         return []
-    finals = ok.sort_values("step").groupby("trial_id").tail(1).dropna(subset=["train_compute"])
-    if finals.empty:
+    if ok.train_compute.isna().all():
         a.notes.append("Extrapolation check: no training compute in these results.")
         return []
-    held_model = finals.loc[finals.train_compute.idxmax(), "model"]
     checks = []
     cases = [("FID", "fid", POWER_LAW, ["train_compute"], frontier)] if a.fid_comparable else []
     if a.loss and a.loss_comparable:
@@ -303,9 +302,15 @@ def extrapolations(a, attempt, fit):
                  (figures.loss_label(a.loss), a.loss, CHINCHILLA, ["params", "images"], best_per_size_and_data)] + cases
     for what, col, law, x_cols, select in cases:
         rows = _finite(ok, col)
-        last = _last_measurement(rows, col, held_model)
-        if last is None:
+        if law is CHINCHILLA:  # rows without a parameter count or a batch size (given where known) it cannot fit
+            rows = _positive(rows, "params", "images")
+        # The largest compute among the rows that measured it: a larger one's point left in (a model whose later
+        # milestones skipped it, or a size without a batch size) would make the check an interpolation.
+        measured = rows.dropna(subset=["train_compute"])
+        if measured.empty:
             continue
+        held_model = measured.loc[measured.train_compute.idxmax(), "model"]
+        last = _last_measurement(rows, col, held_model)
         target = _frontier_end(rows, col, last) if select is frontier else last
         held = (rows.model == target.model).to_numpy()
         if law is CHINCHILLA:

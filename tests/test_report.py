@@ -622,6 +622,39 @@ def test_a_frontier_law_predicts_the_frontiers_last_point_when_the_largest_model
         markdown_of(a)
 
 
+def test_the_largest_model_without_a_batch_size_is_no_l_n_d_extrapolation_target(tmp_path):
+    # Rows "where given" keep a NaN batch size (or parameter count), which L(N, D) cannot fit: its check held out the
+    # largest-compute model, found none of its size with that many images, and the report died on a traceback.
+    from scaling.report import report_rows
+
+    rows = [{**r, "batch_size": None} if r["model"] == "DiT-XL/2" else r
+            for r in synthetic_rows() if r["status"] == "ok"]
+    a = analyze(report_rows(pd.DataFrame(rows)), n_boot=0)
+    checks = {e["law"]: e for e in a.extrapolation}
+    known = [r for r in rows if r["size"] == "L"]  # XL/4 and XL/8 have less compute than L/2
+    assert checks[CHINCHILLA.formula]["model"] == best_of_size_at_last_step(known, size="L").model
+    assert sorted(checks[CHINCHILLA.formula]["held_out"]) == ["DiT-L/2", "DiT-L/4", "DiT-L/8"]
+    assert checks["y = a·x^b"]["model"] == "DiT-XL/2"  # its compute is recorded: the laws of compute still hold it
+    assert (build_report(pd.DataFrame(rows), tmp_path / "report", n_boot=0) / "fits.json").exists()
+
+
+def test_the_extrapolation_holds_out_the_largest_compute_model_that_measured_the_quantity():
+    # DiT-XL/2 without FID past 100K steps (FID milestones sparser than the loss's, a study still running): it was
+    # held out all the same, its last FID predicted by a fit that held DiT-L/2's FID at 2.7 times the compute.
+    from scaling.report import report_rows
+
+    rows = [{**r, "fid": None} if r["model"] == "DiT-XL/2" and r["step"] > 100_000 else r
+            for r in synthetic_rows() if r["status"] == "ok"]
+    ok = report_rows(pd.DataFrame(rows))
+    a = analyze(ok, n_boot=0)
+    fid = next(e for e in a.extrapolation if e["quantity"] == "FID")
+    measured = ok[ok.fid.notna()]
+    assert fid["model"] == "DiT-L/2" and fid["step"] == STEPS[-1] and fid["held_out"] == ["DiT-L/2"]
+    assert fid["x"][0] > measured.train_compute[measured.model != "DiT-L/2"].max()  # an extrapolation
+    loss = next(e for e in a.extrapolation if e["law"] == CHINCHILLA.formula)  # every loss measured: XL's
+    assert sorted(loss["held_out"]) == ["DiT-XL/2", "DiT-XL/4", "DiT-XL/8"]
+
+
 def test_the_extrapolation_compares_with_the_held_out_models_best_trial_whatever_the_row_order():
     # The last row of the held-out model's last step was taken: its worst trial, or its best, by the file's order.
     from scaling.report import report_rows
