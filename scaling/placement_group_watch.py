@@ -13,16 +13,17 @@ import threading
 import time
 
 import ray
-from ray.exceptions import RayActorError, RayError
+from ray.exceptions import RayError
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 from ray.train.v2._internal.constants import GET_ACTOR_TIMEOUT_S
 from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
-from ray.train.v2._internal.state.util import is_actor_alive
 from ray.util.placement_group import placement_group_table, remove_placement_group
+from ray.util.state import get_actor
 
 logger = logging.getLogger(__name__)
 
 CHECK_INTERVAL_S = 1.0  # as Ray's cleaner: a dead controller's resources are free again within about a second
+UNREGISTER_TIMEOUT_S = 30.0
 
 
 @ray.remote(num_cpus=0)
@@ -53,23 +54,56 @@ class PlacementGroupWatch:
             return sorted(self._groups)
 
     def _watch(self):
+        verdicts = ControllerVerdicts(lambda controller_id: get_actor(controller_id, timeout=self._get_actor_timeout_s))
         while True:
             time.sleep(self._check_interval_s)
             with self._lock:
                 controllers = list(self._groups)
-            for controller_id in controllers:
-                try:
-                    alive = is_actor_alive(controller_id, timeout=self._get_actor_timeout_s)
-                except Exception as e:  # the state API busy or restarting: ask again next round (never end the thread)
-                    logger.warning("could not ask Ray's state API whether Train controller %s is alive: %s",
-                                   controller_id, e)
+            for controller_id in verdicts.dead(controllers):
+                with self._lock:
+                    placement_group = self._groups.pop(controller_id, None)
+                if not remove_dead_controllers_group(controller_id, placement_group):
+                    with self._lock:  # tried again next round (the study's end is hours away on a long sweep)
+                        self._groups.setdefault(controller_id, placement_group)
+
+
+# Ray's own cleaner (is_actor_alive) takes the state API's empty answer for a dead actor: a live trial's placement
+# group removed, its workers killed and restarted. Here it is a dead one only after this many rounds unlisted (a dead
+# actor stays listed as DEAD; one no longer listed at all, dropped from the GCS's table of dead actors, goes then).
+UNLISTED_ROUNDS = 10
+
+
+class ControllerVerdicts:
+    """Which watched controllers died, by ask(controller_id): the state API's ActorState, or None where it lists none."""
+
+    def __init__(self, ask, unlisted_rounds=UNLISTED_ROUNDS):
+        self._ask, self._unlisted_rounds = ask, unlisted_rounds
+        self._unlisted = {}  # controller id -> rounds in a row it went unlisted
+        self._unanswered = set()  # controllers whose last question failed: warned once, until an answer
+
+    def dead(self, controllers):
+        """The controllers among these that died: listed DEAD, or unlisted unlisted_rounds rounds in a row."""
+        dead = []
+        for controller_id in controllers:
+            try:
+                state = self._ask(controller_id)
+            except Exception as e:  # the state API busy or restarting: ask again next round (never end the thread)
+                if controller_id not in self._unanswered:
+                    logger.warning("could not ask Ray's state API whether Train controller %s is alive (asking "
+                                   "again every round): %s", controller_id, e)
+                    self._unanswered.add(controller_id)
+                continue
+            self._unanswered.discard(controller_id)
+            if state is None:
+                self._unlisted[controller_id] = self._unlisted.get(controller_id, 0) + 1
+                if self._unlisted[controller_id] < self._unlisted_rounds:
                     continue
-                if not alive:
-                    with self._lock:
-                        placement_group = self._groups.pop(controller_id, None)
-                    if not remove_dead_controllers_group(controller_id, placement_group):
-                        with self._lock:  # tried again next round (the study's end is hours away on a long sweep)
-                            self._groups.setdefault(controller_id, placement_group)
+            elif state.state != "DEAD":
+                self._unlisted.pop(controller_id, None)
+                continue
+            self._unlisted.pop(controller_id, None)
+            dead.append(controller_id)
+        return dead
 
 
 def remove_dead_controllers_group(controller_id, placement_group, table=placement_group_table,
@@ -138,9 +172,11 @@ class WatchedPlacementGroups(ControllerCallback, WorkerGroupCallback):
         if self._watch is None:  # stopped before it started
             return
         try:
-            ray.get(self._watch.unregister.remote(self._controller_id))
-        except RayActorError:  # the study is ending, or the watch is gone
-            pass
+            ray.get(self._watch.unregister.remote(self._controller_id), timeout=UNREGISTER_TIMEOUT_S)
+        except RayError as e:  # the study is ending, or the watch is gone or stuck: raised, Train took a finished run
+            # for a failed one (an error before its controller's shutdown)
+            logger.warning("could not unregister Train controller %s from the study's placement-group watch %s: %s",
+                           self._controller_id, self._watch_name, e)
 
 
 def replace_ray_cleaner(callbacks, watch_name):

@@ -7,6 +7,7 @@ import ray
 from ray.train import RunConfig, ScalingConfig
 from ray.util.state import list_actors
 
+from scaling import placement_group_watch
 from scaling.placement_group_watch import PlacementGroupWatch
 from scaling.ray_env import local_ray_options, start_study_actor, study_runtime_env
 from scaling.ray_trial import TrialTrainer
@@ -62,7 +63,8 @@ def test_a_killed_trials_placement_group_is_removed_by_the_study_watch(tmp_path)
         ray.shutdown()
 
 
-def test_a_dead_controllers_group_is_removed_though_its_state_cannot_be_read_and_retried_when_removal_fails(caplog):
+def test_a_dead_controllers_group_is_removed_though_its_state_cannot_be_read_and_retried_when_removal_fails(caplog,
+                                                                                                           monkeypatch):
     # One failed call (the GCS briefly away just after a node loss) left the group, its CPUs or GPUs taken, until the
     # study's end: the watch had already forgotten the controller.
     from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
@@ -104,5 +106,50 @@ def test_a_dead_controllers_group_is_removed_though_its_state_cannot_be_read_and
         gone = [r.getMessage() for r in caplog.records if "placement-group watch" in r.getMessage()]
         assert [m.split(" is gone")[0] for m in gone] == ["the study's placement-group watch pg-watch-none",
                                                           "the study's placement-group watch pg-watch-test"]
+
+        # A watch that does not answer the unregistering of a finished run: only RayActorError was caught, and a
+        # timeout or another of Ray's errors raised before the controller's shutdown made Train fail the run.
+        @ray.remote(num_cpus=0)
+        class Stuck:
+            def unregister(self, controller_id):
+                time.sleep(60)
+
+        monkeypatch.setattr(placement_group_watch, "UNREGISTER_TIMEOUT_S", 0.5)
+        finished = WatchedPlacementGroups("pg-watch-stuck")
+        finished._watch, finished._controller_id = Stuck.remote(), "c3"
+        with caplog.at_level(logging.WARNING, logger="scaling.placement_group_watch"):
+            finished.before_controller_abort()
+        assert "could not unregister Train controller c3 from the study's placement-group watch pg-watch-stuck: " \
+            in caplog.text
     finally:
         ray.shutdown()
+
+
+def test_a_controller_the_state_api_does_not_list_is_not_taken_for_dead_at_once(caplog):
+    # Ray's is_actor_alive reads an empty answer as dead: the live trial's placement group was removed, its workers
+    # killed. Now only DEAD, or unlisted UNLISTED_ROUNDS rounds in a row; a failed question is warned of once.
+    from types import SimpleNamespace
+
+    from scaling.placement_group_watch import ControllerVerdicts
+
+    answers = {"alive": ["ALIVE"] * 6, "dead": ["ALIVE", "DEAD"], "unlisted": [None, None, "ALIVE", None, None, None],
+               "gone": [None] * 6, "unasked": [ConnectionError("state API restarting")] * 2 + ["DEAD"]}
+
+    def ask(controller_id):
+        answer = answers[controller_id].pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer and SimpleNamespace(state=answer)
+
+    verdicts = ControllerVerdicts(ask, unlisted_rounds=3)
+    watched = ["alive", "dead", "unlisted", "gone", "unasked"]
+    rounds = []
+    with caplog.at_level(logging.WARNING, logger="scaling.placement_group_watch"):
+        for _ in range(6):
+            dead = verdicts.dead(watched)
+            watched = [c for c in watched if c not in dead]
+            rounds.append(dead)
+    assert rounds == [[], ["dead"], ["gone", "unasked"], [], [], ["unlisted"]]
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and warned[0].startswith("could not ask Ray's state API whether Train controller "
+                                                     "unasked is alive (asking again every round): state API")
