@@ -64,7 +64,9 @@ def _lock(output):
         return None
     try:
         lock = lock_file(path, create=False)
-    except OSError:
+    except OSError as e:  # storage that cannot lock (Lustre mounted noflock): as the driver, on unguarded, saying so
+        print(f"warning: cannot lock {output} ({e.strerror or e}); do not replay it while a run of its study runs",
+              file=sys.stderr)
         return None
     if lock is None and path.is_file():  # held (a driver that failed to start removes it)
         raise ReplayError(f"{output} is in use by a running scaling.run of its study, which logs to MLflow itself; "

@@ -119,6 +119,23 @@ def test_a_study_whose_driver_still_runs_is_not_replayed(out, capsys):
     assert main([str(out)]) == 0
 
 
+def test_a_replay_where_the_storage_cannot_lock_goes_on_saying_so(out, capsys, monkeypatch):
+    # Lustre mounted without flock: the driver warns and runs unguarded; the replay went on without a word.
+    import errno
+
+    from scaling import replay_mlflow
+    from scaling.run import lock_output
+
+    def no_locks(*args, **kwargs):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    os.close(lock_output(out))  # the file a driver leaves
+    monkeypatch.setattr(replay_mlflow, "lock_file", no_locks)
+    assert main([str(out)]) == 0
+    assert (f"warning: cannot lock {out} (No locks available); do not replay it while a run of its study runs"
+            in capsys.readouterr().err)
+
+
 def test_a_run_whose_metrics_cannot_be_read_is_not_logged_again(out, capsys, monkeypatch):
     # A history read that failed once was taken for an empty run: every point it held was logged a second time.
     import requests
