@@ -120,7 +120,7 @@ def scan_image_folder(path, every_class=True):
 
     every_class: refuse a class folder without images (a label the model would learn nothing of, yet sample).
     """
-    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
     path = Path(path)
     if not path.exists():
@@ -129,7 +129,7 @@ def scan_image_folder(path, every_class=True):
         raise ValueError(f"image folder {path} is not a directory")
     try:
         classes, class_to_idx = find_classes(path)
-        samples = make_dataset(path, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+        samples = _class_images(path, class_to_idx, IMG_EXTENSIONS)
     except FileNotFoundError:  # no class folder in it
         loose = loose_images(path)
         held = f"holds {len(loose)} images but no class folders" if loose else "is empty"
@@ -144,6 +144,30 @@ def scan_image_folder(path, every_class=True):
         raise ValueError(f"image folder {path}: class folders without images: {empty[:5]}"
                          f"{f' and {len(empty) - 5} more' if len(empty) > 5 else ''}")
     return classes, samples
+
+
+def _class_images(path, class_to_idx, extensions):
+    """[(file, label), ...] as torchvision's make_dataset lists them (each class folder walked in sorted order, links
+    followed), but a folder that cannot be entered is a PermissionError naming it: its os.walk skips it without a word,
+    and a class, or part of one, went missing from training or from FID's reference."""
+    def unreadable(err):
+        raise err
+
+    samples = []
+    for name in sorted(class_to_idx):
+        for root, _, files in sorted(os.walk(os.path.join(path, name), followlinks=True, onerror=unreadable)):
+            for f in sorted(files):
+                file = os.path.join(root, f)
+                if f.lower().endswith(extensions):
+                    samples.append((file, class_to_idx[name]))
+                elif os.path.islink(file):  # the walk lists a link it cannot follow (to a folder not to be entered)
+                    try:  # as a file: its PermissionError
+                        os.stat(file)
+                    except PermissionError:
+                        raise
+                    except OSError:  # a broken link, no image: passed over, as torchvision does
+                        pass
+    return samples
 
 
 def loose_images(path):

@@ -13,8 +13,15 @@ import torch
 VARIANCE_TYPES = ("learned_range", "fixed_small", "fixed_large")
 
 
+MIN_DIFFUSION_STEPS = 21  # the schedule's last beta is 20 / steps: at 20 or fewer it reaches 1, and ᾱ 0 or below
+
+
 def linear_beta_schedule(num_timesteps):
     """The DDPM linear schedule 1e-4..0.02 for 1000 steps, rescaled for other step counts."""
+    if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, (int, np.integer)) or \
+            num_timesteps < MIN_DIFFUSION_STEPS:
+        raise ValueError(f"diffusion_steps must be a whole number of at least {MIN_DIFFUSION_STEPS} (the linear "
+                         f"schedule's last beta is 20 / diffusion_steps), got {num_timesteps!r}")
     scale = 1000 / num_timesteps
     return np.linspace(scale * 0.0001, scale * 0.02, num_timesteps, dtype=np.float64)
 

@@ -185,15 +185,28 @@ def check_shard(file, num_images, latent_shape):
         raise CorruptLatents(f"latent shard {file} is corrupt: tensors (dtype, shape) {found}, expected {expected}")
 
 
-def available_memory():
-    """Bytes of memory this process may still take (Linux): the machine's free memory, or less where its control group
-    (a container's, a Kubernetes pod's) has less left under its limit; None when unknown."""
+def available_memory(meminfo="/proc/meminfo"):
+    """Bytes of memory this process may still take (Linux): the machine's available memory, or less where its control
+    group (a container's, a Kubernetes pod's) has less left under its limit; None when unknown."""
+    free = _mem_available(meminfo)
+    headroom = cgroup_headroom()
+    return free if headroom is None or free is None else min(free, headroom)
+
+
+def _mem_available(meminfo):
+    """The kernel's MemAvailable: free memory and the page cache it can reclaim (the free pages alone, sysconf's
+    SC_AVPHYS_PAGES, leave out a cache full of an earlier trial's or the encode's reads of these very shards, and a
+    node whose cache is full would read from disk for good); the free pages where the kernel gives no estimate."""
     try:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        for line in Path(meminfo).read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
-    headroom = cgroup_headroom()
-    return free if headroom is None else min(free, headroom)
 
 
 def cgroup_headroom(root="/sys/fs/cgroup", own="/proc/self/cgroup"):
@@ -206,10 +219,13 @@ def cgroup_headroom(root="/sys/fs/cgroup", own="/proc/self/cgroup"):
     left = []
     for line in lines:
         _, controllers, path = line.split(":", 2)
+        # A group's usage counts its page cache, which the kernel reclaims before it kills: less its inactive files,
+        # as the kubelet's working set does.
         if controllers == "":  # v2: one hierarchy
-            files, base = ("memory.max", "memory.current"), Path(root)
+            files, cache, base = ("memory.max", "memory.current"), "inactive_file", Path(root)
         elif "memory" in controllers.split(","):
-            files, base = ("memory.limit_in_bytes", "memory.usage_in_bytes"), Path(root) / "memory"
+            files, cache, base = ("memory.limit_in_bytes", "memory.usage_in_bytes"), "total_inactive_file", \
+                Path(root) / "memory"
         else:
             continue
         folder = base / path.lstrip("/")
@@ -222,8 +238,20 @@ def cgroup_headroom(root="/sys/fs/cgroup", own="/proc/self/cgroup"):
             except (OSError, ValueError):  # no such files there, or "max" (v2's no limit)
                 continue
             if limit < 2 ** 62:  # v1's no limit: the largest page-aligned 64-bit value
-                left.append(max(limit - used, 0))
+                left.append(max(limit - max(used - _stat(d / "memory.stat", cache), 0), 0))
     return min(left, default=None)
+
+
+def _stat(path, key):
+    """A control group's memory.stat value of key, 0 where it cannot be read."""
+    try:
+        for line in Path(path).read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 class LatentShards(Dataset):

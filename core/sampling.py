@@ -13,11 +13,11 @@ def make_scheduler(sampler="ddpm", num_steps=250, learn_sigma=True, diffusion_st
     clip_denoised clips each x_0 prediction to [-1, 1]: right for pixels, wrong for latents, which the
     reference samples unclipped (its sample.py's clip_denoised=False).
     """
+    betas = linear_beta_schedule(diffusion_steps)
     # One step is the last step alone (t = 0) on the starting noise: it returns that noise, which FID would score
     # like samples (the reference's respacing refuses fewer than 2, as core.diffusion's does).
     if not 2 <= num_steps <= diffusion_steps:
         raise ValueError(f"num_steps must be in [2, {diffusion_steps}] (the diffusion steps), got {num_steps}")
-    betas = linear_beta_schedule(diffusion_steps)
     if sampler == "ddpm":
         scheduler = DDPMScheduler(
             num_train_timesteps=diffusion_steps, trained_betas=betas, prediction_type="epsilon",
@@ -57,6 +57,8 @@ def sample(model, labels, seeds, *, sampler="ddpm", num_steps=250, cfg_scale=1.0
         raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale}")
     if sampler == "ddim" and not 0 <= eta <= 1:  # above 1 the DDIM step's square root is of a negative number
         raise ValueError(f"eta must be in [0, 1], got {eta}")
+    if guided_channels is not None and guided_channels < 1:  # 0 guides nothing, -1 all channels but the last
+        raise ValueError(f"guided_channels must be None (all) or at least 1, got {guided_channels}")
     num_classes = model.config["num_classes"]
     bad = labels[(labels < 0) | (labels >= num_classes)]
     if len(bad):  # else an IndexError in the embedding, a device-side assert on CUDA
@@ -75,6 +77,15 @@ def sample(model, labels, seeds, *, sampler="ddpm", num_steps=250, cfg_scale=1.0
 
     was_training = model.training
     model.eval()
+    try:
+        return _denoise(model, scheduler, x, y, sampler, cfg_scale, eta, guided_channels, autocast_dtype, generators)
+    finally:  # an error midway (out of memory) leaves a training model training still
+        model.train(was_training)
+
+
+def _denoise(model, scheduler, x, y, sampler, cfg_scale, eta, guided_channels, autocast_dtype, generators):
+    """sample's loop: x (N, C, H, W) noise to images through every step of scheduler."""
+    device, c, guided = x.device, model.in_channels, cfg_scale != 1.0
     for t in scheduler.timesteps:
         model_in = torch.cat([x, x]) if guided else x
         t_batch = torch.full((len(model_in),), int(t), device=device, dtype=torch.long)
@@ -89,5 +100,4 @@ def sample(model, labels, seeds, *, sampler="ddpm", num_steps=250, cfg_scale=1.0
             x = scheduler.step(out[:, :c], t, x, eta=eta, use_clipped_model_output=True, generator=generators).prev_sample
         else:
             x = scheduler.step(out, t, x, generator=generators).prev_sample
-    model.train(was_training)
     return x

@@ -878,6 +878,26 @@ def test_an_image_folder_with_a_class_folder_this_user_cannot_enter(tmp_path, ca
 
 
 @pytest.mark.skipif(unenterable() is None, reason="no folder that even this user cannot enter")
+def test_a_folder_inside_a_class_that_this_user_cannot_enter_is_named_not_skipped(tmp_path):
+    # torchvision's walk skips a folder it cannot enter without a word: FID's reference lost those images, training
+    # the class's part there (or the class, refused as "without images" though it holds them).
+    from PIL import Image
+
+    from core.data import scan_image_folder
+    from core.real_images import real_image_files
+
+    data = tmp_path / "data"
+    for name in ("a", "b"):
+        (data / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(data / name / "x.png")
+    (data / "b" / "more").symlink_to(unenterable().parent)
+    for scan in (scan_image_folder, real_image_files):
+        with pytest.raises(ValueError) as err:
+            scan(data)
+        assert str(err.value) == f"image folder {data} cannot be read (Permission denied: {data / 'b' / 'more'})"
+
+
+@pytest.mark.skipif(unenterable() is None, reason="no folder that even this user cannot enter")
 def test_digits_classifier_names_an_out_it_cannot_reach(capsys, monkeypatch):
     # Python 3.11's Path.is_dir() raises in a folder this user cannot enter: a traceback, not a message.
     from core import train_digits_classifier as tdc

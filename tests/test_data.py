@@ -945,6 +945,11 @@ def test_the_memory_left_counts_a_control_groups_limit(tmp_path, monkeypatch):
     group(v1 / "memory", {"memory.limit_in_bytes": "9223372036854771712", "memory.usage_in_bytes": "7000000"})
     (tmp_path / "own-v1").write_text("5:cpuacct,cpu:/pod\n4:memory:/pod\n0::/\n")
     assert cgroup_headroom(v1, tmp_path / "own-v1") == 4000000
+    # The page cache a group's usage counts is reclaimed before the group is killed: its inactive files are room.
+    group(v2 / "pod", {"memory.stat": "anon 100000\nfile 250000\ninactive_file 200000\nactive_file 50000\n"})
+    assert cgroup_headroom(v2, tmp_path / "own-v2") == 900000
+    group(v1 / "memory" / "pod", {"memory.stat": "cache 900000\ninactive_file 1\ntotal_inactive_file 800000\n"})
+    assert cgroup_headroom(v1, tmp_path / "own-v1") == 4800000
     (tmp_path / "own-none").write_text("4:memory:/\n")
     assert cgroup_headroom(v1, tmp_path / "own-none") is None  # the root's "limit" is none
     assert cgroup_headroom(v1, tmp_path / "missing") is None
@@ -954,8 +959,15 @@ def test_the_memory_left_counts_a_control_groups_limit(tmp_path, monkeypatch):
     monkeypatch.setattr(latents, "cgroup_headroom", lambda: 12345)
     assert available_memory() == 12345
     monkeypatch.setattr(latents, "cgroup_headroom", lambda: 10 ** 18)  # a limit above the machine's memory
+    # The kernel's MemAvailable, reclaimable cache counted: the free pages alone left out a cache full of the shards.
+    (tmp_path / "meminfo").write_text("MemTotal:       24000000 kB\nMemFree:         1000000 kB\n"
+                                      "MemAvailable:   20000000 kB\nCached:         18000000 kB\n")
+    assert available_memory(tmp_path / "meminfo") == 20000000 * 1024
+    (tmp_path / "old-meminfo").write_text("MemTotal:       24000000 kB\nMemFree:         1000000 kB\n")  # before 3.14
     free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    assert 0.5 * free <= available_memory() <= 2 * free  # the machine's free memory, as it moves meanwhile
+    assert 0.5 * free <= available_memory(tmp_path / "old-meminfo") <= 2 * free  # the free pages, as they move
+    available = int(Path("/proc/meminfo").read_text().split("MemAvailable:")[1].split()[0]) * 1024
+    assert 0.5 * available <= available_memory() <= 2 * available
 
 
 def test_a_16_bit_grey_image_is_scaled_not_clipped_to_white(tmp_path):

@@ -47,3 +47,37 @@ def test_a_respacing_of_fewer_than_two_steps_is_refused(respacing, kept):
     with pytest.raises(ValueError, match=r"^a diffusion needs at least 2 timesteps, got 1$"):
         GaussianDiffusion(np.array([0.5]))
     assert create_diffusion("2").num_timesteps == 2
+
+
+@pytest.mark.parametrize("diffusion_steps", [20, 10, 0, -5, 250.0, True])
+def test_a_diffusion_of_20_steps_or_fewer_is_refused_by_core_too(diffusion_steps):
+    # The linear schedule's last beta is 20 / steps: at 20 it reaches 1 (1 / sqrt(ᾱ) infinite), at 10 ᾱ goes negative
+    # (NaN samples); 0 blamed num_steps. The study and core.train refused them; core's functions took them.
+    with pytest.raises(ValueError, match=rf"^diffusion_steps must be a whole number of at least 21 \(the linear "
+                                         rf"schedule's last beta is 20 / diffusion_steps\), got {diffusion_steps!r}$"):
+        make_scheduler("ddpm", 2, diffusion_steps=diffusion_steps)
+    with pytest.raises(ValueError, match=r"^diffusion_steps must be a whole number of at least 21"):
+        create_diffusion(diffusion_steps=diffusion_steps)
+    assert create_diffusion(diffusion_steps=21).betas[-1] == pytest.approx(20 / 21)
+
+
+@pytest.mark.parametrize("guided_channels", [0, -1])
+def test_guided_channels_below_one_are_refused(guided_channels):
+    # 0 doubled the batch and guided nothing; -1 guided every channel but the last, the learned variance's among them.
+    model = DiT(**model_config("DiT-P/2"))
+    with pytest.raises(ValueError, match=rf"^guided_channels must be None \(all\) or at least 1, got {guided_channels}$"):
+        sample(model, torch.tensor([1, 2]), [0, 1], num_steps=2, cfg_scale=4.0, guided_channels=guided_channels)
+
+
+def test_a_sample_that_fails_midway_leaves_a_training_model_training():
+    model = DiT(**model_config("DiT-P/2")).train()
+    calls = []
+
+    def fails_second(module, args):  # as an out-of-memory error at the second step would
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+    model.register_forward_pre_hook(fails_second)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        sample(model, torch.tensor([1, 2]), [0, 1], num_steps=3)
+    assert model.training
