@@ -3,7 +3,6 @@ import copy
 
 import torch
 import torch.distributed as dist
-from deepspeed.utils import safe_get_local_fp32_param
 
 
 class EMA:
@@ -50,6 +49,9 @@ class EMA:
                 ema_parts.append(ema_p)
                 current.append(whole[id(p)].detach().float())
             elif _is_zero3(p):
+                # Imported here: DeepSpeed imported before core.train.import_deepspeed imports MLflow (0.8-1.5 s).
+                from deepspeed.utils import safe_get_local_fp32_param
+
                 start, n = _zero3_slice(p)
                 if n:  # else the padding past the weight's end, or another rank's
                     ema_parts.append(ema_p.view(-1).narrow(0, start, n))
