@@ -132,7 +132,12 @@ def scan_image_folder(path, every_class=True):
         samples = _class_images(path, class_to_idx, IMG_EXTENSIONS)
     except FileNotFoundError:  # no class folder in it
         loose = loose_images(path)
-        held = f"holds {len(loose)} images but no class folders" if loose else "is empty"
+        if loose:
+            held = f"holds {len(loose)} images but no class folders"
+        elif any(path.iterdir()):  # files of other kinds (.gif, .npy, ...): "empty" sent users looking for nothing
+            held = f"holds no class folders and no images ({', '.join(IMG_EXTENSIONS)})"
+        else:
+            held = "is empty"
         raise ValueError(f"image folder {path} {held}: it needs one sub-folder of images per class") from None
     except PermissionError as e:  # the folder, or a class folder in it, that this user may not enter
         raise ValueError(f"image folder {path} cannot be read ({e.strerror}: {e.filename})") from None

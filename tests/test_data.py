@@ -1110,6 +1110,12 @@ def test_a_folder_of_images_without_class_folders_is_named_as_such(tmp_path):
     with pytest.raises(ValueError, match=re.escape(f"image folder {tmp_path} holds 2 images but no class folders: it "
                                                    "needs one sub-folder of images per class")):
         scan_image_folder(tmp_path)
+    # Files of no image kind torchvision reads (.gif here) were "empty" too: the kinds it reads are named.
+    for name in ("a.png", "b.JPG"):
+        (tmp_path / name).rename(tmp_path / f"{name}.gif")
+    with pytest.raises(ValueError, match=re.escape(f"image folder {tmp_path} holds no class folders and no images "
+                                                   "(.jpg, .jpeg, .png, ")):
+        scan_image_folder(tmp_path)
 
 
 def test_an_encode_just_started_is_not_taken_for_abandoned_by_another(tmp_path, monkeypatch):
