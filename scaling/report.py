@@ -356,6 +356,9 @@ def _last_measurement(rows, col, model):
 def _frontier_end(rows, col, row):
     """row where it is on the compute-efficient frontier, else the frontier's last point: a law of the frontier says
     nothing of a point off it (a smaller compute did better), fitted with it or not."""
+    rows = _positive(rows, col, "train_compute")  # as the fits: a 0, which no log scale shows, would dominate it
+    if row.name not in rows.index:  # itself no point of a log scale: compared as it is (its error, none)
+        return row
     front = rows[frontier(rows.train_compute.to_numpy(float), rows[col].to_numpy(float))]
     return row if row.name in front.index else front.loc[front.train_compute.idxmax()]
 

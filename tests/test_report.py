@@ -470,6 +470,19 @@ def test_a_measurement_of_zero_is_named_as_left_out_of_the_log_scale_fits():
     assert "| 0 | – |" in markdown_of(a)
 
 
+def test_a_measurement_of_zero_is_no_frontier_point_of_the_extrapolation_check():
+    # Left out of every fit and figure, a 0 still made the compute-efficient frontier the check predicts: DiT-S/8's
+    # FID of 0 at its last step dominated every larger compute, and the check "predicted" it from 2 points, or none.
+    from scaling.report import report_rows
+
+    rows = [{**r, "fid": 0.0} if r["model"] == "DiT-S/8" and r["step"] == STEPS[-1] else r
+            for r in synthetic_rows() if r["status"] == "ok"]
+    a = analyze(report_rows(pd.DataFrame(rows)), n_boot=0)
+    fid_check = next(e for e in a.extrapolation if e["quantity"] == "FID")
+    assert fid_check["model"] == "DiT-XL/2" and fid_check["held_out"] == ["DiT-XL/2"]
+    assert fid_check["held_out_from_compute"] is None and fid_check["n_points"] > 5
+
+
 def test_fids_measured_with_different_settings_are_not_fitted_together():
     # A study file edited between runs keeps its earlier trials: FIDs of 1,000 and of 10,000 samples (or of other
     # features, references, samplers, guidance) were pooled into one law without a word.
