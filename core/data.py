@@ -188,10 +188,10 @@ def build_imagefolder(split="train", path=None, image_size=None):
     The held-out set of a folder dataset is another folder: `split` only leaves out the mirrors.
     """
     _require("imagefolder", path, image_size)
-    from torchvision.datasets import ImageFolder
+    from core.image_folder import ScannedImageFolder
 
-    scan_image_folder(path)  # our error messages instead of torchvision's
-    folder = ImageFolder(str(path), transform=image_transform(image_size), loader=load_image)
+    folder = ScannedImageFolder(str(path), scan_image_folder(path), transform=image_transform(image_size),
+                                loader=load_image)
     return MirroredImages(folder) if split == "train" else folder
 
 

@@ -185,6 +185,23 @@ def test_imagefolder_labels_shapes_and_flips(tmp_path):
         input_size=16, in_channels=3, num_classes=3, num_images=9, pixel_space=True, encode=None)
 
 
+def test_an_image_folder_dataset_lists_its_folder_once(tmp_path, monkeypatch):
+    # Checked by our scan, then listed again by torchvision's ImageFolder: ImageNet's 1.28M files twice per dataset
+    # on every rank at a trial's start. The samples are torchvision's own listing still.
+    from torchvision.datasets import ImageFolder
+
+    root = make_folder(tmp_path / "images")
+    walked = []
+    walk = os.walk
+    monkeypatch.setattr(os, "walk", lambda top, *args, **kwargs: walked.append(top) or walk(top, *args, **kwargs))
+    train = build_dataset("imagefolder", path=root, image_size=16)
+    assert sorted(walked) == [str(root / c) for c in ("ant", "moth", "zebra")]  # once each class
+    monkeypatch.setattr(os, "walk", walk)
+    own = ImageFolder(str(root))
+    assert train.samples == own.samples and train.classes == own.classes and train.folder.class_to_idx == \
+        own.class_to_idx
+
+
 def test_bad_paths_are_named_in_the_error(tmp_path):
     missing = tmp_path / "nowhere"
     for name in ("imagefolder", "latents"):
