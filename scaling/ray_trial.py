@@ -411,6 +411,10 @@ def trial_function(config):
         ray.tune.report({"kind": KIND_END, "status": "failed", "error": _error_summary(e)})
 
 
-def _error_summary(error, limit=2000):
-    text = f"{type(error).__name__}: {error}"
+def _error_summary(error):
+    return shortened(f"{type(error).__name__}: {error}")
+
+
+def shortened(text, limit=2000):
+    """An error's text as a row and a tag keep it: its first and last limit / 2 characters."""
     return text if len(text) <= limit else text[: limit // 2] + " … " + text[-limit // 2:]

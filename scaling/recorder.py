@@ -20,7 +20,7 @@ from ray.tune import Callback
 from core.flops import training_compute
 from scaling.held_logs import HELD_LOGS_KEY
 from scaling.mlflow_backfill import EVAL_METRICS, LOG_METRICS, log_missing, rows_end
-from scaling.ray_trial import KIND_END, KIND_LOG, KIND_MILESTONE, RESUMED_KEY
+from scaling.ray_trial import KIND_END, KIND_LOG, KIND_MILESTONE, RESUMED_KEY, shortened
 from scaling.results import (CURVES_FILE, LOSS_CURVES_SCHEMA, RESULTS_FILE, RESULTS_SCHEMA, load_curves, load_results,
                              row_config, trial_end, write_table)
 from scaling.tracking import RUN_STATUS, STATUS_TAG
@@ -237,8 +237,13 @@ class Recorder(Callback):
         trial_id = trial.config["trial"]["trial_id"]
         # How it ended by its rows (a retried trial's earlier divergence stands: its rerun's end is no result).
         how = self._trial_end(trial_id) or "failed"
-        if how == "failed":  # it returned without every milestone's row, nor an end report: a failure all the same
-            self.end_status[trial_id] = "failed"
+        if how == "failed" and self.end_status.get(trial_id) != "failed":
+            # It returned without every milestone's row, nor an end report: a failure all the same, in Parquet too
+            # (the record a report reads; it showed the trial unfinished).
+            t = self.trials[trial_id]
+            missing = [m for m in t.milestones if (trial_id, m) not in self.rows]
+            self._end(t, {"status": "failed", "error": "the trial ended without a result at milestone(s) "
+                                                       f"{', '.join(map(str, missing))}"})
         if trial_id in self.last_result_at:
             teardown = time.time() - self.last_result_at[trial_id]
             self.overhead.setdefault(trial_id, {})["teardown_s"] = teardown
@@ -257,7 +262,7 @@ class Recorder(Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         self._slot_freed()
         t = self.trials[trial.config["trial"]["trial_id"]]
-        error = str(info.get("error") or trial.error_file or "trial error")
+        error = tune_error(trial) or "the trial's Tune actor failed; Tune recorded no error"
         if self.end_status.get(t.trial_id) != "failed":  # its own end report said why (MilestonePassed, say): kept
             self._end(t, {"status": "failed", "error": error})
         how = self._trial_end(t.trial_id) or "failed"
@@ -443,3 +448,16 @@ def _seconds(value):
 
 def _sorted(rows):
     return [rows[k] for k in sorted(rows)]
+
+
+def tune_error(trial):
+    """The last error Tune recorded of a trial: the last "Failure # N (occurred at ...)" entry of its error file,
+    shortened; None where it has none. Tune calls on_trial_error with no error of its own (its callbacks' **info is
+    for later versions): the file's path stood in the results' error column."""
+    path = trial.error_file
+    try:
+        text = Path(path).read_text(errors="replace") if path else ""
+    except OSError:
+        return None
+    entry = text.rsplit("Failure # ", 1)[-1].partition("\n")[2].strip() if "Failure # " in text else text.strip()
+    return shortened(entry) if entry else None

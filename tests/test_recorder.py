@@ -5,7 +5,9 @@ import json
 import math
 import shutil
 import sqlite3
+import tempfile
 import textwrap
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -74,8 +76,15 @@ def steps_of(rec, t, key):
                                    key=lambda m: m.step)]
 
 
-def tune_trial(t):
-    return SimpleNamespace(config={"trial": {"trial_id": t.trial_id}}, error_file=None)
+def tune_trial(t, error=None):
+    """What the recorder reads of a Tune trial; error: the text of its last failure in its error file, as Tune writes
+    it there (Tune passes on_trial_error no error: the recorder reads the file)."""
+    error_file = None
+    if error is not None:
+        error_file = Path(tempfile.mkdtemp()) / "error.txt"
+        error_file.write_text("Failure # 1 (occurred at 2026-12-07_10-00-00)\nan earlier attempt's error\n"
+                              f"Failure # 2 (occurred at 2026-12-07_11-00-00)\n{error}\n")
+    return SimpleNamespace(config={"trial": {"trial_id": t.trial_id}}, error_file=error_file and str(error_file))
 
 
 def milestone(step, **metrics):
@@ -192,7 +201,7 @@ def test_a_failure_after_the_last_milestone_leaves_the_trial_finished_and_ok(stu
                                                    "error": "TrainingFailedError: teardown broke"})
         rec.on_trial_complete(0, [], tune_trial(t))
     else:
-        rec.on_trial_error(0, [], tune_trial(t), error=RuntimeError("teardown broke"))
+        rec.on_trial_error(0, [], tune_trial(t, error="teardown broke"))
     run = trial_run(rec, t)
     assert run.data.tags["dit_scaling.status"] == "ok" and run.info.status == "FINISHED"
     df = load_results(study.output)
@@ -226,7 +235,7 @@ def test_a_trials_own_failure_report_is_kept_when_tune_then_reports_its_error(st
     rec.on_trial_result(0, [], tune_trial(t), milestone(10))
     rec.on_trial_result(0, [], tune_trial(t), {"kind": KIND_END, "status": "failed", "step": 12,
                                                "error": "resumed past milestone 20 without a result"})
-    rec.on_trial_error(0, [], tune_trial(t), error=RuntimeError("/tmp/ray/error.txt"))
+    rec.on_trial_error(0, [], tune_trial(t, error="RayActorError: The actor died unexpectedly"))
     df = load_results(study.output)
     assert df.step.tolist() == [10, 12] and df.error.tolist()[1] == "resumed past milestone 20 without a result"
     run = trial_run(rec, t)
@@ -274,7 +283,7 @@ def test_a_failure_after_a_divergence_leaves_the_divergence_as_the_result(study,
     rec.on_trial_result(0, [], tune_trial(t), milestone(10))
     rec.on_trial_result(0, [], tune_trial(t), {"kind": KIND_END, "status": "diverged", "step": 15,
                                                "error": "loss became nan at step 15"})
-    rec.on_trial_error(0, [], tune_trial(t), error=RuntimeError("shutdown broke"))
+    rec.on_trial_error(0, [], tune_trial(t, error="shutdown broke"))
     rec.on_trial_complete(0, [], tune_trial(t))
     df = load_results(study.output)
     assert df.step.tolist() == [10, 15] and df.status.tolist() == ["ok", "diverged"]
@@ -290,10 +299,11 @@ def test_a_failure_between_milestones_is_a_failed_row_after_the_last_measurement
     rec, t = recorder(study), study.trials[0]
     rec.on_trial_start(0, [], tune_trial(t))
     rec.on_trial_result(0, [], tune_trial(t), milestone(10))
-    rec.on_trial_error(0, [], tune_trial(t), error=RuntimeError("node lost"))
+    rec.on_trial_error(0, [], tune_trial(t, error="node lost"))
     df = load_results(study.output)
     assert df.step.tolist() == [10, 11] and df.status.tolist() == ["ok", "failed"]
     assert df.error.iloc[1] == "node lost" and df.lr.iloc[1] == 1e-3  # no lr reported: the base lr
+    # The error column held the error file's path: Tune passes on_trial_error no error of its own.
     assert recorded_trials(study) == (set(), set())
     run = trial_run(rec, t)
     assert rec.failed_count() == 1 and run.info.status == "FAILED" and run.data.tags["dit_scaling.status"] == "failed"
@@ -784,3 +794,24 @@ def test_a_curve_caught_up_at_launch_is_not_logged_again_when_its_trial_sends_it
     again.on_trial_start(0, [], tune_trial(t))
     again.on_trial_result(0, [], tune_trial(t), log)  # resent from its checkpoint's logs
     assert steps_of(again, t, "train_loss") == [5]
+
+
+def test_a_tune_error_without_an_error_file_says_so(study):
+    rec, t = recorder(study), study.trials[0]
+    rec.on_trial_start(0, [], tune_trial(t))
+    rec.on_trial_error(0, [], tune_trial(t))
+    assert load_results(study.output).error.tolist() == ["the trial's Tune actor failed; Tune recorded no error"]
+
+
+def test_a_trial_that_ends_without_its_milestones_nor_an_end_report_is_a_failed_row(study):
+    # Failed in MLflow, the exit code and the progress, but no row: Parquet, the record a report reads, showed the
+    # trial unfinished, with no error.
+    rec, t = recorder(study), study.trials[0]
+    rec.on_trial_start(0, [], tune_trial(t))
+    rec.on_trial_result(0, [], tune_trial(t), milestone(10))
+    rec.on_trial_complete(0, [], tune_trial(t))
+    df = load_results(study.output)
+    assert df.step.tolist() == [10, 11] and df.status.tolist() == ["ok", "failed"]
+    assert df.error.iloc[1] == "the trial ended without a result at milestone(s) 20"
+    run = trial_run(rec, t)
+    assert rec.failed_count() == 1 and run.info.status == "FAILED" and run.data.tags["dit_scaling.status"] == "failed"
