@@ -187,20 +187,26 @@ def generate(model, cfg, labels, seeds, *, device, decode=None, autocast_dtype=N
 
 
 def generate_on_every_rank(model, cfg, labels, seeds, *, device, rank, world_size, decode=None, autocast_dtype=None):
-    """generate(), collectively: where one rank's samples are not finite, every rank raises NonFiniteSamples (the
-    others would wait for it in the gather that follows)."""
+    """generate(), collectively: where one rank fails (its samples not finite, or any error: out of memory, the VAE),
+    every rank raises, NonFiniteSamples where that was all (the others would wait for it in the gather that follows,
+    until the process group's timeout, half an hour or more)."""
     problem = None
     try:
         images = generate(model, cfg, labels, seeds, device=device, decode=decode, autocast_dtype=autocast_dtype)
-    except NonFiniteSamples as err:
+    except Exception as err:  # each raised again below, on every rank
         if world_size == 1:
             raise
         images, problem = None, err
     if world_size > 1:
-        flag = torch.tensor([problem is not None], dtype=torch.int32, device=_comm_device(device))
+        code = 0 if problem is None else 1 if isinstance(problem, NonFiniteSamples) else 2
+        flag = torch.tensor([code], dtype=torch.int32, device=_comm_device(device))
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item():
-            raise problem or NonFiniteSamples(f"the samples of another rank than {rank} are not finite (NaN or inf)")
+        if problem is not None:
+            raise problem
+        if flag.item() == 1:
+            raise NonFiniteSamples(f"the samples of another rank than {rank} are not finite (NaN or inf)")
+        if flag.item() == 2:
+            raise RuntimeError(f"sampling failed on another rank than {rank} (its error says why)")
     return images
 
 
@@ -423,10 +429,13 @@ def _checked(cfg, dataset, rank, world_size, device):
     if rank == 0:
         try:
             resolved = check(cfg, dataset)
-        except (OSError, ValueError) as err:
+        except Exception as err:  # any: the other ranks wait for rank 0 in the broadcast below
             failure = err
     if world_size > 1:
-        failure = _broadcast(failure, device)
+        sent = failure if failure is None or isinstance(failure, (OSError, ValueError)) else \
+            RuntimeError(f"{type(failure).__name__}: {failure}")  # what any rank can unpickle
+        sent = _broadcast(sent, device)
+        failure = failure if rank == 0 else sent
     if failure is not None:
         raise failure
     return resolved

@@ -487,8 +487,12 @@ def _nan_corner(x):
     return x
 
 
-def _generate_as_rank(rank, store_path, out):
-    """One of two gloo processes sampling 4 images each; rank 1's come out NaN. What each raised, to out."""
+def _out_of_memory(x):
+    raise RuntimeError("out of memory (decoding)")
+
+
+def _generate_as_rank(rank, decode, store_path, out):
+    """One of two gloo processes sampling 4 images each; rank 1 decodes with decode. What each raised, to out."""
     import torch.distributed as dist
 
     dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
@@ -497,19 +501,24 @@ def _generate_as_rank(rank, store_path, out):
         labels, seeds = sample_plan(cfg, 10)
         mine = rank_slice(8, rank, 2, 4)
         evaluate_module.generate_on_every_rank(jittered_model(), cfg, labels[mine], seeds[mine], device="cpu",
-                                               rank=rank, world_size=2, decode=_nan_corner if rank else None)
+                                               rank=rank, world_size=2, decode=decode if rank else None)
         out.put((rank, None))
-    except evaluate_module.NonFiniteSamples as e:
-        out.put((rank, str(e)))
+    except (evaluate_module.NonFiniteSamples, RuntimeError) as e:
+        out.put((rank, f"{type(e).__name__}: {e}"))
     finally:
         dist.destroy_process_group()
 
 
 def test_samples_not_finite_on_one_rank_stop_every_rank(tmp_path):
     # The rank that raised alone left the others waiting for it in the gather, for ever.
-    said = on_two_ranks(_generate_as_rank, store=tmp_path / "store")
-    assert said[0] == "the samples of another rank than 0 are not finite (NaN or inf)"
-    assert said[1].startswith("4 of 256 values of the samples of classes"), said
+    said = on_two_ranks(_generate_as_rank, _nan_corner, store=tmp_path / "store")
+    assert said[0] == "NonFiniteSamples: the samples of another rank than 0 are not finite (NaN or inf)"
+    assert said[1].startswith("NonFiniteSamples: 4 of 256 values of the samples of classes"), said
+    # Any other error of one rank's sampling (out of memory, the VAE): the other waited in the gather until the
+    # process group's timeout.
+    said = on_two_ranks(_generate_as_rank, _out_of_memory, store=tmp_path / "store2")
+    assert said == {0: "RuntimeError: sampling failed on another rank than 0 (its error says why)",
+                    1: "RuntimeError: out of memory (decoding)"}
 
 
 def test_a_folder_of_one_real_image_is_named_not_left_to_torch_fidelity(tmp_path):
