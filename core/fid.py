@@ -144,6 +144,8 @@ def fid_feature_dim(extractor):
 
 def supports(extractor, metric):
     """Whether a torch-fidelity extractor has a feature layer for a metric ("fid", "kid", "prc", "isc")."""
+    if extractor == DIGITS_EXTRACTOR:  # ours, registered on first use: unregistered, it had none (and fidelity() no
+        register()                     # metric to compute)
     try:
         return FEATURE_EXTRACTORS_REGISTRY[extractor].get_default_feature_layer_for_metric(metric) is not None
     except (KeyError, NotImplementedError):

@@ -1,4 +1,6 @@
 """The digits FID extractor: shipped classifier accuracy, deterministic training, FID through torch-fidelity."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -127,3 +129,26 @@ def test_missing_weights_name_the_path(tmp_path, heldout):
     corrupt.write_bytes(WEIGHTS_PATH.read_bytes()[:1000])
     with pytest.raises(ValueError, match="corrupt.safetensors"):
         load_digits_classifier(corrupt)
+
+
+def test_fidelity_on_digits_in_a_fresh_process_computes_its_metrics(tmp_path, fresh_process_env):
+    # fidelity() chose its metrics by the registry before it registered the digits extractor: a process that had not
+    # registered it yet (a benchmark, a notebook) asked torch-fidelity for no metric ("At least one metric must be
+    # specified"). evaluate() registered it first, by chance of its order.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import json, sys\n"
+            "from core.fid import fidelity\n"
+            "from core.fid_extractor import DIGITS_EXTRACTOR\n"
+            "from core.digits_classifier import WEIGHTS_PATH\n"
+            "from core.real_images import digits_images\n"
+            "out = fidelity(digits_images('heldout', 100).dataset, digits_images('train', 100), "
+            "extractor=DIGITS_EXTRACTOR, weights=WEIGHTS_PATH, cache_root=sys.argv[1], metrics=('fid', 'kid'))\n"
+            "print(json.dumps(out))")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=Path(__file__).parent.parent,
+                          env=fresh_process_env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.splitlines()[-1])
+    assert set(out) == {"fid", "kid"} and out["fid"] > 0 and out["kid"] is not None
