@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import scaling.no_telemetry  # noqa: F401 - first: before MLflow and Ray are imported
 from core.folder_lock import lock_file
+from core.folder_swap import fsync_dir, fsync_file
 from scaling.continuation import continue_recorded_runs
 # Outside Tune's loop (else: below).
 from scaling.sigterm import Terminated, interruption, ray_exit_as_terminated, sigterm_interrupts
@@ -1073,9 +1074,12 @@ def sigterm_stops_the_study():
 
 
 def _write_atomic(path, text):
+    """path's text replaced whole, on disk before and after the rename (a replay finds the study's runs by it)."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
+    fsync_file(tmp)
     os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 if __name__ == "__main__":
