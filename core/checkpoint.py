@@ -74,8 +74,8 @@ def save_checkpoint(directory, engine, ema, trainer_state, rank, shared=True, du
         save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(tmp / EMA_FILE))
         give_new_file_mode(tmp / EMA_FILE)  # safetensors makes it private; the EMA weights are what others sample
         state_path = tmp / STATE_FILE
-        with open(state_path, "w") as f:
-            json.dump(trainer_state, f, indent=1)  # on disk with the rest before the rename (swap_in_folder)
+        with open(state_path, "w") as f:  # on disk with the rest before the rename (swap_in_folder)
+            json.dump({**trainer_state, CHECKSUMS_KEY: True}, f, indent=1)
     _barrier()
     write_checksums(tmp, rank)
     _barrier()
@@ -89,6 +89,9 @@ def save_checkpoint(directory, engine, ema, trainer_state, rank, shared=True, du
 
 
 CHECKSUMS = "checksums-rank{rank}.json"
+# A trainer state's mark that its every rank recorded checksums: one record gone (a partial copy, a sync tool that
+# skipped a file) then leaves that rank's files unchecked no more (a checkpoint from before the record has none).
+CHECKSUMS_KEY = "checksums"
 
 
 def _writer(name):
@@ -122,10 +125,17 @@ def write_checksums(folder, rank):
         json.dump(entries, f, indent=1)
 
 
-def verify_checksums(path, rank):
+def verify_checksums(path, rank, state=None):
     """CheckpointError naming the first file this rank reads whose size or CRC-32 is not what was written; the
-    other ranks' own files are theirs to check. A checkpoint from before the record has none to compare."""
+    other ranks' own files are theirs to check. A checkpoint from before the record has none to compare; one whose
+    trainer state (state) says it has them must hold those of rank 0 (the files of no rank) and of this rank (where it
+    was one of the writers: a ZeRO-0 run may resume on more processes)."""
     path = Path(path)
+    if state is not None and state.get(CHECKSUMS_KEY):
+        for writer in sorted({0, rank} if rank < state.get("world_size", 1) else {0}):
+            if not (record := path / CHECKSUMS.format(rank=writer)).is_file():
+                raise CheckpointError(f"{record} is missing: {path} is not a complete checkpoint (its files cannot "
+                                      "be checked for damage)")
     for record in sorted(path.glob(CHECKSUMS.format(rank="*"))):
         try:
             entries = json.loads(record.read_text())
@@ -250,6 +260,7 @@ STATE_FIELDS = {
     "config": (lambda v: isinstance(v, dict), "an object", False),  # the run's settings, for the resume check
     "world_size": (lambda v: _whole(v) and v >= 1, "a whole number >= 1", False),
     "zero_stage": (lambda v: _whole(v) and v <= 3, "0, 1, 2 or 3", False),
+    CHECKSUMS_KEY: (lambda v: isinstance(v, bool), "true or false", False),
     # the steps since the last log, which the next log averages
     "log_window": (lambda v: isinstance(v, dict) and all(_number(v.get(k, 0)) for k in ("loss", "steps", "time_s")),
                    'an object of numbers "loss", "steps" and "time_s"', False),
@@ -454,5 +465,5 @@ def _check_before_engine(path, engine, ema, model_config, world_size, zero_stage
         raise CheckpointError(problem)
     rng = _read_rng(path / f"rng-rank{rank}.pt")
     # Last: a file cut short or of junk gets its loader's words above; one whose bytes changed loads as if whole.
-    verify_checksums(path, rank)
+    verify_checksums(path, rank, state)
     return state, rng

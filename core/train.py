@@ -802,7 +802,7 @@ def _load_on_every_rank(path, engine, ema, model_config, world, zero_stage, rank
 
     try:
         state = ckpt.load_checkpoint(path, engine, ema, model_config, world, zero_stage, rank, agree)
-        _restore_sampler(sampler, state["sampler"], path)
+        _restore_sampler(sampler, state["sampler"], state["step"], path)
         problem = None
     except UnloadableCheckpoint:  # agree's: every rank raised it together
         raise
@@ -812,12 +812,17 @@ def _load_on_every_rank(path, engine, ema, model_config, world, zero_stage, rank
     return state
 
 
-def _restore_sampler(sampler, state, checkpoint):
-    """Move the sampler to a checkpoint's data position; CheckpointError when it ordered other data."""
+def _restore_sampler(sampler, state, step, checkpoint):
+    """Move the sampler to a checkpoint's data position, the one after `step` batches; CheckpointError when it
+    ordered other data."""
     try:
         sampler.load_state_dict(state)
     except ValueError as e:  # another batch size, seed or dataset size: its position means nothing here
         raise ckpt.CheckpointError(f"{Path(checkpoint) / ckpt.STATE_FILE} does not match this run's data: {e}") from None
+    # The position a save records (_sampler_position) is the step's, and the step is checked against the engine's
+    # (trainer_state.json, which holds both, has no checksum: it is rewritten as a run's history grows): a position
+    # edited or damaged within range resumed on other batches, the run no longer the straight one.
+    sampler.epoch, sampler.batch = divmod(step, sampler.batches_per_epoch)
 
 
 def _sampler_position(sampler, step):

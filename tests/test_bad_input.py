@@ -858,10 +858,19 @@ def test_a_checkpoint_file_whose_bytes_changed_is_named_as_damaged(tmp_path, cap
         assert err.endswith(f", checksums-rank0.json records {record[name]['crc32']})\n"), err
     assert core_train.main(zero_2 + ["--max-steps", "3", "--results-dir", str(tmp_path / "x"), "--resume",
                                          str(good)]) == 0  # the undamaged one resumes
-    # A checkpoint from before the record resumes as it did.
+    # Its record gone (a partial copy, a sync that skipped it): its files were no longer checked, a damaged one loaded.
     (good / "checksums-rank0.json").unlink()
+    capsys.readouterr()
     assert core_train.main(zero_2 + ["--max-steps", "3", "--results-dir", str(tmp_path / "y"), "--resume",
-                                         str(good)]) == 0
+                                     str(good)]) == 2
+    assert capsys.readouterr().err == (f"error: {good / 'checksums-rank0.json'} is missing: {good} is not a complete "
+                                       "checkpoint (its files cannot be checked for damage)\n")
+    # A checkpoint from before the record (its trainer state without the mark) resumes as it did.
+    state = json.loads((good / ckpt.STATE_FILE).read_text())
+    assert state.pop(ckpt.CHECKSUMS_KEY) is True
+    (good / ckpt.STATE_FILE).write_text(json.dumps(state))
+    assert core_train.main(zero_2 + ["--max-steps", "3", "--results-dir", str(tmp_path / "y"), "--resume",
+                                     str(good)]) == 0
 
 
 @pytest.mark.skipif(unenterable() is None, reason="no folder that even this user cannot enter")

@@ -64,6 +64,22 @@ def test_resume_is_bitwise_for_one_process(tmp_path, precision, zero_stage):
     assert ema_a and ema_a.keys() == ema_b.keys() and all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
 
 
+def test_a_resume_takes_its_data_position_from_the_step_not_the_saved_position(tmp_path):
+    # trainer_state.json has no checksum (its history grows): a position edited or damaged within range was taken as
+    # it stood, and the resumed run trained on other batches than the straight one, without a word.
+    cfg = tiny_config()
+    train(cfg, tmp_path / "straight", milestones=[6])
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "resumed", milestones=[6], callbacks=CrashAt(6))
+    state_file = ckpt.latest_checkpoint(tmp_path / "resumed" / "checkpoints") / ckpt.STATE_FILE
+    state = json.loads(state_file.read_text())
+    assert state["sampler"]["batch"] != 0
+    state["sampler"]["batch"] = 0
+    state_file.write_text(json.dumps(state))
+    train(cfg, tmp_path / "resumed", milestones=[6], resume_from="auto")
+    assert history(tmp_path / "straight")[0] == history(tmp_path / "resumed")[0]
+
+
 def test_tf32_trains_as_fp32_on_a_cpu_and_each_run_sets_its_own_tf32_switches(tmp_path):
     # A Ray worker trains one trial after another: a tf32 trial's switches must not outlive it into an fp32 one.
     switches = lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)  # noqa: E731
