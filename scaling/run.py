@@ -913,7 +913,8 @@ def _run_trials(study, build_report, report_dir, began, capacity):
         # A Ctrl-C, SIGTERM or MLflow's error while the runs are made or caught up (an MLflow call or more per trial):
         # the study's run, marked RUNNING as the tracker opened it, says it stopped.
         tracker.finish(tracker.parent_run_id, "FAILED" if interruption(e) is None else "KILLED")
-        warn_unlogged(tracker, out)  # queued where the server is away: the replay ends the run
+        warn_unlogged(tracker, out)  # queued where the server is away: the study's next run ends it (a replay
+        # ends it once every trial has ended; the trials left unfinished keep their runs open till then)
         raise
     try:
         if todo:
