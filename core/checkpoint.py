@@ -202,7 +202,8 @@ def fresh_start_problem(directory):
 
 
 def prune_checkpoints(directory, keep, marked=True):
-    """Delete all but the newest keep checkpoints (call on one rank per directory), and step folders older than them.
+    """Delete all but the newest keep checkpoints (call on one rank per directory), and step folders older than them,
+    and what saves killed mid-way left of checkpoints older than the newest.
 
     A prune killed mid-way leaves an old folder without its trainer state; it goes with the next prune. marked=False:
     a folder of a rank other than 0 of its own (Ray's workers), where only rank 0's checkpoints carry a trainer
@@ -210,6 +211,13 @@ def prune_checkpoints(directory, keep, marked=True):
     """
     folders = _step_folders(directory)
     checkpoints = [p for p in folders if (p / STATE_FILE).exists()] if marked else folders
+    if checkpoints:  # a save killed mid-way left its whole size in .tmp-step-N (.stale-step-N: the one it replaced),
+        # removed only by a save of that very step: gone once a newer checkpoint is whole (no save runs meanwhile)
+        newest = int(checkpoints[-1].name[len(PREFIX):])
+        for left in Path(directory).glob(f".*-{PREFIX}*"):
+            kind, _, step = left.name[1:].partition(f"-{PREFIX}")
+            if kind in ("tmp", "stale") and step.isdigit() and int(step) < newest:
+                shutil.rmtree(left, ignore_errors=True)
     if keep <= 0 or len(checkpoints) <= keep:
         return
     oldest_kept = checkpoints[-keep]

@@ -879,7 +879,14 @@ def test_pruning_keeps_the_newest_checkpoints_in_every_ranks_folder(tmp_path):
     # (no trainer state) goes too.
     shared = folders([4, 6, 8], state=True)
     (shared / ckpt.checkpoint_name(2)).mkdir()
+    # What saves killed mid-way left (a checkpoint's whole size each), removed by a save of that step alone: those
+    # older than the newest checkpoint go (a newer one's would be a save in progress: none runs during a prune).
+    for leftover in (".tmp-step-000000005", ".stale-step-000000006", ".tmp-step-000000009", ".tmp-other"):
+        (shared / leftover).mkdir()
     ckpt.prune_checkpoints(shared, 2)
+    assert sorted(p.name for p in shared.iterdir() if p.name.startswith(".")) == [".tmp-other", ".tmp-step-000000009"]
+    for leftover in (".tmp-other", ".tmp-step-000000009"):
+        (shared / leftover).rmdir()
     assert left(shared) == [6, 8]
     # Another rank's own folder (Ray's workers): only rank 0 writes trainer states, so there every step folder is a
     # checkpoint. Counted as rank 0's, none was ever complete and all of them piled up (a GB each for DiT-XL/2).
