@@ -84,6 +84,9 @@ class ControllerVerdicts:
     def dead(self, controllers):
         """The controllers among these that died: listed DEAD, or unlisted unlisted_rounds rounds in a row."""
         dead = []
+        for gone in set(self._unlisted) - set(controllers):  # unregistered since: its count is no one's
+            del self._unlisted[gone]
+        self._unanswered &= set(controllers)
         for controller_id in controllers:
             try:
                 state = self._ask(controller_id)
