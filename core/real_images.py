@@ -137,6 +137,11 @@ def real_image_files(path):
         loose, tree = [], True
     if loose and not tree:
         return [str(f) for f in loose]
+    if not tree:  # listed, with neither: scan_image_folder's words ("one sub-folder per class") are a training set's
+        from torchvision.datasets.folder import IMG_EXTENSIONS
+
+        raise ValueError(f"image folder {root} holds no images ({', '.join(IMG_EXTENSIONS)}), loose or in "
+                         "sub-folders")
     _, samples = scan_image_folder(root, every_class=False)
     return [file for file, _ in samples]
 

@@ -971,6 +971,11 @@ def test_fid_inputs_are_checked_before_any_training(tmp_path, monkeypatch, incep
         load(tmp_path, overrides=[*inception, f"eval.feature_extractor_weights={tmp_path / 'weights.pth'}"])
     shutil.rmtree(tmp_path / "vae")
     save_tiny_vae(tmp_path / "vae")
+    (tmp_path / "empty").mkdir()  # FID takes a flat folder: "it needs one sub-folder of images per class" misled
+    with pytest.raises(StudyError) as err:
+        load(tmp_path, overrides=[f"eval.vae={tmp_path / 'vae'}", f"eval.reference={tmp_path / 'empty'}"])
+    assert str(err.value).endswith(f"eval.reference: image folder {tmp_path / 'empty'} holds no images (.jpg, .jpeg, "
+                                   ".png, .ppm, .bmp, .pgm, .tif, .tiff, .webp), loose or in sub-folders")
     (tmp_path / "images" / "a" / "0.png").write_bytes(b"")
     for key in ("reference", "heldout"):  # passed, and FID refused it at the first milestone, after training
         with pytest.raises(StudyError) as err:
